@@ -1,0 +1,13 @@
+//! Wire and plan types shared by every Imago process.
+//!
+//! This crate knows no I/O: it defines identifiers, the upgrade plan (and its validation),
+//! the schema transforms, the messages between nodes, the CLI and the coordinator, and the one
+//! codec facade (bincode 2 behind length-prefixed frames).
+
+pub mod codec;
+pub mod ids;
+pub mod messages;
+pub mod plan;
+pub mod schema;
+
+pub use ids::{Decision, Duty, Epoch, NodeName, Position, ReplicaId, UpgradeId, Universe};

@@ -1,0 +1,158 @@
+//! Messages between nodes, the CLI and coordinator replicas.
+//!
+//! Wire types avoid `#[serde(tag)]` and `skip_serializing_if`: the codec is not self-describing.
+
+use crate::ids::{Decision, Duty, Epoch, NodeName, Position, ReplicaId, UpgradeId};
+use crate::plan::Plan;
+use serde::{Deserialize, Serialize};
+
+/// Phase of an upgrade in the coordinator's replicated state (DESIGN §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Plan accepted; waiting for every node to register and report the new universe deployed.
+    Staged,
+    /// Capture, transform and validate run; the ready gate is evaluated.
+    Syncing,
+    /// `Freeze{epoch}` committed; waiting for every required ack.
+    Freezing,
+    /// `Commit{epoch}` committed; routers flip to the new universe.
+    Switched,
+    /// Every router acked the switch.
+    Done,
+    /// Out of attempts, or aborted by the operator; the old universe serves.
+    RolledBack,
+}
+
+impl Phase {
+    /// Whether the upgrade has ended (no decision can follow).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Done | Phase::RolledBack)
+    }
+}
+
+/// What a node last measured (capture/transform positions, validation counts).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Last position captured in the old universe.
+    pub captured: Position,
+    /// Last position applied to the new universe.
+    pub applied: Position,
+    /// Whether the bulk copy has finished.
+    pub bulk_done: bool,
+    /// Mirrored requests compared so far.
+    pub samples: u64,
+    /// Of those, how many differed.
+    pub mismatches: u64,
+}
+
+/// Acknowledgement of a decision by a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ack {
+    /// A router admits nothing to the old universe and has no request in flight there.
+    Frozen,
+    /// A data node fenced the old store at `final_position` and applied everything up to it;
+    /// `checksum_match` says whether both universes then held the same (transformed) data.
+    Drained { final_position: Position, checksum_match: bool },
+    /// A router serves the new universe.
+    Switched,
+}
+
+/// Node → coordinator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum NodeRequest {
+    Register { node: NodeName, duties: Vec<Duty>, deployed: bool },
+    Report { node: NodeName, report: NodeReport },
+    Ack { node: NodeName, epoch: Epoch, ack: Ack },
+    /// Long poll: answered when the state's version exceeds `known_version`, or after `wait_ms`.
+    /// `linearizable` asks the replica to confirm leadership first (a restarted router does).
+    Watch { node: NodeName, known_version: u64, linearizable: bool, wait_ms: u32 },
+}
+
+/// What one node needs to know of the upgrade, as read from a replica's applied state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionView {
+    /// Applied log index of the state this view was read from.
+    pub version: u64,
+    pub upgrade: Option<UpgradeId>,
+    pub phase: Option<Phase>,
+    /// The decision to act on (committed, since it was read from applied state).
+    pub decision: Decision,
+    /// Whether the asking node is named by the current plan.
+    pub known: bool,
+    pub registered: bool,
+    /// Freezing only: every router of the plan acked `Frozen` for this epoch.
+    pub all_routers_frozen: bool,
+    /// Acks of the asking node recorded for `decision.epoch()`.
+    pub acked_frozen: bool,
+    pub acked_drained: bool,
+    pub acked_switched: bool,
+}
+
+/// Coordinator → node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeResponse {
+    Accepted,
+    Rejected { reason: String },
+    NotLeader { leader: Option<ReplicaId> },
+    View(DecisionView),
+}
+
+/// CLI → coordinator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CliRequest {
+    Start { plan: Plan },
+    Status,
+    Switch,
+    Abort { reason: String },
+}
+
+/// Status of one node as the coordinator sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: NodeName,
+    pub registered: bool,
+    pub report: NodeReport,
+}
+
+/// The operator's view of the current (or last) upgrade.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub upgrade: Option<UpgradeId>,
+    pub name: String,
+    pub phase: Option<Phase>,
+    pub epoch: Epoch,
+    pub attempts: u32,
+    /// Why the ready gate does not pass (empty when it does).
+    pub gate_blockers: Vec<String>,
+    pub last_abort_reason: Option<String>,
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// Coordinator → CLI.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CliResponse {
+    Started { upgrade: UpgradeId },
+    Accepted,
+    Status(StatusView),
+    Rejected { reason: String },
+    NotLeader { leader: Option<ReplicaId> },
+}
+
+/// Everything a coordinator replica accepts on its port. Raft RPCs travel pre-encoded, so that
+/// this crate stays free of openraft.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    Raft(Vec<u8>),
+    Node(NodeRequest),
+    Cli(CliRequest),
+}
+
+/// The answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Raft(Vec<u8>),
+    Node(NodeResponse),
+    Cli(CliResponse),
+    /// The request could not be decoded or served; the connection stays usable.
+    Error { reason: String },
+}

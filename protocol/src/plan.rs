@@ -1,0 +1,462 @@
+//! The upgrade plan: what an operator writes (TOML) and what the coordinator replicates.
+//!
+//! [`Plan::from_toml`] parses and validates a plan; every error names the file, the line and
+//! column, and the field (e.g. `plan.toml:14:8: transforms[1].from: column `nmae` does not
+//! exist in `users``). The validated [`Plan`] is a plain wire type (no spans) that goes into
+//! the coordinator's replicated state.
+
+use crate::ids::{Duty, NodeName};
+use crate::schema::{ColumnType, Mapping, Schema, SplitPart, TableSchema, Transform, TransformField, Value};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use toml::Spanned;
+
+/// Whether the switch waits for the operator once the ready gate passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SwitchMode {
+    /// Freeze as soon as the ready gate passes.
+    Auto,
+    /// Freeze only after `imago upgrade switch` (and the gate passes).
+    Manual,
+}
+
+/// Limits and thresholds of one upgrade. Every one has an explicit range (see [`Plan::from_toml`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    /// Largest transform lag (captured − applied changes) at which the gate may pass.
+    pub max_lag: u64,
+    /// Fewest validated mirrored requests before the gate may pass.
+    pub min_samples: u64,
+    /// Largest mismatching share of validated requests, in [0, 1].
+    pub max_mismatch_ratio: f64,
+    /// Longest a router holds one request while frozen before failing it (503).
+    pub hold_max_ms: u64,
+    /// Most requests one router holds at once; more are refused with 503 at once.
+    pub hold_queue_max: u32,
+    /// Time from `Freeze{e}` to an `Abort{e}` when acks are missing.
+    pub freeze_timeout_ms: u64,
+    /// Pause after an abort before the next freeze attempt.
+    pub retry_backoff_ms: u64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            max_lag: 100,
+            min_samples: 20,
+            max_mismatch_ratio: 0.01,
+            hold_max_ms: 2_000,
+            hold_queue_max: 1_000,
+            freeze_timeout_ms: 3_000,
+            retry_backoff_ms: 1_000,
+        }
+    }
+}
+
+/// One tier node named by the plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanNode {
+    pub name: NodeName,
+    pub tier: String,
+    pub duties: Vec<Duty>,
+}
+
+/// A validated upgrade plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub name: String,
+    pub switch: SwitchMode,
+    /// Freeze attempts before the upgrade ends `RolledBack`.
+    pub max_attempts: u32,
+    pub thresholds: Thresholds,
+    pub nodes: Vec<PlanNode>,
+    pub old_schema: Schema,
+    pub transforms: Vec<Transform>,
+}
+
+impl Plan {
+    /// Parses and validates a plan. `file` only labels errors.
+    pub fn from_toml(file: &str, text: &str) -> Result<Plan, PlanError> {
+        let raw: PlanFile = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let message = e.message().to_string();
+            let field = backticked(&message).unwrap_or_else(|| "-".to_string());
+            PlanError::at(file, text, span, field, message)
+        })?;
+        Validator { file, text }.plan(raw)
+    }
+
+    /// The compiled row mapping (cannot fail for a validated plan).
+    pub fn mapping(&self) -> Result<Mapping, crate::schema::SchemaError> {
+        Mapping::compile(&self.old_schema, &self.transforms)
+    }
+
+    /// The plan's node of that name.
+    pub fn node(&self, name: &NodeName) -> Option<&PlanNode> {
+        self.nodes.iter().find(|n| &n.name == name)
+    }
+
+    /// Names of the nodes that have `duty`.
+    pub fn nodes_with(&self, duty: Duty) -> impl Iterator<Item = &NodeName> {
+        self.nodes.iter().filter(move |n| n.duties.contains(&duty)).map(|n| &n.name)
+    }
+}
+
+/// A plan error: where (file, line, column, field) and what.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {field}: {message}")]
+pub struct PlanError {
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// Dotted path of the field, e.g. `thresholds.max_lag` or `transforms[1].from`.
+    pub field: String,
+    pub message: String,
+}
+
+impl PlanError {
+    fn at(file: &str, text: &str, span: Range<usize>, field: String, message: String) -> PlanError {
+        let start = span.start.min(text.len());
+        let before = &text[..start];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        PlanError { file: file.to_string(), line, column, field, message }
+    }
+}
+
+fn backticked(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_string())
+}
+
+// ---- the TOML shape -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanFile {
+    upgrade: UpgradeSection,
+    #[serde(default)]
+    thresholds: Option<ThresholdsSection>,
+    nodes: Spanned<Vec<NodeSection>>,
+    schema: SchemaSection,
+    #[serde(default)]
+    transforms: Vec<TransformSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeSection {
+    name: Spanned<String>,
+    switch: Option<Spanned<String>>,
+    max_attempts: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ThresholdsSection {
+    max_lag: Option<Spanned<i64>>,
+    min_samples: Option<Spanned<i64>>,
+    max_mismatch_ratio: Option<Spanned<f64>>,
+    hold_max_ms: Option<Spanned<i64>>,
+    hold_queue_max: Option<Spanned<i64>>,
+    freeze_timeout_ms: Option<Spanned<i64>>,
+    retry_backoff_ms: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeSection {
+    name: Spanned<String>,
+    tier: Spanned<String>,
+    duties: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchemaSection {
+    old: BTreeMap<String, Spanned<TableSection>>,
+    new: Option<BTreeMap<String, Spanned<TableSection>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TableSection {
+    key: Option<Spanned<String>>,
+    columns: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransformSection {
+    kind: Spanned<String>,
+    table: Option<Spanned<String>>,
+    from: Option<Spanned<String>>,
+    to: Option<Spanned<String>>,
+    column: Option<Spanned<String>>,
+    default: Option<Spanned<toml::Value>>,
+    into: Option<Vec<SplitPartSection>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SplitPartSection {
+    table: Spanned<String>,
+    columns: Spanned<Vec<Spanned<String>>>,
+}
+
+// ---- validation -----------------------------------------------------------------------------
+
+struct Validator<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn error<T>(&self, span: Range<usize>, field: impl Into<String>, message: impl Into<String>) -> Result<T, PlanError> {
+        Err(PlanError::at(self.file, self.text, span, field.into(), message.into()))
+    }
+
+    fn ranged(&self, value: &Option<Spanned<i64>>, field: &str, min: i64, max: i64, default: u64) -> Result<u64, PlanError> {
+        match value {
+            None => Ok(default),
+            Some(v) if *v.get_ref() < min || *v.get_ref() > max => {
+                self.error(v.span(), field, format!("{} is out of range {min}..={max}", v.get_ref()))
+            }
+            Some(v) => Ok(*v.get_ref() as u64),
+        }
+    }
+
+    fn plan(&self, raw: PlanFile) -> Result<Plan, PlanError> {
+        let name = raw.upgrade.name.get_ref().trim().to_string();
+        if name.is_empty() {
+            return self.error(raw.upgrade.name.span(), "upgrade.name", "must not be empty");
+        }
+        let switch = match &raw.upgrade.switch {
+            None => SwitchMode::Manual,
+            Some(s) => match s.get_ref().as_str() {
+                "auto" => SwitchMode::Auto,
+                "manual" => SwitchMode::Manual,
+                other => return self.error(s.span(), "upgrade.switch", format!("`{other}` is not one of `auto`, `manual`")),
+            },
+        };
+        let max_attempts = self.ranged(&raw.upgrade.max_attempts, "upgrade.max_attempts", 1, 100, 3)? as u32;
+        let thresholds = self.thresholds(raw.thresholds)?;
+        let nodes = self.nodes(&raw.nodes)?;
+        let old_schema = self.schema(&raw.schema.old, "schema.old")?;
+        let transforms = self.transforms(&raw.transforms)?;
+        match Mapping::compile(&old_schema, &transforms) {
+            Err(e) => {
+                let raw_transform = &raw.transforms[e.transform];
+                let (span, field) = transform_field_span(raw_transform, e.field);
+                return self.error(span, format!("transforms[{}].{field}", e.transform), e.message);
+            }
+            Ok(mapping) => {
+                if let Some(declared) = &raw.schema.new {
+                    let computed = mapping.new_schema();
+                    for (table, section) in declared {
+                        let field = format!("schema.new.{table}");
+                        let Some(got) = computed.tables.get(table) else {
+                            return self.error(section.span(), field, "the transforms do not produce this table");
+                        };
+                        let want = self.table(section, &field)?;
+                        if *got != want {
+                            return self.error(
+                                section.span(),
+                                field,
+                                format!("the transforms produce key `{}` and columns {:?}", got.key, got.columns),
+                            );
+                        }
+                    }
+                    if let Some(missing) = computed.tables.keys().find(|t| !declared.contains_key(*t)) {
+                        return self.error(0..0, "schema.new", format!("the transforms produce table `{missing}`, which is not declared"));
+                    }
+                }
+            }
+        }
+        Ok(Plan { name, switch, max_attempts, thresholds, nodes, old_schema, transforms })
+    }
+
+    fn thresholds(&self, raw: Option<ThresholdsSection>) -> Result<Thresholds, PlanError> {
+        let d = Thresholds::default();
+        let Some(t) = raw else { return Ok(d) };
+        let max_mismatch_ratio = match &t.max_mismatch_ratio {
+            None => d.max_mismatch_ratio,
+            Some(v) if !(0.0..=1.0).contains(v.get_ref()) => {
+                return self.error(v.span(), "thresholds.max_mismatch_ratio", format!("{} is out of range 0.0..=1.0", v.get_ref()))
+            }
+            Some(v) => *v.get_ref(),
+        };
+        Ok(Thresholds {
+            max_lag: self.ranged(&t.max_lag, "thresholds.max_lag", 0, 1_000_000_000, d.max_lag)?,
+            min_samples: self.ranged(&t.min_samples, "thresholds.min_samples", 0, 1_000_000_000, d.min_samples)?,
+            max_mismatch_ratio,
+            hold_max_ms: self.ranged(&t.hold_max_ms, "thresholds.hold_max_ms", 1, 600_000, d.hold_max_ms)?,
+            hold_queue_max: self.ranged(&t.hold_queue_max, "thresholds.hold_queue_max", 1, 1_000_000, d.hold_queue_max as u64)?
+                as u32,
+            freeze_timeout_ms: self.ranged(&t.freeze_timeout_ms, "thresholds.freeze_timeout_ms", 1, 3_600_000, d.freeze_timeout_ms)?,
+            retry_backoff_ms: self.ranged(&t.retry_backoff_ms, "thresholds.retry_backoff_ms", 0, 3_600_000, d.retry_backoff_ms)?,
+        })
+    }
+
+    fn nodes(&self, raw: &Spanned<Vec<NodeSection>>) -> Result<Vec<PlanNode>, PlanError> {
+        let mut nodes: Vec<PlanNode> = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (i, n) in raw.get_ref().iter().enumerate() {
+            let name = n.name.get_ref().trim();
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return self.error(n.name.span(), format!("nodes[{i}].name"), "must be a non-empty name without spaces");
+            }
+            if !seen.insert(name.to_string()) {
+                return self.error(n.name.span(), format!("nodes[{i}].name"), format!("duplicate node name `{name}`"));
+            }
+            if n.tier.get_ref().trim().is_empty() {
+                return self.error(n.tier.span(), format!("nodes[{i}].tier"), "must not be empty");
+            }
+            if n.duties.get_ref().is_empty() {
+                return self.error(n.duties.span(), format!("nodes[{i}].duties"), "a node needs at least one duty");
+            }
+            let mut duties = Vec::new();
+            for (j, d) in n.duties.get_ref().iter().enumerate() {
+                let Some(duty) = Duty::parse(d.get_ref()) else {
+                    return self.error(
+                        d.span(),
+                        format!("nodes[{i}].duties[{j}]"),
+                        format!("`{}` is not one of `capture`, `transform`, `validate`, `route`", d.get_ref()),
+                    );
+                };
+                if duties.contains(&duty) {
+                    return self.error(d.span(), format!("nodes[{i}].duties[{j}]"), format!("duty `{}` named twice", d.get_ref()));
+                }
+                duties.push(duty);
+            }
+            nodes.push(PlanNode { name: NodeName(name.to_string()), tier: n.tier.get_ref().trim().to_string(), duties });
+        }
+        if !nodes.iter().any(|n| n.duties.contains(&Duty::Route)) {
+            return self.error(raw.span(), "nodes", "the plan needs at least one node with the `route` duty");
+        }
+        Ok(nodes)
+    }
+
+    fn table(&self, t: &Spanned<TableSection>, field: &str) -> Result<TableSchema, PlanError> {
+        let section = t.get_ref();
+        let mut columns = Vec::new();
+        for (i, c) in section.columns.get_ref().iter().enumerate() {
+            if c.get_ref().trim().is_empty() {
+                return self.error(c.span(), format!("{field}.columns[{i}]"), "must not be empty");
+            }
+            if columns.contains(c.get_ref()) {
+                return self.error(c.span(), format!("{field}.columns[{i}]"), format!("column `{}` named twice", c.get_ref()));
+            }
+            columns.push(c.get_ref().clone());
+        }
+        let key = section.key.as_ref().map_or("id".to_string(), |k| k.get_ref().clone());
+        if !columns.contains(&key) {
+            let span = section.key.as_ref().map_or(section.columns.span(), |k| k.span());
+            return self.error(span, format!("{field}.key"), format!("key column `{key}` is not among the columns"));
+        }
+        Ok(TableSchema { key, columns })
+    }
+
+    fn schema(&self, raw: &BTreeMap<String, Spanned<TableSection>>, field: &str) -> Result<Schema, PlanError> {
+        if raw.is_empty() {
+            return self.error(0..0, field, "declare at least one table");
+        }
+        let mut tables = BTreeMap::new();
+        for (name, t) in raw {
+            tables.insert(name.clone(), self.table(t, &format!("{field}.{name}"))?);
+        }
+        Ok(Schema { tables })
+    }
+
+    fn transforms(&self, raw: &[TransformSection]) -> Result<Vec<Transform>, PlanError> {
+        raw.iter().enumerate().map(|(i, t)| self.transform(i, t)).collect()
+    }
+
+    fn transform(&self, i: usize, t: &TransformSection) -> Result<Transform, PlanError> {
+        let need = |value: &Option<Spanned<String>>, name: &str| -> Result<String, PlanError> {
+            match value {
+                Some(v) if !v.get_ref().trim().is_empty() => Ok(v.get_ref().clone()),
+                Some(v) => self.error(v.span(), format!("transforms[{i}].{name}"), "must not be empty"),
+                None => self.error(t.kind.span(), format!("transforms[{i}].{name}"), format!("`{}` needs `{name}`", t.kind.get_ref())),
+            }
+        };
+        let table = need(&t.table, "table")?;
+        let transform = match t.kind.get_ref().as_str() {
+            "rename_table" => Transform::RenameTable { table, to: need(&t.to, "to")? },
+            "rename_column" => Transform::RenameColumn { table, from: need(&t.from, "from")?, to: need(&t.to, "to")? },
+            "add_column" => {
+                let default = match &t.default {
+                    None => Value::Null,
+                    Some(v) => match v.get_ref() {
+                        toml::Value::Integer(n) => Value::Int(*n),
+                        toml::Value::String(s) => Value::Text(s.clone()),
+                        _ => return self.error(v.span(), format!("transforms[{i}].default"), "must be an integer or a string"),
+                    },
+                };
+                Transform::AddColumn { table, column: need(&t.column, "column")?, default }
+            }
+            "drop_column" => Transform::DropColumn { table, column: need(&t.column, "column")? },
+            "change_type" => {
+                let to = match t.to.as_ref().map(|s| s.get_ref().as_str()) {
+                    Some("int") => ColumnType::Int,
+                    Some("text") => ColumnType::Text,
+                    _ => {
+                        let span = t.to.as_ref().map_or(t.kind.span(), |s| s.span());
+                        return self.error(span, format!("transforms[{i}].to"), "`change_type` needs `to` = `int` or `text`");
+                    }
+                };
+                Transform::ChangeType { table, column: need(&t.column, "column")?, to }
+            }
+            "split_table" => {
+                let Some(into) = &t.into else {
+                    return self.error(t.kind.span(), format!("transforms[{i}].into"), "`split_table` needs `into`");
+                };
+                let into = into
+                    .iter()
+                    .map(|p| SplitPart {
+                        table: p.table.get_ref().clone(),
+                        columns: p.columns.get_ref().iter().map(|c| c.get_ref().clone()).collect(),
+                    })
+                    .collect();
+                Transform::SplitTable { table, into }
+            }
+            other => {
+                return self.error(
+                    t.kind.span(),
+                    format!("transforms[{i}].kind"),
+                    format!(
+                        "`{other}` is not one of `rename_table`, `rename_column`, `add_column`, `drop_column`, `change_type`, `split_table`"
+                    ),
+                )
+            }
+        };
+        Ok(transform)
+    }
+}
+
+fn transform_field_span(t: &TransformSection, field: TransformField) -> (Range<usize>, String) {
+    let or_kind = |v: &Option<Spanned<String>>| v.as_ref().map_or(t.kind.span(), |s| s.span());
+    match field {
+        TransformField::Table => (or_kind(&t.table), "table".into()),
+        TransformField::From => (or_kind(&t.from), "from".into()),
+        TransformField::To => (or_kind(&t.to), "to".into()),
+        TransformField::Column => (or_kind(&t.column), "column".into()),
+        TransformField::Into(p) => {
+            let span = t.into.as_ref().and_then(|parts| parts.get(p)).map_or(t.kind.span(), |part| part.table.span());
+            (span, format!("into[{p}]"))
+        }
+        TransformField::IntoColumn(p, c) => {
+            let span = t
+                .into
+                .as_ref()
+                .and_then(|parts| parts.get(p))
+                .and_then(|part| part.columns.get_ref().get(c))
+                .map_or(t.kind.span(), |col| col.span());
+            (span, format!("into[{p}].columns[{c}]"))
+        }
+    }
+}

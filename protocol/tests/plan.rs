@@ -1,0 +1,97 @@
+//! Plan loading: the example plan is valid; every mistake names file, line and field.
+
+use imago_protocol::plan::{Plan, PlanError, SwitchMode};
+
+const EXAMPLE: &str = include_str!("../../plans/example.toml");
+
+fn load_err(text: &str) -> PlanError {
+    Plan::from_toml("plan.toml", text).expect_err("plan should be refused")
+}
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines().position(|l| l.contains(needle)).expect("needle present") + 1
+}
+
+#[test]
+fn example_plan_loads() {
+    let plan = Plan::from_toml("example.toml", EXAMPLE).unwrap();
+    assert_eq!(plan.name, "auction-v2");
+    assert_eq!(plan.switch, SwitchMode::Auto);
+    assert_eq!(plan.nodes.len(), 3);
+    assert_eq!(plan.thresholds.hold_max_ms, 2000);
+    let schema = plan.mapping().unwrap().new_schema();
+    assert!(schema.tables.contains_key("user_profiles"));
+    assert!(schema.tables.contains_key("auctions"));
+}
+
+#[test]
+fn unknown_field_names_line_and_field() {
+    let text = EXAMPLE.replace("max_lag = 50", "max_lagg = 50");
+    let e = load_err(&text);
+    assert_eq!(e.field, "max_lagg", "{e}");
+    assert_eq!(e.line, line_of(&text, "max_lagg"), "{e}");
+    assert_eq!(e.file, "plan.toml");
+    assert!(e.to_string().starts_with(&format!("plan.toml:{}:", e.line)), "{e}");
+}
+
+#[test]
+fn duplicate_node_name_points_at_second() {
+    let text = EXAMPLE.replace("name = \"router-2\"", "name = \"router-1\"");
+    let e = load_err(&text);
+    assert_eq!(e.field, "nodes[1].name", "{e}");
+    let second = text.lines().enumerate().filter(|(_, l)| l.contains("\"router-1\"")).nth(1).unwrap().0 + 1;
+    assert_eq!(e.line, second, "{e}");
+    assert!(e.message.contains("duplicate"), "{e}");
+}
+
+#[test]
+fn transform_naming_missing_column_points_at_it() {
+    let text = EXAMPLE.replace("from = \"name\"", "from = \"nmae\"");
+    let e = load_err(&text);
+    assert_eq!(e.field, "transforms[0].from", "{e}");
+    assert_eq!(e.line, line_of(&text, "from = \"nmae\""), "{e}");
+    assert!(e.message.contains("nmae"), "{e}");
+}
+
+#[test]
+fn split_naming_missing_column_points_at_it() {
+    let text = EXAMPLE.replace("columns = [\"bio\"]", "columns = [\"biography\"]");
+    let e = load_err(&text);
+    assert_eq!(e.field, "transforms[1].into[1].columns[0]", "{e}");
+    assert_eq!(e.line, line_of(&text, "biography"), "{e}");
+}
+
+#[test]
+fn threshold_out_of_range_is_refused() {
+    let text = EXAMPLE.replace("max_mismatch_ratio = 0.0", "max_mismatch_ratio = 1.5");
+    let e = load_err(&text);
+    assert_eq!(e.field, "thresholds.max_mismatch_ratio", "{e}");
+    assert_eq!(e.line, line_of(&text, "max_mismatch_ratio"), "{e}");
+
+    let text = EXAMPLE.replace("hold_max_ms = 2000", "hold_max_ms = 0");
+    let e = load_err(&text);
+    assert_eq!(e.field, "thresholds.hold_max_ms", "{e}");
+    assert_eq!(e.line, line_of(&text, "hold_max_ms"), "{e}");
+}
+
+#[test]
+fn unknown_duty_and_switch_mode_are_refused() {
+    let e = load_err(&EXAMPLE.replace("[\"route\", \"validate\"]\n\n[[nodes]]\nname = \"router-2\"", "[\"rout\"]\n\n[[nodes]]\nname = \"router-2\""));
+    assert_eq!(e.field, "nodes[0].duties[0]", "{e}");
+    let e = load_err(&EXAMPLE.replace("switch = \"auto\"", "switch = \"sometimes\""));
+    assert_eq!(e.field, "upgrade.switch", "{e}");
+}
+
+#[test]
+fn declared_new_schema_must_match_the_transforms() {
+    let text = EXAMPLE.replace("columns = [\"id\", \"bio\"]", "columns = [\"id\", \"bio\", \"avatar\"]");
+    let e = load_err(&text);
+    assert_eq!(e.field, "schema.new.user_profiles", "{e}");
+}
+
+#[test]
+fn syntax_error_has_a_line() {
+    let text = EXAMPLE.replace("tier = \"db\"", "tier = \"db");
+    let e = load_err(&text);
+    assert_eq!(e.line, line_of(&text, "tier = \"db"), "{e}");
+}
