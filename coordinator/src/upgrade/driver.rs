@@ -1,0 +1,40 @@
+//! The upgrade driver's decision: what the leader should propose next. Pure: the shell calls
+//! it with the applied state and `now_ms`, proposes the command, and `apply` re-checks it.
+
+use super::{ready_gate, Command, UpgradeState};
+use protocol::messages::Phase;
+use protocol::plan::SwitchMode;
+use protocol::Epoch;
+
+/// The next command the leader should propose at `now_ms`, if any.
+pub fn next_command(state: &UpgradeState, now_ms: u64) -> Option<Command> {
+    let upgrade = state.current.as_ref()?;
+    match upgrade.phase {
+        Phase::Syncing => {
+            let wanted = upgrade.plan.switch == SwitchMode::Auto || upgrade.switch_requested;
+            if wanted && now_ms >= upgrade.retry_not_before_ms && ready_gate(upgrade).is_ok() {
+                let deadline_ms = now_ms + upgrade.plan.thresholds.freeze_timeout_ms;
+                return Some(Command::Freeze { epoch: Epoch(state.last_epoch.0 + 1), now_ms, deadline_ms });
+            }
+            None
+        }
+        Phase::Freezing => {
+            let epoch = upgrade.epoch;
+            if let Some((node, position)) = upgrade.checksum_mismatch() {
+                let reason = format!("checksum mismatch on `{node}` at position {}", position.0);
+                return Some(Command::Abort { epoch, reason, now_ms });
+            }
+            let missing = upgrade.missing_acks();
+            if missing.is_empty() {
+                return Some(Command::Commit { epoch });
+            }
+            if now_ms >= upgrade.freeze_deadline_ms {
+                let waited = upgrade.plan.thresholds.freeze_timeout_ms;
+                let reason = format!("freeze deadline passed after {waited} ms; missing acks: {}", missing.join(", "));
+                return Some(Command::Abort { epoch, reason, now_ms });
+            }
+            None
+        }
+        Phase::Staged | Phase::Switched | Phase::Done | Phase::RolledBack => None,
+    }
+}

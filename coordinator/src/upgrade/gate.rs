@@ -1,0 +1,40 @@
+//! The ready gate: a pure function of the node reports in the replicated state.
+
+use super::Upgrade;
+use protocol::Duty;
+
+/// `Ok` when the upgrade may freeze; otherwise every reason it may not, in plan order.
+pub fn ready_gate(upgrade: &Upgrade) -> Result<(), Vec<String>> {
+    let t = &upgrade.plan.thresholds;
+    let mut blockers = Vec::new();
+    for name in upgrade.plan.nodes_with(Duty::Transform) {
+        let Some(node) = upgrade.nodes.get(name).filter(|n| n.registered) else {
+            blockers.push(format!("{name}: not registered"));
+            continue;
+        };
+        let r = &node.report;
+        if !r.bulk_done {
+            blockers.push(format!("{name}: bulk copy not finished"));
+        }
+        let lag = r.captured.0.saturating_sub(r.applied.0);
+        if lag > t.max_lag {
+            blockers.push(format!("{name}: lag {lag} > max_lag {}", t.max_lag));
+        }
+    }
+    let validators = upgrade.plan.nodes_with(Duty::Validate).filter_map(|n| upgrade.nodes.get(n));
+    let (samples, mismatches) =
+        validators.fold((0u64, 0u64), |(s, m), n| (s + n.report.samples, m + n.report.mismatches));
+    if samples < t.min_samples {
+        blockers.push(format!("validation: {samples} samples < min_samples {}", t.min_samples));
+    } else if samples > 0 {
+        let ratio = mismatches as f64 / samples as f64;
+        if ratio > t.max_mismatch_ratio {
+            blockers.push(format!("validation: mismatch ratio {ratio:.4} > max_mismatch_ratio {}", t.max_mismatch_ratio));
+        }
+    }
+    if blockers.is_empty() {
+        Ok(())
+    } else {
+        Err(blockers)
+    }
+}

@@ -1,0 +1,408 @@
+//! The upgrade state machine replicated by the coordinator (DESIGN §5). Pure: no I/O, no clock
+//! (time arrives inside commands, stamped by the proposer), no randomness.
+//!
+//! `apply` re-checks every precondition, so a wrong proposal from a confused or stale leader
+//! is rejected by the state machine rather than trusted. Exactly one of `Commit{e}` /
+//! `Abort{e}` is ever applied for an epoch, and epochs only grow.
+
+mod driver;
+mod gate;
+mod view;
+
+pub use driver::next_command;
+pub use gate::ready_gate;
+pub use view::{decision_view, status};
+
+use protocol::messages::{Ack, NodeReport, Phase};
+use protocol::plan::{Plan, SwitchMode};
+use protocol::{Duty, Epoch, NodeName, Position, UpgradeId};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A change to the replicated state; one Raft log entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Start an upgrade with a validated plan.
+    Start { plan: Plan },
+    /// A node named by the plan registers its duties and whether its new-universe side is deployed.
+    Register { node: NodeName, duties: Vec<Duty>, deployed: bool },
+    /// A node's latest measurements.
+    Report { node: NodeName, report: NodeReport },
+    /// The operator asks for the switch (manual mode).
+    RequestSwitch,
+    /// Freeze attempt `epoch`, proposed by the driver at `now_ms`.
+    Freeze { epoch: Epoch, now_ms: u64, deadline_ms: u64 },
+    /// A node acknowledges its part of `epoch`.
+    Ack { node: NodeName, epoch: Epoch, ack: Ack },
+    /// Switch to the new universe for `epoch`.
+    Commit { epoch: Epoch },
+    /// Give up attempt `epoch`.
+    Abort { epoch: Epoch, reason: String, now_ms: u64 },
+    /// The operator ends the upgrade: the old universe keeps serving.
+    OperatorAbort { reason: String, now_ms: u64 },
+}
+
+/// The result of applying a command (the Raft response).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    Started(UpgradeId),
+    Accepted,
+    Rejected(String),
+}
+
+/// The committed outcome of one epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Committed,
+    Aborted { reason: String },
+}
+
+/// What the coordinator knows of one node of the plan.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    pub registered: bool,
+    pub deployed: bool,
+    pub report: NodeReport,
+    /// Epoch of the last `Frozen` ack.
+    pub frozen: Option<Epoch>,
+    /// Epoch, final position and checksum verdict of the last `Drained` ack.
+    pub drained: Option<(Epoch, Position, bool)>,
+    /// Epoch of the last `Switched` ack.
+    pub switched: Option<Epoch>,
+}
+
+/// One upgrade in progress (or the last one, ended).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Upgrade {
+    pub id: UpgradeId,
+    pub plan: Plan,
+    pub phase: Phase,
+    /// Current (or last) freeze epoch of this upgrade; `Epoch(0)` before the first freeze.
+    pub epoch: Epoch,
+    /// Freeze attempts so far.
+    pub attempts: u32,
+    pub switch_requested: bool,
+    pub freeze_deadline_ms: u64,
+    pub retry_not_before_ms: u64,
+    pub nodes: BTreeMap<NodeName, NodeState>,
+    pub last_abort_reason: Option<String>,
+}
+
+/// The whole replicated state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeState {
+    pub current: Option<Upgrade>,
+    /// Highest epoch ever frozen on this cluster (epochs grow across upgrades too).
+    pub last_epoch: Epoch,
+    /// Outcome of every epoch ever decided.
+    pub outcomes: BTreeMap<Epoch, Outcome>,
+    pub upgrades_started: u64,
+}
+
+fn reject(reason: impl Into<String>) -> Applied {
+    Applied::Rejected(reason.into())
+}
+
+impl Upgrade {
+    /// Whether every node with `duty` satisfies `pred`.
+    fn all_with(&self, duty: Duty, pred: impl Fn(&NodeState) -> bool) -> bool {
+        self.plan.nodes_with(duty).all(|n| self.nodes.get(n).is_some_and(&pred))
+    }
+
+    /// Freezing only: every router acked `Frozen` for the current epoch.
+    pub fn all_routers_frozen(&self) -> bool {
+        self.phase == Phase::Freezing && self.all_with(Duty::Route, |n| n.frozen == Some(self.epoch))
+    }
+
+    /// Nodes whose ack for the current freeze is still missing, with the ack they owe.
+    pub fn missing_acks(&self) -> Vec<String> {
+        let mut missing = Vec::new();
+        for node in &self.plan.nodes {
+            let state = self.nodes.get(&node.name).cloned().unwrap_or_default();
+            if node.duties.contains(&Duty::Route) && state.frozen != Some(self.epoch) {
+                missing.push(format!("{} (frozen)", node.name));
+            }
+            if node.duties.contains(&Duty::Transform) && state.drained.map(|d| d.0) != Some(self.epoch) {
+                missing.push(format!("{} (drained)", node.name));
+            }
+        }
+        missing
+    }
+
+    /// A data node that drained with a checksum mismatch for the current epoch, if any.
+    pub fn checksum_mismatch(&self) -> Option<(NodeName, Position)> {
+        self.nodes.iter().find_map(|(name, n)| match n.drained {
+            Some((e, position, false)) if e == self.epoch => Some((name.clone(), position)),
+            _ => None,
+        })
+    }
+}
+
+impl UpgradeState {
+    /// Applies one committed command. Every precondition is checked here.
+    pub fn apply(&mut self, command: &Command) -> Applied {
+        match command {
+            Command::Start { plan } => self.start(plan),
+            Command::Register { node, duties, deployed } => self.with_node(node, |u, state| {
+                let planned = &u.plan.node(node).expect("checked by with_node").duties;
+                let (mut got, mut want) = (duties.clone(), planned.clone());
+                got.sort();
+                want.sort();
+                if got != want {
+                    return reject(format!("node `{node}` registers duties {duties:?} but the plan gives it {planned:?}"));
+                }
+                state.registered = true;
+                state.deployed = *deployed;
+                Applied::Accepted
+            }),
+            Command::Report { node, report } => self.with_node(node, |_, state| {
+                if !state.registered {
+                    return reject(format!("node `{node}` reports before registering"));
+                }
+                state.report = report.clone();
+                Applied::Accepted
+            }),
+            Command::RequestSwitch => self.request_switch(),
+            Command::Freeze { epoch, now_ms, deadline_ms } => self.freeze(*epoch, *now_ms, *deadline_ms),
+            Command::Ack { node, epoch, ack } => self.ack(node, *epoch, ack),
+            Command::Commit { epoch } => self.commit(*epoch),
+            Command::Abort { epoch, reason, now_ms } => self.abort(*epoch, reason, *now_ms, false),
+            Command::OperatorAbort { reason, now_ms } => self.operator_abort(reason, *now_ms),
+        }
+        .also(|_| self.advance())
+    }
+
+    fn active(&mut self) -> Result<&mut Upgrade, Applied> {
+        match &mut self.current {
+            Some(u) if !u.phase.is_terminal() => Ok(u),
+            _ => Err(reject("no upgrade in progress")),
+        }
+    }
+
+    fn with_node(&mut self, node: &NodeName, f: impl FnOnce(&Upgrade, &mut NodeState) -> Applied) -> Applied {
+        let upgrade = match self.active() {
+            Ok(u) => u,
+            Err(r) => return r,
+        };
+        if upgrade.plan.node(node).is_none() {
+            return reject(format!("node `{node}` is not named by the plan of upgrade {}", upgrade.id.0));
+        }
+        let mut state = upgrade.nodes.get(node).cloned().unwrap_or_default();
+        let result = f(upgrade, &mut state);
+        if result == Applied::Accepted {
+            upgrade.nodes.insert(node.clone(), state);
+        }
+        result
+    }
+
+    fn start(&mut self, plan: &Plan) -> Applied {
+        if let Some(u) = &self.current {
+            if !u.phase.is_terminal() {
+                return reject(format!("upgrade {} (`{}`) is still in progress ({:?})", u.id.0, u.plan.name, u.phase));
+            }
+        }
+        if let Err(e) = plan.mapping() {
+            return reject(format!("plan transforms do not fit the old schema: {e}"));
+        }
+        self.upgrades_started += 1;
+        let id = UpgradeId(self.upgrades_started);
+        self.current = Some(Upgrade {
+            id,
+            plan: plan.clone(),
+            phase: Phase::Staged,
+            epoch: Epoch(0),
+            attempts: 0,
+            switch_requested: false,
+            freeze_deadline_ms: 0,
+            retry_not_before_ms: 0,
+            nodes: BTreeMap::new(),
+            last_abort_reason: None,
+        });
+        Applied::Started(id)
+    }
+
+    fn request_switch(&mut self) -> Applied {
+        let upgrade = match self.active() {
+            Ok(u) => u,
+            Err(r) => return r,
+        };
+        if upgrade.phase != Phase::Syncing {
+            return reject(format!("switch needs phase Syncing, the upgrade is {:?}", upgrade.phase));
+        }
+        if let Err(blockers) = ready_gate(upgrade) {
+            return reject(format!("not ready to switch: {}", blockers.join("; ")));
+        }
+        upgrade.switch_requested = true;
+        Applied::Accepted
+    }
+
+    fn freeze(&mut self, epoch: Epoch, now_ms: u64, deadline_ms: u64) -> Applied {
+        let last_epoch = self.last_epoch;
+        let upgrade = match self.active() {
+            Ok(u) => u,
+            Err(r) => return r,
+        };
+        if upgrade.phase != Phase::Syncing {
+            return reject(format!("freeze needs phase Syncing, the upgrade is {:?}", upgrade.phase));
+        }
+        if epoch.0 != last_epoch.0 + 1 {
+            return reject(format!("freeze epoch {epoch} is not the next epoch after {last_epoch}"));
+        }
+        if upgrade.plan.switch == SwitchMode::Manual && !upgrade.switch_requested {
+            return reject("manual switch: waiting for the operator");
+        }
+        if now_ms < upgrade.retry_not_before_ms {
+            return reject(format!("retry backoff until {} ms", upgrade.retry_not_before_ms));
+        }
+        if deadline_ms <= now_ms {
+            return reject("freeze deadline is not after its proposal time");
+        }
+        if let Err(blockers) = ready_gate(upgrade) {
+            return reject(format!("ready gate: {}", blockers.join("; ")));
+        }
+        upgrade.phase = Phase::Freezing;
+        upgrade.epoch = epoch;
+        upgrade.attempts += 1;
+        upgrade.freeze_deadline_ms = deadline_ms;
+        self.last_epoch = epoch;
+        Applied::Accepted
+    }
+
+    fn ack(&mut self, node: &NodeName, epoch: Epoch, ack: &Ack) -> Applied {
+        self.with_node(node, |u, state| {
+            if epoch != u.epoch {
+                return reject(format!("ack for {epoch} but the current epoch is {}", u.epoch));
+            }
+            let duties = &u.plan.node(node).expect("checked").duties;
+            match ack {
+                Ack::Frozen => {
+                    if u.phase != Phase::Freezing {
+                        return reject(format!("Frozen ack needs phase Freezing, the upgrade is {:?}", u.phase));
+                    }
+                    if !duties.contains(&Duty::Route) {
+                        return reject(format!("`{node}` has no route duty"));
+                    }
+                    state.frozen = Some(epoch);
+                }
+                Ack::Drained { final_position, checksum_match } => {
+                    if u.phase != Phase::Freezing {
+                        return reject(format!("Drained ack needs phase Freezing, the upgrade is {:?}", u.phase));
+                    }
+                    if !duties.contains(&Duty::Transform) {
+                        return reject(format!("`{node}` has no transform duty"));
+                    }
+                    if !u.all_routers_frozen() {
+                        return reject("Drained ack before every router is frozen");
+                    }
+                    state.drained = Some((epoch, *final_position, *checksum_match));
+                }
+                Ack::Switched => {
+                    if !matches!(u.phase, Phase::Switched | Phase::Done) {
+                        return reject(format!("Switched ack needs phase Switched, the upgrade is {:?}", u.phase));
+                    }
+                    if !duties.contains(&Duty::Route) {
+                        return reject(format!("`{node}` has no route duty"));
+                    }
+                    state.switched = Some(epoch);
+                }
+            }
+            Applied::Accepted
+        })
+    }
+
+    fn commit(&mut self, epoch: Epoch) -> Applied {
+        if self.outcomes.contains_key(&epoch) {
+            return reject(format!("{epoch} is already decided: {:?}", self.outcomes[&epoch]));
+        }
+        let upgrade = match self.active() {
+            Ok(u) => u,
+            Err(r) => return r,
+        };
+        if upgrade.phase != Phase::Freezing || upgrade.epoch != epoch {
+            return reject(format!("commit {epoch} needs phase Freezing at {epoch}, the upgrade is {:?} at {}", upgrade.phase, upgrade.epoch));
+        }
+        let missing = upgrade.missing_acks();
+        if !missing.is_empty() {
+            return reject(format!("commit {epoch} without every ack; missing: {}", missing.join(", ")));
+        }
+        if let Some((node, position)) = upgrade.checksum_mismatch() {
+            return reject(format!("commit {epoch}: checksum mismatch on `{node}` at position {}", position.0));
+        }
+        upgrade.phase = Phase::Switched;
+        self.outcomes.insert(epoch, Outcome::Committed);
+        Applied::Accepted
+    }
+
+    fn abort(&mut self, epoch: Epoch, reason: &str, now_ms: u64, by_operator: bool) -> Applied {
+        if self.outcomes.contains_key(&epoch) {
+            return reject(format!("{epoch} is already decided: {:?}", self.outcomes[&epoch]));
+        }
+        let upgrade = match self.active() {
+            Ok(u) => u,
+            Err(r) => return r,
+        };
+        if upgrade.phase != Phase::Freezing || upgrade.epoch != epoch {
+            return reject(format!("abort {epoch} needs phase Freezing at {epoch}, the upgrade is {:?} at {}", upgrade.phase, upgrade.epoch));
+        }
+        upgrade.last_abort_reason = Some(reason.to_string());
+        upgrade.switch_requested = false;
+        upgrade.retry_not_before_ms = now_ms.saturating_add(upgrade.plan.thresholds.retry_backoff_ms);
+        upgrade.phase = if by_operator || upgrade.attempts >= upgrade.plan.max_attempts {
+            Phase::RolledBack
+        } else {
+            Phase::Syncing
+        };
+        self.outcomes.insert(epoch, Outcome::Aborted { reason: reason.to_string() });
+        Applied::Accepted
+    }
+
+    fn operator_abort(&mut self, reason: &str, now_ms: u64) -> Applied {
+        let upgrade = match self.active() {
+            Ok(u) => u,
+            Err(r) => return r,
+        };
+        let reason = format!("operator: {reason}");
+        match upgrade.phase {
+            Phase::Freezing => {
+                let epoch = upgrade.epoch;
+                self.abort(epoch, &reason, now_ms, true)
+            }
+            Phase::Staged | Phase::Syncing => {
+                upgrade.phase = Phase::RolledBack;
+                upgrade.last_abort_reason = Some(reason);
+                Applied::Accepted
+            }
+            Phase::Switched | Phase::Done | Phase::RolledBack => {
+                reject(format!("the upgrade is already {:?}; the switch cannot be undone by abort", upgrade.phase))
+            }
+        }
+    }
+
+    /// Transitions that follow from the state alone (no proposal needed).
+    fn advance(&mut self) {
+        let Some(upgrade) = &mut self.current else { return };
+        if upgrade.phase == Phase::Staged && upgrade.all_with_any(|n| n.registered && n.deployed) {
+            upgrade.phase = Phase::Syncing;
+        }
+        if upgrade.phase == Phase::Switched && upgrade.all_with(Duty::Route, |n| n.switched == Some(upgrade.epoch)) {
+            upgrade.phase = Phase::Done;
+        }
+    }
+}
+
+impl Upgrade {
+    fn all_with_any(&self, pred: impl Fn(&NodeState) -> bool) -> bool {
+        self.plan.nodes.iter().all(|n| self.nodes.get(&n.name).is_some_and(&pred))
+    }
+}
+
+trait Also: Sized {
+    fn also(self, f: impl FnOnce(&Self)) -> Self {
+        f(&self);
+        self
+    }
+}
+impl Also for Applied {}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,244 @@
+//! Rules of the upgrade state machine (DESIGN §5).
+
+use super::*;
+use protocol::messages::{Ack, NodeReport, Phase};
+use protocol::{Decision, Position};
+
+const EXAMPLE: &str = include_str!("../../../plans/example.toml");
+
+fn plan(switch: &str, max_attempts: u32) -> Plan {
+    let text = EXAMPLE
+        .replace("switch = \"auto\"", &format!("switch = \"{switch}\""))
+        .replace("max_attempts = 3", &format!("max_attempts = {max_attempts}"));
+    Plan::from_toml("example.toml", &text).unwrap()
+}
+
+fn n(name: &str) -> NodeName {
+    NodeName::from(name)
+}
+
+const ROUTERS: [&str; 2] = ["router-1", "router-2"];
+
+fn accepted(state: &mut UpgradeState, command: Command) {
+    let result = state.apply(&command);
+    assert_eq!(result, Applied::Accepted, "{command:?}");
+}
+
+fn rejected(state: &mut UpgradeState, command: Command) -> String {
+    match state.apply(&command) {
+        Applied::Rejected(reason) => reason,
+        other => panic!("{command:?} was {other:?}, expected a rejection"),
+    }
+}
+
+/// A state in Syncing with every node registered and a passing ready gate.
+fn ready(switch: &str, max_attempts: u32) -> UpgradeState {
+    let mut state = UpgradeState::default();
+    assert_eq!(state.apply(&Command::Start { plan: plan(switch, max_attempts) }), Applied::Started(UpgradeId(1)));
+    for r in ROUTERS {
+        accepted(&mut state, Command::Register { node: n(r), duties: vec![Duty::Route, Duty::Validate], deployed: true });
+    }
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::Staged, "db-1 not yet registered");
+    accepted(
+        &mut state,
+        Command::Register { node: n("db-1"), duties: vec![Duty::Capture, Duty::Transform, Duty::Validate], deployed: true },
+    );
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::Syncing);
+    let report = NodeReport { captured: Position(10), applied: Position(10), bulk_done: true, samples: 30, mismatches: 0 };
+    accepted(&mut state, Command::Report { node: n("router-1"), report: report.clone() });
+    accepted(&mut state, Command::Report { node: n("db-1"), report });
+    state
+}
+
+fn freeze(state: &mut UpgradeState, epoch: u64, now_ms: u64) {
+    accepted(state, Command::Freeze { epoch: Epoch(epoch), now_ms, deadline_ms: now_ms + 3000 });
+}
+
+fn all_acks(state: &mut UpgradeState, epoch: u64) {
+    for r in ROUTERS {
+        accepted(state, Command::Ack { node: n(r), epoch: Epoch(epoch), ack: Ack::Frozen });
+    }
+    let drained = Ack::Drained { final_position: Position(10), checksum_match: true };
+    accepted(state, Command::Ack { node: n("db-1"), epoch: Epoch(epoch), ack: drained });
+}
+
+#[test]
+fn unknown_nodes_and_wrong_duties_are_refused() {
+    let mut state = UpgradeState::default();
+    state.apply(&Command::Start { plan: plan("auto", 3) });
+    let reason = rejected(&mut state, Command::Register { node: n("intruder"), duties: vec![Duty::Route], deployed: true });
+    assert!(reason.contains("not named by the plan"), "{reason}");
+    let reason = rejected(&mut state, Command::Register { node: n("router-1"), duties: vec![Duty::Transform], deployed: true });
+    assert!(reason.contains("duties"), "{reason}");
+}
+
+#[test]
+fn a_second_upgrade_cannot_start_while_one_runs() {
+    let mut state = ready("auto", 3);
+    let reason = rejected(&mut state, Command::Start { plan: plan("auto", 3) });
+    assert!(reason.contains("still in progress"), "{reason}");
+}
+
+#[test]
+fn freeze_needs_the_ready_gate() {
+    let mut state = ready("auto", 3);
+    let lagging = NodeReport { captured: Position(500), applied: Position(10), bulk_done: false, samples: 0, mismatches: 0 };
+    accepted(&mut state, Command::Report { node: n("db-1"), report: lagging });
+    let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(1), now_ms: 0, deadline_ms: 10 });
+    assert!(reason.contains("bulk copy not finished") && reason.contains("lag 490"), "{reason}");
+    assert_eq!(next_command(&state, 0), None, "the driver must not propose a freeze either");
+}
+
+#[test]
+fn freeze_epoch_must_be_the_next_one() {
+    let mut state = ready("auto", 3);
+    let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(2), now_ms: 0, deadline_ms: 10 });
+    assert!(reason.contains("not the next epoch"), "{reason}");
+    freeze(&mut state, 1, 0);
+    assert_eq!(state.decision(), Decision::Freeze(Epoch(1)));
+    let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(2), now_ms: 0, deadline_ms: 10 });
+    assert!(reason.contains("Syncing"), "{reason}");
+}
+
+#[test]
+fn commit_without_every_ack_is_rejected_even_when_a_leader_proposes_it() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Frozen });
+    let reason = rejected(&mut state, Command::Commit { epoch: Epoch(1) });
+    assert!(reason.contains("router-2 (frozen)") && reason.contains("db-1 (drained)"), "{reason}");
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::Freezing);
+}
+
+#[test]
+fn drained_ack_needs_every_router_frozen() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    let drained = Ack::Drained { final_position: Position(10), checksum_match: true };
+    let reason = rejected(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: drained });
+    assert!(reason.contains("before every router is frozen"), "{reason}");
+}
+
+#[test]
+fn commit_after_abort_is_rejected_and_vice_versa() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    all_acks(&mut state, 1);
+    accepted(&mut state, Command::Abort { epoch: Epoch(1), reason: "test".into(), now_ms: 5 });
+    let reason = rejected(&mut state, Command::Commit { epoch: Epoch(1) });
+    assert!(reason.contains("already decided"), "{reason}");
+    assert_eq!(state.decision(), Decision::Abort(Epoch(1)));
+
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    all_acks(&mut state, 1);
+    accepted(&mut state, Command::Commit { epoch: Epoch(1) });
+    let reason = rejected(&mut state, Command::Abort { epoch: Epoch(1), reason: "late".into(), now_ms: 9 });
+    assert!(reason.contains("already decided"), "{reason}");
+    let reason = rejected(&mut state, Command::OperatorAbort { reason: "oops".into(), now_ms: 9 });
+    assert!(reason.contains("cannot be undone"), "{reason}");
+    assert_eq!(state.decision(), Decision::Commit(Epoch(1)));
+}
+
+#[test]
+fn abort_returns_to_syncing_then_rolls_back_when_out_of_attempts() {
+    let mut state = ready("auto", 2);
+    freeze(&mut state, 1, 0);
+    accepted(&mut state, Command::Abort { epoch: Epoch(1), reason: "deadline".into(), now_ms: 100 });
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::Syncing);
+    let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(2), now_ms: 200, deadline_ms: 3000 });
+    assert!(reason.contains("backoff"), "{reason}");
+    freeze(&mut state, 2, 1100);
+    let stale = rejected(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Frozen });
+    assert!(stale.contains("current epoch is e2"), "{stale}");
+    accepted(&mut state, Command::Abort { epoch: Epoch(2), reason: "deadline".into(), now_ms: 4200 });
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::RolledBack);
+    assert_eq!(state.decision(), Decision::Abort(Epoch(2)));
+    assert!(next_command(&state, 99_999).is_none());
+}
+
+#[test]
+fn switch_completes_when_every_router_acks() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    all_acks(&mut state, 1);
+    assert_eq!(next_command(&state, 10), Some(Command::Commit { epoch: Epoch(1) }));
+    accepted(&mut state, Command::Commit { epoch: Epoch(1) });
+    accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Switched });
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::Switched);
+    accepted(&mut state, Command::Ack { node: n("router-2"), epoch: Epoch(1), ack: Ack::Switched });
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::Done);
+}
+
+#[test]
+fn driver_aborts_after_the_deadline_naming_missing_acks() {
+    let mut state = ready("auto", 3);
+    match next_command(&state, 1000) {
+        Some(Command::Freeze { epoch, deadline_ms, .. }) => {
+            assert_eq!(epoch, Epoch(1));
+            assert_eq!(deadline_ms, 4000);
+        }
+        other => panic!("expected a freeze, got {other:?}"),
+    }
+    freeze(&mut state, 1, 1000);
+    accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Frozen });
+    assert_eq!(next_command(&state, 3999), None);
+    match next_command(&state, 4000) {
+        Some(Command::Abort { epoch, reason, .. }) => {
+            assert_eq!(epoch, Epoch(1));
+            assert!(reason.contains("router-2 (frozen)") && !reason.contains("router-1"), "{reason}");
+        }
+        other => panic!("expected an abort, got {other:?}"),
+    }
+}
+
+#[test]
+fn checksum_mismatch_blocks_commit_and_drives_abort() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    for r in ROUTERS {
+        accepted(&mut state, Command::Ack { node: n(r), epoch: Epoch(1), ack: Ack::Frozen });
+    }
+    let bad = Ack::Drained { final_position: Position(10), checksum_match: false };
+    accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: bad });
+    let reason = rejected(&mut state, Command::Commit { epoch: Epoch(1) });
+    assert!(reason.contains("checksum mismatch"), "{reason}");
+    assert!(matches!(next_command(&state, 1), Some(Command::Abort { .. })));
+}
+
+#[test]
+fn manual_switch_waits_for_the_operator() {
+    let mut state = ready("manual", 3);
+    assert_eq!(next_command(&state, 0), None);
+    let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(1), now_ms: 0, deadline_ms: 10 });
+    assert!(reason.contains("operator"), "{reason}");
+    accepted(&mut state, Command::RequestSwitch);
+    assert!(matches!(next_command(&state, 0), Some(Command::Freeze { .. })));
+}
+
+#[test]
+fn operator_abort_during_freeze_rolls_back() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    accepted(&mut state, Command::OperatorAbort { reason: "stop".into(), now_ms: 1 });
+    let upgrade = state.current.as_ref().unwrap();
+    assert_eq!(upgrade.phase, Phase::RolledBack);
+    assert_eq!(upgrade.last_abort_reason.as_deref(), Some("operator: stop"));
+    assert_eq!(state.decision(), Decision::Abort(Epoch(1)));
+}
+
+#[test]
+fn views_tell_each_node_its_acks() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Frozen });
+    let v1 = decision_view(&state, 42, &n("router-1"));
+    assert_eq!(v1.version, 42);
+    assert!(v1.acked_frozen && v1.known && v1.registered && !v1.all_routers_frozen);
+    let v2 = decision_view(&state, 42, &n("router-2"));
+    assert!(!v2.acked_frozen);
+    assert!(!decision_view(&state, 42, &n("nobody")).known);
+    let s = status(&state);
+    assert_eq!(s.phase, Some(Phase::Freezing));
+    assert_eq!(s.nodes.len(), 3);
+}

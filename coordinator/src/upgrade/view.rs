@@ -1,0 +1,76 @@
+//! Read-only views of the state: what one node needs, and what the operator sees.
+
+use super::{ready_gate, Outcome, UpgradeState};
+use protocol::messages::{DecisionView, NodeStatus, Phase, StatusView};
+use protocol::{Decision, Epoch, NodeName};
+
+impl UpgradeState {
+    /// The committed decision nodes act on (see [`Decision`]).
+    pub fn decision(&self) -> Decision {
+        let Some(upgrade) = &self.current else { return Decision::Initial };
+        match upgrade.phase {
+            Phase::Freezing => Decision::Freeze(upgrade.epoch),
+            Phase::Switched | Phase::Done => Decision::Commit(upgrade.epoch),
+            Phase::Staged | Phase::Syncing | Phase::RolledBack => match self.outcomes.get(&upgrade.epoch) {
+                Some(Outcome::Aborted { .. }) => Decision::Abort(upgrade.epoch),
+                _ if upgrade.epoch == Epoch(0) => Decision::Initial,
+                other => unreachable!("epoch {} decided {other:?} outside Freezing/Switched", upgrade.epoch),
+            },
+        }
+    }
+}
+
+/// What `node` needs to know, read from state applied up to log index `version`.
+pub fn decision_view(state: &UpgradeState, version: u64, node: &NodeName) -> DecisionView {
+    let decision = state.decision();
+    let epoch = decision.epoch();
+    let upgrade = state.current.as_ref();
+    let node_state = upgrade.and_then(|u| u.nodes.get(node)).cloned().unwrap_or_default();
+    DecisionView {
+        version,
+        upgrade: upgrade.map(|u| u.id),
+        phase: upgrade.map(|u| u.phase),
+        decision,
+        known: upgrade.is_some_and(|u| u.plan.node(node).is_some()),
+        registered: node_state.registered,
+        all_routers_frozen: upgrade.is_some_and(|u| u.all_routers_frozen()),
+        acked_frozen: node_state.frozen == Some(epoch) && epoch != Epoch(0),
+        acked_drained: node_state.drained.is_some_and(|d| d.0 == epoch) && epoch != Epoch(0),
+        acked_switched: node_state.switched == Some(epoch) && epoch != Epoch(0),
+    }
+}
+
+/// The operator's view of the current (or last) upgrade.
+pub fn status(state: &UpgradeState) -> StatusView {
+    let Some(u) = &state.current else {
+        return StatusView {
+            upgrade: None,
+            name: String::new(),
+            phase: None,
+            epoch: state.last_epoch,
+            attempts: 0,
+            gate_blockers: Vec::new(),
+            last_abort_reason: None,
+            nodes: Vec::new(),
+        };
+    };
+    let nodes = u
+        .plan
+        .nodes
+        .iter()
+        .map(|n| {
+            let s = u.nodes.get(&n.name).cloned().unwrap_or_default();
+            NodeStatus { name: n.name.clone(), registered: s.registered, report: s.report }
+        })
+        .collect();
+    StatusView {
+        upgrade: Some(u.id),
+        name: u.plan.name.clone(),
+        phase: Some(u.phase),
+        epoch: u.epoch,
+        attempts: u.attempts,
+        gate_blockers: ready_gate(u).err().unwrap_or_default(),
+        last_abort_reason: u.last_abort_reason.clone(),
+        nodes,
+    }
+}
