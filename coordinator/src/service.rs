@@ -1,1 +1,192 @@
+//! A coordinator replica: answers Raft RPCs, node and CLI requests, and runs the upgrade driver.
+//!
+//! This is shell code: every decision is made by [`crate::upgrade`]; here requests are decoded,
+//! proposed through Raft, and views are read from the replica's applied state.
 
+use crate::raft::{self, raft_config, NetworkFactory, Raft, RaftReply, RaftRpc, RaftTiming, SharedDisk, Transport};
+use crate::upgrade::{decision_view, next_command, status, Applied, Command};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::BasicNode;
+use protocol::codec;
+use protocol::messages::{CliRequest, CliResponse, NodeRequest, NodeResponse, Request, Response};
+use protocol::ReplicaId;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Milliseconds on the cluster's shared clock (wall clock in production, virtual in the sim).
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Longest a proposal may wait for its commit before the caller is told to retry.
+pub const PROPOSAL_TIMEOUT_MS: u64 = 2_000;
+/// Longest a watch may be parked.
+pub const WATCH_WAIT_MAX_MS: u32 = 5_000;
+/// How often the driver looks at the state when this replica leads.
+pub const DRIVER_TICK_MS: u64 = 20;
+
+/// One running coordinator replica.
+#[derive(Clone)]
+pub struct Replica {
+    pub id: ReplicaId,
+    pub raft: Raft,
+    disk: SharedDisk,
+    applied: watch::Receiver<u64>,
+    clock: Clock,
+}
+
+/// Outcome of proposing a command.
+enum Proposed {
+    Applied(Applied),
+    NotLeader(Option<ReplicaId>),
+    Failed(String),
+}
+
+impl Replica {
+    /// Starts a replica on `disk` (fresh or kept from an earlier incarnation). With
+    /// `initialize`, a fresh cluster of `members` is initialized from this replica.
+    pub async fn start<T: Transport>(
+        id: ReplicaId,
+        members: &[ReplicaId],
+        disk: SharedDisk,
+        transport: T,
+        timing: RaftTiming,
+        clock: Clock,
+        initialize: bool,
+    ) -> Result<Replica, String> {
+        let (log, state_machine, applied) = raft::open(&disk);
+        let config = Arc::new(raft_config(timing));
+        let raft = Raft::new(id, config, NetworkFactory { transport }, log, state_machine)
+            .await
+            .map_err(|e| format!("raft start: {e}"))?;
+        if initialize {
+            let nodes: BTreeMap<u64, BasicNode> = members.iter().map(|m| (*m, BasicNode::default())).collect();
+            // Already-initialized is fine: a restarted initializer keeps its log.
+            let _ = raft.initialize(nodes).await;
+        }
+        Ok(Replica { id, raft, disk, applied, clock })
+    }
+
+    /// Stops this incarnation (its disk stays).
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+
+    /// The log index of this replica's applied state.
+    pub fn applied_version(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Reads this replica's applied state.
+    pub fn read<T>(&self, f: impl FnOnce(&crate::upgrade::UpgradeState) -> T) -> T {
+        raft::read_applied(&self.disk, |a| f(&a.state))
+    }
+
+    /// Whether this replica believes it leads.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Answers one request (any kind). Never panics on bad input.
+    pub async fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Raft(bytes) => Response::Raft(self.handle_raft(&bytes).await),
+            Request::Node(request) => Response::Node(self.handle_node(request).await),
+            Request::Cli(request) => Response::Cli(self.handle_cli(request).await),
+        }
+    }
+
+    async fn handle_raft(&self, bytes: &[u8]) -> Vec<u8> {
+        let reply = match codec::decode::<RaftRpc>(bytes) {
+            Err(e) => RaftReply::Error(format!("bad raft rpc: {e}")),
+            Ok(RaftRpc::AppendEntries(rpc)) => match self.raft.append_entries(rpc).await {
+                Ok(r) => RaftReply::AppendEntries(r),
+                Err(e) => RaftReply::Error(e.to_string()),
+            },
+            Ok(RaftRpc::Vote(rpc)) => match self.raft.vote(rpc).await {
+                Ok(r) => RaftReply::Vote(r),
+                Err(e) => RaftReply::Error(e.to_string()),
+            },
+            Ok(RaftRpc::InstallSnapshot(rpc)) => match self.raft.install_snapshot(rpc).await {
+                Ok(r) => RaftReply::InstallSnapshot(r),
+                Err(e) => RaftReply::Error(e.to_string()),
+            },
+        };
+        codec::encode(&reply).unwrap_or_else(|e| codec::encode(&RaftReply::Error(e.to_string())).unwrap_or_default())
+    }
+
+    async fn propose(&self, command: Command) -> Proposed {
+        let write = self.raft.client_write(command);
+        match tokio::time::timeout(Duration::from_millis(PROPOSAL_TIMEOUT_MS), write).await {
+            Err(_) => Proposed::Failed(format!("not committed within {PROPOSAL_TIMEOUT_MS} ms")),
+            Ok(Ok(response)) => Proposed::Applied(response.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Proposed::NotLeader(f.leader_id),
+            Ok(Err(e)) => Proposed::Failed(e.to_string()),
+        }
+    }
+
+    async fn handle_node(&self, request: NodeRequest) -> NodeResponse {
+        let command = match request {
+            NodeRequest::Watch { node, known_version, linearizable, wait_ms } => {
+                return self.watch(&node, known_version, linearizable, wait_ms).await;
+            }
+            NodeRequest::Register { node, duties, deployed } => Command::Register { node, duties, deployed },
+            NodeRequest::Report { node, report } => Command::Report { node, report },
+            NodeRequest::Ack { node, epoch, ack } => Command::Ack { node, epoch, ack },
+        };
+        match self.propose(command).await {
+            Proposed::Applied(Applied::Rejected(reason)) => NodeResponse::Rejected { reason },
+            Proposed::Applied(_) => NodeResponse::Accepted,
+            Proposed::NotLeader(leader) => NodeResponse::NotLeader { leader },
+            Proposed::Failed(reason) => NodeResponse::Rejected { reason },
+        }
+    }
+
+    async fn watch(&self, node: &protocol::NodeName, known: u64, linearizable: bool, wait_ms: u32) -> NodeResponse {
+        if linearizable {
+            if let Err(e) = self.raft.ensure_linearizable().await {
+                let leader = e.forward_to_leader().and_then(|f| f.leader_id);
+                return NodeResponse::NotLeader { leader };
+            }
+        }
+        let mut applied = self.applied.clone();
+        let wait = Duration::from_millis(u64::from(wait_ms.min(WATCH_WAIT_MAX_MS)));
+        let _ = tokio::time::timeout(wait, applied.wait_for(|v| *v > known)).await;
+        let version = *applied.borrow();
+        let view = self.read(|state| decision_view(state, version, node));
+        NodeResponse::View(view)
+    }
+
+    async fn handle_cli(&self, request: CliRequest) -> CliResponse {
+        let command = match request {
+            CliRequest::Status => return CliResponse::Status(self.read(status)),
+            CliRequest::Start { plan } => Command::Start { plan },
+            CliRequest::Switch => Command::RequestSwitch,
+            CliRequest::Abort { reason } => Command::OperatorAbort { reason, now_ms: (self.clock)() },
+        };
+        match self.propose(command).await {
+            Proposed::Applied(Applied::Started(upgrade)) => CliResponse::Started { upgrade },
+            Proposed::Applied(Applied::Accepted) => CliResponse::Accepted,
+            Proposed::Applied(Applied::Rejected(reason)) => CliResponse::Rejected { reason },
+            Proposed::NotLeader(leader) => CliResponse::NotLeader { leader },
+            Proposed::Failed(reason) => CliResponse::Rejected { reason },
+        }
+    }
+
+    /// The upgrade driver: while this replica leads, proposes what [`next_command`] says.
+    /// Runs until the task is dropped.
+    pub async fn run_driver(&self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(DRIVER_TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !self.is_leader() {
+                continue;
+            }
+            let now_ms = (self.clock)();
+            let Some(command) = self.read(|state| next_command(state, now_ms)) else { continue };
+            tracing::debug!(replica = self.id, ?command, "driver proposes");
+            let _ = self.propose(command).await;
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! openraft glue: type config, seeded runtime, storage, network.
+
+mod network;
+mod runtime;
+mod store;
+
+pub use network::{raft_request, NetworkFactory, RaftReply, RaftRpc, Transport, TransportError};
+pub use runtime::{seed_runtime_rng, SeededRuntime};
+pub use store::{new_disk, open, read_applied, AppliedState, LogStore, RaftDisk, SharedDisk, StateMachineStore};
+
+use crate::upgrade::{Applied, Command};
+use std::io::Cursor;
+
+openraft::declare_raft_types!(
+    /// Raft types of the coordinator group.
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = SeededRuntime,
+);
+
+/// A coordinator replica's Raft handle.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Raft timing used by the coordinator (milliseconds).
+#[derive(Clone, Copy, Debug)]
+pub struct RaftTiming {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming { heartbeat_ms: 50, election_min_ms: 150, election_max_ms: 300 }
+    }
+}
+
+/// The openraft config for `timing`, with snapshots every 500 log entries.
+pub fn raft_config(timing: RaftTiming) -> openraft::Config {
+    let config = openraft::Config {
+        cluster_name: "imago".to_string(),
+        heartbeat_interval: timing.heartbeat_ms,
+        election_timeout_min: timing.election_min_ms,
+        election_timeout_max: timing.election_max_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
+        max_in_snapshot_log_to_keep: 100,
+        install_snapshot_timeout: 1_000,
+        ..Default::default()
+    };
+    config.validate().expect("static raft config is valid")
+}

@@ -1,0 +1,280 @@
+//! In-memory Raft log and state machine over a shared "disk".
+//!
+//! A [`RaftDisk`] outlives the Raft instance that writes it: the simulator crashes a replica by
+//! shutting its Raft down and starts a new one on the same disk. Every writer carries the
+//! incarnation it was opened with; a write from an older incarnation (a crashed instance still
+//! winding down) is refused, so a crash loses nothing durable and adds nothing after it.
+//! A durable store (redb) implements the same traits later.
+
+use super::TypeConfig;
+use crate::upgrade::{Applied, UpgradeState};
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership, Vote,
+};
+use protocol::codec;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::watch;
+
+type C = TypeConfig;
+
+/// The applied state as it is snapshotted.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AppliedState {
+    pub last_applied: Option<LogId<u64>>,
+    pub membership: StoredMembership<u64, openraft::BasicNode>,
+    pub state: UpgradeState,
+}
+
+/// A stored snapshot.
+#[derive(Clone, Debug)]
+pub struct StoredSnapshot {
+    pub meta: SnapshotMeta<u64, openraft::BasicNode>,
+    pub data: Vec<u8>,
+}
+
+/// Everything a replica keeps across crashes.
+#[derive(Debug, Default)]
+pub struct RaftDisk {
+    /// Bumped on every (re)start; writers from older incarnations are refused.
+    pub incarnation: u64,
+    pub vote: Option<Vote<u64>>,
+    pub committed: Option<LogId<u64>>,
+    pub log: BTreeMap<u64, Entry<C>>,
+    pub last_purged: Option<LogId<u64>>,
+    pub applied: AppliedState,
+    pub snapshot: Option<StoredSnapshot>,
+    pub snapshots_built: u64,
+}
+
+/// A disk shared by successive incarnations of one replica.
+pub type SharedDisk = Arc<Mutex<RaftDisk>>;
+
+/// A fresh, empty disk.
+pub fn new_disk() -> SharedDisk {
+    Arc::new(Mutex::new(RaftDisk::default()))
+}
+
+fn lock(disk: &SharedDisk) -> MutexGuard<'_, RaftDisk> {
+    disk.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn stale() -> StorageError<u64> {
+    StorageIOError::<u64>::write(&std::io::Error::other("stale incarnation: this replica instance has crashed")).into()
+}
+
+/// Opens one incarnation's writers; returns them and the new incarnation number.
+pub fn open(disk: &SharedDisk) -> (LogStore, StateMachineStore, watch::Receiver<u64>) {
+    let incarnation = {
+        let mut d = lock(disk);
+        d.incarnation += 1;
+        d.incarnation
+    };
+    let version = lock(disk).applied.last_applied.map_or(0, |l| l.index);
+    let (tx, rx) = watch::channel(version);
+    (
+        LogStore { disk: disk.clone(), incarnation },
+        StateMachineStore { disk: disk.clone(), incarnation, applied_tx: Arc::new(tx) },
+        rx,
+    )
+}
+
+/// The Raft log of one incarnation.
+#[derive(Clone, Debug)]
+pub struct LogStore {
+    disk: SharedDisk,
+    incarnation: u64,
+}
+
+impl LogStore {
+    fn write(&self) -> Result<MutexGuard<'_, RaftDisk>, StorageError<u64>> {
+        let d = lock(&self.disk);
+        if d.incarnation != self.incarnation {
+            return Err(stale());
+        }
+        Ok(d)
+    }
+}
+
+impl RaftLogReader<C> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<C>>, StorageError<u64>> {
+        Ok(lock(&self.disk).log.range(range).map(|(_, e)| e.clone()).collect())
+    }
+}
+
+impl RaftLogStorage<C> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<C>, StorageError<u64>> {
+        let d = lock(&self.disk);
+        let last = d.log.values().next_back().map(|e| e.log_id).or(d.last_purged);
+        Ok(LogState { last_purged_log_id: d.last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
+        self.write()?.vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
+        Ok(lock(&self.disk).vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError<u64>> {
+        self.write()?.committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
+        Ok(lock(&self.disk).committed)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> Result<(), StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<C>> + Send,
+        I::IntoIter: Send,
+    {
+        {
+            let mut d = self.write()?;
+            for entry in entries {
+                d.log.insert(entry.log_id.index, entry);
+            }
+        }
+        callback.log_io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        let mut d = self.write()?;
+        d.log.split_off(&log_id.index);
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        let mut d = self.write()?;
+        d.last_purged = Some(log_id);
+        let keep = d.log.split_off(&(log_id.index + 1));
+        d.log = keep;
+        Ok(())
+    }
+}
+
+/// The state machine of one incarnation. Readers (the service) read the disk directly.
+#[derive(Clone, Debug)]
+pub struct StateMachineStore {
+    disk: SharedDisk,
+    incarnation: u64,
+    applied_tx: Arc<watch::Sender<u64>>,
+}
+
+impl StateMachineStore {
+    fn write(&self) -> Result<MutexGuard<'_, RaftDisk>, StorageError<u64>> {
+        let d = lock(&self.disk);
+        if d.incarnation != self.incarnation {
+            return Err(stale());
+        }
+        Ok(d)
+    }
+}
+
+fn io_error(e: impl std::error::Error + 'static) -> StorageError<u64> {
+    StorageIOError::<u64>::read_state_machine(&e).into()
+}
+
+impl RaftSnapshotBuilder<C> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<C>, StorageError<u64>> {
+        let mut d = self.write()?;
+        let data = codec::encode(&d.applied).map_err(io_error)?;
+        d.snapshots_built += 1;
+        let last = d.applied.last_applied;
+        let snapshot_id = format!("{}-{}-{}", last.map_or(0, |l| l.leader_id.term), last.map_or(0, |l| l.index), d.snapshots_built);
+        let meta = SnapshotMeta { last_log_id: last, last_membership: d.applied.membership.clone(), snapshot_id };
+        d.snapshot = Some(StoredSnapshot { meta: meta.clone(), data: data.clone() });
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<C> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, openraft::BasicNode>), StorageError<u64>> {
+        let d = lock(&self.disk);
+        Ok((d.applied.last_applied, d.applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<C>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut results = Vec::new();
+        let version = {
+            let mut d = self.write()?;
+            for entry in entries {
+                d.applied.last_applied = Some(entry.log_id);
+                let result = match entry.payload {
+                    EntryPayload::Blank => Applied::Accepted,
+                    EntryPayload::Normal(command) => d.applied.state.apply(&command),
+                    EntryPayload::Membership(membership) => {
+                        d.applied.membership = StoredMembership::new(Some(entry.log_id), membership);
+                        Applied::Accepted
+                    }
+                };
+                results.push(result);
+            }
+            d.applied.last_applied.map_or(0, |l| l.index)
+        };
+        self.applied_tx.send_replace(version);
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<u64>> {
+        let data = snapshot.into_inner();
+        let applied: AppliedState = codec::decode(&data).map_err(io_error)?;
+        let version = {
+            let mut d = self.write()?;
+            d.applied = applied;
+            d.snapshot = Some(StoredSnapshot { meta: meta.clone(), data });
+            d.applied.last_applied.map_or(0, |l| l.index)
+        };
+        self.applied_tx.send_replace(version);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<C>>, StorageError<u64>> {
+        let d = lock(&self.disk);
+        Ok(d.snapshot.as_ref().map(|s| Snapshot { meta: s.meta.clone(), snapshot: Box::new(Cursor::new(s.data.clone())) }))
+    }
+}
+
+/// Reads the applied state of a disk (a replica's local, possibly stale, committed view).
+pub fn read_applied<T>(disk: &SharedDisk, f: impl FnOnce(&AppliedState) -> T) -> T {
+    f(&lock(disk).applied)
+}
