@@ -1,0 +1,393 @@
+//! The agent core: a node's side of the coordinator protocol.
+//!
+//! It registers the node, sends acks until the coordinator's state shows them, sends the latest
+//! report, and keeps one long-poll watch open. It hands the node a decision only after
+//! persisting it (`Persist` comes before `Act` in its outputs), never hands over a decision
+//! ordered before the persisted one (epochs never go backwards), and after a (re)start hands
+//! over nothing until a linearizable read has answered.
+
+use protocol::messages::{Ack, DecisionView, NodeReport, NodeRequest, NodeResponse};
+use protocol::{Decision, Duty, Epoch, NodeName, ReplicaId};
+use std::collections::BTreeMap;
+
+/// Agent settings.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node: NodeName,
+    pub duties: Vec<Duty>,
+    pub replicas: Vec<ReplicaId>,
+    /// Give up on a request (and try another replica) after this long.
+    pub request_timeout_ms: u64,
+    /// How long a watch may be parked at the replica.
+    pub watch_wait_ms: u32,
+    /// Least time between two reports.
+    pub report_interval_ms: u64,
+    /// Try another replica after this many watch answers in a row without news while a
+    /// decision is awaited (the replica may be a partitioned follower).
+    pub stale_watch_limit: u32,
+}
+
+/// Inputs to the agent core.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AgentInput {
+    /// The process (re)started with this persisted decision.
+    Boot { persisted: Decision },
+    /// A reply to request `id`.
+    Response { id: u64, response: NodeResponse },
+    /// Time passed (the shell ticks regularly).
+    Tick,
+    /// A duty owes the coordinator this ack.
+    OweAck { epoch: Epoch, ack: Ack },
+    /// The latest measurements of the node's duties.
+    Report(NodeReport),
+}
+
+/// What the shell must do, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AgentOutput {
+    Send { id: u64, replica: ReplicaId, request: NodeRequest },
+    /// Write the decision to durable storage before acting on it.
+    Persist(Decision),
+    /// Hand the decision to the duties.
+    Act(Decision),
+    /// The latest view (duties read phase and `all_routers_frozen` from it).
+    View(DecisionView),
+}
+
+#[derive(Clone, Debug)]
+enum Pending {
+    Watch,
+    Write(WriteKind),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum WriteKind {
+    Register,
+    Ack(Epoch, Ack),
+    Report,
+}
+
+#[derive(Clone, Debug)]
+struct InFlight {
+    id: u64,
+    deadline_ms: u64,
+    what: Pending,
+    linearizable: bool,
+}
+
+/// The agent core.
+#[derive(Clone, Debug)]
+pub struct AgentCore {
+    config: AgentConfig,
+    persisted: Decision,
+    booted: bool,
+    linearized: bool,
+    target: usize,
+    next_id: u64,
+    known_version: u64,
+    registered: bool,
+    owed: BTreeMap<(Epoch, u8), Ack>,
+    report: Option<NodeReport>,
+    report_sent: Option<NodeReport>,
+    last_report_ms: Option<u64>,
+    watch: Option<InFlight>,
+    write: Option<InFlight>,
+    stale_watches: u32,
+    last_view: Option<DecisionView>,
+}
+
+fn ack_rank(ack: &Ack) -> u8 {
+    match ack {
+        Ack::Frozen => 0,
+        Ack::Drained { .. } => 1,
+        Ack::Switched => 2,
+    }
+}
+
+impl AgentCore {
+    pub fn new(config: AgentConfig) -> Self {
+        assert!(!config.replicas.is_empty(), "an agent needs at least one coordinator replica");
+        AgentCore {
+            config,
+            persisted: Decision::Initial,
+            booted: false,
+            linearized: false,
+            target: 0,
+            next_id: 1,
+            known_version: 0,
+            registered: false,
+            owed: BTreeMap::new(),
+            report: None,
+            report_sent: None,
+            last_report_ms: None,
+            watch: None,
+            write: None,
+            stale_watches: 0,
+            last_view: None,
+        }
+    }
+
+    /// The decision last persisted (and acted on).
+    pub fn persisted(&self) -> Decision {
+        self.persisted
+    }
+
+    /// The replica the agent talks to now.
+    pub fn target(&self) -> ReplicaId {
+        self.config.replicas[self.target]
+    }
+
+    pub fn last_view(&self) -> Option<&DecisionView> {
+        self.last_view.as_ref()
+    }
+
+    pub fn handle(&mut self, now_ms: u64, input: AgentInput) -> Vec<AgentOutput> {
+        let mut out = Vec::new();
+        match input {
+            AgentInput::Boot { persisted } => {
+                self.persisted = persisted;
+                self.booted = true;
+            }
+            AgentInput::Response { id, response } => self.on_response(id, response, &mut out),
+            AgentInput::Tick => self.expire(now_ms),
+            AgentInput::OweAck { epoch, ack } => {
+                self.owed.insert((epoch, ack_rank(&ack)), ack);
+            }
+            AgentInput::Report(report) => self.report = Some(report),
+        }
+        if self.booted {
+            self.send_next(now_ms, &mut out);
+        }
+        out
+    }
+
+    fn rotate(&mut self) {
+        self.target = (self.target + 1) % self.config.replicas.len();
+    }
+
+    fn point_at(&mut self, leader: Option<ReplicaId>) {
+        match leader.and_then(|l| self.config.replicas.iter().position(|r| *r == l)) {
+            Some(i) => self.target = i,
+            None => self.rotate(),
+        }
+    }
+
+    fn expire(&mut self, now_ms: u64) {
+        let mut timed_out = false;
+        for slot in [&mut self.watch, &mut self.write] {
+            if slot.as_ref().is_some_and(|f| now_ms >= f.deadline_ms) {
+                *slot = None;
+                timed_out = true;
+            }
+        }
+        if timed_out {
+            self.rotate();
+        }
+    }
+
+    fn on_response(&mut self, id: u64, response: NodeResponse, out: &mut Vec<AgentOutput>) {
+        if let Some(w) = self.watch.as_ref().filter(|w| w.id == id) {
+            let linearizable = w.linearizable;
+            self.watch = None;
+            match response {
+                NodeResponse::View(view) => self.on_view(view, linearizable, out),
+                NodeResponse::NotLeader { leader } => self.point_at(leader),
+                NodeResponse::Accepted | NodeResponse::Rejected { .. } => self.rotate(),
+            }
+            return;
+        }
+        if let Some(w) = self.write.as_ref().filter(|w| w.id == id) {
+            let Pending::Write(kind) = w.what.clone() else { unreachable!("write slot holds writes") };
+            self.write = None;
+            match response {
+                NodeResponse::Accepted => match kind {
+                    WriteKind::Register => self.registered = true,
+                    WriteKind::Report => {}
+                    // Owed until a view shows it: a replica may accept and then lose its lead.
+                    WriteKind::Ack(..) => {}
+                },
+                NodeResponse::NotLeader { leader } => {
+                    if kind == WriteKind::Report {
+                        self.report_sent = None;
+                    }
+                    self.point_at(leader)
+                }
+                NodeResponse::Rejected { .. } => {
+                    if kind == WriteKind::Report {
+                        self.report_sent = None;
+                    }
+                }
+                NodeResponse::View(_) => self.rotate(),
+            }
+        }
+        // A late answer to a request already given up on is ignored.
+    }
+
+    fn on_view(&mut self, view: DecisionView, linearizable: bool, out: &mut Vec<AgentOutput>) {
+        if view.version <= self.known_version && self.linearized {
+            self.stale_watches += 1;
+            if self.stale_watches >= self.config.stale_watch_limit && matches!(self.persisted, Decision::Freeze(_)) {
+                self.stale_watches = 0;
+                self.rotate();
+            }
+        } else {
+            self.stale_watches = 0;
+        }
+        self.known_version = self.known_version.max(view.version);
+        self.registered = view.registered;
+        let epoch = view.decision.epoch();
+        let acked = |ack: &Ack| match ack {
+            Ack::Frozen => view.acked_frozen,
+            Ack::Drained { .. } => view.acked_drained,
+            Ack::Switched => view.acked_switched,
+        };
+        // Keep only acks still owed for the current epoch.
+        self.owed.retain(|(e, _), ack| *e == epoch && !acked(ack));
+        let first = !self.linearized;
+        if first {
+            if !linearizable {
+                return;
+            }
+            self.linearized = true;
+        }
+        if view.decision.order_key() > self.persisted.order_key() {
+            self.persisted = view.decision;
+            out.push(AgentOutput::Persist(view.decision));
+            out.push(AgentOutput::Act(view.decision));
+        } else if first {
+            out.push(AgentOutput::Act(self.persisted));
+        }
+        out.push(AgentOutput::View(view.clone()));
+        self.last_view = Some(view);
+    }
+
+    fn send_next(&mut self, now_ms: u64, out: &mut Vec<AgentOutput>) {
+        let replica = self.target();
+        if self.watch.is_none() {
+            let id = self.next_id;
+            self.next_id += 1;
+            let linearizable = !self.linearized;
+            let request = NodeRequest::Watch {
+                node: self.config.node.clone(),
+                known_version: if linearizable { 0 } else { self.known_version },
+                linearizable,
+                wait_ms: self.config.watch_wait_ms,
+            };
+            let deadline_ms = now_ms + u64::from(self.config.watch_wait_ms) + self.config.request_timeout_ms;
+            self.watch = Some(InFlight { id, deadline_ms, what: Pending::Watch, linearizable });
+            out.push(AgentOutput::Send { id, replica, request });
+        }
+        if self.write.is_some() {
+            return;
+        }
+        let upgrade_known = self.last_view.as_ref().is_some_and(|v| v.known);
+        let kind = if !self.registered {
+            // Register once the coordinator knows an upgrade naming this node.
+            upgrade_known.then_some(WriteKind::Register)
+        } else if let Some(((epoch, _), ack)) = self.owed.iter().next() {
+            Some(WriteKind::Ack(*epoch, ack.clone()))
+        } else {
+            let due = self.last_report_ms.is_none_or(|t| now_ms >= t + self.config.report_interval_ms);
+            (due && self.report.is_some() && self.report != self.report_sent).then_some(WriteKind::Report)
+        };
+        let Some(kind) = kind else { return };
+        let node = self.config.node.clone();
+        let request = match &kind {
+            WriteKind::Register => NodeRequest::Register { node, duties: self.config.duties.clone(), deployed: true },
+            WriteKind::Ack(epoch, ack) => NodeRequest::Ack { node, epoch: *epoch, ack: ack.clone() },
+            WriteKind::Report => {
+                let report = self.report.clone().expect("checked above");
+                self.report_sent = Some(report.clone());
+                self.last_report_ms = Some(now_ms);
+                NodeRequest::Report { node, report }
+            }
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        self.write = Some(InFlight { id, deadline_ms: now_ms + self.config.request_timeout_ms, what: Pending::Write(kind), linearizable: false });
+        out.push(AgentOutput::Send { id, replica, request });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::messages::Phase;
+    use protocol::UpgradeId;
+
+    fn agent() -> AgentCore {
+        AgentCore::new(AgentConfig {
+            node: NodeName::from("router-1"),
+            duties: vec![Duty::Route],
+            replicas: vec![1, 2, 3],
+            request_timeout_ms: 500,
+            watch_wait_ms: 1000,
+            report_interval_ms: 100,
+            stale_watch_limit: 3,
+        })
+    }
+
+    fn view(version: u64, decision: Decision) -> DecisionView {
+        DecisionView {
+            version,
+            upgrade: Some(UpgradeId(1)),
+            phase: Some(Phase::Freezing),
+            decision,
+            known: true,
+            registered: true,
+            all_routers_frozen: false,
+            acked_frozen: false,
+            acked_drained: false,
+            acked_switched: false,
+        }
+    }
+
+    fn sends(out: &[AgentOutput]) -> Vec<(u64, ReplicaId, NodeRequest)> {
+        out.iter().filter_map(|o| if let AgentOutput::Send { id, replica, request } = o { Some((*id, *replica, request.clone())) } else { None }).collect()
+    }
+
+    #[test]
+    fn first_view_must_be_linearizable_and_persist_comes_before_act() {
+        let mut a = agent();
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Freeze(Epoch(1)) });
+        let s = sends(&out);
+        assert!(matches!(s[0].2, NodeRequest::Watch { linearizable: true, .. }));
+        let out = a.handle(5, AgentInput::Response { id: s[0].0, response: NodeResponse::View(view(7, Decision::Commit(Epoch(1)))) });
+        let persist = out.iter().position(|o| *o == AgentOutput::Persist(Decision::Commit(Epoch(1)))).unwrap();
+        let act = out.iter().position(|o| *o == AgentOutput::Act(Decision::Commit(Epoch(1)))).unwrap();
+        assert!(persist < act);
+        let next = sends(&out);
+        assert!(matches!(next[0].2, NodeRequest::Watch { linearizable: false, known_version: 7, .. }));
+    }
+
+    #[test]
+    fn stale_views_never_move_epochs_backwards() {
+        let mut a = agent();
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Commit(Epoch(2)) });
+        let id = sends(&out)[0].0;
+        let out = a.handle(1, AgentInput::Response { id, response: NodeResponse::View(view(3, Decision::Freeze(Epoch(2)))) });
+        assert!(out.contains(&AgentOutput::Act(Decision::Commit(Epoch(2)))), "re-acts on its persisted decision");
+        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Persist(_))));
+        assert_eq!(a.persisted(), Decision::Commit(Epoch(2)));
+    }
+
+    #[test]
+    fn acks_are_resent_until_the_view_shows_them_and_timeouts_rotate() {
+        let mut a = agent();
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial });
+        let watch = sends(&out)[0].0;
+        a.handle(1, AgentInput::Response { id: watch, response: NodeResponse::View(view(2, Decision::Freeze(Epoch(1)))) });
+        let out = a.handle(2, AgentInput::OweAck { epoch: Epoch(1), ack: Ack::Frozen });
+        let s = sends(&out);
+        let (ack_id, replica, request) = s.iter().find(|(_, _, r)| matches!(r, NodeRequest::Ack { .. })).cloned().unwrap();
+        assert_eq!(replica, 1);
+        assert!(matches!(request, NodeRequest::Ack { epoch: Epoch(1), ack: Ack::Frozen, .. }));
+        let out = a.handle(3, AgentInput::Response { id: ack_id, response: NodeResponse::NotLeader { leader: Some(3) } });
+        let resent = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Ack { .. })).unwrap();
+        assert_eq!(resent.1, 3, "follows the leader hint");
+        // No answer: after the timeout the agent tries another replica.
+        let out = a.handle(600, AgentInput::Tick);
+        let again = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Ack { .. })).unwrap();
+        assert_eq!(again.1, 1);
+    }
+}

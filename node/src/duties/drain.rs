@@ -1,0 +1,130 @@
+//! Drain: the data node's part of a freeze.
+//!
+//! Once every router is frozen for epoch `e`, fence the old store (it takes no more client
+//! requests), read the final capture position `P`, wait until transform has applied up to `P`,
+//! compare checksums of both universes, and ack `Drained{P}`. An abort unfences; a commit
+//! opens the new store to client writes.
+
+use protocol::messages::Ack;
+use protocol::{Decision, Epoch, Position, Universe};
+
+/// Inputs to the drain core.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DrainInput {
+    /// A committed decision, and whether every router is frozen for it.
+    Decision { decision: Decision, all_routers_frozen: bool },
+    /// The old store was fenced at this final position.
+    Fenced { final_position: Position },
+    /// Transform progress.
+    Applied { position: Position },
+    /// The result of comparing both universes at the final position.
+    Checksums { matched: bool },
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DrainOutput {
+    /// Fence the old store and report [`DrainInput::Fenced`].
+    Fence,
+    Unfence,
+    /// Compare both universes and report [`DrainInput::Checksums`].
+    CompareChecksums,
+    Ack { epoch: Epoch, ack: Ack },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Open,
+    Fencing(Epoch),
+    Draining { epoch: Epoch, final_position: Position },
+    Comparing { epoch: Epoch, final_position: Position },
+    Drained(Epoch),
+    Committed,
+}
+
+/// The drain core.
+#[derive(Clone, Debug)]
+pub struct DrainCore {
+    state: State,
+    applied: Position,
+}
+
+impl DrainCore {
+    /// A drain core that has applied up to `applied` (from the transform checkpoint).
+    pub fn new(applied: Position) -> Self {
+        DrainCore { state: State::Open, applied }
+    }
+
+    /// Which universe takes client requests at this data node (`None`: neither, while fenced
+    /// and not committed).
+    pub fn accepting(&self) -> Option<Universe> {
+        match self.state {
+            State::Open => Some(Universe::Old),
+            State::Committed => Some(Universe::New),
+            // Drained: every router is frozen and data is complete; a router only sends to the
+            // new universe after the commit, which this node may learn later.
+            State::Drained(_) => Some(Universe::New),
+            State::Fencing(_) | State::Draining { .. } | State::Comparing { .. } => None,
+        }
+    }
+
+    pub fn handle(&mut self, input: DrainInput) -> Vec<DrainOutput> {
+        let mut out = Vec::new();
+        match input {
+            DrainInput::Decision { decision, all_routers_frozen } => match decision {
+                Decision::Freeze(epoch) if all_routers_frozen && self.state == State::Open => {
+                    self.state = State::Fencing(epoch);
+                    out.push(DrainOutput::Fence);
+                }
+                Decision::Freeze(_) | Decision::Initial => {}
+                Decision::Abort(_) => {
+                    // Idempotent: after a restart the store may still be fenced on disk.
+                    self.state = State::Open;
+                    out.push(DrainOutput::Unfence);
+                }
+                Decision::Commit(_) => self.state = State::Committed,
+            },
+            DrainInput::Fenced { final_position } => {
+                if let State::Fencing(epoch) = self.state {
+                    self.state = State::Draining { epoch, final_position };
+                }
+            }
+            DrainInput::Applied { position } => self.applied = self.applied.max(position),
+            DrainInput::Checksums { matched } => {
+                if let State::Comparing { epoch, final_position } = self.state {
+                    self.state = State::Drained(epoch);
+                    out.push(DrainOutput::Ack { epoch, ack: Ack::Drained { final_position, checksum_match: matched } });
+                }
+            }
+        }
+        if let State::Draining { epoch, final_position } = self.state {
+            if self.applied >= final_position {
+                self.state = State::Comparing { epoch, final_position };
+                out.push(DrainOutput::CompareChecksums);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fences_only_when_all_routers_frozen_then_acks_after_applying() {
+        let mut d = DrainCore::new(Position(3));
+        let freeze = |all| DrainInput::Decision { decision: Decision::Freeze(Epoch(1)), all_routers_frozen: all };
+        assert!(d.handle(freeze(false)).is_empty());
+        assert_eq!(d.accepting(), Some(Universe::Old));
+        assert_eq!(d.handle(freeze(true)), vec![DrainOutput::Fence]);
+        assert_eq!(d.accepting(), None);
+        assert!(d.handle(DrainInput::Fenced { final_position: Position(5) }).is_empty());
+        assert_eq!(d.handle(DrainInput::Applied { position: Position(5) }), vec![DrainOutput::CompareChecksums]);
+        let out = d.handle(DrainInput::Checksums { matched: true });
+        assert_eq!(out, vec![DrainOutput::Ack { epoch: Epoch(1), ack: Ack::Drained { final_position: Position(5), checksum_match: true } }]);
+        assert_eq!(d.accepting(), Some(Universe::New));
+        assert_eq!(d.handle(DrainInput::Decision { decision: Decision::Abort(Epoch(1)), all_routers_frozen: false }), vec![DrainOutput::Unfence]);
+        assert_eq!(d.accepting(), Some(Universe::Old));
+    }
+}

@@ -1,0 +1,7 @@
+//! Duty cores. Each is a plain state machine driven by its shell.
+
+pub mod capture;
+pub mod drain;
+pub mod router;
+pub mod transform;
+pub mod validate;

@@ -1,0 +1,264 @@
+//! Route: the ingress router's switch logic (admit / hold / flip / release / fail closed).
+//!
+//! The router acts only on committed decisions handed to it by the agent. While frozen (or
+//! after a restart, until the agent has read the current decision) it holds new requests in a
+//! bounded queue for at most `hold_max_ms`, then fails them with 503 + Retry-After: it never
+//! guesses. It acks `Frozen` once nothing it admitted to the old universe is still in flight.
+
+use protocol::messages::Ack;
+use protocol::{Decision, Epoch, Universe};
+use std::collections::{BTreeSet, VecDeque};
+
+/// A client request's id, unique per router.
+pub type RequestId = u64;
+
+/// Deliberately broken variants, to prove the simulator's checkers catch them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterBug {
+    /// When a hold times out, release held requests to the old universe instead of failing them.
+    ReleaseOldOnTimeout,
+}
+
+/// Router limits.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    pub hold_max_ms: u64,
+    pub hold_queue_max: usize,
+    /// Retry-After sent with a 503.
+    pub retry_after_ms: u64,
+    pub bug: Option<RouterBug>,
+}
+
+/// Inputs to the router core.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouterInput {
+    /// A client request arrived.
+    Request { id: RequestId, read_only: bool },
+    /// A request forwarded to the old universe finished (answered, failed or timed out).
+    OldCompleted { id: RequestId },
+    /// A committed decision to act on.
+    Decision(Decision),
+    /// Whether read-only requests are mirrored to the new universe (during Syncing).
+    Mirroring(bool),
+    /// Time passed (expires holds).
+    Tick,
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouterOutput {
+    Forward { id: RequestId, universe: Universe },
+    /// Send a copy of a read-only request to the new universe for validation.
+    Mirror { id: RequestId },
+    /// Answer 503 with Retry-After.
+    Fail { id: RequestId, retry_after_ms: u64, reason: FailReason },
+    /// Tell the coordinator (via the agent).
+    Ack { epoch: Epoch, ack: Ack },
+    /// A held request was released (forwarded or failed) after `held_ms`.
+    Released { id: RequestId, held_ms: u64 },
+}
+
+/// Why a request was failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailReason {
+    HoldTimeout,
+    HoldQueueFull,
+}
+
+/// Where the router stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Restarted, decision not yet read: hold.
+    Unknown,
+    Serving(Universe),
+    Frozen(Epoch),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    id: RequestId,
+    since_ms: u64,
+}
+
+/// The router core.
+#[derive(Clone, Debug)]
+pub struct RouterCore {
+    config: RouterConfig,
+    mode: Mode,
+    held: VecDeque<Held>,
+    in_flight_old: BTreeSet<RequestId>,
+    frozen_acked: Option<Epoch>,
+    mirroring: bool,
+}
+
+impl RouterCore {
+    /// A router that has not yet read a decision (holds everything).
+    pub fn new(config: RouterConfig) -> Self {
+        assert!(config.hold_max_ms > 0 && config.hold_queue_max > 0, "router limits must be positive");
+        RouterCore { config, mode: Mode::Unknown, held: VecDeque::new(), in_flight_old: BTreeSet::new(), frozen_acked: None, mirroring: false }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Arrival time of the oldest held request.
+    pub fn oldest_held_ms(&self) -> Option<u64> {
+        self.held.front().map(|h| h.since_ms)
+    }
+
+    pub fn in_flight_old(&self) -> usize {
+        self.in_flight_old.len()
+    }
+
+    pub fn handle(&mut self, now_ms: u64, input: RouterInput) -> Vec<RouterOutput> {
+        let mut out = Vec::new();
+        match input {
+            RouterInput::Request { id, read_only } => match self.mode {
+                Mode::Serving(universe) => self.forward(id, universe, read_only, &mut out),
+                Mode::Frozen(_) | Mode::Unknown => {
+                    if self.held.len() >= self.config.hold_queue_max {
+                        out.push(RouterOutput::Fail { id, retry_after_ms: self.config.retry_after_ms, reason: FailReason::HoldQueueFull });
+                    } else {
+                        self.held.push_back(Held { id, since_ms: now_ms });
+                    }
+                }
+            },
+            RouterInput::OldCompleted { id } => {
+                self.in_flight_old.remove(&id);
+            }
+            RouterInput::Decision(decision) => self.decide(now_ms, decision, &mut out),
+            RouterInput::Mirroring(on) => self.mirroring = on,
+            RouterInput::Tick => self.expire(now_ms, &mut out),
+        }
+        self.maybe_ack_frozen(&mut out);
+        out
+    }
+
+    fn forward(&mut self, id: RequestId, universe: Universe, read_only: bool, out: &mut Vec<RouterOutput>) {
+        if universe == Universe::Old {
+            self.in_flight_old.insert(id);
+        }
+        out.push(RouterOutput::Forward { id, universe });
+        if read_only && self.mirroring && universe == Universe::Old {
+            out.push(RouterOutput::Mirror { id });
+        }
+    }
+
+    fn decide(&mut self, now_ms: u64, decision: Decision, out: &mut Vec<RouterOutput>) {
+        match decision {
+            Decision::Freeze(epoch) => self.mode = Mode::Frozen(epoch),
+            Decision::Initial | Decision::Abort(_) | Decision::Commit(_) => {
+                let universe = decision.serving().expect("these decisions serve a universe");
+                self.mode = Mode::Serving(universe);
+                while let Some(h) = self.held.pop_front() {
+                    out.push(RouterOutput::Released { id: h.id, held_ms: now_ms - h.since_ms });
+                    // Held requests are released as if new: read-only flags are not kept, so
+                    // they are not mirrored.
+                    self.forward(h.id, universe, false, out);
+                }
+                if let Decision::Commit(epoch) = decision {
+                    out.push(RouterOutput::Ack { epoch, ack: Ack::Switched });
+                }
+            }
+        }
+    }
+
+    fn expire(&mut self, now_ms: u64, out: &mut Vec<RouterOutput>) {
+        while let Some(h) = self.held.front().copied() {
+            if now_ms < h.since_ms + self.config.hold_max_ms {
+                break;
+            }
+            self.held.pop_front();
+            out.push(RouterOutput::Released { id: h.id, held_ms: now_ms - h.since_ms });
+            match self.config.bug {
+                Some(RouterBug::ReleaseOldOnTimeout) => self.forward(h.id, Universe::Old, false, out),
+                None => out.push(RouterOutput::Fail { id: h.id, retry_after_ms: self.config.retry_after_ms, reason: FailReason::HoldTimeout }),
+            }
+        }
+    }
+
+    fn maybe_ack_frozen(&mut self, out: &mut Vec<RouterOutput>) {
+        if let Mode::Frozen(epoch) = self.mode {
+            if self.in_flight_old.is_empty() && self.frozen_acked != Some(epoch) {
+                self.frozen_acked = Some(epoch);
+                out.push(RouterOutput::Ack { epoch, ack: Ack::Frozen });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(bug: Option<RouterBug>) -> RouterCore {
+        RouterCore::new(RouterConfig { hold_max_ms: 100, hold_queue_max: 2, retry_after_ms: 1000, bug })
+    }
+
+    fn forwards(out: &[RouterOutput]) -> Vec<(RequestId, Universe)> {
+        out.iter().filter_map(|o| if let RouterOutput::Forward { id, universe } = o { Some((*id, *universe)) } else { None }).collect()
+    }
+
+    #[test]
+    fn restarted_router_holds_until_it_knows() {
+        let mut r = router(None);
+        assert!(r.handle(0, RouterInput::Request { id: 1, read_only: false }).is_empty());
+        let out = r.handle(10, RouterInput::Decision(Decision::Initial));
+        assert_eq!(forwards(&out), vec![(1, Universe::Old)]);
+    }
+
+    #[test]
+    fn freeze_waits_for_in_flight_then_acks_and_commit_flips() {
+        let mut r = router(None);
+        r.handle(0, RouterInput::Decision(Decision::Initial));
+        r.handle(0, RouterInput::Mirroring(true));
+        let out = r.handle(1, RouterInput::Request { id: 1, read_only: true });
+        assert_eq!(out, vec![RouterOutput::Forward { id: 1, universe: Universe::Old }, RouterOutput::Mirror { id: 1 }]);
+        let out = r.handle(2, RouterInput::Decision(Decision::Freeze(Epoch(1))));
+        assert!(out.is_empty(), "request 1 still in flight: no ack yet");
+        assert!(r.handle(3, RouterInput::Request { id: 2, read_only: false }).is_empty(), "held");
+        let out = r.handle(4, RouterInput::OldCompleted { id: 1 });
+        assert_eq!(out, vec![RouterOutput::Ack { epoch: Epoch(1), ack: Ack::Frozen }]);
+        let out = r.handle(50, RouterInput::Decision(Decision::Commit(Epoch(1))));
+        assert_eq!(forwards(&out), vec![(2, Universe::New)]);
+        assert!(out.contains(&RouterOutput::Released { id: 2, held_ms: 47 }));
+        assert!(out.contains(&RouterOutput::Ack { epoch: Epoch(1), ack: Ack::Switched }));
+        assert_eq!(forwards(&r.handle(51, RouterInput::Request { id: 3, read_only: true })), vec![(3, Universe::New)]);
+    }
+
+    #[test]
+    fn hold_times_out_with_503_and_queue_is_bounded() {
+        let mut r = router(None);
+        r.handle(0, RouterInput::Decision(Decision::Freeze(Epoch(1))));
+        r.handle(0, RouterInput::Request { id: 1, read_only: false });
+        r.handle(10, RouterInput::Request { id: 2, read_only: false });
+        let out = r.handle(11, RouterInput::Request { id: 3, read_only: false });
+        assert!(matches!(out[0], RouterOutput::Fail { id: 3, reason: FailReason::HoldQueueFull, .. }));
+        let out = r.handle(100, RouterInput::Tick);
+        assert!(out.iter().any(|o| matches!(o, RouterOutput::Fail { id: 1, reason: FailReason::HoldTimeout, .. })));
+        assert!(forwards(&out).is_empty(), "fail closed: never guess");
+        assert_eq!(r.held(), 1);
+    }
+
+    #[test]
+    fn abort_releases_to_old() {
+        let mut r = router(None);
+        r.handle(0, RouterInput::Decision(Decision::Freeze(Epoch(1))));
+        r.handle(1, RouterInput::Request { id: 1, read_only: false });
+        let out = r.handle(2, RouterInput::Decision(Decision::Abort(Epoch(1))));
+        assert_eq!(forwards(&out), vec![(1, Universe::Old)]);
+    }
+
+    #[test]
+    fn planted_bug_releases_to_old_on_timeout() {
+        let mut r = router(Some(RouterBug::ReleaseOldOnTimeout));
+        r.handle(0, RouterInput::Decision(Decision::Freeze(Epoch(1))));
+        r.handle(0, RouterInput::Request { id: 1, read_only: false });
+        assert_eq!(forwards(&r.handle(100, RouterInput::Tick)), vec![(1, Universe::Old)]);
+    }
+}

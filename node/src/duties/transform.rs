@@ -1,0 +1,189 @@
+//! Transform: bulk copy, then the change stream, converted to the new schema and applied to
+//! the new universe exactly once by position.
+//!
+//! The core decides what to read next ([`TransformCore::next_work`]) and turns what was read
+//! into a [`Batch`] that the shell applies to the new store *atomically with its checkpoint*.
+//! A restarted transform resumes from the checkpoint kept in the new store: a copy resumes
+//! after the last copied key, the stream after the last applied position. A change at or
+//! before the checkpoint is skipped (exactly once); a gap in positions is an error.
+
+use protocol::schema::{ConvertError, Mapping, Row, RowOp};
+use protocol::Position;
+use serde::{Deserialize, Serialize};
+
+/// Progress of the bulk copy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CopyState {
+    #[default]
+    NotStarted,
+    /// Copying the snapshot taken at `snapshot_at`; `after` is the last copied (table, key).
+    Copying { snapshot_at: Position, after: Option<(String, i64)> },
+    Done,
+}
+
+/// The transform's durable progress, stored in the new store with the data it covers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Every change up to here is applied (or covered by the copied snapshot).
+    pub applied: Position,
+    pub copy: CopyState,
+}
+
+/// What the shell should read next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Work {
+    /// Take a consistent snapshot of the old store and call [`TransformCore::copy_started`].
+    Snapshot,
+    /// Read up to `limit` snapshot rows after `after` and call [`TransformCore::copy_chunk`].
+    CopyChunk { snapshot_at: Position, after: Option<(String, i64)>, limit: usize },
+    /// Read up to `limit` changes after `after` and call [`TransformCore::apply_changes`].
+    Stream { after: Position, limit: usize },
+}
+
+/// Writes for the new store plus the checkpoint they reach; apply both atomically.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    pub ops: Vec<RowOp>,
+    pub checkpoint: Checkpoint,
+}
+
+/// A change stream that does not continue where the checkpoint ends.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransformError {
+    #[error("change stream gap: expected position {expected}, got {got}")]
+    Gap { expected: u64, got: u64 },
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+}
+
+/// Rows and changes per step (explicit limits, TigerBeetle style).
+pub const COPY_CHUNK_ROWS: usize = 200;
+pub const STREAM_BATCH_CHANGES: usize = 500;
+
+/// The transform duty's core.
+#[derive(Clone, Debug)]
+pub struct TransformCore {
+    mapping: Mapping,
+    checkpoint: Checkpoint,
+    /// Duplicates skipped so far (changes at or before the checkpoint).
+    pub duplicates_skipped: u64,
+}
+
+impl TransformCore {
+    /// Resumes from the checkpoint read from the new store.
+    pub fn new(mapping: Mapping, checkpoint: Checkpoint) -> Self {
+        TransformCore { mapping, checkpoint, duplicates_skipped: 0 }
+    }
+
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    pub fn bulk_done(&self) -> bool {
+        self.checkpoint.copy == CopyState::Done
+    }
+
+    /// What to read next.
+    pub fn next_work(&self) -> Work {
+        match &self.checkpoint.copy {
+            CopyState::NotStarted => Work::Snapshot,
+            CopyState::Copying { snapshot_at, after } => {
+                Work::CopyChunk { snapshot_at: *snapshot_at, after: after.clone(), limit: COPY_CHUNK_ROWS }
+            }
+            CopyState::Done => Work::Stream { after: self.checkpoint.applied, limit: STREAM_BATCH_CHANGES },
+        }
+    }
+
+    /// A snapshot was taken at `snapshot_at`; changes up to it are covered by the copy.
+    pub fn copy_started(&mut self, snapshot_at: Position) -> Batch {
+        assert_eq!(self.checkpoint.copy, CopyState::NotStarted, "copy started twice");
+        self.checkpoint = Checkpoint { applied: snapshot_at, copy: CopyState::Copying { snapshot_at, after: None } };
+        Batch { ops: Vec::new(), checkpoint: self.checkpoint.clone() }
+    }
+
+    /// Converts a chunk of snapshot rows (in (table, key) order, after the checkpoint's `after`).
+    /// `last` says the snapshot has no rows after this chunk.
+    pub fn copy_chunk(&mut self, rows: &[(String, i64, Row)], last: bool) -> Result<Batch, TransformError> {
+        let CopyState::Copying { snapshot_at, after } = &self.checkpoint.copy else {
+            panic!("copy_chunk outside a copy: {:?}", self.checkpoint.copy);
+        };
+        let snapshot_at = *snapshot_at;
+        let mut ops = Vec::with_capacity(rows.len() * 2);
+        let mut cursor = after.clone();
+        for (table, key, row) in rows {
+            let here = (table.clone(), *key);
+            assert!(cursor.as_ref().is_none_or(|c| *c < here), "copy rows out of order at {here:?}");
+            ops.extend(self.mapping.convert(&RowOp::Upsert { table: table.clone(), key: *key, row: row.clone() })?);
+            cursor = Some(here);
+        }
+        self.checkpoint.copy = if last { CopyState::Done } else { CopyState::Copying { snapshot_at, after: cursor } };
+        Ok(Batch { ops, checkpoint: self.checkpoint.clone() })
+    }
+
+    /// Converts captured changes (ascending positions). Positions at or before the checkpoint
+    /// are skipped; the first new one must directly follow it.
+    pub fn apply_changes(&mut self, changes: &[(Position, RowOp)]) -> Result<Batch, TransformError> {
+        assert!(self.bulk_done(), "changes applied before the bulk copy finished");
+        let mut ops = Vec::new();
+        let mut applied = self.checkpoint.applied;
+        for (position, op) in changes {
+            if *position <= applied {
+                self.duplicates_skipped += 1;
+                continue;
+            }
+            if position.0 != applied.0 + 1 {
+                return Err(TransformError::Gap { expected: applied.0 + 1, got: position.0 });
+            }
+            ops.extend(self.mapping.convert(op)?);
+            applied = *position;
+        }
+        self.checkpoint.applied = applied;
+        Ok(Batch { ops, checkpoint: self.checkpoint.clone() })
+    }
+
+    /// Changes captured but not yet applied.
+    pub fn lag(&self, captured: Position) -> u64 {
+        captured.0.saturating_sub(self.checkpoint.applied.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::schema::{Schema, TableSchema, Transform, Value};
+    use std::collections::BTreeMap;
+
+    fn core() -> TransformCore {
+        let mut tables = BTreeMap::new();
+        tables.insert("t".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "a".into()] });
+        let transforms = vec![Transform::RenameColumn { table: "t".into(), from: "a".into(), to: "b".into() }];
+        TransformCore::new(Mapping::compile(&Schema { tables }, &transforms).unwrap(), Checkpoint::default())
+    }
+
+    fn upsert(key: i64, a: i64) -> RowOp {
+        let row: Row = [("id".to_string(), Value::Int(key)), ("a".to_string(), Value::Int(a))].into_iter().collect();
+        RowOp::Upsert { table: "t".into(), key, row }
+    }
+
+    #[test]
+    fn copy_then_stream_exactly_once() {
+        let mut t = core();
+        assert_eq!(t.next_work(), Work::Snapshot);
+        t.copy_started(Position(2));
+        let row = |k: i64| ("t".to_string(), k, [("id".to_string(), Value::Int(k)), ("a".to_string(), Value::Int(0))].into_iter().collect());
+        let b = t.copy_chunk(&[row(1)], false).unwrap();
+        assert_eq!(b.checkpoint.copy, CopyState::Copying { snapshot_at: Position(2), after: Some(("t".into(), 1)) });
+        t.copy_chunk(&[row(2)], true).unwrap();
+        assert!(t.bulk_done());
+        assert_eq!(t.next_work(), Work::Stream { after: Position(2), limit: STREAM_BATCH_CHANGES });
+        // Positions 1..=2 are covered by the snapshot: skipped. 3 applies. Replaying 3 is skipped.
+        let b = t.apply_changes(&[(Position(1), upsert(1, 1)), (Position(2), upsert(2, 2)), (Position(3), upsert(3, 3))]).unwrap();
+        assert_eq!(b.ops.len(), 1);
+        assert_eq!(b.checkpoint.applied, Position(3));
+        let b = t.apply_changes(&[(Position(3), upsert(3, 3))]).unwrap();
+        assert!(b.ops.is_empty());
+        assert_eq!(t.duplicates_skipped, 3);
+        assert_eq!(t.apply_changes(&[(Position(5), upsert(5, 5))]), Err(TransformError::Gap { expected: 4, got: 5 }));
+        assert_eq!(t.lag(Position(10)), 7);
+    }
+}

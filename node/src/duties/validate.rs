@@ -1,0 +1,134 @@
+//! Validate: compare mirrored responses of the two universes, and checksum data.
+
+use protocol::schema::{Row, Value};
+use protocol::Position;
+use std::collections::BTreeMap;
+
+/// A response as observed from one universe: the canonical body (as the client API shows it)
+/// and the data position the universe had reached when it answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    pub body: Option<Row>,
+    /// Old universe: last captured position; new universe: last applied position.
+    pub position: Position,
+}
+
+/// The result of one comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Match,
+    Mismatch,
+    /// The new universe had not yet applied what the old one answered from: not a sample.
+    Stale,
+}
+
+/// Counts comparisons of mirrored read-only requests.
+#[derive(Clone, Debug, Default)]
+pub struct ValidateCore {
+    /// Response fields ignored when comparing (e.g. timestamps).
+    pub ignore_fields: Vec<String>,
+    pub samples: u64,
+    pub mismatches: u64,
+    pub stale: u64,
+}
+
+impl ValidateCore {
+    /// Compares the old universe's answer with the new one's and counts the verdict.
+    pub fn compare(&mut self, old: &Observed, new: &Observed) -> Verdict {
+        if new.position < old.position {
+            self.stale += 1;
+            return Verdict::Stale;
+        }
+        self.samples += 1;
+        let strip = |body: &Option<Row>| {
+            body.as_ref().map(|row| {
+                row.iter().filter(|(k, _)| !self.ignore_fields.contains(k)).map(|(k, v)| (k.clone(), v.clone())).collect::<Row>()
+            })
+        };
+        if strip(&old.body) == strip(&new.body) {
+            Verdict::Match
+        } else {
+            self.mismatches += 1;
+            Verdict::Mismatch
+        }
+    }
+}
+
+/// Order-independent-of-insertion checksum of tables (FNV-1a over the sorted contents).
+pub fn checksum(tables: &BTreeMap<String, BTreeMap<i64, Row>>) -> u64 {
+    let mut h = Fnv::default();
+    for (name, rows) in tables {
+        h.bytes(name.as_bytes());
+        h.bytes(&[0xff]);
+        for (key, row) in rows {
+            h.bytes(&key.to_le_bytes());
+            for (column, value) in row {
+                h.bytes(column.as_bytes());
+                match value {
+                    Value::Null => h.bytes(&[0]),
+                    Value::Int(i) => {
+                        h.bytes(&[1]);
+                        h.bytes(&i.to_le_bytes())
+                    }
+                    Value::Text(t) => {
+                        h.bytes(&[2]);
+                        h.bytes(t.as_bytes());
+                        h.bytes(&[0])
+                    }
+                }
+            }
+        }
+    }
+    h.0
+}
+
+/// FNV-1a, 64 bit: small, deterministic, dependency-free.
+#[derive(Clone, Copy, Debug)]
+pub struct Fnv(pub u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub fn bytes(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(v: &str) -> Option<Row> {
+        Some([("name".to_string(), Value::Text(v.into())), ("at".to_string(), Value::Int(1))].into_iter().collect())
+    }
+
+    #[test]
+    fn compares_counts_and_skips_stale() {
+        let mut v = ValidateCore { ignore_fields: vec!["at".into()], ..Default::default() };
+        let old = Observed { body: row("a"), position: Position(5) };
+        assert_eq!(v.compare(&old, &Observed { body: row("a"), position: Position(4) }), Verdict::Stale);
+        assert_eq!(v.compare(&old, &Observed { body: row("a"), position: Position(5) }), Verdict::Match);
+        let mut other = row("a");
+        other.as_mut().unwrap().insert("at".into(), Value::Int(2));
+        assert_eq!(v.compare(&old, &Observed { body: other, position: Position(6) }), Verdict::Match, "ignored field");
+        assert_eq!(v.compare(&old, &Observed { body: row("b"), position: Position(6) }), Verdict::Mismatch);
+        assert_eq!((v.samples, v.mismatches, v.stale), (3, 1, 1));
+    }
+
+    #[test]
+    fn checksum_sees_any_difference() {
+        let mut a = BTreeMap::new();
+        a.insert("t".to_string(), BTreeMap::from([(1, row("x").unwrap())]));
+        let mut b = a.clone();
+        assert_eq!(checksum(&a), checksum(&b));
+        b.get_mut("t").unwrap().insert(1, row("y").unwrap());
+        assert_ne!(checksum(&a), checksum(&b));
+    }
+}
