@@ -72,7 +72,7 @@ impl Replica {
         let _ = self.raft.shutdown().await;
     }
 
-    /// The log index of this replica's applied state.
+    /// The view version of this replica's applied state.
     pub fn applied_version(&self) -> u64 {
         *self.applied.borrow()
     }
@@ -144,16 +144,20 @@ impl Replica {
 
     async fn watch(&self, node: &protocol::NodeName, known: u64, linearizable: bool, wait_ms: u32) -> NodeResponse {
         if linearizable {
-            if let Err(e) = self.raft.ensure_linearizable().await {
-                let leader = e.forward_to_leader().and_then(|f| f.leader_id);
-                return NodeResponse::NotLeader { leader };
+            let read = self.raft.ensure_linearizable();
+            match tokio::time::timeout(Duration::from_millis(PROPOSAL_TIMEOUT_MS), read).await {
+                Err(_) => return NodeResponse::Rejected { reason: "linearizable read timed out".to_string() },
+                Ok(Err(e)) => {
+                    let leader = e.forward_to_leader().and_then(|f| f.leader_id);
+                    return NodeResponse::NotLeader { leader };
+                }
+                Ok(Ok(_)) => {}
             }
         }
         let mut applied = self.applied.clone();
         let wait = Duration::from_millis(u64::from(wait_ms.min(WATCH_WAIT_MAX_MS)));
         let _ = tokio::time::timeout(wait, applied.wait_for(|v| *v > known)).await;
-        let version = *applied.borrow();
-        let view = self.read(|state| decision_view(state, version, node));
+        let view = self.read(|state| decision_view(state, state.version, node));
         NodeResponse::View(view)
     }
 

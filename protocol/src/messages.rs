@@ -71,7 +71,8 @@ pub enum NodeRequest {
 /// What one node needs to know of the upgrade, as read from a replica's applied state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionView {
-    /// Applied log index of the state this view was read from.
+    /// Version of the replicated state this view was read from (grows with every change a
+    /// node may watch; comparable across replicas).
     pub version: u64,
     pub upgrade: Option<UpgradeId>,
     pub phase: Option<Phase>,

@@ -76,7 +76,7 @@ pub fn open(disk: &SharedDisk) -> (LogStore, StateMachineStore, watch::Receiver<
         d.incarnation += 1;
         d.incarnation
     };
-    let version = lock(disk).applied.last_applied.map_or(0, |l| l.index);
+    let version = lock(disk).applied.state.version;
     let (tx, rx) = watch::channel(version);
     (
         LogStore { disk: disk.clone(), incarnation },
@@ -237,9 +237,9 @@ impl RaftStateMachine<C> for StateMachineStore {
                 };
                 results.push(result);
             }
-            d.applied.last_applied.map_or(0, |l| l.index)
+            d.applied.state.version
         };
-        self.applied_tx.send_replace(version);
+        self.applied_tx.send_if_modified(|v| std::mem::replace(v, version) != version);
         Ok(results)
     }
 
@@ -262,9 +262,9 @@ impl RaftStateMachine<C> for StateMachineStore {
             let mut d = self.write()?;
             d.applied = applied;
             d.snapshot = Some(StoredSnapshot { meta: meta.clone(), data });
-            d.applied.last_applied.map_or(0, |l| l.index)
+            d.applied.state.version
         };
-        self.applied_tx.send_replace(version);
+        self.applied_tx.send_if_modified(|v| std::mem::replace(v, version) != version);
         Ok(())
     }
 

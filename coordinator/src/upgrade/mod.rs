@@ -97,6 +97,9 @@ pub struct UpgradeState {
     /// Outcome of every epoch ever decided.
     pub outcomes: BTreeMap<Epoch, Outcome>,
     pub upgrades_started: u64,
+    /// Bumped by every accepted command that changes what a node may watch (everything but
+    /// reports), so parked watches wake only for news.
+    pub version: u64,
 }
 
 fn reject(reason: impl Into<String>) -> Applied {
@@ -141,6 +144,14 @@ impl Upgrade {
 impl UpgradeState {
     /// Applies one committed command. Every precondition is checked here.
     pub fn apply(&mut self, command: &Command) -> Applied {
+        let result = self.apply_inner(command);
+        if !matches!(result, Applied::Rejected(_)) && !matches!(command, Command::Report { .. }) {
+            self.version += 1;
+        }
+        result
+    }
+
+    fn apply_inner(&mut self, command: &Command) -> Applied {
         match command {
             Command::Start { plan } => self.start(plan),
             Command::Register { node, duties, deployed } => self.with_node(node, |u, state| {

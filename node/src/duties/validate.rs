@@ -18,7 +18,8 @@ pub struct Observed {
 pub enum Verdict {
     Match,
     Mismatch,
-    /// The new universe had not yet applied what the old one answered from: not a sample.
+    /// Not a sample: the new universe had not yet applied what the old one answered from, or
+    /// had applied more and answered differently (inconclusive).
     Stale,
 }
 
@@ -47,6 +48,10 @@ impl ValidateCore {
         };
         if strip(&old.body) == strip(&new.body) {
             Verdict::Match
+        } else if new.position > old.position {
+            self.samples -= 1;
+            self.stale += 1;
+            Verdict::Stale
         } else {
             self.mismatches += 1;
             Verdict::Mismatch
@@ -118,8 +123,9 @@ mod tests {
         let mut other = row("a");
         other.as_mut().unwrap().insert("at".into(), Value::Int(2));
         assert_eq!(v.compare(&old, &Observed { body: other, position: Position(6) }), Verdict::Match, "ignored field");
-        assert_eq!(v.compare(&old, &Observed { body: row("b"), position: Position(6) }), Verdict::Mismatch);
-        assert_eq!((v.samples, v.mismatches, v.stale), (3, 1, 1));
+        assert_eq!(v.compare(&old, &Observed { body: row("b"), position: Position(6) }), Verdict::Stale, "newer and different: inconclusive");
+        assert_eq!(v.compare(&old, &Observed { body: row("b"), position: Position(5) }), Verdict::Mismatch);
+        assert_eq!((v.samples, v.mismatches, v.stale), (3, 1, 2));
     }
 
     #[test]
