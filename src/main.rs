@@ -1,1 +1,66 @@
-fn main() {}
+//! The `imago` command line.
+
+mod sim_cmd;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "imago", version, about = "Dependable online upgrades of multi-tier clusters")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the deterministic simulator over many seeds and check every invariant.
+    Sim(sim_cmd::SimArgs),
+    /// Work with upgrade plans.
+    Plan {
+        #[command(subcommand)]
+        command: PlanCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PlanCommand {
+    /// Load and validate a plan; print its new schema.
+    Check { file: std::path::PathBuf },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("IMAGO_LOG").unwrap_or_else(|_| "warn,openraft=error".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Sim(args) => sim_cmd::run(args),
+        Command::Plan { command: PlanCommand::Check { file } } => plan_check(&file),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn plan_check(file: &std::path::Path) -> anyhow::Result<std::process::ExitCode> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let plan = match protocol::plan::Plan::from_toml(&file.display().to_string(), &text) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(std::process::ExitCode::from(1));
+        }
+    };
+    println!("plan `{}`: {} nodes, {} transforms, switch {:?}", plan.name, plan.nodes.len(), plan.transforms.len(), plan.switch);
+    let schema = plan.mapping().context("compiling transforms")?.new_schema();
+    for (table, t) in &schema.tables {
+        println!("  new table {table}({})", t.columns.join(", "));
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -164,7 +164,7 @@ impl Replica {
     async fn handle_cli(&self, request: CliRequest) -> CliResponse {
         let command = match request {
             CliRequest::Status => return CliResponse::Status(self.read(status)),
-            CliRequest::Start { plan } => Command::Start { plan },
+            CliRequest::Start { plan, token } => Command::Start { plan, token },
             CliRequest::Switch => Command::RequestSwitch,
             CliRequest::Abort { reason } => Command::OperatorAbort { reason, now_ms: (self.clock)() },
         };

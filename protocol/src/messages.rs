@@ -101,7 +101,9 @@ pub enum NodeResponse {
 /// CLI → coordinator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum CliRequest {
-    Start { plan: Plan },
+    /// Start an upgrade. `token` makes retries idempotent: a start whose token matches the
+    /// current (or last) upgrade's answers with that upgrade instead of starting another.
+    Start { plan: Plan, token: String },
     Status,
     Switch,
     Abort { reason: String },

@@ -22,8 +22,8 @@ use std::collections::BTreeMap;
 /// A change to the replicated state; one Raft log entry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Command {
-    /// Start an upgrade with a validated plan.
-    Start { plan: Plan },
+    /// Start an upgrade with a validated plan; `token` identifies the request (retries reuse it).
+    Start { plan: Plan, token: String },
     /// A node named by the plan registers its duties and whether its new-universe side is deployed.
     Register { node: NodeName, duties: Vec<Duty>, deployed: bool },
     /// A node's latest measurements.
@@ -75,6 +75,8 @@ pub struct NodeState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Upgrade {
     pub id: UpgradeId,
+    /// The start request's idempotency token.
+    pub token: String,
     pub plan: Plan,
     pub phase: Phase,
     /// Current (or last) freeze epoch of this upgrade; `Epoch(0)` before the first freeze.
@@ -153,7 +155,7 @@ impl UpgradeState {
 
     fn apply_inner(&mut self, command: &Command) -> Applied {
         match command {
-            Command::Start { plan } => self.start(plan),
+            Command::Start { plan, token } => self.start(plan, token),
             Command::Register { node, duties, deployed } => self.with_node(node, |u, state| {
                 let planned = &u.plan.node(node).expect("checked by with_node").duties;
                 let (mut got, mut want) = (duties.clone(), planned.clone());
@@ -206,8 +208,11 @@ impl UpgradeState {
         result
     }
 
-    fn start(&mut self, plan: &Plan) -> Applied {
+    fn start(&mut self, plan: &Plan, token: &str) -> Applied {
         if let Some(u) = &self.current {
+            if u.token == token {
+                return Applied::Started(u.id);
+            }
             if !u.phase.is_terminal() {
                 return reject(format!("upgrade {} (`{}`) is still in progress ({:?})", u.id.0, u.plan.name, u.phase));
             }
@@ -219,6 +224,7 @@ impl UpgradeState {
         let id = UpgradeId(self.upgrades_started);
         self.current = Some(Upgrade {
             id,
+            token: token.to_string(),
             plan: plan.clone(),
             phase: Phase::Staged,
             epoch: Epoch(0),

@@ -34,7 +34,7 @@ fn rejected(state: &mut UpgradeState, command: Command) -> String {
 /// A state in Syncing with every node registered and a passing ready gate.
 fn ready(switch: &str, max_attempts: u32) -> UpgradeState {
     let mut state = UpgradeState::default();
-    assert_eq!(state.apply(&Command::Start { plan: plan(switch, max_attempts) }), Applied::Started(UpgradeId(1)));
+    assert_eq!(state.apply(&Command::Start { plan: plan(switch, max_attempts), token: "t1".into() }), Applied::Started(UpgradeId(1)));
     for r in ROUTERS {
         accepted(&mut state, Command::Register { node: n(r), duties: vec![Duty::Route, Duty::Validate], deployed: true });
     }
@@ -65,7 +65,7 @@ fn all_acks(state: &mut UpgradeState, epoch: u64) {
 #[test]
 fn unknown_nodes_and_wrong_duties_are_refused() {
     let mut state = UpgradeState::default();
-    state.apply(&Command::Start { plan: plan("auto", 3) });
+    state.apply(&Command::Start { plan: plan("auto", 3), token: "t1".into() });
     let reason = rejected(&mut state, Command::Register { node: n("intruder"), duties: vec![Duty::Route], deployed: true });
     assert!(reason.contains("not named by the plan"), "{reason}");
     let reason = rejected(&mut state, Command::Register { node: n("router-1"), duties: vec![Duty::Transform], deployed: true });
@@ -75,8 +75,27 @@ fn unknown_nodes_and_wrong_duties_are_refused() {
 #[test]
 fn a_second_upgrade_cannot_start_while_one_runs() {
     let mut state = ready("auto", 3);
-    let reason = rejected(&mut state, Command::Start { plan: plan("auto", 3) });
+    let reason = rejected(&mut state, Command::Start { plan: plan("auto", 3), token: "t2".into() });
     assert!(reason.contains("still in progress"), "{reason}");
+}
+
+/// Regression (sim seed 18): a retried start whose first answer was lost arrived after the
+/// upgrade had finished and started a second upgrade.
+#[test]
+fn start_is_idempotent_by_token_even_after_the_upgrade_ended() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    all_acks(&mut state, 1);
+    accepted(&mut state, Command::Commit { epoch: Epoch(1) });
+    for r in ROUTERS {
+        accepted(&mut state, Command::Ack { node: n(r), epoch: Epoch(1), ack: Ack::Switched });
+    }
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::Done);
+    let retry = state.apply(&Command::Start { plan: plan("auto", 3), token: "t1".into() });
+    assert_eq!(retry, Applied::Started(UpgradeId(1)));
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::Done, "the retry changed nothing");
+    let next = state.apply(&Command::Start { plan: plan("auto", 3), token: "t2".into() });
+    assert_eq!(next, Applied::Started(UpgradeId(2)), "a new token starts the next upgrade");
 }
 
 #[test]

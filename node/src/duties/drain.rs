@@ -34,6 +34,8 @@ pub enum DrainOutput {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
+    /// Restarted with the old store fenced: take nothing until a decision says what to do.
+    Recovering,
     Open,
     Fencing(Epoch),
     Draining { epoch: Epoch, final_position: Position },
@@ -50,9 +52,10 @@ pub struct DrainCore {
 }
 
 impl DrainCore {
-    /// A drain core that has applied up to `applied` (from the transform checkpoint).
-    pub fn new(applied: Position) -> Self {
-        DrainCore { state: State::Open, applied }
+    /// A drain core that has applied up to `applied` (from the transform checkpoint), on an
+    /// old store that is (`old_fenced`) or is not fenced.
+    pub fn new(applied: Position, old_fenced: bool) -> Self {
+        DrainCore { state: if old_fenced { State::Recovering } else { State::Open }, applied }
     }
 
     /// Which universe takes client requests at this data node (`None`: neither, while fenced
@@ -64,7 +67,7 @@ impl DrainCore {
             // Drained: every router is frozen and data is complete; a router only sends to the
             // new universe after the commit, which this node may learn later.
             State::Drained(_) => Some(Universe::New),
-            State::Fencing(_) | State::Draining { .. } | State::Comparing { .. } => None,
+            State::Recovering | State::Fencing(_) | State::Draining { .. } | State::Comparing { .. } => None,
         }
     }
 
@@ -72,12 +75,15 @@ impl DrainCore {
         let mut out = Vec::new();
         match input {
             DrainInput::Decision { decision, all_routers_frozen } => match decision {
-                Decision::Freeze(epoch) if all_routers_frozen && self.state == State::Open => {
+                // A fenced store was fenced for this freeze (fencing and unfencing happen in the
+                // same step as the decision that causes them), so re-fencing is idempotent.
+                Decision::Freeze(epoch) if (all_routers_frozen && self.state == State::Open) || self.state == State::Recovering => {
                     self.state = State::Fencing(epoch);
                     out.push(DrainOutput::Fence);
                 }
-                Decision::Freeze(_) | Decision::Initial => {}
-                Decision::Abort(_) => {
+                Decision::Freeze(_) => {}
+                Decision::Initial if self.state != State::Recovering => {}
+                Decision::Initial | Decision::Abort(_) => {
                     // Idempotent: after a restart the store may still be fenced on disk.
                     self.state = State::Open;
                     out.push(DrainOutput::Unfence);
@@ -113,7 +119,7 @@ mod tests {
 
     #[test]
     fn fences_only_when_all_routers_frozen_then_acks_after_applying() {
-        let mut d = DrainCore::new(Position(3));
+        let mut d = DrainCore::new(Position(3), false);
         let freeze = |all| DrainInput::Decision { decision: Decision::Freeze(Epoch(1)), all_routers_frozen: all };
         assert!(d.handle(freeze(false)).is_empty());
         assert_eq!(d.accepting(), Some(Universe::Old));
@@ -126,5 +132,16 @@ mod tests {
         assert_eq!(d.accepting(), Some(Universe::New));
         assert_eq!(d.handle(DrainInput::Decision { decision: Decision::Abort(Epoch(1)), all_routers_frozen: false }), vec![DrainOutput::Unfence]);
         assert_eq!(d.accepting(), Some(Universe::Old));
+    }
+
+    #[test]
+    fn restart_on_a_fenced_store_takes_nothing_until_told() {
+        let mut d = DrainCore::new(Position(5), true);
+        assert_eq!(d.accepting(), None);
+        let out = d.handle(DrainInput::Decision { decision: Decision::Freeze(Epoch(2)), all_routers_frozen: false });
+        assert_eq!(out, vec![DrainOutput::Fence]);
+        let mut d = DrainCore::new(Position(5), true);
+        d.handle(DrainInput::Decision { decision: Decision::Commit(Epoch(2)), all_routers_frozen: false });
+        assert_eq!(d.accepting(), Some(Universe::New));
     }
 }

@@ -1,0 +1,212 @@
+//! The simulated service in two versions: an auction site's users and items, v1 on the old
+//! schema and v2 on the new one (renamed column, split table, renamed table, changed type,
+//! added column). Both answer with the same canonical body, so mirrored reads compare.
+
+use node::store::MemStore;
+use protocol::schema::{Row, RowOp, Value};
+use serde::{Deserialize, Serialize};
+
+/// A client operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AppOp {
+    RegisterUser { id: i64, name: String, email: String, bio: String },
+    UpdateBio { id: i64, bio: String },
+    AddItem { id: i64, title: String, seller: i64, price: i64 },
+    ViewUser { id: i64 },
+    ViewItem { id: i64 },
+}
+
+impl AppOp {
+    pub fn read_only(&self) -> bool {
+        matches!(self, AppOp::ViewUser { .. } | AppOp::ViewItem { .. })
+    }
+
+    /// The key that picks the data node (shard).
+    pub fn key(&self) -> i64 {
+        match self {
+            AppOp::RegisterUser { id, .. }
+            | AppOp::UpdateBio { id, .. }
+            | AppOp::AddItem { id, .. }
+            | AppOp::ViewUser { id }
+            | AppOp::ViewItem { id } => *id,
+        }
+    }
+}
+
+/// Why an operation failed inside the app.
+pub type AppError = String;
+
+fn text(s: &str) -> Value {
+    Value::Text(s.to_string())
+}
+
+fn row(pairs: &[(&str, Value)]) -> Row {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+}
+
+/// Old-schema rows for the initial data.
+pub fn initial_user(id: i64) -> RowOp {
+    let r = row(&[("id", Value::Int(id)), ("name", text(&format!("user{id}"))), ("email", text(&format!("u{id}@example.org"))), ("bio", text("hello"))]);
+    RowOp::Upsert { table: "users".into(), key: id, row: r }
+}
+
+pub fn initial_item(id: i64) -> RowOp {
+    let r = row(&[("id", Value::Int(id)), ("title", text(&format!("item{id}"))), ("seller", Value::Int(id % 7)), ("price", Value::Int(100 + id))]);
+    RowOp::Upsert { table: "items".into(), key: id, row: r }
+}
+
+/// v1: writes return the row ops to apply to the old store (captured); reads answer.
+pub mod v1 {
+    use super::*;
+
+    pub fn write(store: &MemStore, op: &AppOp) -> Result<Vec<RowOp>, AppError> {
+        Ok(match op {
+            AppOp::RegisterUser { id, name, email, bio } => vec![RowOp::Upsert {
+                table: "users".into(),
+                key: *id,
+                row: row(&[("id", Value::Int(*id)), ("name", text(name)), ("email", text(email)), ("bio", text(bio))]),
+            }],
+            AppOp::UpdateBio { id, bio } => {
+                let mut r = store.get("users", *id).cloned().ok_or_else(|| format!("no user {id}"))?;
+                r.insert("bio".into(), text(bio));
+                vec![RowOp::Upsert { table: "users".into(), key: *id, row: r }]
+            }
+            AppOp::AddItem { id, title, seller, price } => vec![RowOp::Upsert {
+                table: "items".into(),
+                key: *id,
+                row: row(&[("id", Value::Int(*id)), ("title", text(title)), ("seller", Value::Int(*seller)), ("price", Value::Int(*price))]),
+            }],
+            AppOp::ViewUser { .. } | AppOp::ViewItem { .. } => Vec::new(),
+        })
+    }
+
+    pub fn read(store: &MemStore, op: &AppOp) -> Option<Row> {
+        match op {
+            AppOp::ViewUser { id } => store.get("users", *id).cloned(),
+            AppOp::ViewItem { id } => store.get("items", *id).cloned(),
+            _ => None,
+        }
+    }
+}
+
+/// v2: the same API on the new schema.
+pub mod v2 {
+    use super::*;
+
+    pub fn write(store: &MemStore, op: &AppOp) -> Result<Vec<RowOp>, AppError> {
+        Ok(match op {
+            AppOp::RegisterUser { id, name, email, bio } => vec![
+                RowOp::Upsert { table: "users".into(), key: *id, row: row(&[("id", Value::Int(*id)), ("nickname", text(name)), ("email", text(email))]) },
+                RowOp::Upsert { table: "user_profiles".into(), key: *id, row: row(&[("id", Value::Int(*id)), ("bio", text(bio))]) },
+            ],
+            AppOp::UpdateBio { id, bio } => {
+                if store.get("users", *id).is_none() {
+                    return Err(format!("no user {id}"));
+                }
+                vec![RowOp::Upsert { table: "user_profiles".into(), key: *id, row: row(&[("id", Value::Int(*id)), ("bio", text(bio))]) }]
+            }
+            AppOp::AddItem { id, title, seller, price } => vec![RowOp::Upsert {
+                table: "auctions".into(),
+                key: *id,
+                row: row(&[
+                    ("id", Value::Int(*id)),
+                    ("title", text(title)),
+                    ("seller", Value::Int(*seller)),
+                    ("price", text(&price.to_string())),
+                    ("status", text("open")),
+                ]),
+            }],
+            AppOp::ViewUser { .. } | AppOp::ViewItem { .. } => Vec::new(),
+        })
+    }
+
+    /// Answers in v1's canonical shape.
+    pub fn read(store: &MemStore, op: &AppOp) -> Option<Row> {
+        match op {
+            AppOp::ViewUser { id } => {
+                let user = store.get("users", *id)?;
+                let profile = store.get("user_profiles", *id);
+                let mut r = Row::new();
+                r.insert("id".into(), Value::Int(*id));
+                r.insert("name".into(), user.get("nickname").cloned().unwrap_or(Value::Null));
+                r.insert("email".into(), user.get("email").cloned().unwrap_or(Value::Null));
+                r.insert("bio".into(), profile.and_then(|p| p.get("bio").cloned()).unwrap_or(Value::Null));
+                Some(r)
+            }
+            AppOp::ViewItem { id } => {
+                let a = store.get("auctions", *id)?;
+                let mut r: Row = a.iter().filter(|(k, _)| *k != "status").map(|(k, v)| (k.clone(), v.clone())).collect();
+                if let Some(Value::Text(p)) = r.get("price") {
+                    let parsed = p.parse().map(Value::Int).unwrap_or(Value::Null);
+                    r.insert("price".into(), parsed);
+                }
+                Some(r)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The plan the simulator loads (through the real plan loader).
+pub fn plan_toml(routers: usize, data_nodes: usize, max_attempts: u32) -> String {
+    let mut s = format!(
+        r#"[upgrade]
+name = "sim-auction-v2"
+switch = "auto"
+max_attempts = {max_attempts}
+
+[thresholds]
+max_lag = 50
+min_samples = 20
+max_mismatch_ratio = 0.0
+hold_max_ms = 1000
+hold_queue_max = 500
+freeze_timeout_ms = 2500
+retry_backoff_ms = 500
+"#
+    );
+    for i in 0..routers {
+        s.push_str(&format!("\n[[nodes]]\nname = \"router-{i}\"\ntier = \"web\"\nduties = [\"route\", \"validate\"]\n"));
+    }
+    for i in 0..data_nodes {
+        s.push_str(&format!("\n[[nodes]]\nname = \"db-{i}\"\ntier = \"db\"\nduties = [\"capture\", \"transform\"]\n"));
+    }
+    s.push_str(
+        r#"
+[schema.old.users]
+columns = ["id", "name", "email", "bio"]
+
+[schema.old.items]
+columns = ["id", "title", "seller", "price"]
+
+[[transforms]]
+kind = "rename_column"
+table = "users"
+from = "name"
+to = "nickname"
+
+[[transforms]]
+kind = "split_table"
+table = "users"
+into = [{ table = "users", columns = ["nickname", "email"] }, { table = "user_profiles", columns = ["bio"] }]
+
+[[transforms]]
+kind = "rename_table"
+table = "items"
+to = "auctions"
+
+[[transforms]]
+kind = "change_type"
+table = "auctions"
+column = "price"
+to = "text"
+
+[[transforms]]
+kind = "add_column"
+table = "auctions"
+column = "status"
+default = "open"
+"#,
+    );
+    s
+}

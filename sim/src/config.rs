@@ -1,0 +1,143 @@
+//! Simulation settings.
+
+use node::duties::router::RouterBug;
+use std::fmt;
+
+/// Fault kinds a run may draw (`--faults loss,delay,...`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultSet {
+    pub loss: bool,
+    pub delay: bool,
+    pub duplicate: bool,
+    pub partition: bool,
+    pub crash: bool,
+    pub clock: bool,
+    /// Faults fired when a freeze is seen (leader crash, router partition, data node crash,
+    /// lost commit).
+    pub trigger: bool,
+}
+
+impl FaultSet {
+    pub const ALL: FaultSet =
+        FaultSet { loss: true, delay: true, duplicate: true, partition: true, crash: true, clock: true, trigger: true };
+    pub const NONE: FaultSet =
+        FaultSet { loss: false, delay: false, duplicate: false, partition: false, crash: false, clock: false, trigger: false };
+
+    /// Parses `all`, `none`, or a comma list of `loss,delay,duplicate,partition,crash,clock,trigger`.
+    pub fn parse(s: &str) -> Result<FaultSet, String> {
+        match s.trim() {
+            "all" => return Ok(FaultSet::ALL),
+            "none" | "" => return Ok(FaultSet::NONE),
+            _ => {}
+        }
+        let mut set = FaultSet::NONE;
+        for word in s.split(',').map(str::trim) {
+            match word {
+                "loss" => set.loss = true,
+                "delay" => set.delay = true,
+                "duplicate" | "dup" => set.duplicate = true,
+                "partition" => set.partition = true,
+                "crash" => set.crash = true,
+                "clock" => set.clock = true,
+                "trigger" => set.trigger = true,
+                other => {
+                    return Err(format!(
+                        "unknown fault `{other}` (expected all, none, or a list of loss, delay, duplicate, partition, crash, clock, trigger)"
+                    ))
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    pub fn any(&self) -> bool {
+        *self != FaultSet::NONE
+    }
+}
+
+impl fmt::Display for FaultSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == FaultSet::ALL {
+            return f.write_str("all");
+        }
+        let names = [
+            (self.loss, "loss"),
+            (self.delay, "delay"),
+            (self.duplicate, "duplicate"),
+            (self.partition, "partition"),
+            (self.crash, "crash"),
+            (self.clock, "clock"),
+            (self.trigger, "trigger"),
+        ];
+        let on: Vec<&str> = names.iter().filter(|(b, _)| *b).map(|(_, n)| *n).collect();
+        f.write_str(if on.is_empty() { "none" } else { "" })?;
+        f.write_str(&on.join(","))
+    }
+}
+
+/// One simulated cluster and its workload.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub coordinators: usize,
+    pub routers: usize,
+    pub data_nodes: usize,
+    pub datacenters: usize,
+    pub faults: FaultSet,
+    pub bug: Option<RouterBug>,
+    /// Rows loaded into the old universe before the upgrade starts.
+    pub initial_users: u64,
+    pub initial_items: u64,
+    /// Client requests per simulated second, over all routers.
+    pub client_rate_per_s: f64,
+    pub tick_ms: u64,
+    /// After faults heal, the upgrade must end (Done or RolledBack) within this bound.
+    pub liveness_bound_ms: u64,
+    /// Keep the trace as text lines (for a trace file), not only its hash.
+    pub trace_lines: bool,
+    /// A named scenario instead of random faults.
+    pub scenario: Option<crate::faults::Scenario>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            coordinators: 3,
+            routers: 3,
+            data_nodes: 2,
+            datacenters: 1,
+            faults: FaultSet::ALL,
+            bug: None,
+            initial_users: 300,
+            initial_items: 100,
+            client_rate_per_s: 150.0,
+            tick_ms: 10,
+            liveness_bound_ms: 40_000,
+            trace_lines: false,
+            scenario: None,
+        }
+    }
+}
+
+impl SimConfig {
+    /// Checks the limits; the CLI reports the message.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=7).contains(&self.coordinators) {
+            return Err("--coordinators must be 1..=7".into());
+        }
+        if !(1..=1000).contains(&self.routers) {
+            return Err("--routers must be 1..=1000".into());
+        }
+        if !(1..=16).contains(&self.data_nodes) {
+            return Err("--data-nodes must be 1..=16".into());
+        }
+        if !(1..=5).contains(&self.datacenters) {
+            return Err("--datacenters must be 1..=5".into());
+        }
+        Ok(())
+    }
+
+    /// Whether links between datacenters are slow (timeouts scale with it).
+    pub fn wide_area(&self) -> bool {
+        self.datacenters > 1
+    }
+}

@@ -1,0 +1,330 @@
+//! A data node process: the old and the new store of one shard, capture, transform, drain.
+
+use crate::app::{self, AppOp};
+use crate::checker::AdmissionPoint;
+use crate::wire::{DataRequest, DataResponse};
+use crate::world::{World, DATA_BASE};
+use node::agent::{AgentCore, AgentInput, AgentOutput};
+use node::duties::drain::{DrainCore, DrainInput, DrainOutput};
+use node::duties::transform::{CopyState, TransformCore, Work};
+use node::store::MemStore;
+use protocol::codec;
+use protocol::messages::NodeReport;
+use protocol::{Decision, Duty, Universe};
+use std::collections::BTreeMap;
+
+/// A data node. `old`, `new`, `persisted` and `executed` are its disk.
+pub struct DataProc {
+    pub addr: u64,
+    pub name: String,
+    pub old: MemStore,
+    pub new: MemStore,
+    pub persisted: Decision,
+    /// Answers already given, by request id (client requests are idempotent by id).
+    pub executed: BTreeMap<u64, DataResponse>,
+    pub agent: AgentCore,
+    pub transform: TransformCore,
+    pub drain: DrainCore,
+}
+
+impl DataProc {
+    pub fn new(world: &World, index: usize) -> DataProc {
+        let name = format!("db-{index}");
+        let old = MemStore::with_schema(&world.plan.old_schema);
+        let new = MemStore::with_schema(&world.mapping.new_schema());
+        let mut proc = DataProc {
+            addr: DATA_BASE + index as u64,
+            agent: AgentCore::new(world.agent_config(&name, vec![Duty::Capture, Duty::Transform])),
+            transform: TransformCore::new(world.mapping.clone(), new.checkpoint.clone()),
+            drain: DrainCore::new(new.checkpoint.applied, false),
+            name,
+            old,
+            new,
+            persisted: Decision::Initial,
+            executed: BTreeMap::new(),
+        };
+        proc.rebuild_volatile(world);
+        proc
+    }
+
+    /// Rebuilds what a crash loses from what the disk kept.
+    fn rebuild_volatile(&mut self, world: &World) {
+        self.agent = AgentCore::new(world.agent_config(&self.name, vec![Duty::Capture, Duty::Transform]));
+        self.transform = TransformCore::new(world.mapping.clone(), self.new.checkpoint.clone());
+        self.drain = DrainCore::new(self.new.checkpoint.applied, self.old.capture.is_fenced());
+    }
+}
+
+impl World {
+    /// Serves one client request forwarded by a router.
+    pub fn data_request(&mut self, i: usize, _from: u64, bytes: &[u8]) -> Vec<u8> {
+        let response = match codec::decode_frame::<DataRequest>(bytes) {
+            Ok(Some((request, _))) => self.execute(i, request),
+            Ok(None) => DataResponse::Rejected { reason: "truncated frame".into() },
+            Err(e) => DataResponse::Rejected { reason: e.to_string() },
+        };
+        codec::encode_frame(&response).expect("data responses encode")
+    }
+
+    fn execute(&mut self, i: usize, request: DataRequest) -> DataResponse {
+        if !request.mirror {
+            if let Some(answer) = self.data[i].executed.get(&request.request) {
+                return answer.clone();
+            }
+        }
+        let accepting = self.data[i].drain.accepting();
+        let d = &mut self.data[i];
+        let response = match (request.universe, request.mirror) {
+            (Universe::Old, true) => DataResponse::Rejected { reason: "mirrors go to the new universe".into() },
+            (Universe::New, true) => {
+                if !request.op.read_only() {
+                    DataResponse::Rejected { reason: "only read-only requests are mirrored".into() }
+                } else {
+                    DataResponse::Ok { body: app::v2::read(&d.new, &request.op), position: validated_position(&d.new) }
+                }
+            }
+            (universe, false) if accepting != Some(universe) => {
+                DataResponse::Rejected { reason: format!("{universe:?} universe not accepting (accepting {accepting:?})") }
+            }
+            (Universe::Old, false) => execute_old(&mut d.old, &request.op),
+            (Universe::New, false) => execute_new(&mut d.new, &request.op),
+        };
+        if !request.mirror {
+            if let DataResponse::Ok { .. } = response {
+                let (now, name) = (self.now_us(), self.data[i].name.clone());
+                self.checker.admitted(now, AdmissionPoint::Store, &name, request.universe, request.request);
+            }
+            self.data[i].executed.insert(request.request, response.clone());
+        }
+        response
+    }
+
+    pub fn data_agent_outputs(&mut self, i: usize, outs: Vec<AgentOutput>) {
+        let addr = self.data[i].addr;
+        self.send_agent_requests(addr, &outs);
+        for out in outs {
+            match out {
+                AgentOutput::Send { .. } => {}
+                AgentOutput::Persist(decision) => {
+                    self.data[i].persisted = decision;
+                    let (now, name) = (self.now_us(), self.data[i].name.clone());
+                    self.checker.persisted(now, &name, decision);
+                }
+                AgentOutput::Act(decision) => {
+                    let (now, name) = (self.now_us(), self.data[i].name.clone());
+                    let committed = self.is_committed(decision);
+                    self.checker.acted(now, &name, decision, committed);
+                    self.record(format_args!("{name} acts on {decision:?}"));
+                    let outs = self.data[i].drain.handle(DrainInput::Decision { decision, all_routers_frozen: false });
+                    self.drain_outputs(i, outs);
+                }
+                AgentOutput::View(view) => {
+                    if view.decision == self.data[i].agent.persisted() {
+                        let input = DrainInput::Decision { decision: view.decision, all_routers_frozen: view.all_routers_frozen };
+                        let outs = self.data[i].drain.handle(input);
+                        self.drain_outputs(i, outs);
+                    }
+                }
+            }
+        }
+    }
+
+    fn drain_outputs(&mut self, i: usize, outs: Vec<DrainOutput>) {
+        for out in outs {
+            match out {
+                DrainOutput::Fence => {
+                    let final_position = self.data[i].old.capture.fence();
+                    let name = self.data[i].name.clone();
+                    self.record(format_args!("{name} fenced old store at {}", final_position.0));
+                    let outs = self.data[i].drain.handle(DrainInput::Fenced { final_position });
+                    self.drain_outputs(i, outs);
+                }
+                DrainOutput::Unfence => self.data[i].old.capture.unfence(),
+                DrainOutput::CompareChecksums => {
+                    let matched = self.universes_match(i);
+                    if !matched {
+                        let (now, name) = (self.now_us(), self.data[i].name.clone());
+                        self.checker.violation(now, format!("no lost writes: {name} checksums differ after applying up to the final position"));
+                    }
+                    let outs = self.data[i].drain.handle(DrainInput::Checksums { matched });
+                    self.drain_outputs(i, outs);
+                }
+                DrainOutput::Ack { epoch, ack } => {
+                    let now = self.now_ms();
+                    let outs = self.data[i].agent.handle(now, AgentInput::OweAck { epoch, ack });
+                    self.data_agent_outputs(i, outs);
+                }
+            }
+        }
+    }
+
+    /// Whether the new store holds exactly the old store's data, transformed.
+    pub fn universes_match(&self, i: usize) -> bool {
+        let d = &self.data[i];
+        let mut expected = MemStore::with_schema(&self.mapping.new_schema());
+        for (table, rows) in &d.old.tables {
+            for (key, row) in rows {
+                let op = protocol::schema::RowOp::Upsert { table: table.clone(), key: *key, row: row.clone() };
+                for converted in self.mapping.convert(&op).unwrap_or_default() {
+                    expected.write(&converted);
+                }
+            }
+        }
+        expected.checksum() == d.new.checksum()
+    }
+
+    /// Periodic work of data node `i`: one transform step, a report, the agent's timers.
+    pub fn data_tick(&mut self, i: usize) {
+        let now = self.now_ms();
+        let committed = matches!(self.data[i].persisted, Decision::Commit(_));
+        if !committed && self.data[i].agent.last_view().is_some_and(|v| v.known) {
+            self.transform_step(i);
+        }
+        let d = &self.data[i];
+        let report = NodeReport {
+            captured: d.old.capture.last(),
+            applied: d.new.checkpoint.applied,
+            bulk_done: d.transform.bulk_done(),
+            samples: 0,
+            mismatches: 0,
+        };
+        let mut outs = self.data[i].agent.handle(now, AgentInput::Report(report));
+        outs.extend(self.data[i].agent.handle(now, AgentInput::Tick));
+        self.data_agent_outputs(i, outs);
+    }
+
+    fn transform_step(&mut self, i: usize) {
+        let d = &mut self.data[i];
+        let batch = match d.transform.next_work() {
+            Work::Snapshot => {
+                let at = d.old.snapshot();
+                Ok(d.transform.copy_started(at))
+            }
+            Work::CopyChunk { snapshot_at, after, limit } => {
+                let (rows, last) = d.old.snapshot_rows(snapshot_at, &after, limit);
+                d.transform.copy_chunk(&rows, last)
+            }
+            Work::Stream { after, limit } => {
+                let changes = d.old.capture.after(after, limit);
+                if changes.is_empty() {
+                    return;
+                }
+                d.transform.apply_changes(&changes)
+            }
+        };
+        match batch {
+            Ok(batch) => {
+                d.new.apply_batch(&batch);
+                let applied = batch.checkpoint.applied;
+                if matches!(batch.checkpoint.copy, CopyState::Copying { .. }) {
+                    self.stats.copying_seen.insert(i, true);
+                }
+                let outs = self.data[i].drain.handle(DrainInput::Applied { position: applied });
+                self.drain_outputs(i, outs);
+            }
+            Err(e) => {
+                let (now, name) = (self.now_us(), self.data[i].name.clone());
+                self.checker.violation(now, format!("transform on {name} failed: {e}"));
+            }
+        }
+    }
+
+    pub fn crash_data(&mut self, i: usize) {
+        let addr = self.data[i].addr;
+        let info = self.procs.get_mut(&addr).expect("data node registered");
+        if !info.up {
+            return;
+        }
+        info.up = false;
+        info.incarnation += 1;
+        let name = self.data[i].name.clone();
+        self.record(format_args!("{name} crashed"));
+    }
+
+    pub fn restart_data(&mut self, i: usize) {
+        let addr = self.data[i].addr;
+        let info = self.procs.get_mut(&addr).expect("data node registered");
+        if info.up {
+            return;
+        }
+        info.up = true;
+        info.incarnation += 1;
+        let mut d = std::mem::replace(&mut self.data[i], DataProc::placeholder());
+        d.rebuild_volatile(self);
+        self.data[i] = d;
+        let persisted = self.data[i].persisted;
+        let now = self.now_ms();
+        let outs = self.data[i].agent.handle(now, AgentInput::Boot { persisted });
+        let name = self.data[i].name.clone();
+        let applied = self.data[i].new.checkpoint.applied.0;
+        self.record(format_args!("{name} restarted with {persisted:?}, checkpoint {applied}"));
+        self.data_agent_outputs(i, outs);
+    }
+}
+
+impl DataProc {
+    fn placeholder() -> DataProc {
+        let mapping = protocol::schema::Mapping { outputs: BTreeMap::new() };
+        DataProc {
+            addr: 0,
+            name: String::new(),
+            old: MemStore::default(),
+            new: MemStore::default(),
+            persisted: Decision::Initial,
+            executed: BTreeMap::new(),
+            agent: AgentCore::new(node::agent::AgentConfig {
+                node: "placeholder".into(),
+                duties: Vec::new(),
+                replicas: vec![0],
+                request_timeout_ms: 1,
+                watch_wait_ms: 1,
+                report_interval_ms: 1,
+                stale_watch_limit: 1,
+            }),
+            transform: TransformCore::new(mapping, Default::default()),
+            drain: DrainCore::new(Default::default(), false),
+        }
+    }
+}
+
+/// The position the new universe's answers reflect: nothing is complete before the bulk copy
+/// is done, so answers then are never conclusive.
+fn validated_position(new: &MemStore) -> protocol::Position {
+    if new.checkpoint.copy == CopyState::Done {
+        new.checkpoint.applied
+    } else {
+        protocol::Position(0)
+    }
+}
+
+fn execute_old(store: &mut MemStore, op: &AppOp) -> DataResponse {
+    if op.read_only() {
+        return DataResponse::Ok { body: app::v1::read(store, op), position: store.capture.last() };
+    }
+    match app::v1::write(store, op) {
+        Err(reason) => DataResponse::Rejected { reason },
+        Ok(ops) => {
+            for row_op in ops {
+                if let Err(e) = store.write_captured(row_op) {
+                    return DataResponse::Rejected { reason: e.to_string() };
+                }
+            }
+            DataResponse::Ok { body: None, position: store.capture.last() }
+        }
+    }
+}
+
+fn execute_new(store: &mut MemStore, op: &AppOp) -> DataResponse {
+    if op.read_only() {
+        return DataResponse::Ok { body: app::v2::read(store, op), position: store.checkpoint.applied };
+    }
+    match app::v2::write(store, op) {
+        Err(reason) => DataResponse::Rejected { reason },
+        Ok(ops) => {
+            for row_op in &ops {
+                store.write(row_op);
+            }
+            DataResponse::Ok { body: None, position: store.checkpoint.applied }
+        }
+    }
+}

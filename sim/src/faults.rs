@@ -1,0 +1,196 @@
+//! Fault plans, drawn per seed (or named scenarios).
+
+use crate::config::SimConfig;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// Named scenarios (tests and `imago sim --scenario`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// The coordinator leader crashes while the upgrade is Freezing.
+    LeaderCrashDuringFreeze,
+    /// One router is cut off from every coordinator while Freezing, right after it acks.
+    RouterPartitionedDuringFreeze,
+    /// A data node crashes while its bulk copy runs.
+    DataNodeCrashMidTransform,
+    /// The view carrying `Commit` is lost on its way to one router (several times).
+    CommitLostToRouter,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 4] = [
+        Scenario::LeaderCrashDuringFreeze,
+        Scenario::RouterPartitionedDuringFreeze,
+        Scenario::DataNodeCrashMidTransform,
+        Scenario::CommitLostToRouter,
+    ];
+
+    pub fn parse(s: &str) -> Result<Scenario, String> {
+        match s {
+            "leader-crash-during-freeze" => Ok(Scenario::LeaderCrashDuringFreeze),
+            "router-partitioned-during-freeze" => Ok(Scenario::RouterPartitionedDuringFreeze),
+            "data-node-crash-mid-transform" => Ok(Scenario::DataNodeCrashMidTransform),
+            "commit-lost-to-router" => Ok(Scenario::CommitLostToRouter),
+            other => Err(format!(
+                "unknown scenario `{other}` (leader-crash-during-freeze, router-partitioned-during-freeze, data-node-crash-mid-transform, commit-lost-to-router)"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::LeaderCrashDuringFreeze => "leader-crash-during-freeze",
+            Scenario::RouterPartitionedDuringFreeze => "router-partitioned-during-freeze",
+            Scenario::DataNodeCrashMidTransform => "data-node-crash-mid-transform",
+            Scenario::CommitLostToRouter => "commit-lost-to-router",
+        }
+    }
+}
+
+/// Which process a fault hits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Coordinator(usize),
+    /// Whichever replica leads when the fault fires.
+    Leader,
+    Router(usize),
+    Data(usize),
+}
+
+/// A fault at a point in time.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FaultEvent {
+    /// Cut links between a random side and the rest (one way if not symmetric).
+    Partition { side_share: f64, symmetric: bool, duration_ms: u64 },
+    /// Cut one process off from every coordinator (both ways).
+    Isolate { target: Target, duration_ms: u64 },
+    /// Crash; restart after `down_ms` (`None`: stays down until the faults heal).
+    Crash { target: Target, down_ms: Option<u64> },
+    /// Jump a coordinator's clock.
+    ClockJump { replica: usize, delta_ms: i64 },
+    /// Drop the next `count` views carrying `Commit` to this router.
+    LoseCommit { router: usize, count: u32 },
+}
+
+/// When a triggered fault fires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Condition {
+    /// The upgrade entered Freezing (first time), plus a delay.
+    Freezing { after_ms: u64 },
+    /// A data node is in the middle of its bulk copy.
+    Copying { data: usize },
+}
+
+/// A fault that fires on a condition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Triggered {
+    pub when: Condition,
+    pub event: FaultEvent,
+}
+
+/// Everything that goes wrong in one seed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FaultPlan {
+    pub loss: f64,
+    pub duplicate: f64,
+    pub jitter_max_us: u64,
+    /// Faults stop (and crashed processes restart) at this time.
+    pub safety_ms: u64,
+    pub timed: Vec<(u64, FaultEvent)>,
+    pub triggered: Vec<Triggered>,
+    pub max_attempts: u32,
+}
+
+impl FaultPlan {
+    /// Draws a plan for one seed.
+    pub fn draw(config: &SimConfig, rng: &mut ChaCha8Rng) -> FaultPlan {
+        if let Some(s) = config.scenario {
+            return FaultPlan::scenario(s, config, rng);
+        }
+        let f = config.faults;
+        let safety_ms = rng.gen_range(3_000..=10_000);
+        let mut plan = FaultPlan {
+            loss: if f.loss && rng.gen_bool(0.5) { rng.gen_range(0.0..0.3) } else { 0.0 },
+            duplicate: if f.duplicate && rng.gen_bool(0.3) { rng.gen_range(0.0..0.05) } else { 0.0 },
+            jitter_max_us: if f.delay { rng.gen_range(0..20_000) } else { 500 },
+            safety_ms,
+            timed: Vec::new(),
+            triggered: Vec::new(),
+            max_attempts: if f.any() { rng.gen_range(1..=3) } else { 3 },
+        };
+        let at = |rng: &mut ChaCha8Rng| rng.gen_range(300..safety_ms);
+        if f.partition {
+            for _ in 0..rng.gen_range(0..=3) {
+                let event = if rng.gen_bool(0.5) {
+                    FaultEvent::Partition { side_share: rng.gen_range(0.1..0.5), symmetric: rng.gen_bool(0.6), duration_ms: rng.gen_range(200..4_000) }
+                } else {
+                    FaultEvent::Isolate { target: random_target(config, rng), duration_ms: rng.gen_range(200..4_000) }
+                };
+                plan.timed.push((at(rng), event));
+            }
+        }
+        if f.crash {
+            for _ in 0..rng.gen_range(0..=3) {
+                let down_ms = if rng.gen_bool(0.2) { None } else { Some(rng.gen_range(200..3_000)) };
+                plan.timed.push((at(rng), FaultEvent::Crash { target: random_target(config, rng), down_ms }));
+            }
+        }
+        if f.clock {
+            for _ in 0..rng.gen_range(0..=2) {
+                let replica = rng.gen_range(0..config.coordinators);
+                plan.timed.push((at(rng), FaultEvent::ClockJump { replica, delta_ms: rng.gen_range(-2_000..=2_000) }));
+            }
+        }
+        if f.trigger && rng.gen_bool(0.7) {
+            let kind = rng.gen_range(0..4);
+            let scenario = Scenario::ALL[kind];
+            plan.triggered.extend(FaultPlan::scenario(scenario, config, rng).triggered);
+        }
+        plan.timed.sort_by_key(|(t, _)| *t);
+        plan
+    }
+
+    /// The plan of a named scenario: light network noise plus the scenario's fault.
+    pub fn scenario(scenario: Scenario, config: &SimConfig, rng: &mut ChaCha8Rng) -> FaultPlan {
+        let router = rng.gen_range(0..config.routers);
+        let (when, event) = match scenario {
+            Scenario::LeaderCrashDuringFreeze => (
+                Condition::Freezing { after_ms: rng.gen_range(0..30) },
+                FaultEvent::Crash { target: Target::Leader, down_ms: Some(rng.gen_range(300..3_000)) },
+            ),
+            Scenario::RouterPartitionedDuringFreeze => (
+                Condition::Freezing { after_ms: rng.gen_range(5..60) },
+                FaultEvent::Isolate { target: Target::Router(router), duration_ms: rng.gen_range(500..4_000) },
+            ),
+            Scenario::DataNodeCrashMidTransform => (
+                Condition::Copying { data: rng.gen_range(0..config.data_nodes) },
+                FaultEvent::Crash { target: Target::Data(0), down_ms: Some(rng.gen_range(200..2_000)) },
+            ),
+            Scenario::CommitLostToRouter => {
+                (Condition::Freezing { after_ms: 0 }, FaultEvent::LoseCommit { router, count: rng.gen_range(1..=4) })
+            }
+        };
+        let event = match (when, event) {
+            (Condition::Copying { data }, FaultEvent::Crash { down_ms, .. }) => FaultEvent::Crash { target: Target::Data(data), down_ms },
+            (_, e) => e,
+        };
+        FaultPlan {
+            loss: 0.0,
+            duplicate: 0.0,
+            jitter_max_us: rng.gen_range(0..3_000),
+            safety_ms: 8_000,
+            timed: Vec::new(),
+            triggered: vec![Triggered { when, event }],
+            max_attempts: 3,
+        }
+    }
+}
+
+fn random_target(config: &SimConfig, rng: &mut ChaCha8Rng) -> Target {
+    match rng.gen_range(0..4) {
+        0 => Target::Coordinator(rng.gen_range(0..config.coordinators)),
+        1 => Target::Leader,
+        2 => Target::Router(rng.gen_range(0..config.routers)),
+        _ => Target::Data(rng.gen_range(0..config.data_nodes)),
+    }
+}

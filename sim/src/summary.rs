@@ -1,0 +1,82 @@
+//! Aggregates seed reports into the figures `imago sim` prints.
+
+use crate::run::{SeedOutcome, SeedReport};
+use serde::Serialize;
+
+/// Percentile of sorted values (nearest rank).
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// What a run of many seeds produced.
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    pub seeds: u64,
+    pub switched: u64,
+    pub aborted: u64,
+    pub unfinished: u64,
+    /// Seeds in which at least one freeze was aborted (before a switch or a rollback).
+    pub seeds_with_aborted_epochs: u64,
+    pub violations: u64,
+    pub failing_seeds: Vec<u64>,
+    pub simulated_seconds: f64,
+    pub wall_seconds: f64,
+    pub simulated_seconds_per_wall_second: f64,
+    pub held_requests: u64,
+    pub hold_p50_ms: u64,
+    pub hold_p99_ms: u64,
+    pub hold_max_ms: u64,
+    pub switch_p50_ms: u64,
+    pub switch_max_ms: u64,
+    pub messages: u64,
+    pub acked_writes: u64,
+    pub failed_writes: u64,
+    pub unknown_writes: u64,
+    #[serde(skip)]
+    hold_all: Vec<u64>,
+    #[serde(skip)]
+    switch_all: Vec<u64>,
+}
+
+impl Summary {
+    pub fn add(&mut self, r: &SeedReport) {
+        self.seeds += 1;
+        match r.outcome {
+            SeedOutcome::Switched => self.switched += 1,
+            SeedOutcome::RolledBack => self.aborted += 1,
+            SeedOutcome::Unfinished => self.unfinished += 1,
+        }
+        if r.aborted_epochs > 0 {
+            self.seeds_with_aborted_epochs += 1;
+        }
+        if !r.violations.is_empty() {
+            self.violations += r.violations.len() as u64;
+            self.failing_seeds.push(r.seed);
+        }
+        self.simulated_seconds += r.sim_ms as f64 / 1000.0;
+        self.hold_all.extend_from_slice(&r.hold_ms);
+        self.switch_all.extend(r.switch_ms);
+        self.messages += r.messages;
+        self.acked_writes += r.acked_writes;
+        self.failed_writes += r.failed_writes;
+        self.unknown_writes += r.unknown_writes;
+    }
+
+    /// Computes the derived figures once all seeds are in.
+    pub fn finish(&mut self, wall_seconds: f64) {
+        self.wall_seconds = wall_seconds;
+        self.simulated_seconds_per_wall_second = if wall_seconds > 0.0 { self.simulated_seconds / wall_seconds } else { 0.0 };
+        self.hold_all.sort_unstable();
+        self.switch_all.sort_unstable();
+        self.held_requests = self.hold_all.len() as u64;
+        self.hold_p50_ms = percentile(&self.hold_all, 50.0);
+        self.hold_p99_ms = percentile(&self.hold_all, 99.0);
+        self.hold_max_ms = self.hold_all.last().copied().unwrap_or(0);
+        self.switch_p50_ms = percentile(&self.switch_all, 50.0);
+        self.switch_max_ms = self.switch_all.last().copied().unwrap_or(0);
+    }
+}

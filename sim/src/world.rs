@@ -1,0 +1,464 @@
+//! The simulated world: processes, the network between them, and the bookkeeping the checkers
+//! need. Everything runs on one paused current-thread tokio runtime; the world is one mutex
+//! that no task holds across an await.
+
+use crate::checker::Checker;
+use crate::config::SimConfig;
+use crate::data::DataProc;
+use crate::faults::FaultPlan;
+use crate::net::{Addr, NetModel};
+use crate::oracle::Oracle;
+use crate::router::RouterProc;
+use crate::trace::Trace;
+use coordinator::raft::{new_disk, read_applied, RaftTiming, SharedDisk, Transport, TransportError};
+use coordinator::service::{Clock, Replica};
+use coordinator::upgrade::{Outcome, UpgradeState};
+use node::agent::{AgentConfig, AgentOutput};
+use protocol::codec;
+use protocol::messages::{NodeResponse, Request, Response};
+use protocol::plan::Plan;
+use protocol::schema::Mapping;
+use protocol::{Decision, Duty, NodeName};
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub type Shared = Arc<Mutex<World>>;
+
+/// Runs `f` with the world locked. Never call it while the world is locked.
+pub fn with<T>(shared: &Shared, f: impl FnOnce(&mut World) -> T) -> T {
+    f(&mut lock(shared))
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, World> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Address ranges.
+pub const ROUTER_BASE: Addr = 1_000;
+pub const DATA_BASE: Addr = 2_000;
+pub const OPERATOR: Addr = 9_000;
+
+pub fn coordinator_addr(index: usize) -> Addr {
+    index as Addr + 1
+}
+
+/// Liveness of one process.
+#[derive(Clone, Copy, Debug)]
+pub struct ProcInfo {
+    pub up: bool,
+    pub incarnation: u64,
+}
+
+/// A coordinator replica: its disk survives crashes.
+pub struct ReplicaSlot {
+    pub disk: SharedDisk,
+    pub running: Option<Replica>,
+    pub driver: Option<JoinHandle<()>>,
+    pub skew_ms: Arc<AtomicI64>,
+}
+
+type ReplySlot = Arc<Mutex<Option<oneshot::Sender<Vec<u8>>>>>;
+
+#[derive(Clone)]
+enum Packet {
+    Request { bytes: Arc<Vec<u8>>, slot: ReplySlot, caller_inc: u64 },
+    Reply { bytes: Arc<Vec<u8>>, slot: ReplySlot, caller_inc: u64 },
+}
+
+/// Who waits for a node's call.
+#[derive(Clone, Copy, Debug)]
+pub enum Done {
+    Agent { addr: Addr, id: u64 },
+    Data { router: usize, request: u64, universe: protocol::Universe },
+    Mirror { router: usize, request: u64 },
+}
+
+/// Per-seed measurements.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub hold_ms: Vec<u64>,
+    pub first_freeze_us: Option<u64>,
+    pub switched_us: Option<u64>,
+    pub fault_log: Vec<String>,
+    pub copying_seen: BTreeMap<usize, bool>,
+}
+
+/// The whole simulated cluster.
+pub struct World {
+    pub config: SimConfig,
+    pub seed: u64,
+    pub start: Instant,
+    pub rng: ChaCha8Rng,
+    pub net: NetModel,
+    pub procs: BTreeMap<Addr, ProcInfo>,
+    pub replicas: Vec<ReplicaSlot>,
+    pub routers: Vec<RouterProc>,
+    pub data: Vec<DataProc>,
+    pub plan: Plan,
+    pub mapping: Mapping,
+    pub faults: FaultPlan,
+    pub oracle: Oracle,
+    pub checker: Checker,
+    pub trace: Trace,
+    pub stats: Stats,
+    pub timing: RaftTiming,
+    pub agent_timeout_ms: u64,
+    pub data_timeout_ms: u64,
+    pub healed: bool,
+    pub next_user: i64,
+    pub next_item: i64,
+    pub lose_commit: BTreeMap<Addr, u32>,
+    pub me: Weak<Mutex<World>>,
+}
+
+impl World {
+    pub fn now_us(&self) -> u64 {
+        Instant::now().duration_since(self.start).as_micros() as u64
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.now_us() / 1000
+    }
+
+    pub fn record(&mut self, what: std::fmt::Arguments<'_>) {
+        let now = self.now_us();
+        self.trace.event(now, what);
+    }
+
+    pub fn is_up(&self, addr: Addr, incarnation: u64) -> bool {
+        self.procs.get(&addr).is_some_and(|p| p.up && p.incarnation == incarnation)
+    }
+
+    pub fn agent_config(&self, name: &str, duties: Vec<Duty>) -> AgentConfig {
+        AgentConfig {
+            node: NodeName::from(name),
+            duties,
+            replicas: (0..self.config.coordinators).map(|i| coordinator_addr(i)).collect(),
+            request_timeout_ms: self.agent_timeout_ms,
+            watch_wait_ms: 1_000,
+            report_interval_ms: 200,
+            stale_watch_limit: 2,
+        }
+    }
+
+    // ---- network ---------------------------------------------------------------------------
+
+    fn send_packet(&mut self, from: Addr, to: Addr, packet: Packet) {
+        if !self.procs.get(&from).is_some_and(|p| p.up) {
+            return;
+        }
+        if let Packet::Reply { bytes, .. } = &packet {
+            if self.lose_commit.get(&to).is_some_and(|n| *n > 0) && carries_commit(bytes) {
+                *self.lose_commit.get_mut(&to).expect("checked") -= 1;
+                self.record(format_args!("fault: lost commit view {from}->{to}"));
+                self.stats.fault_log.push(format!("{:.3}s lost a commit view to {to}", self.now_us() as f64 / 1e6));
+                return;
+            }
+        }
+        let delays = self.net.fate(&mut self.rng, from, to);
+        let len = match &packet {
+            Packet::Request { bytes, .. } | Packet::Reply { bytes, .. } => bytes.len(),
+        };
+        self.record(format_args!("net {from}->{to} len={len} copies={delays:?}"));
+        for delay_us in delays {
+            let me = self.me.clone();
+            let packet = packet.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_micros(delay_us)).await;
+                if let Some(shared) = me.upgrade() {
+                    World::arrive(&shared, from, to, packet);
+                }
+            });
+        }
+    }
+
+    fn arrive(shared: &Shared, from: Addr, to: Addr, packet: Packet) {
+        let mut w = lock(shared);
+        match packet {
+            Packet::Reply { bytes, slot, caller_inc } => {
+                if w.is_up(to, caller_inc) {
+                    if let Some(tx) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                        let _ = tx.send(bytes.to_vec());
+                    }
+                }
+            }
+            Packet::Request { bytes, slot, caller_inc } => {
+                let Some(info) = w.procs.get(&to).copied().filter(|p| p.up) else { return };
+                if to >= DATA_BASE && to < OPERATOR {
+                    let index = (to - DATA_BASE) as usize;
+                    let answer = w.data_request(index, from, &bytes);
+                    w.reply(to, info.incarnation, from, answer, slot, caller_inc);
+                } else if to < ROUTER_BASE {
+                    let Some(replica) = w.replicas[(to - 1) as usize].running.clone() else { return };
+                    drop(w);
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let response = match codec::decode_frame::<Request>(&bytes) {
+                            Ok(Some((request, _))) => replica.handle(request).await,
+                            Ok(None) => Response::Error { reason: "truncated frame".into() },
+                            Err(e) => Response::Error { reason: e.to_string() },
+                        };
+                        let answer = codec::encode_frame(&response).expect("responses encode");
+                        with(&shared, |w| w.reply(to, info.incarnation, from, answer, slot, caller_inc));
+                    });
+                }
+            }
+        }
+    }
+
+    fn reply(&mut self, server: Addr, server_inc: u64, caller: Addr, bytes: Vec<u8>, slot: ReplySlot, caller_inc: u64) {
+        if !self.is_up(server, server_inc) {
+            return;
+        }
+        self.send_packet(server, caller, Packet::Reply { bytes: Arc::new(bytes), slot, caller_inc });
+    }
+
+    /// Sends a request from a node and routes the answer (or `None` on timeout) to `done`.
+    pub fn node_call(&mut self, from: Addr, to: Addr, bytes: Vec<u8>, timeout_ms: u64, done: Done) {
+        let (tx, rx) = oneshot::channel();
+        let slot = Arc::new(Mutex::new(Some(tx)));
+        let caller_inc = self.procs[&from].incarnation;
+        self.send_packet(from, to, Packet::Request { bytes: Arc::new(bytes), slot, caller_inc });
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let answer = await_reply(rx, Duration::from_millis(timeout_ms)).await;
+            if let Some(shared) = me.upgrade() {
+                with(&shared, |w| {
+                    if w.is_up(from, caller_inc) {
+                        w.call_done(done, answer)
+                    }
+                });
+            }
+        });
+    }
+
+    fn call_done(&mut self, done: Done, answer: Option<Vec<u8>>) {
+        match done {
+            Done::Agent { addr, id } => {
+                let response = answer.and_then(|b| match codec::decode_frame::<Response>(&b) {
+                    Ok(Some((Response::Node(r), _))) => Some(r),
+                    _ => None,
+                });
+                // A lost answer is left to the agent's own deadline.
+                if let Some(response) = response {
+                    self.agent_response(addr, id, response);
+                }
+            }
+            Done::Data { router, request, universe } => self.data_done(router, request, universe, answer),
+            Done::Mirror { router, request } => self.mirror_done(router, request, answer),
+        }
+    }
+
+    fn agent_response(&mut self, addr: Addr, id: u64, response: NodeResponse) {
+        let now = self.now_ms();
+        let input = node::agent::AgentInput::Response { id, response };
+        if addr >= DATA_BASE {
+            let i = (addr - DATA_BASE) as usize;
+            let outs = self.data[i].agent.handle(now, input);
+            self.data_agent_outputs(i, outs);
+        } else {
+            let i = (addr - ROUTER_BASE) as usize;
+            let outs = self.routers[i].agent.handle(now, input);
+            self.router_agent_outputs(i, outs);
+        }
+    }
+
+    /// Sends an agent's requests (shared by routers and data nodes).
+    pub fn send_agent_requests(&mut self, addr: Addr, outs: &[AgentOutput]) {
+        for out in outs {
+            if let AgentOutput::Send { id, replica, request } = out {
+                let bytes = codec::encode_frame(&Request::Node(request.clone())).expect("requests encode");
+                let timeout = 1_000 + self.agent_timeout_ms;
+                self.node_call(addr, *replica, bytes, timeout, Done::Agent { addr, id: *id });
+            }
+        }
+    }
+
+    /// Whether some replica's applied state holds `decision` (i.e. it was committed).
+    pub fn is_committed(&self, decision: Decision) -> bool {
+        self.replicas.iter().any(|r| {
+            read_applied(&r.disk, |a| match decision {
+                Decision::Initial => true,
+                Decision::Freeze(e) => a.state.last_epoch >= e,
+                Decision::Commit(e) => a.state.outcomes.get(&e) == Some(&Outcome::Committed),
+                Decision::Abort(e) => matches!(a.state.outcomes.get(&e), Some(Outcome::Aborted { .. })),
+            })
+        })
+    }
+
+    /// The most advanced applied state among replicas (by applied log index).
+    pub fn freshest_state(&self) -> UpgradeState {
+        let mut best: Option<(u64, UpgradeState)> = None;
+        for r in &self.replicas {
+            let (index, state) = read_applied(&r.disk, |a| (a.last_applied.map_or(0, |l| l.index), a.state.clone()));
+            if best.as_ref().is_none_or(|(b, _)| index > *b) {
+                best = Some((index, state));
+            }
+        }
+        best.map(|(_, s)| s).unwrap_or_default()
+    }
+
+    /// Notes when a freeze and a commit are first seen applied (for the switch-time figure).
+    pub fn observe_phases(&mut self) {
+        let now = self.now_us();
+        for r in &self.replicas {
+            let (freezing, committed) = read_applied(&r.disk, |a| {
+                let phase = a.state.current.as_ref().map(|u| u.phase);
+                (phase == Some(protocol::messages::Phase::Freezing), a.state.outcomes.values().any(|o| *o == Outcome::Committed))
+            });
+            if freezing && self.stats.first_freeze_us.is_none() {
+                self.stats.first_freeze_us = Some(now);
+            }
+            if committed && self.stats.switched_us.is_none() {
+                self.stats.switched_us = Some(now);
+            }
+        }
+    }
+
+    /// Feeds outcomes applied on each replica to the agreement/durability checker.
+    pub fn scan_replicas(&mut self) {
+        let now = self.now_us();
+        for (i, r) in self.replicas.iter().enumerate() {
+            let outcomes: Vec<_> = read_applied(&r.disk, |a| {
+                a.state.outcomes.iter().map(|(e, o)| (*e, *o == Outcome::Committed)).collect()
+            });
+            for (epoch, committed) in outcomes {
+                self.checker.outcome_applied(now, coordinator_addr(i), epoch, committed);
+            }
+        }
+    }
+
+    /// The replica that currently believes it leads, if any.
+    pub fn leader(&self) -> Option<usize> {
+        self.replicas.iter().position(|r| r.running.as_ref().is_some_and(|rep| rep.is_leader()))
+    }
+}
+
+/// Waits for a reply until `timeout`. A lost message drops its reply slot, but a real caller
+/// cannot know that: it learns only by waiting out its timeout (answering at once would let
+/// retry loops spin without virtual time passing).
+async fn await_reply(rx: oneshot::Receiver<Vec<u8>>, timeout: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    match tokio::time::timeout_at(deadline, rx).await {
+        Ok(Ok(bytes)) => Some(bytes),
+        Ok(Err(_dropped)) => {
+            tokio::time::sleep_until(deadline).await;
+            None
+        }
+        Err(_elapsed) => None,
+    }
+}
+
+fn carries_commit(bytes: &[u8]) -> bool {
+    matches!(
+        codec::decode_frame::<Response>(bytes),
+        Ok(Some((Response::Node(NodeResponse::View(v)), _))) if matches!(v.decision, Decision::Commit(_))
+    )
+}
+
+/// The coordinator replicas' transport in the simulator.
+#[derive(Clone)]
+pub struct SimTransport {
+    pub world: Weak<Mutex<World>>,
+    pub me: Addr,
+}
+
+impl Transport for SimTransport {
+    fn call(&self, to: u64, request: Request, timeout: Duration) -> impl Future<Output = Result<Response, TransportError>> + Send {
+        let world = self.world.clone();
+        let me = self.me;
+        async move {
+            let bytes = codec::encode_frame(&request).map_err(|e| TransportError::Codec(e.to_string()))?;
+            let (tx, rx) = oneshot::channel();
+            {
+                let shared = world.upgrade().ok_or_else(|| TransportError::Unreachable("world ended".into()))?;
+                let mut w = lock(&shared);
+                let caller_inc = w.procs[&me].incarnation;
+                let slot = Arc::new(Mutex::new(Some(tx)));
+                w.send_packet(me, to, Packet::Request { bytes: Arc::new(bytes), slot, caller_inc });
+            }
+            match await_reply(rx, timeout).await {
+                Some(bytes) => match codec::decode_frame::<Response>(&bytes) {
+                    Ok(Some((response, _))) => Ok(response),
+                    Ok(None) => Err(TransportError::Codec("truncated frame".into())),
+                    Err(e) => Err(TransportError::Codec(e.to_string())),
+                },
+                None => Err(TransportError::Timeout(timeout)),
+            }
+        }
+    }
+}
+
+// ---- coordinator lifecycle ------------------------------------------------------------------
+
+/// Starts (or restarts) replica `index` on its kept disk.
+pub async fn start_replica(shared: &Shared, index: usize) {
+    let addr = coordinator_addr(index);
+    let (disk, timing, members, skew, start) = with(shared, |w| {
+        let slot = &w.replicas[index];
+        let members: Vec<u64> = (0..w.config.coordinators).map(coordinator_addr).collect();
+        (slot.disk.clone(), w.timing, members, slot.skew_ms.clone(), w.start)
+    });
+    let clock: Clock = Arc::new(move || {
+        let ms = Instant::now().duration_since(start).as_millis() as i64 + skew.load(Ordering::Relaxed);
+        ms.max(0) as u64
+    });
+    let transport = SimTransport { world: Arc::downgrade(shared), me: addr };
+    let replica = match Replica::start(addr, &members, disk, transport, timing, clock, false).await {
+        Ok(r) => r,
+        Err(e) => {
+            with(shared, |w| {
+                let now = w.now_us();
+                w.checker.violation(now, format!("replica {addr} failed to start: {e}"))
+            });
+            return;
+        }
+    };
+    let driver = {
+        let r = replica.clone();
+        tokio::spawn(async move { r.run_driver().await })
+    };
+    with(shared, |w| {
+        let info = w.procs.get_mut(&addr).expect("replica registered");
+        info.up = true;
+        info.incarnation += 1;
+        let slot = &mut w.replicas[index];
+        slot.running = Some(replica);
+        slot.driver = Some(driver);
+        w.record(format_args!("replica {addr} started"));
+    });
+}
+
+/// Crashes replica `index`: its tasks stop, its disk stays.
+pub fn crash_replica(shared: &Shared, index: usize) {
+    let addr = coordinator_addr(index);
+    let stopped = with(shared, |w| {
+        let info = w.procs.get_mut(&addr).expect("replica registered");
+        if !info.up {
+            return None;
+        }
+        info.up = false;
+        info.incarnation += 1;
+        let slot = &mut w.replicas[index];
+        if let Some(d) = slot.driver.take() {
+            d.abort();
+        }
+        w.record(format_args!("replica {addr} crashed"));
+        w.replicas[index].running.take()
+    });
+    if let Some(replica) = stopped {
+        tokio::spawn(async move { replica.shutdown().await });
+    }
+}
+
+/// Creates the replica slots (all down, fresh disks).
+pub fn replica_slots(count: usize) -> Vec<ReplicaSlot> {
+    (0..count).map(|_| ReplicaSlot { disk: new_disk(), running: None, driver: None, skew_ms: Arc::new(AtomicI64::new(0)) }).collect()
+}
