@@ -31,7 +31,7 @@ enum PlanCommand {
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("IMAGO_LOG").unwrap_or_else(|_| "warn,openraft=error".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("IMAGO_LOG").unwrap_or_else(|_| "warn,openraft=off".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -48,6 +48,9 @@ pub struct SimArgs {
     /// Stop at the first failing seed.
     #[arg(long)]
     fail_fast: bool,
+    /// Write the trace of every seed run, failing or not (use with few seeds).
+    #[arg(long)]
+    trace: bool,
 }
 
 impl SimArgs {
@@ -144,8 +147,13 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
     )?;
     writeln!(
         out,
-        "hold: {} requests held, p50 {} ms, p99 {} ms, max {} ms; switch (freeze seen -> commit applied) p50 {} ms, max {} ms",
+        "switch hold: {} requests held while frozen, p50 {} ms, p99 {} ms, max {} ms; freeze seen -> commit applied p50 {} ms, max {} ms",
         summary.held_requests, summary.hold_p50_ms, summary.hold_p99_ms, summary.hold_max_ms, summary.switch_p50_ms, summary.switch_max_ms
+    )?;
+    writeln!(
+        out,
+        "startup hold (router waiting for its first linearizable read): {} requests, p50 {} ms, max {} ms",
+        summary.startup_held_requests, summary.startup_hold_p50_ms, summary.startup_hold_max_ms
     )?;
     writeln!(
         out,
@@ -164,6 +172,12 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         let path = write_trace(&args, &config, r.seed).context("writing the trace")?;
         writeln!(out, "  replay: {}", args.replay(r.seed))?;
         writeln!(out, "  trace:  {}", path.display())?;
+    }
+    if args.trace {
+        for r in reports.iter().filter(|r| r.violations.is_empty()) {
+            let path = write_trace(&args, &config, r.seed).context("writing the trace")?;
+            writeln!(out, "trace of seed {}: {}", r.seed, path.display())?;
+        }
     }
     if args.json {
         writeln!(out, "{}", serde_json::to_string(&summary)?)?;

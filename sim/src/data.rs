@@ -79,8 +79,11 @@ impl World {
             (Universe::New, true) => {
                 if !request.op.read_only() {
                     DataResponse::Rejected { reason: "only read-only requests are mirrored".into() }
+                } else if d.new.checkpoint.copy != CopyState::Done {
+                    // Nothing is complete before the bulk copy is: no answer would be conclusive.
+                    DataResponse::Rejected { reason: "bulk copy in progress".into() }
                 } else {
-                    DataResponse::Ok { body: app::v2::read(&d.new, &request.op), position: validated_position(&d.new) }
+                    DataResponse::Ok { body: app::v2::read(&d.new, &request.op), position: d.new.checkpoint.applied }
                 }
             }
             (universe, false) if accepting != Some(universe) => {
@@ -284,16 +287,6 @@ impl DataProc {
             transform: TransformCore::new(mapping, Default::default()),
             drain: DrainCore::new(Default::default(), false),
         }
-    }
-}
-
-/// The position the new universe's answers reflect: nothing is complete before the bulk copy
-/// is done, so answers then are never conclusive.
-fn validated_position(new: &MemStore) -> protocol::Position {
-    if new.checkpoint.copy == CopyState::Done {
-        new.checkpoint.applied
-    } else {
-        protocol::Position(0)
     }
 }
 

@@ -6,7 +6,7 @@ use crate::oracle::ClientOutcome;
 use crate::wire::{DataRequest, DataResponse};
 use crate::world::{Done, World, DATA_BASE, ROUTER_BASE};
 use node::agent::{AgentCore, AgentInput, AgentOutput};
-use node::duties::router::{RouterConfig, RouterCore, RouterInput, RouterOutput};
+use node::duties::router::{HoldCause, RouterConfig, RouterCore, RouterInput, RouterOutput};
 use node::duties::validate::{Observed, ValidateCore, Verdict};
 use protocol::codec;
 use protocol::messages::{NodeReport, Phase};
@@ -81,17 +81,25 @@ impl World {
             match out {
                 RouterOutput::Forward { id, universe } => self.forward(i, id, universe, false),
                 RouterOutput::Mirror { id } => self.forward(i, id, Universe::New, true),
-                RouterOutput::Fail { id, .. } => self.finish(i, id, ClientOutcome::Failed),
+                RouterOutput::Fail { id, reason, .. } => {
+                    let name = self.routers[i].name.clone();
+                    self.record(format_args!("{name} fails {id}: {reason:?}"));
+                    self.finish(i, id, ClientOutcome::Failed)
+                }
                 RouterOutput::Ack { epoch, ack } => {
                     let now = self.now_ms();
                     let outs = self.routers[i].agent.handle(now, AgentInput::OweAck { epoch, ack });
                     self.router_agent_outputs(i, outs);
                 }
-                RouterOutput::Released { held_ms, .. } => {
+                RouterOutput::Released { id, held_ms, cause } => {
                     let now = self.now_us();
                     let name = self.routers[i].name.clone();
+                    self.record(format_args!("{name} released {id} after {held_ms} ms"));
                     self.checker.released(now, &name, held_ms);
-                    self.stats.hold_ms.push(held_ms);
+                    match cause {
+                        HoldCause::Freeze => self.stats.hold_ms.push(held_ms),
+                        HoldCause::Startup => self.stats.startup_hold_ms.push(held_ms),
+                    }
                 }
             }
         }

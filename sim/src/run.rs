@@ -46,6 +46,7 @@ pub struct SeedReport {
     pub trace_events: u64,
     pub trace_lines: Option<Vec<String>>,
     pub hold_ms: Vec<u64>,
+    pub startup_hold_ms: Vec<u64>,
     /// From the first freeze to the commit, if it switched.
     pub switch_ms: Option<u64>,
     pub messages: u64,
@@ -564,6 +565,7 @@ impl World {
             trace_events: self.trace.events,
             trace_lines: self.trace.lines().map(|l| l.to_vec()),
             hold_ms: std::mem::take(&mut self.stats.hold_ms),
+            startup_hold_ms: std::mem::take(&mut self.stats.startup_hold_ms),
             switch_ms,
             messages: self.net.sent,
             dropped: self.net.dropped,

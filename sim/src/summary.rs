@@ -30,6 +30,9 @@ pub struct Summary {
     pub hold_p50_ms: u64,
     pub hold_p99_ms: u64,
     pub hold_max_ms: u64,
+    pub startup_held_requests: u64,
+    pub startup_hold_p50_ms: u64,
+    pub startup_hold_max_ms: u64,
     pub switch_p50_ms: u64,
     pub switch_max_ms: u64,
     pub messages: u64,
@@ -40,6 +43,8 @@ pub struct Summary {
     hold_all: Vec<u64>,
     #[serde(skip)]
     switch_all: Vec<u64>,
+    #[serde(skip)]
+    startup_all: Vec<u64>,
 }
 
 impl Summary {
@@ -59,6 +64,7 @@ impl Summary {
         }
         self.simulated_seconds += r.sim_ms as f64 / 1000.0;
         self.hold_all.extend_from_slice(&r.hold_ms);
+        self.startup_all.extend_from_slice(&r.startup_hold_ms);
         self.switch_all.extend(r.switch_ms);
         self.messages += r.messages;
         self.acked_writes += r.acked_writes;
@@ -76,6 +82,10 @@ impl Summary {
         self.hold_p50_ms = percentile(&self.hold_all, 50.0);
         self.hold_p99_ms = percentile(&self.hold_all, 99.0);
         self.hold_max_ms = self.hold_all.last().copied().unwrap_or(0);
+        self.startup_all.sort_unstable();
+        self.startup_held_requests = self.startup_all.len() as u64;
+        self.startup_hold_p50_ms = percentile(&self.startup_all, 50.0);
+        self.startup_hold_max_ms = self.startup_all.last().copied().unwrap_or(0);
         self.switch_p50_ms = percentile(&self.switch_all, 50.0);
         self.switch_max_ms = self.switch_all.last().copied().unwrap_or(0);
     }

@@ -83,7 +83,10 @@ pub enum Done {
 /// Per-seed measurements.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Holds caused by a freeze (the switch's cost to clients).
     pub hold_ms: Vec<u64>,
+    /// Holds of routers that had not yet read the current decision after (re)starting.
+    pub startup_hold_ms: Vec<u64>,
     pub first_freeze_us: Option<u64>,
     pub switched_us: Option<u64>,
     pub fault_log: Vec<String>,

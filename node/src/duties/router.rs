@@ -55,7 +55,16 @@ pub enum RouterOutput {
     /// Tell the coordinator (via the agent).
     Ack { epoch: Epoch, ack: Ack },
     /// A held request was released (forwarded or failed) after `held_ms`.
-    Released { id: RequestId, held_ms: u64 },
+    Released { id: RequestId, held_ms: u64, cause: HoldCause },
+}
+
+/// Why a request was held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldCause {
+    /// The router was frozen for a switch.
+    Freeze,
+    /// The router had not yet read the current decision (after a start or restart).
+    Startup,
 }
 
 /// Why a request was failed.
@@ -78,6 +87,7 @@ pub enum Mode {
 struct Held {
     id: RequestId,
     since_ms: u64,
+    cause: HoldCause,
 }
 
 /// The router core.
@@ -124,7 +134,8 @@ impl RouterCore {
                     if self.held.len() >= self.config.hold_queue_max {
                         out.push(RouterOutput::Fail { id, retry_after_ms: self.config.retry_after_ms, reason: FailReason::HoldQueueFull });
                     } else {
-                        self.held.push_back(Held { id, since_ms: now_ms });
+                        let cause = if self.mode == Mode::Unknown { HoldCause::Startup } else { HoldCause::Freeze };
+                        self.held.push_back(Held { id, since_ms: now_ms, cause });
                     }
                 }
             },
@@ -156,7 +167,7 @@ impl RouterCore {
                 let universe = decision.serving().expect("these decisions serve a universe");
                 self.mode = Mode::Serving(universe);
                 while let Some(h) = self.held.pop_front() {
-                    out.push(RouterOutput::Released { id: h.id, held_ms: now_ms - h.since_ms });
+                    out.push(RouterOutput::Released { id: h.id, held_ms: now_ms - h.since_ms, cause: h.cause });
                     // Held requests are released as if new: read-only flags are not kept, so
                     // they are not mirrored.
                     self.forward(h.id, universe, false, out);
@@ -174,7 +185,7 @@ impl RouterCore {
                 break;
             }
             self.held.pop_front();
-            out.push(RouterOutput::Released { id: h.id, held_ms: now_ms - h.since_ms });
+            out.push(RouterOutput::Released { id: h.id, held_ms: now_ms - h.since_ms, cause: h.cause });
             match self.config.bug {
                 Some(RouterBug::ReleaseOldOnTimeout) => self.forward(h.id, Universe::Old, false, out),
                 None => out.push(RouterOutput::Fail { id: h.id, retry_after_ms: self.config.retry_after_ms, reason: FailReason::HoldTimeout }),
@@ -226,7 +237,7 @@ mod tests {
         assert_eq!(out, vec![RouterOutput::Ack { epoch: Epoch(1), ack: Ack::Frozen }]);
         let out = r.handle(50, RouterInput::Decision(Decision::Commit(Epoch(1))));
         assert_eq!(forwards(&out), vec![(2, Universe::New)]);
-        assert!(out.contains(&RouterOutput::Released { id: 2, held_ms: 47 }));
+        assert!(out.contains(&RouterOutput::Released { id: 2, held_ms: 47, cause: HoldCause::Freeze }));
         assert!(out.contains(&RouterOutput::Ack { epoch: Epoch(1), ack: Ack::Switched }));
         assert_eq!(forwards(&r.handle(51, RouterInput::Request { id: 3, read_only: true })), vec![(3, Universe::New)]);
     }
