@@ -148,7 +148,7 @@ pub mod v2 {
 }
 
 /// The plan the simulator loads (through the real plan loader).
-pub fn plan_toml(routers: usize, data_nodes: usize, max_attempts: u32) -> String {
+pub fn plan_toml(routers: usize, data_nodes: usize, max_attempts: u32, hold_max_ms: u64, freeze_timeout_ms: u64) -> String {
     let mut s = format!(
         r#"[upgrade]
 name = "sim-auction-v2"
@@ -159,9 +159,9 @@ max_attempts = {max_attempts}
 max_lag = 50
 min_samples = 20
 max_mismatch_ratio = 0.0
-hold_max_ms = 1000
+hold_max_ms = {hold_max_ms}
 hold_queue_max = 500
-freeze_timeout_ms = 2500
+freeze_timeout_ms = {freeze_timeout_ms}
 retry_backoff_ms = 500
 "#
     );

@@ -78,7 +78,9 @@ pub fn run_seed(config: &SimConfig, seed: u64) -> SeedReport {
 fn build(config: SimConfig, seed: u64) -> Shared {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let faults = FaultPlan::draw(&config, &mut rng);
-    let plan_text = app::plan_toml(config.routers, config.data_nodes, faults.max_attempts);
+    // Across datacenters a switch needs several 100–300 ms round trips: hold and freeze longer.
+    let (hold_max_ms, freeze_timeout_ms) = if config.wide_area() { (3_000, 6_000) } else { (1_000, 2_500) };
+    let plan_text = app::plan_toml(config.routers, config.data_nodes, faults.max_attempts, hold_max_ms, freeze_timeout_ms);
     let plan = Plan::from_toml("sim-plan.toml", &plan_text).expect("the simulator's plan is valid");
     let mapping = plan.mapping().expect("the simulator's transforms fit");
     let mut net = NetModel::new(config.datacenters, &mut rng);
@@ -87,7 +89,9 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     net.jitter_max_us = faults.jitter_max_us;
     let wide = config.wide_area();
     let timing = if wide {
-        RaftTiming { heartbeat_ms: 150, election_min_ms: 1_000, election_max_ms: 2_000 }
+        // openraft 0.9 times out AppendEntries after one heartbeat interval: it must exceed the
+        // worst round trip (2 × 150 ms + jitter).
+        RaftTiming { heartbeat_ms: 500, election_min_ms: 2_000, election_max_ms: 4_000 }
     } else {
         RaftTiming::default()
     };

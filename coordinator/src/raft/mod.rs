@@ -27,6 +27,9 @@ openraft::declare_raft_types!(
 pub type Raft = openraft::Raft<TypeConfig>;
 
 /// Raft timing used by the coordinator (milliseconds).
+///
+/// openraft 0.9 uses the heartbeat interval as the AppendEntries timeout, so `heartbeat_ms` must
+/// exceed the worst round trip between replicas (across datacenters: hundreds of ms).
 #[derive(Clone, Copy, Debug)]
 pub struct RaftTiming {
     pub heartbeat_ms: u64,
