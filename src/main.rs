@@ -31,7 +31,9 @@ enum PlanCommand {
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("IMAGO_LOG").unwrap_or_else(|_| "warn,openraft=off".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("IMAGO_LOG").unwrap_or_else(|_| "warn,openraft=off".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -57,7 +59,13 @@ fn plan_check(file: &std::path::Path) -> anyhow::Result<std::process::ExitCode> 
             return Ok(std::process::ExitCode::from(1));
         }
     };
-    println!("plan `{}`: {} nodes, {} transforms, switch {:?}", plan.name, plan.nodes.len(), plan.transforms.len(), plan.switch);
+    println!(
+        "plan `{}`: {} nodes, {} transforms, switch {:?}",
+        plan.name,
+        plan.nodes.len(),
+        plan.transforms.len(),
+        plan.switch
+    );
     let schema = plan.mapping().context("compiling transforms")?.new_schema();
     for (table, t) in &schema.tables {
         println!("  new table {table}({})", t.columns.join(", "));

@@ -45,7 +45,11 @@ pub enum AgentInput {
 /// What the shell must do, in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AgentOutput {
-    Send { id: u64, replica: ReplicaId, request: NodeRequest },
+    Send {
+        id: u64,
+        replica: ReplicaId,
+        request: NodeRequest,
+    },
     /// Write the decision to durable storage before acting on it.
     Persist(Decision),
     /// Hand the decision to the duties.
@@ -304,7 +308,12 @@ impl AgentCore {
         };
         let id = self.next_id;
         self.next_id += 1;
-        self.write = Some(InFlight { id, deadline_ms: now_ms + self.config.request_timeout_ms, what: Pending::Write(kind), linearizable: false });
+        self.write = Some(InFlight {
+            id,
+            deadline_ms: now_ms + self.config.request_timeout_ms,
+            what: Pending::Write(kind),
+            linearizable: false,
+        });
         out.push(AgentOutput::Send { id, replica, request });
     }
 }
@@ -343,7 +352,15 @@ mod tests {
     }
 
     fn sends(out: &[AgentOutput]) -> Vec<(u64, ReplicaId, NodeRequest)> {
-        out.iter().filter_map(|o| if let AgentOutput::Send { id, replica, request } = o { Some((*id, *replica, request.clone())) } else { None }).collect()
+        out.iter()
+            .filter_map(|o| {
+                if let AgentOutput::Send { id, replica, request } = o {
+                    Some((*id, *replica, request.clone()))
+                } else {
+                    None
+                }
+            })
+            .collect()
     }
 
     #[test]
@@ -352,7 +369,10 @@ mod tests {
         let out = a.handle(0, AgentInput::Boot { persisted: Decision::Freeze(Epoch(1)) });
         let s = sends(&out);
         assert!(matches!(s[0].2, NodeRequest::Watch { linearizable: true, .. }));
-        let out = a.handle(5, AgentInput::Response { id: s[0].0, response: NodeResponse::View(view(7, Decision::Commit(Epoch(1)))) });
+        let out = a.handle(
+            5,
+            AgentInput::Response { id: s[0].0, response: NodeResponse::View(view(7, Decision::Commit(Epoch(1)))) },
+        );
         let persist = out.iter().position(|o| *o == AgentOutput::Persist(Decision::Commit(Epoch(1)))).unwrap();
         let act = out.iter().position(|o| *o == AgentOutput::Act(Decision::Commit(Epoch(1)))).unwrap();
         assert!(persist < act);
@@ -365,7 +385,8 @@ mod tests {
         let mut a = agent();
         let out = a.handle(0, AgentInput::Boot { persisted: Decision::Commit(Epoch(2)) });
         let id = sends(&out)[0].0;
-        let out = a.handle(1, AgentInput::Response { id, response: NodeResponse::View(view(3, Decision::Freeze(Epoch(2)))) });
+        let out =
+            a.handle(1, AgentInput::Response { id, response: NodeResponse::View(view(3, Decision::Freeze(Epoch(2)))) });
         assert!(out.contains(&AgentOutput::Act(Decision::Commit(Epoch(2)))), "re-acts on its persisted decision");
         assert!(!out.iter().any(|o| matches!(o, AgentOutput::Persist(_))));
         assert_eq!(a.persisted(), Decision::Commit(Epoch(2)));
@@ -376,13 +397,18 @@ mod tests {
         let mut a = agent();
         let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial });
         let watch = sends(&out)[0].0;
-        a.handle(1, AgentInput::Response { id: watch, response: NodeResponse::View(view(2, Decision::Freeze(Epoch(1)))) });
+        a.handle(
+            1,
+            AgentInput::Response { id: watch, response: NodeResponse::View(view(2, Decision::Freeze(Epoch(1)))) },
+        );
         let out = a.handle(2, AgentInput::OweAck { epoch: Epoch(1), ack: Ack::Frozen });
         let s = sends(&out);
-        let (ack_id, replica, request) = s.iter().find(|(_, _, r)| matches!(r, NodeRequest::Ack { .. })).cloned().unwrap();
+        let (ack_id, replica, request) =
+            s.iter().find(|(_, _, r)| matches!(r, NodeRequest::Ack { .. })).cloned().unwrap();
         assert_eq!(replica, 1);
         assert!(matches!(request, NodeRequest::Ack { epoch: Epoch(1), ack: Ack::Frozen, .. }));
-        let out = a.handle(3, AgentInput::Response { id: ack_id, response: NodeResponse::NotLeader { leader: Some(3) } });
+        let out =
+            a.handle(3, AgentInput::Response { id: ack_id, response: NodeResponse::NotLeader { leader: Some(3) } });
         let resent = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Ack { .. })).unwrap();
         assert_eq!(resent.1, 3, "follows the leader hint");
         // No answer: after the timeout the agent tries another replica.

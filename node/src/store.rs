@@ -79,13 +79,20 @@ impl MemStore {
 
     /// Up to `limit` rows of the snapshot at `at`, after `after`, in (table, key) order, and
     /// whether they are the last ones.
-    pub fn snapshot_rows(&self, at: Position, after: &Option<(String, i64)>, limit: usize) -> (Vec<(String, i64, Row)>, bool) {
+    pub fn snapshot_rows(
+        &self,
+        at: Position,
+        after: &Option<(String, i64)>,
+        limit: usize,
+    ) -> (Vec<(String, i64, Row)>, bool) {
         let snapshot = self.snapshots.get(&at).expect("snapshot kept until the copy is done");
         let mut rows = Vec::with_capacity(limit);
         for (table, table_rows) in snapshot {
             let range: Box<dyn Iterator<Item = (&i64, &Row)>> = match after {
                 Some((t, _)) if t > table => continue,
-                Some((t, k)) if t == table => Box::new(table_rows.range((std::ops::Bound::Excluded(*k), std::ops::Bound::Unbounded))),
+                Some((t, k)) if t == table => {
+                    Box::new(table_rows.range((std::ops::Bound::Excluded(*k), std::ops::Bound::Unbounded)))
+                }
                 _ => Box::new(table_rows.iter()),
             };
             for (key, row) in range {

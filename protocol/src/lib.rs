@@ -10,4 +10,4 @@ pub mod messages;
 pub mod plan;
 pub mod schema;
 
-pub use ids::{Decision, Duty, Epoch, NodeName, Position, ReplicaId, UpgradeId, Universe};
+pub use ids::{Decision, Duty, Epoch, NodeName, Position, ReplicaId, Universe, UpgradeId};

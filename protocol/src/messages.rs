@@ -60,12 +60,28 @@ pub enum Ack {
 /// Node → coordinator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum NodeRequest {
-    Register { node: NodeName, duties: Vec<Duty>, deployed: bool },
-    Report { node: NodeName, report: NodeReport },
-    Ack { node: NodeName, epoch: Epoch, ack: Ack },
+    Register {
+        node: NodeName,
+        duties: Vec<Duty>,
+        deployed: bool,
+    },
+    Report {
+        node: NodeName,
+        report: NodeReport,
+    },
+    Ack {
+        node: NodeName,
+        epoch: Epoch,
+        ack: Ack,
+    },
     /// Long poll: answered when the state's version exceeds `known_version`, or after `wait_ms`.
     /// `linearizable` asks the replica to confirm leadership first (a restarted router does).
-    Watch { node: NodeName, known_version: u64, linearizable: bool, wait_ms: u32 },
+    Watch {
+        node: NodeName,
+        known_version: u64,
+        linearizable: bool,
+        wait_ms: u32,
+    },
 }
 
 /// What one node needs to know of the upgrade, as read from a replica's applied state.
@@ -103,10 +119,15 @@ pub enum NodeResponse {
 pub enum CliRequest {
     /// Start an upgrade. `token` makes retries idempotent: a start whose token matches the
     /// current (or last) upgrade's answers with that upgrade instead of starting another.
-    Start { plan: Plan, token: String },
+    Start {
+        plan: Plan,
+        token: String,
+    },
     Status,
     Switch,
-    Abort { reason: String },
+    Abort {
+        reason: String,
+    },
 }
 
 /// Status of one node as the coordinator sees it.
@@ -157,5 +178,7 @@ pub enum Response {
     Node(NodeResponse),
     Cli(CliResponse),
     /// The request could not be decoded or served; the connection stays usable.
-    Error { reason: String },
+    Error {
+        reason: String,
+    },
 }

@@ -216,11 +216,23 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn error<T>(&self, span: Range<usize>, field: impl Into<String>, message: impl Into<String>) -> Result<T, PlanError> {
+    fn error<T>(
+        &self,
+        span: Range<usize>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Result<T, PlanError> {
         Err(PlanError::at(self.file, self.text, span, field.into(), message.into()))
     }
 
-    fn ranged(&self, value: &Option<Spanned<i64>>, field: &str, min: i64, max: i64, default: u64) -> Result<u64, PlanError> {
+    fn ranged(
+        &self,
+        value: &Option<Spanned<i64>>,
+        field: &str,
+        min: i64,
+        max: i64,
+        default: u64,
+    ) -> Result<u64, PlanError> {
         match value {
             None => Ok(default),
             Some(v) if *v.get_ref() < min || *v.get_ref() > max => {
@@ -240,7 +252,9 @@ impl Validator<'_> {
             Some(s) => match s.get_ref().as_str() {
                 "auto" => SwitchMode::Auto,
                 "manual" => SwitchMode::Manual,
-                other => return self.error(s.span(), "upgrade.switch", format!("`{other}` is not one of `auto`, `manual`")),
+                other => {
+                    return self.error(s.span(), "upgrade.switch", format!("`{other}` is not one of `auto`, `manual`"))
+                }
             },
         };
         let max_attempts = self.ranged(&raw.upgrade.max_attempts, "upgrade.max_attempts", 1, 100, 3)? as u32;
@@ -272,7 +286,11 @@ impl Validator<'_> {
                         }
                     }
                     if let Some(missing) = computed.tables.keys().find(|t| !declared.contains_key(*t)) {
-                        return self.error(0..0, "schema.new", format!("the transforms produce table `{missing}`, which is not declared"));
+                        return self.error(
+                            0..0,
+                            "schema.new",
+                            format!("the transforms produce table `{missing}`, which is not declared"),
+                        );
                     }
                 }
             }
@@ -286,7 +304,11 @@ impl Validator<'_> {
         let max_mismatch_ratio = match &t.max_mismatch_ratio {
             None => d.max_mismatch_ratio,
             Some(v) if !(0.0..=1.0).contains(v.get_ref()) => {
-                return self.error(v.span(), "thresholds.max_mismatch_ratio", format!("{} is out of range 0.0..=1.0", v.get_ref()))
+                return self.error(
+                    v.span(),
+                    "thresholds.max_mismatch_ratio",
+                    format!("{} is out of range 0.0..=1.0", v.get_ref()),
+                )
             }
             Some(v) => *v.get_ref(),
         };
@@ -295,10 +317,27 @@ impl Validator<'_> {
             min_samples: self.ranged(&t.min_samples, "thresholds.min_samples", 0, 1_000_000_000, d.min_samples)?,
             max_mismatch_ratio,
             hold_max_ms: self.ranged(&t.hold_max_ms, "thresholds.hold_max_ms", 1, 600_000, d.hold_max_ms)?,
-            hold_queue_max: self.ranged(&t.hold_queue_max, "thresholds.hold_queue_max", 1, 1_000_000, d.hold_queue_max as u64)?
-                as u32,
-            freeze_timeout_ms: self.ranged(&t.freeze_timeout_ms, "thresholds.freeze_timeout_ms", 1, 3_600_000, d.freeze_timeout_ms)?,
-            retry_backoff_ms: self.ranged(&t.retry_backoff_ms, "thresholds.retry_backoff_ms", 0, 3_600_000, d.retry_backoff_ms)?,
+            hold_queue_max: self.ranged(
+                &t.hold_queue_max,
+                "thresholds.hold_queue_max",
+                1,
+                1_000_000,
+                d.hold_queue_max as u64,
+            )? as u32,
+            freeze_timeout_ms: self.ranged(
+                &t.freeze_timeout_ms,
+                "thresholds.freeze_timeout_ms",
+                1,
+                3_600_000,
+                d.freeze_timeout_ms,
+            )?,
+            retry_backoff_ms: self.ranged(
+                &t.retry_backoff_ms,
+                "thresholds.retry_backoff_ms",
+                0,
+                3_600_000,
+                d.retry_backoff_ms,
+            )?,
         })
     }
 
@@ -308,7 +347,11 @@ impl Validator<'_> {
         for (i, n) in raw.get_ref().iter().enumerate() {
             let name = n.name.get_ref().trim();
             if name.is_empty() || name.contains(char::is_whitespace) {
-                return self.error(n.name.span(), format!("nodes[{i}].name"), "must be a non-empty name without spaces");
+                return self.error(
+                    n.name.span(),
+                    format!("nodes[{i}].name"),
+                    "must be a non-empty name without spaces",
+                );
             }
             if !seen.insert(name.to_string()) {
                 return self.error(n.name.span(), format!("nodes[{i}].name"), format!("duplicate node name `{name}`"));
@@ -329,11 +372,19 @@ impl Validator<'_> {
                     );
                 };
                 if duties.contains(&duty) {
-                    return self.error(d.span(), format!("nodes[{i}].duties[{j}]"), format!("duty `{}` named twice", d.get_ref()));
+                    return self.error(
+                        d.span(),
+                        format!("nodes[{i}].duties[{j}]"),
+                        format!("duty `{}` named twice", d.get_ref()),
+                    );
                 }
                 duties.push(duty);
             }
-            nodes.push(PlanNode { name: NodeName(name.to_string()), tier: n.tier.get_ref().trim().to_string(), duties });
+            nodes.push(PlanNode {
+                name: NodeName(name.to_string()),
+                tier: n.tier.get_ref().trim().to_string(),
+                duties,
+            });
         }
         if !nodes.iter().any(|n| n.duties.contains(&Duty::Route)) {
             return self.error(raw.span(), "nodes", "the plan needs at least one node with the `route` duty");
@@ -349,7 +400,11 @@ impl Validator<'_> {
                 return self.error(c.span(), format!("{field}.columns[{i}]"), "must not be empty");
             }
             if columns.contains(c.get_ref()) {
-                return self.error(c.span(), format!("{field}.columns[{i}]"), format!("column `{}` named twice", c.get_ref()));
+                return self.error(
+                    c.span(),
+                    format!("{field}.columns[{i}]"),
+                    format!("column `{}` named twice", c.get_ref()),
+                );
             }
             columns.push(c.get_ref().clone());
         }
@@ -381,7 +436,11 @@ impl Validator<'_> {
             match value {
                 Some(v) if !v.get_ref().trim().is_empty() => Ok(v.get_ref().clone()),
                 Some(v) => self.error(v.span(), format!("transforms[{i}].{name}"), "must not be empty"),
-                None => self.error(t.kind.span(), format!("transforms[{i}].{name}"), format!("`{}` needs `{name}`", t.kind.get_ref())),
+                None => self.error(
+                    t.kind.span(),
+                    format!("transforms[{i}].{name}"),
+                    format!("`{}` needs `{name}`", t.kind.get_ref()),
+                ),
             }
         };
         let table = need(&t.table, "table")?;

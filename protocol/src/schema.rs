@@ -163,7 +163,10 @@ impl Mapping {
             | Transform::SplitTable { table, .. } => table.clone(),
         };
         if !self.has_table(&table_name) {
-            return Err(err(TransformField::Table, format!("table `{table_name}` does not exist in the schema at this point")));
+            return Err(err(
+                TransformField::Table,
+                format!("table `{table_name}` does not exist in the schema at this point"),
+            ));
         }
         match transform {
             Transform::RenameTable { to, .. } => {
@@ -188,7 +191,10 @@ impl Mapping {
             Transform::AddColumn { column, default, .. } => {
                 let output = self.find(&table_name).expect("checked");
                 if output.columns.iter().any(|(c, _)| c == column) {
-                    return Err(err(TransformField::Column, format!("column `{column}` already exists in `{table_name}`")));
+                    return Err(err(
+                        TransformField::Column,
+                        format!("column `{column}` already exists in `{table_name}`"),
+                    ));
                 }
                 output.columns.push((column.clone(), Source::Const(default.clone())));
             }
@@ -200,7 +206,10 @@ impl Mapping {
                 let before = output.columns.len();
                 output.columns.retain(|(c, _)| c != column);
                 if output.columns.len() == before {
-                    return Err(err(TransformField::Column, format!("column `{column}` does not exist in `{table_name}`")));
+                    return Err(err(
+                        TransformField::Column,
+                        format!("column `{column}` does not exist in `{table_name}`"),
+                    ));
                 }
             }
             Transform::ChangeType { column, to, .. } => {
@@ -209,7 +218,10 @@ impl Mapping {
                     return Err(err(TransformField::Column, format!("column `{column}` is the key of `{table_name}`")));
                 }
                 let Some(entry) = output.columns.iter_mut().find(|(c, _)| c == column) else {
-                    return Err(err(TransformField::Column, format!("column `{column}` does not exist in `{table_name}`")));
+                    return Err(err(
+                        TransformField::Column,
+                        format!("column `{column}` does not exist in `{table_name}`"),
+                    ));
                 };
                 let source = std::mem::replace(&mut entry.1, Source::Const(Value::Null));
                 entry.1 = Source::Convert(Box::new(source), *to);
@@ -222,12 +234,19 @@ impl Mapping {
                 let mut parts = Vec::with_capacity(into.len());
                 for (part_index, part) in into.iter().enumerate() {
                     if part.table != table_name && self.has_table(&part.table) {
-                        return Err(err(TransformField::Into(part_index), format!("table `{}` already exists", part.table)));
+                        return Err(err(
+                            TransformField::Into(part_index),
+                            format!("table `{}` already exists", part.table),
+                        ));
                     }
                     if parts.iter().any(|p: &Output| p.table == part.table) {
-                        return Err(err(TransformField::Into(part_index), format!("table `{}` named twice", part.table)));
+                        return Err(err(
+                            TransformField::Into(part_index),
+                            format!("table `{}` named twice", part.table),
+                        ));
                     }
-                    let key_column = original.columns.iter().find(|(c, _)| *c == original.key).expect("key present").clone();
+                    let key_column =
+                        original.columns.iter().find(|(c, _)| *c == original.key).expect("key present").clone();
                     let mut columns = vec![key_column];
                     for (column_index, column) in part.columns.iter().enumerate() {
                         if *column == original.key {
@@ -363,9 +382,11 @@ mod tests {
 
     #[test]
     fn change_type_converts_and_reports_bad_values() {
-        let transforms = vec![Transform::ChangeType { table: "users".into(), column: "bio".into(), to: ColumnType::Int }];
+        let transforms =
+            vec![Transform::ChangeType { table: "users".into(), column: "bio".into(), to: ColumnType::Int }];
         let mapping = Mapping::compile(&users(), &transforms).unwrap();
-        let row: Row = [("id".to_string(), Value::Int(1)), ("bio".to_string(), Value::Text("x".into()))].into_iter().collect();
+        let row: Row =
+            [("id".to_string(), Value::Int(1)), ("bio".to_string(), Value::Text("x".into()))].into_iter().collect();
         assert!(mapping.convert(&RowOp::Upsert { table: "users".into(), key: 1, row }).is_err());
     }
 }

@@ -76,7 +76,10 @@ fn threshold_out_of_range_is_refused() {
 
 #[test]
 fn unknown_duty_and_switch_mode_are_refused() {
-    let e = load_err(&EXAMPLE.replace("[\"route\", \"validate\"]\n\n[[nodes]]\nname = \"router-2\"", "[\"rout\"]\n\n[[nodes]]\nname = \"router-2\""));
+    let e = load_err(&EXAMPLE.replace(
+        "[\"route\", \"validate\"]\n\n[[nodes]]\nname = \"router-2\"",
+        "[\"rout\"]\n\n[[nodes]]\nname = \"router-2\"",
+    ));
     assert_eq!(e.field, "nodes[0].duties[0]", "{e}");
     let e = load_err(&EXAMPLE.replace("switch = \"auto\"", "switch = \"sometimes\""));
     assert_eq!(e.field, "upgrade.switch", "{e}");

@@ -46,12 +46,22 @@ fn row(pairs: &[(&str, Value)]) -> Row {
 
 /// Old-schema rows for the initial data.
 pub fn initial_user(id: i64) -> RowOp {
-    let r = row(&[("id", Value::Int(id)), ("name", text(&format!("user{id}"))), ("email", text(&format!("u{id}@example.org"))), ("bio", text("hello"))]);
+    let r = row(&[
+        ("id", Value::Int(id)),
+        ("name", text(&format!("user{id}"))),
+        ("email", text(&format!("u{id}@example.org"))),
+        ("bio", text("hello")),
+    ]);
     RowOp::Upsert { table: "users".into(), key: id, row: r }
 }
 
 pub fn initial_item(id: i64) -> RowOp {
-    let r = row(&[("id", Value::Int(id)), ("title", text(&format!("item{id}"))), ("seller", Value::Int(id % 7)), ("price", Value::Int(100 + id))]);
+    let r = row(&[
+        ("id", Value::Int(id)),
+        ("title", text(&format!("item{id}"))),
+        ("seller", Value::Int(id % 7)),
+        ("price", Value::Int(100 + id)),
+    ]);
     RowOp::Upsert { table: "items".into(), key: id, row: r }
 }
 
@@ -74,7 +84,12 @@ pub mod v1 {
             AppOp::AddItem { id, title, seller, price } => vec![RowOp::Upsert {
                 table: "items".into(),
                 key: *id,
-                row: row(&[("id", Value::Int(*id)), ("title", text(title)), ("seller", Value::Int(*seller)), ("price", Value::Int(*price))]),
+                row: row(&[
+                    ("id", Value::Int(*id)),
+                    ("title", text(title)),
+                    ("seller", Value::Int(*seller)),
+                    ("price", Value::Int(*price)),
+                ]),
             }],
             AppOp::ViewUser { .. } | AppOp::ViewItem { .. } => Vec::new(),
         })
@@ -96,14 +111,26 @@ pub mod v2 {
     pub fn write(store: &MemStore, op: &AppOp) -> Result<Vec<RowOp>, AppError> {
         Ok(match op {
             AppOp::RegisterUser { id, name, email, bio } => vec![
-                RowOp::Upsert { table: "users".into(), key: *id, row: row(&[("id", Value::Int(*id)), ("nickname", text(name)), ("email", text(email))]) },
-                RowOp::Upsert { table: "user_profiles".into(), key: *id, row: row(&[("id", Value::Int(*id)), ("bio", text(bio))]) },
+                RowOp::Upsert {
+                    table: "users".into(),
+                    key: *id,
+                    row: row(&[("id", Value::Int(*id)), ("nickname", text(name)), ("email", text(email))]),
+                },
+                RowOp::Upsert {
+                    table: "user_profiles".into(),
+                    key: *id,
+                    row: row(&[("id", Value::Int(*id)), ("bio", text(bio))]),
+                },
             ],
             AppOp::UpdateBio { id, bio } => {
                 if store.get("users", *id).is_none() {
                     return Err(format!("no user {id}"));
                 }
-                vec![RowOp::Upsert { table: "user_profiles".into(), key: *id, row: row(&[("id", Value::Int(*id)), ("bio", text(bio))]) }]
+                vec![RowOp::Upsert {
+                    table: "user_profiles".into(),
+                    key: *id,
+                    row: row(&[("id", Value::Int(*id)), ("bio", text(bio))]),
+                }]
             }
             AppOp::AddItem { id, title, seller, price } => vec![RowOp::Upsert {
                 table: "auctions".into(),
@@ -135,7 +162,8 @@ pub mod v2 {
             }
             AppOp::ViewItem { id } => {
                 let a = store.get("auctions", *id)?;
-                let mut r: Row = a.iter().filter(|(k, _)| *k != "status").map(|(k, v)| (k.clone(), v.clone())).collect();
+                let mut r: Row =
+                    a.iter().filter(|(k, _)| *k != "status").map(|(k, v)| (k.clone(), v.clone())).collect();
                 if let Some(Value::Text(p)) = r.get("price") {
                     let parsed = p.parse().map(Value::Int).unwrap_or(Value::Null);
                     r.insert("price".into(), parsed);
@@ -148,7 +176,13 @@ pub mod v2 {
 }
 
 /// The plan the simulator loads (through the real plan loader).
-pub fn plan_toml(routers: usize, data_nodes: usize, max_attempts: u32, hold_max_ms: u64, freeze_timeout_ms: u64) -> String {
+pub fn plan_toml(
+    routers: usize,
+    data_nodes: usize,
+    max_attempts: u32,
+    hold_max_ms: u64,
+    freeze_timeout_ms: u64,
+) -> String {
     let mut s = format!(
         r#"[upgrade]
 name = "sim-auction-v2"
@@ -166,7 +200,9 @@ retry_backoff_ms = 500
 "#
     );
     for i in 0..routers {
-        s.push_str(&format!("\n[[nodes]]\nname = \"router-{i}\"\ntier = \"web\"\nduties = [\"route\", \"validate\"]\n"));
+        s.push_str(&format!(
+            "\n[[nodes]]\nname = \"router-{i}\"\ntier = \"web\"\nduties = [\"route\", \"validate\"]\n"
+        ));
     }
     for i in 0..data_nodes {
         s.push_str(&format!("\n[[nodes]]\nname = \"db-{i}\"\ntier = \"db\"\nduties = [\"capture\", \"transform\"]\n"));

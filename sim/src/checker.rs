@@ -93,7 +93,10 @@ impl Checker {
     pub fn persisted(&mut self, now_us: u64, node: &str, decision: Decision) {
         if let Some(prev) = self.persisted.get(node) {
             if decision.order_key() < prev.order_key() {
-                self.violation(now_us, format!("durability: {node} persisted {decision:?} after {prev:?} (epoch went backwards)"));
+                self.violation(
+                    now_us,
+                    format!("durability: {node} persisted {decision:?} after {prev:?} (epoch went backwards)"),
+                );
             }
         }
         self.persisted.insert(node.to_string(), decision);
@@ -103,7 +106,10 @@ impl Checker {
     pub fn released(&mut self, now_us: u64, router: &str, held_ms: u64) {
         self.held_max_ms = self.held_max_ms.max(held_ms);
         if held_ms > self.hold_bound_ms {
-            self.violation(now_us, format!("bounded hold: {router} held a request {held_ms} ms > {} ms", self.hold_bound_ms));
+            self.violation(
+                now_us,
+                format!("bounded hold: {router} held a request {held_ms} ms > {} ms", self.hold_bound_ms),
+            );
         }
     }
 
@@ -111,7 +117,10 @@ impl Checker {
     pub fn holding(&mut self, now_us: u64, router: &str, oldest_since_ms: u64, now_ms: u64) {
         let held = now_ms.saturating_sub(oldest_since_ms);
         if held > self.hold_bound_ms {
-            self.violation(now_us, format!("bounded hold: {router} still holds a request after {held} ms > {} ms", self.hold_bound_ms));
+            self.violation(
+                now_us,
+                format!("bounded hold: {router} still holds a request after {held} ms > {} ms", self.hold_bound_ms),
+            );
         }
     }
 
@@ -119,12 +128,57 @@ impl Checker {
     pub fn outcome_applied(&mut self, now_us: u64, replica: u64, epoch: Epoch, committed: bool) {
         match self.seen_outcomes.get(&epoch) {
             Some(prev) if *prev != committed => {
-                self.violation(now_us, format!("agreement: replica {replica} applied {epoch} as committed={committed}, another as {prev}"));
+                self.violation(
+                    now_us,
+                    format!("agreement: replica {replica} applied {epoch} as committed={committed}, another as {prev}"),
+                );
             }
             Some(_) => {}
             None => {
                 self.seen_outcomes.insert(epoch, committed);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_admission_after_a_new_one_is_a_violation() {
+        let mut c = Checker::new(1_010);
+        c.admitted(1, AdmissionPoint::Router, "r1", Universe::Old, 1);
+        c.admitted(2, AdmissionPoint::Router, "r2", Universe::New, 2);
+        assert!(c.violations.is_empty());
+        c.admitted(3, AdmissionPoint::Store, "db", Universe::Old, 3);
+        assert!(c.violations.is_empty(), "points are checked separately");
+        c.admitted(4, AdmissionPoint::Router, "r1", Universe::Old, 4);
+        assert_eq!(c.violations.len(), 1);
+    }
+
+    #[test]
+    fn conflicting_outcomes_uncommitted_actions_and_backward_epochs_are_violations() {
+        let mut c = Checker::new(1_010);
+        c.acted(1, "r1", Decision::Commit(Epoch(1)), true);
+        c.acted(2, "r2", Decision::Abort(Epoch(1)), true);
+        c.acted(3, "r3", Decision::Freeze(Epoch(2)), false);
+        c.persisted(4, "r1", Decision::Commit(Epoch(1)));
+        c.persisted(5, "r1", Decision::Freeze(Epoch(1)));
+        c.outcome_applied(6, 1, Epoch(3), true);
+        c.outcome_applied(7, 2, Epoch(3), false);
+        assert_eq!(c.violations.len(), 4, "{:?}", c.violations);
+    }
+
+    #[test]
+    fn holds_beyond_the_bound_are_violations() {
+        let mut c = Checker::new(1_010);
+        c.released(1, "r1", 1_010);
+        c.holding(2, "r1", 0, 1_000);
+        assert!(c.violations.is_empty());
+        c.released(3, "r1", 1_011);
+        c.holding(4, "r1", 0, 1_011);
+        assert_eq!(c.violations.len(), 2);
+        assert_eq!(c.held_max_ms, 1_011);
     }
 }

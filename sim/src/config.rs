@@ -20,8 +20,15 @@ pub struct FaultSet {
 impl FaultSet {
     pub const ALL: FaultSet =
         FaultSet { loss: true, delay: true, duplicate: true, partition: true, crash: true, clock: true, trigger: true };
-    pub const NONE: FaultSet =
-        FaultSet { loss: false, delay: false, duplicate: false, partition: false, crash: false, clock: false, trigger: false };
+    pub const NONE: FaultSet = FaultSet {
+        loss: false,
+        delay: false,
+        duplicate: false,
+        partition: false,
+        crash: false,
+        clock: false,
+        trigger: false,
+    };
 
     /// Parses `all`, `none`, or a comma list of `loss,delay,duplicate,partition,crash,clock,trigger`.
     pub fn parse(s: &str) -> Result<FaultSet, String> {

@@ -86,9 +86,9 @@ impl World {
                     DataResponse::Ok { body: app::v2::read(&d.new, &request.op), position: d.new.checkpoint.applied }
                 }
             }
-            (universe, false) if accepting != Some(universe) => {
-                DataResponse::Rejected { reason: format!("{universe:?} universe not accepting (accepting {accepting:?})") }
-            }
+            (universe, false) if accepting != Some(universe) => DataResponse::Rejected {
+                reason: format!("{universe:?} universe not accepting (accepting {accepting:?})"),
+            },
             (Universe::Old, false) => execute_old(&mut d.old, &request.op),
             (Universe::New, false) => execute_new(&mut d.new, &request.op),
         };
@@ -123,7 +123,10 @@ impl World {
                 }
                 AgentOutput::View(view) => {
                     if view.decision == self.data[i].agent.persisted() {
-                        let input = DrainInput::Decision { decision: view.decision, all_routers_frozen: view.all_routers_frozen };
+                        let input = DrainInput::Decision {
+                            decision: view.decision,
+                            all_routers_frozen: view.all_routers_frozen,
+                        };
                         let outs = self.data[i].drain.handle(input);
                         self.drain_outputs(i, outs);
                     }
@@ -147,7 +150,10 @@ impl World {
                     let matched = self.universes_match(i);
                     if !matched {
                         let (now, name) = (self.now_us(), self.data[i].name.clone());
-                        self.checker.violation(now, format!("no lost writes: {name} checksums differ after applying up to the final position"));
+                        self.checker.violation(
+                            now,
+                            format!("no lost writes: {name} checksums differ after applying up to the final position"),
+                        );
                     }
                     let outs = self.data[i].drain.handle(DrainInput::Checksums { matched });
                     self.drain_outputs(i, outs);

@@ -122,7 +122,11 @@ impl FaultPlan {
         if f.partition {
             for _ in 0..rng.gen_range(0..=3) {
                 let event = if rng.gen_bool(0.5) {
-                    FaultEvent::Partition { side_share: rng.gen_range(0.1..0.5), symmetric: rng.gen_bool(0.6), duration_ms: rng.gen_range(200..4_000) }
+                    FaultEvent::Partition {
+                        side_share: rng.gen_range(0.1..0.5),
+                        symmetric: rng.gen_bool(0.6),
+                        duration_ms: rng.gen_range(200..4_000),
+                    }
                 } else {
                     FaultEvent::Isolate { target: random_target(config, rng), duration_ms: rng.gen_range(200..4_000) }
                 };
@@ -171,7 +175,9 @@ impl FaultPlan {
             }
         };
         let event = match (when, event) {
-            (Condition::Copying { data }, FaultEvent::Crash { down_ms, .. }) => FaultEvent::Crash { target: Target::Data(data), down_ms },
+            (Condition::Copying { data }, FaultEvent::Crash { down_ms, .. }) => {
+                FaultEvent::Crash { target: Target::Data(data), down_ms }
+            }
             (_, e) => e,
         };
         FaultPlan {

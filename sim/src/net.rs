@@ -38,12 +38,12 @@ impl NetModel {
     /// Latencies for `datacenters` (one: 0.5 ms; more: 50–150 ms between each pair).
     pub fn new(datacenters: usize, rng: &mut ChaCha8Rng) -> NetModel {
         let mut dc_latency_us = vec![vec![500; datacenters]; datacenters];
-        for a in 0..datacenters {
-            for b in (a + 1)..datacenters {
-                let l = rng.gen_range(50_000..=150_000);
-                dc_latency_us[a][b] = l;
-                dc_latency_us[b][a] = l;
-            }
+        let pairs: Vec<(usize, usize)> =
+            (0..datacenters).flat_map(|a| ((a + 1)..datacenters).map(move |b| (a, b))).collect();
+        for (a, b) in pairs {
+            let l = rng.gen_range(50_000..=150_000);
+            dc_latency_us[a][b] = l;
+            dc_latency_us[b][a] = l;
         }
         NetModel { dc_latency_us, ..Default::default() }
     }

@@ -54,7 +54,12 @@ impl RouterProc {
 
 fn router_config(world: &World) -> RouterConfig {
     let t = &world.plan.thresholds;
-    RouterConfig { hold_max_ms: t.hold_max_ms, hold_queue_max: t.hold_queue_max as usize, retry_after_ms: 1_000, bug: world.config.bug }
+    RouterConfig {
+        hold_max_ms: t.hold_max_ms,
+        hold_queue_max: t.hold_queue_max as usize,
+        retry_after_ms: 1_000,
+        bug: world.config.bug,
+    }
 }
 
 impl World {
@@ -70,7 +75,9 @@ impl World {
         let id = router.next_request;
         router.next_request += 1;
         let read_only = op.read_only();
-        router.requests.insert(id, ClientRequest { op, answered: false, mirror_pending: false, old_seen: None, new_seen: None });
+        router
+            .requests
+            .insert(id, ClientRequest { op, answered: false, mirror_pending: false, old_seen: None, new_seen: None });
         let now = self.now_ms();
         let outs = self.routers[i].core.handle(now, RouterInput::Request { id, read_only });
         self.router_outputs(i, outs);
@@ -120,7 +127,11 @@ impl World {
         let shard = op.key().rem_euclid(self.config.data_nodes as i64) as u64;
         let wire = DataRequest { request: (addr << 32) | id, universe, mirror, op };
         let bytes = codec::encode_frame(&wire).expect("data requests encode");
-        let done = if mirror { Done::Mirror { router: i, request: id } } else { Done::Data { router: i, request: id, universe } };
+        let done = if mirror {
+            Done::Mirror { router: i, request: id }
+        } else {
+            Done::Data { router: i, request: id, universe }
+        };
         let timeout = self.data_timeout_ms;
         self.node_call(addr, DATA_BASE + shard, bytes, timeout, done);
     }
@@ -166,7 +177,13 @@ impl World {
         if verdict == Verdict::Mismatch {
             let now = self.now_us();
             let name = self.routers[i].name.clone();
-            self.checker.violation(now, format!("validate: {name} request {id} differs at position {}: old {:?} new {:?}", old.position.0, old.body, new.body));
+            self.checker.violation(
+                now,
+                format!(
+                    "validate: {name} request {id} differs at position {}: old {:?} new {:?}",
+                    old.position.0, old.body, new.body
+                ),
+            );
         }
         if let Some(r) = self.routers[i].requests.get_mut(&id) {
             r.old_seen = None;
@@ -262,13 +279,18 @@ impl World {
         }
         info.up = false;
         info.incarnation += 1;
-        let pending: Vec<AppOp> = self.routers[i].requests.values().filter(|r| !r.answered).map(|r| r.op.clone()).collect();
+        let pending: Vec<AppOp> =
+            self.routers[i].requests.values().filter(|r| !r.answered).map(|r| r.op.clone()).collect();
         for op in pending {
             self.client_outcome(&op, ClientOutcome::Unknown);
         }
         // The disk keeps the last decision and the request counter (request ids are
         // idempotency keys at the data nodes: reusing one would return another request's answer).
-        let fresh = RouterProc { persisted: self.routers[i].persisted, next_request: self.routers[i].next_request, ..RouterProc::new(self, i) };
+        let fresh = RouterProc {
+            persisted: self.routers[i].persisted,
+            next_request: self.routers[i].next_request,
+            ..RouterProc::new(self, i)
+        };
         self.routers[i] = fresh;
         let name = self.routers[i].name.clone();
         self.record(format_args!("{name} crashed"));

@@ -69,7 +69,7 @@ pub fn run_seed(config: &SimConfig, seed: u64) -> SeedReport {
     #[cfg(tokio_unstable)]
     builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
     let runtime = builder.build().expect("a current-thread runtime builds");
-    seed_runtime_rng(seed ^ 0x5eed_0f_0a_f7);
+    seed_runtime_rng(seed ^ 0x005e_ed0f_0af7);
     let report = runtime.block_on(run(config.clone(), seed));
     drop(runtime);
     report
@@ -80,7 +80,8 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     let faults = FaultPlan::draw(&config, &mut rng);
     // Across datacenters a switch needs several 100–300 ms round trips: hold and freeze longer.
     let (hold_max_ms, freeze_timeout_ms) = if config.wide_area() { (3_000, 6_000) } else { (1_000, 2_500) };
-    let plan_text = app::plan_toml(config.routers, config.data_nodes, faults.max_attempts, hold_max_ms, freeze_timeout_ms);
+    let plan_text =
+        app::plan_toml(config.routers, config.data_nodes, faults.max_attempts, hold_max_ms, freeze_timeout_ms);
     let plan = Plan::from_toml("sim-plan.toml", &plan_text).expect("the simulator's plan is valid");
     let mapping = plan.mapping().expect("the simulator's transforms fit");
     let mut net = NetModel::new(config.datacenters, &mut rng);
@@ -169,14 +170,16 @@ async fn run(config: SimConfig, seed: u64) -> SeedReport {
         start_replica(&shared, i).await;
     }
     let first = with(&shared, |w| w.replicas[0].running.clone()).expect("replica 0 started");
-    let members: BTreeMap<u64, openraft::BasicNode> = (0..coordinators).map(|i| (coordinator_addr(i), openraft::BasicNode::default())).collect();
+    let members: BTreeMap<u64, openraft::BasicNode> =
+        (0..coordinators).map(|i| (coordinator_addr(i), openraft::BasicNode::default())).collect();
     if let Err(e) = first.raft.initialize(members).await {
         with(&shared, |w| {
             let now = w.now_us();
             w.checker.violation(now, format!("cluster initialization failed: {e}"))
         });
     }
-    let (tick_ms, safety_ms, bound_ms) = with(&shared, |w| (w.config.tick_ms, w.faults.safety_ms, w.config.liveness_bound_ms));
+    let (tick_ms, safety_ms, bound_ms) =
+        with(&shared, |w| (w.config.tick_ms, w.faults.safety_ms, w.config.liveness_bound_ms));
     let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
     tokio::spawn(ticker(shared.clone(), tick_ms));
     tokio::spawn(workload(shared.clone(), running.clone()));
@@ -195,8 +198,13 @@ async fn run(config: SimConfig, seed: u64) -> SeedReport {
             with(&shared, |w| {
                 let now = w.now_us();
                 let state = w.freshest_state();
-                let (phase, reason) = state.current.as_ref().map_or((None, None), |u| (Some(u.phase), u.last_abort_reason.clone()));
-                let routers: Vec<String> = w.routers.iter().map(|r| format!("{}={:?}/held {}", r.name, r.core.mode(), r.core.held())).collect();
+                let (phase, reason) =
+                    state.current.as_ref().map_or((None, None), |u| (Some(u.phase), u.last_abort_reason.clone()));
+                let routers: Vec<String> = w
+                    .routers
+                    .iter()
+                    .map(|r| format!("{}={:?}/held {}", r.name, r.core.mode(), r.core.held()))
+                    .collect();
                 w.checker.violation(
                     now,
                     format!("liveness: not settled {bound_ms} ms after faults healed (phase {phase:?}, last abort {reason:?}, routers {routers:?})"),
@@ -218,9 +226,6 @@ async fn ticker(shared: Shared, tick_ms: u64) {
     loop {
         interval.tick().await;
         n += 1;
-        if n % 100 == 0 && std::env::var_os("IMAGO_SIM_DEBUG").is_some() {
-            with(&shared, |w| eprintln!("virtual {} ms, messages {}, trace events {}", w.now_ms(), w.net.sent, w.trace.events));
-        }
         let triggers = with(&shared, |w| {
             for i in 0..w.routers.len() {
                 if w.procs[&w.routers[i].addr].up {
@@ -233,7 +238,7 @@ async fn ticker(shared: Shared, tick_ms: u64) {
                 }
             }
             w.observe_phases();
-            if n % 5 == 0 {
+            if n.is_multiple_of(5) {
                 w.scan_replicas();
             }
             w.due_triggers()
@@ -437,7 +442,9 @@ impl World {
         for t in std::mem::take(&mut self.faults.triggered) {
             match t.when {
                 Condition::Freezing { after_ms } if freezing => due.push((after_ms, t.event)),
-                Condition::Copying { data } if self.stats.copying_seen.get(&data).copied().unwrap_or(false) => due.push((0, t.event)),
+                Condition::Copying { data } if self.stats.copying_seen.get(&data).copied().unwrap_or(false) => {
+                    due.push((0, t.event))
+                }
                 _ => keep.push(t),
             }
         }
@@ -454,7 +461,12 @@ impl World {
             50..=79 => {
                 let id = self.next_user;
                 self.next_user += 1;
-                AppOp::RegisterUser { id, name: format!("user{id}"), email: format!("u{id}@example.org"), bio: format!("new{id}") }
+                AppOp::RegisterUser {
+                    id,
+                    name: format!("user{id}"),
+                    email: format!("u{id}@example.org"),
+                    bio: format!("new{id}"),
+                }
             }
             80..=94 => {
                 let id = self.rng.gen_range(0..users);
@@ -478,7 +490,9 @@ impl World {
             Phase::RolledBack => Universe::Old,
             _ => return false,
         };
-        self.routers.iter().all(|r| self.procs[&r.addr].up && r.core.mode() == Mode::Serving(universe) && r.core.held() == 0)
+        self.routers
+            .iter()
+            .all(|r| self.procs[&r.addr].up && r.core.mode() == Mode::Serving(universe) && r.core.held() == 0)
     }
 
     fn final_checks(&mut self) {
@@ -520,10 +534,22 @@ impl World {
             }
         }
         if !lost.is_empty() {
-            self.checker.violation(now, format!("no lost writes: acknowledged registrations missing from the {universe:?} universe: {:?}", &lost[..lost.len().min(10)]));
+            self.checker.violation(
+                now,
+                format!(
+                    "no lost writes: acknowledged registrations missing from the {universe:?} universe: {:?}",
+                    &lost[..lost.len().min(10)]
+                ),
+            );
         }
         if !phantom.is_empty() {
-            self.checker.violation(now, format!("no phantom writes: registrations reported failed are present: {:?}", &phantom[..phantom.len().min(10)]));
+            self.checker.violation(
+                now,
+                format!(
+                    "no phantom writes: registrations reported failed are present: {:?}",
+                    &phantom[..phantom.len().min(10)]
+                ),
+            );
         }
         for (id, updates) in &self.oracle.bio_updates {
             let d = &self.data[id.rem_euclid(shards) as usize];
@@ -534,14 +560,20 @@ impl World {
             };
             let Some(Value::Text(bio)) = bio else { continue };
             if updates.iter().any(|(b, o)| *b == bio && *o == ClientOutcome::Failed) {
-                self.checker.violation(now, format!("no phantom writes: user {id} has bio {bio} from an update reported failed"));
+                self.checker.violation(
+                    now,
+                    format!("no phantom writes: user {id} has bio {bio} from an update reported failed"),
+                );
             }
         }
         if universe == Universe::New {
             for d in &self.data {
                 let (captured, applied) = (d.old.capture.last(), d.new.checkpoint.applied);
                 if captured != applied {
-                    self.checker.violation(now, format!("exactly once: {} captured {} changes but applied {}", d.name, captured.0, applied.0));
+                    self.checker.violation(
+                        now,
+                        format!("exactly once: {} captured {} changes but applied {}", d.name, captured.0, applied.0),
+                    );
                 }
             }
         }
@@ -554,7 +586,9 @@ impl World {
             Some(Phase::RolledBack) => SeedOutcome::RolledBack,
             _ => SeedOutcome::Unfinished,
         };
-        let aborted_epochs = state.outcomes.values().filter(|o| matches!(o, coordinator::upgrade::Outcome::Aborted { .. })).count() as u64;
+        let aborted_epochs =
+            state.outcomes.values().filter(|o| matches!(o, coordinator::upgrade::Outcome::Aborted { .. })).count()
+                as u64;
         let switch_ms = match (self.stats.first_freeze_us, self.stats.switched_us) {
             (Some(a), Some(b)) => Some((b.saturating_sub(a)) / 1000),
             _ => None,

@@ -75,7 +75,8 @@ impl Summary {
     /// Computes the derived figures once all seeds are in.
     pub fn finish(&mut self, wall_seconds: f64) {
         self.wall_seconds = wall_seconds;
-        self.simulated_seconds_per_wall_second = if wall_seconds > 0.0 { self.simulated_seconds / wall_seconds } else { 0.0 };
+        self.simulated_seconds_per_wall_second =
+            if wall_seconds > 0.0 { self.simulated_seconds / wall_seconds } else { 0.0 };
         self.hold_all.sort_unstable();
         self.switch_all.sort_unstable();
         self.held_requests = self.hold_all.len() as u64;

@@ -20,6 +20,11 @@ pub struct DataRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DataResponse {
     /// Done; the body (reads) and the position the store had reached.
-    Ok { body: Option<Row>, position: Position },
-    Rejected { reason: String },
+    Ok {
+        body: Option<Row>,
+        position: Position,
+    },
+    Rejected {
+        reason: String,
+    },
 }

@@ -143,7 +143,7 @@ impl World {
         AgentConfig {
             node: NodeName::from(name),
             duties,
-            replicas: (0..self.config.coordinators).map(|i| coordinator_addr(i)).collect(),
+            replicas: (0..self.config.coordinators).map(coordinator_addr).collect(),
             request_timeout_ms: self.agent_timeout_ms,
             watch_wait_ms: 1_000,
             report_interval_ms: 200,
@@ -194,7 +194,7 @@ impl World {
             }
             Packet::Request { bytes, slot, caller_inc } => {
                 let Some(info) = w.procs.get(&to).copied().filter(|p| p.up) else { return };
-                if to >= DATA_BASE && to < OPERATOR {
+                if (DATA_BASE..OPERATOR).contains(&to) {
                     let index = (to - DATA_BASE) as usize;
                     let answer = w.data_request(index, from, &bytes);
                     w.reply(to, info.incarnation, from, answer, slot, caller_inc);
@@ -314,7 +314,10 @@ impl World {
         for r in &self.replicas {
             let (freezing, committed) = read_applied(&r.disk, |a| {
                 let phase = a.state.current.as_ref().map(|u| u.phase);
-                (phase == Some(protocol::messages::Phase::Freezing), a.state.outcomes.values().any(|o| *o == Outcome::Committed))
+                (
+                    phase == Some(protocol::messages::Phase::Freezing),
+                    a.state.outcomes.values().any(|o| *o == Outcome::Committed),
+                )
             });
             if freezing && self.stats.first_freeze_us.is_none() {
                 self.stats.first_freeze_us = Some(now);
@@ -374,7 +377,12 @@ pub struct SimTransport {
 }
 
 impl Transport for SimTransport {
-    fn call(&self, to: u64, request: Request, timeout: Duration) -> impl Future<Output = Result<Response, TransportError>> + Send {
+    fn call(
+        &self,
+        to: u64,
+        request: Request,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Response, TransportError>> + Send {
         let world = self.world.clone();
         let me = self.me;
         async move {
@@ -463,5 +471,7 @@ pub fn crash_replica(shared: &Shared, index: usize) {
 
 /// Creates the replica slots (all down, fresh disks).
 pub fn replica_slots(count: usize) -> Vec<ReplicaSlot> {
-    (0..count).map(|_| ReplicaSlot { disk: new_disk(), running: None, driver: None, skew_ms: Arc::new(AtomicI64::new(0)) }).collect()
+    (0..count)
+        .map(|_| ReplicaSlot { disk: new_disk(), running: None, driver: None, skew_ms: Arc::new(AtomicI64::new(0)) })
+        .collect()
 }

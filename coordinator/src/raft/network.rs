@@ -29,8 +29,12 @@ pub enum TransportError {
 /// Request/response calls to coordinator replicas. Implementations encode with the protocol
 /// codec and time out after `timeout`.
 pub trait Transport: Clone + Send + Sync + 'static {
-    fn call(&self, to: ReplicaId, request: Request, timeout: Duration)
-        -> impl Future<Output = Result<Response, TransportError>> + Send;
+    fn call(
+        &self,
+        to: ReplicaId,
+        request: Request,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Response, TransportError>> + Send;
 }
 
 /// A Raft RPC as it travels inside [`Request::Raft`].
@@ -87,7 +91,9 @@ impl<T: Transport> RaftNetworkClient<T> {
             .await
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let reply = match response {
-            Response::Raft(bytes) => codec::decode::<RaftReply>(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?,
+            Response::Raft(bytes) => {
+                codec::decode::<RaftReply>(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?
+            }
             other => {
                 let e = TransportError::Codec(format!("unexpected response {other:?}"));
                 return Err(RPCError::Network(NetworkError::new(&e)));

@@ -6,6 +6,9 @@
 //! winding down) is refused, so a crash loses nothing durable and adds nothing after it.
 //! A durable store (redb) implements the same traits later.
 
+// openraft fixes the error type (`StorageError`, large); our helpers return it as is.
+#![allow(clippy::result_large_err)]
+
 use super::TypeConfig;
 use crate::upgrade::{Applied, UpgradeState};
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -200,7 +203,8 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
         let data = codec::encode(&d.applied).map_err(io_error)?;
         d.snapshots_built += 1;
         let last = d.applied.last_applied;
-        let snapshot_id = format!("{}-{}-{}", last.map_or(0, |l| l.leader_id.term), last.map_or(0, |l| l.index), d.snapshots_built);
+        let snapshot_id =
+            format!("{}-{}-{}", last.map_or(0, |l| l.leader_id.term), last.map_or(0, |l| l.index), d.snapshots_built);
         let meta = SnapshotMeta { last_log_id: last, last_membership: d.applied.membership.clone(), snapshot_id };
         d.snapshot = Some(StoredSnapshot { meta: meta.clone(), data: data.clone() });
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
@@ -270,7 +274,9 @@ impl RaftStateMachine<C> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<C>>, StorageError<u64>> {
         let d = lock(&self.disk);
-        Ok(d.snapshot.as_ref().map(|s| Snapshot { meta: s.meta.clone(), snapshot: Box::new(Cursor::new(s.data.clone())) }))
+        Ok(d.snapshot
+            .as_ref()
+            .map(|s| Snapshot { meta: s.meta.clone(), snapshot: Box::new(Cursor::new(s.data.clone())) }))
     }
 }
 

@@ -29,7 +29,8 @@ pub fn ready_gate(upgrade: &Upgrade) -> Result<(), Vec<String>> {
     } else if samples > 0 {
         let ratio = mismatches as f64 / samples as f64;
         if ratio > t.max_mismatch_ratio {
-            blockers.push(format!("validation: mismatch ratio {ratio:.4} > max_mismatch_ratio {}", t.max_mismatch_ratio));
+            blockers
+                .push(format!("validation: mismatch ratio {ratio:.4} > max_mismatch_ratio {}", t.max_mismatch_ratio));
         }
     }
     if blockers.is_empty() {

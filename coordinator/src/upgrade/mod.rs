@@ -162,7 +162,9 @@ impl UpgradeState {
                 got.sort();
                 want.sort();
                 if got != want {
-                    return reject(format!("node `{node}` registers duties {duties:?} but the plan gives it {planned:?}"));
+                    return reject(format!(
+                        "node `{node}` registers duties {duties:?} but the plan gives it {planned:?}"
+                    ));
                 }
                 state.registered = true;
                 state.deployed = *deployed;
@@ -336,7 +338,10 @@ impl UpgradeState {
             Err(r) => return r,
         };
         if upgrade.phase != Phase::Freezing || upgrade.epoch != epoch {
-            return reject(format!("commit {epoch} needs phase Freezing at {epoch}, the upgrade is {:?} at {}", upgrade.phase, upgrade.epoch));
+            return reject(format!(
+                "commit {epoch} needs phase Freezing at {epoch}, the upgrade is {:?} at {}",
+                upgrade.phase, upgrade.epoch
+            ));
         }
         let missing = upgrade.missing_acks();
         if !missing.is_empty() {
@@ -359,7 +364,10 @@ impl UpgradeState {
             Err(r) => return r,
         };
         if upgrade.phase != Phase::Freezing || upgrade.epoch != epoch {
-            return reject(format!("abort {epoch} needs phase Freezing at {epoch}, the upgrade is {:?} at {}", upgrade.phase, upgrade.epoch));
+            return reject(format!(
+                "abort {epoch} needs phase Freezing at {epoch}, the upgrade is {:?} at {}",
+                upgrade.phase, upgrade.epoch
+            ));
         }
         upgrade.last_abort_reason = Some(reason.to_string());
         upgrade.switch_requested = false;

@@ -34,17 +34,28 @@ fn rejected(state: &mut UpgradeState, command: Command) -> String {
 /// A state in Syncing with every node registered and a passing ready gate.
 fn ready(switch: &str, max_attempts: u32) -> UpgradeState {
     let mut state = UpgradeState::default();
-    assert_eq!(state.apply(&Command::Start { plan: plan(switch, max_attempts), token: "t1".into() }), Applied::Started(UpgradeId(1)));
+    assert_eq!(
+        state.apply(&Command::Start { plan: plan(switch, max_attempts), token: "t1".into() }),
+        Applied::Started(UpgradeId(1))
+    );
     for r in ROUTERS {
-        accepted(&mut state, Command::Register { node: n(r), duties: vec![Duty::Route, Duty::Validate], deployed: true });
+        accepted(
+            &mut state,
+            Command::Register { node: n(r), duties: vec![Duty::Route, Duty::Validate], deployed: true },
+        );
     }
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Staged, "db-1 not yet registered");
     accepted(
         &mut state,
-        Command::Register { node: n("db-1"), duties: vec![Duty::Capture, Duty::Transform, Duty::Validate], deployed: true },
+        Command::Register {
+            node: n("db-1"),
+            duties: vec![Duty::Capture, Duty::Transform, Duty::Validate],
+            deployed: true,
+        },
     );
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Syncing);
-    let report = NodeReport { captured: Position(10), applied: Position(10), bulk_done: true, samples: 30, mismatches: 0 };
+    let report =
+        NodeReport { captured: Position(10), applied: Position(10), bulk_done: true, samples: 30, mismatches: 0 };
     accepted(&mut state, Command::Report { node: n("router-1"), report: report.clone() });
     accepted(&mut state, Command::Report { node: n("db-1"), report });
     state
@@ -66,9 +77,11 @@ fn all_acks(state: &mut UpgradeState, epoch: u64) {
 fn unknown_nodes_and_wrong_duties_are_refused() {
     let mut state = UpgradeState::default();
     state.apply(&Command::Start { plan: plan("auto", 3), token: "t1".into() });
-    let reason = rejected(&mut state, Command::Register { node: n("intruder"), duties: vec![Duty::Route], deployed: true });
+    let reason =
+        rejected(&mut state, Command::Register { node: n("intruder"), duties: vec![Duty::Route], deployed: true });
     assert!(reason.contains("not named by the plan"), "{reason}");
-    let reason = rejected(&mut state, Command::Register { node: n("router-1"), duties: vec![Duty::Transform], deployed: true });
+    let reason =
+        rejected(&mut state, Command::Register { node: n("router-1"), duties: vec![Duty::Transform], deployed: true });
     assert!(reason.contains("duties"), "{reason}");
 }
 
@@ -101,7 +114,8 @@ fn start_is_idempotent_by_token_even_after_the_upgrade_ended() {
 #[test]
 fn freeze_needs_the_ready_gate() {
     let mut state = ready("auto", 3);
-    let lagging = NodeReport { captured: Position(500), applied: Position(10), bulk_done: false, samples: 0, mismatches: 0 };
+    let lagging =
+        NodeReport { captured: Position(500), applied: Position(10), bulk_done: false, samples: 0, mismatches: 0 };
     accepted(&mut state, Command::Report { node: n("db-1"), report: lagging });
     let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(1), now_ms: 0, deadline_ms: 10 });
     assert!(reason.contains("bulk copy not finished") && reason.contains("lag 490"), "{reason}");

@@ -29,7 +29,10 @@ pub enum DrainOutput {
     Unfence,
     /// Compare both universes and report [`DrainInput::Checksums`].
     CompareChecksums,
-    Ack { epoch: Epoch, ack: Ack },
+    Ack {
+        epoch: Epoch,
+        ack: Ack,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,8 +41,14 @@ enum State {
     Recovering,
     Open,
     Fencing(Epoch),
-    Draining { epoch: Epoch, final_position: Position },
-    Comparing { epoch: Epoch, final_position: Position },
+    Draining {
+        epoch: Epoch,
+        final_position: Position,
+    },
+    Comparing {
+        epoch: Epoch,
+        final_position: Position,
+    },
     Drained(Epoch),
     Committed,
 }
@@ -77,7 +86,9 @@ impl DrainCore {
             DrainInput::Decision { decision, all_routers_frozen } => match decision {
                 // A fenced store was fenced for this freeze (fencing and unfencing happen in the
                 // same step as the decision that causes them), so re-fencing is idempotent.
-                Decision::Freeze(epoch) if (all_routers_frozen && self.state == State::Open) || self.state == State::Recovering => {
+                Decision::Freeze(epoch)
+                    if (all_routers_frozen && self.state == State::Open) || self.state == State::Recovering =>
+                {
                     self.state = State::Fencing(epoch);
                     out.push(DrainOutput::Fence);
                 }
@@ -128,9 +139,18 @@ mod tests {
         assert!(d.handle(DrainInput::Fenced { final_position: Position(5) }).is_empty());
         assert_eq!(d.handle(DrainInput::Applied { position: Position(5) }), vec![DrainOutput::CompareChecksums]);
         let out = d.handle(DrainInput::Checksums { matched: true });
-        assert_eq!(out, vec![DrainOutput::Ack { epoch: Epoch(1), ack: Ack::Drained { final_position: Position(5), checksum_match: true } }]);
+        assert_eq!(
+            out,
+            vec![DrainOutput::Ack {
+                epoch: Epoch(1),
+                ack: Ack::Drained { final_position: Position(5), checksum_match: true }
+            }]
+        );
         assert_eq!(d.accepting(), Some(Universe::New));
-        assert_eq!(d.handle(DrainInput::Decision { decision: Decision::Abort(Epoch(1)), all_routers_frozen: false }), vec![DrainOutput::Unfence]);
+        assert_eq!(
+            d.handle(DrainInput::Decision { decision: Decision::Abort(Epoch(1)), all_routers_frozen: false }),
+            vec![DrainOutput::Unfence]
+        );
         assert_eq!(d.accepting(), Some(Universe::Old));
     }
 

@@ -47,15 +47,31 @@ pub enum RouterInput {
 /// What the shell must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RouterOutput {
-    Forward { id: RequestId, universe: Universe },
+    Forward {
+        id: RequestId,
+        universe: Universe,
+    },
     /// Send a copy of a read-only request to the new universe for validation.
-    Mirror { id: RequestId },
+    Mirror {
+        id: RequestId,
+    },
     /// Answer 503 with Retry-After.
-    Fail { id: RequestId, retry_after_ms: u64, reason: FailReason },
+    Fail {
+        id: RequestId,
+        retry_after_ms: u64,
+        reason: FailReason,
+    },
     /// Tell the coordinator (via the agent).
-    Ack { epoch: Epoch, ack: Ack },
+    Ack {
+        epoch: Epoch,
+        ack: Ack,
+    },
     /// A held request was released (forwarded or failed) after `held_ms`.
-    Released { id: RequestId, held_ms: u64, cause: HoldCause },
+    Released {
+        id: RequestId,
+        held_ms: u64,
+        cause: HoldCause,
+    },
 }
 
 /// Why a request was held.
@@ -105,7 +121,14 @@ impl RouterCore {
     /// A router that has not yet read a decision (holds everything).
     pub fn new(config: RouterConfig) -> Self {
         assert!(config.hold_max_ms > 0 && config.hold_queue_max > 0, "router limits must be positive");
-        RouterCore { config, mode: Mode::Unknown, held: VecDeque::new(), in_flight_old: BTreeSet::new(), frozen_acked: None, mirroring: false }
+        RouterCore {
+            config,
+            mode: Mode::Unknown,
+            held: VecDeque::new(),
+            in_flight_old: BTreeSet::new(),
+            frozen_acked: None,
+            mirroring: false,
+        }
     }
 
     pub fn mode(&self) -> Mode {
@@ -132,7 +155,11 @@ impl RouterCore {
                 Mode::Serving(universe) => self.forward(id, universe, read_only, &mut out),
                 Mode::Frozen(_) | Mode::Unknown => {
                     if self.held.len() >= self.config.hold_queue_max {
-                        out.push(RouterOutput::Fail { id, retry_after_ms: self.config.retry_after_ms, reason: FailReason::HoldQueueFull });
+                        out.push(RouterOutput::Fail {
+                            id,
+                            retry_after_ms: self.config.retry_after_ms,
+                            reason: FailReason::HoldQueueFull,
+                        });
                     } else {
                         let cause = if self.mode == Mode::Unknown { HoldCause::Startup } else { HoldCause::Freeze };
                         self.held.push_back(Held { id, since_ms: now_ms, cause });
@@ -188,7 +215,11 @@ impl RouterCore {
             out.push(RouterOutput::Released { id: h.id, held_ms: now_ms - h.since_ms, cause: h.cause });
             match self.config.bug {
                 Some(RouterBug::ReleaseOldOnTimeout) => self.forward(h.id, Universe::Old, false, out),
-                None => out.push(RouterOutput::Fail { id: h.id, retry_after_ms: self.config.retry_after_ms, reason: FailReason::HoldTimeout }),
+                None => out.push(RouterOutput::Fail {
+                    id: h.id,
+                    retry_after_ms: self.config.retry_after_ms,
+                    reason: FailReason::HoldTimeout,
+                }),
             }
         }
     }
@@ -212,7 +243,9 @@ mod tests {
     }
 
     fn forwards(out: &[RouterOutput]) -> Vec<(RequestId, Universe)> {
-        out.iter().filter_map(|o| if let RouterOutput::Forward { id, universe } = o { Some((*id, *universe)) } else { None }).collect()
+        out.iter()
+            .filter_map(|o| if let RouterOutput::Forward { id, universe } = o { Some((*id, *universe)) } else { None })
+            .collect()
     }
 
     #[test]

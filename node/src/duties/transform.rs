@@ -17,7 +17,10 @@ pub enum CopyState {
     #[default]
     NotStarted,
     /// Copying the snapshot taken at `snapshot_at`; `after` is the last copied (table, key).
-    Copying { snapshot_at: Position, after: Option<(String, i64)> },
+    Copying {
+        snapshot_at: Position,
+        after: Option<(String, i64)>,
+    },
     Done,
 }
 
@@ -170,14 +173,22 @@ mod tests {
         let mut t = core();
         assert_eq!(t.next_work(), Work::Snapshot);
         t.copy_started(Position(2));
-        let row = |k: i64| ("t".to_string(), k, [("id".to_string(), Value::Int(k)), ("a".to_string(), Value::Int(0))].into_iter().collect());
+        let row = |k: i64| {
+            (
+                "t".to_string(),
+                k,
+                [("id".to_string(), Value::Int(k)), ("a".to_string(), Value::Int(0))].into_iter().collect(),
+            )
+        };
         let b = t.copy_chunk(&[row(1)], false).unwrap();
         assert_eq!(b.checkpoint.copy, CopyState::Copying { snapshot_at: Position(2), after: Some(("t".into(), 1)) });
         t.copy_chunk(&[row(2)], true).unwrap();
         assert!(t.bulk_done());
         assert_eq!(t.next_work(), Work::Stream { after: Position(2), limit: STREAM_BATCH_CHANGES });
         // Positions 1..=2 are covered by the snapshot: skipped. 3 applies. Replaying 3 is skipped.
-        let b = t.apply_changes(&[(Position(1), upsert(1, 1)), (Position(2), upsert(2, 2)), (Position(3), upsert(3, 3))]).unwrap();
+        let b = t
+            .apply_changes(&[(Position(1), upsert(1, 1)), (Position(2), upsert(2, 2)), (Position(3), upsert(3, 3))])
+            .unwrap();
         assert_eq!(b.ops.len(), 1);
         assert_eq!(b.checkpoint.applied, Position(3));
         let b = t.apply_changes(&[(Position(3), upsert(3, 3))]).unwrap();

@@ -43,7 +43,10 @@ impl ValidateCore {
         self.samples += 1;
         let strip = |body: &Option<Row>| {
             body.as_ref().map(|row| {
-                row.iter().filter(|(k, _)| !self.ignore_fields.contains(k)).map(|(k, v)| (k.clone(), v.clone())).collect::<Row>()
+                row.iter()
+                    .filter(|(k, _)| !self.ignore_fields.contains(k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<Row>()
             })
         };
         if strip(&old.body) == strip(&new.body) {
@@ -123,7 +126,11 @@ mod tests {
         let mut other = row("a");
         other.as_mut().unwrap().insert("at".into(), Value::Int(2));
         assert_eq!(v.compare(&old, &Observed { body: other, position: Position(6) }), Verdict::Match, "ignored field");
-        assert_eq!(v.compare(&old, &Observed { body: row("b"), position: Position(6) }), Verdict::Stale, "newer and different: inconclusive");
+        assert_eq!(
+            v.compare(&old, &Observed { body: row("b"), position: Position(6) }),
+            Verdict::Stale,
+            "newer and different: inconclusive"
+        );
         assert_eq!(v.compare(&old, &Observed { body: row("b"), position: Position(5) }), Verdict::Mismatch);
         assert_eq!((v.samples, v.mismatches, v.stale), (3, 1, 2));
     }

@@ -1,0 +1,88 @@
+//! End-to-end tests of the `imago` binary.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn imago() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_imago"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("imago-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn last_json(stdout: &[u8]) -> serde_json::Value {
+    let text = String::from_utf8_lossy(stdout);
+    let last = text.lines().last().expect("some output");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}"))
+}
+
+#[test]
+fn sim_prints_a_summary_and_json_and_exits_zero() {
+    let out = imago().args(["sim", "--seeds", "6", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("seeds run: 6"), "{text}");
+    assert!(text.contains("simulated s per wall s"), "{text}");
+    let summary = last_json(&out.stdout);
+    assert_eq!(summary["seeds"], 6);
+    assert_eq!(summary["violations"], 0);
+    let ended = summary["switched"].as_u64().unwrap() + summary["aborted"].as_u64().unwrap();
+    assert_eq!(ended, 6);
+}
+
+#[test]
+fn sim_with_the_planted_bug_fails_and_prints_a_replay_command_and_trace() {
+    let dir = temp_dir("bug");
+    let out = imago()
+        .args(["sim", "--seeds", "10", "--bug", "release-old-on-timeout", "--json", "--trace-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "violations must make the command fail");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let replay = text.lines().find_map(|l| l.trim().strip_prefix("replay: ")).expect("a replay command").to_string();
+    assert!(replay.contains("--bug release-old-on-timeout") && replay.contains("--seeds 1"), "{replay}");
+    let trace = text.lines().find_map(|l| l.trim().strip_prefix("trace:")).expect("a trace path").trim().to_string();
+    let trace_text = std::fs::read_to_string(&trace).unwrap();
+    assert!(trace_text.contains("single universe"), "the trace names the violation");
+    assert!(last_json(&out.stdout)["violations"].as_u64().unwrap() > 0);
+
+    // The replay command reproduces the failure.
+    let args: Vec<&str> = replay.split_whitespace().skip(1).collect();
+    let again = imago().args(&args).arg("--trace-dir").arg(&dir).output().unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sim_refuses_bad_arguments_clearly() {
+    let out = imago().args(["sim", "--faults", "lightning"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown fault `lightning`"));
+    let out = imago().args(["sim", "--bug", "nope"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn plan_check_accepts_the_example_and_points_at_mistakes() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = imago().args(["plan", "check"]).arg(root.join("plans/example.toml")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("new table user_profiles(id, bio)"));
+
+    let dir = temp_dir("plan");
+    let text =
+        std::fs::read_to_string(root.join("plans/example.toml")).unwrap().replace("from = \"name\"", "from = \"nmae\"");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, &text).unwrap();
+    let out = imago().args(["plan", "check"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let line = text.lines().position(|l| l.contains("nmae")).unwrap() + 1;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("bad.toml:{line}:")) && stderr.contains("transforms[0].from"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
