@@ -12,14 +12,24 @@ pub struct FaultSet {
     pub partition: bool,
     pub crash: bool,
     pub clock: bool,
+    /// Frames of random bytes sent to coordinators and data nodes.
+    pub garbage: bool,
     /// Faults fired when a freeze is seen (leader crash, router partition, data node crash,
     /// lost commit).
     pub trigger: bool,
 }
 
 impl FaultSet {
-    pub const ALL: FaultSet =
-        FaultSet { loss: true, delay: true, duplicate: true, partition: true, crash: true, clock: true, trigger: true };
+    pub const ALL: FaultSet = FaultSet {
+        loss: true,
+        delay: true,
+        duplicate: true,
+        partition: true,
+        crash: true,
+        clock: true,
+        garbage: true,
+        trigger: true,
+    };
     pub const NONE: FaultSet = FaultSet {
         loss: false,
         delay: false,
@@ -27,10 +37,11 @@ impl FaultSet {
         partition: false,
         crash: false,
         clock: false,
+        garbage: false,
         trigger: false,
     };
 
-    /// Parses `all`, `none`, or a comma list of `loss,delay,duplicate,partition,crash,clock,trigger`.
+    /// Parses `all`, `none`, or a comma list of `loss,delay,duplicate,partition,crash,clock,garbage,trigger`.
     pub fn parse(s: &str) -> Result<FaultSet, String> {
         match s.trim() {
             "all" => return Ok(FaultSet::ALL),
@@ -46,10 +57,11 @@ impl FaultSet {
                 "partition" => set.partition = true,
                 "crash" => set.crash = true,
                 "clock" => set.clock = true,
+                "garbage" => set.garbage = true,
                 "trigger" => set.trigger = true,
                 other => {
                     return Err(format!(
-                        "unknown fault `{other}` (expected all, none, or a list of loss, delay, duplicate, partition, crash, clock, trigger)"
+                        "unknown fault `{other}` (expected all, none, or a list of loss, delay, duplicate, partition, crash, clock, garbage, trigger)"
                     ))
                 }
             }
@@ -74,6 +86,7 @@ impl fmt::Display for FaultSet {
             (self.partition, "partition"),
             (self.crash, "crash"),
             (self.clock, "clock"),
+            (self.garbage, "garbage"),
             (self.trigger, "trigger"),
         ];
         let on: Vec<&str> = names.iter().filter(|(b, _)| *b).map(|(_, n)| *n).collect();

@@ -70,6 +70,8 @@ pub enum FaultEvent {
     ClockJump { replica: usize, delta_ms: i64 },
     /// Drop the next `count` views carrying `Commit` to this router.
     LoseCommit { router: usize, count: u32 },
+    /// Send `frames` frames of random bytes to a process (it must answer with an error).
+    Garbage { target: Target, frames: u32 },
 }
 
 /// When a triggered fault fires.
@@ -143,6 +145,12 @@ impl FaultPlan {
             for _ in 0..rng.gen_range(0..=2) {
                 let replica = rng.gen_range(0..config.coordinators);
                 plan.timed.push((at(rng), FaultEvent::ClockJump { replica, delta_ms: rng.gen_range(-2_000..=2_000) }));
+            }
+        }
+        if f.garbage {
+            for _ in 0..rng.gen_range(0..=2) {
+                let target = random_target(config, rng);
+                plan.timed.push((at(rng), FaultEvent::Garbage { target, frames: rng.gen_range(1..=20) }));
             }
         }
         if f.trigger && rng.gen_bool(0.7) {

@@ -11,7 +11,7 @@ use crate::oracle::{ClientOutcome, Oracle};
 use crate::router::RouterProc;
 use crate::trace::Trace;
 use crate::world::*;
-use coordinator::raft::{seed_runtime_rng, RaftTiming};
+use coordinator::raft::{read_disk, seed_runtime_rng, RaftTiming};
 use node::duties::router::Mode;
 use protocol::messages::{CliRequest, CliResponse, Phase, Request, Response};
 use protocol::plan::Plan;
@@ -56,9 +56,14 @@ pub struct SeedReport {
     pub unknown_writes: u64,
     pub fault_log: Vec<String>,
     pub copying_seen: bool,
+    /// Raft snapshots built and installed over all replicas.
+    pub snapshots_built: u64,
+    pub snapshots_installed: u64,
 }
 
 const START_UPGRADE_MS: u64 = 200;
+/// Small, so that snapshots, log purges and snapshot installs happen within a seed.
+const SNAPSHOT_EVERY_LOGS: u64 = 40;
 const SETTLE_MS: u64 = 500;
 const DRAIN_CLIENTS_MS: u64 = 3_000;
 
@@ -67,12 +72,50 @@ pub fn run_seed(config: &SimConfig, seed: u64) -> SeedReport {
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_time().start_paused(true);
     #[cfg(tokio_unstable)]
-    builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
+    builder
+        .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
+        // A panic in any task must fail the seed, not vanish with its task.
+        .unhandled_panic(tokio::runtime::UnhandledPanic::ShutdownRuntime);
     let runtime = builder.build().expect("a current-thread runtime builds");
     seed_runtime_rng(seed ^ 0x005e_ed0f_0af7);
-    let report = runtime.block_on(run(config.clone(), seed));
+    let outcome =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(run(config.clone(), seed))));
     drop(runtime);
-    report
+    outcome.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a task panicked".to_string());
+        SeedReport::panicked(seed, what)
+    })
+}
+
+impl SeedReport {
+    fn panicked(seed: u64, what: String) -> SeedReport {
+        SeedReport {
+            seed,
+            outcome: SeedOutcome::Unfinished,
+            aborted_epochs: 0,
+            violations: vec![format!("panic: {what}")],
+            sim_ms: 0,
+            trace_hash: 0,
+            trace_events: 0,
+            trace_lines: None,
+            hold_ms: Vec::new(),
+            startup_hold_ms: Vec::new(),
+            switch_ms: None,
+            messages: 0,
+            dropped: 0,
+            acked_writes: 0,
+            failed_writes: 0,
+            unknown_writes: 0,
+            fault_log: Vec::new(),
+            copying_seen: false,
+            snapshots_built: 0,
+            snapshots_installed: 0,
+        }
+    }
 }
 
 fn build(config: SimConfig, seed: u64) -> Shared {
@@ -92,9 +135,14 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     let timing = if wide {
         // openraft 0.9 times out AppendEntries after one heartbeat interval: it must exceed the
         // worst round trip (2 × 150 ms + jitter).
-        RaftTiming { heartbeat_ms: 500, election_min_ms: 2_000, election_max_ms: 4_000 }
+        RaftTiming {
+            heartbeat_ms: 500,
+            election_min_ms: 2_000,
+            election_max_ms: 4_000,
+            snapshot_every_logs: SNAPSHOT_EVERY_LOGS,
+        }
     } else {
-        RaftTiming::default()
+        RaftTiming { snapshot_every_logs: SNAPSHOT_EVERY_LOGS, ..RaftTiming::default() }
     };
     let mut procs = BTreeMap::new();
     let dcs = config.datacenters;
@@ -364,6 +412,16 @@ async fn fire(shared: &Shared, event: FaultEvent) {
                 });
             }
         }
+        FaultEvent::Garbage { target, frames } => {
+            with(shared, |w| {
+                if let Some(addr) = w.resolve(target) {
+                    for _ in 0..frames {
+                        let frame = garbage_frame(&mut w.rng);
+                        w.inject(OPERATOR, addr, frame);
+                    }
+                }
+            });
+        }
         FaultEvent::ClockJump { replica, delta_ms } => {
             with(shared, |w| w.replicas[replica].skew_ms.fetch_add(delta_ms, Ordering::Relaxed));
         }
@@ -373,6 +431,21 @@ async fn fire(shared: &Shared, event: FaultEvent) {
                 *w.lose_commit.entry(addr).or_default() += count;
             });
         }
+    }
+}
+
+/// Random bytes, half of them behind a valid frame header (so the payload decoder is hit).
+fn garbage_frame(rng: &mut ChaCha8Rng) -> Vec<u8> {
+    let len = rng.gen_range(0..64);
+    let payload: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+    if rng.gen_bool(0.5) {
+        let mut frame = protocol::codec::MAGIC.to_vec();
+        frame.extend_from_slice(&protocol::codec::PROTOCOL_VERSION.to_be_bytes());
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&payload);
+        frame
+    } else {
+        payload
     }
 }
 
@@ -612,6 +685,8 @@ impl World {
             unknown_writes: self.oracle.unknown,
             fault_log: self.stats.fault_log.clone(),
             copying_seen: !self.stats.copying_seen.is_empty(),
+            snapshots_built: self.replicas.iter().map(|r| read_disk(&r.disk, |d| d.snapshots_built)).sum(),
+            snapshots_installed: self.replicas.iter().map(|r| read_disk(&r.disk, |d| d.snapshots_installed)).sum(),
         }
     }
 }

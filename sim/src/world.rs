@@ -223,6 +223,14 @@ impl World {
         self.send_packet(server, caller, Packet::Reply { bytes: Arc::new(bytes), slot, caller_inc });
     }
 
+    /// Sends a request whose answer nobody waits for (garbage injection).
+    pub fn inject(&mut self, from: Addr, to: Addr, bytes: Vec<u8>) {
+        let (tx, _rx) = oneshot::channel();
+        let caller_inc = self.procs[&from].incarnation;
+        let slot = Arc::new(Mutex::new(Some(tx)));
+        self.send_packet(from, to, Packet::Request { bytes: Arc::new(bytes), slot, caller_inc });
+    }
+
     /// Sends a request from a node and routes the answer (or `None` on timeout) to `done`.
     pub fn node_call(&mut self, from: Addr, to: Addr, bytes: Vec<u8>, timeout_ms: u64, done: Done) {
         let (tx, rx) = oneshot::channel();

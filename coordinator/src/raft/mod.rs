@@ -6,7 +6,9 @@ mod store;
 
 pub use network::{raft_request, NetworkFactory, RaftReply, RaftRpc, Transport, TransportError};
 pub use runtime::{seed_runtime_rng, SeededRuntime};
-pub use store::{new_disk, open, read_applied, AppliedState, LogStore, RaftDisk, SharedDisk, StateMachineStore};
+pub use store::{
+    new_disk, open, read_applied, read_disk, AppliedState, LogStore, RaftDisk, SharedDisk, StateMachineStore,
+};
 
 use crate::upgrade::{Applied, Command};
 use std::io::Cursor;
@@ -35,23 +37,25 @@ pub struct RaftTiming {
     pub heartbeat_ms: u64,
     pub election_min_ms: u64,
     pub election_max_ms: u64,
+    /// Build a snapshot (and purge the log) every this many applied entries.
+    pub snapshot_every_logs: u64,
 }
 
 impl Default for RaftTiming {
     fn default() -> Self {
-        RaftTiming { heartbeat_ms: 50, election_min_ms: 150, election_max_ms: 300 }
+        RaftTiming { heartbeat_ms: 50, election_min_ms: 150, election_max_ms: 300, snapshot_every_logs: 500 }
     }
 }
 
-/// The openraft config for `timing`, with snapshots every 500 log entries.
+/// The openraft config for `timing`.
 pub fn raft_config(timing: RaftTiming) -> openraft::Config {
     let config = openraft::Config {
         cluster_name: "imago".to_string(),
         heartbeat_interval: timing.heartbeat_ms,
         election_timeout_min: timing.election_min_ms,
         election_timeout_max: timing.election_max_ms,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
-        max_in_snapshot_log_to_keep: 100,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(timing.snapshot_every_logs),
+        max_in_snapshot_log_to_keep: timing.snapshot_every_logs / 5,
         install_snapshot_timeout: 1_000,
         ..Default::default()
     };

@@ -54,6 +54,7 @@ pub struct RaftDisk {
     pub applied: AppliedState,
     pub snapshot: Option<StoredSnapshot>,
     pub snapshots_built: u64,
+    pub snapshots_installed: u64,
 }
 
 /// A disk shared by successive incarnations of one replica.
@@ -265,6 +266,7 @@ impl RaftStateMachine<C> for StateMachineStore {
         let version = {
             let mut d = self.write()?;
             d.applied = applied;
+            d.snapshots_installed += 1;
             d.snapshot = Some(StoredSnapshot { meta: meta.clone(), data });
             d.applied.state.version
         };
@@ -278,6 +280,11 @@ impl RaftStateMachine<C> for StateMachineStore {
             .as_ref()
             .map(|s| Snapshot { meta: s.meta.clone(), snapshot: Box::new(Cursor::new(s.data.clone())) }))
     }
+}
+
+/// Reads a whole disk (tests and the simulator's counters).
+pub fn read_disk<T>(disk: &SharedDisk, f: impl FnOnce(&RaftDisk) -> T) -> T {
+    f(&lock(disk))
 }
 
 /// Reads the applied state of a disk (a replica's local, possibly stale, committed view).
