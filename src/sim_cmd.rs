@@ -27,7 +27,7 @@ pub struct SimArgs {
     /// Datacenters (more than one: 50–150 ms between them).
     #[arg(long, default_value_t = 1)]
     datacenters: usize,
-    /// Fault kinds: all, none, or a list of loss,delay,duplicate,partition,crash,clock,garbage,trigger.
+    /// Fault kinds: all, none, or a list of loss,delay,duplicate,partition,crash,clock,garbage,operator,trigger.
     #[arg(long, default_value = "all")]
     faults: String,
     /// Plant a known bug to prove the checkers catch it: release-old-on-timeout.

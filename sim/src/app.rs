@@ -182,11 +182,13 @@ pub fn plan_toml(
     max_attempts: u32,
     hold_max_ms: u64,
     freeze_timeout_ms: u64,
+    manual: bool,
 ) -> String {
+    let switch = if manual { "manual" } else { "auto" };
     let mut s = format!(
         r#"[upgrade]
 name = "sim-auction-v2"
-switch = "auto"
+switch = "{switch}"
 max_attempts = {max_attempts}
 
 [thresholds]

@@ -14,6 +14,8 @@ pub struct FaultSet {
     pub clock: bool,
     /// Frames of random bytes sent to coordinators and data nodes.
     pub garbage: bool,
+    /// Operator actions: manual switch mode, aborts at random times and during a freeze.
+    pub operator: bool,
     /// Faults fired when a freeze is seen (leader crash, router partition, data node crash,
     /// lost commit).
     pub trigger: bool,
@@ -28,6 +30,7 @@ impl FaultSet {
         crash: true,
         clock: true,
         garbage: true,
+        operator: true,
         trigger: true,
     };
     pub const NONE: FaultSet = FaultSet {
@@ -38,10 +41,11 @@ impl FaultSet {
         crash: false,
         clock: false,
         garbage: false,
+        operator: false,
         trigger: false,
     };
 
-    /// Parses `all`, `none`, or a comma list of `loss,delay,duplicate,partition,crash,clock,garbage,trigger`.
+    /// Parses `all`, `none`, or a comma list of `loss,delay,duplicate,partition,crash,clock,garbage,operator,trigger`.
     pub fn parse(s: &str) -> Result<FaultSet, String> {
         match s.trim() {
             "all" => return Ok(FaultSet::ALL),
@@ -58,10 +62,11 @@ impl FaultSet {
                 "crash" => set.crash = true,
                 "clock" => set.clock = true,
                 "garbage" => set.garbage = true,
+                "operator" => set.operator = true,
                 "trigger" => set.trigger = true,
                 other => {
                     return Err(format!(
-                        "unknown fault `{other}` (expected all, none, or a list of loss, delay, duplicate, partition, crash, clock, garbage, trigger)"
+                        "unknown fault `{other}` (expected all, none, or a list of loss, delay, duplicate, partition, crash, clock, garbage, operator, trigger)"
                     ))
                 }
             }
@@ -87,6 +92,7 @@ impl fmt::Display for FaultSet {
             (self.crash, "crash"),
             (self.clock, "clock"),
             (self.garbage, "garbage"),
+            (self.operator, "operator"),
             (self.trigger, "trigger"),
         ];
         let on: Vec<&str> = names.iter().filter(|(b, _)| *b).map(|(_, n)| *n).collect();

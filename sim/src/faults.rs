@@ -72,6 +72,8 @@ pub enum FaultEvent {
     LoseCommit { router: usize, count: u32 },
     /// Send `frames` frames of random bytes to a process (it must answer with an error).
     Garbage { target: Target, frames: u32 },
+    /// The operator runs `imago upgrade abort` (once; the answer may be lost).
+    OperatorAbort,
 }
 
 /// When a triggered fault fires.
@@ -101,6 +103,8 @@ pub struct FaultPlan {
     pub timed: Vec<(u64, FaultEvent)>,
     pub triggered: Vec<Triggered>,
     pub max_attempts: u32,
+    /// `switch = "manual"`: the operator asks for the switch until it is accepted.
+    pub manual_switch: bool,
 }
 
 impl FaultPlan {
@@ -119,6 +123,7 @@ impl FaultPlan {
             timed: Vec::new(),
             triggered: Vec::new(),
             max_attempts: if f.any() { rng.gen_range(1..=3) } else { 3 },
+            manual_switch: f.operator && rng.gen_bool(0.3),
         };
         let at = |rng: &mut ChaCha8Rng| rng.gen_range(300..safety_ms);
         if f.partition {
@@ -152,6 +157,13 @@ impl FaultPlan {
                 let target = random_target(config, rng);
                 plan.timed.push((at(rng), FaultEvent::Garbage { target, frames: rng.gen_range(1..=20) }));
             }
+        }
+        if f.operator && rng.gen_bool(0.1) {
+            plan.timed.push((at(rng), FaultEvent::OperatorAbort));
+        }
+        if f.operator && rng.gen_bool(0.2) {
+            let when = Condition::Freezing { after_ms: rng.gen_range(0..40) };
+            plan.triggered.push(Triggered { when, event: FaultEvent::OperatorAbort });
         }
         if f.trigger && rng.gen_bool(0.7) {
             let kind = rng.gen_range(0..4);
@@ -196,6 +208,7 @@ impl FaultPlan {
             timed: Vec::new(),
             triggered: vec![Triggered { when, event }],
             max_attempts: 3,
+            manual_switch: false,
         }
     }
 }

@@ -123,8 +123,14 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     let faults = FaultPlan::draw(&config, &mut rng);
     // Across datacenters a switch needs several 100–300 ms round trips: hold and freeze longer.
     let (hold_max_ms, freeze_timeout_ms) = if config.wide_area() { (3_000, 6_000) } else { (1_000, 2_500) };
-    let plan_text =
-        app::plan_toml(config.routers, config.data_nodes, faults.max_attempts, hold_max_ms, freeze_timeout_ms);
+    let plan_text = app::plan_toml(
+        config.routers,
+        config.data_nodes,
+        faults.max_attempts,
+        hold_max_ms,
+        freeze_timeout_ms,
+        faults.manual_switch,
+    );
     let plan = Plan::from_toml("sim-plan.toml", &plan_text).expect("the simulator's plan is valid");
     let mapping = plan.mapping().expect("the simulator's transforms fit");
     let mut net = NetModel::new(config.datacenters, &mut rng);
@@ -161,6 +167,10 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     procs.insert(OPERATOR, ProcInfo { up: true, incarnation: 1 });
     net.dc_of.insert(OPERATOR, 0);
     let hold_bound_ms = plan.thresholds.hold_max_ms + config.tick_ms;
+    let mut fault_log = Vec::new();
+    if faults.manual_switch {
+        fault_log.push("plan: switch = manual (the operator requests the switch)".to_string());
+    }
     let world = World {
         seed,
         start: Instant::now(),
@@ -175,7 +185,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         oracle: Oracle::default(),
         checker: Checker::new(hold_bound_ms),
         trace: Trace::new(config.trace_lines),
-        stats: Stats::default(),
+        stats: Stats { fault_log, ..Stats::default() },
         timing,
         agent_timeout_ms: if wide { 1_500 } else { 500 },
         data_timeout_ms: if wide { 2_000 } else { 1_000 },
@@ -323,11 +333,13 @@ async fn operator(shared: Shared) {
     let mut target = 0;
     loop {
         let start = CliRequest::Start { plan: plan.clone(), token: "sim-operator-start".into() };
-        let bytes = protocol::codec::encode_frame(&Request::Cli(start)).expect("encodes");
-        let answer = operator_call(&shared, coordinator_addr(target), bytes).await;
+        let answer = operator_call(&shared, coordinator_addr(target), Request::Cli(start)).await;
         match answer {
             Some(Response::Cli(CliResponse::Started { upgrade })) => {
                 with(&shared, |w| w.record(format_args!("operator: upgrade {} started", upgrade.0)));
+                if plan.switch == protocol::plan::SwitchMode::Manual {
+                    request_switch(&shared).await;
+                }
                 return;
             }
             Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = (l - 1) as usize,
@@ -339,9 +351,34 @@ async fn operator(shared: Shared) {
     }
 }
 
-async fn operator_call(shared: &Shared, to: u64, bytes: Vec<u8>) -> Option<Response> {
+/// Manual mode: a persistent operator asks for the switch whenever the upgrade is syncing
+/// (again after an abort, which clears the request) until the upgrade ends.
+async fn request_switch(shared: &Shared) {
+    let coordinators = with(shared, |w| w.config.coordinators);
+    let mut target = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let state = with(shared, |w| w.freshest_state());
+        let Some(upgrade) = state.current else { continue };
+        if upgrade.phase.is_terminal() {
+            return;
+        }
+        if upgrade.phase != Phase::Syncing || upgrade.switch_requested {
+            continue;
+        }
+        match operator_call(shared, coordinator_addr(target), Request::Cli(CliRequest::Switch)).await {
+            Some(Response::Cli(CliResponse::Accepted)) => {
+                with(shared, |w| w.record(format_args!("operator: switch requested")));
+            }
+            Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = (l - 1) as usize,
+            Some(Response::Cli(CliResponse::Rejected { .. })) => {}
+            _ => target = (target + 1) % coordinators,
+        }
+    }
+}
+
+async fn operator_call(shared: &Shared, to: u64, request: Request) -> Option<Response> {
     let transport = SimTransport { world: Arc::downgrade(shared), me: OPERATOR };
-    let request = protocol::codec::decode_frame::<Request>(&bytes).ok()??.0;
     coordinator::raft::Transport::call(&transport, to, request, Duration::from_millis(3_000)).await.ok()
 }
 
@@ -418,6 +455,23 @@ async fn fire(shared: &Shared, event: FaultEvent) {
                     for _ in 0..frames {
                         let frame = garbage_frame(&mut w.rng);
                         w.inject(OPERATOR, addr, frame);
+                    }
+                }
+            });
+        }
+        FaultEvent::OperatorAbort => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                // Like the CLI: try a replica, follow a leader hint, give up after a few tries.
+                let mut target = with(&shared, |w| w.rng.gen_range(0..w.config.coordinators));
+                for _ in 0..3 {
+                    let abort = CliRequest::Abort { reason: "operator changed their mind".into() };
+                    let answer = operator_call(&shared, coordinator_addr(target), Request::Cli(abort)).await;
+                    with(&shared, |w| w.record(format_args!("operator abort answered {answer:?}")));
+                    match answer {
+                        Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = (l - 1) as usize,
+                        Some(_) => return,
+                        None => target = (target + 1) % with(&shared, |w| w.config.coordinators),
                     }
                 }
             });

@@ -55,6 +55,23 @@ fn two_hundred_faulty_seeds_keep_every_invariant_and_both_outcomes_occur() {
         reports.iter().any(|r| r.aborted_epochs > 0 && r.outcome == SeedOutcome::Switched),
         "no retry after an abort ever switched"
     );
+    let seeds_with = |needle: &str| reports.iter().filter(|r| r.fault_log.iter().any(|f| f.contains(needle))).count();
+    let garbage = seeds_with("Garbage");
+    assert!(garbage > 50, "random frames were sent in only {garbage} seeds");
+    let manual = seeds_with("switch = manual");
+    assert!(manual > 20, "manual switch mode ran in only {manual} seeds");
+    assert!(
+        reports
+            .iter()
+            .any(|r| r.outcome == SeedOutcome::Switched && r.fault_log.iter().any(|f| f.contains("switch = manual"))),
+        "no manual-mode seed switched"
+    );
+    let aborts = seeds_with("OperatorAbort");
+    assert!(aborts > 10, "operator aborts were tried in only {aborts} seeds");
+    let built = reports.iter().filter(|r| r.snapshots_built > 0).count();
+    assert!(built > 150, "Raft snapshots were built in only {built} seeds");
+    let installed = reports.iter().filter(|r| r.snapshots_installed > 0).count();
+    assert!(installed > 10, "snapshot installs (a lagging replica catching up) happened in only {installed} seeds");
 }
 
 #[test]
