@@ -30,7 +30,7 @@ pub struct SimArgs {
     /// Fault kinds: all, none, or a list of loss,delay,duplicate,partition,crash,clock,garbage,operator,trigger.
     #[arg(long, default_value = "all")]
     faults: String,
-    /// Plant a known bug to prove the checkers catch it: release-old-on-timeout.
+    /// Plant a known bug to prove the checkers catch it: release-old-on-timeout, lose-change-on-restart.
     #[arg(long)]
     bug: Option<String>,
     /// Run a named scenario instead of random faults.
@@ -55,11 +55,7 @@ pub struct SimArgs {
 
 impl SimArgs {
     fn config(&self) -> anyhow::Result<SimConfig> {
-        let bug = match self.bug.as_deref() {
-            None => None,
-            Some("release-old-on-timeout") => Some(node::duties::router::RouterBug::ReleaseOldOnTimeout),
-            Some(other) => anyhow::bail!("unknown bug `{other}` (known: release-old-on-timeout)"),
-        };
+        let bug = self.bug.as_deref().map(sim::Bug::parse).transpose().map_err(anyhow::Error::msg)?;
         let scenario = self.scenario.as_deref().map(Scenario::parse).transpose().map_err(anyhow::Error::msg)?;
         let config = SimConfig {
             coordinators: self.coordinators,

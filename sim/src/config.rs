@@ -1,6 +1,34 @@
 //! Simulation settings.
 
 use node::duties::router::RouterBug;
+use node::duties::transform::TransformBug;
+
+/// A deliberately broken component (`--bug`), to prove the checkers catch it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bug {
+    /// Routers release held requests to the old universe when a hold times out.
+    ReleaseOldOnTimeout,
+    /// A restarted transform resumes one position past its checkpoint, losing a change.
+    LoseChangeOnRestart,
+}
+
+impl Bug {
+    pub fn parse(s: &str) -> Result<Bug, String> {
+        match s {
+            "release-old-on-timeout" => Ok(Bug::ReleaseOldOnTimeout),
+            "lose-change-on-restart" => Ok(Bug::LoseChangeOnRestart),
+            other => Err(format!("unknown bug `{other}` (known: release-old-on-timeout, lose-change-on-restart)")),
+        }
+    }
+
+    pub fn router(bug: Option<Bug>) -> Option<RouterBug> {
+        (bug == Some(Bug::ReleaseOldOnTimeout)).then_some(RouterBug::ReleaseOldOnTimeout)
+    }
+
+    pub fn transform(bug: Option<Bug>) -> Option<TransformBug> {
+        (bug == Some(Bug::LoseChangeOnRestart)).then_some(TransformBug::ResumePastCheckpoint)
+    }
+}
 use std::fmt;
 
 /// Fault kinds a run may draw (`--faults loss,delay,...`).
@@ -109,7 +137,7 @@ pub struct SimConfig {
     pub data_nodes: usize,
     pub datacenters: usize,
     pub faults: FaultSet,
-    pub bug: Option<RouterBug>,
+    pub bug: Option<Bug>,
     /// Rows loaded into the old universe before the upgrade starts.
     pub initial_users: u64,
     pub initial_items: u64,

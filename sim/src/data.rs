@@ -2,6 +2,7 @@
 
 use crate::app::{self, AppOp};
 use crate::checker::AdmissionPoint;
+use crate::config::Bug;
 use crate::wire::{DataRequest, DataResponse};
 use crate::world::{World, DATA_BASE};
 use node::agent::{AgentCore, AgentInput, AgentOutput};
@@ -25,6 +26,8 @@ pub struct DataProc {
     pub agent: AgentCore,
     pub transform: TransformCore,
     pub drain: DrainCore,
+    /// Whether this node has started before (a planted restart bug needs a restart).
+    pub booted: bool,
 }
 
 impl DataProc {
@@ -42,6 +45,7 @@ impl DataProc {
             new,
             persisted: Decision::Initial,
             executed: BTreeMap::new(),
+            booted: false,
         };
         proc.rebuild_volatile(world);
         proc
@@ -51,6 +55,10 @@ impl DataProc {
     fn rebuild_volatile(&mut self, world: &World) {
         self.agent = AgentCore::new(world.agent_config(&self.name, vec![Duty::Capture, Duty::Transform]));
         self.transform = TransformCore::new(world.mapping.clone(), self.new.checkpoint.clone());
+        if self.booted {
+            self.transform = self.transform.clone().with_bug(Bug::transform(world.config.bug));
+        }
+        self.booted = true;
         self.drain = DrainCore::new(self.new.checkpoint.applied, self.old.capture.is_fenced());
     }
 }
@@ -159,6 +167,21 @@ impl World {
                     self.drain_outputs(i, outs);
                 }
                 DrainOutput::Ack { epoch, ack } => {
+                    if let protocol::messages::Ack::Drained { final_position, .. } = &ack {
+                        // What a commit relies on: everything up to P is in the new universe.
+                        let applied = self.data[i].new.checkpoint.applied;
+                        let matched = self.universes_match(i);
+                        if applied < *final_position || !matched {
+                            let (now, name) = (self.now_us(), self.data[i].name.clone());
+                            let what = format!(
+                                "no lost writes: {name} acked Drained({}) with {} applied and universes that {}",
+                                final_position.0,
+                                applied.0,
+                                if matched { "match" } else { "differ" }
+                            );
+                            self.checker.violation(now, what);
+                        }
+                    }
                     let now = self.now_ms();
                     let outs = self.data[i].agent.handle(now, AgentInput::OweAck { epoch, ack });
                     self.data_agent_outputs(i, outs);
@@ -292,6 +315,7 @@ impl DataProc {
             }),
             transform: TransformCore::new(mapping, Default::default()),
             drain: DrainCore::new(Default::default(), false),
+            booted: false,
         }
     }
 }

@@ -18,7 +18,7 @@ pub mod trace;
 pub mod wire;
 mod world;
 
-pub use config::{FaultSet, SimConfig};
+pub use config::{Bug, FaultSet, SimConfig};
 pub use faults::Scenario;
 pub use run::{run_seed, SeedOutcome, SeedReport};
 pub use summary::Summary;

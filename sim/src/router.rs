@@ -2,6 +2,7 @@
 
 use crate::app::AppOp;
 use crate::checker::AdmissionPoint;
+use crate::config::Bug;
 use crate::oracle::ClientOutcome;
 use crate::wire::{DataRequest, DataResponse};
 use crate::world::{Done, World, DATA_BASE, ROUTER_BASE};
@@ -58,7 +59,7 @@ fn router_config(world: &World) -> RouterConfig {
         hold_max_ms: t.hold_max_ms,
         hold_queue_max: t.hold_queue_max as usize,
         retry_after_ms: 1_000,
-        bug: world.config.bug,
+        bug: Bug::router(world.config.bug),
     }
 }
 

@@ -63,6 +63,14 @@ pub enum TransformError {
 pub const COPY_CHUNK_ROWS: usize = 200;
 pub const STREAM_BATCH_CHANGES: usize = 500;
 
+/// Deliberately broken variants, to prove the simulator's checkers catch them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransformBug {
+    /// After a restart, resume one position past the checkpoint: the change right after it is
+    /// lost (the classic capture-restart bug).
+    ResumePastCheckpoint,
+}
+
 /// The transform duty's core.
 #[derive(Clone, Debug)]
 pub struct TransformCore {
@@ -70,12 +78,20 @@ pub struct TransformCore {
     checkpoint: Checkpoint,
     /// Duplicates skipped so far (changes at or before the checkpoint).
     pub duplicates_skipped: u64,
+    /// Planted bug: the next change is dropped (set on resume).
+    skip_next: bool,
 }
 
 impl TransformCore {
     /// Resumes from the checkpoint read from the new store.
     pub fn new(mapping: Mapping, checkpoint: Checkpoint) -> Self {
-        TransformCore { mapping, checkpoint, duplicates_skipped: 0 }
+        TransformCore { mapping, checkpoint, duplicates_skipped: 0, skip_next: false }
+    }
+
+    /// The same core with a planted bug (simulator only), applied as if it had just resumed.
+    pub fn with_bug(mut self, bug: Option<TransformBug>) -> Self {
+        self.skip_next = bug == Some(TransformBug::ResumePastCheckpoint) && self.checkpoint.copy == CopyState::Done;
+        self
     }
 
     pub fn checkpoint(&self) -> &Checkpoint {
@@ -137,8 +153,11 @@ impl TransformCore {
             if position.0 != applied.0 + 1 {
                 return Err(TransformError::Gap { expected: applied.0 + 1, got: position.0 });
             }
-            ops.extend(self.mapping.convert(op)?);
             applied = *position;
+            if std::mem::take(&mut self.skip_next) {
+                continue;
+            }
+            ops.extend(self.mapping.convert(op)?);
         }
         self.checkpoint.applied = applied;
         Ok(Batch { ops, checkpoint: self.checkpoint.clone() })
