@@ -118,14 +118,12 @@ impl World {
                 AgentOutput::Send { .. } => {}
                 AgentOutput::Persist(decision) => {
                     self.data[i].persisted = decision;
-                    let (now, name) = (self.now_us(), self.data[i].name.clone());
-                    self.checker.persisted(now, &name, decision);
+                    let name = self.data[i].name.clone();
+                    self.note_persisted(&name, decision);
                 }
                 AgentOutput::Act(decision) => {
-                    let (now, name) = (self.now_us(), self.data[i].name.clone());
-                    let committed = self.is_committed(decision);
-                    self.checker.acted(now, &name, decision, committed);
-                    self.record(format_args!("{name} acts on {decision:?}"));
+                    let name = self.data[i].name.clone();
+                    self.note_acted(&name, decision);
                     let outs = self.data[i].drain.handle(DrainInput::Decision { decision, all_routers_frozen: false });
                     self.drain_outputs(i, outs);
                 }

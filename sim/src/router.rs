@@ -239,14 +239,12 @@ impl World {
                 AgentOutput::Send { .. } => {}
                 AgentOutput::Persist(decision) => {
                     self.routers[i].persisted = decision;
-                    let (now, name) = (self.now_us(), self.routers[i].name.clone());
-                    self.checker.persisted(now, &name, decision);
+                    let name = self.routers[i].name.clone();
+                    self.note_persisted(&name, decision);
                 }
                 AgentOutput::Act(decision) => {
-                    let (now, name) = (self.now_us(), self.routers[i].name.clone());
-                    let committed = self.is_committed(decision);
-                    self.checker.acted(now, &name, decision, committed);
-                    self.record(format_args!("{name} acts on {decision:?}"));
+                    let name = self.routers[i].name.clone();
+                    self.note_acted(&name, decision);
                     let outs = self.routers[i].core.handle(now_ms, RouterInput::Decision(decision));
                     self.router_outputs(i, outs);
                 }

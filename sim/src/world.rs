@@ -292,6 +292,20 @@ impl World {
         }
     }
 
+    /// Checks what an agent persisted (epochs never go backwards, across restarts too).
+    pub fn note_persisted(&mut self, name: &str, decision: Decision) {
+        let now = self.now_us();
+        self.checker.persisted(now, name, decision);
+    }
+
+    /// Checks that an agent acts only on a committed decision, the same one as everybody.
+    pub fn note_acted(&mut self, name: &str, decision: Decision) {
+        let now = self.now_us();
+        let committed = self.is_committed(decision);
+        self.checker.acted(now, name, decision, committed);
+        self.record(format_args!("{name} acts on {decision:?}"));
+    }
+
     /// Whether some replica's applied state holds `decision` (i.e. it was committed).
     pub fn is_committed(&self, decision: Decision) -> bool {
         self.replicas.iter().any(|r| {

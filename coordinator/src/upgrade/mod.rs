@@ -329,20 +329,26 @@ impl UpgradeState {
         })
     }
 
-    fn commit(&mut self, epoch: Epoch) -> Applied {
-        if self.outcomes.contains_key(&epoch) {
-            return reject(format!("{epoch} is already decided: {:?}", self.outcomes[&epoch]));
+    /// The upgrade if `epoch` may still be decided: not decided yet, and Freezing at it.
+    fn undecided(&mut self, epoch: Epoch, verb: &str) -> Result<&mut Upgrade, Applied> {
+        if let Some(outcome) = self.outcomes.get(&epoch) {
+            return Err(reject(format!("{epoch} is already decided: {outcome:?}")));
         }
-        let upgrade = match self.active() {
+        let upgrade = self.active()?;
+        if upgrade.phase != Phase::Freezing || upgrade.epoch != epoch {
+            return Err(reject(format!(
+                "{verb} {epoch} needs phase Freezing at {epoch}, the upgrade is {:?} at {}",
+                upgrade.phase, upgrade.epoch
+            )));
+        }
+        Ok(upgrade)
+    }
+
+    fn commit(&mut self, epoch: Epoch) -> Applied {
+        let upgrade = match self.undecided(epoch, "commit") {
             Ok(u) => u,
             Err(r) => return r,
         };
-        if upgrade.phase != Phase::Freezing || upgrade.epoch != epoch {
-            return reject(format!(
-                "commit {epoch} needs phase Freezing at {epoch}, the upgrade is {:?} at {}",
-                upgrade.phase, upgrade.epoch
-            ));
-        }
         let missing = upgrade.missing_acks();
         if !missing.is_empty() {
             return reject(format!("commit {epoch} without every ack; missing: {}", missing.join(", ")));
@@ -356,19 +362,10 @@ impl UpgradeState {
     }
 
     fn abort(&mut self, epoch: Epoch, reason: &str, now_ms: u64, by_operator: bool) -> Applied {
-        if self.outcomes.contains_key(&epoch) {
-            return reject(format!("{epoch} is already decided: {:?}", self.outcomes[&epoch]));
-        }
-        let upgrade = match self.active() {
+        let upgrade = match self.undecided(epoch, "abort") {
             Ok(u) => u,
             Err(r) => return r,
         };
-        if upgrade.phase != Phase::Freezing || upgrade.epoch != epoch {
-            return reject(format!(
-                "abort {epoch} needs phase Freezing at {epoch}, the upgrade is {:?} at {}",
-                upgrade.phase, upgrade.epoch
-            ));
-        }
         upgrade.last_abort_reason = Some(reason.to_string());
         upgrade.switch_requested = false;
         upgrade.retry_not_before_ms = now_ms.saturating_add(upgrade.plan.thresholds.retry_backoff_ms);
