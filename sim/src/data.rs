@@ -5,12 +5,13 @@ use crate::checker::AdmissionPoint;
 use crate::config::Bug;
 use crate::wire::{DataRequest, DataResponse};
 use crate::world::{World, DATA_BASE};
-use node::agent::{AgentCore, AgentInput, AgentOutput};
+use node::agent::{AgentConfig, AgentCore, AgentInput, AgentOutput};
 use node::duties::drain::{DrainCore, DrainInput, DrainOutput};
 use node::duties::transform::{CopyState, TransformCore, Work};
 use node::store::MemStore;
 use protocol::codec;
 use protocol::messages::NodeReport;
+use protocol::schema::Mapping;
 use protocol::{Decision, Duty, Universe};
 use std::collections::BTreeMap;
 
@@ -47,16 +48,17 @@ impl DataProc {
             executed: BTreeMap::new(),
             booted: false,
         };
-        proc.rebuild_volatile(world);
+        let agent = world.agent_config(&proc.name, vec![Duty::Capture, Duty::Transform]);
+        proc.rebuild_volatile(agent, &world.mapping, world.config.bug);
         proc
     }
 
     /// Rebuilds what a crash loses from what the disk kept.
-    fn rebuild_volatile(&mut self, world: &World) {
-        self.agent = AgentCore::new(world.agent_config(&self.name, vec![Duty::Capture, Duty::Transform]));
-        self.transform = TransformCore::new(world.mapping.clone(), self.new.checkpoint.clone());
+    fn rebuild_volatile(&mut self, agent: AgentConfig, mapping: &Mapping, bug: Option<Bug>) {
+        self.agent = AgentCore::new(agent);
+        self.transform = TransformCore::new(mapping.clone(), self.new.checkpoint.clone());
         if self.booted {
-            self.transform = self.transform.clone().with_bug(Bug::transform(world.config.bug));
+            self.transform = self.transform.clone().with_bug(Bug::transform(bug));
         }
         self.booted = true;
         self.drain = DrainCore::new(self.new.checkpoint.applied, self.old.capture.is_fenced());
@@ -279,9 +281,9 @@ impl World {
         }
         info.up = true;
         info.incarnation += 1;
-        let mut d = std::mem::replace(&mut self.data[i], DataProc::placeholder());
-        d.rebuild_volatile(self);
-        self.data[i] = d;
+        let agent = self.agent_config(&self.data[i].name, vec![Duty::Capture, Duty::Transform]);
+        let mapping = self.mapping.clone();
+        self.data[i].rebuild_volatile(agent, &mapping, self.config.bug);
         let persisted = self.data[i].persisted;
         let now = self.now_ms();
         let outs = self.data[i].agent.handle(now, AgentInput::Boot { persisted });
@@ -289,32 +291,6 @@ impl World {
         let applied = self.data[i].new.checkpoint.applied.0;
         self.record(format_args!("{name} restarted with {persisted:?}, checkpoint {applied}"));
         self.data_agent_outputs(i, outs);
-    }
-}
-
-impl DataProc {
-    fn placeholder() -> DataProc {
-        let mapping = protocol::schema::Mapping { outputs: BTreeMap::new() };
-        DataProc {
-            addr: 0,
-            name: String::new(),
-            old: MemStore::default(),
-            new: MemStore::default(),
-            persisted: Decision::Initial,
-            executed: BTreeMap::new(),
-            agent: AgentCore::new(node::agent::AgentConfig {
-                node: "placeholder".into(),
-                duties: Vec::new(),
-                replicas: vec![0],
-                request_timeout_ms: 1,
-                watch_wait_ms: 1,
-                report_interval_ms: 1,
-                stale_watch_limit: 1,
-            }),
-            transform: TransformCore::new(mapping, Default::default()),
-            drain: DrainCore::new(Default::default(), false),
-            booted: false,
-        }
     }
 }
 

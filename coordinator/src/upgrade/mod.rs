@@ -147,6 +147,7 @@ impl UpgradeState {
     /// Applies one committed command. Every precondition is checked here.
     pub fn apply(&mut self, command: &Command) -> Applied {
         let result = self.apply_inner(command);
+        self.advance();
         if !matches!(result, Applied::Rejected(_)) && !matches!(command, Command::Report { .. }) {
             self.version += 1;
         }
@@ -184,7 +185,6 @@ impl UpgradeState {
             Command::Abort { epoch, reason, now_ms } => self.abort(*epoch, reason, *now_ms, false),
             Command::OperatorAbort { reason, now_ms } => self.operator_abort(reason, *now_ms),
         }
-        .also(|_| self.advance())
     }
 
     fn active(&mut self) -> Result<&mut Upgrade, Applied> {
@@ -417,14 +417,6 @@ impl Upgrade {
         self.plan.nodes.iter().all(|n| self.nodes.get(&n.name).is_some_and(&pred))
     }
 }
-
-trait Also: Sized {
-    fn also(self, f: impl FnOnce(&Self)) -> Self {
-        f(&self);
-        self
-    }
-}
-impl Also for Applied {}
 
 #[cfg(test)]
 mod tests;
