@@ -275,3 +275,138 @@ fn views_tell_each_node_its_acks() {
     assert_eq!(s.phase, Some(Phase::Freezing));
     assert_eq!(s.nodes.len(), 3);
 }
+
+mod properties {
+    //! Random command sequences (any order, stale epochs, unknown nodes, proposals a confused
+    //! leader might make) never break the safety rules.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    const NODES: [&str; 4] = ["router-1", "router-2", "db-1", "intruder"];
+
+    fn command() -> impl Strategy<Value = Command> {
+        let node = (0..NODES.len()).prop_map(|i| n(NODES[i]));
+        let epoch = (0u64..4).prop_map(Epoch);
+        let ack = prop_oneof![
+            Just(Ack::Frozen),
+            Just(Ack::Switched),
+            (0u64..20, any::<bool>())
+                .prop_map(|(p, m)| Ack::Drained { final_position: Position(p), checksum_match: m }),
+        ];
+        let duties = prop_oneof![
+            Just(vec![Duty::Route, Duty::Validate]),
+            Just(vec![Duty::Capture, Duty::Transform, Duty::Validate]),
+            Just(vec![Duty::Route]),
+        ];
+        let report = (0u64..200, 0u64..200, any::<bool>(), 0u64..40, 0u64..2).prop_map(
+            |(c, a, bulk_done, samples, mismatches)| NodeReport {
+                captured: Position(c),
+                applied: Position(a),
+                bulk_done,
+                samples,
+                mismatches,
+            },
+        );
+        prop_oneof![
+            (node.clone(), duties, any::<bool>()).prop_map(|(node, duties, deployed)| Command::Register {
+                node,
+                duties,
+                deployed
+            }),
+            (node.clone(), report).prop_map(|(node, report)| Command::Report { node, report }),
+            Just(Command::RequestSwitch),
+            (epoch.clone(), 0u64..10_000, 0u64..10_000).prop_map(|(epoch, now_ms, d)| Command::Freeze {
+                epoch,
+                now_ms,
+                deadline_ms: now_ms + d
+            }),
+            (node, epoch.clone(), ack).prop_map(|(node, epoch, ack)| Command::Ack { node, epoch, ack }),
+            epoch.clone().prop_map(|epoch| Command::Commit { epoch }),
+            (epoch, 0u64..10_000).prop_map(|(epoch, now_ms)| Command::Abort { epoch, reason: "random".into(), now_ms }),
+            (0u64..10_000).prop_map(|now_ms| Command::OperatorAbort { reason: "random".into(), now_ms }),
+        ]
+    }
+
+    /// The happy path to a freeze; a random-length prefix of it starts most cases deep enough
+    /// that freezes, commits and aborts are explored.
+    fn happy_path() -> Vec<Command> {
+        let good =
+            NodeReport { captured: Position(10), applied: Position(10), bulk_done: true, samples: 30, mismatches: 0 };
+        let mut path = Vec::new();
+        for r in ROUTERS {
+            path.push(Command::Register { node: n(r), duties: vec![Duty::Route, Duty::Validate], deployed: true });
+        }
+        path.push(Command::Register {
+            node: n("db-1"),
+            duties: vec![Duty::Capture, Duty::Transform, Duty::Validate],
+            deployed: true,
+        });
+        path.push(Command::Report { node: n("router-1"), report: good.clone() });
+        path.push(Command::Report { node: n("db-1"), report: good });
+        path.push(Command::RequestSwitch);
+        path.push(Command::Freeze { epoch: Epoch(1), now_ms: 0, deadline_ms: 3_000 });
+        path.push(Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Frozen });
+        path.push(Command::Ack { node: n("router-2"), epoch: Epoch(1), ack: Ack::Frozen });
+        path
+    }
+
+    static REACHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_commands_keep_the_safety_rules(
+            manual in any::<bool>(),
+            prefix in 0usize..=11,
+            random in proptest::collection::vec(command(), 1..80),
+        ) {
+            let mut state = UpgradeState::default();
+            let started = state.apply(&Command::Start { plan: plan(if manual { "manual" } else { "auto" }, 3), token: "t".into() });
+            prop_assert_eq!(started, Applied::Started(UpgradeId(1)));
+            let commands: Vec<Command> = happy_path().into_iter().take(prefix).chain(random).collect();
+            for command in &commands {
+                let before = state.clone();
+                let decision_before = before.decision();
+                let result = state.apply(command);
+                if matches!(result, Applied::Rejected(_)) {
+                    let mut unchanged = before.clone();
+                    unchanged.version = state.version;
+                    prop_assert_eq!(&state, &unchanged, "a rejected command changed the state: {:?}", command);
+                }
+                // Epochs only grow; a decided outcome never changes or disappears.
+                prop_assert!(state.last_epoch >= before.last_epoch);
+                for (epoch, outcome) in &before.outcomes {
+                    prop_assert_eq!(state.outcomes.get(epoch), Some(outcome));
+                }
+                // What nodes watch only moves forward.
+                prop_assert!(state.decision().order_key() >= decision_before.order_key(), "{:?} -> {:?} after {:?}", decision_before, state.decision(), command);
+                // A commit is applied only with every ack in place.
+                if let Command::Commit { epoch } = command {
+                    if result == Applied::Accepted {
+                        let u = before.current.as_ref().unwrap();
+                        prop_assert!(u.missing_acks().is_empty() && u.checksum_mismatch().is_none());
+                        prop_assert_eq!(u.epoch, *epoch);
+                    }
+                }
+                let u = state.current.as_ref().unwrap();
+                if matches!(u.phase, Phase::Switched | Phase::Done) {
+                    prop_assert_eq!(state.outcomes.get(&u.epoch), Some(&Outcome::Committed));
+                }
+                prop_assert!(state.outcomes.values().filter(|o| **o == Outcome::Committed).count() <= 1);
+            }
+            if !state.outcomes.is_empty() {
+                REACHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[test]
+    fn the_random_commands_reach_decisions() {
+        // Run the property, then check it explored decided epochs (commits and aborts).
+        random_commands_keep_the_safety_rules();
+        let reached = REACHED.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(reached > 100, "only {reached} of 1024 cases decided an epoch");
+    }
+}
