@@ -306,3 +306,106 @@ mod tests {
         assert_eq!(forwards(&r.handle(100, RouterInput::Tick)), vec![(1, Universe::Old)]);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! The fail-closed rule over random inputs: a router sends to the old universe only under
+    //! `Initial`/`Abort`, to the new one only under `Commit`, acks `Frozen` only with nothing in
+    //! flight to the old universe, and never holds past `hold_max_ms` plus one tick.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Longest gap between two ticks: a hold may overrun `hold_max_ms` by at most this.
+    const TICK_MAX_MS: u64 = 20;
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Arrive {
+            read_only: bool,
+        },
+        Complete(usize),
+        Tick,
+        Wait(u64),
+        /// Advance the decision: 0 freeze, 1 commit, 2 abort (of the current epoch), 3 next epoch's freeze.
+        Decide(u8),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => any::<bool>().prop_map(|read_only| Step::Arrive { read_only }),
+            2 => (0usize..64).prop_map(Step::Complete),
+            2 => Just(Step::Tick),
+            2 => (1u64..=TICK_MAX_MS).prop_map(Step::Wait),
+            1 => (0u8..4).prop_map(Step::Decide),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn router_never_guesses(steps in proptest::collection::vec(step(), 1..200)) {
+            let hold_max_ms = 100;
+            let mut r = RouterCore::new(RouterConfig { hold_max_ms, hold_queue_max: 8, retry_after_ms: 1000, bug: None });
+            let mut now = 0u64;
+            let mut next_id = 0u64;
+            let mut decision = Decision::Initial;
+            let mut in_flight: Vec<RequestId> = Vec::new();
+            let mut acted = false;
+            for s in steps {
+                let out = match s {
+                    Step::Arrive { read_only } => {
+                        next_id += 1;
+                        r.handle(now, RouterInput::Request { id: next_id, read_only })
+                    }
+                    Step::Complete(i) if !in_flight.is_empty() => {
+                        let id = in_flight.remove(i % in_flight.len());
+                        r.handle(now, RouterInput::OldCompleted { id })
+                    }
+                    Step::Complete(_) => Vec::new(),
+                    Step::Tick => r.handle(now, RouterInput::Tick),
+                    Step::Wait(ms) => {
+                        now += ms;
+                        r.handle(now, RouterInput::Tick)
+                    }
+                    Step::Decide(k) => {
+                        let e = decision.epoch();
+                        let next = match (decision, k) {
+                            (Decision::Initial | Decision::Abort(_), 0 | 3) => Decision::Freeze(Epoch(e.0 + 1)),
+                            (Decision::Freeze(e), 1) => Decision::Commit(e),
+                            (Decision::Freeze(e), 2) => Decision::Abort(e),
+                            _ => decision,
+                        };
+                        if next == decision && acted {
+                            continue;
+                        }
+                        decision = next;
+                        acted = true;
+                        r.handle(now, RouterInput::Decision(decision))
+                    }
+                };
+                for o in &out {
+                    match o {
+                        RouterOutput::Forward { id, universe } => {
+                            prop_assert!(acted, "forwarded before reading any decision");
+                            prop_assert_eq!(Some(*universe), decision.serving(), "forwarded to {:?} under {:?}", universe, decision);
+                            if *universe == Universe::Old {
+                                in_flight.push(*id);
+                            }
+                        }
+                        RouterOutput::Released { held_ms, .. } => prop_assert!(*held_ms <= hold_max_ms + TICK_MAX_MS),
+                        RouterOutput::Ack { epoch, ack: Ack::Frozen } => {
+                            prop_assert_eq!(decision, Decision::Freeze(*epoch));
+                            prop_assert!(in_flight.is_empty(), "acked Frozen with requests in flight to the old universe");
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(since) = r.oldest_held_ms() {
+                    prop_assert!(now - since <= hold_max_ms, "held {} ms", now - since);
+                }
+            }
+        }
+    }
+}
