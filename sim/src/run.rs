@@ -23,7 +23,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::time::Instant;
 
 /// How one seed ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,7 +174,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     }
     let world = World {
         seed,
-        start: Instant::now(),
+        start: virtual_now(),
         rng,
         net,
         procs,
@@ -248,7 +247,7 @@ async fn run(config: SimConfig, seed: u64) -> SeedReport {
 
     tokio::time::sleep(Duration::from_millis(safety_ms)).await;
     heal(&shared).await;
-    let healed_at = Instant::now();
+    let healed_at = virtual_now();
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if with(&shared, |w| w.finished()) {

@@ -40,6 +40,12 @@ fn lock(shared: &Shared) -> MutexGuard<'_, World> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The simulation's clock: tokio's *paused* virtual clock (it advances only when every task
+/// waits), never the wall clock. The one place the simulator reads time.
+pub fn virtual_now() -> Instant {
+    Instant::now()
+}
+
 /// Address ranges.
 pub const ROUTER_BASE: Addr = 1_000;
 pub const DATA_BASE: Addr = 2_000;
@@ -123,7 +129,7 @@ pub struct World {
 
 impl World {
     pub fn now_us(&self) -> u64 {
-        Instant::now().duration_since(self.start).as_micros() as u64
+        virtual_now().duration_since(self.start).as_micros() as u64
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -373,7 +379,7 @@ impl World {
 /// cannot know that: it learns only by waiting out its timeout (answering at once would let
 /// retry loops spin without virtual time passing).
 async fn await_reply(rx: oneshot::Receiver<Vec<u8>>, timeout: Duration) -> Option<Vec<u8>> {
-    let deadline = Instant::now() + timeout;
+    let deadline = virtual_now() + timeout;
     match tokio::time::timeout_at(deadline, rx).await {
         Ok(Ok(bytes)) => Some(bytes),
         Ok(Err(_dropped)) => {
@@ -440,7 +446,7 @@ pub async fn start_replica(shared: &Shared, index: usize) {
         (slot.disk.clone(), w.timing, members, slot.skew_ms.clone(), w.start)
     });
     let clock: Clock = Arc::new(move || {
-        let ms = Instant::now().duration_since(start).as_millis() as i64 + skew.load(Ordering::Relaxed);
+        let ms = virtual_now().duration_since(start).as_millis() as i64 + skew.load(Ordering::Relaxed);
         ms.max(0) as u64
     });
     let transport = SimTransport { world: Arc::downgrade(shared), me: addr };
