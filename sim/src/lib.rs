@@ -6,9 +6,12 @@
 
 pub mod app;
 pub mod checker;
+mod clients;
 pub mod config;
 mod data;
+mod ending;
 pub mod faults;
+mod inject;
 pub mod net;
 pub mod oracle;
 mod router;

@@ -1,0 +1,112 @@
+//! Everything outside the cluster that talks to it: clients (the workload) and the operator.
+
+use crate::app::AppOp;
+use crate::run::START_UPGRADE_MS;
+use crate::world::*;
+use protocol::messages::{CliRequest, CliResponse, Phase, Request, Response};
+use rand::Rng;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) async fn workload(shared: Shared, running: Arc<std::sync::atomic::AtomicBool>) {
+    while running.load(Ordering::Relaxed) {
+        let wait_us = with(&shared, |w| {
+            let rate = w.config.client_rate_per_s.max(1.0);
+            let u: f64 = w.rng.gen_range(f64::EPSILON..1.0);
+            (-u.ln() / rate * 1e6) as u64
+        });
+        tokio::time::sleep(Duration::from_micros(wait_us.max(1))).await;
+        with(&shared, |w| {
+            let router = w.rng.gen_range(0..w.routers.len());
+            let op = w.next_op();
+            w.client_arrival(router, op);
+        });
+    }
+}
+
+pub(crate) async fn operator(shared: Shared) {
+    tokio::time::sleep(Duration::from_millis(START_UPGRADE_MS)).await;
+    let (plan, coordinators) = with(&shared, |w| (w.plan.clone(), w.config.coordinators));
+    let mut target = 0;
+    loop {
+        let start = CliRequest::Start { plan: plan.clone(), token: "sim-operator-start".into() };
+        let answer = operator_call(&shared, coordinator_addr(target), Request::Cli(start)).await;
+        match answer {
+            Some(Response::Cli(CliResponse::Started { upgrade })) => {
+                with(&shared, |w| w.record(format_args!("operator: upgrade {} started", upgrade.0)));
+                if plan.switch == protocol::plan::SwitchMode::Manual {
+                    request_switch(&shared).await;
+                }
+                return;
+            }
+            Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = (l - 1) as usize,
+            _ => {
+                target = (target + 1) % coordinators;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Manual mode: a persistent operator asks for the switch whenever the upgrade is syncing
+/// (again after an abort, which clears the request) until the upgrade ends.
+pub(crate) async fn request_switch(shared: &Shared) {
+    let coordinators = with(shared, |w| w.config.coordinators);
+    let mut target = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let state = with(shared, |w| w.freshest_state());
+        let Some(upgrade) = state.current else { continue };
+        if upgrade.phase.is_terminal() {
+            return;
+        }
+        if upgrade.phase != Phase::Syncing || upgrade.switch_requested {
+            continue;
+        }
+        match operator_call(shared, coordinator_addr(target), Request::Cli(CliRequest::Switch)).await {
+            Some(Response::Cli(CliResponse::Accepted)) => {
+                with(shared, |w| w.record(format_args!("operator: switch requested")));
+            }
+            Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = (l - 1) as usize,
+            Some(Response::Cli(CliResponse::Rejected { .. })) => {}
+            _ => target = (target + 1) % coordinators,
+        }
+    }
+}
+
+pub(crate) async fn operator_call(shared: &Shared, to: u64, request: Request) -> Option<Response> {
+    let transport = SimTransport { world: Arc::downgrade(shared), me: OPERATOR };
+    coordinator::raft::Transport::call(&transport, to, request, Duration::from_millis(3_000)).await.ok()
+}
+
+impl World {
+    pub(crate) fn next_op(&mut self) -> AppOp {
+        let roll = self.rng.gen_range(0..100);
+        let users = self.next_user.max(1);
+        match roll {
+            0..=39 => AppOp::ViewUser { id: self.rng.gen_range(0..users) },
+            40..=49 => AppOp::ViewItem { id: self.rng.gen_range(0..self.next_item.max(1)) },
+            50..=79 => {
+                let id = self.next_user;
+                self.next_user += 1;
+                AppOp::RegisterUser {
+                    id,
+                    name: format!("user{id}"),
+                    email: format!("u{id}@example.org"),
+                    bio: format!("new{id}"),
+                }
+            }
+            80..=94 => {
+                let id = self.rng.gen_range(0..users);
+                let tag: u64 = self.rng.gen();
+                AppOp::UpdateBio { id, bio: format!("b{tag:016x}") }
+            }
+            _ => {
+                let id = self.next_item;
+                self.next_item += 1;
+                AppOp::AddItem { id, title: format!("item{id}"), seller: id % 7, price: 100 + id }
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Firing faults (timed and triggered), and healing them for the liveness phase.
+
+use crate::clients::operator_call;
+use crate::faults::{Condition, FaultEvent, Target};
+use crate::world::*;
+use protocol::messages::{CliRequest, CliResponse, Request, Response};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+pub(crate) async fn timed_faults(shared: Shared) {
+    let events = with(&shared, |w| w.faults.timed.clone());
+    let start = with(&shared, |w| w.start);
+    for (at_ms, event) in events {
+        tokio::time::sleep_until(start + Duration::from_millis(at_ms)).await;
+        if with(&shared, |w| w.healed) {
+            return;
+        }
+        fire(&shared, event).await;
+    }
+}
+
+/// Applies one fault now.
+pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
+    if with(shared, |w| w.healed) {
+        return;
+    }
+    with(shared, |w| {
+        let line = format!("{:.3}s {event:?}", w.now_us() as f64 / 1e6);
+        w.record(format_args!("fault: {line}"));
+        w.stats.fault_log.push(line);
+    });
+    match event {
+        FaultEvent::Partition { side_share, symmetric, duration_ms } => {
+            let id = with(shared, |w| {
+                let all: Vec<u64> = w.procs.keys().copied().filter(|a| *a != OPERATOR).collect();
+                let (mut a, mut b) = (BTreeSet::new(), BTreeSet::new());
+                for addr in all {
+                    if w.rng.gen_bool(side_share) {
+                        a.insert(addr);
+                    } else {
+                        b.insert(addr);
+                    }
+                }
+                w.net.add_partition(a, b, symmetric)
+            });
+            heal_later(shared, duration_ms, move |w| w.net.remove_partition(id));
+        }
+        FaultEvent::Isolate { target, duration_ms } => {
+            // Cut the target off from every coordinator, both ways (a coordinator: from everyone).
+            let id = with(shared, |w| {
+                let addr = w.resolve(target)?;
+                let others: BTreeSet<u64> = if addr < ROUTER_BASE {
+                    w.procs.keys().copied().filter(|a| *a != addr).collect()
+                } else {
+                    (0..w.config.coordinators).map(coordinator_addr).collect()
+                };
+                Some(w.net.add_partition(BTreeSet::from([addr]), others, true))
+            });
+            if let Some(id) = id {
+                heal_later(shared, duration_ms, move |w| w.net.remove_partition(id));
+            }
+        }
+        FaultEvent::Crash { target, down_ms } => {
+            let addr = with(shared, |w| w.resolve(target));
+            let Some(addr) = addr else { return };
+            crash(shared, addr);
+            if let Some(down_ms) = down_ms {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(down_ms)).await;
+                    if !with(&shared, |w| w.healed) {
+                        restart(&shared, addr).await;
+                    }
+                });
+            }
+        }
+        FaultEvent::Garbage { target, frames } => {
+            with(shared, |w| {
+                if let Some(addr) = w.resolve(target) {
+                    for _ in 0..frames {
+                        let frame = garbage_frame(&mut w.rng);
+                        w.inject(OPERATOR, addr, frame);
+                    }
+                }
+            });
+        }
+        FaultEvent::OperatorAbort => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                // Like the CLI: try a replica, follow a leader hint, give up after a few tries.
+                let mut target = with(&shared, |w| w.rng.gen_range(0..w.config.coordinators));
+                for _ in 0..3 {
+                    let abort = CliRequest::Abort { reason: "operator changed their mind".into() };
+                    let answer = operator_call(&shared, coordinator_addr(target), Request::Cli(abort)).await;
+                    with(&shared, |w| w.record(format_args!("operator abort answered {answer:?}")));
+                    match answer {
+                        Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = (l - 1) as usize,
+                        Some(_) => return,
+                        None => target = (target + 1) % with(&shared, |w| w.config.coordinators),
+                    }
+                }
+            });
+        }
+        FaultEvent::ClockJump { replica, delta_ms } => {
+            with(shared, |w| w.replicas[replica].skew_ms.fetch_add(delta_ms, Ordering::Relaxed));
+        }
+        FaultEvent::LoseCommit { router, count } => {
+            with(shared, |w| {
+                let addr = w.routers[router].addr;
+                *w.lose_commit.entry(addr).or_default() += count;
+            });
+        }
+    }
+}
+
+/// Random bytes, half of them behind a valid frame header (so the payload decoder is hit).
+pub(crate) fn garbage_frame(rng: &mut ChaCha8Rng) -> Vec<u8> {
+    let len = rng.gen_range(0..64);
+    let payload: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+    if rng.gen_bool(0.5) {
+        let mut frame = protocol::codec::MAGIC.to_vec();
+        frame.extend_from_slice(&protocol::codec::PROTOCOL_VERSION.to_be_bytes());
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&payload);
+        frame
+    } else {
+        payload
+    }
+}
+
+pub(crate) fn heal_later(shared: &Shared, after_ms: u64, f: impl FnOnce(&mut World) + Send + 'static) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(after_ms)).await;
+        with(&shared, f);
+    });
+}
+
+pub(crate) fn crash(shared: &Shared, addr: u64) {
+    if addr < ROUTER_BASE {
+        crash_replica(shared, (addr - 1) as usize);
+    } else if addr < DATA_BASE {
+        with(shared, |w| w.crash_router((addr - ROUTER_BASE) as usize));
+    } else {
+        with(shared, |w| w.crash_data((addr - DATA_BASE) as usize));
+    }
+}
+
+pub(crate) async fn restart(shared: &Shared, addr: u64) {
+    if addr < ROUTER_BASE {
+        if !with(shared, |w| w.procs[&addr].up) {
+            start_replica(shared, (addr - 1) as usize).await;
+        }
+    } else if addr < DATA_BASE {
+        with(shared, |w| w.restart_router((addr - ROUTER_BASE) as usize));
+    } else {
+        with(shared, |w| w.restart_data((addr - DATA_BASE) as usize));
+    }
+}
+
+/// Ends the safety phase: no more faults, everything down restarts.
+pub(crate) async fn heal(shared: &Shared) {
+    let down = with(shared, |w| {
+        w.healed = true;
+        w.net.heal();
+        w.lose_commit.clear();
+        w.record(format_args!("faults healed"));
+        w.procs.iter().filter(|(_, p)| !p.up).map(|(a, _)| *a).collect::<Vec<_>>()
+    });
+    for addr in down {
+        restart(shared, addr).await;
+    }
+}
+
+impl World {
+    /// The address a fault target names now.
+    pub fn resolve(&self, target: Target) -> Option<u64> {
+        match target {
+            Target::Coordinator(i) => Some(coordinator_addr(i)),
+            Target::Leader => self.leader().map(coordinator_addr),
+            Target::Router(i) => Some(self.routers[i].addr),
+            Target::Data(i) => Some(self.data[i].addr),
+        }
+    }
+
+    /// Triggered faults whose condition now holds (each fires once).
+    pub(crate) fn due_triggers(&mut self) -> Vec<(u64, FaultEvent)> {
+        if self.healed || self.faults.triggered.is_empty() {
+            return Vec::new();
+        }
+        let freezing = self.stats.first_freeze_us.is_some();
+        let mut due = Vec::new();
+        let mut keep = Vec::new();
+        for t in std::mem::take(&mut self.faults.triggered) {
+            match t.when {
+                Condition::Freezing { after_ms } if freezing => due.push((after_ms, t.event)),
+                Condition::Copying { data } if self.stats.copying_seen.get(&data).copied().unwrap_or(false) => {
+                    due.push((0, t.event))
+                }
+                _ => keep.push(t),
+            }
+        }
+        self.faults.triggered = keep;
+        due
+    }
+}
