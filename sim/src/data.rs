@@ -29,6 +29,8 @@ pub struct DataProc {
     pub drain: DrainCore,
     /// Whether this node has started before (a planted restart bug needs a restart).
     pub booted: bool,
+    /// The last comparison of both universes while fenced: (old last, new applied, matched).
+    pub compared: Option<(protocol::Position, protocol::Position, bool)>,
 }
 
 impl DataProc {
@@ -47,6 +49,7 @@ impl DataProc {
             persisted: Decision::Initial,
             executed: BTreeMap::new(),
             booted: false,
+            compared: None,
         };
         let agent = world.agent_config(&proc.name, vec![Duty::Capture, Duty::Transform]);
         proc.rebuild_volatile(agent, &world.mapping, world.config.bug);
@@ -155,7 +158,7 @@ impl World {
                 }
                 DrainOutput::Unfence => self.data[i].old.capture.unfence(),
                 DrainOutput::CompareChecksums => {
-                    let matched = self.universes_match(i);
+                    let matched = self.universes_match_cached(i);
                     if !matched {
                         let (now, name) = (self.now_us(), self.data[i].name.clone());
                         self.checker.violation(
@@ -170,7 +173,7 @@ impl World {
                     if let protocol::messages::Ack::Drained { final_position, .. } = &ack {
                         // What a commit relies on: everything up to P is in the new universe.
                         let applied = self.data[i].new.checkpoint.applied;
-                        let matched = self.universes_match(i);
+                        let matched = self.universes_match_cached(i);
                         if applied < *final_position || !matched {
                             let (now, name) = (self.now_us(), self.data[i].name.clone());
                             let what = format!(
@@ -188,6 +191,20 @@ impl World {
                 }
             }
         }
+    }
+
+    /// [`World::universes_match`], computed once per (fenced) final position.
+    fn universes_match_cached(&mut self, i: usize) -> bool {
+        let d = &self.data[i];
+        let (old_at, new_at, fenced) = (d.old.capture.last(), d.new.checkpoint.applied, d.old.capture.is_fenced());
+        if let Some((o, n, matched)) = d.compared {
+            if fenced && (o, n) == (old_at, new_at) {
+                return matched;
+            }
+        }
+        let matched = self.universes_match(i);
+        self.data[i].compared = fenced.then_some((old_at, new_at, matched));
+        matched
     }
 
     /// Whether the new store holds exactly the old store's data, transformed.
