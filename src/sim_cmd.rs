@@ -18,10 +18,13 @@ pub struct SimArgs {
     /// First seed (seeds run are seed, seed+1, ...).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Coordinator replicas (a Raft group).
     #[arg(long, default_value_t = 3)]
     coordinators: usize,
+    /// Ingress routers (each with the route and validate duties).
     #[arg(long, default_value_t = 3)]
     routers: usize,
+    /// Data nodes (shards; each holds the old and the new store, captures and transforms).
     #[arg(long = "data-nodes", default_value_t = 2)]
     data_nodes: usize,
     /// Datacenters (more than one: 50–150 ms between them).

@@ -59,6 +59,20 @@ fn sim_with_the_planted_bug_fails_and_prints_a_replay_command_and_trace() {
 }
 
 #[test]
+fn sim_results_do_not_depend_on_the_number_of_jobs() {
+    let run = |jobs: &str| {
+        let out = imago().args(["sim", "--seeds", "6", "--seed", "40", "--json", "--jobs", jobs]).output().unwrap();
+        assert!(out.status.success());
+        let mut summary = last_json(&out.stdout);
+        let map = summary.as_object_mut().unwrap();
+        map.remove("wall_seconds");
+        map.remove("simulated_seconds_per_wall_second");
+        summary
+    };
+    assert_eq!(run("1"), run("2"));
+}
+
+#[test]
 fn sim_refuses_bad_arguments_clearly() {
     let out = imago().args(["sim", "--faults", "lightning"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
