@@ -2,6 +2,11 @@
 
 mod sim_cmd;
 
+/// The simulator allocates a message, a task and a timer per network hop; mimalloc is markedly
+/// faster than the system allocator for that pattern (measured with `imago sim --jobs 1`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
