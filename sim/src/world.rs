@@ -208,7 +208,9 @@ impl World {
                     let Some(replica) = w.replicas[(to - 1) as usize].running.clone() else { return };
                     drop(w);
                     let shared = shared.clone();
-                    tokio::spawn(async move {
+                    // Boxed: the replica's request future is large, and tokio would otherwise
+                    // copy it whole into and out of the task cell.
+                    tokio::spawn(Box::pin(async move {
                         let response = match codec::decode_frame::<Request>(&bytes) {
                             Ok(Some((request, _))) => replica.handle(request).await,
                             Ok(None) => Response::Error { reason: "truncated frame".into() },
@@ -216,7 +218,7 @@ impl World {
                         };
                         let answer = codec::encode_frame(&response).expect("responses encode");
                         with(&shared, |w| w.reply(to, info.incarnation, from, answer, slot, caller_inc));
-                    });
+                    }));
                 }
             }
         }
