@@ -174,6 +174,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     let world = World {
         seed,
         start: virtual_now(),
+        now_us: 0,
         rng,
         net,
         procs,

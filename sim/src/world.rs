@@ -37,7 +37,11 @@ pub fn with<T>(shared: &Shared, f: impl FnOnce(&mut World) -> T) -> T {
 }
 
 fn lock(shared: &Shared) -> MutexGuard<'_, World> {
-    shared.lock().unwrap_or_else(|p| p.into_inner())
+    let mut world = shared.lock().unwrap_or_else(|p| p.into_inner());
+    // Virtual time cannot pass while the world is locked (no task holds it across an await):
+    // read the clock once per lock.
+    world.now_us = virtual_now().duration_since(world.start).as_micros() as u64;
+    world
 }
 
 /// The simulation's clock: tokio's *paused* virtual clock (it advances only when every task
@@ -104,6 +108,8 @@ pub struct World {
     pub config: SimConfig,
     pub seed: u64,
     pub start: Instant,
+    /// Virtual time at the current lock (see `lock`).
+    pub(crate) now_us: u64,
     pub rng: ChaCha8Rng,
     pub net: NetModel,
     pub procs: BTreeMap<Addr, ProcInfo>,
@@ -128,8 +134,9 @@ pub struct World {
 }
 
 impl World {
+    /// Virtual microseconds since the seed started (read when the world was locked).
     pub fn now_us(&self) -> u64 {
-        virtual_now().duration_since(self.start).as_micros() as u64
+        self.now_us
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -175,7 +182,8 @@ impl World {
         let len = match &packet {
             Packet::Request { bytes, .. } | Packet::Reply { bytes, .. } => bytes.len(),
         };
-        self.record(format_args!("net {from}->{to} len={len} copies={delays:?}"));
+        let now = self.now_us;
+        self.trace.packet(now, from, to, len, &delays);
         for delay_us in delays {
             let me = self.me.clone();
             let packet = packet.clone();
