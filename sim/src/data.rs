@@ -280,24 +280,18 @@ impl World {
 
     pub fn crash_data(&mut self, i: usize) {
         let addr = self.data[i].addr;
-        let info = self.procs.get_mut(&addr).expect("data node registered");
-        if !info.up {
+        if !self.set_up(addr, false) {
             return;
         }
-        info.up = false;
-        info.incarnation += 1;
         let name = self.data[i].name.clone();
         self.record(format_args!("{name} crashed"));
     }
 
     pub fn restart_data(&mut self, i: usize) {
         let addr = self.data[i].addr;
-        let info = self.procs.get_mut(&addr).expect("data node registered");
-        if info.up {
+        if !self.set_up(addr, true) {
             return;
         }
-        info.up = true;
-        info.incarnation += 1;
         let agent = self.agent_config(&self.data[i].name, vec![Duty::Capture, Duty::Transform]);
         let mapping = self.mapping.clone();
         self.data[i].rebuild_volatile(agent, &mapping, self.config.bug);

@@ -272,12 +272,9 @@ impl World {
 
     pub fn crash_router(&mut self, i: usize) {
         let addr = self.routers[i].addr;
-        let info = self.procs.get_mut(&addr).expect("router registered");
-        if !info.up {
+        if !self.set_up(addr, false) {
             return;
         }
-        info.up = false;
-        info.incarnation += 1;
         let pending: Vec<AppOp> =
             self.routers[i].requests.values().filter(|r| !r.answered).map(|r| r.op.clone()).collect();
         for op in pending {
@@ -297,12 +294,9 @@ impl World {
 
     pub fn restart_router(&mut self, i: usize) {
         let addr = self.routers[i].addr;
-        let info = self.procs.get_mut(&addr).expect("router registered");
-        if info.up {
+        if !self.set_up(addr, true) {
             return;
         }
-        info.up = true;
-        info.incarnation += 1;
         let persisted = self.routers[i].persisted;
         let now = self.now_ms();
         let outs = self.routers[i].agent.handle(now, AgentInput::Boot { persisted });

@@ -148,6 +148,18 @@ impl World {
         self.trace.event(now, what);
     }
 
+    /// Brings a process up or down; a new incarnation either way (messages and replies of the
+    /// old one are then dropped). Returns false if it already was in that state.
+    pub fn set_up(&mut self, addr: Addr, up: bool) -> bool {
+        let info = self.procs.get_mut(&addr).expect("process registered");
+        if info.up == up {
+            return false;
+        }
+        info.up = up;
+        info.incarnation += 1;
+        true
+    }
+
     pub fn is_up(&self, addr: Addr, incarnation: u64) -> bool {
         self.procs.get(&addr).is_some_and(|p| p.up && p.incarnation == incarnation)
     }
@@ -475,9 +487,7 @@ pub async fn start_replica(shared: &Shared, index: usize) {
         tokio::spawn(async move { r.run_driver().await })
     };
     with(shared, |w| {
-        let info = w.procs.get_mut(&addr).expect("replica registered");
-        info.up = true;
-        info.incarnation += 1;
+        w.set_up(addr, true);
         let slot = &mut w.replicas[index];
         slot.running = Some(replica);
         slot.driver = Some(driver);
@@ -489,12 +499,9 @@ pub async fn start_replica(shared: &Shared, index: usize) {
 pub fn crash_replica(shared: &Shared, index: usize) {
     let addr = coordinator_addr(index);
     let stopped = with(shared, |w| {
-        let info = w.procs.get_mut(&addr).expect("replica registered");
-        if !info.up {
+        if !w.set_up(addr, false) {
             return None;
         }
-        info.up = false;
-        info.incarnation += 1;
         let slot = &mut w.replicas[index];
         if let Some(d) = slot.driver.take() {
             d.abort();
