@@ -1,11 +1,6 @@
-//! The Imago node agent: duty cores (pure state machines) and the agent core.
+//! The Imago node runtime: the shells around the pure node cores of `imago-node-core`.
 //!
-//! - [`duties`]: router, capture, transform, validate, drain: each `handle(now_ms, input) ->
-//!   outputs`, no I/O, no clock, no randomness.
-//! - [`agent`]: register, report, watch decisions, persist the last decision before acting.
-//! - [`store`]: the in-memory table store (old and new universe) used by the simulator; the
-//!   SQLite and PostgreSQL adapters implement the same operations later.
+//! The actix actors (one per composition core, generic over small I/O traits) live here; until
+//! they land, this crate re-exports the cores so that shells have one place to import from.
 
-pub mod agent;
-pub mod duties;
-pub mod store;
+pub use node_core::*;

@@ -2,7 +2,7 @@
 //! schema and v2 on the new one (renamed column, split table, renamed table, changed type,
 //! added column). Both answer with the same canonical body, so mirrored reads compare.
 
-use node::store::MemStore;
+use node_core::store::MemStore;
 use protocol::schema::{Row, RowOp, Value};
 use serde::{Deserialize, Serialize};
 

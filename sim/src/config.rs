@@ -1,7 +1,7 @@
 //! Simulation settings.
 
-use node::duties::router::RouterBug;
-use node::duties::transform::TransformBug;
+use node_core::duties::router::RouterBug;
+use node_core::duties::transform::TransformBug;
 
 /// A deliberately broken component (`--bug`), to prove the checkers catch it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

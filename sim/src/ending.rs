@@ -2,7 +2,7 @@
 
 use crate::oracle::ClientOutcome;
 use crate::world::*;
-use node::duties::router::Mode;
+use node_core::duties::router::Mode;
 use protocol::messages::Phase;
 use protocol::schema::Value;
 use protocol::Universe;

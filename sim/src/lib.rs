@@ -4,6 +4,14 @@
 //!
 //! [`run_seed`] runs one seed; the same seed always gives the same trace hash.
 
+// tokio's own scheduler randomness (`select!`, task order) is seeded only with `tokio_unstable`
+// (set in `.cargo/config.toml`). A `RUSTFLAGS` environment variable replaces that file's flags
+// silently, and the simulator would lose its determinism: refuse to build instead.
+#[cfg(not(tokio_unstable))]
+compile_error!(
+    "imago-sim needs `--cfg tokio_unstable` (set in .cargo/config.toml); a RUSTFLAGS environment variable replaces it: add `--cfg tokio_unstable` to RUSTFLAGS or unset it"
+);
+
 pub mod app;
 pub mod checker;
 mod clients;

@@ -68,9 +68,9 @@ const DRAIN_CLIENTS_MS: u64 = 3_000;
 /// Runs one seed to completion (deterministic: the same seed gives the same report).
 pub fn run_seed(config: &SimConfig, seed: u64) -> SeedReport {
     let mut builder = tokio::runtime::Builder::new_current_thread();
-    builder.enable_time().start_paused(true);
-    #[cfg(tokio_unstable)]
     builder
+        .enable_time()
+        .start_paused(true)
         .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
         // A panic in any task must fail the seed, not vanish with its task.
         .unhandled_panic(tokio::runtime::UnhandledPanic::ShutdownRuntime);

@@ -1,6 +1,6 @@
 //! The run's trace: a hash of every event (always) and its text (on request).
 
-use node::duties::validate::Fnv;
+use node_core::duties::validate::Fnv;
 use std::fmt::{self, Write};
 
 /// Trace of one seed.

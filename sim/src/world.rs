@@ -13,7 +13,7 @@ use crate::trace::Trace;
 use coordinator::raft::{new_disk, read_applied, RaftTiming, SharedDisk, Transport, TransportError};
 use coordinator::service::{Clock, Replica};
 use coordinator::upgrade::{Outcome, UpgradeState};
-use node::agent::{AgentConfig, AgentOutput};
+use node_core::agent::{AgentConfig, AgentOutput};
 use protocol::codec;
 use protocol::messages::{NodeResponse, Request, Response};
 use protocol::plan::Plan;
@@ -297,7 +297,7 @@ impl World {
 
     fn agent_response(&mut self, addr: Addr, id: u64, response: NodeResponse) {
         let now = self.now_ms();
-        let input = node::agent::AgentInput::Response { id, response };
+        let input = node_core::agent::AgentInput::Response { id, response };
         if addr >= DATA_BASE {
             let i = (addr - DATA_BASE) as usize;
             let outs = self.data[i].agent.handle(now, input);
