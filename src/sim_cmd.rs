@@ -149,7 +149,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
     writeln!(
         out,
         "switch hold: {} requests held while frozen, p50 {} ms, p99 {} ms, max {} ms; freeze seen -> commit applied p50 {} ms, max {} ms",
-        summary.held_requests, summary.hold_p50_ms, summary.hold_p99_ms, summary.hold_max_ms, summary.switch_p50_ms, summary.switch_max_ms
+        summary.held_requests, summary.hold_p50_ms, summary.hold_p99_ms, summary.hold_ms_max, summary.switch_p50_ms, summary.switch_max_ms
     )?;
     writeln!(
         out,

@@ -25,13 +25,13 @@ pub enum SwitchMode {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Thresholds {
     /// Largest transform lag (captured − applied changes) at which the gate may pass.
-    pub max_lag: u64,
+    pub lag_max: u64,
     /// Fewest validated mirrored requests before the gate may pass.
-    pub min_samples: u64,
+    pub samples_min: u64,
     /// Largest mismatching share of validated requests, in [0, 1].
-    pub max_mismatch_ratio: f64,
+    pub mismatch_ratio_max: f64,
     /// Longest a router holds one request while frozen before failing it (503).
-    pub hold_max_ms: u64,
+    pub hold_ms_max: u64,
     /// Most requests one router holds at once; more are refused with 503 at once.
     pub hold_queue_max: u32,
     /// Time from `Freeze{e}` to an `Abort{e}` when acks are missing.
@@ -43,10 +43,10 @@ pub struct Thresholds {
 impl Default for Thresholds {
     fn default() -> Self {
         Thresholds {
-            max_lag: 100,
-            min_samples: 20,
-            max_mismatch_ratio: 0.01,
-            hold_max_ms: 2_000,
+            lag_max: 100,
+            samples_min: 20,
+            mismatch_ratio_max: 0.01,
+            hold_ms_max: 2_000,
             hold_queue_max: 1_000,
             freeze_timeout_ms: 3_000,
             retry_backoff_ms: 1_000,
@@ -112,7 +112,7 @@ pub struct PlanError {
     pub line: usize,
     /// 1-based column.
     pub column: usize,
-    /// Dotted path of the field, e.g. `thresholds.max_lag` or `transforms[1].from`.
+    /// Dotted path of the field, e.g. `thresholds.lag_max` or `transforms[1].from`.
     pub field: String,
     pub message: String,
 }
@@ -158,10 +158,15 @@ struct UpgradeSection {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ThresholdsSection {
-    max_lag: Option<Spanned<i64>>,
-    min_samples: Option<Spanned<i64>>,
-    max_mismatch_ratio: Option<Spanned<f64>>,
-    hold_max_ms: Option<Spanned<i64>>,
+    lag_max: Option<Spanned<i64>>,
+    samples_min: Option<Spanned<i64>>,
+    mismatch_ratio_max: Option<Spanned<f64>>,
+    hold_ms_max: Option<Spanned<i64>>,
+    /// Old names, refused with "renamed to …" (qualifiers go last: `lag_max`, not `max_lag`).
+    max_lag: Option<Spanned<toml::Value>>,
+    min_samples: Option<Spanned<toml::Value>>,
+    max_mismatch_ratio: Option<Spanned<toml::Value>>,
+    hold_max_ms: Option<Spanned<toml::Value>>,
     hold_queue_max: Option<Spanned<i64>>,
     freeze_timeout_ms: Option<Spanned<i64>>,
     retry_backoff_ms: Option<Spanned<i64>>,
@@ -301,22 +306,33 @@ impl Validator<'_> {
     fn thresholds(&self, raw: Option<ThresholdsSection>) -> Result<Thresholds, PlanError> {
         let d = Thresholds::default();
         let Some(t) = raw else { return Ok(d) };
-        let max_mismatch_ratio = match &t.max_mismatch_ratio {
-            None => d.max_mismatch_ratio,
+        let renamed = [
+            (&t.max_lag, "max_lag", "lag_max"),
+            (&t.min_samples, "min_samples", "samples_min"),
+            (&t.max_mismatch_ratio, "max_mismatch_ratio", "mismatch_ratio_max"),
+            (&t.hold_max_ms, "hold_max_ms", "hold_ms_max"),
+        ];
+        for (value, old, new) in renamed {
+            if let Some(v) = value {
+                return self.error(v.span(), format!("thresholds.{old}"), format!("`{old}` was renamed to `{new}`"));
+            }
+        }
+        let mismatch_ratio_max = match &t.mismatch_ratio_max {
+            None => d.mismatch_ratio_max,
             Some(v) if !(0.0..=1.0).contains(v.get_ref()) => {
                 return self.error(
                     v.span(),
-                    "thresholds.max_mismatch_ratio",
+                    "thresholds.mismatch_ratio_max",
                     format!("{} is out of range 0.0..=1.0", v.get_ref()),
                 )
             }
             Some(v) => *v.get_ref(),
         };
         Ok(Thresholds {
-            max_lag: self.ranged(&t.max_lag, "thresholds.max_lag", 0, 1_000_000_000, d.max_lag)?,
-            min_samples: self.ranged(&t.min_samples, "thresholds.min_samples", 0, 1_000_000_000, d.min_samples)?,
-            max_mismatch_ratio,
-            hold_max_ms: self.ranged(&t.hold_max_ms, "thresholds.hold_max_ms", 1, 600_000, d.hold_max_ms)?,
+            lag_max: self.ranged(&t.lag_max, "thresholds.lag_max", 0, 1_000_000_000, d.lag_max)?,
+            samples_min: self.ranged(&t.samples_min, "thresholds.samples_min", 0, 1_000_000_000, d.samples_min)?,
+            mismatch_ratio_max,
+            hold_ms_max: self.ranged(&t.hold_ms_max, "thresholds.hold_ms_max", 1, 600_000, d.hold_ms_max)?,
             hold_queue_max: self.ranged(
                 &t.hold_queue_max,
                 "thresholds.hold_queue_max",

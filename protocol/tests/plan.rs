@@ -18,7 +18,7 @@ fn example_plan_loads() {
     assert_eq!(plan.name, "auction-v2");
     assert_eq!(plan.switch, SwitchMode::Auto);
     assert_eq!(plan.nodes.len(), 3);
-    assert_eq!(plan.thresholds.hold_max_ms, 2000);
+    assert_eq!(plan.thresholds.hold_ms_max, 2000);
     let schema = plan.mapping().unwrap().new_schema();
     assert!(schema.tables.contains_key("user_profiles"));
     assert!(schema.tables.contains_key("auctions"));
@@ -26,12 +26,28 @@ fn example_plan_loads() {
 
 #[test]
 fn unknown_field_names_line_and_field() {
-    let text = EXAMPLE.replace("max_lag = 50", "max_lagg = 50");
+    let text = EXAMPLE.replace("lag_max = 50", "max_lagg = 50");
     let e = load_err(&text);
     assert_eq!(e.field, "max_lagg", "{e}");
     assert_eq!(e.line, line_of(&text, "max_lagg"), "{e}");
     assert_eq!(e.file, "plan.toml");
     assert!(e.to_string().starts_with(&format!("plan.toml:{}:", e.line)), "{e}");
+}
+
+#[test]
+fn old_threshold_names_are_refused_with_their_new_names() {
+    for (new, old) in [
+        ("lag_max", "max_lag"),
+        ("samples_min", "min_samples"),
+        ("mismatch_ratio_max", "max_mismatch_ratio"),
+        ("hold_ms_max", "hold_max_ms"),
+    ] {
+        let text = EXAMPLE.replacen(&format!("{new} ="), &format!("{old} ="), 1);
+        let e = load_err(&text);
+        assert_eq!(e.field, format!("thresholds.{old}"), "{e}");
+        assert_eq!(e.line, line_of(&text, &format!("{old} =")), "{e}");
+        assert!(e.message.contains(&format!("renamed to `{new}`")), "{e}");
+    }
 }
 
 #[test]
@@ -63,15 +79,15 @@ fn split_naming_missing_column_points_at_it() {
 
 #[test]
 fn threshold_out_of_range_is_refused() {
-    let text = EXAMPLE.replace("max_mismatch_ratio = 0.0", "max_mismatch_ratio = 1.5");
+    let text = EXAMPLE.replace("mismatch_ratio_max = 0.0", "mismatch_ratio_max = 1.5");
     let e = load_err(&text);
-    assert_eq!(e.field, "thresholds.max_mismatch_ratio", "{e}");
-    assert_eq!(e.line, line_of(&text, "max_mismatch_ratio"), "{e}");
+    assert_eq!(e.field, "thresholds.mismatch_ratio_max", "{e}");
+    assert_eq!(e.line, line_of(&text, "mismatch_ratio_max"), "{e}");
 
-    let text = EXAMPLE.replace("hold_max_ms = 2000", "hold_max_ms = 0");
+    let text = EXAMPLE.replace("hold_ms_max = 2000", "hold_ms_max = 0");
     let e = load_err(&text);
-    assert_eq!(e.field, "thresholds.hold_max_ms", "{e}");
-    assert_eq!(e.line, line_of(&text, "hold_max_ms"), "{e}");
+    assert_eq!(e.field, "thresholds.hold_ms_max", "{e}");
+    assert_eq!(e.line, line_of(&text, "hold_ms_max"), "{e}");
 }
 
 #[test]

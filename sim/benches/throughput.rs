@@ -82,7 +82,7 @@ fn main() {
             s.violations,
             s.hold_p50_ms,
             s.hold_p99_ms,
-            s.hold_max_ms,
+            s.hold_ms_max,
             s.switch_p50_ms
         );
     }

@@ -180,7 +180,7 @@ pub fn plan_toml(
     routers: usize,
     data_nodes: usize,
     max_attempts: u32,
-    hold_max_ms: u64,
+    hold_ms_max: u64,
     freeze_timeout_ms: u64,
     manual: bool,
 ) -> String {
@@ -192,10 +192,10 @@ switch = "{switch}"
 max_attempts = {max_attempts}
 
 [thresholds]
-max_lag = 50
-min_samples = 20
-max_mismatch_ratio = 0.0
-hold_max_ms = {hold_max_ms}
+lag_max = 50
+samples_min = 20
+mismatch_ratio_max = 0.0
+hold_ms_max = {hold_ms_max}
 hold_queue_max = 500
 freeze_timeout_ms = {freeze_timeout_ms}
 retry_backoff_ms = 500

@@ -56,7 +56,7 @@ impl RouterProc {
 fn router_config(world: &World) -> RouterConfig {
     let t = &world.plan.thresholds;
     RouterConfig {
-        hold_max_ms: t.hold_max_ms,
+        hold_ms_max: t.hold_ms_max,
         hold_queue_max: t.hold_queue_max as usize,
         retry_after_ms: 1_000,
         bug: Bug::router(world.config.bug),

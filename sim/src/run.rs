@@ -122,12 +122,12 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     // Across datacenters a switch needs several 100–300 ms round trips: hold and freeze longer.
     // (Measured: a fault-free switch across 3 datacenters takes ~1.7 s from freeze to commit, its
     // tail ~3 s; `sim/benches/throughput.rs` reports it.)
-    let (hold_max_ms, freeze_timeout_ms) = if config.wide_area() { (5_000, 8_000) } else { (1_000, 2_500) };
+    let (hold_ms_max, freeze_timeout_ms) = if config.wide_area() { (5_000, 8_000) } else { (1_000, 2_500) };
     let plan_text = app::plan_toml(
         config.routers,
         config.data_nodes,
         faults.max_attempts,
-        hold_max_ms,
+        hold_ms_max,
         freeze_timeout_ms,
         faults.manual_switch,
     );
@@ -166,7 +166,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     }
     procs.insert(OPERATOR, ProcInfo { up: true, incarnation: 1 });
     net.dc_of.insert(OPERATOR, 0);
-    let hold_bound_ms = plan.thresholds.hold_max_ms + config.tick_ms;
+    let hold_bound_ms = plan.thresholds.hold_ms_max + config.tick_ms;
     let mut fault_log = Vec::new();
     if faults.manual_switch {
         fault_log.push("plan: switch = manual (the operator requests the switch)".to_string());

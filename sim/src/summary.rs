@@ -29,7 +29,7 @@ pub struct Summary {
     pub held_requests: u64,
     pub hold_p50_ms: u64,
     pub hold_p99_ms: u64,
-    pub hold_max_ms: u64,
+    pub hold_ms_max: u64,
     pub startup_held_requests: u64,
     pub startup_hold_p50_ms: u64,
     pub startup_hold_max_ms: u64,
@@ -82,7 +82,7 @@ impl Summary {
         self.held_requests = self.hold_all.len() as u64;
         self.hold_p50_ms = percentile(&self.hold_all, 50.0);
         self.hold_p99_ms = percentile(&self.hold_all, 99.0);
-        self.hold_max_ms = self.hold_all.last().copied().unwrap_or(0);
+        self.hold_ms_max = self.hold_all.last().copied().unwrap_or(0);
         self.startup_all.sort_unstable();
         self.startup_held_requests = self.startup_all.len() as u64;
         self.startup_hold_p50_ms = percentile(&self.startup_all, 50.0);

@@ -17,20 +17,20 @@ pub fn ready_gate(upgrade: &Upgrade) -> Result<(), Vec<String>> {
             blockers.push(format!("{name}: bulk copy not finished"));
         }
         let lag = r.captured.0.saturating_sub(r.applied.0);
-        if lag > t.max_lag {
-            blockers.push(format!("{name}: lag {lag} > max_lag {}", t.max_lag));
+        if lag > t.lag_max {
+            blockers.push(format!("{name}: lag {lag} > lag_max {}", t.lag_max));
         }
     }
     let validators = upgrade.plan.nodes_with(Duty::Validate).filter_map(|n| upgrade.nodes.get(n));
     let (samples, mismatches) =
         validators.fold((0u64, 0u64), |(s, m), n| (s + n.report.samples, m + n.report.mismatches));
-    if samples < t.min_samples {
-        blockers.push(format!("validation: {samples} samples < min_samples {}", t.min_samples));
+    if samples < t.samples_min {
+        blockers.push(format!("validation: {samples} samples < samples_min {}", t.samples_min));
     } else if samples > 0 {
         let ratio = mismatches as f64 / samples as f64;
-        if ratio > t.max_mismatch_ratio {
+        if ratio > t.mismatch_ratio_max {
             blockers
-                .push(format!("validation: mismatch ratio {ratio:.4} > max_mismatch_ratio {}", t.max_mismatch_ratio));
+                .push(format!("validation: mismatch ratio {ratio:.4} > mismatch_ratio_max {}", t.mismatch_ratio_max));
         }
     }
     if blockers.is_empty() {

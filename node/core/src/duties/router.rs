@@ -2,7 +2,7 @@
 //!
 //! The router acts only on committed decisions handed to it by the agent. While frozen (or
 //! after a restart, until the agent has read the current decision) it holds new requests in a
-//! bounded queue for at most `hold_max_ms`, then fails them with 503 + Retry-After: it never
+//! bounded queue for at most `hold_ms_max`, then fails them with 503 + Retry-After: it never
 //! guesses. It acks `Frozen` once nothing it admitted to the old universe is still in flight.
 
 use protocol::messages::Ack;
@@ -22,7 +22,7 @@ pub enum RouterBug {
 /// Router limits.
 #[derive(Clone, Debug)]
 pub struct RouterConfig {
-    pub hold_max_ms: u64,
+    pub hold_ms_max: u64,
     pub hold_queue_max: usize,
     /// Retry-After sent with a 503.
     pub retry_after_ms: u64,
@@ -120,7 +120,7 @@ pub struct RouterCore {
 impl RouterCore {
     /// A router that has not yet read a decision (holds everything).
     pub fn new(config: RouterConfig) -> Self {
-        assert!(config.hold_max_ms > 0 && config.hold_queue_max > 0, "router limits must be positive");
+        assert!(config.hold_ms_max > 0 && config.hold_queue_max > 0, "router limits must be positive");
         RouterCore {
             config,
             mode: Mode::Unknown,
@@ -208,7 +208,7 @@ impl RouterCore {
 
     fn expire(&mut self, now_ms: u64, out: &mut Vec<RouterOutput>) {
         while let Some(h) = self.held.front().copied() {
-            if now_ms < h.since_ms + self.config.hold_max_ms {
+            if now_ms < h.since_ms + self.config.hold_ms_max {
                 break;
             }
             self.held.pop_front();
@@ -239,7 +239,7 @@ mod tests {
     use super::*;
 
     fn router(bug: Option<RouterBug>) -> RouterCore {
-        RouterCore::new(RouterConfig { hold_max_ms: 100, hold_queue_max: 2, retry_after_ms: 1000, bug })
+        RouterCore::new(RouterConfig { hold_ms_max: 100, hold_queue_max: 2, retry_after_ms: 1000, bug })
     }
 
     fn forwards(out: &[RouterOutput]) -> Vec<(RequestId, Universe)> {
@@ -311,12 +311,12 @@ mod tests {
 mod properties {
     //! The fail-closed rule over random inputs: a router sends to the old universe only under
     //! `Initial`/`Abort`, to the new one only under `Commit`, acks `Frozen` only with nothing in
-    //! flight to the old universe, and never holds past `hold_max_ms` plus one tick.
+    //! flight to the old universe, and never holds past `hold_ms_max` plus one tick.
 
     use super::*;
     use proptest::prelude::*;
 
-    /// Longest gap between two ticks: a hold may overrun `hold_max_ms` by at most this.
+    /// Longest gap between two ticks: a hold may overrun `hold_ms_max` by at most this.
     const TICK_MAX_MS: u64 = 20;
 
     #[derive(Clone, Debug)]
@@ -346,8 +346,8 @@ mod properties {
 
         #[test]
         fn router_never_guesses(steps in proptest::collection::vec(step(), 1..200)) {
-            let hold_max_ms = 100;
-            let mut r = RouterCore::new(RouterConfig { hold_max_ms, hold_queue_max: 8, retry_after_ms: 1000, bug: None });
+            let hold_ms_max = 100;
+            let mut r = RouterCore::new(RouterConfig { hold_ms_max, hold_queue_max: 8, retry_after_ms: 1000, bug: None });
             let mut now = 0u64;
             let mut next_id = 0u64;
             let mut decision = Decision::Initial;
@@ -394,7 +394,7 @@ mod properties {
                                 in_flight.push(*id);
                             }
                         }
-                        RouterOutput::Released { held_ms, .. } => prop_assert!(*held_ms <= hold_max_ms + TICK_MAX_MS),
+                        RouterOutput::Released { held_ms, .. } => prop_assert!(*held_ms <= hold_ms_max + TICK_MAX_MS),
                         RouterOutput::Ack { epoch, ack: Ack::Frozen } => {
                             prop_assert_eq!(decision, Decision::Freeze(*epoch));
                             prop_assert!(in_flight.is_empty(), "acked Frozen with requests in flight to the old universe");
@@ -403,7 +403,7 @@ mod properties {
                     }
                 }
                 if let Some(since) = r.oldest_held_ms() {
-                    prop_assert!(now - since <= hold_max_ms, "held {} ms", now - since);
+                    prop_assert!(now - since <= hold_ms_max, "held {} ms", now - since);
                 }
             }
         }
