@@ -77,9 +77,10 @@ impl Duty {
 ///
 /// Decisions are totally ordered by [`Decision::order_key`]; a node never acts on a decision
 /// ordered before the one it already acted on (epochs never go backwards).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Decision {
     /// No switch attempt was ever frozen: serve the old universe.
+    #[default]
     Initial,
     /// `Freeze{e}` committed: stop admitting to the old universe, hold, drain, ack.
     Freeze(Epoch),

@@ -10,6 +10,9 @@ pub enum Bug {
     ReleaseOldOnTimeout,
     /// A restarted transform resumes one position past its checkpoint, losing a change.
     LoseChangeOnRestart,
+    /// A transform that crashed mid-copy resumes the copy at its last key on a fresh snapshot,
+    /// while the stream continues from the old snapshot's position.
+    ResumeCopyFromNewSnapshot,
 }
 
 impl Bug {
@@ -17,7 +20,10 @@ impl Bug {
         match s {
             "release-old-on-timeout" => Ok(Bug::ReleaseOldOnTimeout),
             "lose-change-on-restart" => Ok(Bug::LoseChangeOnRestart),
-            other => Err(format!("unknown bug `{other}` (known: release-old-on-timeout, lose-change-on-restart)")),
+            "resume-copy-from-new-snapshot" => Ok(Bug::ResumeCopyFromNewSnapshot),
+            other => Err(format!(
+                "unknown bug `{other}` (known: release-old-on-timeout, lose-change-on-restart, resume-copy-from-new-snapshot)"
+            )),
         }
     }
 
@@ -26,7 +32,11 @@ impl Bug {
     }
 
     pub fn transform(bug: Option<Bug>) -> Option<TransformBug> {
-        (bug == Some(Bug::LoseChangeOnRestart)).then_some(TransformBug::ResumePastCheckpoint)
+        match bug {
+            Some(Bug::LoseChangeOnRestart) => Some(TransformBug::ResumePastCheckpoint),
+            Some(Bug::ResumeCopyFromNewSnapshot) => Some(TransformBug::ResumeCopyFromNewSnapshot),
+            _ => None,
+        }
     }
 }
 use std::fmt;

@@ -3,6 +3,7 @@
 use crate::oracle::ClientOutcome;
 use crate::world::*;
 use node_core::duties::router::Mode;
+use node_core::store::NewStore;
 use protocol::messages::Phase;
 use protocol::schema::Value;
 use protocol::Universe;
@@ -17,9 +18,9 @@ impl World {
             Phase::RolledBack => Universe::Old,
             _ => return false,
         };
-        self.routers
-            .iter()
-            .all(|r| self.procs[&r.addr].up && r.core.mode() == Mode::Serving(universe) && r.core.held() == 0)
+        self.routers.iter().all(|r| {
+            self.procs[&r.addr].up && r.core.router().mode() == Mode::Serving(universe) && r.core.router().held() == 0
+        })
     }
 
     pub(crate) fn final_checks(&mut self) {
@@ -95,7 +96,7 @@ impl World {
         }
         if universe == Universe::New {
             for d in &self.data {
-                let (captured, applied) = (d.old.capture.last(), d.new.checkpoint.applied);
+                let (captured, applied) = (d.old.captured(), d.new.checkpoint().applied);
                 if captured != applied {
                     self.checker.violation(
                         now,

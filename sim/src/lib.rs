@@ -19,6 +19,7 @@ pub mod config;
 mod data;
 mod ending;
 pub mod faults;
+pub mod fidelity;
 mod inject;
 pub mod net;
 pub mod oracle;

@@ -1,65 +1,59 @@
-//! A router process: agent + router core + validate core, and its clients' requests.
+//! A router process in the simulator: simulated I/O around the ingress core. Every decision is
+//! the core's; here client requests arrive, payloads travel, answers come back, and the disk
+//! is a field that survives crashes.
 
 use crate::app::AppOp;
 use crate::checker::AdmissionPoint;
-use crate::config::Bug;
 use crate::oracle::ClientOutcome;
 use crate::wire::{DataRequest, DataResponse};
 use crate::world::{Done, World, DATA_BASE, ROUTER_BASE};
-use node_core::agent::{AgentCore, AgentInput, AgentOutput};
-use node_core::duties::router::{HoldCause, RouterConfig, RouterCore, RouterInput, RouterOutput};
-use node_core::duties::validate::{Observed, ValidateCore, Verdict};
+use node_core::duties::router::{HoldCause, RouterConfig};
+use node_core::duties::validate::Verdict;
+use node_core::ingress::{ClientReply, IngressConfig, IngressCore, IngressEvent, IngressInput, IngressOutput};
+use node_core::{NodeRecord, RequestKey, StoreAnswer};
 use protocol::codec;
-use protocol::messages::{NodeReport, Phase};
-use protocol::{Decision, Duty, Universe};
-use std::collections::BTreeMap;
+use protocol::{Duty, Universe};
+use std::collections::{BTreeMap, VecDeque};
 
-/// One client request inside a router.
-#[derive(Clone, Debug)]
-pub struct ClientRequest {
-    pub op: AppOp,
-    pub answered: bool,
-    pub mirror_pending: bool,
-    pub old_seen: Option<Observed>,
-    pub new_seen: Option<Observed>,
-}
+/// Most requests one router tracks at once.
+const REQUESTS_MAX: usize = 10_000;
 
-/// A router process. `persisted` is its disk; the rest is lost in a crash.
+/// A router process. `disk` survives a crash; the rest is lost.
 pub struct RouterProc {
     pub addr: u64,
     pub name: String,
-    pub persisted: Decision,
-    pub core: RouterCore,
-    pub agent: AgentCore,
-    pub validate: ValidateCore,
-    pub requests: BTreeMap<u64, ClientRequest>,
+    pub disk: NodeRecord,
+    pub core: IngressCore,
+    /// The shell's only state: the payload of each request in progress, by id.
+    pub requests: BTreeMap<u64, AppOp>,
     pub next_request: u64,
+    /// The deadline a timer task is armed for.
+    pub armed_ms: Option<u64>,
 }
 
 impl RouterProc {
     pub fn new(world: &World, index: usize) -> RouterProc {
         let name = format!("router-{index}");
-        let agent = AgentCore::new(world.agent_config(&name, vec![Duty::Route, Duty::Validate]));
+        let t = &world.plan.thresholds;
+        let config = IngressConfig {
+            agent: world.agent_config(&name, vec![Duty::Route, Duty::Validate]),
+            router: RouterConfig {
+                hold_ms_max: t.hold_ms_max,
+                hold_queue_max: t.hold_queue_max as usize,
+                retry_after_ms: 1_000,
+            },
+            ignore_fields: Vec::new(),
+            requests_max: REQUESTS_MAX,
+        };
         RouterProc {
             addr: ROUTER_BASE + index as u64,
             name,
-            persisted: Decision::Initial,
-            core: RouterCore::new(router_config(world)),
-            agent,
-            validate: ValidateCore::default(),
+            disk: NodeRecord::default(),
+            core: IngressCore::new(config).with_bug(crate::config::Bug::router(world.config.bug)),
             requests: BTreeMap::new(),
             next_request: 1,
+            armed_ms: None,
         }
-    }
-}
-
-fn router_config(world: &World) -> RouterConfig {
-    let t = &world.plan.thresholds;
-    RouterConfig {
-        hold_ms_max: t.hold_ms_max,
-        hold_queue_max: t.hold_queue_max as usize,
-        retry_after_ms: 1_000,
-        bug: Bug::router(world.config.bug),
     }
 }
 
@@ -76,49 +70,98 @@ impl World {
         let id = router.next_request;
         router.next_request += 1;
         let read_only = op.read_only();
-        router
-            .requests
-            .insert(id, ClientRequest { op, answered: false, mirror_pending: false, old_seen: None, new_seen: None });
-        let now = self.now_ms();
-        let outs = self.routers[i].core.handle(now, RouterInput::Request { id, read_only });
-        self.router_outputs(i, outs);
+        router.requests.insert(id, op);
+        self.ingress(i, IngressInput::Request { id, read_only });
     }
 
-    pub fn router_outputs(&mut self, i: usize, outs: Vec<RouterOutput>) {
-        for out in outs {
-            match out {
-                RouterOutput::Forward { id, universe } => self.forward(i, id, universe, false),
-                RouterOutput::Mirror { id } => self.forward(i, id, Universe::New, true),
-                RouterOutput::Fail { id, reason, .. } => {
-                    let name = self.routers[i].name.clone();
-                    self.record(format_args!("{name} fails {id}: {reason:?}"));
-                    self.finish(i, id, ClientOutcome::Failed)
+    /// Feeds one input to router `i`'s core and performs its outputs in order, feeding back
+    /// what they answer (a persist) until the core is quiet; then re-arms its timer.
+    pub fn ingress(&mut self, i: usize, input: IngressInput) {
+        let now = self.now_ms();
+        let mut inputs = VecDeque::from([input]);
+        while let Some(input) = inputs.pop_front() {
+            for out in self.routers[i].core.handle(now, input) {
+                inputs.extend(self.ingress_output(i, out));
+            }
+        }
+        let (addr, deadline) = (self.routers[i].addr, self.routers[i].core.next_deadline_ms());
+        if let Some(at) = self.arm(addr, self.routers[i].armed_ms, deadline) {
+            self.routers[i].armed_ms = Some(at);
+        }
+    }
+
+    /// Router `i`'s timer fired for `at`.
+    pub fn ingress_timer(&mut self, i: usize, at: u64) {
+        if self.routers[i].armed_ms != Some(at) {
+            return; // superseded by an earlier deadline
+        }
+        self.routers[i].armed_ms = None;
+        self.ingress(i, IngressInput::Timer);
+        let name = self.routers[i].name.clone();
+        self.check_progress(&name, self.routers[i].core.next_deadline_ms());
+    }
+
+    fn ingress_output(&mut self, i: usize, out: IngressOutput) -> Option<IngressInput> {
+        match out {
+            IngressOutput::Forward { id, universe, key } => self.forward(i, id, key, universe, false),
+            IngressOutput::Mirror { id, key } => self.forward(i, id, key, Universe::New, true),
+            IngressOutput::Reply { id, reply } => {
+                let op = self.routers[i].requests.remove(&id).expect("a reply for a request in progress");
+                let outcome = match reply {
+                    ClientReply::Answer(StoreAnswer::Ok { .. }) => ClientOutcome::Acked,
+                    ClientReply::Answer(StoreAnswer::Rejected { .. }) => ClientOutcome::Failed,
+                    ClientReply::Unavailable { reason, .. } => {
+                        let name = self.routers[i].name.clone();
+                        self.record(format_args!("{name} fails {id}: {reason:?}"));
+                        ClientOutcome::Failed
+                    }
+                    ClientReply::Unknown => ClientOutcome::Unknown,
+                };
+                self.client_outcome(&op, outcome);
+            }
+            IngressOutput::Send { id, replica, request, deadline_ms } => {
+                let addr = self.routers[i].addr;
+                self.send_agent_request(addr, id, replica, request, deadline_ms);
+            }
+            IngressOutput::Persist(record) => {
+                self.routers[i].disk = record;
+                let name = self.routers[i].name.clone();
+                self.note_persisted(&name, record.decision);
+                return Some(IngressInput::Persisted(record));
+            }
+            IngressOutput::Event(IngressEvent::Acted(decision)) => {
+                let name = self.routers[i].name.clone();
+                self.note_acted(&name, decision);
+            }
+            IngressOutput::Event(IngressEvent::Released { id, held_ms, cause }) => {
+                let now = self.now_us();
+                let name = self.routers[i].name.clone();
+                self.record(format_args!("{name} released {id} after {held_ms} ms"));
+                self.checker.released(now, &name, held_ms);
+                match cause {
+                    HoldCause::Freeze => self.stats.hold_ms.push(held_ms),
+                    HoldCause::Startup => self.stats.startup_hold_ms.push(held_ms),
                 }
-                RouterOutput::Ack { epoch, ack } => {
-                    let now = self.now_ms();
-                    let outs = self.routers[i].agent.handle(now, AgentInput::OweAck { epoch, ack });
-                    self.router_agent_outputs(i, outs);
-                }
-                RouterOutput::Released { id, held_ms, cause } => {
+            }
+            IngressOutput::Event(IngressEvent::Compared { id, verdict, old, new }) => {
+                if verdict == Verdict::Mismatch {
                     let now = self.now_us();
                     let name = self.routers[i].name.clone();
-                    self.record(format_args!("{name} released {id} after {held_ms} ms"));
-                    self.checker.released(now, &name, held_ms);
-                    match cause {
-                        HoldCause::Freeze => self.stats.hold_ms.push(held_ms),
-                        HoldCause::Startup => self.stats.startup_hold_ms.push(held_ms),
-                    }
+                    self.checker.violation(
+                        now,
+                        format!(
+                            "validate: {name} request {id} differs at position {}: old {:?} new {:?}",
+                            old.position.0, old.body, new.body
+                        ),
+                    );
                 }
             }
         }
+        None
     }
 
-    fn forward(&mut self, i: usize, id: u64, universe: Universe, mirror: bool) {
-        let Some(request) = self.routers[i].requests.get_mut(&id) else { return };
-        if mirror {
-            request.mirror_pending = true;
-        }
-        let op = request.op.clone();
+    fn forward(&mut self, i: usize, id: u64, key: RequestKey, universe: Universe, mirror: bool) {
+        let op = self.routers[i].requests.get(&id).expect("forwarding a request in progress").clone();
         let (addr, name) = (self.routers[i].addr, self.routers[i].name.clone());
         if !mirror {
             let now = self.now_us();
@@ -126,7 +169,7 @@ impl World {
         }
         self.record(format_args!("{name} forwards {id} to {universe:?} mirror={mirror}"));
         let shard = op.key().rem_euclid(self.config.data_nodes as i64) as u64;
-        let wire = DataRequest { request: (addr << 32) | id, universe, mirror, op };
+        let wire = DataRequest { key, universe, mirror, op };
         let bytes = codec::encode_frame(&wire).expect("data requests encode");
         let done = if mirror {
             Done::Mirror { router: i, request: id }
@@ -138,81 +181,13 @@ impl World {
     }
 
     pub fn data_done(&mut self, i: usize, id: u64, universe: Universe, answer: Option<Vec<u8>>) {
-        let now = self.now_ms();
-        if universe == Universe::Old {
-            let outs = self.routers[i].core.handle(now, RouterInput::OldCompleted { id });
-            self.router_outputs(i, outs);
-        }
-        let response = answer.and_then(|b| codec::decode_frame::<DataResponse>(&b).ok().flatten().map(|(r, _)| r));
-        let outcome = match response {
-            None => ClientOutcome::Unknown,
-            Some(DataResponse::Rejected { .. }) => ClientOutcome::Failed,
-            Some(DataResponse::Ok { body, position }) => {
-                if let Some(request) = self.routers[i].requests.get_mut(&id) {
-                    if request.mirror_pending || request.new_seen.is_some() {
-                        request.old_seen = Some(Observed { body, position });
-                    }
-                }
-                ClientOutcome::Acked
-            }
-        };
-        self.finish(i, id, outcome);
+        let answer = answer.and_then(|b| codec::decode_frame::<DataResponse>(&b).ok().flatten().map(|(r, _)| r));
+        self.ingress(i, IngressInput::Answered { id, universe, answer });
     }
 
     pub fn mirror_done(&mut self, i: usize, id: u64, answer: Option<Vec<u8>>) {
-        let response = answer.and_then(|b| codec::decode_frame::<DataResponse>(&b).ok().flatten().map(|(r, _)| r));
-        if let Some(request) = self.routers[i].requests.get_mut(&id) {
-            request.mirror_pending = false;
-            if let Some(DataResponse::Ok { body, position }) = response {
-                request.new_seen = Some(Observed { body, position });
-            }
-        }
-        self.maybe_compare(i, id);
-        self.maybe_forget(i, id);
-    }
-
-    fn maybe_compare(&mut self, i: usize, id: u64) {
-        let Some(request) = self.routers[i].requests.get(&id) else { return };
-        let (Some(old), Some(new)) = (request.old_seen.clone(), request.new_seen.clone()) else { return };
-        let verdict = self.routers[i].validate.compare(&old, &new);
-        if verdict == Verdict::Mismatch {
-            let now = self.now_us();
-            let name = self.routers[i].name.clone();
-            self.checker.violation(
-                now,
-                format!(
-                    "validate: {name} request {id} differs at position {}: old {:?} new {:?}",
-                    old.position.0, old.body, new.body
-                ),
-            );
-        }
-        if let Some(r) = self.routers[i].requests.get_mut(&id) {
-            r.old_seen = None;
-            r.new_seen = None;
-        }
-        let v = &self.routers[i].validate;
-        let report = NodeReport { samples: v.samples, mismatches: v.mismatches, ..Default::default() };
-        let now = self.now_ms();
-        let outs = self.routers[i].agent.handle(now, AgentInput::Report(report));
-        self.router_agent_outputs(i, outs);
-    }
-
-    fn maybe_forget(&mut self, i: usize, id: u64) {
-        if self.routers[i].requests.get(&id).is_some_and(|r| r.answered && !r.mirror_pending) {
-            self.routers[i].requests.remove(&id);
-        }
-    }
-
-    fn finish(&mut self, i: usize, id: u64, outcome: ClientOutcome) {
-        let Some(request) = self.routers[i].requests.get_mut(&id) else { return };
-        if request.answered {
-            return;
-        }
-        request.answered = true;
-        let op = request.op.clone();
-        self.client_outcome(&op, outcome);
-        self.maybe_compare(i, id);
-        self.maybe_forget(i, id);
+        let answer = answer.and_then(|b| codec::decode_frame::<DataResponse>(&b).ok().flatten().map(|(r, _)| r));
+        self.ingress(i, IngressInput::Mirrored { id, answer });
     }
 
     pub fn client_outcome(&mut self, op: &AppOp, outcome: ClientOutcome) {
@@ -230,63 +205,17 @@ impl World {
         }
     }
 
-    pub fn router_agent_outputs(&mut self, i: usize, outs: Vec<AgentOutput>) {
-        let addr = self.routers[i].addr;
-        self.send_agent_requests(addr, &outs);
-        let now_ms = self.now_ms();
-        for out in outs {
-            match out {
-                AgentOutput::Send { .. } => {}
-                AgentOutput::Persist(decision) => {
-                    self.routers[i].persisted = decision;
-                    let name = self.routers[i].name.clone();
-                    self.note_persisted(&name, decision);
-                }
-                AgentOutput::Act(decision) => {
-                    let name = self.routers[i].name.clone();
-                    self.note_acted(&name, decision);
-                    let outs = self.routers[i].core.handle(now_ms, RouterInput::Decision(decision));
-                    self.router_outputs(i, outs);
-                }
-                AgentOutput::View(view) => {
-                    let mirroring = view.phase == Some(Phase::Syncing);
-                    let outs = self.routers[i].core.handle(now_ms, RouterInput::Mirroring(mirroring));
-                    self.router_outputs(i, outs);
-                }
-            }
-        }
-    }
-
-    /// Periodic work of router `i`.
-    pub fn router_tick(&mut self, i: usize) {
-        let now_ms = self.now_ms();
-        let outs = self.routers[i].agent.handle(now_ms, AgentInput::Tick);
-        self.router_agent_outputs(i, outs);
-        let outs = self.routers[i].core.handle(now_ms, RouterInput::Tick);
-        self.router_outputs(i, outs);
-        if let Some(since) = self.routers[i].core.oldest_held_ms() {
-            let (now, name) = (self.now_us(), self.routers[i].name.clone());
-            self.checker.holding(now, &name, since, now_ms);
-        }
-    }
-
     pub fn crash_router(&mut self, i: usize) {
         let addr = self.routers[i].addr;
         if !self.set_up(addr, false) {
             return;
         }
-        let pending: Vec<AppOp> =
-            self.routers[i].requests.values().filter(|r| !r.answered).map(|r| r.op.clone()).collect();
+        let pending: Vec<AppOp> = std::mem::take(&mut self.routers[i].requests).into_values().collect();
         for op in pending {
             self.client_outcome(&op, ClientOutcome::Unknown);
         }
-        // The disk keeps the last decision and the request counter (request ids are
-        // idempotency keys at the data nodes: reusing one would return another request's answer).
-        let fresh = RouterProc {
-            persisted: self.routers[i].persisted,
-            next_request: self.routers[i].next_request,
-            ..RouterProc::new(self, i)
-        };
+        // Only the disk survives.
+        let fresh = RouterProc { disk: self.routers[i].disk, ..RouterProc::new(self, i) };
         self.routers[i] = fresh;
         let name = self.routers[i].name.clone();
         self.record(format_args!("{name} crashed"));
@@ -297,11 +226,9 @@ impl World {
         if !self.set_up(addr, true) {
             return;
         }
-        let persisted = self.routers[i].persisted;
-        let now = self.now_ms();
-        let outs = self.routers[i].agent.handle(now, AgentInput::Boot { persisted });
+        let record = self.routers[i].disk;
         let name = self.routers[i].name.clone();
-        self.record(format_args!("{name} restarted with {persisted:?}"));
-        self.router_agent_outputs(i, outs);
+        self.record(format_args!("{name} restarted with {:?}", record.decision));
+        self.ingress(i, IngressInput::Boot { record });
     }
 }

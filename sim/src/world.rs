@@ -13,9 +13,11 @@ use crate::trace::Trace;
 use coordinator::raft::{new_disk, read_applied, RaftTiming, SharedDisk, Transport, TransportError};
 use coordinator::service::{Clock, Replica};
 use coordinator::upgrade::{Outcome, UpgradeState};
-use node_core::agent::{AgentConfig, AgentOutput};
+use node_core::agent::AgentConfig;
+use node_core::data_node::DataInput;
+use node_core::ingress::IngressInput;
 use protocol::codec;
-use protocol::messages::{NodeResponse, Request, Response};
+use protocol::messages::{NodeRequest, NodeResponse, Request, Response};
 use protocol::plan::Plan;
 use protocol::schema::Mapping;
 use protocol::{Decision, Duty, NodeName};
@@ -121,6 +123,7 @@ pub struct World {
     pub faults: FaultPlan,
     pub oracle: Oracle,
     pub checker: Checker,
+    pub fidelity: crate::fidelity::Fidelity,
     pub trace: Trace,
     pub stats: Stats,
     pub timing: RaftTiming,
@@ -222,8 +225,9 @@ impl World {
                 let Some(info) = w.procs.get(&to).copied().filter(|p| p.up) else { return };
                 if (DATA_BASE..OPERATOR).contains(&to) {
                     let index = (to - DATA_BASE) as usize;
-                    let answer = w.data_request(index, from, &bytes);
-                    w.reply(to, info.incarnation, from, answer, slot, caller_inc);
+                    if let Some(answer) = w.data_request(index, &bytes) {
+                        w.reply(to, info.incarnation, from, answer, slot, caller_inc);
+                    }
                 } else if to < ROUTER_BASE {
                     let Some(replica) = w.replicas[(to - 1) as usize].running.clone() else { return };
                     drop(w);
@@ -296,27 +300,59 @@ impl World {
     }
 
     fn agent_response(&mut self, addr: Addr, id: u64, response: NodeResponse) {
-        let now = self.now_ms();
-        let input = node_core::agent::AgentInput::Response { id, response };
         if addr >= DATA_BASE {
-            let i = (addr - DATA_BASE) as usize;
-            let outs = self.data[i].agent.handle(now, input);
-            self.data_agent_outputs(i, outs);
+            self.data_node((addr - DATA_BASE) as usize, DataInput::Coordinator { id, response });
         } else {
-            let i = (addr - ROUTER_BASE) as usize;
-            let outs = self.routers[i].agent.handle(now, input);
-            self.router_agent_outputs(i, outs);
+            self.ingress((addr - ROUTER_BASE) as usize, IngressInput::Coordinator { id, response });
         }
     }
 
-    /// Sends an agent's requests (shared by routers and data nodes).
-    pub fn send_agent_requests(&mut self, addr: Addr, outs: &[AgentOutput]) {
-        for out in outs {
-            if let AgentOutput::Send { id, replica, request } = out {
-                let bytes = codec::encode_frame(&Request::Node(request.clone())).expect("requests encode");
-                let timeout = 1_000 + self.agent_timeout_ms;
-                self.node_call(addr, *replica, bytes, timeout, Done::Agent { addr, id: *id });
+    /// Sends one agent request to a coordinator replica; its answer (or nothing, by
+    /// `deadline_ms`) goes back to the node's core.
+    pub fn send_agent_request(&mut self, addr: Addr, id: u64, replica: u64, request: NodeRequest, deadline_ms: u64) {
+        let bytes = codec::encode_frame(&Request::Node(request)).expect("requests encode");
+        let timeout = deadline_ms.saturating_sub(self.now_ms()).max(1);
+        self.node_call(addr, replica, bytes, timeout, Done::Agent { addr, id });
+    }
+
+    // ---- node timers -----------------------------------------------------------------------
+
+    /// Arms a timer task for a node's core at `deadline` unless one is armed no later
+    /// (`armed`); returns the deadline armed. The task feeds `Timer` to the core then (only if
+    /// the node is still the same incarnation and the timer was not superseded).
+    pub fn arm(&mut self, addr: Addr, armed: Option<u64>, deadline: Option<u64>) -> Option<u64> {
+        let at = deadline?;
+        if armed.is_some_and(|a| a <= at) {
+            return None;
+        }
+        let incarnation = self.procs[&addr].incarnation;
+        let (me, start) = (self.me.clone(), self.start);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(start + Duration::from_millis(at)).await;
+            if let Some(shared) = me.upgrade() {
+                with(&shared, |w| {
+                    if !w.is_up(addr, incarnation) {
+                        return;
+                    }
+                    if addr >= DATA_BASE {
+                        w.data_timer((addr - DATA_BASE) as usize, at);
+                    } else {
+                        w.ingress_timer((addr - ROUTER_BASE) as usize, at);
+                    }
+                });
             }
+        });
+        Some(at)
+    }
+
+    /// A core called at its deadline must move its deadline on: one that stays at or before
+    /// now would spin without virtual time passing.
+    pub fn check_progress(&mut self, name: &str, next_deadline_ms: Option<u64>) {
+        if next_deadline_ms.is_some_and(|d| d <= self.now_ms()) {
+            panic!(
+                "{name}: the core asks to be called again at {next_deadline_ms:?}, at or before now ({} ms)",
+                self.now_ms()
+            );
         }
     }
 

@@ -91,6 +91,18 @@ fn planted_bug_lose_change_on_restart_is_caught_within_50_seeds() {
     assert!(caught.is_some(), "a transform that loses a change on restart was not caught within 50 seeds");
 }
 
+/// A crashed copy must restart from a fresh snapshot (its old snapshot died with the process).
+/// Resuming the old copy's key cursor on a fresh snapshot, while the stream goes on from the old
+/// snapshot's position, leaves rows newer than the checkpoint says: the fidelity check sees it
+/// even though the final contents converge.
+#[test]
+fn planted_bug_resume_copy_from_new_snapshot_is_caught_within_50_seeds() {
+    let config = SimConfig { bug: Some(Bug::ResumeCopyFromNewSnapshot), ..SimConfig::default() };
+    let caught =
+        (0..50).map(|s| run_seed(&config, s)).find(|r| r.violations.iter().any(|v| v.contains("transform fidelity")));
+    assert!(caught.is_some(), "a copy resumed on a fresh snapshot was not caught within 50 seeds");
+}
+
 #[test]
 fn without_faults_every_seed_switches_quickly() {
     let config = SimConfig { faults: FaultSet::NONE, ..SimConfig::default() };

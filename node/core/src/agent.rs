@@ -1,10 +1,14 @@
 //! The agent core: a node's side of the coordinator protocol.
 //!
 //! It registers the node, sends acks until the coordinator's state shows them, sends the latest
-//! report, and keeps one long-poll watch open. It hands the node a decision only after
-//! persisting it (`Persist` comes before `Act` in its outputs), never hands over a decision
+//! report, and keeps one long-poll watch open. It hands the node a decision only once it is
+//! durable: it outputs `Persist(d)`, and outputs `Act(d)` only when the shell answers
+//! `Persisted(d)` (so a failed fsync can never be skipped). It never hands over a decision
 //! ordered before the persisted one (epochs never go backwards), and after a (re)start hands
 //! over nothing until a linearizable read has answered.
+//!
+//! Driving rules: `now_ms` never decreases; outputs are applied in order; the shell calls
+//! [`AgentInput::Timer`] no later than [`AgentCore::next_deadline_ms`].
 
 use protocol::messages::{Ack, DecisionView, NodeReport, NodeRequest, NodeResponse};
 use protocol::{Decision, Duty, Epoch, NodeName, ReplicaId};
@@ -34,8 +38,10 @@ pub enum AgentInput {
     Boot { persisted: Decision },
     /// A reply to request `id`.
     Response { id: u64, response: NodeResponse },
-    /// Time passed (the shell ticks regularly).
-    Tick,
+    /// The deadline given by [`AgentCore::next_deadline_ms`] has come.
+    Timer,
+    /// The decision asked for by [`AgentOutput::Persist`] is durable.
+    Persisted(Decision),
     /// A duty owes the coordinator this ack.
     OweAck { epoch: Epoch, ack: Ack },
     /// The latest measurements of the node's duties.
@@ -50,9 +56,9 @@ pub enum AgentOutput {
         replica: ReplicaId,
         request: NodeRequest,
     },
-    /// Write the decision to durable storage before acting on it.
+    /// Write the decision to durable storage, then answer [`AgentInput::Persisted`].
     Persist(Decision),
-    /// Hand the decision to the duties.
+    /// Hand the (persisted) decision to the duties.
     Act(Decision),
     /// The latest view (duties read phase and `all_routers_frozen` from it).
     View(DecisionView),
@@ -84,6 +90,10 @@ struct InFlight {
 pub struct AgentCore {
     config: AgentConfig,
     persisted: Decision,
+    /// Being persisted (asked for, not yet durable).
+    persisting: Option<Decision>,
+    /// The newest decision seen while another was being persisted.
+    wanted: Option<Decision>,
     booted: bool,
     linearized: bool,
     target: usize,
@@ -114,6 +124,8 @@ impl AgentCore {
         AgentCore {
             config,
             persisted: Decision::Initial,
+            persisting: None,
+            wanted: None,
             booted: false,
             linearized: false,
             target: 0,
@@ -153,7 +165,8 @@ impl AgentCore {
                 self.booted = true;
             }
             AgentInput::Response { id, response } => self.on_response(id, response, &mut out),
-            AgentInput::Tick => self.expire(now_ms),
+            AgentInput::Timer => self.expire(now_ms),
+            AgentInput::Persisted(decision) => self.on_persisted(decision, &mut out),
             AgentInput::OweAck { epoch, ack } => {
                 self.owed.insert((epoch, ack_rank(&ack)), ack);
             }
@@ -163,6 +176,37 @@ impl AgentCore {
             self.send_next(now_ms, &mut out);
         }
         out
+    }
+
+    /// When the shell must call [`AgentInput::Timer`] next (a request's deadline or the next
+    /// report), if ever.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        if !self.booted {
+            return None;
+        }
+        let report_due =
+            (self.write.is_none() && self.registered && self.report.is_some() && self.report != self.report_sent)
+                .then(|| self.last_report_ms.map_or(0, |t| t + self.config.report_interval_ms));
+        [self.watch.as_ref().map(|w| w.deadline_ms), self.write.as_ref().map(|w| w.deadline_ms), report_due]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The deadline of request `id`, while it is in flight.
+    pub fn request_deadline_ms(&self, id: u64) -> Option<u64> {
+        [&self.watch, &self.write].into_iter().flatten().find(|f| f.id == id).map(|f| f.deadline_ms)
+    }
+
+    fn on_persisted(&mut self, decision: Decision, out: &mut Vec<AgentOutput>) {
+        assert_eq!(self.persisting, Some(decision), "persisted a decision that was not asked for");
+        self.persisting = None;
+        self.persisted = decision;
+        out.push(AgentOutput::Act(decision));
+        if let Some(next) = self.wanted.take().filter(|w| w.order_key() > decision.order_key()) {
+            self.persisting = Some(next);
+            out.push(AgentOutput::Persist(next));
+        }
     }
 
     fn rotate(&mut self) {
@@ -255,9 +299,14 @@ impl AgentCore {
             self.linearized = true;
         }
         if view.decision.order_key() > self.persisted.order_key() {
-            self.persisted = view.decision;
-            out.push(AgentOutput::Persist(view.decision));
-            out.push(AgentOutput::Act(view.decision));
+            match self.persisting {
+                None => {
+                    self.persisting = Some(view.decision);
+                    out.push(AgentOutput::Persist(view.decision));
+                }
+                Some(p) if view.decision.order_key() > p.order_key() => self.wanted = Some(view.decision),
+                Some(_) => {}
+            }
         } else if first {
             out.push(AgentOutput::Act(self.persisted));
         }
@@ -373,9 +422,12 @@ mod tests {
             5,
             AgentInput::Response { id: s[0].0, response: NodeResponse::View(view(7, Decision::Commit(Epoch(1)))) },
         );
-        let persist = out.iter().position(|o| *o == AgentOutput::Persist(Decision::Commit(Epoch(1)))).unwrap();
-        let act = out.iter().position(|o| *o == AgentOutput::Act(Decision::Commit(Epoch(1)))).unwrap();
-        assert!(persist < act);
+        assert!(out.contains(&AgentOutput::Persist(Decision::Commit(Epoch(1)))));
+        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Act(_))), "no act before the persist is durable");
+        assert_eq!(a.persisted(), Decision::Freeze(Epoch(1)));
+        let acted = a.handle(6, AgentInput::Persisted(Decision::Commit(Epoch(1))));
+        assert_eq!(acted, vec![AgentOutput::Act(Decision::Commit(Epoch(1)))]);
+        assert_eq!(a.persisted(), Decision::Commit(Epoch(1)));
         let next = sends(&out);
         assert!(matches!(next[0].2, NodeRequest::Watch { linearizable: false, known_version: 7, .. }));
     }
@@ -390,6 +442,33 @@ mod tests {
         assert!(out.contains(&AgentOutput::Act(Decision::Commit(Epoch(2)))), "re-acts on its persisted decision");
         assert!(!out.iter().any(|o| matches!(o, AgentOutput::Persist(_))));
         assert_eq!(a.persisted(), Decision::Commit(Epoch(2)));
+    }
+
+    #[test]
+    fn a_newer_decision_seen_while_persisting_is_persisted_next() {
+        let mut a = agent();
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial });
+        let id = sends(&out)[0].0;
+        let out =
+            a.handle(1, AgentInput::Response { id, response: NodeResponse::View(view(2, Decision::Freeze(Epoch(1)))) });
+        assert!(out.contains(&AgentOutput::Persist(Decision::Freeze(Epoch(1)))));
+        let id = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Watch { .. })).unwrap().0;
+        let out =
+            a.handle(2, AgentInput::Response { id, response: NodeResponse::View(view(3, Decision::Commit(Epoch(1)))) });
+        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Persist(_))), "one persist at a time");
+        let out = a.handle(3, AgentInput::Persisted(Decision::Freeze(Epoch(1))));
+        assert_eq!(
+            out,
+            vec![AgentOutput::Act(Decision::Freeze(Epoch(1))), AgentOutput::Persist(Decision::Commit(Epoch(1)))]
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "not asked for")]
+    fn a_persisted_answer_nobody_asked_for_is_a_shell_bug() {
+        let mut a = agent();
+        a.handle(0, AgentInput::Boot { persisted: Decision::Initial });
+        a.handle(1, AgentInput::Persisted(Decision::Freeze(Epoch(1))));
     }
 
     #[test]
@@ -412,7 +491,8 @@ mod tests {
         let resent = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Ack { .. })).unwrap();
         assert_eq!(resent.1, 3, "follows the leader hint");
         // No answer: after the timeout the agent tries another replica.
-        let out = a.handle(600, AgentInput::Tick);
+        assert_eq!(a.next_deadline_ms(), Some(503), "the resent ack's deadline comes first");
+        let out = a.handle(600, AgentInput::Timer);
         let again = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Ack { .. })).unwrap();
         assert_eq!(again.1, 1);
     }

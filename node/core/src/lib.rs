@@ -1,11 +1,54 @@
-//! The Imago node agent: duty cores (pure state machines) and the agent core.
+//! Pure node cores: every decision an Imago tier node makes, without I/O, clock or randomness.
 //!
-//! - [`duties`]: router, capture, transform, validate, drain: each `handle(now_ms, input) ->
-//!   outputs`, no I/O, no clock, no randomness.
+//! - [`ingress`]: the ingress composition core (agent + router + validate).
+//! - [`data_node`]: the data-node composition core (agent + capture + transform + validate +
+//!   drain).
+//! - [`duties`]: the duty cores the composition cores are made of.
 //! - [`agent`]: register, report, watch decisions, persist the last decision before acting.
-//! - [`store`]: the in-memory table store (old and new universe) used by the simulator; the
-//!   SQLite and PostgreSQL adapters implement the same operations later.
+//! - [`store`]: the data-store interface ([`store::OldStore`], [`store::NewStore`]) and
+//!   [`store::MemStore`], the in-memory store that implements it with real databases' limits.
+//!
+//! Every core is driven the same way: `handle(now_ms, input) -> outputs`, with `now_ms` never
+//! decreasing, outputs applied in order, and the shell calling again by `next_deadline_ms()`.
 
 pub mod agent;
+pub mod data_node;
 pub mod duties;
+pub mod ingress;
 pub mod store;
+
+use protocol::schema::Row;
+use protocol::{Decision, Position};
+use serde::{Deserialize, Serialize};
+
+/// What a node keeps on its own disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// The last decision persisted (and so the last one the node may have acted on).
+    pub decision: Decision,
+    /// How many times the node has started: request ids carry it, so that an id is never
+    /// reused across restarts (data nodes answer a repeated id with the first answer).
+    pub boots: u64,
+}
+
+/// A client request's idempotency key at the data tier: the ingress node it came through (a
+/// hash of its name) and its id there (which carries the node's boot count).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RequestKey {
+    pub origin: u64,
+    pub id: u64,
+}
+
+/// A universe's answer to one client request, as a data node gives it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreAnswer {
+    /// Done; the body (reads) and the data position the universe had reached (old: last
+    /// captured; new: last applied).
+    Ok {
+        body: Option<Row>,
+        position: Position,
+    },
+    Rejected {
+        reason: String,
+    },
+}

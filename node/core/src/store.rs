@@ -1,12 +1,20 @@
-//! An in-memory table store: the old or the new universe's database in the simulator.
+//! The data-store interface, and [`MemStore`], the in-memory table store that implements it.
 //!
-//! The old store captures every change into its [`ChangeLog`] in the same step (as a trigger
-//! would). The new store keeps the transform [`Checkpoint`] with its data, so a batch and its
-//! checkpoint land together.
+//! A data node reads the old universe's store ([`OldStore`]) and writes the new universe's
+//! ([`NewStore`]). The data-node core decides every read and write; a shell performs them
+//! through these traits (the simulator on `MemStore`, the SQLite and PostgreSQL adapters on
+//! real databases) and hands the results back.
+//!
+//! The interface carries real databases' limits:
+//! - a snapshot handle ([`SnapshotId`]) lives only as long as the process that opened it (an
+//!   exported PostgreSQL snapshot or an SQLite read transaction dies with its connection);
+//!   [`OldStore::disconnect`] is what a crash does to it;
+//! - a batch and the checkpoint it reaches are applied in one transaction, together with an
+//!   optional reset of the new universe's tables ([`Batch::reset`]) when a copy restarts.
 
 use crate::duties::capture::{CaptureError, ChangeLog};
 use crate::duties::transform::{Batch, Checkpoint};
-use crate::duties::validate::checksum;
+use crate::duties::validate::row_hash;
 use protocol::schema::{Row, RowOp, Schema};
 use protocol::Position;
 use std::collections::BTreeMap;
@@ -14,16 +22,75 @@ use std::collections::BTreeMap;
 /// Tables: name → key → row.
 pub type Tables = BTreeMap<String, BTreeMap<i64, Row>>;
 
-/// One universe's store.
+/// A row as read from a store: (table, key, row), in (table, key) order.
+pub type StoredRow = (String, i64, Row);
+
+/// A cursor in (table, key) order: the last row read.
+pub type RowCursor = Option<(String, i64)>;
+
+/// A consistent snapshot of the old store, valid only within the incarnation that opened it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SnapshotId(pub u64);
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The snapshot is gone (its process or connection ended): restart the copy.
+    #[error("snapshot {0:?} is gone")]
+    SnapshotGone(SnapshotId),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+}
+
+/// Rows read in (table, key) order, whether they are the last ones, and the store's change
+/// position when they were read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub rows: Vec<StoredRow>,
+    pub last: bool,
+    pub position: Position,
+}
+
+/// The old universe's store, as a data node reads it.
+pub trait OldStore {
+    /// Opens a consistent snapshot at the current change position.
+    fn open_snapshot(&mut self) -> (SnapshotId, Position);
+    /// Up to `limit` rows of `snapshot` after `after`.
+    fn snapshot_chunk(&self, snapshot: SnapshotId, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError>;
+    /// Up to `limit` rows of the current contents after `after` (used while fenced).
+    fn rows_chunk(&self, after: &RowCursor, limit: usize) -> Chunk;
+    /// Up to `limit` captured changes after `after`, and the last captured position.
+    fn changes_after(&self, after: Position, limit: usize) -> (Vec<(Position, RowOp)>, Position);
+    /// Refuses further writes (in-flight ones finish first); returns the final position.
+    fn fence(&mut self) -> Position;
+    fn unfence(&mut self);
+    fn is_fenced(&self) -> bool;
+    /// The process that held snapshots ended: every snapshot it opened is gone.
+    fn disconnect(&mut self);
+}
+
+/// The new universe's store, as a data node writes it.
+pub trait NewStore {
+    /// The checkpoint stored with the data (what a restarted transform resumes from).
+    fn checkpoint(&self) -> Checkpoint;
+    /// Applies `batch.reset` (if set), its ops and its checkpoint in one transaction.
+    fn apply_batch(&mut self, batch: &Batch);
+    /// Order-independent checksum of every row ([`row_hash`] summed).
+    fn checksum(&self) -> u64;
+}
+
+/// One universe's store, in memory.
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
-    pub tables: Tables,
+    tables: Tables,
     /// Captured changes (old store only).
-    pub capture: ChangeLog,
+    capture: ChangeLog,
     /// Transform progress (new store only).
-    pub checkpoint: Checkpoint,
-    /// Snapshots taken for bulk copies, by position (kept like an exported snapshot).
-    pub snapshots: BTreeMap<Position, Tables>,
+    checkpoint: Checkpoint,
+    /// Open snapshots (volatile: dropped by [`OldStore::disconnect`]).
+    snapshots: BTreeMap<SnapshotId, Tables>,
+    /// Snapshot ids are never reused, across disconnects too.
+    next_snapshot: u64,
 }
 
 impl MemStore {
@@ -46,14 +113,14 @@ impl MemStore {
         }
     }
 
-    /// A client write to the old store: applied and captured together.
+    /// A client write to the old store: applied and captured together (as a trigger does).
     pub fn write_captured(&mut self, op: RowOp) -> Result<Position, CaptureError> {
         let position = self.capture.append(op.clone())?;
         self.apply_op(&op);
         Ok(position)
     }
 
-    /// A client write to the new store (after the switch).
+    /// A write that is not captured: initial data, or a client write to the new store.
     pub fn write(&mut self, op: &RowOp) {
         self.apply_op(op);
     }
@@ -62,50 +129,170 @@ impl MemStore {
         self.tables.get(table)?.get(&key)
     }
 
-    /// Applies a transform batch and its checkpoint atomically.
-    pub fn apply_batch(&mut self, batch: &Batch) {
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    /// Last captured position (old store).
+    pub fn captured(&self) -> Position {
+        self.capture.last()
+    }
+
+    /// Every captured change, in order (for checkers).
+    pub fn changes(&self) -> &ChangeLog {
+        &self.capture
+    }
+
+    /// Snapshots currently open (they die with the process that opened them).
+    pub fn open_snapshots(&self) -> usize {
+        self.snapshots.len()
+    }
+}
+
+fn chunk_of(tables: &Tables, after: &RowCursor, limit: usize, position: Position) -> Chunk {
+    let mut rows = Vec::with_capacity(limit.min(1024));
+    for (table, table_rows) in tables {
+        let range: Box<dyn Iterator<Item = (&i64, &Row)>> = match after {
+            Some((t, _)) if t > table => continue,
+            Some((t, k)) if t == table => {
+                Box::new(table_rows.range((std::ops::Bound::Excluded(*k), std::ops::Bound::Unbounded)))
+            }
+            _ => Box::new(table_rows.iter()),
+        };
+        for (key, row) in range {
+            if rows.len() == limit {
+                return Chunk { rows, last: false, position };
+            }
+            rows.push((table.clone(), *key, row.clone()));
+        }
+    }
+    Chunk { rows, last: true, position }
+}
+
+impl OldStore for MemStore {
+    fn open_snapshot(&mut self) -> (SnapshotId, Position) {
+        self.next_snapshot += 1;
+        let id = SnapshotId(self.next_snapshot);
+        self.snapshots.insert(id, self.tables.clone());
+        (id, self.capture.last())
+    }
+
+    fn snapshot_chunk(&self, snapshot: SnapshotId, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError> {
+        let tables = self.snapshots.get(&snapshot).ok_or(StoreError::SnapshotGone(snapshot))?;
+        Ok(chunk_of(tables, after, limit, self.capture.last()))
+    }
+
+    fn rows_chunk(&self, after: &RowCursor, limit: usize) -> Chunk {
+        chunk_of(&self.tables, after, limit, self.capture.last())
+    }
+
+    fn changes_after(&self, after: Position, limit: usize) -> (Vec<(Position, RowOp)>, Position) {
+        (self.capture.after(after, limit), self.capture.last())
+    }
+
+    fn fence(&mut self) -> Position {
+        self.capture.fence()
+    }
+
+    fn unfence(&mut self) {
+        self.capture.unfence()
+    }
+
+    fn is_fenced(&self) -> bool {
+        self.capture.is_fenced()
+    }
+
+    fn disconnect(&mut self) {
+        self.snapshots.clear();
+    }
+}
+
+impl NewStore for MemStore {
+    fn checkpoint(&self) -> Checkpoint {
+        self.checkpoint.clone()
+    }
+
+    fn apply_batch(&mut self, batch: &Batch) {
+        if batch.reset {
+            for rows in self.tables.values_mut() {
+                rows.clear();
+            }
+        }
         for op in &batch.ops {
             self.apply_op(op);
         }
         self.checkpoint = batch.checkpoint.clone();
     }
 
-    /// Takes (or finds) the consistent snapshot at the current capture position.
-    pub fn snapshot(&mut self) -> Position {
-        let at = self.capture.last();
-        self.snapshots.entry(at).or_insert_with(|| self.tables.clone());
-        at
-    }
-
-    /// Up to `limit` rows of the snapshot at `at`, after `after`, in (table, key) order, and
-    /// whether they are the last ones.
-    pub fn snapshot_rows(
-        &self,
-        at: Position,
-        after: &Option<(String, i64)>,
-        limit: usize,
-    ) -> (Vec<(String, i64, Row)>, bool) {
-        let snapshot = self.snapshots.get(&at).expect("snapshot kept until the copy is done");
-        let mut rows = Vec::with_capacity(limit);
-        for (table, table_rows) in snapshot {
-            let range: Box<dyn Iterator<Item = (&i64, &Row)>> = match after {
-                Some((t, _)) if t > table => continue,
-                Some((t, k)) if t == table => {
-                    Box::new(table_rows.range((std::ops::Bound::Excluded(*k), std::ops::Bound::Unbounded)))
-                }
-                _ => Box::new(table_rows.iter()),
-            };
-            for (key, row) in range {
-                if rows.len() == limit {
-                    return (rows, false);
-                }
-                rows.push((table.clone(), *key, row.clone()));
-            }
-        }
-        (rows, true)
-    }
-
-    pub fn checksum(&self) -> u64 {
+    fn checksum(&self) -> u64 {
         checksum(&self.tables)
+    }
+}
+
+/// Order-independent checksum of tables: the wrapping sum of every row's [`row_hash`].
+pub fn checksum(tables: &Tables) -> u64 {
+    tables
+        .iter()
+        .flat_map(|(table, rows)| rows.iter().map(move |(key, row)| row_hash(table, *key, row)))
+        .fold(0u64, u64::wrapping_add)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::schema::{TableSchema, Value};
+
+    fn store() -> MemStore {
+        let mut tables = BTreeMap::new();
+        tables.insert("t".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into()] });
+        let mut s = MemStore::with_schema(&Schema { tables });
+        for k in 1..=5 {
+            s.write(&upsert(k));
+        }
+        s
+    }
+
+    fn upsert(key: i64) -> RowOp {
+        RowOp::Upsert { table: "t".into(), key, row: [("id".to_string(), Value::Int(key))].into_iter().collect() }
+    }
+
+    #[test]
+    fn a_snapshot_is_consistent_and_dies_with_its_process() {
+        let mut s = store();
+        let (snap, at) = s.open_snapshot();
+        assert_eq!(at, Position(0));
+        s.write_captured(upsert(6)).unwrap();
+        let chunk = s.snapshot_chunk(snap, &Some(("t".into(), 3)), 10).unwrap();
+        assert_eq!(chunk.rows.iter().map(|r| r.1).collect::<Vec<_>>(), vec![4, 5], "the later write is not in it");
+        assert!(chunk.last);
+        assert_eq!(chunk.position, Position(1));
+        let first = s.snapshot_chunk(snap, &None, 2).unwrap();
+        assert_eq!((first.rows.len(), first.last), (2, false));
+        s.disconnect();
+        assert_eq!(s.snapshot_chunk(snap, &None, 2), Err(StoreError::SnapshotGone(snap)));
+        let (again, _) = s.open_snapshot();
+        assert_ne!(again, snap, "handles are never reused");
+    }
+
+    #[test]
+    fn a_reset_batch_empties_the_tables_with_its_checkpoint() {
+        let mut s = store();
+        let before = s.checksum();
+        let batch = Batch { reset: true, ops: vec![upsert(9)], checkpoint: Checkpoint::default() };
+        s.apply_batch(&batch);
+        assert_eq!(s.tables()["t"].keys().copied().collect::<Vec<_>>(), vec![9]);
+        assert_ne!(s.checksum(), before);
+    }
+
+    #[test]
+    fn checksums_do_not_depend_on_insertion_order() {
+        let mut a = store();
+        let mut b = MemStore::with_schema(&Schema::default());
+        for k in (1..=5).rev() {
+            b.write(&upsert(k));
+        }
+        assert_eq!(a.checksum(), b.checksum());
+        a.write(&RowOp::Delete { table: "t".into(), key: 2 });
+        assert_ne!(a.checksum(), b.checksum());
     }
 }

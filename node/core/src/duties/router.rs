@@ -13,6 +13,7 @@ use std::collections::{BTreeSet, VecDeque};
 pub type RequestId = u64;
 
 /// Deliberately broken variants, to prove the simulator's checkers catch them.
+#[cfg(feature = "planted-bugs")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RouterBug {
     /// When a hold times out, release held requests to the old universe instead of failing them.
@@ -26,7 +27,6 @@ pub struct RouterConfig {
     pub hold_queue_max: usize,
     /// Retry-After sent with a 503.
     pub retry_after_ms: u64,
-    pub bug: Option<RouterBug>,
 }
 
 /// Inputs to the router core.
@@ -40,7 +40,7 @@ pub enum RouterInput {
     Decision(Decision),
     /// Whether read-only requests are mirrored to the new universe (during Syncing).
     Mirroring(bool),
-    /// Time passed (expires holds).
+    /// Time passed (expires holds): the shell calls at [`RouterCore::next_deadline_ms`].
     Tick,
 }
 
@@ -115,6 +115,8 @@ pub struct RouterCore {
     in_flight_old: BTreeSet<RequestId>,
     frozen_acked: Option<Epoch>,
     mirroring: bool,
+    #[cfg(feature = "planted-bugs")]
+    bug: Option<RouterBug>,
 }
 
 impl RouterCore {
@@ -128,7 +130,21 @@ impl RouterCore {
             in_flight_old: BTreeSet::new(),
             frozen_acked: None,
             mirroring: false,
+            #[cfg(feature = "planted-bugs")]
+            bug: None,
         }
+    }
+
+    /// The same core with a planted bug (simulator only).
+    #[cfg(feature = "planted-bugs")]
+    pub fn with_bug(mut self, bug: Option<RouterBug>) -> Self {
+        self.bug = bug;
+        self
+    }
+
+    /// When the oldest held request's hold expires: the shell must call by then.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.held.front().map(|h| h.since_ms + self.config.hold_ms_max)
     }
 
     pub fn mode(&self) -> Mode {
@@ -167,7 +183,8 @@ impl RouterCore {
                 }
             },
             RouterInput::OldCompleted { id } => {
-                self.in_flight_old.remove(&id);
+                let was_in_flight = self.in_flight_old.remove(&id);
+                assert!(was_in_flight, "request {id} completed in the old universe but was never forwarded there");
             }
             RouterInput::Decision(decision) => self.decide(now_ms, decision, &mut out),
             RouterInput::Mirroring(on) => self.mirroring = on,
@@ -213,14 +230,16 @@ impl RouterCore {
             }
             self.held.pop_front();
             out.push(RouterOutput::Released { id: h.id, held_ms: now_ms - h.since_ms, cause: h.cause });
-            match self.config.bug {
-                Some(RouterBug::ReleaseOldOnTimeout) => self.forward(h.id, Universe::Old, false, out),
-                None => out.push(RouterOutput::Fail {
-                    id: h.id,
-                    retry_after_ms: self.config.retry_after_ms,
-                    reason: FailReason::HoldTimeout,
-                }),
+            #[cfg(feature = "planted-bugs")]
+            if self.bug == Some(RouterBug::ReleaseOldOnTimeout) {
+                self.forward(h.id, Universe::Old, false, out);
+                continue;
             }
+            out.push(RouterOutput::Fail {
+                id: h.id,
+                retry_after_ms: self.config.retry_after_ms,
+                reason: FailReason::HoldTimeout,
+            });
         }
     }
 
@@ -238,8 +257,8 @@ impl RouterCore {
 mod tests {
     use super::*;
 
-    fn router(bug: Option<RouterBug>) -> RouterCore {
-        RouterCore::new(RouterConfig { hold_ms_max: 100, hold_queue_max: 2, retry_after_ms: 1000, bug })
+    fn router() -> RouterCore {
+        RouterCore::new(RouterConfig { hold_ms_max: 100, hold_queue_max: 2, retry_after_ms: 1000 })
     }
 
     fn forwards(out: &[RouterOutput]) -> Vec<(RequestId, Universe)> {
@@ -250,7 +269,7 @@ mod tests {
 
     #[test]
     fn restarted_router_holds_until_it_knows() {
-        let mut r = router(None);
+        let mut r = router();
         assert!(r.handle(0, RouterInput::Request { id: 1, read_only: false }).is_empty());
         let out = r.handle(10, RouterInput::Decision(Decision::Initial));
         assert_eq!(forwards(&out), vec![(1, Universe::Old)]);
@@ -258,7 +277,7 @@ mod tests {
 
     #[test]
     fn freeze_waits_for_in_flight_then_acks_and_commit_flips() {
-        let mut r = router(None);
+        let mut r = router();
         r.handle(0, RouterInput::Decision(Decision::Initial));
         r.handle(0, RouterInput::Mirroring(true));
         let out = r.handle(1, RouterInput::Request { id: 1, read_only: true });
@@ -277,7 +296,7 @@ mod tests {
 
     #[test]
     fn hold_times_out_with_503_and_queue_is_bounded() {
-        let mut r = router(None);
+        let mut r = router();
         r.handle(0, RouterInput::Decision(Decision::Freeze(Epoch(1))));
         r.handle(0, RouterInput::Request { id: 1, read_only: false });
         r.handle(10, RouterInput::Request { id: 2, read_only: false });
@@ -291,7 +310,7 @@ mod tests {
 
     #[test]
     fn abort_releases_to_old() {
-        let mut r = router(None);
+        let mut r = router();
         r.handle(0, RouterInput::Decision(Decision::Freeze(Epoch(1))));
         r.handle(1, RouterInput::Request { id: 1, read_only: false });
         let out = r.handle(2, RouterInput::Decision(Decision::Abort(Epoch(1))));
@@ -299,8 +318,25 @@ mod tests {
     }
 
     #[test]
+    fn the_next_deadline_is_the_oldest_hold_expiry() {
+        let mut r = router();
+        assert_eq!(r.next_deadline_ms(), None);
+        r.handle(0, RouterInput::Decision(Decision::Freeze(Epoch(1))));
+        r.handle(7, RouterInput::Request { id: 1, read_only: false });
+        r.handle(9, RouterInput::Request { id: 2, read_only: false });
+        assert_eq!(r.next_deadline_ms(), Some(107));
+        let out = r.handle(107, RouterInput::Tick);
+        assert!(matches!(
+            out[..],
+            [RouterOutput::Released { id: 1, held_ms: 100, .. }, RouterOutput::Fail { id: 1, .. }]
+        ));
+        assert_eq!(r.next_deadline_ms(), Some(109));
+    }
+
+    #[cfg(feature = "planted-bugs")]
+    #[test]
     fn planted_bug_releases_to_old_on_timeout() {
-        let mut r = router(Some(RouterBug::ReleaseOldOnTimeout));
+        let mut r = router().with_bug(Some(RouterBug::ReleaseOldOnTimeout));
         r.handle(0, RouterInput::Decision(Decision::Freeze(Epoch(1))));
         r.handle(0, RouterInput::Request { id: 1, read_only: false });
         assert_eq!(forwards(&r.handle(100, RouterInput::Tick)), vec![(1, Universe::Old)]);
@@ -311,13 +347,13 @@ mod tests {
 mod properties {
     //! The fail-closed rule over random inputs: a router sends to the old universe only under
     //! `Initial`/`Abort`, to the new one only under `Commit`, acks `Frozen` only with nothing in
-    //! flight to the old universe, and never holds past `hold_ms_max` plus one tick.
+    //! flight to the old universe, and never holds past `hold_ms_max` when called at its deadline.
 
     use super::*;
     use proptest::prelude::*;
 
-    /// Longest gap between two ticks: a hold may overrun `hold_ms_max` by at most this.
-    const TICK_MAX_MS: u64 = 20;
+    /// Longest gap between two steps of time.
+    const WAIT_MAX_MS: u64 = 20;
 
     #[derive(Clone, Debug)]
     enum Step {
@@ -336,7 +372,7 @@ mod properties {
             4 => any::<bool>().prop_map(|read_only| Step::Arrive { read_only }),
             2 => (0usize..64).prop_map(Step::Complete),
             2 => Just(Step::Tick),
-            2 => (1u64..=TICK_MAX_MS).prop_map(Step::Wait),
+            2 => (1u64..=WAIT_MAX_MS).prop_map(Step::Wait),
             1 => (0u8..4).prop_map(Step::Decide),
         ]
     }
@@ -347,7 +383,7 @@ mod properties {
         #[test]
         fn router_never_guesses(steps in proptest::collection::vec(step(), 1..200)) {
             let hold_ms_max = 100;
-            let mut r = RouterCore::new(RouterConfig { hold_ms_max, hold_queue_max: 8, retry_after_ms: 1000, bug: None });
+            let mut r = RouterCore::new(RouterConfig { hold_ms_max, hold_queue_max: 8, retry_after_ms: 1000 });
             let mut now = 0u64;
             let mut next_id = 0u64;
             let mut decision = Decision::Initial;
@@ -366,7 +402,8 @@ mod properties {
                     Step::Complete(_) => Vec::new(),
                     Step::Tick => r.handle(now, RouterInput::Tick),
                     Step::Wait(ms) => {
-                        now += ms;
+                        // The shell's contract: it calls no later than the core's deadline.
+                        now = (now + ms).min(r.next_deadline_ms().unwrap_or(u64::MAX)).max(now);
                         r.handle(now, RouterInput::Tick)
                     }
                     Step::Decide(k) => {
@@ -394,7 +431,7 @@ mod properties {
                                 in_flight.push(*id);
                             }
                         }
-                        RouterOutput::Released { held_ms, .. } => prop_assert!(*held_ms <= hold_ms_max + TICK_MAX_MS),
+                        RouterOutput::Released { held_ms, .. } => prop_assert!(*held_ms <= hold_ms_max, "held {} ms", held_ms),
                         RouterOutput::Ack { epoch, ack: Ack::Frozen } => {
                             prop_assert_eq!(decision, Decision::Freeze(*epoch));
                             prop_assert!(in_flight.is_empty(), "acked Frozen with requests in flight to the old universe");

@@ -3,11 +3,19 @@
 //!
 //! The core decides what to read next ([`TransformCore::next_work`]) and turns what was read
 //! into a [`Batch`] that the shell applies to the new store *atomically with its checkpoint*.
-//! A restarted transform resumes from the checkpoint kept in the new store: a copy resumes
-//! after the last copied key, the stream after the last applied position. A change at or
-//! before the checkpoint is skipped (exactly once); a gap in positions is an error.
+//! A restarted transform resumes from the checkpoint kept in the new store. The stream resumes
+//! after the last applied position: a change at or before the checkpoint is skipped (exactly
+//! once), a gap in positions is an error. A copy cannot resume: its snapshot died with the
+//! process that opened it (as a real database's exported snapshot or read transaction does). So
+//! a copy that was interrupted **restarts from a fresh snapshot**: the first batch of the new
+//! copy empties the new universe's tables and sets the checkpoint to the fresh snapshot's
+//! position, in one transaction. Nothing is lost (every row is copied again from a snapshot
+//! that contains every change up to its position, and the stream resumes right after that
+//! position) and nothing is applied twice (changes up to that position are skipped; rows are
+//! upserted by key into emptied tables).
 
-use protocol::schema::{ConvertError, Mapping, Row, RowOp};
+use crate::store::{RowCursor, SnapshotId, StoredRow};
+use protocol::schema::{ConvertError, Mapping, RowOp};
 use protocol::Position;
 use serde::{Deserialize, Serialize};
 
@@ -35,17 +43,19 @@ pub struct Checkpoint {
 /// What the shell should read next.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Work {
-    /// Take a consistent snapshot of the old store and call [`TransformCore::copy_started`].
+    /// Open a consistent snapshot of the old store and call [`TransformCore::copy_started`].
     Snapshot,
-    /// Read up to `limit` snapshot rows after `after` and call [`TransformCore::copy_chunk`].
-    CopyChunk { snapshot_at: Position, after: Option<(String, i64)>, limit: usize },
+    /// Read up to `limit` rows of `snapshot` after `after` and call [`TransformCore::copy_chunk`].
+    CopyChunk { snapshot: SnapshotId, after: RowCursor, limit: usize },
     /// Read up to `limit` changes after `after` and call [`TransformCore::apply_changes`].
     Stream { after: Position, limit: usize },
 }
 
-/// Writes for the new store plus the checkpoint they reach; apply both atomically.
+/// Writes for the new store plus the checkpoint they reach; apply all of it atomically.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch {
+    /// Empty the new universe's tables first (a copy that starts over).
+    pub reset: bool,
     pub ops: Vec<RowOp>,
     pub checkpoint: Checkpoint,
 }
@@ -64,11 +74,15 @@ pub const COPY_CHUNK_ROWS: usize = 200;
 pub const STREAM_BATCH_CHANGES: usize = 500;
 
 /// Deliberately broken variants, to prove the simulator's checkers catch them.
+#[cfg(feature = "planted-bugs")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransformBug {
     /// After a restart, resume one position past the checkpoint: the change right after it is
     /// lost (the classic capture-restart bug).
     ResumePastCheckpoint,
+    /// After a restart mid-copy, continue the copy at its last key on a fresh snapshot while
+    /// the stream continues from the old snapshot's position.
+    ResumeCopyFromNewSnapshot,
 }
 
 /// The transform duty's core.
@@ -76,21 +90,35 @@ pub enum TransformBug {
 pub struct TransformCore {
     mapping: Mapping,
     checkpoint: Checkpoint,
+    /// The open snapshot of the copy in progress (volatile: it dies with the process).
+    snapshot: Option<SnapshotId>,
     /// Duplicates skipped so far (changes at or before the checkpoint).
     pub duplicates_skipped: u64,
     /// Planted bug: the next change is dropped (set on resume).
     skip_next: bool,
+    #[cfg(feature = "planted-bugs")]
+    bug: Option<TransformBug>,
 }
 
 impl TransformCore {
-    /// Resumes from the checkpoint read from the new store.
+    /// Resumes from the checkpoint read from the new store (a copy in progress restarts).
     pub fn new(mapping: Mapping, checkpoint: Checkpoint) -> Self {
-        TransformCore { mapping, checkpoint, duplicates_skipped: 0, skip_next: false }
+        TransformCore {
+            mapping,
+            checkpoint,
+            snapshot: None,
+            duplicates_skipped: 0,
+            skip_next: false,
+            #[cfg(feature = "planted-bugs")]
+            bug: None,
+        }
     }
 
     /// The same core with a planted bug (simulator only), applied as if it had just resumed.
+    #[cfg(feature = "planted-bugs")]
     pub fn with_bug(mut self, bug: Option<TransformBug>) -> Self {
         self.skip_next = bug == Some(TransformBug::ResumePastCheckpoint) && self.checkpoint.copy == CopyState::Done;
+        self.bug = bug;
         self
     }
 
@@ -106,23 +134,37 @@ impl TransformCore {
     pub fn next_work(&self) -> Work {
         match &self.checkpoint.copy {
             CopyState::NotStarted => Work::Snapshot,
-            CopyState::Copying { snapshot_at, after } => {
-                Work::CopyChunk { snapshot_at: *snapshot_at, after: after.clone(), limit: COPY_CHUNK_ROWS }
-            }
+            CopyState::Copying { after, .. } => match self.snapshot {
+                // The copy's snapshot died with an earlier incarnation: start over.
+                None => Work::Snapshot,
+                Some(snapshot) => Work::CopyChunk { snapshot, after: after.clone(), limit: COPY_CHUNK_ROWS },
+            },
             CopyState::Done => Work::Stream { after: self.checkpoint.applied, limit: STREAM_BATCH_CHANGES },
         }
     }
 
-    /// A snapshot was taken at `snapshot_at`; changes up to it are covered by the copy.
-    pub fn copy_started(&mut self, snapshot_at: Position) -> Batch {
-        assert_eq!(self.checkpoint.copy, CopyState::NotStarted, "copy started twice");
+    /// A snapshot was opened at `snapshot_at`; changes up to it are covered by the copy. The
+    /// batch empties the new universe (a copy that restarts leaves nothing of the last one).
+    pub fn copy_started(&mut self, snapshot: SnapshotId, snapshot_at: Position) -> Batch {
+        assert_eq!(self.next_work(), Work::Snapshot, "a snapshot opened while none was asked for");
+        self.snapshot = Some(snapshot);
+        #[cfg(feature = "planted-bugs")]
+        if self.bug == Some(TransformBug::ResumeCopyFromNewSnapshot) && self.checkpoint.copy != CopyState::NotStarted {
+            return Batch { reset: false, ops: Vec::new(), checkpoint: self.checkpoint.clone() };
+        }
         self.checkpoint = Checkpoint { applied: snapshot_at, copy: CopyState::Copying { snapshot_at, after: None } };
-        Batch { ops: Vec::new(), checkpoint: self.checkpoint.clone() }
+        Batch { reset: true, ops: Vec::new(), checkpoint: self.checkpoint.clone() }
+    }
+
+    /// The copy's snapshot is gone (the store lost its connection): the copy starts over.
+    pub fn snapshot_lost(&mut self) {
+        self.snapshot = None;
     }
 
     /// Converts a chunk of snapshot rows (in (table, key) order, after the checkpoint's `after`).
     /// `last` says the snapshot has no rows after this chunk.
-    pub fn copy_chunk(&mut self, rows: &[(String, i64, Row)], last: bool) -> Result<Batch, TransformError> {
+    pub fn copy_chunk(&mut self, rows: &[StoredRow], last: bool) -> Result<Batch, TransformError> {
+        assert!(self.snapshot.is_some(), "copy_chunk without an open snapshot");
         let CopyState::Copying { snapshot_at, after } = &self.checkpoint.copy else {
             panic!("copy_chunk outside a copy: {:?}", self.checkpoint.copy);
         };
@@ -136,7 +178,10 @@ impl TransformCore {
             cursor = Some(here);
         }
         self.checkpoint.copy = if last { CopyState::Done } else { CopyState::Copying { snapshot_at, after: cursor } };
-        Ok(Batch { ops, checkpoint: self.checkpoint.clone() })
+        if last {
+            self.snapshot = None;
+        }
+        Ok(Batch { reset: false, ops, checkpoint: self.checkpoint.clone() })
     }
 
     /// Converts captured changes (ascending positions). Positions at or before the checkpoint
@@ -160,7 +205,7 @@ impl TransformCore {
             ops.extend(self.mapping.convert(op)?);
         }
         self.checkpoint.applied = applied;
-        Ok(Batch { ops, checkpoint: self.checkpoint.clone() })
+        Ok(Batch { reset: false, ops, checkpoint: self.checkpoint.clone() })
     }
 
     /// Changes captured but not yet applied.
@@ -172,14 +217,31 @@ impl TransformCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::schema::{Schema, TableSchema, Transform, Value};
+    use protocol::schema::{Row, Schema, TableSchema, Transform, Value};
     use std::collections::BTreeMap;
 
     fn core() -> TransformCore {
+        core_at(Checkpoint::default())
+    }
+
+    trait IntoRow {
+        fn into_row(self) -> protocol::schema::Row;
+    }
+
+    impl IntoRow for RowOp {
+        fn into_row(self) -> protocol::schema::Row {
+            match self {
+                RowOp::Upsert { row, .. } => row,
+                RowOp::Delete { .. } => unreachable!(),
+            }
+        }
+    }
+
+    fn core_at(checkpoint: Checkpoint) -> TransformCore {
         let mut tables = BTreeMap::new();
         tables.insert("t".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "a".into()] });
         let transforms = vec![Transform::RenameColumn { table: "t".into(), from: "a".into(), to: "b".into() }];
-        TransformCore::new(Mapping::compile(&Schema { tables }, &transforms).unwrap(), Checkpoint::default())
+        TransformCore::new(Mapping::compile(&Schema { tables }, &transforms).unwrap(), checkpoint)
     }
 
     fn upsert(key: i64, a: i64) -> RowOp {
@@ -191,7 +253,8 @@ mod tests {
     fn copy_then_stream_exactly_once() {
         let mut t = core();
         assert_eq!(t.next_work(), Work::Snapshot);
-        t.copy_started(Position(2));
+        let b = t.copy_started(SnapshotId(1), Position(2));
+        assert!(b.reset, "a copy starts from an empty new universe");
         let row = |k: i64| {
             (
                 "t".to_string(),
@@ -215,5 +278,25 @@ mod tests {
         assert_eq!(t.duplicates_skipped, 3);
         assert_eq!(t.apply_changes(&[(Position(5), upsert(5, 5))]), Err(TransformError::Gap { expected: 4, got: 5 }));
         assert_eq!(t.lag(Position(10)), 7);
+    }
+
+    #[test]
+    fn an_interrupted_copy_restarts_from_a_fresh_snapshot() {
+        let mut t = core();
+        t.copy_started(SnapshotId(1), Position(2));
+        let row = |k: i64| ("t".to_string(), k, upsert(k, 0).into_row());
+        let b = t.copy_chunk(&[row(1)], false).unwrap();
+        // The process dies: a new core resumes from the stored checkpoint without its snapshot.
+        let mut t = core_at(b.checkpoint);
+        assert_eq!(t.next_work(), Work::Snapshot, "the old snapshot is gone");
+        let b = t.copy_started(SnapshotId(2), Position(7));
+        assert!(b.reset);
+        assert_eq!(
+            b.checkpoint,
+            Checkpoint { applied: Position(7), copy: CopyState::Copying { snapshot_at: Position(7), after: None } }
+        );
+        assert_eq!(t.next_work(), Work::CopyChunk { snapshot: SnapshotId(2), after: None, limit: COPY_CHUNK_ROWS });
+        t.snapshot_lost();
+        assert_eq!(t.next_work(), Work::Snapshot);
     }
 }

@@ -1,0 +1,532 @@
+//! The data-node composition core: a data node's agent, capture, transform, validate and drain
+//! duties as one sans-I/O state machine.
+//!
+//! It takes every decision of a data node: which client requests each universe admits (the
+//! fences), the idempotency of requests by key, when to read the old store and what, what to
+//! write to the new store with which checkpoint, how a crashed copy recovers (from a fresh
+//! snapshot: see [`crate::duties::transform`]), when to fence and unfence, the comparison of
+//! transform(old) with new at the final position, and which decision the drain acts on (only
+//! one that is persisted). The shell performs each [`StoreOp`] on the stores and feeds the
+//! [`StoreResult`] back.
+//!
+//! Driving rules: `now_ms` never decreases (asserted); outputs are applied in order; at most
+//! one store operation is outstanding (the core asks for the next one only once the last one's
+//! result is in; a result that answers no outstanding operation is a shell bug, asserted);
+//! [`DataOutput::Persist`] is durable before
+//! [`DataInput::Persisted`] is fed back; the shell calls [`DataInput::Timer`] no later than
+//! [`DataNodeCore::next_deadline_ms`].
+
+use crate::agent::{AgentConfig, AgentCore, AgentInput, AgentOutput};
+use crate::duties::drain::{DrainCore, DrainInput, DrainOutput};
+use crate::duties::transform::{Batch, Checkpoint, TransformCore, TransformError, Work};
+use crate::duties::validate::row_hash;
+use crate::store::{Chunk, RowCursor, SnapshotId};
+use crate::{NodeRecord, RequestKey, StoreAnswer};
+use protocol::messages::{Ack, NodeReport, NodeRequest, NodeResponse};
+use protocol::schema::{Mapping, RowOp};
+use protocol::{Decision, Epoch, Position, ReplicaId, Universe};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// Rows per read while comparing both universes at the final position.
+pub const COMPARE_CHUNK_ROWS: usize = 500;
+
+/// Data-node settings.
+#[derive(Clone, Debug)]
+pub struct DataNodeConfig {
+    pub agent: AgentConfig,
+    pub mapping: Mapping,
+    /// Pause between two transform steps (a rate limit on the copy and the stream).
+    pub transform_interval_ms: u64,
+    /// Most request answers remembered for idempotency (oldest forgotten first).
+    pub answers_max: usize,
+}
+
+/// A store operation for the shell (see [`crate::store`]); its result comes back as
+/// [`DataInput::Store`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreOp {
+    /// Old store: [`crate::store::OldStore::open_snapshot`] → [`StoreResult::SnapshotOpened`].
+    OpenSnapshot,
+    /// Old store: a snapshot chunk → [`StoreResult::Chunk`] or [`StoreResult::SnapshotGone`].
+    ReadSnapshot { snapshot: SnapshotId, after: RowCursor, limit: usize },
+    /// Old store: captured changes → [`StoreResult::Changes`].
+    ReadChanges { after: Position, limit: usize },
+    /// New store: apply atomically → [`StoreResult::Applied`].
+    Apply(Batch),
+    /// Old store: fence → [`StoreResult::Fenced`].
+    Fence,
+    /// Old store: unfence → [`StoreResult::Unfenced`].
+    Unfence,
+    /// Old store: current rows, for the comparison → [`StoreResult::Rows`].
+    ReadRows { after: RowCursor, limit: usize },
+    /// New store: checksum → [`StoreResult::NewChecksum`].
+    NewChecksum,
+}
+
+/// The result of a [`StoreOp`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreResult {
+    SnapshotOpened { snapshot: SnapshotId, at: Position },
+    Chunk(Chunk),
+    SnapshotGone,
+    Changes { changes: Vec<(Position, RowOp)>, last: Position },
+    Applied,
+    Fenced { final_position: Position },
+    Unfenced,
+    Rows(Chunk),
+    NewChecksum(u64),
+}
+
+/// Inputs to the data-node core.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DataInput {
+    /// The process (re)started: its disk record, the checkpoint stored in the new store, and
+    /// whether the old store is fenced.
+    Boot { record: NodeRecord, checkpoint: Checkpoint, old_fenced: bool },
+    /// A client request for `universe` (a copy for validation if `mirror`), keyed for
+    /// idempotency by `key`.
+    Request { key: RequestKey, universe: Universe, mirror: bool, read_only: bool },
+    /// The universe answered a request the core let through ([`DataOutput::Execute`]).
+    Executed { key: RequestKey, universe: Universe, mirror: bool, answer: StoreAnswer },
+    /// A coordinator replica answered request `id` of the agent.
+    Coordinator { id: u64, response: NodeResponse },
+    /// The record asked for by [`DataOutput::Persist`] is durable.
+    Persisted(NodeRecord),
+    /// The outstanding [`StoreOp`] finished.
+    Store(StoreResult),
+    /// The deadline given by [`DataNodeCore::next_deadline_ms`] has come.
+    Timer,
+}
+
+/// What the shell must do, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DataOutput {
+    /// Run request `key` on `universe`'s store and answer [`DataInput::Executed`].
+    Execute { key: RequestKey, universe: Universe, mirror: bool },
+    /// Answer request `key`.
+    Reply { key: RequestKey, answer: StoreAnswer },
+    /// Send a request to a coordinator replica; give up at `deadline_ms` (the core does too).
+    Send { id: u64, replica: ReplicaId, request: NodeRequest, deadline_ms: u64 },
+    /// Write the record to disk, then answer [`DataInput::Persisted`].
+    Persist(NodeRecord),
+    /// Perform this store operation and answer [`DataInput::Store`].
+    Store(StoreOp),
+    /// For metrics and checkers only.
+    Event(DataEvent),
+}
+
+/// What happened, for metrics and checkers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DataEvent {
+    /// The node acted on a (persisted) decision.
+    Acted(Decision),
+    /// A client request ran on `universe` (mirrors excluded).
+    Admitted { key: RequestKey, universe: Universe },
+    /// A chunk of the bulk copy was applied and the copy goes on.
+    Copying,
+    /// The old store was fenced at `final_position`.
+    Fenced { final_position: Position },
+    /// The comparison of transform(old) with new at the final position.
+    Compared { final_position: Position, matched: bool },
+    /// The drain acked: everything up to `final_position` is applied.
+    Drained { epoch: Epoch, final_position: Position, checksum_match: bool },
+    /// The transform refused the change stream (a gap) or a row (a conversion error).
+    TransformFailed(TransformError),
+}
+
+/// Work the drain asked for, done by the store one operation at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DrainWork {
+    Fence,
+    Unfence,
+    Compare,
+}
+
+#[derive(Clone, Debug)]
+struct Comparing {
+    cursor: RowCursor,
+    /// Sum of the row hashes of transform(old rows read so far).
+    expected: u64,
+    failed: bool,
+    final_position: Position,
+}
+
+/// The data-node composition core.
+#[derive(Clone, Debug)]
+pub struct DataNodeCore {
+    config: DataNodeConfig,
+    agent: AgentCore,
+    transform: Option<TransformCore>,
+    drain: Option<DrainCore>,
+    record: NodeRecord,
+    started: bool,
+    last_now_ms: u64,
+    /// The outstanding store operation.
+    pending: Option<StoreOp>,
+    drain_work: VecDeque<DrainWork>,
+    comparing: Option<Comparing>,
+    final_position: Position,
+    next_step_ms: u64,
+    captured: Position,
+    /// Answers by request key, and their order (for the bound).
+    answers: BTreeMap<RequestKey, StoreAnswer>,
+    answer_order: VecDeque<RequestKey>,
+    executing: BTreeSet<RequestKey>,
+    #[cfg(feature = "planted-bugs")]
+    bug: Option<crate::duties::transform::TransformBug>,
+}
+
+impl DataNodeCore {
+    pub fn new(config: DataNodeConfig) -> Self {
+        assert!(config.answers_max > 0 && config.transform_interval_ms > 0, "data-node limits must be positive");
+        DataNodeCore {
+            agent: AgentCore::new(config.agent.clone()),
+            transform: None,
+            drain: None,
+            record: NodeRecord::default(),
+            started: false,
+            last_now_ms: 0,
+            pending: None,
+            drain_work: VecDeque::new(),
+            comparing: None,
+            final_position: Position(0),
+            next_step_ms: 0,
+            captured: Position(0),
+            answers: BTreeMap::new(),
+            answer_order: VecDeque::new(),
+            executing: BTreeSet::new(),
+            #[cfg(feature = "planted-bugs")]
+            bug: None,
+            config,
+        }
+    }
+
+    /// The same core with a planted transform bug (simulator only); it shows after a restart.
+    #[cfg(feature = "planted-bugs")]
+    pub fn with_bug(mut self, bug: Option<crate::duties::transform::TransformBug>) -> Self {
+        self.bug = bug;
+        self
+    }
+
+    /// The transform's checkpoint (as last applied), once started.
+    pub fn checkpoint(&self) -> Option<&Checkpoint> {
+        self.transform.as_ref().map(|t| t.checkpoint())
+    }
+
+    /// Which universe takes client requests here (`None`: neither, while fenced).
+    pub fn accepting(&self) -> Option<Universe> {
+        self.drain.as_ref().and_then(|d| d.accepting())
+    }
+
+    /// When the shell must feed [`DataInput::Timer`] next, if ever.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        // A step waits for an outstanding store operation, which is answered before any timer.
+        let step = (self.transform_wanted() && self.pending.is_none()).then_some(self.next_step_ms);
+        [self.agent.next_deadline_ms(), step].into_iter().flatten().min()
+    }
+
+    fn transform_wanted(&self) -> bool {
+        self.started
+            && !matches!(self.agent.persisted(), Decision::Commit(_))
+            && self.agent.last_view().is_some_and(|v| v.known)
+    }
+
+    pub fn handle(&mut self, now_ms: u64, input: DataInput) -> Vec<DataOutput> {
+        assert!(now_ms >= self.last_now_ms, "time went backwards: {now_ms} < {}", self.last_now_ms);
+        self.last_now_ms = now_ms;
+        let mut out = Vec::new();
+        match input {
+            DataInput::Boot { record, checkpoint, old_fenced } => {
+                assert!(!self.started && self.transform.is_none(), "booted twice");
+                self.record = NodeRecord { boots: record.boots + 1, ..record };
+                let transform = TransformCore::new(self.config.mapping.clone(), checkpoint.clone());
+                #[cfg(feature = "planted-bugs")]
+                let transform = if record.boots > 0 { transform.with_bug(self.bug) } else { transform };
+                self.transform = Some(transform);
+                self.drain = Some(DrainCore::new(checkpoint.applied, old_fenced));
+                out.push(DataOutput::Persist(self.record));
+            }
+            DataInput::Request { key, universe, mirror, read_only } => {
+                self.request(key, universe, mirror, read_only, &mut out)
+            }
+            DataInput::Executed { key, universe, mirror, answer } => {
+                if !mirror {
+                    assert!(self.executing.remove(&key), "request {key:?} executed without being let through");
+                    if matches!(answer, StoreAnswer::Ok { .. }) {
+                        out.push(DataOutput::Event(DataEvent::Admitted { key, universe }));
+                    }
+                    self.remember(key, answer.clone());
+                }
+                out.push(DataOutput::Reply { key, answer });
+            }
+            DataInput::Coordinator { id, response } => {
+                let outs = self.agent.handle(now_ms, AgentInput::Response { id, response });
+                self.agent_outputs(now_ms, outs, &mut out);
+            }
+            DataInput::Persisted(record) => {
+                assert_eq!(record.boots, self.record.boots, "persisted a record that was not asked for");
+                if !self.started {
+                    assert_eq!(record, self.record, "persisted a record that was not asked for");
+                    self.started = true;
+                    let outs = self.agent.handle(now_ms, AgentInput::Boot { persisted: record.decision });
+                    self.agent_outputs(now_ms, outs, &mut out);
+                } else {
+                    let outs = self.agent.handle(now_ms, AgentInput::Persisted(record.decision));
+                    self.agent_outputs(now_ms, outs, &mut out);
+                }
+            }
+            DataInput::Store(result) => self.store_result(now_ms, result, &mut out),
+            DataInput::Timer => {
+                let outs = self.agent.handle(now_ms, AgentInput::Timer);
+                self.agent_outputs(now_ms, outs, &mut out);
+            }
+        }
+        self.pump(now_ms, &mut out);
+        out
+    }
+
+    fn request(
+        &mut self,
+        key: RequestKey,
+        universe: Universe,
+        mirror: bool,
+        read_only: bool,
+        out: &mut Vec<DataOutput>,
+    ) {
+        if !mirror {
+            if let Some(answer) = self.answers.get(&key) {
+                out.push(DataOutput::Reply { key, answer: answer.clone() });
+                return;
+            }
+            if self.executing.contains(&key) {
+                // A duplicate of a request still running: its caller learns nothing from this
+                // copy (and so reports the outcome as unknown if the first answer is lost).
+                return;
+            }
+        }
+        let accepting = self.accepting();
+        let bulk_done = self.transform.as_ref().is_some_and(|t| t.bulk_done());
+        let refusal = match (universe, mirror) {
+            (Universe::Old, true) => Some("mirrors go to the new universe".to_string()),
+            (Universe::New, true) if !read_only => Some("only read-only requests are mirrored".to_string()),
+            // Nothing is complete before the bulk copy is: no answer would be conclusive.
+            (Universe::New, true) if !bulk_done => Some("bulk copy in progress".to_string()),
+            (Universe::New, true) => None,
+            (universe, false) if accepting != Some(universe) => {
+                Some(format!("{universe:?} universe not accepting (accepting {accepting:?})"))
+            }
+            (_, false) => None,
+        };
+        match refusal {
+            Some(reason) => {
+                let answer = StoreAnswer::Rejected { reason };
+                if !mirror {
+                    self.remember(key, answer.clone());
+                }
+                out.push(DataOutput::Reply { key, answer });
+            }
+            None => {
+                if !mirror {
+                    self.executing.insert(key);
+                }
+                out.push(DataOutput::Execute { key, universe, mirror });
+            }
+        }
+    }
+
+    fn remember(&mut self, key: RequestKey, answer: StoreAnswer) {
+        if self.answers.insert(key, answer).is_none() {
+            self.answer_order.push_back(key);
+        }
+        while self.answer_order.len() > self.config.answers_max {
+            let oldest = self.answer_order.pop_front().expect("longer than a positive bound");
+            self.answers.remove(&oldest);
+        }
+    }
+
+    /// Starts the next store operation, if none is outstanding: the drain's work first, then a
+    /// transform step when it is due.
+    fn pump(&mut self, now_ms: u64, out: &mut Vec<DataOutput>) {
+        if self.pending.is_some() || !self.started {
+            return;
+        }
+        let op = if let Some(c) = &self.comparing {
+            Some(StoreOp::ReadRows { after: c.cursor.clone(), limit: COMPARE_CHUNK_ROWS })
+        } else if let Some(work) = self.drain_work.pop_front() {
+            match work {
+                DrainWork::Fence => Some(StoreOp::Fence),
+                DrainWork::Unfence => Some(StoreOp::Unfence),
+                DrainWork::Compare => {
+                    let final_position = self.final_position;
+                    self.comparing = Some(Comparing { cursor: None, expected: 0, failed: false, final_position });
+                    Some(StoreOp::ReadRows { after: None, limit: COMPARE_CHUNK_ROWS })
+                }
+            }
+        } else if self.transform_wanted() && now_ms >= self.next_step_ms {
+            self.next_step_ms = now_ms + self.config.transform_interval_ms;
+            let transform = self.transform.as_ref().expect("started");
+            Some(match transform.next_work() {
+                Work::Snapshot => StoreOp::OpenSnapshot,
+                Work::CopyChunk { snapshot, after, limit } => StoreOp::ReadSnapshot { snapshot, after, limit },
+                Work::Stream { after, limit } => StoreOp::ReadChanges { after, limit },
+            })
+        } else {
+            None
+        };
+        if let Some(op) = op {
+            self.pending = Some(op.clone());
+            out.push(DataOutput::Store(op));
+        }
+    }
+
+    fn store_result(&mut self, now_ms: u64, result: StoreResult, out: &mut Vec<DataOutput>) {
+        let op = self.pending.take().expect("a store result without an outstanding operation");
+        let transform = self.transform.as_mut().expect("started");
+        let batch = match (op, result) {
+            (StoreOp::OpenSnapshot, StoreResult::SnapshotOpened { snapshot, at }) => {
+                self.captured = self.captured.max(at);
+                Some(Ok(transform.copy_started(snapshot, at)))
+            }
+            (StoreOp::ReadSnapshot { .. }, StoreResult::Chunk(chunk)) => {
+                self.captured = self.captured.max(chunk.position);
+                Some(transform.copy_chunk(&chunk.rows, chunk.last))
+            }
+            (StoreOp::ReadSnapshot { .. }, StoreResult::SnapshotGone) => {
+                transform.snapshot_lost();
+                None
+            }
+            (StoreOp::ReadChanges { .. }, StoreResult::Changes { changes, last }) => {
+                self.captured = self.captured.max(last);
+                (!changes.is_empty()).then(|| transform.apply_changes(&changes))
+            }
+            (StoreOp::Apply(batch), StoreResult::Applied) => {
+                if matches!(batch.checkpoint.copy, crate::duties::transform::CopyState::Copying { .. }) {
+                    out.push(DataOutput::Event(DataEvent::Copying));
+                }
+                let outs = self.drain_mut().handle(DrainInput::Applied { position: batch.checkpoint.applied });
+                self.drain_outputs(now_ms, outs, out);
+                self.report(now_ms, out);
+                None
+            }
+            (StoreOp::Fence, StoreResult::Fenced { final_position }) => {
+                out.push(DataOutput::Event(DataEvent::Fenced { final_position }));
+                self.final_position = final_position;
+                let outs = self.drain_mut().handle(DrainInput::Fenced { final_position });
+                self.drain_outputs(now_ms, outs, out);
+                None
+            }
+            (StoreOp::Unfence, StoreResult::Unfenced) => None,
+            (StoreOp::ReadRows { .. }, StoreResult::Rows(chunk)) => {
+                self.compare_rows(chunk, out);
+                None
+            }
+            (StoreOp::NewChecksum, StoreResult::NewChecksum(actual)) => {
+                let c = self.comparing.take().expect("comparing");
+                let matched = !c.failed && c.expected == actual;
+                out.push(DataOutput::Event(DataEvent::Compared { final_position: c.final_position, matched }));
+                let outs = self.drain_mut().handle(DrainInput::Checksums { matched });
+                self.drain_outputs(now_ms, outs, out);
+                None
+            }
+            (op, result) => panic!("store result {result:?} does not answer {op:?}"),
+        };
+        match batch {
+            None => {}
+            Some(Ok(batch)) => {
+                self.pending = Some(StoreOp::Apply(batch.clone()));
+                out.push(DataOutput::Store(StoreOp::Apply(batch)));
+            }
+            Some(Err(e)) => out.push(DataOutput::Event(DataEvent::TransformFailed(e))),
+        }
+    }
+
+    fn compare_rows(&mut self, chunk: Chunk, out: &mut Vec<DataOutput>) {
+        let c = self.comparing.as_mut().expect("comparing");
+        for (table, key, row) in &chunk.rows {
+            match self.config.mapping.convert(&RowOp::Upsert { table: table.clone(), key: *key, row: row.clone() }) {
+                Ok(ops) => {
+                    for op in ops {
+                        if let RowOp::Upsert { table, key, row } = op {
+                            c.expected = c.expected.wrapping_add(row_hash(&table, key, &row));
+                        }
+                    }
+                }
+                Err(_) => c.failed = true,
+            }
+        }
+        c.cursor = chunk.rows.last().map(|(t, k, _)| (t.clone(), *k)).or(c.cursor.take());
+        if chunk.last {
+            // Every old row is read: now the new store's checksum (the comparison goes on).
+            self.pending = Some(StoreOp::NewChecksum);
+            out.push(DataOutput::Store(StoreOp::NewChecksum));
+        }
+    }
+
+    fn drain_mut(&mut self) -> &mut DrainCore {
+        self.drain.as_mut().expect("started")
+    }
+
+    fn report(&mut self, now_ms: u64, out: &mut Vec<DataOutput>) {
+        let transform = self.transform.as_ref().expect("started");
+        let report = NodeReport {
+            captured: self.captured,
+            applied: transform.checkpoint().applied,
+            bulk_done: transform.bulk_done(),
+            samples: 0,
+            mismatches: 0,
+        };
+        let outs = self.agent.handle(now_ms, AgentInput::Report(report));
+        self.agent_outputs(now_ms, outs, out);
+    }
+
+    fn drain_outputs(&mut self, now_ms: u64, outs: Vec<DrainOutput>, out: &mut Vec<DataOutput>) {
+        for o in outs {
+            match o {
+                DrainOutput::Fence => self.drain_work.push_back(DrainWork::Fence),
+                DrainOutput::Unfence => self.drain_work.push_back(DrainWork::Unfence),
+                DrainOutput::CompareChecksums => self.drain_work.push_back(DrainWork::Compare),
+                DrainOutput::Ack { epoch, ack } => {
+                    if let Ack::Drained { final_position, checksum_match } = ack {
+                        out.push(DataOutput::Event(DataEvent::Drained { epoch, final_position, checksum_match }));
+                    }
+                    let outs = self.agent.handle(now_ms, AgentInput::OweAck { epoch, ack });
+                    self.agent_outputs(now_ms, outs, out);
+                }
+            }
+        }
+    }
+
+    fn agent_outputs(&mut self, now_ms: u64, outs: Vec<AgentOutput>, out: &mut Vec<DataOutput>) {
+        for o in outs {
+            match o {
+                AgentOutput::Send { id, replica, request } => {
+                    let deadline_ms = self.agent.request_deadline_ms(id).expect("a request just sent is in flight");
+                    out.push(DataOutput::Send { id, replica, request, deadline_ms });
+                }
+                AgentOutput::Persist(decision) => {
+                    self.record.decision = decision;
+                    out.push(DataOutput::Persist(self.record));
+                }
+                AgentOutput::Act(decision) => {
+                    out.push(DataOutput::Event(DataEvent::Acted(decision)));
+                    // The drain acts only on the persisted decision; whether every router is
+                    // frozen comes from the newest view, if it shows that same decision.
+                    let all_routers_frozen =
+                        self.agent.last_view().is_some_and(|v| v.decision == decision && v.all_routers_frozen);
+                    let outs = self.drain_mut().handle(DrainInput::Decision { decision, all_routers_frozen });
+                    self.drain_outputs(now_ms, outs, out);
+                }
+                AgentOutput::View(view) => {
+                    if view.decision == self.agent.persisted() {
+                        let input = DrainInput::Decision {
+                            decision: view.decision,
+                            all_routers_frozen: view.all_routers_frozen,
+                        };
+                        let outs = self.drain_mut().handle(input);
+                        self.drain_outputs(now_ms, outs, out);
+                    }
+                }
+            }
+        }
+    }
+}

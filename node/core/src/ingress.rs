@@ -1,0 +1,363 @@
+//! The ingress composition core: an ingress router node's agent, router and validate duties
+//! as one sans-I/O state machine.
+//!
+//! It takes every decision of an ingress node: which universe a client request goes to, what
+//! is held and for how long, when a request is mirrored to the new universe (only while the
+//! upgrade is `Syncing`), how a mirrored answer is paired with the old one and compared, what
+//! the client is answered, what is persisted and when a decision is acted on. The shell moves
+//! bytes: it forwards a request's payload where [`IngressOutput::Forward`] says, answers the
+//! client what [`IngressOutput::Reply`] says, and hands every answer back as an input.
+//!
+//! Driving rules (quinn-proto's): `now_ms` never decreases (asserted); outputs are applied in
+//! order; [`IngressOutput::Persist`] is durable before [`IngressInput::Persisted`] is fed back,
+//! and nothing is acted on before; the shell calls [`IngressInput::Timer`] no later than
+//! [`IngressCore::next_deadline_ms`].
+
+use crate::agent::{AgentConfig, AgentCore, AgentInput, AgentOutput};
+use crate::duties::router::{FailReason, HoldCause, RouterConfig, RouterCore, RouterInput, RouterOutput};
+use crate::duties::validate::Fnv;
+use crate::duties::validate::{Observed, ValidateCore, Verdict};
+use crate::{NodeRecord, RequestKey, StoreAnswer};
+use protocol::messages::{NodeReport, NodeRequest, NodeResponse, Phase};
+use protocol::{Decision, ReplicaId, Universe};
+use std::collections::BTreeMap;
+
+/// A client request's id, given by the shell (unique within one incarnation).
+pub type RequestId = u64;
+
+/// Ingress settings.
+#[derive(Clone, Debug)]
+pub struct IngressConfig {
+    pub agent: AgentConfig,
+    pub router: RouterConfig,
+    /// Answer fields ignored when comparing mirrored answers (e.g. timestamps).
+    pub ignore_fields: Vec<String>,
+    /// Most client requests tracked at once (forwarded, held or mirrored); more are refused.
+    pub requests_max: usize,
+}
+
+/// Inputs to the ingress core.
+#[derive(Clone, Debug, PartialEq)]
+pub enum IngressInput {
+    /// The process (re)started; its disk holds this record.
+    Boot { record: NodeRecord },
+    /// A client request arrived.
+    Request { id: RequestId, read_only: bool },
+    /// The universe's answer to a forwarded request (`None`: no answer in time).
+    Answered { id: RequestId, universe: Universe, answer: Option<StoreAnswer> },
+    /// The new universe's answer to a mirrored request (`None`: no answer in time).
+    Mirrored { id: RequestId, answer: Option<StoreAnswer> },
+    /// A coordinator replica answered request `id` of the agent.
+    Coordinator { id: u64, response: NodeResponse },
+    /// The record asked for by [`IngressOutput::Persist`] is durable.
+    Persisted(NodeRecord),
+    /// The deadline given by [`IngressCore::next_deadline_ms`] has come.
+    Timer,
+}
+
+/// What a client is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientReply {
+    /// The universe's answer.
+    Answer(StoreAnswer),
+    /// 503 with Retry-After: held too long, hold queue full, or too many requests.
+    Unavailable { retry_after_ms: u64, reason: Unavailable },
+    /// 504: the universe did not answer in time; the request may or may not have happened.
+    Unknown,
+}
+
+/// Why a request was answered 503.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unavailable {
+    Hold(FailReason),
+    /// More than `requests_max` requests in progress.
+    Overloaded,
+}
+
+/// What the shell must do, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum IngressOutput {
+    /// Send request `id` to `universe`, keyed by `key` (the data tier's idempotency key), and
+    /// answer [`IngressInput::Answered`].
+    Forward { id: RequestId, universe: Universe, key: RequestKey },
+    /// Send a copy of read-only request `id` to the new universe and answer
+    /// [`IngressInput::Mirrored`].
+    Mirror { id: RequestId, key: RequestKey },
+    /// Answer the client.
+    Reply { id: RequestId, reply: ClientReply },
+    /// Send a request to a coordinator replica; give up at `deadline_ms` (the core does too).
+    Send { id: u64, replica: ReplicaId, request: NodeRequest, deadline_ms: u64 },
+    /// Write the record to disk, then answer [`IngressInput::Persisted`].
+    Persist(NodeRecord),
+    /// For metrics and checkers only.
+    Event(IngressEvent),
+}
+
+/// What happened, for metrics and checkers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum IngressEvent {
+    /// The node acted on a (persisted) decision.
+    Acted(Decision),
+    /// A held request was released (forwarded or failed) after `held_ms`.
+    Released { id: RequestId, held_ms: u64, cause: HoldCause },
+    /// A mirrored answer was compared with the old universe's.
+    Compared { id: RequestId, verdict: Verdict, old: Observed, new: Observed },
+}
+
+#[derive(Clone, Debug)]
+struct Tracked {
+    answered: bool,
+    mirror_pending: bool,
+    old_seen: Option<Observed>,
+    new_seen: Option<Observed>,
+}
+
+/// Request ids per boot must fit below this (the boot count takes the bits above).
+pub const REQUESTS_PER_BOOT_MAX: u64 = 1 << 40;
+
+/// The ingress composition core.
+#[derive(Clone, Debug)]
+pub struct IngressCore {
+    config: IngressConfig,
+    agent: AgentCore,
+    router: RouterCore,
+    validate: ValidateCore,
+    requests: BTreeMap<RequestId, Tracked>,
+    /// The disk record (as last persisted, or being persisted).
+    record: NodeRecord,
+    /// Booted and the boot count persisted: the agent runs.
+    started: bool,
+    last_now_ms: u64,
+    phase: Option<Phase>,
+    /// This node's part of every request key (a hash of its name).
+    origin: u64,
+}
+
+impl IngressCore {
+    pub fn new(config: IngressConfig) -> Self {
+        assert!(config.requests_max > 0, "requests_max must be positive");
+        IngressCore {
+            agent: AgentCore::new(config.agent.clone()),
+            router: RouterCore::new(config.router.clone()),
+            validate: ValidateCore { ignore_fields: config.ignore_fields.clone(), ..Default::default() },
+            requests: BTreeMap::new(),
+            record: NodeRecord::default(),
+            started: false,
+            last_now_ms: 0,
+            phase: None,
+            origin: {
+                let mut h = Fnv::default();
+                h.bytes(config.agent.node.0.as_bytes());
+                h.0
+            },
+            config,
+        }
+    }
+
+    /// The same core with a planted router bug (simulator only).
+    #[cfg(feature = "planted-bugs")]
+    pub fn with_bug(mut self, bug: Option<crate::duties::router::RouterBug>) -> Self {
+        self.router = self.router.with_bug(bug);
+        self
+    }
+
+    pub fn router(&self) -> &RouterCore {
+        &self.router
+    }
+
+    pub fn validate(&self) -> &ValidateCore {
+        &self.validate
+    }
+
+    /// Requests in progress (forwarded, held, or waiting for a mirror).
+    pub fn requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// When the shell must feed [`IngressInput::Timer`] next, if ever.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        [self.agent.next_deadline_ms(), self.router.next_deadline_ms()].into_iter().flatten().min()
+    }
+
+    pub fn handle(&mut self, now_ms: u64, input: IngressInput) -> Vec<IngressOutput> {
+        assert!(now_ms >= self.last_now_ms, "time went backwards: {now_ms} < {}", self.last_now_ms);
+        self.last_now_ms = now_ms;
+        let mut out = Vec::new();
+        match input {
+            IngressInput::Boot { record } => {
+                assert!(!self.started, "booted twice");
+                // The boot count is persisted before any request id of this boot is used.
+                self.record = NodeRecord { boots: record.boots + 1, ..record };
+                out.push(IngressOutput::Persist(self.record));
+            }
+            IngressInput::Request { id, read_only } => self.request(now_ms, id, read_only, &mut out),
+            IngressInput::Answered { id, universe, answer } => self.answered(now_ms, id, universe, answer, &mut out),
+            IngressInput::Mirrored { id, answer } => {
+                let tracked = self.requests.get_mut(&id).expect("a mirror answer for a tracked request");
+                assert!(tracked.mirror_pending, "request {id} answered a mirror it was not sent");
+                tracked.mirror_pending = false;
+                if let Some(StoreAnswer::Ok { body, position }) = answer {
+                    tracked.new_seen = Some(Observed { body, position });
+                }
+                self.compare(now_ms, id, &mut out);
+                self.maybe_forget(id);
+            }
+            IngressInput::Coordinator { id, response } => {
+                let outs = self.agent.handle(now_ms, AgentInput::Response { id, response });
+                self.agent_outputs(now_ms, outs, &mut out);
+            }
+            IngressInput::Persisted(record) => {
+                assert_eq!(record.boots, self.record.boots, "persisted a record that was not asked for");
+                if !self.started {
+                    assert_eq!(record, self.record, "persisted a record that was not asked for");
+                    self.started = true;
+                    let outs = self.agent.handle(now_ms, AgentInput::Boot { persisted: record.decision });
+                    self.agent_outputs(now_ms, outs, &mut out);
+                } else {
+                    let outs = self.agent.handle(now_ms, AgentInput::Persisted(record.decision));
+                    self.agent_outputs(now_ms, outs, &mut out);
+                }
+            }
+            IngressInput::Timer => {
+                let outs = self.agent.handle(now_ms, AgentInput::Timer);
+                self.agent_outputs(now_ms, outs, &mut out);
+                let outs = self.router.handle(now_ms, RouterInput::Tick);
+                self.router_outputs(now_ms, outs, &mut out);
+            }
+        }
+        out
+    }
+
+    fn key(&self, id: RequestId) -> RequestKey {
+        assert!(id < REQUESTS_PER_BOOT_MAX, "request id {id} beyond the per-boot limit");
+        RequestKey { origin: self.origin, id: (self.record.boots << 40) | id }
+    }
+
+    fn request(&mut self, now_ms: u64, id: RequestId, read_only: bool, out: &mut Vec<IngressOutput>) {
+        assert!(!self.requests.contains_key(&id), "request id {id} reused");
+        if self.requests.len() >= self.config.requests_max {
+            let reply = ClientReply::Unavailable {
+                retry_after_ms: self.config.router.retry_after_ms,
+                reason: Unavailable::Overloaded,
+            };
+            out.push(IngressOutput::Reply { id, reply });
+            return;
+        }
+        self.requests.insert(id, Tracked { answered: false, mirror_pending: false, old_seen: None, new_seen: None });
+        let outs = self.router.handle(now_ms, RouterInput::Request { id, read_only });
+        self.router_outputs(now_ms, outs, out);
+    }
+
+    fn answered(
+        &mut self,
+        now_ms: u64,
+        id: RequestId,
+        universe: Universe,
+        answer: Option<StoreAnswer>,
+        out: &mut Vec<IngressOutput>,
+    ) {
+        if universe == Universe::Old {
+            let outs = self.router.handle(now_ms, RouterInput::OldCompleted { id });
+            self.router_outputs(now_ms, outs, out);
+        }
+        let tracked = self.requests.get_mut(&id).expect("an answer for a tracked request");
+        assert!(!tracked.answered, "request {id} answered twice");
+        let reply = match answer {
+            None => ClientReply::Unknown,
+            Some(answer) => {
+                if let StoreAnswer::Ok { body, position } = &answer {
+                    if tracked.mirror_pending || tracked.new_seen.is_some() {
+                        tracked.old_seen = Some(Observed { body: body.clone(), position: *position });
+                    }
+                }
+                ClientReply::Answer(answer)
+            }
+        };
+        self.finish(now_ms, id, reply, out);
+    }
+
+    fn finish(&mut self, now_ms: u64, id: RequestId, reply: ClientReply, out: &mut Vec<IngressOutput>) {
+        let tracked = self.requests.get_mut(&id).expect("finishing a tracked request");
+        assert!(!tracked.answered, "request {id} answered twice");
+        tracked.answered = true;
+        out.push(IngressOutput::Reply { id, reply });
+        self.compare(now_ms, id, out);
+        self.maybe_forget(id);
+    }
+
+    /// Compares a mirrored request once both answers are in, and reports the counts.
+    fn compare(&mut self, now_ms: u64, id: RequestId, out: &mut Vec<IngressOutput>) {
+        let Some(tracked) = self.requests.get_mut(&id) else { return };
+        if tracked.old_seen.is_none() || tracked.new_seen.is_none() {
+            return;
+        }
+        let (Some(old), Some(new)) = (tracked.old_seen.take(), tracked.new_seen.take()) else { unreachable!() };
+        let verdict = self.validate.compare(&old, &new);
+        out.push(IngressOutput::Event(IngressEvent::Compared { id, verdict, old, new }));
+        let v = &self.validate;
+        let report = NodeReport { samples: v.samples, mismatches: v.mismatches, ..Default::default() };
+        let outs = self.agent.handle(now_ms, AgentInput::Report(report));
+        self.agent_outputs(now_ms, outs, out);
+    }
+
+    fn maybe_forget(&mut self, id: RequestId) {
+        if self.requests.get(&id).is_some_and(|r| r.answered && !r.mirror_pending) {
+            self.requests.remove(&id);
+        }
+    }
+
+    fn router_outputs(&mut self, now_ms: u64, outs: Vec<RouterOutput>, out: &mut Vec<IngressOutput>) {
+        for o in outs {
+            match o {
+                RouterOutput::Forward { id, universe } => {
+                    out.push(IngressOutput::Forward { id, universe, key: self.key(id) });
+                }
+                RouterOutput::Mirror { id } => {
+                    // Mirror only while the upgrade is syncing: the router is told so from views.
+                    let tracked = self.requests.get_mut(&id).expect("mirroring a tracked request");
+                    tracked.mirror_pending = true;
+                    out.push(IngressOutput::Mirror { id, key: self.key(id) });
+                }
+                RouterOutput::Fail { id, retry_after_ms, reason } => {
+                    let reply = ClientReply::Unavailable { retry_after_ms, reason: Unavailable::Hold(reason) };
+                    self.finish(now_ms, id, reply, out);
+                }
+                RouterOutput::Ack { epoch, ack } => {
+                    let outs = self.agent.handle(now_ms, AgentInput::OweAck { epoch, ack });
+                    self.agent_outputs(now_ms, outs, out);
+                }
+                RouterOutput::Released { id, held_ms, cause } => {
+                    out.push(IngressOutput::Event(IngressEvent::Released { id, held_ms, cause }));
+                }
+            }
+        }
+    }
+
+    fn agent_outputs(&mut self, now_ms: u64, outs: Vec<AgentOutput>, out: &mut Vec<IngressOutput>) {
+        for o in outs {
+            match o {
+                AgentOutput::Send { id, replica, request } => {
+                    let deadline_ms = self.agent.request_deadline_ms(id).expect("a request just sent is in flight");
+                    out.push(IngressOutput::Send { id, replica, request, deadline_ms });
+                }
+                AgentOutput::Persist(decision) => {
+                    self.record.decision = decision;
+                    out.push(IngressOutput::Persist(self.record));
+                }
+                AgentOutput::Act(decision) => {
+                    out.push(IngressOutput::Event(IngressEvent::Acted(decision)));
+                    let outs = self.router.handle(now_ms, RouterInput::Decision(decision));
+                    self.router_outputs(now_ms, outs, out);
+                }
+                AgentOutput::View(view) => {
+                    if view.phase != self.phase {
+                        self.phase = view.phase;
+                        let mirroring = view.phase == Some(Phase::Syncing);
+                        let outs = self.router.handle(now_ms, RouterInput::Mirroring(mirroring));
+                        self.router_outputs(now_ms, outs, out);
+                    }
+                }
+            }
+        }
+    }
+}
