@@ -1,6 +1,39 @@
-//! The Imago node runtime: the shells around the pure node cores of `imago-node-core`.
+//! The Imago node runtime: one actix actor per composition core, generic over small I/O
+//! traits. The simulator runs these same actors over in-memory I/O; production runs them over
+//! QUIC, HTTP, databases and a disk.
 //!
-//! The actix actors (one per composition core, generic over small I/O traits) live here; until
-//! they land, this crate re-exports the cores so that shells have one place to import from.
+//! An actor does exactly this: it feeds one message, I/O completion or timer to its core as one
+//! input, maps each output to one I/O call, and re-arms one timer at the core's next deadline.
+//! Nothing else: every decision is the core's. A persist and a store operation block the
+//! actor's mailbox until they finish (`ctx.wait`), so no other input reaches the core between
+//! a persist and its `Persisted`. Every task an actor starts lives inside the actor's own
+//! future: stopping the actor (or aborting the task returned by [`start_local`]) ends them all,
+//! as a crash does.
+//!
+//! Actors need a tokio `LocalSet` (actix spawns with `spawn_local`); they never start threads.
 
-pub use node_core::*;
+pub mod data_node;
+pub mod ingress;
+pub mod io;
+
+pub use node_core;
+
+use actix::{Actor, Addr, Context};
+use tokio::task::JoinHandle;
+
+/// Starts `actor` on the current `LocalSet` and returns its address and its task. Aborting the
+/// task ends the actor and every future it started at once (a crash).
+pub fn start_local<A: Actor<Context = Context<A>>>(actor: A) -> (Addr<A>, JoinHandle<()>) {
+    let context = Context::new();
+    let future = context.into_future(actor);
+    let addr = future.address();
+    (addr, tokio::task::spawn_local(future))
+}
+
+/// A message that stops an actor (a graceful stop: messages already queued are not handled).
+#[derive(Debug, Clone, Copy)]
+pub struct Stop;
+
+impl actix::Message for Stop {
+    type Result = ();
+}

@@ -9,5 +9,6 @@ pub mod ids;
 pub mod messages;
 pub mod plan;
 pub mod schema;
+pub mod transport;
 
 pub use ids::{Decision, Duty, Epoch, NodeName, Position, ReplicaId, Universe, UpgradeId};

@@ -1,150 +1,138 @@
-//! A data node process in the simulator: simulated I/O around the data-node core. The old and
-//! the new store of one shard are [`MemStore`]s behind the data-store interface; the core
-//! decides every read, write, fence and admission, and this shell performs them.
+//! A data node process in the simulator: the production data-node actor over simulated I/O.
+//! The old and the new store of one shard are [`MemStore`]s behind the data-store interface;
+//! the core decides every read, write, fence and admission, the actor wires it, and this file
+//! performs the I/O.
 
 use crate::app::{self, AppOp};
 use crate::checker::AdmissionPoint;
 use crate::config::Bug;
 use crate::fidelity::History;
+use crate::router::{sim_clock, SimClock, SimDisk};
 use crate::wire::{DataRequest, DataResponse};
-use crate::world::{World, DATA_BASE};
-use node_core::data_node::{DataEvent, DataInput, DataNodeConfig, DataNodeCore, DataOutput, StoreOp, StoreResult};
+use crate::world::{with, ReplyTo, SimTransport, World, DATA_BASE};
+use actix::Addr;
+use node::data_node::{DataBoot, DataNodeActor, DataRequest as ActorRequest};
+use node::io::Stores;
+use node_core::data_node::{DataEvent, DataNodeConfig, DataNodeCore, StoreOp, StoreResult};
 use node_core::store::{MemStore, NewStore, OldStore};
-use node_core::{NodeRecord, RequestKey, StoreAnswer};
+use node_core::{NodeRecord, StoreAnswer};
 use protocol::codec;
 use protocol::schema::RowOp;
 use protocol::{Duty, Universe};
-use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Weak;
+use tokio::task::JoinHandle;
 
 /// Pause between two transform steps.
 const TRANSFORM_INTERVAL_MS: u64 = 10;
 /// Most request answers a data node remembers for idempotency.
 const ANSWERS_MAX: usize = 65_536;
 
-/// A data node. `old`, `new` and `disk` survive a crash; the core is lost.
+pub type DataActor = DataNodeActor<SimTransport, SimDisk, SimStores, SimClock>;
+
+/// A data node. `old`, `new` and `disk` survive a crash; the actor does not.
 pub struct DataProc {
     pub addr: u64,
     pub name: String,
     pub old: MemStore,
     pub new: MemStore,
     pub disk: NodeRecord,
-    pub core: DataNodeCore,
-    /// The deadline a timer task is armed for.
-    pub armed_ms: Option<u64>,
-    /// The request being served (the shell's only state besides the stores).
-    serving: Option<(RequestKey, AppOp, Option<DataResponse>)>,
+    pub actor: Option<(Addr<DataActor>, JoinHandle<()>)>,
 }
 
 impl DataProc {
     pub fn new(world: &World, index: usize) -> DataProc {
-        let name = format!("db-{index}");
         DataProc {
             addr: DATA_BASE + index as u64,
+            name: format!("db-{index}"),
             old: MemStore::with_schema(&world.plan.old_schema),
             new: MemStore::with_schema(&world.mapping.new_schema()),
             disk: NodeRecord::default(),
-            core: DataProc::core(world, &name),
-            name,
-            armed_ms: None,
-            serving: None,
+            actor: None,
+        }
+    }
+}
+
+/// A request forwarded to a data node: its payload and where its answer goes.
+pub struct SimDataRequest {
+    op: AppOp,
+    reply_to: ReplyTo,
+}
+
+/// A data node's stores and requests, in the simulated world.
+pub struct SimStores {
+    world: Weak<std::sync::Mutex<World>>,
+    index: usize,
+    incarnation: u64,
+}
+
+impl SimStores {
+    fn with<T>(&self, f: impl FnOnce(&mut World) -> T) -> Option<T> {
+        let shared = self.world.upgrade()?;
+        let addr = DATA_BASE + self.index as u64;
+        with(&shared, |w| w.is_up(addr, self.incarnation).then(|| f(w)))
+    }
+}
+
+impl Stores for SimStores {
+    type Request = SimDataRequest;
+
+    fn execute(&self, request: &SimDataRequest, universe: Universe) -> impl Future<Output = StoreAnswer> + 'static {
+        let index = self.index;
+        let answer = self.with(|w| {
+            let d = &mut w.data[index];
+            match universe {
+                Universe::Old => execute_old(&mut d.old, &request.op, &mut w.fidelity.shards[index]),
+                Universe::New => execute_new(&mut d.new, &request.op),
+            }
+        });
+        std::future::ready(answer.unwrap_or_else(|| StoreAnswer::Rejected { reason: "the process is down".into() }))
+    }
+
+    fn reply(&self, request: SimDataRequest, answer: StoreAnswer) {
+        self.with(|w| w.answer(request.reply_to, codec::encode_frame(&answer).expect("data responses encode")));
+    }
+
+    fn store(&self, op: StoreOp) -> impl Future<Output = StoreResult> + 'static {
+        let index = self.index;
+        // A dead process's store operations never complete (its actor is gone anyway).
+        let result = self.with(|w| w.store_op(index, op));
+        async move {
+            match result {
+                Some(result) => result,
+                None => std::future::pending().await,
+            }
         }
     }
 
-    fn core(world: &World, name: &str) -> DataNodeCore {
-        let config = DataNodeConfig {
-            agent: world.agent_config(name, vec![Duty::Capture, Duty::Transform]),
-            mapping: world.mapping.clone(),
-            transform_interval_ms: TRANSFORM_INTERVAL_MS,
-            answers_max: ANSWERS_MAX,
-        };
-        DataNodeCore::new(config).with_bug(Bug::transform(world.config.bug))
+    fn event(&self, event: DataEvent) {
+        let index = self.index;
+        self.with(|w| w.data_event(index, event));
     }
 }
 
 impl World {
-    /// Serves one client request forwarded by a router (`None`: no answer is sent).
-    pub fn data_request(&mut self, i: usize, bytes: &[u8]) -> Option<Vec<u8>> {
-        let response = match codec::decode_frame::<DataRequest>(bytes) {
-            Ok(Some((request, _))) => {
-                let input = DataInput::Request {
-                    key: request.key,
-                    universe: request.universe,
-                    mirror: request.mirror,
-                    read_only: request.op.read_only(),
-                };
-                self.data[i].serving = Some((request.key, request.op, None));
-                self.data_node(i, input);
-                self.data[i].serving.take().and_then(|(_, _, answer)| answer)?
-            }
+    /// A request for data node `i` arrived from the network.
+    pub fn data_request(&mut self, i: usize, bytes: &[u8], reply_to: ReplyTo) {
+        let refused = match codec::decode_frame::<DataRequest>(bytes) {
+            Ok(Some((request, _))) => match self.data[i].actor.as_ref() {
+                Some((actor, _)) => {
+                    let read_only = request.op.read_only();
+                    actor.do_send(ActorRequest {
+                        key: request.key,
+                        universe: request.universe,
+                        mirror: request.mirror,
+                        read_only,
+                        request: SimDataRequest { op: request.op, reply_to },
+                    });
+                    return;
+                }
+                None => return,
+            },
             Ok(None) => DataResponse::Rejected { reason: "truncated frame".into() },
             Err(e) => DataResponse::Rejected { reason: e.to_string() },
         };
-        Some(codec::encode_frame(&response).expect("data responses encode"))
-    }
-
-    /// Feeds one input to data node `i`'s core and performs its outputs in order, feeding back
-    /// what they answer (store results, persists) until the core is quiet; then re-arms its
-    /// timer.
-    pub fn data_node(&mut self, i: usize, input: DataInput) {
-        let now = self.now_ms();
-        let mut inputs = VecDeque::from([input]);
-        while let Some(input) = inputs.pop_front() {
-            for out in self.data[i].core.handle(now, input) {
-                inputs.extend(self.data_output(i, out));
-            }
-        }
-        let (addr, deadline) = (self.data[i].addr, self.data[i].core.next_deadline_ms());
-        if let Some(at) = self.arm(addr, self.data[i].armed_ms, deadline) {
-            self.data[i].armed_ms = Some(at);
-        }
-    }
-
-    /// Data node `i`'s timer fired for `at`.
-    pub fn data_timer(&mut self, i: usize, at: u64) {
-        if self.data[i].armed_ms != Some(at) {
-            return; // superseded by an earlier deadline
-        }
-        self.data[i].armed_ms = None;
-        self.data_node(i, DataInput::Timer);
-        let name = self.data[i].name.clone();
-        self.check_progress(&name, self.data[i].core.next_deadline_ms());
-    }
-
-    fn data_output(&mut self, i: usize, out: DataOutput) -> Option<DataInput> {
-        match out {
-            DataOutput::Execute { key, universe, mirror } => {
-                let d = &mut self.data[i];
-                let (serving, op, _) = d.serving.as_ref().expect("executing the request being served");
-                assert_eq!(*serving, key, "executing another request than the one served");
-                let answer = match universe {
-                    Universe::Old => execute_old(&mut d.old, op, &mut self.fidelity.shards[i]),
-                    Universe::New => execute_new(&mut d.new, op),
-                };
-                Some(DataInput::Executed { key, universe, mirror, answer })
-            }
-            DataOutput::Reply { key, answer } => {
-                let serving = self.data[i].serving.as_mut().expect("a reply to the request being served");
-                assert_eq!(serving.0, key, "a reply to another request than the one served");
-                serving.2 = Some(answer);
-                None
-            }
-            DataOutput::Send { id, replica, request, deadline_ms } => {
-                let addr = self.data[i].addr;
-                self.send_agent_request(addr, id, replica, request, deadline_ms);
-                None
-            }
-            DataOutput::Persist(record) => {
-                self.data[i].disk = record;
-                let name = self.data[i].name.clone();
-                self.note_persisted(&name, record.decision);
-                Some(DataInput::Persisted(record))
-            }
-            DataOutput::Store(op) => Some(DataInput::Store(self.store_op(i, op))),
-            DataOutput::Event(event) => {
-                self.data_event(i, event);
-                None
-            }
-        }
+        self.answer(reply_to, codec::encode_frame(&refused).expect("data responses encode"));
     }
 
     /// Performs one store operation through the data-store interface.
@@ -252,14 +240,13 @@ impl World {
         if !self.set_up(addr, false) {
             return;
         }
-        // The stores and the disk survive; snapshots die with the process's connections.
+        // The process and every task it started end at once. The stores and the disk survive;
+        // snapshots die with the process's connections.
+        if let Some((_, task)) = self.data[i].actor.take() {
+            task.abort();
+        }
         self.data[i].old.disconnect();
-        let core = DataProc::core(self, &self.data[i].name);
-        let d = &mut self.data[i];
-        d.core = core;
-        d.armed_ms = None;
-        d.serving = None;
-        let name = d.name.clone();
+        let name = self.data[i].name.clone();
         self.record(format_args!("{name} crashed"));
     }
 
@@ -269,10 +256,30 @@ impl World {
             return;
         }
         let d = &self.data[i];
-        let (record, checkpoint, old_fenced) = (d.disk, d.new.checkpoint(), d.old.is_fenced());
+        let boot = DataBoot { record: d.disk, checkpoint: d.new.checkpoint(), old_fenced: d.old.is_fenced() };
         let name = d.name.clone();
-        self.record(format_args!("{name} restarted with {:?}, checkpoint {}", record.decision, checkpoint.applied.0));
-        self.data_node(i, DataInput::Boot { record, checkpoint, old_fenced });
+        self.record(format_args!(
+            "{name} restarted with {:?}, checkpoint {}",
+            boot.record.decision, boot.checkpoint.applied.0
+        ));
+        let config = DataNodeConfig {
+            agent: self.agent_config(&name, vec![Duty::Capture, Duty::Transform]),
+            mapping: self.mapping.clone(),
+            transform_interval_ms: TRANSFORM_INTERVAL_MS,
+            answers_max: ANSWERS_MAX,
+        };
+        let core = DataNodeCore::new(config).with_bug(Bug::transform(self.config.bug));
+        let incarnation = self.procs[&addr].incarnation;
+        let world = self.me.clone();
+        let actor = DataActor::new(
+            core,
+            boot,
+            SimTransport { world: world.clone(), me: addr },
+            SimDisk { world: world.clone(), addr, incarnation },
+            SimStores { world, index: i, incarnation },
+            sim_clock(self),
+        );
+        self.data[i].actor = Some(node::start_local(actor));
     }
 }
 

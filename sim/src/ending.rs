@@ -18,9 +18,9 @@ impl World {
             Phase::RolledBack => Universe::Old,
             _ => return false,
         };
-        self.routers.iter().all(|r| {
-            self.procs[&r.addr].up && r.core.router().mode() == Mode::Serving(universe) && r.core.router().held() == 0
-        })
+        self.routers
+            .iter()
+            .all(|r| self.procs[&r.addr].up && r.observed.mode == Mode::Serving(universe) && r.observed.held == 0)
     }
 
     pub(crate) fn final_checks(&mut self) {

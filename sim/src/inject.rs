@@ -69,7 +69,7 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
             crash(shared, addr);
             if let Some(down_ms) = down_ms {
                 let shared = shared.clone();
-                tokio::spawn(async move {
+                tokio::task::spawn_local(async move {
                     tokio::time::sleep(Duration::from_millis(down_ms)).await;
                     if !with(&shared, |w| w.healed) {
                         restart(&shared, addr).await;
@@ -89,7 +89,7 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
         }
         FaultEvent::OperatorAbort => {
             let shared = shared.clone();
-            tokio::spawn(async move {
+            tokio::task::spawn_local(async move {
                 // Like the CLI: try a replica, follow a leader hint, give up after a few tries.
                 let mut target = with(&shared, |w| w.rng.gen_range(0..w.config.coordinators));
                 for _ in 0..3 {
@@ -133,7 +133,7 @@ pub(crate) fn garbage_frame(rng: &mut ChaCha8Rng) -> Vec<u8> {
 
 pub(crate) fn heal_later(shared: &Shared, after_ms: u64, f: impl FnOnce(&mut World) + Send + 'static) {
     let shared = shared.clone();
-    tokio::spawn(async move {
+    tokio::task::spawn_local(async move {
         tokio::time::sleep(Duration::from_millis(after_ms)).await;
         with(&shared, f);
     });

@@ -1,193 +1,226 @@
-//! A router process in the simulator: simulated I/O around the ingress core. Every decision is
-//! the core's; here client requests arrive, payloads travel, answers come back, and the disk
-//! is a field that survives crashes.
+//! A router process in the simulator: the production ingress actor over simulated I/O. Every
+//! decision is the core's, every wiring the actor's; here client requests arrive, payloads
+//! travel through the simulated network, answers reach the client oracle, and the disk is a
+//! field that survives crashes.
 
 use crate::app::AppOp;
 use crate::checker::AdmissionPoint;
 use crate::oracle::ClientOutcome;
 use crate::wire::{DataRequest, DataResponse};
-use crate::world::{Done, World, DATA_BASE, ROUTER_BASE};
-use node_core::duties::router::{HoldCause, RouterConfig};
+use crate::world::{await_reply, virtual_now, with, SimTransport, World, DATA_BASE, ROUTER_BASE};
+use actix::Addr;
+use node::ingress::{ClientRequest, IngressActor};
+use node::io::{DiskError, Ingress, NodeDisk};
+use node_core::duties::router::{HoldCause, Mode, RouterConfig};
 use node_core::duties::validate::Verdict;
-use node_core::ingress::{ClientReply, IngressConfig, IngressCore, IngressEvent, IngressInput, IngressOutput};
+use node_core::ingress::{ClientReply, IngressConfig, IngressCore, IngressEvent};
 use node_core::{NodeRecord, RequestKey, StoreAnswer};
 use protocol::codec;
 use protocol::{Duty, Universe};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Weak;
+use std::time::Duration;
+use tokio::task::JoinHandle;
 
 /// Most requests one router tracks at once.
 const REQUESTS_MAX: usize = 10_000;
 
-/// A router process. `disk` survives a crash; the rest is lost.
+/// The clock a simulated node reads: virtual milliseconds since the seed started.
+pub type SimClock = Box<dyn Fn() -> u64>;
+
+pub fn sim_clock(world: &World) -> SimClock {
+    let start = world.start;
+    Box::new(move || virtual_now().duration_since(start).as_millis() as u64)
+}
+
+pub type RouterActor = IngressActor<SimTransport, SimDisk, SimIngress, SimClock>;
+
+/// What the simulator observes of a running router (for its checkers and its end of run).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouterObserved {
+    pub mode: Mode,
+    pub held: usize,
+    pub oldest_held_ms: Option<u64>,
+}
+
+/// A router process. `disk` survives a crash; the actor does not.
 pub struct RouterProc {
     pub addr: u64,
     pub name: String,
     pub disk: NodeRecord,
-    pub core: IngressCore,
-    /// The shell's only state: the payload of each request in progress, by id.
-    pub requests: BTreeMap<u64, AppOp>,
-    pub next_request: u64,
-    /// The deadline a timer task is armed for.
-    pub armed_ms: Option<u64>,
+    pub actor: Option<(Addr<RouterActor>, JoinHandle<()>)>,
+    /// Client requests in progress, by ticket (what the clients wait for).
+    pub open: BTreeMap<u64, AppOp>,
+    pub next_ticket: u64,
+    pub observed: RouterObserved,
 }
 
 impl RouterProc {
-    pub fn new(world: &World, index: usize) -> RouterProc {
-        let name = format!("router-{index}");
-        let t = &world.plan.thresholds;
-        let config = IngressConfig {
-            agent: world.agent_config(&name, vec![Duty::Route, Duty::Validate]),
-            router: RouterConfig {
-                hold_ms_max: t.hold_ms_max,
-                hold_queue_max: t.hold_queue_max as usize,
-                retry_after_ms: 1_000,
-            },
-            ignore_fields: Vec::new(),
-            requests_max: REQUESTS_MAX,
-        };
+    pub fn new(index: usize) -> RouterProc {
         RouterProc {
             addr: ROUTER_BASE + index as u64,
-            name,
+            name: format!("router-{index}"),
             disk: NodeRecord::default(),
-            core: IngressCore::new(config).with_bug(crate::config::Bug::router(world.config.bug)),
-            requests: BTreeMap::new(),
-            next_request: 1,
-            armed_ms: None,
+            actor: None,
+            open: BTreeMap::new(),
+            next_ticket: 1,
+            observed: RouterObserved { mode: Mode::Unknown, held: 0, oldest_held_ms: None },
         }
+    }
+}
+
+/// One client request inside a router: the client's ticket and the payload.
+pub struct SimClient {
+    ticket: u64,
+    op: AppOp,
+}
+
+/// The router's side toward clients and data nodes, in the simulated world.
+pub struct SimIngress {
+    world: Weak<std::sync::Mutex<World>>,
+    index: usize,
+    incarnation: u64,
+}
+
+impl SimIngress {
+    fn with<T>(&self, f: impl FnOnce(&mut World) -> T) -> Option<T> {
+        let shared = self.world.upgrade()?;
+        let addr = ROUTER_BASE + self.index as u64;
+        with(&shared, |w| w.is_up(addr, self.incarnation).then(|| f(w)))
+    }
+}
+
+impl Ingress for SimIngress {
+    type Request = SimClient;
+
+    fn forward(
+        &self,
+        request: &SimClient,
+        universe: Universe,
+        key: RequestKey,
+        mirror: bool,
+    ) -> impl Future<Output = Option<StoreAnswer>> + 'static {
+        let index = self.index;
+        let sent = self.with(|w| {
+            let (addr, name) = (w.routers[index].addr, w.routers[index].name.clone());
+            if !mirror {
+                let now = w.now_us();
+                w.checker.admitted(now, AdmissionPoint::Router, &name, universe, key.id);
+            }
+            w.record(format_args!("{name} forwards {} to {universe:?} mirror={mirror}", key.id));
+            let shard = request.op.key().rem_euclid(w.config.data_nodes as i64) as u64;
+            let wire = DataRequest { key, universe, mirror, op: request.op.clone() };
+            let bytes = codec::encode_frame(&wire).expect("data requests encode");
+            (w.send_request(addr, DATA_BASE + shard, bytes), w.data_timeout_ms)
+        });
+        async move {
+            let (rx, timeout_ms) = sent?;
+            let bytes = await_reply(rx, Duration::from_millis(timeout_ms)).await?;
+            codec::decode_frame::<DataResponse>(&bytes).ok().flatten().map(|(r, _)| r)
+        }
+    }
+
+    fn reply(&self, request: SimClient, reply: ClientReply) {
+        let index = self.index;
+        self.with(|w| {
+            let Some(op) = w.routers[index].open.remove(&request.ticket) else { return };
+            let outcome = match reply {
+                ClientReply::Answer(StoreAnswer::Ok { .. }) => ClientOutcome::Acked,
+                ClientReply::Answer(StoreAnswer::Rejected { .. }) => ClientOutcome::Failed,
+                ClientReply::Unavailable { reason, .. } => {
+                    let name = w.routers[index].name.clone();
+                    w.record(format_args!("{name} fails ticket {}: {reason:?}", request.ticket));
+                    ClientOutcome::Failed
+                }
+                ClientReply::Unknown => ClientOutcome::Unknown,
+            };
+            w.client_outcome(&op, outcome);
+        });
+    }
+
+    fn event(&self, event: IngressEvent) {
+        let index = self.index;
+        self.with(|w| {
+            let (now, name) = (w.now_us(), w.routers[index].name.clone());
+            match event {
+                IngressEvent::Acted(decision) => w.note_acted(&name, decision),
+                IngressEvent::Released { id, held_ms, cause } => {
+                    w.record(format_args!("{name} released {id} after {held_ms} ms"));
+                    w.checker.released(now, &name, held_ms);
+                    match cause {
+                        HoldCause::Freeze => w.stats.hold_ms.push(held_ms),
+                        HoldCause::Startup => w.stats.startup_hold_ms.push(held_ms),
+                    }
+                }
+                IngressEvent::Compared { id, verdict, old, new } => {
+                    if verdict == Verdict::Mismatch {
+                        w.checker.violation(
+                            now,
+                            format!(
+                                "validate: {name} request {id} differs at position {}: old {:?} new {:?}",
+                                old.position.0, old.body, new.body
+                            ),
+                        );
+                    }
+                }
+            }
+        });
+    }
+
+    fn observe(&self, core: &IngressCore) {
+        let router = core.router();
+        let observed =
+            RouterObserved { mode: router.mode(), held: router.held(), oldest_held_ms: router.oldest_held_ms() };
+        let index = self.index;
+        self.with(|w| w.routers[index].observed = observed);
+    }
+}
+
+/// A node's disk in the simulated world: a field of its process slot, written at once.
+pub struct SimDisk {
+    pub(crate) world: Weak<std::sync::Mutex<World>>,
+    pub(crate) addr: u64,
+    pub(crate) incarnation: u64,
+}
+
+impl NodeDisk for SimDisk {
+    fn persist(&self, record: NodeRecord) -> impl Future<Output = Result<(), DiskError>> + 'static {
+        let written = self.world.upgrade().is_some_and(|shared| {
+            with(&shared, |w| {
+                if !w.is_up(self.addr, self.incarnation) {
+                    return false;
+                }
+                let name = if self.addr >= DATA_BASE {
+                    let d = &mut w.data[(self.addr - DATA_BASE) as usize];
+                    d.disk = record;
+                    d.name.clone()
+                } else {
+                    let r = &mut w.routers[(self.addr - ROUTER_BASE) as usize];
+                    r.disk = record;
+                    r.name.clone()
+                };
+                w.note_persisted(&name, record.decision);
+                true
+            })
+        });
+        std::future::ready(if written { Ok(()) } else { Err(DiskError("the process is down".into())) })
     }
 }
 
 impl World {
     /// A client sends `op` to router `i`.
     pub fn client_arrival(&mut self, i: usize, op: AppOp) {
-        let addr = self.routers[i].addr;
-        if !self.procs[&addr].up {
+        let router = &mut self.routers[i];
+        let Some((actor, _)) = router.actor.as_ref().filter(|_| self.procs[&router.addr].up) else {
             // Connection refused: the request reached nobody.
             self.client_outcome(&op, ClientOutcome::Failed);
             return;
-        }
-        let router = &mut self.routers[i];
-        let id = router.next_request;
-        router.next_request += 1;
-        let read_only = op.read_only();
-        router.requests.insert(id, op);
-        self.ingress(i, IngressInput::Request { id, read_only });
-    }
-
-    /// Feeds one input to router `i`'s core and performs its outputs in order, feeding back
-    /// what they answer (a persist) until the core is quiet; then re-arms its timer.
-    pub fn ingress(&mut self, i: usize, input: IngressInput) {
-        let now = self.now_ms();
-        let mut inputs = VecDeque::from([input]);
-        while let Some(input) = inputs.pop_front() {
-            for out in self.routers[i].core.handle(now, input) {
-                inputs.extend(self.ingress_output(i, out));
-            }
-        }
-        let (addr, deadline) = (self.routers[i].addr, self.routers[i].core.next_deadline_ms());
-        if let Some(at) = self.arm(addr, self.routers[i].armed_ms, deadline) {
-            self.routers[i].armed_ms = Some(at);
-        }
-    }
-
-    /// Router `i`'s timer fired for `at`.
-    pub fn ingress_timer(&mut self, i: usize, at: u64) {
-        if self.routers[i].armed_ms != Some(at) {
-            return; // superseded by an earlier deadline
-        }
-        self.routers[i].armed_ms = None;
-        self.ingress(i, IngressInput::Timer);
-        let name = self.routers[i].name.clone();
-        self.check_progress(&name, self.routers[i].core.next_deadline_ms());
-    }
-
-    fn ingress_output(&mut self, i: usize, out: IngressOutput) -> Option<IngressInput> {
-        match out {
-            IngressOutput::Forward { id, universe, key } => self.forward(i, id, key, universe, false),
-            IngressOutput::Mirror { id, key } => self.forward(i, id, key, Universe::New, true),
-            IngressOutput::Reply { id, reply } => {
-                let op = self.routers[i].requests.remove(&id).expect("a reply for a request in progress");
-                let outcome = match reply {
-                    ClientReply::Answer(StoreAnswer::Ok { .. }) => ClientOutcome::Acked,
-                    ClientReply::Answer(StoreAnswer::Rejected { .. }) => ClientOutcome::Failed,
-                    ClientReply::Unavailable { reason, .. } => {
-                        let name = self.routers[i].name.clone();
-                        self.record(format_args!("{name} fails {id}: {reason:?}"));
-                        ClientOutcome::Failed
-                    }
-                    ClientReply::Unknown => ClientOutcome::Unknown,
-                };
-                self.client_outcome(&op, outcome);
-            }
-            IngressOutput::Send { id, replica, request, deadline_ms } => {
-                let addr = self.routers[i].addr;
-                self.send_agent_request(addr, id, replica, request, deadline_ms);
-            }
-            IngressOutput::Persist(record) => {
-                self.routers[i].disk = record;
-                let name = self.routers[i].name.clone();
-                self.note_persisted(&name, record.decision);
-                return Some(IngressInput::Persisted(record));
-            }
-            IngressOutput::Event(IngressEvent::Acted(decision)) => {
-                let name = self.routers[i].name.clone();
-                self.note_acted(&name, decision);
-            }
-            IngressOutput::Event(IngressEvent::Released { id, held_ms, cause }) => {
-                let now = self.now_us();
-                let name = self.routers[i].name.clone();
-                self.record(format_args!("{name} released {id} after {held_ms} ms"));
-                self.checker.released(now, &name, held_ms);
-                match cause {
-                    HoldCause::Freeze => self.stats.hold_ms.push(held_ms),
-                    HoldCause::Startup => self.stats.startup_hold_ms.push(held_ms),
-                }
-            }
-            IngressOutput::Event(IngressEvent::Compared { id, verdict, old, new }) => {
-                if verdict == Verdict::Mismatch {
-                    let now = self.now_us();
-                    let name = self.routers[i].name.clone();
-                    self.checker.violation(
-                        now,
-                        format!(
-                            "validate: {name} request {id} differs at position {}: old {:?} new {:?}",
-                            old.position.0, old.body, new.body
-                        ),
-                    );
-                }
-            }
-        }
-        None
-    }
-
-    fn forward(&mut self, i: usize, id: u64, key: RequestKey, universe: Universe, mirror: bool) {
-        let op = self.routers[i].requests.get(&id).expect("forwarding a request in progress").clone();
-        let (addr, name) = (self.routers[i].addr, self.routers[i].name.clone());
-        if !mirror {
-            let now = self.now_us();
-            self.checker.admitted(now, AdmissionPoint::Router, &name, universe, id);
-        }
-        self.record(format_args!("{name} forwards {id} to {universe:?} mirror={mirror}"));
-        let shard = op.key().rem_euclid(self.config.data_nodes as i64) as u64;
-        let wire = DataRequest { key, universe, mirror, op };
-        let bytes = codec::encode_frame(&wire).expect("data requests encode");
-        let done = if mirror {
-            Done::Mirror { router: i, request: id }
-        } else {
-            Done::Data { router: i, request: id, universe }
         };
-        let timeout = self.data_timeout_ms;
-        self.node_call(addr, DATA_BASE + shard, bytes, timeout, done);
-    }
-
-    pub fn data_done(&mut self, i: usize, id: u64, universe: Universe, answer: Option<Vec<u8>>) {
-        let answer = answer.and_then(|b| codec::decode_frame::<DataResponse>(&b).ok().flatten().map(|(r, _)| r));
-        self.ingress(i, IngressInput::Answered { id, universe, answer });
-    }
-
-    pub fn mirror_done(&mut self, i: usize, id: u64, answer: Option<Vec<u8>>) {
-        let answer = answer.and_then(|b| codec::decode_frame::<DataResponse>(&b).ok().flatten().map(|(r, _)| r));
-        self.ingress(i, IngressInput::Mirrored { id, answer });
+        let ticket = router.next_ticket;
+        router.next_ticket += 1;
+        router.open.insert(ticket, op.clone());
+        actor.do_send(ClientRequest { read_only: op.read_only(), request: SimClient { ticket, op } });
     }
 
     pub fn client_outcome(&mut self, op: &AppOp, outcome: ClientOutcome) {
@@ -210,13 +243,15 @@ impl World {
         if !self.set_up(addr, false) {
             return;
         }
-        let pending: Vec<AppOp> = std::mem::take(&mut self.routers[i].requests).into_values().collect();
-        for op in pending {
+        // The process and every task it started end at once; only the disk survives.
+        if let Some((_, task)) = self.routers[i].actor.take() {
+            task.abort();
+        }
+        let open = std::mem::take(&mut self.routers[i].open);
+        for op in open.into_values() {
             self.client_outcome(&op, ClientOutcome::Unknown);
         }
-        // Only the disk survives.
-        let fresh = RouterProc { disk: self.routers[i].disk, ..RouterProc::new(self, i) };
-        self.routers[i] = fresh;
+        self.routers[i].observed = RouterObserved { mode: Mode::Unknown, held: 0, oldest_held_ms: None };
         let name = self.routers[i].name.clone();
         self.record(format_args!("{name} crashed"));
     }
@@ -229,6 +264,28 @@ impl World {
         let record = self.routers[i].disk;
         let name = self.routers[i].name.clone();
         self.record(format_args!("{name} restarted with {:?}", record.decision));
-        self.ingress(i, IngressInput::Boot { record });
+        let t = &self.plan.thresholds;
+        let config = IngressConfig {
+            agent: self.agent_config(&name, vec![Duty::Route, Duty::Validate]),
+            router: RouterConfig {
+                hold_ms_max: t.hold_ms_max,
+                hold_queue_max: t.hold_queue_max as usize,
+                retry_after_ms: 1_000,
+            },
+            ignore_fields: Vec::new(),
+            requests_max: REQUESTS_MAX,
+        };
+        let core = IngressCore::new(config).with_bug(crate::config::Bug::router(self.config.bug));
+        let incarnation = self.procs[&addr].incarnation;
+        let world = self.me.clone();
+        let actor = RouterActor::new(
+            core,
+            record,
+            SimTransport { world: world.clone(), me: addr },
+            SimDisk { world: world.clone(), addr, incarnation },
+            SimIngress { world, index: i, incarnation },
+            sim_clock(self),
+        );
+        self.routers[i].actor = Some(node::start_local(actor));
     }
 }

@@ -76,8 +76,12 @@ pub fn run_seed(config: &SimConfig, seed: u64) -> SeedReport {
         .unhandled_panic(tokio::runtime::UnhandledPanic::ShutdownRuntime);
     let runtime = builder.build().expect("a current-thread runtime builds");
     seed_runtime_rng(seed ^ 0x005e_ed0f_0af7);
+    // Actors run on a LocalSet (actix spawns with spawn_local); a panic in any local task must
+    // fail the seed too.
+    let mut local = tokio::task::LocalSet::new();
+    local.unhandled_panic(tokio::runtime::UnhandledPanic::ShutdownRuntime);
     let outcome =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(run(config.clone(), seed))));
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| local.block_on(&runtime, run(config.clone(), seed))));
     drop(runtime);
     outcome.unwrap_or_else(|panic| {
         let what = panic
@@ -204,7 +208,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     let shared = Arc::new(Mutex::new(world));
     with(&shared, |w| {
         w.me = Arc::downgrade(&shared);
-        w.routers = (0..w.config.routers).map(|i| RouterProc::new(w, i)).collect();
+        w.routers = (0..w.config.routers).map(RouterProc::new).collect();
         w.data = (0..w.config.data_nodes).map(|i| DataProc::new(w, i)).collect();
         let shards = w.config.data_nodes as i64;
         for id in 0..w.config.initial_users as i64 {
@@ -244,10 +248,10 @@ async fn run(config: SimConfig, seed: u64) -> SeedReport {
     let (tick_ms, safety_ms, bound_ms) =
         with(&shared, |w| (w.config.tick_ms, w.faults.safety_ms, w.config.liveness_bound_ms));
     let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    tokio::spawn(ticker(shared.clone(), tick_ms));
-    tokio::spawn(workload(shared.clone(), running.clone()));
-    tokio::spawn(timed_faults(shared.clone()));
-    tokio::spawn(operator(shared.clone()));
+    tokio::task::spawn_local(ticker(shared.clone(), tick_ms));
+    tokio::task::spawn_local(workload(shared.clone(), running.clone()));
+    tokio::task::spawn_local(timed_faults(shared.clone()));
+    tokio::task::spawn_local(operator(shared.clone()));
 
     tokio::time::sleep(Duration::from_millis(safety_ms)).await;
     heal(&shared).await;
@@ -267,7 +271,7 @@ async fn run(config: SimConfig, seed: u64) -> SeedReport {
                 let routers: Vec<String> = w
                     .routers
                     .iter()
-                    .map(|r| format!("{}={:?}/held {}", r.name, r.core.router().mode(), r.core.router().held()))
+                    .map(|r| format!("{}={:?}/held {}", r.name, r.observed.mode, r.observed.held))
                     .collect();
                 w.checker.violation(
                     now,
@@ -294,7 +298,7 @@ async fn ticker(shared: Shared, tick_ms: u64) {
             // The nodes run on their own timers; this tick only observes (for checkers and
             // triggered faults).
             for i in 0..w.routers.len() {
-                if let Some(since) = w.routers[i].core.router().oldest_held_ms() {
+                if let Some(since) = w.routers[i].observed.oldest_held_ms {
                     let (now_us, now_ms, name) = (w.now_us(), w.now_ms(), w.routers[i].name.clone());
                     w.checker.holding(now_us, &name, since, now_ms);
                 }
@@ -307,7 +311,7 @@ async fn ticker(shared: Shared, tick_ms: u64) {
         });
         for (after_ms, event) in triggers {
             let shared = shared.clone();
-            tokio::spawn(async move {
+            tokio::task::spawn_local(async move {
                 tokio::time::sleep(Duration::from_millis(after_ms)).await;
                 fire(&shared, event).await;
             });

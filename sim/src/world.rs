@@ -14,10 +14,8 @@ use coordinator::raft::{new_disk, read_applied, RaftTiming, SharedDisk, Transpor
 use coordinator::service::{Clock, Replica};
 use coordinator::upgrade::{Outcome, UpgradeState};
 use node_core::agent::AgentConfig;
-use node_core::data_node::DataInput;
-use node_core::ingress::IngressInput;
 use protocol::codec;
-use protocol::messages::{NodeRequest, NodeResponse, Request, Response};
+use protocol::messages::{NodeResponse, Request, Response};
 use protocol::plan::Plan;
 use protocol::schema::Mapping;
 use protocol::{Decision, Duty, NodeName};
@@ -78,18 +76,20 @@ pub struct ReplicaSlot {
 
 type ReplySlot = Arc<Mutex<Option<oneshot::Sender<Vec<u8>>>>>;
 
+/// Where the answer to one request goes.
+#[derive(Clone)]
+pub struct ReplyTo {
+    server: Addr,
+    server_inc: u64,
+    caller: Addr,
+    caller_inc: u64,
+    slot: ReplySlot,
+}
+
 #[derive(Clone)]
 enum Packet {
     Request { bytes: Arc<Vec<u8>>, slot: ReplySlot, caller_inc: u64 },
     Reply { bytes: Arc<Vec<u8>>, slot: ReplySlot, caller_inc: u64 },
-}
-
-/// Who waits for a node's call.
-#[derive(Clone, Copy, Debug)]
-pub enum Done {
-    Agent { addr: Addr, id: u64 },
-    Data { router: usize, request: u64, universe: protocol::Universe },
-    Mirror { router: usize, request: u64 },
 }
 
 /// Per-seed measurements.
@@ -224,10 +224,8 @@ impl World {
             Packet::Request { bytes, slot, caller_inc } => {
                 let Some(info) = w.procs.get(&to).copied().filter(|p| p.up) else { return };
                 if (DATA_BASE..OPERATOR).contains(&to) {
-                    let index = (to - DATA_BASE) as usize;
-                    if let Some(answer) = w.data_request(index, &bytes) {
-                        w.reply(to, info.incarnation, from, answer, slot, caller_inc);
-                    }
+                    let reply_to = ReplyTo { server: to, server_inc: info.incarnation, caller: from, caller_inc, slot };
+                    w.data_request((to - DATA_BASE) as usize, &bytes, reply_to);
                 } else if to < ROUTER_BASE {
                     let Some(replica) = w.replicas[(to - 1) as usize].running.clone() else { return };
                     drop(w);
@@ -248,6 +246,11 @@ impl World {
         }
     }
 
+    /// Sends the answer to a request (nothing if the server restarted since it got it).
+    pub fn answer(&mut self, to: ReplyTo, bytes: Vec<u8>) {
+        self.reply(to.server, to.server_inc, to.caller, bytes, to.slot, to.caller_inc);
+    }
+
     fn reply(&mut self, server: Addr, server_inc: u64, caller: Addr, bytes: Vec<u8>, slot: ReplySlot, caller_inc: u64) {
         if !self.is_up(server, server_inc) {
             return;
@@ -263,97 +266,13 @@ impl World {
         self.send_packet(from, to, Packet::Request { bytes: Arc::new(bytes), slot, caller_inc });
     }
 
-    /// Sends a request from a node and routes the answer (or `None` on timeout) to `done`.
-    pub fn node_call(&mut self, from: Addr, to: Addr, bytes: Vec<u8>, timeout_ms: u64, done: Done) {
+    /// Sends a request from `from` to `to` now; the receiver gets the answer, if one comes.
+    pub fn send_request(&mut self, from: Addr, to: Addr, bytes: Vec<u8>) -> oneshot::Receiver<Vec<u8>> {
         let (tx, rx) = oneshot::channel();
         let slot = Arc::new(Mutex::new(Some(tx)));
         let caller_inc = self.procs[&from].incarnation;
         self.send_packet(from, to, Packet::Request { bytes: Arc::new(bytes), slot, caller_inc });
-        let me = self.me.clone();
-        tokio::spawn(async move {
-            let answer = await_reply(rx, Duration::from_millis(timeout_ms)).await;
-            if let Some(shared) = me.upgrade() {
-                with(&shared, |w| {
-                    if w.is_up(from, caller_inc) {
-                        w.call_done(done, answer)
-                    }
-                });
-            }
-        });
-    }
-
-    fn call_done(&mut self, done: Done, answer: Option<Vec<u8>>) {
-        match done {
-            Done::Agent { addr, id } => {
-                let response = answer.and_then(|b| match codec::decode_frame::<Response>(&b) {
-                    Ok(Some((Response::Node(r), _))) => Some(r),
-                    _ => None,
-                });
-                // A lost answer is left to the agent's own deadline.
-                if let Some(response) = response {
-                    self.agent_response(addr, id, response);
-                }
-            }
-            Done::Data { router, request, universe } => self.data_done(router, request, universe, answer),
-            Done::Mirror { router, request } => self.mirror_done(router, request, answer),
-        }
-    }
-
-    fn agent_response(&mut self, addr: Addr, id: u64, response: NodeResponse) {
-        if addr >= DATA_BASE {
-            self.data_node((addr - DATA_BASE) as usize, DataInput::Coordinator { id, response });
-        } else {
-            self.ingress((addr - ROUTER_BASE) as usize, IngressInput::Coordinator { id, response });
-        }
-    }
-
-    /// Sends one agent request to a coordinator replica; its answer (or nothing, by
-    /// `deadline_ms`) goes back to the node's core.
-    pub fn send_agent_request(&mut self, addr: Addr, id: u64, replica: u64, request: NodeRequest, deadline_ms: u64) {
-        let bytes = codec::encode_frame(&Request::Node(request)).expect("requests encode");
-        let timeout = deadline_ms.saturating_sub(self.now_ms()).max(1);
-        self.node_call(addr, replica, bytes, timeout, Done::Agent { addr, id });
-    }
-
-    // ---- node timers -----------------------------------------------------------------------
-
-    /// Arms a timer task for a node's core at `deadline` unless one is armed no later
-    /// (`armed`); returns the deadline armed. The task feeds `Timer` to the core then (only if
-    /// the node is still the same incarnation and the timer was not superseded).
-    pub fn arm(&mut self, addr: Addr, armed: Option<u64>, deadline: Option<u64>) -> Option<u64> {
-        let at = deadline?;
-        if armed.is_some_and(|a| a <= at) {
-            return None;
-        }
-        let incarnation = self.procs[&addr].incarnation;
-        let (me, start) = (self.me.clone(), self.start);
-        tokio::spawn(async move {
-            tokio::time::sleep_until(start + Duration::from_millis(at)).await;
-            if let Some(shared) = me.upgrade() {
-                with(&shared, |w| {
-                    if !w.is_up(addr, incarnation) {
-                        return;
-                    }
-                    if addr >= DATA_BASE {
-                        w.data_timer((addr - DATA_BASE) as usize, at);
-                    } else {
-                        w.ingress_timer((addr - ROUTER_BASE) as usize, at);
-                    }
-                });
-            }
-        });
-        Some(at)
-    }
-
-    /// A core called at its deadline must move its deadline on: one that stays at or before
-    /// now would spin without virtual time passing.
-    pub fn check_progress(&mut self, name: &str, next_deadline_ms: Option<u64>) {
-        if next_deadline_ms.is_some_and(|d| d <= self.now_ms()) {
-            panic!(
-                "{name}: the core asks to be called again at {next_deadline_ms:?}, at or before now ({} ms)",
-                self.now_ms()
-            );
-        }
+        rx
     }
 
     /// Checks what an agent persisted (epochs never go backwards, across restarts too).
@@ -436,7 +355,7 @@ impl World {
 /// Waits for a reply until `timeout`. A lost message drops its reply slot, but a real caller
 /// cannot know that: it learns only by waiting out its timeout (answering at once would let
 /// retry loops spin without virtual time passing).
-async fn await_reply(rx: oneshot::Receiver<Vec<u8>>, timeout: Duration) -> Option<Vec<u8>> {
+pub async fn await_reply(rx: oneshot::Receiver<Vec<u8>>, timeout: Duration) -> Option<Vec<u8>> {
     let deadline = virtual_now() + timeout;
     match tokio::time::timeout_at(deadline, rx).await {
         Ok(Ok(bytes)) => Some(bytes),

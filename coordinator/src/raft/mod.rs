@@ -4,7 +4,8 @@ mod network;
 mod runtime;
 mod store;
 
-pub use network::{raft_request, NetworkFactory, RaftReply, RaftRpc, Transport, TransportError};
+pub use network::{raft_request, NetworkFactory, RaftReply, RaftRpc};
+pub use protocol::transport::{Transport, TransportError};
 pub use runtime::{seed_runtime_rng, SeededRuntime};
 pub use store::{
     new_disk, open, read_applied, read_disk, AppliedState, LogStore, RaftDisk, SharedDisk, StateMachineStore,

@@ -10,32 +10,9 @@ use openraft::raft::{
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 use protocol::codec;
 use protocol::messages::{Request, Response};
+use protocol::transport::{Transport, TransportError};
 use protocol::ReplicaId;
 use serde::{Deserialize, Serialize};
-use std::future::Future;
-use std::time::Duration;
-
-/// Why a call over the transport failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TransportError {
-    #[error("no response within {0:?}")]
-    Timeout(Duration),
-    #[error("unreachable: {0}")]
-    Unreachable(String),
-    #[error("codec: {0}")]
-    Codec(String),
-}
-
-/// Request/response calls to coordinator replicas. Implementations encode with the protocol
-/// codec and time out after `timeout`.
-pub trait Transport: Clone + Send + Sync + 'static {
-    fn call(
-        &self,
-        to: ReplicaId,
-        request: Request,
-        timeout: Duration,
-    ) -> impl Future<Output = Result<Response, TransportError>> + Send;
-}
 
 /// A Raft RPC as it travels inside [`Request::Raft`].
 #[derive(Debug, Serialize, Deserialize)]

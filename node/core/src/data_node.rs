@@ -25,7 +25,7 @@ use crate::{NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{Ack, NodeReport, NodeRequest, NodeResponse};
 use protocol::schema::{Mapping, RowOp};
 use protocol::{Decision, Epoch, Position, ReplicaId, Universe};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 /// Rows per read while comparing both universes at the final position.
 pub const COMPARE_CHUNK_ROWS: usize = 500;
@@ -103,8 +103,9 @@ pub enum DataInput {
 pub enum DataOutput {
     /// Run request `key` on `universe`'s store and answer [`DataInput::Executed`].
     Execute { key: RequestKey, universe: Universe, mirror: bool },
-    /// Answer request `key`.
-    Reply { key: RequestKey, answer: StoreAnswer },
+    /// Answer request `key` (every [`DataInput::Request`] gets exactly one reply, in order
+    /// per key and `mirror`).
+    Reply { key: RequestKey, mirror: bool, answer: StoreAnswer },
     /// Send a request to a coordinator replica; give up at `deadline_ms` (the core does too).
     Send { id: u64, replica: ReplicaId, request: NodeRequest, deadline_ms: u64 },
     /// Write the record to disk, then answer [`DataInput::Persisted`].
@@ -171,7 +172,8 @@ pub struct DataNodeCore {
     /// Answers by request key, and their order (for the bound).
     answers: BTreeMap<RequestKey, StoreAnswer>,
     answer_order: VecDeque<RequestKey>,
-    executing: BTreeSet<RequestKey>,
+    /// Requests running, with how many duplicates of each wait for its answer.
+    executing: BTreeMap<RequestKey, u32>,
     #[cfg(feature = "planted-bugs")]
     bug: Option<crate::duties::transform::TransformBug>,
 }
@@ -194,7 +196,7 @@ impl DataNodeCore {
             captured: Position(0),
             answers: BTreeMap::new(),
             answer_order: VecDeque::new(),
-            executing: BTreeSet::new(),
+            executing: BTreeMap::new(),
             #[cfg(feature = "planted-bugs")]
             bug: None,
             config,
@@ -250,14 +252,20 @@ impl DataNodeCore {
                 self.request(key, universe, mirror, read_only, &mut out)
             }
             DataInput::Executed { key, universe, mirror, answer } => {
+                let mut replies = 1;
                 if !mirror {
-                    assert!(self.executing.remove(&key), "request {key:?} executed without being let through");
+                    let duplicates = self.executing.remove(&key);
+                    let duplicates =
+                        duplicates.unwrap_or_else(|| panic!("request {key:?} ran without being let through"));
+                    replies += duplicates;
                     if matches!(answer, StoreAnswer::Ok { .. }) {
                         out.push(DataOutput::Event(DataEvent::Admitted { key, universe }));
                     }
                     self.remember(key, answer.clone());
                 }
-                out.push(DataOutput::Reply { key, answer });
+                for _ in 0..replies {
+                    out.push(DataOutput::Reply { key, mirror, answer: answer.clone() });
+                }
             }
             DataInput::Coordinator { id, response } => {
                 let outs = self.agent.handle(now_ms, AgentInput::Response { id, response });
@@ -295,12 +303,12 @@ impl DataNodeCore {
     ) {
         if !mirror {
             if let Some(answer) = self.answers.get(&key) {
-                out.push(DataOutput::Reply { key, answer: answer.clone() });
+                out.push(DataOutput::Reply { key, mirror, answer: answer.clone() });
                 return;
             }
-            if self.executing.contains(&key) {
-                // A duplicate of a request still running: its caller learns nothing from this
-                // copy (and so reports the outcome as unknown if the first answer is lost).
+            if let Some(waiting) = self.executing.get_mut(&key) {
+                // A duplicate of a request still running: it gets the same answer.
+                *waiting += 1;
                 return;
             }
         }
@@ -323,11 +331,11 @@ impl DataNodeCore {
                 if !mirror {
                     self.remember(key, answer.clone());
                 }
-                out.push(DataOutput::Reply { key, answer });
+                out.push(DataOutput::Reply { key, mirror, answer });
             }
             None => {
                 if !mirror {
-                    self.executing.insert(key);
+                    self.executing.insert(key, 0);
                 }
                 out.push(DataOutput::Execute { key, universe, mirror });
             }

@@ -1,0 +1,159 @@
+//! The data-node actor: the data-node composition core behind a mailbox.
+
+use crate::io::{Clock, NodeDisk, Stores};
+use crate::Stop;
+use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, SpawnHandle, WrapFuture};
+use node_core::data_node::{DataInput, DataNodeCore, DataOutput};
+use node_core::duties::transform::Checkpoint;
+use node_core::{NodeRecord, RequestKey};
+use protocol::messages::{Request, Response};
+use protocol::transport::Transport;
+use protocol::Universe;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+/// A request forwarded to this data node by an ingress node.
+pub struct DataRequest<R> {
+    pub key: RequestKey,
+    pub universe: Universe,
+    pub mirror: bool,
+    pub read_only: bool,
+    pub request: R,
+}
+
+impl<R: 'static> Message for DataRequest<R> {
+    type Result = ();
+}
+
+/// What the data node finds on its disk and in its stores when it starts.
+#[derive(Clone, Debug)]
+pub struct DataBoot {
+    pub record: NodeRecord,
+    pub checkpoint: Checkpoint,
+    pub old_fenced: bool,
+}
+
+/// The data-node actor. Its only state beside the core: the open requests by key (the core
+/// answers each one exactly once, in order), and its one timer.
+pub struct DataNodeActor<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> {
+    core: DataNodeCore,
+    transport: T,
+    disk: D,
+    stores: S,
+    clock: C,
+    boot: Option<DataBoot>,
+    requests: BTreeMap<(RequestKey, bool), VecDeque<S::Request>>,
+    timer: Option<(u64, SpawnHandle)>,
+}
+
+impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> DataNodeActor<T, D, S, C> {
+    pub fn new(core: DataNodeCore, boot: DataBoot, transport: T, disk: D, stores: S, clock: C) -> Self {
+        DataNodeActor { core, transport, disk, stores, clock, boot: Some(boot), requests: BTreeMap::new(), timer: None }
+    }
+
+    /// Feeds one input to the core, performs its outputs in order, re-arms the timer.
+    fn feed(&mut self, ctx: &mut Context<Self>, input: DataInput) {
+        let now_ms = self.clock.now_ms();
+        let timer = matches!(input, DataInput::Timer);
+        for output in self.core.handle(now_ms, input) {
+            self.perform(ctx, now_ms, output);
+        }
+        let next = self.core.next_deadline_ms();
+        assert!(
+            !timer || next.is_none_or(|d| d > now_ms),
+            "the core asks to be called again at {next:?}, now is {now_ms}"
+        );
+        self.rearm(ctx, now_ms, next);
+    }
+
+    fn perform(&mut self, ctx: &mut Context<Self>, now_ms: u64, output: DataOutput) {
+        match output {
+            DataOutput::Execute { key, universe, mirror } => {
+                let request =
+                    self.requests.get(&(key, mirror)).and_then(|q| q.front()).expect("executing an open request");
+                let run = self.stores.execute(request, universe);
+                ctx.spawn(
+                    run.into_actor(self).map(move |answer, act, ctx| {
+                        act.feed(ctx, DataInput::Executed { key, universe, mirror, answer })
+                    }),
+                );
+            }
+            DataOutput::Reply { key, mirror, answer } => {
+                let queue = self.requests.get_mut(&(key, mirror)).expect("answering an open request");
+                let request = queue.pop_front().expect("answering an open request");
+                if queue.is_empty() {
+                    self.requests.remove(&(key, mirror));
+                }
+                self.stores.reply(request, answer);
+            }
+            DataOutput::Send { id, replica, request, deadline_ms } => {
+                let timeout = Duration::from_millis(deadline_ms.saturating_sub(now_ms));
+                let transport = self.transport.clone();
+                let call = async move { transport.call(replica, Request::Node(request), timeout).await };
+                ctx.spawn(call.into_actor(self).map(move |result, act, ctx| {
+                    // No answer (or a garbled one) is left to the core's own deadline.
+                    if let Ok(Response::Node(response)) = result {
+                        act.feed(ctx, DataInput::Coordinator { id, response });
+                    }
+                }));
+            }
+            DataOutput::Persist(record) => {
+                let write = self.disk.persist(record);
+                ctx.wait(write.into_actor(self).map(move |result, act, ctx| match result {
+                    Ok(()) => act.feed(ctx, DataInput::Persisted(record)),
+                    Err(_) => ctx.stop(),
+                }));
+            }
+            DataOutput::Store(op) => {
+                let done = self.stores.store(op);
+                ctx.wait(done.into_actor(self).map(|result, act, ctx| act.feed(ctx, DataInput::Store(result))));
+            }
+            DataOutput::Event(event) => self.stores.event(event),
+        }
+    }
+
+    fn rearm(&mut self, ctx: &mut Context<Self>, now_ms: u64, next: Option<u64>) {
+        if self.timer.as_ref().map(|(at, _)| *at) == next {
+            return;
+        }
+        if let Some((_, handle)) = self.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(at) = next {
+            let handle = ctx.run_later(Duration::from_millis(at.saturating_sub(now_ms)), |act, ctx| {
+                act.timer = None;
+                act.feed(ctx, DataInput::Timer);
+            });
+            self.timer = Some((at, handle));
+        }
+    }
+}
+
+impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> Actor for DataNodeActor<T, D, S, C> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let DataBoot { record, checkpoint, old_fenced } = self.boot.take().expect("started once");
+        self.feed(ctx, DataInput::Boot { record, checkpoint, old_fenced });
+    }
+}
+
+impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> Handler<DataRequest<S::Request>>
+    for DataNodeActor<T, D, S, C>
+{
+    type Result = ();
+
+    fn handle(&mut self, msg: DataRequest<S::Request>, ctx: &mut Context<Self>) {
+        let DataRequest { key, universe, mirror, read_only, request } = msg;
+        self.requests.entry((key, mirror)).or_default().push_back(request);
+        self.feed(ctx, DataInput::Request { key, universe, mirror, read_only });
+    }
+}
+
+impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> Handler<Stop> for DataNodeActor<T, D, S, C> {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

@@ -1,0 +1,160 @@
+//! The ingress actor: the ingress composition core behind a mailbox.
+
+use crate::io::{Clock, Ingress, NodeDisk};
+use crate::Stop;
+use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, SpawnHandle, WrapFuture};
+use node_core::ingress::{IngressCore, IngressInput, IngressOutput, RequestId};
+use node_core::NodeRecord;
+use protocol::messages::{Request, Response};
+use protocol::transport::Transport;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A client request for the ingress node.
+pub struct ClientRequest<R> {
+    pub read_only: bool,
+    pub request: R,
+}
+
+impl<R: 'static> Message for ClientRequest<R> {
+    type Result = ();
+}
+
+/// The ingress actor. Its only state beside the core: the open client requests by id, and
+/// its one timer.
+pub struct IngressActor<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> {
+    core: IngressCore,
+    transport: T,
+    disk: D,
+    io: I,
+    clock: C,
+    boot: Option<NodeRecord>,
+    requests: BTreeMap<RequestId, I::Request>,
+    next_id: RequestId,
+    timer: Option<(u64, SpawnHandle)>,
+}
+
+impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D, I, C> {
+    /// An actor that boots `core` from `record` (read from the node's disk) when it starts.
+    pub fn new(core: IngressCore, record: NodeRecord, transport: T, disk: D, io: I, clock: C) -> Self {
+        IngressActor {
+            core,
+            transport,
+            disk,
+            io,
+            clock,
+            boot: Some(record),
+            requests: BTreeMap::new(),
+            next_id: 1,
+            timer: None,
+        }
+    }
+
+    /// Feeds one input to the core, performs its outputs in order, re-arms the timer.
+    fn feed(&mut self, ctx: &mut Context<Self>, input: IngressInput) {
+        let now_ms = self.clock.now_ms();
+        let timer = matches!(input, IngressInput::Timer);
+        for output in self.core.handle(now_ms, input) {
+            self.perform(ctx, now_ms, output);
+        }
+        self.io.observe(&self.core);
+        let next = self.core.next_deadline_ms();
+        assert!(
+            !timer || next.is_none_or(|d| d > now_ms),
+            "the core asks to be called again at {next:?}, now is {now_ms}"
+        );
+        self.rearm(ctx, now_ms, next);
+    }
+
+    fn perform(&mut self, ctx: &mut Context<Self>, now_ms: u64, output: IngressOutput) {
+        match output {
+            IngressOutput::Forward { id, universe, key } => {
+                let request = self.requests.get(&id).expect("forwarding an open request");
+                let answer = self.io.forward(request, universe, key, false);
+                ctx.spawn(
+                    answer
+                        .into_actor(self)
+                        .map(move |answer, act, ctx| act.feed(ctx, IngressInput::Answered { id, universe, answer })),
+                );
+            }
+            IngressOutput::Mirror { id, key } => {
+                let request = self.requests.get(&id).expect("mirroring an open request");
+                let answer = self.io.forward(request, protocol::Universe::New, key, true);
+                ctx.spawn(
+                    answer
+                        .into_actor(self)
+                        .map(move |answer, act, ctx| act.feed(ctx, IngressInput::Mirrored { id, answer })),
+                );
+            }
+            IngressOutput::Reply { id, reply } => {
+                let request = self.requests.remove(&id).expect("answering an open request");
+                self.io.reply(request, reply);
+            }
+            IngressOutput::Send { id, replica, request, deadline_ms } => {
+                let timeout = Duration::from_millis(deadline_ms.saturating_sub(now_ms));
+                let transport = self.transport.clone();
+                let call = async move { transport.call(replica, Request::Node(request), timeout).await };
+                ctx.spawn(call.into_actor(self).map(move |result, act, ctx| {
+                    // No answer (or a garbled one) is left to the core's own deadline.
+                    if let Ok(Response::Node(response)) = result {
+                        act.feed(ctx, IngressInput::Coordinator { id, response });
+                    }
+                }));
+            }
+            IngressOutput::Persist(record) => {
+                let write = self.disk.persist(record);
+                ctx.wait(write.into_actor(self).map(move |result, act, ctx| match result {
+                    Ok(()) => act.feed(ctx, IngressInput::Persisted(record)),
+                    Err(_) => ctx.stop(),
+                }));
+            }
+            IngressOutput::Event(event) => self.io.event(event),
+        }
+    }
+
+    fn rearm(&mut self, ctx: &mut Context<Self>, now_ms: u64, next: Option<u64>) {
+        if self.timer.as_ref().map(|(at, _)| *at) == next {
+            return;
+        }
+        if let Some((_, handle)) = self.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(at) = next {
+            let handle = ctx.run_later(Duration::from_millis(at.saturating_sub(now_ms)), |act, ctx| {
+                act.timer = None;
+                act.feed(ctx, IngressInput::Timer);
+            });
+            self.timer = Some((at, handle));
+        }
+    }
+}
+
+impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> Actor for IngressActor<T, D, I, C> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let record = self.boot.take().expect("started once");
+        self.feed(ctx, IngressInput::Boot { record });
+    }
+}
+
+impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> Handler<ClientRequest<I::Request>>
+    for IngressActor<T, D, I, C>
+{
+    type Result = ();
+
+    fn handle(&mut self, msg: ClientRequest<I::Request>, ctx: &mut Context<Self>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.requests.insert(id, msg.request);
+        self.feed(ctx, IngressInput::Request { id, read_only: msg.read_only });
+    }
+}
+
+impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> Handler<Stop> for IngressActor<T, D, I, C> {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

@@ -1,0 +1,72 @@
+//! The small I/O traits the actors are generic over. Implementations do I/O and nothing else:
+//! no retries, no timeouts of their own beyond the one they are handed, no decisions.
+//!
+//! - [`protocol::transport::Transport`]: calls to coordinator replicas.
+//! - [`NodeDisk`]: the node's own durable record.
+//! - [`Ingress`]: an ingress node's clients (answers) and its forwarding to each universe.
+//! - [`Stores`]: a data node's stores (the data-store interface) and the requests it serves.
+//! - [`Clock`]: milliseconds on a monotonic clock.
+
+use node_core::data_node::{DataEvent, StoreOp, StoreResult};
+use node_core::ingress::{ClientReply, IngressCore, IngressEvent};
+use node_core::{NodeRecord, RequestKey, StoreAnswer};
+use protocol::Universe;
+use std::future::Future;
+
+/// Milliseconds since an arbitrary start, never decreasing.
+pub trait Clock: Unpin + 'static {
+    fn now_ms(&self) -> u64;
+}
+
+impl<F: Fn() -> u64 + Unpin + 'static> Clock for F {
+    fn now_ms(&self) -> u64 {
+        self()
+    }
+}
+
+/// Why a write to the node's disk failed. The actor stops: a node that cannot persist a
+/// decision must not act on it, nor go on as if it had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("node disk: {0}")]
+pub struct DiskError(pub String);
+
+/// The node's own disk: one small record, written durably.
+pub trait NodeDisk: Unpin + 'static {
+    /// Resolves once `record` is durable (written and synced).
+    fn persist(&self, record: NodeRecord) -> impl Future<Output = Result<(), DiskError>> + 'static;
+}
+
+/// An ingress node's side toward clients and universes.
+pub trait Ingress: Unpin + 'static {
+    /// One client request: its payload and how to answer it.
+    type Request: 'static;
+    /// Sends `request` to `universe` (a copy for validation if `mirror`), keyed by `key`;
+    /// resolves to the answer, or `None` when none came in time.
+    fn forward(
+        &self,
+        request: &Self::Request,
+        universe: Universe,
+        key: RequestKey,
+        mirror: bool,
+    ) -> impl Future<Output = Option<StoreAnswer>> + 'static;
+    /// Answers the client.
+    fn reply(&self, request: Self::Request, reply: ClientReply);
+    /// Metrics and checkers.
+    fn event(&self, event: IngressEvent);
+    /// Called after every input with the core's state (metrics; the simulator's observers).
+    fn observe(&self, _core: &IngressCore) {}
+}
+
+/// A data node's side toward its stores and the requests it serves.
+pub trait Stores: Unpin + 'static {
+    /// One request forwarded by an ingress node: its payload and how to answer it.
+    type Request: 'static;
+    /// Runs `request` on `universe`'s store.
+    fn execute(&self, request: &Self::Request, universe: Universe) -> impl Future<Output = StoreAnswer> + 'static;
+    /// Answers the request.
+    fn reply(&self, request: Self::Request, answer: StoreAnswer);
+    /// Performs one operation of the data-store interface.
+    fn store(&self, op: StoreOp) -> impl Future<Output = StoreResult> + 'static;
+    /// Metrics and checkers.
+    fn event(&self, event: DataEvent);
+}

@@ -1,0 +1,29 @@
+//! The request/response transport between Imago processes: QUIC in production, the
+//! simulator's in-memory network under test. Implementations encode with [`crate::codec`] and
+//! give up after the timeout they are handed.
+
+use crate::messages::{Request, Response};
+use crate::ReplicaId;
+use std::future::Future;
+use std::time::Duration;
+
+/// Why a call over the transport failed. A timed-out call may still have been carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    #[error("codec: {0}")]
+    Codec(String),
+}
+
+/// Request/response calls to coordinator replicas.
+pub trait Transport: Clone + Send + Sync + 'static {
+    fn call(
+        &self,
+        to: ReplicaId,
+        request: Request,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Response, TransportError>> + Send;
+}
