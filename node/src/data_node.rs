@@ -1,7 +1,7 @@
 //! The data-node actor: the data-node composition core behind a mailbox.
 
 use crate::io::{Clock, NodeDisk, Stores};
-use crate::Stop;
+use crate::{ready_now, Stop};
 use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, SpawnHandle, WrapFuture};
 use node_core::data_node::{DataInput, DataNodeCore, DataOutput};
 use node_core::duties::transform::Checkpoint;
@@ -55,8 +55,12 @@ impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> DataNodeActor<T, D,
     fn feed(&mut self, ctx: &mut Context<Self>, input: DataInput) {
         let now_ms = self.clock.now_ms();
         let timer = matches!(input, DataInput::Timer);
-        for output in self.core.handle(now_ms, input) {
-            self.perform(ctx, now_ms, output);
+        // I/O that completes at once answers with an input, fed after the batch that caused it.
+        let mut inputs = VecDeque::from([input]);
+        while let Some(input) = inputs.pop_front() {
+            for output in self.core.handle(now_ms, input) {
+                inputs.extend(self.perform(ctx, now_ms, output));
+            }
         }
         let next = self.core.next_deadline_ms();
         assert!(
@@ -66,12 +70,16 @@ impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> DataNodeActor<T, D,
         self.rearm(ctx, now_ms, next);
     }
 
-    fn perform(&mut self, ctx: &mut Context<Self>, now_ms: u64, output: DataOutput) {
+    /// Performs one output; returns the input it answers with if it completed at once.
+    fn perform(&mut self, ctx: &mut Context<Self>, now_ms: u64, output: DataOutput) -> Option<DataInput> {
         match output {
             DataOutput::Execute { key, universe, mirror } => {
                 let request =
                     self.requests.get(&(key, mirror)).and_then(|q| q.front()).expect("executing an open request");
-                let run = self.stores.execute(request, universe);
+                let mut run = Box::pin(self.stores.execute(request, universe));
+                if let Some(answer) = ready_now(&mut run) {
+                    return Some(DataInput::Executed { key, universe, mirror, answer });
+                }
                 ctx.spawn(
                     run.into_actor(self).map(move |answer, act, ctx| {
                         act.feed(ctx, DataInput::Executed { key, universe, mirror, answer })
@@ -98,18 +106,28 @@ impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> DataNodeActor<T, D,
                 }));
             }
             DataOutput::Persist(record) => {
-                let write = self.disk.persist(record);
-                ctx.wait(write.into_actor(self).map(move |result, act, ctx| match result {
-                    Ok(()) => act.feed(ctx, DataInput::Persisted(record)),
-                    Err(_) => ctx.stop(),
-                }));
+                let mut write = Box::pin(self.disk.persist(record));
+                match ready_now(&mut write) {
+                    Some(Ok(())) => return Some(DataInput::Persisted(record)),
+                    Some(Err(_)) => ctx.stop(),
+                    // The mailbox waits until the record is durable.
+                    None => ctx.wait(write.into_actor(self).map(move |result, act, ctx| match result {
+                        Ok(()) => act.feed(ctx, DataInput::Persisted(record)),
+                        Err(_) => ctx.stop(),
+                    })),
+                }
             }
             DataOutput::Store(op) => {
-                let done = self.stores.store(op);
+                let mut done = Box::pin(self.stores.store(op));
+                if let Some(result) = ready_now(&mut done) {
+                    return Some(DataInput::Store(result));
+                }
+                // The mailbox waits until the store answers (one operation at a time).
                 ctx.wait(done.into_actor(self).map(|result, act, ctx| act.feed(ctx, DataInput::Store(result))));
             }
             DataOutput::Event(event) => self.stores.event(event),
         }
+        None
     }
 
     fn rearm(&mut self, ctx: &mut Context<Self>, now_ms: u64, next: Option<u64>) {

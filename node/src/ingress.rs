@@ -1,13 +1,13 @@
 //! The ingress actor: the ingress composition core behind a mailbox.
 
 use crate::io::{Clock, Ingress, NodeDisk};
-use crate::Stop;
+use crate::{ready_now, Stop};
 use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, SpawnHandle, WrapFuture};
 use node_core::ingress::{IngressCore, IngressInput, IngressOutput, RequestId};
 use node_core::NodeRecord;
 use protocol::messages::{Request, Response};
 use protocol::transport::Transport;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 /// A client request for the ingress node.
@@ -54,8 +54,12 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
     fn feed(&mut self, ctx: &mut Context<Self>, input: IngressInput) {
         let now_ms = self.clock.now_ms();
         let timer = matches!(input, IngressInput::Timer);
-        for output in self.core.handle(now_ms, input) {
-            self.perform(ctx, now_ms, output);
+        // I/O that completes at once answers with an input, fed after the batch that caused it.
+        let mut inputs = VecDeque::from([input]);
+        while let Some(input) = inputs.pop_front() {
+            for output in self.core.handle(now_ms, input) {
+                inputs.extend(self.perform(ctx, now_ms, output));
+            }
         }
         self.io.observe(&self.core);
         let next = self.core.next_deadline_ms();
@@ -66,7 +70,8 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
         self.rearm(ctx, now_ms, next);
     }
 
-    fn perform(&mut self, ctx: &mut Context<Self>, now_ms: u64, output: IngressOutput) {
+    /// Performs one output; returns the input it answers with if it completed at once.
+    fn perform(&mut self, ctx: &mut Context<Self>, now_ms: u64, output: IngressOutput) -> Option<IngressInput> {
         match output {
             IngressOutput::Forward { id, universe, key } => {
                 let request = self.requests.get(&id).expect("forwarding an open request");
@@ -102,14 +107,20 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
                 }));
             }
             IngressOutput::Persist(record) => {
-                let write = self.disk.persist(record);
-                ctx.wait(write.into_actor(self).map(move |result, act, ctx| match result {
-                    Ok(()) => act.feed(ctx, IngressInput::Persisted(record)),
-                    Err(_) => ctx.stop(),
-                }));
+                let mut write = Box::pin(self.disk.persist(record));
+                match ready_now(&mut write) {
+                    Some(Ok(())) => return Some(IngressInput::Persisted(record)),
+                    Some(Err(_)) => ctx.stop(),
+                    // The mailbox waits until the record is durable.
+                    None => ctx.wait(write.into_actor(self).map(move |result, act, ctx| match result {
+                        Ok(()) => act.feed(ctx, IngressInput::Persisted(record)),
+                        Err(_) => ctx.stop(),
+                    })),
+                }
             }
             IngressOutput::Event(event) => self.io.event(event),
         }
+        None
     }
 
     fn rearm(&mut self, ctx: &mut Context<Self>, now_ms: u64, next: Option<u64>) {

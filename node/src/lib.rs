@@ -30,6 +30,17 @@ pub fn start_local<A: Actor<Context = Context<A>>>(actor: A) -> (Addr<A>, JoinHa
     (addr, tokio::task::spawn_local(future))
 }
 
+/// Polls `future` once with a waker that does nothing: its output if it completed at once.
+/// An I/O call that finishes immediately (an in-memory store, a disk write already done) is
+/// then fed back to the core in order, without a trip through the actor's mailbox machinery.
+pub(crate) fn ready_now<F: std::future::Future>(future: &mut std::pin::Pin<Box<F>>) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// A message that stops an actor (a graceful stop: messages already queued are not handled).
 #[derive(Debug, Clone, Copy)]
 pub struct Stop;

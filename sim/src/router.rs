@@ -81,6 +81,8 @@ pub struct SimIngress {
     world: Weak<std::sync::Mutex<World>>,
     index: usize,
     incarnation: u64,
+    /// What was last written to the world (it is written only when it changes).
+    observed: std::cell::Cell<Option<RouterObserved>>,
 }
 
 impl SimIngress {
@@ -103,12 +105,12 @@ impl Ingress for SimIngress {
     ) -> impl Future<Output = Option<StoreAnswer>> + 'static {
         let index = self.index;
         let sent = self.with(|w| {
-            let (addr, name) = (w.routers[index].addr, w.routers[index].name.clone());
+            let now = w.now_us();
+            let (addr, name) = (w.routers[index].addr, &w.routers[index].name);
             if !mirror {
-                let now = w.now_us();
-                w.checker.admitted(now, AdmissionPoint::Router, &name, universe, key.id);
+                w.checker.admitted(now, AdmissionPoint::Router, name, universe, key.id);
             }
-            w.record(format_args!("{name} forwards {} to {universe:?} mirror={mirror}", key.id));
+            w.trace.forward(now, addr, key.id, universe, mirror);
             let shard = request.op.key().rem_euclid(w.config.data_nodes as i64) as u64;
             let wire = DataRequest { key, universe, mirror, op: request.op.clone() };
             let bytes = codec::encode_frame(&wire).expect("data requests encode");
@@ -142,12 +144,16 @@ impl Ingress for SimIngress {
     fn event(&self, event: IngressEvent) {
         let index = self.index;
         self.with(|w| {
-            let (now, name) = (w.now_us(), w.routers[index].name.clone());
+            let now = w.now_us();
+            let name = &w.routers[index].name;
             match event {
-                IngressEvent::Acted(decision) => w.note_acted(&name, decision),
+                IngressEvent::Acted(decision) => {
+                    let name = name.clone();
+                    w.note_acted(&name, decision)
+                }
                 IngressEvent::Released { id, held_ms, cause } => {
-                    w.record(format_args!("{name} released {id} after {held_ms} ms"));
-                    w.checker.released(now, &name, held_ms);
+                    w.trace.event(now, format_args!("{name} released {id} after {held_ms} ms"));
+                    w.checker.released(now, name, held_ms);
                     match cause {
                         HoldCause::Freeze => w.stats.hold_ms.push(held_ms),
                         HoldCause::Startup => w.stats.startup_hold_ms.push(held_ms),
@@ -172,8 +178,10 @@ impl Ingress for SimIngress {
         let router = core.router();
         let observed =
             RouterObserved { mode: router.mode(), held: router.held(), oldest_held_ms: router.oldest_held_ms() };
-        let index = self.index;
-        self.with(|w| w.routers[index].observed = observed);
+        if self.observed.replace(Some(observed)) != Some(observed) {
+            let index = self.index;
+            self.with(|w| w.routers[index].observed = observed);
+        }
     }
 }
 
@@ -283,7 +291,7 @@ impl World {
             record,
             SimTransport { world: world.clone(), me: addr },
             SimDisk { world: world.clone(), addr, incarnation },
-            SimIngress { world, index: i, incarnation },
+            SimIngress { world, index: i, incarnation, observed: std::cell::Cell::new(None) },
             sim_clock(self),
         );
         self.routers[i].actor = Some(node::start_local(actor));

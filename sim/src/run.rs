@@ -180,7 +180,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     let world = World {
         seed,
         start: virtual_now(),
-        now_us: 0,
+        now_us: std::cell::Cell::new(None),
         rng,
         net,
         procs,

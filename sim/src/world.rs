@@ -37,10 +37,10 @@ pub fn with<T>(shared: &Shared, f: impl FnOnce(&mut World) -> T) -> T {
 }
 
 fn lock(shared: &Shared) -> MutexGuard<'_, World> {
-    let mut world = shared.lock().unwrap_or_else(|p| p.into_inner());
+    let world = shared.lock().unwrap_or_else(|p| p.into_inner());
     // Virtual time cannot pass while the world is locked (no task holds it across an await):
     // read the clock once per lock.
-    world.now_us = virtual_now().duration_since(world.start).as_micros() as u64;
+    world.now_us.set(None);
     world
 }
 
@@ -111,7 +111,7 @@ pub struct World {
     pub seed: u64,
     pub start: Instant,
     /// Virtual time at the current lock (see `lock`).
-    pub(crate) now_us: u64,
+    pub(crate) now_us: std::cell::Cell<Option<u64>>,
     pub rng: ChaCha8Rng,
     pub net: NetModel,
     pub procs: BTreeMap<Addr, ProcInfo>,
@@ -139,7 +139,14 @@ pub struct World {
 impl World {
     /// Virtual microseconds since the seed started (read when the world was locked).
     pub fn now_us(&self) -> u64 {
-        self.now_us
+        match self.now_us.get() {
+            Some(now) => now,
+            None => {
+                let now = virtual_now().duration_since(self.start).as_micros() as u64;
+                self.now_us.set(Some(now));
+                now
+            }
+        }
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -197,7 +204,7 @@ impl World {
         let len = match &packet {
             Packet::Request { bytes, .. } | Packet::Reply { bytes, .. } => bytes.len(),
         };
-        let now = self.now_us;
+        let now = self.now_us();
         self.trace.packet(now, from, to, len, &delays);
         for delay_us in delays {
             let me = self.me.clone();

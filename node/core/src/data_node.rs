@@ -143,6 +143,37 @@ enum DrainWork {
     Compare,
 }
 
+/// What an outstanding store operation was (without its data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pending {
+    OpenSnapshot,
+    ReadSnapshot,
+    ReadChanges,
+    Apply { copying: bool, applied: Position },
+    Fence,
+    Unfence,
+    ReadRows,
+    NewChecksum,
+}
+
+impl Pending {
+    fn of(op: &StoreOp) -> Pending {
+        match op {
+            StoreOp::OpenSnapshot => Pending::OpenSnapshot,
+            StoreOp::ReadSnapshot { .. } => Pending::ReadSnapshot,
+            StoreOp::ReadChanges { .. } => Pending::ReadChanges,
+            StoreOp::Apply(batch) => Pending::Apply {
+                copying: matches!(batch.checkpoint.copy, crate::duties::transform::CopyState::Copying { .. }),
+                applied: batch.checkpoint.applied,
+            },
+            StoreOp::Fence => Pending::Fence,
+            StoreOp::Unfence => Pending::Unfence,
+            StoreOp::ReadRows { .. } => Pending::ReadRows,
+            StoreOp::NewChecksum => Pending::NewChecksum,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Comparing {
     cursor: RowCursor,
@@ -163,7 +194,7 @@ pub struct DataNodeCore {
     started: bool,
     last_now_ms: u64,
     /// The outstanding store operation.
-    pending: Option<StoreOp>,
+    pending: Option<Pending>,
     drain_work: VecDeque<DrainWork>,
     comparing: Option<Comparing>,
     final_position: Position,
@@ -382,7 +413,7 @@ impl DataNodeCore {
             None
         };
         if let Some(op) = op {
-            self.pending = Some(op.clone());
+            self.pending = Some(Pending::of(&op));
             out.push(DataOutput::Store(op));
         }
     }
@@ -391,44 +422,44 @@ impl DataNodeCore {
         let op = self.pending.take().expect("a store result without an outstanding operation");
         let transform = self.transform.as_mut().expect("started");
         let batch = match (op, result) {
-            (StoreOp::OpenSnapshot, StoreResult::SnapshotOpened { snapshot, at }) => {
+            (Pending::OpenSnapshot, StoreResult::SnapshotOpened { snapshot, at }) => {
                 self.captured = self.captured.max(at);
                 Some(Ok(transform.copy_started(snapshot, at)))
             }
-            (StoreOp::ReadSnapshot { .. }, StoreResult::Chunk(chunk)) => {
+            (Pending::ReadSnapshot, StoreResult::Chunk(chunk)) => {
                 self.captured = self.captured.max(chunk.position);
                 Some(transform.copy_chunk(&chunk.rows, chunk.last))
             }
-            (StoreOp::ReadSnapshot { .. }, StoreResult::SnapshotGone) => {
+            (Pending::ReadSnapshot, StoreResult::SnapshotGone) => {
                 transform.snapshot_lost();
                 None
             }
-            (StoreOp::ReadChanges { .. }, StoreResult::Changes { changes, last }) => {
+            (Pending::ReadChanges, StoreResult::Changes { changes, last }) => {
                 self.captured = self.captured.max(last);
                 (!changes.is_empty()).then(|| transform.apply_changes(&changes))
             }
-            (StoreOp::Apply(batch), StoreResult::Applied) => {
-                if matches!(batch.checkpoint.copy, crate::duties::transform::CopyState::Copying { .. }) {
+            (Pending::Apply { copying, applied }, StoreResult::Applied) => {
+                if copying {
                     out.push(DataOutput::Event(DataEvent::Copying));
                 }
-                let outs = self.drain_mut().handle(DrainInput::Applied { position: batch.checkpoint.applied });
+                let outs = self.drain_mut().handle(DrainInput::Applied { position: applied });
                 self.drain_outputs(now_ms, outs, out);
                 self.report(now_ms, out);
                 None
             }
-            (StoreOp::Fence, StoreResult::Fenced { final_position }) => {
+            (Pending::Fence, StoreResult::Fenced { final_position }) => {
                 out.push(DataOutput::Event(DataEvent::Fenced { final_position }));
                 self.final_position = final_position;
                 let outs = self.drain_mut().handle(DrainInput::Fenced { final_position });
                 self.drain_outputs(now_ms, outs, out);
                 None
             }
-            (StoreOp::Unfence, StoreResult::Unfenced) => None,
-            (StoreOp::ReadRows { .. }, StoreResult::Rows(chunk)) => {
+            (Pending::Unfence, StoreResult::Unfenced) => None,
+            (Pending::ReadRows, StoreResult::Rows(chunk)) => {
                 self.compare_rows(chunk, out);
                 None
             }
-            (StoreOp::NewChecksum, StoreResult::NewChecksum(actual)) => {
+            (Pending::NewChecksum, StoreResult::NewChecksum(actual)) => {
                 let c = self.comparing.take().expect("comparing");
                 let matched = !c.failed && c.expected == actual;
                 out.push(DataOutput::Event(DataEvent::Compared { final_position: c.final_position, matched }));
@@ -441,8 +472,9 @@ impl DataNodeCore {
         match batch {
             None => {}
             Some(Ok(batch)) => {
-                self.pending = Some(StoreOp::Apply(batch.clone()));
-                out.push(DataOutput::Store(StoreOp::Apply(batch)));
+                let op = StoreOp::Apply(batch);
+                self.pending = Some(Pending::of(&op));
+                out.push(DataOutput::Store(op));
             }
             Some(Err(e)) => out.push(DataOutput::Event(DataEvent::TransformFailed(e))),
         }
@@ -465,7 +497,7 @@ impl DataNodeCore {
         c.cursor = chunk.rows.last().map(|(t, k, _)| (t.clone(), *k)).or(c.cursor.take());
         if chunk.last {
             // Every old row is read: now the new store's checksum (the comparison goes on).
-            self.pending = Some(StoreOp::NewChecksum);
+            self.pending = Some(Pending::NewChecksum);
             out.push(DataOutput::Store(StoreOp::NewChecksum));
         }
     }
