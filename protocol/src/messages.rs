@@ -6,7 +6,7 @@ use crate::ids::{Decision, Duty, Epoch, NodeName, Position, ReplicaId, UpgradeId
 use crate::plan::Plan;
 use serde::{Deserialize, Serialize};
 
-/// Phase of an upgrade in the coordinator's replicated state (DESIGN §5).
+/// Phase of an upgrade in the coordinator's replicated state (see docs/design.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Phase {
     /// Plan accepted; waiting for every node to register and report the new universe deployed.

@@ -1,4 +1,4 @@
-//! Invariant checkers (DESIGN §6). Fed by the world as events happen; every breach becomes a
+//! Invariant checkers (the invariants of docs/design.md). Fed by the world as events happen; every breach becomes a
 //! violation line.
 
 use protocol::{Decision, Epoch, Universe};

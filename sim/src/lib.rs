@@ -1,6 +1,6 @@
-//! The deterministic simulator (DESIGN §7): the real coordinator (openraft) and the real node
+//! The deterministic simulator (docs/design.md): the real coordinator (openraft) and the real node
 //! cores on one paused current-thread runtime, a seeded network with faults, a client workload
-//! with an oracle, and the invariant checkers of DESIGN §6.
+//! with an oracle, and the invariant checkers.
 //!
 //! [`run_seed`] runs one seed; the same seed always gives the same trace hash.
 

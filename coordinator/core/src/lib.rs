@@ -1,4 +1,4 @@
-//! The upgrade state machine replicated by the coordinator (DESIGN §5). Pure: no I/O, no clock
+//! The upgrade state machine replicated by the coordinator (docs/design.md). Pure: no I/O, no clock
 //! (time arrives inside commands, stamped by the proposer), no randomness.
 //!
 //! `apply` re-checks every precondition, so a wrong proposal from a confused or stale leader

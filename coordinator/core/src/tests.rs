@@ -1,4 +1,4 @@
-//! Rules of the upgrade state machine (DESIGN §5).
+//! Rules of the upgrade state machine (docs/design.md, "The upgrade lifecycle").
 
 use super::*;
 use protocol::messages::{Ack, NodeReport, Phase};
