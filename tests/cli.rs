@@ -38,7 +38,7 @@ fn sim_prints_a_summary_and_json_and_exits_zero() {
 fn sim_with_the_planted_bug_fails_and_prints_a_replay_command_and_trace() {
     let dir = temp_dir("bug");
     let out = imago()
-        .args(["sim", "--seeds", "10", "--bug", "release-old-on-timeout", "--json", "--trace-dir"])
+        .args(["sim", "--seeds", "50", "--fail-fast", "--bug", "release-old-on-timeout", "--json", "--trace-dir"])
         .arg(&dir)
         .output()
         .unwrap();

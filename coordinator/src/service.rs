@@ -4,7 +4,7 @@
 //! proposed through Raft, and views are read from the replica's applied state.
 
 use crate::raft::{self, raft_config, NetworkFactory, Raft, RaftReply, RaftRpc, RaftTiming, SharedDisk, Transport};
-use crate::upgrade::{decision_view, next_command, status, Applied, Command};
+use crate::upgrade::{decision_view, next_command, next_deadline_ms, status, Applied, Command};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
 use protocol::codec;
@@ -22,8 +22,9 @@ pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 pub const PROPOSAL_TIMEOUT_MS: u64 = 2_000;
 /// Longest a watch may be parked.
 pub const WATCH_WAIT_MAX_MS: u32 = 5_000;
-/// How often the driver looks at the state when this replica leads.
-pub const DRIVER_TICK_MS: u64 = 20;
+/// How long the driver waits after a proposal that did not take effect (unless something
+/// changes first).
+pub const DRIVER_RETRY_MS: u64 = 20;
 
 /// One running coordinator replica.
 #[derive(Clone)]
@@ -39,7 +40,9 @@ pub struct Replica {
 enum Proposed {
     Applied(Applied),
     NotLeader(Option<ReplicaId>),
-    Failed(String),
+    /// Not known to be committed (timed out, or the replica failed while waiting): it may still
+    /// be applied. Reported as unknown, never as refused.
+    Unknown(String),
 }
 
 impl Replica {
@@ -118,10 +121,10 @@ impl Replica {
     async fn propose(&self, command: Command) -> Proposed {
         let write = self.raft.client_write(command);
         match tokio::time::timeout(Duration::from_millis(PROPOSAL_TIMEOUT_MS), write).await {
-            Err(_) => Proposed::Failed(format!("not committed within {PROPOSAL_TIMEOUT_MS} ms")),
+            Err(_) => Proposed::Unknown(format!("not committed within {PROPOSAL_TIMEOUT_MS} ms")),
             Ok(Ok(response)) => Proposed::Applied(response.data),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Proposed::NotLeader(f.leader_id),
-            Ok(Err(e)) => Proposed::Failed(e.to_string()),
+            Ok(Err(e)) => Proposed::Unknown(e.to_string()),
         }
     }
 
@@ -135,10 +138,10 @@ impl Replica {
             NodeRequest::Ack { node, epoch, ack } => Command::Ack { node, epoch, ack },
         };
         match self.propose(command).await {
-            Proposed::Applied(Applied::Rejected(reason)) => NodeResponse::Rejected { reason },
+            Proposed::Applied(Applied::Rejected(rejection)) => NodeResponse::Rejected(rejection),
             Proposed::Applied(_) => NodeResponse::Accepted,
             Proposed::NotLeader(leader) => NodeResponse::NotLeader { leader },
-            Proposed::Failed(reason) => NodeResponse::Rejected { reason },
+            Proposed::Unknown(reason) => NodeResponse::Unknown { reason },
         }
     }
 
@@ -146,7 +149,7 @@ impl Replica {
         if linearizable {
             let read = self.raft.ensure_linearizable();
             match tokio::time::timeout(Duration::from_millis(PROPOSAL_TIMEOUT_MS), read).await {
-                Err(_) => return NodeResponse::Rejected { reason: "linearizable read timed out".to_string() },
+                Err(_) => return NodeResponse::Unknown { reason: "linearizable read timed out".to_string() },
                 Ok(Err(e)) => {
                     let leader = e.forward_to_leader().and_then(|f| f.leader_id);
                     return NodeResponse::NotLeader { leader };
@@ -171,26 +174,47 @@ impl Replica {
         match self.propose(command).await {
             Proposed::Applied(Applied::Started(upgrade)) => CliResponse::Started { upgrade },
             Proposed::Applied(Applied::Accepted) => CliResponse::Accepted,
-            Proposed::Applied(Applied::Rejected(reason)) => CliResponse::Rejected { reason },
+            Proposed::Applied(Applied::Rejected(rejection)) => CliResponse::Rejected(rejection),
             Proposed::NotLeader(leader) => CliResponse::NotLeader { leader },
-            Proposed::Failed(reason) => CliResponse::Rejected { reason },
+            Proposed::Unknown(reason) => CliResponse::Unknown { reason },
         }
     }
 
-    /// The upgrade driver: while this replica leads, proposes what [`next_command`] says.
-    /// Runs until the task is dropped.
+    /// The upgrade driver: while this replica leads, proposes what [`next_command`] says. It
+    /// reacts to events, not to a tick: it looks again when the applied state or the leadership
+    /// changes (openraft's metrics), when the state's own deadline comes ([`next_deadline_ms`]),
+    /// or after `DRIVER_RETRY_MS` when a proposal did not take effect. Runs until dropped.
     pub async fn run_driver(&self) {
-        let mut tick = tokio::time::interval(Duration::from_millis(DRIVER_TICK_MS));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut metrics = self.raft.metrics();
         loop {
-            tick.tick().await;
-            if !self.is_leader() {
-                continue;
-            }
             let now_ms = (self.clock)();
-            let Some(command) = self.read(|state| next_command(state, now_ms)) else { continue };
-            tracing::debug!(replica = self.id, ?command, "driver proposes");
-            let _ = self.propose(command).await;
+            let (command, deadline_ms) = if self.is_leader() {
+                self.read(|state| (next_command(state, now_ms), next_deadline_ms(state, now_ms)))
+            } else {
+                (None, None)
+            };
+            let wait_ms = match command {
+                Some(command) => {
+                    tracing::debug!(replica = self.id, ?command, "driver proposes");
+                    match self.propose(command).await {
+                        // The state changed: look again at once.
+                        Proposed::Applied(Applied::Accepted | Applied::Started(_)) => continue,
+                        // Refused or not known: do not spin on the same proposal.
+                        _ => Some(DRIVER_RETRY_MS),
+                    }
+                }
+                None => deadline_ms.map(|d| d - now_ms),
+            };
+            match wait_ms {
+                Some(ms) => {
+                    let _ = tokio::time::timeout(Duration::from_millis(ms), metrics.changed()).await;
+                }
+                None => {
+                    if metrics.changed().await.is_err() {
+                        return; // the Raft instance is gone
+                    }
+                }
+            }
         }
     }
 }

@@ -105,12 +105,97 @@ pub struct DecisionView {
     pub acked_switched: bool,
 }
 
+/// Why the coordinator's state machine refused a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectKind {
+    /// No upgrade is in progress.
+    NoUpgrade,
+    /// Another upgrade is still in progress.
+    InProgress,
+    /// The plan's transforms do not fit its old schema.
+    BadPlan,
+    /// The node is not named by the plan.
+    UnknownNode,
+    /// The node's duties differ from the plan's, or it lacks the duty the command needs.
+    WrongDuties,
+    /// The node has not registered.
+    NotRegistered,
+    /// The upgrade is in another phase than the command needs.
+    WrongPhase,
+    /// The command names another epoch than the current (or next) one.
+    WrongEpoch,
+    /// The ready gate does not pass.
+    NotReady,
+    /// Manual switch: the operator has not asked for it.
+    ManualSwitch,
+    /// The retry backoff after an abort has not passed.
+    Backoff,
+    /// The command is malformed (e.g. a deadline before its proposal time).
+    BadCommand,
+    /// A `Drained` ack before every router acked `Frozen`.
+    RoutersNotFrozen,
+    /// The epoch already has an outcome.
+    AlreadyDecided,
+    /// A commit without every ack of the epoch.
+    MissingAcks,
+    /// A commit with a checksum mismatch acked.
+    ChecksumMismatch,
+    /// The upgrade has ended (or switched): nothing can undo it.
+    AlreadyEnded,
+}
+
+/// A command the state machine refused, and why (the command did not take effect).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub kind: RejectKind,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.detail)
+    }
+}
+
+/// Why the ready gate does not pass.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum GateBlocker {
+    NotRegistered { node: NodeName },
+    BulkCopyRunning { node: NodeName },
+    Lag { node: NodeName, lag: u64, lag_max: u64 },
+    TooFewSamples { samples: u64, samples_min: u64 },
+    MismatchRatio { ratio: f64, mismatch_ratio_max: f64 },
+}
+
+impl std::fmt::Display for GateBlocker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GateBlocker::NotRegistered { node } => write!(f, "{node}: not registered"),
+            GateBlocker::BulkCopyRunning { node } => write!(f, "{node}: bulk copy not finished"),
+            GateBlocker::Lag { node, lag, lag_max } => write!(f, "{node}: lag {lag} > lag_max {lag_max}"),
+            GateBlocker::TooFewSamples { samples, samples_min } => {
+                write!(f, "validation: {samples} samples < samples_min {samples_min}")
+            }
+            GateBlocker::MismatchRatio { ratio, mismatch_ratio_max } => {
+                write!(f, "validation: mismatch ratio {ratio:.4} > mismatch_ratio_max {mismatch_ratio_max}")
+            }
+        }
+    }
+}
+
 /// Coordinator → node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeResponse {
     Accepted,
-    Rejected { reason: String },
-    NotLeader { leader: Option<ReplicaId> },
+    Rejected(Rejection),
+    /// The outcome is not known (e.g. the proposal was not committed in time): it may still
+    /// take effect. Never to be taken as a refusal.
+    Unknown {
+        reason: String,
+    },
+    NotLeader {
+        leader: Option<ReplicaId>,
+    },
     View(DecisionView),
 }
 
@@ -139,7 +224,7 @@ pub struct NodeStatus {
 }
 
 /// The operator's view of the current (or last) upgrade.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusView {
     pub upgrade: Option<UpgradeId>,
     pub name: String,
@@ -147,19 +232,28 @@ pub struct StatusView {
     pub epoch: Epoch,
     pub attempts: u32,
     /// Why the ready gate does not pass (empty when it does).
-    pub gate_blockers: Vec<String>,
+    pub gate_blockers: Vec<GateBlocker>,
     pub last_abort_reason: Option<String>,
     pub nodes: Vec<NodeStatus>,
 }
 
 /// Coordinator → CLI.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum CliResponse {
-    Started { upgrade: UpgradeId },
+    Started {
+        upgrade: UpgradeId,
+    },
     Accepted,
     Status(StatusView),
-    Rejected { reason: String },
-    NotLeader { leader: Option<ReplicaId> },
+    Rejected(Rejection),
+    /// The outcome is not known (e.g. the proposal was not committed in time): it may still
+    /// take effect. The CLI says so; it never reports it as success or refusal.
+    Unknown {
+        reason: String,
+    },
+    NotLeader {
+        leader: Option<ReplicaId>,
+    },
 }
 
 /// Everything a coordinator replica accepts on its port. Raft RPCs travel pre-encoded, so that
@@ -172,7 +266,7 @@ pub enum Request {
 }
 
 /// The answer to a [`Request`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     Raft(Vec<u8>),
     Node(NodeResponse),

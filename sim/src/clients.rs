@@ -69,7 +69,7 @@ pub(crate) async fn request_switch(shared: &Shared) {
                 with(shared, |w| w.record(format_args!("operator: switch requested")));
             }
             Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = (l - 1) as usize,
-            Some(Response::Cli(CliResponse::Rejected { .. })) => {}
+            Some(Response::Cli(CliResponse::Rejected(_))) => {}
             _ => target = (target + 1) % coordinators,
         }
     }

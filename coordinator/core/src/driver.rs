@@ -38,3 +38,16 @@ pub fn next_command(state: &UpgradeState, now_ms: u64) -> Option<Command> {
         Phase::Staged | Phase::Switched | Phase::Done | Phase::RolledBack => None,
     }
 }
+
+/// When [`next_command`] may next propose something although the state has not changed: the
+/// end of the retry backoff (Syncing) or the freeze deadline (Freezing), if still ahead of
+/// `now_ms`. Any other proposal follows a change of the applied state.
+pub fn next_deadline_ms(state: &UpgradeState, now_ms: u64) -> Option<u64> {
+    let upgrade = state.current.as_ref()?;
+    let at = match upgrade.phase {
+        Phase::Syncing => upgrade.retry_not_before_ms,
+        Phase::Freezing => upgrade.freeze_deadline_ms,
+        Phase::Staged | Phase::Switched | Phase::Done | Phase::RolledBack => return None,
+    };
+    (at > now_ms).then_some(at)
+}

@@ -1,36 +1,36 @@
 //! The ready gate: a pure function of the node reports in the replicated state.
 
 use super::Upgrade;
+use protocol::messages::GateBlocker;
 use protocol::Duty;
 
 /// `Ok` when the upgrade may freeze; otherwise every reason it may not, in plan order.
-pub fn ready_gate(upgrade: &Upgrade) -> Result<(), Vec<String>> {
+pub fn ready_gate(upgrade: &Upgrade) -> Result<(), Vec<GateBlocker>> {
     let t = &upgrade.plan.thresholds;
     let mut blockers = Vec::new();
     for name in upgrade.plan.nodes_with(Duty::Transform) {
         let Some(node) = upgrade.nodes.get(name).filter(|n| n.registered) else {
-            blockers.push(format!("{name}: not registered"));
+            blockers.push(GateBlocker::NotRegistered { node: name.clone() });
             continue;
         };
         let r = &node.report;
         if !r.bulk_done {
-            blockers.push(format!("{name}: bulk copy not finished"));
+            blockers.push(GateBlocker::BulkCopyRunning { node: name.clone() });
         }
         let lag = r.captured.0.saturating_sub(r.applied.0);
         if lag > t.lag_max {
-            blockers.push(format!("{name}: lag {lag} > lag_max {}", t.lag_max));
+            blockers.push(GateBlocker::Lag { node: name.clone(), lag, lag_max: t.lag_max });
         }
     }
     let validators = upgrade.plan.nodes_with(Duty::Validate).filter_map(|n| upgrade.nodes.get(n));
     let (samples, mismatches) =
         validators.fold((0u64, 0u64), |(s, m), n| (s + n.report.samples, m + n.report.mismatches));
     if samples < t.samples_min {
-        blockers.push(format!("validation: {samples} samples < samples_min {}", t.samples_min));
+        blockers.push(GateBlocker::TooFewSamples { samples, samples_min: t.samples_min });
     } else if samples > 0 {
         let ratio = mismatches as f64 / samples as f64;
         if ratio > t.mismatch_ratio_max {
-            blockers
-                .push(format!("validation: mismatch ratio {ratio:.4} > mismatch_ratio_max {}", t.mismatch_ratio_max));
+            blockers.push(GateBlocker::MismatchRatio { ratio, mismatch_ratio_max: t.mismatch_ratio_max });
         }
     }
     if blockers.is_empty() {

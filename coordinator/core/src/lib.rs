@@ -9,11 +9,11 @@ mod driver;
 mod gate;
 mod view;
 
-pub use driver::next_command;
+pub use driver::{next_command, next_deadline_ms};
 pub use gate::ready_gate;
 pub use view::{decision_view, status};
 
-use protocol::messages::{Ack, NodeReport, Phase};
+use protocol::messages::{Ack, NodeReport, Phase, RejectKind, Rejection};
 use protocol::plan::{Plan, SwitchMode};
 use protocol::{Duty, Epoch, NodeName, Position, UpgradeId};
 use serde::{Deserialize, Serialize};
@@ -47,7 +47,7 @@ pub enum Command {
 pub enum Applied {
     Started(UpgradeId),
     Accepted,
-    Rejected(String),
+    Rejected(Rejection),
 }
 
 /// The committed outcome of one epoch.
@@ -104,8 +104,8 @@ pub struct UpgradeState {
     pub version: u64,
 }
 
-fn reject(reason: impl Into<String>) -> Applied {
-    Applied::Rejected(reason.into())
+fn reject(kind: RejectKind, detail: impl Into<String>) -> Applied {
+    Applied::Rejected(Rejection { kind, detail: detail.into() })
 }
 
 impl Upgrade {
@@ -144,14 +144,48 @@ impl Upgrade {
 }
 
 impl UpgradeState {
-    /// Applies one committed command. Every precondition is checked here.
+    /// Applies one committed command. Every precondition is checked here, and the state's
+    /// invariants are asserted afterwards (a broken invariant is a bug, never an input error).
     pub fn apply(&mut self, command: &Command) -> Applied {
+        let before = (self.version, self.last_epoch, self.outcomes.len(), self.outcomes.get(&self.last_epoch).cloned());
         let result = self.apply_inner(command);
         self.advance();
         if !matches!(result, Applied::Rejected(_)) && !matches!(command, Command::Report { .. }) {
             self.version += 1;
         }
+        self.assert_invariants(before);
         result
+    }
+
+    /// The state's invariants, given what they were before a command.
+    fn assert_invariants(&self, before: (u64, Epoch, usize, Option<Outcome>)) {
+        let (version, last_epoch, decided, last_outcome) = before;
+        assert!(self.version >= version, "version went backwards");
+        assert!(self.last_epoch >= last_epoch, "epochs went backwards");
+        assert!(self.outcomes.len() >= decided, "an outcome was forgotten");
+        if let Some(outcome) = last_outcome {
+            assert_eq!(self.outcomes.get(&last_epoch), Some(&outcome), "a second outcome for {last_epoch}");
+        }
+        if let Some((epoch, _)) = self.outcomes.last_key_value() {
+            assert!(*epoch <= self.last_epoch, "an outcome for {epoch}, beyond the last frozen epoch");
+        }
+        let Some(u) = &self.current else { return };
+        assert!(u.epoch <= self.last_epoch, "the upgrade's epoch is beyond the last frozen epoch");
+        let outcome = self.outcomes.get(&u.epoch);
+        match u.phase {
+            Phase::Freezing => {
+                assert!(u.epoch == self.last_epoch && u.epoch > Epoch(0), "Freezing at an old epoch");
+                assert!(outcome.is_none(), "Freezing at a decided epoch {}", u.epoch);
+            }
+            Phase::Switched | Phase::Done => {
+                assert_eq!(outcome, Some(&Outcome::Committed), "{:?} without a committed outcome", u.phase);
+            }
+            Phase::Staged | Phase::Syncing | Phase::RolledBack => assert!(
+                u.epoch == Epoch(0) || matches!(outcome, Some(Outcome::Aborted { .. })),
+                "{:?} after an epoch that was not aborted",
+                u.phase
+            ),
+        }
     }
 
     fn apply_inner(&mut self, command: &Command) -> Applied {
@@ -163,9 +197,10 @@ impl UpgradeState {
                 got.sort();
                 want.sort();
                 if got != want {
-                    return reject(format!(
-                        "node `{node}` registers duties {duties:?} but the plan gives it {planned:?}"
-                    ));
+                    return reject(
+                        RejectKind::WrongDuties,
+                        format!("node `{node}` registers duties {duties:?} but the plan gives it {planned:?}"),
+                    );
                 }
                 state.registered = true;
                 state.deployed = *deployed;
@@ -173,7 +208,7 @@ impl UpgradeState {
             }),
             Command::Report { node, report } => self.with_node(node, |_, state| {
                 if !state.registered {
-                    return reject(format!("node `{node}` reports before registering"));
+                    return reject(RejectKind::NotRegistered, format!("node `{node}` reports before registering"));
                 }
                 state.report = report.clone();
                 Applied::Accepted
@@ -190,7 +225,7 @@ impl UpgradeState {
     fn active(&mut self) -> Result<&mut Upgrade, Applied> {
         match &mut self.current {
             Some(u) if !u.phase.is_terminal() => Ok(u),
-            _ => Err(reject("no upgrade in progress")),
+            _ => Err(reject(RejectKind::NoUpgrade, "no upgrade in progress")),
         }
     }
 
@@ -200,7 +235,10 @@ impl UpgradeState {
             Err(r) => return r,
         };
         if upgrade.plan.node(node).is_none() {
-            return reject(format!("node `{node}` is not named by the plan of upgrade {}", upgrade.id.0));
+            return reject(
+                RejectKind::UnknownNode,
+                format!("node `{node}` is not named by the plan of upgrade {}", upgrade.id.0),
+            );
         }
         let mut state = upgrade.nodes.get(node).cloned().unwrap_or_default();
         let result = f(upgrade, &mut state);
@@ -216,11 +254,14 @@ impl UpgradeState {
                 return Applied::Started(u.id);
             }
             if !u.phase.is_terminal() {
-                return reject(format!("upgrade {} (`{}`) is still in progress ({:?})", u.id.0, u.plan.name, u.phase));
+                return reject(
+                    RejectKind::InProgress,
+                    format!("upgrade {} (`{}`) is still in progress ({:?})", u.id.0, u.plan.name, u.phase),
+                );
             }
         }
         if let Err(e) = plan.mapping() {
-            return reject(format!("plan transforms do not fit the old schema: {e}"));
+            return reject(RejectKind::BadPlan, format!("plan transforms do not fit the old schema: {e}"));
         }
         self.upgrades_started += 1;
         let id = UpgradeId(self.upgrades_started);
@@ -246,10 +287,19 @@ impl UpgradeState {
             Err(r) => return r,
         };
         if upgrade.phase != Phase::Syncing {
-            return reject(format!("switch needs phase Syncing, the upgrade is {:?}", upgrade.phase));
+            return reject(
+                RejectKind::WrongPhase,
+                format!("switch needs phase Syncing, the upgrade is {:?}", upgrade.phase),
+            );
         }
         if let Err(blockers) = ready_gate(upgrade) {
-            return reject(format!("not ready to switch: {}", blockers.join("; ")));
+            return reject(
+                RejectKind::NotReady,
+                format!(
+                    "not ready to switch: {}",
+                    blockers.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+                ),
+            );
         }
         upgrade.switch_requested = true;
         Applied::Accepted
@@ -262,22 +312,31 @@ impl UpgradeState {
             Err(r) => return r,
         };
         if upgrade.phase != Phase::Syncing {
-            return reject(format!("freeze needs phase Syncing, the upgrade is {:?}", upgrade.phase));
+            return reject(
+                RejectKind::WrongPhase,
+                format!("freeze needs phase Syncing, the upgrade is {:?}", upgrade.phase),
+            );
         }
         if epoch.0 != last_epoch.0 + 1 {
-            return reject(format!("freeze epoch {epoch} is not the next epoch after {last_epoch}"));
+            return reject(
+                RejectKind::WrongEpoch,
+                format!("freeze epoch {epoch} is not the next epoch after {last_epoch}"),
+            );
         }
         if upgrade.plan.switch == SwitchMode::Manual && !upgrade.switch_requested {
-            return reject("manual switch: waiting for the operator");
+            return reject(RejectKind::ManualSwitch, "manual switch: waiting for the operator");
         }
         if now_ms < upgrade.retry_not_before_ms {
-            return reject(format!("retry backoff until {} ms", upgrade.retry_not_before_ms));
+            return reject(RejectKind::Backoff, format!("retry backoff until {} ms", upgrade.retry_not_before_ms));
         }
         if deadline_ms <= now_ms {
-            return reject("freeze deadline is not after its proposal time");
+            return reject(RejectKind::BadCommand, "freeze deadline is not after its proposal time");
         }
         if let Err(blockers) = ready_gate(upgrade) {
-            return reject(format!("ready gate: {}", blockers.join("; ")));
+            return reject(
+                RejectKind::NotReady,
+                format!("ready gate: {}", blockers.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")),
+            );
         }
         upgrade.phase = Phase::Freezing;
         upgrade.epoch = epoch;
@@ -290,37 +349,46 @@ impl UpgradeState {
     fn ack(&mut self, node: &NodeName, epoch: Epoch, ack: &Ack) -> Applied {
         self.with_node(node, |u, state| {
             if epoch != u.epoch {
-                return reject(format!("ack for {epoch} but the current epoch is {}", u.epoch));
+                return reject(RejectKind::WrongEpoch, format!("ack for {epoch} but the current epoch is {}", u.epoch));
             }
             let duties = &u.plan.node(node).expect("checked").duties;
             match ack {
                 Ack::Frozen => {
                     if u.phase != Phase::Freezing {
-                        return reject(format!("Frozen ack needs phase Freezing, the upgrade is {:?}", u.phase));
+                        return reject(
+                            RejectKind::WrongPhase,
+                            format!("Frozen ack needs phase Freezing, the upgrade is {:?}", u.phase),
+                        );
                     }
                     if !duties.contains(&Duty::Route) {
-                        return reject(format!("`{node}` has no route duty"));
+                        return reject(RejectKind::WrongDuties, format!("`{node}` has no route duty"));
                     }
                     state.frozen = Some(epoch);
                 }
                 Ack::Drained { final_position, checksum_match } => {
                     if u.phase != Phase::Freezing {
-                        return reject(format!("Drained ack needs phase Freezing, the upgrade is {:?}", u.phase));
+                        return reject(
+                            RejectKind::WrongPhase,
+                            format!("Drained ack needs phase Freezing, the upgrade is {:?}", u.phase),
+                        );
                     }
                     if !duties.contains(&Duty::Transform) {
-                        return reject(format!("`{node}` has no transform duty"));
+                        return reject(RejectKind::WrongDuties, format!("`{node}` has no transform duty"));
                     }
                     if !u.all_routers_frozen() {
-                        return reject("Drained ack before every router is frozen");
+                        return reject(RejectKind::RoutersNotFrozen, "Drained ack before every router is frozen");
                     }
                     state.drained = Some((epoch, *final_position, *checksum_match));
                 }
                 Ack::Switched => {
                     if !matches!(u.phase, Phase::Switched | Phase::Done) {
-                        return reject(format!("Switched ack needs phase Switched, the upgrade is {:?}", u.phase));
+                        return reject(
+                            RejectKind::WrongPhase,
+                            format!("Switched ack needs phase Switched, the upgrade is {:?}", u.phase),
+                        );
                     }
                     if !duties.contains(&Duty::Route) {
-                        return reject(format!("`{node}` has no route duty"));
+                        return reject(RejectKind::WrongDuties, format!("`{node}` has no route duty"));
                     }
                     state.switched = Some(epoch);
                 }
@@ -332,14 +400,17 @@ impl UpgradeState {
     /// The upgrade if `epoch` may still be decided: not decided yet, and Freezing at it.
     fn undecided(&mut self, epoch: Epoch, verb: &str) -> Result<&mut Upgrade, Applied> {
         if let Some(outcome) = self.outcomes.get(&epoch) {
-            return Err(reject(format!("{epoch} is already decided: {outcome:?}")));
+            return Err(reject(RejectKind::AlreadyDecided, format!("{epoch} is already decided: {outcome:?}")));
         }
         let upgrade = self.active()?;
         if upgrade.phase != Phase::Freezing || upgrade.epoch != epoch {
-            return Err(reject(format!(
-                "{verb} {epoch} needs phase Freezing at {epoch}, the upgrade is {:?} at {}",
-                upgrade.phase, upgrade.epoch
-            )));
+            return Err(reject(
+                RejectKind::WrongPhase,
+                format!(
+                    "{verb} {epoch} needs phase Freezing at {epoch}, the upgrade is {:?} at {}",
+                    upgrade.phase, upgrade.epoch
+                ),
+            ));
         }
         Ok(upgrade)
     }
@@ -351,10 +422,16 @@ impl UpgradeState {
         };
         let missing = upgrade.missing_acks();
         if !missing.is_empty() {
-            return reject(format!("commit {epoch} without every ack; missing: {}", missing.join(", ")));
+            return reject(
+                RejectKind::MissingAcks,
+                format!("commit {epoch} without every ack; missing: {}", missing.join(", ")),
+            );
         }
         if let Some((node, position)) = upgrade.checksum_mismatch() {
-            return reject(format!("commit {epoch}: checksum mismatch on `{node}` at position {}", position.0));
+            return reject(
+                RejectKind::ChecksumMismatch,
+                format!("commit {epoch}: checksum mismatch on `{node}` at position {}", position.0),
+            );
         }
         upgrade.phase = Phase::Switched;
         self.outcomes.insert(epoch, Outcome::Committed);
@@ -394,9 +471,10 @@ impl UpgradeState {
                 upgrade.last_abort_reason = Some(reason);
                 Applied::Accepted
             }
-            Phase::Switched | Phase::Done | Phase::RolledBack => {
-                reject(format!("the upgrade is already {:?}; the switch cannot be undone by abort", upgrade.phase))
-            }
+            Phase::Switched | Phase::Done | Phase::RolledBack => reject(
+                RejectKind::AlreadyEnded,
+                format!("the upgrade is already {:?}; the switch cannot be undone by abort", upgrade.phase),
+            ),
         }
     }
 

@@ -2,6 +2,7 @@
 
 use super::*;
 use protocol::messages::{Ack, NodeReport, Phase};
+use protocol::messages::{RejectKind, Rejection};
 use protocol::{Decision, Position};
 
 const EXAMPLE: &str = include_str!("../../../plans/example.toml");
@@ -24,9 +25,9 @@ fn accepted(state: &mut UpgradeState, command: Command) {
     assert_eq!(result, Applied::Accepted, "{command:?}");
 }
 
-fn rejected(state: &mut UpgradeState, command: Command) -> String {
+fn rejected(state: &mut UpgradeState, command: Command) -> Rejection {
     match state.apply(&command) {
-        Applied::Rejected(reason) => reason,
+        Applied::Rejected(rejection) => rejection,
         other => panic!("{command:?} was {other:?}, expected a rejection"),
     }
 }
@@ -79,17 +80,19 @@ fn unknown_nodes_and_wrong_duties_are_refused() {
     state.apply(&Command::Start { plan: plan("auto", 3), token: "t1".into() });
     let reason =
         rejected(&mut state, Command::Register { node: n("intruder"), duties: vec![Duty::Route], deployed: true });
-    assert!(reason.contains("not named by the plan"), "{reason}");
+    assert!(reason.detail.contains("not named by the plan"), "{reason}");
+    assert_eq!(reason.kind, RejectKind::UnknownNode);
     let reason =
         rejected(&mut state, Command::Register { node: n("router-1"), duties: vec![Duty::Transform], deployed: true });
-    assert!(reason.contains("duties"), "{reason}");
+    assert!(reason.detail.contains("duties"), "{reason}");
 }
 
 #[test]
 fn a_second_upgrade_cannot_start_while_one_runs() {
     let mut state = ready("auto", 3);
     let reason = rejected(&mut state, Command::Start { plan: plan("auto", 3), token: "t2".into() });
-    assert!(reason.contains("still in progress"), "{reason}");
+    assert!(reason.detail.contains("still in progress"), "{reason}");
+    assert_eq!(reason.kind, RejectKind::InProgress);
 }
 
 /// Regression (sim seed 18): a retried start whose first answer was lost arrived after the
@@ -118,7 +121,7 @@ fn freeze_needs_the_ready_gate() {
         NodeReport { captured: Position(500), applied: Position(10), bulk_done: false, samples: 0, mismatches: 0 };
     accepted(&mut state, Command::Report { node: n("db-1"), report: lagging });
     let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(1), now_ms: 0, deadline_ms: 10 });
-    assert!(reason.contains("bulk copy not finished") && reason.contains("lag 490"), "{reason}");
+    assert!(reason.detail.contains("bulk copy not finished") && reason.detail.contains("lag 490"), "{reason}");
     assert_eq!(next_command(&state, 0), None, "the driver must not propose a freeze either");
 }
 
@@ -126,11 +129,12 @@ fn freeze_needs_the_ready_gate() {
 fn freeze_epoch_must_be_the_next_one() {
     let mut state = ready("auto", 3);
     let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(2), now_ms: 0, deadline_ms: 10 });
-    assert!(reason.contains("not the next epoch"), "{reason}");
+    assert!(reason.detail.contains("not the next epoch"), "{reason}");
+    assert_eq!(reason.kind, RejectKind::WrongEpoch);
     freeze(&mut state, 1, 0);
     assert_eq!(state.decision(), Decision::Freeze(Epoch(1)));
     let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(2), now_ms: 0, deadline_ms: 10 });
-    assert!(reason.contains("Syncing"), "{reason}");
+    assert!(reason.detail.contains("Syncing"), "{reason}");
 }
 
 #[test]
@@ -139,7 +143,7 @@ fn commit_without_every_ack_is_rejected_even_when_a_leader_proposes_it() {
     freeze(&mut state, 1, 0);
     accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Frozen });
     let reason = rejected(&mut state, Command::Commit { epoch: Epoch(1) });
-    assert!(reason.contains("router-2 (frozen)") && reason.contains("db-1 (drained)"), "{reason}");
+    assert!(reason.detail.contains("router-2 (frozen)") && reason.detail.contains("db-1 (drained)"), "{reason}");
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Freezing);
 }
 
@@ -149,7 +153,8 @@ fn drained_ack_needs_every_router_frozen() {
     freeze(&mut state, 1, 0);
     let drained = Ack::Drained { final_position: Position(10), checksum_match: true };
     let reason = rejected(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: drained });
-    assert!(reason.contains("before every router is frozen"), "{reason}");
+    assert!(reason.detail.contains("before every router is frozen"), "{reason}");
+    assert_eq!(reason.kind, RejectKind::RoutersNotFrozen);
 }
 
 #[test]
@@ -159,7 +164,7 @@ fn commit_after_abort_is_rejected_and_vice_versa() {
     all_acks(&mut state, 1);
     accepted(&mut state, Command::Abort { epoch: Epoch(1), reason: "test".into(), now_ms: 5 });
     let reason = rejected(&mut state, Command::Commit { epoch: Epoch(1) });
-    assert!(reason.contains("already decided"), "{reason}");
+    assert!(reason.detail.contains("already decided"), "{reason}");
     assert_eq!(state.decision(), Decision::Abort(Epoch(1)));
 
     let mut state = ready("auto", 3);
@@ -167,9 +172,10 @@ fn commit_after_abort_is_rejected_and_vice_versa() {
     all_acks(&mut state, 1);
     accepted(&mut state, Command::Commit { epoch: Epoch(1) });
     let reason = rejected(&mut state, Command::Abort { epoch: Epoch(1), reason: "late".into(), now_ms: 9 });
-    assert!(reason.contains("already decided"), "{reason}");
+    assert!(reason.detail.contains("already decided"), "{reason}");
     let reason = rejected(&mut state, Command::OperatorAbort { reason: "oops".into(), now_ms: 9 });
-    assert!(reason.contains("cannot be undone"), "{reason}");
+    assert!(reason.detail.contains("cannot be undone"), "{reason}");
+    assert_eq!(reason.kind, RejectKind::AlreadyEnded);
     assert_eq!(state.decision(), Decision::Commit(Epoch(1)));
 }
 
@@ -180,10 +186,11 @@ fn abort_returns_to_syncing_then_rolls_back_when_out_of_attempts() {
     accepted(&mut state, Command::Abort { epoch: Epoch(1), reason: "deadline".into(), now_ms: 100 });
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Syncing);
     let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(2), now_ms: 200, deadline_ms: 3000 });
-    assert!(reason.contains("backoff"), "{reason}");
+    assert!(reason.detail.contains("backoff"), "{reason}");
+    assert_eq!(reason.kind, RejectKind::Backoff);
     freeze(&mut state, 2, 1100);
     let stale = rejected(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Frozen });
-    assert!(stale.contains("current epoch is e2"), "{stale}");
+    assert!(stale.detail.contains("current epoch is e2"), "{stale}");
     accepted(&mut state, Command::Abort { epoch: Epoch(2), reason: "deadline".into(), now_ms: 4200 });
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::RolledBack);
     assert_eq!(state.decision(), Decision::Abort(Epoch(2)));
@@ -235,7 +242,8 @@ fn checksum_mismatch_blocks_commit_and_drives_abort() {
     let bad = Ack::Drained { final_position: Position(10), checksum_match: false };
     accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: bad });
     let reason = rejected(&mut state, Command::Commit { epoch: Epoch(1) });
-    assert!(reason.contains("checksum mismatch"), "{reason}");
+    assert!(reason.detail.contains("checksum mismatch"), "{reason}");
+    assert_eq!(reason.kind, RejectKind::ChecksumMismatch);
     assert!(matches!(next_command(&state, 1), Some(Command::Abort { .. })));
 }
 
@@ -244,7 +252,7 @@ fn manual_switch_waits_for_the_operator() {
     let mut state = ready("manual", 3);
     assert_eq!(next_command(&state, 0), None);
     let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(1), now_ms: 0, deadline_ms: 10 });
-    assert!(reason.contains("operator"), "{reason}");
+    assert!(reason.detail.contains("operator"), "{reason}");
     accepted(&mut state, Command::RequestSwitch);
     assert!(matches!(next_command(&state, 0), Some(Command::Freeze { .. })));
 }

@@ -240,7 +240,7 @@ impl AgentCore {
             match response {
                 NodeResponse::View(view) => self.on_view(view, linearizable, out),
                 NodeResponse::NotLeader { leader } => self.point_at(leader),
-                NodeResponse::Accepted | NodeResponse::Rejected { .. } => self.rotate(),
+                NodeResponse::Accepted | NodeResponse::Rejected(_) | NodeResponse::Unknown { .. } => self.rotate(),
             }
             return;
         }
@@ -260,7 +260,9 @@ impl AgentCore {
                     }
                     self.point_at(leader)
                 }
-                NodeResponse::Rejected { .. } => {
+                // Refused, or not known to have taken effect: a report is sent again; an ack stays
+                // owed until a view shows it; a registration until a view says registered.
+                NodeResponse::Rejected(_) | NodeResponse::Unknown { .. } => {
                     if kind == WriteKind::Report {
                         self.report_sent = None;
                     }
