@@ -44,11 +44,29 @@ pub struct DataNodeActor<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock>
     boot: Option<DataBoot>,
     requests: BTreeMap<(RequestKey, bool), VecDeque<S::Request>>,
     timer: Option<(u64, SpawnHandle)>,
+    /// Sees every input the core handles and its outputs (tests only; never set in production).
+    tap: Option<crate::Tap<DataInput, DataOutput>>,
 }
 
 impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> DataNodeActor<T, D, S, C> {
     pub fn new(core: DataNodeCore, boot: DataBoot, transport: T, disk: D, stores: S, clock: C) -> Self {
-        DataNodeActor { core, transport, disk, stores, clock, boot: Some(boot), requests: BTreeMap::new(), timer: None }
+        DataNodeActor {
+            core,
+            transport,
+            disk,
+            stores,
+            clock,
+            boot: Some(boot),
+            requests: BTreeMap::new(),
+            timer: None,
+            tap: None,
+        }
+    }
+
+    /// Lets a test see every input the core handles and the outputs it returns, in order.
+    pub fn with_tap(mut self, tap: impl FnMut(u64, &DataInput, &[DataOutput]) + 'static) -> Self {
+        self.tap = Some(Box::new(tap));
+        self
     }
 
     /// Feeds one input to the core, performs its outputs in order, re-arms the timer.
@@ -58,7 +76,12 @@ impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> DataNodeActor<T, D,
         // I/O that completes at once answers with an input, fed after the batch that caused it.
         let mut inputs = VecDeque::from([input]);
         while let Some(input) = inputs.pop_front() {
-            for output in self.core.handle(now_ms, input) {
+            let seen = self.tap.is_some().then(|| input.clone());
+            let outputs = self.core.handle(now_ms, input);
+            if let (Some(tap), Some(input)) = (self.tap.as_mut(), seen) {
+                tap(now_ms, &input, &outputs);
+            }
+            for output in outputs {
                 inputs.extend(self.perform(ctx, now_ms, output));
             }
         }
@@ -96,8 +119,7 @@ impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> DataNodeActor<T, D,
             }
             DataOutput::Send { id, replica, request, deadline_ms } => {
                 let timeout = Duration::from_millis(deadline_ms.saturating_sub(now_ms));
-                let transport = self.transport.clone();
-                let call = async move { transport.call(replica, Request::Node(request), timeout).await };
+                let call = self.transport.call(replica, Request::Node(request), timeout);
                 ctx.spawn(call.into_actor(self).map(move |result, act, ctx| {
                     // No answer (or a garbled one) is left to the core's own deadline.
                     if let Ok(Response::Node(response)) = result {

@@ -32,6 +32,8 @@ pub struct IngressActor<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock>
     requests: BTreeMap<RequestId, I::Request>,
     next_id: RequestId,
     timer: Option<(u64, SpawnHandle)>,
+    /// Sees every input the core handles and its outputs (tests only; never set in production).
+    tap: Option<crate::Tap<IngressInput, IngressOutput>>,
 }
 
 impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D, I, C> {
@@ -47,7 +49,14 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
             requests: BTreeMap::new(),
             next_id: 1,
             timer: None,
+            tap: None,
         }
+    }
+
+    /// Lets a test see every input the core handles and the outputs it returns, in order.
+    pub fn with_tap(mut self, tap: impl FnMut(u64, &IngressInput, &[IngressOutput]) + 'static) -> Self {
+        self.tap = Some(Box::new(tap));
+        self
     }
 
     /// Feeds one input to the core, performs its outputs in order, re-arms the timer.
@@ -57,7 +66,12 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
         // I/O that completes at once answers with an input, fed after the batch that caused it.
         let mut inputs = VecDeque::from([input]);
         while let Some(input) = inputs.pop_front() {
-            for output in self.core.handle(now_ms, input) {
+            let seen = self.tap.is_some().then(|| input.clone());
+            let outputs = self.core.handle(now_ms, input);
+            if let (Some(tap), Some(input)) = (self.tap.as_mut(), seen) {
+                tap(now_ms, &input, &outputs);
+            }
+            for output in outputs {
                 inputs.extend(self.perform(ctx, now_ms, output));
             }
         }
@@ -97,8 +111,7 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
             }
             IngressOutput::Send { id, replica, request, deadline_ms } => {
                 let timeout = Duration::from_millis(deadline_ms.saturating_sub(now_ms));
-                let transport = self.transport.clone();
-                let call = async move { transport.call(replica, Request::Node(request), timeout).await };
+                let call = self.transport.call(replica, Request::Node(request), timeout);
                 ctx.spawn(call.into_actor(self).map(move |result, act, ctx| {
                     // No answer (or a garbled one) is left to the core's own deadline.
                     if let Ok(Response::Node(response)) = result {

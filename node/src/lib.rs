@@ -30,6 +30,9 @@ pub fn start_local<A: Actor<Context = Context<A>>>(actor: A) -> (Addr<A>, JoinHa
     (addr, tokio::task::spawn_local(future))
 }
 
+/// A test's view of a core inside an actor: (now, input, outputs) of every `handle` call.
+pub type Tap<I, O> = Box<dyn FnMut(u64, &I, &[O])>;
+
 /// Polls `future` once with a waker that does nothing: its output if it completed at once.
 /// An I/O call that finishes immediately (an in-memory store, a disk write already done) is
 /// then fed back to the core in order, without a trip through the actor's mailbox machinery.

@@ -18,12 +18,13 @@ pub enum TransportError {
     Codec(String),
 }
 
-/// Request/response calls to coordinator replicas.
+/// Request/response calls to coordinator replicas. The call is made when `call` is invoked
+/// (the returned future only waits for the answer), so a caller's I/O happens in order.
 pub trait Transport: Clone + Send + Sync + 'static {
     fn call(
         &self,
         to: ReplicaId,
         request: Request,
         timeout: Duration,
-    ) -> impl Future<Output = Result<Response, TransportError>> + Send;
+    ) -> impl Future<Output = Result<Response, TransportError>> + Send + 'static;
 }

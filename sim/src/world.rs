@@ -394,20 +394,14 @@ impl Transport for SimTransport {
         to: u64,
         request: Request,
         timeout: Duration,
-    ) -> impl Future<Output = Result<Response, TransportError>> + Send {
-        let world = self.world.clone();
-        let me = self.me;
+    ) -> impl Future<Output = Result<Response, TransportError>> + Send + 'static {
+        // The request leaves now; the future only waits for the answer.
+        let sent = codec::encode_frame(&request).map_err(|e| TransportError::Codec(e.to_string())).and_then(|bytes| {
+            let shared = self.world.upgrade().ok_or_else(|| TransportError::Unreachable("world ended".into()))?;
+            Ok(with(&shared, |w| w.send_request(self.me, to, bytes)))
+        });
         async move {
-            let bytes = codec::encode_frame(&request).map_err(|e| TransportError::Codec(e.to_string()))?;
-            let (tx, rx) = oneshot::channel();
-            {
-                let shared = world.upgrade().ok_or_else(|| TransportError::Unreachable("world ended".into()))?;
-                let mut w = lock(&shared);
-                let caller_inc = w.procs[&me].incarnation;
-                let slot = Arc::new(Mutex::new(Some(tx)));
-                w.send_packet(me, to, Packet::Request { bytes: Arc::new(bytes), slot, caller_inc });
-            }
-            match await_reply(rx, timeout).await {
+            match await_reply(sent?, timeout).await {
                 Some(bytes) => match codec::decode_frame::<Response>(&bytes) {
                     Ok(Some((response, _))) => Ok(response),
                     Ok(None) => Err(TransportError::Codec("truncated frame".into())),
