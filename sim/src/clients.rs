@@ -1,13 +1,24 @@
 //! Everything outside the cluster that talks to it: clients (the workload) and the operator.
 
 use crate::app::AppOp;
-use crate::run::START_UPGRADE_MS;
+use crate::net::ProcId;
 use crate::world::*;
 use protocol::messages::{CliRequest, CliResponse, Phase, Request, Response};
 use rand::Rng;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// When the operator starts the upgrade.
+pub(crate) const START_UPGRADE_MS: u64 = 200;
+
+/// The index of the replica a leader hint names.
+pub(crate) fn replica_index(replica: u64) -> usize {
+    match ProcId::of(replica) {
+        ProcId::Coordinator(i) => i,
+        other => panic!("a leader hint names {other:?}, not a coordinator"),
+    }
+}
 
 pub(crate) async fn workload(shared: Shared, running: Arc<std::sync::atomic::AtomicBool>) {
     while running.load(Ordering::Relaxed) {
@@ -40,7 +51,7 @@ pub(crate) async fn operator(shared: Shared) {
                 }
                 return;
             }
-            Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = (l - 1) as usize,
+            Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = replica_index(l),
             _ => {
                 target = (target + 1) % coordinators;
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -68,7 +79,7 @@ pub(crate) async fn request_switch(shared: &Shared) {
             Some(Response::Cli(CliResponse::Accepted)) => {
                 with(shared, |w| w.record(format_args!("operator: switch requested")));
             }
-            Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = (l - 1) as usize,
+            Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = replica_index(l),
             Some(Response::Cli(CliResponse::Rejected(_))) => {}
             _ => target = (target + 1) % coordinators,
         }
@@ -76,7 +87,7 @@ pub(crate) async fn request_switch(shared: &Shared) {
 }
 
 pub(crate) async fn operator_call(shared: &Shared, to: u64, request: Request) -> Option<Response> {
-    let transport = SimTransport { world: Arc::downgrade(shared), me: OPERATOR };
+    let transport = SimTransport { world: Arc::downgrade(shared), me: ProcId::Operator.addr() };
     coordinator::raft::Transport::call(&transport, to, request, Duration::from_millis(3_000)).await.ok()
 }
 

@@ -7,21 +7,21 @@ use crate::app::{self, AppOp};
 use crate::checker::AdmissionPoint;
 use crate::config::Bug;
 use crate::fidelity::History;
-use crate::router::{sim_clock, SimClock, SimDisk};
+use crate::net::ProcId;
+use crate::node_io::{sim_clock, SimClock, SimDisk};
+use crate::procs::{ReplyTo, SimDataRequest};
 use crate::wire::{DataRequest, DataResponse};
-use crate::world::{with, ReplyTo, SimTransport, World, DATA_BASE};
-use actix::Addr;
+use crate::world::{with, SimTransport, World};
 use node::data_node::{DataBoot, DataNodeActor, DataRequest as ActorRequest};
 use node::io::Stores;
 use node_core::data_node::{DataEvent, DataNodeConfig, DataNodeCore, StoreOp, StoreResult};
 use node_core::store::{MemStore, NewStore, OldStore};
-use node_core::{NodeRecord, StoreAnswer};
+use node_core::StoreAnswer;
 use protocol::codec;
 use protocol::schema::RowOp;
 use protocol::{Duty, Universe};
 use std::future::Future;
 use std::sync::Weak;
-use tokio::task::JoinHandle;
 
 /// Pause between two transform steps.
 const TRANSFORM_INTERVAL_MS: u64 = 10;
@@ -29,35 +29,6 @@ const TRANSFORM_INTERVAL_MS: u64 = 10;
 const ANSWERS_MAX: usize = 65_536;
 
 pub type DataActor = DataNodeActor<SimTransport, SimDisk, SimStores, SimClock>;
-
-/// A data node. `old`, `new` and `disk` survive a crash; the actor does not.
-pub struct DataProc {
-    pub addr: u64,
-    pub name: String,
-    pub old: MemStore,
-    pub new: MemStore,
-    pub disk: NodeRecord,
-    pub actor: Option<(Addr<DataActor>, JoinHandle<()>)>,
-}
-
-impl DataProc {
-    pub fn new(world: &World, index: usize) -> DataProc {
-        DataProc {
-            addr: DATA_BASE + index as u64,
-            name: format!("db-{index}"),
-            old: MemStore::with_schema(&world.plan.old_schema),
-            new: MemStore::with_schema(&world.mapping.new_schema()),
-            disk: NodeRecord::default(),
-            actor: None,
-        }
-    }
-}
-
-/// A request forwarded to a data node: its payload and where its answer goes.
-pub struct SimDataRequest {
-    op: AppOp,
-    reply_to: ReplyTo,
-}
 
 /// A data node's stores and requests, in the simulated world.
 pub struct SimStores {
@@ -69,7 +40,7 @@ pub struct SimStores {
 impl SimStores {
     fn with<T>(&self, f: impl FnOnce(&mut World) -> T) -> Option<T> {
         let shared = self.world.upgrade()?;
-        let addr = DATA_BASE + self.index as u64;
+        let addr = ProcId::Data(self.index).addr();
         with(&shared, |w| w.is_up(addr, self.incarnation).then(|| f(w)))
     }
 }
@@ -275,11 +246,12 @@ impl World {
             core,
             boot,
             SimTransport { world: world.clone(), me: addr },
-            SimDisk { world: world.clone(), addr, incarnation },
+            SimDisk { world: world.clone(), node: ProcId::Data(i), incarnation },
             SimStores { world, index: i, incarnation },
             sim_clock(self),
         );
-        self.data[i].actor = Some(node::start_local(actor));
+        let (addr, task) = node::start_local(actor);
+        self.data[i].actor = Some((addr.recipient(), task));
     }
 }
 

@@ -1,51 +1,9 @@
 //! Fault plans, drawn per seed (or named scenarios).
 
+pub use crate::config::Scenario;
 use crate::config::SimConfig;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-
-/// Named scenarios (tests and `imago sim --scenario`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scenario {
-    /// The coordinator leader crashes while the upgrade is Freezing.
-    LeaderCrashDuringFreeze,
-    /// One router is cut off from every coordinator while Freezing, right after it acks.
-    RouterPartitionedDuringFreeze,
-    /// A data node crashes while its bulk copy runs.
-    DataNodeCrashMidTransform,
-    /// The view carrying `Commit` is lost on its way to one router (several times).
-    CommitLostToRouter,
-}
-
-impl Scenario {
-    pub const ALL: [Scenario; 4] = [
-        Scenario::LeaderCrashDuringFreeze,
-        Scenario::RouterPartitionedDuringFreeze,
-        Scenario::DataNodeCrashMidTransform,
-        Scenario::CommitLostToRouter,
-    ];
-
-    pub fn parse(s: &str) -> Result<Scenario, String> {
-        match s {
-            "leader-crash-during-freeze" => Ok(Scenario::LeaderCrashDuringFreeze),
-            "router-partitioned-during-freeze" => Ok(Scenario::RouterPartitionedDuringFreeze),
-            "data-node-crash-mid-transform" => Ok(Scenario::DataNodeCrashMidTransform),
-            "commit-lost-to-router" => Ok(Scenario::CommitLostToRouter),
-            other => Err(format!(
-                "unknown scenario `{other}` (leader-crash-during-freeze, router-partitioned-during-freeze, data-node-crash-mid-transform, commit-lost-to-router)"
-            )),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Scenario::LeaderCrashDuringFreeze => "leader-crash-during-freeze",
-            Scenario::RouterPartitionedDuringFreeze => "router-partitioned-during-freeze",
-            Scenario::DataNodeCrashMidTransform => "data-node-crash-mid-transform",
-            Scenario::CommitLostToRouter => "commit-lost-to-router",
-        }
-    }
-}
 
 /// Which process a fault hits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

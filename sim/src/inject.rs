@@ -1,7 +1,8 @@
 //! Firing faults (timed and triggered), and healing them for the liveness phase.
 
-use crate::clients::operator_call;
+use crate::clients::{operator_call, replica_index};
 use crate::faults::{Condition, FaultEvent, Target};
+use crate::net::ProcId;
 use crate::world::*;
 use protocol::messages::{CliRequest, CliResponse, Request, Response};
 use rand::Rng;
@@ -35,7 +36,7 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
     match event {
         FaultEvent::Partition { side_share, symmetric, duration_ms } => {
             let id = with(shared, |w| {
-                let all: Vec<u64> = w.procs.keys().copied().filter(|a| *a != OPERATOR).collect();
+                let all: Vec<u64> = w.procs.keys().copied().filter(|a| ProcId::of(*a) != ProcId::Operator).collect();
                 let (mut a, mut b) = (BTreeSet::new(), BTreeSet::new());
                 for addr in all {
                     if w.rng.gen_bool(side_share) {
@@ -52,7 +53,7 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
             // Cut the target off from every coordinator, both ways (a coordinator: from everyone).
             let id = with(shared, |w| {
                 let addr = w.resolve(target)?;
-                let others: BTreeSet<u64> = if addr < ROUTER_BASE {
+                let others: BTreeSet<u64> = if matches!(ProcId::of(addr), ProcId::Coordinator(_)) {
                     w.procs.keys().copied().filter(|a| *a != addr).collect()
                 } else {
                     (0..w.config.coordinators).map(coordinator_addr).collect()
@@ -82,7 +83,7 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
                 if let Some(addr) = w.resolve(target) {
                     for _ in 0..frames {
                         let frame = garbage_frame(&mut w.rng);
-                        w.inject(OPERATOR, addr, frame);
+                        w.inject(ProcId::Operator.addr(), addr, frame);
                     }
                 }
             });
@@ -97,7 +98,7 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
                     let answer = operator_call(&shared, coordinator_addr(target), Request::Cli(abort)).await;
                     with(&shared, |w| w.record(format_args!("operator abort answered {answer:?}")));
                     match answer {
-                        Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = (l - 1) as usize,
+                        Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = replica_index(l),
                         Some(_) => return,
                         None => target = (target + 1) % with(&shared, |w| w.config.coordinators),
                     }
@@ -140,24 +141,24 @@ pub(crate) fn heal_later(shared: &Shared, after_ms: u64, f: impl FnOnce(&mut Wor
 }
 
 pub(crate) fn crash(shared: &Shared, addr: u64) {
-    if addr < ROUTER_BASE {
-        crash_replica(shared, (addr - 1) as usize);
-    } else if addr < DATA_BASE {
-        with(shared, |w| w.crash_router((addr - ROUTER_BASE) as usize));
-    } else {
-        with(shared, |w| w.crash_data((addr - DATA_BASE) as usize));
+    match ProcId::of(addr) {
+        ProcId::Coordinator(i) => crash_replica(shared, i),
+        ProcId::Router(i) => with(shared, |w| w.crash_router(i)),
+        ProcId::Data(i) => with(shared, |w| w.crash_data(i)),
+        ProcId::Operator => {}
     }
 }
 
 pub(crate) async fn restart(shared: &Shared, addr: u64) {
-    if addr < ROUTER_BASE {
-        if !with(shared, |w| w.procs[&addr].up) {
-            start_replica(shared, (addr - 1) as usize).await;
+    match ProcId::of(addr) {
+        ProcId::Coordinator(i) => {
+            if !with(shared, |w| w.procs[&addr].up) {
+                start_replica(shared, i).await;
+            }
         }
-    } else if addr < DATA_BASE {
-        with(shared, |w| w.restart_router((addr - ROUTER_BASE) as usize));
-    } else {
-        with(shared, |w| w.restart_data((addr - DATA_BASE) as usize));
+        ProcId::Router(i) => with(shared, |w| w.restart_router(i)),
+        ProcId::Data(i) => with(shared, |w| w.restart_data(i)),
+        ProcId::Operator => {}
     }
 }
 

@@ -5,8 +5,43 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet};
 
-/// A process's network address.
+/// A process's network address (coordinator replicas' addresses are their Raft ids).
 pub type Addr = u64;
+
+/// A process of the simulated cluster. Its network address is derived from it and back; no
+/// other code does arithmetic on addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ProcId {
+    Coordinator(usize),
+    Router(usize),
+    Data(usize),
+    /// The operator's CLI (and the source of injected garbage).
+    Operator,
+}
+
+const ROUTER_BASE: Addr = 1_000;
+const DATA_BASE: Addr = 2_000;
+const OPERATOR: Addr = 9_000;
+
+impl ProcId {
+    pub fn addr(self) -> Addr {
+        match self {
+            ProcId::Coordinator(i) => i as Addr + 1,
+            ProcId::Router(i) => ROUTER_BASE + i as Addr,
+            ProcId::Data(i) => DATA_BASE + i as Addr,
+            ProcId::Operator => OPERATOR,
+        }
+    }
+
+    pub fn of(addr: Addr) -> ProcId {
+        match addr {
+            1..ROUTER_BASE => ProcId::Coordinator((addr - 1) as usize),
+            ROUTER_BASE..DATA_BASE => ProcId::Router((addr - ROUTER_BASE) as usize),
+            DATA_BASE..OPERATOR => ProcId::Data((addr - DATA_BASE) as usize),
+            _ => ProcId::Operator,
+        }
+    }
+}
 
 /// An active partition: messages from `a` to `b` are dropped, and from `b` to `a` too when
 /// `symmetric`.

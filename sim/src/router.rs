@@ -5,76 +5,28 @@
 
 use crate::app::AppOp;
 use crate::checker::AdmissionPoint;
+use crate::net::ProcId;
+use crate::node_io::{sim_clock, SimClock, SimDisk};
 use crate::oracle::ClientOutcome;
+use crate::procs::{RouterObserved, SimClient};
 use crate::wire::{DataRequest, DataResponse};
-use crate::world::{await_reply, virtual_now, with, SimTransport, World, DATA_BASE, ROUTER_BASE};
-use actix::Addr;
+use crate::world::{await_reply, with, SimTransport, World};
 use node::ingress::{ClientRequest, IngressActor};
-use node::io::{DiskError, Ingress, NodeDisk};
-use node_core::duties::router::{HoldCause, Mode, RouterConfig};
+use node::io::Ingress;
+use node_core::duties::router::{HoldCause, RouterConfig};
 use node_core::duties::validate::Verdict;
 use node_core::ingress::{ClientReply, IngressConfig, IngressCore, IngressEvent};
-use node_core::{NodeRecord, RequestKey, StoreAnswer};
+use node_core::{RequestKey, StoreAnswer};
 use protocol::codec;
 use protocol::{Duty, Universe};
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Weak;
 use std::time::Duration;
-use tokio::task::JoinHandle;
 
 /// Most requests one router tracks at once.
 const REQUESTS_MAX: usize = 10_000;
 
-/// The clock a simulated node reads: virtual milliseconds since the seed started.
-pub type SimClock = Box<dyn Fn() -> u64>;
-
-pub fn sim_clock(world: &World) -> SimClock {
-    let start = world.start;
-    Box::new(move || virtual_now().duration_since(start).as_millis() as u64)
-}
-
 pub type RouterActor = IngressActor<SimTransport, SimDisk, SimIngress, SimClock>;
-
-/// What the simulator observes of a running router (for its checkers and its end of run).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RouterObserved {
-    pub mode: Mode,
-    pub held: usize,
-    pub oldest_held_ms: Option<u64>,
-}
-
-/// A router process. `disk` survives a crash; the actor does not.
-pub struct RouterProc {
-    pub addr: u64,
-    pub name: String,
-    pub disk: NodeRecord,
-    pub actor: Option<(Addr<RouterActor>, JoinHandle<()>)>,
-    /// Client requests in progress, by ticket (what the clients wait for).
-    pub open: BTreeMap<u64, AppOp>,
-    pub next_ticket: u64,
-    pub observed: RouterObserved,
-}
-
-impl RouterProc {
-    pub fn new(index: usize) -> RouterProc {
-        RouterProc {
-            addr: ROUTER_BASE + index as u64,
-            name: format!("router-{index}"),
-            disk: NodeRecord::default(),
-            actor: None,
-            open: BTreeMap::new(),
-            next_ticket: 1,
-            observed: RouterObserved { mode: Mode::Unknown, held: 0, oldest_held_ms: None },
-        }
-    }
-}
-
-/// One client request inside a router: the client's ticket and the payload.
-pub struct SimClient {
-    ticket: u64,
-    op: AppOp,
-}
 
 /// The router's side toward clients and data nodes, in the simulated world.
 pub struct SimIngress {
@@ -88,7 +40,7 @@ pub struct SimIngress {
 impl SimIngress {
     fn with<T>(&self, f: impl FnOnce(&mut World) -> T) -> Option<T> {
         let shared = self.world.upgrade()?;
-        let addr = ROUTER_BASE + self.index as u64;
+        let addr = ProcId::Router(self.index).addr();
         with(&shared, |w| w.is_up(addr, self.incarnation).then(|| f(w)))
     }
 }
@@ -114,7 +66,7 @@ impl Ingress for SimIngress {
             let shard = request.op.key().rem_euclid(w.config.data_nodes as i64) as u64;
             let wire = DataRequest { key, universe, mirror, op: request.op.clone() };
             let bytes = codec::encode_frame(&wire).expect("data requests encode");
-            (w.send_request(addr, DATA_BASE + shard, bytes), w.data_timeout_ms)
+            (w.send_request(addr, ProcId::Data(shard as usize).addr(), bytes), w.data_timeout_ms)
         });
         async move {
             let (rx, timeout_ms) = sent?;
@@ -185,37 +137,6 @@ impl Ingress for SimIngress {
     }
 }
 
-/// A node's disk in the simulated world: a field of its process slot, written at once.
-pub struct SimDisk {
-    pub(crate) world: Weak<std::sync::Mutex<World>>,
-    pub(crate) addr: u64,
-    pub(crate) incarnation: u64,
-}
-
-impl NodeDisk for SimDisk {
-    fn persist(&self, record: NodeRecord) -> impl Future<Output = Result<(), DiskError>> + 'static {
-        let written = self.world.upgrade().is_some_and(|shared| {
-            with(&shared, |w| {
-                if !w.is_up(self.addr, self.incarnation) {
-                    return false;
-                }
-                let name = if self.addr >= DATA_BASE {
-                    let d = &mut w.data[(self.addr - DATA_BASE) as usize];
-                    d.disk = record;
-                    d.name.clone()
-                } else {
-                    let r = &mut w.routers[(self.addr - ROUTER_BASE) as usize];
-                    r.disk = record;
-                    r.name.clone()
-                };
-                w.note_persisted(&name, record.decision);
-                true
-            })
-        });
-        std::future::ready(if written { Ok(()) } else { Err(DiskError("the process is down".into())) })
-    }
-}
-
 impl World {
     /// A client sends `op` to router `i`.
     pub fn client_arrival(&mut self, i: usize, op: AppOp) {
@@ -259,7 +180,7 @@ impl World {
         for op in open.into_values() {
             self.client_outcome(&op, ClientOutcome::Unknown);
         }
-        self.routers[i].observed = RouterObserved { mode: Mode::Unknown, held: 0, oldest_held_ms: None };
+        self.routers[i].observed = RouterObserved::DOWN;
         let name = self.routers[i].name.clone();
         self.record(format_args!("{name} crashed"));
     }
@@ -290,10 +211,11 @@ impl World {
             core,
             record,
             SimTransport { world: world.clone(), me: addr },
-            SimDisk { world: world.clone(), addr, incarnation },
+            SimDisk { world: world.clone(), node: ProcId::Router(i), incarnation },
             SimIngress { world, index: i, incarnation, observed: std::cell::Cell::new(None) },
             sim_clock(self),
         );
-        self.routers[i].actor = Some(node::start_local(actor));
+        let (addr, task) = node::start_local(actor);
+        self.routers[i].actor = Some((addr.recipient(), task));
     }
 }

@@ -5,12 +5,12 @@ use crate::app;
 use crate::checker::Checker;
 use crate::clients::{operator, workload};
 use crate::config::SimConfig;
-use crate::data::DataProc;
 use crate::faults::FaultPlan;
 use crate::inject::{fire, heal, timed_faults};
 use crate::net::NetModel;
+use crate::net::ProcId;
 use crate::oracle::Oracle;
-use crate::router::RouterProc;
+use crate::procs::{DataProc, RouterProc};
 use crate::trace::Trace;
 use crate::world::*;
 use coordinator::raft::{read_disk, seed_runtime_rng, RaftTiming};
@@ -59,7 +59,6 @@ pub struct SeedReport {
     pub snapshots_installed: u64,
 }
 
-pub(crate) const START_UPGRADE_MS: u64 = 200;
 /// Small, so that snapshots, log purges and snapshot installs happen within a seed.
 const SNAPSHOT_EVERY_LOGS: u64 = 40;
 const SETTLE_MS: u64 = 500;
@@ -162,15 +161,15 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         net.dc_of.insert(coordinator_addr(i), i % dcs);
     }
     for i in 0..config.routers {
-        procs.insert(ROUTER_BASE + i as u64, ProcInfo { up: true, incarnation: 1 });
-        net.dc_of.insert(ROUTER_BASE + i as u64, i % dcs);
+        procs.insert(ProcId::Router(i).addr(), ProcInfo { up: true, incarnation: 1 });
+        net.dc_of.insert(ProcId::Router(i).addr(), i % dcs);
     }
     for i in 0..config.data_nodes {
-        procs.insert(DATA_BASE + i as u64, ProcInfo { up: true, incarnation: 1 });
-        net.dc_of.insert(DATA_BASE + i as u64, i % dcs);
+        procs.insert(ProcId::Data(i).addr(), ProcInfo { up: true, incarnation: 1 });
+        net.dc_of.insert(ProcId::Data(i).addr(), i % dcs);
     }
-    procs.insert(OPERATOR, ProcInfo { up: true, incarnation: 1 });
-    net.dc_of.insert(OPERATOR, 0);
+    procs.insert(ProcId::Operator.addr(), ProcInfo { up: true, incarnation: 1 });
+    net.dc_of.insert(ProcId::Operator.addr(), 0);
     // Cores say when they next need their shell: a hold ends exactly at its deadline.
     let hold_bound_ms = plan.thresholds.hold_ms_max;
     let mut fault_log = Vec::new();
@@ -209,7 +208,8 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     with(&shared, |w| {
         w.me = Arc::downgrade(&shared);
         w.routers = (0..w.config.routers).map(RouterProc::new).collect();
-        w.data = (0..w.config.data_nodes).map(|i| DataProc::new(w, i)).collect();
+        let new_schema = w.mapping.new_schema();
+        w.data = (0..w.config.data_nodes).map(|i| DataProc::new(i, &w.plan.old_schema, &new_schema)).collect();
         let shards = w.config.data_nodes as i64;
         for id in 0..w.config.initial_users as i64 {
             w.data[id.rem_euclid(shards) as usize].old.write(&app::initial_user(id));

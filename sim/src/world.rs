@@ -4,11 +4,11 @@
 
 use crate::checker::Checker;
 use crate::config::SimConfig;
-use crate::data::DataProc;
 use crate::faults::FaultPlan;
-use crate::net::{Addr, NetModel};
+use crate::net::{Addr, NetModel, ProcId};
 use crate::oracle::Oracle;
-use crate::router::RouterProc;
+use crate::procs::{DataProc, RouterProc};
+use crate::procs::{ReplySlot, ReplyTo};
 use crate::trace::Trace;
 use coordinator::raft::{new_disk, read_applied, RaftTiming, SharedDisk, Transport, TransportError};
 use coordinator::service::{Clock, Replica};
@@ -50,13 +50,9 @@ pub fn virtual_now() -> Instant {
     Instant::now()
 }
 
-/// Address ranges.
-pub const ROUTER_BASE: Addr = 1_000;
-pub const DATA_BASE: Addr = 2_000;
-pub const OPERATOR: Addr = 9_000;
-
+/// The address (and Raft id) of coordinator replica `index`.
 pub fn coordinator_addr(index: usize) -> Addr {
-    index as Addr + 1
+    ProcId::Coordinator(index).addr()
 }
 
 /// Liveness of one process.
@@ -72,18 +68,6 @@ pub struct ReplicaSlot {
     pub running: Option<Replica>,
     pub driver: Option<JoinHandle<()>>,
     pub skew_ms: Arc<AtomicI64>,
-}
-
-type ReplySlot = Arc<Mutex<Option<oneshot::Sender<Vec<u8>>>>>;
-
-/// Where the answer to one request goes.
-#[derive(Clone)]
-pub struct ReplyTo {
-    server: Addr,
-    server_inc: u64,
-    caller: Addr,
-    caller_inc: u64,
-    slot: ReplySlot,
 }
 
 #[derive(Clone)]
@@ -230,24 +214,30 @@ impl World {
             }
             Packet::Request { bytes, slot, caller_inc } => {
                 let Some(info) = w.procs.get(&to).copied().filter(|p| p.up) else { return };
-                if (DATA_BASE..OPERATOR).contains(&to) {
-                    let reply_to = ReplyTo { server: to, server_inc: info.incarnation, caller: from, caller_inc, slot };
-                    w.data_request((to - DATA_BASE) as usize, &bytes, reply_to);
-                } else if to < ROUTER_BASE {
-                    let Some(replica) = w.replicas[(to - 1) as usize].running.clone() else { return };
-                    drop(w);
-                    let shared = shared.clone();
-                    // Boxed: the replica's request future is large, and tokio would otherwise
-                    // copy it whole into and out of the task cell.
-                    tokio::spawn(Box::pin(async move {
-                        let response = match codec::decode_frame::<Request>(&bytes) {
-                            Ok(Some((request, _))) => replica.handle(request).await,
-                            Ok(None) => Response::Error { reason: "truncated frame".into() },
-                            Err(e) => Response::Error { reason: e.to_string() },
-                        };
-                        let answer = codec::encode_frame(&response).expect("responses encode");
-                        with(&shared, |w| w.reply(to, info.incarnation, from, answer, slot, caller_inc));
-                    }));
+                match ProcId::of(to) {
+                    ProcId::Data(i) => {
+                        let reply_to =
+                            ReplyTo { server: to, server_inc: info.incarnation, caller: from, caller_inc, slot };
+                        w.data_request(i, &bytes, reply_to);
+                    }
+                    ProcId::Coordinator(i) => {
+                        let Some(replica) = w.replicas[i].running.clone() else { return };
+                        drop(w);
+                        let shared = shared.clone();
+                        // Boxed: the replica's request future is large, and tokio would otherwise
+                        // copy it whole into and out of the task cell.
+                        tokio::spawn(Box::pin(async move {
+                            let response = match codec::decode_frame::<Request>(&bytes) {
+                                Ok(Some((request, _))) => replica.handle(request).await,
+                                Ok(None) => Response::Error { reason: "truncated frame".into() },
+                                Err(e) => Response::Error { reason: e.to_string() },
+                            };
+                            let answer = codec::encode_frame(&response).expect("responses encode");
+                            with(&shared, |w| w.reply(to, info.incarnation, from, answer, slot, caller_inc));
+                        }));
+                    }
+                    // Routers and the operator serve no requests.
+                    ProcId::Router(_) | ProcId::Operator => {}
                 }
             }
         }

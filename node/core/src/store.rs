@@ -13,10 +13,10 @@
 //!   optional reset of the new universe's tables ([`Batch::reset`]) when a copy restarts.
 
 use crate::duties::capture::{CaptureError, ChangeLog};
-use crate::duties::transform::{Batch, Checkpoint};
 use crate::duties::validate::row_hash;
 use protocol::schema::{Row, RowOp, Schema};
 use protocol::Position;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Tables: name → key → row.
@@ -77,6 +77,36 @@ pub trait NewStore {
     fn apply_batch(&mut self, batch: &Batch);
     /// Order-independent checksum of every row ([`row_hash`] summed).
     fn checksum(&self) -> u64;
+}
+
+/// Progress of the bulk copy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CopyState {
+    #[default]
+    NotStarted,
+    /// Copying the snapshot taken at `snapshot_at`; `after` is the last copied (table, key).
+    Copying {
+        snapshot_at: Position,
+        after: Option<(String, i64)>,
+    },
+    Done,
+}
+
+/// The transform's durable progress, stored in the new store with the data it covers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Every change up to here is applied (or covered by the copied snapshot).
+    pub applied: Position,
+    pub copy: CopyState,
+}
+
+/// Writes for the new store plus the checkpoint they reach; apply all of it atomically.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// Empty the new universe's tables first (a copy that starts over).
+    pub reset: bool,
+    pub ops: Vec<RowOp>,
+    pub checkpoint: Checkpoint,
 }
 
 /// One universe's store, in memory.

@@ -14,31 +14,10 @@
 //! position) and nothing is applied twice (changes up to that position are skipped; rows are
 //! upserted by key into emptied tables).
 
+pub use crate::store::{Batch, Checkpoint, CopyState};
 use crate::store::{RowCursor, SnapshotId, StoredRow};
 use protocol::schema::{ConvertError, Mapping, RowOp};
 use protocol::Position;
-use serde::{Deserialize, Serialize};
-
-/// Progress of the bulk copy.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum CopyState {
-    #[default]
-    NotStarted,
-    /// Copying the snapshot taken at `snapshot_at`; `after` is the last copied (table, key).
-    Copying {
-        snapshot_at: Position,
-        after: Option<(String, i64)>,
-    },
-    Done,
-}
-
-/// The transform's durable progress, stored in the new store with the data it covers.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// Every change up to here is applied (or covered by the copied snapshot).
-    pub applied: Position,
-    pub copy: CopyState,
-}
 
 /// What the shell should read next.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,15 +28,6 @@ pub enum Work {
     CopyChunk { snapshot: SnapshotId, after: RowCursor, limit: usize },
     /// Read up to `limit` changes after `after` and call [`TransformCore::apply_changes`].
     Stream { after: Position, limit: usize },
-}
-
-/// Writes for the new store plus the checkpoint they reach; apply all of it atomically.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Batch {
-    /// Empty the new universe's tables first (a copy that starts over).
-    pub reset: bool,
-    pub ops: Vec<RowOp>,
-    pub checkpoint: Checkpoint,
 }
 
 /// A change stream that does not continue where the checkpoint ends.

@@ -1,0 +1,106 @@
+//! The simulated processes' slots: what each node keeps across crashes (its disk, its stores)
+//! and the handle of its running actor. A slot knows no world: the I/O that moves data between
+//! slots lives in `router.rs`, `data.rs` and `node_io.rs`.
+
+use crate::app::AppOp;
+use crate::net::{Addr, ProcId};
+use actix::Recipient;
+use node::data_node::DataRequest;
+use node::ingress::ClientRequest;
+use node_core::duties::router::Mode;
+use node_core::store::MemStore;
+use node_core::NodeRecord;
+use protocol::schema::Schema;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Where a request's answer is delivered to its caller.
+pub type ReplySlot = Arc<Mutex<Option<oneshot::Sender<Vec<u8>>>>>;
+
+/// Where the answer to one request goes.
+#[derive(Clone)]
+pub struct ReplyTo {
+    pub(crate) server: Addr,
+    pub(crate) server_inc: u64,
+    pub(crate) caller: Addr,
+    pub(crate) caller_inc: u64,
+    pub(crate) slot: ReplySlot,
+}
+
+/// What the simulator observes of a running router (for its checkers and its end of run).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouterObserved {
+    pub mode: Mode,
+    pub held: usize,
+    pub oldest_held_ms: Option<u64>,
+}
+
+impl RouterObserved {
+    pub const DOWN: RouterObserved = RouterObserved { mode: Mode::Unknown, held: 0, oldest_held_ms: None };
+}
+
+/// One client request inside a router: the client's ticket and the payload.
+pub struct SimClient {
+    pub(crate) ticket: u64,
+    pub(crate) op: AppOp,
+}
+
+/// A request forwarded to a data node: its payload and where its answer goes.
+pub struct SimDataRequest {
+    pub(crate) op: AppOp,
+    pub(crate) reply_to: ReplyTo,
+}
+
+/// A running actor: where its messages go, and its task (aborting it is a crash).
+pub type Running<M> = Option<(Recipient<M>, JoinHandle<()>)>;
+
+/// A router process. `disk` survives a crash; the actor does not.
+pub struct RouterProc {
+    pub addr: Addr,
+    pub name: String,
+    pub disk: NodeRecord,
+    pub actor: Running<ClientRequest<SimClient>>,
+    /// Client requests in progress, by ticket (what the clients wait for).
+    pub open: BTreeMap<u64, AppOp>,
+    pub next_ticket: u64,
+    pub observed: RouterObserved,
+}
+
+impl RouterProc {
+    pub fn new(index: usize) -> RouterProc {
+        RouterProc {
+            addr: ProcId::Router(index).addr(),
+            name: format!("router-{index}"),
+            disk: NodeRecord::default(),
+            actor: None,
+            open: BTreeMap::new(),
+            next_ticket: 1,
+            observed: RouterObserved::DOWN,
+        }
+    }
+}
+
+/// A data node. `old`, `new` and `disk` survive a crash; the actor does not.
+pub struct DataProc {
+    pub addr: Addr,
+    pub name: String,
+    pub old: MemStore,
+    pub new: MemStore,
+    pub disk: NodeRecord,
+    pub actor: Running<DataRequest<SimDataRequest>>,
+}
+
+impl DataProc {
+    pub fn new(index: usize, old_schema: &Schema, new_schema: &Schema) -> DataProc {
+        DataProc {
+            addr: ProcId::Data(index).addr(),
+            name: format!("db-{index}"),
+            old: MemStore::with_schema(old_schema),
+            new: MemStore::with_schema(new_schema),
+            disk: NodeRecord::default(),
+            actor: None,
+        }
+    }
+}
