@@ -4,9 +4,9 @@
 //! performs the I/O.
 
 use crate::app::{self, AppOp};
-use crate::checker::AdmissionPoint;
+use crate::checkers::fidelity::History;
+use crate::checkers::{AdmissionPoint, Violation};
 use crate::config::Bug;
-use crate::fidelity::History;
 use crate::net::ProcId;
 use crate::node_io::{sim_clock, SimClock, SimDisk};
 use crate::procs::{ReplyTo, SimDataRequest};
@@ -128,7 +128,7 @@ impl World {
                 if let Some(what) = self.fidelity.check_batch(i, &self.mapping, &batch.ops, position, &self.data[i].new)
                 {
                     let (now, name) = (self.now_us(), self.data[i].name.clone());
-                    self.checker.violation(now, format!("transform fidelity: {name}: {what}"));
+                    self.checker.violation(now, Violation::TransformFidelity { node: name, what });
                 }
                 StoreResult::Applied
             }
@@ -150,7 +150,8 @@ impl World {
         match event {
             DataEvent::Acted(decision) => self.note_acted(&name, decision),
             DataEvent::Admitted { key, universe } => {
-                self.checker.admitted(now, AdmissionPoint::Store, &name, universe, key.id);
+                let found = self.checker.single_universe.admitted(now, AdmissionPoint::Store, &name, universe, key.id);
+                self.checker.found(now, found);
             }
             DataEvent::Copying => {
                 self.stats.copying_seen.insert(i, true);
@@ -160,13 +161,7 @@ impl World {
             }
             DataEvent::Compared { final_position, matched } => {
                 if !matched {
-                    self.checker.violation(
-                        now,
-                        format!(
-                            "no lost writes: {name} checksums differ after applying up to the final position {}",
-                            final_position.0
-                        ),
-                    );
+                    self.checker.violation(now, Violation::ChecksumsDiffer { node: name, final_position });
                 }
             }
             DataEvent::Drained { final_position, .. } => {
@@ -175,17 +170,12 @@ impl World {
                 let applied = self.data[i].new.checkpoint().applied;
                 let matched = self.universes_match(i);
                 if applied < final_position || !matched {
-                    let what = format!(
-                        "no lost writes: {name} acked Drained({}) with {} applied and universes that {}",
-                        final_position.0,
-                        applied.0,
-                        if matched { "match" } else { "differ" }
-                    );
-                    self.checker.violation(now, what);
+                    let found = Violation::DrainedIncomplete { node: name, final_position, applied, matched };
+                    self.checker.violation(now, found);
                 }
             }
             DataEvent::TransformFailed(e) => {
-                self.checker.violation(now, format!("transform on {name} failed: {e}"));
+                self.checker.violation(now, Violation::TransformFailed { node: name, error: e.to_string() });
             }
         }
     }

@@ -1,5 +1,6 @@
 //! How a seed ends: whether the cluster has settled, and the checks made at the very end.
 
+use crate::checkers::Violation;
 use crate::oracle::ClientOutcome;
 use crate::world::*;
 use node_core::duties::router::Mode;
@@ -27,7 +28,7 @@ impl World {
         let now = self.now_us();
         let state = self.freshest_state();
         let Some(upgrade) = state.current.clone() else {
-            self.checker.violation(now, "liveness: the upgrade never started".into());
+            self.checker.violation(now, Violation::NeverStarted);
             return;
         };
         let universe = match upgrade.phase {
@@ -35,16 +36,16 @@ impl World {
             Phase::RolledBack => Universe::Old,
             phase => {
                 if self.checker.violations.is_empty() {
-                    self.checker.violation(now, format!("liveness: upgrade ended in phase {phase:?}"));
+                    self.checker.violation(now, Violation::EndedInPhase { phase });
                 }
                 return;
             }
         };
         // Durability: every outcome seen applied anywhere is in the final state.
-        for (epoch, committed) in self.checker.seen_outcomes.clone() {
+        for (epoch, committed) in self.checker.agreement.seen_outcomes.clone() {
             let kept = state.outcomes.get(&epoch).map(|o| *o == coordinator::upgrade::Outcome::Committed);
             if kept != Some(committed) {
-                self.checker.violation(now, format!("durability: outcome of {epoch} (committed={committed}) missing from the final state ({kept:?})"));
+                self.checker.violation(now, Violation::OutcomeLost { epoch, committed, kept });
             }
         }
         let shards = self.config.data_nodes as i64;
@@ -62,22 +63,11 @@ impl World {
             }
         }
         if !lost.is_empty() {
-            self.checker.violation(
-                now,
-                format!(
-                    "no lost writes: acknowledged registrations missing from the {universe:?} universe: {:?}",
-                    &lost[..lost.len().min(10)]
-                ),
-            );
+            self.checker.violation(now, Violation::LostWrites { universe, users: lost });
         }
         if !phantom.is_empty() {
-            self.checker.violation(
-                now,
-                format!(
-                    "no phantom writes: registrations reported failed are present: {:?}",
-                    &phantom[..phantom.len().min(10)]
-                ),
-            );
+            let what = format!("registrations reported failed are present: {:?}", &phantom[..phantom.len().min(10)]);
+            self.checker.violation(now, Violation::PhantomWrite { what });
         }
         for (id, updates) in &self.oracle.bio_updates {
             let d = &self.data[id.rem_euclid(shards) as usize];
@@ -88,20 +78,16 @@ impl World {
             };
             let Some(Value::Text(bio)) = bio else { continue };
             if updates.iter().any(|(b, o)| *b == bio && *o == ClientOutcome::Failed) {
-                self.checker.violation(
-                    now,
-                    format!("no phantom writes: user {id} has bio {bio} from an update reported failed"),
-                );
+                let what = format!("user {id} has bio {bio} from an update reported failed");
+                self.checker.violation(now, Violation::PhantomWrite { what });
             }
         }
         if universe == Universe::New {
             for d in &self.data {
                 let (captured, applied) = (d.old.captured(), d.new.checkpoint().applied);
                 if captured != applied {
-                    self.checker.violation(
-                        now,
-                        format!("exactly once: {} captured {} changes but applied {}", d.name, captured.0, applied.0),
-                    );
+                    let found = Violation::NotExactlyOnce { node: d.name.clone(), captured, applied };
+                    self.checker.violation(now, found);
                 }
             }
         }

@@ -13,13 +13,12 @@ compile_error!(
 );
 
 pub mod app;
-pub mod checker;
+pub mod checkers;
 mod clients;
 pub mod config;
 mod data;
 mod ending;
 pub mod faults;
-pub mod fidelity;
 mod inject;
 pub mod net;
 mod node_io;
@@ -32,6 +31,7 @@ pub mod trace;
 pub mod wire;
 mod world;
 
+pub use checkers::{Seen, Violation};
 pub use config::{Bug, FaultSet, SimConfig};
 pub use faults::Scenario;
 pub use run::{run_seed, SeedOutcome, SeedReport};

@@ -4,7 +4,7 @@
 //! field that survives crashes.
 
 use crate::app::AppOp;
-use crate::checker::AdmissionPoint;
+use crate::checkers::{AdmissionPoint, Violation};
 use crate::net::ProcId;
 use crate::node_io::{sim_clock, SimClock, SimDisk};
 use crate::oracle::ClientOutcome;
@@ -60,7 +60,8 @@ impl Ingress for SimIngress {
             let now = w.now_us();
             let (addr, name) = (w.routers[index].addr, &w.routers[index].name);
             if !mirror {
-                w.checker.admitted(now, AdmissionPoint::Router, name, universe, key.id);
+                let found = w.checker.single_universe.admitted(now, AdmissionPoint::Router, name, universe, key.id);
+                w.checker.found(now, found);
             }
             w.trace.forward(now, addr, key.id, universe, mirror);
             let shard = request.op.key().rem_euclid(w.config.data_nodes as i64) as u64;
@@ -105,7 +106,8 @@ impl Ingress for SimIngress {
                 }
                 IngressEvent::Released { id, held_ms, cause } => {
                     w.trace.event(now, format_args!("{name} released {id} after {held_ms} ms"));
-                    w.checker.released(now, name, held_ms);
+                    let found = w.checker.bounded_hold.released(name, held_ms);
+                    w.checker.found(now, found);
                     match cause {
                         HoldCause::Freeze => w.stats.hold_ms.push(held_ms),
                         HoldCause::Startup => w.stats.startup_hold_ms.push(held_ms),
@@ -113,13 +115,14 @@ impl Ingress for SimIngress {
                 }
                 IngressEvent::Compared { id, verdict, old, new } => {
                     if verdict == Verdict::Mismatch {
-                        w.checker.violation(
-                            now,
-                            format!(
-                                "validate: {name} request {id} differs at position {}: old {:?} new {:?}",
-                                old.position.0, old.body, new.body
-                            ),
-                        );
+                        let found = Violation::MirrorMismatch {
+                            router: name.clone(),
+                            request: id,
+                            position: old.position,
+                            old: format!("{:?}", old.body),
+                            new: format!("{:?}", new.body),
+                        };
+                        w.checker.violation(now, found);
                     }
                 }
             }

@@ -2,7 +2,7 @@
 //! check everything at the end.
 
 use crate::app;
-use crate::checker::Checker;
+use crate::checkers::{Checker, Seen, Violation};
 use crate::clients::{operator, workload};
 use crate::config::SimConfig;
 use crate::faults::FaultPlan;
@@ -38,7 +38,7 @@ pub struct SeedReport {
     pub seed: u64,
     pub outcome: SeedOutcome,
     pub aborted_epochs: u64,
-    pub violations: Vec<String>,
+    pub violations: Vec<Seen>,
     pub sim_ms: u64,
     pub trace_hash: u64,
     pub trace_events: u64,
@@ -98,7 +98,7 @@ impl SeedReport {
             seed,
             outcome: SeedOutcome::Unfinished,
             aborted_epochs: 0,
-            violations: vec![format!("panic: {what}")],
+            violations: vec![Seen { at_us: 0, violation: Violation::Panic { what } }],
             sim_ms: 0,
             trace_hash: 0,
             trace_events: 0,
@@ -136,7 +136,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     );
     let plan = Plan::from_toml("sim-plan.toml", &plan_text).expect("the simulator's plan is valid");
     let mapping = plan.mapping().expect("the simulator's transforms fit");
-    let fidelity = crate::fidelity::Fidelity::new(&mapping);
+    let fidelity = crate::checkers::fidelity::Fidelity::new(&mapping);
     let mut net = NetModel::new(config.datacenters, &mut rng);
     net.loss = faults.loss;
     net.duplicate = faults.duplicate;
@@ -217,7 +217,8 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         for id in 0..w.config.initial_items as i64 {
             w.data[id.rem_euclid(shards) as usize].old.write(&app::initial_item(id));
         }
-        w.fidelity.shards = w.data.iter().map(|d| crate::fidelity::History::initial(d.old.tables())).collect();
+        w.fidelity.shards =
+            w.data.iter().map(|d| crate::checkers::fidelity::History::initial(d.old.tables())).collect();
         for i in 0..w.routers.len() {
             w.procs.get_mut(&w.routers[i].addr).expect("registered").up = false;
             w.restart_router(i);
@@ -242,7 +243,7 @@ async fn run(config: SimConfig, seed: u64) -> SeedReport {
     if let Err(e) = first.raft.initialize(members).await {
         with(&shared, |w| {
             let now = w.now_us();
-            w.checker.violation(now, format!("cluster initialization failed: {e}"))
+            w.checker.violation(now, Violation::Setup { what: format!("cluster initialization failed: {e}") })
         });
     }
     let (tick_ms, safety_ms, bound_ms) =
@@ -273,10 +274,8 @@ async fn run(config: SimConfig, seed: u64) -> SeedReport {
                     .iter()
                     .map(|r| format!("{}={:?}/held {}", r.name, r.observed.mode, r.observed.held))
                     .collect();
-                w.checker.violation(
-                    now,
-                    format!("liveness: not settled {bound_ms} ms after faults healed (phase {phase:?}, last abort {reason:?}, gate blockers {blockers:?}, routers {routers:?})"),
-                );
+                let found = Violation::NotSettled { bound_ms, phase, last_abort: reason, blockers, routers };
+                w.checker.violation(now, found);
             });
             break;
         }
@@ -300,7 +299,8 @@ async fn ticker(shared: Shared, tick_ms: u64) {
             for i in 0..w.routers.len() {
                 if let Some(since) = w.routers[i].observed.oldest_held_ms {
                     let (now_us, now_ms, name) = (w.now_us(), w.now_ms(), w.routers[i].name.clone());
-                    w.checker.holding(now_us, &name, since, now_ms);
+                    let found = w.checker.bounded_hold.holding(&name, since, now_ms);
+                    w.checker.found(now_us, found);
                 }
             }
             w.observe_phases();

@@ -2,7 +2,7 @@
 //! need. Everything runs on one paused current-thread tokio runtime; the world is one mutex
 //! that no task holds across an await.
 
-use crate::checker::Checker;
+use crate::checkers::{Checker, Violation};
 use crate::config::SimConfig;
 use crate::faults::FaultPlan;
 use crate::net::{Addr, NetModel, ProcId};
@@ -107,7 +107,7 @@ pub struct World {
     pub faults: FaultPlan,
     pub oracle: Oracle,
     pub checker: Checker,
-    pub fidelity: crate::fidelity::Fidelity,
+    pub fidelity: crate::checkers::fidelity::Fidelity,
     pub trace: Trace,
     pub stats: Stats,
     pub timing: RaftTiming,
@@ -275,14 +275,17 @@ impl World {
     /// Checks what an agent persisted (epochs never go backwards, across restarts too).
     pub fn note_persisted(&mut self, name: &str, decision: Decision) {
         let now = self.now_us();
-        self.checker.persisted(now, name, decision);
+        let found = self.checker.durability.persisted(name, decision);
+        self.checker.found(now, found);
     }
 
     /// Checks that an agent acts only on a committed decision, the same one as everybody.
     pub fn note_acted(&mut self, name: &str, decision: Decision) {
         let now = self.now_us();
         let committed = self.is_committed(decision);
-        self.checker.acted(now, name, decision, committed);
+        for found in self.checker.agreement.acted(name, decision, committed) {
+            self.checker.violation(now, found);
+        }
         self.record(format_args!("{name} acts on {decision:?}"));
     }
 
@@ -338,7 +341,8 @@ impl World {
                 a.state.outcomes.iter().map(|(e, o)| (*e, *o == Outcome::Committed)).collect()
             });
             for (epoch, committed) in outcomes {
-                self.checker.outcome_applied(now, coordinator_addr(i), epoch, committed);
+                let found = self.checker.agreement.outcome_applied(coordinator_addr(i), epoch, committed);
+                self.checker.found(now, found);
             }
         }
     }
@@ -423,7 +427,7 @@ pub async fn start_replica(shared: &Shared, index: usize) {
         Err(e) => {
             with(shared, |w| {
                 let now = w.now_us();
-                w.checker.violation(now, format!("replica {addr} failed to start: {e}"))
+                w.checker.violation(now, Violation::Setup { what: format!("replica {addr} failed to start: {e}") })
             });
             return;
         }

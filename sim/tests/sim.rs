@@ -1,7 +1,7 @@
 //! The simulator's acceptance tests: determinism, many faulty seeds without a violation, a
 //! planted bug caught, named scenarios, and scale.
 
-use imago_sim::{run_seed, Bug, FaultSet, Scenario, SeedOutcome, SeedReport, SimConfig};
+use imago_sim::{run_seed, Bug, FaultSet, Scenario, SeedOutcome, SeedReport, SimConfig, Violation};
 
 fn run(config: &SimConfig, seeds: impl IntoIterator<Item = u64>) -> Vec<SeedReport> {
     seeds.into_iter().map(|s| run_seed(config, s)).collect()
@@ -77,8 +77,9 @@ fn two_hundred_faulty_seeds_keep_every_invariant_and_both_outcomes_occur() {
 #[test]
 fn planted_bug_release_old_on_timeout_is_caught_within_50_seeds() {
     let config = SimConfig { bug: Some(Bug::ReleaseOldOnTimeout), ..SimConfig::default() };
-    let caught =
-        (0..50).map(|s| run_seed(&config, s)).find(|r| r.violations.iter().any(|v| v.contains("single universe")));
+    let caught = (0..50)
+        .map(|s| run_seed(&config, s))
+        .find(|r| r.violations.iter().any(|v| matches!(v.violation, Violation::MixedUniverses { .. })));
     let report = caught.expect("the broken router was not caught within 50 seeds");
     assert!(report.seed < 50);
 }
@@ -86,8 +87,14 @@ fn planted_bug_release_old_on_timeout_is_caught_within_50_seeds() {
 #[test]
 fn planted_bug_lose_change_on_restart_is_caught_within_50_seeds() {
     let config = SimConfig { bug: Some(Bug::LoseChangeOnRestart), ..SimConfig::default() };
-    let caught =
-        (0..50).map(|s| run_seed(&config, s)).find(|r| r.violations.iter().any(|v| v.contains("no lost writes")));
+    let caught = (0..50).map(|s| run_seed(&config, s)).find(|r| {
+        r.violations.iter().any(|v| {
+            matches!(
+                v.violation,
+                Violation::LostWrites { .. } | Violation::ChecksumsDiffer { .. } | Violation::DrainedIncomplete { .. }
+            )
+        })
+    });
     assert!(caught.is_some(), "a transform that loses a change on restart was not caught within 50 seeds");
 }
 
@@ -98,8 +105,9 @@ fn planted_bug_lose_change_on_restart_is_caught_within_50_seeds() {
 #[test]
 fn planted_bug_resume_copy_from_new_snapshot_is_caught_within_50_seeds() {
     let config = SimConfig { bug: Some(Bug::ResumeCopyFromNewSnapshot), ..SimConfig::default() };
-    let caught =
-        (0..50).map(|s| run_seed(&config, s)).find(|r| r.violations.iter().any(|v| v.contains("transform fidelity")));
+    let caught = (0..50)
+        .map(|s| run_seed(&config, s))
+        .find(|r| r.violations.iter().any(|v| matches!(v.violation, Violation::TransformFidelity { .. })));
     assert!(caught.is_some(), "a copy resumed on a fresh snapshot was not caught within 50 seeds");
 }
 

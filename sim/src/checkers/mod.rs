@@ -1,0 +1,208 @@
+//! The simulator's checkers: one file per invariant, each a small state machine fed by the
+//! world as events happen, and a typed [`Violation`] for every breach (tests match variants,
+//! not text). The checkers judge from what the simulator itself saw, never from the verdict of
+//! the code under test.
+//!
+//! - [`agreement`]: no two nodes act on different outcomes of an epoch; none acts on an
+//!   uncommitted decision; replicas agree on every outcome.
+//! - [`single_universe`]: no request reaches the old universe after one reached the new one.
+//! - [`durability`]: what a node persists never goes backwards.
+//! - [`bounded_hold`]: no request is held longer than `hold_ms_max`.
+//! - [`fidelity`]: every transform batch matches the old rows as of its checkpoint position.
+//!
+//! The end-of-run checks (no lost or phantom writes, exactly once, liveness, outcomes kept) are
+//! in `ending.rs`; they read the final state of the world.
+
+pub mod agreement;
+pub mod bounded_hold;
+pub mod durability;
+pub mod fidelity;
+pub mod single_universe;
+
+use protocol::messages::{GateBlocker, Phase};
+use protocol::{Decision, Epoch, Position, Universe};
+use std::fmt;
+
+/// Where an admission was observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdmissionPoint {
+    /// A router forwarded a client request.
+    Router,
+    /// A data node executed a client request.
+    Store,
+}
+
+/// A breach of an invariant (or of the harness itself).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Violation {
+    /// Agreement: a node acted on a decision no replica has applied.
+    ActedUncommitted { node: String, decision: Decision },
+    /// Agreement: two nodes acted on different outcomes of one epoch.
+    ConflictingOutcomes { node: String, decision: Decision, other_node: String, other: Decision },
+    /// Agreement: two replicas applied different outcomes of one epoch.
+    ReplicasDisagree { replica: u64, epoch: Epoch, committed: bool },
+    /// Single universe: a request reached the old universe after one reached the new one.
+    MixedUniverses { point: AdmissionPoint, node: String, request: u64, first_new_by: String, first_new_at_us: u64 },
+    /// Durability: a node persisted a decision ordered before one it had persisted.
+    EpochWentBackwards { node: String, from: Decision, to: Decision },
+    /// Durability: an outcome seen applied is missing from the final state.
+    OutcomeLost { epoch: Epoch, committed: bool, kept: Option<bool> },
+    /// Bounded hold: a request was (or still is) held longer than the bound.
+    HoldTooLong { router: String, held_ms: u64, bound_ms: u64, released: bool },
+    /// No lost writes: acknowledged writes are missing from the universe that serves.
+    LostWrites { universe: Universe, users: Vec<i64> },
+    /// No phantom writes: a write the client was told failed is present.
+    PhantomWrite { what: String },
+    /// No lost writes: a data node acked `Drained(P)` without everything up to P, or with
+    /// universes that differ.
+    DrainedIncomplete { node: String, final_position: Position, applied: Position, matched: bool },
+    /// No lost writes: the data node's own comparison found the universes different.
+    ChecksumsDiffer { node: String, final_position: Position },
+    /// Exactly once: captured and applied positions differ at the end.
+    NotExactlyOnce { node: String, captured: Position, applied: Position },
+    /// Fidelity: a transform batch wrote a row that is not the old row as of its checkpoint.
+    TransformFidelity { node: String, what: String },
+    /// The transform refused the stream or a row.
+    TransformFailed { node: String, error: String },
+    /// Validation: a mirrored answer differs from the old universe's at the same position.
+    MirrorMismatch { router: String, request: u64, position: Position, old: String, new: String },
+    /// Liveness: the upgrade did not settle within the bound after faults healed.
+    NotSettled {
+        bound_ms: u64,
+        phase: Option<Phase>,
+        last_abort: Option<String>,
+        blockers: Vec<GateBlocker>,
+        routers: Vec<String>,
+    },
+    /// Liveness: the upgrade ended in a phase that is not an end.
+    EndedInPhase { phase: Phase },
+    /// Liveness: the upgrade never started.
+    NeverStarted,
+    /// The harness failed (a replica did not start, the cluster did not initialize).
+    Setup { what: String },
+    /// A task panicked.
+    Panic { what: String },
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use Violation::*;
+        match self {
+            ActedUncommitted { node, decision } => {
+                write!(f, "agreement: {node} acted on {decision:?}, which no replica has applied")
+            }
+            ConflictingOutcomes { node, decision, other_node, other } => {
+                write!(f, "agreement: {node} acted on {decision:?} but {other_node} acted on {other:?}")
+            }
+            ReplicasDisagree { replica, epoch, committed } => {
+                write!(f, "agreement: replica {replica} applied {epoch} as committed={committed}, another did not")
+            }
+            MixedUniverses { point, node, request, first_new_by, first_new_at_us } => write!(
+                f,
+                "single universe ({point:?}): {node} admitted request {request} to the old universe after {first_new_by} admitted to the new one at {:.3}s",
+                *first_new_at_us as f64 / 1e6
+            ),
+            EpochWentBackwards { node, from, to } => {
+                write!(f, "durability: {node} persisted {to:?} after {from:?} (epoch went backwards)")
+            }
+            OutcomeLost { epoch, committed, kept } => write!(
+                f,
+                "durability: outcome of {epoch} (committed={committed}) missing from the final state ({kept:?})"
+            ),
+            HoldTooLong { router, held_ms, bound_ms, released } => {
+                let what = if *released { "held a request" } else { "still holds a request after" };
+                write!(f, "bounded hold: {router} {what} {held_ms} ms > {bound_ms} ms")
+            }
+            LostWrites { universe, users } => write!(
+                f,
+                "no lost writes: acknowledged registrations missing from the {universe:?} universe: {:?}",
+                &users[..users.len().min(10)]
+            ),
+            PhantomWrite { what } => write!(f, "no phantom writes: {what}"),
+            DrainedIncomplete { node, final_position, applied, matched } => write!(
+                f,
+                "no lost writes: {node} acked Drained({}) with {} applied and universes that {}",
+                final_position.0,
+                applied.0,
+                if *matched { "match" } else { "differ" }
+            ),
+            ChecksumsDiffer { node, final_position } => write!(
+                f,
+                "no lost writes: {node} checksums differ after applying up to the final position {}",
+                final_position.0
+            ),
+            NotExactlyOnce { node, captured, applied } => {
+                write!(f, "exactly once: {node} captured {} changes but applied {}", captured.0, applied.0)
+            }
+            TransformFidelity { node, what } => write!(f, "transform fidelity: {node}: {what}"),
+            TransformFailed { node, error } => write!(f, "transform on {node} failed: {error}"),
+            MirrorMismatch { router, request, position, old, new } => write!(
+                f,
+                "validate: {router} request {request} differs at position {}: old {old} new {new}",
+                position.0
+            ),
+            NotSettled { bound_ms, phase, last_abort, blockers, routers } => {
+                let blockers: Vec<String> = blockers.iter().map(ToString::to_string).collect();
+                write!(
+                    f,
+                    "liveness: not settled {bound_ms} ms after faults healed (phase {phase:?}, last abort {last_abort:?}, gate blockers {blockers:?}, routers {routers:?})"
+                )
+            }
+            EndedInPhase { phase } => write!(f, "liveness: upgrade ended in phase {phase:?}"),
+            NeverStarted => write!(f, "liveness: the upgrade never started"),
+            Setup { what } => write!(f, "setup: {what}"),
+            Panic { what } => write!(f, "panic: {what}"),
+        }
+    }
+}
+
+/// A violation and when (virtual µs) it was seen.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Seen {
+    pub at_us: u64,
+    pub violation: Violation,
+}
+
+impl fmt::Display for Seen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "t={:.3}s {}", self.at_us as f64 / 1e6, self.violation)
+    }
+}
+
+/// Most violations kept per seed (the first ones say what went wrong).
+pub const VIOLATIONS_KEPT_MAX: usize = 100;
+
+/// The checkers of one run.
+#[derive(Debug)]
+pub struct Checker {
+    pub violations: Vec<Seen>,
+    pub agreement: agreement::Agreement,
+    pub single_universe: single_universe::SingleUniverse,
+    pub durability: durability::Durability,
+    pub bounded_hold: bounded_hold::BoundedHold,
+}
+
+impl Checker {
+    pub fn new(hold_bound_ms: u64) -> Self {
+        Checker {
+            violations: Vec::new(),
+            agreement: Default::default(),
+            single_universe: Default::default(),
+            durability: Default::default(),
+            bounded_hold: bounded_hold::BoundedHold::new(hold_bound_ms),
+        }
+    }
+
+    pub fn violation(&mut self, at_us: u64, violation: Violation) {
+        if self.violations.len() < VIOLATIONS_KEPT_MAX {
+            self.violations.push(Seen { at_us, violation });
+        }
+    }
+
+    /// Records what a checker found, if anything.
+    pub fn found(&mut self, at_us: u64, found: Option<Violation>) {
+        if let Some(v) = found {
+            self.violation(at_us, v);
+        }
+    }
+}
