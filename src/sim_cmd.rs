@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Args;
-use sim::{FaultSet, Scenario, SeedReport, SimConfig, Summary};
+use sim::{value_name, Bug, FaultKind, FaultSet, Scenario, SeedReport, SimConfig, Summary};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,15 +30,15 @@ pub struct SimArgs {
     /// Datacenters (more than one: 50–150 ms between them).
     #[arg(long, default_value_t = 1)]
     datacenters: usize,
-    /// Fault kinds: all, none, or a list of loss,delay,duplicate,partition,crash,clock,garbage,operator,trigger.
-    #[arg(long, default_value = "all")]
-    faults: String,
-    /// Plant a known bug to prove the checkers catch it: release-old-on-timeout, lose-change-on-restart.
-    #[arg(long)]
-    bug: Option<String>,
+    /// Fault kinds, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
+    faults: Vec<FaultKind>,
+    /// Plant a known bug to prove the checkers catch it.
+    #[arg(long, value_enum)]
+    bug: Option<Bug>,
     /// Run a named scenario instead of random faults.
-    #[arg(long)]
-    scenario: Option<String>,
+    #[arg(long, value_enum)]
+    scenario: Option<Scenario>,
     /// Print the summary as one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -58,16 +58,14 @@ pub struct SimArgs {
 
 impl SimArgs {
     fn config(&self) -> anyhow::Result<SimConfig> {
-        let bug = self.bug.as_deref().map(sim::Bug::parse).transpose().map_err(anyhow::Error::msg)?;
-        let scenario = self.scenario.as_deref().map(Scenario::parse).transpose().map_err(anyhow::Error::msg)?;
         let config = SimConfig {
             coordinators: self.coordinators,
             routers: self.routers,
             data_nodes: self.data_nodes,
             datacenters: self.datacenters,
-            faults: FaultSet::parse(&self.faults).map_err(anyhow::Error::msg)?,
-            bug,
-            scenario,
+            faults: FaultSet::from_kinds(&self.faults),
+            bug: self.bug,
+            scenario: self.scenario,
             ..SimConfig::default()
         };
         config.validate().map_err(anyhow::Error::msg)?;
@@ -78,13 +76,17 @@ impl SimArgs {
     fn replay(&self, seed: u64) -> String {
         let mut cmd = format!(
             "imago sim --seed {seed} --seeds 1 --coordinators {} --routers {} --data-nodes {} --datacenters {} --faults {}",
-            self.coordinators, self.routers, self.data_nodes, self.datacenters, self.faults
+            self.coordinators,
+            self.routers,
+            self.data_nodes,
+            self.datacenters,
+            FaultSet::from_kinds(&self.faults)
         );
         if let Some(bug) = &self.bug {
-            cmd.push_str(&format!(" --bug {bug}"));
+            cmd.push_str(&format!(" --bug {}", value_name(bug)));
         }
         if let Some(s) = &self.scenario {
-            cmd.push_str(&format!(" --scenario {s}"));
+            cmd.push_str(&format!(" --scenario {}", value_name(s)));
         }
         cmd
     }
@@ -133,7 +135,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         config.routers,
         config.data_nodes,
         config.datacenters,
-        config.bug.map_or(String::new(), |b| format!("; planted bug {b:?}")),
+        config.bug.map_or(String::new(), |b| format!("; planted bug {}", value_name(&b))),
         config.scenario.map_or(String::new(), |s| format!("; scenario {}", s.name())),
     )?;
     writeln!(

@@ -4,7 +4,7 @@ use node_core::duties::router::RouterBug;
 use node_core::duties::transform::TransformBug;
 
 /// A deliberately broken component (`--bug`), to prove the checkers catch it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Bug {
     /// Routers release held requests to the old universe when a hold times out.
     ReleaseOldOnTimeout,
@@ -15,18 +15,12 @@ pub enum Bug {
     ResumeCopyFromNewSnapshot,
 }
 
-impl Bug {
-    pub fn parse(s: &str) -> Result<Bug, String> {
-        match s {
-            "release-old-on-timeout" => Ok(Bug::ReleaseOldOnTimeout),
-            "lose-change-on-restart" => Ok(Bug::LoseChangeOnRestart),
-            "resume-copy-from-new-snapshot" => Ok(Bug::ResumeCopyFromNewSnapshot),
-            other => Err(format!(
-                "unknown bug `{other}` (known: release-old-on-timeout, lose-change-on-restart, resume-copy-from-new-snapshot)"
-            )),
-        }
-    }
+/// The name of a value of a `clap::ValueEnum` (as the command line spells it).
+pub fn value_name<T: clap::ValueEnum>(value: &T) -> String {
+    value.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string())
+}
 
+impl Bug {
     pub fn router(bug: Option<Bug>) -> Option<RouterBug> {
         (bug == Some(Bug::ReleaseOldOnTimeout)).then_some(RouterBug::ReleaseOldOnTimeout)
     }
@@ -83,33 +77,33 @@ impl FaultSet {
         trigger: false,
     };
 
-    /// Parses `all`, `none`, or a comma list of `loss,delay,duplicate,partition,crash,clock,garbage,operator,trigger`.
-    pub fn parse(s: &str) -> Result<FaultSet, String> {
-        match s.trim() {
-            "all" => return Ok(FaultSet::ALL),
-            "none" | "" => return Ok(FaultSet::NONE),
-            _ => {}
-        }
+    /// The set of the kinds named (`all` and `none` stand for every kind and no kind).
+    pub fn from_kinds(kinds: &[FaultKind]) -> FaultSet {
         let mut set = FaultSet::NONE;
-        for word in s.split(',').map(str::trim) {
-            match word {
-                "loss" => set.loss = true,
-                "delay" => set.delay = true,
-                "duplicate" | "dup" => set.duplicate = true,
-                "partition" => set.partition = true,
-                "crash" => set.crash = true,
-                "clock" => set.clock = true,
-                "garbage" => set.garbage = true,
-                "operator" => set.operator = true,
-                "trigger" => set.trigger = true,
-                other => {
-                    return Err(format!(
-                        "unknown fault `{other}` (expected all, none, or a list of loss, delay, duplicate, partition, crash, clock, garbage, operator, trigger)"
-                    ))
-                }
+        for kind in kinds {
+            match kind {
+                FaultKind::All => set = FaultSet::ALL,
+                FaultKind::None => {}
+                kind => *set.flag(*kind) = true,
             }
         }
-        Ok(set)
+        set
+    }
+
+    /// The flag of one fault kind (`all` and `none` have none).
+    fn flag(&mut self, kind: FaultKind) -> &mut bool {
+        match kind {
+            FaultKind::Loss => &mut self.loss,
+            FaultKind::Delay => &mut self.delay,
+            FaultKind::Duplicate => &mut self.duplicate,
+            FaultKind::Partition => &mut self.partition,
+            FaultKind::Crash => &mut self.crash,
+            FaultKind::Clock => &mut self.clock,
+            FaultKind::Garbage => &mut self.garbage,
+            FaultKind::Operator => &mut self.operator,
+            FaultKind::Trigger => &mut self.trigger,
+            FaultKind::All | FaultKind::None => unreachable!("not a single kind"),
+        }
     }
 
     pub fn any(&self) -> bool {
@@ -122,25 +116,46 @@ impl fmt::Display for FaultSet {
         if *self == FaultSet::ALL {
             return f.write_str("all");
         }
-        let names = [
-            (self.loss, "loss"),
-            (self.delay, "delay"),
-            (self.duplicate, "duplicate"),
-            (self.partition, "partition"),
-            (self.crash, "crash"),
-            (self.clock, "clock"),
-            (self.garbage, "garbage"),
-            (self.operator, "operator"),
-            (self.trigger, "trigger"),
-        ];
-        let on: Vec<&str> = names.iter().filter(|(b, _)| *b).map(|(_, n)| *n).collect();
+        let mut set = *self;
+        let on: Vec<String> = <FaultKind as clap::ValueEnum>::value_variants()
+            .iter()
+            .filter(|k| !matches!(k, FaultKind::All | FaultKind::None) && *set.flag(**k))
+            .map(value_name)
+            .collect();
         f.write_str(if on.is_empty() { "none" } else { "" })?;
         f.write_str(&on.join(","))
     }
 }
 
+/// One kind of fault (`--faults loss,delay,...`), or all of them, or none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultKind {
+    /// Every kind below.
+    All,
+    /// No faults.
+    None,
+    /// Messages lost (0–30 %).
+    Loss,
+    /// Delays and reordering.
+    Delay,
+    /// Messages delivered twice.
+    Duplicate,
+    /// Symmetric and asymmetric partitions, and processes cut off from the coordinators.
+    Partition,
+    /// Crashes and restarts of any process (disks kept).
+    Crash,
+    /// Coordinator clock jumps.
+    Clock,
+    /// Frames of random bytes sent to coordinators and data nodes.
+    Garbage,
+    /// Manual switch mode, operator aborts at random times and during a freeze.
+    Operator,
+    /// Faults fired when a freeze or a bulk copy is seen.
+    Trigger,
+}
+
 /// Named scenarios (tests and `imago sim --scenario`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
     /// The coordinator leader crashes while the upgrade is Freezing.
     LeaderCrashDuringFreeze,
@@ -153,32 +168,8 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] = [
-        Scenario::LeaderCrashDuringFreeze,
-        Scenario::RouterPartitionedDuringFreeze,
-        Scenario::DataNodeCrashMidTransform,
-        Scenario::CommitLostToRouter,
-    ];
-
-    pub fn parse(s: &str) -> Result<Scenario, String> {
-        match s {
-            "leader-crash-during-freeze" => Ok(Scenario::LeaderCrashDuringFreeze),
-            "router-partitioned-during-freeze" => Ok(Scenario::RouterPartitionedDuringFreeze),
-            "data-node-crash-mid-transform" => Ok(Scenario::DataNodeCrashMidTransform),
-            "commit-lost-to-router" => Ok(Scenario::CommitLostToRouter),
-            other => Err(format!(
-                "unknown scenario `{other}` (leader-crash-during-freeze, router-partitioned-during-freeze, data-node-crash-mid-transform, commit-lost-to-router)"
-            )),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Scenario::LeaderCrashDuringFreeze => "leader-crash-during-freeze",
-            Scenario::RouterPartitionedDuringFreeze => "router-partitioned-during-freeze",
-            Scenario::DataNodeCrashMidTransform => "data-node-crash-mid-transform",
-            Scenario::CommitLostToRouter => "commit-lost-to-router",
-        }
+    pub fn name(self) -> String {
+        value_name(&self)
     }
 }
 

@@ -125,7 +125,7 @@ impl FaultPlan {
         }
         if f.trigger && rng.gen_bool(0.7) {
             let kind = rng.gen_range(0..4);
-            let scenario = Scenario::ALL[kind];
+            let scenario = <Scenario as clap::ValueEnum>::value_variants()[kind];
             plan.triggered.extend(FaultPlan::scenario(scenario, config, rng).triggered);
         }
         plan.timed.sort_by_key(|(t, _)| *t);

@@ -32,7 +32,7 @@ pub mod wire;
 mod world;
 
 pub use checkers::{Seen, Violation};
-pub use config::{Bug, FaultSet, SimConfig};
+pub use config::{value_name, Bug, FaultKind, FaultSet, SimConfig};
 pub use faults::Scenario;
 pub use run::{run_seed, SeedOutcome, SeedReport};
 pub use summary::Summary;
