@@ -426,6 +426,10 @@ impl Stores for TestStores {
             }
             StoreOp::ReadRows { after, limit } => StoreResult::Rows(old.rows_chunk(&after, limit)),
             StoreOp::NewChecksum => StoreResult::NewChecksum(new.checksum()),
+            StoreOp::Prune { up_to } => {
+                old.prune(up_to);
+                StoreResult::Pruned
+            }
         };
         std::future::ready(result)
     }
@@ -487,6 +491,7 @@ proptest! {
                 mapping,
                 transform_interval_ms: 10,
                 answers_max: 1_000,
+                change_log_applied_max: 5,
             };
             let coordinator = ScriptedCoordinator {
                 log: actor_log.clone(),

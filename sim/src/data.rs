@@ -27,6 +27,8 @@ use std::sync::Weak;
 const TRANSFORM_INTERVAL_MS: u64 = 10;
 /// Most request answers a data node remembers for idempotency.
 const ANSWERS_MAX: usize = 65_536;
+/// Small, so that pruning the change log happens within a seed.
+const CHANGE_LOG_APPLIED_MAX: u64 = 40;
 
 pub type DataActor = DataNodeActor<SimTransport, SimDisk, SimStores, SimClock>;
 
@@ -142,6 +144,10 @@ impl World {
             }
             StoreOp::ReadRows { after, limit } => StoreResult::Rows(d.old.rows_chunk(&after, limit)),
             StoreOp::NewChecksum => StoreResult::NewChecksum(d.new.checksum()),
+            StoreOp::Prune { up_to } => {
+                d.old.prune(up_to);
+                StoreResult::Pruned
+            }
         }
     }
 
@@ -228,6 +234,7 @@ impl World {
             mapping: self.mapping.clone(),
             transform_interval_ms: TRANSFORM_INTERVAL_MS,
             answers_max: ANSWERS_MAX,
+            change_log_applied_max: CHANGE_LOG_APPLIED_MAX,
         };
         let core = DataNodeCore::new(config).with_bug(Bug::transform(self.config.bug));
         let incarnation = self.procs[&addr].incarnation;

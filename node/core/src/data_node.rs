@@ -39,6 +39,8 @@ pub struct DataNodeConfig {
     pub transform_interval_ms: u64,
     /// Most request answers remembered for idempotency (oldest forgotten first).
     pub answers_max: usize,
+    /// Most applied changes the old store's change log keeps before the core prunes them.
+    pub change_log_applied_max: u64,
 }
 
 /// A store operation for the shell (see [`crate::store`]); its result comes back as
@@ -59,6 +61,8 @@ pub enum StoreOp {
     Unfence,
     /// Old store: current rows, for the comparison → [`StoreResult::Rows`].
     ReadRows { after: RowCursor, limit: usize },
+    /// Old store: forget captured changes up to `up_to` → [`StoreResult::Pruned`].
+    Prune { up_to: Position },
     /// New store: checksum → [`StoreResult::NewChecksum`].
     NewChecksum,
 }
@@ -75,6 +79,7 @@ pub enum StoreResult {
     Unfenced,
     Rows(Chunk),
     NewChecksum(u64),
+    Pruned,
 }
 
 /// Inputs to the data-node core.
@@ -154,6 +159,7 @@ enum Pending {
     Unfence,
     ReadRows,
     NewChecksum,
+    Prune,
 }
 
 impl Pending {
@@ -170,6 +176,7 @@ impl Pending {
             StoreOp::Unfence => Pending::Unfence,
             StoreOp::ReadRows { .. } => Pending::ReadRows,
             StoreOp::NewChecksum => Pending::NewChecksum,
+            StoreOp::Prune { .. } => Pending::Prune,
         }
     }
 }
@@ -200,6 +207,8 @@ pub struct DataNodeCore {
     final_position: Position,
     next_step_ms: u64,
     captured: Position,
+    /// Captured changes up to here are pruned from the old store.
+    pruned: Position,
     /// Answers by request key, and their order (for the bound).
     answers: BTreeMap<RequestKey, StoreAnswer>,
     answer_order: VecDeque<RequestKey>,
@@ -225,6 +234,7 @@ impl DataNodeCore {
             final_position: Position(0),
             next_step_ms: 0,
             captured: Position(0),
+            pruned: Position(0),
             answers: BTreeMap::new(),
             answer_order: VecDeque::new(),
             executing: BTreeMap::new(),
@@ -401,6 +411,9 @@ impl DataNodeCore {
                     Some(StoreOp::ReadRows { after: None, limit: COMPARE_CHUNK_ROWS })
                 }
             }
+        } else if let Some(up_to) = self.prune_due() {
+            self.pruned = up_to;
+            Some(StoreOp::Prune { up_to })
         } else if self.transform_wanted() && now_ms >= self.next_step_ms {
             self.next_step_ms = now_ms + self.config.transform_interval_ms;
             let transform = self.transform.as_ref().expect("started");
@@ -416,6 +429,13 @@ impl DataNodeCore {
             self.pending = Some(Pending::of(&op));
             out.push(DataOutput::Store(op));
         }
+    }
+
+    /// Applied changes to prune from the old store, once more than the limit are kept.
+    fn prune_due(&self) -> Option<Position> {
+        let transform = self.transform.as_ref()?;
+        let applied = transform.checkpoint().applied;
+        (transform.bulk_done() && applied.0 >= self.pruned.0 + self.config.change_log_applied_max).then_some(applied)
     }
 
     fn store_result(&mut self, now_ms: u64, result: StoreResult, out: &mut Vec<DataOutput>) {
@@ -454,7 +474,7 @@ impl DataNodeCore {
                 self.drain_outputs(now_ms, outs, out);
                 None
             }
-            (Pending::Unfence, StoreResult::Unfenced) => None,
+            (Pending::Unfence, StoreResult::Unfenced) | (Pending::Prune, StoreResult::Pruned) => None,
             (Pending::ReadRows, StoreResult::Rows(chunk)) => {
                 self.compare_rows(chunk, out);
                 None

@@ -65,6 +65,8 @@ pub trait OldStore {
     fn fence(&mut self) -> Position;
     fn unfence(&mut self);
     fn is_fenced(&self) -> bool;
+    /// Forgets captured changes up to `up_to` (applied to the new universe, durably).
+    fn prune(&mut self, up_to: Position);
     /// The process that held snapshots ended: every snapshot it opened is gone.
     fn disconnect(&mut self);
 }
@@ -230,6 +232,10 @@ impl OldStore for MemStore {
 
     fn is_fenced(&self) -> bool {
         self.capture.is_fenced()
+    }
+
+    fn prune(&mut self, up_to: Position) {
+        self.capture.prune(up_to);
     }
 
     fn disconnect(&mut self) {

@@ -3,6 +3,8 @@
 //! Every row change committed in the old store is appended here in the same step (as a trigger
 //! writes a change table), with the next position. Positions are contiguous from 1; a fenced
 //! stream accepts nothing, and its last position is the final position `P` of the freeze.
+//! Changes already applied to the new universe are pruned ([`ChangeLog::prune`]), so the log
+//! stays bounded while the transform keeps up.
 
 use protocol::schema::RowOp;
 use protocol::Position;
@@ -17,7 +19,10 @@ pub enum CaptureError {
 /// An ordered, append-only change stream with positions.
 #[derive(Clone, Debug, Default)]
 pub struct ChangeLog {
-    changes: Vec<RowOp>,
+    /// Changes after position `pruned`, in order.
+    changes: std::collections::VecDeque<RowOp>,
+    /// Every change up to here is pruned.
+    pruned: u64,
     fenced: bool,
 }
 
@@ -27,20 +32,41 @@ impl ChangeLog {
         if self.fenced {
             return Err(CaptureError::Fenced(self.last().0));
         }
-        self.changes.push(op);
+        self.changes.push_back(op);
         Ok(self.last())
     }
 
     /// Position of the last change (0 when empty).
     pub fn last(&self) -> Position {
-        Position(self.changes.len() as u64)
+        Position(self.pruned + self.changes.len() as u64)
     }
 
-    /// Up to `limit` changes after `after`, with their positions.
+    /// Up to `limit` changes after `after`, with their positions. Pruned changes cannot be
+    /// read again: asking for them is a bug of the reader (asserted).
     pub fn after(&self, after: Position, limit: usize) -> Vec<(Position, RowOp)> {
-        let start = (after.0 as usize).min(self.changes.len());
+        assert!(
+            after.0 >= self.pruned,
+            "changes after {} were asked for, but up to {} are pruned",
+            after.0,
+            self.pruned
+        );
+        let start = ((after.0 - self.pruned) as usize).min(self.changes.len());
         let end = start.saturating_add(limit).min(self.changes.len());
-        (start..end).map(|i| (Position(i as u64 + 1), self.changes[i].clone())).collect()
+        (start..end).map(|i| (Position(self.pruned + i as u64 + 1), self.changes[i].clone())).collect()
+    }
+
+    /// Forgets the changes up to `up_to` (they are applied and will not be read again).
+    pub fn prune(&mut self, up_to: Position) {
+        let up_to = up_to.0.min(self.last().0);
+        while self.pruned < up_to {
+            self.changes.pop_front();
+            self.pruned += 1;
+        }
+    }
+
+    /// Changes kept (not yet pruned).
+    pub fn kept(&self) -> usize {
+        self.changes.len()
     }
 
     /// Stops accepting changes; returns the final position.
@@ -79,5 +105,9 @@ mod tests {
         log.unfence();
         assert_eq!(log.append(op(3)), Ok(Position(3)));
         assert!(log.after(Position(99), 10).is_empty());
+        log.prune(Position(2));
+        assert_eq!(log.kept(), 1);
+        assert_eq!(log.last(), Position(3));
+        assert_eq!(log.after(Position(2), 10), vec![(Position(3), op(3))]);
     }
 }
