@@ -224,6 +224,10 @@ impl AgentCore {
         let mut timed_out = false;
         for slot in [&mut self.watch, &mut self.write] {
             if slot.as_ref().is_some_and(|f| now_ms >= f.deadline_ms) {
+                // A report that may be lost is sent again (its content may not change for long).
+                if slot.as_ref().is_some_and(|f| matches!(f.what, Pending::Write(WriteKind::Report))) {
+                    self.report_sent = None;
+                }
                 *slot = None;
                 timed_out = true;
             }
@@ -291,8 +295,17 @@ impl AgentCore {
             Ack::Drained { .. } => view.acked_drained,
             Ack::Switched => view.acked_switched,
         };
-        // Keep only acks still owed for the current epoch.
-        self.owed.retain(|(e, _), ack| *e == epoch && !acked(ack));
+        // Keep only acks still owed for the current decision: `Frozen` and `Drained` while it
+        // is that freeze, `Switched` while it is that commit. (An ack for a freeze the node has
+        // left would be refused, and resending it forever would block every other write.)
+        let decision = view.decision;
+        self.owed.retain(|(e, _), ack| {
+            let current = match ack {
+                Ack::Frozen | Ack::Drained { .. } => decision == Decision::Freeze(*e),
+                Ack::Switched => decision == Decision::Commit(*e),
+            };
+            *e == epoch && current && !acked(ack)
+        });
         let first = !self.linearized;
         if first {
             if !linearizable {

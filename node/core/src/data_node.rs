@@ -18,7 +18,7 @@
 
 use crate::agent::{AgentConfig, AgentCore, AgentInput, AgentOutput};
 use crate::duties::drain::{DrainCore, DrainInput, DrainOutput};
-use crate::duties::transform::{Batch, Checkpoint, TransformCore, TransformError, Work};
+use crate::duties::transform::{Batch, Checkpoint, CopyState, TransformCore, TransformError, Work};
 use crate::duties::validate::row_hash;
 use crate::store::{Chunk, RowCursor, SnapshotId};
 use crate::{NodeRecord, RequestKey, StoreAnswer};
@@ -143,9 +143,9 @@ pub enum DataEvent {
 /// Work the drain asked for, done by the store one operation at a time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum DrainWork {
-    Fence,
+    Fence(Epoch),
     Unfence,
-    Compare,
+    Compare { epoch: Epoch, final_position: Position },
 }
 
 /// What an outstanding store operation was (without its data).
@@ -154,8 +154,13 @@ enum Pending {
     OpenSnapshot,
     ReadSnapshot,
     ReadChanges,
-    Apply { copying: bool, applied: Position },
-    Fence,
+    Apply {
+        copying: bool,
+        done: bool,
+        applied: Position,
+    },
+    /// A fence asked for the freeze of this epoch.
+    Fence(Epoch),
     Unfence,
     ReadRows,
     NewChecksum,
@@ -169,10 +174,11 @@ impl Pending {
             StoreOp::ReadSnapshot { .. } => Pending::ReadSnapshot,
             StoreOp::ReadChanges { .. } => Pending::ReadChanges,
             StoreOp::Apply(batch) => Pending::Apply {
-                copying: matches!(batch.checkpoint.copy, crate::duties::transform::CopyState::Copying { .. }),
+                copying: matches!(batch.checkpoint.copy, CopyState::Copying { .. }),
+                done: batch.checkpoint.copy == CopyState::Done,
                 applied: batch.checkpoint.applied,
             },
-            StoreOp::Fence => Pending::Fence,
+            StoreOp::Fence => unreachable!("a fence's pending state names its epoch"),
             StoreOp::Unfence => Pending::Unfence,
             StoreOp::ReadRows { .. } => Pending::ReadRows,
             StoreOp::NewChecksum => Pending::NewChecksum,
@@ -183,6 +189,7 @@ impl Pending {
 
 #[derive(Clone, Debug)]
 struct Comparing {
+    epoch: Epoch,
     cursor: RowCursor,
     /// Sum of the row hashes of transform(old rows read so far).
     expected: u64,
@@ -204,8 +211,9 @@ pub struct DataNodeCore {
     pending: Option<Pending>,
     drain_work: VecDeque<DrainWork>,
     comparing: Option<Comparing>,
-    final_position: Position,
     next_step_ms: u64,
+    /// The new store holds the whole copy (the last copy batch was applied).
+    store_bulk_done: bool,
     captured: Position,
     /// Captured changes up to here are pruned from the old store.
     pruned: Position,
@@ -231,8 +239,8 @@ impl DataNodeCore {
             pending: None,
             drain_work: VecDeque::new(),
             comparing: None,
-            final_position: Position(0),
             next_step_ms: 0,
+            store_bulk_done: false,
             captured: Position(0),
             pruned: Position(0),
             answers: BTreeMap::new(),
@@ -286,6 +294,7 @@ impl DataNodeCore {
                 #[cfg(feature = "planted-bugs")]
                 let transform = if record.boots > 0 { transform.with_bug(self.bug) } else { transform };
                 self.transform = Some(transform);
+                self.store_bulk_done = checkpoint.copy == CopyState::Done;
                 self.drain = Some(DrainCore::new(checkpoint.applied, old_fenced));
                 out.push(DataOutput::Persist(self.record));
             }
@@ -354,7 +363,8 @@ impl DataNodeCore {
             }
         }
         let accepting = self.accepting();
-        let bulk_done = self.transform.as_ref().is_some_and(|t| t.bulk_done());
+        // Mirrors wait for the copy to be complete *in the store*, not only in the core.
+        let bulk_done = self.store_bulk_done;
         let refusal = match (universe, mirror) {
             (Universe::Old, true) => Some("mirrors go to the new universe".to_string()),
             (Universe::New, true) if !read_only => Some("only read-only requests are mirrored".to_string()),
@@ -403,11 +413,15 @@ impl DataNodeCore {
             Some(StoreOp::ReadRows { after: c.cursor.clone(), limit: COMPARE_CHUNK_ROWS })
         } else if let Some(work) = self.drain_work.pop_front() {
             match work {
-                DrainWork::Fence => Some(StoreOp::Fence),
+                DrainWork::Fence(epoch) => {
+                    self.pending = Some(Pending::Fence(epoch));
+                    out.push(DataOutput::Store(StoreOp::Fence));
+                    return;
+                }
                 DrainWork::Unfence => Some(StoreOp::Unfence),
-                DrainWork::Compare => {
-                    let final_position = self.final_position;
-                    self.comparing = Some(Comparing { cursor: None, expected: 0, failed: false, final_position });
+                DrainWork::Compare { epoch, final_position } => {
+                    let comparing = Comparing { epoch, cursor: None, expected: 0, failed: false, final_position };
+                    self.comparing = Some(comparing);
                     Some(StoreOp::ReadRows { after: None, limit: COMPARE_CHUNK_ROWS })
                 }
             }
@@ -458,7 +472,8 @@ impl DataNodeCore {
                 self.captured = self.captured.max(last);
                 (!changes.is_empty()).then(|| transform.apply_changes(&changes))
             }
-            (Pending::Apply { copying, applied }, StoreResult::Applied) => {
+            (Pending::Apply { copying, done, applied }, StoreResult::Applied) => {
+                self.store_bulk_done |= done;
                 if copying {
                     out.push(DataOutput::Event(DataEvent::Copying));
                 }
@@ -467,10 +482,9 @@ impl DataNodeCore {
                 self.report(now_ms, out);
                 None
             }
-            (Pending::Fence, StoreResult::Fenced { final_position }) => {
+            (Pending::Fence(epoch), StoreResult::Fenced { final_position }) => {
                 out.push(DataOutput::Event(DataEvent::Fenced { final_position }));
-                self.final_position = final_position;
-                let outs = self.drain_mut().handle(DrainInput::Fenced { final_position });
+                let outs = self.drain_mut().handle(DrainInput::Fenced { epoch, final_position });
                 self.drain_outputs(now_ms, outs, out);
                 None
             }
@@ -483,7 +497,7 @@ impl DataNodeCore {
                 let c = self.comparing.take().expect("comparing");
                 let matched = !c.failed && c.expected == actual;
                 out.push(DataOutput::Event(DataEvent::Compared { final_position: c.final_position, matched }));
-                let outs = self.drain_mut().handle(DrainInput::Checksums { matched });
+                let outs = self.drain_mut().handle(DrainInput::Checksums { epoch: c.epoch, matched });
                 self.drain_outputs(now_ms, outs, out);
                 None
             }
@@ -542,9 +556,11 @@ impl DataNodeCore {
     fn drain_outputs(&mut self, now_ms: u64, outs: Vec<DrainOutput>, out: &mut Vec<DataOutput>) {
         for o in outs {
             match o {
-                DrainOutput::Fence => self.drain_work.push_back(DrainWork::Fence),
+                DrainOutput::Fence(epoch) => self.drain_work.push_back(DrainWork::Fence(epoch)),
                 DrainOutput::Unfence => self.drain_work.push_back(DrainWork::Unfence),
-                DrainOutput::CompareChecksums => self.drain_work.push_back(DrainWork::Compare),
+                DrainOutput::CompareChecksums { epoch, final_position } => {
+                    self.drain_work.push_back(DrainWork::Compare { epoch, final_position })
+                }
                 DrainOutput::Ack { epoch, ack } => {
                     if let Ack::Drained { final_position, checksum_match } = ack {
                         out.push(DataOutput::Event(DataEvent::Drained { epoch, final_position, checksum_match }));

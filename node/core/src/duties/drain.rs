@@ -13,22 +13,27 @@ use protocol::{Decision, Epoch, Position, Universe};
 pub enum DrainInput {
     /// A committed decision, and whether every router is frozen for it.
     Decision { decision: Decision, all_routers_frozen: bool },
-    /// The old store was fenced at this final position.
-    Fenced { final_position: Position },
+    /// The old store was fenced at this final position, for the freeze of `epoch` (a fence
+    /// asked for an earlier freeze, since aborted, does not count).
+    Fenced { epoch: Epoch, final_position: Position },
     /// Transform progress.
     Applied { position: Position },
-    /// The result of comparing both universes at the final position.
-    Checksums { matched: bool },
+    /// The result of comparing both universes at the final position of `epoch`'s freeze.
+    Checksums { epoch: Epoch, matched: bool },
 }
 
 /// What the shell must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DrainOutput {
-    /// Fence the old store and report [`DrainInput::Fenced`].
-    Fence,
+    /// Fence the old store for the freeze of this epoch and report [`DrainInput::Fenced`].
+    Fence(Epoch),
     Unfence,
-    /// Compare both universes and report [`DrainInput::Checksums`].
-    CompareChecksums,
+    /// Compare both universes at `final_position` and report [`DrainInput::Checksums`] for
+    /// this epoch.
+    CompareChecksums {
+        epoch: Epoch,
+        final_position: Position,
+    },
     Ack {
         epoch: Epoch,
         ack: Ack,
@@ -90,7 +95,7 @@ impl DrainCore {
                     if (all_routers_frozen && self.state == State::Open) || self.state == State::Recovering =>
                 {
                     self.state = State::Fencing(epoch);
-                    out.push(DrainOutput::Fence);
+                    out.push(DrainOutput::Fence(epoch));
                 }
                 Decision::Freeze(_) => {}
                 Decision::Initial if self.state != State::Recovering => {}
@@ -101,14 +106,18 @@ impl DrainCore {
                 }
                 Decision::Commit(_) => self.state = State::Committed,
             },
-            DrainInput::Fenced { final_position } => {
-                if let State::Fencing(epoch) = self.state {
+            // A result for an earlier freeze (aborted since) is not this freeze's final position.
+            DrainInput::Fenced { epoch, final_position } => {
+                if self.state == State::Fencing(epoch) {
                     self.state = State::Draining { epoch, final_position };
                 }
             }
             DrainInput::Applied { position } => self.applied = self.applied.max(position),
-            DrainInput::Checksums { matched } => {
+            DrainInput::Checksums { epoch: compared, matched } => {
                 if let State::Comparing { epoch, final_position } = self.state {
+                    if epoch != compared {
+                        return out;
+                    }
                     self.state = State::Drained(epoch);
                     out.push(DrainOutput::Ack { epoch, ack: Ack::Drained { final_position, checksum_match: matched } });
                 }
@@ -117,7 +126,7 @@ impl DrainCore {
         if let State::Draining { epoch, final_position } = self.state {
             if self.applied >= final_position {
                 self.state = State::Comparing { epoch, final_position };
-                out.push(DrainOutput::CompareChecksums);
+                out.push(DrainOutput::CompareChecksums { epoch, final_position });
             }
         }
         out
@@ -134,11 +143,14 @@ mod tests {
         let freeze = |all| DrainInput::Decision { decision: Decision::Freeze(Epoch(1)), all_routers_frozen: all };
         assert!(d.handle(freeze(false)).is_empty());
         assert_eq!(d.accepting(), Some(Universe::Old));
-        assert_eq!(d.handle(freeze(true)), vec![DrainOutput::Fence]);
+        assert_eq!(d.handle(freeze(true)), vec![DrainOutput::Fence(Epoch(1))]);
         assert_eq!(d.accepting(), None);
-        assert!(d.handle(DrainInput::Fenced { final_position: Position(5) }).is_empty());
-        assert_eq!(d.handle(DrainInput::Applied { position: Position(5) }), vec![DrainOutput::CompareChecksums]);
-        let out = d.handle(DrainInput::Checksums { matched: true });
+        assert!(d.handle(DrainInput::Fenced { epoch: Epoch(1), final_position: Position(5) }).is_empty());
+        assert_eq!(
+            d.handle(DrainInput::Applied { position: Position(5) }),
+            vec![DrainOutput::CompareChecksums { epoch: Epoch(1), final_position: Position(5) }]
+        );
+        let out = d.handle(DrainInput::Checksums { epoch: Epoch(1), matched: true });
         assert_eq!(
             out,
             vec![DrainOutput::Ack {
@@ -155,11 +167,30 @@ mod tests {
     }
 
     #[test]
+    fn a_fence_asked_for_an_aborted_freeze_is_not_the_next_freezes_final_position() {
+        let mut d = DrainCore::new(Position(0), false);
+        let decide = |decision| DrainInput::Decision { decision, all_routers_frozen: true };
+        assert_eq!(d.handle(decide(Decision::Freeze(Epoch(1)))), vec![DrainOutput::Fence(Epoch(1))]);
+        assert_eq!(d.handle(decide(Decision::Abort(Epoch(1)))), vec![DrainOutput::Unfence]);
+        assert_eq!(d.handle(decide(Decision::Freeze(Epoch(2)))), vec![DrainOutput::Fence(Epoch(2))]);
+        // The first fence's result arrives late: it is not epoch 2's final position.
+        assert!(d.handle(DrainInput::Fenced { epoch: Epoch(1), final_position: Position(1) }).is_empty());
+        assert_eq!(d.accepting(), None, "still fencing for epoch 2");
+        let out = d.handle(DrainInput::Fenced { epoch: Epoch(2), final_position: Position(2) });
+        assert!(out.is_empty(), "applied 0 < 2: draining");
+        assert!(d.handle(DrainInput::Checksums { epoch: Epoch(1), matched: true }).is_empty(), "not comparing yet");
+        assert_eq!(
+            d.handle(DrainInput::Applied { position: Position(2) }),
+            vec![DrainOutput::CompareChecksums { epoch: Epoch(2), final_position: Position(2) }]
+        );
+    }
+
+    #[test]
     fn restart_on_a_fenced_store_takes_nothing_until_told() {
         let mut d = DrainCore::new(Position(5), true);
         assert_eq!(d.accepting(), None);
         let out = d.handle(DrainInput::Decision { decision: Decision::Freeze(Epoch(2)), all_routers_frozen: false });
-        assert_eq!(out, vec![DrainOutput::Fence]);
+        assert_eq!(out, vec![DrainOutput::Fence(Epoch(2))]);
         let mut d = DrainCore::new(Position(5), true);
         d.handle(DrainInput::Decision { decision: Decision::Commit(Epoch(2)), all_routers_frozen: false });
         assert_eq!(d.accepting(), Some(Universe::New));
