@@ -490,6 +490,7 @@ proptest! {
                 agent: agent_config("db-1", vec![Duty::Capture, Duty::Transform]),
                 mapping,
                 transform_interval_ms: 10,
+                transform_idle_ms: 30,
                 answers_max: 1_000,
                 change_log_applied_max: 5,
             };

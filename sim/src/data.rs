@@ -25,6 +25,9 @@ use std::sync::Weak;
 
 /// Pause between two transform steps.
 const TRANSFORM_INTERVAL_MS: u64 = 10;
+/// Pause between two reads of an idle change stream (every write passes through the data node
+/// in the simulator, which wakes the stream at once).
+const TRANSFORM_IDLE_MS: u64 = 50;
 /// Most request answers a data node remembers for idempotency.
 const ANSWERS_MAX: usize = 65_536;
 /// Small, so that pruning the change log happens within a seed.
@@ -233,6 +236,7 @@ impl World {
             agent: self.agent_config(&name, vec![Duty::Capture, Duty::Transform]),
             mapping: self.mapping.clone(),
             transform_interval_ms: TRANSFORM_INTERVAL_MS,
+            transform_idle_ms: TRANSFORM_IDLE_MS,
             answers_max: ANSWERS_MAX,
             change_log_applied_max: CHANGE_LOG_APPLIED_MAX,
         };

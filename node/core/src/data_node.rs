@@ -37,6 +37,9 @@ pub struct DataNodeConfig {
     pub mapping: Mapping,
     /// Pause between two transform steps (a rate limit on the copy and the stream).
     pub transform_interval_ms: u64,
+    /// Pause between two reads of the change stream while it is idle (the last read found
+    /// nothing and no write was seen through this node since).
+    pub transform_idle_ms: u64,
     /// Most request answers remembered for idempotency (oldest forgotten first).
     pub answers_max: usize,
     /// Most applied changes the old store's change log keeps before the core prunes them.
@@ -212,6 +215,10 @@ pub struct DataNodeCore {
     drain_work: VecDeque<DrainWork>,
     comparing: Option<Comparing>,
     next_step_ms: u64,
+    /// When the last transform step started.
+    last_step_ms: u64,
+    /// The last read of the change stream found nothing, and no write was seen since.
+    stream_idle: bool,
     /// The new store holds the whole copy (the last copy batch was applied).
     store_bulk_done: bool,
     captured: Position,
@@ -228,7 +235,12 @@ pub struct DataNodeCore {
 
 impl DataNodeCore {
     pub fn new(config: DataNodeConfig) -> Self {
-        assert!(config.answers_max > 0 && config.transform_interval_ms > 0, "data-node limits must be positive");
+        assert!(
+            config.answers_max > 0
+                && config.transform_interval_ms > 0
+                && config.transform_idle_ms >= config.transform_interval_ms,
+            "data-node limits must be positive, and the idle pace no faster than the busy one"
+        );
         DataNodeCore {
             agent: AgentCore::new(config.agent.clone()),
             transform: None,
@@ -240,6 +252,8 @@ impl DataNodeCore {
             drain_work: VecDeque::new(),
             comparing: None,
             next_step_ms: 0,
+            last_step_ms: 0,
+            stream_idle: false,
             store_bulk_done: false,
             captured: Position(0),
             pruned: Position(0),
@@ -310,6 +324,9 @@ impl DataNodeCore {
                     replies += duplicates;
                     if matches!(answer, StoreAnswer::Ok { .. }) {
                         out.push(DataOutput::Event(DataEvent::Admitted { key, universe }));
+                        if universe == Universe::Old {
+                            self.stream_wake();
+                        }
                     }
                     self.remember(key, answer.clone());
                 }
@@ -429,6 +446,7 @@ impl DataNodeCore {
             self.pruned = up_to;
             Some(StoreOp::Prune { up_to })
         } else if self.transform_wanted() && now_ms >= self.next_step_ms {
+            self.last_step_ms = now_ms;
             self.next_step_ms = now_ms + self.config.transform_interval_ms;
             let transform = self.transform.as_ref().expect("started");
             Some(match transform.next_work() {
@@ -442,6 +460,13 @@ impl DataNodeCore {
         if let Some(op) = op {
             self.pending = Some(Pending::of(&op));
             out.push(DataOutput::Store(op));
+        }
+    }
+
+    /// Something may have been captured: the stream is read again at the normal pace.
+    fn stream_wake(&mut self) {
+        if std::mem::take(&mut self.stream_idle) {
+            self.next_step_ms = self.next_step_ms.min(self.last_step_ms + self.config.transform_interval_ms);
         }
     }
 
@@ -470,6 +495,10 @@ impl DataNodeCore {
             }
             (Pending::ReadChanges, StoreResult::Changes { changes, last }) => {
                 self.captured = self.captured.max(last);
+                if changes.is_empty() && !self.stream_idle {
+                    self.stream_idle = true;
+                    self.next_step_ms = self.last_step_ms + self.config.transform_idle_ms;
+                }
                 (!changes.is_empty()).then(|| transform.apply_changes(&changes))
             }
             (Pending::Apply { copying, done, applied }, StoreResult::Applied) => {
@@ -483,6 +512,7 @@ impl DataNodeCore {
                 None
             }
             (Pending::Fence(epoch), StoreResult::Fenced { final_position }) => {
+                self.stream_wake();
                 out.push(DataOutput::Event(DataEvent::Fenced { final_position }));
                 let outs = self.drain_mut().handle(DrainInput::Fenced { epoch, final_position });
                 self.drain_outputs(now_ms, outs, out);

@@ -68,6 +68,7 @@ fn config(change_log_applied_max: u64) -> DataNodeConfig {
         },
         mapping: mapping(),
         transform_interval_ms: 5,
+        transform_idle_ms: 20,
         answers_max: 4,
         change_log_applied_max,
     }
