@@ -1,8 +1,8 @@
 //! The data-node actor: the data-node composition core behind a mailbox.
 
 use crate::io::{Clock, NodeDisk, Stores};
-use crate::{ready_now, Stop};
-use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, SpawnHandle, WrapFuture};
+use crate::{ready_now, Stop, Timer};
+use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, WrapFuture};
 use node_core::data_node::{DataInput, DataNodeCore, DataOutput};
 use node_core::duties::transform::Checkpoint;
 use node_core::{NodeRecord, RequestKey};
@@ -43,7 +43,7 @@ pub struct DataNodeActor<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock>
     clock: C,
     boot: Option<DataBoot>,
     requests: BTreeMap<(RequestKey, bool), VecDeque<S::Request>>,
-    timer: Option<(u64, SpawnHandle)>,
+    timer: Timer,
     /// Sees every input the core handles and its outputs (tests only; never set in production).
     tap: Option<crate::Tap<DataInput, DataOutput>>,
 }
@@ -58,7 +58,7 @@ impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> DataNodeActor<T, D,
             clock,
             boot: Some(boot),
             requests: BTreeMap::new(),
-            timer: None,
+            timer: Timer::default(),
             tap: None,
         }
     }
@@ -90,7 +90,7 @@ impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> DataNodeActor<T, D,
             !timer || next.is_none_or(|d| d > now_ms),
             "the core asks to be called again at {next:?}, now is {now_ms}"
         );
-        self.rearm(ctx, now_ms, next);
+        self.timer.rearm(ctx, now_ms, next, |act| &mut act.timer, |act, ctx| act.feed(ctx, DataInput::Timer));
     }
 
     /// Performs one output; returns the input it answers with if it completed at once.
@@ -150,22 +150,6 @@ impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> DataNodeActor<T, D,
             DataOutput::Event(event) => self.stores.event(event),
         }
         None
-    }
-
-    fn rearm(&mut self, ctx: &mut Context<Self>, now_ms: u64, next: Option<u64>) {
-        if self.timer.as_ref().map(|(at, _)| *at) == next {
-            return;
-        }
-        if let Some((_, handle)) = self.timer.take() {
-            ctx.cancel_future(handle);
-        }
-        if let Some(at) = next {
-            let handle = ctx.run_later(Duration::from_millis(at.saturating_sub(now_ms)), |act, ctx| {
-                act.timer = None;
-                act.feed(ctx, DataInput::Timer);
-            });
-            self.timer = Some((at, handle));
-        }
     }
 }
 

@@ -1,8 +1,8 @@
 //! The ingress actor: the ingress composition core behind a mailbox.
 
 use crate::io::{Clock, Ingress, NodeDisk};
-use crate::{ready_now, Stop};
-use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, SpawnHandle, WrapFuture};
+use crate::{ready_now, Stop, Timer};
+use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, WrapFuture};
 use node_core::ingress::{IngressCore, IngressInput, IngressOutput, RequestId};
 use node_core::NodeRecord;
 use protocol::messages::{Request, Response};
@@ -31,7 +31,7 @@ pub struct IngressActor<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock>
     boot: Option<NodeRecord>,
     requests: BTreeMap<RequestId, I::Request>,
     next_id: RequestId,
-    timer: Option<(u64, SpawnHandle)>,
+    timer: Timer,
     /// Sees every input the core handles and its outputs (tests only; never set in production).
     tap: Option<crate::Tap<IngressInput, IngressOutput>>,
 }
@@ -48,7 +48,7 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
             boot: Some(record),
             requests: BTreeMap::new(),
             next_id: 1,
-            timer: None,
+            timer: Timer::default(),
             tap: None,
         }
     }
@@ -81,7 +81,7 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
             !timer || next.is_none_or(|d| d > now_ms),
             "the core asks to be called again at {next:?}, now is {now_ms}"
         );
-        self.rearm(ctx, now_ms, next);
+        self.timer.rearm(ctx, now_ms, next, |act| &mut act.timer, |act, ctx| act.feed(ctx, IngressInput::Timer));
     }
 
     /// Performs one output; returns the input it answers with if it completed at once.
@@ -134,22 +134,6 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
             IngressOutput::Event(event) => self.io.event(event),
         }
         None
-    }
-
-    fn rearm(&mut self, ctx: &mut Context<Self>, now_ms: u64, next: Option<u64>) {
-        if self.timer.as_ref().map(|(at, _)| *at) == next {
-            return;
-        }
-        if let Some((_, handle)) = self.timer.take() {
-            ctx.cancel_future(handle);
-        }
-        if let Some(at) = next {
-            let handle = ctx.run_later(Duration::from_millis(at.saturating_sub(now_ms)), |act, ctx| {
-                act.timer = None;
-                act.feed(ctx, IngressInput::Timer);
-            });
-            self.timer = Some((at, handle));
-        }
     }
 }
 

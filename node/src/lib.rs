@@ -44,6 +44,39 @@ pub(crate) fn ready_now<F: std::future::Future>(future: &mut std::pin::Pin<Box<F
     }
 }
 
+/// An actor's one timer, armed at its core's next deadline.
+#[derive(Default)]
+pub(crate) struct Timer(Option<(u64, actix::SpawnHandle)>);
+
+impl Timer {
+    /// Arms for `next` (cancelling a timer armed for another deadline). When it fires, it is
+    /// cleared (`timer_of` finds it in the actor) and `fire` runs.
+    pub(crate) fn rearm<A: Actor<Context = Context<A>>>(
+        &mut self,
+        ctx: &mut Context<A>,
+        now_ms: u64,
+        next: Option<u64>,
+        timer_of: fn(&mut A) -> &mut Timer,
+        fire: fn(&mut A, &mut Context<A>),
+    ) {
+        use actix::AsyncContext;
+        if self.0.as_ref().map(|(at, _)| *at) == next {
+            return;
+        }
+        if let Some((_, handle)) = self.0.take() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(at) = next {
+            let delay = std::time::Duration::from_millis(at.saturating_sub(now_ms));
+            let handle = ctx.run_later(delay, move |act, ctx| {
+                timer_of(act).0 = None;
+                fire(act, ctx);
+            });
+            self.0 = Some((at, handle));
+        }
+    }
+}
+
 /// A message that stops an actor (a graceful stop: messages already queued are not handled).
 #[derive(Debug, Clone, Copy)]
 pub struct Stop;

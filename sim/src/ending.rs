@@ -1,7 +1,7 @@
 //! How a seed ends: whether the cluster has settled, and the checks made at the very end.
 
+use crate::checkers::lost_writes::{self, UserSeen};
 use crate::checkers::Violation;
-use crate::oracle::ClientOutcome;
 use crate::world::*;
 use node_core::duties::router::Mode;
 use node_core::store::NewStore;
@@ -49,38 +49,23 @@ impl World {
             }
         }
         let shards = self.config.data_nodes as i64;
-        let mut lost = Vec::new();
-        let mut phantom = Vec::new();
-        for (id, outcome) in &self.oracle.registrations {
+        let text = |row: Option<&protocol::schema::Row>, column: &str| match row.and_then(|r| r.get(column)) {
+            Some(Value::Text(t)) => Some(t.clone()),
+            _ => None,
+        };
+        let seen = |id: i64| {
             let d = &self.data[id.rem_euclid(shards) as usize];
-            let in_old = d.old.get("users", *id).is_some();
-            let in_new = d.new.get("users", *id).is_some() && d.new.get("user_profiles", *id).is_some();
-            let present = if universe == Universe::New { in_new } else { in_old };
-            match outcome {
-                ClientOutcome::Acked if !present => lost.push(*id),
-                ClientOutcome::Failed if in_old || d.new.get("users", *id).is_some() => phantom.push(*id),
-                _ => {}
+            let profile = d.new.get("user_profiles", id);
+            UserSeen {
+                in_old: d.old.get("users", id).is_some(),
+                in_new: d.new.get("users", id).is_some(),
+                complete_in_new: d.new.get("users", id).is_some() && profile.is_some(),
+                bio: if universe == Universe::New { text(profile, "bio") } else { text(d.old.get("users", id), "bio") },
             }
-        }
-        if !lost.is_empty() {
-            self.checker.violation(now, Violation::LostWrites { universe, users: lost });
-        }
-        if !phantom.is_empty() {
-            let what = format!("registrations reported failed are present: {:?}", &phantom[..phantom.len().min(10)]);
-            self.checker.violation(now, Violation::PhantomWrite { what });
-        }
-        for (id, updates) in &self.oracle.bio_updates {
-            let d = &self.data[id.rem_euclid(shards) as usize];
-            let bio = if universe == Universe::New {
-                d.new.get("user_profiles", *id).and_then(|r| r.get("bio").cloned())
-            } else {
-                d.old.get("users", *id).and_then(|r| r.get("bio").cloned())
-            };
-            let Some(Value::Text(bio)) = bio else { continue };
-            if updates.iter().any(|(b, o)| *b == bio && *o == ClientOutcome::Failed) {
-                let what = format!("user {id} has bio {bio} from an update reported failed");
-                self.checker.violation(now, Violation::PhantomWrite { what });
-            }
+        };
+        let found = lost_writes::check(&self.oracle, universe, seen);
+        for v in found {
+            self.checker.violation(now, v);
         }
         if universe == Universe::New {
             for d in &self.data {

@@ -21,7 +21,7 @@ use crate::duties::drain::{DrainCore, DrainInput, DrainOutput};
 use crate::duties::transform::{Batch, Checkpoint, CopyState, TransformCore, TransformError, Work};
 use crate::duties::validate::row_hash;
 use crate::store::{Chunk, RowCursor, SnapshotId};
-use crate::{NodeRecord, RequestKey, StoreAnswer};
+use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{Ack, NodeReport, NodeRequest, NodeResponse};
 use protocol::schema::{Mapping, RowOp};
 use protocol::{Decision, Epoch, Position, ReplicaId, Universe};
@@ -207,8 +207,7 @@ pub struct DataNodeCore {
     agent: AgentCore,
     transform: Option<TransformCore>,
     drain: Option<DrainCore>,
-    record: NodeRecord,
-    started: bool,
+    durable: Durable,
     last_now_ms: u64,
     /// The outstanding store operation.
     pending: Option<Pending>,
@@ -245,8 +244,7 @@ impl DataNodeCore {
             agent: AgentCore::new(config.agent.clone()),
             transform: None,
             drain: None,
-            record: NodeRecord::default(),
-            started: false,
+            durable: Durable::default(),
             last_now_ms: 0,
             pending: None,
             drain_work: VecDeque::new(),
@@ -291,7 +289,7 @@ impl DataNodeCore {
     }
 
     fn transform_wanted(&self) -> bool {
-        self.started
+        self.durable.started()
             && !matches!(self.agent.persisted(), Decision::Commit(_))
             && self.agent.last_view().is_some_and(|v| v.known)
     }
@@ -302,15 +300,15 @@ impl DataNodeCore {
         let mut out = Vec::new();
         match input {
             DataInput::Boot { record, checkpoint, old_fenced } => {
-                assert!(!self.started && self.transform.is_none(), "booted twice");
-                self.record = NodeRecord { boots: record.boots + 1, ..record };
+                assert!(self.transform.is_none(), "booted twice");
+                let booted = self.durable.boot(record);
                 let transform = TransformCore::new(self.config.mapping.clone(), checkpoint.clone());
                 #[cfg(feature = "planted-bugs")]
                 let transform = if record.boots > 0 { transform.with_bug(self.bug) } else { transform };
                 self.transform = Some(transform);
                 self.store_bulk_done = checkpoint.copy == CopyState::Done;
                 self.drain = Some(DrainCore::new(checkpoint.applied, old_fenced));
-                out.push(DataOutput::Persist(self.record));
+                out.push(DataOutput::Persist(booted));
             }
             DataInput::Request { key, universe, mirror, read_only } => {
                 self.request(key, universe, mirror, read_only, &mut out)
@@ -339,16 +337,9 @@ impl DataNodeCore {
                 self.agent_outputs(now_ms, outs, &mut out);
             }
             DataInput::Persisted(record) => {
-                assert_eq!(record.boots, self.record.boots, "persisted a record that was not asked for");
-                if !self.started {
-                    assert_eq!(record, self.record, "persisted a record that was not asked for");
-                    self.started = true;
-                    let outs = self.agent.handle(now_ms, AgentInput::Boot { persisted: record.decision });
-                    self.agent_outputs(now_ms, outs, &mut out);
-                } else {
-                    let outs = self.agent.handle(now_ms, AgentInput::Persisted(record.decision));
-                    self.agent_outputs(now_ms, outs, &mut out);
-                }
+                let input = self.durable.persisted(record);
+                let outs = self.agent.handle(now_ms, input);
+                self.agent_outputs(now_ms, outs, &mut out);
             }
             DataInput::Store(result) => self.store_result(now_ms, result, &mut out),
             DataInput::Timer => {
@@ -423,7 +414,7 @@ impl DataNodeCore {
     /// Starts the next store operation, if none is outstanding: the drain's work first, then a
     /// transform step when it is due.
     fn pump(&mut self, now_ms: u64, out: &mut Vec<DataOutput>) {
-        if self.pending.is_some() || !self.started {
+        if self.pending.is_some() || !self.durable.started() {
             return;
         }
         let op = if let Some(c) = &self.comparing {
@@ -610,8 +601,8 @@ impl DataNodeCore {
                     out.push(DataOutput::Send { id, replica, request, deadline_ms });
                 }
                 AgentOutput::Persist(decision) => {
-                    self.record.decision = decision;
-                    out.push(DataOutput::Persist(self.record));
+                    let record = self.durable.decide(decision);
+                    out.push(DataOutput::Persist(record));
                 }
                 AgentOutput::Act(decision) => {
                     out.push(DataOutput::Event(DataEvent::Acted(decision)));

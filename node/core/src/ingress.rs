@@ -17,7 +17,7 @@ use crate::agent::{AgentConfig, AgentCore, AgentInput, AgentOutput};
 use crate::duties::router::{FailReason, HoldCause, RouterConfig, RouterCore, RouterInput, RouterOutput};
 use crate::duties::validate::Fnv;
 use crate::duties::validate::{Observed, ValidateCore, Verdict};
-use crate::{NodeRecord, RequestKey, StoreAnswer};
+use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{NodeReport, NodeRequest, NodeResponse, Phase};
 use protocol::{Decision, ReplicaId, Universe};
 use std::collections::BTreeMap;
@@ -123,10 +123,8 @@ pub struct IngressCore {
     router: RouterCore,
     validate: ValidateCore,
     requests: BTreeMap<RequestId, Tracked>,
-    /// The disk record (as last persisted, or being persisted).
-    record: NodeRecord,
-    /// Booted and the boot count persisted: the agent runs.
-    started: bool,
+    /// The node's record (as last persisted, or being persisted).
+    durable: Durable,
     last_now_ms: u64,
     phase: Option<Phase>,
     /// This node's part of every request key (a hash of its name).
@@ -141,8 +139,7 @@ impl IngressCore {
             router: RouterCore::new(config.router.clone()),
             validate: ValidateCore { ignore_fields: config.ignore_fields.clone(), ..Default::default() },
             requests: BTreeMap::new(),
-            record: NodeRecord::default(),
-            started: false,
+            durable: Durable::default(),
             last_now_ms: 0,
             phase: None,
             origin: {
@@ -185,10 +182,8 @@ impl IngressCore {
         let mut out = Vec::new();
         match input {
             IngressInput::Boot { record } => {
-                assert!(!self.started, "booted twice");
                 // The boot count is persisted before any request id of this boot is used.
-                self.record = NodeRecord { boots: record.boots + 1, ..record };
-                out.push(IngressOutput::Persist(self.record));
+                out.push(IngressOutput::Persist(self.durable.boot(record)));
             }
             IngressInput::Request { id, read_only } => self.request(now_ms, id, read_only, &mut out),
             IngressInput::Answered { id, universe, answer } => self.answered(now_ms, id, universe, answer, &mut out),
@@ -207,16 +202,9 @@ impl IngressCore {
                 self.agent_outputs(now_ms, outs, &mut out);
             }
             IngressInput::Persisted(record) => {
-                assert_eq!(record.boots, self.record.boots, "persisted a record that was not asked for");
-                if !self.started {
-                    assert_eq!(record, self.record, "persisted a record that was not asked for");
-                    self.started = true;
-                    let outs = self.agent.handle(now_ms, AgentInput::Boot { persisted: record.decision });
-                    self.agent_outputs(now_ms, outs, &mut out);
-                } else {
-                    let outs = self.agent.handle(now_ms, AgentInput::Persisted(record.decision));
-                    self.agent_outputs(now_ms, outs, &mut out);
-                }
+                let input = self.durable.persisted(record);
+                let outs = self.agent.handle(now_ms, input);
+                self.agent_outputs(now_ms, outs, &mut out);
             }
             IngressInput::Timer => {
                 let outs = self.agent.handle(now_ms, AgentInput::Timer);
@@ -230,7 +218,7 @@ impl IngressCore {
 
     fn key(&self, id: RequestId) -> RequestKey {
         assert!(id < REQUESTS_PER_BOOT_MAX, "request id {id} beyond the per-boot limit");
-        RequestKey { origin: self.origin, id: (self.record.boots << 40) | id }
+        RequestKey { origin: self.origin, id: (self.durable.boots() << 40) | id }
     }
 
     fn request(&mut self, now_ms: u64, id: RequestId, read_only: bool, out: &mut Vec<IngressOutput>) {
@@ -341,8 +329,8 @@ impl IngressCore {
                     out.push(IngressOutput::Send { id, replica, request, deadline_ms });
                 }
                 AgentOutput::Persist(decision) => {
-                    self.record.decision = decision;
-                    out.push(IngressOutput::Persist(self.record));
+                    let record = self.durable.decide(decision);
+                    out.push(IngressOutput::Persist(record));
                 }
                 AgentOutput::Act(decision) => {
                     out.push(IngressOutput::Event(IngressEvent::Acted(decision)));

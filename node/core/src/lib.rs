@@ -31,6 +31,49 @@ pub struct NodeRecord {
     pub boots: u64,
 }
 
+/// A core's view of its node's record: what it last asked to persist, and whether the boot
+/// record (with the new boot count) is durable yet. Both composition cores keep one.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Durable {
+    record: NodeRecord,
+    started: bool,
+}
+
+impl Durable {
+    /// Booting from the record found on disk: the same record with one more boot, to persist
+    /// before anything else.
+    pub(crate) fn boot(&mut self, found: NodeRecord) -> NodeRecord {
+        assert!(!self.started, "booted twice");
+        self.record = NodeRecord { boots: found.boots + 1, ..found };
+        self.record
+    }
+
+    /// A decision to persist: the record to write.
+    pub(crate) fn decide(&mut self, decision: Decision) -> NodeRecord {
+        self.record.decision = decision;
+        self.record
+    }
+
+    /// `record` is durable: what the agent is told (its boot, or the persisted decision).
+    pub(crate) fn persisted(&mut self, record: NodeRecord) -> agent::AgentInput {
+        assert_eq!(record.boots, self.record.boots, "persisted a record that was not asked for");
+        if self.started {
+            return agent::AgentInput::Persisted(record.decision);
+        }
+        assert_eq!(record, self.record, "persisted a record that was not asked for");
+        self.started = true;
+        agent::AgentInput::Boot { persisted: record.decision }
+    }
+
+    pub(crate) fn started(&self) -> bool {
+        self.started
+    }
+
+    pub(crate) fn boots(&self) -> u64 {
+        self.record.boots
+    }
+}
+
 /// A client request's idempotency key at the data tier: the ingress node it came through (a
 /// hash of its name) and its id there (which carries the node's boot count).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -9,14 +9,15 @@
 //! - [`durability`]: what a node persists never goes backwards.
 //! - [`bounded_hold`]: no request is held longer than `hold_ms_max`.
 //! - [`fidelity`]: every transform batch matches the old rows as of its checkpoint position.
+//! - [`lost_writes`]: at the end, acknowledged writes are present and failed ones absent.
 //!
-//! The end-of-run checks (no lost or phantom writes, exactly once, liveness, outcomes kept) are
-//! in `ending.rs`; they read the final state of the world.
+//! The other end-of-run checks (exactly once, liveness, outcomes kept) are in `ending.rs`.
 
 pub mod agreement;
 pub mod bounded_hold;
 pub mod durability;
 pub mod fidelity;
+pub mod lost_writes;
 pub mod single_universe;
 
 use protocol::messages::{GateBlocker, Phase};
