@@ -188,7 +188,8 @@ impl Replica {
         let mut metrics = self.raft.metrics();
         loop {
             let now_ms = (self.clock)();
-            let (command, deadline_ms) = if self.is_leader() {
+            let leading = metrics.borrow().current_leader == Some(self.id);
+            let (command, deadline_ms) = if leading {
                 self.read(|state| (next_command(state, now_ms), next_deadline_ms(state, now_ms)))
             } else {
                 (None, None)

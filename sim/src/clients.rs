@@ -87,7 +87,7 @@ pub(crate) async fn request_switch(shared: &Shared) {
 }
 
 pub(crate) async fn operator_call(shared: &Shared, to: u64, request: Request) -> Option<Response> {
-    let transport = SimTransport { world: Arc::downgrade(shared), me: ProcId::Operator.addr() };
+    let transport = SimTransport { world: Arc::downgrade(shared), me: ProcId::Operator.addr(), detach: false };
     coordinator::raft::Transport::call(&transport, to, request, Duration::from_millis(3_000)).await.ok()
 }
 

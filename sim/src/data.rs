@@ -246,7 +246,7 @@ impl World {
         let actor = DataActor::new(
             core,
             boot,
-            SimTransport { world: world.clone(), me: addr },
+            SimTransport { world: world.clone(), me: addr, detach: true },
             SimDisk { world: world.clone(), node: ProcId::Data(i), incarnation },
             SimStores { world, index: i, incarnation },
             sim_clock(self),
@@ -265,7 +265,7 @@ fn execute_old(store: &mut MemStore, op: &AppOp, history: &mut History) -> DataR
         Ok(ops) => {
             for row_op in ops {
                 match store.write_captured(row_op.clone()) {
-                    Ok(position) => history.record(position, &row_op),
+                    Ok(position) => history.record(position, row_op),
                     Err(e) => return StoreAnswer::Rejected { reason: e.to_string() },
                 }
             }

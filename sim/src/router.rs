@@ -10,7 +10,7 @@ use crate::node_io::{sim_clock, SimClock, SimDisk};
 use crate::oracle::ClientOutcome;
 use crate::procs::{RouterObserved, SimClient};
 use crate::wire::{DataRequest, DataResponse};
-use crate::world::{await_reply, with, SimTransport, World};
+use crate::world::{await_reply, detached, with, SimTransport, World};
 use node::ingress::{ClientRequest, IngressActor};
 use node::io::Ingress;
 use node_core::duties::router::{HoldCause, RouterConfig};
@@ -69,11 +69,11 @@ impl Ingress for SimIngress {
             let bytes = codec::encode_frame(&wire).expect("data requests encode");
             (w.send_request(addr, ProcId::Data(shard as usize).addr(), bytes), w.data_timeout_ms)
         });
-        async move {
+        detached(async move {
             let (rx, timeout_ms) = sent?;
             let bytes = await_reply(rx, Duration::from_millis(timeout_ms)).await?;
             codec::decode_frame::<DataResponse>(&bytes).ok().flatten().map(|(r, _)| r)
-        }
+        })
     }
 
     fn reply(&self, request: SimClient, reply: ClientReply) {
@@ -213,7 +213,7 @@ impl World {
         let actor = RouterActor::new(
             core,
             record,
-            SimTransport { world: world.clone(), me: addr },
+            SimTransport { world: world.clone(), me: addr, detach: true },
             SimDisk { world: world.clone(), node: ProcId::Router(i), incarnation },
             SimIngress { world, index: i, incarnation, observed: std::cell::Cell::new(None) },
             sim_clock(self),

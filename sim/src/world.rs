@@ -315,6 +315,9 @@ impl World {
 
     /// Notes when a freeze and a commit are first seen applied (for the switch-time figure).
     pub fn observe_phases(&mut self) {
+        if self.stats.first_freeze_us.is_some() && self.stats.switched_us.is_some() {
+            return;
+        }
         let now = self.now_us();
         for r in &self.replicas {
             let (freezing, committed) = read_applied(&r.disk, |a| {
@@ -380,6 +383,19 @@ fn carries_commit(bytes: &[u8]) -> bool {
 pub struct SimTransport {
     pub world: Weak<Mutex<World>>,
     pub me: Addr,
+    /// Wait for answers in a task of their own (for actors: see [`detached`]).
+    pub detach: bool,
+}
+
+/// Runs `wait` in a task of its own and returns a future of its output that is cheap to poll.
+/// An actor polls every pending future of its own each time it wakes; a future with a timer
+/// inside re-registers that timer at every poll, so actors wait on a channel instead.
+pub fn detached<T: Send + 'static>(wait: impl Future<Output = T> + Send + 'static) -> impl Future<Output = T> {
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let _ = tx.send(wait.await);
+    });
+    async move { rx.await.expect("the waiting task ends only by answering") }
 }
 
 impl Transport for SimTransport {
@@ -394,7 +410,7 @@ impl Transport for SimTransport {
             let shared = self.world.upgrade().ok_or_else(|| TransportError::Unreachable("world ended".into()))?;
             Ok(with(&shared, |w| w.send_request(self.me, to, bytes)))
         });
-        async move {
+        let wait = async move {
             match await_reply(sent?, timeout).await {
                 Some(bytes) => match codec::decode_frame::<Response>(&bytes) {
                     Ok(Some((response, _))) => Ok(response),
@@ -402,6 +418,14 @@ impl Transport for SimTransport {
                     Err(e) => Err(TransportError::Codec(e.to_string())),
                 },
                 None => Err(TransportError::Timeout(timeout)),
+            }
+        };
+        let detach = self.detach;
+        async move {
+            if detach {
+                detached(wait).await
+            } else {
+                wait.await
             }
         }
     }
@@ -421,7 +445,7 @@ pub async fn start_replica(shared: &Shared, index: usize) {
         let ms = virtual_now().duration_since(start).as_millis() as i64 + skew.load(Ordering::Relaxed);
         ms.max(0) as u64
     });
-    let transport = SimTransport { world: Arc::downgrade(shared), me: addr };
+    let transport = SimTransport { world: Arc::downgrade(shared), me: addr, detach: false };
     let replica = match Replica::start(addr, &members, disk, transport, timing, clock, false).await {
         Ok(r) => r,
         Err(e) => {

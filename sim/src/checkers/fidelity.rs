@@ -14,10 +14,10 @@ use std::collections::BTreeMap;
 /// The versions of one row: (position that wrote it, the row or `None` when deleted).
 type Versions = Vec<(Position, Option<Row>)>;
 
-/// Every version of the old rows of one shard, by (table, key).
+/// Every version of the old rows of one shard, by table and key.
 #[derive(Debug, Default)]
 pub struct History {
-    versions: BTreeMap<(String, i64), Versions>,
+    versions: BTreeMap<String, BTreeMap<i64, Versions>>,
 }
 
 impl History {
@@ -26,26 +26,26 @@ impl History {
         let mut h = History::default();
         for (table, rows) in tables {
             for (key, row) in rows {
-                h.versions.insert((table.clone(), *key), vec![(Position(0), Some(row.clone()))]);
+                h.versions.entry(table.clone()).or_default().insert(*key, vec![(Position(0), Some(row.clone()))]);
             }
         }
         h
     }
 
     /// A captured change at `position`.
-    pub fn record(&mut self, position: Position, op: &RowOp) {
+    pub fn record(&mut self, position: Position, op: RowOp) {
         let (table, key, row) = match op {
-            RowOp::Upsert { table, key, row } => (table, *key, Some(row.clone())),
-            RowOp::Delete { table, key } => (table, *key, None),
+            RowOp::Upsert { table, key, row } => (table, key, Some(row)),
+            RowOp::Delete { table, key } => (table, key, None),
         };
-        let versions = self.versions.entry((table.clone(), key)).or_default();
+        let versions = self.versions.entry(table).or_default().entry(key).or_default();
         assert!(versions.last().is_none_or(|(p, _)| *p < position), "positions grow");
         versions.push((position, row));
     }
 
     /// The old row as of `position` (`None`: absent then).
     pub fn at(&self, table: &str, key: i64, position: Position) -> Option<&Row> {
-        let versions = self.versions.get(&(table.to_string(), key))?;
+        let versions = self.versions.get(table)?.get(&key)?;
         let i = versions.partition_point(|(p, _)| *p <= position);
         versions[..i].last().and_then(|(_, row)| row.as_ref())
     }
@@ -117,9 +117,9 @@ mod tests {
     #[test]
     fn versions_are_found_by_position() {
         let mut h = History::default();
-        h.record(Position(2), &RowOp::Upsert { table: "t".into(), key: 1, row: row(2) });
-        h.record(Position(5), &RowOp::Delete { table: "t".into(), key: 1 });
-        h.record(Position(7), &RowOp::Upsert { table: "t".into(), key: 1, row: row(7) });
+        h.record(Position(2), RowOp::Upsert { table: "t".into(), key: 1, row: row(2) });
+        h.record(Position(5), RowOp::Delete { table: "t".into(), key: 1 });
+        h.record(Position(7), RowOp::Upsert { table: "t".into(), key: 1, row: row(7) });
         assert_eq!(h.at("t", 1, Position(1)), None);
         assert_eq!(h.at("t", 1, Position(4)), Some(&row(2)));
         assert_eq!(h.at("t", 1, Position(5)), None);
