@@ -1,7 +1,7 @@
 //! How a seed ends: whether the cluster has settled, and the checks made at the very end.
 
 use crate::checkers::lost_writes::{self, UserSeen};
-use crate::checkers::Violation;
+use crate::checkers::{durability, exactly_once, liveness};
 use crate::world::*;
 use node_core::duties::router::Mode;
 use node_core::store::NewStore;
@@ -27,26 +27,18 @@ impl World {
     pub(crate) fn final_checks(&mut self) {
         let now = self.now_us();
         let state = self.freshest_state();
-        let Some(upgrade) = state.current.clone() else {
-            self.checker.violation(now, Violation::NeverStarted);
-            return;
-        };
-        let universe = match upgrade.phase {
-            Phase::Done => Universe::New,
-            Phase::RolledBack => Universe::Old,
-            phase => {
+        let universe = match liveness::ended(&state) {
+            Ok(universe) => universe,
+            Err(violation) => {
+                // An upgrade that did not end was already reported by the run loop, if it could.
                 if self.checker.violations.is_empty() {
-                    self.checker.violation(now, Violation::EndedInPhase { phase });
+                    self.checker.violation(now, violation);
                 }
                 return;
             }
         };
-        // Durability: every outcome seen applied anywhere is in the final state.
-        for (epoch, committed) in self.checker.agreement.seen_outcomes.clone() {
-            let kept = state.outcomes.get(&epoch).map(|o| *o == coordinator::upgrade::Outcome::Committed);
-            if kept != Some(committed) {
-                self.checker.violation(now, Violation::OutcomeLost { epoch, committed, kept });
-            }
+        for found in durability::outcomes_kept(&self.checker.agreement.seen_outcomes, &state.outcomes) {
+            self.checker.violation(now, found);
         }
         let shards = self.config.data_nodes as i64;
         let text = |row: Option<&protocol::schema::Row>, column: &str| match row.and_then(|r| r.get(column)) {
@@ -69,11 +61,8 @@ impl World {
         }
         if universe == Universe::New {
             for d in &self.data {
-                let (captured, applied) = (d.old.captured(), d.new.checkpoint().applied);
-                if captured != applied {
-                    let found = Violation::NotExactlyOnce { node: d.name.clone(), captured, applied };
-                    self.checker.violation(now, found);
-                }
+                let found = exactly_once::check(&d.name, d.old.captured(), d.new.checkpoint().applied);
+                self.checker.found(now, found);
             }
         }
     }

@@ -1,8 +1,9 @@
-//! Durability: what a node persists never goes backwards, across its restarts too. (That every
-//! outcome seen applied survives to the final state is checked at the end of the run.)
+//! Durability: what a node persists never goes backwards, across its restarts too; every
+//! outcome seen applied on any replica is in the final state.
 
 use super::Violation;
-use protocol::Decision;
+use coordinator::upgrade::Outcome;
+use protocol::{Decision, Epoch};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Default)]
@@ -22,6 +23,16 @@ impl Durability {
     }
 }
 
+/// Every outcome seen applied (`seen`: committed or not) is kept in `outcomes`.
+pub fn outcomes_kept(seen: &BTreeMap<Epoch, bool>, outcomes: &BTreeMap<Epoch, Outcome>) -> Vec<Violation> {
+    seen.iter()
+        .filter_map(|(epoch, committed)| {
+            let kept = outcomes.get(epoch).map(|o| *o == Outcome::Committed);
+            (kept != Some(*committed)).then_some(Violation::OutcomeLost { epoch: *epoch, committed: *committed, kept })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -33,5 +44,15 @@ mod tests {
         assert_eq!(d.persisted("r1", Decision::Commit(Epoch(1))), None);
         assert!(matches!(d.persisted("r1", Decision::Freeze(Epoch(1))), Some(Violation::EpochWentBackwards { .. })));
         assert_eq!(d.persisted("r2", Decision::Freeze(Epoch(1))), None, "per node");
+    }
+
+    #[test]
+    fn an_outcome_seen_must_be_kept() {
+        let seen = BTreeMap::from([(Epoch(1), false), (Epoch(2), true)]);
+        let kept =
+            BTreeMap::from([(Epoch(1), Outcome::Aborted { reason: "x".into() }), (Epoch(2), Outcome::Committed)]);
+        assert!(outcomes_kept(&seen, &kept).is_empty());
+        let lost = BTreeMap::from([(Epoch(1), Outcome::Aborted { reason: "x".into() })]);
+        assert!(matches!(&outcomes_kept(&seen, &lost)[..], [Violation::OutcomeLost { kept: None, .. }]));
     }
 }

@@ -6,17 +6,21 @@
 //! - [`agreement`]: no two nodes act on different outcomes of an epoch; none acts on an
 //!   uncommitted decision; replicas agree on every outcome.
 //! - [`single_universe`]: no request reaches the old universe after one reached the new one.
-//! - [`durability`]: what a node persists never goes backwards.
+//! - [`durability`]: what a node persists never goes backwards; outcomes seen are kept.
 //! - [`bounded_hold`]: no request is held longer than `hold_ms_max`.
 //! - [`fidelity`]: every transform batch matches the old rows as of its checkpoint position.
 //! - [`lost_writes`]: at the end, acknowledged writes are present and failed ones absent.
+//! - [`exactly_once`]: at the end, everything captured was applied.
+//! - [`liveness`]: the upgrade ends.
 //!
-//! The other end-of-run checks (exactly once, liveness, outcomes kept) are in `ending.rs`.
+//! `ending.rs` runs the end-of-run checks on the world's final state.
 
 pub mod agreement;
 pub mod bounded_hold;
 pub mod durability;
+pub mod exactly_once;
 pub mod fidelity;
+pub mod liveness;
 pub mod lost_writes;
 pub mod single_universe;
 
