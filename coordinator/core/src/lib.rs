@@ -351,47 +351,30 @@ impl UpgradeState {
             if epoch != u.epoch {
                 return reject(RejectKind::WrongEpoch, format!("ack for {epoch} but the current epoch is {}", u.epoch));
             }
-            let duties = &u.plan.node(node).expect("checked").duties;
-            match ack {
-                Ack::Frozen => {
-                    if u.phase != Phase::Freezing {
-                        return reject(
-                            RejectKind::WrongPhase,
-                            format!("Frozen ack needs phase Freezing, the upgrade is {:?}", u.phase),
-                        );
-                    }
-                    if !duties.contains(&Duty::Route) {
-                        return reject(RejectKind::WrongDuties, format!("`{node}` has no route duty"));
-                    }
-                    state.frozen = Some(epoch);
+            // Which phase and which duty each ack needs.
+            let (name, phase_ok, phase_needed, duty) = match ack {
+                Ack::Frozen => ("Frozen", u.phase == Phase::Freezing, "Freezing", Duty::Route),
+                Ack::Drained { .. } => ("Drained", u.phase == Phase::Freezing, "Freezing", Duty::Transform),
+                Ack::Switched => {
+                    ("Switched", matches!(u.phase, Phase::Switched | Phase::Done), "Switched", Duty::Route)
                 }
+            };
+            if !phase_ok {
+                let detail = format!("{name} ack needs phase {phase_needed}, the upgrade is {:?}", u.phase);
+                return reject(RejectKind::WrongPhase, detail);
+            }
+            if !u.plan.node(node).expect("checked by with_node").duties.contains(&duty) {
+                return reject(RejectKind::WrongDuties, format!("`{node}` has no {duty:?} duty"));
+            }
+            match ack {
+                Ack::Frozen => state.frozen = Some(epoch),
                 Ack::Drained { final_position, checksum_match } => {
-                    if u.phase != Phase::Freezing {
-                        return reject(
-                            RejectKind::WrongPhase,
-                            format!("Drained ack needs phase Freezing, the upgrade is {:?}", u.phase),
-                        );
-                    }
-                    if !duties.contains(&Duty::Transform) {
-                        return reject(RejectKind::WrongDuties, format!("`{node}` has no transform duty"));
-                    }
                     if !u.all_routers_frozen() {
                         return reject(RejectKind::RoutersNotFrozen, "Drained ack before every router is frozen");
                     }
                     state.drained = Some((epoch, *final_position, *checksum_match));
                 }
-                Ack::Switched => {
-                    if !matches!(u.phase, Phase::Switched | Phase::Done) {
-                        return reject(
-                            RejectKind::WrongPhase,
-                            format!("Switched ack needs phase Switched, the upgrade is {:?}", u.phase),
-                        );
-                    }
-                    if !duties.contains(&Duty::Route) {
-                        return reject(RejectKind::WrongDuties, format!("`{node}` has no route duty"));
-                    }
-                    state.switched = Some(epoch);
-                }
+                Ack::Switched => state.switched = Some(epoch),
             }
             Applied::Accepted
         })

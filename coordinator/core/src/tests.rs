@@ -148,6 +148,20 @@ fn commit_without_every_ack_is_rejected_even_when_a_leader_proposes_it() {
 }
 
 #[test]
+fn an_ack_needs_its_phase_and_its_duty() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    let reason = rejected(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: Ack::Frozen });
+    assert_eq!(reason.kind, RejectKind::WrongDuties, "{reason}");
+    let reason = rejected(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Switched });
+    assert_eq!(reason.kind, RejectKind::WrongPhase, "{reason}");
+    assert!(reason.detail.contains("Switched ack needs phase Switched"), "{reason}");
+    let drained = Ack::Drained { final_position: Position(1), checksum_match: true };
+    let reason = rejected(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: drained });
+    assert_eq!(reason.kind, RejectKind::WrongDuties, "{reason}");
+}
+
+#[test]
 fn drained_ack_needs_every_router_frozen() {
     let mut state = ready("auto", 3);
     freeze(&mut state, 1, 0);
