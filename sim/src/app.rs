@@ -1,6 +1,9 @@
 //! The simulated service in two versions: an auction site's users and items, v1 on the old
 //! schema and v2 on the new one (renamed column, split table, renamed table, changed type,
 //! added column). Both answer with the same canonical body, so mirrored reads compare.
+//!
+//! A bid increments an item's counter: applied twice, it counts twice (writes are not all
+//! idempotent, so a request executed twice shows).
 
 use node_core::store::MemStore;
 use protocol::schema::{Row, RowOp, Value};
@@ -12,6 +15,8 @@ pub enum AppOp {
     RegisterUser { id: i64, name: String, email: String, bio: String },
     UpdateBio { id: i64, bio: String },
     AddItem { id: i64, title: String, seller: i64, price: i64 },
+    /// One more bid on an item (`bids += 1`).
+    Bid { item: i64 },
     ViewUser { id: i64 },
     ViewItem { id: i64 },
 }
@@ -27,6 +32,7 @@ impl AppOp {
             AppOp::RegisterUser { id, .. }
             | AppOp::UpdateBio { id, .. }
             | AppOp::AddItem { id, .. }
+            | AppOp::Bid { item: id }
             | AppOp::ViewUser { id }
             | AppOp::ViewItem { id } => *id,
         }
@@ -44,13 +50,16 @@ fn row(pairs: &[(&str, Value)]) -> Row {
     pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
 }
 
+/// The bio of every user loaded before the run.
+pub const INITIAL_BIO: &str = "hello";
+
 /// Old-schema rows for the initial data.
 pub fn initial_user(id: i64) -> RowOp {
     let r = row(&[
         ("id", Value::Int(id)),
         ("name", text(&format!("user{id}"))),
         ("email", text(&format!("u{id}@example.org"))),
-        ("bio", text("hello")),
+        ("bio", text(INITIAL_BIO)),
     ]);
     RowOp::Upsert { table: "users".into(), key: id, row: r }
 }
@@ -61,8 +70,19 @@ pub fn initial_item(id: i64) -> RowOp {
         ("title", text(&format!("item{id}"))),
         ("seller", Value::Int(id % 7)),
         ("price", Value::Int(100 + id)),
+        ("bids", Value::Int(0)),
     ]);
     RowOp::Upsert { table: "items".into(), key: id, row: r }
+}
+
+/// The row with its `bids` counter one higher.
+fn bid(mut r: Row) -> Row {
+    let bids = match r.get("bids") {
+        Some(Value::Int(n)) => *n,
+        _ => 0,
+    };
+    r.insert("bids".into(), Value::Int(bids + 1));
+    r
 }
 
 /// v1: writes return the row ops to apply to the old store (captured); reads answer.
@@ -89,8 +109,13 @@ pub mod v1 {
                     ("title", text(title)),
                     ("seller", Value::Int(*seller)),
                     ("price", Value::Int(*price)),
+                    ("bids", Value::Int(0)),
                 ]),
             }],
+            AppOp::Bid { item } => {
+                let r = store.get("items", *item).cloned().ok_or_else(|| format!("no item {item}"))?;
+                vec![RowOp::Upsert { table: "items".into(), key: *item, row: bid(r) }]
+            }
             AppOp::ViewUser { .. } | AppOp::ViewItem { .. } => Vec::new(),
         })
     }
@@ -140,9 +165,14 @@ pub mod v2 {
                     ("title", text(title)),
                     ("seller", Value::Int(*seller)),
                     ("price", text(&price.to_string())),
+                    ("bids", Value::Int(0)),
                     ("status", text("open")),
                 ]),
             }],
+            AppOp::Bid { item } => {
+                let r = store.get("auctions", *item).cloned().ok_or_else(|| format!("no item {item}"))?;
+                vec![RowOp::Upsert { table: "auctions".into(), key: *item, row: bid(r) }]
+            }
             AppOp::ViewUser { .. } | AppOp::ViewItem { .. } => Vec::new(),
         })
     }
@@ -215,7 +245,7 @@ retry_backoff_ms = 500
 columns = ["id", "name", "email", "bio"]
 
 [schema.old.items]
-columns = ["id", "title", "seller", "price"]
+columns = ["id", "title", "seller", "price", "bids"]
 
 [[transforms]]
 kind = "rename_column"

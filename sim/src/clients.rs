@@ -96,9 +96,9 @@ impl World {
         let roll = self.rng.gen_range(0..100);
         let users = self.next_user.max(1);
         match roll {
-            0..=39 => AppOp::ViewUser { id: self.rng.gen_range(0..users) },
-            40..=49 => AppOp::ViewItem { id: self.rng.gen_range(0..self.next_item.max(1)) },
-            50..=79 => {
+            0..=34 => AppOp::ViewUser { id: self.rng.gen_range(0..users) },
+            35..=44 => AppOp::ViewItem { id: self.rng.gen_range(0..self.next_item.max(1)) },
+            45..=69 => {
                 let id = self.next_user;
                 self.next_user += 1;
                 AppOp::RegisterUser {
@@ -108,11 +108,12 @@ impl World {
                     bio: format!("new{id}"),
                 }
             }
-            80..=94 => {
+            70..=84 => {
                 let id = self.rng.gen_range(0..users);
                 let tag: u64 = self.rng.gen();
                 AppOp::UpdateBio { id, bio: format!("b{tag:016x}") }
             }
+            85..=94 => AppOp::Bid { item: self.rng.gen_range(0..self.next_item.max(1)) },
             _ => {
                 let id = self.next_item;
                 self.next_item += 1;

@@ -59,11 +59,22 @@ impl World {
         for v in found {
             self.checker.violation(now, v);
         }
-        if universe == Universe::New {
-            for d in &self.data {
-                let found = exactly_once::check(&d.name, d.old.captured(), d.new.checkpoint().applied);
-                self.checker.found(now, found);
+        let bids = |item: i64| {
+            let d = &self.data[item.rem_euclid(shards) as usize];
+            let row = if universe == Universe::New { d.new.get("auctions", item) } else { d.old.get("items", item) };
+            match row.and_then(|r| r.get("bids")) {
+                Some(Value::Int(n)) => Some(*n),
+                _ => None,
             }
+        };
+        for v in exactly_once::check_bids(&self.oracle, bids) {
+            self.checker.violation(now, v);
+        }
+        // Rolled back or not, the transform keeps up: the new universe may be switched to by a
+        // later attempt, so it must hold every change exactly once.
+        for d in &self.data {
+            let found = exactly_once::check(&d.name, d.old.captured(), d.new.checkpoint().applied);
+            self.checker.found(now, found);
         }
     }
 }

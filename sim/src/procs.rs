@@ -4,6 +4,7 @@
 
 use crate::app::AppOp;
 use crate::net::{Addr, ProcId};
+use crate::oracle::WriteRef;
 use actix::Recipient;
 use node::data_node::DataRequest;
 use node::ingress::ClientRequest;
@@ -53,6 +54,13 @@ pub struct SimDataRequest {
     pub(crate) reply_to: ReplyTo,
 }
 
+/// A client request a router has not answered yet.
+pub struct OpenRequest {
+    pub op: AppOp,
+    pub issued_us: u64,
+    pub write: WriteRef,
+}
+
 /// A running actor: where its messages go, and its task (aborting it is a crash).
 pub type Running<M> = Option<(Recipient<M>, JoinHandle<()>)>;
 
@@ -63,7 +71,7 @@ pub struct RouterProc {
     pub disk: NodeRecord,
     pub actor: Running<ClientRequest<SimClient>>,
     /// Client requests in progress, by ticket (what the clients wait for).
-    pub open: BTreeMap<u64, AppOp>,
+    pub open: BTreeMap<u64, OpenRequest>,
     pub next_ticket: u64,
     pub observed: RouterObserved,
 }

@@ -4,17 +4,16 @@
 //! field that survives crashes.
 
 use crate::app::AppOp;
-use crate::checkers::{AdmissionPoint, Violation};
+use crate::checkers::{reads, AdmissionPoint};
 use crate::net::ProcId;
 use crate::node_io::{sim_clock, SimClock, SimDisk};
 use crate::oracle::ClientOutcome;
-use crate::procs::{RouterObserved, SimClient};
+use crate::procs::{OpenRequest, RouterObserved, SimClient};
 use crate::wire::{DataRequest, DataResponse};
 use crate::world::{await_reply, detached, with, SimTransport, World};
 use node::ingress::{ClientRequest, IngressActor};
 use node::io::Ingress;
 use node_core::duties::router::{HoldCause, RouterConfig};
-use node_core::duties::validate::Verdict;
 use node_core::ingress::{ClientReply, IngressConfig, IngressCore, IngressEvent};
 use node_core::{RequestKey, StoreAnswer};
 use protocol::codec;
@@ -55,13 +54,16 @@ impl Ingress for SimIngress {
         key: RequestKey,
         mirror: bool,
     ) -> impl Future<Output = Option<StoreAnswer>> + 'static {
-        let index = self.index;
+        let (index, incarnation) = (self.index, self.incarnation);
+        let read_only = request.op.read_only();
         let sent = self.with(|w| {
             let now = w.now_us();
             let (addr, name) = (w.routers[index].addr, &w.routers[index].name);
             if !mirror {
                 let found = w.checker.single_universe.admitted(now, AdmissionPoint::Router, name, universe, key.id);
                 w.checker.found(now, found);
+            } else {
+                w.checker.mirrors.mirrored(index, key);
             }
             w.trace.forward(now, addr, key.id, universe, mirror);
             let shard = request.op.key().rem_euclid(w.config.data_nodes as i64) as u64;
@@ -69,19 +71,40 @@ impl Ingress for SimIngress {
             let bytes = codec::encode_frame(&wire).expect("data requests encode");
             (w.send_request(addr, ProcId::Data(shard as usize).addr(), bytes), w.data_timeout_ms)
         });
+        let world = self.world.clone();
         detached(async move {
             let (rx, timeout_ms) = sent?;
-            let bytes = await_reply(rx, Duration::from_millis(timeout_ms)).await?;
-            codec::decode_frame::<DataResponse>(&bytes).ok().flatten().map(|(r, _)| r)
+            let bytes = await_reply(rx, Duration::from_millis(timeout_ms)).await;
+            let answer = bytes.and_then(|b| codec::decode_frame::<DataResponse>(&b).ok().flatten().map(|(r, _)| r));
+            if read_only {
+                // The simulator compares mirrored answers itself, as they arrive.
+                if let Some(shared) = world.upgrade() {
+                    with(&shared, |w| {
+                        if w.is_up(ProcId::Router(index).addr(), incarnation) {
+                            let name = w.routers[index].name.clone();
+                            let found = w.checker.mirrors.answered(index, &name, key, mirror, answer.clone());
+                            let now = w.now_us();
+                            w.checker.found(now, found);
+                        }
+                    });
+                }
+            }
+            answer
         })
     }
 
     fn reply(&self, request: SimClient, reply: ClientReply) {
         let index = self.index;
         self.with(|w| {
-            let Some(op) = w.routers[index].open.remove(&request.ticket) else { return };
-            let outcome = match reply {
-                ClientReply::Answer(StoreAnswer::Ok { .. }) => ClientOutcome::Acked,
+            let Some(open) = w.routers[index].open.remove(&request.ticket) else { return };
+            let now = w.now_us();
+            let outcome = match &reply {
+                ClientReply::Answer(StoreAnswer::Ok { body, .. }) => {
+                    let name = &w.routers[index].name;
+                    let found = reads::check(&w.oracle, name, &open.op, body.as_ref(), open.issued_us, now);
+                    w.checker.found(now, found);
+                    ClientOutcome::Acked
+                }
                 ClientReply::Answer(StoreAnswer::Rejected { .. }) => ClientOutcome::Failed,
                 ClientReply::Unavailable { reason, .. } => {
                     let name = w.routers[index].name.clone();
@@ -90,7 +113,7 @@ impl Ingress for SimIngress {
                 }
                 ClientReply::Unknown => ClientOutcome::Unknown,
             };
-            w.client_outcome(&op, outcome);
+            w.oracle.done(open.write, outcome, now);
         });
     }
 
@@ -113,17 +136,9 @@ impl Ingress for SimIngress {
                         HoldCause::Startup => w.stats.startup_hold_ms.push(held_ms),
                     }
                 }
-                IngressEvent::Compared { id, verdict, old, new } => {
-                    if verdict == Verdict::Mismatch {
-                        let found = Violation::MirrorMismatch {
-                            router: name.clone(),
-                            request: id,
-                            position: old.position,
-                            old: format!("{:?}", old.body),
-                            new: format!("{:?}", new.body),
-                        };
-                        w.checker.violation(now, found);
-                    }
+                // Judged by the simulator itself (`checkers::mirrors`), not by this verdict.
+                IngressEvent::Compared { id, verdict, .. } => {
+                    w.trace.event(now, format_args!("{name} compared {id}: {verdict:?}"));
                 }
             }
         });
@@ -143,31 +158,18 @@ impl Ingress for SimIngress {
 impl World {
     /// A client sends `op` to router `i`.
     pub fn client_arrival(&mut self, i: usize, op: AppOp) {
+        let now = self.now_us();
+        let write = self.oracle.issued(&op, now);
         let router = &mut self.routers[i];
         let Some((actor, _)) = router.actor.as_ref().filter(|_| self.procs[&router.addr].up) else {
             // Connection refused: the request reached nobody.
-            self.client_outcome(&op, ClientOutcome::Failed);
+            self.oracle.done(write, ClientOutcome::Failed, now);
             return;
         };
         let ticket = router.next_ticket;
         router.next_ticket += 1;
-        router.open.insert(ticket, op.clone());
+        router.open.insert(ticket, OpenRequest { op: op.clone(), issued_us: now, write });
         actor.do_send(ClientRequest { read_only: op.read_only(), request: SimClient { ticket, op } });
-    }
-
-    pub fn client_outcome(&mut self, op: &AppOp, outcome: ClientOutcome) {
-        match op {
-            AppOp::RegisterUser { id, .. } => {
-                self.oracle.registrations.insert(*id, outcome);
-                self.oracle.count(outcome);
-            }
-            AppOp::UpdateBio { id, bio } => {
-                self.oracle.bio_updates.entry(*id).or_default().push((bio.clone(), outcome));
-                self.oracle.count(outcome);
-            }
-            AppOp::AddItem { .. } => self.oracle.count(outcome),
-            AppOp::ViewUser { .. } | AppOp::ViewItem { .. } => self.oracle.reads += 1,
-        }
     }
 
     pub fn crash_router(&mut self, i: usize) {
@@ -180,9 +182,11 @@ impl World {
             task.abort();
         }
         let open = std::mem::take(&mut self.routers[i].open);
-        for op in open.into_values() {
-            self.client_outcome(&op, ClientOutcome::Unknown);
+        let now = self.now_us();
+        for request in open.into_values() {
+            self.oracle.done(request.write, ClientOutcome::Unknown, now);
         }
+        self.checker.mirrors.forget_router(i);
         self.routers[i].observed = RouterObserved::DOWN;
         let name = self.routers[i].name.clone();
         self.record(format_args!("{name} crashed"));

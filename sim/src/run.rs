@@ -188,7 +188,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         data: Vec::new(),
         mapping,
         faults,
-        oracle: Oracle::default(),
+        oracle: Oracle::initial(config.initial_users as i64, config.initial_items as i64),
         checker: Checker::new(hold_bound_ms),
         fidelity,
         trace: Trace::new(config.trace_lines),

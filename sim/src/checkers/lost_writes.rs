@@ -23,13 +23,29 @@ pub fn check(oracle: &Oracle, serving: Universe, seen: impl Fn(i64) -> UserSeen)
     let mut found = Vec::new();
     let mut lost = Vec::new();
     let mut phantom = Vec::new();
-    for (id, outcome) in &oracle.registrations {
+    for (id, log) in &oracle.users {
         let user = seen(*id);
         let present = if serving == Universe::New { user.complete_in_new } else { user.in_old };
-        match outcome {
-            ClientOutcome::Acked if !present => lost.push(*id),
-            ClientOutcome::Failed if user.in_old || user.in_new => phantom.push(*id),
+        match log.registration().and_then(|w| w.outcome()) {
+            Some(ClientOutcome::Acked) if !present => lost.push(*id),
+            Some(ClientOutcome::Failed) if user.in_old || user.in_new => phantom.push(*id),
             _ => {}
+        }
+        let Some(bio) = user.bio else { continue };
+        let Some(written) = log.bios.iter().find(|b| b.bio == bio) else {
+            found.push(Violation::PhantomWrite { what: format!("user {id} has bio {bio}, which nobody wrote") });
+            continue;
+        };
+        if written.write.outcome() == Some(ClientOutcome::Failed) {
+            let what = format!("user {id} has bio {bio} from an update reported failed");
+            found.push(Violation::PhantomWrite { what });
+        }
+        // An update acknowledged after this bio's write was acknowledged, and issued after
+        // it, was applied after it: ending on the older bio loses it.
+        if let Some(acked) = written.write.acked_us() {
+            if log.bios.iter().any(|b| b.write.issued_us > acked && b.write.acked_us().is_some()) {
+                lost.push(*id);
+            }
         }
     }
     if !lost.is_empty() {
@@ -38,13 +54,6 @@ pub fn check(oracle: &Oracle, serving: Universe, seen: impl Fn(i64) -> UserSeen)
     if !phantom.is_empty() {
         let what = format!("registrations reported failed are present: {:?}", &phantom[..phantom.len().min(10)]);
         found.push(Violation::PhantomWrite { what });
-    }
-    for (id, updates) in &oracle.bio_updates {
-        let Some(bio) = seen(*id).bio else { continue };
-        if updates.iter().any(|(b, o)| *b == bio && *o == ClientOutcome::Failed) {
-            let what = format!("user {id} has bio {bio} from an update reported failed");
-            found.push(Violation::PhantomWrite { what });
-        }
     }
     found
 }
@@ -55,26 +64,49 @@ mod tests {
 
     #[test]
     fn acked_missing_is_lost_and_failed_present_is_a_phantom() {
+        use crate::app::AppOp;
         let mut oracle = Oracle::default();
-        oracle.registrations.insert(1, ClientOutcome::Acked);
-        oracle.registrations.insert(2, ClientOutcome::Failed);
-        oracle.registrations.insert(3, ClientOutcome::Unknown);
-        oracle.bio_updates.insert(4, vec![("x".into(), ClientOutcome::Failed)]);
+        let register = |id: i64| AppOp::RegisterUser { id, name: "n".into(), email: "e".into(), bio: format!("new{id}") };
+        for (id, outcome) in [(1, ClientOutcome::Acked), (2, ClientOutcome::Failed), (3, ClientOutcome::Unknown)] {
+            let w = oracle.issued(&register(id), 1);
+            oracle.done(w, outcome, 2);
+        }
+        let w = oracle.issued(&register(4), 1);
+        oracle.done(w, ClientOutcome::Acked, 2);
+        let w = oracle.issued(&AppOp::UpdateBio { id: 4, bio: "x".into() }, 3);
+        oracle.done(w, ClientOutcome::Failed, 4);
         let seen = |id| match id {
             2 => UserSeen { in_old: true, ..UserSeen::default() },
             3 => UserSeen { in_new: true, complete_in_new: true, ..UserSeen::default() },
-            4 => UserSeen { bio: Some("x".into()), ..UserSeen::default() },
+            4 => UserSeen { in_new: true, complete_in_new: true, bio: Some("x".into()), ..UserSeen::default() },
             _ => UserSeen::default(),
         };
         let found = check(&oracle, Universe::New, seen);
         assert!(
             matches!(&found[..], [
-            Violation::LostWrites { users, .. },
             Violation::PhantomWrite { .. },
+            Violation::LostWrites { users, .. },
             Violation::PhantomWrite { .. },
         ] if users == &vec![1]),
             "{found:?}"
         );
         assert!(check(&Oracle::default(), Universe::Old, |_| UserSeen::default()).is_empty());
+    }
+
+    #[test]
+    fn ending_on_a_superseded_bio_loses_an_update() {
+        use crate::app::AppOp;
+        let mut oracle = Oracle::initial(1, 0);
+        let w = oracle.issued(&AppOp::UpdateBio { id: 0, bio: "later".into() }, 5);
+        oracle.done(w, ClientOutcome::Acked, 6);
+        let at_end = |bio: &str| {
+            let bio = Some(bio.to_string());
+            move |_| UserSeen { in_old: true, bio: bio.clone(), ..UserSeen::default() }
+        };
+        assert!(check(&oracle, Universe::Old, at_end("later")).is_empty());
+        assert!(matches!(
+            &check(&oracle, Universe::Old, at_end(crate::app::INITIAL_BIO))[..],
+            [Violation::LostWrites { users, .. }] if users == &vec![0]
+        ));
     }
 }

@@ -9,8 +9,12 @@
 //! - [`durability`]: what a node persists never goes backwards; outcomes seen are kept.
 //! - [`bounded_hold`]: no request is held longer than `hold_ms_max`.
 //! - [`fidelity`]: every transform batch matches the old rows as of its checkpoint position.
+//! - [`mirrors`]: a mirrored read's two answers agree at the same data position (compared by
+//!   the simulator, not by the validator).
+//! - [`reads`]: every read a client gets agrees with the writes acknowledged before it.
 //! - [`lost_writes`]: at the end, acknowledged writes are present and failed ones absent.
-//! - [`exactly_once`]: at the end, everything captured was applied.
+//! - [`exactly_once`]: at the end, everything captured was applied, and every counter counts
+//!   each acknowledged increment once.
 //! - [`liveness`]: the upgrade ends.
 //!
 //! `ending.rs` runs the end-of-run checks on the world's final state.
@@ -22,6 +26,8 @@ pub mod exactly_once;
 pub mod fidelity;
 pub mod liveness;
 pub mod lost_writes;
+pub mod mirrors;
+pub mod reads;
 pub mod single_universe;
 
 use protocol::messages::{GateBlocker, Phase};
@@ -65,10 +71,18 @@ pub enum Violation {
     ChecksumsDiffer { node: String, final_position: Position },
     /// Exactly once: captured and applied positions differ at the end.
     NotExactlyOnce { node: String, captured: Position, applied: Position },
+    /// Exactly once: an item's bid counter at the end is not the bids acknowledged (at
+    /// least) and not failed (at most).
+    BidsMiscounted { item: i64, counted: i64, acked: i64, possible: i64 },
     /// Fidelity: a transform batch wrote a row that is not the old row as of its checkpoint.
     TransformFidelity { node: String, what: String },
     /// The transform refused the stream or a row.
     TransformFailed { node: String, error: String },
+    /// Reads: a client read missed a write acknowledged before it was issued.
+    StaleRead { router: String, what: String },
+    /// Reads: a client read returned something no client wrote (or a write reported failed,
+    /// or an increment counted twice).
+    WrongAnswer { router: String, what: String },
     /// Validation: a mirrored answer differs from the old universe's at the same position.
     MirrorMismatch { router: String, request: u64, position: Position, old: String, new: String },
     /// Liveness: the upgrade did not settle within the bound after faults healed.
@@ -139,8 +153,14 @@ impl fmt::Display for Violation {
             NotExactlyOnce { node, captured, applied } => {
                 write!(f, "exactly once: {node} captured {} changes but applied {}", captured.0, applied.0)
             }
+            BidsMiscounted { item, counted, acked, possible } => write!(
+                f,
+                "exactly once: item {item} counts {counted} bids; {acked} were acknowledged and {possible} not failed"
+            ),
             TransformFidelity { node, what } => write!(f, "transform fidelity: {node}: {what}"),
             TransformFailed { node, error } => write!(f, "transform on {node} failed: {error}"),
+            StaleRead { router, what } => write!(f, "reads: a read through {router} is stale: {what}"),
+            WrongAnswer { router, what } => write!(f, "reads: a read through {router} is wrong: {what}"),
             MirrorMismatch { router, request, position, old, new } => write!(
                 f,
                 "validate: {router} request {request} differs at position {}: old {old} new {new}",
@@ -185,6 +205,7 @@ pub struct Checker {
     pub single_universe: single_universe::SingleUniverse,
     pub durability: durability::Durability,
     pub bounded_hold: bounded_hold::BoundedHold,
+    pub mirrors: mirrors::Mirrors,
 }
 
 impl Checker {
@@ -195,6 +216,7 @@ impl Checker {
             single_universe: Default::default(),
             durability: Default::default(),
             bounded_hold: bounded_hold::BoundedHold::new(hold_bound_ms),
+            mirrors: Default::default(),
         }
     }
 

@@ -1,0 +1,100 @@
+//! Validation judged by the simulator: every mirrored read's two answers, as they arrived at
+//! the router, are compared here, independently of the validate core's verdict. At the same
+//! data position (the new universe had applied exactly what the old one had captured) the two
+//! universes must give the same canonical answer; any difference is a violation, whether or not
+//! the validator noticed it.
+
+use super::Violation;
+use node_core::{RequestKey, StoreAnswer};
+use protocol::Position;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default)]
+struct Pair {
+    old: Option<Option<StoreAnswer>>,
+    new: Option<Option<StoreAnswer>>,
+}
+
+/// Mirrored reads whose answers are not both in yet, by router and request key.
+#[derive(Debug, Default)]
+pub struct Mirrors {
+    pending: BTreeMap<(usize, RequestKey), Pair>,
+    /// Conclusive comparisons seen (what a correct validator counts as samples).
+    pub samples: u64,
+}
+
+impl Mirrors {
+    /// Router `router` mirrors read `key` to the new universe.
+    pub fn mirrored(&mut self, router: usize, key: RequestKey) {
+        self.pending.insert((router, key), Pair::default());
+    }
+
+    /// A router crashed: its mirrors will never be compared.
+    pub fn forget_router(&mut self, router: usize) {
+        self.pending.retain(|(r, _), _| *r != router);
+    }
+
+    /// A universe answered read `key` of `router` (`mirror`: the new universe's copy).
+    pub fn answered(
+        &mut self,
+        router: usize,
+        name: &str,
+        key: RequestKey,
+        mirror: bool,
+        answer: Option<StoreAnswer>,
+    ) -> Option<Violation> {
+        let pair = self.pending.get_mut(&(router, key))?;
+        if mirror {
+            pair.new = Some(answer);
+        } else {
+            pair.old = Some(answer);
+        }
+        let (Some(old), Some(new)) = (&pair.old, &pair.new) else { return None };
+        let found = match (old, new) {
+            (
+                Some(StoreAnswer::Ok { body: old, position: p_old }),
+                Some(StoreAnswer::Ok { body: new, position: p_new }),
+            ) => {
+                if *p_new >= *p_old && (old == new || p_new == p_old) {
+                    self.samples += 1;
+                }
+                (p_old == p_new && old != new).then(|| Violation::MirrorMismatch {
+                    router: name.to_string(),
+                    request: key.id,
+                    position: Position(p_old.0),
+                    old: format!("{old:?}"),
+                    new: format!("{new:?}"),
+                })
+            }
+            _ => None,
+        };
+        self.pending.remove(&(router, key));
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::schema::{Row, Value};
+
+    fn ok(v: i64, position: u64) -> Option<StoreAnswer> {
+        let body: Row = [("v".to_string(), Value::Int(v))].into_iter().collect();
+        Some(StoreAnswer::Ok { body: Some(body), position: Position(position) })
+    }
+
+    #[test]
+    fn different_answers_at_one_position_are_a_mismatch_whatever_the_order() {
+        let mut m = Mirrors::default();
+        let key = |id| RequestKey { origin: 1, id };
+        m.mirrored(0, key(1));
+        assert_eq!(m.answered(0, "r", key(1), true, ok(2, 5)), None);
+        assert!(matches!(m.answered(0, "r", key(1), false, ok(1, 5)), Some(Violation::MirrorMismatch { .. })));
+        m.mirrored(0, key(2));
+        assert_eq!(m.answered(0, "r", key(2), false, ok(1, 5)), None);
+        assert_eq!(m.answered(0, "r", key(2), true, ok(2, 6)), None, "the new universe is ahead: inconclusive");
+        assert_eq!(m.answered(0, "r", key(3), false, ok(1, 5)), None, "not mirrored");
+        assert_eq!(m.samples, 1);
+        assert!(m.pending.is_empty());
+    }
+}
