@@ -1,5 +1,6 @@
 //! Simulation settings.
 
+use node_core::agent::AgentBug;
 use node_core::duties::router::RouterBug;
 use node_core::duties::transform::TransformBug;
 
@@ -13,6 +14,10 @@ pub enum Bug {
     /// A transform that crashed mid-copy resumes the copy at its last key on a fresh snapshot,
     /// while the stream continues from the old snapshot's position.
     ResumeCopyFromNewSnapshot,
+    /// Routers ack `Frozen` at once, with requests to the old universe still in flight.
+    AckFrozenWithInFlight,
+    /// Nodes act on a newer decision as soon as they see it, before persisting it.
+    ActBeforePersist,
 }
 
 /// The name of a value of a `clap::ValueEnum` (as the command line spells it).
@@ -22,7 +27,15 @@ pub fn value_name<T: clap::ValueEnum>(value: &T) -> String {
 
 impl Bug {
     pub fn router(bug: Option<Bug>) -> Option<RouterBug> {
-        (bug == Some(Bug::ReleaseOldOnTimeout)).then_some(RouterBug::ReleaseOldOnTimeout)
+        match bug {
+            Some(Bug::ReleaseOldOnTimeout) => Some(RouterBug::ReleaseOldOnTimeout),
+            Some(Bug::AckFrozenWithInFlight) => Some(RouterBug::AckFrozenWithInFlight),
+            _ => None,
+        }
+    }
+
+    pub fn agent(bug: Option<Bug>) -> Option<AgentBug> {
+        (bug == Some(Bug::ActBeforePersist)).then_some(AgentBug::ActBeforePersist)
     }
 
     pub fn transform(bug: Option<Bug>) -> Option<TransformBug> {

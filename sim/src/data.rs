@@ -157,7 +157,7 @@ impl World {
     fn data_event(&mut self, i: usize, event: DataEvent) {
         let (now, name) = (self.now_us(), self.data[i].name.clone());
         match event {
-            DataEvent::Acted(decision) => self.note_acted(&name, decision),
+            DataEvent::Acted(decision) => self.note_acted(ProcId::Data(i), decision),
             DataEvent::Admitted { key, universe } => {
                 let found = self.checker.single_universe.admitted(now, AdmissionPoint::Store, &name, universe, key.id);
                 self.checker.found(now, found);
@@ -240,7 +240,8 @@ impl World {
             answers_max: ANSWERS_MAX,
             change_log_applied_max: CHANGE_LOG_APPLIED_MAX,
         };
-        let core = DataNodeCore::new(config).with_bug(Bug::transform(self.config.bug));
+        let bug = self.config.bug;
+        let core = DataNodeCore::new(config).with_bug(Bug::transform(bug)).with_agent_bug(Bug::agent(bug));
         let incarnation = self.procs[&addr].incarnation;
         let world = self.me.clone();
         let actor = DataActor::new(

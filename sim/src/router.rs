@@ -5,6 +5,7 @@
 
 use crate::app::AppOp;
 use crate::checkers::{reads, AdmissionPoint};
+use crate::config::Bug;
 use crate::net::ProcId;
 use crate::node_io::{sim_clock, SimClock, SimDisk};
 use crate::oracle::ClientOutcome;
@@ -62,6 +63,9 @@ impl Ingress for SimIngress {
             if !mirror {
                 let found = w.checker.single_universe.admitted(now, AdmissionPoint::Router, name, universe, key.id);
                 w.checker.found(now, found);
+                if universe == Universe::Old {
+                    w.checker.frozen_ack.forwarded(index, key.id);
+                }
             } else {
                 w.checker.mirrors.mirrored(index, key);
             }
@@ -76,6 +80,15 @@ impl Ingress for SimIngress {
             let (rx, timeout_ms) = sent?;
             let bytes = await_reply(rx, Duration::from_millis(timeout_ms)).await;
             let answer = bytes.and_then(|b| codec::decode_frame::<DataResponse>(&b).ok().flatten().map(|(r, _)| r));
+            if !mirror && universe == Universe::Old {
+                if let Some(shared) = world.upgrade() {
+                    with(&shared, |w| {
+                        if w.is_up(ProcId::Router(index).addr(), incarnation) {
+                            w.checker.frozen_ack.completed(index, key.id);
+                        }
+                    });
+                }
+            }
             if read_only {
                 // The simulator compares mirrored answers itself, as they arrive.
                 if let Some(shared) = world.upgrade() {
@@ -123,10 +136,7 @@ impl Ingress for SimIngress {
             let now = w.now_us();
             let name = &w.routers[index].name;
             match event {
-                IngressEvent::Acted(decision) => {
-                    let name = name.clone();
-                    w.note_acted(&name, decision)
-                }
+                IngressEvent::Acted(decision) => w.note_acted(ProcId::Router(index), decision),
                 IngressEvent::Released { id, held_ms, cause } => {
                     w.trace.event(now, format_args!("{name} released {id} after {held_ms} ms"));
                     let found = w.checker.bounded_hold.released(name, held_ms);
@@ -187,6 +197,7 @@ impl World {
             self.oracle.done(request.write, ClientOutcome::Unknown, now);
         }
         self.checker.mirrors.forget_router(i);
+        self.checker.frozen_ack.crashed(i);
         self.routers[i].observed = RouterObserved::DOWN;
         let name = self.routers[i].name.clone();
         self.record(format_args!("{name} crashed"));
@@ -211,7 +222,8 @@ impl World {
             ignore_fields: Vec::new(),
             requests_max: REQUESTS_MAX,
         };
-        let core = IngressCore::new(config).with_bug(crate::config::Bug::router(self.config.bug));
+        let bug = self.config.bug;
+        let core = IngressCore::new(config).with_bug(Bug::router(bug)).with_agent_bug(Bug::agent(bug));
         let incarnation = self.procs[&addr].incarnation;
         let world = self.me.clone();
         let actor = RouterActor::new(

@@ -15,7 +15,7 @@ use coordinator::service::{Clock, Replica};
 use coordinator::upgrade::{Outcome, UpgradeState};
 use node_core::agent::AgentConfig;
 use protocol::codec;
-use protocol::messages::{NodeResponse, Request, Response};
+use protocol::messages::{Ack, NodeRequest, NodeResponse, Request, Response};
 use protocol::plan::Plan;
 use protocol::schema::Mapping;
 use protocol::{Decision, Duty, NodeName};
@@ -279,13 +279,21 @@ impl World {
         self.checker.found(now, found);
     }
 
-    /// Checks that an agent acts only on a committed decision, the same one as everybody.
-    pub fn note_acted(&mut self, name: &str, decision: Decision) {
+    /// Checks that a node acts only on a committed decision, the same one as everybody, and
+    /// only once its disk holds it.
+    pub fn note_acted(&mut self, node: ProcId, decision: Decision) {
         let now = self.now_us();
+        let (name, on_disk) = match node {
+            ProcId::Router(i) => (self.routers[i].name.clone(), self.routers[i].disk.decision),
+            ProcId::Data(i) => (self.data[i].name.clone(), self.data[i].disk.decision),
+            ProcId::Coordinator(_) | ProcId::Operator => unreachable!("only nodes act on decisions"),
+        };
         let committed = self.is_committed(decision);
-        for found in self.checker.agreement.acted(name, decision, committed) {
+        for found in self.checker.agreement.acted(&name, decision, committed) {
             self.checker.violation(now, found);
         }
+        let found = crate::checkers::persist_first::acted(&name, decision, on_disk);
+        self.checker.found(now, found);
         self.record(format_args!("{name} acts on {decision:?}"));
     }
 
@@ -406,9 +414,21 @@ impl Transport for SimTransport {
         timeout: Duration,
     ) -> impl Future<Output = Result<Response, TransportError>> + Send + 'static {
         // The request leaves now; the future only waits for the answer.
+        let frozen_ack = match (&request, ProcId::of(self.me)) {
+            (Request::Node(NodeRequest::Ack { epoch, ack: Ack::Frozen, .. }), ProcId::Router(i)) => Some((i, *epoch)),
+            _ => None,
+        };
         let sent = codec::encode_frame(&request).map_err(|e| TransportError::Codec(e.to_string())).and_then(|bytes| {
             let shared = self.world.upgrade().ok_or_else(|| TransportError::Unreachable("world ended".into()))?;
-            Ok(with(&shared, |w| w.send_request(self.me, to, bytes)))
+            Ok(with(&shared, |w| {
+                if let Some((router, epoch)) = frozen_ack {
+                    // Checked where the ack leaves the router.
+                    let found = w.checker.frozen_ack.acked(router, &w.routers[router].name, epoch);
+                    let now = w.now_us();
+                    w.checker.found(now, found);
+                }
+                w.send_request(self.me, to, bytes)
+            }))
         });
         let wait = async move {
             match await_reply(sent?, timeout).await {

@@ -111,6 +111,26 @@ fn planted_bug_resume_copy_from_new_snapshot_is_caught_within_50_seeds() {
     assert!(caught.is_some(), "a copy resumed on a fresh snapshot was not caught within 50 seeds");
 }
 
+/// The first seed of 0..50 whose violations include one that `wanted` matches.
+fn first_caught(bug: Bug, wanted: impl Fn(&Violation) -> bool) -> Option<u64> {
+    let config = SimConfig { bug: Some(bug), ..SimConfig::default() };
+    (0..50).map(|s| run_seed(&config, s)).find(|r| r.violations.iter().any(|v| wanted(&v.violation))).map(|r| r.seed)
+}
+
+/// A router that acks `Frozen` with requests still in flight to the old universe is caught
+/// where the ack leaves it (the old store's fence would otherwise hide it).
+#[test]
+fn planted_bug_ack_frozen_with_in_flight_is_caught_within_50_seeds() {
+    let caught = first_caught(Bug::AckFrozenWithInFlight, |v| matches!(v, Violation::FrozenWithInFlight { .. }));
+    assert!(caught.is_some(), "a router acking Frozen with requests in flight was not caught within 50 seeds");
+}
+
+#[test]
+fn planted_bug_act_before_persist_is_caught_within_50_seeds() {
+    let caught = first_caught(Bug::ActBeforePersist, |v| matches!(v, Violation::ActedBeforePersisted { .. }));
+    assert!(caught.is_some(), "a node acting before persisting was not caught within 50 seeds");
+}
+
 #[test]
 fn without_faults_every_seed_switches_quickly() {
     let config = SimConfig { faults: FaultSet::NONE, ..SimConfig::default() };

@@ -14,6 +14,14 @@ use protocol::messages::{Ack, DecisionView, NodeReport, NodeRequest, NodeRespons
 use protocol::{Decision, Duty, Epoch, NodeName, ReplicaId};
 use std::collections::BTreeMap;
 
+/// Deliberately broken variants, to prove the simulator's checkers catch them.
+#[cfg(feature = "planted-bugs")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentBug {
+    /// Hand a newer decision to the duties as soon as it is seen, before it is persisted.
+    ActBeforePersist,
+}
+
 /// Agent settings.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -108,6 +116,8 @@ pub struct AgentCore {
     write: Option<InFlight>,
     stale_watches: u32,
     last_view: Option<DecisionView>,
+    #[cfg(feature = "planted-bugs")]
+    bug: Option<AgentBug>,
 }
 
 fn ack_rank(ack: &Ack) -> u8 {
@@ -140,7 +150,16 @@ impl AgentCore {
             write: None,
             stale_watches: 0,
             last_view: None,
+            #[cfg(feature = "planted-bugs")]
+            bug: None,
         }
+    }
+
+    /// The same core with a planted bug (simulator only).
+    #[cfg(feature = "planted-bugs")]
+    pub fn with_bug(mut self, bug: Option<AgentBug>) -> Self {
+        self.bug = bug;
+        self
     }
 
     /// The decision last persisted (and acted on).
@@ -314,6 +333,10 @@ impl AgentCore {
             self.linearized = true;
         }
         if view.decision.order_key() > self.persisted.order_key() {
+            #[cfg(feature = "planted-bugs")]
+            if self.bug == Some(AgentBug::ActBeforePersist) && self.persisting.is_none() {
+                out.push(AgentOutput::Act(view.decision));
+            }
             match self.persisting {
                 None => {
                     self.persisting = Some(view.decision);

@@ -264,6 +264,13 @@ impl DataNodeCore {
         }
     }
 
+    /// The same core with a planted agent bug (simulator only).
+    #[cfg(feature = "planted-bugs")]
+    pub fn with_agent_bug(mut self, bug: Option<crate::agent::AgentBug>) -> Self {
+        self.agent = self.agent.with_bug(bug);
+        self
+    }
+
     /// The same core with a planted transform bug (simulator only); it shows after a restart.
     #[cfg(feature = "planted-bugs")]
     pub fn with_bug(mut self, bug: Option<crate::duties::transform::TransformBug>) -> Self {

@@ -151,6 +151,13 @@ impl IngressCore {
         }
     }
 
+    /// The same core with a planted agent bug (simulator only).
+    #[cfg(feature = "planted-bugs")]
+    pub fn with_agent_bug(mut self, bug: Option<crate::agent::AgentBug>) -> Self {
+        self.agent = self.agent.with_bug(bug);
+        self
+    }
+
     /// The same core with a planted router bug (simulator only).
     #[cfg(feature = "planted-bugs")]
     pub fn with_bug(mut self, bug: Option<crate::duties::router::RouterBug>) -> Self {

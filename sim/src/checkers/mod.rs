@@ -7,6 +7,8 @@
 //!   uncommitted decision; replicas agree on every outcome.
 //! - [`single_universe`]: no request reaches the old universe after one reached the new one.
 //! - [`durability`]: what a node persists never goes backwards; outcomes seen are kept.
+//! - [`persist_first`]: a node acts on a decision only once its disk holds it.
+//! - [`frozen_ack`]: a router acks `Frozen` only with nothing in flight to the old universe.
 //! - [`bounded_hold`]: no request is held longer than `hold_ms_max`.
 //! - [`fidelity`]: every transform batch matches the old rows as of its checkpoint position.
 //! - [`mirrors`]: a mirrored read's two answers agree at the same data position (compared by
@@ -24,9 +26,11 @@ pub mod bounded_hold;
 pub mod durability;
 pub mod exactly_once;
 pub mod fidelity;
+pub mod frozen_ack;
 pub mod liveness;
 pub mod lost_writes;
 pub mod mirrors;
+pub mod persist_first;
 pub mod reads;
 pub mod single_universe;
 
@@ -56,6 +60,10 @@ pub enum Violation {
     MixedUniverses { point: AdmissionPoint, node: String, request: u64, first_new_by: String, first_new_at_us: u64 },
     /// Durability: a node persisted a decision ordered before one it had persisted.
     EpochWentBackwards { node: String, from: Decision, to: Decision },
+    /// Persist before act: a node acted on a decision its disk did not hold yet.
+    ActedBeforePersisted { node: String, decision: Decision, on_disk: Decision },
+    /// Quiet before Frozen: a router acked `Frozen` with requests to the old universe in flight.
+    FrozenWithInFlight { router: String, epoch: Epoch, in_flight: usize },
     /// Durability: an outcome seen applied is missing from the final state.
     OutcomeLost { epoch: Epoch, committed: bool, kept: Option<bool> },
     /// Bounded hold: a request was (or still is) held longer than the bound.
@@ -124,6 +132,13 @@ impl fmt::Display for Violation {
             EpochWentBackwards { node, from, to } => {
                 write!(f, "durability: {node} persisted {to:?} after {from:?} (epoch went backwards)")
             }
+            ActedBeforePersisted { node, decision, on_disk } => {
+                write!(f, "persist before act: {node} acted on {decision:?} while its disk held {on_disk:?}")
+            }
+            FrozenWithInFlight { router, epoch, in_flight } => write!(
+                f,
+                "quiet before frozen: {router} acked Frozen({epoch}) with {in_flight} request(s) to the old universe in flight"
+            ),
             OutcomeLost { epoch, committed, kept } => write!(
                 f,
                 "durability: outcome of {epoch} (committed={committed}) missing from the final state ({kept:?})"
@@ -206,6 +221,7 @@ pub struct Checker {
     pub durability: durability::Durability,
     pub bounded_hold: bounded_hold::BoundedHold,
     pub mirrors: mirrors::Mirrors,
+    pub frozen_ack: frozen_ack::FrozenAck,
 }
 
 impl Checker {
@@ -217,6 +233,7 @@ impl Checker {
             durability: Default::default(),
             bounded_hold: bounded_hold::BoundedHold::new(hold_bound_ms),
             mirrors: Default::default(),
+            frozen_ack: Default::default(),
         }
     }
 

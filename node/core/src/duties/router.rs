@@ -18,6 +18,8 @@ pub type RequestId = u64;
 pub enum RouterBug {
     /// When a hold times out, release held requests to the old universe instead of failing them.
     ReleaseOldOnTimeout,
+    /// Ack `Frozen` at once, with requests to the old universe still in flight.
+    AckFrozenWithInFlight,
 }
 
 /// Router limits.
@@ -245,7 +247,11 @@ impl RouterCore {
 
     fn maybe_ack_frozen(&mut self, out: &mut Vec<RouterOutput>) {
         if let Mode::Frozen(epoch) = self.mode {
-            if self.in_flight_old.is_empty() && self.frozen_acked != Some(epoch) {
+            #[cfg(feature = "planted-bugs")]
+            let quiet = self.in_flight_old.is_empty() || self.bug == Some(RouterBug::AckFrozenWithInFlight);
+            #[cfg(not(feature = "planted-bugs"))]
+            let quiet = self.in_flight_old.is_empty();
+            if quiet && self.frozen_acked != Some(epoch) {
                 self.frozen_acked = Some(epoch);
                 out.push(RouterOutput::Ack { epoch, ack: Ack::Frozen });
             }
