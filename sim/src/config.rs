@@ -1,5 +1,6 @@
 //! Simulation settings.
 
+use coordinator::upgrade::ApplyBug;
 use node_core::agent::AgentBug;
 use node_core::duties::router::RouterBug;
 use node_core::duties::transform::TransformBug;
@@ -18,6 +19,8 @@ pub enum Bug {
     AckFrozenWithInFlight,
     /// Nodes act on a newer decision as soon as they see it, before persisting it.
     ActBeforePersist,
+    /// The coordinator's state machine counts an ack from an earlier epoch for the current one.
+    CountStaleAck,
 }
 
 /// The name of a value of a `clap::ValueEnum` (as the command line spells it).
@@ -32,6 +35,10 @@ impl Bug {
             Some(Bug::AckFrozenWithInFlight) => Some(RouterBug::AckFrozenWithInFlight),
             _ => None,
         }
+    }
+
+    pub fn apply(bug: Option<Bug>) -> Option<ApplyBug> {
+        (bug == Some(Bug::CountStaleAck)).then_some(ApplyBug::CountStaleAck)
     }
 
     pub fn agent(bug: Option<Bug>) -> Option<AgentBug> {
@@ -64,6 +71,8 @@ pub struct FaultSet {
     /// Faults fired when a freeze is seen (leader crash, router partition, data node crash,
     /// lost commit).
     pub trigger: bool,
+    /// A confused leader proposes stale or premature commands.
+    pub confused: bool,
 }
 
 impl FaultSet {
@@ -77,6 +86,7 @@ impl FaultSet {
         garbage: true,
         operator: true,
         trigger: true,
+        confused: true,
     };
     pub const NONE: FaultSet = FaultSet {
         loss: false,
@@ -88,6 +98,7 @@ impl FaultSet {
         garbage: false,
         operator: false,
         trigger: false,
+        confused: false,
     };
 
     /// The set of the kinds named (`all` and `none` stand for every kind and no kind).
@@ -115,6 +126,7 @@ impl FaultSet {
             FaultKind::Garbage => &mut self.garbage,
             FaultKind::Operator => &mut self.operator,
             FaultKind::Trigger => &mut self.trigger,
+            FaultKind::Confused => &mut self.confused,
             FaultKind::All | FaultKind::None => unreachable!("not a single kind"),
         }
     }
@@ -165,6 +177,9 @@ pub enum FaultKind {
     Operator,
     /// Faults fired when a freeze or a bulk copy is seen.
     Trigger,
+    /// A confused leader proposes stale or premature commands (an old epoch's ack, a second
+    /// outcome for a decided epoch, a commit before the acks): the state machine must refuse.
+    Confused,
 }
 
 /// Named scenarios (tests and `imago sim --scenario`).

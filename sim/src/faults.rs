@@ -32,6 +32,8 @@ pub enum FaultEvent {
     Garbage { target: Target, frames: u32 },
     /// The operator runs `imago upgrade abort` (once; the answer may be lost).
     OperatorAbort,
+    /// The leader proposes a stale or premature command of its own.
+    ConfusedLeader,
 }
 
 /// When a triggered fault fires.
@@ -122,6 +124,15 @@ impl FaultPlan {
         if f.operator && rng.gen_bool(0.2) {
             let when = Condition::Freezing { after_ms: rng.gen_range(0..40) };
             plan.triggered.push(Triggered { when, event: FaultEvent::OperatorAbort });
+        }
+        if f.confused {
+            for _ in 0..rng.gen_range(0..=2) {
+                plan.timed.push((at(rng), FaultEvent::ConfusedLeader));
+            }
+            if rng.gen_bool(0.5) {
+                let when = Condition::Freezing { after_ms: rng.gen_range(0..60) };
+                plan.triggered.push(Triggered { when, event: FaultEvent::ConfusedLeader });
+            }
         }
         if f.trigger && rng.gen_bool(0.7) {
             let kind = rng.gen_range(0..4);

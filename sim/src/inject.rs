@@ -4,7 +4,10 @@ use crate::clients::{operator_call, replica_index};
 use crate::faults::{Condition, FaultEvent, Target};
 use crate::net::ProcId;
 use crate::world::*;
-use protocol::messages::{CliRequest, CliResponse, Request, Response};
+use crate::checkers::Violation;
+use coordinator::upgrade::{Applied, Command, Outcome, UpgradeState};
+use protocol::messages::{Ack, CliRequest, CliResponse, Phase, Request, Response};
+use protocol::{Duty, Epoch, NodeName, Position};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
@@ -105,6 +108,10 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
                 }
             });
         }
+        FaultEvent::ConfusedLeader => {
+            let shared = shared.clone();
+            tokio::task::spawn_local(async move { confused_leader(&shared).await });
+        }
         FaultEvent::ClockJump { replica, delta_ms } => {
             with(shared, |w| w.replicas[replica].skew_ms.fetch_add(delta_ms, Ordering::Relaxed));
         }
@@ -115,6 +122,78 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
             });
         }
     }
+}
+
+/// The leader proposes one bad command of its own, through Raft, as a confused or stale leader
+/// would. Some are bad whenever they are applied (an ack for an earlier epoch, a second outcome
+/// for a decided epoch, an old freeze epoch, an unknown node): accepting one is a violation at
+/// once. Others are only premature (a commit before every ack): the state machine must check
+/// again when it applies them, and the other checkers see the harm if it does not.
+async fn confused_leader(shared: &Shared) {
+    let picked = with(shared, |w| {
+        let replica = w.replicas[w.leader()?].running.clone()?;
+        let state = replica.read(|s| s.clone());
+        let mut commands = confused_commands(&state, w.now_ms());
+        if commands.is_empty() {
+            return None;
+        }
+        let (command, always_bad) = commands.swap_remove(w.rng.gen_range(0..commands.len()));
+        w.record(format_args!("fault: confused leader {} proposes {command:?}", replica.id));
+        Some((replica, command, always_bad))
+    });
+    let Some((replica, command, always_bad)) = picked else { return };
+    let write = replica.raft.client_write(command.clone());
+    let Ok(Ok(response)) = tokio::time::timeout(Duration::from_millis(2_000), write).await else { return };
+    with(shared, |w| {
+        w.record(format_args!("confused leader's {command:?} applied as {:?}", response.data));
+        if always_bad && !matches!(response.data, Applied::Rejected(_)) {
+            let now = w.now_us();
+            let what = format!("{command:?} applied as {:?}", response.data);
+            w.checker.violation(now, Violation::BadCommandAccepted { what });
+        }
+    });
+}
+
+/// Bad commands for `state`, each with whether it is bad whenever applied.
+fn confused_commands(state: &UpgradeState, now_ms: u64) -> Vec<(Command, bool)> {
+    let mut commands = Vec::new();
+    let Some(upgrade) = &state.current else { return commands };
+    let epoch = upgrade.epoch;
+    if epoch > Epoch(0) {
+        // Epochs only grow: an ack for an earlier epoch is stale whenever it is applied.
+        let stale = Epoch(epoch.0 - 1);
+        for node in &upgrade.plan.nodes {
+            let ack = if node.duties.contains(&Duty::Route) {
+                Ack::Frozen
+            } else {
+                Ack::Drained { final_position: Position(0), checksum_match: true }
+            };
+            commands.push((Command::Ack { node: node.name.clone(), epoch: stale, ack }, true));
+        }
+    }
+    for (e, outcome) in &state.outcomes {
+        let second = match outcome {
+            Outcome::Committed => Command::Abort { epoch: *e, reason: "confused".into(), now_ms },
+            Outcome::Aborted { .. } => Command::Commit { epoch: *e },
+        };
+        commands.push((second, true));
+    }
+    if state.last_epoch > Epoch(0) {
+        let old = Command::Freeze { epoch: state.last_epoch, now_ms, deadline_ms: now_ms + 1_000 };
+        commands.push((old, true));
+    }
+    let ghost = Command::Ack { node: NodeName::from("ghost"), epoch, ack: Ack::Frozen };
+    commands.push((ghost, true));
+    match upgrade.phase {
+        Phase::Freezing => commands.push((Command::Commit { epoch }, false)),
+        Phase::Syncing => {
+            let next = Epoch(state.last_epoch.0 + 1);
+            commands.push((Command::Commit { epoch: next }, false));
+            commands.push((Command::Abort { epoch: next, reason: "confused".into(), now_ms }, false));
+        }
+        _ => {}
+    }
+    commands
 }
 
 /// Random bytes, half of them behind a valid frame header (so the payload decoder is hit).

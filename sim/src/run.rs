@@ -183,7 +183,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         rng,
         net,
         procs,
-        replicas: replica_slots(config.coordinators),
+        replicas: replica_slots(config.coordinators, crate::config::Bug::apply(config.bug)),
         routers: Vec::new(),
         data: Vec::new(),
         mapping,

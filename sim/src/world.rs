@@ -348,6 +348,10 @@ impl World {
     pub fn scan_replicas(&mut self) {
         let now = self.now_us();
         for (i, r) in self.replicas.iter().enumerate() {
+            let found = read_applied(&r.disk, |a| self.checker.acks_counted.check(coordinator_addr(i), &a.state));
+            for v in found {
+                self.checker.violation(now, v);
+            }
             let outcomes: Vec<_> = read_applied(&r.disk, |a| {
                 a.state.outcomes.iter().map(|(e, o)| (*e, *o == Outcome::Committed)).collect()
             });
@@ -421,6 +425,9 @@ impl Transport for SimTransport {
         let sent = codec::encode_frame(&request).map_err(|e| TransportError::Codec(e.to_string())).and_then(|bytes| {
             let shared = self.world.upgrade().ok_or_else(|| TransportError::Unreachable("world ended".into()))?;
             Ok(with(&shared, |w| {
+                if let Request::Node(NodeRequest::Ack { node, epoch, ack }) = &request {
+                    w.checker.acks_counted.sent(node, *epoch, ack);
+                }
                 if let Some((router, epoch)) = frozen_ack {
                     // Checked where the ack leaves the router.
                     let found = w.checker.frozen_ack.acked(router, &w.routers[router].name, epoch);
@@ -508,9 +515,13 @@ pub fn crash_replica(shared: &Shared, index: usize) {
     }
 }
 
-/// Creates the replica slots (all down, fresh disks).
-pub fn replica_slots(count: usize) -> Vec<ReplicaSlot> {
+/// Creates the replica slots (all down, fresh disks, with the planted state-machine bug if any).
+pub fn replica_slots(count: usize, bug: Option<coordinator::upgrade::ApplyBug>) -> Vec<ReplicaSlot> {
     (0..count)
-        .map(|_| ReplicaSlot { disk: new_disk(), running: None, driver: None, skew_ms: Arc::new(AtomicI64::new(0)) })
+        .map(|_| {
+            let disk = new_disk();
+            disk.lock().unwrap_or_else(|p| p.into_inner()).bug = bug;
+            ReplicaSlot { disk, running: None, driver: None, skew_ms: Arc::new(AtomicI64::new(0)) }
+        })
         .collect()
 }

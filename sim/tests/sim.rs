@@ -131,6 +131,14 @@ fn planted_bug_act_before_persist_is_caught_within_50_seeds() {
     assert!(caught.is_some(), "a node acting before persisting was not caught within 50 seeds");
 }
 
+/// A state machine that counts an ack of an earlier epoch for the current one is caught when a
+/// confused leader proposes such an ack: the simulator sees that the node never sent it.
+#[test]
+fn planted_bug_count_stale_ack_is_caught_within_50_seeds() {
+    let caught = first_caught(Bug::CountStaleAck, |v| matches!(v, Violation::AckNeverSent { .. }));
+    assert!(caught.is_some(), "a state machine counting stale acks was not caught within 50 seeds");
+}
+
 #[test]
 fn without_faults_every_seed_switches_quickly() {
     let config = SimConfig { faults: FaultSet::NONE, ..SimConfig::default() };

@@ -143,7 +143,27 @@ impl Upgrade {
     }
 }
 
+/// Deliberately broken variants of `apply`, to prove the simulator's checkers catch them.
+#[cfg(feature = "planted-bugs")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyBug {
+    /// An ack for an earlier epoch is counted for the current one.
+    CountStaleAck,
+}
+
 impl UpgradeState {
+    /// [`UpgradeState::apply`] with a planted bug (simulator only).
+    #[cfg(feature = "planted-bugs")]
+    pub fn apply_planted(&mut self, command: &Command, bug: Option<ApplyBug>) -> Applied {
+        let current = self.current.as_ref().map(|u| u.epoch);
+        match (bug, command, current) {
+            (Some(ApplyBug::CountStaleAck), Command::Ack { node, epoch, ack }, Some(now)) if *epoch < now => {
+                self.apply(&Command::Ack { node: node.clone(), epoch: now, ack: ack.clone() })
+            }
+            _ => self.apply(command),
+        }
+    }
+
     /// Applies one committed command. Every precondition is checked here, and the state's
     /// invariants are asserted afterwards (a broken invariant is a bug, never an input error).
     pub fn apply(&mut self, command: &Command) -> Applied {

@@ -55,6 +55,9 @@ pub struct RaftDisk {
     pub snapshot: Option<StoredSnapshot>,
     pub snapshots_built: u64,
     pub snapshots_installed: u64,
+    /// A planted bug in the state machine (simulator only).
+    #[cfg(feature = "planted-bugs")]
+    pub bug: Option<coordinator_core::ApplyBug>,
 }
 
 /// A disk shared by successive incarnations of one replica.
@@ -234,6 +237,12 @@ impl RaftStateMachine<C> for StateMachineStore {
                 d.applied.last_applied = Some(entry.log_id);
                 let result = match entry.payload {
                     EntryPayload::Blank => Applied::Accepted,
+                    #[cfg(feature = "planted-bugs")]
+                    EntryPayload::Normal(command) => {
+                        let bug = d.bug;
+                        d.applied.state.apply_planted(&command, bug)
+                    }
+                    #[cfg(not(feature = "planted-bugs"))]
                     EntryPayload::Normal(command) => d.applied.state.apply(&command),
                     EntryPayload::Membership(membership) => {
                         d.applied.membership = StoredMembership::new(Some(entry.log_id), membership);

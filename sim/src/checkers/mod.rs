@@ -3,6 +3,7 @@
 //! not text). The checkers judge from what the simulator itself saw, never from the verdict of
 //! the code under test.
 //!
+//! - [`acks_counted`]: every ack the replicated state counts was sent by its node.
 //! - [`agreement`]: no two nodes act on different outcomes of an epoch; none acts on an
 //!   uncommitted decision; replicas agree on every outcome.
 //! - [`single_universe`]: no request reaches the old universe after one reached the new one.
@@ -21,6 +22,7 @@
 //!
 //! `ending.rs` runs the end-of-run checks on the world's final state.
 
+pub mod acks_counted;
 pub mod agreement;
 pub mod bounded_hold;
 pub mod durability;
@@ -54,6 +56,10 @@ pub enum Violation {
     ActedUncommitted { node: String, decision: Decision },
     /// Agreement: two nodes acted on different outcomes of one epoch.
     ConflictingOutcomes { node: String, decision: Decision, other_node: String, other: Decision },
+    /// Acks counted were sent: a replica's state counts an ack its node never sent.
+    AckNeverSent { replica: u64, node: String, epoch: Epoch, ack: String },
+    /// A command that is bad whenever it is applied (proposed by a confused leader) was accepted.
+    BadCommandAccepted { what: String },
     /// Agreement: two replicas applied different outcomes of one epoch.
     ReplicasDisagree { replica: u64, epoch: Epoch, committed: bool },
     /// Single universe: a request reached the old universe after one reached the new one.
@@ -121,6 +127,10 @@ impl fmt::Display for Violation {
             ConflictingOutcomes { node, decision, other_node, other } => {
                 write!(f, "agreement: {node} acted on {decision:?} but {other_node} acted on {other:?}")
             }
+            AckNeverSent { replica, node, epoch, ack } => {
+                write!(f, "acks counted: replica {replica} counts {ack} of {epoch} for {node}, which {node} never sent")
+            }
+            BadCommandAccepted { what } => write!(f, "state machine: a confused leader's {what}"),
             ReplicasDisagree { replica, epoch, committed } => {
                 write!(f, "agreement: replica {replica} applied {epoch} as committed={committed}, another did not")
             }
@@ -222,6 +232,7 @@ pub struct Checker {
     pub bounded_hold: bounded_hold::BoundedHold,
     pub mirrors: mirrors::Mirrors,
     pub frozen_ack: frozen_ack::FrozenAck,
+    pub acks_counted: acks_counted::AcksCounted,
 }
 
 impl Checker {
@@ -234,6 +245,7 @@ impl Checker {
             bounded_hold: bounded_hold::BoundedHold::new(hold_bound_ms),
             mirrors: Default::default(),
             frozen_ack: Default::default(),
+            acks_counted: Default::default(),
         }
     }
 

@@ -1,0 +1,110 @@
+//! Acks counted were sent: every ack the replicated state counts for a node is one that node
+//! sent (the simulator sees each ack leave its node). A state machine that counts an ack for
+//! the wrong epoch or the wrong node, or with another final position, breaks this at once,
+//! even when the premature commit it allows happens to harm nobody in that run.
+
+use super::Violation;
+use coordinator::upgrade::UpgradeState;
+use protocol::messages::Ack;
+use protocol::{Epoch, NodeName};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What a node sent, for one epoch: `Frozen`, `Switched`, and each `Drained` distinctly.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Sent {
+    Frozen,
+    Drained { final_position: u64, checksum_match: bool },
+    Switched,
+}
+
+impl From<&Ack> for Sent {
+    fn from(ack: &Ack) -> Sent {
+        match ack {
+            Ack::Frozen => Sent::Frozen,
+            Ack::Drained { final_position, checksum_match } => {
+                Sent::Drained { final_position: final_position.0, checksum_match: *checksum_match }
+            }
+            Ack::Switched => Sent::Switched,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct AcksCounted {
+    sent: BTreeMap<(NodeName, Epoch), BTreeSet<Sent>>,
+}
+
+impl AcksCounted {
+    /// `node` sent `ack` for `epoch`.
+    pub fn sent(&mut self, node: &NodeName, epoch: Epoch, ack: &Ack) {
+        self.sent.entry((node.clone(), epoch)).or_default().insert(Sent::from(ack));
+    }
+
+    fn was_sent(&self, node: &NodeName, epoch: Epoch, ack: Sent) -> bool {
+        self.sent.get(&(node.clone(), epoch)).is_some_and(|s| s.contains(&ack))
+    }
+
+    /// Checks every ack `state` counts (`replica`: whose applied state it is).
+    pub fn check(&self, replica: u64, state: &UpgradeState) -> Vec<Violation> {
+        let Some(upgrade) = &state.current else { return Vec::new() };
+        let mut found = Vec::new();
+        for (node, n) in &upgrade.nodes {
+            let mut counted = Vec::new();
+            if let Some(e) = n.frozen {
+                counted.push((e, Sent::Frozen));
+            }
+            if let Some((e, position, matched)) = n.drained {
+                counted.push((e, Sent::Drained { final_position: position.0, checksum_match: matched }));
+            }
+            if let Some(e) = n.switched {
+                counted.push((e, Sent::Switched));
+            }
+            for (epoch, ack) in counted {
+                if !self.was_sent(node, epoch, ack.clone()) {
+                    found.push(Violation::AckNeverSent {
+                        replica,
+                        node: node.to_string(),
+                        epoch,
+                        ack: format!("{ack:?}"),
+                    });
+                }
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coordinator::upgrade::{NodeState, Upgrade};
+    use protocol::plan::Plan;
+
+    #[test]
+    fn an_ack_counted_but_never_sent_is_a_violation() {
+        let plan_text = "[upgrade]\nname = \"t\"\n\n[[nodes]]\nname = \"r\"\ntier = \"web\"\nduties = [\"route\"]\n";
+        let plan = Plan::from_toml("t.toml", plan_text).expect("a valid plan");
+        let node = NodeName::from("r");
+        let mut nodes = BTreeMap::new();
+        nodes.insert(node.clone(), NodeState { frozen: Some(Epoch(2)), ..NodeState::default() });
+        let upgrade = Upgrade {
+            id: protocol::UpgradeId(1),
+            token: "t".into(),
+            plan,
+            phase: protocol::messages::Phase::Freezing,
+            epoch: Epoch(2),
+            attempts: 2,
+            switch_requested: false,
+            freeze_deadline_ms: 0,
+            retry_not_before_ms: 0,
+            nodes,
+            last_abort_reason: None,
+        };
+        let state = UpgradeState { current: Some(upgrade), ..UpgradeState::default() };
+        let mut acks = AcksCounted::default();
+        acks.sent(&node, Epoch(1), &Ack::Frozen);
+        assert!(matches!(&acks.check(1, &state)[..], [Violation::AckNeverSent { .. }]), "sent for epoch 1 only");
+        acks.sent(&node, Epoch(2), &Ack::Frozen);
+        assert!(acks.check(1, &state).is_empty());
+    }
+}
