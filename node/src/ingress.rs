@@ -124,11 +124,15 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
                 match ready_now(&mut write) {
                     Some(Ok(())) => return Some(IngressInput::Persisted(record)),
                     Some(Err(_)) => ctx.stop(),
-                    // The mailbox waits until the record is durable.
-                    None => ctx.wait(write.into_actor(self).map(move |result, act, ctx| match result {
-                        Ok(()) => act.feed(ctx, IngressInput::Persisted(record)),
-                        Err(_) => ctx.stop(),
-                    })),
+                    // The node goes on while the record is written (a slow disk must not stall
+                    // hold deadlines): the core acts on a decision only once told it is durable,
+                    // and asks for one record at a time.
+                    None => {
+                        ctx.spawn(write.into_actor(self).map(move |result, act, ctx| match result {
+                            Ok(()) => act.feed(ctx, IngressInput::Persisted(record)),
+                            Err(_) => ctx.stop(),
+                        }));
+                    }
                 }
             }
             IngressOutput::Event(event) => self.io.event(event),

@@ -4,9 +4,10 @@
 //!
 //! An actor does exactly this: it feeds one message, I/O completion or timer to its core as one
 //! input, maps each output to one I/O call, and re-arms one timer at the core's next deadline.
-//! Nothing else: every decision is the core's. A persist and a store operation block the
-//! actor's mailbox until they finish (`ctx.wait`), so no other input reaches the core between
-//! a persist and its `Persisted`. Every task an actor starts lives inside the actor's own
+//! Nothing else: every decision is the core's. A store operation blocks the actor's mailbox
+//! until it finishes (`ctx.wait`: one database operation at a time). A persist does not: the
+//! node goes on (a slow disk must not stall hold deadlines) and the core acts on the decision
+//! only when `Persisted` comes back. Every task an actor starts lives inside the actor's own
 //! future: stopping the actor (or aborting the task returned by [`start_local`]) ends them all,
 //! as a crash does.
 //!

@@ -24,6 +24,9 @@ pub enum FaultEvent {
     Isolate { target: Target, duration_ms: u64 },
     /// Crash; restart after `down_ms` (`None`: stays down until the faults heal).
     Crash { target: Target, down_ms: Option<u64> },
+    /// Crash a node and lose its disk (it restarts with an empty one; a data node's stores are
+    /// databases of their own and stay).
+    LoseDisk { target: Target, down_ms: u64 },
     /// Jump a coordinator's clock.
     ClockJump { replica: usize, delta_ms: i64 },
     /// Drop the next `count` views carrying `Commit` to this router.
@@ -65,6 +68,9 @@ pub struct FaultPlan {
     pub max_attempts: u32,
     /// `switch = "manual"`: the operator asks for the switch until it is accepted.
     pub manual_switch: bool,
+    /// A node's disk write takes up to this long (a crash can land between the write and the
+    /// node learning it is durable).
+    pub disk_delay_us_max: u64,
 }
 
 impl FaultPlan {
@@ -84,6 +90,7 @@ impl FaultPlan {
             triggered: Vec::new(),
             max_attempts: if f.any() { rng.gen_range(1..=3) } else { 3 },
             manual_switch: f.operator && rng.gen_bool(0.3),
+            disk_delay_us_max: if f.crash && rng.gen_bool(0.5) { rng.gen_range(0..5_000) } else { 0 },
         };
         let at = |rng: &mut ChaCha8Rng| rng.gen_range(300..safety_ms);
         if f.partition {
@@ -104,6 +111,13 @@ impl FaultPlan {
             for _ in 0..rng.gen_range(0..=3) {
                 let down_ms = if rng.gen_bool(0.2) { None } else { Some(rng.gen_range(200..3_000)) };
                 plan.timed.push((at(rng), FaultEvent::Crash { target: random_target(config, rng), down_ms }));
+            }
+            if rng.gen_bool(0.2) {
+                let target = match rng.gen_range(0..2) {
+                    0 => Target::Router(rng.gen_range(0..config.routers)),
+                    _ => Target::Data(rng.gen_range(0..config.data_nodes)),
+                };
+                plan.timed.push((at(rng), FaultEvent::LoseDisk { target, down_ms: rng.gen_range(200..3_000) }));
             }
         }
         if f.clock {
@@ -178,6 +192,7 @@ impl FaultPlan {
             triggered: vec![Triggered { when, event }],
             max_attempts: 3,
             manual_switch: false,
+            disk_delay_us_max: 0,
         }
     }
 }

@@ -5,6 +5,7 @@ use crate::faults::{Condition, FaultEvent, Target};
 use crate::net::ProcId;
 use crate::world::*;
 use crate::checkers::Violation;
+use node_core::NodeRecord;
 use coordinator::upgrade::{Applied, Command, Outcome, UpgradeState};
 use protocol::messages::{Ack, CliRequest, CliResponse, Phase, Request, Response};
 use protocol::{Duty, Epoch, NodeName, Position};
@@ -80,6 +81,18 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
                     }
                 });
             }
+        }
+        FaultEvent::LoseDisk { target, down_ms } => {
+            let Some(addr) = with(shared, |w| w.resolve(target)) else { return };
+            crash(shared, addr);
+            with(shared, |w| w.lose_disk(addr));
+            let shared = shared.clone();
+            tokio::task::spawn_local(async move {
+                tokio::time::sleep(Duration::from_millis(down_ms)).await;
+                if !with(&shared, |w| w.healed) {
+                    restart(&shared, addr).await;
+                }
+            });
         }
         FaultEvent::Garbage { target, frames } => {
             with(shared, |w| {
@@ -256,6 +269,29 @@ pub(crate) async fn heal(shared: &Shared) {
 }
 
 impl World {
+    /// A fresh, empty node disk (its id drawn from the seed, as a real shell draws one at random).
+    pub fn fresh_disk(&mut self) -> NodeRecord {
+        NodeRecord { disk_id: self.rng.gen(), ..NodeRecord::default() }
+    }
+
+    /// A crashed node's disk is lost: it will start from an empty one.
+    pub fn lose_disk(&mut self, addr: u64) {
+        let fresh = self.fresh_disk();
+        let name = match ProcId::of(addr) {
+            ProcId::Router(i) => {
+                self.routers[i].disk = fresh;
+                self.routers[i].name.clone()
+            }
+            ProcId::Data(i) => {
+                self.data[i].disk = fresh;
+                self.data[i].name.clone()
+            }
+            ProcId::Coordinator(_) | ProcId::Operator => return,
+        };
+        self.checker.durability.disk_lost(&name);
+        self.record(format_args!("{name} lost its disk"));
+    }
+
     /// The address a fault target names now.
     pub fn resolve(&self, target: Target) -> Option<u64> {
         match target {

@@ -1,7 +1,8 @@
 //! I/O that every simulated node has: its disk and its clock.
 
 use crate::net::ProcId;
-use crate::world::{virtual_now, with, World};
+use crate::world::{detached, virtual_now, with, World};
+use rand::Rng;
 use node::io::{DiskError, NodeDisk};
 use node_core::NodeRecord;
 use std::future::Future;
@@ -23,28 +24,69 @@ pub struct SimDisk {
     pub(crate) incarnation: u64,
 }
 
-impl NodeDisk for SimDisk {
-    fn persist(&self, record: NodeRecord) -> impl Future<Output = Result<(), DiskError>> + 'static {
-        let written = self.world.upgrade().is_some_and(|shared| {
-            with(&shared, |w| {
-                if !w.is_up(self.node.addr(), self.incarnation) {
-                    return false;
+/// Writes `record` to the disk of `node` if its incarnation is still up.
+fn write(world: &Weak<Mutex<World>>, node: ProcId, incarnation: u64, record: NodeRecord) -> bool {
+    world.upgrade().is_some_and(|shared| {
+        with(&shared, |w| {
+            if !w.is_up(node.addr(), incarnation) {
+                return false;
+            }
+            let name = match node {
+                ProcId::Data(i) => {
+                    w.data[i].disk = record;
+                    w.data[i].name.clone()
                 }
-                let name = match self.node {
-                    ProcId::Data(i) => {
-                        w.data[i].disk = record;
-                        w.data[i].name.clone()
+                ProcId::Router(i) => {
+                    w.routers[i].disk = record;
+                    w.routers[i].name.clone()
+                }
+                ProcId::Coordinator(_) | ProcId::Operator => unreachable!("only nodes have a node disk"),
+            };
+            w.note_persisted(&name, record.decision);
+            true
+        })
+    })
+}
+
+impl NodeDisk for SimDisk {
+    /// A write takes a drawn time (none in seeds without slow disks). It lands on the disk either
+    /// at once or only when it completes, so a crash in between leaves either a record the node
+    /// never learnt was durable or no record: both must be safe.
+    fn persist(&self, record: NodeRecord) -> impl Future<Output = Result<(), DiskError>> + 'static {
+        let (world, node, incarnation) = (self.world.clone(), self.node, self.incarnation);
+        let (delay_us, early) = world
+            .upgrade()
+            .map(|shared| {
+                with(&shared, |w| match w.faults.disk_delay_us_max {
+                    0 => (0, true),
+                    max => {
+                        let delay_us = w.rng.gen_range(0..=max);
+                        (delay_us, delay_us == 0 || w.rng.gen_bool(0.5))
                     }
-                    ProcId::Router(i) => {
-                        w.routers[i].disk = record;
-                        w.routers[i].name.clone()
-                    }
-                    ProcId::Coordinator(_) | ProcId::Operator => unreachable!("only nodes have a node disk"),
-                };
-                w.note_persisted(&name, record.decision);
-                true
+                })
             })
-        });
-        std::future::ready(if written { Ok(()) } else { Err(DiskError("the process is down".into())) })
+            .unwrap_or((0, true));
+        let written_early = early && write(&world, node, incarnation, record);
+        async move {
+            let written = if delay_us == 0 {
+                written_early
+            } else {
+                detached(tokio::time::sleep(std::time::Duration::from_micros(delay_us))).await;
+                if early {
+                    written_early && with_up(&world, node, incarnation)
+                } else {
+                    write(&world, node, incarnation, record)
+                }
+            };
+            if written {
+                Ok(())
+            } else {
+                Err(DiskError("the process is down".into()))
+            }
+        }
     }
+}
+
+fn with_up(world: &Weak<Mutex<World>>, node: ProcId, incarnation: u64) -> bool {
+    world.upgrade().is_some_and(|shared| with(&shared, |w| w.is_up(node.addr(), incarnation)))
 }

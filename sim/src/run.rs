@@ -220,10 +220,12 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         w.fidelity.shards =
             w.data.iter().map(|d| crate::checkers::fidelity::History::initial(d.old.tables())).collect();
         for i in 0..w.routers.len() {
+            w.routers[i].disk = w.fresh_disk();
             w.procs.get_mut(&w.routers[i].addr).expect("registered").up = false;
             w.restart_router(i);
         }
         for i in 0..w.data.len() {
+            w.data[i].disk = w.fresh_disk();
             w.procs.get_mut(&w.data[i].addr).expect("registered").up = false;
             w.restart_data(i);
         }

@@ -38,7 +38,9 @@ fn the_same_seed_gives_the_same_trace() {
 
 /// Seeds 0..200 under every fault kind, plus seeds that once found bugs (regressions):
 /// 3, 9, 14, 16, 18 (lost writes from reused request ids; retry spin; duplicate start) are in
-/// the range; 202 (a false mismatch before the bulk copy ended) is added.
+/// the range; 202 (a false mismatch before the bulk copy ended) is added. 18 and 71 lose a
+/// router's disk: request keys that named only the node and its boot count collided with those
+/// of its earlier disk (reads got other requests' answers) until keys carried the disk's id.
 #[test]
 fn two_hundred_faulty_seeds_keep_every_invariant_and_both_outcomes_occur() {
     let config = SimConfig::default();

@@ -127,7 +127,7 @@ pub struct IngressCore {
     durable: Durable,
     last_now_ms: u64,
     phase: Option<Phase>,
-    /// This node's part of every request key (a hash of its name).
+    /// This node's part of every request key (a hash of its name and its disk's id).
     origin: u64,
 }
 
@@ -142,11 +142,7 @@ impl IngressCore {
             durable: Durable::default(),
             last_now_ms: 0,
             phase: None,
-            origin: {
-                let mut h = Fnv::default();
-                h.bytes(config.agent.node.0.as_bytes());
-                h.0
-            },
+            origin: 0,
             config,
         }
     }
@@ -189,6 +185,12 @@ impl IngressCore {
         let mut out = Vec::new();
         match input {
             IngressInput::Boot { record } => {
+                // A node that lost its disk counts boots from zero again: its disk's id keeps
+                // its request keys apart from those of its earlier disk.
+                let mut h = Fnv::default();
+                h.bytes(self.config.agent.node.0.as_bytes());
+                h.bytes(&record.disk_id.to_le_bytes());
+                self.origin = h.0;
                 // The boot count is persisted before any request id of this boot is used.
                 out.push(IngressOutput::Persist(self.durable.boot(record)));
             }

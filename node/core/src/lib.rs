@@ -29,6 +29,10 @@ pub struct NodeRecord {
     /// How many times the node has started: request ids carry it, so that an id is never
     /// reused across restarts (data nodes answer a repeated id with the first answer).
     pub boots: u64,
+    /// Names this disk's life: the shell draws it at random when it formats an empty disk. A
+    /// node whose disk was lost or replaced starts counting boots again, so request keys carry
+    /// this too.
+    pub disk_id: u64,
 }
 
 /// A core's view of its node's record: what it last asked to persist, and whether the boot

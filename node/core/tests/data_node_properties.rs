@@ -408,7 +408,7 @@ impl<'a> Shell<'a> {
             core: make_core(config.clone()),
             config,
             now: 0,
-            disk: NodeRecord { decision: Decision::Initial, boots: case.boots },
+            disk: NodeRecord { decision: Decision::Initial, boots: case.boots, disk_id: 7 },
             old,
             new: MemStore::with_schema(&mapping.new_schema()),
             coordinator: Coordinator::new(),

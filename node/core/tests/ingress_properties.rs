@@ -281,7 +281,7 @@ impl<'a> Shell<'a> {
         Shell {
             core: IngressCore::new(config()),
             now: 0,
-            disk: NodeRecord { decision: Decision::Initial, boots },
+            disk: NodeRecord { decision: Decision::Initial, boots, disk_id: 7 },
             coordinator: Coordinator::new(),
             robust,
             sends: Vec::new(),

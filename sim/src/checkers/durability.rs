@@ -13,6 +13,11 @@ pub struct Durability {
 }
 
 impl Durability {
+    /// The node lost its disk: it starts from nothing, legitimately.
+    pub fn disk_lost(&mut self, node: &str) {
+        self.persisted.remove(node);
+    }
+
     pub fn persisted(&mut self, node: &str, decision: Decision) -> Option<Violation> {
         let previous = self.persisted.insert(node.to_string(), decision)?;
         (decision.order_key() < previous.order_key()).then(|| Violation::EpochWentBackwards {
@@ -44,6 +49,8 @@ mod tests {
         assert_eq!(d.persisted("r1", Decision::Commit(Epoch(1))), None);
         assert!(matches!(d.persisted("r1", Decision::Freeze(Epoch(1))), Some(Violation::EpochWentBackwards { .. })));
         assert_eq!(d.persisted("r2", Decision::Freeze(Epoch(1))), None, "per node");
+        d.disk_lost("r1");
+        assert_eq!(d.persisted("r1", Decision::Initial), None, "a new disk starts from nothing");
     }
 
     #[test]
