@@ -73,6 +73,8 @@ pub struct FaultSet {
     pub trigger: bool,
     /// A confused leader proposes stale or premature commands.
     pub confused: bool,
+    /// Lagging replicas answer watches with old views.
+    pub stale: bool,
 }
 
 impl FaultSet {
@@ -87,6 +89,7 @@ impl FaultSet {
         operator: true,
         trigger: true,
         confused: true,
+        stale: true,
     };
     pub const NONE: FaultSet = FaultSet {
         loss: false,
@@ -99,6 +102,7 @@ impl FaultSet {
         operator: false,
         trigger: false,
         confused: false,
+        stale: false,
     };
 
     /// The set of the kinds named (`all` and `none` stand for every kind and no kind).
@@ -127,6 +131,7 @@ impl FaultSet {
             FaultKind::Operator => &mut self.operator,
             FaultKind::Trigger => &mut self.trigger,
             FaultKind::Confused => &mut self.confused,
+            FaultKind::Stale => &mut self.stale,
             FaultKind::All | FaultKind::None => unreachable!("not a single kind"),
         }
     }
@@ -180,6 +185,9 @@ pub enum FaultKind {
     /// A confused leader proposes stale or premature commands (an old epoch's ack, a second
     /// outcome for a decided epoch, a commit before the acks): the state machine must refuse.
     Confused,
+    /// Lagging replicas answer a node's (non-linearizable) watches with views older than the
+    /// node has seen and persisted.
+    Stale,
 }
 
 /// Named scenarios (tests and `imago sim --scenario`).

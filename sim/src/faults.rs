@@ -68,6 +68,9 @@ pub struct FaultPlan {
     pub max_attempts: u32,
     /// `switch = "manual"`: the operator asks for the switch until it is accepted.
     pub manual_switch: bool,
+    /// Share of a node's non-linearizable watches answered with an older view it was sent before
+    /// (a lagging replica, or a replayed answer).
+    pub stale_views: f64,
     /// A node's disk write takes up to this long (a crash can land between the write and the
     /// node learning it is durable).
     pub disk_delay_us_max: u64,
@@ -91,6 +94,7 @@ impl FaultPlan {
             max_attempts: if f.any() { rng.gen_range(1..=3) } else { 3 },
             manual_switch: f.operator && rng.gen_bool(0.3),
             disk_delay_us_max: if f.crash && rng.gen_bool(0.5) { rng.gen_range(0..5_000) } else { 0 },
+            stale_views: if f.stale && rng.gen_bool(0.4) { rng.gen_range(0.05..0.5) } else { 0.0 },
         };
         let at = |rng: &mut ChaCha8Rng| rng.gen_range(300..safety_ms);
         if f.partition {
@@ -193,6 +197,7 @@ impl FaultPlan {
             max_attempts: 3,
             manual_switch: false,
             disk_delay_us_max: 0,
+            stale_views: 0.0,
         }
     }
 }

@@ -200,6 +200,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         next_user: config.initial_users as i64,
         next_item: config.initial_items as i64,
         lose_commit: BTreeMap::new(),
+        views_sent: BTreeMap::new(),
         me: std::sync::Weak::new(),
         plan,
         config,

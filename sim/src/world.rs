@@ -15,7 +15,8 @@ use coordinator::service::{Clock, Replica};
 use coordinator::upgrade::{Outcome, UpgradeState};
 use node_core::agent::AgentConfig;
 use protocol::codec;
-use protocol::messages::{Ack, NodeRequest, NodeResponse, Request, Response};
+use protocol::messages::{Ack, DecisionView, NodeRequest, NodeResponse, Request, Response};
+use rand::Rng;
 use protocol::plan::Plan;
 use protocol::schema::Mapping;
 use protocol::{Decision, Duty, NodeName};
@@ -30,6 +31,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 pub type Shared = Arc<Mutex<World>>;
+
+/// Views kept per node for the stale-view fault.
+const STALE_VIEWS_KEPT: usize = 8;
 
 /// Runs `f` with the world locked. Never call it while the world is locked.
 pub fn with<T>(shared: &Shared, f: impl FnOnce(&mut World) -> T) -> T {
@@ -117,6 +121,8 @@ pub struct World {
     pub next_user: i64,
     pub next_item: i64,
     pub lose_commit: BTreeMap<Addr, u32>,
+    /// Views recently sent to each node (for the stale-view fault).
+    pub views_sent: BTreeMap<NodeName, std::collections::VecDeque<DecisionView>>,
     pub me: Weak<Mutex<World>>,
 }
 
@@ -227,13 +233,31 @@ impl World {
                         // Boxed: the replica's request future is large, and tokio would otherwise
                         // copy it whole into and out of the task cell.
                         tokio::spawn(Box::pin(async move {
-                            let response = match codec::decode_frame::<Request>(&bytes) {
-                                Ok(Some((request, _))) => replica.handle(request).await,
-                                Ok(None) => Response::Error { reason: "truncated frame".into() },
-                                Err(e) => Response::Error { reason: e.to_string() },
+                            let (response, watcher) = match codec::decode_frame::<Request>(&bytes) {
+                                Ok(Some((request, _))) => {
+                                    // Whose non-linearizable watch this is (a lagging replica may
+                                    // answer it with an old view).
+                                    let watcher = match &request {
+                                        Request::Node(NodeRequest::Watch { node, linearizable: false, .. }) => {
+                                            Some(node.clone())
+                                        }
+                                        _ => None,
+                                    };
+                                    (replica.handle(request).await, watcher)
+                                }
+                                Ok(None) => (Response::Error { reason: "truncated frame".into() }, None),
+                                Err(e) => (Response::Error { reason: e.to_string() }, None),
                             };
-                            let answer = codec::encode_frame(&response).expect("responses encode");
-                            with(&shared, |w| w.reply(to, info.incarnation, from, answer, slot, caller_inc));
+                            with(&shared, |w| {
+                                let response = match (watcher, response) {
+                                    (Some(node), Response::Node(NodeResponse::View(view))) => {
+                                        Response::Node(NodeResponse::View(w.maybe_stale(&node, view)))
+                                    }
+                                    (_, response) => response,
+                                };
+                                let answer = codec::encode_frame(&response).expect("responses encode");
+                                w.reply(to, info.incarnation, from, answer, slot, caller_inc)
+                            });
                         }));
                     }
                     // Routers and the operator serve no requests.
@@ -241,6 +265,27 @@ impl World {
                 }
             }
         }
+    }
+
+    /// The stale-view fault: the answer to a node's non-linearizable watch is, at the seed's
+    /// rate, a view sent to that node before (a lagging replica's, or a replayed one); otherwise
+    /// `view`, remembered for later.
+    fn maybe_stale(&mut self, node: &NodeName, view: DecisionView) -> DecisionView {
+        let rate = self.faults.stale_views;
+        if rate <= 0.0 || self.healed {
+            return view;
+        }
+        let seen = self.views_sent.entry(node.clone()).or_default();
+        if !seen.is_empty() && self.rng.gen_bool(rate) {
+            let old = seen[self.rng.gen_range(0..seen.len())].clone();
+            self.record(format_args!("fault: {node} gets an old view {} ({:?})", old.version, old.decision));
+            return old;
+        }
+        if seen.len() >= STALE_VIEWS_KEPT {
+            seen.pop_front();
+        }
+        seen.push_back(view.clone());
+        view
     }
 
     /// Sends the answer to a request (nothing if the server restarted since it got it).

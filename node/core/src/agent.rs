@@ -306,6 +306,11 @@ impl AgentCore {
         } else {
             self.stale_watches = 0;
         }
+        if self.linearized && view.version < self.known_version {
+            // An older view (a lagging replica's, or a replayed answer): nothing in it is news,
+            // and taking it would undo what newer views said (acks owed, registration, phase).
+            return;
+        }
         self.known_version = self.known_version.max(view.version);
         self.registered = view.registered;
         let epoch = view.decision.epoch();
@@ -480,6 +485,33 @@ mod tests {
         assert!(out.contains(&AgentOutput::Act(Decision::Commit(Epoch(2)))), "re-acts on its persisted decision");
         assert!(!out.iter().any(|o| matches!(o, AgentOutput::Persist(_))));
         assert_eq!(a.persisted(), Decision::Commit(Epoch(2)));
+    }
+
+    /// Regression (the simulator's stale-view fault): an older view once dropped the acks owed
+    /// for the current decision, so a `Switched` ack was never sent and the upgrade never ended.
+    #[test]
+    fn an_older_view_after_a_newer_one_changes_nothing() {
+        let mut a = agent();
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Freeze(Epoch(1)) });
+        let id = sends(&out)[0].0;
+        let out =
+            a.handle(1, AgentInput::Response { id, response: NodeResponse::View(view(5, Decision::Commit(Epoch(1)))) });
+        a.handle(2, AgentInput::Persisted(Decision::Commit(Epoch(1))));
+        let out2 = a.handle(3, AgentInput::OweAck { epoch: Epoch(1), ack: Ack::Switched });
+        let watch = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Watch { .. })).unwrap().0;
+        let ack = sends(&out2).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Ack { .. })).unwrap().0;
+        // The ack's answer is lost; an old view (Freeze) answers the watch.
+        let out = a.handle(
+            4,
+            AgentInput::Response { id: watch, response: NodeResponse::View(view(3, Decision::Freeze(Epoch(1)))) },
+        );
+        assert!(!out.iter().any(|o| matches!(o, AgentOutput::View(_) | AgentOutput::Persist(_) | AgentOutput::Act(_))));
+        let out = a.handle(5, AgentInput::Response { id: ack, response: NodeResponse::Unknown { reason: "lost".into() } });
+        let resent = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Ack { .. }));
+        assert!(
+            matches!(resent, Some((_, _, NodeRequest::Ack { ack: Ack::Switched, .. }))),
+            "the Switched ack is still owed: {out:?}"
+        );
     }
 
     #[test]
