@@ -424,8 +424,10 @@ impl Stores for TestStores {
                 StoreResult::Changes { changes, last }
             }
             StoreOp::Apply(batch) => {
-                new.apply_batch(&batch);
-                StoreResult::Applied
+                match new.apply_batch(&batch) {
+                    Ok(()) => StoreResult::Applied,
+                    Err(stale) => StoreResult::ApplyRefused(stale),
+                }
             }
             StoreOp::Fence => StoreResult::Fenced { final_position: old.fence() },
             StoreOp::Unfence => {

@@ -168,7 +168,7 @@ pub enum FaultKind {
     Loss,
     /// Delays and reordering.
     Delay,
-    /// Messages delivered twice.
+    /// Messages delivered twice, and transform batches delivered to the new store again.
     Duplicate,
     /// Symmetric and asymmetric partitions, and processes cut off from the coordinators.
     Partition,

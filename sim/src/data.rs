@@ -5,7 +5,7 @@
 
 use crate::app::{self, AppOp};
 use crate::checkers::fidelity::History;
-use crate::checkers::{AdmissionPoint, Violation};
+use crate::checkers::{applied_once, AdmissionPoint, Violation};
 use crate::config::Bug;
 use crate::net::ProcId;
 use crate::node_io::{sim_clock, SimClock, SimDisk};
@@ -15,7 +15,8 @@ use crate::world::{with, SimTransport, World};
 use node::data_node::{DataBoot, DataNodeActor, DataRequest as ActorRequest};
 use node::io::Stores;
 use node_core::data_node::{DataEvent, DataNodeConfig, DataNodeCore, StoreOp, StoreResult};
-use node_core::store::{MemStore, NewStore, OldStore};
+use node_core::store::{Batch, MemStore, NewStore, OldStore};
+use rand::Rng;
 use node_core::StoreAnswer;
 use protocol::codec;
 use protocol::schema::RowOp;
@@ -30,6 +31,8 @@ const TRANSFORM_INTERVAL_MS: u64 = 10;
 const TRANSFORM_IDLE_MS: u64 = 50;
 /// Most request answers a data node remembers for idempotency.
 const ANSWERS_MAX: usize = 65_536;
+/// Batches kept per shard for the re-delivery fault.
+const BATCHES_KEPT: usize = 4;
 /// Small, so that pruning the change log happens within a seed.
 const CHANGE_LOG_APPLIED_MAX: u64 = 40;
 
@@ -128,14 +131,25 @@ impl World {
                 StoreResult::Changes { changes, last }
             }
             StoreOp::Apply(batch) => {
-                d.new.apply_batch(&batch);
-                let position = batch.checkpoint.applied;
-                if let Some(what) = self.fidelity.check_batch(i, &self.mapping, &batch.ops, position, &self.data[i].new)
-                {
-                    let (now, name) = (self.now_us(), self.data[i].name.clone());
-                    self.checker.violation(now, Violation::TransformFidelity { node: name, what });
-                }
-                StoreResult::Applied
+                let before = d.new.checkpoint();
+                let accepted = d.new.apply_batch(&batch);
+                let found = applied_once::check(&d.name, &before, &batch, accepted.is_ok());
+                let now = self.now_us();
+                self.checker.found(now, found);
+                let result = match accepted {
+                    Ok(()) => {
+                        let position = batch.checkpoint.applied;
+                        let new = &self.data[i].new;
+                        if let Some(what) = self.fidelity.check_batch(i, &self.mapping, &batch.ops, position, new) {
+                            let name = self.data[i].name.clone();
+                            self.checker.violation(now, Violation::TransformFidelity { node: name, what });
+                        }
+                        StoreResult::Applied
+                    }
+                    Err(stale) => StoreResult::ApplyRefused(stale),
+                };
+                self.redeliver(i, batch);
+                result
             }
             StoreOp::Fence => {
                 let final_position = d.old.fence();
@@ -152,6 +166,33 @@ impl World {
                 StoreResult::Pruned
             }
         }
+    }
+
+    /// The re-delivery fault: at the seed's rate, a batch this store applied before comes again
+    /// (a retried commit whose first answer was lost, or a late duplicate). The store must
+    /// refuse it; the shell swallows the answer, as a driver's retry would.
+    fn redeliver(&mut self, i: usize, batch: Batch) {
+        let rate = self.faults.redeliver_batches;
+        if rate <= 0.0 || self.healed {
+            return;
+        }
+        let d = &mut self.data[i];
+        if d.delivered.len() >= BATCHES_KEPT {
+            d.delivered.pop_front();
+        }
+        d.delivered.push_back(batch);
+        if !self.rng.gen_bool(rate) {
+            return;
+        }
+        let old = self.data[i].delivered[self.rng.gen_range(0..self.data[i].delivered.len())].clone();
+        let d = &mut self.data[i];
+        let before = d.new.checkpoint();
+        let accepted = d.new.apply_batch(&old).is_ok();
+        let name = d.name.clone();
+        let found = applied_once::check(&name, &before, &old, accepted);
+        let now = self.now_us();
+        self.record(format_args!("fault: batch up to {} delivered again to {name}", old.checkpoint.applied.0));
+        self.checker.found(now, found);
     }
 
     fn data_event(&mut self, i: usize, event: DataEvent) {

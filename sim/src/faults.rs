@@ -71,6 +71,8 @@ pub struct FaultPlan {
     /// Share of a node's non-linearizable watches answered with an older view it was sent before
     /// (a lagging replica, or a replayed answer).
     pub stale_views: f64,
+    /// Share of transform batches after which the new store gets an earlier batch again.
+    pub redeliver_batches: f64,
     /// A node's disk write takes up to this long (a crash can land between the write and the
     /// node learning it is durable).
     pub disk_delay_us_max: u64,
@@ -95,6 +97,7 @@ impl FaultPlan {
             manual_switch: f.operator && rng.gen_bool(0.3),
             disk_delay_us_max: if f.crash && rng.gen_bool(0.5) { rng.gen_range(0..5_000) } else { 0 },
             stale_views: if f.stale && rng.gen_bool(0.4) { rng.gen_range(0.05..0.5) } else { 0.0 },
+            redeliver_batches: if f.duplicate && rng.gen_bool(0.4) { rng.gen_range(0.02..0.2) } else { 0.0 },
         };
         let at = |rng: &mut ChaCha8Rng| rng.gen_range(300..safety_ms);
         if f.partition {
@@ -198,6 +201,7 @@ impl FaultPlan {
             manual_switch: false,
             disk_delay_us_max: 0,
             stale_views: 0.0,
+            redeliver_batches: 0.0,
         }
     }
 }

@@ -9,7 +9,7 @@ use actix::Recipient;
 use node::data_node::DataRequest;
 use node::ingress::ClientRequest;
 use node_core::duties::router::Mode;
-use node_core::store::MemStore;
+use node_core::store::{Batch, MemStore};
 use node_core::NodeRecord;
 use protocol::schema::Schema;
 use std::collections::BTreeMap;
@@ -98,6 +98,8 @@ pub struct DataProc {
     pub new: MemStore,
     pub disk: NodeRecord,
     pub actor: Running<DataRequest<SimDataRequest>>,
+    /// Batches applied lately (the re-delivery fault sends one again).
+    pub delivered: std::collections::VecDeque<Batch>,
 }
 
 impl DataProc {
@@ -109,6 +111,7 @@ impl DataProc {
             new: MemStore::with_schema(new_schema),
             disk: NodeRecord::default(),
             actor: None,
+            delivered: Default::default(),
         }
     }
 }

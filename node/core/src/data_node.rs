@@ -20,7 +20,7 @@ use crate::agent::{AgentConfig, AgentCore, AgentInput, AgentOutput};
 use crate::duties::drain::{DrainCore, DrainInput, DrainOutput};
 use crate::duties::transform::{Batch, Checkpoint, CopyState, TransformCore, TransformError, Work};
 use crate::duties::validate::row_hash;
-use crate::store::{Chunk, RowCursor, SnapshotId};
+use crate::store::{Chunk, RowCursor, SnapshotId, StaleBatch};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{Ack, NodeReport, NodeRequest, NodeResponse};
 use protocol::schema::{Mapping, RowOp};
@@ -56,7 +56,8 @@ pub enum StoreOp {
     ReadSnapshot { snapshot: SnapshotId, after: RowCursor, limit: usize },
     /// Old store: captured changes → [`StoreResult::Changes`].
     ReadChanges { after: Position, limit: usize },
-    /// New store: apply atomically → [`StoreResult::Applied`].
+    /// New store: apply atomically, on top of the batch's base → [`StoreResult::Applied`] or
+    /// [`StoreResult::ApplyRefused`].
     Apply(Batch),
     /// Old store: fence → [`StoreResult::Fenced`].
     Fence,
@@ -78,6 +79,8 @@ pub enum StoreResult {
     SnapshotGone,
     Changes { changes: Vec<(Position, RowOp)>, last: Position },
     Applied,
+    /// The new store refused the batch (its checkpoint is not the batch's base).
+    ApplyRefused(StaleBatch),
     Fenced { final_position: Position },
     Unfenced,
     Rows(Chunk),
@@ -507,6 +510,15 @@ impl DataNodeCore {
                 let outs = self.drain_mut().handle(DrainInput::Applied { position: applied });
                 self.drain_outputs(now_ms, outs, out);
                 self.report(now_ms, out);
+                None
+            }
+            (Pending::Apply { .. }, StoreResult::ApplyRefused(stale)) => {
+                // Something else moved the new store's checkpoint: what this core believed
+                // applied is not. Start again from what the store holds (as after a restart).
+                let found = stale.found.clone();
+                out.push(DataOutput::Event(DataEvent::TransformFailed(TransformError::StaleBatch(stale))));
+                self.store_bulk_done = found.copy == CopyState::Done;
+                self.transform = Some(TransformCore::new(self.config.mapping.clone(), found));
                 None
             }
             (Pending::Fence(epoch), StoreResult::Fenced { final_position }) => {

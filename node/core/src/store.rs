@@ -75,8 +75,9 @@ pub trait OldStore {
 pub trait NewStore {
     /// The checkpoint stored with the data (what a restarted transform resumes from).
     fn checkpoint(&self) -> Checkpoint;
-    /// Applies `batch.reset` (if set), its ops and its checkpoint in one transaction.
-    fn apply_batch(&mut self, batch: &Batch);
+    /// Applies `batch.reset` (if set), its ops and its checkpoint in one transaction, if the
+    /// store's checkpoint is `batch.base` (compare and set); otherwise changes nothing.
+    fn apply_batch(&mut self, batch: &Batch) -> Result<(), StaleBatch>;
     /// Order-independent checksum of every row ([`row_hash`] summed).
     fn checksum(&self) -> u64;
 }
@@ -102,13 +103,26 @@ pub struct Checkpoint {
     pub copy: CopyState,
 }
 
-/// Writes for the new store plus the checkpoint they reach; apply all of it atomically.
+/// Writes for the new store plus the checkpoint they reach; apply all of it atomically, and
+/// only on top of `base`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch {
+    /// The checkpoint this batch continues from. The store applies the batch only if its own
+    /// checkpoint is this one, so a batch delivered twice (a retried commit whose first answer
+    /// was lost, a late duplicate) is refused instead of applied again.
+    pub base: Checkpoint,
     /// Empty the new universe's tables first (a copy that starts over).
     pub reset: bool,
     pub ops: Vec<RowOp>,
     pub checkpoint: Checkpoint,
+}
+
+/// A batch refused because the store's checkpoint is not the batch's base.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a batch based on {base:?} was refused: the store's checkpoint is {found:?}")]
+pub struct StaleBatch {
+    pub base: Checkpoint,
+    pub found: Checkpoint,
 }
 
 /// One universe's store, in memory.
@@ -248,7 +262,10 @@ impl NewStore for MemStore {
         self.checkpoint.clone()
     }
 
-    fn apply_batch(&mut self, batch: &Batch) {
+    fn apply_batch(&mut self, batch: &Batch) -> Result<(), StaleBatch> {
+        if self.checkpoint != batch.base {
+            return Err(StaleBatch { base: batch.base.clone(), found: self.checkpoint.clone() });
+        }
         if batch.reset {
             for rows in self.tables.values_mut() {
                 rows.clear();
@@ -258,6 +275,7 @@ impl NewStore for MemStore {
             self.apply_op(op);
         }
         self.checkpoint = batch.checkpoint.clone();
+        Ok(())
     }
 
     fn checksum(&self) -> u64 {
@@ -314,10 +332,24 @@ mod tests {
     fn a_reset_batch_empties_the_tables_with_its_checkpoint() {
         let mut s = store();
         let before = s.checksum();
-        let batch = Batch { reset: true, ops: vec![upsert(9)], checkpoint: Checkpoint::default() };
-        s.apply_batch(&batch);
+        let at = Checkpoint { applied: Position(3), copy: CopyState::NotStarted };
+        let batch = Batch { base: Checkpoint::default(), reset: true, ops: vec![upsert(9)], checkpoint: at.clone() };
+        s.apply_batch(&batch).unwrap();
         assert_eq!(s.tables()["t"].keys().copied().collect::<Vec<_>>(), vec![9]);
         assert_ne!(s.checksum(), before);
+        assert_eq!(s.checkpoint(), at);
+    }
+
+    #[test]
+    fn a_batch_delivered_twice_is_refused_the_second_time() {
+        let mut s = store();
+        let next = Checkpoint { applied: Position(1), copy: CopyState::Done };
+        let batch = Batch { base: Checkpoint::default(), reset: false, ops: vec![upsert(9)], checkpoint: next.clone() };
+        s.apply_batch(&batch).unwrap();
+        s.write(&RowOp::Delete { table: "t".into(), key: 9 });
+        let again = s.apply_batch(&batch);
+        assert_eq!(again, Err(StaleBatch { base: Checkpoint::default(), found: next }));
+        assert!(s.get("t", 9).is_none(), "the refused batch changed nothing");
     }
 
     #[test]

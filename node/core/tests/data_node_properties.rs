@@ -104,8 +104,10 @@ fn perform(old: &mut impl OldStore, new: &mut impl NewStore, op: &StoreOp) -> St
             StoreResult::Changes { changes, last }
         }
         StoreOp::Apply(batch) => {
-            new.apply_batch(batch);
-            StoreResult::Applied
+            match new.apply_batch(batch) {
+                Ok(()) => StoreResult::Applied,
+                Err(stale) => StoreResult::ApplyRefused(stale),
+            }
         }
         StoreOp::Fence => StoreResult::Fenced { final_position: old.fence() },
         StoreOp::Unfence => {

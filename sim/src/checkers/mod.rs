@@ -16,6 +16,7 @@
 //!   the simulator, not by the validator).
 //! - [`reads`]: every read a client gets agrees with the writes acknowledged before it.
 //! - [`lost_writes`]: at the end, acknowledged writes are present and failed ones absent.
+//! - [`applied_once`]: the new store refuses a batch delivered again.
 //! - [`exactly_once`]: at the end, everything captured was applied, and every counter counts
 //!   each acknowledged increment once.
 //! - [`liveness`]: the upgrade ends.
@@ -23,6 +24,7 @@
 //! `ending.rs` runs the end-of-run checks on the world's final state.
 
 pub mod acks_counted;
+pub mod applied_once;
 pub mod agreement;
 pub mod bounded_hold;
 pub mod durability;
@@ -85,6 +87,8 @@ pub enum Violation {
     ChecksumsDiffer { node: String, final_position: Position },
     /// Exactly once: captured and applied positions differ at the end.
     NotExactlyOnce { node: String, captured: Position, applied: Position },
+    /// Applied once: the new store accepted a batch not built on its checkpoint (delivered again).
+    AppliedTwice { node: String, base: String, found: String },
     /// Exactly once: an item's bid counter at the end is not the bids acknowledged (at
     /// least) and not failed (at most).
     BidsMiscounted { item: i64, counted: i64, acked: i64, possible: i64 },
@@ -177,6 +181,9 @@ impl fmt::Display for Violation {
             ),
             NotExactlyOnce { node, captured, applied } => {
                 write!(f, "exactly once: {node} captured {} changes but applied {}", captured.0, applied.0)
+            }
+            AppliedTwice { node, base, found } => {
+                write!(f, "applied once: {node} accepted a batch based on {base} while its checkpoint was {found}")
             }
             BidsMiscounted { item, counted, acked, possible } => write!(
                 f,

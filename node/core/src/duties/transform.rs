@@ -37,6 +37,9 @@ pub enum TransformError {
     Gap { expected: u64, got: u64 },
     #[error(transparent)]
     Convert(#[from] ConvertError),
+    /// The new store refused a batch: something else moved its checkpoint.
+    #[error(transparent)]
+    StaleBatch(#[from] crate::store::StaleBatch),
 }
 
 /// Rows and changes per step (explicit limits, TigerBeetle style).
@@ -118,12 +121,13 @@ impl TransformCore {
     pub fn copy_started(&mut self, snapshot: SnapshotId, snapshot_at: Position) -> Batch {
         assert_eq!(self.next_work(), Work::Snapshot, "a snapshot opened while none was asked for");
         self.snapshot = Some(snapshot);
+        let base = self.checkpoint.clone();
         #[cfg(feature = "planted-bugs")]
         if self.bug == Some(TransformBug::ResumeCopyFromNewSnapshot) && self.checkpoint.copy != CopyState::NotStarted {
-            return Batch { reset: false, ops: Vec::new(), checkpoint: self.checkpoint.clone() };
+            return Batch { base, reset: false, ops: Vec::new(), checkpoint: self.checkpoint.clone() };
         }
         self.checkpoint = Checkpoint { applied: snapshot_at, copy: CopyState::Copying { snapshot_at, after: None } };
-        Batch { reset: true, ops: Vec::new(), checkpoint: self.checkpoint.clone() }
+        Batch { base, reset: true, ops: Vec::new(), checkpoint: self.checkpoint.clone() }
     }
 
     /// The copy's snapshot is gone (the store lost its connection): the copy starts over.
@@ -139,6 +143,7 @@ impl TransformCore {
             panic!("copy_chunk outside a copy: {:?}", self.checkpoint.copy);
         };
         let snapshot_at = *snapshot_at;
+        let base = self.checkpoint.clone();
         let mut ops = Vec::with_capacity(rows.len() * 2);
         let mut cursor = after.clone();
         for (table, key, row) in rows {
@@ -151,13 +156,14 @@ impl TransformCore {
         if last {
             self.snapshot = None;
         }
-        Ok(Batch { reset: false, ops, checkpoint: self.checkpoint.clone() })
+        Ok(Batch { base, reset: false, ops, checkpoint: self.checkpoint.clone() })
     }
 
     /// Converts captured changes (ascending positions). Positions at or before the checkpoint
     /// are skipped; the first new one must directly follow it.
     pub fn apply_changes(&mut self, changes: &[(Position, RowOp)]) -> Result<Batch, TransformError> {
         assert!(self.bulk_done(), "changes applied before the bulk copy finished");
+        let base = self.checkpoint.clone();
         let mut ops = Vec::new();
         let mut applied = self.checkpoint.applied;
         for (position, op) in changes {
@@ -175,7 +181,7 @@ impl TransformCore {
             ops.extend(self.mapping.convert(op)?);
         }
         self.checkpoint.applied = applied;
-        Ok(Batch { reset: false, ops, checkpoint: self.checkpoint.clone() })
+        Ok(Batch { base, reset: false, ops, checkpoint: self.checkpoint.clone() })
     }
 
     /// Changes captured but not yet applied.
