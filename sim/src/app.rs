@@ -211,6 +211,7 @@ pub fn plan_toml(
     data_nodes: usize,
     max_attempts: u32,
     hold_ms_max: u64,
+    hold_queue_max: u64,
     freeze_timeout_ms: u64,
     manual: bool,
 ) -> String {
@@ -226,7 +227,7 @@ lag_max = 50
 samples_min = 20
 mismatch_ratio_max = 0.0
 hold_ms_max = {hold_ms_max}
-hold_queue_max = 500
+hold_queue_max = {hold_queue_max}
 freeze_timeout_ms = {freeze_timeout_ms}
 retry_backoff_ms = 500
 "#

@@ -75,6 +75,8 @@ pub struct FaultSet {
     pub confused: bool,
     /// Lagging replicas answer watches with old views.
     pub stale: bool,
+    /// Small hold queues, bursts of client requests during a freeze, slow stores.
+    pub load: bool,
 }
 
 impl FaultSet {
@@ -90,6 +92,7 @@ impl FaultSet {
         trigger: true,
         confused: true,
         stale: true,
+        load: true,
     };
     pub const NONE: FaultSet = FaultSet {
         loss: false,
@@ -103,6 +106,7 @@ impl FaultSet {
         trigger: false,
         confused: false,
         stale: false,
+        load: false,
     };
 
     /// The set of the kinds named (`all` and `none` stand for every kind and no kind).
@@ -132,6 +136,7 @@ impl FaultSet {
             FaultKind::Trigger => &mut self.trigger,
             FaultKind::Confused => &mut self.confused,
             FaultKind::Stale => &mut self.stale,
+            FaultKind::Load => &mut self.load,
             FaultKind::All | FaultKind::None => unreachable!("not a single kind"),
         }
     }
@@ -188,6 +193,9 @@ pub enum FaultKind {
     /// Lagging replicas answer a node's (non-linearizable) watches with views older than the
     /// node has seen and persisted.
     Stale,
+    /// Small hold queues, bursts of client requests (writes too) during a freeze, and slow
+    /// stores (a drain that takes time).
+    Load,
 }
 
 /// Named scenarios (tests and `imago sim --scenario`).

@@ -11,7 +11,7 @@ use crate::net::ProcId;
 use crate::node_io::{sim_clock, SimClock, SimDisk};
 use crate::procs::{ReplyTo, SimDataRequest};
 use crate::wire::{DataRequest, DataResponse};
-use crate::world::{with, SimTransport, World};
+use crate::world::{detached, with, SimTransport, World};
 use node::data_node::{DataBoot, DataNodeActor, DataRequest as ActorRequest};
 use node::io::Stores;
 use node_core::data_node::{DataEvent, DataNodeConfig, DataNodeCore, StoreOp, StoreResult};
@@ -74,9 +74,25 @@ impl Stores for SimStores {
 
     fn store(&self, op: StoreOp) -> impl Future<Output = StoreResult> + 'static {
         let index = self.index;
-        // A dead process's store operations never complete (its actor is gone anyway).
-        let result = self.with(|w| w.store_op(index, op));
+        // A slow store (the load fault) takes a drawn time, and does the work at its end.
+        let delay_us = self
+            .with(|w| match w.faults.store_delay_us_max {
+                0 => 0,
+                max => w.rng.gen_range(0..=max),
+            })
+            .unwrap_or(0);
+        let early = (delay_us == 0).then(|| self.with(|w| w.store_op(index, op.clone())));
+        let (world, incarnation) = (self.world.clone(), self.incarnation);
         async move {
+            let result = match early {
+                Some(result) => result,
+                None => {
+                    detached(tokio::time::sleep(std::time::Duration::from_micros(delay_us))).await;
+                    let later = SimStores { world, index, incarnation };
+                    later.with(|w| w.store_op(index, op))
+                }
+            };
+            // A dead process's store operations never complete (its actor is gone anyway).
             match result {
                 Some(result) => result,
                 None => std::future::pending().await,
@@ -208,6 +224,7 @@ impl World {
             }
             DataEvent::Fenced { final_position } => {
                 self.record(format_args!("{name} fenced old store at {}", final_position.0));
+                self.fire_on(crate::faults::Condition::Fenced { data: i });
             }
             DataEvent::Compared { final_position, matched } => {
                 if !matched {

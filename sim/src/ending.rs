@@ -1,7 +1,9 @@
 //! How a seed ends: whether the cluster has settled, and the checks made at the very end.
 
 use crate::checkers::lost_writes::{self, UserSeen};
-use crate::checkers::{durability, exactly_once, liveness};
+use crate::app::AppOp;
+use crate::checkers::{availability, durability, exactly_once, liveness};
+use crate::oracle::ClientOutcome;
 use crate::world::*;
 use node_core::duties::router::Mode;
 use node_core::store::NewStore;
@@ -10,6 +12,39 @@ use protocol::schema::Value;
 use protocol::Universe;
 
 impl World {
+    /// One registration per shard, through routers in turn: the users they register.
+    pub(crate) fn send_probes(&mut self) -> Vec<(usize, i64)> {
+        let shards = self.config.data_nodes;
+        let mut probes = Vec::new();
+        for shard in 0..shards {
+            while self.next_user.rem_euclid(shards as i64) as usize != shard {
+                self.next_user += 1;
+            }
+            let id = self.next_user;
+            self.next_user += 1;
+            let op = AppOp::RegisterUser {
+                id,
+                name: format!("user{id}"),
+                email: format!("u{id}@example.org"),
+                bio: format!("probe{id}"),
+            };
+            self.client_arrival(shard % self.routers.len(), op);
+            probes.push((shard, id));
+        }
+        probes
+    }
+
+    /// Every probe was acknowledged.
+    pub(crate) fn check_probes(&mut self, probes: &[(usize, i64)]) {
+        let now = self.now_us();
+        for (shard, id) in probes {
+            let write = self.oracle.users.get(id).and_then(|u| u.registration()).copied();
+            let outcome = write.and_then(|w| w.outcome());
+            let found = availability::probe(*shard, outcome == Some(ClientOutcome::Acked), format!("{outcome:?}"));
+            self.checker.found(now, found);
+        }
+    }
+
     /// The upgrade ended and every router serves the final universe with nothing held.
     pub(crate) fn finished(&self) -> bool {
         let state = self.freshest_state();

@@ -37,7 +37,12 @@ pub enum FaultEvent {
     OperatorAbort,
     /// The leader proposes a stale or premature command of its own.
     ConfusedLeader,
+    /// `requests` client requests (the usual mix, writes too) within `over_ms`.
+    Burst { requests: u32, over_ms: u64 },
 }
+
+/// The plan's hold queue limit in seeds without a small one.
+pub const HOLD_QUEUE_MAX: u64 = 500;
 
 /// When a triggered fault fires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +51,10 @@ pub enum Condition {
     Freezing { after_ms: u64 },
     /// A data node is in the middle of its bulk copy.
     Copying { data: usize },
+    /// A router acts on a freeze (fires at once, before it can ack).
+    RouterFreezes { router: usize },
+    /// A data node fenced its old store (fires at once, mid-drain).
+    Fenced { data: usize },
 }
 
 /// A fault that fires on a condition.
@@ -73,6 +82,10 @@ pub struct FaultPlan {
     pub stale_views: f64,
     /// Share of transform batches after which the new store gets an earlier batch again.
     pub redeliver_batches: f64,
+    /// The plan's `hold_queue_max` (small in some seeds, so that queues fill).
+    pub hold_queue_max: u64,
+    /// A store operation of a data node takes up to this long.
+    pub store_delay_us_max: u64,
     /// A node's disk write takes up to this long (a crash can land between the write and the
     /// node learning it is durable).
     pub disk_delay_us_max: u64,
@@ -98,7 +111,14 @@ impl FaultPlan {
             disk_delay_us_max: if f.crash && rng.gen_bool(0.5) { rng.gen_range(0..5_000) } else { 0 },
             stale_views: if f.stale && rng.gen_bool(0.4) { rng.gen_range(0.05..0.5) } else { 0.0 },
             redeliver_batches: if f.duplicate && rng.gen_bool(0.4) { rng.gen_range(0.02..0.2) } else { 0.0 },
+            hold_queue_max: if f.load && rng.gen_bool(0.3) { rng.gen_range(2..40) } else { HOLD_QUEUE_MAX },
+            store_delay_us_max: if f.load && rng.gen_bool(0.3) { rng.gen_range(1_000..40_000) } else { 0 },
         };
+        if f.load && rng.gen_bool(0.5) {
+            let when = Condition::Freezing { after_ms: rng.gen_range(0..200) };
+            let event = FaultEvent::Burst { requests: rng.gen_range(50..400), over_ms: rng.gen_range(10..300) };
+            plan.triggered.push(Triggered { when, event });
+        }
         let at = |rng: &mut ChaCha8Rng| rng.gen_range(300..safety_ms);
         if f.partition {
             for _ in 0..rng.gen_range(0..=3) {
@@ -118,6 +138,24 @@ impl FaultPlan {
             for _ in 0..rng.gen_range(0..=3) {
                 let down_ms = if rng.gen_bool(0.2) { None } else { Some(rng.gen_range(200..3_000)) };
                 plan.timed.push((at(rng), FaultEvent::Crash { target: random_target(config, rng), down_ms }));
+            }
+            if rng.gen_bool(0.2) {
+                // A node lost for the rest of the faulty phase in the middle of a freeze (a
+                // router as it freezes, a data node as it fences): the freeze must be aborted
+                // at its deadline, not wait for the node.
+                let (when, target) = match rng.gen_range(0..2) {
+                    0 => {
+                        let router = rng.gen_range(0..config.routers);
+                        (Condition::RouterFreezes { router }, Target::Router(router))
+                    }
+                    _ => {
+                        let data = rng.gen_range(0..config.data_nodes);
+                        (Condition::Fenced { data }, Target::Data(data))
+                    }
+                };
+                plan.triggered.push(Triggered { when, event: FaultEvent::Crash { target, down_ms: None } });
+                // Long enough that a freeze left waiting for the node outlives its deadline.
+                plan.safety_ms = plan.safety_ms.max(8_000);
             }
             if rng.gen_bool(0.2) {
                 let target = match rng.gen_range(0..2) {
@@ -202,6 +240,8 @@ impl FaultPlan {
             disk_delay_us_max: 0,
             stale_views: 0.0,
             redeliver_batches: 0.0,
+            hold_queue_max: HOLD_QUEUE_MAX,
+            store_delay_us_max: 0,
         }
     }
 }

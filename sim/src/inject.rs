@@ -121,6 +121,20 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
                 }
             });
         }
+        FaultEvent::Burst { requests, over_ms } => {
+            let shared = shared.clone();
+            tokio::task::spawn_local(async move {
+                let gap = Duration::from_micros((over_ms * 1_000 / u64::from(requests.max(1))).max(1));
+                for _ in 0..requests {
+                    tokio::time::sleep(gap).await;
+                    with(&shared, |w| {
+                        let router = w.rng.gen_range(0..w.routers.len());
+                        let op = w.next_op();
+                        w.client_arrival(router, op);
+                    });
+                }
+            });
+        }
         FaultEvent::ConfusedLeader => {
             let shared = shared.clone();
             tokio::task::spawn_local(async move { confused_leader(&shared).await });
@@ -302,6 +316,33 @@ impl World {
         }
     }
 
+    /// Fires at once the triggered faults whose condition is `happened` (an event a node just
+    /// reported, which the ticker would see too late).
+    pub(crate) fn fire_on(&mut self, happened: Condition) {
+        if self.healed || !self.faults.triggered.iter().any(|t| t.when == happened) {
+            return;
+        }
+        let (due, keep) = std::mem::take(&mut self.faults.triggered).into_iter().partition(|t| t.when == happened);
+        self.faults.triggered = keep;
+        let Some(shared) = self.me.upgrade() else { return };
+        for t in due {
+            // A node crash lands right here, before the node can say anything more.
+            if let FaultEvent::Crash { target: target @ (Target::Router(_) | Target::Data(_)), down_ms: None } = t.event {
+                let line = format!("{:.3}s {:?} on {happened:?}", self.now_us() as f64 / 1e6, t.event);
+                self.record(format_args!("fault: {line}"));
+                self.stats.fault_log.push(line);
+                match target {
+                    Target::Router(i) => self.crash_router(i),
+                    Target::Data(i) => self.crash_data(i),
+                    Target::Coordinator(_) | Target::Leader => unreachable!("matched above"),
+                }
+                continue;
+            }
+            let shared = shared.clone();
+            tokio::task::spawn_local(async move { fire(&shared, t.event).await });
+        }
+    }
+
     /// Triggered faults whose condition now holds (each fires once).
     pub(crate) fn due_triggers(&mut self) -> Vec<(u64, FaultEvent)> {
         if self.healed || self.faults.triggered.is_empty() {
@@ -316,7 +357,10 @@ impl World {
                 Condition::Copying { data } if self.stats.copying_seen.get(&data).copied().unwrap_or(false) => {
                     due.push((0, t.event))
                 }
-                _ => keep.push(t),
+                Condition::Freezing { .. }
+                | Condition::Copying { .. }
+                | Condition::RouterFreezes { .. }
+                | Condition::Fenced { .. } => keep.push(t),
             }
         }
         self.faults.triggered = keep;

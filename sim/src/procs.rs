@@ -59,6 +59,8 @@ pub struct OpenRequest {
     pub op: AppOp,
     pub issued_us: u64,
     pub write: WriteRef,
+    /// The router forwarded it to a universe (it is no longer held).
+    pub forwarded: bool,
 }
 
 /// A running actor: where its messages go, and its task (aborting it is a crash).

@@ -4,7 +4,7 @@
 //! field that survives crashes.
 
 use crate::app::AppOp;
-use crate::checkers::{reads, AdmissionPoint};
+use crate::checkers::{hold_queue, reads, AdmissionPoint};
 use crate::config::Bug;
 use crate::net::ProcId;
 use crate::node_io::{sim_clock, SimClock, SimDisk};
@@ -65,6 +65,9 @@ impl Ingress for SimIngress {
                 w.checker.found(now, found);
                 if universe == Universe::Old {
                     w.checker.frozen_ack.forwarded(index, key.id);
+                }
+                if let Some(open) = w.routers[index].open.get_mut(&request.ticket) {
+                    open.forwarded = true;
                 }
             } else {
                 w.checker.mirrors.mirrored(index, key);
@@ -160,7 +163,10 @@ impl Ingress for SimIngress {
             RouterObserved { mode: router.mode(), held: router.held(), oldest_held_ms: router.oldest_held_ms() };
         if self.observed.replace(Some(observed)) != Some(observed) {
             let index = self.index;
-            self.with(|w| w.routers[index].observed = observed);
+            self.with(|w| {
+                w.routers[index].observed = observed;
+                w.check_hold_queue(index);
+            });
         }
     }
 }
@@ -178,8 +184,18 @@ impl World {
         };
         let ticket = router.next_ticket;
         router.next_ticket += 1;
-        router.open.insert(ticket, OpenRequest { op: op.clone(), issued_us: now, write });
+        router.open.insert(ticket, OpenRequest { op: op.clone(), issued_us: now, write, forwarded: false });
         actor.do_send(ClientRequest { read_only: op.read_only(), request: SimClient { ticket, op } });
+    }
+
+    /// Requests router `i` has taken (arrived before now) and neither forwarded nor answered
+    /// are held: never more than the plan's limit.
+    fn check_hold_queue(&mut self, i: usize) {
+        let now = self.now_us();
+        let router = &self.routers[i];
+        let held = router.open.values().filter(|o| !o.forwarded && o.issued_us < now).count();
+        let found = hold_queue::check(&router.name, held, self.plan.thresholds.hold_queue_max as usize);
+        self.checker.found(now, found);
     }
 
     pub fn crash_router(&mut self, i: usize) {

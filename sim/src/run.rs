@@ -63,6 +63,8 @@ pub struct SeedReport {
 const SNAPSHOT_EVERY_LOGS: u64 = 40;
 const SETTLE_MS: u64 = 500;
 const DRAIN_CLIENTS_MS: u64 = 3_000;
+/// How long the end-of-run probe writes may take.
+const PROBE_WAIT_MS: u64 = 3_000;
 
 /// Runs one seed to completion (deterministic: the same seed gives the same report).
 pub fn run_seed(config: &SimConfig, seed: u64) -> SeedReport {
@@ -131,6 +133,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         config.data_nodes,
         faults.max_attempts,
         hold_ms_max,
+        faults.hold_queue_max,
         freeze_timeout_ms,
         faults.manual_switch,
     );
@@ -286,6 +289,11 @@ async fn run(config: SimConfig, seed: u64) -> SeedReport {
     tokio::time::sleep(Duration::from_millis(SETTLE_MS)).await;
     running.store(false, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(DRAIN_CLIENTS_MS)).await;
+    let probes = with(&shared, |w| w.finished().then(|| w.send_probes()));
+    if let Some(probes) = probes {
+        tokio::time::sleep(Duration::from_millis(PROBE_WAIT_MS)).await;
+        with(&shared, |w| w.check_probes(&probes));
+    }
     with(&shared, |w| w.final_checks());
     with(&shared, |w| w.report())
 }
@@ -307,6 +315,7 @@ async fn ticker(shared: Shared, tick_ms: u64) {
                 }
             }
             w.observe_phases();
+            w.watch_freezes();
             if n.is_multiple_of(5) {
                 w.scan_replicas();
             }

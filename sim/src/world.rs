@@ -32,6 +32,11 @@ use tokio::time::Instant;
 
 pub type Shared = Arc<Mutex<World>>;
 
+/// How much longer than its timeout a freeze may stay undecided under a stable leader (an
+/// abort's consensus round, the driver noticing, a lossy network).
+const FREEZE_DECIDE_SLACK_MS: u64 = 1_500;
+const FREEZE_DECIDE_SLACK_WIDE_MS: u64 = 6_000;
+
 /// Views kept per node for the stale-view fault.
 const STALE_VIEWS_KEPT: usize = 8;
 
@@ -340,6 +345,9 @@ impl World {
         let found = crate::checkers::persist_first::acted(&name, decision, on_disk);
         self.checker.found(now, found);
         self.record(format_args!("{name} acts on {decision:?}"));
+        if let (ProcId::Router(router), Decision::Freeze(_)) = (node, decision) {
+            self.fire_on(crate::faults::Condition::RouterFreezes { router });
+        }
     }
 
     /// Whether some replica's applied state holds `decision` (i.e. it was committed).
@@ -387,6 +395,78 @@ impl World {
                 self.stats.switched_us = Some(now);
             }
         }
+    }
+
+    /// The freshest replica's applied state, read through `f` (no copy of the whole state).
+    pub fn freshest<T>(&self, f: impl Fn(&UpgradeState) -> T) -> T {
+        let best = self
+            .replicas
+            .iter()
+            .max_by_key(|r| read_applied(&r.disk, |a| a.last_applied.map_or(0, |l| l.index)))
+            .expect("at least one replica");
+        read_applied(&best.disk, |a| f(&a.state))
+    }
+
+    /// Each tick: a freeze under a stable leader is decided in bounded time, and a freeze is
+    /// checked once against the gate's preconditions on the stores themselves.
+    pub fn watch_freezes(&mut self) {
+        let now = self.now_us();
+        let freezing = self.freshest(|s| {
+            s.current.as_ref().filter(|u| u.phase == protocol::messages::Phase::Freezing).map(|u| u.epoch)
+        });
+        // Stable: a leader that reaches a majority of running replicas both ways (partitions
+        // that cut nodes off from the coordinators leave it stable: it can still decide).
+        let leader = self.leader().filter(|l| {
+            let me = coordinator_addr(*l);
+            let reachable = (0..self.replicas.len())
+                .filter(|r| {
+                    let peer = coordinator_addr(*r);
+                    self.replicas[*r].running.is_some()
+                        && self.procs[&peer].up
+                        && !self.net.blocked(me, peer)
+                        && !self.net.blocked(peer, me)
+                })
+                .count();
+            reachable > self.replicas.len() / 2
+        });
+        let skews: Vec<i64> = self.replicas.iter().map(|r| r.skew_ms.load(Ordering::Relaxed)).collect();
+        let spread_ms = (skews.iter().max().unwrap_or(&0) - skews.iter().min().unwrap_or(&0)).unsigned_abs();
+        let slack_ms = if self.config.wide_area() { FREEZE_DECIDE_SLACK_WIDE_MS } else { FREEZE_DECIDE_SLACK_MS };
+        let bound_ms = self.plan.thresholds.freeze_timeout_ms + spread_ms + slack_ms;
+        let found = self.checker.freeze_watch.observe(now, freezing, leader, bound_ms);
+        self.checker.found(now, found);
+        if let Some(epoch) = freezing.filter(|e| !self.checker.gate_checked.contains(e)) {
+            self.checker.gate_checked.insert(epoch);
+            for v in self.check_gate(epoch) {
+                self.checker.violation(now, v);
+            }
+        }
+    }
+
+    fn check_gate(&self, epoch: protocol::Epoch) -> Vec<Violation> {
+        use crate::checkers::gate::{self, ShardFacts};
+        use node_core::store::NewStore;
+        let (reports, samples_reported) = self.freshest(|s| {
+            let Some(u) = &s.current else { return (BTreeMap::new(), 0) };
+            let reports: BTreeMap<String, protocol::messages::NodeReport> =
+                u.nodes.iter().map(|(n, state)| (n.0.clone(), state.report.clone())).collect();
+            let samples = u.plan.nodes_with(protocol::Duty::Validate).filter_map(|n| u.nodes.get(n)).map(|n| n.report.samples).sum();
+            (reports, samples)
+        });
+        let checkpoints: Vec<_> = self.data.iter().map(|d| d.new.checkpoint()).collect();
+        let shards: Vec<ShardFacts<'_>> = self
+            .data
+            .iter()
+            .zip(&checkpoints)
+            .map(|(d, c)| ShardFacts {
+                node: &d.name,
+                copy: &c.copy,
+                captured: d.old.captured(),
+                applied: c.applied,
+                report: reports.get(&d.name).map(|r| (r.bulk_done, r.captured, r.applied)),
+            })
+            .collect();
+        gate::check(epoch, &shards, samples_reported, self.checker.mirrors.samples)
     }
 
     /// Feeds outcomes applied on each replica to the agreement/durability checker.

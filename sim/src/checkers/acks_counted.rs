@@ -82,9 +82,9 @@ mod tests {
 
     #[test]
     fn an_ack_counted_but_never_sent_is_a_violation() {
-        let plan_text = "[upgrade]\nname = \"t\"\n\n[[nodes]]\nname = \"r\"\ntier = \"web\"\nduties = [\"route\"]\n";
-        let plan = Plan::from_toml("t.toml", plan_text).expect("a valid plan");
-        let node = NodeName::from("r");
+        let plan_text = crate::app::plan_toml(1, 1, 3, 1_000, 500, 2_500, false);
+        let plan = Plan::from_toml("t.toml", &plan_text).expect("a valid plan");
+        let node = NodeName::from("router-0");
         let mut nodes = BTreeMap::new();
         nodes.insert(node.clone(), NodeState { frozen: Some(Epoch(2)), ..NodeState::default() });
         let upgrade = Upgrade {

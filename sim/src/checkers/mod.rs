@@ -11,6 +11,7 @@
 //! - [`persist_first`]: a node acts on a decision only once its disk holds it.
 //! - [`frozen_ack`]: a router acks `Frozen` only with nothing in flight to the old universe.
 //! - [`bounded_hold`]: no request is held longer than `hold_ms_max`.
+//! - [`hold_queue`]: no router holds more than `hold_queue_max` requests.
 //! - [`fidelity`]: every transform batch matches the old rows as of its checkpoint position.
 //! - [`mirrors`]: a mirrored read's two answers agree at the same data position (compared by
 //!   the simulator, not by the validator).
@@ -19,6 +20,9 @@
 //! - [`applied_once`]: the new store refuses a batch delivered again.
 //! - [`exactly_once`]: at the end, everything captured was applied, and every counter counts
 //!   each acknowledged increment once.
+//! - [`gate`]: when a freeze is applied, the stores meet the ready gate's preconditions.
+//! - [`availability`]: a freeze is decided in bounded time under a stable leader; every shard
+//!   takes writes at the end.
 //! - [`liveness`]: the upgrade ends.
 //!
 //! `ending.rs` runs the end-of-run checks on the world's final state.
@@ -26,10 +30,13 @@
 pub mod acks_counted;
 pub mod applied_once;
 pub mod agreement;
+pub mod availability;
 pub mod bounded_hold;
 pub mod durability;
 pub mod exactly_once;
 pub mod fidelity;
+pub mod gate;
+pub mod hold_queue;
 pub mod frozen_ack;
 pub mod liveness;
 pub mod lost_writes;
@@ -76,6 +83,8 @@ pub enum Violation {
     OutcomeLost { epoch: Epoch, committed: bool, kept: Option<bool> },
     /// Bounded hold: a request was (or still is) held longer than the bound.
     HoldTooLong { router: String, held_ms: u64, bound_ms: u64, released: bool },
+    /// Bounded hold queue: a router held more requests than `hold_queue_max`.
+    HoldQueueOverflow { router: String, held: usize, limit: usize },
     /// No lost writes: acknowledged writes are missing from the universe that serves.
     LostWrites { universe: Universe, users: Vec<i64> },
     /// No phantom writes: a write the client was told failed is present.
@@ -103,6 +112,12 @@ pub enum Violation {
     WrongAnswer { router: String, what: String },
     /// Validation: a mirrored answer differs from the old universe's at the same position.
     MirrorMismatch { router: String, request: u64, position: Position, old: String, new: String },
+    /// Gate: a freeze was applied although the stores did not meet the gate's preconditions.
+    GateNotMet { epoch: Epoch, what: String },
+    /// Availability: a freeze stayed undecided too long under a stable leader.
+    FreezeUndecided { epoch: Epoch, waited_ms: u64, bound_ms: u64 },
+    /// Availability: a shard refused a write at the end.
+    NotWritable { shard: usize, outcome: String },
     /// Liveness: the upgrade did not settle within the bound after faults healed.
     NotSettled {
         bound_ms: u64,
@@ -161,6 +176,9 @@ impl fmt::Display for Violation {
                 let what = if *released { "held a request" } else { "still holds a request after" };
                 write!(f, "bounded hold: {router} {what} {held_ms} ms > {bound_ms} ms")
             }
+            HoldQueueOverflow { router, held, limit } => {
+                write!(f, "bounded hold queue: {router} holds {held} requests > {limit}")
+            }
             LostWrites { universe, users } => write!(
                 f,
                 "no lost writes: acknowledged registrations missing from the {universe:?} universe: {:?}",
@@ -198,6 +216,14 @@ impl fmt::Display for Violation {
                 "validate: {router} request {request} differs at position {}: old {old} new {new}",
                 position.0
             ),
+            GateNotMet { epoch, what } => write!(f, "ready gate: {epoch} froze although {what}"),
+            FreezeUndecided { epoch, waited_ms, bound_ms } => write!(
+                f,
+                "availability: {epoch} stayed undecided {waited_ms} ms under a stable leader (bound {bound_ms} ms)"
+            ),
+            NotWritable { shard, outcome } => {
+                write!(f, "availability: shard {shard} refused a write at the end ({outcome})")
+            }
             NotSettled { bound_ms, phase, last_abort, blockers, routers } => {
                 let blockers: Vec<String> = blockers.iter().map(ToString::to_string).collect();
                 write!(
@@ -240,6 +266,9 @@ pub struct Checker {
     pub mirrors: mirrors::Mirrors,
     pub frozen_ack: frozen_ack::FrozenAck,
     pub acks_counted: acks_counted::AcksCounted,
+    pub freeze_watch: availability::FreezeWatch,
+    /// Epochs whose freeze was checked against the gate's preconditions.
+    pub gate_checked: std::collections::BTreeSet<Epoch>,
 }
 
 impl Checker {
@@ -253,6 +282,8 @@ impl Checker {
             mirrors: Default::default(),
             frozen_ack: Default::default(),
             acks_counted: Default::default(),
+            freeze_watch: Default::default(),
+            gate_checked: Default::default(),
         }
     }
 
