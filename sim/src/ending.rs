@@ -2,7 +2,7 @@
 
 use crate::checkers::lost_writes::{self, UserSeen};
 use crate::app::AppOp;
-use crate::checkers::{availability, durability, exactly_once, liveness};
+use crate::checkers::{availability, durability, exactly_once, healthy_freeze, liveness};
 use crate::oracle::ClientOutcome;
 use crate::world::*;
 use node_core::duties::router::Mode;
@@ -73,6 +73,9 @@ impl World {
             }
         };
         for found in durability::outcomes_kept(&self.checker.agreement.seen_outcomes, &state.outcomes) {
+            self.checker.violation(now, found);
+        }
+        for found in healthy_freeze::check(&self.checker.frozen_healthy, &state.outcomes) {
             self.checker.violation(now, found);
         }
         let shards = self.config.data_nodes as i64;

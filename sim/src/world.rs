@@ -435,6 +435,11 @@ impl World {
         let bound_ms = self.plan.thresholds.freeze_timeout_ms + spread_ms + slack_ms;
         let found = self.checker.freeze_watch.observe(now, freezing, leader, bound_ms);
         self.checker.found(now, found);
+        if let Some(epoch) = freezing {
+            if self.healed && !self.checker.gate_checked.contains(&epoch) {
+                self.checker.frozen_healthy.insert(epoch);
+            }
+        }
         if let Some(epoch) = freezing.filter(|e| !self.checker.gate_checked.contains(e)) {
             self.checker.gate_checked.insert(epoch);
             for v in self.check_gate(epoch) {

@@ -24,6 +24,7 @@
 //! - [`availability`]: a freeze is decided in bounded time under a stable leader; every shard
 //!   takes writes at the end.
 //! - [`liveness`]: the upgrade ends.
+//! - [`healthy_freeze`]: a freeze started after every fault healed commits.
 //!
 //! `ending.rs` runs the end-of-run checks on the world's final state.
 
@@ -36,6 +37,7 @@ pub mod durability;
 pub mod exactly_once;
 pub mod fidelity;
 pub mod gate;
+pub mod healthy_freeze;
 pub mod hold_queue;
 pub mod frozen_ack;
 pub mod liveness;
@@ -118,6 +120,8 @@ pub enum Violation {
     FreezeUndecided { epoch: Epoch, waited_ms: u64, bound_ms: u64 },
     /// Availability: a shard refused a write at the end.
     NotWritable { shard: usize, outcome: String },
+    /// Liveness: a freeze started after the faults healed was aborted (not by the operator).
+    HealthyFreezeAborted { epoch: Epoch, reason: String },
     /// Liveness: the upgrade did not settle within the bound after faults healed.
     NotSettled {
         bound_ms: u64,
@@ -224,6 +228,9 @@ impl fmt::Display for Violation {
             NotWritable { shard, outcome } => {
                 write!(f, "availability: shard {shard} refused a write at the end ({outcome})")
             }
+            HealthyFreezeAborted { epoch, reason } => {
+                write!(f, "liveness: {epoch} froze after the faults healed but was aborted: {reason}")
+            }
             NotSettled { bound_ms, phase, last_abort, blockers, routers } => {
                 let blockers: Vec<String> = blockers.iter().map(ToString::to_string).collect();
                 write!(
@@ -267,6 +274,8 @@ pub struct Checker {
     pub frozen_ack: frozen_ack::FrozenAck,
     pub acks_counted: acks_counted::AcksCounted,
     pub freeze_watch: availability::FreezeWatch,
+    /// Epochs first seen freezing after the faults healed.
+    pub frozen_healthy: std::collections::BTreeSet<Epoch>,
     /// Epochs whose freeze was checked against the gate's preconditions.
     pub gate_checked: std::collections::BTreeSet<Epoch>,
 }
@@ -284,6 +293,7 @@ impl Checker {
             acks_counted: Default::default(),
             freeze_watch: Default::default(),
             gate_checked: Default::default(),
+            frozen_healthy: Default::default(),
         }
     }
 
