@@ -275,6 +275,7 @@ impl World {
         }
         self.data[i].old.disconnect();
         let name = self.data[i].name.clone();
+        self.checker.propagation.crashed(&name);
         self.record(format_args!("{name} crashed"));
     }
 

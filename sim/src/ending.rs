@@ -2,7 +2,7 @@
 
 use crate::checkers::lost_writes::{self, UserSeen};
 use crate::app::AppOp;
-use crate::checkers::{availability, durability, exactly_once, healthy_freeze, liveness};
+use crate::checkers::{attempts, availability, durability, exactly_once, healthy_freeze, liveness};
 use crate::oracle::ClientOutcome;
 use crate::world::*;
 use node_core::duties::router::Mode;
@@ -78,6 +78,8 @@ impl World {
         for found in healthy_freeze::check(&self.checker.frozen_healthy, &state.outcomes) {
             self.checker.violation(now, found);
         }
+        let found = attempts::check(&state);
+        self.checker.found(now, found);
         let shards = self.config.data_nodes as i64;
         let text = |row: Option<&protocol::schema::Row>, column: &str| match row.and_then(|r| r.get(column)) {
             Some(Value::Text(t)) => Some(t.clone()),

@@ -211,6 +211,7 @@ fn confused_commands(state: &UpgradeState, now_ms: u64) -> Vec<(Command, bool)> 
     }
     let ghost = Command::Ack { node: NodeName::from("ghost"), epoch, ack: Ack::Frozen };
     commands.push((ghost, true));
+
     match upgrade.phase {
         Phase::Freezing => commands.push((Command::Commit { epoch }, false)),
         Phase::Syncing => {

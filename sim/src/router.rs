@@ -214,6 +214,8 @@ impl World {
         }
         self.checker.mirrors.forget_router(i);
         self.checker.frozen_ack.crashed(i);
+        let name = self.routers[i].name.clone();
+        self.checker.propagation.crashed(&name);
         self.routers[i].observed = RouterObserved::DOWN;
         let name = self.routers[i].name.clone();
         self.record(format_args!("{name} crashed"));

@@ -37,6 +37,11 @@ pub type Shared = Arc<Mutex<World>>;
 const FREEZE_DECIDE_SLACK_MS: u64 = 1_500;
 const FREEZE_DECIDE_SLACK_WIDE_MS: u64 = 6_000;
 
+/// How long a node that can reach a stable leader may take to act on a decision: a watch parked
+/// at a replica, a request timing out on a crashed one, stale answers from a lagging one.
+const PROPAGATION_MS: u64 = 5_000;
+const PROPAGATION_WIDE_MS: u64 = 12_000;
+
 /// Views kept per node for the stale-view fault.
 const STALE_VIEWS_KEPT: usize = 8;
 
@@ -344,6 +349,7 @@ impl World {
         }
         let found = crate::checkers::persist_first::acted(&name, decision, on_disk);
         self.checker.found(now, found);
+        self.checker.propagation.acted(&name, decision);
         self.record(format_args!("{name} acts on {decision:?}"));
         if let (ProcId::Router(router), Decision::Freeze(_)) = (node, decision) {
             self.fire_on(crate::faults::Condition::RouterFreezes { router });
@@ -435,6 +441,7 @@ impl World {
         let bound_ms = self.plan.thresholds.freeze_timeout_ms + spread_ms + slack_ms;
         let found = self.checker.freeze_watch.observe(now, freezing, leader, bound_ms);
         self.checker.found(now, found);
+        self.watch_propagation(leader);
         if let Some(epoch) = freezing {
             if self.healed && !self.checker.gate_checked.contains(&epoch) {
                 self.checker.frozen_healthy.insert(epoch);
@@ -445,6 +452,32 @@ impl World {
             for v in self.check_gate(epoch) {
                 self.checker.violation(now, v);
             }
+        }
+    }
+
+    /// Each tick: every node that can reach the stable `leader` over a loss-free network acts on
+    /// the current decision within a bound.
+    fn watch_propagation(&mut self, leader: Option<usize>) {
+        let now = self.now_us();
+        let current = self.freshest(|s| s.decision());
+        let bound_ms = if self.config.wide_area() { PROPAGATION_WIDE_MS } else { PROPAGATION_MS };
+        let nodes: Vec<(String, Addr)> = self
+            .routers
+            .iter()
+            .map(|r| (r.name.clone(), r.addr))
+            .chain(self.data.iter().map(|d| (d.name.clone(), d.addr)))
+            .collect();
+        for (name, addr) in nodes {
+            // Not under a fault that drops its messages on purpose (lost commit views).
+            let good = self.net.loss == 0.0
+                && self.lose_commit.get(&addr).is_none_or(|n| *n == 0)
+                && self.procs[&addr].up
+                && leader.is_some_and(|l| {
+                    let l = coordinator_addr(l);
+                    !self.net.blocked(addr, l) && !self.net.blocked(l, addr)
+                });
+            let found = self.checker.propagation.observe(now, &name, current, good, bound_ms);
+            self.checker.found(now, found);
         }
     }
 
@@ -471,15 +504,19 @@ impl World {
                 report: reports.get(&d.name).map(|r| (r.bulk_done, r.captured, r.applied)),
             })
             .collect();
-        gate::check(epoch, &shards, samples_reported, self.checker.mirrors.samples)
+        let samples_min = self.plan.thresholds.samples_min;
+        gate::check(epoch, &shards, samples_reported, self.checker.mirrors.samples, samples_min)
     }
 
     /// Feeds outcomes applied on each replica to the agreement/durability checker.
     pub fn scan_replicas(&mut self) {
         let now = self.now_us();
         for (i, r) in self.replicas.iter().enumerate() {
-            let found = read_applied(&r.disk, |a| self.checker.acks_counted.check(coordinator_addr(i), &a.state));
-            for v in found {
+            let (found, decided) = read_applied(&r.disk, |a| {
+                let found = self.checker.acks_counted.check(coordinator_addr(i), &a.state);
+                (found, self.checker.decided_on_acks.check(&self.checker.acks_counted, &a.state))
+            });
+            for v in found.into_iter().chain(decided) {
                 self.checker.violation(now, v);
             }
             let outcomes: Vec<_> = read_applied(&r.disk, |a| {

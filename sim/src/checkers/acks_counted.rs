@@ -40,6 +40,23 @@ impl AcksCounted {
         self.sent.entry((node.clone(), epoch)).or_default().insert(Sent::from(ack));
     }
 
+    /// Whether `node` sent, for `epoch`, an ack that `wanted` accepts.
+    pub fn sent_any(&self, node: &NodeName, epoch: Epoch, wanted: impl Fn(&Ack) -> bool) -> bool {
+        self.sent.get(&(node.clone(), epoch)).is_some_and(|s| {
+            s.iter().any(|sent| {
+                let ack = match sent {
+                    Sent::Frozen => Ack::Frozen,
+                    Sent::Drained { final_position, checksum_match } => Ack::Drained {
+                        final_position: protocol::Position(*final_position),
+                        checksum_match: *checksum_match,
+                    },
+                    Sent::Switched => Ack::Switched,
+                };
+                wanted(&ack)
+            })
+        })
+    }
+
     fn was_sent(&self, node: &NodeName, epoch: Epoch, ack: Sent) -> bool {
         self.sent.get(&(node.clone(), epoch)).is_some_and(|s| s.contains(&ack))
     }

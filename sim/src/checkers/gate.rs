@@ -18,8 +18,14 @@ pub struct ShardFacts<'a> {
 }
 
 /// Checks the facts at the freeze of `epoch`; `samples_reported` is the sum the state holds,
-/// `samples_seen` the conclusive comparisons the simulator saw.
-pub fn check(epoch: Epoch, shards: &[ShardFacts<'_>], samples_reported: u64, samples_seen: u64) -> Vec<Violation> {
+/// `samples_seen` the conclusive comparisons the simulator saw, `samples_min` the plan's bound.
+pub fn check(
+    epoch: Epoch,
+    shards: &[ShardFacts<'_>],
+    samples_reported: u64,
+    samples_seen: u64,
+    samples_min: u64,
+) -> Vec<Violation> {
     let mut found = Vec::new();
     let mut not_met = |what: String| found.push(Violation::GateNotMet { epoch, what });
     for s in shards {
@@ -41,6 +47,9 @@ pub fn check(epoch: Epoch, shards: &[ShardFacts<'_>], samples_reported: u64, sam
     if samples_reported > samples_seen {
         not_met(format!("{samples_reported} validation samples reported, {samples_seen} conclusive comparisons seen"));
     }
+    if samples_seen < samples_min {
+        not_met(format!("only {samples_seen} conclusive comparisons were seen, samples_min is {samples_min}"));
+    }
     found
 }
 
@@ -59,9 +68,9 @@ mod tests {
             applied: Position(8),
             report: Some((true, Position(7), Position(7))),
         };
-        assert!(check(Epoch(1), &[fine], 20, 25).is_empty());
+        assert!(check(Epoch(1), &[fine], 20, 25, 20).is_empty());
         let early = ShardFacts { node: "db", copy: &copying, captured: Position(9), applied: Position(3), report: None };
-        assert!(matches!(&check(Epoch(1), &[early], 20, 25)[..], [Violation::GateNotMet { .. }]));
+        assert!(matches!(&check(Epoch(1), &[early], 20, 25, 20)[..], [Violation::GateNotMet { .. }]));
         let inflated = ShardFacts {
             node: "db",
             copy: &done,
@@ -69,7 +78,8 @@ mod tests {
             applied: Position(8),
             report: Some((true, Position(9), Position(9))),
         };
-        assert_eq!(check(Epoch(1), &[inflated], 20, 25).len(), 1);
-        assert_eq!(check(Epoch(1), &[], 30, 25).len(), 1, "more samples reported than seen");
+        assert_eq!(check(Epoch(1), &[inflated], 20, 25, 20).len(), 1);
+        assert_eq!(check(Epoch(1), &[], 30, 25, 20).len(), 1, "more samples reported than seen");
+        assert_eq!(check(Epoch(1), &[], 10, 15, 20).len(), 1, "fewer samples seen than the gate needs");
     }
 }

@@ -4,6 +4,9 @@
 //! the code under test.
 //!
 //! - [`acks_counted`]: every ack the replicated state counts was sent by its node.
+//! - [`decided_on_acks`]: a commit follows every `Frozen` and matching `Drained` sent; `Done`
+//!   follows every `Switched` sent.
+//! - [`attempts`]: at most `max_attempts` freezes; the driver rolls back only after all failed.
 //! - [`agreement`]: no two nodes act on different outcomes of an epoch; none acts on an
 //!   uncommitted decision; replicas agree on every outcome.
 //! - [`single_universe`]: no request reaches the old universe after one reached the new one.
@@ -23,6 +26,8 @@
 //! - [`gate`]: when a freeze is applied, the stores meet the ready gate's preconditions.
 //! - [`availability`]: a freeze is decided in bounded time under a stable leader; every shard
 //!   takes writes at the end.
+//! - [`propagation`]: a node that can reach a stable leader acts on the current decision in
+//!   bounded time.
 //! - [`liveness`]: the upgrade ends.
 //! - [`healthy_freeze`]: a freeze started after every fault healed commits.
 //!
@@ -31,8 +36,10 @@
 pub mod acks_counted;
 pub mod applied_once;
 pub mod agreement;
+pub mod attempts;
 pub mod availability;
 pub mod bounded_hold;
+pub mod decided_on_acks;
 pub mod durability;
 pub mod exactly_once;
 pub mod fidelity;
@@ -44,6 +51,7 @@ pub mod liveness;
 pub mod lost_writes;
 pub mod mirrors;
 pub mod persist_first;
+pub mod propagation;
 pub mod reads;
 pub mod single_universe;
 
@@ -69,6 +77,10 @@ pub enum Violation {
     ConflictingOutcomes { node: String, decision: Decision, other_node: String, other: Decision },
     /// Acks counted were sent: a replica's state counts an ack its node never sent.
     AckNeverSent { replica: u64, node: String, epoch: Epoch, ack: String },
+    /// Decided on acks seen: a commit or `Done` without the acks it needs having been sent.
+    DecidedWithoutAcks { epoch: Epoch, decision: String, missing: Vec<String> },
+    /// Attempts: more freezes than `max_attempts`, or a rollback before they were used up.
+    Attempts { what: String },
     /// A command that is bad whenever it is applied (proposed by a confused leader) was accepted.
     BadCommandAccepted { what: String },
     /// Agreement: two replicas applied different outcomes of one epoch.
@@ -118,6 +130,8 @@ pub enum Violation {
     GateNotMet { epoch: Epoch, what: String },
     /// Availability: a freeze stayed undecided too long under a stable leader.
     FreezeUndecided { epoch: Epoch, waited_ms: u64, bound_ms: u64 },
+    /// Propagation: a node in good conditions stayed behind the current decision too long.
+    NotPropagated { node: String, decision: Decision, acted: Option<Decision>, waited_ms: u64 },
     /// Availability: a shard refused a write at the end.
     NotWritable { shard: usize, outcome: String },
     /// Liveness: a freeze started after the faults healed was aborted (not by the operator).
@@ -153,6 +167,10 @@ impl fmt::Display for Violation {
             AckNeverSent { replica, node, epoch, ack } => {
                 write!(f, "acks counted: replica {replica} counts {ack} of {epoch} for {node}, which {node} never sent")
             }
+            DecidedWithoutAcks { epoch, decision, missing } => {
+                write!(f, "decided on acks: {decision} of {epoch} applied without {missing:?} sent")
+            }
+            Attempts { what } => write!(f, "attempts: {what}"),
             BadCommandAccepted { what } => write!(f, "state machine: a confused leader's {what}"),
             ReplicasDisagree { replica, epoch, committed } => {
                 write!(f, "agreement: replica {replica} applied {epoch} as committed={committed}, another did not")
@@ -225,6 +243,10 @@ impl fmt::Display for Violation {
                 f,
                 "availability: {epoch} stayed undecided {waited_ms} ms under a stable leader (bound {bound_ms} ms)"
             ),
+            NotPropagated { node, decision, acted, waited_ms } => write!(
+                f,
+                "propagation: {node} still acts on {acted:?}, {waited_ms} ms after {decision:?} (reachable, stable leader)"
+            ),
             NotWritable { shard, outcome } => {
                 write!(f, "availability: shard {shard} refused a write at the end ({outcome})")
             }
@@ -273,7 +295,9 @@ pub struct Checker {
     pub mirrors: mirrors::Mirrors,
     pub frozen_ack: frozen_ack::FrozenAck,
     pub acks_counted: acks_counted::AcksCounted,
+    pub decided_on_acks: decided_on_acks::DecidedOnAcks,
     pub freeze_watch: availability::FreezeWatch,
+    pub propagation: propagation::Propagation,
     /// Epochs first seen freezing after the faults healed.
     pub frozen_healthy: std::collections::BTreeSet<Epoch>,
     /// Epochs whose freeze was checked against the gate's preconditions.
@@ -291,7 +315,9 @@ impl Checker {
             mirrors: Default::default(),
             frozen_ack: Default::default(),
             acks_counted: Default::default(),
+            decided_on_acks: Default::default(),
             freeze_watch: Default::default(),
+            propagation: Default::default(),
             gate_checked: Default::default(),
             frozen_healthy: Default::default(),
         }
