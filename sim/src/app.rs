@@ -12,13 +12,32 @@ use serde::{Deserialize, Serialize};
 /// A client operation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AppOp {
-    RegisterUser { id: i64, name: String, email: String, bio: String },
-    UpdateBio { id: i64, bio: String },
-    AddItem { id: i64, title: String, seller: i64, price: i64 },
+    RegisterUser {
+        id: i64,
+        name: String,
+        email: String,
+        bio: String,
+    },
+    UpdateBio {
+        id: i64,
+        bio: String,
+    },
+    AddItem {
+        id: i64,
+        title: String,
+        seller: i64,
+        price: i64,
+    },
     /// One more bid on an item (`bids += 1`).
-    Bid { item: i64 },
-    ViewUser { id: i64 },
-    ViewItem { id: i64 },
+    Bid {
+        item: i64,
+    },
+    ViewUser {
+        id: i64,
+    },
+    ViewItem {
+        id: i64,
+    },
 }
 
 impl AppOp {

@@ -171,7 +171,7 @@ pub enum FaultKind {
     None,
     /// Messages lost (0–30 %).
     Loss,
-    /// Delays and reordering.
+    /// Delays and reordering; a few messages arrive seconds late, after their sender gave up.
     Delay,
     /// Messages delivered twice, and transform batches delivered to the new store again.
     Duplicate,

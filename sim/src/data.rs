@@ -16,11 +16,11 @@ use node::data_node::{DataBoot, DataNodeActor, DataRequest as ActorRequest};
 use node::io::Stores;
 use node_core::data_node::{DataEvent, DataNodeConfig, DataNodeCore, StoreOp, StoreResult};
 use node_core::store::{Batch, MemStore, NewStore, OldStore};
-use rand::Rng;
 use node_core::StoreAnswer;
 use protocol::codec;
 use protocol::schema::RowOp;
 use protocol::{Duty, Universe};
+use rand::Rng;
 use std::future::Future;
 use std::sync::Weak;
 
@@ -34,7 +34,7 @@ const ANSWERS_MAX: usize = 65_536;
 /// Batches kept per shard for the re-delivery fault.
 const BATCHES_KEPT: usize = 4;
 /// Small, so that pruning the change log happens within a seed.
-const CHANGE_LOG_APPLIED_MAX: u64 = 40;
+pub(crate) const CHANGE_LOG_APPLIED_MAX: u64 = 40;
 
 pub type DataActor = DataNodeActor<SimTransport, SimDisk, SimStores, SimClock>;
 

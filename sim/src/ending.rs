@@ -1,8 +1,8 @@
 //! How a seed ends: whether the cluster has settled, and the checks made at the very end.
 
-use crate::checkers::lost_writes::{self, UserSeen};
 use crate::app::AppOp;
-use crate::checkers::{attempts, availability, durability, exactly_once, healthy_freeze, liveness};
+use crate::checkers::lost_writes::{self, UserSeen};
+use crate::checkers::{attempts, availability, change_log, durability, exactly_once, healthy_freeze, liveness};
 use crate::oracle::ClientOutcome;
 use crate::world::*;
 use node_core::duties::router::Mode;
@@ -113,7 +113,12 @@ impl World {
         // Rolled back or not, the transform keeps up: the new universe may be switched to by a
         // later attempt, so it must hold every change exactly once.
         for d in &self.data {
-            let found = exactly_once::check(&d.name, d.old.captured(), d.new.checkpoint().applied);
+            let (captured, applied) = (d.old.captured(), d.new.checkpoint().applied);
+            let found = exactly_once::check(&d.name, captured, applied);
+            self.checker.found(now, found);
+            let kept = d.old.changes().kept() as u64;
+            let lag = captured.0.saturating_sub(applied.0);
+            let found = change_log::check(&d.name, kept, lag, crate::data::CHANGE_LOG_APPLIED_MAX);
             self.checker.found(now, found);
         }
     }

@@ -70,6 +70,9 @@ pub struct FaultPlan {
     pub loss: f64,
     pub duplicate: f64,
     pub jitter_max_us: u64,
+    /// Share of messages that arrive very late (after their sender gave up), and how late.
+    pub late: f64,
+    pub late_us_max: u64,
     /// Faults stop (and crashed processes restart) at this time.
     pub safety_ms: u64,
     pub timed: Vec<(u64, FaultEvent)>,
@@ -103,6 +106,8 @@ impl FaultPlan {
             loss: if f.loss && rng.gen_bool(0.5) { rng.gen_range(0.0..0.3) } else { 0.0 },
             duplicate: if f.duplicate && rng.gen_bool(0.3) { rng.gen_range(0.0..0.05) } else { 0.0 },
             jitter_max_us: if f.delay { rng.gen_range(0..20_000) } else { 500 },
+            late: if f.delay && rng.gen_bool(0.3) { rng.gen_range(0.001..0.02) } else { 0.0 },
+            late_us_max: rng.gen_range(1_000_000..4_000_000),
             safety_ms,
             timed: Vec::new(),
             triggered: Vec::new(),
@@ -232,6 +237,8 @@ impl FaultPlan {
             loss: 0.0,
             duplicate: 0.0,
             jitter_max_us: rng.gen_range(0..3_000),
+            late: 0.0,
+            late_us_max: 0,
             safety_ms: 8_000,
             timed: Vec::new(),
             triggered: vec![Triggered { when, event }],

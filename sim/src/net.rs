@@ -53,12 +53,19 @@ pub struct Partition {
     pub symmetric: bool,
 }
 
+/// A late message comes at least this much after its normal delay.
+const LATE_US_MIN: u64 = 500_000;
+
 /// The network's current behaviour.
 #[derive(Debug, Default)]
 pub struct NetModel {
     pub loss: f64,
     pub duplicate: f64,
     pub jitter_max_us: u64,
+    /// Share of messages held back for a long time (a retransmission, a stalled proxy), and how
+    /// long at most: they arrive long after their sender gave up on them.
+    pub late: f64,
+    pub late_us_max: u64,
     /// One-way base latency between datacenters, microseconds.
     pub dc_latency_us: Vec<Vec<u64>>,
     pub dc_of: BTreeMap<Addr, usize>,
@@ -112,7 +119,10 @@ impl NetModel {
         let base = self.dc_latency_us[self.dc_of[&from]][self.dc_of[&to]];
         let jitter = self.jitter_max_us;
         let delay = |rng: &mut ChaCha8Rng| base + if jitter > 0 { rng.gen_range(0..=jitter) } else { 0 };
-        let first = delay(rng);
+        let mut first = delay(rng);
+        if self.late > 0.0 && rng.gen_bool(self.late) {
+            first += rng.gen_range(LATE_US_MIN..=self.late_us_max.max(LATE_US_MIN));
+        }
         if self.duplicate > 0.0 && rng.gen_bool(self.duplicate) {
             self.duplicated += 1;
             return vec![first, delay(rng)];
@@ -124,6 +134,7 @@ impl NetModel {
     pub fn heal(&mut self) {
         self.loss = 0.0;
         self.duplicate = 0.0;
+        self.late = 0.0;
         self.partitions.clear();
     }
 }

@@ -2,9 +2,9 @@
 
 use crate::net::ProcId;
 use crate::world::{detached, virtual_now, with, World};
-use rand::Rng;
 use node::io::{DiskError, NodeDisk};
 use node_core::NodeRecord;
+use rand::Rng;
 use std::future::Future;
 use std::sync::{Mutex, Weak};
 

@@ -72,9 +72,17 @@ pub struct ItemLog {
 /// Which write of the oracle a client request is (to record its outcome).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteRef {
-    Bio { user: i64, index: usize },
-    Item { item: i64 },
-    Bid { item: i64, index: usize },
+    Bio {
+        user: i64,
+        index: usize,
+    },
+    Item {
+        item: i64,
+    },
+    Bid {
+        item: i64,
+        index: usize,
+    },
     /// A read (nothing to record but its count).
     Read,
 }

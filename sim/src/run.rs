@@ -144,6 +144,8 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     net.loss = faults.loss;
     net.duplicate = faults.duplicate;
     net.jitter_max_us = faults.jitter_max_us;
+    net.late = faults.late;
+    net.late_us_max = faults.late_us_max;
     let wide = config.wide_area();
     let timing = if wide {
         // openraft 0.9 times out AppendEntries after one heartbeat interval: it must exceed the
@@ -200,6 +202,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         agent_timeout_ms: if wide { 1_500 } else { 500 },
         data_timeout_ms: if wide { 2_000 } else { 1_000 },
         healed: false,
+        healthy_from_us: u64::MAX,
         next_user: config.initial_users as i64,
         next_item: config.initial_items as i64,
         lose_commit: BTreeMap::new(),

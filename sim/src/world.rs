@@ -16,10 +16,10 @@ use coordinator::upgrade::{Outcome, UpgradeState};
 use node_core::agent::AgentConfig;
 use protocol::codec;
 use protocol::messages::{Ack, DecisionView, NodeRequest, NodeResponse, Request, Response};
-use rand::Rng;
 use protocol::plan::Plan;
 use protocol::schema::Mapping;
 use protocol::{Decision, Duty, NodeName};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -128,6 +128,8 @@ pub struct World {
     pub agent_timeout_ms: u64,
     pub data_timeout_ms: u64,
     pub healed: bool,
+    /// From when (µs) no fault at all, not even a late message, can touch the run.
+    pub healthy_from_us: u64,
     pub next_user: i64,
     pub next_item: i64,
     pub lose_commit: BTreeMap<Addr, u32>,
@@ -443,7 +445,7 @@ impl World {
         self.checker.found(now, found);
         self.watch_propagation(leader);
         if let Some(epoch) = freezing {
-            if self.healed && !self.checker.gate_checked.contains(&epoch) {
+            if self.healed && now >= self.healthy_from_us && !self.checker.gate_checked.contains(&epoch) {
                 self.checker.frozen_healthy.insert(epoch);
             }
         }
@@ -470,6 +472,7 @@ impl World {
         for (name, addr) in nodes {
             // Not under a fault that drops its messages on purpose (lost commit views).
             let good = self.net.loss == 0.0
+                && self.net.late == 0.0
                 && self.lose_commit.get(&addr).is_none_or(|n| *n == 0)
                 && self.procs[&addr].up
                 && leader.is_some_and(|l| {
@@ -488,7 +491,12 @@ impl World {
             let Some(u) = &s.current else { return (BTreeMap::new(), 0) };
             let reports: BTreeMap<String, protocol::messages::NodeReport> =
                 u.nodes.iter().map(|(n, state)| (n.0.clone(), state.report.clone())).collect();
-            let samples = u.plan.nodes_with(protocol::Duty::Validate).filter_map(|n| u.nodes.get(n)).map(|n| n.report.samples).sum();
+            let samples = u
+                .plan
+                .nodes_with(protocol::Duty::Validate)
+                .filter_map(|n| u.nodes.get(n))
+                .map(|n| n.report.samples)
+                .sum();
             (reports, samples)
         });
         let checkpoints: Vec<_> = self.data.iter().map(|d| d.new.checkpoint()).collect();

@@ -69,7 +69,8 @@ mod tests {
             report: Some((true, Position(7), Position(7))),
         };
         assert!(check(Epoch(1), &[fine], 20, 25, 20).is_empty());
-        let early = ShardFacts { node: "db", copy: &copying, captured: Position(9), applied: Position(3), report: None };
+        let early =
+            ShardFacts { node: "db", copy: &copying, captured: Position(9), applied: Position(3), report: None };
         assert!(matches!(&check(Epoch(1), &[early], 20, 25, 20)[..], [Violation::GateNotMet { .. }]));
         let inflated = ShardFacts {
             node: "db",

@@ -1,5 +1,6 @@
 //! A healthy freeze commits: a freeze that starts after every fault has healed (all processes
-//! up, no loss, no partition) must not be aborted, except by the operator. Rolling back is a
+//! up, no loss, no partition, no late message still on its way) must not be aborted, except by
+//! the operator. Rolling back is a
 //! valid end for an upgrade, so nothing else notices a protocol that can no longer switch (a
 //! gate that never passes is caught by liveness; a freeze that can never commit is caught here).
 

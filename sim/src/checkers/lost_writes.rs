@@ -66,7 +66,8 @@ mod tests {
     fn acked_missing_is_lost_and_failed_present_is_a_phantom() {
         use crate::app::AppOp;
         let mut oracle = Oracle::default();
-        let register = |id: i64| AppOp::RegisterUser { id, name: "n".into(), email: "e".into(), bio: format!("new{id}") };
+        let register =
+            |id: i64| AppOp::RegisterUser { id, name: "n".into(), email: "e".into(), bio: format!("new{id}") };
         for (id, outcome) in [(1, ClientOutcome::Acked), (2, ClientOutcome::Failed), (3, ClientOutcome::Unknown)] {
             let w = oracle.issued(&register(id), 1);
             oracle.done(w, outcome, 2);

@@ -21,6 +21,7 @@
 //! - [`reads`]: every read a client gets agrees with the writes acknowledged before it.
 //! - [`lost_writes`]: at the end, acknowledged writes are present and failed ones absent.
 //! - [`applied_once`]: the new store refuses a batch delivered again.
+//! - [`change_log`]: applied changes are pruned from the old store's change log.
 //! - [`exactly_once`]: at the end, everything captured was applied, and every counter counts
 //!   each acknowledged increment once.
 //! - [`gate`]: when a freeze is applied, the stores meet the ready gate's preconditions.
@@ -34,19 +35,20 @@
 //! `ending.rs` runs the end-of-run checks on the world's final state.
 
 pub mod acks_counted;
-pub mod applied_once;
 pub mod agreement;
+pub mod applied_once;
 pub mod attempts;
 pub mod availability;
 pub mod bounded_hold;
+pub mod change_log;
 pub mod decided_on_acks;
 pub mod durability;
 pub mod exactly_once;
 pub mod fidelity;
+pub mod frozen_ack;
 pub mod gate;
 pub mod healthy_freeze;
 pub mod hold_queue;
-pub mod frozen_ack;
 pub mod liveness;
 pub mod lost_writes;
 pub mod mirrors;
@@ -112,6 +114,8 @@ pub enum Violation {
     NotExactlyOnce { node: String, captured: Position, applied: Position },
     /// Applied once: the new store accepted a batch not built on its checkpoint (delivered again).
     AppliedTwice { node: String, base: String, found: String },
+    /// Bounded change log: the old store keeps applied changes beyond the limit.
+    ChangeLogUnbounded { node: String, kept: u64, bound: u64 },
     /// Exactly once: an item's bid counter at the end is not the bids acknowledged (at
     /// least) and not failed (at most).
     BidsMiscounted { item: i64, counted: i64, acked: i64, possible: i64 },
@@ -224,6 +228,9 @@ impl fmt::Display for Violation {
             }
             AppliedTwice { node, base, found } => {
                 write!(f, "applied once: {node} accepted a batch based on {base} while its checkpoint was {found}")
+            }
+            ChangeLogUnbounded { node, kept, bound } => {
+                write!(f, "bounded change log: {node} keeps {kept} changes > {bound}")
             }
             BidsMiscounted { item, counted, acked, possible } => write!(
                 f,

@@ -183,7 +183,10 @@ mod tests {
         assert!(matches!(check(&o, "r", &view0, Some(&wrong), 70, 80), Some(Violation::WrongAnswer { .. })));
         let failed = o.issued(&AppOp::UpdateBio { id: 0, bio: "f".into() }, 90);
         o.done(failed, ClientOutcome::Failed, 95);
-        assert!(matches!(check(&o, "r", &view0, Some(&user_row(0, "f")), 99, 100), Some(Violation::WrongAnswer { .. })));
+        assert!(matches!(
+            check(&o, "r", &view0, Some(&user_row(0, "f")), 99, 100),
+            Some(Violation::WrongAnswer { .. })
+        ));
     }
 
     #[test]
