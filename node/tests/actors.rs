@@ -423,12 +423,10 @@ impl Stores for TestStores {
                 let (changes, last) = old.changes_after(after, limit);
                 StoreResult::Changes { changes, last }
             }
-            StoreOp::Apply(batch) => {
-                match new.apply_batch(&batch) {
-                    Ok(()) => StoreResult::Applied,
-                    Err(stale) => StoreResult::ApplyRefused(stale),
-                }
-            }
+            StoreOp::Apply(batch) => match new.apply_batch(&batch) {
+                Ok(()) => StoreResult::Applied,
+                Err(stale) => StoreResult::ApplyRefused(stale),
+            },
             StoreOp::Fence => StoreResult::Fenced { final_position: old.fence() },
             StoreOp::Unfence => {
                 old.unfence();

@@ -506,7 +506,8 @@ mod tests {
             AgentInput::Response { id: watch, response: NodeResponse::View(view(3, Decision::Freeze(Epoch(1)))) },
         );
         assert!(!out.iter().any(|o| matches!(o, AgentOutput::View(_) | AgentOutput::Persist(_) | AgentOutput::Act(_))));
-        let out = a.handle(5, AgentInput::Response { id: ack, response: NodeResponse::Unknown { reason: "lost".into() } });
+        let out =
+            a.handle(5, AgentInput::Response { id: ack, response: NodeResponse::Unknown { reason: "lost".into() } });
         let resent = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Ack { .. }));
         assert!(
             matches!(resent, Some((_, _, NodeRequest::Ack { ack: Ack::Switched, .. }))),

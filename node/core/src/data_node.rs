@@ -74,14 +74,22 @@ pub enum StoreOp {
 /// The result of a [`StoreOp`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum StoreResult {
-    SnapshotOpened { snapshot: SnapshotId, at: Position },
+    SnapshotOpened {
+        snapshot: SnapshotId,
+        at: Position,
+    },
     Chunk(Chunk),
     SnapshotGone,
-    Changes { changes: Vec<(Position, RowOp)>, last: Position },
+    Changes {
+        changes: Vec<(Position, RowOp)>,
+        last: Position,
+    },
     Applied,
     /// The new store refused the batch (its checkpoint is not the batch's base).
     ApplyRefused(StaleBatch),
-    Fenced { final_position: Position },
+    Fenced {
+        final_position: Position,
+    },
     Unfenced,
     Rows(Chunk),
     NewChecksum(u64),

@@ -103,12 +103,10 @@ fn perform(old: &mut impl OldStore, new: &mut impl NewStore, op: &StoreOp) -> St
             let (changes, last) = old.changes_after(*after, *limit);
             StoreResult::Changes { changes, last }
         }
-        StoreOp::Apply(batch) => {
-            match new.apply_batch(batch) {
-                Ok(()) => StoreResult::Applied,
-                Err(stale) => StoreResult::ApplyRefused(stale),
-            }
-        }
+        StoreOp::Apply(batch) => match new.apply_batch(batch) {
+            Ok(()) => StoreResult::Applied,
+            Err(stale) => StoreResult::ApplyRefused(stale),
+        },
         StoreOp::Fence => StoreResult::Fenced { final_position: old.fence() },
         StoreOp::Unfence => {
             old.unfence();
