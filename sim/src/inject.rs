@@ -300,18 +300,14 @@ impl World {
 
     /// A crashed node's disk is lost: it will start from an empty one.
     pub fn lose_disk(&mut self, addr: u64) {
+        let node = ProcId::of(addr);
+        if !matches!(node, ProcId::Router(_) | ProcId::Data(_)) {
+            return;
+        }
         let fresh = self.fresh_disk();
-        let name = match ProcId::of(addr) {
-            ProcId::Router(i) => {
-                self.routers[i].disk = fresh;
-                self.routers[i].name.clone()
-            }
-            ProcId::Data(i) => {
-                self.data[i].disk = fresh;
-                self.data[i].name.clone()
-            }
-            ProcId::Coordinator(_) | ProcId::Operator => return,
-        };
+        let (disk, name) = self.node_disk(node);
+        *disk = fresh;
+        let name = name.to_string();
         self.checker.durability.disk_lost(&name);
         self.record(format_args!("{name} lost its disk"));
     }

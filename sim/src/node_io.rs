@@ -31,17 +31,9 @@ fn write(world: &Weak<Mutex<World>>, node: ProcId, incarnation: u64, record: Nod
             if !w.is_up(node.addr(), incarnation) {
                 return false;
             }
-            let name = match node {
-                ProcId::Data(i) => {
-                    w.data[i].disk = record;
-                    w.data[i].name.clone()
-                }
-                ProcId::Router(i) => {
-                    w.routers[i].disk = record;
-                    w.routers[i].name.clone()
-                }
-                ProcId::Coordinator(_) | ProcId::Operator => unreachable!("only nodes have a node disk"),
-            };
+            let (disk, name) = w.node_disk(node);
+            *disk = record;
+            let name = name.to_string();
             w.note_persisted(&name, record.decision);
             true
         })

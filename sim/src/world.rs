@@ -14,6 +14,7 @@ use coordinator::raft::{new_disk, read_applied, RaftTiming, SharedDisk, Transpor
 use coordinator::service::{Clock, Replica};
 use coordinator::upgrade::{Outcome, UpgradeState};
 use node_core::agent::AgentConfig;
+use node_core::NodeRecord;
 use protocol::codec;
 use protocol::messages::{Ack, DecisionView, NodeRequest, NodeResponse, Request, Response};
 use protocol::plan::Plan;
@@ -336,15 +337,27 @@ impl World {
         self.checker.found(now, found);
     }
 
+    /// A node's disk and name (only routers and data nodes have a node disk).
+    pub fn node_disk(&mut self, node: ProcId) -> (&mut NodeRecord, &str) {
+        match node {
+            ProcId::Router(i) => {
+                let r = &mut self.routers[i];
+                (&mut r.disk, &r.name)
+            }
+            ProcId::Data(i) => {
+                let d = &mut self.data[i];
+                (&mut d.disk, &d.name)
+            }
+            ProcId::Coordinator(_) | ProcId::Operator => unreachable!("only nodes have a node disk"),
+        }
+    }
+
     /// Checks that a node acts only on a committed decision, the same one as everybody, and
     /// only once its disk holds it.
     pub fn note_acted(&mut self, node: ProcId, decision: Decision) {
         let now = self.now_us();
-        let (name, on_disk) = match node {
-            ProcId::Router(i) => (self.routers[i].name.clone(), self.routers[i].disk.decision),
-            ProcId::Data(i) => (self.data[i].name.clone(), self.data[i].disk.decision),
-            ProcId::Coordinator(_) | ProcId::Operator => unreachable!("only nodes act on decisions"),
-        };
+        let (disk, name) = self.node_disk(node);
+        let (on_disk, name) = (disk.decision, name.to_string());
         let committed = self.is_committed(decision);
         for found in self.checker.agreement.acted(&name, decision, committed) {
             self.checker.violation(now, found);

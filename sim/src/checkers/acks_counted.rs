@@ -7,58 +7,26 @@ use super::Violation;
 use coordinator::upgrade::UpgradeState;
 use protocol::messages::Ack;
 use protocol::{Epoch, NodeName};
-use std::collections::{BTreeMap, BTreeSet};
-
-/// What a node sent, for one epoch: `Frozen`, `Switched`, and each `Drained` distinctly.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Sent {
-    Frozen,
-    Drained { final_position: u64, checksum_match: bool },
-    Switched,
-}
-
-impl From<&Ack> for Sent {
-    fn from(ack: &Ack) -> Sent {
-        match ack {
-            Ack::Frozen => Sent::Frozen,
-            Ack::Drained { final_position, checksum_match } => {
-                Sent::Drained { final_position: final_position.0, checksum_match: *checksum_match }
-            }
-            Ack::Switched => Sent::Switched,
-        }
-    }
-}
+use std::collections::BTreeMap;
 
 #[derive(Debug, Default)]
 pub struct AcksCounted {
-    sent: BTreeMap<(NodeName, Epoch), BTreeSet<Sent>>,
+    /// Every distinct ack each node sent, per epoch.
+    sent: BTreeMap<(NodeName, Epoch), Vec<Ack>>,
 }
 
 impl AcksCounted {
     /// `node` sent `ack` for `epoch`.
     pub fn sent(&mut self, node: &NodeName, epoch: Epoch, ack: &Ack) {
-        self.sent.entry((node.clone(), epoch)).or_default().insert(Sent::from(ack));
+        let acks = self.sent.entry((node.clone(), epoch)).or_default();
+        if !acks.contains(ack) {
+            acks.push(ack.clone());
+        }
     }
 
     /// Whether `node` sent, for `epoch`, an ack that `wanted` accepts.
     pub fn sent_any(&self, node: &NodeName, epoch: Epoch, wanted: impl Fn(&Ack) -> bool) -> bool {
-        self.sent.get(&(node.clone(), epoch)).is_some_and(|s| {
-            s.iter().any(|sent| {
-                let ack = match sent {
-                    Sent::Frozen => Ack::Frozen,
-                    Sent::Drained { final_position, checksum_match } => Ack::Drained {
-                        final_position: protocol::Position(*final_position),
-                        checksum_match: *checksum_match,
-                    },
-                    Sent::Switched => Ack::Switched,
-                };
-                wanted(&ack)
-            })
-        })
-    }
-
-    fn was_sent(&self, node: &NodeName, epoch: Epoch, ack: Sent) -> bool {
-        self.sent.get(&(node.clone(), epoch)).is_some_and(|s| s.contains(&ack))
+        self.sent.get(&(node.clone(), epoch)).is_some_and(|acks| acks.iter().any(wanted))
     }
 
     /// Checks every ack `state` counts (`replica`: whose applied state it is).
@@ -66,18 +34,14 @@ impl AcksCounted {
         let Some(upgrade) = &state.current else { return Vec::new() };
         let mut found = Vec::new();
         for (node, n) in &upgrade.nodes {
-            let mut counted = Vec::new();
-            if let Some(e) = n.frozen {
-                counted.push((e, Sent::Frozen));
-            }
-            if let Some((e, position, matched)) = n.drained {
-                counted.push((e, Sent::Drained { final_position: position.0, checksum_match: matched }));
-            }
-            if let Some(e) = n.switched {
-                counted.push((e, Sent::Switched));
-            }
-            for (epoch, ack) in counted {
-                if !self.was_sent(node, epoch, ack.clone()) {
+            let counted = [
+                n.frozen.map(|e| (e, Ack::Frozen)),
+                n.drained
+                    .map(|(e, final_position, checksum_match)| (e, Ack::Drained { final_position, checksum_match })),
+                n.switched.map(|e| (e, Ack::Switched)),
+            ];
+            for (epoch, ack) in counted.into_iter().flatten() {
+                if !self.sent_any(node, epoch, |a| *a == ack) {
                     found.push(Violation::AckNeverSent {
                         replica,
                         node: node.to_string(),
