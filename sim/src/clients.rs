@@ -60,6 +60,35 @@ pub(crate) async fn operator(shared: Shared) {
     }
 }
 
+/// The drift fault's operator: one who watches `imago upgrade status` and, once validation
+/// reports mismatches that a rogue writer explains, aborts the upgrade (the runbook: a new
+/// database that differs from the old one is never switched to; investigate, then start over).
+/// In a seed without a rogue writer this operator never acts, so a validator that reports
+/// mismatches on correct data leaves the upgrade stuck, and liveness catches it.
+pub(crate) async fn abort_on_mismatches(shared: Shared) {
+    let coordinators = with(&shared, |w| w.config.coordinators);
+    let mut target = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (state, drifted) = with(&shared, |w| (w.freshest_state(), w.data.iter().any(|d| d.drifted)));
+        let Some(upgrade) = &state.current else { continue };
+        if upgrade.phase.is_terminal() {
+            return;
+        }
+        let blockers = coordinator::upgrade::status(&state).gate_blockers;
+        let mismatches = blockers.iter().any(|b| matches!(b, protocol::messages::GateBlocker::MismatchRatio { .. }));
+        if !drifted || upgrade.phase != Phase::Syncing || !mismatches {
+            continue;
+        }
+        let abort = CliRequest::Abort { reason: "validation found mismatches".into() };
+        match operator_call(&shared, coordinator_addr(target), Request::Cli(abort)).await {
+            Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = replica_index(l),
+            Some(answer) => with(&shared, |w| w.record(format_args!("operator: abort on mismatches: {answer:?}"))),
+            None => target = (target + 1) % coordinators,
+        }
+    }
+}
+
 /// Manual mode: a persistent operator asks for the switch whenever the upgrade is syncing
 /// (again after an abort, which clears the request) until the upgrade ends.
 pub(crate) async fn request_switch(shared: &Shared) {

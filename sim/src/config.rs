@@ -77,6 +77,8 @@ pub struct FaultSet {
     pub stale: bool,
     /// Small hold queues, bursts of client requests during a freeze, slow stores.
     pub load: bool,
+    /// A rogue writer changes rows of the new database behind the transform.
+    pub drift: bool,
 }
 
 impl FaultSet {
@@ -93,6 +95,7 @@ impl FaultSet {
         confused: true,
         stale: true,
         load: true,
+        drift: true,
     };
     pub const NONE: FaultSet = FaultSet {
         loss: false,
@@ -107,6 +110,7 @@ impl FaultSet {
         confused: false,
         stale: false,
         load: false,
+        drift: false,
     };
 
     /// The set of the kinds named (`all` and `none` stand for every kind and no kind).
@@ -137,6 +141,7 @@ impl FaultSet {
             FaultKind::Confused => &mut self.confused,
             FaultKind::Stale => &mut self.stale,
             FaultKind::Load => &mut self.load,
+            FaultKind::Drift => &mut self.drift,
             FaultKind::All | FaultKind::None => unreachable!("not a single kind"),
         }
     }
@@ -196,6 +201,10 @@ pub enum FaultKind {
     /// Small hold queues, bursts of client requests (writes too) during a freeze, and slow
     /// stores (a drain that takes time).
     Load,
+    /// A rogue writer (a console session, a cron job) changes rows of the new database behind
+    /// the transform before the switch: validation and the drain's checksums must keep clients
+    /// off it (the operator aborts when validation reports mismatches).
+    Drift,
 }
 
 /// Named scenarios (tests and `imago sim --scenario`).

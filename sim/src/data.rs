@@ -5,7 +5,7 @@
 
 use crate::app::{self, AppOp};
 use crate::checkers::fidelity::History;
-use crate::checkers::{applied_once, AdmissionPoint, Violation};
+use crate::checkers::{applied_once, fenced_after_frozen, AdmissionPoint, Violation};
 use crate::config::Bug;
 use crate::net::ProcId;
 use crate::node_io::{sim_clock, SimClock, SimDisk};
@@ -18,7 +18,7 @@ use node_core::data_node::{DataEvent, DataNodeConfig, DataNodeCore, StoreOp, Sto
 use node_core::store::{Batch, MemStore, NewStore, OldStore};
 use node_core::StoreAnswer;
 use protocol::codec;
-use protocol::schema::RowOp;
+use protocol::schema::{RowOp, Value};
 use protocol::{Duty, Universe};
 use rand::Rng;
 use std::future::Future;
@@ -168,6 +168,16 @@ impl World {
                 result
             }
             StoreOp::Fence => {
+                if !d.old.is_fenced() {
+                    let routers: Vec<protocol::NodeName> =
+                        self.routers.iter().map(|r| r.name.as_str().into()).collect();
+                    let d = &self.data[i];
+                    let found =
+                        fenced_after_frozen::check(&self.checker.acks_counted, &routers, &d.name, d.disk.decision);
+                    let now = self.now_us();
+                    self.checker.found(now, found);
+                }
+                let d = &mut self.data[i];
                 let final_position = d.old.fence();
                 StoreResult::Fenced { final_position }
             }
@@ -227,17 +237,31 @@ impl World {
                 self.fire_on(crate::faults::Condition::Fenced { data: i });
             }
             DataEvent::Compared { final_position, matched } => {
-                if !matched {
+                // The node's comparison against the stores themselves (row by row, not by
+                // checksum); the universes may differ only after a rogue writer's change.
+                let real = self.universes_match(i);
+                if matched != real {
+                    let found =
+                        Violation::ChecksumVerdictWrong { node: name.clone(), final_position, claimed: matched };
+                    self.checker.violation(now, found);
+                }
+                if !real && !self.data[i].drifted {
                     self.checker.violation(now, Violation::ChecksumsDiffer { node: name, final_position });
                 }
             }
-            DataEvent::Drained { final_position, .. } => {
+            DataEvent::Drained { final_position, checksum_match, .. } => {
                 // What a commit relies on, checked independently of the core: everything up to
-                // P is in the new universe, and both universes match.
+                // P is in the new universe, and the ack says truly whether both universes match.
                 let applied = self.data[i].new.checkpoint().applied;
-                let matched = self.universes_match(i);
-                if applied < final_position || !matched {
-                    let found = Violation::DrainedIncomplete { node: name, final_position, applied, matched };
+                let real = self.universes_match(i);
+                if applied < final_position || checksum_match != real {
+                    let found = Violation::DrainedIncomplete {
+                        node: name,
+                        final_position,
+                        applied,
+                        claimed: checksum_match,
+                        real,
+                    };
                     self.checker.violation(now, found);
                 }
             }
@@ -248,7 +272,7 @@ impl World {
     }
 
     /// Whether the new store holds exactly the old store's data, transformed (the simulator's
-    /// own check, independent of the core's comparison).
+    /// own check, row by row: independent of the core's comparison and of its checksums).
     pub fn universes_match(&self, i: usize) -> bool {
         let d = &self.data[i];
         let mut expected = MemStore::with_schema(&self.mapping.new_schema());
@@ -260,7 +284,39 @@ impl World {
                 }
             }
         }
-        expected.checksum() == d.new.checksum()
+        expected.tables() == d.new.tables()
+    }
+
+    /// The drift fault: a rogue writer (a console session, a cron job, a fix by hand) changes
+    /// `rows` rows of shard `i`'s new database behind the transform's back, before the switch.
+    /// Validation and the drain's comparison must keep clients off the new universe until the
+    /// difference is gone. Returns what was changed, for the log.
+    pub(crate) fn drift(&mut self, i: usize, rows: u32) -> Vec<String> {
+        let picks: Vec<(String, i64)> = {
+            let tables = self.data[i].new.tables();
+            let all: Vec<(&String, &i64)> =
+                tables.iter().flat_map(|(t, rows)| rows.keys().map(move |k| (t, k))).collect();
+            if all.is_empty() {
+                return Vec::new();
+            }
+            (0..rows).map(|_| all[self.rng.gen_range(0..all.len())]).map(|(t, k)| (t.clone(), *k)).collect()
+        };
+        let mut changed = Vec::new();
+        for (table, key) in picks {
+            let Some(mut row) = self.data[i].new.get(&table, key).cloned() else { continue };
+            let Some((column, value)) = row.iter_mut().find(|(_, v)| !matches!(v, Value::Null)) else { continue };
+            match value {
+                Value::Int(n) => *n = n.wrapping_add(1_000),
+                Value::Text(t) => t.push_str(" (edited by hand)"),
+                Value::Null => unreachable!("skipped above"),
+            }
+            changed.push(format!("{table}[{key}].{column}"));
+            self.data[i].new.write(&RowOp::Upsert { table, key, row });
+        }
+        if !changed.is_empty() {
+            self.data[i].drifted = true;
+        }
+        changed
     }
 
     pub fn crash_data(&mut self, i: usize) {

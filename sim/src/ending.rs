@@ -75,7 +75,9 @@ impl World {
         for found in durability::outcomes_kept(&self.checker.agreement.seen_outcomes, &state.outcomes) {
             self.checker.violation(now, found);
         }
-        for found in healthy_freeze::check(&self.checker.frozen_healthy, &state.outcomes) {
+        for found in
+            healthy_freeze::check(&self.checker.frozen_healthy, &state.outcomes, self.data.iter().any(|d| d.drifted))
+        {
             self.checker.violation(now, found);
         }
         let found = attempts::check(&state);

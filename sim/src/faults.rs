@@ -39,6 +39,9 @@ pub enum FaultEvent {
     ConfusedLeader,
     /// `requests` client requests (the usual mix, writes too) within `over_ms`.
     Burst { requests: u32, over_ms: u64 },
+    /// A rogue writer changes `rows` rows of a data node's new database behind the transform
+    /// (only before the switch: while syncing, or as the node fences its old store).
+    Drift { data: usize, rows: u32 },
 }
 
 /// The plan's hold queue limit in seeds without a small one.
@@ -196,6 +199,17 @@ impl FaultPlan {
             if rng.gen_bool(0.5) {
                 let when = Condition::Freezing { after_ms: rng.gen_range(0..60) };
                 plan.triggered.push(Triggered { when, event: FaultEvent::ConfusedLeader });
+            }
+        }
+        if f.drift && rng.gen_bool(0.3) {
+            let data = rng.gen_range(0..config.data_nodes);
+            let event = FaultEvent::Drift { data, rows: rng.gen_range(1..=20) };
+            if rng.gen_bool(0.5) {
+                plan.timed.push((at(rng), event));
+            } else {
+                // After the gate passed, before the drain compares: only the checksums can
+                // keep clients off the new universe.
+                plan.triggered.push(Triggered { when: Condition::Fenced { data }, event });
             }
         }
         if f.trigger && rng.gen_bool(0.7) {

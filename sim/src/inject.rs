@@ -135,6 +135,16 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
                 }
             });
         }
+        FaultEvent::Drift { data, rows } => with(shared, |w| {
+            // Timed: only while syncing (a freeze may be draining; after the switch the new
+            // database is production and the writer is just another client).
+            let state = w.freshest_state();
+            if state.current.as_ref().is_some_and(|u| u.phase == protocol::messages::Phase::Syncing) {
+                w.drift_now(data, rows);
+            } else {
+                w.record(format_args!("fault: drift skipped (not syncing)"));
+            }
+        }),
         FaultEvent::ConfusedLeader => {
             let shared = shared.clone();
             tokio::task::spawn_local(async move { confused_leader(&shared).await });
@@ -212,12 +222,23 @@ fn confused_commands(state: &UpgradeState, now_ms: u64) -> Vec<(Command, bool)> 
     let ghost = Command::Ack { node: NodeName::from("ghost"), epoch, ack: Ack::Frozen };
     commands.push((ghost, true));
 
+    let next = Epoch(state.last_epoch.0 + 1);
     match upgrade.phase {
-        Phase::Freezing => commands.push((Command::Commit { epoch }, false)),
-        Phase::Syncing => {
-            let next = Epoch(state.last_epoch.0 + 1);
+        Phase::Freezing => {
+            commands.push((Command::Commit { epoch }, false));
+            // The next epoch's outcome while this one is undecided.
             commands.push((Command::Commit { epoch: next }, false));
             commands.push((Command::Abort { epoch: next, reason: "confused".into(), now_ms }, false));
+        }
+        Phase::Syncing => {
+            commands.push((Command::Commit { epoch: next }, false));
+            commands.push((Command::Abort { epoch: next, reason: "confused".into(), now_ms }, false));
+            if now_ms < upgrade.retry_not_before_ms {
+                // A retry before the backoff ends: the command's own time is inside the backoff,
+                // and the backoff never moves earlier.
+                let early = Command::Freeze { epoch: next, now_ms, deadline_ms: now_ms + 1_000 };
+                commands.push((early, true));
+            }
         }
         _ => {}
     }
@@ -324,6 +345,13 @@ impl World {
 
     /// Fires at once the triggered faults whose condition is `happened` (an event a node just
     /// reported, which the ticker would see too late).
+    /// Applies the drift fault to data node `data` now.
+    pub(crate) fn drift_now(&mut self, data: usize, rows: u32) {
+        let changed = self.drift(data, rows);
+        let name = self.data[data].name.clone();
+        self.record(format_args!("fault: a rogue writer changed {changed:?} in {name}'s new database"));
+    }
+
     pub(crate) fn fire_on(&mut self, happened: Condition) {
         if self.healed || !self.faults.triggered.iter().any(|t| t.when == happened) {
             return;
@@ -343,6 +371,14 @@ impl World {
                     Target::Data(i) => self.crash_data(i),
                     Target::Coordinator(_) | Target::Leader => unreachable!("matched above"),
                 }
+                continue;
+            }
+            // A rogue write lands right here too, before the drain compares.
+            if let FaultEvent::Drift { data, rows } = t.event {
+                let line = format!("{:.3}s {:?} on {happened:?}", self.now_us() as f64 / 1e6, t.event);
+                self.record(format_args!("fault: {line}"));
+                self.stats.fault_log.push(line);
+                self.drift_now(data, rows);
                 continue;
             }
             let shared = shared.clone();

@@ -102,6 +102,8 @@ pub struct DataProc {
     pub actor: Running<DataRequest<SimDataRequest>>,
     /// Batches applied lately (the re-delivery fault sends one again).
     pub delivered: std::collections::VecDeque<Batch>,
+    /// A rogue writer has written to the new database behind the transform (the drift fault).
+    pub drifted: bool,
 }
 
 impl DataProc {
@@ -114,6 +116,7 @@ impl DataProc {
             disk: NodeRecord::default(),
             actor: None,
             delivered: Default::default(),
+            drifted: false,
         }
     }
 }

@@ -25,6 +25,9 @@ use std::time::Duration;
 
 /// Most requests one router tracks at once.
 const REQUESTS_MAX: usize = 10_000;
+/// Response fields the validator ignores: the simulated application's answers carry no
+/// timestamps or other fields that may differ between universes.
+const IGNORE_FIELDS: &[String] = &[];
 
 pub type RouterActor = IngressActor<SimTransport, SimDisk, SimIngress, SimClock>;
 
@@ -73,14 +76,15 @@ impl Ingress for SimIngress {
                 w.checker.mirrors.mirrored(index, key);
             }
             w.trace.forward(now, addr, key.id, universe, mirror);
-            let shard = request.op.key().rem_euclid(w.config.data_nodes as i64) as u64;
+            let shard = request.op.key().rem_euclid(w.config.data_nodes as i64) as usize;
             let wire = DataRequest { key, universe, mirror, op: request.op.clone() };
             let bytes = codec::encode_frame(&wire).expect("data requests encode");
-            (w.send_request(addr, ProcId::Data(shard as usize).addr(), bytes), w.data_timeout_ms)
+            (w.send_request(addr, ProcId::Data(shard).addr(), bytes), w.data_timeout_ms, shard)
         });
         let world = self.world.clone();
+        let sent_to = sent.as_ref().map(|(_, _, shard)| *shard);
         detached(async move {
-            let (rx, timeout_ms) = sent?;
+            let (rx, timeout_ms, _) = sent?;
             let bytes = await_reply(rx, Duration::from_millis(timeout_ms)).await;
             let answer = bytes.and_then(|b| codec::decode_frame::<DataResponse>(&b).ok().flatten().map(|(r, _)| r));
             if !mirror && universe == Universe::Old {
@@ -98,7 +102,8 @@ impl Ingress for SimIngress {
                     with(&shared, |w| {
                         if w.is_up(ProcId::Router(index).addr(), incarnation) {
                             let name = w.routers[index].name.clone();
-                            let found = w.checker.mirrors.answered(index, &name, key, mirror, answer.clone());
+                            let drifted = sent_to.is_some_and(|shard| w.data[shard].drifted);
+                            let found = w.checker.mirrors.answered(index, &name, key, mirror, answer.clone(), drifted);
                             let now = w.now_us();
                             w.checker.found(now, found);
                         }
@@ -149,9 +154,12 @@ impl Ingress for SimIngress {
                         HoldCause::Startup => w.stats.startup_hold_ms.push(held_ms),
                     }
                 }
-                // Judged by the simulator itself (`checkers::mirrors`), not by this verdict.
-                IngressEvent::Compared { id, verdict, .. } => {
+                // The answers are judged by the simulator itself (`checkers::mirrors`); the
+                // verdict is checked against the one they deserve (`checkers::verdicts`).
+                IngressEvent::Compared { id, verdict, old, new } => {
                     w.trace.event(now, format_args!("{name} compared {id}: {verdict:?}"));
+                    let found = w.checker.verdicts.compared(index, name, verdict, &old, &new, IGNORE_FIELDS);
+                    w.checker.found(now, found);
                 }
             }
         });
@@ -213,6 +221,7 @@ impl World {
             self.oracle.done(request.write, ClientOutcome::Unknown, now);
         }
         self.checker.mirrors.forget_router(i);
+        self.checker.verdicts.crashed(i);
         self.checker.frozen_ack.crashed(i);
         let name = self.routers[i].name.clone();
         self.checker.propagation.crashed(&name);
@@ -237,7 +246,7 @@ impl World {
                 hold_queue_max: t.hold_queue_max as usize,
                 retry_after_ms: 1_000,
             },
-            ignore_fields: Vec::new(),
+            ignore_fields: IGNORE_FIELDS.to_vec(),
             requests_max: REQUESTS_MAX,
         };
         let bug = self.config.bug;

@@ -38,6 +38,8 @@ pub struct SeedReport {
     pub seed: u64,
     pub outcome: SeedOutcome,
     pub aborted_epochs: u64,
+    /// Why each freeze was aborted, and why the upgrade was rolled back if that was not a freeze.
+    pub abort_reasons: Vec<String>,
     pub violations: Vec<Seen>,
     pub sim_ms: u64,
     pub trace_hash: u64,
@@ -100,6 +102,7 @@ impl SeedReport {
             seed,
             outcome: SeedOutcome::Unfinished,
             aborted_epochs: 0,
+            abort_reasons: Vec::new(),
             violations: vec![Seen { at_us: 0, violation: Violation::Panic { what } }],
             sim_ms: 0,
             trace_hash: 0,
@@ -262,6 +265,7 @@ async fn run(config: SimConfig, seed: u64) -> SeedReport {
     tokio::task::spawn_local(workload(shared.clone(), running.clone()));
     tokio::task::spawn_local(timed_faults(shared.clone()));
     tokio::task::spawn_local(operator(shared.clone()));
+    tokio::task::spawn_local(crate::clients::abort_on_mismatches(shared.clone()));
 
     tokio::time::sleep(Duration::from_millis(safety_ms)).await;
     heal(&shared).await;
@@ -345,6 +349,19 @@ impl World {
         let aborted_epochs =
             state.outcomes.values().filter(|o| matches!(o, coordinator::upgrade::Outcome::Aborted { .. })).count()
                 as u64;
+        let mut abort_reasons: Vec<String> = state
+            .outcomes
+            .values()
+            .filter_map(|o| match o {
+                coordinator::upgrade::Outcome::Aborted { reason } => Some(reason.clone()),
+                coordinator::upgrade::Outcome::Committed => None,
+            })
+            .collect();
+        if let Some(reason) = state.current.as_ref().and_then(|u| u.last_abort_reason.clone()) {
+            if !abort_reasons.contains(&reason) {
+                abort_reasons.push(reason);
+            }
+        }
         let switch_ms = match (self.stats.first_freeze_us, self.stats.switched_us) {
             (Some(a), Some(b)) => Some((b.saturating_sub(a)) / 1000),
             _ => None,
@@ -353,6 +370,7 @@ impl World {
             seed: self.seed,
             outcome,
             aborted_epochs,
+            abort_reasons,
             violations: self.checker.violations.clone(),
             sim_ms: self.now_ms(),
             trace_hash: self.trace.hash(),

@@ -41,10 +41,13 @@ fn the_same_seed_gives_the_same_trace() {
 /// the range; 202 (a false mismatch before the bulk copy ended) is added. 18 and 71 lose a
 /// router's disk: request keys that named only the node and its boot count collided with those
 /// of its earlier disk (reads got other requests' answers) until keys carried the disk's id.
+/// 818: a watch timing out on a crashed replica moved the agent's shared target off the leader
+/// a write had just found, back to the crashed replica, every time: the data nodes never
+/// learned the abort (the propagation checker saw it).
 #[test]
 fn two_hundred_faulty_seeds_keep_every_invariant_and_both_outcomes_occur() {
     let config = SimConfig::default();
-    let reports = run(&config, (0..200).chain([202]));
+    let reports = run(&config, (0..200).chain([202, 818]));
     assert_clean(&reports);
     let switched = reports.iter().filter(|r| r.outcome == SeedOutcome::Switched).count();
     let rolled_back = reports.iter().filter(|r| r.outcome == SeedOutcome::RolledBack).count();
@@ -68,6 +71,8 @@ fn two_hundred_faulty_seeds_keep_every_invariant_and_both_outcomes_occur() {
             .any(|r| r.outcome == SeedOutcome::Switched && r.fault_log.iter().any(|f| f.contains("switch = manual"))),
         "no manual-mode seed switched"
     );
+    let drift = seeds_with("Drift");
+    assert!(drift > 20, "a rogue writer changed a new database in only {drift} seeds");
     let aborts = seeds_with("OperatorAbort");
     assert!(aborts > 10, "operator aborts were tried in only {aborts} seeds");
     let built = reports.iter().filter(|r| r.snapshots_built > 0).count();
@@ -230,4 +235,24 @@ fn five_coordinators_two_hundred_routers_three_datacenters() {
     for r in &reports {
         assert_ne!(r.outcome, SeedOutcome::Unfinished);
     }
+}
+
+/// A rogue writer changes rows of a new database behind the transform (the drift fault): no
+/// client ever reads them, because validation (the operator aborts on its mismatches) or the
+/// drain's comparison (the freeze is aborted on a checksum mismatch) keeps the switch from
+/// happening until the difference is gone. Both ways are taken in these seeds.
+#[test]
+fn a_rogue_writer_is_stopped_by_validation_or_by_the_checksums() {
+    let config = SimConfig { faults: FaultSet::from_kinds(&[imago_sim::FaultKind::Drift]), ..SimConfig::default() };
+    let reports = run(&config, 0..120);
+    assert_clean(&reports);
+    let drifted: Vec<&SeedReport> =
+        reports.iter().filter(|r| r.fault_log.iter().any(|f| f.contains("Drift"))).collect();
+    assert!(drifted.len() > 15, "the rogue writer ran in only {} seeds", drifted.len());
+    let with_reason =
+        |needle: &str| drifted.iter().filter(|r| r.abort_reasons.iter().any(|a| a.contains(needle))).count();
+    assert!(with_reason("checksum mismatch") > 0, "no freeze was aborted on a checksum mismatch");
+    assert!(with_reason("validation found mismatches") > 0, "validation never stopped the upgrade");
+    let others = reports.iter().filter(|r| !r.fault_log.iter().any(|f| f.contains("Drift")));
+    assert!(others.clone().all(|r| r.abort_reasons.is_empty()), "aborts without a rogue writer or any other fault");
 }

@@ -91,6 +91,8 @@ struct InFlight {
     deadline_ms: u64,
     what: Pending,
     linearizable: bool,
+    /// The replica it was sent to (an index into the configured replicas).
+    replica: usize,
 }
 
 /// The agent core.
@@ -228,47 +230,56 @@ impl AgentCore {
         }
     }
 
-    fn rotate(&mut self) {
-        self.target = (self.target + 1) % self.config.replicas.len();
+    /// Moves on from replica `from` after it failed a request, unless the target has moved
+    /// already: the watch and the write share one target, and a failure of one must not undo
+    /// what the other just learned (a timeout on a crashed replica would otherwise send the
+    /// next watch back to it, again and again, while writes are answered by the leader).
+    fn rotate_from(&mut self, from: usize) {
+        if self.target == from {
+            self.target = (self.target + 1) % self.config.replicas.len();
+        }
     }
 
-    fn point_at(&mut self, leader: Option<ReplicaId>) {
+    fn point_at(&mut self, from: usize, leader: Option<ReplicaId>) {
         match leader.and_then(|l| self.config.replicas.iter().position(|r| *r == l)) {
             Some(i) => self.target = i,
-            None => self.rotate(),
+            None => self.rotate_from(from),
         }
     }
 
     fn expire(&mut self, now_ms: u64) {
-        let mut timed_out = false;
+        let mut timed_out = Vec::new();
         for slot in [&mut self.watch, &mut self.write] {
             if slot.as_ref().is_some_and(|f| now_ms >= f.deadline_ms) {
                 // A report that may be lost is sent again (its content may not change for long).
                 if slot.as_ref().is_some_and(|f| matches!(f.what, Pending::Write(WriteKind::Report))) {
                     self.report_sent = None;
                 }
-                *slot = None;
-                timed_out = true;
+                timed_out.extend(slot.take().map(|f| f.replica));
             }
         }
-        if timed_out {
-            self.rotate();
+        timed_out.dedup();
+        for from in timed_out {
+            self.rotate_from(from);
         }
     }
 
     fn on_response(&mut self, id: u64, response: NodeResponse, out: &mut Vec<AgentOutput>) {
         if let Some(w) = self.watch.as_ref().filter(|w| w.id == id) {
-            let linearizable = w.linearizable;
+            let (linearizable, from) = (w.linearizable, w.replica);
             self.watch = None;
             match response {
-                NodeResponse::View(view) => self.on_view(view, linearizable, out),
-                NodeResponse::NotLeader { leader } => self.point_at(leader),
-                NodeResponse::Accepted | NodeResponse::Rejected(_) | NodeResponse::Unknown { .. } => self.rotate(),
+                NodeResponse::View(view) => self.on_view(view, linearizable, from, out),
+                NodeResponse::NotLeader { leader } => self.point_at(from, leader),
+                NodeResponse::Accepted | NodeResponse::Rejected(_) | NodeResponse::Unknown { .. } => {
+                    self.rotate_from(from)
+                }
             }
             return;
         }
         if let Some(w) = self.write.as_ref().filter(|w| w.id == id) {
             let Pending::Write(kind) = w.what.clone() else { unreachable!("write slot holds writes") };
+            let from = w.replica;
             self.write = None;
             match response {
                 NodeResponse::Accepted => match kind {
@@ -281,7 +292,7 @@ impl AgentCore {
                     if kind == WriteKind::Report {
                         self.report_sent = None;
                     }
-                    self.point_at(leader)
+                    self.point_at(from, leader)
                 }
                 // Refused, or not known to have taken effect: a report is sent again; an ack stays
                 // owed until a view shows it; a registration until a view says registered.
@@ -290,18 +301,18 @@ impl AgentCore {
                         self.report_sent = None;
                     }
                 }
-                NodeResponse::View(_) => self.rotate(),
+                NodeResponse::View(_) => self.rotate_from(from),
             }
         }
         // A late answer to a request already given up on is ignored.
     }
 
-    fn on_view(&mut self, view: DecisionView, linearizable: bool, out: &mut Vec<AgentOutput>) {
+    fn on_view(&mut self, view: DecisionView, linearizable: bool, from: usize, out: &mut Vec<AgentOutput>) {
         if view.version <= self.known_version && self.linearized {
             self.stale_watches += 1;
             if self.stale_watches >= self.config.stale_watch_limit && matches!(self.persisted, Decision::Freeze(_)) {
                 self.stale_watches = 0;
-                self.rotate();
+                self.rotate_from(from);
             }
         } else {
             self.stale_watches = 0;
@@ -370,7 +381,7 @@ impl AgentCore {
                 wait_ms: self.config.watch_wait_ms,
             };
             let deadline_ms = now_ms + u64::from(self.config.watch_wait_ms) + self.config.request_timeout_ms;
-            self.watch = Some(InFlight { id, deadline_ms, what: Pending::Watch, linearizable });
+            self.watch = Some(InFlight { id, deadline_ms, what: Pending::Watch, linearizable, replica: self.target });
             out.push(AgentOutput::Send { id, replica, request });
         }
         if self.write.is_some() {
@@ -405,6 +416,7 @@ impl AgentCore {
             deadline_ms: now_ms + self.config.request_timeout_ms,
             what: Pending::Write(kind),
             linearizable: false,
+            replica: self.target,
         });
         out.push(AgentOutput::Send { id, replica, request });
     }
@@ -566,5 +578,43 @@ mod tests {
         let out = a.handle(600, AgentInput::Timer);
         let again = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Ack { .. })).unwrap();
         assert_eq!(again.1, 1);
+    }
+
+    /// Regression (simulator seed 818 of the drift-fault session): the watch and the write share
+    /// one target. A watch timing out on a crashed replica rotated the target away from the
+    /// leader that a write had just been pointed at, straight back to the crashed replica, so
+    /// every watch went there and the node never learned the decision.
+    #[test]
+    fn a_request_failing_on_a_replica_the_agent_already_left_does_not_move_it() {
+        let mut a = agent();
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial });
+        let first = sends(&out)[0].0;
+        let out = a.handle(
+            1,
+            AgentInput::Response { id: first, response: NodeResponse::View(view(2, Decision::Freeze(Epoch(1)))) },
+        );
+        let (watch, replica, _) =
+            sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Watch { .. })).unwrap();
+        assert_eq!(replica, 1, "the watch waits on replica 1 (which then crashes)");
+        let report = NodeReport { samples: 1, ..Default::default() };
+        let out = a.handle(2, AgentInput::Report(report));
+        let (sent, _, _) = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Report { .. })).unwrap();
+        a.handle(3, AgentInput::Response { id: sent, response: NodeResponse::NotLeader { leader: Some(3) } });
+        assert_eq!(a.target(), 3, "the write follows the leader hint");
+        let out = a.handle(102, AgentInput::Timer);
+        let (resent, to, _) =
+            sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Report { .. })).unwrap();
+        assert_eq!(to, 3, "the report is sent again, to the leader");
+        a.handle(103, AgentInput::Response { id: resent, response: NodeResponse::Accepted });
+        // The watch on replica 1 times out (1000 ms wait + 500 ms timeout after t=1).
+        let out = a.handle(1_501, AgentInput::Timer);
+        assert_ne!(a.request_deadline_ms(watch), Some(1_501), "the old watch is given up");
+        let next = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Watch { .. })).unwrap();
+        assert_eq!(next.1, 3, "the next watch goes to the leader, not back to the dead replica");
+        // A failure on the current target still moves on.
+        let out = a
+            .handle(1_502, AgentInput::Response { id: next.0, response: NodeResponse::Unknown { reason: "x".into() } });
+        let after = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Watch { .. })).unwrap();
+        assert_eq!(after.1, 1);
     }
 }

@@ -363,4 +363,46 @@ mod tests {
         a.write(&RowOp::Delete { table: "t".into(), key: 2 });
         assert_ne!(a.checksum(), b.checksum());
     }
+
+    #[test]
+    fn a_store_made_from_a_schema_lists_its_tables_empty() {
+        let mut tables = BTreeMap::new();
+        for t in ["a", "b"] {
+            tables.insert(t.to_string(), TableSchema { key: "id".into(), columns: vec!["id".into()] });
+        }
+        let s = MemStore::with_schema(&Schema { tables });
+        assert_eq!(s.tables().keys().map(String::as_str).collect::<Vec<_>>(), vec!["a", "b"]);
+        assert!(s.tables().values().all(BTreeMap::is_empty));
+    }
+
+    #[test]
+    fn two_open_snapshots_keep_their_own_rows_and_are_counted() {
+        let mut s = store();
+        assert_eq!(s.open_snapshots(), 0);
+        let (first, _) = s.open_snapshot();
+        s.write_captured(upsert(6)).unwrap();
+        let (second, _) = s.open_snapshot();
+        assert_ne!(first, second);
+        assert_eq!(s.open_snapshots(), 2);
+        let keys = |s: &MemStore, snap| s.snapshot_chunk(snap, &None, 10).unwrap().rows.len();
+        assert_eq!((keys(&s, first), keys(&s, second)), (5, 6), "each snapshot sees the rows as it opened");
+        s.disconnect();
+        assert_eq!(s.open_snapshots(), 0, "snapshots die with the connection");
+    }
+
+    #[test]
+    fn a_fence_shows_and_refuses_captured_writes_until_unfenced() {
+        let mut s = store();
+        assert!(!s.is_fenced());
+        s.write_captured(upsert(6)).unwrap();
+        assert_eq!(s.fence(), Position(1));
+        assert!(s.is_fenced());
+        assert!(s.write_captured(upsert(7)).is_err(), "a fenced store takes no writes");
+        s.unfence();
+        assert!(!s.is_fenced());
+        assert_eq!(s.write_captured(upsert(7)), Ok(Position(2)));
+        assert_eq!(s.changes().kept(), 2);
+        s.prune(Position(1));
+        assert_eq!(s.changes().kept(), 1, "pruned up to the applied position");
+    }
 }

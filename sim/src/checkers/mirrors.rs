@@ -2,7 +2,8 @@
 //! the router, are compared here, independently of the validate core's verdict. At the same
 //! data position (the new universe had applied exactly what the old one had captured) the two
 //! universes must give the same canonical answer; any difference is a violation, whether or not
-//! the validator noticed it.
+//! the validator noticed it, unless a rogue writer changed that shard's new database behind the
+//! transform (then the difference is real, and the validator and the drain must catch it).
 
 use super::Violation;
 use node_core::{RequestKey, StoreAnswer};
@@ -34,7 +35,8 @@ impl Mirrors {
         self.pending.retain(|(r, _), _| *r != router);
     }
 
-    /// A universe answered read `key` of `router` (`mirror`: the new universe's copy).
+    /// A universe answered read `key` of `router` (`mirror`: the new universe's copy;
+    /// `drifted`: a rogue writer has written to that shard's new database).
     pub fn answered(
         &mut self,
         router: usize,
@@ -42,6 +44,7 @@ impl Mirrors {
         key: RequestKey,
         mirror: bool,
         answer: Option<StoreAnswer>,
+        drifted: bool,
     ) -> Option<Violation> {
         let pair = self.pending.get_mut(&(router, key))?;
         if mirror {
@@ -58,7 +61,7 @@ impl Mirrors {
                 if *p_new >= *p_old && (old == new || p_new == p_old) {
                     self.samples += 1;
                 }
-                (p_old == p_new && old != new).then(|| Violation::MirrorMismatch {
+                (p_old == p_new && old != new && !drifted).then(|| Violation::MirrorMismatch {
                     router: name.to_string(),
                     request: key.id,
                     position: Position(p_old.0),
@@ -88,13 +91,20 @@ mod tests {
         let mut m = Mirrors::default();
         let key = |id| RequestKey { origin: 1, id };
         m.mirrored(0, key(1));
-        assert_eq!(m.answered(0, "r", key(1), true, ok(2, 5)), None);
-        assert!(matches!(m.answered(0, "r", key(1), false, ok(1, 5)), Some(Violation::MirrorMismatch { .. })));
+        assert_eq!(m.answered(0, "r", key(1), true, ok(2, 5), false), None);
+        assert!(matches!(m.answered(0, "r", key(1), false, ok(1, 5), false), Some(Violation::MirrorMismatch { .. })));
         m.mirrored(0, key(2));
-        assert_eq!(m.answered(0, "r", key(2), false, ok(1, 5)), None);
-        assert_eq!(m.answered(0, "r", key(2), true, ok(2, 6)), None, "the new universe is ahead: inconclusive");
-        assert_eq!(m.answered(0, "r", key(3), false, ok(1, 5)), None, "not mirrored");
-        assert_eq!(m.samples, 1);
+        assert_eq!(m.answered(0, "r", key(2), false, ok(1, 5), false), None);
+        assert_eq!(m.answered(0, "r", key(2), true, ok(2, 6), false), None, "the new universe is ahead: inconclusive");
+        assert_eq!(m.answered(0, "r", key(3), false, ok(1, 5), false), None, "not mirrored");
+        m.mirrored(0, key(4));
+        assert_eq!(m.answered(0, "r", key(4), false, ok(1, 5), true), None);
+        assert_eq!(
+            m.answered(0, "r", key(4), true, ok(2, 5), true),
+            None,
+            "a rogue writer's change: a real difference"
+        );
+        assert_eq!(m.samples, 2);
         assert!(m.pending.is_empty());
     }
 }

@@ -12,12 +12,17 @@
 //! - [`single_universe`]: no request reaches the old universe after one reached the new one.
 //! - [`durability`]: what a node persists never goes backwards; outcomes seen are kept.
 //! - [`persist_first`]: a node acts on a decision only once its disk holds it.
+//! - [`fenced_after_frozen`]: a data node fences its old store only after every router sent
+//!   `Frozen` for that freeze.
+//! - [`views`]: every view of one state version that a node is sent is the same.
 //! - [`frozen_ack`]: a router acks `Frozen` only with nothing in flight to the old universe.
 //! - [`bounded_hold`]: no request is held longer than `hold_ms_max`.
 //! - [`hold_queue`]: no router holds more than `hold_queue_max` requests.
 //! - [`fidelity`]: every transform batch matches the old rows as of its checkpoint position.
 //! - [`mirrors`]: a mirrored read's two answers agree at the same data position (compared by
 //!   the simulator, not by the validator).
+//! - [`verdicts`]: every validator verdict is the one the two answers deserve, and every
+//!   report carries counts the validator really had.
 //! - [`reads`]: every read a client gets agrees with the writes acknowledged before it.
 //! - [`lost_writes`]: at the end, acknowledged writes are present and failed ones absent.
 //! - [`applied_once`]: the new store refuses a batch delivered again.
@@ -44,6 +49,7 @@ pub mod change_log;
 pub mod decided_on_acks;
 pub mod durability;
 pub mod exactly_once;
+pub mod fenced_after_frozen;
 pub mod fidelity;
 pub mod frozen_ack;
 pub mod gate;
@@ -56,6 +62,8 @@ pub mod persist_first;
 pub mod propagation;
 pub mod reads;
 pub mod single_universe;
+pub mod verdicts;
+pub mod views;
 
 use protocol::messages::{GateBlocker, Phase};
 use protocol::{Decision, Epoch, Position, Universe};
@@ -105,11 +113,23 @@ pub enum Violation {
     LostWrites { universe: Universe, users: Vec<i64> },
     /// No phantom writes: a write the client was told failed is present.
     PhantomWrite { what: String },
-    /// No lost writes: a data node acked `Drained(P)` without everything up to P, or with
-    /// universes that differ.
-    DrainedIncomplete { node: String, final_position: Position, applied: Position, matched: bool },
-    /// No lost writes: the data node's own comparison found the universes different.
+    /// No lost writes: a data node acked `Drained(P)` without everything up to P, or claiming
+    /// universes match when they differ (or the reverse).
+    DrainedIncomplete { node: String, final_position: Position, applied: Position, claimed: bool, real: bool },
+    /// No lost writes: the universes differ after a drain although nothing wrote to the new
+    /// database behind the transform.
     ChecksumsDiffer { node: String, final_position: Position },
+    /// Fence after frozen: a data node fenced its old store before every router sent `Frozen`.
+    FencedEarly { node: String, decision: Decision, missing: Vec<String> },
+    /// One view per version: a node was sent two different views of one state version.
+    ViewVersionReused { node: String, version: u64, first: String, second: String },
+    /// Checksums: a data node's comparison of the universes says the opposite of what they hold.
+    ChecksumVerdictWrong { node: String, final_position: Position, claimed: bool },
+    /// Validation: a validator's verdict on two answers is not the verdict they deserve.
+    WrongVerdict { router: String, expected: String, got: String, old: String, new: String },
+    /// Validation: a router reported counts its validator never had (samples invented, or
+    /// mismatches dropped).
+    ValidationMiscounted { router: String, samples: u64, mismatches: u64, seen: String },
     /// Exactly once: captured and applied positions differ at the end.
     NotExactlyOnce { node: String, captured: Position, applied: Position },
     /// Applied once: the new store accepted a batch not built on its checkpoint (delivered again).
@@ -211,12 +231,34 @@ impl fmt::Display for Violation {
                 &users[..users.len().min(10)]
             ),
             PhantomWrite { what } => write!(f, "no phantom writes: {what}"),
-            DrainedIncomplete { node, final_position, applied, matched } => write!(
+            DrainedIncomplete { node, final_position, applied, claimed, real } => write!(
                 f,
-                "no lost writes: {node} acked Drained({}) with {} applied and universes that {}",
+                "no lost writes: {node} acked Drained({}) with {} applied, saying the universes {} when they {}",
                 final_position.0,
                 applied.0,
-                if *matched { "match" } else { "differ" }
+                if *claimed { "match" } else { "differ" },
+                if *real { "match" } else { "differ" }
+            ),
+            ChecksumVerdictWrong { node, final_position, claimed } => write!(
+                f,
+                "checksums: {node} found the universes {} at {} when they {}",
+                if *claimed { "matching" } else { "different" },
+                final_position.0,
+                if *claimed { "differ" } else { "match" }
+            ),
+            FencedEarly { node, decision, missing } => write!(
+                f,
+                "fence after frozen: {node} fenced its old store with {decision:?} on disk, before {missing:?} sent Frozen"
+            ),
+            ViewVersionReused { node, version, first, second } => {
+                write!(f, "one view per version: {node} was sent {first} and then {second} for version {version}")
+            }
+            WrongVerdict { router, expected, got, old, new } => {
+                write!(f, "validation: {router} called {old} vs {new} {got}, not {expected}")
+            }
+            ValidationMiscounted { router, samples, mismatches, seen } => write!(
+                f,
+                "validation: {router} reported {mismatches} mismatches in {samples} samples, but its validator saw {seen}"
             ),
             ChecksumsDiffer { node, final_position } => write!(
                 f,
@@ -300,6 +342,8 @@ pub struct Checker {
     pub durability: durability::Durability,
     pub bounded_hold: bounded_hold::BoundedHold,
     pub mirrors: mirrors::Mirrors,
+    pub verdicts: verdicts::Verdicts,
+    pub views: views::Views,
     pub frozen_ack: frozen_ack::FrozenAck,
     pub acks_counted: acks_counted::AcksCounted,
     pub decided_on_acks: decided_on_acks::DecidedOnAcks,
@@ -320,6 +364,8 @@ impl Checker {
             durability: Default::default(),
             bounded_hold: bounded_hold::BoundedHold::new(hold_bound_ms),
             mirrors: Default::default(),
+            verdicts: Default::default(),
+            views: Default::default(),
             frozen_ack: Default::default(),
             acks_counted: Default::default(),
             decided_on_acks: Default::default(),
