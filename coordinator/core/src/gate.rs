@@ -27,11 +27,11 @@ pub fn ready_gate(upgrade: &Upgrade) -> Result<(), Vec<GateBlocker>> {
         validators.fold((0u64, 0u64), |(s, m), n| (s + n.report.samples, m + n.report.mismatches));
     if samples < t.samples_min {
         blockers.push(GateBlocker::TooFewSamples { samples, samples_min: t.samples_min });
-    } else if samples > 0 {
-        let ratio = mismatches as f64 / samples as f64;
-        if ratio > t.mismatch_ratio_max {
-            blockers.push(GateBlocker::MismatchRatio { ratio, mismatch_ratio_max: t.mismatch_ratio_max });
-        }
+    } else if mismatches as f64 > t.mismatch_ratio_max * samples as f64 {
+        // Compared without dividing: mismatches reported with no samples (a malformed report)
+        // block too, at an infinite ratio.
+        let ratio = if samples == 0 { f64::INFINITY } else { mismatches as f64 / samples as f64 };
+        blockers.push(GateBlocker::MismatchRatio { ratio, mismatch_ratio_max: t.mismatch_ratio_max });
     }
     if blockers.is_empty() {
         Ok(())

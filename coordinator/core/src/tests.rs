@@ -1,7 +1,7 @@
 //! Rules of the upgrade state machine (docs/design.md, "The upgrade lifecycle").
 
 use super::*;
-use protocol::messages::{Ack, NodeReport, Phase};
+use protocol::messages::{Ack, GateBlocker, NodeReport, Phase};
 use protocol::messages::{RejectKind, Rejection};
 use protocol::{Decision, Position};
 
@@ -282,6 +282,170 @@ fn operator_abort_during_freeze_rolls_back() {
     assert_eq!(state.decision(), Decision::Abort(Epoch(1)));
 }
 
+fn report(captured: u64, applied: u64, samples: u64, mismatches: u64) -> NodeReport {
+    NodeReport { captured: Position(captured), applied: Position(applied), bulk_done: true, samples, mismatches }
+}
+
+/// The gate of `ready` with these reports from db-1 and router-1 (router-2 reports nothing),
+/// under a plan allowing `mismatch_ratio_max`.
+fn gate_with(mismatch_ratio_max: &str, db: NodeReport, router: NodeReport) -> Result<(), Vec<GateBlocker>> {
+    let mut state = ready("auto", 3);
+    if let Some(u) = state.current.as_mut() {
+        let text = EXAMPLE.replace("mismatch_ratio_max = 0.0", &format!("mismatch_ratio_max = {mismatch_ratio_max}"));
+        u.plan = Plan::from_toml("example.toml", &text).unwrap();
+    }
+    accepted(&mut state, Command::Report { node: n("db-1"), report: db });
+    accepted(&mut state, Command::Report { node: n("router-1"), report: router });
+    ready_gate(state.current.as_ref().unwrap())
+}
+
+#[test]
+fn the_gate_takes_lag_up_to_lag_max_and_samples_from_samples_min() {
+    // lag_max = 50, samples_min = 20 (summed over every validator).
+    assert_eq!(gate_with("0.0", report(60, 10, 0, 0), report(0, 0, 20, 0)), Ok(()));
+    let lag = gate_with("0.0", report(61, 10, 0, 0), report(0, 0, 20, 0)).unwrap_err();
+    assert!(matches!(&lag[..], [GateBlocker::Lag { lag: 51, .. }]), "{lag:?}");
+    let few = gate_with("0.0", report(10, 10, 9, 0), report(0, 0, 10, 0)).unwrap_err();
+    assert!(matches!(&few[..], [GateBlocker::TooFewSamples { samples: 19, .. }]), "{few:?}");
+}
+
+#[test]
+fn the_gate_sums_every_validators_mismatches_against_the_ratio() {
+    // 10 mismatches in 100 samples is exactly 10 %: allowed; 11 is not.
+    assert_eq!(gate_with("0.1", report(10, 10, 50, 5), report(0, 0, 50, 5)), Ok(()));
+    let over = gate_with("0.1", report(10, 10, 50, 5), report(0, 0, 50, 6)).unwrap_err();
+    assert!(matches!(&over[..], [GateBlocker::MismatchRatio { .. }]), "{over:?}");
+    let one = gate_with("0.0", report(10, 10, 0, 0), report(0, 0, 40, 1)).unwrap_err();
+    assert!(
+        matches!(&one[..], [GateBlocker::MismatchRatio { ratio, .. }] if *ratio == 1.0 / 40.0),
+        "one mismatch is too many at 0.0, and the ratio shown is 1/40: {one:?}"
+    );
+}
+
+#[test]
+fn mismatches_reported_without_samples_block_the_gate() {
+    let mut state = ready("auto", 3);
+    if let Some(u) = state.current.as_mut() {
+        let text = EXAMPLE.replace("samples_min = 20", "samples_min = 0");
+        u.plan = Plan::from_toml("example.toml", &text).unwrap();
+    }
+    accepted(&mut state, Command::Report { node: n("db-1"), report: report(10, 10, 0, 0) });
+    accepted(&mut state, Command::Report { node: n("router-1"), report: report(0, 0, 0, 0) });
+    assert_eq!(ready_gate(state.current.as_ref().unwrap()), Ok(()), "no samples and none needed");
+    accepted(&mut state, Command::Report { node: n("router-1"), report: report(0, 0, 0, 2) });
+    let blocked = ready_gate(state.current.as_ref().unwrap()).unwrap_err();
+    assert!(matches!(&blocked[..], [GateBlocker::MismatchRatio { ratio, .. }] if ratio.is_infinite()), "{blocked:?}");
+}
+
+#[test]
+fn the_version_moves_with_every_accepted_change_and_with_nothing_else() {
+    let mut state = ready("auto", 3);
+    let v = state.version;
+    accepted(&mut state, Command::Report { node: n("db-1"), report: report(11, 11, 30, 0) });
+    assert_eq!(state.version, v, "reports are not watched");
+    rejected(&mut state, Command::Commit { epoch: Epoch(1) });
+    assert_eq!(state.version, v, "a refusal changes nothing");
+    freeze(&mut state, 1, 0);
+    assert_eq!(state.version, v + 1, "watchers wait for a newer version to see the freeze");
+}
+
+#[test]
+fn an_ended_upgrade_takes_no_more_node_commands() {
+    let mut state = ready("auto", 3);
+    accepted(&mut state, Command::OperatorAbort { reason: "stop".into(), now_ms: 1 });
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::RolledBack);
+    let register = Command::Register { node: n("router-1"), duties: vec![Duty::Route, Duty::Validate], deployed: true };
+    assert_eq!(rejected(&mut state, register).kind, RejectKind::NoUpgrade);
+    let report = Command::Report { node: n("db-1"), report: report(1, 1, 1, 0) };
+    assert_eq!(rejected(&mut state, report).kind, RejectKind::NoUpgrade);
+}
+
+#[test]
+fn a_retry_waits_out_the_whole_backoff_and_not_longer() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    accepted(&mut state, Command::Abort { epoch: Epoch(1), reason: "deadline".into(), now_ms: 100 });
+    // retry_backoff_ms = 1000: the next freeze may come at 1100.
+    assert_eq!(next_deadline_ms(&state, 500), Some(1100), "the driver wakes at the end of the backoff");
+    assert_eq!(next_deadline_ms(&state, 1100), None);
+    assert_eq!(next_command(&state, 1099), None);
+    let early = rejected(&mut state, Command::Freeze { epoch: Epoch(2), now_ms: 1099, deadline_ms: 4099 });
+    assert_eq!(early.kind, RejectKind::Backoff);
+    assert!(matches!(next_command(&state, 1100), Some(Command::Freeze { epoch: Epoch(2), .. })));
+    freeze(&mut state, 2, 1100);
+    assert_eq!(next_deadline_ms(&state, 1200), Some(4100), "the driver wakes at the freeze deadline");
+    assert_eq!(next_deadline_ms(&state, 4100), None);
+}
+
+#[test]
+fn the_next_epochs_outcome_cannot_be_decided_while_this_one_is_frozen() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    all_acks(&mut state, 1);
+    assert_eq!(rejected(&mut state, Command::Commit { epoch: Epoch(2) }).kind, RejectKind::WrongPhase);
+    let abort = Command::Abort { epoch: Epoch(2), reason: "confused".into(), now_ms: 1 };
+    assert_eq!(rejected(&mut state, abort).kind, RejectKind::WrongPhase);
+    assert!(state.outcomes.is_empty());
+}
+
+#[test]
+fn syncing_needs_every_node_registered_with_its_version_deployed() {
+    let mut state = UpgradeState::default();
+    state.apply(&Command::Start { plan: plan("auto", 3), token: "t1".into() });
+    for r in ROUTERS {
+        accepted(
+            &mut state,
+            Command::Register { node: n(r), duties: vec![Duty::Route, Duty::Validate], deployed: true },
+        );
+    }
+    let db = |deployed| Command::Register {
+        node: n("db-1"),
+        duties: vec![Duty::Capture, Duty::Transform, Duty::Validate],
+        deployed,
+    };
+    accepted(&mut state, db(false));
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::Staged, "db-1's new version is not deployed");
+    accepted(&mut state, db(true));
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::Syncing);
+}
+
+#[test]
+fn a_checksum_mismatch_of_an_aborted_freeze_does_not_count_for_the_next() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    for r in ROUTERS {
+        accepted(&mut state, Command::Ack { node: n(r), epoch: Epoch(1), ack: Ack::Frozen });
+    }
+    let bad = Ack::Drained { final_position: Position(10), checksum_match: false };
+    accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: bad });
+    assert!(state.current.as_ref().unwrap().checksum_mismatch().is_some());
+    accepted(&mut state, Command::Abort { epoch: Epoch(1), reason: "checksum mismatch".into(), now_ms: 10 });
+    freeze(&mut state, 2, 2000);
+    assert_eq!(state.current.as_ref().unwrap().checksum_mismatch(), None, "e1's mismatch is not e2's");
+    assert_eq!(next_command(&state, 2001), None, "nothing to abort: e2 waits for its acks");
+    all_acks(&mut state, 2);
+    accepted(&mut state, Command::Commit { epoch: Epoch(2) });
+}
+
+/// The state machine fails loudly on a state that breaks its invariants (a damaged snapshot, a
+/// bug elsewhere) rather than deciding on it.
+#[test]
+#[should_panic(expected = "without a committed outcome")]
+fn a_damaged_state_is_caught_at_the_next_command() {
+    let mut state = ready("auto", 3);
+    state.current.as_mut().unwrap().phase = Phase::Switched;
+    state.apply(&Command::Report { node: n("db-1"), report: report(1, 1, 1, 0) });
+}
+
+#[test]
+#[should_panic(expected = "outside Freezing/Switched")]
+fn no_decision_is_made_up_for_an_epoch_that_was_never_decided() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    state.current.as_mut().unwrap().phase = Phase::Syncing;
+    state.decision();
+}
+
 #[test]
 fn views_tell_each_node_its_acks() {
     let mut state = ready("auto", 3);
@@ -296,6 +460,26 @@ fn views_tell_each_node_its_acks() {
     let s = status(&state);
     assert_eq!(s.phase, Some(Phase::Freezing));
     assert_eq!(s.nodes.len(), 3);
+    accepted(&mut state, Command::Ack { node: n("router-2"), epoch: Epoch(1), ack: Ack::Frozen });
+    let db = |state: &UpgradeState| decision_view(state, 43, &n("db-1"));
+    assert!(db(&state).all_routers_frozen && !db(&state).acked_drained);
+    let drained = Ack::Drained { final_position: Position(10), checksum_match: true };
+    accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: drained });
+    assert!(db(&state).acked_drained);
+    accepted(&mut state, Command::Commit { epoch: Epoch(1) });
+    assert!(db(&state).acked_drained && !db(&state).all_routers_frozen, "the freeze is over");
+    assert!(!decision_view(&state, 44, &n("router-1")).acked_switched);
+    accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Switched });
+    assert!(decision_view(&state, 45, &n("router-1")).acked_switched);
+    assert!(!decision_view(&state, 45, &n("router-2")).acked_switched);
+}
+
+#[test]
+fn a_view_before_any_freeze_owes_and_shows_no_ack() {
+    let state = ready("auto", 3);
+    let v = decision_view(&state, 1, &n("db-1"));
+    assert_eq!(v.decision, Decision::Initial);
+    assert!(!v.acked_frozen && !v.acked_drained && !v.acked_switched);
 }
 
 mod properties {

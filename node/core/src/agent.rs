@@ -617,4 +617,80 @@ mod tests {
         let after = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Watch { .. })).unwrap();
         assert_eq!(after.1, 1);
     }
+
+    /// Answers the watch in `out` with `view` at `now_ms`; returns the next watch sent.
+    fn answer_watch(
+        a: &mut AgentCore,
+        now_ms: u64,
+        out: &[AgentOutput],
+        view: DecisionView,
+    ) -> (Vec<AgentOutput>, (u64, ReplicaId)) {
+        let (id, _, _) = sends(out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Watch { .. })).unwrap();
+        let out = a.handle(now_ms, AgentInput::Response { id, response: NodeResponse::View(view) });
+        let next = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Watch { .. })).unwrap();
+        (out, (next.0, next.1))
+    }
+
+    #[test]
+    fn a_frozen_node_leaves_a_replica_that_keeps_answering_without_news() {
+        for (persisted, moves) in [(Decision::Freeze(Epoch(1)), true), (Decision::Initial, false)] {
+            let mut a = agent();
+            let out = a.handle(0, AgentInput::Boot { persisted });
+            let (out, (_, to)) = answer_watch(&mut a, 1, &out, view(5, persisted));
+            assert_eq!(to, 1);
+            // stale_watch_limit = 3 answers without news.
+            let (out, (_, to)) = answer_watch(&mut a, 2, &out, view(5, persisted));
+            assert_eq!(to, 1, "one answer without news is a normal long-poll timeout");
+            let (out, (_, to)) = answer_watch(&mut a, 3, &out, view(5, persisted));
+            assert_eq!(to, 1);
+            let (_, (_, to)) = answer_watch(&mut a, 4, &out, view(5, persisted));
+            assert_eq!(
+                to == 1,
+                !moves,
+                "{persisted:?}: after 3 answers without news the watch moves only while frozen"
+            );
+        }
+        // Answers with news never count, however many.
+        let mut a = agent();
+        let frozen = Decision::Freeze(Epoch(1));
+        let mut out = a.handle(0, AgentInput::Boot { persisted: frozen });
+        for (t, version) in (1..=6).zip(5..) {
+            let (next, (_, to)) = answer_watch(&mut a, t, &out, view(version, frozen));
+            assert_eq!(to, 1, "view {version} had news: the watch stays");
+            out = next;
+        }
+    }
+
+    #[test]
+    fn a_refused_report_is_sent_again_even_unchanged() {
+        let mut a = agent();
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial });
+        answer_watch(&mut a, 1, &out, view(5, Decision::Initial));
+        let report = NodeReport { samples: 1, ..Default::default() };
+        let out = a.handle(10, AgentInput::Report(report.clone()));
+        let (id, _, _) = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Report { .. })).unwrap();
+        let refused =
+            protocol::messages::Rejection { kind: protocol::messages::RejectKind::NoUpgrade, detail: "x".into() };
+        a.handle(11, AgentInput::Response { id, response: NodeResponse::Rejected(refused) });
+        let out = a.handle(110, AgentInput::Timer);
+        let again = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Report { .. }));
+        assert!(again.is_some(), "the same report goes again after the interval");
+    }
+
+    #[test]
+    fn a_changed_report_waits_out_the_report_interval() {
+        let mut a = agent();
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial });
+        let (_, _) = answer_watch(&mut a, 1, &out, view(5, Decision::Initial));
+        let out = a.handle(10, AgentInput::Report(NodeReport { samples: 1, ..Default::default() }));
+        let (id, _, _) = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Report { .. })).unwrap();
+        a.handle(11, AgentInput::Response { id, response: NodeResponse::Accepted });
+        let out = a.handle(12, AgentInput::Report(NodeReport { samples: 2, ..Default::default() }));
+        assert!(!sends(&out).iter().any(|(_, _, r)| matches!(r, NodeRequest::Report { .. })), "too soon");
+        assert_eq!(a.next_deadline_ms(), Some(110), "report_interval_ms = 100 after the last report at 10");
+        let out = a.handle(110, AgentInput::Timer);
+        assert!(sends(&out)
+            .iter()
+            .any(|(_, _, r)| matches!(r, NodeRequest::Report { report, .. } if report.samples == 2)));
+    }
 }

@@ -27,6 +27,20 @@ use protocol::schema::{Mapping, RowOp};
 use protocol::{Decision, Epoch, Position, ReplicaId, Universe};
 use std::collections::{BTreeMap, VecDeque};
 
+/// A planted transform bug shows only after a restart (simulator only).
+#[cfg(feature = "planted-bugs")]
+fn planted_after_restart(
+    transform: TransformCore,
+    bug: Option<crate::duties::transform::TransformBug>,
+    boots: u64,
+) -> TransformCore {
+    if boots > 0 {
+        transform.with_bug(bug)
+    } else {
+        transform
+    }
+}
+
 /// Rows per read while comparing both universes at the final position.
 pub const COMPARE_CHUNK_ROWS: usize = 500;
 
@@ -227,8 +241,9 @@ pub struct DataNodeCore {
     next_step_ms: u64,
     /// When the last transform step started.
     last_step_ms: u64,
-    /// The last read of the change stream found nothing, and no write was seen since.
-    stream_idle: bool,
+    /// A write was seen here (or the old store fenced) since the last transform step began:
+    /// the stream is not idle, whatever that step read.
+    woken_since_step: bool,
     /// The new store holds the whole copy (the last copy batch was applied).
     store_bulk_done: bool,
     captured: Position,
@@ -262,7 +277,7 @@ impl DataNodeCore {
             comparing: None,
             next_step_ms: 0,
             last_step_ms: 0,
-            stream_idle: false,
+            woken_since_step: false,
             store_bulk_done: false,
             captured: Position(0),
             pruned: Position(0),
@@ -322,7 +337,7 @@ impl DataNodeCore {
                 let booted = self.durable.boot(record);
                 let transform = TransformCore::new(self.config.mapping.clone(), checkpoint.clone());
                 #[cfg(feature = "planted-bugs")]
-                let transform = if record.boots > 0 { transform.with_bug(self.bug) } else { transform };
+                let transform = planted_after_restart(transform, self.bug, record.boots);
                 self.transform = Some(transform);
                 self.store_bulk_done = checkpoint.copy == CopyState::Done;
                 self.drain = Some(DrainCore::new(checkpoint.applied, old_fenced));
@@ -457,6 +472,7 @@ impl DataNodeCore {
         } else if self.transform_wanted() && now_ms >= self.next_step_ms {
             self.last_step_ms = now_ms;
             self.next_step_ms = now_ms + self.config.transform_interval_ms;
+            self.woken_since_step = false;
             let transform = self.transform.as_ref().expect("started");
             Some(match transform.next_work() {
                 Work::Snapshot => StoreOp::OpenSnapshot,
@@ -474,9 +490,8 @@ impl DataNodeCore {
 
     /// Something may have been captured: the stream is read again at the normal pace.
     fn stream_wake(&mut self) {
-        if std::mem::take(&mut self.stream_idle) {
-            self.next_step_ms = self.next_step_ms.min(self.last_step_ms + self.config.transform_interval_ms);
-        }
+        self.woken_since_step = true;
+        self.next_step_ms = self.next_step_ms.min(self.last_step_ms + self.config.transform_interval_ms);
     }
 
     /// Applied changes to prune from the old store, once more than the limit are kept.
@@ -504,8 +519,9 @@ impl DataNodeCore {
             }
             (Pending::ReadChanges, StoreResult::Changes { changes, last }) => {
                 self.captured = self.captured.max(last);
-                if changes.is_empty() && !self.stream_idle {
-                    self.stream_idle = true;
+                // Idle: nothing found, and nothing written here since the read began (a write
+                // seen meanwhile may not be in what was read).
+                if changes.is_empty() && !self.woken_since_step {
                     self.next_step_ms = self.last_step_ms + self.config.transform_idle_ms;
                 }
                 (!changes.is_empty()).then(|| transform.apply_changes(&changes))

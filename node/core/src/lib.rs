@@ -99,3 +99,22 @@ pub enum StoreAnswer {
         reason: String,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_boot_counts_one_more_and_starts_once_its_record_is_durable() {
+        let mut d = Durable::default();
+        let found = NodeRecord { decision: Decision::Freeze(protocol::Epoch(2)), boots: 3, disk_id: 9 };
+        let booted = d.boot(found);
+        assert_eq!(booted, NodeRecord { boots: 4, ..found });
+        assert!(!d.started(), "not before the boot record is durable");
+        assert_eq!(d.persisted(booted), agent::AgentInput::Boot { persisted: found.decision });
+        assert!(d.started());
+        assert_eq!(d.boots(), 4);
+        let next = d.decide(Decision::Commit(protocol::Epoch(2)));
+        assert_eq!(d.persisted(next), agent::AgentInput::Persisted(Decision::Commit(protocol::Epoch(2))));
+    }
+}

@@ -405,4 +405,24 @@ mod tests {
         s.prune(Position(1));
         assert_eq!(s.changes().kept(), 1, "pruned up to the applied position");
     }
+
+    #[test]
+    fn a_chunk_that_crosses_into_the_next_table_reads_it_from_its_first_key() {
+        let mut tables = BTreeMap::new();
+        for t in ["a", "b"] {
+            tables.insert(t.to_string(), TableSchema { key: "id".into(), columns: vec!["id".into()] });
+        }
+        let mut s = MemStore::with_schema(&Schema { tables });
+        for t in ["a", "b"] {
+            for k in 1..=5 {
+                let row = [("id".to_string(), Value::Int(k))].into_iter().collect();
+                s.write(&RowOp::Upsert { table: t.into(), key: k, row });
+            }
+        }
+        let (snap, _) = s.open_snapshot();
+        let chunk = s.snapshot_chunk(snap, &Some(("a".into(), 4)), 3).unwrap();
+        let got: Vec<(String, i64)> = chunk.rows.iter().map(|r| (r.0.clone(), r.1)).collect();
+        assert_eq!(got, vec![("a".into(), 5), ("b".into(), 1), ("b".into(), 2)]);
+        assert!(!chunk.last);
+    }
 }

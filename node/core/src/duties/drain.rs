@@ -194,5 +194,13 @@ mod tests {
         let mut d = DrainCore::new(Position(5), true);
         d.handle(DrainInput::Decision { decision: Decision::Commit(Epoch(2)), all_routers_frozen: false });
         assert_eq!(d.accepting(), Some(Universe::New));
+        // Fenced on disk, and the decision is that nothing was ever frozen: open the store.
+        let mut d = DrainCore::new(Position(5), true);
+        let out = d.handle(DrainInput::Decision { decision: Decision::Initial, all_routers_frozen: false });
+        assert_eq!(out, vec![DrainOutput::Unfence]);
+        assert_eq!(d.accepting(), Some(Universe::Old));
+        // Not fenced: Initial changes nothing.
+        let mut d = DrainCore::new(Position(5), false);
+        assert!(d.handle(DrainInput::Decision { decision: Decision::Initial, all_routers_frozen: false }).is_empty());
     }
 }

@@ -274,11 +274,29 @@ mod tests {
     }
 
     #[test]
+    fn only_reads_to_the_old_universe_are_mirrored_and_old_requests_are_counted_until_done() {
+        let mut r = router();
+        r.handle(0, RouterInput::Decision(Decision::Initial));
+        let out = r.handle(1, RouterInput::Request { id: 1, read_only: true });
+        assert_eq!(out, vec![RouterOutput::Forward { id: 1, universe: Universe::Old }], "not mirroring yet");
+        r.handle(2, RouterInput::Mirroring(true));
+        let out = r.handle(3, RouterInput::Request { id: 2, read_only: false });
+        assert_eq!(out, vec![RouterOutput::Forward { id: 2, universe: Universe::Old }], "writes are never mirrored");
+        assert_eq!(r.in_flight_old(), 2);
+        r.handle(4, RouterInput::OldCompleted { id: 1 });
+        assert_eq!(r.in_flight_old(), 1);
+    }
+
+    #[test]
     fn restarted_router_holds_until_it_knows() {
         let mut r = router();
         assert!(r.handle(0, RouterInput::Request { id: 1, read_only: false }).is_empty());
+        assert!(r.handle(4, RouterInput::Request { id: 2, read_only: false }).is_empty());
+        assert_eq!((r.held(), r.oldest_held_ms()), (2, Some(0)));
         let out = r.handle(10, RouterInput::Decision(Decision::Initial));
-        assert_eq!(forwards(&out), vec![(1, Universe::Old)]);
+        assert_eq!(forwards(&out), vec![(1, Universe::Old), (2, Universe::Old)]);
+        assert!(out.contains(&RouterOutput::Released { id: 1, held_ms: 10, cause: HoldCause::Startup }));
+        assert_eq!((r.held(), r.oldest_held_ms()), (0, None));
     }
 
     #[test]

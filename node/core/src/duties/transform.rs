@@ -88,6 +88,12 @@ impl TransformCore {
     }
 
     /// The same core with a planted bug (simulator only), applied as if it had just resumed.
+    /// The planted `resume-copy-from-new-snapshot` bug: a restarted copy keeps its key cursor.
+    #[cfg(feature = "planted-bugs")]
+    fn planted_resume_copy(&self) -> bool {
+        self.bug == Some(TransformBug::ResumeCopyFromNewSnapshot) && self.checkpoint.copy != CopyState::NotStarted
+    }
+
     #[cfg(feature = "planted-bugs")]
     pub fn with_bug(mut self, bug: Option<TransformBug>) -> Self {
         self.skip_next = bug == Some(TransformBug::ResumePastCheckpoint) && self.checkpoint.copy == CopyState::Done;
@@ -123,7 +129,7 @@ impl TransformCore {
         self.snapshot = Some(snapshot);
         let base = self.checkpoint.clone();
         #[cfg(feature = "planted-bugs")]
-        if self.bug == Some(TransformBug::ResumeCopyFromNewSnapshot) && self.checkpoint.copy != CopyState::NotStarted {
+        if self.planted_resume_copy() {
             return Batch { base, reset: false, ops: Vec::new(), checkpoint: self.checkpoint.clone() };
         }
         self.checkpoint = Checkpoint { applied: snapshot_at, copy: CopyState::Copying { snapshot_at, after: None } };

@@ -1,0 +1,317 @@
+//! Rules of the data-node composition core ([`DataNodeCore`]) that the property tests do not
+//! pin down: how many answers it remembers for idempotency, what it reports of its
+//! checkpoint, and the pace of the change stream after a write wakes it.
+
+// The package is `imago-node-core`; the workspace knows it as `node_core`.
+extern crate imago_node_core as node_core;
+
+use node_core::agent::AgentConfig;
+use node_core::data_node::{DataInput, DataNodeConfig, DataNodeCore, DataOutput, StoreOp, StoreResult};
+use node_core::duties::transform::CopyState;
+use node_core::store::Checkpoint;
+use node_core::{NodeRecord, RequestKey, StoreAnswer};
+use protocol::messages::{DecisionView, NodeRequest, NodeResponse, Phase};
+use protocol::schema::{Mapping, Schema, TableSchema, Transform};
+use protocol::{Decision, Duty, NodeName, Position, Universe, UpgradeId};
+use std::collections::BTreeMap;
+
+const INTERVAL_MS: u64 = 5;
+const IDLE_MS: u64 = 20;
+
+fn config(answers_max: usize) -> DataNodeConfig {
+    let mut tables = BTreeMap::new();
+    tables.insert("t".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "v".into()] });
+    let transforms = vec![Transform::RenameColumn { table: "t".into(), from: "v".into(), to: "w".into() }];
+    DataNodeConfig {
+        agent: AgentConfig {
+            node: NodeName::from("data-1"),
+            duties: vec![Duty::Capture, Duty::Transform, Duty::Validate],
+            replicas: vec![1, 2, 3],
+            request_timeout_ms: 20,
+            watch_wait_ms: 20,
+            report_interval_ms: 10,
+            stale_watch_limit: 3,
+        },
+        mapping: Mapping::compile(&Schema { tables }, &transforms).expect("the rename fits"),
+        transform_interval_ms: INTERVAL_MS,
+        transform_idle_ms: IDLE_MS,
+        answers_max,
+        change_log_applied_max: 100,
+    }
+}
+
+/// A core booted on `checkpoint`, its boot record durable.
+fn booted(answers_max: usize, checkpoint: Checkpoint) -> (DataNodeCore, Vec<DataOutput>) {
+    let mut core = DataNodeCore::new(config(answers_max));
+    let out = core.handle(0, DataInput::Boot { record: NodeRecord::default(), checkpoint, old_fenced: false });
+    let Some(DataOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, DataOutput::Persist(_))) else {
+        panic!("a boot persists its record first")
+    };
+    let out = core.handle(0, DataInput::Persisted(record));
+    (core, out)
+}
+
+fn key(id: u64) -> RequestKey {
+    RequestKey { origin: 1, id }
+}
+
+fn answer(v: i64) -> StoreAnswer {
+    let body = [("v".to_string(), protocol::schema::Value::Int(v))].into_iter().collect();
+    StoreAnswer::Ok { body: Some(body), position: Position(0) }
+}
+
+/// Sends write `id` to the old universe; returns whether the core let it run (rather than
+/// answering from memory), and the outputs of its last step.
+fn write(core: &mut DataNodeCore, now_ms: u64, id: u64) -> (bool, Vec<DataOutput>) {
+    let out = core
+        .handle(now_ms, DataInput::Request { key: key(id), universe: Universe::Old, mirror: false, read_only: false });
+    let ran = out.iter().any(|o| matches!(o, DataOutput::Execute { .. }));
+    if ran {
+        let executed = core.handle(
+            now_ms,
+            DataInput::Executed { key: key(id), universe: Universe::Old, mirror: false, answer: answer(id as i64) },
+        );
+        assert!(executed.iter().any(|o| matches!(o, DataOutput::Reply { .. })));
+        return (true, executed);
+    }
+    assert!(out.iter().any(|o| matches!(o, DataOutput::Reply { answer, .. } if *answer == self::answer(id as i64))));
+    (false, out)
+}
+
+#[test]
+fn the_last_answers_max_answers_are_remembered_and_no_more() {
+    let (mut core, _) = booted(2, Checkpoint::default());
+    for id in 1..=3 {
+        assert!(write(&mut core, 1, id).0, "request {id} is new");
+    }
+    assert!(!write(&mut core, 2, 3).0, "a retry of the newest is answered from memory");
+    assert!(!write(&mut core, 2, 2).0, "so is the one before (answers_max = 2)");
+    assert!(write(&mut core, 2, 1).0, "the oldest was forgotten: it runs again");
+}
+
+#[test]
+fn the_checkpoint_is_the_one_booted_on() {
+    let at = Checkpoint { applied: Position(7), copy: CopyState::Done };
+    let (core, _) = booted(4, at.clone());
+    assert_eq!(core.checkpoint(), Some(&at));
+}
+
+#[test]
+fn a_write_through_the_node_wakes_an_idle_change_stream() {
+    let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done });
+    // The first (linearizable) view names this node in a syncing upgrade.
+    let watch = out
+        .iter()
+        .find_map(|o| match o {
+            DataOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("a booted agent watches");
+    let view = DecisionView {
+        version: 3,
+        upgrade: Some(UpgradeId(1)),
+        phase: Some(Phase::Syncing),
+        decision: Decision::Initial,
+        known: true,
+        registered: true,
+        all_routers_frozen: false,
+        acked_frozen: false,
+        acked_drained: false,
+        acked_switched: false,
+    };
+    // Late enough that a pace computed by multiplying times instead of adding them shows.
+    let mut now = 100;
+    let mut out = core.handle(now, DataInput::Coordinator { id: watch, response: NodeResponse::View(view) });
+    // Step the stream until it reads nothing and goes idle.
+    let read_at = loop {
+        if out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadChanges { .. }))) {
+            core.handle(now, DataInput::Store(StoreResult::Changes { changes: Vec::new(), last: Position(0) }));
+            break now;
+        }
+        assert!(!out.iter().any(|o| matches!(o, DataOutput::Store(_))), "only the stream is read: {out:?}");
+        assert!(now < 1_000, "the stream was never read");
+        now = core.next_deadline_ms().expect("the stream has a next step").max(now);
+        out = core.handle(now, DataInput::Timer);
+    };
+    let reads = |out: &[DataOutput]| out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadChanges { .. })));
+    let out = core.handle(read_at + INTERVAL_MS, DataInput::Timer);
+    assert!(!reads(&out), "idle: the next read waits transform_idle_ms, not transform_interval_ms");
+    let out = core.handle(read_at + IDLE_MS, DataInput::Timer);
+    assert!(reads(&out), "idle: the stream is still read every transform_idle_ms");
+    let read_at = read_at + IDLE_MS;
+    core.handle(read_at, DataInput::Store(StoreResult::Changes { changes: Vec::new(), last: Position(0) }));
+    let out = core.handle(read_at + INTERVAL_MS, DataInput::Timer);
+    // Regression: the idle pace held for one read only; the next empty read went back to
+    // reading every transform_interval_ms.
+    assert!(!reads(&out), "still idle");
+    let (ran, out) = write(&mut core, read_at + INTERVAL_MS + 1, 1);
+    assert!(ran);
+    assert!(reads(&out), "a write seen here brings the stream back to the normal pace at once");
+}
+
+#[test]
+fn after_the_commit_the_old_universe_is_no_longer_read() {
+    let mut core = DataNodeCore::new(config(4));
+    let committed = Decision::Commit(protocol::Epoch(1));
+    let record = NodeRecord { decision: committed, boots: 1, disk_id: 3 };
+    let checkpoint = Checkpoint { applied: Position(9), copy: CopyState::Done };
+    let out = core.handle(0, DataInput::Boot { record, checkpoint, old_fenced: true });
+    let Some(DataOutput::Persist(booted)) = out.into_iter().find(|o| matches!(o, DataOutput::Persist(_))) else {
+        panic!("a boot persists its record first")
+    };
+    let out = core.handle(0, DataInput::Persisted(booted));
+    let watch = out
+        .iter()
+        .find_map(|o| match o {
+            DataOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("a booted agent watches");
+    let view = DecisionView {
+        version: 9,
+        upgrade: Some(UpgradeId(1)),
+        phase: Some(Phase::Switched),
+        decision: committed,
+        known: true,
+        registered: true,
+        all_routers_frozen: false,
+        acked_frozen: false,
+        acked_drained: true,
+        acked_switched: false,
+    };
+    let mut out = core.handle(1, DataInput::Coordinator { id: watch, response: NodeResponse::View(view) });
+    for now in (10..200).step_by(10) {
+        let read = out.iter().find(|o| {
+            matches!(
+                o,
+                DataOutput::Store(StoreOp::ReadChanges { .. } | StoreOp::OpenSnapshot | StoreOp::ReadSnapshot { .. })
+            )
+        });
+        assert!(read.is_none(), "committed: the transform has nothing left to read, but {read:?}");
+        out = core.handle(now, DataInput::Timer);
+    }
+}
+
+#[test]
+fn a_refused_batch_restarts_the_transform_from_the_stores_checkpoint_and_mirrors_go_on() {
+    let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done });
+    let watch = out
+        .iter()
+        .find_map(|o| match o {
+            DataOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("a booted agent watches");
+    let view = DecisionView {
+        version: 3,
+        upgrade: Some(UpgradeId(1)),
+        phase: Some(Phase::Syncing),
+        decision: Decision::Initial,
+        known: true,
+        registered: true,
+        all_routers_frozen: false,
+        acked_frozen: false,
+        acked_drained: false,
+        acked_switched: false,
+    };
+    let out = core.handle(1, DataInput::Coordinator { id: watch, response: NodeResponse::View(view) });
+    assert!(out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadChanges { .. }))));
+    let row = [("id".to_string(), protocol::schema::Value::Int(1)), ("v".to_string(), protocol::schema::Value::Int(5))]
+        .into_iter()
+        .collect();
+    let change = (Position(1), protocol::schema::RowOp::Upsert { table: "t".into(), key: 1, row });
+    let out = core.handle(1, DataInput::Store(StoreResult::Changes { changes: vec![change], last: Position(1) }));
+    let Some(DataOutput::Store(StoreOp::Apply(batch))) =
+        out.into_iter().find(|o| matches!(o, DataOutput::Store(StoreOp::Apply(_))))
+    else {
+        panic!("the change is applied")
+    };
+    // Something else moved the new store to position 1 (copy done): the batch is refused.
+    let found = Checkpoint { applied: Position(1), copy: CopyState::Done };
+    let stale = node_core::store::StaleBatch { base: batch.base.clone(), found: found.clone() };
+    core.handle(2, DataInput::Store(StoreResult::ApplyRefused(stale)));
+    assert_eq!(core.checkpoint(), Some(&found), "the transform starts again from what the store holds");
+    let mirror =
+        core.handle(3, DataInput::Request { key: key(9), universe: Universe::New, mirror: true, read_only: true });
+    assert!(
+        mirror.iter().any(|o| matches!(o, DataOutput::Execute { mirror: true, .. })),
+        "the copy is still complete in the store: mirrors run ({mirror:?})"
+    );
+}
+
+#[test]
+fn duplicates_of_a_running_request_share_its_answer_and_mirrors_take_reads_only() {
+    let (mut core, _) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done });
+    let request = |core: &mut DataNodeCore, id, universe, mirror, read_only| {
+        core.handle(3, DataInput::Request { key: key(id), universe, mirror, read_only })
+    };
+    let executes = |out: &[DataOutput]| out.iter().filter(|o| matches!(o, DataOutput::Execute { .. })).count();
+    let replies = |out: &[DataOutput]| out.iter().filter(|o| matches!(o, DataOutput::Reply { .. })).count();
+    let out =
+        core.handle(1, DataInput::Request { key: key(1), universe: Universe::Old, mirror: false, read_only: false });
+    assert_eq!((executes(&out), replies(&out)), (1, 0));
+    for _ in 0..2 {
+        let out = core
+            .handle(1, DataInput::Request { key: key(1), universe: Universe::Old, mirror: false, read_only: false });
+        assert_eq!((executes(&out), replies(&out)), (0, 0), "a duplicate waits for the running request");
+    }
+    let out =
+        core.handle(2, DataInput::Executed { key: key(1), universe: Universe::Old, mirror: false, answer: answer(1) });
+    assert_eq!(replies(&out), 3, "the request and its two duplicates get one answer each");
+    // A mirrored write is refused, and the refusal is not remembered for the key: the same
+    // key sent as a real write runs.
+    let out = request(&mut core, 2, Universe::New, true, false);
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, DataOutput::Reply { answer: StoreAnswer::Rejected { .. }, mirror: true, .. })));
+    let out = request(&mut core, 2, Universe::Old, false, false);
+    assert_eq!(executes(&out), 1, "the write itself runs");
+}
+
+#[test]
+fn mirrors_wait_for_a_bulk_copy_complete_in_the_store() {
+    for (copy, runs) in [(CopyState::Done, true), (CopyState::NotStarted, false)] {
+        let (mut core, _) = booted(4, Checkpoint { applied: Position(0), copy: copy.clone() });
+        let out =
+            core.handle(1, DataInput::Request { key: key(5), universe: Universe::New, mirror: true, read_only: true });
+        let ran = out.iter().any(|o| matches!(o, DataOutput::Execute { mirror: true, .. }));
+        assert_eq!(ran, runs, "booted on a copy {copy:?}: {out:?}");
+    }
+}
+
+#[test]
+fn a_busy_change_stream_is_read_every_transform_interval() {
+    let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done });
+    let watch = out
+        .iter()
+        .find_map(|o| match o {
+            DataOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("a booted agent watches");
+    let view = DecisionView {
+        version: 3,
+        upgrade: Some(UpgradeId(1)),
+        phase: Some(Phase::Syncing),
+        decision: Decision::Initial,
+        known: true,
+        registered: true,
+        all_routers_frozen: false,
+        acked_frozen: false,
+        acked_drained: false,
+        acked_switched: false,
+    };
+    let reads = |out: &[DataOutput]| out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadChanges { .. })));
+    let out = core.handle(100, DataInput::Coordinator { id: watch, response: NodeResponse::View(view) });
+    assert!(reads(&out), "the first step reads the stream at once");
+    let row = [("id".to_string(), protocol::schema::Value::Int(1)), ("v".to_string(), protocol::schema::Value::Int(5))]
+        .into_iter()
+        .collect();
+    let change = (Position(1), protocol::schema::RowOp::Upsert { table: "t".into(), key: 1, row });
+    let out = core.handle(101, DataInput::Store(StoreResult::Changes { changes: vec![change], last: Position(1) }));
+    assert!(out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::Apply(_)))));
+    let out = core.handle(102, DataInput::Store(StoreResult::Applied));
+    assert!(!reads(&out), "not before the interval");
+    let out = core.handle(100 + INTERVAL_MS, DataInput::Timer);
+    assert!(reads(&out), "the next read comes transform_interval_ms after the last step began");
+}

@@ -1,0 +1,92 @@
+//! Rules of the ingress composition core ([`IngressCore`]) that the property tests do not pin
+//! down: what the validator has counted (the shell exports it as metrics), and the counts a
+//! router reports to the coordinator.
+
+// The package is `imago-node-core`; the workspace knows it as `node_core`.
+extern crate imago_node_core as node_core;
+
+use node_core::agent::AgentConfig;
+use node_core::duties::router::RouterConfig;
+use node_core::ingress::{IngressConfig, IngressCore, IngressInput, IngressOutput};
+use node_core::{NodeRecord, StoreAnswer};
+use protocol::messages::{DecisionView, NodeRequest, NodeResponse, Phase};
+use protocol::schema::{Row, Value};
+use protocol::{Decision, Duty, NodeName, Position, Universe, UpgradeId};
+
+fn config() -> IngressConfig {
+    IngressConfig {
+        agent: AgentConfig {
+            node: NodeName::from("router-1"),
+            duties: vec![Duty::Route, Duty::Validate],
+            replicas: vec![1, 2, 3],
+            request_timeout_ms: 50,
+            watch_wait_ms: 100,
+            report_interval_ms: 20,
+            stale_watch_limit: 3,
+        },
+        router: RouterConfig { hold_ms_max: 100, hold_queue_max: 3, retry_after_ms: 1000 },
+        ignore_fields: Vec::new(),
+        requests_max: 6,
+    }
+}
+
+fn answer(v: i64) -> StoreAnswer {
+    let body: Row = [("v".to_string(), Value::Int(v))].into_iter().collect();
+    StoreAnswer::Ok { body: Some(body), position: Position(4) }
+}
+
+/// Sends mirrored read `id`, answered `old` by the old universe and `new` by the new one.
+fn mirrored_read(core: &mut IngressCore, now_ms: u64, id: u64, old: i64, new: i64) -> Vec<IngressOutput> {
+    let out = core.handle(now_ms, IngressInput::Request { id, read_only: true });
+    assert!(out.iter().any(|o| matches!(o, IngressOutput::Mirror { .. })), "syncing: reads are mirrored");
+    let mut out =
+        core.handle(now_ms, IngressInput::Answered { id, universe: Universe::Old, answer: Some(answer(old)) });
+    out.extend(core.handle(now_ms, IngressInput::Mirrored { id, answer: Some(answer(new)) }));
+    out
+}
+
+#[test]
+fn the_validator_counts_what_it_compared_and_the_router_reports_it() {
+    let mut core = IngressCore::new(config());
+    let out = core.handle(0, IngressInput::Boot { record: NodeRecord::default() });
+    let Some(IngressOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_))) else {
+        panic!("a boot persists its record first")
+    };
+    let out = core.handle(0, IngressInput::Persisted(record));
+    let watch = out
+        .iter()
+        .find_map(|o| match o {
+            IngressOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("a booted agent watches");
+    let view = DecisionView {
+        version: 3,
+        upgrade: Some(UpgradeId(1)),
+        phase: Some(Phase::Syncing),
+        decision: Decision::Initial,
+        known: true,
+        registered: true,
+        all_routers_frozen: false,
+        acked_frozen: false,
+        acked_drained: false,
+        acked_switched: false,
+    };
+    core.handle(1, IngressInput::Coordinator { id: watch, response: NodeResponse::View(view) });
+    mirrored_read(&mut core, 2, 1, 7, 7);
+    let out = mirrored_read(&mut core, 3, 2, 7, 8);
+    assert_eq!((core.validate().samples, core.validate().mismatches), (2, 1));
+    assert_eq!(core.requests(), 0, "both reads are done, mirrors included");
+    let reported = out.iter().find_map(|o| match o {
+        IngressOutput::Send { request: NodeRequest::Report { report, .. }, .. } => Some(report.clone()),
+        _ => None,
+    });
+    let report = reported.or_else(|| {
+        core.handle(100, IngressInput::Timer).into_iter().find_map(|o| match o {
+            IngressOutput::Send { request: NodeRequest::Report { report, .. }, .. } => Some(report),
+            _ => None,
+        })
+    });
+    let report = report.expect("the counts are reported");
+    assert_eq!((report.samples, report.mismatches), (2, 1));
+}
