@@ -8,16 +8,24 @@ use protocol::messages::DecisionView;
 use protocol::NodeName;
 use std::collections::BTreeMap;
 
-/// Views already sent, by node and version.
+/// Versions remembered per node.
+const VERSIONS_KEPT_MAX: usize = 256;
+
+/// Views already sent, by node and version (the newest `VERSIONS_KEPT_MAX` per node).
 #[derive(Debug, Default)]
 pub struct Views {
-    sent: BTreeMap<(NodeName, u64), DecisionView>,
+    sent: BTreeMap<NodeName, BTreeMap<u64, DecisionView>>,
 }
 
 impl Views {
     /// A replica answers `node`'s watch with `view`.
     pub fn sent(&mut self, node: &NodeName, view: &DecisionView) -> Option<Violation> {
-        match self.sent.get(&(node.clone(), view.version)) {
+        // Looked up by reference: this runs for every view a replica sends.
+        let versions = match self.sent.get_mut(node) {
+            Some(versions) => versions,
+            None => self.sent.entry(node.clone()).or_default(),
+        };
+        match versions.get(&view.version) {
             Some(first) if first != view => Some(Violation::ViewVersionReused {
                 node: node.to_string(),
                 version: view.version,
@@ -26,7 +34,12 @@ impl Views {
             }),
             Some(_) => None,
             None => {
-                self.sent.insert((node.clone(), view.version), view.clone());
+                versions.insert(view.version, view.clone());
+                // A version's views come close together (the same state read from several
+                // replicas, or a replayed answer): the newest ones are enough.
+                if versions.len() > VERSIONS_KEPT_MAX {
+                    versions.pop_first();
+                }
                 None
             }
         }
