@@ -51,6 +51,32 @@ fn booted(answers_max: usize, checkpoint: Checkpoint) -> (DataNodeCore, Vec<Data
     (core, out)
 }
 
+/// The id of the watch a booted agent sent.
+fn watch_id(out: &[DataOutput]) -> u64 {
+    out.iter()
+        .find_map(|o| match o {
+            DataOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("a booted agent watches")
+}
+
+/// A view of upgrade 1 that names this node.
+fn view(version: u64, phase: Phase, decision: Decision, acked_drained: bool) -> DecisionView {
+    DecisionView {
+        version,
+        upgrade: Some(UpgradeId(1)),
+        phase: Some(phase),
+        decision,
+        known: true,
+        registered: true,
+        all_routers_frozen: false,
+        acked_frozen: false,
+        acked_drained,
+        acked_switched: false,
+    }
+}
+
 fn key(id: u64) -> RequestKey {
     RequestKey { origin: 1, id }
 }
@@ -100,25 +126,8 @@ fn the_checkpoint_is_the_one_booted_on() {
 fn a_write_through_the_node_wakes_an_idle_change_stream() {
     let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done });
     // The first (linearizable) view names this node in a syncing upgrade.
-    let watch = out
-        .iter()
-        .find_map(|o| match o {
-            DataOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
-            _ => None,
-        })
-        .expect("a booted agent watches");
-    let view = DecisionView {
-        version: 3,
-        upgrade: Some(UpgradeId(1)),
-        phase: Some(Phase::Syncing),
-        decision: Decision::Initial,
-        known: true,
-        registered: true,
-        all_routers_frozen: false,
-        acked_frozen: false,
-        acked_drained: false,
-        acked_switched: false,
-    };
+    let watch = watch_id(&out);
+    let view = view(3, Phase::Syncing, Decision::Initial, false);
     // Late enough that a pace computed by multiplying times instead of adding them shows.
     let mut now = 100;
     let mut out = core.handle(now, DataInput::Coordinator { id: watch, response: NodeResponse::View(view) });
@@ -160,25 +169,8 @@ fn after_the_commit_the_old_universe_is_no_longer_read() {
         panic!("a boot persists its record first")
     };
     let out = core.handle(0, DataInput::Persisted(booted));
-    let watch = out
-        .iter()
-        .find_map(|o| match o {
-            DataOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
-            _ => None,
-        })
-        .expect("a booted agent watches");
-    let view = DecisionView {
-        version: 9,
-        upgrade: Some(UpgradeId(1)),
-        phase: Some(Phase::Switched),
-        decision: committed,
-        known: true,
-        registered: true,
-        all_routers_frozen: false,
-        acked_frozen: false,
-        acked_drained: true,
-        acked_switched: false,
-    };
+    let watch = watch_id(&out);
+    let view = view(9, Phase::Switched, committed, true);
     let mut out = core.handle(1, DataInput::Coordinator { id: watch, response: NodeResponse::View(view) });
     for now in (10..200).step_by(10) {
         let read = out.iter().find(|o| {
@@ -195,25 +187,8 @@ fn after_the_commit_the_old_universe_is_no_longer_read() {
 #[test]
 fn a_refused_batch_restarts_the_transform_from_the_stores_checkpoint_and_mirrors_go_on() {
     let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done });
-    let watch = out
-        .iter()
-        .find_map(|o| match o {
-            DataOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
-            _ => None,
-        })
-        .expect("a booted agent watches");
-    let view = DecisionView {
-        version: 3,
-        upgrade: Some(UpgradeId(1)),
-        phase: Some(Phase::Syncing),
-        decision: Decision::Initial,
-        known: true,
-        registered: true,
-        all_routers_frozen: false,
-        acked_frozen: false,
-        acked_drained: false,
-        acked_switched: false,
-    };
+    let watch = watch_id(&out);
+    let view = view(3, Phase::Syncing, Decision::Initial, false);
     let out = core.handle(1, DataInput::Coordinator { id: watch, response: NodeResponse::View(view) });
     assert!(out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadChanges { .. }))));
     let row = [("id".to_string(), protocol::schema::Value::Int(1)), ("v".to_string(), protocol::schema::Value::Int(5))]
@@ -282,25 +257,8 @@ fn mirrors_wait_for_a_bulk_copy_complete_in_the_store() {
 #[test]
 fn a_busy_change_stream_is_read_every_transform_interval() {
     let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done });
-    let watch = out
-        .iter()
-        .find_map(|o| match o {
-            DataOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
-            _ => None,
-        })
-        .expect("a booted agent watches");
-    let view = DecisionView {
-        version: 3,
-        upgrade: Some(UpgradeId(1)),
-        phase: Some(Phase::Syncing),
-        decision: Decision::Initial,
-        known: true,
-        registered: true,
-        all_routers_frozen: false,
-        acked_frozen: false,
-        acked_drained: false,
-        acked_switched: false,
-    };
+    let watch = watch_id(&out);
+    let view = view(3, Phase::Syncing, Decision::Initial, false);
     let reads = |out: &[DataOutput]| out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadChanges { .. })));
     let out = core.handle(100, DataInput::Coordinator { id: watch, response: NodeResponse::View(view) });
     assert!(reads(&out), "the first step reads the stream at once");
