@@ -246,8 +246,8 @@ fn driver_aborts_after_the_deadline_naming_missing_acks() {
     }
 }
 
-#[test]
-fn checksum_mismatch_blocks_commit_and_drives_abort() {
+/// Freezing at e1 with every router frozen and db-1 drained with different checksums.
+fn drained_with_a_mismatch() -> UpgradeState {
     let mut state = ready("auto", 3);
     freeze(&mut state, 1, 0);
     for r in ROUTERS {
@@ -255,6 +255,12 @@ fn checksum_mismatch_blocks_commit_and_drives_abort() {
     }
     let bad = Ack::Drained { final_position: Position(10), checksum_match: false };
     accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: bad });
+    state
+}
+
+#[test]
+fn checksum_mismatch_blocks_commit_and_drives_abort() {
+    let mut state = drained_with_a_mismatch();
     let reason = rejected(&mut state, Command::Commit { epoch: Epoch(1) });
     assert!(reason.detail.contains("checksum mismatch"), "{reason}");
     assert_eq!(reason.kind, RejectKind::ChecksumMismatch);
@@ -411,13 +417,7 @@ fn syncing_needs_every_node_registered_with_its_version_deployed() {
 
 #[test]
 fn a_checksum_mismatch_of_an_aborted_freeze_does_not_count_for_the_next() {
-    let mut state = ready("auto", 3);
-    freeze(&mut state, 1, 0);
-    for r in ROUTERS {
-        accepted(&mut state, Command::Ack { node: n(r), epoch: Epoch(1), ack: Ack::Frozen });
-    }
-    let bad = Ack::Drained { final_position: Position(10), checksum_match: false };
-    accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: bad });
+    let mut state = drained_with_a_mismatch();
     assert!(state.current.as_ref().unwrap().checksum_mismatch().is_some());
     accepted(&mut state, Command::Abort { epoch: Epoch(1), reason: "checksum mismatch".into(), now_ms: 10 });
     freeze(&mut state, 2, 2000);
