@@ -85,6 +85,7 @@ impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> DataNodeActor<T, D,
                 inputs.extend(self.perform(ctx, now_ms, output));
             }
         }
+        self.stores.observe(now_ms, &self.core);
         let next = self.core.next_deadline_ms();
         assert!(
             !timer || next.is_none_or(|d| d > now_ms),

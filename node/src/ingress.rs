@@ -75,7 +75,7 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
                 inputs.extend(self.perform(ctx, now_ms, output));
             }
         }
-        self.io.observe(&self.core);
+        self.io.observe(now_ms, &self.core);
         let next = self.core.next_deadline_ms();
         assert!(
             !timer || next.is_none_or(|d| d > now_ms),

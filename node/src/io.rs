@@ -7,7 +7,7 @@
 //! - [`Stores`]: a data node's stores (the data-store interface) and the requests it serves.
 //! - [`Clock`]: milliseconds on a monotonic clock.
 
-use node_core::data_node::{DataEvent, StoreOp, StoreResult};
+use node_core::data_node::{DataEvent, DataNodeCore, StoreOp, StoreResult};
 use node_core::ingress::{ClientReply, IngressCore, IngressEvent};
 use node_core::{NodeRecord, RequestKey, StoreAnswer};
 use protocol::Universe;
@@ -53,8 +53,9 @@ pub trait Ingress: Unpin + 'static {
     fn reply(&self, request: Self::Request, reply: ClientReply);
     /// Metrics and checkers.
     fn event(&self, event: IngressEvent);
-    /// Called after every input with the core's state (metrics; the simulator's observers).
-    fn observe(&self, _core: &IngressCore) {}
+    /// Called after every input (handled at `now_ms`) with the core's state (metrics; the
+    /// simulator's observers).
+    fn observe(&self, _now_ms: u64, _core: &IngressCore) {}
 }
 
 /// A data node's side toward its stores and the requests it serves.
@@ -69,4 +70,7 @@ pub trait Stores: Unpin + 'static {
     fn store(&self, op: StoreOp) -> impl Future<Output = StoreResult> + 'static;
     /// Metrics and checkers.
     fn event(&self, event: DataEvent);
+    /// Called after every input (handled at `now_ms`) with the core's state (metrics; the
+    /// simulator's observers).
+    fn observe(&self, _now_ms: u64, _core: &DataNodeCore) {}
 }

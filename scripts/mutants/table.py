@@ -2,6 +2,7 @@
 """Builds the mutation table (docs/mutation-testing.md) from cargo-mutants output directories.
 
 usage: table.py --sim DIR... [--rerun DIR... --rerun-files FILE...] [--full DIR...] [--equivalent FILE]
+                [--current FILE]
 
 --sim: runs with the simulator alone as the oracle (later directories override earlier ones
        for the same mutant, so re-runs of survivors go last);
@@ -9,7 +10,9 @@ usage: table.py --sim DIR... [--rerun DIR... --rerun-files FILE...] [--full DIR.
        results replace every earlier result for those files, whose mutant names moved; other
        results of the rerun, which `-F` lets through for struct-field deletions, count as usual);
 --full: runs of the full suite on the simulator's survivors (same rule);
---equivalent: proven equivalents, one per line: `<mutant name> # <reason>`.
+--equivalent: proven equivalents, one per line: `<mutant name> # <reason>`;
+--current: `cargo mutants --list` of the code as it is now: only these mutants count (results
+       of code removed since are dropped), and every one of them must have a result.
 A timeout counts as caught (the timeouts are at least 3x the unmutated run).
 """
 import collections
@@ -30,7 +33,7 @@ def load(directory):
     return found
 
 
-groups = {"--sim": [], "--rerun": [], "--rerun-files": [], "--full": [], "--equivalent": []}
+groups = {"--sim": [], "--rerun": [], "--rerun-files": [], "--full": [], "--equivalent": [], "--current": []}
 current = None
 for arg in sys.argv[1:]:
     if arg in groups:
@@ -48,6 +51,11 @@ for d in groups["--rerun"]:
 rerun_files = set(groups["--rerun-files"])
 sim = {name: v for name, v in sim.items() if v[0] not in rerun_files}
 sim.update(rerun)
+for path in groups["--current"]:
+    current = {line.strip() for line in open(path) if line.strip()}
+    sim = {name: v for name, v in sim.items() if name in current}
+    for name in sorted(current - set(sim)):
+        print(f"NO RESULT {name}", file=sys.stderr)
 for d in groups["--full"]:
     full.update(load(d))
 for path in groups["--equivalent"]:

@@ -5,6 +5,7 @@
 
 use crate::app::{self, AppOp};
 use crate::checkers::fidelity::History;
+use crate::checkers::observed::{self, StoreFigures};
 use crate::checkers::{applied_once, fenced_after_frozen, AdmissionPoint, Violation};
 use crate::config::Bug;
 use crate::net::ProcId;
@@ -74,6 +75,9 @@ impl Stores for SimStores {
 
     fn store(&self, op: StoreOp) -> impl Future<Output = StoreResult> + 'static {
         let index = self.index;
+        if let StoreOp::Apply(batch) = &op {
+            self.with(|w| w.data[index].applying = Some(batch.checkpoint.clone()));
+        }
         // A slow store (the load fault) takes a drawn time, and does the work at its end.
         let delay_us = self
             .with(|w| match w.faults.store_delay_us_max {
@@ -103,6 +107,30 @@ impl Stores for SimStores {
     fn event(&self, event: DataEvent) {
         let index = self.index;
         self.with(|w| w.data_event(index, event));
+    }
+
+    fn observe(&self, _now_ms: u64, core: &DataNodeCore) {
+        let index = self.index;
+        self.with(|w| {
+            let d = &w.data[index];
+            let checkpoint = observed::checkpoint(&d.name, core.checkpoint(), &d.new.checkpoint(), d.applying.as_ref());
+            let got = StoreFigures {
+                fenced: d.old.is_fenced(),
+                snapshots_open: d.old.open_snapshots(),
+                changes_kept: d.old.changes().kept() as u64,
+            };
+            let seen = StoreFigures {
+                fenced: d.fenced_seen,
+                snapshots_open: d.snapshots_seen,
+                changes_kept: d.old.captured().0 - d.pruned_seen,
+            };
+            let store = observed::store(&d.name, got, seen);
+            if checkpoint.is_some() || store.is_some() {
+                let now = w.now_us();
+                w.checker.found(now, checkpoint);
+                w.checker.found(now, store);
+            }
+        });
     }
 }
 
@@ -135,6 +163,7 @@ impl World {
         let d = &mut self.data[i];
         match op {
             StoreOp::OpenSnapshot => {
+                d.snapshots_seen += 1;
                 let (snapshot, at) = d.old.open_snapshot();
                 StoreResult::SnapshotOpened { snapshot, at }
             }
@@ -147,6 +176,7 @@ impl World {
                 StoreResult::Changes { changes, last }
             }
             StoreOp::Apply(batch) => {
+                d.applying = None;
                 let before = d.new.checkpoint();
                 let accepted = d.new.apply_batch(&batch);
                 let found = applied_once::check(&d.name, &before, &batch, accepted.is_ok());
@@ -178,16 +208,19 @@ impl World {
                     self.checker.found(now, found);
                 }
                 let d = &mut self.data[i];
+                d.fenced_seen = true;
                 let final_position = d.old.fence();
                 StoreResult::Fenced { final_position }
             }
             StoreOp::Unfence => {
+                d.fenced_seen = false;
                 d.old.unfence();
                 StoreResult::Unfenced
             }
             StoreOp::ReadRows { after, limit } => StoreResult::Rows(d.old.rows_chunk(&after, limit)),
             StoreOp::NewChecksum => StoreResult::NewChecksum(d.new.checksum()),
             StoreOp::Prune { up_to } => {
+                d.pruned_seen = d.pruned_seen.max(up_to.0.min(d.old.captured().0));
                 d.old.prune(up_to);
                 StoreResult::Pruned
             }
@@ -330,6 +363,8 @@ impl World {
             task.abort();
         }
         self.data[i].old.disconnect();
+        self.data[i].snapshots_seen = 0;
+        self.data[i].applying = None;
         let name = self.data[i].name.clone();
         self.checker.propagation.crashed(&name);
         self.record(format_args!("{name} crashed"));

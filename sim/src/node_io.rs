@@ -1,5 +1,6 @@
 //! I/O that every simulated node has: its disk and its clock.
 
+use crate::checkers::Violation;
 use crate::net::ProcId;
 use crate::world::{detached, virtual_now, with, World};
 use node::io::{DiskError, NodeDisk};
@@ -32,8 +33,16 @@ fn write(world: &Weak<Mutex<World>>, node: ProcId, incarnation: u64, record: Nod
                 return false;
             }
             let (disk, name) = w.node_disk(node);
+            // A write keeps the boot count, or counts one more boot (the boot record).
+            let on_disk = disk.boots;
+            let miscounted = record.boots != on_disk && record.boots != on_disk.wrapping_add(1);
             *disk = record;
             let name = name.to_string();
+            if miscounted {
+                let now = w.now_us();
+                let found = Violation::BootMiscounted { node: name.clone(), on_disk, written: record.boots };
+                w.checker.violation(now, found);
+            }
             w.note_persisted(&name, record.decision);
             true
         })

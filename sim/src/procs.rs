@@ -9,6 +9,7 @@ use actix::Recipient;
 use node::data_node::DataRequest;
 use node::ingress::ClientRequest;
 use node_core::duties::router::Mode;
+use node_core::duties::transform::Checkpoint;
 use node_core::store::{Batch, MemStore};
 use node_core::NodeRecord;
 use protocol::schema::Schema;
@@ -74,8 +75,16 @@ pub struct RouterProc {
     pub actor: Running<ClientRequest<SimClient>>,
     /// Client requests in progress, by ticket (what the clients wait for).
     pub open: BTreeMap<u64, OpenRequest>,
+    /// Client requests that reached the running actor's mailbox, ever (its I/O reads it to
+    /// know whether anything changed since it last checked its figures).
+    pub arrivals: Arc<std::sync::atomic::AtomicU64>,
+    /// The open requests neither forwarded nor answered, by (arrival µs, ticket).
+    pub unforwarded: std::collections::BTreeSet<(u64, u64)>,
     pub next_ticket: u64,
     pub observed: RouterObserved,
+    /// Decisions acted on by the running incarnation: those that serve a universe, and freezes.
+    pub acted_serving: u32,
+    pub acted_freezes: u32,
 }
 
 impl RouterProc {
@@ -86,8 +95,12 @@ impl RouterProc {
             disk: NodeRecord::default(),
             actor: None,
             open: BTreeMap::new(),
+            unforwarded: Default::default(),
+            arrivals: Default::default(),
             next_ticket: 1,
             observed: RouterObserved::DOWN,
+            acted_serving: 0,
+            acted_freezes: 0,
         }
     }
 }
@@ -104,6 +117,14 @@ pub struct DataProc {
     pub delivered: std::collections::VecDeque<Batch>,
     /// A rogue writer has written to the new database behind the transform (the drift fault).
     pub drifted: bool,
+    /// What the simulator did to the old store (checked against what the store says,
+    /// `checkers::observed`): fenced, snapshots opened since the last connection loss, changes
+    /// pruned up to.
+    pub fenced_seen: bool,
+    pub snapshots_seen: usize,
+    pub pruned_seen: u64,
+    /// The checkpoint of a batch handed to the new store and not yet applied there.
+    pub applying: Option<Checkpoint>,
 }
 
 impl DataProc {
@@ -117,6 +138,10 @@ impl DataProc {
             actor: None,
             delivered: Default::default(),
             drifted: false,
+            fenced_seen: false,
+            snapshots_seen: 0,
+            pruned_seen: 0,
+            applying: None,
         }
     }
 }

@@ -4,7 +4,8 @@
 //! field that survives crashes.
 
 use crate::app::AppOp;
-use crate::checkers::{hold_queue, reads, AdmissionPoint};
+use crate::checkers::observed::{self, RouterFigures, RouterSeen};
+use crate::checkers::{hold_queue, reads, AdmissionPoint, Violation};
 use crate::config::Bug;
 use crate::net::ProcId;
 use crate::node_io::{sim_clock, SimClock, SimDisk};
@@ -14,11 +15,12 @@ use crate::wire::{DataRequest, DataResponse};
 use crate::world::{await_reply, detached, with, SimTransport, World};
 use node::ingress::{ClientRequest, IngressActor};
 use node::io::Ingress;
+use node_core::duties::router::Mode;
 use node_core::duties::router::{HoldCause, RouterConfig};
-use node_core::ingress::{ClientReply, IngressConfig, IngressCore, IngressEvent};
+use node_core::ingress::{ClientReply, IngressConfig, IngressCore, IngressEvent, Unavailable};
 use node_core::{RequestKey, StoreAnswer};
 use protocol::codec;
-use protocol::{Duty, Universe};
+use protocol::{Decision, Duty, Universe};
 use std::future::Future;
 use std::sync::Weak;
 use std::time::Duration;
@@ -38,6 +40,12 @@ pub struct SimIngress {
     incarnation: u64,
     /// What was last written to the world (it is written only when it changes).
     observed: std::cell::Cell<Option<RouterObserved>>,
+    /// Client requests that arrived at this router (counted by the world), the I/O calls made
+    /// since the last observation, and the figures and arrivals last checked: an input that
+    /// changed none of them needs no new check.
+    arrivals: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    io_calls: std::cell::Cell<bool>,
+    checked: std::cell::Cell<Option<(RouterFigures, u64)>>,
 }
 
 impl SimIngress {
@@ -58,6 +66,7 @@ impl Ingress for SimIngress {
         key: RequestKey,
         mirror: bool,
     ) -> impl Future<Output = Option<StoreAnswer>> + 'static {
+        self.io_calls.set(true);
         let (index, incarnation) = (self.index, self.incarnation);
         let read_only = request.op.read_only();
         let sent = self.with(|w| {
@@ -69,11 +78,19 @@ impl Ingress for SimIngress {
                 if universe == Universe::Old {
                     w.checker.frozen_ack.forwarded(index, key.id);
                 }
-                if let Some(open) = w.routers[index].open.get_mut(&request.ticket) {
+                let router = &mut w.routers[index];
+                if let Some(open) = router.open.get_mut(&request.ticket) {
+                    if !open.forwarded {
+                        router.unforwarded.remove(&(open.issued_us, request.ticket));
+                    }
                     open.forwarded = true;
                 }
             } else {
                 w.checker.mirrors.mirrored(index, key);
+                if w.routers[index].observed.mode == Mode::Serving(Universe::New) {
+                    let router = name.clone();
+                    w.checker.violation(now, Violation::MirroredAfterSwitch { router, request: key.id });
+                }
             }
             w.trace.forward(now, addr, key.id, universe, mirror);
             let shard = request.op.key().rem_euclid(w.config.data_nodes as i64) as usize;
@@ -83,41 +100,44 @@ impl Ingress for SimIngress {
         });
         let world = self.world.clone();
         let sent_to = sent.as_ref().map(|(_, _, shard)| *shard);
-        detached(async move {
+        let answer = detached(async move {
             let (rx, timeout_ms, _) = sent?;
             let bytes = await_reply(rx, Duration::from_millis(timeout_ms)).await;
-            let answer = bytes.and_then(|b| codec::decode_frame::<DataResponse>(&b).ok().flatten().map(|(r, _)| r));
-            if !mirror && universe == Universe::Old {
-                if let Some(shared) = world.upgrade() {
-                    with(&shared, |w| {
-                        if w.is_up(ProcId::Router(index).addr(), incarnation) {
-                            w.checker.frozen_ack.completed(index, key.id);
-                        }
-                    });
-                }
-            }
-            if read_only {
-                // The simulator compares mirrored answers itself, as they arrive.
-                if let Some(shared) = world.upgrade() {
-                    with(&shared, |w| {
-                        if w.is_up(ProcId::Router(index).addr(), incarnation) {
-                            let name = w.routers[index].name.clone();
-                            let drifted = sent_to.is_some_and(|shard| w.data[shard].drifted);
-                            let found = w.checker.mirrors.answered(index, &name, key, mirror, answer.clone(), drifted);
-                            let now = w.now_us();
-                            w.checker.found(now, found);
-                        }
-                    });
-                }
+            bytes.and_then(|b| codec::decode_frame::<DataResponse>(&b).ok().flatten().map(|(r, _)| r))
+        });
+        // What the router learns is noted when the actor takes the answer (this part runs in
+        // the actor's own task, just before the answer is fed to the core), so the checkers'
+        // counts and the core's agree between any two inputs.
+        async move {
+            let answer = answer.await;
+            if let Some(shared) = world.upgrade() {
+                with(&shared, |w| {
+                    if !w.is_up(ProcId::Router(index).addr(), incarnation) {
+                        return;
+                    }
+                    if !mirror && universe == Universe::Old {
+                        w.checker.frozen_ack.completed(index, key.id);
+                    }
+                    if read_only {
+                        // The simulator compares mirrored answers itself, as they arrive.
+                        let name = w.routers[index].name.clone();
+                        let drifted = sent_to.is_some_and(|shard| w.data[shard].drifted);
+                        let found = w.checker.mirrors.answered(index, &name, key, mirror, answer.clone(), drifted);
+                        let now = w.now_us();
+                        w.checker.found(now, found);
+                    }
+                });
             }
             answer
-        })
+        }
     }
 
     fn reply(&self, request: SimClient, reply: ClientReply) {
+        self.io_calls.set(true);
         let index = self.index;
         self.with(|w| {
             let Some(open) = w.routers[index].open.remove(&request.ticket) else { return };
+            w.routers[index].unforwarded.remove(&(open.issued_us, request.ticket));
             let now = w.now_us();
             let outcome = match &reply {
                 ClientReply::Answer(StoreAnswer::Ok { body, .. }) => {
@@ -129,6 +149,20 @@ impl Ingress for SimIngress {
                 ClientReply::Answer(StoreAnswer::Rejected { .. }) => ClientOutcome::Failed,
                 ClientReply::Unavailable { reason, .. } => {
                     let name = w.routers[index].name.clone();
+                    if let Unavailable::Hold(reason) = reason {
+                        let held_others = w.routers[index].unforwarded.len();
+                        let t = &w.plan.thresholds;
+                        let held_ms = now / 1_000 - open.issued_us / 1_000;
+                        let found = observed::fail_reason(
+                            &name,
+                            *reason,
+                            held_others,
+                            t.hold_queue_max as usize,
+                            held_ms,
+                            t.hold_ms_max,
+                        );
+                        w.checker.found(now, found);
+                    }
                     w.record(format_args!("{name} fails ticket {}: {reason:?}", request.ticket));
                     ClientOutcome::Failed
                 }
@@ -139,14 +173,25 @@ impl Ingress for SimIngress {
     }
 
     fn event(&self, event: IngressEvent) {
+        self.io_calls.set(true);
         let index = self.index;
         self.with(|w| {
             let now = w.now_us();
             let name = &w.routers[index].name;
             match event {
-                IngressEvent::Acted(decision) => w.note_acted(ProcId::Router(index), decision),
+                IngressEvent::Acted(decision) => {
+                    let router = &mut w.routers[index];
+                    match decision {
+                        Decision::Freeze(_) => router.acted_freezes += 1,
+                        _ => router.acted_serving += 1,
+                    }
+                    w.note_acted(ProcId::Router(index), decision)
+                }
                 IngressEvent::Released { id, held_ms, cause } => {
                     w.trace.event(now, format_args!("{name} released {id} after {held_ms} ms"));
+                    let r = &w.routers[index];
+                    let found = observed::hold_cause(name, cause, r.acted_serving, r.acted_freezes);
+                    w.checker.found(now, found);
                     let found = w.checker.bounded_hold.released(name, held_ms);
                     w.checker.found(now, found);
                     match cause {
@@ -165,17 +210,60 @@ impl Ingress for SimIngress {
         });
     }
 
-    fn observe(&self, core: &IngressCore) {
+    fn observe(&self, now_ms: u64, core: &IngressCore) {
         let router = core.router();
         let observed =
             RouterObserved { mode: router.mode(), held: router.held(), oldest_held_ms: router.oldest_held_ms() };
-        if self.observed.replace(Some(observed)) != Some(observed) {
-            let index = self.index;
-            self.with(|w| {
+        let validate = core.validate();
+        let figures = RouterFigures {
+            held: router.held(),
+            oldest_held_ms: router.oldest_held_ms(),
+            in_flight_old: router.in_flight_old(),
+            requests: core.requests(),
+            samples: validate.samples,
+            mismatches: validate.mismatches,
+            stale: validate.stale,
+        };
+        let changed = self.observed.replace(Some(observed)) != Some(observed);
+        let arrivals = self.arrivals.load(std::sync::atomic::Ordering::Relaxed);
+        let io_calls = self.io_calls.replace(false);
+        if !changed && !io_calls && self.checked.replace(Some((figures, arrivals))) == Some((figures, arrivals)) {
+            return;
+        }
+        let index = self.index;
+        self.with(|w| {
+            if changed {
                 w.routers[index].observed = observed;
                 w.check_hold_queue(index);
-            });
-        }
+            }
+            // Requests that arrived before this millisecond began are surely taken (the router's
+            // mailbox runs before time moves on); requests arrive in ticket order, so the others
+            // are the last ones.
+            let ms_start_us = now_ms * 1_000;
+            let r = &w.routers[index];
+            let held_all = r.unforwarded.len();
+            let held_taken = held_all - r.unforwarded.iter().rev().take_while(|(at, _)| *at >= ms_start_us).count();
+            let oldest_taken_us = r.unforwarded.first().map(|(at, _)| *at).filter(|at| *at < ms_start_us);
+            let open_taken = r.open.len() - r.open.values().rev().take_while(|o| o.issued_us >= ms_start_us).count();
+            let (samples, mismatches, stale) = w.checker.verdicts.counts(index);
+            let seen = RouterSeen {
+                now_ms,
+                held_taken,
+                held_all,
+                oldest_taken_ms: oldest_taken_us.map(|us| us / 1_000),
+                in_flight_old: w.checker.frozen_ack.in_flight(index),
+                open_taken,
+                open_all: r.open.len(),
+                mirrors_pending: w.checker.mirrors.pending(index),
+                samples,
+                mismatches,
+                stale,
+            };
+            for found in observed::router(&r.name, figures, seen) {
+                let now = w.now_us();
+                w.checker.violation(now, found);
+            }
+        });
     }
 }
 
@@ -193,6 +281,8 @@ impl World {
         let ticket = router.next_ticket;
         router.next_ticket += 1;
         router.open.insert(ticket, OpenRequest { op: op.clone(), issued_us: now, write, forwarded: false });
+        router.arrivals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        router.unforwarded.insert((now, ticket));
         actor.do_send(ClientRequest { read_only: op.read_only(), request: SimClient { ticket, op } });
     }
 
@@ -201,7 +291,7 @@ impl World {
     fn check_hold_queue(&mut self, i: usize) {
         let now = self.now_us();
         let router = &self.routers[i];
-        let held = router.open.values().filter(|o| !o.forwarded && o.issued_us < now).count();
+        let held = router.unforwarded.len() - router.unforwarded.iter().rev().take_while(|(at, _)| *at >= now).count();
         let found = hold_queue::check(&router.name, held, self.plan.thresholds.hold_queue_max as usize);
         self.checker.found(now, found);
     }
@@ -216,6 +306,7 @@ impl World {
             task.abort();
         }
         let open = std::mem::take(&mut self.routers[i].open);
+        self.routers[i].unforwarded.clear();
         let now = self.now_us();
         for request in open.into_values() {
             self.oracle.done(request.write, ClientOutcome::Unknown, now);
@@ -258,10 +349,20 @@ impl World {
             record,
             SimTransport { world: world.clone(), me: addr, detach: true },
             SimDisk { world: world.clone(), node: ProcId::Router(i), incarnation },
-            SimIngress { world, index: i, incarnation, observed: std::cell::Cell::new(None) },
+            SimIngress {
+                world,
+                index: i,
+                incarnation,
+                observed: std::cell::Cell::new(None),
+                arrivals: self.routers[i].arrivals.clone(),
+                io_calls: std::cell::Cell::new(false),
+                checked: std::cell::Cell::new(None),
+            },
             sim_clock(self),
         );
         let (addr, task) = node::start_local(actor);
-        self.routers[i].actor = Some((addr.recipient(), task));
+        let router = &mut self.routers[i];
+        router.actor = Some((addr.recipient(), task));
+        (router.acted_serving, router.acted_freezes) = (0, 0);
     }
 }

@@ -30,6 +30,11 @@ impl FrozenAck {
         self.in_flight.remove(&router);
     }
 
+    /// Requests of `router` in flight to the old universe.
+    pub fn in_flight(&self, router: usize) -> usize {
+        self.in_flight.get(&router).map_or(0, BTreeSet::len)
+    }
+
     /// The router sends `Frozen(epoch)`.
     pub fn acked(&self, router: usize, name: &str, epoch: Epoch) -> Option<Violation> {
         let in_flight = self.in_flight.get(&router).map_or(0, BTreeSet::len);

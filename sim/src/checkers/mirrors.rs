@@ -30,6 +30,15 @@ impl Mirrors {
         self.pending.insert((router, key), Pair::default());
     }
 
+    /// Mirrors of `router` whose answer it does not have yet.
+    pub fn pending(&self, router: usize) -> usize {
+        self.pending
+            .range((router, RequestKey { origin: 0, id: 0 })..)
+            .take_while(|((r, _), _)| *r == router)
+            .filter(|(_, p)| p.new.is_none())
+            .count()
+    }
+
     /// A router crashed: its mirrors will never be compared.
     pub fn forget_router(&mut self, router: usize) {
         self.pending.retain(|(r, _), _| *r != router);

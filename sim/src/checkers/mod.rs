@@ -23,6 +23,8 @@
 //!   the simulator, not by the validator).
 //! - [`verdicts`]: every validator verdict is the one the two answers deserve, and every
 //!   report carries counts the validator really had.
+//! - [`observed`]: what a node says about itself (the figures shells export as metrics, a
+//!   store's own state, the reason for a 503, the cause of a hold) is what the simulator saw.
 //! - [`reads`]: every read a client gets agrees with the writes acknowledged before it.
 //! - [`lost_writes`]: at the end, acknowledged writes are present and failed ones absent.
 //! - [`applied_once`]: the new store refuses a batch delivered again.
@@ -58,6 +60,7 @@ pub mod hold_queue;
 pub mod liveness;
 pub mod lost_writes;
 pub mod mirrors;
+pub mod observed;
 pub mod persist_first;
 pub mod propagation;
 pub mod reads;
@@ -172,6 +175,12 @@ pub enum Violation {
     EndedInPhase { phase: Phase },
     /// Liveness: the upgrade never started.
     NeverStarted,
+    /// Observed: a node's or a store's account of itself differs from what the simulator saw.
+    Misreported { node: String, what: &'static str, reported: String, seen: String },
+    /// Validation: a router mirrored a read while serving the new universe.
+    MirroredAfterSwitch { router: String, request: u64 },
+    /// Durability: a boot record that does not count one more boot than the disk held.
+    BootMiscounted { node: String, on_disk: u64, written: u64 },
     /// The harness failed (a replica did not start, the cluster did not initialize).
     Setup { what: String },
     /// A task panicked.
@@ -252,6 +261,15 @@ impl fmt::Display for Violation {
             ),
             ViewVersionReused { node, version, first, second } => {
                 write!(f, "one view per version: {node} was sent {first} and then {second} for version {version}")
+            }
+            Misreported { node, what, reported, seen } => {
+                write!(f, "observed: {node} reports {what} {reported}, the simulator saw {seen}")
+            }
+            MirroredAfterSwitch { router, request } => {
+                write!(f, "validation: {router} mirrored request {request} while serving the new universe")
+            }
+            BootMiscounted { node, on_disk, written } => {
+                write!(f, "durability: {node} wrote boot count {written} over {on_disk} (one more boot expected)")
             }
             WrongVerdict { router, expected, got, old, new } => {
                 write!(f, "validation: {router} called {old} vs {new} {got}, not {expected}")

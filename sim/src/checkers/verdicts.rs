@@ -20,6 +20,8 @@ use std::collections::BTreeMap;
 #[derive(Debug, Default)]
 pub struct Verdicts {
     history: BTreeMap<usize, Vec<u64>>,
+    /// Inconclusive comparisons, per router.
+    stale: BTreeMap<usize, u64>,
 }
 
 /// The verdict two answers deserve (`ignore`: response fields the plan says to ignore).
@@ -55,7 +57,7 @@ impl Verdicts {
         match want {
             Verdict::Match => history.push(last),
             Verdict::Mismatch => history.push(last + 1),
-            Verdict::Stale => {}
+            Verdict::Stale => *self.stale.entry(router).or_default() += 1,
         }
         (verdict != want).then(|| Violation::WrongVerdict {
             router: name.to_string(),
@@ -84,6 +86,14 @@ impl Verdicts {
     /// A router crashed: its validator starts counting from zero.
     pub fn crashed(&mut self, router: usize) {
         self.history.remove(&router);
+        self.stale.remove(&router);
+    }
+
+    /// What router `router`'s validator should count now: (samples, mismatches, inconclusive).
+    pub fn counts(&self, router: usize) -> (u64, u64, u64) {
+        let history = self.history.get(&router).map_or(&[0][..], |h| &h[..]);
+        let last = *history.last().expect("never empty");
+        (history.len() as u64 - 1, last, self.stale.get(&router).copied().unwrap_or(0))
     }
 }
 

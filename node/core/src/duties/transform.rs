@@ -189,11 +189,6 @@ impl TransformCore {
         self.checkpoint.applied = applied;
         Ok(Batch { base, reset: false, ops, checkpoint: self.checkpoint.clone() })
     }
-
-    /// Changes captured but not yet applied.
-    pub fn lag(&self, captured: Position) -> u64 {
-        captured.0.saturating_sub(self.checkpoint.applied.0)
-    }
 }
 
 #[cfg(test)]
@@ -259,7 +254,6 @@ mod tests {
         assert!(b.ops.is_empty());
         assert_eq!(t.duplicates_skipped, 3);
         assert_eq!(t.apply_changes(&[(Position(5), upsert(5, 5))]), Err(TransformError::Gap { expected: 4, got: 5 }));
-        assert_eq!(t.lag(Position(10)), 7);
     }
 
     #[test]
