@@ -155,13 +155,18 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
     )?;
     writeln!(
         out,
-        "startup hold (router waiting for its first linearizable read): {} requests, p50 {} ms, max {} ms",
-        summary.startup_held_requests, summary.startup_hold_p50_ms, summary.startup_hold_max_ms
+        "startup hold (only routers without disk state of their own wait for a first read): {} requests, p50 {} ms, max {} ms",
+        summary.startup_held, summary.startup_hold_p50_ms, summary.startup_hold_max_ms
     )?;
     writeln!(
         out,
-        "client writes: {} acked, {} failed (503/refused), {} unknown (timed out); {} messages",
-        summary.acked_writes, summary.failed_writes, summary.unknown_writes, summary.messages
+        "boot hold (routers restarted on their own disk, while writing their boot record): {} requests, max {} ms",
+        summary.boot_held, summary.boot_hold_max_ms
+    )?;
+    writeln!(
+        out,
+        "client writes: {} acked, {} failed (503/refused), {} unknown (timed out); failed requests of any kind: {}; {} messages",
+        summary.acked_writes, summary.failed_writes, summary.unknown_writes, summary.failed_requests, summary.messages
     )?;
     writeln!(out, "violations: {}", summary.violations)?;
     for r in reports.iter().filter(|r| !r.violations.is_empty()).take(10) {

@@ -21,6 +21,9 @@ pub enum Bug {
     ActBeforePersist,
     /// The coordinator's state machine counts an ack from an earlier epoch for the current one.
     CountStaleAck,
+    /// A router restarted on its own disk holding a freeze serves the old universe until a read
+    /// tells it the outcome.
+    ServeOldAfterFrozenRestart,
 }
 
 /// The name of a value of a `clap::ValueEnum` (as the command line spells it).
@@ -42,7 +45,11 @@ impl Bug {
     }
 
     pub fn agent(bug: Option<Bug>) -> Option<AgentBug> {
-        (bug == Some(Bug::ActBeforePersist)).then_some(AgentBug::ActBeforePersist)
+        match bug {
+            Some(Bug::ActBeforePersist) => Some(AgentBug::ActBeforePersist),
+            Some(Bug::ServeOldAfterFrozenRestart) => Some(AgentBug::ServeOldAfterFrozenRestart),
+            _ => None,
+        }
     }
 
     pub fn transform(bug: Option<Bug>) -> Option<TransformBug> {
@@ -218,6 +225,10 @@ pub enum Scenario {
     DataNodeCrashMidTransform,
     /// The view carrying `Commit` is lost on its way to one router (several times).
     CommitLostToRouter,
+    /// Every coordinator replica is down for 60 s while the data nodes copy (no freeze can be
+    /// pending), and every router is restarted once meanwhile (gracefully: its load balancer
+    /// takes it out of rotation first). Clients must not notice.
+    CoordinatorsDown,
 }
 
 impl Scenario {

@@ -39,6 +39,10 @@ pub enum FaultEvent {
     ConfusedLeader,
     /// `requests` client requests (the usual mix, writes too) within `over_ms`.
     Burst { requests: u32, over_ms: u64 },
+    /// A graceful restart of a router after `after_ms`: its load balancer stops sending it
+    /// clients, it stops once it has answered every client it took, and it starts again
+    /// `down_ms` later (and is put back in rotation).
+    Restart { router: usize, after_ms: u64, down_ms: u64 },
     /// A rogue writer changes `rows` rows of a data node's new database behind the transform
     /// (only before the switch: while syncing, or as the node fences its old store).
     Drift { data: usize, rows: u32 },
@@ -56,6 +60,8 @@ pub enum Condition {
     Copying { data: usize },
     /// A router acts on a freeze (fires at once, before it can ack).
     RouterFreezes { router: usize },
+    /// A router's `Frozen` ack leaves it (fires as the ack is on its way).
+    RouterAcked { router: usize },
     /// A data node fenced its old store (fires at once, mid-drain).
     Fenced { data: usize },
 }
@@ -217,12 +223,23 @@ impl FaultPlan {
             let scenario = <Scenario as clap::ValueEnum>::value_variants()[kind];
             plan.triggered.extend(FaultPlan::scenario(scenario, config, rng).triggered);
         }
+        // Drawn last, so that the plans drawn before it stay as they were.
+        if f.crash && rng.gen_bool(0.5) {
+            // A router crashes as its `Frozen` ack leaves and is back soon: the freeze may commit
+            // meanwhile, and the router restarts with the freeze on its disk.
+            let router = rng.gen_range(0..config.routers);
+            let event = FaultEvent::Crash { target: Target::Router(router), down_ms: Some(rng.gen_range(20..400)) };
+            plan.triggered.push(Triggered { when: Condition::RouterAcked { router }, event });
+        }
         plan.timed.sort_by_key(|(t, _)| *t);
         plan
     }
 
     /// The plan of a named scenario: light network noise plus the scenario's fault.
     pub fn scenario(scenario: Scenario, config: &SimConfig, rng: &mut ChaCha8Rng) -> FaultPlan {
+        if scenario == Scenario::CoordinatorsDown {
+            return FaultPlan::coordinators_down(config, rng);
+        }
         let router = rng.gen_range(0..config.routers);
         let (when, event) = match scenario {
             Scenario::LeaderCrashDuringFreeze => (
@@ -240,6 +257,7 @@ impl FaultPlan {
             Scenario::CommitLostToRouter => {
                 (Condition::Freezing { after_ms: 0 }, FaultEvent::LoseCommit { router, count: rng.gen_range(1..=4) })
             }
+            Scenario::CoordinatorsDown => unreachable!("planned above"),
         };
         let event = match (when, event) {
             (Condition::Copying { data }, FaultEvent::Crash { down_ms, .. }) => {
@@ -247,6 +265,11 @@ impl FaultPlan {
             }
             (_, e) => e,
         };
+        FaultPlan { triggered: vec![Triggered { when, event }], ..FaultPlan::quiet(rng) }
+    }
+
+    /// Light network noise and nothing else.
+    fn quiet(rng: &mut ChaCha8Rng) -> FaultPlan {
         FaultPlan {
             loss: 0.0,
             duplicate: 0.0,
@@ -255,7 +278,7 @@ impl FaultPlan {
             late_us_max: 0,
             safety_ms: 8_000,
             timed: Vec::new(),
-            triggered: vec![Triggered { when, event }],
+            triggered: Vec::new(),
             max_attempts: 3,
             manual_switch: false,
             disk_delay_us_max: 0,
@@ -266,6 +289,30 @@ impl FaultPlan {
         }
     }
 }
+
+impl FaultPlan {
+    /// Outage of the whole coordinator for `COORDINATORS_DOWN_MS` while the data nodes copy,
+    /// with every router restarted once during it, at staggered times.
+    fn coordinators_down(config: &SimConfig, rng: &mut ChaCha8Rng) -> FaultPlan {
+        let when = Condition::Copying { data: 0 };
+        let mut triggered: Vec<Triggered> = (0..config.coordinators)
+            .map(|c| Triggered {
+                when,
+                event: FaultEvent::Crash { target: Target::Coordinator(c), down_ms: Some(COORDINATORS_DOWN_MS) },
+            })
+            .collect();
+        for router in 0..config.routers {
+            let after_ms = rng.gen_range(1_000..COORDINATORS_DOWN_MS - 5_000);
+            let event = FaultEvent::Restart { router, after_ms, down_ms: rng.gen_range(200..2_000) };
+            triggered.push(Triggered { when, event });
+        }
+        // The faults heal after the outage (the copy starts within a few seconds).
+        FaultPlan { triggered, safety_ms: COORDINATORS_DOWN_MS + 15_000, ..FaultPlan::quiet(rng) }
+    }
+}
+
+/// How long the coordinator is down in the `coordinators-down` scenario.
+pub const COORDINATORS_DOWN_MS: u64 = 60_000;
 
 fn random_target(config: &SimConfig, rng: &mut ChaCha8Rng) -> Target {
     match rng.gen_range(0..4) {

@@ -121,6 +121,42 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
                 }
             });
         }
+        FaultEvent::Restart { router, after_ms, down_ms } => {
+            let shared = shared.clone();
+            tokio::task::spawn_local(async move {
+                tokio::time::sleep(Duration::from_millis(after_ms)).await;
+                let idle = with(&shared, |w| {
+                    let r = &mut w.routers[router];
+                    r.in_rotation = false;
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    if r.open.is_empty() {
+                        let _ = tx.send(());
+                    } else {
+                        r.idle = Some(tx);
+                    }
+                    rx
+                });
+                // Stops once it has answered every client it took (or crashed meanwhile).
+                let _ = idle.await;
+                with(&shared, |w| {
+                    let name = w.routers[router].name.clone();
+                    w.record(format_args!("{name} stops for a restart"));
+                    w.crash_router(router);
+                });
+                tokio::time::sleep(Duration::from_millis(down_ms)).await;
+                with(&shared, |w| {
+                    w.restart_router(router);
+                    w.routers[router].in_rotation = true;
+                    let down = (0..w.config.coordinators).filter(|&c| !w.procs[&coordinator_addr(c)].up).count();
+                    let line = format!(
+                        "{:.3}s {} restarted gracefully ({down} coordinator replicas down)",
+                        w.now_us() as f64 / 1e6,
+                        w.routers[router].name
+                    );
+                    w.stats.fault_log.push(line);
+                });
+            });
+        }
         FaultEvent::Burst { requests, over_ms } => {
             let shared = shared.clone();
             tokio::task::spawn_local(async move {
@@ -319,6 +355,12 @@ impl World {
         NodeRecord { disk_id: self.rng.gen(), ..NodeRecord::default() }
     }
 
+    /// The disk of a node that ran before the simulated upgrade: it booted once and has served
+    /// the old universe since (a production system runs long before anyone upgrades it).
+    pub fn deployed_disk(&mut self, name: &str) -> NodeRecord {
+        NodeRecord { boots: 1, owner: NodeRecord::owner_of(name), ..self.fresh_disk() }
+    }
+
     /// A crashed node's disk is lost: it will start from an empty one.
     pub fn lose_disk(&mut self, addr: u64) {
         let node = ProcId::of(addr);
@@ -381,6 +423,7 @@ impl World {
                 self.drift_now(data, rows);
                 continue;
             }
+            self.record(format_args!("fault: {:?} fires on {happened:?}", t.event));
             let shared = shared.clone();
             tokio::task::spawn_local(async move { fire(&shared, t.event).await });
         }
@@ -403,6 +446,7 @@ impl World {
                 Condition::Freezing { .. }
                 | Condition::Copying { .. }
                 | Condition::RouterFreezes { .. }
+                | Condition::RouterAcked { .. }
                 | Condition::Fenced { .. } => keep.push(t),
             }
         }

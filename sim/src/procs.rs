@@ -85,6 +85,13 @@ pub struct RouterProc {
     /// Decisions acted on by the running incarnation: those that serve a universe, and freezes.
     pub acted_serving: u32,
     pub acted_freezes: u32,
+    /// How the running incarnation booted: on its own disk (one it booted from before) or not,
+    /// and whether that disk held a freeze.
+    pub booted: crate::checkers::observed::Booted,
+    /// Its load balancer sends it clients (false while it is being restarted gracefully).
+    pub in_rotation: bool,
+    /// Told once the router has answered every client it took (a graceful stop waits for it).
+    pub idle: Option<oneshot::Sender<()>>,
 }
 
 impl RouterProc {
@@ -101,6 +108,9 @@ impl RouterProc {
             observed: RouterObserved::DOWN,
             acted_serving: 0,
             acted_freezes: 0,
+            booted: Default::default(),
+            in_rotation: true,
+            idle: None,
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::app::AppOp;
 use crate::checkers::observed::{self, RouterFigures, RouterSeen};
-use crate::checkers::{hold_queue, reads, AdmissionPoint, Violation};
+use crate::checkers::{hold_queue, isolation, reads, AdmissionPoint, Violation};
 use crate::config::Bug;
 use crate::net::ProcId;
 use crate::node_io::{sim_clock, SimClock, SimDisk};
@@ -18,7 +18,7 @@ use node::io::Ingress;
 use node_core::duties::router::Mode;
 use node_core::duties::router::{HoldCause, RouterConfig};
 use node_core::ingress::{ClientReply, IngressConfig, IngressCore, IngressEvent, Unavailable};
-use node_core::{RequestKey, StoreAnswer};
+use node_core::{NodeRecord, RequestKey, StoreAnswer};
 use protocol::codec;
 use protocol::{Decision, Duty, Universe};
 use std::future::Future;
@@ -168,7 +168,13 @@ impl Ingress for SimIngress {
                 }
                 ClientReply::Unknown => ClientOutcome::Unknown,
             };
-            w.oracle.done(open.write, outcome, now);
+            w.client_done(open.write, outcome, now);
+            let router = &mut w.routers[index];
+            if router.open.is_empty() {
+                if let Some(idle) = router.idle.take() {
+                    let _ = idle.send(());
+                }
+            }
         });
     }
 
@@ -190,13 +196,16 @@ impl Ingress for SimIngress {
                 IngressEvent::Released { id, held_ms, cause } => {
                     w.trace.event(now, format_args!("{name} released {id} after {held_ms} ms"));
                     let r = &w.routers[index];
-                    let found = observed::hold_cause(name, cause, r.acted_serving, r.acted_freezes);
+                    let found = observed::hold_cause(name, cause, r.booted, r.acted_serving, r.acted_freezes);
+                    w.checker.found(now, found);
+                    let found = isolation::released(name, r.booted.own_disk, cause, held_ms);
                     w.checker.found(now, found);
                     let found = w.checker.bounded_hold.released(name, held_ms);
                     w.checker.found(now, found);
                     match cause {
                         HoldCause::Freeze => w.stats.hold_ms.push(held_ms),
                         HoldCause::Startup => w.stats.startup_hold_ms.push(held_ms),
+                        HoldCause::Boot => w.stats.boot_hold_ms.push(held_ms),
                     }
                 }
                 // The answers are judged by the simulator itself (`checkers::mirrors`); the
@@ -270,12 +279,15 @@ impl Ingress for SimIngress {
 impl World {
     /// A client sends `op` to router `i`.
     pub fn client_arrival(&mut self, i: usize, op: AppOp) {
+        // The load balancer in front of the routers sends nothing to one taken out of rotation.
+        let n = self.routers.len();
+        let i = (i..i + n).map(|j| j % n).find(|&j| self.routers[j].in_rotation).unwrap_or(i);
         let now = self.now_us();
         let write = self.oracle.issued(&op, now);
         let router = &mut self.routers[i];
         let Some((actor, _)) = router.actor.as_ref().filter(|_| self.procs[&router.addr].up) else {
             // Connection refused: the request reached nobody.
-            self.oracle.done(write, ClientOutcome::Failed, now);
+            self.client_done(write, ClientOutcome::Failed, now);
             return;
         };
         let ticket = router.next_ticket;
@@ -296,6 +308,14 @@ impl World {
         self.checker.found(now, found);
     }
 
+    /// A client's request ended with `outcome` (every failure counts, reads too).
+    fn client_done(&mut self, write: crate::oracle::WriteRef, outcome: ClientOutcome, now: u64) {
+        if outcome != ClientOutcome::Acked {
+            self.stats.failed_requests += 1;
+        }
+        self.oracle.done(write, outcome, now);
+    }
+
     pub fn crash_router(&mut self, i: usize) {
         let addr = self.routers[i].addr;
         if !self.set_up(addr, false) {
@@ -309,7 +329,7 @@ impl World {
         self.routers[i].unforwarded.clear();
         let now = self.now_us();
         for request in open.into_values() {
-            self.oracle.done(request.write, ClientOutcome::Unknown, now);
+            self.client_done(request.write, ClientOutcome::Unknown, now);
         }
         self.checker.mirrors.forget_router(i);
         self.checker.verdicts.crashed(i);
@@ -364,5 +384,9 @@ impl World {
         let router = &mut self.routers[i];
         router.actor = Some((addr.recipient(), task));
         (router.acted_serving, router.acted_freezes) = (0, 0);
+        // The simulator's own account of "its own disk": one this router booted from before.
+        let own_disk = record.boots > 0 && record.owner == NodeRecord::owner_of(&router.name);
+        let disk_frozen = matches!(record.decision, Decision::Freeze(_));
+        router.booted = observed::Booted { own_disk, disk_frozen };
     }
 }

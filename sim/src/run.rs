@@ -47,6 +47,8 @@ pub struct SeedReport {
     pub trace_lines: Option<Vec<String>>,
     pub hold_ms: Vec<u64>,
     pub startup_hold_ms: Vec<u64>,
+    /// Held by routers restarted on their own disk while their boot record was written.
+    pub boot_hold_ms: Vec<u64>,
     /// From the first freeze to the commit, if it switched.
     pub switch_ms: Option<u64>,
     pub messages: u64,
@@ -54,6 +56,8 @@ pub struct SeedReport {
     pub acked_writes: u64,
     pub failed_writes: u64,
     pub unknown_writes: u64,
+    /// Client requests of any kind that did not succeed (unknown outcomes included).
+    pub failed_requests: u64,
     pub fault_log: Vec<String>,
     pub copying_seen: bool,
     /// Raft snapshots built and installed over all replicas.
@@ -110,12 +114,14 @@ impl SeedReport {
             trace_lines: None,
             hold_ms: Vec::new(),
             startup_hold_ms: Vec::new(),
+            boot_hold_ms: Vec::new(),
             switch_ms: None,
             messages: 0,
             dropped: 0,
             acked_writes: 0,
             failed_writes: 0,
             unknown_writes: 0,
+            failed_requests: 0,
             fault_log: Vec::new(),
             copying_seen: false,
             snapshots_built: 0,
@@ -230,12 +236,14 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         w.fidelity.shards =
             w.data.iter().map(|d| crate::checkers::fidelity::History::initial(d.old.tables())).collect();
         for i in 0..w.routers.len() {
-            w.routers[i].disk = w.fresh_disk();
+            let name = w.routers[i].name.clone();
+            w.routers[i].disk = w.deployed_disk(&name);
             w.procs.get_mut(&w.routers[i].addr).expect("registered").up = false;
             w.restart_router(i);
         }
         for i in 0..w.data.len() {
-            w.data[i].disk = w.fresh_disk();
+            let name = w.data[i].name.clone();
+            w.data[i].disk = w.deployed_disk(&name);
             w.procs.get_mut(&w.data[i].addr).expect("registered").up = false;
             w.restart_data(i);
         }
@@ -378,12 +386,14 @@ impl World {
             trace_lines: self.trace.lines().map(|l| l.to_vec()),
             hold_ms: std::mem::take(&mut self.stats.hold_ms),
             startup_hold_ms: std::mem::take(&mut self.stats.startup_hold_ms),
+            boot_hold_ms: std::mem::take(&mut self.stats.boot_hold_ms),
             switch_ms,
             messages: self.net.sent,
             dropped: self.net.dropped,
             acked_writes: self.oracle.acked,
             failed_writes: self.oracle.failed,
             unknown_writes: self.oracle.unknown,
+            failed_requests: self.stats.failed_requests,
             fault_log: self.stats.fault_log.clone(),
             copying_seen: !self.stats.copying_seen.is_empty(),
             snapshots_built: self.replicas.iter().map(|r| read_disk(&r.disk, |d| d.snapshots_built)).sum(),

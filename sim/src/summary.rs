@@ -30,9 +30,24 @@ pub struct Summary {
     pub hold_p50_ms: u64,
     pub hold_p99_ms: u64,
     pub hold_ms_max: u64,
-    pub startup_held_requests: u64,
+    /// Requests held by routers that restarted without disk state of their own (the only ones
+    /// that wait for the coordinator at startup; with their own disk they serve at once).
+    pub startup_held: u64,
     pub startup_hold_p50_ms: u64,
     pub startup_hold_max_ms: u64,
+    /// Requests held by routers restarted on their own disk while they wrote their boot record
+    /// (a local write; they wait for no coordinator), and the longest such hold.
+    pub boot_held: u64,
+    pub boot_hold_max_ms: u64,
+    /// Requests held by a freeze (the switch's cost to clients).
+    pub freeze_hold_ms_p50: u64,
+    pub freeze_hold_ms_max: u64,
+    /// Client requests of any kind that did not succeed: refused, 503, rejected, or unknown
+    /// (timed out, or lost with a crashed router).
+    pub failed_requests: u64,
+    /// Upgrades run (one per seed today), and those that switched.
+    pub upgrades_run: u64,
+    pub upgrades_switched: u64,
     pub switch_p50_ms: u64,
     pub switch_max_ms: u64,
     pub messages: u64,
@@ -65,11 +80,16 @@ impl Summary {
         self.simulated_seconds += r.sim_ms as f64 / 1000.0;
         self.hold_all.extend_from_slice(&r.hold_ms);
         self.startup_all.extend_from_slice(&r.startup_hold_ms);
+        self.boot_held += r.boot_hold_ms.len() as u64;
+        self.boot_hold_max_ms = self.boot_hold_max_ms.max(r.boot_hold_ms.iter().copied().max().unwrap_or(0));
         self.switch_all.extend(r.switch_ms);
         self.messages += r.messages;
         self.acked_writes += r.acked_writes;
         self.failed_writes += r.failed_writes;
         self.unknown_writes += r.unknown_writes;
+        self.failed_requests += r.failed_requests;
+        self.upgrades_run += 1;
+        self.upgrades_switched += u64::from(r.outcome == SeedOutcome::Switched);
     }
 
     /// Computes the derived figures once all seeds are in.
@@ -84,7 +104,9 @@ impl Summary {
         self.hold_p99_ms = percentile(&self.hold_all, 99.0);
         self.hold_ms_max = self.hold_all.last().copied().unwrap_or(0);
         self.startup_all.sort_unstable();
-        self.startup_held_requests = self.startup_all.len() as u64;
+        self.startup_held = self.startup_all.len() as u64;
+        self.freeze_hold_ms_p50 = self.hold_p50_ms;
+        self.freeze_hold_ms_max = self.hold_ms_max;
         self.startup_hold_p50_ms = percentile(&self.startup_all, 50.0);
         self.startup_hold_max_ms = self.startup_all.last().copied().unwrap_or(0);
         self.switch_p50_ms = percentile(&self.switch_all, 50.0);

@@ -3,6 +3,7 @@
 use super::Upgrade;
 use protocol::messages::GateBlocker;
 use protocol::Duty;
+use serde::{Deserialize, Serialize};
 
 /// `Ok` when the upgrade may freeze; otherwise every reason it may not, in plan order.
 pub fn ready_gate(upgrade: &Upgrade) -> Result<(), Vec<GateBlocker>> {
@@ -22,9 +23,7 @@ pub fn ready_gate(upgrade: &Upgrade) -> Result<(), Vec<GateBlocker>> {
             blockers.push(GateBlocker::Lag { node: name.clone(), lag, lag_max: t.lag_max });
         }
     }
-    let validators = upgrade.plan.nodes_with(Duty::Validate).filter_map(|n| upgrade.nodes.get(n));
-    let (samples, mismatches) =
-        validators.fold((0u64, 0u64), |(s, m), n| (s + n.report.samples, m + n.report.mismatches));
+    let ValidationSeen { samples, mismatches } = validation_seen(upgrade);
     if samples < t.samples_min {
         blockers.push(GateBlocker::TooFewSamples { samples, samples_min: t.samples_min });
     } else if mismatches as f64 > t.mismatch_ratio_max * samples as f64 {
@@ -38,4 +37,19 @@ pub fn ready_gate(upgrade: &Upgrade) -> Result<(), Vec<GateBlocker>> {
     } else {
         Err(blockers)
     }
+}
+
+/// Validation as the ready gate sees it: samples and mismatches summed over the validators'
+/// latest reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValidationSeen {
+    pub samples: u64,
+    pub mismatches: u64,
+}
+
+pub fn validation_seen(upgrade: &Upgrade) -> ValidationSeen {
+    let validators = upgrade.plan.nodes_with(Duty::Validate).filter_map(|n| upgrade.nodes.get(n));
+    let (samples, mismatches) =
+        validators.fold((0u64, 0u64), |(s, m), n| (s + n.report.samples, m + n.report.mismatches));
+    ValidationSeen { samples, mismatches }
 }

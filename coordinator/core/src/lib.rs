@@ -10,7 +10,7 @@ mod gate;
 mod view;
 
 pub use driver::{next_command, next_deadline_ms};
-pub use gate::ready_gate;
+pub use gate::{ready_gate, validation_seen, ValidationSeen};
 pub use view::{decision_view, status};
 
 use protocol::messages::{Ack, NodeReport, Phase, RejectKind, Rejection};
@@ -88,6 +88,8 @@ pub struct Upgrade {
     pub retry_not_before_ms: u64,
     pub nodes: BTreeMap<NodeName, NodeState>,
     pub last_abort_reason: Option<String>,
+    /// What the ready gate saw when the current epoch froze (why it froze, for the record).
+    pub frozen_on: Option<ValidationSeen>,
 }
 
 /// The whole replicated state.
@@ -297,6 +299,7 @@ impl UpgradeState {
             retry_not_before_ms: 0,
             nodes: BTreeMap::new(),
             last_abort_reason: None,
+            frozen_on: None,
         });
         Applied::Started(id)
     }
@@ -358,6 +361,7 @@ impl UpgradeState {
                 format!("ready gate: {}", blockers.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")),
             );
         }
+        upgrade.frozen_on = Some(validation_seen(upgrade));
         upgrade.phase = Phase::Freezing;
         upgrade.epoch = epoch;
         upgrade.attempts += 1;

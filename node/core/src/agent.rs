@@ -20,6 +20,9 @@ use std::collections::BTreeMap;
 pub enum AgentBug {
     /// Hand a newer decision to the duties as soon as it is seen, before it is persisted.
     ActBeforePersist,
+    /// After a restart on its own disk holding a freeze, serve the old universe (act on
+    /// `Initial`) until a read says otherwise.
+    ServeOldAfterFrozenRestart,
 }
 
 /// Agent settings.
@@ -42,8 +45,9 @@ pub struct AgentConfig {
 /// Inputs to the agent core.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AgentInput {
-    /// The process (re)started with this persisted decision.
-    Boot { persisted: Decision },
+    /// The process (re)started with this persisted decision; `trusted`: the node's own disk,
+    /// which it booted from before (not a new, replaced or copied one).
+    Boot { persisted: Decision, trusted: bool },
     /// A reply to request `id`.
     Response { id: u64, response: NodeResponse },
     /// The deadline given by [`AgentCore::next_deadline_ms`] has come.
@@ -105,6 +109,8 @@ pub struct AgentCore {
     /// The newest decision seen while another was being persisted.
     wanted: Option<Decision>,
     booted: bool,
+    /// Acted on the persisted decision at boot (a trusted disk), before any read.
+    acted_at_boot: bool,
     linearized: bool,
     target: usize,
     next_id: u64,
@@ -139,6 +145,7 @@ impl AgentCore {
             persisting: None,
             wanted: None,
             booted: false,
+            acted_at_boot: false,
             linearized: false,
             target: 0,
             next_id: 1,
@@ -164,6 +171,11 @@ impl AgentCore {
         self
     }
 
+    #[cfg(feature = "planted-bugs")]
+    fn planted_serve_old(&self) -> bool {
+        self.bug == Some(AgentBug::ServeOldAfterFrozenRestart)
+    }
+
     /// The decision last persisted (and acted on).
     pub fn persisted(&self) -> Decision {
         self.persisted
@@ -181,9 +193,23 @@ impl AgentCore {
     pub fn handle(&mut self, now_ms: u64, input: AgentInput) -> Vec<AgentOutput> {
         let mut out = Vec::new();
         match input {
-            AgentInput::Boot { persisted } => {
+            AgentInput::Boot { persisted, trusted } => {
                 self.persisted = persisted;
                 self.booted = true;
+                // Serve from the node's own disk at once, without the coordinator: the decision
+                // on it is still in force unless a newer one was committed, and no newer one
+                // can be without this node (a commit needs every router's `Frozen`, and a node
+                // persists a freeze before it acts on it). A freeze on disk is not acted on: its
+                // outcome may be decided by now, so the node fails closed (a router holds, a
+                // data node keeps its old store fenced) until a read tells it.
+                #[cfg(feature = "planted-bugs")]
+                if trusted && matches!(persisted, Decision::Freeze(_)) && self.planted_serve_old() {
+                    out.push(AgentOutput::Act(Decision::Initial));
+                }
+                if trusted && !matches!(persisted, Decision::Freeze(_)) {
+                    self.acted_at_boot = true;
+                    out.push(AgentOutput::Act(persisted));
+                }
             }
             AgentInput::Response { id, response } => self.on_response(id, response, &mut out),
             AgentInput::Timer => self.expire(now_ms),
@@ -361,7 +387,7 @@ impl AgentCore {
                 Some(p) if view.decision.order_key() > p.order_key() => self.wanted = Some(view.decision),
                 Some(_) => {}
             }
-        } else if first {
+        } else if first && !self.acted_at_boot {
             out.push(AgentOutput::Act(self.persisted));
         }
         out.push(AgentOutput::View(view.clone()));
@@ -470,7 +496,7 @@ mod tests {
     #[test]
     fn first_view_must_be_linearizable_and_persist_comes_before_act() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Freeze(Epoch(1)) });
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Freeze(Epoch(1)), trusted: false });
         let s = sends(&out);
         assert!(matches!(s[0].2, NodeRequest::Watch { linearizable: true, .. }));
         let out = a.handle(
@@ -488,9 +514,35 @@ mod tests {
     }
 
     #[test]
+    fn a_node_with_its_own_disk_acts_at_boot_and_not_again_after_the_first_read() {
+        for persisted in [Decision::Initial, Decision::Abort(Epoch(1)), Decision::Commit(Epoch(2))] {
+            let mut a = agent();
+            let out = a.handle(0, AgentInput::Boot { persisted, trusted: true });
+            assert_eq!(out[0], AgentOutput::Act(persisted), "{persisted:?}: acted on at once, before any read");
+            let (out, _) = answer_watch(&mut a, 1, &out, view(5, persisted));
+            assert!(!out.iter().any(|o| matches!(o, AgentOutput::Act(_))), "{persisted:?}: not acted on twice");
+        }
+        // A freeze on disk waits for the outcome (it may be decided by now); so does any
+        // decision on a disk that is not the node's own.
+        for (persisted, trusted) in [(Decision::Freeze(Epoch(3)), true), (Decision::Commit(Epoch(2)), false)] {
+            let mut a = agent();
+            let out = a.handle(0, AgentInput::Boot { persisted, trusted });
+            assert!(!out.iter().any(|o| matches!(o, AgentOutput::Act(_))), "{persisted:?}: not acted on before a read");
+            let (out, _) = answer_watch(&mut a, 1, &out, view(5, persisted));
+            assert!(out.contains(&AgentOutput::Act(persisted)), "{persisted:?}: acted on after the first read");
+        }
+        // A newer decision read afterwards is persisted before it is acted on, as always.
+        let mut a = agent();
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Freeze(Epoch(3)), trusted: true });
+        let (out, _) = answer_watch(&mut a, 1, &out, view(6, Decision::Commit(Epoch(3))));
+        assert!(out.contains(&AgentOutput::Persist(Decision::Commit(Epoch(3)))));
+        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Act(_))));
+    }
+
+    #[test]
     fn stale_views_never_move_epochs_backwards() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Commit(Epoch(2)) });
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Commit(Epoch(2)), trusted: false });
         let id = sends(&out)[0].0;
         let out =
             a.handle(1, AgentInput::Response { id, response: NodeResponse::View(view(3, Decision::Freeze(Epoch(2)))) });
@@ -504,7 +556,7 @@ mod tests {
     #[test]
     fn an_older_view_after_a_newer_one_changes_nothing() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Freeze(Epoch(1)) });
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Freeze(Epoch(1)), trusted: false });
         let id = sends(&out)[0].0;
         let out =
             a.handle(1, AgentInput::Response { id, response: NodeResponse::View(view(5, Decision::Commit(Epoch(1)))) });
@@ -530,7 +582,7 @@ mod tests {
     #[test]
     fn a_newer_decision_seen_while_persisting_is_persisted_next() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial });
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: false });
         let id = sends(&out)[0].0;
         let out =
             a.handle(1, AgentInput::Response { id, response: NodeResponse::View(view(2, Decision::Freeze(Epoch(1)))) });
@@ -550,14 +602,14 @@ mod tests {
     #[should_panic(expected = "not asked for")]
     fn a_persisted_answer_nobody_asked_for_is_a_shell_bug() {
         let mut a = agent();
-        a.handle(0, AgentInput::Boot { persisted: Decision::Initial });
+        a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: false });
         a.handle(1, AgentInput::Persisted(Decision::Freeze(Epoch(1))));
     }
 
     #[test]
     fn acks_are_resent_until_the_view_shows_them_and_timeouts_rotate() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial });
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: false });
         let watch = sends(&out)[0].0;
         a.handle(
             1,
@@ -587,7 +639,7 @@ mod tests {
     #[test]
     fn a_request_failing_on_a_replica_the_agent_already_left_does_not_move_it() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial });
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: false });
         let first = sends(&out)[0].0;
         let out = a.handle(
             1,
@@ -635,7 +687,7 @@ mod tests {
     fn a_frozen_node_leaves_a_replica_that_keeps_answering_without_news() {
         for (persisted, moves) in [(Decision::Freeze(Epoch(1)), true), (Decision::Initial, false)] {
             let mut a = agent();
-            let out = a.handle(0, AgentInput::Boot { persisted });
+            let out = a.handle(0, AgentInput::Boot { persisted, trusted: false });
             let (out, (_, to)) = answer_watch(&mut a, 1, &out, view(5, persisted));
             assert_eq!(to, 1);
             // stale_watch_limit = 3 answers without news.
@@ -653,7 +705,7 @@ mod tests {
         // Answers with news never count, however many.
         let mut a = agent();
         let frozen = Decision::Freeze(Epoch(1));
-        let mut out = a.handle(0, AgentInput::Boot { persisted: frozen });
+        let mut out = a.handle(0, AgentInput::Boot { persisted: frozen, trusted: false });
         for (t, version) in (1..=6).zip(5..) {
             let (next, (_, to)) = answer_watch(&mut a, t, &out, view(version, frozen));
             assert_eq!(to, 1, "view {version} had news: the watch stays");
@@ -664,7 +716,7 @@ mod tests {
     #[test]
     fn a_refused_report_is_sent_again_even_unchanged() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial });
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: false });
         answer_watch(&mut a, 1, &out, view(5, Decision::Initial));
         let report = NodeReport { samples: 1, ..Default::default() };
         let out = a.handle(10, AgentInput::Report(report.clone()));
@@ -680,7 +732,7 @@ mod tests {
     #[test]
     fn a_changed_report_waits_out_the_report_interval() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial });
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: false });
         let (_, _) = answer_watch(&mut a, 1, &out, view(5, Decision::Initial));
         let out = a.handle(10, AgentInput::Report(NodeReport { samples: 1, ..Default::default() }));
         let (id, _, _) = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Report { .. })).unwrap();

@@ -334,7 +334,7 @@ impl DataNodeCore {
         match input {
             DataInput::Boot { record, checkpoint, old_fenced } => {
                 assert!(self.transform.is_none(), "booted twice");
-                let booted = self.durable.boot(record);
+                let booted = self.durable.boot(record, NodeRecord::owner_of(&self.config.agent.node.0));
                 let transform = TransformCore::new(self.config.mapping.clone(), checkpoint.clone());
                 #[cfg(feature = "planted-bugs")]
                 let transform = planted_after_restart(transform, self.bug, record.boots);

@@ -192,7 +192,13 @@ impl IngressCore {
                 h.bytes(&record.disk_id.to_le_bytes());
                 self.origin = h.0;
                 // The boot count is persisted before any request id of this boot is used.
-                out.push(IngressOutput::Persist(self.durable.boot(record)));
+                let booted = self.durable.boot(record, NodeRecord::owner_of(&self.config.agent.node.0));
+                out.push(IngressOutput::Persist(booted));
+                if self.durable.trusted() {
+                    let frozen = matches!(booted.decision, Decision::Freeze(_));
+                    let outs = self.router.handle(now_ms, RouterInput::OwnDisk { frozen });
+                    self.router_outputs(now_ms, outs, &mut out);
+                }
             }
             IngressInput::Request { id, read_only } => self.request(now_ms, id, read_only, &mut out),
             IngressInput::Answered { id, universe, answer } => self.answered(now_ms, id, universe, answer, &mut out),

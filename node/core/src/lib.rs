@@ -33,6 +33,19 @@ pub struct NodeRecord {
     /// node whose disk was lost or replaced starts counting boots again, so request keys carry
     /// this too.
     pub disk_id: u64,
+    /// Whose record this is ([`NodeRecord::owner_of`] the node's name). A node trusts only a
+    /// record it wrote itself: a disk copied from another node is as good as an empty one.
+    pub owner: u64,
+}
+
+impl NodeRecord {
+    /// The owner mark of node `name`'s records.
+    pub fn owner_of(name: &str) -> u64 {
+        let mut h = duties::validate::Fnv::default();
+        h.bytes(b"imago node record\xff");
+        h.bytes(name.as_bytes());
+        h.0
+    }
 }
 
 /// A core's view of its node's record: what it last asked to persist, and whether the boot
@@ -41,14 +54,24 @@ pub struct NodeRecord {
 pub(crate) struct Durable {
     record: NodeRecord,
     started: bool,
+    /// The disk held state of this node's own (it had booted it before).
+    trusted: bool,
 }
 
 impl Durable {
     /// Booting from the record found on disk: the same record with one more boot, to persist
-    /// before anything else.
-    pub(crate) fn boot(&mut self, found: NodeRecord) -> NodeRecord {
+    /// before anything else. A record of another node's (a copied disk) counts as none: the
+    /// node starts afresh on it, and does not serve from it.
+    pub(crate) fn boot(&mut self, found: NodeRecord, owner: u64) -> NodeRecord {
         assert!(!self.started, "booted twice");
-        self.record = NodeRecord { boots: found.boots + 1, ..found };
+        let own = found.owner == owner;
+        self.trusted = own && found.boots > 0;
+        let found = if own || found.boots == 0 {
+            found
+        } else {
+            NodeRecord { disk_id: found.disk_id, ..NodeRecord::default() }
+        };
+        self.record = NodeRecord { boots: found.boots + 1, owner, ..found };
         self.record
     }
 
@@ -66,7 +89,12 @@ impl Durable {
         }
         assert_eq!(record, self.record, "persisted a record that was not asked for");
         self.started = true;
-        agent::AgentInput::Boot { persisted: record.decision }
+        agent::AgentInput::Boot { persisted: record.decision, trusted: self.trusted }
+    }
+
+    /// The disk booted from held this node's own state (known once [`Durable::boot`] ran).
+    pub(crate) fn trusted(&self) -> bool {
+        self.trusted
     }
 
     pub(crate) fn started(&self) -> bool {
@@ -107,14 +135,39 @@ mod tests {
     #[test]
     fn a_boot_counts_one_more_and_starts_once_its_record_is_durable() {
         let mut d = Durable::default();
-        let found = NodeRecord { decision: Decision::Freeze(protocol::Epoch(2)), boots: 3, disk_id: 9 };
-        let booted = d.boot(found);
+        let owner = NodeRecord::owner_of("router-1");
+        let found = NodeRecord { decision: Decision::Freeze(protocol::Epoch(2)), boots: 3, disk_id: 9, owner };
+        let booted = d.boot(found, owner);
         assert_eq!(booted, NodeRecord { boots: 4, ..found });
         assert!(!d.started(), "not before the boot record is durable");
-        assert_eq!(d.persisted(booted), agent::AgentInput::Boot { persisted: found.decision });
+        assert_eq!(d.persisted(booted), agent::AgentInput::Boot { persisted: found.decision, trusted: true });
         assert!(d.started());
         assert_eq!(d.boots(), 4);
         let next = d.decide(Decision::Commit(protocol::Epoch(2)));
         assert_eq!(d.persisted(next), agent::AgentInput::Persisted(Decision::Commit(protocol::Epoch(2))));
+    }
+
+    #[test]
+    fn only_a_disk_this_node_booted_from_before_is_trusted() {
+        let owner = NodeRecord::owner_of("router-1");
+        assert_ne!(owner, NodeRecord::owner_of("router-2"));
+        let boot = |found: NodeRecord| {
+            let mut d = Durable::default();
+            let booted = d.boot(found, owner);
+            (booted, d.persisted(booted))
+        };
+        // A fresh disk (new, or lost and replaced): nothing to serve from.
+        let fresh = NodeRecord { disk_id: 5, ..NodeRecord::default() };
+        let (booted, input) = boot(fresh);
+        assert_eq!(booted, NodeRecord { boots: 1, disk_id: 5, owner, decision: Decision::Initial });
+        assert_eq!(input, agent::AgentInput::Boot { persisted: Decision::Initial, trusted: false });
+        // Its own disk, booted before: trusted, whatever the decision.
+        let own = NodeRecord { decision: Decision::Commit(protocol::Epoch(3)), boots: 1, disk_id: 5, owner };
+        assert_eq!(boot(own).1, agent::AgentInput::Boot { persisted: own.decision, trusted: true });
+        // Another node's disk: started afresh, its decision forgotten, its boots not counted.
+        let copied = NodeRecord { owner: NodeRecord::owner_of("router-2"), ..own };
+        let (booted, input) = boot(copied);
+        assert_eq!(booted, NodeRecord { boots: 1, disk_id: 5, owner, decision: Decision::Initial });
+        assert_eq!(input, agent::AgentInput::Boot { persisted: Decision::Initial, trusted: false });
     }
 }

@@ -408,7 +408,12 @@ impl<'a> Shell<'a> {
             core: make_core(config.clone()),
             config,
             now: 0,
-            disk: NodeRecord { decision: Decision::Initial, boots: case.boots, disk_id: 7 },
+            disk: NodeRecord {
+                decision: Decision::Initial,
+                boots: case.boots,
+                disk_id: 7,
+                owner: NodeRecord::owner_of("data-1"),
+            },
             old,
             new: MemStore::with_schema(&mapping.new_schema()),
             coordinator: Coordinator::new(),

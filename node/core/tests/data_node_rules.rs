@@ -162,7 +162,7 @@ fn a_write_through_the_node_wakes_an_idle_change_stream() {
 fn after_the_commit_the_old_universe_is_no_longer_read() {
     let mut core = DataNodeCore::new(config(4));
     let committed = Decision::Commit(protocol::Epoch(1));
-    let record = NodeRecord { decision: committed, boots: 1, disk_id: 3 };
+    let record = NodeRecord { decision: committed, boots: 1, disk_id: 3, owner: NodeRecord::owner_of("data-1") };
     let checkpoint = Checkpoint { applied: Position(9), copy: CopyState::Done };
     let out = core.handle(0, DataInput::Boot { record, checkpoint, old_fenced: true });
     let Some(DataOutput::Persist(booted)) = out.into_iter().find(|o| matches!(o, DataOutput::Persist(_))) else {

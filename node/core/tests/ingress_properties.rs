@@ -281,7 +281,12 @@ impl<'a> Shell<'a> {
         Shell {
             core: IngressCore::new(config()),
             now: 0,
-            disk: NodeRecord { decision: Decision::Initial, boots, disk_id: 7 },
+            disk: NodeRecord {
+                decision: Decision::Initial,
+                boots,
+                disk_id: 7,
+                owner: NodeRecord::owner_of("router-1"),
+            },
             coordinator: Coordinator::new(),
             robust,
             sends: Vec::new(),

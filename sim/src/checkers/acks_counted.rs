@@ -80,6 +80,7 @@ mod tests {
             retry_not_before_ms: 0,
             nodes,
             last_abort_reason: None,
+            frozen_on: None,
         };
         let state = UpgradeState { current: Some(upgrade), ..UpgradeState::default() };
         let mut acks = AcksCounted::default();

@@ -18,6 +18,8 @@
 //! - [`frozen_ack`]: a router acks `Frozen` only with nothing in flight to the old universe.
 //! - [`bounded_hold`]: no request is held longer than `hold_ms_max`.
 //! - [`hold_queue`]: no router holds more than `hold_queue_max` requests.
+//! - [`isolation`]: a router that restarts on its own disk serves from it at once (it holds
+//!   nothing for want of the coordinator).
 //! - [`fidelity`]: every transform batch matches the old rows as of its checkpoint position.
 //! - [`mirrors`]: a mirrored read's two answers agree at the same data position (compared by
 //!   the simulator, not by the validator).
@@ -57,6 +59,7 @@ pub mod frozen_ack;
 pub mod gate;
 pub mod healthy_freeze;
 pub mod hold_queue;
+pub mod isolation;
 pub mod liveness;
 pub mod lost_writes;
 pub mod mirrors;
@@ -175,6 +178,8 @@ pub enum Violation {
     EndedInPhase { phase: Phase },
     /// Liveness: the upgrade never started.
     NeverStarted,
+    /// Isolation: a router that restarted on its own disk held a request for want of a first read.
+    HeldAtStartupWithDisk { router: String, held_ms: u64 },
     /// Observed: a node's or a store's account of itself differs from what the simulator saw.
     Misreported { node: String, what: &'static str, reported: String, seen: String },
     /// Validation: a router mirrored a read while serving the new universe.
@@ -262,6 +267,10 @@ impl fmt::Display for Violation {
             ViewVersionReused { node, version, first, second } => {
                 write!(f, "one view per version: {node} was sent {first} and then {second} for version {version}")
             }
+            HeldAtStartupWithDisk { router, held_ms } => write!(
+                f,
+                "isolation: {router} restarted on its own disk and still held a request {held_ms} ms for the coordinator"
+            ),
             Misreported { node, what, reported, seen } => {
                 write!(f, "observed: {node} reports {what} {reported}, the simulator saw {seen}")
             }

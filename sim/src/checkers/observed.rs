@@ -109,15 +109,32 @@ pub fn fail_reason(
     (!ok).then(|| misreported(name, "reason for a 503", format!("{reason:?}"), seen))
 }
 
-/// A router released a held request for `cause`, having acted in this incarnation on
-/// `serving_acts` decisions that serve a universe and `freeze_acts` freezes. A startup hold
-/// ends at the first decision that serves (or times out before); a freeze hold needs a freeze.
-pub fn hold_cause(name: &str, cause: HoldCause, serving_acts: u32, freeze_acts: u32) -> Option<Violation> {
+/// How a router booted: on its own disk or not, and whether that disk held a freeze.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Booted {
+    pub own_disk: bool,
+    pub disk_frozen: bool,
+}
+
+/// A router, booted as `booted` says, released a held request for `cause`, having acted in this
+/// incarnation on `serving_acts` decisions that serve a universe and `freeze_acts` freezes. A
+/// startup hold (on its own disk: `Boot`; without: `Startup`) ends at the first decision that
+/// serves (or times out before); a freeze hold needs a freeze, acted on or on its own disk.
+pub fn hold_cause(
+    name: &str,
+    cause: HoldCause,
+    booted: Booted,
+    serving_acts: u32,
+    freeze_acts: u32,
+) -> Option<Violation> {
+    let Booted { own_disk, disk_frozen } = booted;
     let ok = match cause {
-        HoldCause::Startup => serving_acts <= 1,
-        HoldCause::Freeze => freeze_acts >= 1,
+        HoldCause::Startup => serving_acts <= 1 && !own_disk,
+        HoldCause::Boot => serving_acts <= 1 && own_disk && !disk_frozen,
+        HoldCause::Freeze => freeze_acts >= 1 || (own_disk && disk_frozen),
     };
-    let seen = format!("{serving_acts} serving decisions and {freeze_acts} freezes acted on");
+    let disk = if own_disk { "on its own disk" } else { "without disk state of its own" };
+    let seen = format!("booted {disk}; {serving_acts} serving decisions and {freeze_acts} freezes acted on");
     (!ok).then(|| misreported(name, "cause of a hold", format!("{cause:?}"), seen))
 }
 
@@ -217,10 +234,20 @@ mod tests {
         assert!(fail_reason("r", FailReason::HoldQueueFull, 4, 5, 0, 1000).is_some());
         assert_eq!(fail_reason("r", FailReason::HoldTimeout, 0, 5, 1000, 1000), None);
         assert!(fail_reason("r", FailReason::HoldTimeout, 0, 5, 999, 1000).is_some());
-        assert_eq!(hold_cause("r", HoldCause::Startup, 1, 0), None);
-        assert!(hold_cause("r", HoldCause::Startup, 2, 1).is_some(), "a second serving decision ends no startup hold");
-        assert_eq!(hold_cause("r", HoldCause::Freeze, 1, 1), None);
-        assert!(hold_cause("r", HoldCause::Freeze, 0, 0).is_some(), "a freeze hold without a freeze");
+        let fresh = Booted { own_disk: false, disk_frozen: false };
+        let own = Booted { own_disk: true, disk_frozen: false };
+        let own_frozen = Booted { own_disk: true, disk_frozen: true };
+        assert_eq!(hold_cause("r", HoldCause::Startup, fresh, 1, 0), None);
+        assert!(
+            hold_cause("r", HoldCause::Startup, fresh, 2, 1).is_some(),
+            "a second serving decision ends no startup hold"
+        );
+        assert!(hold_cause("r", HoldCause::Startup, own, 1, 0).is_some(), "its own disk: no wait for the coordinator");
+        assert_eq!(hold_cause("r", HoldCause::Boot, own, 1, 0), None);
+        assert!(hold_cause("r", HoldCause::Boot, fresh, 1, 0).is_some(), "a boot hold without its own disk");
+        assert_eq!(hold_cause("r", HoldCause::Freeze, fresh, 1, 1), None);
+        assert_eq!(hold_cause("r", HoldCause::Freeze, own_frozen, 1, 0), None, "a freeze on its own disk");
+        assert!(hold_cause("r", HoldCause::Freeze, own, 0, 0).is_some(), "a freeze hold without a freeze");
     }
 
     #[test]

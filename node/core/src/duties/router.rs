@@ -44,6 +44,10 @@ pub enum RouterInput {
     Mirroring(bool),
     /// Time passed (expires holds): the shell calls at [`RouterCore::next_deadline_ms`].
     Tick,
+    /// The node restarted on its own disk. Until it acts on the decision there (once its boot
+    /// record is durable, a local write), what it holds waits for its disk, not the coordinator;
+    /// with a freeze on its disk (`frozen`), what it holds waits for that freeze's outcome.
+    OwnDisk { frozen: bool },
 }
 
 /// What the shell must do.
@@ -81,8 +85,12 @@ pub enum RouterOutput {
 pub enum HoldCause {
     /// The router was frozen for a switch.
     Freeze,
-    /// The router had not yet read the current decision (after a start or restart).
+    /// The router had not yet read the current decision (after a start or restart without disk
+    /// state of its own: it waits for the coordinator).
     Startup,
+    /// The router restarted on its own disk and was writing its boot record (it then serves from
+    /// its disk without the coordinator).
+    Boot,
 }
 
 /// Why a request was failed.
@@ -117,6 +125,8 @@ pub struct RouterCore {
     in_flight_old: BTreeSet<RequestId>,
     frozen_acked: Option<Epoch>,
     mirroring: bool,
+    /// Why requests are held before the first decision.
+    startup_cause: HoldCause,
     #[cfg(feature = "planted-bugs")]
     bug: Option<RouterBug>,
 }
@@ -132,6 +142,7 @@ impl RouterCore {
             in_flight_old: BTreeSet::new(),
             frozen_acked: None,
             mirroring: false,
+            startup_cause: HoldCause::Startup,
             #[cfg(feature = "planted-bugs")]
             bug: None,
         }
@@ -179,7 +190,7 @@ impl RouterCore {
                             reason: FailReason::HoldQueueFull,
                         });
                     } else {
-                        let cause = if self.mode == Mode::Unknown { HoldCause::Startup } else { HoldCause::Freeze };
+                        let cause = if self.mode == Mode::Unknown { self.startup_cause } else { HoldCause::Freeze };
                         self.held.push_back(Held { id, since_ms: now_ms, cause });
                     }
                 }
@@ -191,6 +202,10 @@ impl RouterCore {
             RouterInput::Decision(decision) => self.decide(now_ms, decision, &mut out),
             RouterInput::Mirroring(on) => self.mirroring = on,
             RouterInput::Tick => self.expire(now_ms, &mut out),
+            RouterInput::OwnDisk { frozen } => {
+                assert_eq!(self.mode, Mode::Unknown, "told of its own disk after acting on a decision");
+                self.startup_cause = if frozen { HoldCause::Freeze } else { HoldCause::Boot };
+            }
         }
         self.maybe_ack_frozen(&mut out);
         out
