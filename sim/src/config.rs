@@ -200,7 +200,7 @@ pub enum FaultKind {
     /// Faults fired when a freeze or a bulk copy is seen.
     Trigger,
     /// A confused leader proposes stale or premature commands (an old epoch's ack, a second
-    /// outcome for a decided epoch, a commit before the acks): the state machine must refuse.
+    /// outcome for a decided epoch, the next epoch's outcome): the state machine must refuse.
     Confused,
     /// Lagging replicas answer a node's (non-linearizable) watches with views older than the
     /// node has seen and persisted.

@@ -200,8 +200,9 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
 /// The leader proposes one bad command of its own, through Raft, as a confused or stale leader
 /// would. Some are bad whenever they are applied (an ack for an earlier epoch, a second outcome
 /// for a decided epoch, an old freeze epoch, an unknown node): accepting one is a violation at
-/// once. Others are only premature (a commit before every ack): the state machine must check
-/// again when it applies them, and the other checkers see the harm if it does not.
+/// once. Others are only premature (the next epoch's outcome, a freeze inside the backoff): the
+/// state machine must check again when it applies them, and the other checkers see the harm if
+/// it does not. (No command commits: the state commits itself when the last ack is applied.)
 async fn confused_leader(shared: &Shared) {
     let picked = with(shared, |w| {
         let replica = w.replicas[w.leader()?].running.clone()?;
@@ -247,7 +248,7 @@ fn confused_commands(state: &UpgradeState, now_ms: u64) -> Vec<(Command, bool)> 
     for (e, outcome) in &state.outcomes {
         let second = match outcome {
             Outcome::Committed => Command::Abort { epoch: *e, reason: "confused".into(), now_ms },
-            Outcome::Aborted { .. } => Command::Commit { epoch: *e },
+            Outcome::Aborted { .. } => Command::Abort { epoch: *e, reason: "confused, again".into(), now_ms },
         };
         commands.push((second, true));
     }
@@ -261,13 +262,10 @@ fn confused_commands(state: &UpgradeState, now_ms: u64) -> Vec<(Command, bool)> 
     let next = Epoch(state.last_epoch.0 + 1);
     match upgrade.phase {
         Phase::Freezing => {
-            commands.push((Command::Commit { epoch }, false));
             // The next epoch's outcome while this one is undecided.
-            commands.push((Command::Commit { epoch: next }, false));
             commands.push((Command::Abort { epoch: next, reason: "confused".into(), now_ms }, false));
         }
         Phase::Syncing => {
-            commands.push((Command::Commit { epoch: next }, false));
             commands.push((Command::Abort { epoch: next, reason: "confused".into(), now_ms }, false));
             if now_ms < upgrade.retry_not_before_ms {
                 // A retry before the backoff ends: the command's own time is inside the backoff,

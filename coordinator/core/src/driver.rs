@@ -24,10 +24,8 @@ pub fn next_command(state: &UpgradeState, now_ms: u64) -> Option<Command> {
                 let reason = format!("checksum mismatch on `{node}` at position {}", position.0);
                 return Some(Command::Abort { epoch, reason, now_ms });
             }
+            // Every ack in and no mismatch: the state machine has committed already.
             let missing = upgrade.missing_acks();
-            if missing.is_empty() {
-                return Some(Command::Commit { epoch });
-            }
             if now_ms >= upgrade.freeze_deadline_ms {
                 let waited = upgrade.plan.thresholds.freeze_timeout_ms;
                 let reason = format!("freeze deadline passed after {waited} ms; missing acks: {}", missing.join(", "));

@@ -2,8 +2,9 @@
 //! (time arrives inside commands, stamped by the proposer), no randomness.
 //!
 //! `apply` re-checks every precondition, so a wrong proposal from a confused or stale leader
-//! is rejected by the state machine rather than trusted. Exactly one of `Commit{e}` /
-//! `Abort{e}` is ever applied for an epoch, and epochs only grow.
+//! is rejected by the state machine rather than trusted. Exactly one outcome is ever decided for
+//! an epoch: committed by the state itself when the last ack it needs is applied, or aborted by an
+//! `Abort{e}` applied first. Epochs only grow.
 
 mod driver;
 mod gate;
@@ -34,8 +35,6 @@ pub enum Command {
     Freeze { epoch: Epoch, now_ms: u64, deadline_ms: u64 },
     /// A node acknowledges its part of `epoch`.
     Ack { node: NodeName, epoch: Epoch, ack: Ack },
-    /// Switch to the new universe for `epoch`.
-    Commit { epoch: Epoch },
     /// Give up attempt `epoch`.
     Abort { epoch: Epoch, reason: String, now_ms: u64 },
     /// The operator ends the upgrade: the old universe keeps serving.
@@ -238,7 +237,6 @@ impl UpgradeState {
             Command::RequestSwitch => self.request_switch(),
             Command::Freeze { epoch, now_ms, deadline_ms } => self.freeze(*epoch, *now_ms, *deadline_ms),
             Command::Ack { node, epoch, ack } => self.ack(node, *epoch, ack),
-            Command::Commit { epoch } => self.commit(*epoch),
             Command::Abort { epoch, reason, now_ms } => self.abort(*epoch, reason, *now_ms, false),
             Command::OperatorAbort { reason, now_ms } => self.operator_abort(reason, *now_ms),
         }
@@ -422,29 +420,6 @@ impl UpgradeState {
         Ok(upgrade)
     }
 
-    fn commit(&mut self, epoch: Epoch) -> Applied {
-        let upgrade = match self.undecided(epoch, "commit") {
-            Ok(u) => u,
-            Err(r) => return r,
-        };
-        let missing = upgrade.missing_acks();
-        if !missing.is_empty() {
-            return reject(
-                RejectKind::MissingAcks,
-                format!("commit {epoch} without every ack; missing: {}", missing.join(", ")),
-            );
-        }
-        if let Some((node, position)) = upgrade.checksum_mismatch() {
-            return reject(
-                RejectKind::ChecksumMismatch,
-                format!("commit {epoch}: checksum mismatch on `{node}` at position {}", position.0),
-            );
-        }
-        upgrade.phase = Phase::Switched;
-        self.outcomes.insert(epoch, Outcome::Committed);
-        Applied::Accepted
-    }
-
     fn abort(&mut self, epoch: Epoch, reason: &str, now_ms: u64, by_operator: bool) -> Applied {
         let upgrade = match self.undecided(epoch, "abort") {
             Ok(u) => u,
@@ -488,6 +463,16 @@ impl UpgradeState {
     /// Transitions that follow from the state alone (no proposal needed).
     fn advance(&mut self) {
         let Some(upgrade) = &mut self.current else { return };
+        // The switch is decided by the state itself, in the step that applies the last ack it
+        // needs (every router `Frozen`, every data node `Drained` with matching checksums): no
+        // extra proposal round, and any later `Abort` of this epoch finds it decided.
+        if upgrade.phase == Phase::Freezing
+            && upgrade.missing_acks().is_empty()
+            && upgrade.checksum_mismatch().is_none()
+        {
+            upgrade.phase = Phase::Switched;
+            self.outcomes.insert(upgrade.epoch, Outcome::Committed);
+        }
         if upgrade.phase == Phase::Staged && upgrade.all_with_any(|n| n.registered && n.deployed) {
             upgrade.phase = Phase::Syncing;
         }

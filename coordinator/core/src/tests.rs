@@ -102,7 +102,6 @@ fn start_is_idempotent_by_token_even_after_the_upgrade_ended() {
     let mut state = ready("auto", 3);
     freeze(&mut state, 1, 0);
     all_acks(&mut state, 1);
-    accepted(&mut state, Command::Commit { epoch: Epoch(1) });
     for r in ROUTERS {
         accepted(&mut state, Command::Ack { node: n(r), epoch: Epoch(1), ack: Ack::Switched });
     }
@@ -142,9 +141,13 @@ fn commit_without_every_ack_is_rejected_even_when_a_leader_proposes_it() {
     let mut state = ready("auto", 3);
     freeze(&mut state, 1, 0);
     accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Frozen });
-    let reason = rejected(&mut state, Command::Commit { epoch: Epoch(1) });
-    assert!(reason.detail.contains("router-2 (frozen)") && reason.detail.contains("db-1 (drained)"), "{reason}");
+    let missing = state.current.as_ref().unwrap().missing_acks();
+    assert!(
+        missing.iter().any(|m| m.contains("router-2 (frozen)")) && missing.iter().any(|m| m.contains("db-1 (drained)")),
+        "{missing:?}"
+    );
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Freezing);
+    assert_eq!(state.decision(), Decision::Freeze(Epoch(1)), "undecided until every ack is in");
 }
 
 #[test]
@@ -175,16 +178,16 @@ fn drained_ack_needs_every_router_frozen() {
 fn commit_after_abort_is_rejected_and_vice_versa() {
     let mut state = ready("auto", 3);
     freeze(&mut state, 1, 0);
-    all_acks(&mut state, 1);
     accepted(&mut state, Command::Abort { epoch: Epoch(1), reason: "test".into(), now_ms: 5 });
-    let reason = rejected(&mut state, Command::Commit { epoch: Epoch(1) });
-    assert!(reason.detail.contains("already decided"), "{reason}");
+    // The acks that would have committed it come too late.
+    let late = rejected(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Frozen });
+    assert_eq!(late.kind, RejectKind::WrongPhase);
     assert_eq!(state.decision(), Decision::Abort(Epoch(1)));
 
     let mut state = ready("auto", 3);
     freeze(&mut state, 1, 0);
     all_acks(&mut state, 1);
-    accepted(&mut state, Command::Commit { epoch: Epoch(1) });
+    assert_eq!(state.decision(), Decision::Commit(Epoch(1)), "the last ack decides the commit");
     let reason = rejected(&mut state, Command::Abort { epoch: Epoch(1), reason: "late".into(), now_ms: 9 });
     assert!(reason.detail.contains("already decided"), "{reason}");
     let reason = rejected(&mut state, Command::OperatorAbort { reason: "oops".into(), now_ms: 9 });
@@ -216,8 +219,8 @@ fn switch_completes_when_every_router_acks() {
     let mut state = ready("auto", 3);
     freeze(&mut state, 1, 0);
     all_acks(&mut state, 1);
-    assert_eq!(next_command(&state, 10), Some(Command::Commit { epoch: Epoch(1) }));
-    accepted(&mut state, Command::Commit { epoch: Epoch(1) });
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::Switched, "committed by the last ack, no proposal");
+    assert_eq!(next_command(&state, 10), None);
     accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Switched });
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Switched);
     accepted(&mut state, Command::Ack { node: n("router-2"), epoch: Epoch(1), ack: Ack::Switched });
@@ -260,10 +263,9 @@ fn drained_with_a_mismatch() -> UpgradeState {
 
 #[test]
 fn checksum_mismatch_blocks_commit_and_drives_abort() {
-    let mut state = drained_with_a_mismatch();
-    let reason = rejected(&mut state, Command::Commit { epoch: Epoch(1) });
-    assert!(reason.detail.contains("checksum mismatch"), "{reason}");
-    assert_eq!(reason.kind, RejectKind::ChecksumMismatch);
+    let state = drained_with_a_mismatch();
+    assert!(state.current.as_ref().unwrap().missing_acks().is_empty(), "every ack is in");
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::Freezing, "a mismatch keeps the epoch undecided");
     assert!(matches!(next_command(&state, 1), Some(Command::Abort { .. })));
 }
 
@@ -349,7 +351,7 @@ fn the_version_moves_with_every_accepted_change_and_with_nothing_else() {
     let v = state.version;
     accepted(&mut state, Command::Report { node: n("db-1"), report: report(11, 11, 30, 0) });
     assert_eq!(state.version, v, "reports are not watched");
-    rejected(&mut state, Command::Commit { epoch: Epoch(1) });
+    rejected(&mut state, Command::Abort { epoch: Epoch(1), reason: "nothing frozen".into(), now_ms: 0 });
     assert_eq!(state.version, v, "a refusal changes nothing");
     freeze(&mut state, 1, 0);
     assert_eq!(state.version, v + 1, "watchers wait for a newer version to see the freeze");
@@ -387,8 +389,7 @@ fn a_retry_waits_out_the_whole_backoff_and_not_longer() {
 fn the_next_epochs_outcome_cannot_be_decided_while_this_one_is_frozen() {
     let mut state = ready("auto", 3);
     freeze(&mut state, 1, 0);
-    all_acks(&mut state, 1);
-    assert_eq!(rejected(&mut state, Command::Commit { epoch: Epoch(2) }).kind, RejectKind::WrongPhase);
+    accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Frozen });
     let abort = Command::Abort { epoch: Epoch(2), reason: "confused".into(), now_ms: 1 };
     assert_eq!(rejected(&mut state, abort).kind, RejectKind::WrongPhase);
     assert!(state.outcomes.is_empty());
@@ -424,7 +425,7 @@ fn a_checksum_mismatch_of_an_aborted_freeze_does_not_count_for_the_next() {
     assert_eq!(state.current.as_ref().unwrap().checksum_mismatch(), None, "e1's mismatch is not e2's");
     assert_eq!(next_command(&state, 2001), None, "nothing to abort: e2 waits for its acks");
     all_acks(&mut state, 2);
-    accepted(&mut state, Command::Commit { epoch: Epoch(2) });
+    assert_eq!(state.decision(), Decision::Commit(Epoch(2)));
 }
 
 /// The state machine fails loudly on a state that breaks its invariants (a damaged snapshot, a
@@ -465,9 +466,7 @@ fn views_tell_each_node_its_acks() {
     assert!(db(&state).all_routers_frozen && !db(&state).acked_drained);
     let drained = Ack::Drained { final_position: Position(10), checksum_match: true };
     accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: drained });
-    assert!(db(&state).acked_drained);
-    accepted(&mut state, Command::Commit { epoch: Epoch(1) });
-    assert!(db(&state).acked_drained && !db(&state).all_routers_frozen, "the freeze is over");
+    assert!(db(&state).acked_drained && !db(&state).all_routers_frozen, "the last ack committed: the freeze is over");
     assert!(!decision_view(&state, 44, &n("router-1")).acked_switched);
     accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Switched });
     assert!(decision_view(&state, 45, &n("router-1")).acked_switched);
@@ -528,7 +527,6 @@ mod properties {
                 deadline_ms: now_ms + d
             }),
             (node, epoch.clone(), ack).prop_map(|(node, epoch, ack)| Command::Ack { node, epoch, ack }),
-            epoch.clone().prop_map(|epoch| Command::Commit { epoch }),
             (epoch, 0u64..10_000).prop_map(|(epoch, now_ms)| Command::Abort { epoch, reason: "random".into(), now_ms }),
             (0u64..10_000).prop_map(|now_ms| Command::OperatorAbort { reason: "random".into(), now_ms }),
         ]
@@ -588,13 +586,13 @@ mod properties {
                 }
                 // What nodes watch only moves forward.
                 prop_assert!(state.decision().order_key() >= decision_before.order_key(), "{:?} -> {:?} after {:?}", decision_before, state.decision(), command);
-                // A commit is applied only with every ack in place.
-                if let Command::Commit { epoch } = command {
-                    if result == Applied::Accepted {
-                        let u = before.current.as_ref().unwrap();
-                        prop_assert!(u.missing_acks().is_empty() && u.checksum_mismatch().is_none());
-                        prop_assert_eq!(u.epoch, *epoch);
-                    }
+                // An epoch is committed only with every ack in place and no checksum mismatch.
+                let newly_committed = state.outcomes.iter().find(|(e, o)| **o == Outcome::Committed && !before.outcomes.contains_key(e));
+                if let Some((epoch, _)) = newly_committed {
+                    let u = state.current.as_ref().unwrap();
+                    prop_assert!(u.missing_acks().is_empty() && u.checksum_mismatch().is_none());
+                    prop_assert_eq!(u.epoch, *epoch);
+                    prop_assert!(matches!(command, Command::Ack { .. }), "committed by {:?}", command);
                 }
                 let u = state.current.as_ref().unwrap();
                 if matches!(u.phase, Phase::Switched | Phase::Done) {
