@@ -116,11 +116,35 @@ pub(crate) async fn request_switch(shared: &Shared) {
 }
 
 pub(crate) async fn operator_call(shared: &Shared, to: u64, request: Request) -> Option<Response> {
-    let transport = SimTransport { world: Arc::downgrade(shared), me: ProcId::Operator.addr(), detach: false };
+    let transport =
+        SimTransport { world: Arc::downgrade(shared), me: ProcId::Operator.addr(), detach: false, incarnation: None };
     coordinator::raft::Transport::call(&transport, to, request, Duration::from_millis(3_000)).await.ok()
 }
 
 impl World {
+    /// A client updates only a user whose registration it saw succeed (a real client registers
+    /// first); for one not known to exist, a user loaded before the run. The app would refuse
+    /// the update ("no user"), an answer of the application's, not a failure of the cluster.
+    fn existing_user(&self, id: i64) -> i64 {
+        let acked =
+            self.oracle.users.get(&id).and_then(|u| u.bios.first()).is_some_and(|b| b.write.acked_us().is_some());
+        if acked {
+            id
+        } else {
+            id.rem_euclid(self.config.initial_users.max(1) as i64)
+        }
+    }
+
+    /// The same for items: a bid goes to an item whose listing succeeded.
+    fn existing_item(&self, id: i64) -> i64 {
+        let acked = self.oracle.items.get(&id).and_then(|i| i.added.as_ref()).is_some_and(|w| w.acked_us().is_some());
+        if acked {
+            id
+        } else {
+            id.rem_euclid(self.config.initial_items.max(1) as i64)
+        }
+    }
+
     pub(crate) fn next_op(&mut self) -> AppOp {
         let roll = self.rng.gen_range(0..100);
         let users = self.next_user.max(1);
@@ -138,11 +162,15 @@ impl World {
                 }
             }
             70..=84 => {
-                let id = self.rng.gen_range(0..users);
+                let drawn = self.rng.gen_range(0..users);
+                let id = self.existing_user(drawn);
                 let tag: u64 = self.rng.gen();
                 AppOp::UpdateBio { id, bio: format!("b{tag:016x}") }
             }
-            85..=94 => AppOp::Bid { item: self.rng.gen_range(0..self.next_item.max(1)) },
+            85..=94 => {
+                let drawn = self.rng.gen_range(0..self.next_item.max(1));
+                AppOp::Bid { item: self.existing_item(drawn) }
+            }
             _ => {
                 let id = self.next_item;
                 self.next_item += 1;

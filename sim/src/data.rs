@@ -397,7 +397,7 @@ impl World {
         let actor = DataActor::new(
             core,
             boot,
-            SimTransport { world: world.clone(), me: addr, detach: true },
+            SimTransport { world: world.clone(), me: addr, detach: true, incarnation: Some(incarnation) },
             SimDisk { world: world.clone(), node: ProcId::Data(i), incarnation },
             SimStores { world, index: i, incarnation },
             sim_clock(self),

@@ -356,7 +356,7 @@ impl World {
     /// The disk of a node that ran before the simulated upgrade: it booted once and has served
     /// the old universe since (a production system runs long before anyone upgrades it).
     pub fn deployed_disk(&mut self, name: &str) -> NodeRecord {
-        NodeRecord { boots: 1, owner: NodeRecord::owner_of(name), ..self.fresh_disk() }
+        NodeRecord { boots: 1, owner: NodeRecord::owner_of(name), confirmed: true, ..self.fresh_disk() }
     }
 
     /// A crashed node's disk is lost: it will start from an empty one.

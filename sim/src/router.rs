@@ -146,7 +146,11 @@ impl Ingress for SimIngress {
                     w.checker.found(now, found);
                     ClientOutcome::Acked
                 }
-                ClientReply::Answer(StoreAnswer::Rejected { .. }) => ClientOutcome::Failed,
+                ClientReply::Answer(StoreAnswer::Rejected { reason }) => {
+                    let name = w.routers[index].name.clone();
+                    w.record(format_args!("{name} answers ticket {}: rejected ({reason})", request.ticket));
+                    ClientOutcome::Failed
+                }
                 ClientReply::Unavailable { reason, .. } => {
                     let name = w.routers[index].name.clone();
                     if let Unavailable::Hold(reason) = reason {
@@ -287,6 +291,8 @@ impl World {
         let router = &mut self.routers[i];
         let Some((actor, _)) = router.actor.as_ref().filter(|_| self.procs[&router.addr].up) else {
             // Connection refused: the request reached nobody.
+            let name = self.routers[i].name.clone();
+            self.record(format_args!("a client request to {name} is refused: the router is down"));
             self.client_done(write, ClientOutcome::Failed, now);
             return;
         };
@@ -367,7 +373,7 @@ impl World {
         let actor = RouterActor::new(
             core,
             record,
-            SimTransport { world: world.clone(), me: addr, detach: true },
+            SimTransport { world: world.clone(), me: addr, detach: true, incarnation: Some(incarnation) },
             SimDisk { world: world.clone(), node: ProcId::Router(i), incarnation },
             SimIngress {
                 world,
@@ -384,8 +390,8 @@ impl World {
         let router = &mut self.routers[i];
         router.actor = Some((addr.recipient(), task));
         (router.acted_serving, router.acted_freezes) = (0, 0);
-        // The simulator's own account of "its own disk": one this router booted from before.
-        let own_disk = record.boots > 0 && record.owner == NodeRecord::owner_of(&router.name);
+        // The simulator's own account of "its own disk": its own record, confirmed by a read.
+        let own_disk = record.confirmed && record.owner == NodeRecord::owner_of(&router.name);
         let disk_frozen = matches!(record.decision, Decision::Freeze(_));
         router.booted = observed::Booted { own_disk, disk_frozen };
     }

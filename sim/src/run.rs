@@ -212,6 +212,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         data_timeout_ms: if wide { 2_000 } else { 1_000 },
         healed: false,
         healthy_from_us: u64::MAX,
+        freeze_skews: None,
         next_user: config.initial_users as i64,
         next_item: config.initial_items as i64,
         lose_commit: BTreeMap::new(),

@@ -136,6 +136,8 @@ pub struct World {
     pub healed: bool,
     /// From when (µs) no fault at all, not even a late message, can touch the run.
     pub healthy_from_us: u64,
+    /// The lowest and highest replica clock skews seen while the current epoch is frozen.
+    pub freeze_skews: Option<(protocol::Epoch, i64, i64)>,
     pub next_user: i64,
     pub next_item: i64,
     pub lose_commit: BTreeMap<Addr, u32>,
@@ -459,8 +461,18 @@ impl World {
                 .count();
             reachable > self.replicas.len() / 2
         });
+        // Deadlines are stamped with the proposer's clock and read with the leader's: the skews
+        // that count are all those seen while this epoch is frozen (a clock that jumps back after
+        // stamping moves the deadline later), not only today's.
         let skews: Vec<i64> = self.replicas.iter().map(|r| r.skew_ms.load(Ordering::Relaxed)).collect();
-        let spread_ms = (skews.iter().max().unwrap_or(&0) - skews.iter().min().unwrap_or(&0)).unsigned_abs();
+        let (lo, hi) = (*skews.iter().min().unwrap_or(&0), *skews.iter().max().unwrap_or(&0));
+        let range = match (freezing, self.freeze_skews) {
+            (Some(e), Some((seen, l, h))) if seen == e => Some((e, l.min(lo), h.max(hi))),
+            (Some(e), _) => Some((e, lo, hi)),
+            (None, _) => None,
+        };
+        self.freeze_skews = range;
+        let spread_ms = range.map_or(0, |(_, l, h)| (h - l).unsigned_abs());
         let slack_ms = if self.config.wide_area() { FREEZE_DECIDE_SLACK_WIDE_MS } else { FREEZE_DECIDE_SLACK_MS };
         let bound_ms = self.plan.thresholds.freeze_timeout_ms + spread_ms + slack_ms;
         let found = self.checker.freeze_watch.observe(now, freezing, leader, bound_ms);
@@ -602,6 +614,9 @@ pub struct SimTransport {
     pub me: Addr,
     /// Wait for answers in a task of their own (for actors: see [`detached`]).
     pub detach: bool,
+    /// The node incarnation that calls (`None`: the operator, or a coordinator replica): a
+    /// process that has crashed sends nothing more, even from the middle of its last step.
+    pub incarnation: Option<u64>,
 }
 
 /// Runs `wait` in a task of its own and returns a future of its output that is cheap to poll.
@@ -629,7 +644,10 @@ impl Transport for SimTransport {
         };
         let sent = codec::encode_frame(&request).map_err(|e| TransportError::Codec(e.to_string())).and_then(|bytes| {
             let shared = self.world.upgrade().ok_or_else(|| TransportError::Unreachable("world ended".into()))?;
-            Ok(with(&shared, |w| {
+            with(&shared, |w| {
+                if self.incarnation.is_some_and(|inc| !w.is_up(self.me, inc)) {
+                    return Err(TransportError::Unreachable("the process is down".into()));
+                }
                 if let Request::Node(NodeRequest::Ack { node, epoch, ack }) = &request {
                     w.checker.acks_counted.sent(node, *epoch, ack);
                 }
@@ -651,8 +669,8 @@ impl Transport for SimTransport {
                 if let Some((router, _)) = frozen_ack {
                     w.fire_on(crate::faults::Condition::RouterAcked { router });
                 }
-                sent
-            }))
+                Ok(sent)
+            })
         });
         let wait = async move {
             match await_reply(sent?, timeout).await {
@@ -689,7 +707,7 @@ pub async fn start_replica(shared: &Shared, index: usize) {
         let ms = virtual_now().duration_since(start).as_millis() as i64 + skew.load(Ordering::Relaxed);
         ms.max(0) as u64
     });
-    let transport = SimTransport { world: Arc::downgrade(shared), me: addr, detach: false };
+    let transport = SimTransport { world: Arc::downgrade(shared), me: addr, detach: false, incarnation: None };
     let replica = match Replica::start(addr, &members, disk, transport, timing, clock, false).await {
         Ok(r) => r,
         Err(e) => {

@@ -111,6 +111,8 @@ pub struct AgentCore {
     booted: bool,
     /// Acted on the persisted decision at boot (a trusted disk), before any read.
     acted_at_boot: bool,
+    /// The disk booted from is the node's own and confirmed by an earlier read.
+    trusted: bool,
     linearized: bool,
     target: usize,
     next_id: u64,
@@ -146,6 +148,7 @@ impl AgentCore {
             wanted: None,
             booted: false,
             acted_at_boot: false,
+            trusted: false,
             linearized: false,
             target: 0,
             next_id: 1,
@@ -196,6 +199,7 @@ impl AgentCore {
             AgentInput::Boot { persisted, trusted } => {
                 self.persisted = persisted;
                 self.booted = true;
+                self.trusted = trusted;
                 // Serve from the node's own disk at once, without the coordinator: the decision
                 // on it is still in force unless a newer one was committed, and no newer one
                 // can be without this node (a commit needs every router's `Frozen`, and a node
@@ -249,6 +253,14 @@ impl AgentCore {
         assert_eq!(self.persisting, Some(decision), "persisted a decision that was not asked for");
         self.persisting = None;
         self.persisted = decision;
+        self.trusted = true;
+        // Acks owed for a decision the node has left are never sent again (they would be
+        // refused, and a `Frozen` resent after an abort would claim a quiet the router no longer
+        // keeps).
+        self.owed.retain(|(e, _), ack| match ack {
+            Ack::Frozen | Ack::Drained { .. } => decision == Decision::Freeze(*e),
+            Ack::Switched => decision == Decision::Commit(*e),
+        });
         out.push(AgentOutput::Act(decision));
         if let Some(next) = self.wanted.take().filter(|w| w.order_key() > decision.order_key()) {
             self.persisting = Some(next);
@@ -387,6 +399,11 @@ impl AgentCore {
                 Some(p) if view.decision.order_key() > p.order_key() => self.wanted = Some(view.decision),
                 Some(_) => {}
             }
+        } else if first && !self.trusted && self.persisting.is_none() {
+            // A disk not yet confirmed: the decision read is written to it (even if it is the
+            // one there), so that it is trusted at the next boot, and acted on once durable.
+            self.persisting = Some(self.persisted);
+            out.push(AgentOutput::Persist(self.persisted));
         } else if first && !self.acted_at_boot {
             out.push(AgentOutput::Act(self.persisted));
         }
@@ -524,13 +541,23 @@ mod tests {
         }
         // A freeze on disk waits for the outcome (it may be decided by now); so does any
         // decision on a disk that is not the node's own.
-        for (persisted, trusted) in [(Decision::Freeze(Epoch(3)), true), (Decision::Commit(Epoch(2)), false)] {
-            let mut a = agent();
-            let out = a.handle(0, AgentInput::Boot { persisted, trusted });
-            assert!(!out.iter().any(|o| matches!(o, AgentOutput::Act(_))), "{persisted:?}: not acted on before a read");
-            let (out, _) = answer_watch(&mut a, 1, &out, view(5, persisted));
-            assert!(out.contains(&AgentOutput::Act(persisted)), "{persisted:?}: acted on after the first read");
-        }
+        let mut a = agent();
+        let frozen = Decision::Freeze(Epoch(3));
+        let out = a.handle(0, AgentInput::Boot { persisted: frozen, trusted: true });
+        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Act(_))), "not acted on before a read");
+        let (out, _) = answer_watch(&mut a, 1, &out, view(5, frozen));
+        assert!(out.contains(&AgentOutput::Act(frozen)), "acted on after the first read");
+        // A disk not confirmed yet (new, replaced, or never read on): the decision read is
+        // written to it before it is acted on, even if it is the one already there.
+        let mut a = agent();
+        let committed = Decision::Commit(Epoch(2));
+        let out = a.handle(0, AgentInput::Boot { persisted: committed, trusted: false });
+        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Act(_))), "not acted on before a read");
+        let (out, _) = answer_watch(&mut a, 1, &out, view(5, committed));
+        assert!(
+            out.contains(&AgentOutput::Persist(committed)) && !out.iter().any(|o| matches!(o, AgentOutput::Act(_)))
+        );
+        assert_eq!(a.handle(2, AgentInput::Persisted(committed)), vec![AgentOutput::Act(committed)]);
         // A newer decision read afterwards is persisted before it is acted on, as always.
         let mut a = agent();
         let out = a.handle(0, AgentInput::Boot { persisted: Decision::Freeze(Epoch(3)), trusted: true });
@@ -546,8 +573,10 @@ mod tests {
         let id = sends(&out)[0].0;
         let out =
             a.handle(1, AgentInput::Response { id, response: NodeResponse::View(view(3, Decision::Freeze(Epoch(2)))) });
-        assert!(out.contains(&AgentOutput::Act(Decision::Commit(Epoch(2)))), "re-acts on its persisted decision");
-        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Persist(_))));
+        assert!(out.contains(&AgentOutput::Persist(Decision::Commit(Epoch(2)))), "confirms its persisted decision");
+        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Persist(Decision::Freeze(_)))), "never the older one");
+        let out = a.handle(2, AgentInput::Persisted(Decision::Commit(Epoch(2))));
+        assert_eq!(out, vec![AgentOutput::Act(Decision::Commit(Epoch(2)))], "re-acts on its persisted decision");
         assert_eq!(a.persisted(), Decision::Commit(Epoch(2)));
     }
 

@@ -36,6 +36,10 @@ pub struct NodeRecord {
     /// Whose record this is ([`NodeRecord::owner_of`] the node's name). A node trusts only a
     /// record it wrote itself: a disk copied from another node is as good as an empty one.
     pub owner: u64,
+    /// The decision on this disk was read from the coordinator by this node (its first
+    /// linearizable read on this disk is done). Until then the disk says nothing: a new or
+    /// replaced disk holds `Initial` whatever the cluster decided meanwhile.
+    pub confirmed: bool,
 }
 
 impl NodeRecord {
@@ -54,7 +58,7 @@ impl NodeRecord {
 pub(crate) struct Durable {
     record: NodeRecord,
     started: bool,
-    /// The disk held state of this node's own (it had booted it before).
+    /// The disk held state of this node's own, confirmed by a read from the coordinator.
     trusted: bool,
 }
 
@@ -65,7 +69,7 @@ impl Durable {
     pub(crate) fn boot(&mut self, found: NodeRecord, owner: u64) -> NodeRecord {
         assert!(!self.started, "booted twice");
         let own = found.owner == owner;
-        self.trusted = own && found.boots > 0;
+        self.trusted = own && found.confirmed;
         let found = if own || found.boots == 0 {
             found
         } else {
@@ -75,9 +79,10 @@ impl Durable {
         self.record
     }
 
-    /// A decision to persist: the record to write.
+    /// A decision to persist (read from the coordinator): the record to write.
     pub(crate) fn decide(&mut self, decision: Decision) -> NodeRecord {
         self.record.decision = decision;
+        self.record.confirmed = true;
         self.record
     }
 
@@ -136,7 +141,8 @@ mod tests {
     fn a_boot_counts_one_more_and_starts_once_its_record_is_durable() {
         let mut d = Durable::default();
         let owner = NodeRecord::owner_of("router-1");
-        let found = NodeRecord { decision: Decision::Freeze(protocol::Epoch(2)), boots: 3, disk_id: 9, owner };
+        let found =
+            NodeRecord { decision: Decision::Freeze(protocol::Epoch(2)), boots: 3, disk_id: 9, owner, confirmed: true };
         let booted = d.boot(found, owner);
         assert_eq!(booted, NodeRecord { boots: 4, ..found });
         assert!(!d.started(), "not before the boot record is durable");
@@ -159,15 +165,25 @@ mod tests {
         // A fresh disk (new, or lost and replaced): nothing to serve from.
         let fresh = NodeRecord { disk_id: 5, ..NodeRecord::default() };
         let (booted, input) = boot(fresh);
-        assert_eq!(booted, NodeRecord { boots: 1, disk_id: 5, owner, decision: Decision::Initial });
+        assert_eq!(booted, NodeRecord { boots: 1, disk_id: 5, owner, decision: Decision::Initial, confirmed: false });
         assert_eq!(input, agent::AgentInput::Boot { persisted: Decision::Initial, trusted: false });
-        // Its own disk, booted before: trusted, whatever the decision.
-        let own = NodeRecord { decision: Decision::Commit(protocol::Epoch(3)), boots: 1, disk_id: 5, owner };
+        // Its own disk, booted before but never confirmed by a read (the coordinator was out of
+        // reach): it says nothing yet.
+        let unread = NodeRecord { boots: 1, owner, ..fresh };
+        assert_eq!(boot(unread).1, agent::AgentInput::Boot { persisted: Decision::Initial, trusted: false });
+        // Its own disk, confirmed: trusted, whatever the decision.
+        let own =
+            NodeRecord { decision: Decision::Commit(protocol::Epoch(3)), boots: 1, disk_id: 5, owner, confirmed: true };
         assert_eq!(boot(own).1, agent::AgentInput::Boot { persisted: own.decision, trusted: true });
         // Another node's disk: started afresh, its decision forgotten, its boots not counted.
         let copied = NodeRecord { owner: NodeRecord::owner_of("router-2"), ..own };
         let (booted, input) = boot(copied);
-        assert_eq!(booted, NodeRecord { boots: 1, disk_id: 5, owner, decision: Decision::Initial });
+        assert_eq!(booted, NodeRecord { boots: 1, disk_id: 5, owner, decision: Decision::Initial, confirmed: false });
         assert_eq!(input, agent::AgentInput::Boot { persisted: Decision::Initial, trusted: false });
+        // A decision persisted after a read confirms the disk.
+        let mut d = Durable::default();
+        let booted = d.boot(fresh, owner);
+        d.persisted(booted);
+        assert!(d.decide(Decision::Initial).confirmed);
     }
 }

@@ -101,6 +101,11 @@ pub struct Checkpoint {
     /// Every change up to here is applied (or covered by the copied snapshot).
     pub applied: Position,
     pub copy: CopyState,
+    /// Copies started on this store. A checkpoint never repeats: a copy that restarts at the
+    /// same position as the last one (nothing was captured in between) still has a checkpoint of
+    /// its own, so a late batch of the earlier copy (a commit retried after a crash) is refused
+    /// by the compare-and-set instead of landing on the new copy (the ABA problem).
+    pub copies: u64,
 }
 
 /// Writes for the new store plus the checkpoint they reach; apply all of it atomically, and
@@ -332,7 +337,7 @@ mod tests {
     fn a_reset_batch_empties_the_tables_with_its_checkpoint() {
         let mut s = store();
         let before = s.checksum();
-        let at = Checkpoint { applied: Position(3), copy: CopyState::NotStarted };
+        let at = Checkpoint { applied: Position(3), copy: CopyState::NotStarted, copies: 0 };
         let batch = Batch { base: Checkpoint::default(), reset: true, ops: vec![upsert(9)], checkpoint: at.clone() };
         s.apply_batch(&batch).unwrap();
         assert_eq!(s.tables()["t"].keys().copied().collect::<Vec<_>>(), vec![9]);
@@ -343,7 +348,7 @@ mod tests {
     #[test]
     fn a_batch_delivered_twice_is_refused_the_second_time() {
         let mut s = store();
-        let next = Checkpoint { applied: Position(1), copy: CopyState::Done };
+        let next = Checkpoint { applied: Position(1), copy: CopyState::Done, copies: 0 };
         let batch = Batch { base: Checkpoint::default(), reset: false, ops: vec![upsert(9)], checkpoint: next.clone() };
         s.apply_batch(&batch).unwrap();
         s.write(&RowOp::Delete { table: "t".into(), key: 9 });

@@ -413,6 +413,7 @@ impl<'a> Shell<'a> {
                 boots: case.boots,
                 disk_id: 7,
                 owner: NodeRecord::owner_of("data-1"),
+                confirmed: case.boots > 0,
             },
             old,
             new: MemStore::with_schema(&mapping.new_schema()),

@@ -117,14 +117,14 @@ fn the_last_answers_max_answers_are_remembered_and_no_more() {
 
 #[test]
 fn the_checkpoint_is_the_one_booted_on() {
-    let at = Checkpoint { applied: Position(7), copy: CopyState::Done };
+    let at = Checkpoint { applied: Position(7), copy: CopyState::Done, copies: 0 };
     let (core, _) = booted(4, at.clone());
     assert_eq!(core.checkpoint(), Some(&at));
 }
 
 #[test]
 fn a_write_through_the_node_wakes_an_idle_change_stream() {
-    let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done });
+    let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done, copies: 0 });
     // The first (linearizable) view names this node in a syncing upgrade.
     let watch = watch_id(&out);
     let view = view(3, Phase::Syncing, Decision::Initial, false);
@@ -162,8 +162,14 @@ fn a_write_through_the_node_wakes_an_idle_change_stream() {
 fn after_the_commit_the_old_universe_is_no_longer_read() {
     let mut core = DataNodeCore::new(config(4));
     let committed = Decision::Commit(protocol::Epoch(1));
-    let record = NodeRecord { decision: committed, boots: 1, disk_id: 3, owner: NodeRecord::owner_of("data-1") };
-    let checkpoint = Checkpoint { applied: Position(9), copy: CopyState::Done };
+    let record = NodeRecord {
+        decision: committed,
+        boots: 1,
+        disk_id: 3,
+        owner: NodeRecord::owner_of("data-1"),
+        confirmed: true,
+    };
+    let checkpoint = Checkpoint { applied: Position(9), copy: CopyState::Done, copies: 0 };
     let out = core.handle(0, DataInput::Boot { record, checkpoint, old_fenced: true });
     let Some(DataOutput::Persist(booted)) = out.into_iter().find(|o| matches!(o, DataOutput::Persist(_))) else {
         panic!("a boot persists its record first")
@@ -186,7 +192,7 @@ fn after_the_commit_the_old_universe_is_no_longer_read() {
 
 #[test]
 fn a_refused_batch_restarts_the_transform_from_the_stores_checkpoint_and_mirrors_go_on() {
-    let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done });
+    let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done, copies: 0 });
     let watch = watch_id(&out);
     let view = view(3, Phase::Syncing, Decision::Initial, false);
     let out = core.handle(1, DataInput::Coordinator { id: watch, response: NodeResponse::View(view) });
@@ -202,7 +208,7 @@ fn a_refused_batch_restarts_the_transform_from_the_stores_checkpoint_and_mirrors
         panic!("the change is applied")
     };
     // Something else moved the new store to position 1 (copy done): the batch is refused.
-    let found = Checkpoint { applied: Position(1), copy: CopyState::Done };
+    let found = Checkpoint { applied: Position(1), copy: CopyState::Done, copies: 0 };
     let stale = node_core::store::StaleBatch { base: batch.base.clone(), found: found.clone() };
     core.handle(2, DataInput::Store(StoreResult::ApplyRefused(stale)));
     assert_eq!(core.checkpoint(), Some(&found), "the transform starts again from what the store holds");
@@ -216,7 +222,7 @@ fn a_refused_batch_restarts_the_transform_from_the_stores_checkpoint_and_mirrors
 
 #[test]
 fn duplicates_of_a_running_request_share_its_answer_and_mirrors_take_reads_only() {
-    let (mut core, _) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done });
+    let (mut core, _) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done, copies: 0 });
     let request = |core: &mut DataNodeCore, id, universe, mirror, read_only| {
         core.handle(3, DataInput::Request { key: key(id), universe, mirror, read_only })
     };
@@ -246,7 +252,7 @@ fn duplicates_of_a_running_request_share_its_answer_and_mirrors_take_reads_only(
 #[test]
 fn mirrors_wait_for_a_bulk_copy_complete_in_the_store() {
     for (copy, runs) in [(CopyState::Done, true), (CopyState::NotStarted, false)] {
-        let (mut core, _) = booted(4, Checkpoint { applied: Position(0), copy: copy.clone() });
+        let (mut core, _) = booted(4, Checkpoint { applied: Position(0), copy: copy.clone(), copies: 0 });
         let out =
             core.handle(1, DataInput::Request { key: key(5), universe: Universe::New, mirror: true, read_only: true });
         let ran = out.iter().any(|o| matches!(o, DataOutput::Execute { mirror: true, .. }));
@@ -256,7 +262,7 @@ fn mirrors_wait_for_a_bulk_copy_complete_in_the_store() {
 
 #[test]
 fn a_busy_change_stream_is_read_every_transform_interval() {
-    let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done });
+    let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done, copies: 0 });
     let watch = watch_id(&out);
     let view = view(3, Phase::Syncing, Decision::Initial, false);
     let reads = |out: &[DataOutput]| out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadChanges { .. })));

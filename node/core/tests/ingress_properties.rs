@@ -286,6 +286,7 @@ impl<'a> Shell<'a> {
                 boots,
                 disk_id: 7,
                 owner: NodeRecord::owner_of("router-1"),
+                confirmed: boots > 0,
             },
             coordinator: Coordinator::new(),
             robust,

@@ -72,7 +72,14 @@ fn the_validator_counts_what_it_compared_and_the_router_reports_it() {
         acked_drained: false,
         acked_switched: false,
     };
-    core.handle(1, IngressInput::Coordinator { id: watch, response: NodeResponse::View(view) });
+    let out = core.handle(1, IngressInput::Coordinator { id: watch, response: NodeResponse::View(view) });
+    // A new disk: the decision read is written before it is acted on.
+    let Some(IngressOutput::Persist(confirmed)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_)))
+    else {
+        panic!("the first read on a new disk is persisted")
+    };
+    assert!(confirmed.confirmed);
+    core.handle(1, IngressInput::Persisted(confirmed));
     mirrored_read(&mut core, 2, 1, 7, 7);
     let out = mirrored_read(&mut core, 3, 2, 7, 8);
     assert_eq!((core.validate().samples, core.validate().mismatches), (2, 1));

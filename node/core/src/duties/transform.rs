@@ -132,7 +132,9 @@ impl TransformCore {
         if self.planted_resume_copy() {
             return Batch { base, reset: false, ops: Vec::new(), checkpoint: self.checkpoint.clone() };
         }
-        self.checkpoint = Checkpoint { applied: snapshot_at, copy: CopyState::Copying { snapshot_at, after: None } };
+        let copies = base.copies + 1;
+        self.checkpoint =
+            Checkpoint { applied: snapshot_at, copy: CopyState::Copying { snapshot_at, after: None }, copies };
         Batch { base, reset: true, ops: Vec::new(), checkpoint: self.checkpoint.clone() }
     }
 
@@ -269,8 +271,19 @@ mod tests {
         assert!(b.reset);
         assert_eq!(
             b.checkpoint,
-            Checkpoint { applied: Position(7), copy: CopyState::Copying { snapshot_at: Position(7), after: None } }
+            Checkpoint {
+                applied: Position(7),
+                copy: CopyState::Copying { snapshot_at: Position(7), after: None },
+                copies: 2
+            },
+            "the second copy"
         );
+        // A copy that restarts at the same position has a checkpoint of its own: a late batch of
+        // the first copy cannot land on it (regression: simulator seed 5004104).
+        let mut again = core_at(b.checkpoint.clone());
+        let first = again.copy_started(SnapshotId(3), Position(7));
+        assert_eq!(first.base, b.checkpoint);
+        assert_ne!(first.checkpoint, b.checkpoint, "same position, another copy");
         assert_eq!(t.next_work(), Work::CopyChunk { snapshot: SnapshotId(2), after: None, limit: COPY_CHUNK_ROWS });
         t.snapshot_lost();
         assert_eq!(t.next_work(), Work::Snapshot);
