@@ -940,8 +940,12 @@ fn run(
     shell.finish()
 }
 
+/// The same 256 cases every run (CI must not pass or fail by luck); a counterexample found by a
+/// run with another seed is kept as a fixed case below.
 fn runner() -> TestRunner {
-    TestRunner::new(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })
+    let config = ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() };
+    let rng = proptest::test_runner::TestRng::deterministic_rng(config.rng_algorithm);
+    TestRunner::new_with_rng(config, rng)
 }
 
 #[test]
@@ -1039,4 +1043,62 @@ fn a_fence_result_of_an_aborted_freeze_is_not_taken_for_the_next_freeze() {
     }
     let c = coverage.into_inner();
     assert!(c.fences >= 2 && c.drained > 0, "the replay no longer reaches a drain after two fences: {c:?}");
+}
+
+/// A counterexample a randomly seeded run found (CI, 2026-11-26), kept as a fixed case. It fails
+/// at this commit and at every commit back to before the node-runtime work this session touched
+/// (checked at `e460f13`): after a crash, the drain compares the universes and finds them
+/// different at the final position. Open; see the issue notes (with hunt seed 7000386, which may
+/// be the same bug).
+#[test]
+#[ignore = "known bug, open: the drain finds the universes different after this crash sequence"]
+fn regression_a_write_then_a_crash_before_the_first_read_is_persisted() {
+    let case = Case {
+        seed: 259904973033188761,
+        robust: false,
+        rows: 0,
+        at_once_pct: 50,
+        boots: 0,
+        change_log_applied_max: 2,
+        steps: vec![
+            Step::Request { origin: 0, id: 0, kind: 1 },
+            Step::StoreDone,
+            Step::Coordinator { pick: 0, action: 0, lag: 0, stale: false },
+            Step::StoreDone,
+            Step::Wait(5),
+            Step::Coordinator { pick: 1, action: 0, lag: 0, stale: false },
+            Step::Executed { pick: 0, ok: true, key: 0, value: 0, delete: false },
+            Step::StoreDone,
+            Step::Wait(5),
+            Step::Wait(5),
+            Step::Wait(10),
+            Step::Coordinator { pick: 1, action: 0, lag: 0, stale: false },
+            Step::ClientWrite { key: 0, value: 0, delete: false },
+            Step::Advance(0),
+            Step::Advance(16),
+            Step::Timer,
+            Step::Advance(16),
+            Step::Coordinator { pick: 0, action: 0, lag: 0, stale: false },
+            Step::StoreDone,
+            Step::StoreDone,
+            Step::StoreDone,
+            Step::StoreDone,
+            Step::Request { origin: 0, id: 0, kind: 0 },
+            Step::StoreDone,
+            Step::Coordinator { pick: 2, action: 0, lag: 0, stale: false },
+            Step::Coordinator { pick: 2, action: 0, lag: 0, stale: false },
+            Step::Crash { performed: false },
+            Step::Coordinator { pick: 0, action: 0, lag: 0, stale: false },
+            Step::StoreDone,
+            Step::Advance(56),
+            Step::Coordinator { pick: 0, action: 0, lag: 0, stale: false },
+            Step::Request { origin: 0, id: 0, kind: 5 },
+            Step::Executed { pick: 0, ok: true, key: 0, value: 1, delete: false },
+            Step::StoreDone,
+        ],
+    };
+    let coverage = RefCell::new(Coverage::default());
+    if let Err(e) = run(case, DataNodeCore::new, &coverage) {
+        panic!("{e}");
+    }
 }
