@@ -1048,10 +1048,12 @@ fn a_fence_result_of_an_aborted_freeze_is_not_taken_for_the_next_freeze() {
 /// A counterexample a randomly seeded run found (CI, 2026-11-26), kept as a fixed case. It fails
 /// at this commit and at every commit back to before the node-runtime work this session touched
 /// (checked at `e460f13`): after a crash, the drain compares the universes and finds them
-/// different at the final position. Open; see the issue notes (with hunt seed 7000386, which may
-/// be the same bug).
+/// different at the final position. The same request key comes three times; after the crash the
+/// node has forgotten the answer it gave (its idempotency answers live in memory) and runs the
+/// request again, as in hunt seed 9009048. Open: the fix is to record request keys in the store
+/// with the writes (the data-store interface).
 #[test]
-#[ignore = "known bug, open: the drain finds the universes different after this crash sequence"]
+#[ignore = "known bug, open: a data node forgets its idempotency answers in a crash"]
 fn regression_a_write_then_a_crash_before_the_first_read_is_persisted() {
     let case = Case {
         seed: 259904973033188761,
