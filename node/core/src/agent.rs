@@ -4,8 +4,10 @@
 //! report, and keeps one long-poll watch open. It hands the node a decision only once it is
 //! durable: it outputs `Persist(d)`, and outputs `Act(d)` only when the shell answers
 //! `Persisted(d)` (so a failed fsync can never be skipped). It never hands over a decision
-//! ordered before the persisted one (epochs never go backwards), and after a (re)start hands
-//! over nothing until a linearizable read has answered.
+//! ordered before the persisted one (epochs never go backwards). After a (re)start it hands over
+//! the decision on the node's own, confirmed disk at once unless that is a freeze; otherwise
+//! nothing until a linearizable read has answered (and, on a disk not yet confirmed, until what
+//! it read is written back).
 //!
 //! Driving rules: `now_ms` never decreases; outputs are applied in order; the shell calls
 //! [`AgentInput::Timer`] no later than [`AgentCore::next_deadline_ms`].
@@ -46,7 +48,7 @@ pub struct AgentConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub enum AgentInput {
     /// The process (re)started with this persisted decision; `trusted`: the node's own disk,
-    /// which it booted from before (not a new, replaced or copied one).
+    /// confirmed by an earlier read (not a new, replaced, unconfirmed or copied one).
     Boot { persisted: Decision, trusted: bool },
     /// A reply to request `id`.
     Response { id: u64, response: NodeResponse },
@@ -128,6 +130,15 @@ pub struct AgentCore {
     last_view: Option<DecisionView>,
     #[cfg(feature = "planted-bugs")]
     bug: Option<AgentBug>,
+}
+
+/// Whether `ack` of epoch `e` is still owed while the node's decision is `decision`: `Frozen` and
+/// `Drained` while it is that freeze, `Switched` while it is that commit.
+fn owed_under(decision: Decision, e: Epoch, ack: &Ack) -> bool {
+    match ack {
+        Ack::Frozen | Ack::Drained { .. } => decision == Decision::Freeze(e),
+        Ack::Switched => decision == Decision::Commit(e),
+    }
 }
 
 fn ack_rank(ack: &Ack) -> u8 {
@@ -257,10 +268,7 @@ impl AgentCore {
         // Acks owed for a decision the node has left are never sent again (they would be
         // refused, and a `Frozen` resent after an abort would claim a quiet the router no longer
         // keeps).
-        self.owed.retain(|(e, _), ack| match ack {
-            Ack::Frozen | Ack::Drained { .. } => decision == Decision::Freeze(*e),
-            Ack::Switched => decision == Decision::Commit(*e),
-        });
+        self.owed.retain(|(e, _), ack| owed_under(decision, *e, ack));
         out.push(AgentOutput::Act(decision));
         if let Some(next) = self.wanted.take().filter(|w| w.order_key() > decision.order_key()) {
             self.persisting = Some(next);
@@ -372,13 +380,7 @@ impl AgentCore {
         // is that freeze, `Switched` while it is that commit. (An ack for a freeze the node has
         // left would be refused, and resending it forever would block every other write.)
         let decision = view.decision;
-        self.owed.retain(|(e, _), ack| {
-            let current = match ack {
-                Ack::Frozen | Ack::Drained { .. } => decision == Decision::Freeze(*e),
-                Ack::Switched => decision == Decision::Commit(*e),
-            };
-            *e == epoch && current && !acked(ack)
-        });
+        self.owed.retain(|(e, _), ack| *e == epoch && owed_under(decision, *e, ack) && !acked(ack));
         let first = !self.linearized;
         if first {
             if !linearizable {
