@@ -75,9 +75,6 @@ pub struct RouterProc {
     pub actor: Running<ClientRequest<SimClient>>,
     /// Client requests in progress, by ticket (what the clients wait for).
     pub open: BTreeMap<u64, OpenRequest>,
-    /// Client requests that reached the running actor's mailbox, ever (its I/O reads it to
-    /// know whether anything changed since it last checked its figures).
-    pub arrivals: Arc<std::sync::atomic::AtomicU64>,
     /// The open requests neither forwarded nor answered, by (arrival µs, ticket).
     pub unforwarded: std::collections::BTreeSet<(u64, u64)>,
     pub next_ticket: u64,
@@ -103,7 +100,6 @@ impl RouterProc {
             actor: None,
             open: BTreeMap::new(),
             unforwarded: Default::default(),
-            arrivals: Default::default(),
             next_ticket: 1,
             observed: RouterObserved::DOWN,
             acted_serving: 0,

@@ -40,12 +40,6 @@ pub struct SimIngress {
     incarnation: u64,
     /// What was last written to the world (it is written only when it changes).
     observed: std::cell::Cell<Option<RouterObserved>>,
-    /// Client requests that arrived at this router (counted by the world), the I/O calls made
-    /// since the last observation, and the figures and arrivals last checked: an input that
-    /// changed none of them needs no new check.
-    arrivals: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    io_calls: std::cell::Cell<bool>,
-    checked: std::cell::Cell<Option<(RouterFigures, u64)>>,
 }
 
 impl SimIngress {
@@ -66,7 +60,6 @@ impl Ingress for SimIngress {
         key: RequestKey,
         mirror: bool,
     ) -> impl Future<Output = Option<StoreAnswer>> + 'static {
-        self.io_calls.set(true);
         let (index, incarnation) = (self.index, self.incarnation);
         let read_only = request.op.read_only();
         let sent = self.with(|w| {
@@ -133,7 +126,6 @@ impl Ingress for SimIngress {
     }
 
     fn reply(&self, request: SimClient, reply: ClientReply) {
-        self.io_calls.set(true);
         let index = self.index;
         self.with(|w| {
             let Some(open) = w.routers[index].open.remove(&request.ticket) else { return };
@@ -183,7 +175,6 @@ impl Ingress for SimIngress {
     }
 
     fn event(&self, event: IngressEvent) {
-        self.io_calls.set(true);
         let index = self.index;
         self.with(|w| {
             let now = w.now_us();
@@ -238,11 +229,6 @@ impl Ingress for SimIngress {
             stale: validate.stale,
         };
         let changed = self.observed.replace(Some(observed)) != Some(observed);
-        let arrivals = self.arrivals.load(std::sync::atomic::Ordering::Relaxed);
-        let io_calls = self.io_calls.replace(false);
-        if !changed && !io_calls && self.checked.replace(Some((figures, arrivals))) == Some((figures, arrivals)) {
-            return;
-        }
         let index = self.index;
         self.with(|w| {
             if changed {
@@ -299,7 +285,6 @@ impl World {
         let ticket = router.next_ticket;
         router.next_ticket += 1;
         router.open.insert(ticket, OpenRequest { op: op.clone(), issued_us: now, write, forwarded: false });
-        router.arrivals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         router.unforwarded.insert((now, ticket));
         actor.do_send(ClientRequest { read_only: op.read_only(), request: SimClient { ticket, op } });
     }
@@ -375,15 +360,7 @@ impl World {
             record,
             SimTransport { world: world.clone(), me: addr, detach: true, incarnation: Some(incarnation) },
             SimDisk { world: world.clone(), node: ProcId::Router(i), incarnation },
-            SimIngress {
-                world,
-                index: i,
-                incarnation,
-                observed: std::cell::Cell::new(None),
-                arrivals: self.routers[i].arrivals.clone(),
-                io_calls: std::cell::Cell::new(false),
-                checked: std::cell::Cell::new(None),
-            },
+            SimIngress { world, index: i, incarnation, observed: std::cell::Cell::new(None) },
             sim_clock(self),
         );
         let (addr, task) = node::start_local(actor);
