@@ -100,7 +100,7 @@ impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> DataNodeActor<T, D,
             DataOutput::Execute { key, universe, mirror } => {
                 let request =
                     self.requests.get(&(key, mirror)).and_then(|q| q.front()).expect("executing an open request");
-                let mut run = Box::pin(self.stores.execute(request, universe));
+                let mut run = Box::pin(self.stores.execute(key, request, universe));
                 if let Some(answer) = ready_now(&mut run) {
                     return Some(DataInput::Executed { key, universe, mirror, answer });
                 }

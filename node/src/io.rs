@@ -62,8 +62,15 @@ pub trait Ingress: Unpin + 'static {
 pub trait Stores: Unpin + 'static {
     /// One request forwarded by an ingress node: its payload and how to answer it.
     type Request: 'static;
-    /// Runs `request` on `universe`'s store.
-    fn execute(&self, request: &Self::Request, universe: Universe) -> impl Future<Output = StoreAnswer> + 'static;
+    /// Runs `request` on `universe`'s store. A write runs in one transaction with its entry
+    /// in the store's request log under `key` (see `MemStore::write_request`); a write whose
+    /// key the log already holds is answered from the log, not run again.
+    fn execute(
+        &self,
+        key: RequestKey,
+        request: &Self::Request,
+        universe: Universe,
+    ) -> impl Future<Output = StoreAnswer> + 'static;
     /// Answers the request.
     fn reply(&self, request: Self::Request, answer: StoreAnswer);
     /// Performs one operation of the data-store interface.

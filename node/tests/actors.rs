@@ -388,13 +388,18 @@ struct TestStores {
 impl Stores for TestStores {
     type Request = u64;
 
-    fn execute(&self, request: &u64, universe: Universe) -> impl Future<Output = StoreAnswer> + 'static {
-        let key = RequestKey { origin: 7, id: *request };
+    fn execute(
+        &self,
+        key: RequestKey,
+        request: &u64,
+        universe: Universe,
+    ) -> impl Future<Output = StoreAnswer> + 'static {
+        assert_eq!(key, RequestKey { origin: 7, id: *request }, "the core's key for this request");
         push(&self.log, Io::Execute { key, universe });
         let mut stores = self.stores.lock().unwrap();
         let answer = match universe {
-            Universe::Old => match stores.0.write_captured(upsert(*request as i64)) {
-                Ok(position) => StoreAnswer::Ok { body: None, position },
+            Universe::Old => match stores.0.write_request(key, vec![upsert(*request as i64)], true) {
+                Ok((position, _)) => StoreAnswer::Ok { body: None, position },
                 Err(e) => StoreAnswer::Rejected { reason: e.to_string() },
             },
             Universe::New => StoreAnswer::Ok { body: None, position: stores.1.checkpoint().applied },

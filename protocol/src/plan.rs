@@ -438,6 +438,16 @@ impl Validator<'_> {
         }
         let mut tables = BTreeMap::new();
         for (name, t) in raw {
+            if crate::schema::is_reserved(name) {
+                return self.error(
+                    t.span(),
+                    format!("{field}.{name}"),
+                    format!(
+                        "table names starting with `{}` are reserved for Imago's own tables",
+                        crate::schema::RESERVED_PREFIX
+                    ),
+                );
+            }
             tables.insert(name.clone(), self.table(t, &format!("{field}.{name}"))?);
         }
         Ok(Schema { tables })

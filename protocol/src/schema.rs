@@ -24,6 +24,20 @@ pub enum ColumnType {
     Text,
 }
 
+/// Imago's own tables start with this prefix; a plan may neither declare nor make one.
+pub const RESERVED_PREFIX: &str = "imago_";
+
+/// The request log: every client write a store applied, by request key, written in the same
+/// transaction as the write (so a duplicate of the request is answered, not run again, after a
+/// crash too). Every mapping passes its rows through unchanged, so the log moves into the new
+/// universe with the data and a duplicate that arrives after the switch is still recognised.
+pub const REQUEST_LOG_TABLE: &str = "imago_requests";
+
+/// Whether `table` is a name only Imago may use.
+pub fn is_reserved(table: &str) -> bool {
+    table.starts_with(RESERVED_PREFIX)
+}
+
 /// One row: column name to value (the key column included).
 pub type Row = BTreeMap<String, Value>;
 
@@ -168,6 +182,19 @@ impl Mapping {
                 format!("table `{table_name}` does not exist in the schema at this point"),
             ));
         }
+        let made = match transform {
+            Transform::RenameTable { to, .. } => vec![(TransformField::To, to)],
+            Transform::SplitTable { into, .. } => {
+                into.iter().enumerate().map(|(i, part)| (TransformField::Into(i), &part.table)).collect()
+            }
+            _ => Vec::new(),
+        };
+        if let Some((field, name)) = made.into_iter().find(|(_, name)| is_reserved(name)) {
+            return Err(err(
+                field,
+                format!("table names starting with `{RESERVED_PREFIX}` are reserved for Imago's own tables: `{name}`"),
+            ));
+        }
         match transform {
             Transform::RenameTable { to, .. } => {
                 if self.has_table(to) {
@@ -278,6 +305,9 @@ impl Mapping {
         let (table, key) = match op {
             RowOp::Upsert { table, key, .. } | RowOp::Delete { table, key } => (table, *key),
         };
+        if table == REQUEST_LOG_TABLE {
+            return Ok(vec![op.clone()]);
+        }
         let Some(outputs) = self.outputs.get(table) else {
             return Ok(Vec::new());
         };
@@ -341,6 +371,17 @@ mod tests {
                 ],
             },
         ]
+    }
+
+    #[test]
+    fn the_request_log_passes_through_every_mapping_unchanged() {
+        let mapping = Mapping::compile(&users(), &rename_and_split()).unwrap();
+        let row: Row = [("origin".to_string(), Value::Int(-3)), ("id".to_string(), Value::Int(9))].into();
+        let upsert = RowOp::Upsert { table: REQUEST_LOG_TABLE.into(), key: 5, row };
+        assert_eq!(mapping.convert(&upsert).unwrap(), vec![upsert.clone()]);
+        let delete = RowOp::Delete { table: REQUEST_LOG_TABLE.into(), key: 5 };
+        assert_eq!(mapping.convert(&delete).unwrap(), vec![delete.clone()]);
+        assert!(!mapping.new_schema().tables.contains_key(REQUEST_LOG_TABLE), "not a table of the plan's schema");
     }
 
     #[test]

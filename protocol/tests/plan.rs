@@ -114,3 +114,17 @@ fn syntax_error_has_a_line() {
     let e = load_err(&text);
     assert_eq!(e.line, line_of(&text, "tier = \"db"), "{e}");
 }
+
+#[test]
+fn imago_table_names_are_reserved_in_schemas_and_transforms() {
+    let text = EXAMPLE.replace("[schema.old.items]", "[schema.old.imago_items]");
+    let e = load_err(&text);
+    assert_eq!(e.field, "schema.old.imago_items", "{e}");
+    assert!(e.message.contains("reserved"), "{e}");
+
+    let text = EXAMPLE.replace("to = \"auctions\"", "to = \"imago_requests\"");
+    let e = load_err(&text);
+    assert_eq!(e.field, "transforms[2].to", "{e}");
+    assert_eq!(e.line, line_of(&text, "to = \"imago_requests\""), "{e}");
+    assert!(e.message.contains("reserved"), "{e}");
+}

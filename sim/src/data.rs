@@ -17,7 +17,7 @@ use node::data_node::{DataBoot, DataNodeActor, DataRequest as ActorRequest};
 use node::io::Stores;
 use node_core::data_node::{DataEvent, DataNodeConfig, DataNodeCore, StoreOp, StoreResult};
 use node_core::store::{Batch, MemStore, NewStore, OldStore};
-use node_core::StoreAnswer;
+use node_core::{RequestKey, StoreAnswer};
 use protocol::codec;
 use protocol::schema::{RowOp, Value};
 use protocol::{Duty, Universe};
@@ -57,13 +57,18 @@ impl SimStores {
 impl Stores for SimStores {
     type Request = SimDataRequest;
 
-    fn execute(&self, request: &SimDataRequest, universe: Universe) -> impl Future<Output = StoreAnswer> + 'static {
+    fn execute(
+        &self,
+        key: RequestKey,
+        request: &SimDataRequest,
+        universe: Universe,
+    ) -> impl Future<Output = StoreAnswer> + 'static {
         let index = self.index;
         let answer = self.with(|w| {
             let d = &mut w.data[index];
             match universe {
-                Universe::Old => execute_old(&mut d.old, &request.op, &mut w.fidelity.shards[index]),
-                Universe::New => execute_new(&mut d.new, &request.op),
+                Universe::Old => execute_old(&mut d.old, key, &request.op, &mut w.fidelity.shards[index]),
+                Universe::New => execute_new(&mut d.new, key, &request.op),
             }
         });
         std::future::ready(answer.unwrap_or_else(|| StoreAnswer::Rejected { reason: "the process is down".into() }))
@@ -407,36 +412,42 @@ impl World {
     }
 }
 
-fn execute_old(store: &mut MemStore, op: &AppOp, history: &mut History) -> DataResponse {
+/// A request on the old store, as a database adapter runs it: a read as it is; a write in one
+/// transaction with its request-log entry, or answered from the log if it is there already.
+fn execute_old(store: &mut MemStore, key: RequestKey, op: &AppOp, history: &mut History) -> DataResponse {
     if op.read_only() {
         return StoreAnswer::Ok { body: app::v1::read(store, op), position: store.captured() };
     }
+    if let Some(position) = store.applied_request(key) {
+        return StoreAnswer::Ok { body: None, position };
+    }
     match app::v1::write(store, op) {
         Err(reason) => StoreAnswer::Rejected { reason },
-        Ok(ops) => {
-            for row_op in ops {
-                match store.write_captured(row_op.clone()) {
-                    Ok(position) => history.record(position, row_op),
-                    Err(e) => return StoreAnswer::Rejected { reason: e.to_string() },
+        Ok(ops) => match store.write_request(key, ops, true) {
+            Ok((position, written)) => {
+                for (at, row_op) in written {
+                    history.record(at, row_op);
                 }
+                StoreAnswer::Ok { body: None, position }
             }
-            StoreAnswer::Ok { body: None, position: store.captured() }
-        }
+            Err(e) => StoreAnswer::Rejected { reason: e.to_string() },
+        },
     }
 }
 
-fn execute_new(store: &mut MemStore, op: &AppOp) -> DataResponse {
-    let position = store.checkpoint().applied;
+/// The same on the new store (whose request log holds the old one's, carried by the transform).
+fn execute_new(store: &mut MemStore, key: RequestKey, op: &AppOp) -> DataResponse {
     if op.read_only() {
-        return StoreAnswer::Ok { body: app::v2::read(store, op), position };
+        return StoreAnswer::Ok { body: app::v2::read(store, op), position: store.checkpoint().applied };
+    }
+    if let Some(position) = store.applied_request(key) {
+        return StoreAnswer::Ok { body: None, position };
     }
     match app::v2::write(store, op) {
         Err(reason) => StoreAnswer::Rejected { reason },
-        Ok(ops) => {
-            for row_op in &ops {
-                store.write(row_op);
-            }
-            StoreAnswer::Ok { body: None, position }
-        }
+        Ok(ops) => match store.write_request(key, ops, false) {
+            Ok((position, _)) => StoreAnswer::Ok { body: None, position },
+            Err(e) => StoreAnswer::Rejected { reason: e.to_string() },
+        },
     }
 }

@@ -14,7 +14,8 @@
 
 use crate::duties::capture::{CaptureError, ChangeLog};
 use crate::duties::validate::row_hash;
-use protocol::schema::{Row, RowOp, Schema};
+use crate::RequestKey;
+use protocol::schema::{Row, RowOp, Schema, Value, REQUEST_LOG_TABLE};
 use protocol::Position;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -130,8 +131,12 @@ pub struct StaleBatch {
     pub found: Checkpoint,
 }
 
+/// Most request-log entries a store keeps by default (oldest forgotten first): a duplicate of
+/// any of a store's last this-many applied writes is answered, not run again.
+pub const REQUEST_LOG_MAX: usize = 4096;
+
 /// One universe's store, in memory.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct MemStore {
     tables: Tables,
     /// Captured changes (old store only).
@@ -142,6 +147,40 @@ pub struct MemStore {
     snapshots: BTreeMap<SnapshotId, Tables>,
     /// Snapshot ids are never reused, across disconnects too.
     next_snapshot: u64,
+    /// The request log's rows by age (an index, as a database keeps one): sequence → key.
+    request_log: BTreeMap<i64, i64>,
+    /// Most request-log rows kept.
+    request_log_max: usize,
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        MemStore {
+            tables: Tables::new(),
+            capture: ChangeLog::default(),
+            checkpoint: Checkpoint::default(),
+            snapshots: BTreeMap::new(),
+            next_snapshot: 0,
+            request_log: BTreeMap::new(),
+            request_log_max: REQUEST_LOG_MAX,
+        }
+    }
+}
+
+/// A request-log row's key: a hash of the request key (the row holds the whole key, so a
+/// collision is told apart; it only makes the older request forgotten early).
+fn request_log_key(key: RequestKey) -> i64 {
+    let mut h = crate::duties::validate::Fnv::default();
+    h.bytes(&key.origin.to_le_bytes());
+    h.bytes(&key.id.to_le_bytes());
+    h.0 as i64
+}
+
+fn int(row: &Row, column: &str) -> Option<i64> {
+    match row.get(column) {
+        Some(Value::Int(i)) => Some(*i),
+        _ => None,
+    }
 }
 
 impl MemStore {
@@ -151,17 +190,95 @@ impl MemStore {
         MemStore { tables, ..Default::default() }
     }
 
+    /// The same store keeping at most `max` request-log rows.
+    pub fn with_request_log_max(mut self, max: usize) -> Self {
+        assert!(max > 0, "a request log keeps at least one entry");
+        self.request_log_max = max;
+        self
+    }
+
     fn apply_op(&mut self, op: &RowOp) {
         match op {
             RowOp::Upsert { table, key, row } => {
-                self.tables.entry(table.clone()).or_default().insert(*key, row.clone());
+                let old = self.tables.entry(table.clone()).or_default().insert(*key, row.clone());
+                if table == REQUEST_LOG_TABLE {
+                    if let Some(seq) = old.as_ref().and_then(|r| int(r, "seq")) {
+                        self.request_log.remove(&seq);
+                    }
+                    if let Some(seq) = int(row, "seq") {
+                        self.request_log.insert(seq, *key);
+                    }
+                }
             }
             RowOp::Delete { table, key } => {
-                if let Some(rows) = self.tables.get_mut(table) {
-                    rows.remove(key);
+                let old = self.tables.get_mut(table).and_then(|rows| rows.remove(key));
+                if table == REQUEST_LOG_TABLE {
+                    if let Some(seq) = old.as_ref().and_then(|r| int(r, "seq")) {
+                        self.request_log.remove(&seq);
+                    }
                 }
             }
         }
+    }
+
+    /// Where the store answered request `key`, if it applied that request's write (the
+    /// request log; see [`REQUEST_LOG_TABLE`]). A duplicate gets this answer instead of running
+    /// again.
+    pub fn applied_request(&self, key: RequestKey) -> Option<Position> {
+        let row = self.get(REQUEST_LOG_TABLE, request_log_key(key))?;
+        let same = int(row, "origin") == Some(key.origin as i64) && int(row, "id") == Some(key.id as i64);
+        same.then(|| Position(int(row, "position").unwrap_or(0) as u64))
+    }
+
+    /// A client write for request `key`, as one transaction with its request-log row (and the
+    /// pruning of the oldest rows beyond the bound). `captured`: the old store (every row,
+    /// the log's too, is captured, so the log reaches the new universe with the data); else
+    /// the new store. Returns the position the answer names (old: last captured; new: last
+    /// applied) and every row written, in order.
+    pub fn write_request(
+        &mut self,
+        key: RequestKey,
+        ops: Vec<RowOp>,
+        captured: bool,
+    ) -> Result<(Position, Vec<(Position, RowOp)>), CaptureError> {
+        if captured && self.capture.is_fenced() {
+            // Nothing of the transaction is applied.
+            return Err(CaptureError::Fenced(self.capture.last().0));
+        }
+        let log_key = request_log_key(key);
+        let evicted: Vec<i64> = self
+            .request_log
+            .values()
+            .take((self.request_log.len() + 1).saturating_sub(self.request_log_max))
+            .copied()
+            .collect();
+        let count = ops.len() + 1 + evicted.len();
+        let position = if captured { self.capture.last().0 + count as u64 } else { self.checkpoint.applied.0 };
+        let seq = self.request_log.last_key_value().map_or(1, |(s, _)| s + 1);
+        let row: Row = [
+            ("key".to_string(), Value::Int(log_key)),
+            ("origin".to_string(), Value::Int(key.origin as i64)),
+            ("id".to_string(), Value::Int(key.id as i64)),
+            ("position".to_string(), Value::Int(position as i64)),
+            ("seq".to_string(), Value::Int(seq)),
+        ]
+        .into();
+        let mut ops = ops;
+        ops.extend(evicted.into_iter().map(|k| RowOp::Delete { table: REQUEST_LOG_TABLE.into(), key: k }));
+        ops.push(RowOp::Upsert { table: REQUEST_LOG_TABLE.into(), key: log_key, row });
+        let mut written = Vec::with_capacity(ops.len());
+        for op in ops {
+            if captured {
+                let at = self.capture.append(op.clone())?;
+                self.apply_op(&op);
+                written.push((at, op));
+            } else {
+                self.apply_op(&op);
+                written.push((self.checkpoint.applied, op));
+            }
+        }
+        debug_assert!(!captured || self.capture.last().0 == position);
+        Ok((Position(position), written))
     }
 
     /// A client write to the old store: applied and captured together (as a trigger does).
@@ -299,7 +416,69 @@ pub fn checksum(tables: &Tables) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::schema::{TableSchema, Value};
+    use protocol::schema::{Mapping, TableSchema, Value};
+
+    fn key(id: u64) -> RequestKey {
+        RequestKey { origin: 77, id }
+    }
+
+    #[test]
+    fn a_write_and_its_request_key_are_one_transaction_and_both_captured() {
+        let mut s = store();
+        assert_eq!(s.applied_request(key(1)), None);
+        let (position, written) = s.write_request(key(1), vec![upsert(6)], true).unwrap();
+        assert_eq!(position, Position(2), "the write and its log row");
+        assert_eq!(s.captured(), position);
+        assert_eq!(written.len(), 2);
+        assert_eq!(s.applied_request(key(1)), Some(position));
+        assert_eq!(s.applied_request(RequestKey { origin: 78, id: 1 }), None, "another origin");
+        assert_eq!(s.applied_request(key(2)), None);
+        s.fence();
+        assert!(s.write_request(key(2), vec![upsert(7)], true).is_err());
+        assert_eq!(s.get("t", 7), None, "a fenced store applies nothing of the transaction");
+        assert_eq!(s.applied_request(key(2)), None);
+        assert_eq!(s.captured(), position);
+    }
+
+    #[test]
+    fn the_request_log_forgets_its_oldest_entries_beyond_its_bound() {
+        let mut s = store().with_request_log_max(3);
+        for id in 1..=5 {
+            s.write_request(key(id), vec![upsert(id as i64 + 10)], true).unwrap();
+        }
+        let remembered: Vec<u64> = (1..=5).filter(|&id| s.applied_request(key(id)).is_some()).collect();
+        assert_eq!(remembered, vec![3, 4, 5]);
+        assert_eq!(s.tables()[REQUEST_LOG_TABLE].len(), 3);
+        let deletes = s
+            .changes()
+            .after(Position(0), 100)
+            .iter()
+            .filter(|(_, op)| matches!(op, RowOp::Delete { table, .. } if table == REQUEST_LOG_TABLE))
+            .count();
+        assert_eq!(deletes, 2, "forgetting is captured too, so the new universe forgets the same");
+    }
+
+    #[test]
+    fn the_request_log_reaches_the_new_universe_with_the_data_and_answers_there() {
+        let mut old = store().with_request_log_max(2);
+        let mapping = Mapping::compile(&Schema { tables: BTreeMap::new() }, &[]).unwrap();
+        let mut new = MemStore::default().with_request_log_max(2);
+        for id in 1..=3 {
+            old.write_request(key(id), vec![upsert(id as i64 + 10)], true).unwrap();
+        }
+        let ops: Vec<RowOp> =
+            old.changes().after(Position(0), 100).iter().flat_map(|(_, op)| mapping.convert(op).unwrap()).collect();
+        let checkpoint = Checkpoint { applied: old.captured(), copy: CopyState::Done, copies: 1 };
+        new.apply_batch(&Batch { base: Checkpoint::default(), reset: false, ops, checkpoint }).unwrap();
+        assert_eq!(new.applied_request(key(1)), None);
+        assert_eq!(new.applied_request(key(3)), old.applied_request(key(3)));
+        // The new universe's own writes continue the log (and its bound) from there.
+        let (at, _) = new.write_request(key(4), vec![], false).unwrap();
+        assert_eq!(at, old.captured(), "the new store answers with its applied position");
+        assert_eq!(new.applied_request(key(4)), Some(at));
+        assert_eq!(new.applied_request(key(2)), None, "the oldest forgotten");
+        assert_eq!(new.applied_request(key(3)), old.applied_request(key(3)));
+    }
 
     fn store() -> MemStore {
         let mut tables = BTreeMap::new();

@@ -279,3 +279,69 @@ fn a_busy_change_stream_is_read_every_transform_interval() {
     let out = core.handle(100 + INTERVAL_MS, DataInput::Timer);
     assert!(reads(&out), "the next read comes transform_interval_ms after the last step began");
 }
+
+/// Feeds `input`, then answers at once every persist, fence and row read it leads to; returns
+/// every output seen.
+fn settle(core: &mut DataNodeCore, now_ms: u64, input: DataInput) -> Vec<DataOutput> {
+    let mut seen = Vec::new();
+    let mut queue = std::collections::VecDeque::from([input]);
+    while let Some(input) = queue.pop_front() {
+        for output in core.handle(now_ms, input) {
+            match &output {
+                DataOutput::Persist(record) => queue.push_back(DataInput::Persisted(*record)),
+                DataOutput::Store(StoreOp::Fence) => {
+                    queue.push_back(DataInput::Store(StoreResult::Fenced { final_position: Position(9) }))
+                }
+                DataOutput::Store(StoreOp::ReadRows { .. }) => {
+                    queue.push_back(DataInput::Store(StoreResult::Rows(node_core::store::Chunk {
+                        rows: Vec::new(),
+                        last: true,
+                        position: Position(9),
+                    })))
+                }
+                _ => {}
+            }
+            seen.push(output);
+        }
+    }
+    seen
+}
+
+/// The property tests found this (a fixed case there): a node restarted on a freeze compares
+/// the universes again; it learns the commit while the new side's checksum is being computed,
+/// the new universe takes a client write, and the checksum includes it. That comparison is moot
+/// (the outcome is known): it must not be reported as the universes differing.
+#[test]
+fn a_comparison_overtaken_by_the_commit_is_dropped_not_reported_as_a_difference() {
+    let mut core = DataNodeCore::new(config(4));
+    let freeze = Decision::Freeze(protocol::Epoch(1));
+    let record =
+        NodeRecord { decision: freeze, boots: 1, disk_id: 3, owner: NodeRecord::owner_of("data-1"), confirmed: true };
+    let checkpoint = Checkpoint { applied: Position(9), copy: CopyState::Done, copies: 1 };
+    let out = settle(&mut core, 0, DataInput::Boot { record, checkpoint, old_fenced: true });
+    let watch = watch_id(&out);
+    let frozen = view(5, Phase::Freezing, freeze, false);
+    let out = settle(&mut core, 1, DataInput::Coordinator { id: watch, response: NodeResponse::View(frozen) });
+    assert!(
+        out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::NewChecksum))),
+        "the restarted node compares the universes at the final position: {out:?}"
+    );
+    let watch = watch_id(&out);
+    let committed = view(6, Phase::Switched, Decision::Commit(protocol::Epoch(1)), true);
+    settle(&mut core, 2, DataInput::Coordinator { id: watch, response: NodeResponse::View(committed) });
+    assert_eq!(core.accepting(), Some(Universe::New), "the commit opens the new universe");
+    let out = settle(&mut core, 3, DataInput::Store(StoreResult::NewChecksum(12345)));
+    let reported = out.iter().find(|o| {
+        matches!(
+            o,
+            DataOutput::Event(node_core::data_node::DataEvent::Compared { .. })
+                | DataOutput::Send { request: NodeRequest::Ack { .. }, .. }
+        )
+    });
+    assert!(reported.is_none(), "a moot comparison is reported: {reported:?}");
+    let later = settle(&mut core, 10, DataInput::Timer);
+    assert!(
+        !later.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadRows { .. } | StoreOp::NewChecksum))),
+        "and not started again: {later:?}"
+    );
+}

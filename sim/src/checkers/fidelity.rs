@@ -7,7 +7,7 @@
 //! to the wrong row, or a stream resumed from the wrong position breaks this at once.
 
 use node_core::store::{MemStore, Tables};
-use protocol::schema::{Mapping, Row, RowOp};
+use protocol::schema::{Mapping, Row, RowOp, REQUEST_LOG_TABLE};
 use protocol::Position;
 use std::collections::BTreeMap;
 
@@ -60,11 +60,13 @@ pub struct Fidelity {
 
 impl Fidelity {
     pub fn new(mapping: &Mapping) -> Fidelity {
-        let source_of = mapping
+        let mut source_of: BTreeMap<String, String> = mapping
             .outputs
             .iter()
             .flat_map(|(old, outputs)| outputs.iter().map(move |o| (o.table.clone(), old.clone())))
             .collect();
+        // Every mapping passes the request log through unchanged.
+        source_of.insert(REQUEST_LOG_TABLE.to_string(), REQUEST_LOG_TABLE.to_string());
         Fidelity { source_of, shards: Vec::new() }
     }
 

@@ -85,6 +85,16 @@ impl DrainCore {
         }
     }
 
+    /// The freeze whose comparison is awaited, if one is. Once the drain has moved on (a
+    /// commit opened the new universe to client writes, or an abort), a comparison still
+    /// running is moot: its new-side checksum may include those writes.
+    pub fn comparing(&self) -> Option<Epoch> {
+        match self.state {
+            State::Comparing { epoch, .. } => Some(epoch),
+            _ => None,
+        }
+    }
+
     pub fn handle(&mut self, input: DrainInput) -> Vec<DrainOutput> {
         let mut out = Vec::new();
         match input {
