@@ -170,6 +170,8 @@ impl Replica {
             CliRequest::Start { plan, token } => Command::Start { plan, token },
             CliRequest::Switch => Command::RequestSwitch,
             CliRequest::Abort { reason } => Command::OperatorAbort { reason, now_ms: (self.clock)() },
+            CliRequest::Join { node } => Command::Join { node },
+            CliRequest::Retire { node, force } => Command::Retire { node, force },
         };
         match self.propose(command).await {
             Proposed::Applied(Applied::Started(upgrade)) => CliResponse::Started { upgrade },

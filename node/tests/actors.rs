@@ -116,6 +116,7 @@ impl ScriptedCoordinator {
             Decision::Initial | Decision::Abort(_) => Phase::Syncing,
             Decision::Freeze(_) => Phase::Freezing,
             Decision::Commit(_) => Phase::Switched,
+            Decision::Retired => unreachable!("a coordinator never decides a retirement as a decision"),
         };
         DecisionView {
             version: index as u64 + 1,
@@ -128,6 +129,7 @@ impl ScriptedCoordinator {
             acked_frozen: false,
             acked_drained: false,
             acked_switched: false,
+            roster: protocol::messages::RosterStatus::Active,
         }
     }
 }

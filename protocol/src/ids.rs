@@ -88,6 +88,9 @@ pub enum Decision {
     Commit(Epoch),
     /// `Abort{e}` committed: release to the old universe.
     Abort(Epoch),
+    /// The router was taken off the roster (a committed `Retire`): it serves nothing, ever.
+    /// Ordered after every other decision, so nothing undoes it.
+    Retired,
 }
 
 impl Decision {
@@ -97,13 +100,14 @@ impl Decision {
             Decision::Initial => (0, 0),
             Decision::Freeze(e) => (e.0, 1),
             Decision::Commit(e) | Decision::Abort(e) => (e.0, 2),
+            Decision::Retired => (u64::MAX, 3),
         }
     }
 
-    /// Epoch this decision belongs to.
+    /// Epoch this decision belongs to (none, `Epoch(0)`, for `Initial` and `Retired`).
     pub fn epoch(&self) -> Epoch {
         match *self {
-            Decision::Initial => Epoch(0),
+            Decision::Initial | Decision::Retired => Epoch(0),
             Decision::Freeze(e) | Decision::Commit(e) | Decision::Abort(e) => e,
         }
     }
@@ -113,7 +117,7 @@ impl Decision {
         match self {
             Decision::Initial | Decision::Abort(_) => Some(Universe::Old),
             Decision::Commit(_) => Some(Universe::New),
-            Decision::Freeze(_) => None,
+            Decision::Freeze(_) | Decision::Retired => None,
         }
     }
 }

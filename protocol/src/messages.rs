@@ -55,6 +55,21 @@ pub enum Ack {
     Drained { final_position: Position, checksum_match: bool },
     /// A router serves the new universe.
     Switched,
+    /// A router asked to retire has persisted that it is retired and serves nothing (any epoch).
+    Retired,
+}
+
+/// Where a router stands on the cluster's roster (the routers every freeze and switch need).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RosterStatus {
+    /// Not on the roster (never joined, or not a router).
+    #[default]
+    NotOn,
+    Active,
+    /// Asked to retire: it must persist that, stop serving and ack `Retired`.
+    Retiring,
+    /// Retired (it acked, or the operator forced it): it serves nothing, ever.
+    Retired,
 }
 
 /// Node → coordinator.
@@ -103,6 +118,8 @@ pub struct DecisionView {
     pub acked_frozen: bool,
     pub acked_drained: bool,
     pub acked_switched: bool,
+    /// The asking node on the roster.
+    pub roster: RosterStatus,
 }
 
 /// Why the coordinator's state machine refused a command.
@@ -142,6 +159,8 @@ pub enum RejectKind {
     ChecksumMismatch,
     /// The upgrade has ended (or switched): nothing can undo it.
     AlreadyEnded,
+    /// The router is retired (or being retired): it takes part in nothing any more.
+    Retired,
 }
 
 /// A command the state machine refused, and why (the command did not take effect).
@@ -212,6 +231,17 @@ pub enum CliRequest {
     Switch,
     Abort {
         reason: String,
+    },
+    /// Put a router on the roster (refused during a freeze).
+    Join {
+        node: NodeName,
+    },
+    /// Take a router off the roster. Without `force` the retire completes once the router has
+    /// acknowledged it (persisted "retired" and stopped serving). `force` retires at once a
+    /// router that cannot answer: the operator asserts it is cut off from every client.
+    Retire {
+        node: NodeName,
+        force: bool,
     },
 }
 

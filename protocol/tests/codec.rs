@@ -47,6 +47,7 @@ fn view() -> impl Strategy<Value = DecisionView> {
         acked_frozen: flags[3],
         acked_drained: flags[4],
         acked_switched: flags[5],
+        roster: RosterStatus::Active,
     })
 }
 

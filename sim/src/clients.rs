@@ -41,6 +41,12 @@ pub(crate) async fn operator(shared: Shared) {
     let (plan, coordinators) = with(&shared, |w| (w.plan.clone(), w.config.coordinators));
     let mut target = 0;
     loop {
+        // A router the operator retired is left out of the plan (a start naming one is refused).
+        let plan = with(&shared, |w| {
+            let mut plan = plan.clone();
+            plan.nodes.retain(|n| !w.routers.iter().any(|r| r.retired && r.name == n.name.0));
+            plan
+        });
         let start = CliRequest::Start { plan: plan.clone(), token: "sim-operator-start".into() };
         let answer = operator_call(&shared, coordinator_addr(target), Request::Cli(start)).await;
         match answer {

@@ -86,6 +86,8 @@ pub struct FaultSet {
     pub load: bool,
     /// A rogue writer changes rows of the new database behind the transform.
     pub drift: bool,
+    /// Routers join the roster and are retired (normally, or forced when cut off).
+    pub roster: bool,
 }
 
 impl FaultSet {
@@ -103,6 +105,7 @@ impl FaultSet {
         stale: true,
         load: true,
         drift: true,
+        roster: true,
     };
     pub const NONE: FaultSet = FaultSet {
         loss: false,
@@ -118,6 +121,7 @@ impl FaultSet {
         stale: false,
         load: false,
         drift: false,
+        roster: false,
     };
 
     /// The set of the kinds named (`all` and `none` stand for every kind and no kind).
@@ -149,6 +153,7 @@ impl FaultSet {
             FaultKind::Stale => &mut self.stale,
             FaultKind::Load => &mut self.load,
             FaultKind::Drift => &mut self.drift,
+            FaultKind::Roster => &mut self.roster,
             FaultKind::All | FaultKind::None => unreachable!("not a single kind"),
         }
     }
@@ -212,6 +217,10 @@ pub enum FaultKind {
     /// the transform before the switch: validation and the drain's checksums must keep clients
     /// off it (the operator aborts when validation reports mismatches).
     Drift,
+    /// The operator changes the roster: a new router joins (started with no disk, put in
+    /// rotation once it serves), or one is retired — normally (it acks, then serves nothing) or
+    /// forced (it is crashed and kept cut off from clients first).
+    Roster,
 }
 
 /// Named scenarios (tests and `imago sim --scenario`).

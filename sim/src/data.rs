@@ -204,8 +204,7 @@ impl World {
             }
             StoreOp::Fence => {
                 if !d.old.is_fenced() {
-                    let routers: Vec<protocol::NodeName> =
-                        self.routers.iter().map(|r| r.name.as_str().into()).collect();
+                    let routers = self.routers_in_service(self.data[i].disk.decision.epoch());
                     let d = &self.data[i];
                     let found =
                         fenced_after_frozen::check(&self.checker.acks_counted, &routers, &d.name, d.disk.decision);

@@ -54,8 +54,10 @@ impl World {
             Phase::RolledBack => Universe::Old,
             _ => return false,
         };
+        // Routers in service: deployed, not retired (a retired one serves nothing, ever).
         self.routers
             .iter()
+            .filter(|r| r.deployed && !r.retired)
             .all(|r| self.procs[&r.addr].up && r.observed.mode == Mode::Serving(universe) && r.observed.held == 0)
     }
 

@@ -46,6 +46,12 @@ pub enum FaultEvent {
     /// A rogue writer changes `rows` rows of a data node's new database behind the transform
     /// (only before the switch: while syncing, or as the node fences its old store).
     Drift { data: usize, rows: u32 },
+    /// The reserve router (the last slot, not in the plan) is started with no disk and joins
+    /// the roster (`imago router join`); the load balancer sends it clients once it serves.
+    Join,
+    /// The operator retires a router: out of rotation first, then `imago router retire`
+    /// (`force`: the router is crashed and kept cut off, then retired with `--force`).
+    Retire { router: usize, force: bool },
 }
 
 /// The plan's hold queue limit in seeds without a small one.
@@ -101,6 +107,8 @@ pub struct FaultPlan {
     /// A node's disk write takes up to this long (a crash can land between the write and the
     /// node learning it is durable).
     pub disk_delay_us_max: u64,
+    /// A reserve router slot exists (a `Join` may start it).
+    pub reserve_router: bool,
 }
 
 impl FaultPlan {
@@ -127,6 +135,7 @@ impl FaultPlan {
             redeliver_batches: if f.duplicate && rng.gen_bool(0.4) { rng.gen_range(0.02..0.2) } else { 0.0 },
             hold_queue_max: if f.load && rng.gen_bool(0.3) { rng.gen_range(2..40) } else { HOLD_QUEUE_MAX },
             store_delay_us_max: if f.load && rng.gen_bool(0.3) { rng.gen_range(1_000..40_000) } else { 0 },
+            reserve_router: false,
         };
         if f.load && rng.gen_bool(0.5) {
             let when = Condition::Freezing { after_ms: rng.gen_range(0..200) };
@@ -231,6 +240,18 @@ impl FaultPlan {
             let event = FaultEvent::Crash { target: Target::Router(router), down_ms: Some(rng.gen_range(20..400)) };
             plan.triggered.push(Triggered { when: Condition::RouterAcked { router }, event });
         }
+        if f.roster {
+            // Drawn after everything else, so that the plans drawn before it stay as they were.
+            let at = rng.gen_range(300..safety_ms);
+            if rng.gen_bool(0.2) {
+                plan.reserve_router = true;
+                plan.timed.push((at, FaultEvent::Join));
+            }
+            if config.routers >= 2 && rng.gen_bool(0.2) {
+                let event = FaultEvent::Retire { router: rng.gen_range(0..config.routers), force: rng.gen_bool(0.5) };
+                plan.timed.push((rng.gen_range(300..safety_ms), event));
+            }
+        }
         plan.timed.sort_by_key(|(t, _)| *t);
         plan
     }
@@ -286,6 +307,7 @@ impl FaultPlan {
             redeliver_batches: 0.0,
             hold_queue_max: HOLD_QUEUE_MAX,
             store_delay_us_max: 0,
+            reserve_router: false,
         }
     }
 }

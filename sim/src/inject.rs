@@ -146,7 +146,8 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
                 tokio::time::sleep(Duration::from_millis(down_ms)).await;
                 with(&shared, |w| {
                     w.restart_router(router);
-                    w.routers[router].in_rotation = true;
+                    // A router retired meanwhile stays out of rotation.
+                    w.routers[router].in_rotation = !w.routers[router].retired;
                     let down = (0..w.config.coordinators).filter(|&c| !w.procs[&coordinator_addr(c)].up).count();
                     let line = format!(
                         "{:.3}s {} restarted gracefully ({down} coordinator replicas down)",
@@ -188,6 +189,14 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
         FaultEvent::ClockJump { replica, delta_ms } => {
             with(shared, |w| w.replicas[replica].skew_ms.fetch_add(delta_ms, Ordering::Relaxed));
         }
+        FaultEvent::Join => {
+            let shared = shared.clone();
+            tokio::task::spawn_local(async move { join_reserve(&shared).await });
+        }
+        FaultEvent::Retire { router, force } => {
+            let shared = shared.clone();
+            tokio::task::spawn_local(async move { retire(&shared, router, force).await });
+        }
         FaultEvent::LoseCommit { router, count } => {
             with(shared, |w| {
                 let addr = w.routers[router].addr;
@@ -195,6 +204,93 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
             });
         }
     }
+}
+
+/// Runs one roster command as the CLI does until the state machine answers it (following
+/// leader hints); returns its answer (`Accepted`, or the refusal that ends it).
+async fn roster_command(shared: &Shared, request: CliRequest) -> CliResponse {
+    let coordinators = with(shared, |w| w.config.coordinators);
+    let mut target = 0;
+    loop {
+        match operator_call(shared, coordinator_addr(target), Request::Cli(request.clone())).await {
+            Some(Response::Cli(CliResponse::Accepted)) => return CliResponse::Accepted,
+            Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = replica_index(l),
+            // Refused for now (a join during a freeze): ask again later.
+            Some(Response::Cli(CliResponse::Rejected(r))) if r.kind == protocol::messages::RejectKind::WrongPhase => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Some(Response::Cli(answer @ CliResponse::Rejected(_))) => return answer,
+            // Not known to have taken effect, or no answer: the command is idempotent, ask again.
+            _ => {
+                target = (target + 1) % coordinators;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The reserve router is deployed (no disk state of its own) and joins; the load balancer puts
+/// it in rotation once it serves (its readiness check).
+async fn join_reserve(shared: &Shared) {
+    let (index, name) = with(shared, |w| {
+        let index = w.routers.len() - 1;
+        assert!(!w.routers[index].deployed, "the join fault needs the reserve router slot");
+        w.routers[index].deployed = true;
+        w.restart_router(index);
+        (index, w.routers[index].name.clone())
+    });
+    let answer = roster_command(shared, CliRequest::Join { node: protocol::NodeName::from(name.as_str()) }).await;
+    with(shared, |w| {
+        let line = format!("{:.3}s operator: router join {name}: {answer:?}", w.now_us() as f64 / 1e6);
+        w.stats.fault_log.push(line);
+    });
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let serving = with(shared, |w| {
+            let serving = matches!(w.routers[index].observed.mode, node_core::duties::router::Mode::Serving(_));
+            if serving {
+                w.routers[index].in_rotation = true;
+                let line = format!("{:.3}s {name} serves: in rotation", w.now_us() as f64 / 1e6);
+                w.stats.fault_log.push(line);
+            }
+            serving
+        });
+        if serving {
+            return;
+        }
+    }
+}
+
+/// The operator retires `router`: out of rotation and drained of its clients first; with
+/// `force`, crashed and kept cut off, then retired with `--force`.
+async fn retire(shared: &Shared, router: usize, force: bool) {
+    let idle = with(shared, |w| {
+        let r = &mut w.routers[router];
+        r.in_rotation = false;
+        r.retired = true;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if r.open.is_empty() {
+            let _ = tx.send(());
+        } else {
+            r.idle = Some(tx);
+        }
+        rx
+    });
+    let _ = idle.await;
+    let name = with(shared, |w| {
+        if force {
+            w.routers[router].cut_off = true;
+            w.crash_router(router);
+        }
+        w.routers[router].name.clone()
+    });
+    let request = CliRequest::Retire { node: protocol::NodeName::from(name.as_str()), force };
+    let answer = roster_command(shared, request).await;
+    with(shared, |w| {
+        let how = if force { " --force" } else { "" };
+        let line = format!("{:.3}s operator: router retire{how} {name}: {answer:?}", w.now_us() as f64 / 1e6);
+        w.stats.fault_log.push(line);
+    });
 }
 
 /// The leader proposes one bad command of its own, through Raft, as a confused or stale leader

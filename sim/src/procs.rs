@@ -89,6 +89,14 @@ pub struct RouterProc {
     pub in_rotation: bool,
     /// Told once the router has answered every client it took (a graceful stop waits for it).
     pub idle: Option<oneshot::Sender<()>>,
+    /// The process slot is in use (false: the reserve router, until it is started to join).
+    pub deployed: bool,
+    /// The operator retired it (out of rotation for good).
+    pub retired: bool,
+    /// Retired by force: crashed and kept cut off from clients (never restarted).
+    pub cut_off: bool,
+    /// When its join was seen applied (the reserve router).
+    pub joined_us: Option<u64>,
 }
 
 impl RouterProc {
@@ -107,6 +115,10 @@ impl RouterProc {
             booted: Default::default(),
             in_rotation: true,
             idle: None,
+            deployed: true,
+            retired: false,
+            cut_off: false,
+            joined_us: None,
         }
     }
 }

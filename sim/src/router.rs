@@ -133,9 +133,19 @@ impl Ingress for SimIngress {
             let now = w.now_us();
             let outcome = match &reply {
                 ClientReply::Answer(StoreAnswer::Ok { body, .. }) => {
-                    let name = &w.routers[index].name;
-                    let found = reads::check(&w.oracle, name, &open.op, body.as_ref(), open.issued_us, now);
+                    let name = w.routers[index].name.clone();
+                    let found = reads::check(&w.oracle, &name, &open.op, body.as_ref(), open.issued_us, now);
                     w.checker.found(now, found);
+                    let standing = crate::checkers::roster::Standing {
+                        on_roster: w.on_roster_somewhere(&name),
+                        acked_retired: w.checker.acks_counted.sent_any(
+                            &protocol::NodeName::from(name.as_str()),
+                            protocol::Epoch(0),
+                            |a| *a == protocol::messages::Ack::Retired,
+                        ),
+                        forced: w.routers[index].cut_off,
+                    };
+                    w.checker.found(now, crate::checkers::roster::served(&name, standing));
                     ClientOutcome::Acked
                 }
                 ClientReply::Answer(StoreAnswer::Rejected { reason }) => {
@@ -156,6 +166,7 @@ impl Ingress for SimIngress {
                             t.hold_queue_max as usize,
                             held_ms,
                             t.hold_ms_max,
+                            w.routers[index].disk.decision == protocol::Decision::Retired,
                         );
                         w.checker.found(now, found);
                     }
@@ -334,6 +345,10 @@ impl World {
 
     pub fn restart_router(&mut self, i: usize) {
         let addr = self.routers[i].addr;
+        // A router retired by force stays cut off; the reserve runs only once it is deployed.
+        if self.routers[i].cut_off || !self.routers[i].deployed {
+            return;
+        }
         if !self.set_up(addr, true) {
             return;
         }

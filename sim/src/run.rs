@@ -14,6 +14,7 @@ use crate::procs::{DataProc, RouterProc};
 use crate::trace::Trace;
 use crate::world::*;
 use coordinator::raft::{read_disk, seed_runtime_rng, RaftTiming};
+use coordinator::upgrade::UpgradeState;
 use protocol::messages::Phase;
 use protocol::plan::Plan;
 use rand::SeedableRng;
@@ -174,7 +175,9 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         procs.insert(coordinator_addr(i), ProcInfo { up: false, incarnation: 0 });
         net.dc_of.insert(coordinator_addr(i), i % dcs);
     }
-    for i in 0..config.routers {
+    // A reserve router slot (not in the plan, not on the roster) if the seed may join one.
+    let router_slots = config.routers + usize::from(faults.reserve_router);
+    for i in 0..router_slots {
         procs.insert(ProcId::Router(i).addr(), ProcInfo { up: true, incarnation: 1 });
         net.dc_of.insert(ProcId::Router(i).addr(), i % dcs);
     }
@@ -197,7 +200,12 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         rng,
         net,
         procs,
-        replicas: replica_slots(config.coordinators, crate::config::Bug::apply(config.bug)),
+        // The cluster starts with the plan's routers on its roster (the cluster file's).
+        replicas: replica_slots(
+            config.coordinators,
+            crate::config::Bug::apply(config.bug),
+            &UpgradeState::with_roster(plan.nodes_with(protocol::Duty::Route).cloned()),
+        ),
         routers: Vec::new(),
         data: Vec::new(),
         mapping,
@@ -225,6 +233,11 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     with(&shared, |w| {
         w.me = Arc::downgrade(&shared);
         w.routers = (0..w.config.routers).map(RouterProc::new).collect();
+        if w.faults.reserve_router {
+            let mut reserve = RouterProc::new(w.config.routers);
+            (reserve.deployed, reserve.in_rotation) = (false, false);
+            w.routers.push(reserve);
+        }
         let new_schema = w.mapping.new_schema();
         w.data = (0..w.config.data_nodes).map(|i| DataProc::new(i, &w.plan.old_schema, &new_schema)).collect();
         let shards = w.config.data_nodes as i64;
@@ -238,6 +251,11 @@ fn build(config: SimConfig, seed: u64) -> Shared {
             w.data.iter().map(|d| crate::checkers::fidelity::History::initial(d.old.tables())).collect();
         for i in 0..w.routers.len() {
             let name = w.routers[i].name.clone();
+            if !w.routers[i].deployed {
+                // The reserve: no process, no disk state of its own.
+                w.procs.get_mut(&w.routers[i].addr).expect("registered").up = false;
+                continue;
+            }
             w.routers[i].disk = w.deployed_disk(&name);
             w.procs.get_mut(&w.routers[i].addr).expect("registered").up = false;
             w.restart_router(i);

@@ -10,7 +10,7 @@ use crate::oracle::Oracle;
 use crate::procs::{DataProc, RouterProc};
 use crate::procs::{ReplySlot, ReplyTo};
 use crate::trace::Trace;
-use coordinator::raft::{new_disk, read_applied, RaftTiming, SharedDisk, Transport, TransportError};
+use coordinator::raft::{new_disk_with, read_applied, RaftTiming, SharedDisk, Transport, TransportError};
 use coordinator::service::{Clock, Replica};
 use coordinator::upgrade::{Outcome, UpgradeState};
 use node_core::agent::AgentConfig;
@@ -94,6 +94,8 @@ enum Packet {
 /// Per-seed measurements.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// When the simulator first saw a node act on each freeze.
+    pub first_freeze_act_us: BTreeMap<protocol::Epoch, u64>,
     /// Holds caused by a freeze (the switch's cost to clients).
     pub hold_ms: Vec<u64>,
     /// Holds of routers that had not yet read the current decision after (re)starting.
@@ -369,7 +371,7 @@ impl World {
         let now = self.now_us();
         let (disk, name) = self.node_disk(node);
         let (on_disk, name) = (disk.decision, name.to_string());
-        let committed = self.is_committed(decision);
+        let committed = self.is_committed(&name, decision);
         for found in self.checker.agreement.acted(&name, decision, committed) {
             self.checker.violation(now, found);
         }
@@ -377,15 +379,26 @@ impl World {
         self.checker.found(now, found);
         self.checker.propagation.acted(&name, decision);
         self.record(format_args!("{name} acts on {decision:?}"));
+        let now = self.now_us();
+        if let ProcId::Router(router) = node {
+            self.routers[router].joined_us.get_or_insert(now);
+        }
+        if let Decision::Freeze(e) = decision {
+            self.stats.first_freeze_act_us.entry(e).or_insert(now);
+        }
         if let (ProcId::Router(router), Decision::Freeze(_)) = (node, decision) {
             self.fire_on(crate::faults::Condition::RouterFreezes { router });
         }
     }
 
-    /// Whether some replica's applied state holds `decision` (i.e. it was committed).
-    pub fn is_committed(&self, decision: Decision) -> bool {
+    /// Whether some replica's applied state holds `decision` for `node` (i.e. it was committed).
+    pub fn is_committed(&self, node: &str, decision: Decision) -> bool {
         self.replicas.iter().any(|r| {
             read_applied(&r.disk, |a| match decision {
+                Decision::Retired => matches!(
+                    a.state.roster.get(&protocol::NodeName::from(node)),
+                    Some(protocol::messages::RosterStatus::Retiring | protocol::messages::RosterStatus::Retired)
+                ),
                 Decision::Initial => true,
                 Decision::Freeze(e) => a.state.last_epoch >= e,
                 Decision::Commit(e) => a.state.outcomes.get(&e) == Some(&Outcome::Committed),
@@ -559,12 +572,53 @@ impl World {
     }
 
     /// Feeds outcomes applied on each replica to the agreement/durability checker.
+    /// The routers freeze `epoch` needs, by the simulator's own count: the plan's, and a joined
+    /// one if it acted before any node acted on that freeze (so its join was applied before the
+    /// freeze: joins are refused during one), less any that sent `Retired` or were retired by
+    /// force.
+    pub fn routers_in_service(&self, epoch: protocol::Epoch) -> Vec<protocol::NodeName> {
+        let freeze_seen_us = self.stats.first_freeze_act_us.get(&epoch).copied().unwrap_or(0);
+        self.routers
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| {
+                r.deployed
+                    && !r.cut_off
+                    && (*i < self.config.routers || r.joined_us.is_some_and(|j| j < freeze_seen_us))
+            })
+            .map(|(_, r)| protocol::NodeName::from(r.name.as_str()))
+            .filter(|n| {
+                !self.checker.acks_counted.sent_any(n, protocol::Epoch(0), |a| *a == protocol::messages::Ack::Retired)
+            })
+            .collect()
+    }
+
+    /// Whether some replica's applied roster has `router` active or retiring.
+    pub fn on_roster_somewhere(&self, router: &str) -> bool {
+        let name = protocol::NodeName::from(router);
+        self.replicas.iter().any(|r| {
+            read_applied(&r.disk, |a| {
+                matches!(
+                    a.state.roster.get(&name),
+                    Some(protocol::messages::RosterStatus::Active | protocol::messages::RosterStatus::Retiring)
+                )
+            })
+        })
+    }
+
     pub fn scan_replicas(&mut self) {
         let now = self.now_us();
+        let epochs: Vec<protocol::Epoch> = self
+            .replicas
+            .iter()
+            .map(|r| read_applied(&r.disk, |a| a.state.current.as_ref().map_or(protocol::Epoch(0), |u| u.epoch)))
+            .collect();
+        let needed: Vec<Vec<protocol::NodeName>> = epochs.iter().map(|e| self.routers_in_service(*e)).collect();
         for (i, r) in self.replicas.iter().enumerate() {
+            let routers = &needed[i];
             let (found, decided) = read_applied(&r.disk, |a| {
                 let found = self.checker.acks_counted.check(coordinator_addr(i), &a.state);
-                (found, self.checker.decided_on_acks.check(&self.checker.acks_counted, &a.state))
+                (found, self.checker.decided_on_acks.check(&self.checker.acks_counted, &a.state, routers))
             });
             for v in found.into_iter().chain(decided) {
                 self.checker.violation(now, v);
@@ -751,10 +805,14 @@ pub fn crash_replica(shared: &Shared, index: usize) {
 }
 
 /// Creates the replica slots (all down, fresh disks, with the planted state-machine bug if any).
-pub fn replica_slots(count: usize, bug: Option<coordinator::upgrade::ApplyBug>) -> Vec<ReplicaSlot> {
+pub fn replica_slots(
+    count: usize,
+    bug: Option<coordinator::upgrade::ApplyBug>,
+    genesis: &UpgradeState,
+) -> Vec<ReplicaSlot> {
     (0..count)
         .map(|_| {
-            let disk = new_disk();
+            let disk = new_disk_with(genesis.clone());
             disk.lock().unwrap_or_else(|p| p.into_inner()).bug = bug;
             ReplicaSlot { disk, running: None, driver: None, skew_ms: Arc::new(AtomicI64::new(0)) }
         })

@@ -56,7 +56,8 @@ fn the_same_seed_gives_the_same_trace() {
 #[test]
 fn two_hundred_faulty_seeds_keep_every_invariant_and_both_outcomes_occur() {
     let config = SimConfig::default();
-    let reports = run(&config, (0..200).chain([202, 818, 5_000_346, 5_004_104, 5_007_213, 5_009_700, 5_012_372, 9_009_048]));
+    let reports =
+        run(&config, (0..200).chain([202, 818, 5_000_346, 5_004_104, 5_007_213, 5_009_700, 5_012_372, 9_009_048]));
     assert_clean(&reports);
     let switched = reports.iter().filter(|r| r.outcome == SeedOutcome::Switched).count();
     let rolled_back = reports.iter().filter(|r| r.outcome == SeedOutcome::RolledBack).count();
@@ -281,6 +282,27 @@ fn five_coordinators_two_hundred_routers_three_datacenters() {
     assert_clean(&reports);
     for r in &reports {
         assert_ne!(r.outcome, SeedOutcome::Unfinished);
+    }
+}
+
+/// The operator changes the roster under faults: a router joins (started with no disk, in
+/// rotation once it serves), routers are retired normally (they ack, then serve nothing) and by
+/// force (crashed and kept cut off first). Every invariant holds, including the roster's own
+/// (no router serves clients off the roster), and each kind of change happens.
+#[test]
+fn routers_join_and_retire_under_faults() {
+    use imago_sim::FaultKind;
+    let kinds = [FaultKind::Roster, FaultKind::Crash, FaultKind::Loss, FaultKind::Partition, FaultKind::Delay];
+    let config = SimConfig { faults: FaultSet::from_kinds(&kinds), ..SimConfig::default() };
+    let reports = run(&config, 0..80);
+    assert_clean(&reports);
+    let count = |needle: &str| reports.iter().filter(|r| r.fault_log.iter().any(|f| f.contains(needle))).count();
+    let joined = count("serves: in rotation");
+    let retired = count("router retire router-");
+    let forced = count("router retire --force router-");
+    assert!(joined >= 3 && retired >= 3 && forced >= 3, "joined {joined}, retired {retired}, forced {forced}");
+    for r in &reports {
+        assert_ne!(r.outcome, SeedOutcome::Unfinished, "seed {}", r.seed);
     }
 }
 

@@ -14,11 +14,11 @@ pub use driver::{next_command, next_deadline_ms};
 pub use gate::{ready_gate, validation_seen, ValidationSeen};
 pub use view::{decision_view, status};
 
-use protocol::messages::{Ack, NodeReport, Phase, RejectKind, Rejection};
+use protocol::messages::{Ack, NodeReport, Phase, RejectKind, Rejection, RosterStatus};
 use protocol::plan::{Plan, SwitchMode};
 use protocol::{Duty, Epoch, NodeName, Position, UpgradeId};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A change to the replicated state; one Raft log entry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -39,6 +39,11 @@ pub enum Command {
     Abort { epoch: Epoch, reason: String, now_ms: u64 },
     /// The operator ends the upgrade: the old universe keeps serving.
     OperatorAbort { reason: String, now_ms: u64 },
+    /// Put a router on the roster (refused during a freeze).
+    Join { node: NodeName },
+    /// Take a router off the roster: at once if `force` (the operator asserts it is cut off
+    /// from clients), else once it acks `Retired`.
+    Retire { node: NodeName, force: bool },
 }
 
 /// The result of applying a command (the Raft response).
@@ -89,6 +94,9 @@ pub struct Upgrade {
     pub last_abort_reason: Option<String>,
     /// What the ready gate saw when the current epoch froze (why it froze, for the record).
     pub frozen_on: Option<ValidationSeen>,
+    /// The routers this upgrade needs (every freeze's `Frozen`, the switch's `Switched`): the
+    /// roster's active and retiring routers, kept equal to them while the upgrade runs.
+    pub routers: BTreeSet<NodeName>,
 }
 
 /// The whole replicated state.
@@ -103,6 +111,8 @@ pub struct UpgradeState {
     /// Bumped by every accepted command that changes what a node may watch (everything but
     /// reports), so parked watches wake only for news.
     pub version: u64,
+    /// The cluster's routers, outside any plan: who joined, who is being retired, who is.
+    pub roster: BTreeMap<NodeName, RosterStatus>,
 }
 
 fn reject(kind: RejectKind, detail: impl Into<String>) -> Applied {
@@ -110,26 +120,45 @@ fn reject(kind: RejectKind, detail: impl Into<String>) -> Applied {
 }
 
 impl Upgrade {
-    /// Whether every node with `duty` satisfies `pred`.
-    fn all_with(&self, duty: Duty, pred: impl Fn(&NodeState) -> bool) -> bool {
-        self.plan.nodes_with(duty).all(|n| self.nodes.get(n).is_some_and(&pred))
+    /// Whether every router this upgrade needs satisfies `pred`.
+    fn all_routers(&self, pred: impl Fn(&NodeState) -> bool) -> bool {
+        self.routers.iter().all(|n| self.nodes.get(n).is_some_and(&pred))
+    }
+
+    /// The nodes this upgrade needs: the plan's nodes that are not routers, and the roster's
+    /// routers (a plan cannot leave one out; a retired one is not needed).
+    pub fn required(&self) -> impl Iterator<Item = &NodeName> {
+        self.plan.nodes.iter().filter(|n| !n.duties.contains(&Duty::Route)).map(|n| &n.name).chain(&self.routers)
+    }
+
+    /// The duties `node` takes part with: the plan's, or `route` for a router that joined
+    /// the roster outside the plan; `None` if the upgrade does not need it.
+    pub fn duties_of(&self, node: &NodeName) -> Option<Vec<Duty>> {
+        if self.plan.node(node).is_some_and(|n| n.duties.contains(&Duty::Route)) && !self.routers.contains(node) {
+            return None;
+        }
+        match self.plan.node(node) {
+            Some(n) => Some(n.duties.clone()),
+            None => self.routers.contains(node).then(|| vec![Duty::Route]),
+        }
     }
 
     /// Freezing only: every router acked `Frozen` for the current epoch.
     pub fn all_routers_frozen(&self) -> bool {
-        self.phase == Phase::Freezing && self.all_with(Duty::Route, |n| n.frozen == Some(self.epoch))
+        self.phase == Phase::Freezing && self.all_routers(|n| n.frozen == Some(self.epoch))
     }
 
     /// Nodes whose ack for the current freeze is still missing, with the ack they owe.
     pub fn missing_acks(&self) -> Vec<String> {
         let mut missing = Vec::new();
-        for node in &self.plan.nodes {
-            let state = self.nodes.get(&node.name).cloned().unwrap_or_default();
-            if node.duties.contains(&Duty::Route) && state.frozen != Some(self.epoch) {
-                missing.push(format!("{} (frozen)", node.name));
+        for name in &self.routers {
+            if self.nodes.get(name).and_then(|s| s.frozen) != Some(self.epoch) {
+                missing.push(format!("{name} (frozen)"));
             }
-            if node.duties.contains(&Duty::Transform) && state.drained.map(|d| d.0) != Some(self.epoch) {
-                missing.push(format!("{} (drained)", node.name));
+        }
+        for name in self.plan.nodes_with(Duty::Transform) {
+            if self.nodes.get(name).and_then(|s| s.drained).map(|d| d.0) != Some(self.epoch) {
+                missing.push(format!("{name} (drained)"));
             }
         }
         missing
@@ -191,6 +220,19 @@ impl UpgradeState {
             assert!(*epoch <= self.last_epoch, "an outcome for {epoch}, beyond the last frozen epoch");
         }
         let Some(u) = &self.current else { return };
+        if !u.phase.is_terminal() {
+            let on_roster: BTreeSet<&NodeName> = self
+                .roster
+                .iter()
+                .filter(|(_, s)| matches!(s, RosterStatus::Active | RosterStatus::Retiring))
+                .map(|(n, _)| n)
+                .collect();
+            assert_eq!(
+                u.routers.iter().collect::<BTreeSet<_>>(),
+                on_roster,
+                "the upgrade's routers are not the roster's"
+            );
+        }
         assert!(u.epoch <= self.last_epoch, "the upgrade's epoch is beyond the last frozen epoch");
         let outcome = self.outcomes.get(&u.epoch);
         match u.phase {
@@ -213,11 +255,13 @@ impl UpgradeState {
         match command {
             Command::Start { plan, token } => self.start(plan, token),
             Command::Register { node, duties, deployed } => self.with_node(node, |u, state| {
-                let planned = &u.plan.node(node).expect("checked by with_node").duties;
+                let planned = u.duties_of(node).expect("checked by with_node");
                 let (mut got, mut want) = (duties.clone(), planned.clone());
                 got.sort();
                 want.sort();
-                if got != want {
+                // A router that joined outside the plan may validate too.
+                let joined_router = u.plan.node(node).is_none() && got.contains(&Duty::Route);
+                if got != want && !joined_router {
                     return reject(
                         RejectKind::WrongDuties,
                         format!("node `{node}` registers duties {duties:?} but the plan gives it {planned:?}"),
@@ -236,10 +280,78 @@ impl UpgradeState {
             }),
             Command::RequestSwitch => self.request_switch(),
             Command::Freeze { epoch, now_ms, deadline_ms } => self.freeze(*epoch, *now_ms, *deadline_ms),
+            Command::Ack { node, ack: Ack::Retired, .. } => match self.roster.get(node) {
+                Some(RosterStatus::Retiring) => self.retired(node),
+                Some(RosterStatus::Retired) => Applied::Accepted,
+                _ => reject(RejectKind::BadCommand, format!("`{node}` was not asked to retire")),
+            },
             Command::Ack { node, epoch, ack } => self.ack(node, *epoch, ack),
             Command::Abort { epoch, reason, now_ms } => self.abort(*epoch, reason, *now_ms, false),
             Command::OperatorAbort { reason, now_ms } => self.operator_abort(reason, *now_ms),
+            Command::Join { node } => self.join(node),
+            Command::Retire { node, force } => self.retire(node, *force),
         }
+    }
+
+    fn join(&mut self, node: &NodeName) -> Applied {
+        match self.roster.get(node) {
+            Some(RosterStatus::Active) => return Applied::Accepted,
+            Some(RosterStatus::Retiring) => {
+                return reject(RejectKind::Retired, format!("router `{node}` is being retired"));
+            }
+            Some(RosterStatus::Retired) => {
+                return reject(
+                    RejectKind::Retired,
+                    format!("router `{node}` was retired; a router joins again only under a new name (and with a fresh disk)"),
+                );
+            }
+            Some(RosterStatus::NotOn) | None => {}
+        }
+        if let Some(u) = self.current.as_ref().filter(|u| !u.phase.is_terminal()) {
+            if u.phase == Phase::Freezing {
+                return reject(
+                    RejectKind::WrongPhase,
+                    format!("router `{node}` cannot join during a freeze (epoch {})", u.epoch),
+                );
+            }
+            if u.plan.node(node).is_some_and(|n| !n.duties.contains(&Duty::Route)) {
+                return reject(
+                    RejectKind::WrongDuties,
+                    format!("`{node}` is a node of the plan without the route duty"),
+                );
+            }
+        }
+        self.roster.insert(node.clone(), RosterStatus::Active);
+        if let Some(u) = self.current.as_mut().filter(|u| !u.phase.is_terminal()) {
+            u.routers.insert(node.clone());
+        }
+        Applied::Accepted
+    }
+
+    fn retire(&mut self, node: &NodeName, force: bool) -> Applied {
+        let status = match self.roster.get(node) {
+            None | Some(RosterStatus::NotOn) => {
+                return reject(RejectKind::UnknownNode, format!("router `{node}` is not on the roster"))
+            }
+            Some(status) => *status,
+        };
+        match (status, force) {
+            (RosterStatus::Retired, _) | (RosterStatus::Retiring, false) => Applied::Accepted,
+            (_, true) => self.retired(node),
+            (_, false) => {
+                self.roster.insert(node.clone(), RosterStatus::Retiring);
+                Applied::Accepted
+            }
+        }
+    }
+
+    /// `node` is off the roster: no upgrade needs it any more.
+    fn retired(&mut self, node: &NodeName) -> Applied {
+        self.roster.insert(node.clone(), RosterStatus::Retired);
+        if let Some(u) = self.current.as_mut().filter(|u| !u.phase.is_terminal()) {
+            u.routers.remove(node);
+        }
+        Applied::Accepted
     }
 
     fn active(&mut self) -> Result<&mut Upgrade, Applied> {
@@ -250,14 +362,17 @@ impl UpgradeState {
     }
 
     fn with_node(&mut self, node: &NodeName, f: impl FnOnce(&Upgrade, &mut NodeState) -> Applied) -> Applied {
+        if let Some(status @ (RosterStatus::Retiring | RosterStatus::Retired)) = self.roster.get(node) {
+            return reject(RejectKind::Retired, format!("router `{node}` is {status:?}: it takes part in nothing"));
+        }
         let upgrade = match self.active() {
             Ok(u) => u,
             Err(r) => return r,
         };
-        if upgrade.plan.node(node).is_none() {
+        if upgrade.duties_of(node).is_none() {
             return reject(
                 RejectKind::UnknownNode,
-                format!("node `{node}` is not named by the plan of upgrade {}", upgrade.id.0),
+                format!("node `{node}` is neither named by the plan of upgrade {} nor on the roster", upgrade.id.0),
             );
         }
         let mut state = upgrade.nodes.get(node).cloned().unwrap_or_default();
@@ -283,6 +398,22 @@ impl UpgradeState {
         if let Err(e) = plan.mapping() {
             return reject(RejectKind::BadPlan, format!("plan transforms do not fit the old schema: {e}"));
         }
+        for router in plan.nodes_with(Duty::Route) {
+            if let Some(status @ (RosterStatus::Retiring | RosterStatus::Retired)) = self.roster.get(router) {
+                return reject(RejectKind::Retired, format!("the plan names router `{router}`, which is {status:?}"));
+            }
+        }
+        // The plan's routers join the roster; the roster's routers are needed whether the plan
+        // names them or not.
+        for router in plan.nodes_with(Duty::Route) {
+            self.roster.insert(router.clone(), RosterStatus::Active);
+        }
+        let routers = self
+            .roster
+            .iter()
+            .filter(|(_, s)| matches!(s, RosterStatus::Active | RosterStatus::Retiring))
+            .map(|(n, _)| n.clone())
+            .collect();
         self.upgrades_started += 1;
         let id = UpgradeId(self.upgrades_started);
         self.current = Some(Upgrade {
@@ -298,6 +429,7 @@ impl UpgradeState {
             nodes: BTreeMap::new(),
             last_abort_reason: None,
             frozen_on: None,
+            routers,
         });
         Applied::Started(id)
     }
@@ -380,12 +512,13 @@ impl UpgradeState {
                 Ack::Switched => {
                     ("Switched", matches!(u.phase, Phase::Switched | Phase::Done), "Switched", Duty::Route)
                 }
+                Ack::Retired => unreachable!("handled before"),
             };
             if !phase_ok {
                 let detail = format!("{name} ack needs phase {phase_needed}, the upgrade is {:?}", u.phase);
                 return reject(RejectKind::WrongPhase, detail);
             }
-            if !u.plan.node(node).expect("checked by with_node").duties.contains(&duty) {
+            if !u.duties_of(node).expect("checked by with_node").contains(&duty) {
                 return reject(RejectKind::WrongDuties, format!("`{node}` has no {duty:?} duty"));
             }
             match ack {
@@ -397,6 +530,7 @@ impl UpgradeState {
                     state.drained = Some((epoch, *final_position, *checksum_match));
                 }
                 Ack::Switched => state.switched = Some(epoch),
+                Ack::Retired => unreachable!("handled before"),
             }
             Applied::Accepted
         })
@@ -473,18 +607,21 @@ impl UpgradeState {
             upgrade.phase = Phase::Switched;
             self.outcomes.insert(upgrade.epoch, Outcome::Committed);
         }
-        if upgrade.phase == Phase::Staged && upgrade.all_with_any(|n| n.registered && n.deployed) {
+        if upgrade.phase == Phase::Staged
+            && upgrade.required().all(|n| upgrade.nodes.get(n).is_some_and(|s| s.registered && s.deployed))
+        {
             upgrade.phase = Phase::Syncing;
         }
-        if upgrade.phase == Phase::Switched && upgrade.all_with(Duty::Route, |n| n.switched == Some(upgrade.epoch)) {
+        if upgrade.phase == Phase::Switched && upgrade.all_routers(|n| n.switched == Some(upgrade.epoch)) {
             upgrade.phase = Phase::Done;
         }
     }
-}
 
-impl Upgrade {
-    fn all_with_any(&self, pred: impl Fn(&NodeState) -> bool) -> bool {
-        self.plan.nodes.iter().all(|n| self.nodes.get(&n.name).is_some_and(&pred))
+    /// A cluster whose roster starts with these routers (the cluster file's; every replica
+    /// starts from the same state).
+    pub fn with_roster(routers: impl IntoIterator<Item = NodeName>) -> UpgradeState {
+        let roster = routers.into_iter().map(|r| (r, RosterStatus::Active)).collect();
+        UpgradeState { roster, ..UpgradeState::default() }
     }
 }
 

@@ -80,7 +80,7 @@ fn unknown_nodes_and_wrong_duties_are_refused() {
     state.apply(&Command::Start { plan: plan("auto", 3), token: "t1".into() });
     let reason =
         rejected(&mut state, Command::Register { node: n("intruder"), duties: vec![Duty::Route], deployed: true });
-    assert!(reason.detail.contains("not named by the plan"), "{reason}");
+    assert!(reason.detail.contains("nor on the roster"), "{reason}");
     assert_eq!(reason.kind, RejectKind::UnknownNode);
     let reason =
         rejected(&mut state, Command::Register { node: n("router-1"), duties: vec![Duty::Transform], deployed: true });
@@ -488,7 +488,7 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
-    const NODES: [&str; 4] = ["router-1", "router-2", "db-1", "intruder"];
+    const NODES: [&str; 5] = ["router-1", "router-2", "db-1", "intruder", "router-3"];
 
     fn command() -> impl Strategy<Value = Command> {
         let node = (0..NODES.len()).prop_map(|i| n(NODES[i]));
@@ -496,6 +496,7 @@ mod properties {
         let ack = prop_oneof![
             Just(Ack::Frozen),
             Just(Ack::Switched),
+            Just(Ack::Retired),
             (0u64..20, any::<bool>())
                 .prop_map(|(p, m)| Ack::Drained { final_position: Position(p), checksum_match: m }),
         ];
@@ -526,9 +527,11 @@ mod properties {
                 now_ms,
                 deadline_ms: now_ms + d
             }),
-            (node, epoch.clone(), ack).prop_map(|(node, epoch, ack)| Command::Ack { node, epoch, ack }),
+            (node.clone(), epoch.clone(), ack).prop_map(|(node, epoch, ack)| Command::Ack { node, epoch, ack }),
             (epoch, 0u64..10_000).prop_map(|(epoch, now_ms)| Command::Abort { epoch, reason: "random".into(), now_ms }),
             (0u64..10_000).prop_map(|now_ms| Command::OperatorAbort { reason: "random".into(), now_ms }),
+            node.clone().prop_map(|node| Command::Join { node }),
+            (node, any::<bool>()).prop_map(|(node, force)| Command::Retire { node, force }),
         ]
     }
 
@@ -592,7 +595,16 @@ mod properties {
                     let u = state.current.as_ref().unwrap();
                     prop_assert!(u.missing_acks().is_empty() && u.checksum_mismatch().is_none());
                     prop_assert_eq!(u.epoch, *epoch);
-                    prop_assert!(matches!(command, Command::Ack { .. }), "committed by {:?}", command);
+                    // Every router still on the roster (it may serve) acked this freeze.
+                    for (router, status) in &state.roster {
+                        if matches!(status, RosterStatus::Active | RosterStatus::Retiring) {
+                            prop_assert_eq!(u.nodes.get(router).and_then(|s| s.frozen), Some(*epoch), "{} on the roster", router);
+                        }
+                    }
+                    prop_assert!(
+                        matches!(command, Command::Ack { .. } | Command::Retire { force: true, .. }),
+                        "committed by {:?}", command
+                    );
                 }
                 let u = state.current.as_ref().unwrap();
                 if matches!(u.phase, Phase::Switched | Phase::Done) {
@@ -613,4 +625,112 @@ mod properties {
         let reached = REACHED.load(std::sync::atomic::Ordering::Relaxed);
         assert!(reached > 100, "only {reached} of 1024 cases decided an epoch");
     }
+}
+
+fn phase(state: &UpgradeState) -> Phase {
+    state.current.as_ref().unwrap().phase
+}
+
+fn register_router(state: &mut UpgradeState, name: &str) {
+    accepted(state, Command::Register { node: n(name), duties: vec![Duty::Route, Duty::Validate], deployed: true });
+}
+
+#[test]
+fn a_router_that_joins_while_syncing_is_needed_by_the_next_freeze_and_the_switch() {
+    let mut state = ready("auto", 3);
+    accepted(&mut state, Command::Join { node: n("router-3") });
+    assert_eq!(state.roster.get(&n("router-3")), Some(&RosterStatus::Active));
+    register_router(&mut state, "router-3");
+    freeze(&mut state, 1, 100);
+    let reason = rejected(&mut state, Command::Join { node: n("router-4") });
+    assert_eq!(reason.kind, RejectKind::WrongPhase, "no join during a freeze: {reason}");
+    for r in ROUTERS {
+        accepted(&mut state, Command::Ack { node: n(r), epoch: Epoch(1), ack: Ack::Frozen });
+    }
+    assert!(!state.current.as_ref().unwrap().all_routers_frozen(), "router-3 has not acked Frozen");
+    assert!(state.current.as_ref().unwrap().missing_acks().iter().any(|m| m.contains("router-3")));
+    accepted(&mut state, Command::Ack { node: n("router-3"), epoch: Epoch(1), ack: Ack::Frozen });
+    let drained = Ack::Drained { final_position: Position(10), checksum_match: true };
+    accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: drained });
+    assert_eq!(phase(&state), Phase::Switched);
+    for r in ROUTERS {
+        accepted(&mut state, Command::Ack { node: n(r), epoch: Epoch(1), ack: Ack::Switched });
+    }
+    assert_eq!(phase(&state), Phase::Switched, "router-3 has not switched");
+    accepted(&mut state, Command::Ack { node: n("router-3"), epoch: Epoch(1), ack: Ack::Switched });
+    assert_eq!(phase(&state), Phase::Done);
+}
+
+#[test]
+fn a_retiring_router_is_needed_until_it_acks_and_is_refused_after() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 100);
+    accepted(&mut state, Command::Retire { node: n("router-2"), force: false });
+    assert_eq!(state.roster.get(&n("router-2")), Some(&RosterStatus::Retiring));
+    let reason = rejected(&mut state, Command::Ack { node: n("router-2"), epoch: Epoch(1), ack: Ack::Frozen });
+    assert_eq!(reason.kind, RejectKind::Retired, "{reason}");
+    accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Frozen });
+    assert!(!state.current.as_ref().unwrap().all_routers_frozen(), "a retiring router still serves until it acks");
+    accepted(&mut state, Command::Ack { node: n("router-2"), epoch: Epoch(0), ack: Ack::Retired });
+    assert_eq!(state.roster.get(&n("router-2")), Some(&RosterStatus::Retired));
+    assert!(state.current.as_ref().unwrap().all_routers_frozen(), "a retired router is not needed");
+    let drained = Ack::Drained { final_position: Position(10), checksum_match: true };
+    accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: drained });
+    assert_eq!(phase(&state), Phase::Switched);
+    accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Switched });
+    assert_eq!(phase(&state), Phase::Done, "a retired router does not block Done");
+    let reason = rejected(&mut state, Command::Join { node: n("router-2") });
+    assert_eq!(reason.kind, RejectKind::Retired, "{reason}");
+    let view = decision_view(&state, state.version, &n("router-2"));
+    assert_eq!(view.roster, RosterStatus::Retired);
+    assert!(!view.known);
+}
+
+#[test]
+fn a_forced_retire_unblocks_a_stuck_switch_at_once() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 100);
+    accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Frozen });
+    assert!(!state.current.as_ref().unwrap().all_routers_frozen(), "router-2 is dead and never acks");
+    accepted(&mut state, Command::Retire { node: n("router-2"), force: true });
+    let drained = Ack::Drained { final_position: Position(10), checksum_match: true };
+    accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: drained });
+    assert_eq!(phase(&state), Phase::Switched);
+    let reason =
+        rejected(&mut state, Command::Register { node: n("router-2"), duties: vec![Duty::Route], deployed: true });
+    assert_eq!(reason.kind, RejectKind::Retired, "a retired router that comes back is refused: {reason}");
+    let reason = rejected(&mut state, Command::Retire { node: n("router-9"), force: true });
+    assert_eq!(reason.kind, RejectKind::UnknownNode, "{reason}");
+}
+
+#[test]
+fn a_plan_cannot_leave_out_a_roster_router_nor_name_a_retired_one() {
+    let mut state = UpgradeState::with_roster([n("router-1"), n("router-2"), n("router-0")]);
+    assert_eq!(
+        state.apply(&Command::Start { plan: plan("auto", 3), token: "t1".into() }),
+        Applied::Started(UpgradeId(1))
+    );
+    let u = state.current.as_ref().unwrap();
+    assert!(u.routers.contains(&n("router-0")), "needed though the plan does not name it");
+    assert!(u.missing_acks().is_empty() || u.phase != Phase::Freezing);
+    for r in ROUTERS {
+        register_router(&mut state, r);
+    }
+    accepted(
+        &mut state,
+        Command::Register {
+            node: n("db-1"),
+            duties: vec![Duty::Capture, Duty::Transform, Duty::Validate],
+            deployed: true,
+        },
+    );
+    assert_eq!(phase(&state), Phase::Staged, "router-0 has not registered");
+    register_router(&mut state, "router-0");
+    assert_eq!(phase(&state), Phase::Syncing);
+
+    let mut state = UpgradeState::with_roster([n("router-1"), n("router-2")]);
+    accepted(&mut state, Command::Retire { node: n("router-2"), force: true });
+    let reason = rejected(&mut state, Command::Start { plan: plan("auto", 3), token: "t1".into() });
+    assert_eq!(reason.kind, RejectKind::Retired, "{reason}");
+    assert!(state.current.is_none());
 }

@@ -31,12 +31,13 @@ pub fn decision_view(state: &UpgradeState, version: u64, node: &NodeName) -> Dec
         upgrade: upgrade.map(|u| u.id),
         phase: upgrade.map(|u| u.phase),
         decision,
-        known: upgrade.is_some_and(|u| u.plan.node(node).is_some()),
+        known: upgrade.is_some_and(|u| u.duties_of(node).is_some()),
         registered: node_state.registered,
         all_routers_frozen: upgrade.is_some_and(|u| u.all_routers_frozen()),
         acked_frozen: node_state.frozen == Some(epoch) && epoch != Epoch(0),
         acked_drained: node_state.drained.is_some_and(|d| d.0 == epoch) && epoch != Epoch(0),
         acked_switched: node_state.switched == Some(epoch) && epoch != Epoch(0),
+        roster: state.roster.get(node).copied().unwrap_or_default(),
     }
 }
 

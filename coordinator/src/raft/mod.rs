@@ -8,7 +8,8 @@ pub use network::{raft_request, NetworkFactory, RaftReply, RaftRpc};
 pub use protocol::transport::{Transport, TransportError};
 pub use runtime::{seed_runtime_rng, SeededRuntime};
 pub use store::{
-    new_disk, open, read_applied, read_disk, AppliedState, LogStore, RaftDisk, SharedDisk, StateMachineStore,
+    new_disk, new_disk_with, open, read_applied, read_disk, AppliedState, LogStore, RaftDisk, SharedDisk,
+    StateMachineStore,
 };
 
 use crate::upgrade::{Applied, Command};

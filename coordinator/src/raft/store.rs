@@ -68,6 +68,14 @@ pub fn new_disk() -> SharedDisk {
     Arc::new(Mutex::new(RaftDisk::default()))
 }
 
+/// A fresh disk whose state machine starts from `genesis` (the cluster file's roster: every
+/// replica of a cluster must start from the same one).
+pub fn new_disk_with(genesis: UpgradeState) -> SharedDisk {
+    let mut disk = RaftDisk::default();
+    disk.applied.state = genesis;
+    Arc::new(Mutex::new(disk))
+}
+
 fn lock(disk: &SharedDisk) -> MutexGuard<'_, RaftDisk> {
     disk.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -12,7 +12,7 @@
 //! Driving rules: `now_ms` never decreases; outputs are applied in order; the shell calls
 //! [`AgentInput::Timer`] no later than [`AgentCore::next_deadline_ms`].
 
-use protocol::messages::{Ack, DecisionView, NodeReport, NodeRequest, NodeResponse};
+use protocol::messages::{Ack, DecisionView, NodeReport, NodeRequest, NodeResponse, RosterStatus};
 use protocol::{Decision, Duty, Epoch, NodeName, ReplicaId};
 use std::collections::BTreeMap;
 
@@ -128,6 +128,8 @@ pub struct AgentCore {
     write: Option<InFlight>,
     stale_watches: u32,
     last_view: Option<DecisionView>,
+    /// A router whose last view says it is not on the roster: it acts on nothing until it is.
+    off_roster: bool,
     #[cfg(feature = "planted-bugs")]
     bug: Option<AgentBug>,
 }
@@ -138,6 +140,7 @@ fn owed_under(decision: Decision, e: Epoch, ack: &Ack) -> bool {
     match ack {
         Ack::Frozen | Ack::Drained { .. } => decision == Decision::Freeze(e),
         Ack::Switched => decision == Decision::Commit(e),
+        Ack::Retired => decision == Decision::Retired,
     }
 }
 
@@ -146,6 +149,7 @@ fn ack_rank(ack: &Ack) -> u8 {
         Ack::Frozen => 0,
         Ack::Drained { .. } => 1,
         Ack::Switched => 2,
+        Ack::Retired => 3,
     }
 }
 
@@ -173,6 +177,7 @@ impl AgentCore {
             write: None,
             stale_watches: 0,
             last_view: None,
+            off_roster: false,
             #[cfg(feature = "planted-bugs")]
             bug: None,
         }
@@ -246,9 +251,13 @@ impl AgentCore {
         if !self.booted {
             return None;
         }
-        let report_due =
-            (self.write.is_none() && self.registered && self.report.is_some() && self.report != self.report_sent)
-                .then(|| self.last_report_ms.map_or(0, |t| t + self.config.report_interval_ms));
+        // A retired router reports nothing (it sends only its `Retired` ack).
+        let report_due = (self.write.is_none()
+            && self.registered
+            && self.persisted != Decision::Retired
+            && self.report.is_some()
+            && self.report != self.report_sent)
+            .then(|| self.last_report_ms.map_or(0, |t| t + self.config.report_interval_ms));
         [self.watch.as_ref().map(|w| w.deadline_ms), self.write.as_ref().map(|w| w.deadline_ms), report_due]
             .into_iter()
             .flatten()
@@ -370,35 +379,51 @@ impl AgentCore {
         }
         self.known_version = self.known_version.max(view.version);
         self.registered = view.registered;
-        let epoch = view.decision.epoch();
+        // A router taken off the roster (being retired, or retired) persists that it is
+        // retired, which orders after every decision: it serves nothing from then on.
+        let retire = matches!(view.roster, RosterStatus::Retiring | RosterStatus::Retired);
+        let decision = if retire { Decision::Retired } else { view.decision };
+        let epoch = decision.epoch();
         let acked = |ack: &Ack| match ack {
             Ack::Frozen => view.acked_frozen,
             Ack::Drained { .. } => view.acked_drained,
             Ack::Switched => view.acked_switched,
+            Ack::Retired => view.roster == RosterStatus::Retired,
         };
         // Keep only acks still owed for the current decision: `Frozen` and `Drained` while it
         // is that freeze, `Switched` while it is that commit. (An ack for a freeze the node has
         // left would be refused, and resending it forever would block every other write.)
-        let decision = view.decision;
         self.owed.retain(|(e, _), ack| *e == epoch && owed_under(decision, *e, ack) && !acked(ack));
-        let first = !self.linearized;
-        if first {
+        let first = !self.linearized || self.off_roster;
+        if !self.linearized {
             if !linearizable {
                 return;
             }
             self.linearized = true;
         }
-        if view.decision.order_key() > self.persisted.order_key() {
+        // A router not on the roster serves nothing: no freeze would wait for it, so what it
+        // served could mix universes. It acts once a view shows it joined. That view need not
+        // be linearizable: a join is refused during a freeze, and no commit after the join can
+        // be decided without this router's `Frozen`, so the decision in any view that shows
+        // it on the roster is still in force.
+        let router = self.config.duties.contains(&Duty::Route);
+        self.off_roster = router && view.roster == RosterStatus::NotOn && !self.acted_at_boot;
+        if self.off_roster {
+            out.push(AgentOutput::View(view.clone()));
+            self.last_view = Some(view);
+            return;
+        }
+        if decision.order_key() > self.persisted.order_key() {
             #[cfg(feature = "planted-bugs")]
             if self.bug == Some(AgentBug::ActBeforePersist) && self.persisting.is_none() {
-                out.push(AgentOutput::Act(view.decision));
+                out.push(AgentOutput::Act(decision));
             }
             match self.persisting {
                 None => {
-                    self.persisting = Some(view.decision);
-                    out.push(AgentOutput::Persist(view.decision));
+                    self.persisting = Some(decision);
+                    out.push(AgentOutput::Persist(decision));
                 }
-                Some(p) if view.decision.order_key() > p.order_key() => self.wanted = Some(view.decision),
+                Some(p) if decision.order_key() > p.order_key() => self.wanted = Some(decision),
                 Some(_) => {}
             }
         } else if first && !self.trusted && self.persisting.is_none() {
@@ -433,7 +458,11 @@ impl AgentCore {
             return;
         }
         let upgrade_known = self.last_view.as_ref().is_some_and(|v| v.known);
-        let kind = if !self.registered {
+        let retired = self.persisted == Decision::Retired;
+        let kind = if retired {
+            // A retired router sends its `Retired` ack and nothing else.
+            self.owed.iter().next().map(|((epoch, _), ack)| WriteKind::Ack(*epoch, ack.clone()))
+        } else if !self.registered {
             // Register once the coordinator knows an upgrade naming this node.
             upgrade_known.then_some(WriteKind::Register)
         } else if let Some(((epoch, _), ack)) = self.owed.iter().next() {
@@ -497,6 +526,7 @@ mod tests {
             acked_frozen: false,
             acked_drained: false,
             acked_switched: false,
+            roster: protocol::messages::RosterStatus::Active,
         }
     }
 
@@ -775,5 +805,46 @@ mod tests {
         assert!(sends(&out)
             .iter()
             .any(|(_, _, r)| matches!(r, NodeRequest::Report { report, .. } if report.samples == 2)));
+    }
+
+    #[test]
+    fn a_router_off_the_roster_acts_on_nothing_until_a_view_shows_it_joined() {
+        let mut a = agent();
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: false });
+        let off = DecisionView { roster: RosterStatus::NotOn, ..view(3, Decision::Initial) };
+        let (out, _) = answer_watch(&mut a, 1, &out, off.clone());
+        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Persist(_) | AgentOutput::Act(_))), "{out:?}");
+        let (out, _) = answer_watch(&mut a, 2, &out, DecisionView { version: 4, ..off });
+        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Persist(_) | AgentOutput::Act(_))), "{out:?}");
+        // Joined (a watch need not be linearizable now: no commit after the join can be
+        // decided without this router).
+        let (out, _) = answer_watch(&mut a, 3, &out, view(5, Decision::Initial));
+        assert!(out.contains(&AgentOutput::Persist(Decision::Initial)), "a new disk is confirmed first: {out:?}");
+        let acted = a.handle(4, AgentInput::Persisted(Decision::Initial));
+        assert!(acted.contains(&AgentOutput::Act(Decision::Initial)));
+    }
+
+    #[test]
+    fn a_retired_router_persists_it_acts_on_it_and_sends_only_its_retired_ack() {
+        let mut a = agent();
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Commit(Epoch(2)), trusted: true });
+        assert_eq!(out[0], AgentOutput::Act(Decision::Commit(Epoch(2))));
+        let retiring = DecisionView { roster: RosterStatus::Retiring, ..view(6, Decision::Commit(Epoch(2))) };
+        let (out, (watch, _)) = answer_watch(&mut a, 1, &out, retiring);
+        assert!(out.contains(&AgentOutput::Persist(Decision::Retired)), "{out:?}");
+        let out = a.handle(2, AgentInput::Persisted(Decision::Retired));
+        assert!(out.contains(&AgentOutput::Act(Decision::Retired)));
+        let out = a.handle(3, AgentInput::OweAck { epoch: Epoch(0), ack: Ack::Retired });
+        let writes: Vec<NodeRequest> =
+            sends(&out).into_iter().map(|(_, _, r)| r).filter(|r| !matches!(r, NodeRequest::Watch { .. })).collect();
+        assert!(
+            matches!(&writes[..], [NodeRequest::Ack { ack: Ack::Retired, .. }]),
+            "only the retired ack: {writes:?}"
+        );
+        // A view that shows it retired: nothing more is owed, and a decision never follows.
+        let retired = DecisionView { roster: RosterStatus::Retired, ..view(8, Decision::Commit(Epoch(3))) };
+        let out = a.handle(5, AgentInput::Response { id: watch, response: NodeResponse::View(retired) });
+        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Persist(_) | AgentOutput::Act(_))), "{out:?}");
+        assert_eq!(a.persisted(), Decision::Retired);
     }
 }

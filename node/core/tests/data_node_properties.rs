@@ -185,6 +185,7 @@ impl Coordinator {
             acked_frozen: false,
             acked_drained: self.drained.is_some_and(|(e, _)| e == epoch) && epoch != Epoch(0),
             acked_switched: false,
+            roster: protocol::messages::RosterStatus::Active,
         }
     }
 
@@ -675,6 +676,7 @@ impl<'a> Shell<'a> {
                     Decision::Commit(_) => c.acted_commit += 1,
                     Decision::Abort(_) => c.acted_abort += 1,
                     Decision::Initial => {}
+                    Decision::Retired => prop_assert!(false, "a data node is never on the roster, never retired"),
                 }
             }
             DataEvent::Drained { epoch, final_position, .. } => {

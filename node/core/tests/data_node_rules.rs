@@ -74,6 +74,7 @@ fn view(version: u64, phase: Phase, decision: Decision, acked_drained: bool) -> 
         acked_frozen: false,
         acked_drained,
         acked_switched: false,
+        roster: protocol::messages::RosterStatus::Active,
     }
 }
 

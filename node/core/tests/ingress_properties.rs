@@ -27,7 +27,7 @@ use node_core::ingress::{ClientReply, IngressConfig, IngressCore, IngressEvent, 
 use node_core::{NodeRecord, StoreAnswer};
 use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
-use protocol::messages::{Ack, DecisionView, NodeRequest, NodeResponse, Phase};
+use protocol::messages::{Ack, DecisionView, NodeRequest, NodeResponse, Phase, RosterStatus};
 use protocol::schema::{Row, Value};
 use protocol::{Decision, Duty, Epoch, NodeName, Position, Universe, UpgradeId};
 use std::cell::RefCell;
@@ -64,6 +64,8 @@ struct Coordinator {
     /// Epoch of this router's last recorded `Frozen` ack.
     frozen: Option<Epoch>,
     switched: Option<Epoch>,
+    /// This router on the roster (the operator may retire it).
+    roster: RosterStatus,
     /// Every committed state, oldest first (`states[i].version == i + 1`).
     states: Vec<DecisionView>,
     /// The newest state shown to this node.
@@ -78,6 +80,7 @@ impl Coordinator {
             registered: false,
             frozen: None,
             switched: None,
+            roster: RosterStatus::Active,
             states: Vec::new(),
             shown: 0,
         };
@@ -100,6 +103,7 @@ impl Coordinator {
             acked_frozen: acked(self.frozen),
             acked_drained: false,
             acked_switched: acked(self.switched),
+            roster: self.roster,
         }
     }
 
@@ -121,8 +125,9 @@ impl Coordinator {
                 self.phase = Phase::Freezing;
             }
             (Phase::Freezing, Decision::Freeze(e)) => match k % 16 {
-                // A commit needs every router's Frozen ack (data nodes are assumed drained).
-                0..=9 if self.frozen == Some(e) => {
+                // A commit needs every router's Frozen ack (data nodes are assumed drained); a
+                // retired router is not needed.
+                0..=9 if self.frozen == Some(e) || self.roster == RosterStatus::Retired => {
                     self.decision = Decision::Commit(e);
                     self.phase = Phase::Switched;
                 }
@@ -169,6 +174,13 @@ impl Coordinator {
                 ok
             }
             NodeRequest::Ack { ack: Ack::Drained { .. }, .. } => false,
+            NodeRequest::Ack { ack: Ack::Retired, .. } => {
+                let ok = matches!(self.roster, RosterStatus::Retiring | RosterStatus::Retired);
+                if ok {
+                    self.roster = RosterStatus::Retired;
+                }
+                ok
+            }
             NodeRequest::Watch { .. } => unreachable!("a watch is not a write"),
         };
         self.publish();
@@ -212,6 +224,9 @@ enum Step {
     Wait(u64),
     /// The process crashes and restarts from its disk record.
     Crash,
+    /// The operator retires this router (`force`: at once, asserting it is cut off), if
+    /// `k < 8` (rare: a retired router serves nothing for the rest of the case).
+    Retire { force: bool, k: u8 },
 }
 
 /// How many states behind the newest a replica answers from (mostly none).
@@ -230,6 +245,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => Just(Step::Timer),
         10 => (1u64..=WAIT_MAX_MS).prop_map(Step::Wait),
         1 => Just(Step::Crash),
+        1 => (any::<bool>(), any::<u8>()).prop_map(|(force, k)| Step::Retire { force, k }),
     ]
 }
 
@@ -247,6 +263,8 @@ struct Coverage {
     compared: u64,
     stale_views: u64,
     crashes: u64,
+    acted_retired: u64,
+    acks_retired: u64,
 }
 
 struct Shell<'a> {
@@ -386,6 +404,17 @@ impl<'a> Shell<'a> {
             IngressOutput::Send { id, replica, request, deadline_ms } => {
                 prop_assert!(REPLICAS.contains(&replica), "sent to unknown replica {}", replica);
                 prop_assert!(deadline_ms > self.now, "request {} sent with a deadline already passed", id);
+                if let NodeRequest::Ack { ack: Ack::Retired, .. } = &request {
+                    let in_flight: Vec<u64> =
+                        self.forwards.iter().filter(|(_, u)| *u == Universe::Old).map(|(id, _)| *id).collect();
+                    prop_assert_eq!(self.acted, Some(Decision::Retired), "acked Retired before acting on it");
+                    prop_assert!(
+                        in_flight.is_empty(),
+                        "acked Retired with requests {:?} forwarded to the old universe and unanswered",
+                        in_flight
+                    );
+                    self.coverage.borrow_mut().acks_retired += 1;
+                }
                 if let NodeRequest::Ack { epoch, ack: Ack::Frozen, .. } = &request {
                     let in_flight: Vec<u64> =
                         self.forwards.iter().filter(|(_, u)| *u == Universe::Old).map(|(id, _)| *id).collect();
@@ -445,6 +474,7 @@ impl<'a> Shell<'a> {
                     Decision::Freeze(_) => c.acted_freeze += 1,
                     Decision::Commit(_) => c.acted_commit += 1,
                     Decision::Abort(_) => c.acted_abort += 1,
+                    Decision::Retired => c.acted_retired += 1,
                     Decision::Initial => {}
                 }
             }
@@ -537,6 +567,12 @@ impl<'a> Shell<'a> {
                 self.coverage.borrow_mut().crashes += 1;
                 self.boot()?;
             }
+            Step::Retire { force, k } => {
+                if k < 8 && self.coordinator.roster == RosterStatus::Active {
+                    self.coordinator.roster = if force { RosterStatus::Retired } else { RosterStatus::Retiring };
+                    self.coordinator.publish();
+                }
+            }
         }
         Ok(())
     }
@@ -612,6 +648,7 @@ fn ingress_core_follows_committed_decisions() {
     eprintln!("ingress coverage over 256 cases: {c:?}");
     assert!(c.acted_freeze > 0 && c.acted_commit > 0 && c.acted_abort > 0, "decisions not all reached: {c:?}");
     assert!(c.forwarded_old > 0 && c.forwarded_new > 0 && c.acks_frozen > 0, "routing not exercised: {c:?}");
+    assert!(c.acted_retired > 0 && c.acks_retired > 0, "retirement not exercised: {c:?}");
     assert!(c.released > 0 && c.compared > 0 && c.stale_views > 0 && c.crashes > 0, "paths not exercised: {c:?}");
 }
 

@@ -81,6 +81,7 @@ mod tests {
             nodes,
             last_abort_reason: None,
             frozen_on: None,
+            routers: [node.clone()].into(),
         };
         let state = UpgradeState { current: Some(upgrade), ..UpgradeState::default() };
         let mut acks = AcksCounted::default();

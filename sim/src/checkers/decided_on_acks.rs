@@ -1,6 +1,8 @@
-//! Decided on acks seen: a commit is applied only after every router sent `Frozen(e)` and every
-//! data node sent `Drained(e)` with matching checksums, and an upgrade is `Done` only after every
-//! router sent `Switched(e)`. Judged from the acks the simulator saw leave the nodes, not from
+//! Decided on acks seen: a commit is applied only after every router in service sent `Frozen(e)`
+//! and every data node sent `Drained(e)` with matching checksums, and an upgrade is `Done` only
+//! after every router in service sent `Switched(e)`. The routers in service are the simulator's
+//! own count (the plan's, and a joined one once it served, less those that sent `Retired` or
+//! were retired by force), not the state machine's roster. Judged from the acks the simulator saw leave the nodes, not from
 //! the state machine's own bookkeeping, so a state machine that counts the wrong acks, or
 //! decides without them, is caught even when nothing visibly breaks in that run.
 
@@ -8,7 +10,7 @@ use super::acks_counted::AcksCounted;
 use super::Violation;
 use coordinator::upgrade::UpgradeState;
 use protocol::messages::{Ack, Phase};
-use protocol::{Duty, Epoch};
+use protocol::{Duty, Epoch, NodeName};
 use std::collections::BTreeSet;
 
 /// Epochs already reported (each decision is reported once).
@@ -18,13 +20,13 @@ pub struct DecidedOnAcks {
 }
 
 impl DecidedOnAcks {
-    pub fn check(&mut self, acks: &AcksCounted, state: &UpgradeState) -> Vec<Violation> {
+    pub fn check(&mut self, acks: &AcksCounted, state: &UpgradeState, routers: &[NodeName]) -> Vec<Violation> {
         let Some(u) = &state.current else { return Vec::new() };
         let e = u.epoch;
         let committed = matches!(u.phase, Phase::Switched | Phase::Done);
         let mut missing = Vec::new();
         if committed && !self.reported.contains(&(e, false)) {
-            for node in u.plan.nodes_with(Duty::Route) {
+            for node in routers {
                 if !acks.sent_any(node, e, |a| *a == Ack::Frozen) {
                     missing.push(format!("{node} Frozen"));
                 }
@@ -40,7 +42,7 @@ impl DecidedOnAcks {
             }
         }
         if u.phase == Phase::Done && !self.reported.contains(&(e, true)) {
-            for node in u.plan.nodes_with(Duty::Route) {
+            for node in routers {
                 if !acks.sent_any(node, e, |a| *a == Ack::Switched) {
                     missing.push(format!("{node} Switched"));
                 }
@@ -73,18 +75,26 @@ mod tests {
         u.epoch = Epoch(1);
         u.phase = Phase::Switched;
         let (router, db) = (NodeName::from("router-0"), NodeName::from("db-0"));
+        let routers = [router.clone()];
         let mut acks = AcksCounted::default();
         acks.sent(&router, Epoch(1), &Ack::Frozen);
         let mut d = DecidedOnAcks::default();
-        assert!(matches!(&d.check(&acks, &s)[..], [Violation::DecidedWithoutAcks { .. }]), "no Drained sent");
-        assert!(d.check(&acks, &s).is_empty(), "reported once");
+        assert!(matches!(&d.check(&acks, &s, &routers)[..], [Violation::DecidedWithoutAcks { .. }]), "no Drained sent");
+        assert!(d.check(&acks, &s, &routers).is_empty(), "reported once");
         acks.sent(&db, Epoch(1), &Ack::Drained { final_position: Position(9), checksum_match: true });
         let mut d = DecidedOnAcks::default();
-        assert!(d.check(&acks, &s).is_empty());
+        assert!(d.check(&acks, &s, &routers).is_empty());
         s.current.as_mut().expect("started").phase = Phase::Done;
-        assert!(matches!(&d.check(&acks, &s)[..], [Violation::DecidedWithoutAcks { .. }]), "no Switched sent");
+        assert!(
+            matches!(&d.check(&acks, &s, &routers)[..], [Violation::DecidedWithoutAcks { .. }]),
+            "no Switched sent"
+        );
         acks.sent(&router, Epoch(1), &Ack::Switched);
         let mut d = DecidedOnAcks::default();
-        assert!(d.check(&acks, &s).is_empty());
+        assert!(d.check(&acks, &s, &routers).is_empty());
+        // A router in service the plan does not name (it joined) is needed too.
+        let joined = [router.clone(), NodeName::from("router-9")];
+        let mut d = DecidedOnAcks::default();
+        assert!(matches!(&d.check(&acks, &s, &joined)[..], [Violation::DecidedWithoutAcks { .. }]));
     }
 }

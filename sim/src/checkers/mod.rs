@@ -40,6 +40,7 @@
 //!   bounded time.
 //! - [`liveness`]: the upgrade ends.
 //! - [`healthy_freeze`]: a freeze started after every fault healed commits.
+//! - [`roster`]: a router serves clients only while on the roster (joined, not retired).
 //!
 //! `ending.rs` runs the end-of-run checks on the world's final state.
 
@@ -67,6 +68,7 @@ pub mod observed;
 pub mod persist_first;
 pub mod propagation;
 pub mod reads;
+pub mod roster;
 pub mod single_universe;
 pub mod verdicts;
 pub mod views;
@@ -89,6 +91,8 @@ pub enum AdmissionPoint {
 pub enum Violation {
     /// Agreement: a node acted on a decision no replica has applied.
     ActedUncommitted { node: String, decision: Decision },
+    /// Roster: a router answered a client from a universe while off the roster.
+    ServedOffRoster { router: String, why: String },
     /// Agreement: two nodes acted on different outcomes of one epoch.
     ConflictingOutcomes { node: String, decision: Decision, other_node: String, other: Decision },
     /// Acks counted were sent: a replica's state counts an ack its node never sent.
@@ -199,6 +203,7 @@ impl fmt::Display for Violation {
             ActedUncommitted { node, decision } => {
                 write!(f, "agreement: {node} acted on {decision:?}, which no replica has applied")
             }
+            ServedOffRoster { router, why } => write!(f, "roster: {router} answered a client though {why}"),
             ConflictingOutcomes { node, decision, other_node, other } => {
                 write!(f, "agreement: {node} acted on {decision:?} but {other_node} acted on {other:?}")
             }

@@ -101,8 +101,10 @@ pub fn fail_reason(
     hold_queue_max: usize,
     held_ms: u64,
     hold_ms_max: u64,
+    retired: bool,
 ) -> Option<Violation> {
     let (ok, seen) = match reason {
+        FailReason::Retired => (retired, format!("retired on disk: {retired}")),
         FailReason::HoldQueueFull => (held_others >= hold_queue_max, format!("{held_others} others held")),
         FailReason::HoldTimeout => (held_ms >= hold_ms_max, format!("held {held_ms} ms")),
     };
@@ -230,10 +232,12 @@ mod tests {
 
     #[test]
     fn reasons_and_causes_must_match_what_happened() {
-        assert_eq!(fail_reason("r", FailReason::HoldQueueFull, 5, 5, 0, 1000), None);
-        assert!(fail_reason("r", FailReason::HoldQueueFull, 4, 5, 0, 1000).is_some());
-        assert_eq!(fail_reason("r", FailReason::HoldTimeout, 0, 5, 1000, 1000), None);
-        assert!(fail_reason("r", FailReason::HoldTimeout, 0, 5, 999, 1000).is_some());
+        assert_eq!(fail_reason("r", FailReason::HoldQueueFull, 5, 5, 0, 1000, false), None);
+        assert!(fail_reason("r", FailReason::HoldQueueFull, 4, 5, 0, 1000, false).is_some());
+        assert_eq!(fail_reason("r", FailReason::HoldTimeout, 0, 5, 1000, 1000, false), None);
+        assert!(fail_reason("r", FailReason::HoldTimeout, 0, 5, 999, 1000, false).is_some());
+        assert_eq!(fail_reason("r", FailReason::Retired, 0, 5, 0, 1000, true), None);
+        assert!(fail_reason("r", FailReason::Retired, 0, 5, 0, 1000, false).is_some());
         let fresh = Booted { own_disk: false, disk_frozen: false };
         let own = Booted { own_disk: true, disk_frozen: false };
         let own_frozen = Booted { own_disk: true, disk_frozen: true };

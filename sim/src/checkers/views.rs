@@ -63,6 +63,7 @@ mod tests {
             acked_frozen: false,
             acked_drained: false,
             acked_switched: false,
+            roster: protocol::messages::RosterStatus::Active,
         }
     }
 

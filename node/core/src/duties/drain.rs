@@ -115,6 +115,8 @@ impl DrainCore {
                     out.push(DrainOutput::Unfence);
                 }
                 Decision::Commit(_) => self.state = State::Committed,
+                // Only routers are on the roster; a data node is never retired through it.
+                Decision::Retired => {}
             },
             // A result for an earlier freeze (aborted since) is not this freeze's final position.
             DrainInput::Fenced { epoch, final_position } => {

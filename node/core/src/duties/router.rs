@@ -98,6 +98,8 @@ pub enum HoldCause {
 pub enum FailReason {
     HoldTimeout,
     HoldQueueFull,
+    /// The router is retired: it serves nothing, ever.
+    Retired,
 }
 
 /// Where the router stands.
@@ -107,6 +109,8 @@ pub enum Mode {
     Unknown,
     Serving(Universe),
     Frozen(Epoch),
+    /// Off the roster: every request fails.
+    Retired,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -127,6 +131,8 @@ pub struct RouterCore {
     mirroring: bool,
     /// Why requests are held before the first decision.
     startup_cause: HoldCause,
+    /// Retired, and acked once nothing was in flight to the old universe any more.
+    retired_acked: bool,
     #[cfg(feature = "planted-bugs")]
     bug: Option<RouterBug>,
 }
@@ -143,6 +149,7 @@ impl RouterCore {
             frozen_acked: None,
             mirroring: false,
             startup_cause: HoldCause::Startup,
+            retired_acked: false,
             #[cfg(feature = "planted-bugs")]
             bug: None,
         }
@@ -182,6 +189,11 @@ impl RouterCore {
         match input {
             RouterInput::Request { id, read_only } => match self.mode {
                 Mode::Serving(universe) => self.forward(id, universe, read_only, &mut out),
+                Mode::Retired => out.push(RouterOutput::Fail {
+                    id,
+                    retry_after_ms: self.config.retry_after_ms,
+                    reason: FailReason::Retired,
+                }),
                 Mode::Frozen(_) | Mode::Unknown => {
                     if self.held.len() >= self.config.hold_queue_max {
                         out.push(RouterOutput::Fail {
@@ -208,6 +220,12 @@ impl RouterCore {
             }
         }
         self.maybe_ack_frozen(&mut out);
+        // Retired once nothing is in flight to the old universe: after the ack, the others may
+        // switch without this router, so it must have nothing left that could land there.
+        if self.mode == Mode::Retired && !self.retired_acked && self.in_flight_old.is_empty() {
+            self.retired_acked = true;
+            out.push(RouterOutput::Ack { epoch: Epoch(0), ack: Ack::Retired });
+        }
         out
     }
 
@@ -222,8 +240,21 @@ impl RouterCore {
     }
 
     fn decide(&mut self, now_ms: u64, decision: Decision, out: &mut Vec<RouterOutput>) {
+        assert!(self.mode != Mode::Retired, "a retired router acts on nothing ({decision:?})");
         match decision {
             Decision::Freeze(epoch) => self.mode = Mode::Frozen(epoch),
+            Decision::Retired => {
+                self.mode = Mode::Retired;
+                self.mirroring = false;
+                while let Some(h) = self.held.pop_front() {
+                    out.push(RouterOutput::Released { id: h.id, held_ms: now_ms - h.since_ms, cause: h.cause });
+                    out.push(RouterOutput::Fail {
+                        id: h.id,
+                        retry_after_ms: self.config.retry_after_ms,
+                        reason: FailReason::Retired,
+                    });
+                }
+            }
             Decision::Initial | Decision::Abort(_) | Decision::Commit(_) => {
                 let universe = decision.serving().expect("these decisions serve a universe");
                 self.mode = Mode::Serving(universe);
