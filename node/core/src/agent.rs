@@ -7,7 +7,9 @@
 //! ordered before the persisted one (epochs never go backwards). After a (re)start it hands over
 //! the decision on the node's own, confirmed disk at once unless that is a freeze; otherwise
 //! nothing until a linearizable read has answered (and, on a disk not yet confirmed, until what
-//! it read is written back).
+//! it read is written back). A router acts on nothing while its view says it is not on the
+//! roster; one being retired persists `Retired` (ordered after every decision) and, once its
+//! router core has nothing in flight to the old universe, sends only its `Retired` ack.
 //!
 //! Driving rules: `now_ms` never decreases; outputs are applied in order; the shell calls
 //! [`AgentInput::Timer`] no later than [`AgentCore::next_deadline_ms`].
