@@ -130,8 +130,8 @@ impl Replica {
 
     async fn handle_node(&self, request: NodeRequest) -> NodeResponse {
         let command = match request {
-            NodeRequest::Watch { node, known_version, linearizable, wait_ms } => {
-                return self.watch(&node, known_version, linearizable, wait_ms).await;
+            NodeRequest::Watch { node, known_version, known_digest, linearizable, wait_ms } => {
+                return self.watch(&node, (known_version, known_digest), linearizable, wait_ms).await;
             }
             NodeRequest::Register { node, duties, deployed } => Command::Register { node, duties, deployed },
             NodeRequest::Report { node, report } => Command::Report { node, report },
@@ -145,7 +145,13 @@ impl Replica {
         }
     }
 
-    async fn watch(&self, node: &protocol::NodeName, known: u64, linearizable: bool, wait_ms: u32) -> NodeResponse {
+    async fn watch(
+        &self,
+        node: &protocol::NodeName,
+        (known, known_digest): (u64, u64),
+        linearizable: bool,
+        wait_ms: u32,
+    ) -> NodeResponse {
         if linearizable {
             let read = self.raft.ensure_linearizable();
             match tokio::time::timeout(Duration::from_millis(PROPOSAL_TIMEOUT_MS), read).await {
@@ -159,9 +165,17 @@ impl Replica {
         }
         let mut applied = self.applied.clone();
         let wait = Duration::from_millis(u64::from(wait_ms.min(WATCH_WAIT_MAX_MS)));
-        let _ = tokio::time::timeout(wait, applied.wait_for(|v| *v > known)).await;
-        let view = self.read(|state| decision_view(state, state.version, node));
-        NodeResponse::View(view)
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut known = known;
+        loop {
+            let woken = tokio::time::timeout_at(deadline, applied.wait_for(|v| *v > known)).await;
+            let view = self.read(|state| decision_view(state, state.version, node));
+            // News for this node, or time is up: answer. Another node's news: keep waiting.
+            if !matches!(woken, Ok(Ok(_))) || known_digest == 0 || view.digest() != known_digest {
+                return NodeResponse::View(view);
+            }
+            known = view.version;
+        }
     }
 
     async fn handle_cli(&self, request: CliRequest) -> CliResponse {

@@ -89,11 +89,16 @@ pub enum NodeRequest {
         epoch: Epoch,
         ack: Ack,
     },
-    /// Long poll: answered when the state's version exceeds `known_version`, or after `wait_ms`.
-    /// `linearizable` asks the replica to confirm leadership first (a restarted router does).
+    /// Long poll: answered once the state's version exceeds `known_version` **and** the node's
+    /// view says something new (its [`DecisionView::digest`] differs from `known_digest`; `0`:
+    /// any change is news), or after `wait_ms`. A watcher is not woken by other nodes' news
+    /// (each wake-up costs it a round trip with no watch parked, when the next decision may
+    /// come). `linearizable` asks the replica to confirm leadership first (a restarted router
+    /// does).
     Watch {
         node: NodeName,
         known_version: u64,
+        known_digest: u64,
         linearizable: bool,
         wait_ms: u32,
     },
@@ -120,6 +125,36 @@ pub struct DecisionView {
     pub acked_switched: bool,
     /// The asking node on the roster.
     pub roster: RosterStatus,
+}
+
+impl DecisionView {
+    /// A digest of what the view tells its node, its version left out (FNV-1a over the fields;
+    /// never `0`, which a watch uses for "no view yet").
+    pub fn digest(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |x: u64| {
+            for b in x.to_le_bytes() {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        eat(self.upgrade.map_or(u64::MAX, |u| u.0));
+        eat(self.phase.map_or(u64::MAX, |p| p as u64));
+        let (epoch, rank) = self.decision.order_key();
+        eat(epoch);
+        eat(u64::from(rank));
+        let flags = [
+            self.known,
+            self.registered,
+            self.all_routers_frozen,
+            self.acked_frozen,
+            self.acked_drained,
+            self.acked_switched,
+        ];
+        eat(flags.iter().fold(0, |acc, f| (acc << 1) | u64::from(*f)));
+        eat(self.roster as u64);
+        h.max(1)
+    }
 }
 
 /// Why the coordinator's state machine refused a command.
@@ -305,4 +340,47 @@ pub enum Response {
     Error {
         reason: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view() -> DecisionView {
+        DecisionView {
+            version: 4,
+            upgrade: Some(UpgradeId(1)),
+            phase: Some(Phase::Freezing),
+            decision: Decision::Freeze(Epoch(2)),
+            known: true,
+            registered: true,
+            all_routers_frozen: false,
+            acked_frozen: false,
+            acked_drained: false,
+            acked_switched: false,
+            roster: RosterStatus::Active,
+        }
+    }
+
+    #[test]
+    fn a_digest_ignores_the_version_and_sees_every_field_a_node_acts_on() {
+        let v = view();
+        assert_eq!(v.digest(), DecisionView { version: 99, ..v.clone() }.digest());
+        let changed = [
+            DecisionView { decision: Decision::Commit(Epoch(2)), ..v.clone() },
+            DecisionView { phase: Some(Phase::Switched), ..v.clone() },
+            DecisionView { all_routers_frozen: true, ..v.clone() },
+            DecisionView { acked_frozen: true, ..v.clone() },
+            DecisionView { acked_drained: true, ..v.clone() },
+            DecisionView { acked_switched: true, ..v.clone() },
+            DecisionView { registered: false, ..v.clone() },
+            DecisionView { known: false, ..v.clone() },
+            DecisionView { roster: RosterStatus::Retiring, ..v.clone() },
+            DecisionView { upgrade: Some(UpgradeId(2)), ..v.clone() },
+        ];
+        for c in changed {
+            assert_ne!(c.digest(), v.digest(), "{c:?}");
+            assert_ne!(c.digest(), 0);
+        }
+    }
 }

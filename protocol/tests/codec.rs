@@ -25,7 +25,7 @@ fn node_request() -> impl Strategy<Value = NodeRequest> {
             ack: Ack::Drained { final_position: Position(p), checksum_match: m }
         }),
         (name, any::<u64>(), any::<bool>(), any::<u32>()).prop_map(|(node, known_version, linearizable, wait_ms)| {
-            NodeRequest::Watch { node, known_version, linearizable, wait_ms }
+            NodeRequest::Watch { node, known_version, known_digest: known_version ^ 7, linearizable, wait_ms }
         }),
     ]
 }

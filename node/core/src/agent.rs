@@ -127,7 +127,12 @@ pub struct AgentCore {
     report_sent: Option<NodeReport>,
     last_report_ms: Option<u64>,
     watch: Option<InFlight>,
+    /// A registration or an ack in flight.
     write: Option<InFlight>,
+    /// A report in flight: a slot of its own, so that an ack never waits behind a report (in a
+    /// wide-area cluster a report's proposal takes a few round trips, and a router's `Frozen`
+    /// queued behind one delays the whole switch).
+    reporting: Option<InFlight>,
     stale_watches: u32,
     last_view: Option<DecisionView>,
     /// A router whose last view says it is not on the roster: it acts on nothing until it is.
@@ -177,6 +182,7 @@ impl AgentCore {
             last_report_ms: None,
             watch: None,
             write: None,
+            reporting: None,
             stale_watches: 0,
             last_view: None,
             off_roster: false,
@@ -254,21 +260,23 @@ impl AgentCore {
             return None;
         }
         // A retired router reports nothing (it sends only its `Retired` ack).
-        let report_due = (self.write.is_none()
+        let report_due = (self.reporting.is_none()
             && self.registered
             && self.persisted != Decision::Retired
             && self.report.is_some()
             && self.report != self.report_sent)
             .then(|| self.last_report_ms.map_or(0, |t| t + self.config.report_interval_ms));
-        [self.watch.as_ref().map(|w| w.deadline_ms), self.write.as_ref().map(|w| w.deadline_ms), report_due]
+        [&self.watch, &self.write, &self.reporting]
             .into_iter()
+            .map(|slot| slot.as_ref().map(|w| w.deadline_ms))
+            .chain([report_due])
             .flatten()
             .min()
     }
 
     /// The deadline of request `id`, while it is in flight.
     pub fn request_deadline_ms(&self, id: u64) -> Option<u64> {
-        [&self.watch, &self.write].into_iter().flatten().find(|f| f.id == id).map(|f| f.deadline_ms)
+        [&self.watch, &self.write, &self.reporting].into_iter().flatten().find(|f| f.id == id).map(|f| f.deadline_ms)
     }
 
     fn on_persisted(&mut self, decision: Decision, out: &mut Vec<AgentOutput>) {
@@ -306,7 +314,7 @@ impl AgentCore {
 
     fn expire(&mut self, now_ms: u64) {
         let mut timed_out = Vec::new();
-        for slot in [&mut self.watch, &mut self.write] {
+        for slot in [&mut self.watch, &mut self.write, &mut self.reporting] {
             if slot.as_ref().is_some_and(|f| now_ms >= f.deadline_ms) {
                 // A report that may be lost is sent again (its content may not change for long).
                 if slot.as_ref().is_some_and(|f| matches!(f.what, Pending::Write(WriteKind::Report))) {
@@ -334,10 +342,16 @@ impl AgentCore {
             }
             return;
         }
-        if let Some(w) = self.write.as_ref().filter(|w| w.id == id) {
-            let Pending::Write(kind) = w.what.clone() else { unreachable!("write slot holds writes") };
+        let slot = if self.write.as_ref().is_some_and(|w| w.id == id) {
+            Some(&mut self.write)
+        } else if self.reporting.as_ref().is_some_and(|w| w.id == id) {
+            Some(&mut self.reporting)
+        } else {
+            None
+        };
+        if let Some(w) = slot.and_then(Option::take) {
+            let Pending::Write(kind) = w.what.clone() else { unreachable!("write slots hold writes") };
             let from = w.replica;
-            self.write = None;
             match response {
                 NodeResponse::Accepted => match kind {
                     WriteKind::Register => self.registered = true,
@@ -446,9 +460,14 @@ impl AgentCore {
             let id = self.next_id;
             self.next_id += 1;
             let linearizable = !self.linearized;
+            let known_digest = match (&self.last_view, linearizable) {
+                (Some(view), false) => view.digest(),
+                _ => 0,
+            };
             let request = NodeRequest::Watch {
                 node: self.config.node.clone(),
                 known_version: if linearizable { 0 } else { self.known_version },
+                known_digest,
                 linearizable,
                 wait_ms: self.config.watch_wait_ms,
             };
@@ -456,30 +475,40 @@ impl AgentCore {
             self.watch = Some(InFlight { id, deadline_ms, what: Pending::Watch, linearizable, replica: self.target });
             out.push(AgentOutput::Send { id, replica, request });
         }
-        if self.write.is_some() {
-            return;
-        }
         let upgrade_known = self.last_view.as_ref().is_some_and(|v| v.known);
         let retired = self.persisted == Decision::Retired;
-        let kind = if retired {
-            // A retired router sends its `Retired` ack and nothing else.
-            self.owed.iter().next().map(|((epoch, _), ack)| WriteKind::Ack(*epoch, ack.clone()))
-        } else if !self.registered {
-            // Register once the coordinator knows an upgrade naming this node.
-            upgrade_known.then_some(WriteKind::Register)
-        } else if let Some(((epoch, _), ack)) = self.owed.iter().next() {
-            Some(WriteKind::Ack(*epoch, ack.clone()))
-        } else {
-            let due = self.last_report_ms.is_none_or(|t| now_ms >= t + self.config.report_interval_ms);
-            (due && self.report.is_some() && self.report != self.report_sent).then_some(WriteKind::Report)
-        };
-        let Some(kind) = kind else { return };
+        if self.write.is_none() {
+            let kind = if !self.registered && !retired {
+                // Register once the coordinator knows an upgrade naming this node.
+                upgrade_known.then_some(WriteKind::Register)
+            } else {
+                // A retired router sends its `Retired` ack and nothing else.
+                self.owed.iter().next().map(|((epoch, _), ack)| WriteKind::Ack(*epoch, ack.clone()))
+            };
+            if let Some(kind) = kind {
+                self.write = Some(self.send_write(now_ms, kind, out));
+            }
+        }
+        let due = self.last_report_ms.is_none_or(|t| now_ms >= t + self.config.report_interval_ms);
+        if self.reporting.is_none()
+            && self.registered
+            && !retired
+            && due
+            && self.report.is_some()
+            && self.report != self.report_sent
+        {
+            self.reporting = Some(self.send_write(now_ms, WriteKind::Report, out));
+        }
+    }
+
+    fn send_write(&mut self, now_ms: u64, kind: WriteKind, out: &mut Vec<AgentOutput>) -> InFlight {
+        let replica = self.target();
         let node = self.config.node.clone();
         let request = match &kind {
             WriteKind::Register => NodeRequest::Register { node, duties: self.config.duties.clone(), deployed: true },
             WriteKind::Ack(epoch, ack) => NodeRequest::Ack { node, epoch: *epoch, ack: ack.clone() },
             WriteKind::Report => {
-                let report = self.report.clone().expect("checked above");
+                let report = self.report.clone().expect("checked by the caller");
                 self.report_sent = Some(report.clone());
                 self.last_report_ms = Some(now_ms);
                 NodeRequest::Report { node, report }
@@ -487,14 +516,14 @@ impl AgentCore {
         };
         let id = self.next_id;
         self.next_id += 1;
-        self.write = Some(InFlight {
+        out.push(AgentOutput::Send { id, replica, request });
+        InFlight {
             id,
             deadline_ms: now_ms + self.config.request_timeout_ms,
             what: Pending::Write(kind),
             linearizable: false,
             replica: self.target,
-        });
-        out.push(AgentOutput::Send { id, replica, request });
+        }
     }
 }
 
@@ -824,6 +853,39 @@ mod tests {
         assert!(out.contains(&AgentOutput::Persist(Decision::Initial)), "a new disk is confirmed first: {out:?}");
         let acted = a.handle(4, AgentInput::Persisted(Decision::Initial));
         assert!(acted.contains(&AgentOutput::Act(Decision::Initial)));
+    }
+
+    #[test]
+    fn an_ack_never_waits_behind_a_report_in_flight() {
+        let mut a = agent();
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: true });
+        let (out, _) = answer_watch(&mut a, 1, &out, view(3, Decision::Initial));
+        let report = NodeReport { samples: 3, ..NodeReport::default() };
+        let out2 = a.handle(2, AgentInput::Report(report));
+        let reports = |out: &[AgentOutput]| {
+            sends(out).into_iter().filter(|(_, _, r)| matches!(r, NodeRequest::Report { .. })).count()
+        };
+        assert_eq!(reports(&out2), 1, "a report goes out: {out:?} {out2:?}");
+        let out3 = a.handle(3, AgentInput::OweAck { epoch: Epoch(1), ack: Ack::Frozen });
+        assert!(
+            sends(&out3).iter().any(|(_, _, r)| matches!(r, NodeRequest::Ack { ack: Ack::Frozen, .. })),
+            "the ack goes out while the report is in flight: {out3:?}"
+        );
+    }
+
+    #[test]
+    fn a_watch_names_the_view_it_has_so_only_news_wakes_it() {
+        let mut a = agent();
+        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: true });
+        let first = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Watch { .. })).unwrap();
+        assert!(matches!(first.2, NodeRequest::Watch { known_digest: 0, linearizable: true, .. }));
+        let seen = view(3, Decision::Initial);
+        let (out, _) = answer_watch(&mut a, 1, &out, seen.clone());
+        let next = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Watch { .. })).unwrap();
+        assert!(
+            matches!(next.2, NodeRequest::Watch { known_version: 3, known_digest, .. } if known_digest == seen.digest()),
+            "{next:?}"
+        );
     }
 
     #[test]
