@@ -25,6 +25,16 @@ impl<R: 'static> Message for DataRequest<R> {
     type Result = ();
 }
 
+/// A router's notice that it is frozen for `epoch` (see `IngressOutput::NotifyFrozen`).
+pub struct RouterFrozen {
+    pub router: protocol::NodeName,
+    pub epoch: protocol::Epoch,
+}
+
+impl Message for RouterFrozen {
+    type Result = ();
+}
+
 /// What the data node finds on its disk and in its stores when it starts.
 #[derive(Clone, Debug)]
 pub struct DataBoot {
@@ -176,6 +186,14 @@ impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> Handler<DataRequest
         let DataRequest { key, universe, mirror, read_only, request } = msg;
         self.requests.entry((key, mirror)).or_default().push_back(request);
         self.feed(ctx, DataInput::Request { key, universe, mirror, read_only });
+    }
+}
+
+impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> Handler<RouterFrozen> for DataNodeActor<T, D, S, C> {
+    type Result = ();
+
+    fn handle(&mut self, msg: RouterFrozen, ctx: &mut Context<Self>) {
+        self.feed(ctx, DataInput::RouterFrozen { router: msg.router, epoch: msg.epoch });
     }
 }
 

@@ -135,6 +135,7 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
                     }
                 }
             }
+            IngressOutput::NotifyFrozen { epoch } => self.io.notify_frozen(epoch),
             IngressOutput::Event(event) => self.io.event(event),
         }
         None

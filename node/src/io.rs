@@ -51,6 +51,8 @@ pub trait Ingress: Unpin + 'static {
     ) -> impl Future<Output = Option<StoreAnswer>> + 'static;
     /// Answers the client.
     fn reply(&self, request: Self::Request, reply: ClientReply);
+    /// Tells every data node that this router is frozen for `epoch` (best effort, no answer).
+    fn notify_frozen(&self, epoch: protocol::Epoch);
     /// Metrics and checkers.
     fn event(&self, event: IngressEvent);
     /// Called after every input (handled at `now_ms`) with the core's state (metrics; the

@@ -34,6 +34,7 @@ enum Io {
     Event(String),
     Execute { key: RequestKey, universe: Universe },
     Store(String),
+    NotifyFrozen(protocol::Epoch),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -130,6 +131,7 @@ impl ScriptedCoordinator {
             acked_drained: false,
             acked_switched: false,
             roster: protocol::messages::RosterStatus::Active,
+            routers: Vec::new(),
         }
     }
 }
@@ -214,6 +216,10 @@ impl Ingress for TestIngress {
         push(&self.log, Io::Reply(format!("{request}: {reply:?}")));
     }
 
+    fn notify_frozen(&self, epoch: protocol::Epoch) {
+        push(&self.log, Io::NotifyFrozen(epoch));
+    }
+
     fn event(&self, event: IngressEvent) {
         push(&self.log, Io::Event(format!("{event:?}")));
     }
@@ -227,6 +233,7 @@ fn ingress_io(output: &IngressOutput) -> Io {
         IngressOutput::Reply { id, reply } => Io::Reply(format!("{id}: {reply:?}")),
         IngressOutput::Send { request, .. } => Io::Send(request.clone()),
         IngressOutput::Persist(record) => Io::Persist(*record),
+        IngressOutput::NotifyFrozen { epoch } => Io::NotifyFrozen(*epoch),
         IngressOutput::Event(event) => Io::Event(format!("{event:?}")),
     }
 }

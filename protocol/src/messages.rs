@@ -125,11 +125,16 @@ pub struct DecisionView {
     pub acked_switched: bool,
     /// The asking node on the roster.
     pub roster: RosterStatus,
+    /// A data node's view while Freezing: every router the freeze needs. A data node may fence
+    /// once each of them told it directly that it is frozen for this epoch, without waiting
+    /// for the replicated state to show all their acks (a round of consensus saved). Empty
+    /// otherwise.
+    pub routers: Vec<NodeName>,
 }
 
 impl DecisionView {
-    /// A digest of what the view tells its node, its version left out (FNV-1a over the fields;
-    /// never `0`, which a watch uses for "no view yet").
+    /// A digest of the news a view brings its node: every field but the version and the node's
+    /// own acks (FNV-1a; never `0`, which a watch uses for "no view yet").
     pub fn digest(&self) -> u64 {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         let mut eat = |x: u64| {
@@ -143,16 +148,18 @@ impl DecisionView {
         let (epoch, rank) = self.decision.order_key();
         eat(epoch);
         eat(u64::from(rank));
-        let flags = [
-            self.known,
-            self.registered,
-            self.all_routers_frozen,
-            self.acked_frozen,
-            self.acked_drained,
-            self.acked_switched,
-        ];
+        // The node's own acks are left out: it learns they took effect from the answer to the
+        // ack itself, and waking its watch for them would leave no watch parked when the outcome
+        // comes. (They are in the view all the same, for a node that restarted.)
+        let flags = [self.known, self.registered, self.all_routers_frozen];
         eat(flags.iter().fold(0, |acc, f| (acc << 1) | u64::from(*f)));
         eat(self.roster as u64);
+        for router in &self.routers {
+            for b in router.0.bytes() {
+                eat(u64::from(b));
+            }
+            eat(u64::MAX);
+        }
         h.max(1)
     }
 }
@@ -184,8 +191,6 @@ pub enum RejectKind {
     Backoff,
     /// The command is malformed (e.g. a deadline before its proposal time).
     BadCommand,
-    /// A `Drained` ack before every router acked `Frozen`.
-    RoutersNotFrozen,
     /// The epoch already has an outcome.
     AlreadyDecided,
     /// A commit without every ack of the epoch.
@@ -359,24 +364,25 @@ mod tests {
             acked_drained: false,
             acked_switched: false,
             roster: RosterStatus::Active,
+            routers: Vec::new(),
         }
     }
 
     #[test]
-    fn a_digest_ignores_the_version_and_sees_every_field_a_node_acts_on() {
+    fn a_digest_sees_every_field_a_node_acts_on_but_the_version_and_its_own_acks() {
         let v = view();
         assert_eq!(v.digest(), DecisionView { version: 99, ..v.clone() }.digest());
+        let own_acks = DecisionView { acked_frozen: true, acked_drained: true, acked_switched: true, ..v.clone() };
+        assert_eq!(v.digest(), own_acks.digest(), "a node learns of its own acks from their answers");
         let changed = [
             DecisionView { decision: Decision::Commit(Epoch(2)), ..v.clone() },
             DecisionView { phase: Some(Phase::Switched), ..v.clone() },
             DecisionView { all_routers_frozen: true, ..v.clone() },
-            DecisionView { acked_frozen: true, ..v.clone() },
-            DecisionView { acked_drained: true, ..v.clone() },
-            DecisionView { acked_switched: true, ..v.clone() },
             DecisionView { registered: false, ..v.clone() },
             DecisionView { known: false, ..v.clone() },
             DecisionView { roster: RosterStatus::Retiring, ..v.clone() },
             DecisionView { upgrade: Some(UpgradeId(2)), ..v.clone() },
+            DecisionView { routers: vec![NodeName::from("router-1")], ..v.clone() },
         ];
         for c in changed {
             assert_ne!(c.digest(), v.digest(), "{c:?}");

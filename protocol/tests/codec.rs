@@ -48,6 +48,7 @@ fn view() -> impl Strategy<Value = DecisionView> {
         acked_drained: flags[4],
         acked_switched: flags[5],
         roster: RosterStatus::Active,
+        routers: Vec::new(),
     })
 }
 

@@ -11,9 +11,9 @@ use crate::config::Bug;
 use crate::net::ProcId;
 use crate::node_io::{sim_clock, SimClock, SimDisk};
 use crate::procs::{ReplyTo, SimDataRequest};
-use crate::wire::{DataRequest, DataResponse};
+use crate::wire::{DataMessage, DataResponse};
 use crate::world::{detached, with, SimTransport, World};
-use node::data_node::{DataBoot, DataNodeActor, DataRequest as ActorRequest};
+use node::data_node::{DataBoot, DataNodeActor, DataRequest as ActorRequest, RouterFrozen};
 use node::io::Stores;
 use node_core::data_node::{DataEvent, DataNodeConfig, DataNodeCore, StoreOp, StoreResult};
 use node_core::store::{Batch, MemStore, NewStore, OldStore};
@@ -83,6 +83,11 @@ impl Stores for SimStores {
         if let StoreOp::Apply(batch) = &op {
             self.with(|w| w.data[index].applying = Some(batch.checkpoint.clone()));
         }
+        if op == StoreOp::Fence {
+            // Judged by the decision on disk when the node asked (a slow store may fence only
+            // after the node learned the outcome; the unfence then follows).
+            self.with(|w| w.data[index].fence_asked_with = Some(w.data[index].disk.decision));
+        }
         // A slow store (the load fault) takes a drawn time, and does the work at its end.
         let delay_us = self
             .with(|w| match w.faults.store_delay_us_max {
@@ -142,8 +147,16 @@ impl Stores for SimStores {
 impl World {
     /// A request for data node `i` arrived from the network.
     pub fn data_request(&mut self, i: usize, bytes: &[u8], reply_to: ReplyTo) {
-        let refused = match codec::decode_frame::<DataRequest>(bytes) {
-            Ok(Some((request, _))) => match self.data[i].actor.as_ref() {
+        let refused = match codec::decode_frame::<DataMessage>(bytes) {
+            Ok(Some((DataMessage::Frozen { router, epoch }, _))) => {
+                let name = self.data[i].name.clone();
+                self.record(format_args!("{name} hears {router} frozen for {epoch}"));
+                if let Some(notices) = self.data[i].notices.as_ref() {
+                    notices.do_send(RouterFrozen { router, epoch });
+                }
+                return;
+            }
+            Ok(Some((DataMessage::Request(request), _))) => match self.data[i].actor.as_ref() {
                 Some((actor, _)) => {
                     let read_only = request.op.read_only();
                     actor.do_send(ActorRequest {
@@ -204,10 +217,10 @@ impl World {
             }
             StoreOp::Fence => {
                 if !d.old.is_fenced() {
-                    let routers = self.routers_in_service(self.data[i].disk.decision.epoch());
+                    let asked_with = self.data[i].fence_asked_with.unwrap_or(self.data[i].disk.decision);
+                    let routers = self.routers_in_service(asked_with.epoch());
                     let d = &self.data[i];
-                    let found =
-                        fenced_after_frozen::check(&self.checker.acks_counted, &routers, &d.name, d.disk.decision);
+                    let found = fenced_after_frozen::check(&self.checker.acks_counted, &routers, &d.name, asked_with);
                     let now = self.now_us();
                     self.checker.found(now, found);
                 }
@@ -287,6 +300,7 @@ impl World {
                 }
             }
             DataEvent::Drained { final_position, checksum_match, .. } => {
+                self.record(format_args!("{name} drained at {} (checksums match: {checksum_match})", final_position.0));
                 // What a commit relies on, checked independently of the core: everything up to
                 // P is in the new universe, and the ack says truly whether both universes match.
                 let applied = self.data[i].new.checkpoint().applied;
@@ -363,6 +377,7 @@ impl World {
         }
         // The process and every task it started end at once. The stores and the disk survive;
         // snapshots die with the process's connections.
+        self.data[i].notices = None;
         if let Some((_, task)) = self.data[i].actor.take() {
             task.abort();
         }
@@ -407,6 +422,7 @@ impl World {
             sim_clock(self),
         );
         let (addr, task) = node::start_local(actor);
+        self.data[i].notices = Some(addr.clone().recipient());
         self.data[i].actor = Some((addr.recipient(), task));
     }
 }

@@ -131,6 +131,10 @@ pub struct DataProc {
     pub new: MemStore,
     pub disk: NodeRecord,
     pub actor: Running<DataRequest<SimDataRequest>>,
+    /// The decision on disk when the node last asked for a fence.
+    pub fence_asked_with: Option<protocol::Decision>,
+    /// Where routers' frozen notices go (the same running actor).
+    pub notices: Option<actix::Recipient<node::data_node::RouterFrozen>>,
     /// Batches applied lately (the re-delivery fault sends one again).
     pub delivered: std::collections::VecDeque<Batch>,
     /// A rogue writer has written to the new database behind the transform (the drift fault).
@@ -154,6 +158,8 @@ impl DataProc {
             new: MemStore::with_schema(new_schema),
             disk: NodeRecord::default(),
             actor: None,
+            notices: None,
+            fence_asked_with: None,
             delivered: Default::default(),
             drifted: false,
             fenced_seen: false,

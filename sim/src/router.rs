@@ -11,7 +11,7 @@ use crate::net::ProcId;
 use crate::node_io::{sim_clock, SimClock, SimDisk};
 use crate::oracle::ClientOutcome;
 use crate::procs::{OpenRequest, RouterObserved, SimClient};
-use crate::wire::{DataRequest, DataResponse};
+use crate::wire::{DataMessage, DataRequest, DataResponse};
 use crate::world::{await_reply, detached, with, SimTransport, World};
 use node::ingress::{ClientRequest, IngressActor};
 use node::io::Ingress;
@@ -87,7 +87,7 @@ impl Ingress for SimIngress {
             }
             w.trace.forward(now, addr, key.id, universe, mirror);
             let shard = request.op.key().rem_euclid(w.config.data_nodes as i64) as usize;
-            let wire = DataRequest { key, universe, mirror, op: request.op.clone() };
+            let wire = DataMessage::Request(DataRequest { key, universe, mirror, op: request.op.clone() });
             let bytes = codec::encode_frame(&wire).expect("data requests encode");
             (w.send_request(addr, ProcId::Data(shard).addr(), bytes), w.data_timeout_ms, shard)
         });
@@ -123,6 +123,20 @@ impl Ingress for SimIngress {
             }
             answer
         }
+    }
+
+    fn notify_frozen(&self, epoch: protocol::Epoch) {
+        let index = self.index;
+        self.with(|w| {
+            let (addr, name) = (w.routers[index].addr, w.routers[index].name.clone());
+            let router = protocol::NodeName::from(name.as_str());
+            w.checker.acks_counted.noticed(&router, epoch);
+            let bytes = codec::encode_frame(&DataMessage::Frozen { router, epoch }).expect("notices encode");
+            for shard in 0..w.data.len() {
+                // No answer is awaited: the reply slot is dropped.
+                drop(w.send_request(addr, ProcId::Data(shard).addr(), bytes.clone()));
+            }
+        });
     }
 
     fn reply(&self, request: SimClient, reply: ClientReply) {

@@ -18,3 +18,14 @@ pub struct DataRequest {
 
 /// A data node's answer.
 pub type DataResponse = StoreAnswer;
+
+/// What an ingress node sends a data node: a request, or its notice that it is frozen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataMessage {
+    Request(DataRequest),
+    /// `router` is frozen for `epoch` (no answer is sent).
+    Frozen {
+        router: protocol::NodeName,
+        epoch: protocol::Epoch,
+    },
+}

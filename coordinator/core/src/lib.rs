@@ -523,10 +523,9 @@ impl UpgradeState {
             }
             match ack {
                 Ack::Frozen => state.frozen = Some(epoch),
+                // A data node may fence (and drain) once every router told it directly that it is
+                // frozen, before their acks are applied here; the commit still needs them all.
                 Ack::Drained { final_position, checksum_match } => {
-                    if !u.all_routers_frozen() {
-                        return reject(RejectKind::RoutersNotFrozen, "Drained ack before every router is frozen");
-                    }
                     state.drained = Some((epoch, *final_position, *checksum_match));
                 }
                 Ack::Switched => state.switched = Some(epoch),

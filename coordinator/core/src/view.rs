@@ -38,6 +38,11 @@ pub fn decision_view(state: &UpgradeState, version: u64, node: &NodeName) -> Dec
         acked_drained: node_state.drained.is_some_and(|d| d.0 == epoch) && epoch != Epoch(0),
         acked_switched: node_state.switched == Some(epoch) && epoch != Epoch(0),
         roster: state.roster.get(node).copied().unwrap_or_default(),
+        routers: upgrade
+            .filter(|u| u.phase == Phase::Freezing)
+            .filter(|u| u.duties_of(node).is_some_and(|d| d.contains(&protocol::Duty::Transform)))
+            .map(|u| u.routers.iter().cloned().collect())
+            .unwrap_or_default(),
     }
 }
 

@@ -356,8 +356,15 @@ impl AgentCore {
                 NodeResponse::Accepted => match kind {
                     WriteKind::Register => self.registered = true,
                     WriteKind::Report => {}
-                    // Owed until a view shows it: a replica may accept and then lose its lead.
-                    WriteKind::Ack(..) => {}
+                    // `Accepted` means committed and applied (an answer not known to be either is
+                    // `Unknown`): the ack is owed no more. (Resending it until a view shows it cost
+                    // a log entry per round trip, and made every watcher's view change.)
+                    WriteKind::Ack(epoch, ack) => {
+                        let key = (epoch, ack_rank(&ack));
+                        if self.owed.get(&key) == Some(&ack) {
+                            self.owed.remove(&key);
+                        }
+                    }
                 },
                 NodeResponse::NotLeader { leader } => {
                     if kind == WriteKind::Report {
@@ -558,6 +565,7 @@ mod tests {
             acked_drained: false,
             acked_switched: false,
             roster: protocol::messages::RosterStatus::Active,
+            routers: Vec::new(),
         }
     }
 

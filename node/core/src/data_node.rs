@@ -24,8 +24,8 @@ use crate::store::{Chunk, RowCursor, SnapshotId, StaleBatch};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{Ack, NodeReport, NodeRequest, NodeResponse};
 use protocol::schema::{Mapping, RowOp};
-use protocol::{Decision, Epoch, Position, ReplicaId, Universe};
-use std::collections::{BTreeMap, VecDeque};
+use protocol::{Decision, Epoch, NodeName, Position, ReplicaId, Universe};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// A planted transform bug shows only after a restart (simulator only).
 #[cfg(feature = "planted-bugs")]
@@ -129,7 +129,12 @@ pub enum DataInput {
     Store(StoreResult),
     /// The deadline given by [`DataNodeCore::next_deadline_ms`] has come.
     Timer,
+    /// Router `router` says it is frozen for `epoch` (its notice, sent with its `Frozen` ack).
+    RouterFrozen { router: NodeName, epoch: Epoch },
 }
+
+/// Most routers' frozen notices a data node keeps (for one epoch at a time).
+pub const FROZEN_NOTICES_MAX: usize = 10_000;
 
 /// What the shell must do, in order.
 #[derive(Clone, Debug, PartialEq)]
@@ -254,6 +259,8 @@ pub struct DataNodeCore {
     answer_order: VecDeque<RequestKey>,
     /// Requests running, with how many duplicates of each wait for its answer.
     executing: BTreeMap<RequestKey, u32>,
+    /// Routers that said they are frozen, for one epoch (the newest heard of).
+    frozen_notices: (Epoch, BTreeSet<NodeName>),
     #[cfg(feature = "planted-bugs")]
     bug: Option<crate::duties::transform::TransformBug>,
 }
@@ -284,6 +291,7 @@ impl DataNodeCore {
             answers: BTreeMap::new(),
             answer_order: VecDeque::new(),
             executing: BTreeMap::new(),
+            frozen_notices: (Epoch(0), BTreeSet::new()),
             #[cfg(feature = "planted-bugs")]
             bug: None,
             config,
@@ -379,6 +387,7 @@ impl DataNodeCore {
                 let outs = self.agent.handle(now_ms, AgentInput::Timer);
                 self.agent_outputs(now_ms, outs, &mut out);
             }
+            DataInput::RouterFrozen { router, epoch } => self.router_frozen(now_ms, router, epoch, &mut out),
         }
         self.pump(now_ms, &mut out);
         out
@@ -650,6 +659,40 @@ impl DataNodeCore {
         }
     }
 
+    /// A router's frozen notice. Once every router the freeze needs (the view's list) has sent
+    /// one, the drain may fence, as it would once the view showed all their acks.
+    fn router_frozen(&mut self, now_ms: u64, router: NodeName, epoch: Epoch, out: &mut Vec<DataOutput>) {
+        let (heard_epoch, heard) = &mut self.frozen_notices;
+        if epoch > *heard_epoch {
+            *heard_epoch = epoch;
+            heard.clear();
+        }
+        if epoch == *heard_epoch && heard.len() < FROZEN_NOTICES_MAX {
+            heard.insert(router);
+        }
+        let decision = self.agent.persisted();
+        if self.durable.started() && self.drain.is_some() && decision == Decision::Freeze(epoch) {
+            let all_routers_frozen = self.all_routers_frozen(decision);
+            if all_routers_frozen {
+                let outs = self.drain_mut().handle(DrainInput::Decision { decision, all_routers_frozen });
+                self.drain_outputs(now_ms, outs, out);
+            }
+        }
+    }
+
+    /// Whether every router is frozen for `decision` (a freeze), as far as this node knows: the
+    /// newest view shows all their acks, or each router the view names sent its notice.
+    fn all_routers_frozen(&self, decision: Decision) -> bool {
+        let Some(view) = self.agent.last_view().filter(|v| v.decision == decision) else { return false };
+        if view.all_routers_frozen {
+            return true;
+        }
+        let (heard_epoch, heard) = &self.frozen_notices;
+        decision == Decision::Freeze(*heard_epoch)
+            && !view.routers.is_empty()
+            && view.routers.iter().all(|r| heard.contains(r))
+    }
+
     fn agent_outputs(&mut self, now_ms: u64, outs: Vec<AgentOutput>, out: &mut Vec<DataOutput>) {
         for o in outs {
             match o {
@@ -664,9 +707,9 @@ impl DataNodeCore {
                 AgentOutput::Act(decision) => {
                     out.push(DataOutput::Event(DataEvent::Acted(decision)));
                     // The drain acts only on the persisted decision; whether every router is
-                    // frozen comes from the newest view, if it shows that same decision.
-                    let all_routers_frozen =
-                        self.agent.last_view().is_some_and(|v| v.decision == decision && v.all_routers_frozen);
+                    // frozen comes from the newest view, if it shows that same decision (its
+                    // acks, or the routers it names and their notices).
+                    let all_routers_frozen = self.all_routers_frozen(decision);
                     let outs = self.drain_mut().handle(DrainInput::Decision { decision, all_routers_frozen });
                     self.drain_outputs(now_ms, outs, out);
                 }
@@ -674,7 +717,7 @@ impl DataNodeCore {
                     if view.decision == self.agent.persisted() {
                         let input = DrainInput::Decision {
                             decision: view.decision,
-                            all_routers_frozen: view.all_routers_frozen,
+                            all_routers_frozen: self.all_routers_frozen(view.decision),
                         };
                         let outs = self.drain_mut().handle(input);
                         self.drain_outputs(now_ms, outs, out);

@@ -19,7 +19,7 @@ use crate::duties::validate::Fnv;
 use crate::duties::validate::{Observed, ValidateCore, Verdict};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{NodeReport, NodeRequest, NodeResponse, Phase};
-use protocol::{Decision, ReplicaId, Universe};
+use protocol::{Decision, Epoch, ReplicaId, Universe};
 use std::collections::BTreeMap;
 
 /// A client request's id, given by the shell (unique within one incarnation).
@@ -89,6 +89,11 @@ pub enum IngressOutput {
     Send { id: u64, replica: ReplicaId, request: NodeRequest, deadline_ms: u64 },
     /// Write the record to disk, then answer [`IngressInput::Persisted`].
     Persist(NodeRecord),
+    /// Tell every data node that this router is frozen for `epoch` (nothing admitted to the old
+    /// universe, nothing in flight there), as its `Frozen` ack tells the coordinator: a data
+    /// node may then fence without waiting for the replicated state. Best effort, no answer: a
+    /// lost notice only leaves the data node to learn it from the coordinator.
+    NotifyFrozen { epoch: Epoch },
     /// For metrics and checkers only.
     Event(IngressEvent),
 }
@@ -326,6 +331,9 @@ impl IngressCore {
                     self.finish(now_ms, id, reply, out);
                 }
                 RouterOutput::Ack { epoch, ack } => {
+                    if ack == protocol::messages::Ack::Frozen {
+                        out.push(IngressOutput::NotifyFrozen { epoch });
+                    }
                     let outs = self.agent.handle(now_ms, AgentInput::OweAck { epoch, ack });
                     self.agent_outputs(now_ms, outs, out);
                 }

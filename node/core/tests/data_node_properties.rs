@@ -186,6 +186,7 @@ impl Coordinator {
             acked_drained: self.drained.is_some_and(|(e, _)| e == epoch) && epoch != Epoch(0),
             acked_switched: false,
             roster: protocol::messages::RosterStatus::Active,
+            routers: Vec::new(),
         }
     }
 

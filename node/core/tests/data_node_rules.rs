@@ -75,6 +75,7 @@ fn view(version: u64, phase: Phase, decision: Decision, acked_drained: bool) -> 
         acked_drained,
         acked_switched: false,
         roster: protocol::messages::RosterStatus::Active,
+        routers: Vec::new(),
     }
 }
 
@@ -345,4 +346,36 @@ fn a_comparison_overtaken_by_the_commit_is_dropped_not_reported_as_a_difference(
         !later.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadRows { .. } | StoreOp::NewChecksum))),
         "and not started again: {later:?}"
     );
+}
+
+/// A data node fences once every router the freeze needs told it directly that it is frozen,
+/// without waiting for a view that shows all their acks (a round of consensus saved); a notice
+/// of another epoch, or from a router the view does not name, does not count.
+#[test]
+fn a_data_node_fences_once_every_router_said_it_is_frozen() {
+    let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done, copies: 1 });
+    let watch = watch_id(&out);
+    let freeze = Decision::Freeze(protocol::Epoch(2));
+    let routers = vec![NodeName::from("router-1"), NodeName::from("router-2")];
+    let frozen = DecisionView { routers: routers.clone(), ..view(5, Phase::Freezing, freeze, false) };
+    let out = settle(&mut core, 1, DataInput::Coordinator { id: watch, response: NodeResponse::View(frozen) });
+    let fenced = |out: &[DataOutput]| out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::Fence)));
+    assert!(!fenced(&out), "no router said it is frozen yet: {out:?}");
+    let notice = |router: &str, epoch: u64| DataInput::RouterFrozen {
+        router: NodeName::from(router),
+        epoch: protocol::Epoch(epoch),
+    };
+    assert!(!fenced(&settle(&mut core, 2, notice("router-1", 2))));
+    assert!(!fenced(&settle(&mut core, 3, notice("router-2", 1))), "a notice of another epoch");
+    assert!(!fenced(&settle(&mut core, 4, notice("intruder", 2))), "a router the freeze does not need");
+    let out5 = settle(&mut core, 5, notice("router-2", 2));
+    // The fence waits for a transform read still outstanding (one store operation at a time).
+    let reading = out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadChanges { .. })));
+    let out = if reading {
+        assert!(!fenced(&out5), "a second store operation while one is outstanding");
+        settle(&mut core, 6, DataInput::Store(StoreResult::Changes { changes: Vec::new(), last: Position(0) }))
+    } else {
+        out5
+    };
+    assert!(fenced(&out), "every router said it is frozen: {out:?}");
 }

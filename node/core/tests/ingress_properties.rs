@@ -104,6 +104,7 @@ impl Coordinator {
             acked_drained: false,
             acked_switched: acked(self.switched),
             roster: self.roster,
+            routers: Vec::new(),
         }
     }
 
@@ -265,6 +266,7 @@ struct Coverage {
     crashes: u64,
     acted_retired: u64,
     acks_retired: u64,
+    notices: u64,
 }
 
 struct Shell<'a> {
@@ -389,6 +391,19 @@ impl<'a> Shell<'a> {
                     Universe::New => c.forwarded_new += 1,
                 }
                 self.forwards.push((id, universe));
+            }
+            IngressOutput::NotifyFrozen { epoch } => {
+                // The notice says what `Frozen` says: nothing admitted to the old universe,
+                // nothing in flight there.
+                let in_flight: Vec<u64> =
+                    self.forwards.iter().filter(|(_, u)| *u == Universe::Old).map(|(id, _)| *id).collect();
+                prop_assert_eq!(self.acted, Some(Decision::Freeze(epoch)), "a frozen notice while not frozen");
+                prop_assert!(
+                    in_flight.is_empty(),
+                    "a frozen notice with {:?} in flight to the old universe",
+                    in_flight
+                );
+                self.coverage.borrow_mut().notices += 1;
             }
             IngressOutput::Mirror { id, .. } => {
                 prop_assert!(!self.mirrors.contains(&id), "request {} mirrored twice", id);
@@ -649,6 +664,7 @@ fn ingress_core_follows_committed_decisions() {
     assert!(c.acted_freeze > 0 && c.acted_commit > 0 && c.acted_abort > 0, "decisions not all reached: {c:?}");
     assert!(c.forwarded_old > 0 && c.forwarded_new > 0 && c.acks_frozen > 0, "routing not exercised: {c:?}");
     assert!(c.acted_retired > 0 && c.acks_retired > 0, "retirement not exercised: {c:?}");
+    assert!(c.notices > 0, "no frozen notice sent: {c:?}");
     assert!(c.released > 0 && c.compared > 0 && c.stale_views > 0 && c.crashes > 0, "paths not exercised: {c:?}");
 }
 

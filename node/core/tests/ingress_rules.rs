@@ -72,6 +72,7 @@ fn the_validator_counts_what_it_compared_and_the_router_reports_it() {
         acked_drained: false,
         acked_switched: false,
         roster: protocol::messages::RosterStatus::Active,
+        routers: Vec::new(),
     };
     let out = core.handle(1, IngressInput::Coordinator { id: watch, response: NodeResponse::View(view) });
     // A new disk: the decision read is written before it is acted on.

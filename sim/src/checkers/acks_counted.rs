@@ -13,6 +13,9 @@ use std::collections::BTreeMap;
 pub struct AcksCounted {
     /// Every distinct ack each node sent, per epoch.
     sent: BTreeMap<(NodeName, Epoch), Vec<Ack>>,
+    /// Routers' frozen notices sent to the data nodes, per epoch (not acks: the replicated
+    /// state never counts them; a data node may fence on them).
+    noticed: std::collections::BTreeSet<(NodeName, Epoch)>,
 }
 
 impl AcksCounted {
@@ -22,6 +25,16 @@ impl AcksCounted {
         if !acks.contains(ack) {
             acks.push(ack.clone());
         }
+    }
+
+    /// Router `node` sent its frozen notice for `epoch` to the data nodes.
+    pub fn noticed(&mut self, node: &NodeName, epoch: Epoch) {
+        self.noticed.insert((node.clone(), epoch));
+    }
+
+    /// Whether router `node` said it is frozen for `epoch`, by ack or by notice.
+    pub fn said_frozen(&self, node: &NodeName, epoch: Epoch) -> bool {
+        self.noticed.contains(&(node.clone(), epoch)) || self.sent_any(node, epoch, |a| *a == Ack::Frozen)
     }
 
     /// Whether `node` sent, for `epoch`, an ack that `wanted` accepts.

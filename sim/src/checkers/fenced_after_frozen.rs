@@ -6,7 +6,6 @@
 
 use super::acks_counted::AcksCounted;
 use super::Violation;
-use protocol::messages::Ack;
 use protocol::{Decision, NodeName};
 
 /// Checks a fresh fence by `node`, whose disk holds `on_disk`; `routers` are the plan's routers.
@@ -15,13 +14,14 @@ pub fn check(acks: &AcksCounted, routers: &[NodeName], node: &str, on_disk: Deci
         return Some(Violation::FencedEarly { node: node.to_string(), decision: on_disk, missing: Vec::new() });
     };
     let missing: Vec<String> =
-        routers.iter().filter(|r| !acks.sent_any(r, epoch, |a| *a == Ack::Frozen)).map(ToString::to_string).collect();
+        routers.iter().filter(|r| !acks.said_frozen(r, epoch)).map(ToString::to_string).collect();
     (!missing.is_empty()).then(|| Violation::FencedEarly { node: node.to_string(), decision: on_disk, missing })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::messages::Ack;
     use protocol::Epoch;
 
     #[test]
@@ -32,6 +32,10 @@ mod tests {
         acks.sent(&routers[0], Epoch(2), &Ack::Frozen);
         acks.sent(&routers[1], Epoch(1), &Ack::Frozen);
         assert!(matches!(check(&acks, &routers, "db-0", freeze), Some(Violation::FencedEarly { .. })));
+        acks.noticed(&routers[1], Epoch(1));
+        assert!(check(&acks, &routers, "db-0", freeze).is_some(), "a notice for another epoch");
+        acks.noticed(&routers[1], Epoch(2));
+        assert_eq!(check(&acks, &routers, "db-0", freeze), None, "its notice says it is frozen too");
         acks.sent(&routers[1], Epoch(2), &Ack::Frozen);
         assert_eq!(check(&acks, &routers, "db-0", freeze), None);
         assert!(check(&acks, &routers, "db-0", Decision::Initial).is_some(), "a fence without a freeze on disk");

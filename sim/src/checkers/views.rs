@@ -64,6 +64,7 @@ mod tests {
             acked_drained: false,
             acked_switched: false,
             roster: protocol::messages::RosterStatus::Active,
+            routers: Vec::new(),
         }
     }
 
