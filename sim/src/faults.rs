@@ -237,8 +237,16 @@ impl FaultPlan {
             // A router crashes as its `Frozen` ack leaves and is back soon: the freeze may commit
             // meanwhile, and the router restarts with the freeze on its disk.
             let router = rng.gen_range(0..config.routers);
-            let event = FaultEvent::Crash { target: Target::Router(router), down_ms: Some(rng.gen_range(20..400)) };
+            let down_ms = rng.gen_range(20..400);
+            let event = FaultEvent::Crash { target: Target::Router(router), down_ms: Some(down_ms) };
             plan.triggered.push(Triggered { when: Condition::RouterAcked { router }, event });
+            if rng.gen_bool(0.5) {
+                // ... and comes back cut off from the coordinators for a while: it must hold (its
+                // disk holds the freeze, whose outcome it cannot learn), not serve a guess.
+                let duration_ms = down_ms + rng.gen_range(300..1_500);
+                let event = FaultEvent::Isolate { target: Target::Router(router), duration_ms };
+                plan.triggered.push(Triggered { when: Condition::RouterAcked { router }, event });
+            }
         }
         if f.roster {
             // Drawn after everything else, so that the plans drawn before it stay as they were.
@@ -267,8 +275,10 @@ impl FaultPlan {
                 Condition::Freezing { after_ms: rng.gen_range(0..30) },
                 FaultEvent::Crash { target: Target::Leader, down_ms: Some(rng.gen_range(300..3_000)) },
             ),
+            // As its `Frozen` ack leaves (a freeze in one datacenter takes a few milliseconds,
+            // less than any fixed delay after it is seen).
             Scenario::RouterPartitionedDuringFreeze => (
-                Condition::Freezing { after_ms: rng.gen_range(5..60) },
+                Condition::RouterAcked { router },
                 FaultEvent::Isolate { target: Target::Router(router), duration_ms: rng.gen_range(500..4_000) },
             ),
             Scenario::DataNodeCrashMidTransform => (

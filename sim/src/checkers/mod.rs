@@ -12,7 +12,8 @@
 //! - [`single_universe`]: no request reaches the old universe after one reached the new one.
 //! - [`durability`]: what a node persists never goes backwards; outcomes seen are kept.
 //! - [`persist_first`]: a node acts on a decision only once its disk holds it.
-//! - [`fenced_after_frozen`]: a data node fences its old store only after every router sent
+//! - [`fenced_after_frozen`]: a data node fences its old store only after every router sent (by
+//!   ack or frozen notice)
 //!   `Frozen` for that freeze.
 //! - [`views`]: every view of one state version that a node is sent is the same.
 //! - [`frozen_ack`]: a router acks `Frozen` only with nothing in flight to the old universe.
