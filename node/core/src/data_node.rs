@@ -325,8 +325,19 @@ impl DataNodeCore {
     /// When the shell must feed [`DataInput::Timer`] next, if ever.
     pub fn next_deadline_ms(&self) -> Option<u64> {
         // A step waits for an outstanding store operation, which is answered before any timer.
-        let step = (self.transform_wanted() && self.pending.is_none()).then_some(self.next_step_ms);
+        let step = (self.transform_wanted() && self.pending.is_none()).then_some(self.next_step_due_ms());
         [self.agent.next_deadline_ms(), step].into_iter().flatten().min()
+    }
+
+    /// When the next transform step may start: after the usual pause, or a millisecond after
+    /// the last one while the drain waits for it (a switch holds clients meanwhile; the
+    /// millisecond keeps a step that fails from spinning).
+    fn next_step_due_ms(&self) -> u64 {
+        if self.drain.as_ref().is_some_and(DrainCore::draining) {
+            self.next_step_ms.min(self.last_step_ms + 1)
+        } else {
+            self.next_step_ms
+        }
     }
 
     fn transform_wanted(&self) -> bool {
@@ -479,7 +490,7 @@ impl DataNodeCore {
         } else if let Some(up_to) = self.prune_due() {
             self.pruned = up_to;
             Some(StoreOp::Prune { up_to })
-        } else if self.transform_wanted() && now_ms >= self.next_step_ms {
+        } else if self.transform_wanted() && now_ms >= self.next_step_due_ms() {
             self.last_step_ms = now_ms;
             self.next_step_ms = now_ms + self.config.transform_interval_ms;
             self.woken_since_step = false;

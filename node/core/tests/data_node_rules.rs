@@ -379,3 +379,63 @@ fn a_data_node_fences_once_every_router_said_it_is_frozen() {
     };
     assert!(fenced(&out), "every router said it is frozen: {out:?}");
 }
+
+/// While the drain waits for the transform to reach the final position, the switch holds
+/// clients: the stream is read again a millisecond after each step, not after the usual pause.
+#[test]
+fn a_draining_node_reads_the_change_stream_without_the_usual_pause() {
+    let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done, copies: 1 });
+    let watch = watch_id(&out);
+    let freeze = Decision::Freeze(protocol::Epoch(1));
+    let frozen = DecisionView { all_routers_frozen: true, ..view(5, Phase::Freezing, freeze, false) };
+    let mut out = core.handle(1, DataInput::Coordinator { id: watch, response: NodeResponse::View(frozen) });
+    let row = |k: i64| {
+        let row =
+            [("id".to_string(), protocol::schema::Value::Int(k)), ("v".to_string(), protocol::schema::Value::Int(k))];
+        protocol::schema::RowOp::Upsert { table: "t".into(), key: k, row: row.into_iter().collect() }
+    };
+    let mut now = 1;
+    let mut step_times = Vec::new();
+    // Answer every store operation: the old store was fenced at position 3; each read of the
+    // change stream returns one change.
+    for _ in 0..40 {
+        if let Some(DataOutput::Persist(record)) = out.iter().find(|o| matches!(o, DataOutput::Persist(_))) {
+            let record = *record;
+            let mut more = core.handle(now, DataInput::Persisted(record));
+            out.retain(|o| !matches!(o, DataOutput::Persist(_)));
+            out.append(&mut more);
+            continue;
+        }
+        let Some(op) = out.iter().rev().find_map(|o| match o {
+            DataOutput::Store(op) => Some(op.clone()),
+            _ => None,
+        }) else {
+            now = core.next_deadline_ms().expect("a draining node has a next step").max(now);
+            out = core.handle(now, DataInput::Timer);
+            continue;
+        };
+        let result = match op {
+            StoreOp::Fence => StoreResult::Fenced { final_position: Position(3) },
+            StoreOp::ReadChanges { after, .. } => {
+                step_times.push(now);
+                let next = after.0 + 1;
+                let changes = if next <= 3 { vec![(Position(next), row(next as i64))] } else { Vec::new() };
+                StoreResult::Changes { changes, last: Position(3) }
+            }
+            StoreOp::Apply(_) => StoreResult::Applied,
+            StoreOp::Prune { .. } => StoreResult::Pruned,
+            StoreOp::ReadRows { .. } => {
+                StoreResult::Rows(node_core::store::Chunk { rows: Vec::new(), last: true, position: Position(3) })
+            }
+            StoreOp::NewChecksum => break,
+            other => panic!("unexpected store operation {other:?}"),
+        };
+        out = core.handle(now, DataInput::Store(result));
+    }
+    assert!(step_times.len() >= 3, "the stream was read {step_times:?}");
+    let gaps: Vec<u64> = step_times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().all(|g| *g <= 1),
+        "steps while draining {step_times:?} (gaps {gaps:?}, the pause is {INTERVAL_MS} ms)"
+    );
+}

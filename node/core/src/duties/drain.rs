@@ -85,6 +85,12 @@ impl DrainCore {
         }
     }
 
+    /// Fenced, waiting for the transform to apply everything up to the final position: the
+    /// switch waits on each transform step, so they run without the usual pause.
+    pub fn draining(&self) -> bool {
+        matches!(self.state, State::Draining { .. })
+    }
+
     /// The freeze whose comparison is awaited, if one is. Once the drain has moved on (a
     /// commit opened the new universe to client writes, or an abort), a comparison still
     /// running is moot: its new-side checksum may include those writes.
