@@ -14,6 +14,10 @@ struct Row {
     routers: usize,
     datacenters: usize,
     faults: String,
+    /// The switch's targets for this shape, fault-free (issue: a faster switch): requests held
+    /// p50 and max, in ms; `None` where there is none.
+    target_hold_p50_ms: Option<u64>,
+    target_hold_ms_max: Option<u64>,
     #[serde(flatten)]
     summary: Summary,
 }
@@ -27,12 +31,20 @@ fn measure(name: &str, config: SimConfig, seeds: u64) -> Row {
         summary.add(&run_seed(&config, seed));
     }
     summary.finish(started.elapsed().as_secs_f64());
+    let fault_free = !config.faults.any();
+    let (target_hold_p50_ms, target_hold_ms_max) = match (fault_free, config.datacenters) {
+        (true, 1) => (None, Some(10)),
+        (true, _) => (Some(500), Some(1_000)),
+        (false, _) => (None, None),
+    };
     Row {
         name: name.to_string(),
         coordinators: config.coordinators,
         routers: config.routers,
         datacenters: config.datacenters,
         faults: config.faults.to_string(),
+        target_hold_p50_ms,
+        target_hold_ms_max,
         summary,
     }
 }
@@ -85,6 +97,17 @@ fn main() {
             s.hold_ms_max,
             s.switch_p50_ms
         );
+    }
+    println!();
+    println!("switch targets (fault-free; requests held while frozen):");
+    for r in rows.iter().filter(|r| r.target_hold_ms_max.is_some()) {
+        let s = &r.summary;
+        let p50 = r.target_hold_p50_ms.map_or("-".to_string(), |t| {
+            format!("p50 {} ms (target <= {t}: {})", s.hold_p50_ms, if s.hold_p50_ms <= t { "met" } else { "NOT met" })
+        });
+        let max = r.target_hold_ms_max.expect("filtered");
+        let met = if s.hold_ms_max <= max { "met" } else { "NOT met" };
+        println!("  {:<26} {p50}; max {} ms (target <= {max}: {met})", r.name, s.hold_ms_max);
     }
     let out = std::env::var("IMAGO_BENCH_OUT").unwrap_or_else(|_| {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench");

@@ -306,11 +306,15 @@ fn routers_join_and_retire_under_faults() {
     }
 }
 
-/// Hunt seeds of the 3-datacenter topology (see the two-hundred-seed test for what each found).
+/// Hunt seeds of the 3-datacenter topology (see the two-hundred-seed test for 7000386). 14004767
+/// (70,000-seed hunt at `825a617`): a freeze started after the faults healed was aborted at its
+/// deadline with every ack missing, as if no node learned of it in 8 s; it passes since the
+/// changes to watches (only a node's own news wakes it) and acks, which change the schedule, so
+/// its cause is not proven.
 #[test]
 fn hunt_seeds_across_three_datacenters_keep_every_invariant() {
     let config = SimConfig { datacenters: 3, ..SimConfig::default() };
-    let reports = run(&config, [7_000_386]);
+    let reports = run(&config, [7_000_386, 14_004_767]);
     assert_clean(&reports);
 }
 
