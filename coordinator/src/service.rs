@@ -202,11 +202,23 @@ impl Replica {
     /// or after `DRIVER_RETRY_MS` when a proposal did not take effect. Runs until dropped.
     pub async fn run_driver(&self) {
         let mut metrics = self.raft.metrics();
+        // The freeze this replica saw applied while leading, and when (an observation for the
+        // core: a freeze is given up no sooner than its timeout after its leader first saw it).
+        let mut freeze_seen: Option<(protocol::Epoch, u64)> = None;
         loop {
             let now_ms = (self.clock)();
             let leading = metrics.borrow().current_leader == Some(self.id);
+            let freezing = self.read(|state| {
+                state.current.as_ref().filter(|u| u.phase == protocol::messages::Phase::Freezing).map(|u| u.epoch)
+            });
+            freeze_seen = match (freezing, freeze_seen) {
+                (Some(e), Some((seen, at))) if leading && seen == e => Some((seen, at)),
+                (Some(e), _) if leading => Some((e, now_ms)),
+                _ => None,
+            };
+            let seen_ms = freeze_seen.map(|(_, at)| at);
             let (command, deadline_ms) = if leading {
-                self.read(|state| (next_command(state, now_ms), next_deadline_ms(state, now_ms)))
+                self.read(|state| (next_command(state, now_ms, seen_ms), next_deadline_ms(state, now_ms, seen_ms)))
             } else {
                 (None, None)
             };

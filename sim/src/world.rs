@@ -510,10 +510,14 @@ impl World {
         let now = self.now_us();
         let current = self.freshest(|s| s.decision());
         let bound_ms = if self.config.wide_area() { PROPAGATION_WIDE_MS } else { PROPAGATION_MS };
+        // A router that joined (not one of the plan's) acts on nothing until its join is applied:
+        // it is expected to follow only once some replica has it on the roster.
         let nodes: Vec<(String, Addr)> = self
             .routers
             .iter()
-            .map(|r| (r.name.clone(), r.addr))
+            .enumerate()
+            .filter(|(i, r)| *i < self.config.routers || self.on_roster_somewhere(&r.name))
+            .map(|(_, r)| (r.name.clone(), r.addr))
             .chain(self.data.iter().map(|d| (d.name.clone(), d.addr)))
             .collect();
         for (name, addr) in nodes {

@@ -121,7 +121,7 @@ fn freeze_needs_the_ready_gate() {
     accepted(&mut state, Command::Report { node: n("db-1"), report: lagging });
     let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(1), now_ms: 0, deadline_ms: 10 });
     assert!(reason.detail.contains("bulk copy not finished") && reason.detail.contains("lag 490"), "{reason}");
-    assert_eq!(next_command(&state, 0), None, "the driver must not propose a freeze either");
+    assert_eq!(next_command(&state, 0, None), None, "the driver must not propose a freeze either");
 }
 
 #[test]
@@ -215,7 +215,7 @@ fn abort_returns_to_syncing_then_rolls_back_when_out_of_attempts() {
     accepted(&mut state, Command::Abort { epoch: Epoch(2), reason: "deadline".into(), now_ms: 4200 });
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::RolledBack);
     assert_eq!(state.decision(), Decision::Abort(Epoch(2)));
-    assert!(next_command(&state, 99_999).is_none());
+    assert!(next_command(&state, 99_999, None).is_none());
 }
 
 #[test]
@@ -224,17 +224,32 @@ fn switch_completes_when_every_router_acks() {
     freeze(&mut state, 1, 0);
     all_acks(&mut state, 1);
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Switched, "committed by the last ack, no proposal");
-    assert_eq!(next_command(&state, 10), None);
+    assert_eq!(next_command(&state, 10, None), None);
     accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Switched });
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Switched);
     accepted(&mut state, Command::Ack { node: n("router-2"), epoch: Epoch(1), ack: Ack::Switched });
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Done);
 }
 
+/// Hunt seeds 14004767 and 18016555: a freeze proposed before a leader change was committed by
+/// a later leader close to its stamped deadline, and aborted at once, before any node could ack.
+/// A leader gives a freeze at least its timeout from when it first saw it.
+#[test]
+fn a_freeze_committed_late_gets_its_whole_timeout_from_when_the_leader_saw_it() {
+    let mut state = ready("auto", 3);
+    // Proposed at 1000 (deadline 4000), seen applied by the new leader only at 3900.
+    freeze(&mut state, 1, 1000);
+    assert_eq!(next_command(&state, 4000, Some(3900)), None, "not given up 100 ms after it was seen");
+    assert_eq!(next_deadline_ms(&state, 4000, Some(3900)), Some(6900));
+    assert!(matches!(next_command(&state, 6900, Some(3900)), Some(Command::Abort { .. })));
+    // Seen in time, the stamped deadline holds.
+    assert!(matches!(next_command(&state, 4000, Some(1000)), Some(Command::Abort { .. })));
+}
+
 #[test]
 fn driver_aborts_after_the_deadline_naming_missing_acks() {
     let mut state = ready("auto", 3);
-    match next_command(&state, 1000) {
+    match next_command(&state, 1000, None) {
         Some(Command::Freeze { epoch, deadline_ms, .. }) => {
             assert_eq!(epoch, Epoch(1));
             assert_eq!(deadline_ms, 4000);
@@ -243,8 +258,8 @@ fn driver_aborts_after_the_deadline_naming_missing_acks() {
     }
     freeze(&mut state, 1, 1000);
     accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Frozen });
-    assert_eq!(next_command(&state, 3999), None);
-    match next_command(&state, 4000) {
+    assert_eq!(next_command(&state, 3999, None), None);
+    match next_command(&state, 4000, None) {
         Some(Command::Abort { epoch, reason, .. }) => {
             assert_eq!(epoch, Epoch(1));
             assert!(reason.contains("router-2 (frozen)") && !reason.contains("router-1"), "{reason}");
@@ -270,17 +285,17 @@ fn checksum_mismatch_blocks_commit_and_drives_abort() {
     let state = drained_with_a_mismatch();
     assert!(state.current.as_ref().unwrap().missing_acks().is_empty(), "every ack is in");
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Freezing, "a mismatch keeps the epoch undecided");
-    assert!(matches!(next_command(&state, 1), Some(Command::Abort { .. })));
+    assert!(matches!(next_command(&state, 1, None), Some(Command::Abort { .. })));
 }
 
 #[test]
 fn manual_switch_waits_for_the_operator() {
     let mut state = ready("manual", 3);
-    assert_eq!(next_command(&state, 0), None);
+    assert_eq!(next_command(&state, 0, None), None);
     let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(1), now_ms: 0, deadline_ms: 10 });
     assert!(reason.detail.contains("operator"), "{reason}");
     accepted(&mut state, Command::RequestSwitch);
-    assert!(matches!(next_command(&state, 0), Some(Command::Freeze { .. })));
+    assert!(matches!(next_command(&state, 0, None), Some(Command::Freeze { .. })));
 }
 
 #[test]
@@ -378,15 +393,15 @@ fn a_retry_waits_out_the_whole_backoff_and_not_longer() {
     freeze(&mut state, 1, 0);
     accepted(&mut state, Command::Abort { epoch: Epoch(1), reason: "deadline".into(), now_ms: 100 });
     // retry_backoff_ms = 1000: the next freeze may come at 1100.
-    assert_eq!(next_deadline_ms(&state, 500), Some(1100), "the driver wakes at the end of the backoff");
-    assert_eq!(next_deadline_ms(&state, 1100), None);
-    assert_eq!(next_command(&state, 1099), None);
+    assert_eq!(next_deadline_ms(&state, 500, None), Some(1100), "the driver wakes at the end of the backoff");
+    assert_eq!(next_deadline_ms(&state, 1100, None), None);
+    assert_eq!(next_command(&state, 1099, None), None);
     let early = rejected(&mut state, Command::Freeze { epoch: Epoch(2), now_ms: 1099, deadline_ms: 4099 });
     assert_eq!(early.kind, RejectKind::Backoff);
-    assert!(matches!(next_command(&state, 1100), Some(Command::Freeze { epoch: Epoch(2), .. })));
+    assert!(matches!(next_command(&state, 1100, None), Some(Command::Freeze { epoch: Epoch(2), .. })));
     freeze(&mut state, 2, 1100);
-    assert_eq!(next_deadline_ms(&state, 1200), Some(4100), "the driver wakes at the freeze deadline");
-    assert_eq!(next_deadline_ms(&state, 4100), None);
+    assert_eq!(next_deadline_ms(&state, 1200, None), Some(4100), "the driver wakes at the freeze deadline");
+    assert_eq!(next_deadline_ms(&state, 4100, None), None);
 }
 
 #[test]
@@ -427,7 +442,7 @@ fn a_checksum_mismatch_of_an_aborted_freeze_does_not_count_for_the_next() {
     accepted(&mut state, Command::Abort { epoch: Epoch(1), reason: "checksum mismatch".into(), now_ms: 10 });
     freeze(&mut state, 2, 2000);
     assert_eq!(state.current.as_ref().unwrap().checksum_mismatch(), None, "e1's mismatch is not e2's");
-    assert_eq!(next_command(&state, 2001), None, "nothing to abort: e2 waits for its acks");
+    assert_eq!(next_command(&state, 2001, None), None, "nothing to abort: e2 waits for its acks");
     all_acks(&mut state, 2);
     assert_eq!(state.decision(), Decision::Commit(Epoch(2)));
 }
