@@ -324,6 +324,17 @@ fn hunt_seeds_across_three_datacenters_keep_every_invariant() {
     assert_clean(&reports);
 }
 
+/// Hunt seeds of the 5-coordinator, 7-router, 3-data-node topology. 17017428 (100,000-seed hunt
+/// at `d55f48b`): a mirror delayed past the commit ran on a new universe that had taken client
+/// writes and was compared as if at the freeze's position; data nodes now refuse mirrors once
+/// the new universe serves clients.
+#[test]
+fn hunt_seeds_of_the_larger_topology_keep_every_invariant() {
+    let config = SimConfig { coordinators: 5, routers: 7, data_nodes: 3, ..SimConfig::default() };
+    let reports = run(&config, [17_017_428]);
+    assert_clean(&reports);
+}
+
 /// A rogue writer changes rows of a new database behind the transform (the drift fault): no
 /// client ever reads them, because validation (the operator aborts on its mismatches) or the
 /// drain's comparison (the freeze is aborted on a checksum mismatch) keeps the switch from

@@ -431,6 +431,12 @@ impl DataNodeCore {
             (Universe::New, true) if !read_only => Some("only read-only requests are mirrored".to_string()),
             // Nothing is complete before the bulk copy is: no answer would be conclusive.
             (Universe::New, true) if !bulk_done => Some("bulk copy in progress".to_string()),
+            // Once the new universe takes client writes, its position no longer says what it
+            // holds (writes do not move the transform's checkpoint): a comparison would be
+            // meaningless, and validation is over anyway.
+            (Universe::New, true) if accepting == Some(Universe::New) => {
+                Some("the new universe serves clients: validation is over".to_string())
+            }
             (Universe::New, true) => None,
             (universe, false) if accepting != Some(universe) => {
                 Some(format!("{universe:?} universe not accepting (accepting {accepting:?})"))

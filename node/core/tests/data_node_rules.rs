@@ -439,3 +439,34 @@ fn a_draining_node_reads_the_change_stream_without_the_usual_pause() {
         "steps while draining {step_times:?} (gaps {gaps:?}, the pause is {INTERVAL_MS} ms)"
     );
 }
+
+/// Hunt seed 17017428: a mirror delayed past the commit ran on a new universe that already took
+/// client writes, under the checkpoint position it had at the freeze, so its answer "differed
+/// at the same position". Once the new universe serves clients, mirrors are refused.
+#[test]
+fn a_mirror_after_the_commit_is_refused() {
+    let mut core = DataNodeCore::new(config(4));
+    let committed = Decision::Commit(protocol::Epoch(1));
+    let record = NodeRecord {
+        decision: committed,
+        boots: 1,
+        disk_id: 3,
+        owner: NodeRecord::owner_of("data-1"),
+        confirmed: true,
+    };
+    let checkpoint = Checkpoint { applied: Position(9), copy: CopyState::Done, copies: 1 };
+    let out = settle(&mut core, 0, DataInput::Boot { record, checkpoint, old_fenced: true });
+    let watch = watch_id(&out);
+    settle(
+        &mut core,
+        1,
+        DataInput::Coordinator { id: watch, response: NodeResponse::View(view(9, Phase::Switched, committed, true)) },
+    );
+    assert_eq!(core.accepting(), Some(Universe::New));
+    let out =
+        core.handle(2, DataInput::Request { key: key(7), universe: Universe::New, mirror: true, read_only: true });
+    assert!(
+        matches!(&out[..], [DataOutput::Reply { mirror: true, answer: StoreAnswer::Rejected { reason }, .. }] if reason.contains("validation is over")),
+        "{out:?}"
+    );
+}
