@@ -125,19 +125,8 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
             let shared = shared.clone();
             tokio::task::spawn_local(async move {
                 tokio::time::sleep(Duration::from_millis(after_ms)).await;
-                let idle = with(&shared, |w| {
-                    let r = &mut w.routers[router];
-                    r.in_rotation = false;
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    if r.open.is_empty() {
-                        let _ = tx.send(());
-                    } else {
-                        r.idle = Some(tx);
-                    }
-                    rx
-                });
                 // Stops once it has answered every client it took (or crashed meanwhile).
-                let _ = idle.await;
+                out_of_rotation(&shared, router).await;
                 with(&shared, |w| {
                     let name = w.routers[router].name.clone();
                     w.record(format_args!("{name} stops for a restart"));
@@ -261,13 +250,12 @@ async fn join_reserve(shared: &Shared) {
     }
 }
 
-/// The operator retires `router`: out of rotation and drained of its clients first; with
-/// `force`, crashed and kept cut off, then retired with `--force`.
-async fn retire(shared: &Shared, router: usize, force: bool) {
+/// The load balancer takes `router` out of rotation; resolves once the router has answered every
+/// client it took (or crashed meanwhile).
+async fn out_of_rotation(shared: &Shared, router: usize) {
     let idle = with(shared, |w| {
         let r = &mut w.routers[router];
         r.in_rotation = false;
-        r.retired = true;
         let (tx, rx) = tokio::sync::oneshot::channel();
         if r.open.is_empty() {
             let _ = tx.send(());
@@ -277,6 +265,13 @@ async fn retire(shared: &Shared, router: usize, force: bool) {
         rx
     });
     let _ = idle.await;
+}
+
+/// The operator retires `router`: out of rotation and drained of its clients first; with
+/// `force`, crashed and kept cut off, then retired with `--force`.
+async fn retire(shared: &Shared, router: usize, force: bool) {
+    with(shared, |w| w.routers[router].retired = true);
+    out_of_rotation(shared, router).await;
     let name = with(shared, |w| {
         if force {
             w.routers[router].cut_off = true;
