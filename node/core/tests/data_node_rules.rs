@@ -51,6 +51,11 @@ fn booted(answers_max: usize, checkpoint: Checkpoint) -> (DataNodeCore, Vec<Data
     (core, out)
 }
 
+/// The node's own disk, confirmed by an earlier read, holding `decision`.
+fn own_disk(decision: Decision) -> NodeRecord {
+    NodeRecord { decision, boots: 1, disk_id: 3, owner: NodeRecord::owner_of("data-1"), confirmed: true }
+}
+
 /// The id of the watch a booted agent sent.
 fn watch_id(out: &[DataOutput]) -> u64 {
     out.iter()
@@ -164,13 +169,7 @@ fn a_write_through_the_node_wakes_an_idle_change_stream() {
 fn after_the_commit_the_old_universe_is_no_longer_read() {
     let mut core = DataNodeCore::new(config(4));
     let committed = Decision::Commit(protocol::Epoch(1));
-    let record = NodeRecord {
-        decision: committed,
-        boots: 1,
-        disk_id: 3,
-        owner: NodeRecord::owner_of("data-1"),
-        confirmed: true,
-    };
+    let record = own_disk(committed);
     let checkpoint = Checkpoint { applied: Position(9), copy: CopyState::Done, copies: 0 };
     let out = core.handle(0, DataInput::Boot { record, checkpoint, old_fenced: true });
     let Some(DataOutput::Persist(booted)) = out.into_iter().find(|o| matches!(o, DataOutput::Persist(_))) else {
@@ -317,8 +316,7 @@ fn settle(core: &mut DataNodeCore, now_ms: u64, input: DataInput) -> Vec<DataOut
 fn a_comparison_overtaken_by_the_commit_is_dropped_not_reported_as_a_difference() {
     let mut core = DataNodeCore::new(config(4));
     let freeze = Decision::Freeze(protocol::Epoch(1));
-    let record =
-        NodeRecord { decision: freeze, boots: 1, disk_id: 3, owner: NodeRecord::owner_of("data-1"), confirmed: true };
+    let record = own_disk(freeze);
     let checkpoint = Checkpoint { applied: Position(9), copy: CopyState::Done, copies: 1 };
     let out = settle(&mut core, 0, DataInput::Boot { record, checkpoint, old_fenced: true });
     let watch = watch_id(&out);
@@ -447,13 +445,7 @@ fn a_draining_node_reads_the_change_stream_without_the_usual_pause() {
 fn a_mirror_after_the_commit_is_refused() {
     let mut core = DataNodeCore::new(config(4));
     let committed = Decision::Commit(protocol::Epoch(1));
-    let record = NodeRecord {
-        decision: committed,
-        boots: 1,
-        disk_id: 3,
-        owner: NodeRecord::owner_of("data-1"),
-        confirmed: true,
-    };
+    let record = own_disk(committed);
     let checkpoint = Checkpoint { applied: Position(9), copy: CopyState::Done, copies: 1 };
     let out = settle(&mut core, 0, DataInput::Boot { record, checkpoint, old_fenced: true });
     let watch = watch_id(&out);
