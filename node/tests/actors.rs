@@ -124,6 +124,8 @@ impl ScriptedCoordinator {
             upgrade: Some(UpgradeId(1)),
             phase: Some(phase),
             decision,
+            generation: protocol::Generation::GENESIS,
+            upgrade_from: Some(protocol::Generation::GENESIS),
             known: true,
             registered: true,
             all_routers_frozen: self.all_routers_frozen && matches!(decision, Decision::Freeze(_)),

@@ -36,6 +36,35 @@ impl fmt::Display for Epoch {
     }
 }
 
+/// A universe generation: the cluster starts serving generation 1 ([`Generation::GENESIS`]), and
+/// each switched upgrade makes its new universe the next generation, which the following upgrade
+/// upgrades from. Generations are absolute: what a router serves and persists is a generation,
+/// never "old" or "new" (those are relative to one upgrade).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Generation(pub u64);
+
+impl Generation {
+    /// The generation a cluster serves before its first upgrade.
+    pub const GENESIS: Generation = Generation(1);
+
+    /// The generation an upgrade from this one produces.
+    pub fn next(self) -> Generation {
+        Generation(self.0 + 1)
+    }
+}
+
+impl Default for Generation {
+    fn default() -> Self {
+        Generation::GENESIS
+    }
+}
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "g{}", self.0)
+    }
+}
+
 /// Position in a captured change stream (1-based; 0 means "nothing").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Position(pub u64);
@@ -110,6 +139,15 @@ impl Decision {
             Decision::Initial | Decision::Retired => Epoch(0),
             Decision::Freeze(e) | Decision::Commit(e) | Decision::Abort(e) => e,
         }
+    }
+
+    /// The generation that may receive client traffic under this decision, for a decision of
+    /// an upgrade from generation `base` (`None` while frozen or retired).
+    pub fn serving_generation(&self, base: Generation) -> Option<Generation> {
+        self.serving().map(|u| match u {
+            Universe::Old => base,
+            Universe::New => base.next(),
+        })
     }
 
     /// The universe that may receive client traffic under this decision (`None` while frozen).

@@ -11,4 +11,4 @@ pub mod plan;
 pub mod schema;
 pub mod transport;
 
-pub use ids::{Decision, Duty, Epoch, NodeName, Position, ReplicaId, Universe, UpgradeId};
+pub use ids::{Decision, Duty, Epoch, Generation, NodeName, Position, ReplicaId, Universe, UpgradeId};

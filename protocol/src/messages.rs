@@ -2,7 +2,7 @@
 //!
 //! Wire types avoid `#[serde(tag)]` and `skip_serializing_if`: the codec is not self-describing.
 
-use crate::ids::{Decision, Duty, Epoch, NodeName, Position, ReplicaId, UpgradeId};
+use crate::ids::{Decision, Duty, Epoch, Generation, NodeName, Position, ReplicaId, UpgradeId};
 use crate::plan::Plan;
 use serde::{Deserialize, Serialize};
 
@@ -114,6 +114,13 @@ pub struct DecisionView {
     pub phase: Option<Phase>,
     /// The decision to act on (committed, since it was read from applied state).
     pub decision: Decision,
+    /// The generation the decision's upgrade upgrades from: the decision serves
+    /// `decision.serving_generation(generation)`. (Before a new upgrade's first freeze the
+    /// decision is the last one decided, of the upgrade before.)
+    pub generation: Generation,
+    /// The generation the current (or last) upgrade upgrades from; `None` before any upgrade.
+    /// A data node configured for another pair of generations takes no part in it.
+    pub upgrade_from: Option<Generation>,
     /// Whether the asking node is named by the current plan.
     pub known: bool,
     pub registered: bool,
@@ -148,6 +155,8 @@ impl DecisionView {
         let (epoch, rank) = self.decision.order_key();
         eat(epoch);
         eat(u64::from(rank));
+        eat(self.generation.0);
+        eat(self.upgrade_from.map_or(u64::MAX, |g| g.0));
         // The node's own acks are left out: it learns they took effect from the answer to the
         // ack itself, and waking its watch for them would leave no watch parked when the outcome
         // comes. (They are in the view all the same, for a node that restarted.)
@@ -201,6 +210,8 @@ pub enum RejectKind {
     AlreadyEnded,
     /// The router is retired (or being retired): it takes part in nothing any more.
     Retired,
+    /// The plan upgrades from another generation than the one the cluster serves.
+    WrongGeneration,
 }
 
 /// A command the state machine refused, and why (the command did not take effect).
@@ -300,6 +311,8 @@ pub struct StatusView {
     pub name: String,
     pub phase: Option<Phase>,
     pub epoch: Epoch,
+    /// The generation the cluster serves (the next plan upgrades from it).
+    pub generation: Generation,
     pub attempts: u32,
     /// Why the ready gate does not pass (empty when it does).
     pub gate_blockers: Vec<GateBlocker>,
@@ -357,6 +370,8 @@ mod tests {
             upgrade: Some(UpgradeId(1)),
             phase: Some(Phase::Freezing),
             decision: Decision::Freeze(Epoch(2)),
+            generation: crate::Generation::GENESIS,
+            upgrade_from: Some(crate::Generation::GENESIS),
             known: true,
             registered: true,
             all_routers_frozen: false,

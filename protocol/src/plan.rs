@@ -5,7 +5,7 @@
 //! exist in `users``). The validated [`Plan`] is a plain wire type (no spans) that goes into
 //! the coordinator's replicated state.
 
-use crate::ids::{Duty, NodeName};
+use crate::ids::{Duty, Generation, NodeName};
 use crate::schema::{ColumnType, Mapping, Schema, SplitPart, TableSchema, Transform, TransformField, Value};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -66,6 +66,9 @@ pub struct PlanNode {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub name: String,
+    /// The generation this plan upgrades from: the cluster's current one (a plan written for
+    /// another is refused at start). Its new universe becomes the next generation.
+    pub old_generation: Generation,
     pub switch: SwitchMode,
     /// Freeze attempts before the upgrade ends `RolledBack`.
     pub max_attempts: u32,
@@ -151,6 +154,7 @@ struct PlanFile {
 #[serde(deny_unknown_fields)]
 struct UpgradeSection {
     name: Spanned<String>,
+    old_generation: Option<Spanned<i64>>,
     switch: Option<Spanned<String>>,
     max_attempts: Option<Spanned<i64>>,
 }
@@ -263,6 +267,13 @@ impl Validator<'_> {
             },
         };
         let max_attempts = self.ranged(&raw.upgrade.max_attempts, "upgrade.max_attempts", 1, 100, 3)? as u32;
+        let old_generation = Generation(self.ranged(
+            &raw.upgrade.old_generation,
+            "upgrade.old_generation",
+            1,
+            i64::from(u32::MAX),
+            Generation::GENESIS.0,
+        )?);
         let thresholds = self.thresholds(raw.thresholds)?;
         let nodes = self.nodes(&raw.nodes)?;
         let old_schema = self.schema(&raw.schema.old, "schema.old")?;
@@ -300,7 +311,7 @@ impl Validator<'_> {
                 }
             }
         }
-        Ok(Plan { name, switch, max_attempts, thresholds, nodes, old_schema, transforms })
+        Ok(Plan { name, old_generation, switch, max_attempts, thresholds, nodes, old_schema, transforms })
     }
 
     fn thresholds(&self, raw: Option<ThresholdsSection>) -> Result<Thresholds, PlanError> {

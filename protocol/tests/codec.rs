@@ -41,6 +41,8 @@ fn view() -> impl Strategy<Value = DecisionView> {
             2 => Decision::Commit(Epoch(e)),
             _ => Decision::Abort(Epoch(e)),
         },
+        generation: imago_protocol::Generation(version % 7 + 1),
+        upgrade_from: (e % 3 != 0).then_some(imago_protocol::Generation(e % 5 + 1)),
         known: flags[0],
         registered: flags[1],
         all_routers_frozen: flags[2],

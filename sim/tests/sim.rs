@@ -320,10 +320,24 @@ fn routers_join_and_retire_under_faults() {
 #[test]
 fn hunt_seeds_across_three_datacenters_keep_every_invariant() {
     let config = SimConfig { datacenters: 3, ..SimConfig::default() };
-    let reports = run(&config, [7_000_386, 14_004_767, 18_016_555]);
+    let reports = run(&config, [7_000_386, 14_004_767, 18_016_555, 23_007_300]);
     assert_clean(&reports);
 }
 
+/// Hunt seeds of the smallest topology (one coordinator, one router, one data node).
+/// 21005627: the coordinator's clock, jumped back past the start, stood still at 0 while a
+/// freeze was stamped; the availability checker's clock spread missed that (the driver was
+/// right).
+#[test]
+fn hunt_seeds_of_the_smallest_topology_keep_every_invariant() {
+    let config = SimConfig { coordinators: 1, routers: 1, data_nodes: 1, ..SimConfig::default() };
+    let reports = run(&config, [21_005_627]);
+    assert_clean(&reports);
+}
+
+/// (23007300 above: a data node fenced and drained for e1 went straight to e2's freeze without
+/// seeing e1's abort, ignored every later freeze, and each aborted for want of its `Drained`.)
+///
 /// Hunt seeds of the 5-coordinator, 7-router, 3-data-node topology. 17017428 (100,000-seed hunt
 /// at `d55f48b`): a mirror delayed past the commit ran on a new universe that had taken client
 /// writes and was compared as if at the freeze's position; data nodes now refuse mirrors once

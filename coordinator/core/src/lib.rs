@@ -16,7 +16,7 @@ pub use view::{decision_view, status};
 
 use protocol::messages::{Ack, NodeReport, Phase, RejectKind, Rejection, RosterStatus};
 use protocol::plan::{Plan, SwitchMode};
-use protocol::{Duty, Epoch, NodeName, Position, UpgradeId};
+use protocol::{Duty, Epoch, Generation, NodeName, Position, UpgradeId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -79,6 +79,8 @@ pub struct NodeState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Upgrade {
     pub id: UpgradeId,
+    /// The generation this upgrade upgrades from (its plan's); its new universe is the next.
+    pub from: Generation,
     /// The start request's idempotency token.
     pub token: String,
     pub plan: Plan,
@@ -102,6 +104,9 @@ pub struct Upgrade {
 /// The whole replicated state.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct UpgradeState {
+    /// The generation the cluster serves: the last switched upgrade's new one (genesis before
+    /// any). The next upgrade's plan must upgrade from it.
+    pub generation: Generation,
     pub current: Option<Upgrade>,
     /// Highest epoch ever frozen on this cluster (epochs grow across upgrades too).
     pub last_epoch: Epoch,
@@ -197,7 +202,13 @@ impl UpgradeState {
     /// Applies one committed command. Every precondition is checked here, and the state's
     /// invariants are asserted afterwards (a broken invariant is a bug, never an input error).
     pub fn apply(&mut self, command: &Command) -> Applied {
-        let before = (self.version, self.last_epoch, self.outcomes.len(), self.outcomes.get(&self.last_epoch).cloned());
+        let before = (
+            self.version,
+            self.last_epoch,
+            self.outcomes.len(),
+            self.outcomes.get(&self.last_epoch).cloned(),
+            self.generation,
+        );
         let result = self.apply_inner(command);
         self.advance();
         if !matches!(result, Applied::Rejected(_)) && !matches!(command, Command::Report { .. }) {
@@ -208,9 +219,10 @@ impl UpgradeState {
     }
 
     /// The state's invariants, given what they were before a command.
-    fn assert_invariants(&self, before: (u64, Epoch, usize, Option<Outcome>)) {
-        let (version, last_epoch, decided, last_outcome) = before;
+    fn assert_invariants(&self, before: (u64, Epoch, usize, Option<Outcome>, Generation)) {
+        let (version, last_epoch, decided, last_outcome, generation) = before;
         assert!(self.version >= version, "version went backwards");
+        assert!(self.generation >= generation, "generations went backwards");
         assert!(self.last_epoch >= last_epoch, "epochs went backwards");
         assert!(self.outcomes.len() >= decided, "an outcome was forgotten");
         if let Some(outcome) = last_outcome {
@@ -249,6 +261,9 @@ impl UpgradeState {
                 u.phase
             ),
         }
+        let switched = matches!(u.phase, Phase::Switched | Phase::Done);
+        let serving = if switched { u.from.next() } else { u.from };
+        assert_eq!(self.generation, serving, "the cluster's generation is not the one its last upgrade left");
     }
 
     fn apply_inner(&mut self, command: &Command) -> Applied {
@@ -395,6 +410,20 @@ impl UpgradeState {
                 );
             }
         }
+        if plan.old_generation != self.generation {
+            let why = match self.current.as_ref().filter(|u| u.from.next() == self.generation) {
+                Some(last) => format!(" (upgrade {} `{}` switched it from {})", last.id.0, last.plan.name, last.from),
+                None => String::new(),
+            };
+            return reject(
+                RejectKind::WrongGeneration,
+                format!(
+                    "the plan upgrades from generation {}, but the cluster serves generation {}{why}: \
+                     write the plan against {} (its `upgrade.old_generation` and old schema)",
+                    plan.old_generation.0, self.generation.0, self.generation.0
+                ),
+            );
+        }
         if let Err(e) = plan.mapping() {
             return reject(RejectKind::BadPlan, format!("plan transforms do not fit the old schema: {e}"));
         }
@@ -418,6 +447,7 @@ impl UpgradeState {
         let id = UpgradeId(self.upgrades_started);
         self.current = Some(Upgrade {
             id,
+            from: plan.old_generation,
             token: token.to_string(),
             plan: plan.clone(),
             phase: Phase::Staged,
@@ -605,6 +635,7 @@ impl UpgradeState {
         {
             upgrade.phase = Phase::Switched;
             self.outcomes.insert(upgrade.epoch, Outcome::Committed);
+            self.generation = upgrade.from.next();
         }
         if upgrade.phase == Phase::Staged
             && upgrade.required().all(|n| upgrade.nodes.get(n).is_some_and(|s| s.registered && s.deployed))

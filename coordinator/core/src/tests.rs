@@ -14,6 +14,14 @@ fn plan(switch: &str, max_attempts: u32) -> Plan {
     Plan::from_toml("example.toml", &text).unwrap()
 }
 
+/// The example plan, written to upgrade from generation `g`.
+fn plan_from(g: u64) -> Plan {
+    let text = EXAMPLE.replace("name = \"auction-v2\"\n", &format!("name = \"auction-v2\"\nold_generation = {g}\n"));
+    let plan = Plan::from_toml("example.toml", &text).unwrap();
+    assert_eq!(plan.old_generation, Generation(g));
+    plan
+}
+
 fn n(name: &str) -> NodeName {
     NodeName::from(name)
 }
@@ -109,7 +117,7 @@ fn start_is_idempotent_by_token_even_after_the_upgrade_ended() {
     let retry = state.apply(&Command::Start { plan: plan("auto", 3), token: "t1".into() });
     assert_eq!(retry, Applied::Started(UpgradeId(1)));
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Done, "the retry changed nothing");
-    let next = state.apply(&Command::Start { plan: plan("auto", 3), token: "t2".into() });
+    let next = state.apply(&Command::Start { plan: plan_from(2), token: "t2".into() });
     assert_eq!(next, Applied::Started(UpgradeId(2)), "a new token starts the next upgrade");
 }
 
@@ -550,6 +558,7 @@ mod properties {
             (epoch, 0u64..10_000).prop_map(|(epoch, now_ms)| Command::Abort { epoch, reason: "random".into(), now_ms }),
             (0u64..10_000).prop_map(|now_ms| Command::OperatorAbort { reason: "random".into(), now_ms }),
             node.clone().prop_map(|node| Command::Join { node }),
+            (1u64..=3, 0u8..3).prop_map(|(g, t)| Command::Start { plan: plan_from(g), token: format!("t{t}") }),
             (node, any::<bool>()).prop_map(|(node, force)| Command::Retire { node, force }),
         ]
     }
@@ -595,6 +604,8 @@ mod properties {
             for command in &commands {
                 let before = state.clone();
                 let decision_before = before.decision();
+                let (held, base) = before.decision_and_base();
+                let serving_before = held.serving_generation(base);
                 let result = state.apply(command);
                 if matches!(result, Applied::Rejected(_)) {
                     let mut unchanged = before.clone();
@@ -629,7 +640,13 @@ mod properties {
                 if matches!(u.phase, Phase::Switched | Phase::Done) {
                     prop_assert_eq!(state.outcomes.get(&u.epoch), Some(&Outcome::Committed));
                 }
-                prop_assert!(state.outcomes.values().filter(|o| **o == Outcome::Committed).count() <= 1);
+                // Each commit makes exactly one generation; what a decision serves never goes back.
+                let commits = state.outcomes.values().filter(|o| **o == Outcome::Committed).count() as u64;
+                prop_assert_eq!(commits + 1, state.generation.0);
+                let (now, base) = state.decision_and_base();
+                if let (Some(before), Some(after)) = (serving_before, now.serving_generation(base)) {
+                    prop_assert!(after >= before, "served {} then {} after {:?}", before, after, command);
+                }
             }
             if !state.outcomes.is_empty() {
                 REACHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -752,4 +769,87 @@ fn a_plan_cannot_leave_out_a_roster_router_nor_name_a_retired_one() {
     let reason = rejected(&mut state, Command::Start { plan: plan("auto", 3), token: "t1".into() });
     assert_eq!(reason.kind, RejectKind::Retired, "{reason}");
     assert!(state.current.is_none());
+}
+
+fn switch_and_finish(state: &mut UpgradeState, epoch: u64) {
+    let at = state.current.as_ref().unwrap().retry_not_before_ms;
+    freeze(state, epoch, at);
+    all_acks(state, epoch);
+    for r in ROUTERS {
+        accepted(state, Command::Ack { node: n(r), epoch: Epoch(epoch), ack: Ack::Switched });
+    }
+    assert_eq!(phase(state), Phase::Done);
+}
+
+/// Registers every node of the example plan and makes the gate pass (a started upgrade).
+fn make_ready(state: &mut UpgradeState) {
+    for r in ROUTERS {
+        accepted(state, Command::Register { node: n(r), duties: vec![Duty::Route, Duty::Validate], deployed: true });
+    }
+    let db = Command::Register {
+        node: n("db-1"),
+        duties: vec![Duty::Capture, Duty::Transform, Duty::Validate],
+        deployed: true,
+    };
+    accepted(state, db);
+    let report =
+        NodeReport { captured: Position(10), applied: Position(10), bulk_done: true, samples: 30, mismatches: 0 };
+    accepted(state, Command::Report { node: n("router-1"), report: report.clone() });
+    accepted(state, Command::Report { node: n("db-1"), report });
+}
+
+/// Upgrade after upgrade: the winner of one is the old universe of the next; a plan written
+/// for another generation is refused with the reason; the next upgrade's nodes keep the last
+/// decision (never `Initial` again, which they would order before what they hold).
+#[test]
+fn upgrade_after_upgrade_moves_the_generation_and_keeps_the_last_decision() {
+    let mut state = ready("auto", 3);
+    assert_eq!(state.generation, Generation(1));
+    switch_and_finish(&mut state, 1);
+    assert_eq!(state.generation, Generation(2), "the switch made generation 2 the cluster's");
+
+    let stale = rejected(&mut state, Command::Start { plan: plan_from(1), token: "t2".into() });
+    assert_eq!(stale.kind, RejectKind::WrongGeneration);
+    assert!(stale.detail.contains("upgrades from generation 1, but the cluster serves generation 2"), "{stale}");
+    let ahead = rejected(&mut state, Command::Start { plan: plan_from(3), token: "t2".into() });
+    assert_eq!(ahead.kind, RejectKind::WrongGeneration);
+
+    assert_eq!(state.apply(&Command::Start { plan: plan_from(2), token: "t2".into() }), Applied::Started(UpgradeId(2)));
+    let view = decision_view(&state, 1, &n("router-1"));
+    assert_eq!(view.decision, Decision::Commit(Epoch(1)), "the new upgrade shows the last decision");
+    assert_eq!(view.decision.serving_generation(view.generation), Some(Generation(2)));
+    assert_eq!(view.upgrade_from, Some(Generation(2)));
+
+    make_ready(&mut state);
+    freeze(&mut state, 2, 0);
+    let view = decision_view(&state, 2, &n("router-1"));
+    assert_eq!((view.decision, view.generation), (Decision::Freeze(Epoch(2)), Generation(2)), "epochs keep growing");
+    accepted(&mut state, Command::Abort { epoch: Epoch(2), reason: "test".into(), now_ms: 10 });
+    let view = decision_view(&state, 3, &n("router-1"));
+    assert_eq!(view.decision.serving_generation(view.generation), Some(Generation(2)), "an abort keeps generation 2");
+    assert_eq!(state.generation, Generation(2));
+
+    switch_and_finish(&mut state, 3);
+    assert_eq!(state.generation, Generation(3));
+    let (decision, base) = state.decision_and_base();
+    assert_eq!(decision.serving_generation(base), Some(Generation(3)));
+    assert_eq!(status(&state).generation, Generation(3));
+}
+
+/// A rolled-back upgrade leaves the generation; the next plan upgrades from the same one, and
+/// its nodes keep serving it under the last abort until its first freeze.
+#[test]
+fn after_a_rollback_the_next_upgrade_starts_from_the_same_generation() {
+    let mut state = ready("auto", 1);
+    freeze(&mut state, 1, 0);
+    accepted(&mut state, Command::Abort { epoch: Epoch(1), reason: "deadline".into(), now_ms: 100 });
+    assert_eq!(phase(&state), Phase::RolledBack);
+    let reason = rejected(&mut state, Command::Start { plan: plan_from(2), token: "t2".into() });
+    assert_eq!(reason.kind, RejectKind::WrongGeneration, "{reason}");
+    assert_eq!(state.apply(&Command::Start { plan: plan_from(1), token: "t2".into() }), Applied::Started(UpgradeId(2)));
+    let view = decision_view(&state, 1, &n("db-1"));
+    assert_eq!((view.decision, view.generation), (Decision::Abort(Epoch(1)), Generation(1)));
+    make_ready(&mut state);
+    switch_and_finish(&mut state, 2);
+    assert_eq!(state.generation, Generation(2));
 }

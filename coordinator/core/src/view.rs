@@ -2,27 +2,44 @@
 
 use super::{ready_gate, Outcome, UpgradeState};
 use protocol::messages::{DecisionView, NodeStatus, Phase, StatusView};
-use protocol::{Decision, Epoch, NodeName};
+use protocol::{Decision, Epoch, Generation, NodeName};
 
 impl UpgradeState {
     /// The committed decision nodes act on (see [`Decision`]).
     pub fn decision(&self) -> Decision {
-        let Some(upgrade) = &self.current else { return Decision::Initial };
+        self.decision_and_base().0
+    }
+
+    /// The committed decision nodes act on, and the generation its upgrade upgrades from. Before an upgrade's first freeze that is the last decision of the cluster
+    /// (an upgrade never starts nodes again from `Initial`: they would order it before what
+    /// they hold, and ignore it).
+    pub fn decision_and_base(&self) -> (Decision, Generation) {
+        let Some(upgrade) = &self.current else { return (Decision::Initial, self.generation) };
         match upgrade.phase {
-            Phase::Freezing => Decision::Freeze(upgrade.epoch),
-            Phase::Switched | Phase::Done => Decision::Commit(upgrade.epoch),
+            Phase::Freezing => (Decision::Freeze(upgrade.epoch), upgrade.from),
+            Phase::Switched | Phase::Done => (Decision::Commit(upgrade.epoch), upgrade.from),
             Phase::Staged | Phase::Syncing | Phase::RolledBack => match self.outcomes.get(&upgrade.epoch) {
-                Some(Outcome::Aborted { .. }) => Decision::Abort(upgrade.epoch),
-                _ if upgrade.epoch == Epoch(0) => Decision::Initial,
+                Some(Outcome::Aborted { .. }) => (Decision::Abort(upgrade.epoch), upgrade.from),
+                _ if upgrade.epoch == Epoch(0) => self.last_decision(),
                 other => unreachable!("epoch {} decided {other:?} outside Freezing/Switched", upgrade.epoch),
             },
+        }
+    }
+
+    /// The newest decided epoch's decision, and the generation its upgrade upgraded from (a
+    /// commit made the cluster's generation; an abort left it as it was).
+    fn last_decision(&self) -> (Decision, Generation) {
+        match self.outcomes.last_key_value() {
+            None => (Decision::Initial, self.generation),
+            Some((e, Outcome::Committed)) => (Decision::Commit(*e), Generation(self.generation.0 - 1)),
+            Some((e, Outcome::Aborted { .. })) => (Decision::Abort(*e), self.generation),
         }
     }
 }
 
 /// What `node` needs to know, read from state applied up to log index `version`.
 pub fn decision_view(state: &UpgradeState, version: u64, node: &NodeName) -> DecisionView {
-    let decision = state.decision();
+    let (decision, generation) = state.decision_and_base();
     let epoch = decision.epoch();
     let upgrade = state.current.as_ref();
     let node_state = upgrade.and_then(|u| u.nodes.get(node)).cloned().unwrap_or_default();
@@ -31,6 +48,8 @@ pub fn decision_view(state: &UpgradeState, version: u64, node: &NodeName) -> Dec
         upgrade: upgrade.map(|u| u.id),
         phase: upgrade.map(|u| u.phase),
         decision,
+        generation,
+        upgrade_from: upgrade.map(|u| u.from),
         known: upgrade.is_some_and(|u| u.duties_of(node).is_some()),
         registered: node_state.registered,
         all_routers_frozen: upgrade.is_some_and(|u| u.all_routers_frozen()),
@@ -54,6 +73,7 @@ pub fn status(state: &UpgradeState) -> StatusView {
             name: String::new(),
             phase: None,
             epoch: state.last_epoch,
+            generation: state.generation,
             attempts: 0,
             gate_blockers: Vec::new(),
             last_abort_reason: None,
@@ -74,6 +94,7 @@ pub fn status(state: &UpgradeState) -> StatusView {
         name: u.plan.name.clone(),
         phase: Some(u.phase),
         epoch: u.epoch,
+        generation: state.generation,
         attempts: u.attempts,
         gate_blockers: ready_gate(u).err().unwrap_or_default(),
         last_abort_reason: u.last_abort_reason.clone(),

@@ -558,6 +558,8 @@ mod tests {
             upgrade: Some(UpgradeId(1)),
             phase: Some(Phase::Freezing),
             decision,
+            generation: protocol::Generation::GENESIS,
+            upgrade_from: Some(protocol::Generation::GENESIS),
             known: true,
             registered: true,
             all_routers_frozen: false,

@@ -179,6 +179,8 @@ impl Coordinator {
             upgrade: Some(UpgradeId(1)),
             phase: Some(self.phase),
             decision: self.decision,
+            generation: protocol::Generation::GENESIS,
+            upgrade_from: Some(protocol::Generation::GENESIS),
             known: true,
             registered: self.registered,
             all_routers_frozen: self.all_routers_frozen(),

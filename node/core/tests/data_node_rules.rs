@@ -73,6 +73,8 @@ fn view(version: u64, phase: Phase, decision: Decision, acked_drained: bool) -> 
         upgrade: Some(UpgradeId(1)),
         phase: Some(phase),
         decision,
+        generation: protocol::Generation::GENESIS,
+        upgrade_from: Some(protocol::Generation::GENESIS),
         known: true,
         registered: true,
         all_routers_frozen: false,

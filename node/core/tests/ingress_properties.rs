@@ -96,6 +96,8 @@ impl Coordinator {
             upgrade: Some(UpgradeId(1)),
             phase: Some(self.phase),
             decision: self.decision,
+            generation: protocol::Generation::GENESIS,
+            upgrade_from: Some(protocol::Generation::GENESIS),
             known: true,
             registered: self.registered,
             // This router is the plan's only router.

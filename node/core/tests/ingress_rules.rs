@@ -65,6 +65,8 @@ fn the_validator_counts_what_it_compared_and_the_router_reports_it() {
         upgrade: Some(UpgradeId(1)),
         phase: Some(Phase::Syncing),
         decision: Decision::Initial,
+        generation: protocol::Generation::GENESIS,
+        upgrade_from: Some(protocol::Generation::GENESIS),
         known: true,
         registered: true,
         all_routers_frozen: false,

@@ -83,6 +83,7 @@ mod tests {
         nodes.insert(node.clone(), NodeState { frozen: Some(Epoch(2)), ..NodeState::default() });
         let upgrade = Upgrade {
             id: protocol::UpgradeId(1),
+            from: protocol::Generation::GENESIS,
             token: "t".into(),
             plan,
             phase: protocol::messages::Phase::Freezing,

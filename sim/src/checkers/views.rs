@@ -57,6 +57,8 @@ mod tests {
             upgrade: None,
             phase: None,
             decision,
+            generation: protocol::Generation::GENESIS,
+            upgrade_from: None,
             known: true,
             registered: true,
             all_routers_frozen: false,

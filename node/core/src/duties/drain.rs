@@ -101,12 +101,35 @@ impl DrainCore {
         }
     }
 
+    /// The freeze the old store is fenced for (in memory: not after a restart).
+    fn fenced_for(&self) -> Option<Epoch> {
+        match self.state {
+            State::Fencing(e)
+            | State::Drained(e)
+            | State::Draining { epoch: e, .. }
+            | State::Comparing { epoch: e, .. } => Some(e),
+            State::Recovering | State::Open | State::Committed => None,
+        }
+    }
+
     pub fn handle(&mut self, input: DrainInput) -> Vec<DrainOutput> {
         let mut out = Vec::new();
+        // A newer freeze means the one this store is fenced for was aborted, though the node
+        // may never have seen that `Abort` (it acts on the newest decision only): unfence as the
+        // abort would have, then take the new freeze as from an open store. (Hunt seed
+        // 23007300: a node fenced and drained for e1 ignored e2 and e3, and every later freeze
+        // aborted for want of its `Drained`.)
+        if let DrainInput::Decision { decision: Decision::Freeze(e), .. } = &input {
+            if self.fenced_for().is_some_and(|fenced| fenced < *e) {
+                self.state = State::Open;
+                out.push(DrainOutput::Unfence);
+            }
+        }
         match input {
             DrainInput::Decision { decision, all_routers_frozen } => match decision {
-                // A fenced store was fenced for this freeze (fencing and unfencing happen in the
-                // same step as the decision that causes them), so re-fencing is idempotent.
+                // A store fenced in memory is fenced for this freeze (an older one's fence was
+                // undone just above), so re-fencing is idempotent; after a restart it may be
+                // fenced for any freeze, and is fenced again for this one.
                 Decision::Freeze(epoch)
                     if (all_routers_frozen && self.state == State::Open) || self.state == State::Recovering =>
                 {
@@ -154,6 +177,40 @@ impl DrainCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node that drained for e1 and never saw its `Abort` takes part in e2 all the same.
+    #[test]
+    fn a_newer_freeze_unfences_a_store_fenced_for_an_older_one() {
+        let (e1, e2) = (Epoch(1), Epoch(2));
+        let mut d = DrainCore::new(Position(5), false);
+        assert_eq!(
+            d.handle(DrainInput::Decision { decision: Decision::Freeze(e1), all_routers_frozen: true }),
+            vec![DrainOutput::Fence(e1)]
+        );
+        d.handle(DrainInput::Fenced { epoch: e1, final_position: Position(5) });
+        let out = d.handle(DrainInput::Checksums { epoch: e1, matched: false });
+        assert!(matches!(out[..], [DrainOutput::Ack { epoch, .. }] if epoch == e1), "{out:?}");
+        assert_eq!(d.accepting(), Some(Universe::New));
+
+        let out = d.handle(DrainInput::Decision { decision: Decision::Freeze(e2), all_routers_frozen: false });
+        assert_eq!(out, vec![DrainOutput::Unfence], "e1 was aborted: the old store takes requests again");
+        assert_eq!(d.accepting(), Some(Universe::Old));
+        let out = d.handle(DrainInput::Decision { decision: Decision::Freeze(e2), all_routers_frozen: true });
+        assert_eq!(out, vec![DrainOutput::Fence(e2)]);
+        let out = d.handle(DrainInput::Fenced { epoch: e2, final_position: Position(5) });
+        assert_eq!(out, vec![DrainOutput::CompareChecksums { epoch: e2, final_position: Position(5) }]);
+        let out = d.handle(DrainInput::Checksums { epoch: e2, matched: true });
+        let drained = Ack::Drained { final_position: Position(5), checksum_match: true };
+        assert_eq!(out, vec![DrainOutput::Ack { epoch: e2, ack: drained }]);
+
+        // Straight from e1's fence to e3 (all frozen): unfence, then fence for e3.
+        let mut d = DrainCore::new(Position(0), false);
+        d.handle(DrainInput::Decision { decision: Decision::Freeze(e1), all_routers_frozen: true });
+        let out = d.handle(DrainInput::Decision { decision: Decision::Freeze(Epoch(3)), all_routers_frozen: true });
+        assert_eq!(out, vec![DrainOutput::Unfence, DrainOutput::Fence(Epoch(3))]);
+        // A result of e1's fence, arriving late, is not e3's final position.
+        assert!(d.handle(DrainInput::Fenced { epoch: e1, final_position: Position(9) }).is_empty());
+    }
 
     #[test]
     fn fences_only_when_all_routers_frozen_then_acks_after_applying() {
