@@ -8,14 +8,15 @@ use node_core::duties::transform::Checkpoint;
 use node_core::{NodeRecord, RequestKey};
 use protocol::messages::{Request, Response};
 use protocol::transport::Transport;
-use protocol::Universe;
+use protocol::Generation;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 /// A request forwarded to this data node by an ingress node.
 pub struct DataRequest<R> {
     pub key: RequestKey,
-    pub universe: Universe,
+    /// The generation the router sends it to (the node maps it to one of its stores).
+    pub generation: Generation,
     pub mirror: bool,
     pub read_only: bool,
     pub request: R,
@@ -183,9 +184,9 @@ impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> Handler<DataRequest
     type Result = ();
 
     fn handle(&mut self, msg: DataRequest<S::Request>, ctx: &mut Context<Self>) {
-        let DataRequest { key, universe, mirror, read_only, request } = msg;
+        let DataRequest { key, generation, mirror, read_only, request } = msg;
         self.requests.entry((key, mirror)).or_default().push_back(request);
-        self.feed(ctx, DataInput::Request { key, universe, mirror, read_only });
+        self.feed(ctx, DataInput::Request { key, generation, mirror, read_only });
     }
 }
 

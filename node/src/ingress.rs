@@ -87,18 +87,18 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
     /// Performs one output; returns the input it answers with if it completed at once.
     fn perform(&mut self, ctx: &mut Context<Self>, now_ms: u64, output: IngressOutput) -> Option<IngressInput> {
         match output {
-            IngressOutput::Forward { id, universe, key } => {
+            IngressOutput::Forward { id, generation, key } => {
                 let request = self.requests.get(&id).expect("forwarding an open request");
-                let answer = self.io.forward(request, universe, key, false);
+                let answer = self.io.forward(request, generation, key, false);
                 ctx.spawn(
                     answer
                         .into_actor(self)
-                        .map(move |answer, act, ctx| act.feed(ctx, IngressInput::Answered { id, universe, answer })),
+                        .map(move |answer, act, ctx| act.feed(ctx, IngressInput::Answered { id, answer })),
                 );
             }
-            IngressOutput::Mirror { id, key } => {
+            IngressOutput::Mirror { id, generation, key } => {
                 let request = self.requests.get(&id).expect("mirroring an open request");
-                let answer = self.io.forward(request, protocol::Universe::New, key, true);
+                let answer = self.io.forward(request, generation, key, true);
                 ctx.spawn(
                     answer
                         .into_actor(self)

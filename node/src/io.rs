@@ -10,7 +10,7 @@
 use node_core::data_node::{DataEvent, DataNodeCore, StoreOp, StoreResult};
 use node_core::ingress::{ClientReply, IngressCore, IngressEvent};
 use node_core::{NodeRecord, RequestKey, StoreAnswer};
-use protocol::Universe;
+use protocol::{Generation, Universe};
 use std::future::Future;
 
 /// Milliseconds since an arbitrary start, never decreasing.
@@ -40,12 +40,12 @@ pub trait NodeDisk: Unpin + 'static {
 pub trait Ingress: Unpin + 'static {
     /// One client request: its payload and how to answer it.
     type Request: 'static;
-    /// Sends `request` to `universe` (a copy for validation if `mirror`), keyed by `key`;
-    /// resolves to the answer, or `None` when none came in time.
+    /// Sends `request` to `generation`'s universe (a copy for validation if `mirror`), keyed
+    /// by `key`; resolves to the answer, or `None` when none came in time.
     fn forward(
         &self,
         request: &Self::Request,
-        universe: Universe,
+        generation: Generation,
         key: RequestKey,
         mirror: bool,
     ) -> impl Future<Output = Option<StoreAnswer>> + 'static;

@@ -18,7 +18,7 @@ use proptest::prelude::*;
 use protocol::messages::{DecisionView, NodeRequest, NodeResponse, Phase, Request, Response};
 use protocol::schema::{Mapping, RowOp, Schema, TableSchema, Transform, Value};
 use protocol::transport::{Transport, TransportError};
-use protocol::{Decision, Duty, Epoch, NodeName, Position, Universe, UpgradeId};
+use protocol::{Decision, Duty, Epoch, Generation, NodeName, Position, Universe, UpgradeId};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -27,7 +27,7 @@ use std::time::Duration;
 /// One I/O call, as the I/O side saw it (or as a core output says it should be).
 #[derive(Clone, Debug, PartialEq)]
 enum Io {
-    Forward { universe: Universe, key: RequestKey, mirror: bool },
+    Forward { generation: Generation, key: RequestKey, mirror: bool },
     Reply(String),
     Send(NodeRequest),
     Persist(NodeRecord),
@@ -85,6 +85,7 @@ fn clock() -> Box<dyn Fn() -> u64> {
 }
 
 fn agent_config(name: &str, duties: Vec<Duty>) -> AgentConfig {
+    let upgrade_from = duties.contains(&Duty::Transform).then_some(Generation::GENESIS);
     AgentConfig {
         node: NodeName::from(name),
         duties,
@@ -93,6 +94,7 @@ fn agent_config(name: &str, duties: Vec<Duty>) -> AgentConfig {
         watch_wait_ms: 1_000,
         report_interval_ms: 100,
         stale_watch_limit: 2,
+        upgrade_from,
     }
 }
 
@@ -203,11 +205,11 @@ impl Ingress for TestIngress {
     fn forward(
         &self,
         _request: &u64,
-        universe: Universe,
+        generation: Generation,
         key: RequestKey,
         mirror: bool,
     ) -> impl Future<Output = Option<StoreAnswer>> + 'static {
-        push(&self.log, Io::Forward { universe, key, mirror });
+        push(&self.log, Io::Forward { generation, key, mirror });
         async move {
             tokio::time::sleep(Duration::from_millis(1)).await;
             Some(StoreAnswer::Ok { body: None, position: Position(0) })
@@ -229,8 +231,12 @@ impl Ingress for TestIngress {
 
 fn ingress_io(output: &IngressOutput) -> Io {
     match output {
-        IngressOutput::Forward { universe, key, .. } => Io::Forward { universe: *universe, key: *key, mirror: false },
-        IngressOutput::Mirror { key, .. } => Io::Forward { universe: Universe::New, key: *key, mirror: true },
+        IngressOutput::Forward { generation, key, .. } => {
+            Io::Forward { generation: *generation, key: *key, mirror: false }
+        }
+        IngressOutput::Mirror { generation, key, .. } => {
+            Io::Forward { generation: *generation, key: *key, mirror: true }
+        }
         // The actor numbers requests 1, 2, ... in arrival order; the test's tickets are the same.
         IngressOutput::Reply { id, reply } => Io::Reply(format!("{id}: {reply:?}")),
         IngressOutput::Send { request, .. } => Io::Send(request.clone()),
@@ -542,9 +548,9 @@ proptest! {
             });
             let (addr, task) = node::start_local(actor);
             for (i, (wait_ms, old)) in writes.into_iter().enumerate() {
-                let universe = if old { Universe::Old } else { Universe::New };
+                let generation = if old { Generation(1) } else { Generation(2) };
                 let key = RequestKey { origin: 7, id: i as u64 };
-                addr.do_send(DataRequest { key, universe, mirror: false, read_only: false, request: i as u64 });
+                addr.do_send(DataRequest { key, generation, mirror: false, read_only: false, request: i as u64 });
                 tokio::time::sleep(Duration::from_millis(wait_ms)).await;
             }
             tokio::time::sleep(Duration::from_millis(2_000)).await;

@@ -161,7 +161,7 @@ impl World {
                     let read_only = request.op.read_only();
                     actor.do_send(ActorRequest {
                         key: request.key,
-                        universe: request.universe,
+                        generation: request.generation,
                         mirror: request.mirror,
                         read_only,
                         request: SimDataRequest { op: request.op, reply_to },
@@ -276,7 +276,10 @@ impl World {
         match event {
             DataEvent::Acted(decision) => self.note_acted(ProcId::Data(i), decision),
             DataEvent::Admitted { key, universe } => {
-                let found = self.checker.single_universe.admitted(now, AdmissionPoint::Store, &name, universe, key.id);
+                let from = self.data[i].from;
+                let generation = if universe == Universe::New { from.next() } else { from };
+                let found =
+                    self.checker.single_universe.admitted(now, AdmissionPoint::Store, &name, generation, key.id);
                 self.checker.found(now, found);
             }
             DataEvent::Copying => {
@@ -402,7 +405,7 @@ impl World {
             boot.record.decision, boot.checkpoint.applied.0
         ));
         let config = DataNodeConfig {
-            agent: self.agent_config(&name, vec![Duty::Capture, Duty::Transform]),
+            agent: self.agent_config(&name, vec![Duty::Capture, Duty::Transform], Some(self.data[i].from)),
             mapping: self.mapping.clone(),
             transform_interval_ms: TRANSFORM_INTERVAL_MS,
             transform_idle_ms: TRANSFORM_IDLE_MS,

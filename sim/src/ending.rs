@@ -49,16 +49,16 @@ impl World {
     pub(crate) fn finished(&self) -> bool {
         let state = self.freshest_state();
         let Some(upgrade) = state.current.as_ref() else { return false };
-        let universe = match upgrade.phase {
-            Phase::Done => Universe::New,
-            Phase::RolledBack => Universe::Old,
+        let generation = match upgrade.phase {
+            Phase::Done => upgrade.from.next(),
+            Phase::RolledBack => upgrade.from,
             _ => return false,
         };
         // Routers in service: deployed, not retired (a retired one serves nothing, ever).
         self.routers
             .iter()
             .filter(|r| r.deployed && !r.retired)
-            .all(|r| self.procs[&r.addr].up && r.observed.mode == Mode::Serving(universe) && r.observed.held == 0)
+            .all(|r| self.procs[&r.addr].up && r.observed.mode == Mode::Serving(generation) && r.observed.held == 0)
     }
 
     pub(crate) fn final_checks(&mut self) {

@@ -127,6 +127,9 @@ impl RouterProc {
 pub struct DataProc {
     pub addr: Addr,
     pub name: String,
+    /// The generation the upgrade this node is deployed for upgrades from: `old` holds it,
+    /// `new` the next.
+    pub from: protocol::Generation,
     pub old: MemStore,
     pub new: MemStore,
     pub disk: NodeRecord,
@@ -154,6 +157,7 @@ impl DataProc {
         DataProc {
             addr: ProcId::Data(index).addr(),
             name: format!("db-{index}"),
+            from: protocol::Generation::GENESIS,
             old: MemStore::with_schema(old_schema),
             new: MemStore::with_schema(new_schema),
             disk: NodeRecord::default(),

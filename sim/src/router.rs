@@ -20,7 +20,7 @@ use node_core::duties::router::{HoldCause, RouterConfig};
 use node_core::ingress::{ClientReply, IngressConfig, IngressCore, IngressEvent, Unavailable};
 use node_core::{NodeRecord, RequestKey, StoreAnswer};
 use protocol::codec;
-use protocol::{Decision, Duty, Universe};
+use protocol::{Decision, Duty, Generation};
 use std::future::Future;
 use std::sync::Weak;
 use std::time::Duration;
@@ -56,7 +56,7 @@ impl Ingress for SimIngress {
     fn forward(
         &self,
         request: &SimClient,
-        universe: Universe,
+        generation: Generation,
         key: RequestKey,
         mirror: bool,
     ) -> impl Future<Output = Option<StoreAnswer>> + 'static {
@@ -66,11 +66,9 @@ impl Ingress for SimIngress {
             let now = w.now_us();
             let (addr, name) = (w.routers[index].addr, &w.routers[index].name);
             if !mirror {
-                let found = w.checker.single_universe.admitted(now, AdmissionPoint::Router, name, universe, key.id);
+                let found = w.checker.single_universe.admitted(now, AdmissionPoint::Router, name, generation, key.id);
                 w.checker.found(now, found);
-                if universe == Universe::Old {
-                    w.checker.frozen_ack.forwarded(index, key.id);
-                }
+                w.checker.frozen_ack.forwarded(index, key.id);
                 let router = &mut w.routers[index];
                 if let Some(open) = router.open.get_mut(&request.ticket) {
                     if !open.forwarded {
@@ -80,14 +78,17 @@ impl Ingress for SimIngress {
                 }
             } else {
                 w.checker.mirrors.mirrored(index, key);
-                if w.routers[index].observed.mode == Mode::Serving(Universe::New) {
+                // Mirrors go from the generation the upgrade upgrades from to the next.
+                let from = w.upgrade_from();
+                if matches!(w.routers[index].observed.mode, Mode::Serving(g) if g != from) || generation != from.next()
+                {
                     let router = name.clone();
                     w.checker.violation(now, Violation::MirroredAfterSwitch { router, request: key.id });
                 }
             }
-            w.trace.forward(now, addr, key.id, universe, mirror);
+            w.trace.forward(now, addr, key.id, generation, mirror);
             let shard = request.op.key().rem_euclid(w.config.data_nodes as i64) as usize;
-            let wire = DataMessage::Request(DataRequest { key, universe, mirror, op: request.op.clone() });
+            let wire = DataMessage::Request(DataRequest { key, generation, mirror, op: request.op.clone() });
             let bytes = codec::encode_frame(&wire).expect("data requests encode");
             (w.send_request(addr, ProcId::Data(shard).addr(), bytes), w.data_timeout_ms, shard)
         });
@@ -108,7 +109,7 @@ impl Ingress for SimIngress {
                     if !w.is_up(ProcId::Router(index).addr(), incarnation) {
                         return;
                     }
-                    if !mirror && universe == Universe::Old {
+                    if !mirror {
                         w.checker.frozen_ack.completed(index, key.id);
                     }
                     if read_only {
@@ -247,7 +248,7 @@ impl Ingress for SimIngress {
         let figures = RouterFigures {
             held: router.held(),
             oldest_held_ms: router.oldest_held_ms(),
-            in_flight_old: router.in_flight_old(),
+            in_flight: router.in_flight(),
             requests: core.requests(),
             samples: validate.samples,
             mismatches: validate.mismatches,
@@ -275,7 +276,7 @@ impl Ingress for SimIngress {
                 held_taken,
                 held_all,
                 oldest_taken_ms: oldest_taken_us.map(|us| us / 1_000),
-                in_flight_old: w.checker.frozen_ack.in_flight(index),
+                in_flight: w.checker.frozen_ack.in_flight(index),
                 open_taken,
                 open_all: r.open.len(),
                 mirrors_pending: w.checker.mirrors.pending(index),
@@ -371,7 +372,7 @@ impl World {
         self.record(format_args!("{name} restarted with {:?}", record.decision));
         let t = &self.plan.thresholds;
         let config = IngressConfig {
-            agent: self.agent_config(&name, vec![Duty::Route, Duty::Validate]),
+            agent: self.agent_config(&name, vec![Duty::Route, Duty::Validate], None),
             router: RouterConfig {
                 hold_ms_max: t.hold_ms_max,
                 hold_queue_max: t.hold_queue_max as usize,

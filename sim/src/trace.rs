@@ -48,15 +48,15 @@ impl Trace {
     }
 
     /// Records a request forwarded by a router (hashed as raw numbers: a frequent event).
-    pub fn forward(&mut self, now_us: u64, router: u64, id: u64, universe: protocol::Universe, mirror: bool) {
+    pub fn forward(&mut self, now_us: u64, router: u64, id: u64, generation: protocol::Generation, mirror: bool) {
         self.events += 1;
-        let tag = 0xf0 | u64::from(universe == protocol::Universe::New) << 1 | u64::from(mirror);
+        let tag = 0xf0 | (generation.0 & 0x7) << 1 | u64::from(mirror);
         for n in [now_us, router, id, tag] {
             self.hash.bytes(&n.to_le_bytes());
         }
         if let Some(lines) = &mut self.lines {
             lines.push(format!(
-                "{:>10.3}ms router@{router} forwards {id} to {universe:?} mirror={mirror}",
+                "{:>10.3}ms router@{router} forwards {id} to {generation} mirror={mirror}",
                 now_us as f64 / 1000.0
             ));
         }

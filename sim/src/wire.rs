@@ -3,7 +3,7 @@
 
 use crate::app::AppOp;
 use node_core::{RequestKey, StoreAnswer};
-use protocol::Universe;
+use protocol::Generation;
 use serde::{Deserialize, Serialize};
 
 /// A client request forwarded (or mirrored) to one universe at a data node.
@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 pub struct DataRequest {
     /// The idempotency key: the data node answers a duplicate with the first answer.
     pub key: RequestKey,
-    pub universe: Universe,
+    /// The generation the router sends it to.
+    pub generation: Generation,
     pub mirror: bool,
     pub op: AppOp,
 }

@@ -186,7 +186,18 @@ impl World {
         self.procs.get(&addr).is_some_and(|p| p.up && p.incarnation == incarnation)
     }
 
-    pub fn agent_config(&self, name: &str, duties: Vec<Duty>) -> AgentConfig {
+    /// The generation the simulated operator's current upgrade upgrades from.
+    pub fn upgrade_from(&self) -> protocol::Generation {
+        self.plan.old_generation
+    }
+
+    /// `upgrade_from`: a data node's deployment (see [`AgentConfig::upgrade_from`]).
+    pub fn agent_config(
+        &self,
+        name: &str,
+        duties: Vec<Duty>,
+        upgrade_from: Option<protocol::Generation>,
+    ) -> AgentConfig {
         AgentConfig {
             node: NodeName::from(name),
             duties,
@@ -195,6 +206,7 @@ impl World {
             watch_wait_ms: 1_000,
             report_interval_ms: 200,
             stale_watch_limit: 2,
+            upgrade_from,
         }
     }
 

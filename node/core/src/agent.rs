@@ -15,7 +15,7 @@
 //! [`AgentInput::Timer`] no later than [`AgentCore::next_deadline_ms`].
 
 use protocol::messages::{Ack, DecisionView, NodeReport, NodeRequest, NodeResponse, RosterStatus};
-use protocol::{Decision, Duty, Epoch, NodeName, ReplicaId};
+use protocol::{Decision, Duty, Epoch, Generation, NodeName, ReplicaId};
 use std::collections::BTreeMap;
 
 /// Deliberately broken variants, to prove the simulator's checkers catch them.
@@ -44,14 +44,19 @@ pub struct AgentConfig {
     /// Try another replica after this many watch answers in a row without news while a
     /// decision is awaited (the replica may be a partitioned follower).
     pub stale_watch_limit: u32,
+    /// A data node is deployed for one upgrade: the generation it upgrades from (its stores
+    /// hold that one and the next). It registers only for an upgrade from that generation.
+    /// `None` (a router): every upgrade.
+    pub upgrade_from: Option<Generation>,
 }
 
 /// Inputs to the agent core.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AgentInput {
-    /// The process (re)started with this persisted decision; `trusted`: the node's own disk,
-    /// confirmed by an earlier read (not a new, replaced, unconfirmed or copied one).
-    Boot { persisted: Decision, trusted: bool },
+    /// The process (re)started with this persisted decision, of an upgrade from generation
+    /// `base`; `trusted`: the node's own disk, confirmed by an earlier read (not a new,
+    /// replaced, unconfirmed or copied one).
+    Boot { persisted: Decision, base: Generation, trusted: bool },
     /// A reply to request `id`.
     Response { id: u64, response: NodeResponse },
     /// The deadline given by [`AgentCore::next_deadline_ms`] has come.
@@ -108,6 +113,11 @@ struct InFlight {
 pub struct AgentCore {
     config: AgentConfig,
     persisted: Decision,
+    /// The generation the upgrade of `persisted` upgrades from; `persisting` and `wanted` carry
+    /// theirs. (A decision names one epoch, so one upgrade: the pair is never ambiguous.)
+    persisted_base: Generation,
+    persisting_base: Generation,
+    wanted_base: Generation,
     /// Being persisted (asked for, not yet durable).
     persisting: Option<Decision>,
     /// The newest decision seen while another was being persisted.
@@ -166,6 +176,9 @@ impl AgentCore {
         AgentCore {
             config,
             persisted: Decision::Initial,
+            persisted_base: Generation::GENESIS,
+            persisting_base: Generation::GENESIS,
+            wanted_base: Generation::GENESIS,
             persisting: None,
             wanted: None,
             booted: false,
@@ -208,6 +221,17 @@ impl AgentCore {
         self.persisted
     }
 
+    /// The generation the upgrade of the persisted decision upgrades from (what a decision
+    /// acted on serves is `decision.serving_generation(base)`).
+    pub fn persisted_base(&self) -> Generation {
+        self.persisted_base
+    }
+
+    /// The same for the decision being persisted (what [`AgentOutput::Persist`] writes).
+    pub fn persisting_base(&self) -> Generation {
+        self.persisting_base
+    }
+
     /// The replica the agent talks to now.
     pub fn target(&self) -> ReplicaId {
         self.config.replicas[self.target]
@@ -220,8 +244,9 @@ impl AgentCore {
     pub fn handle(&mut self, now_ms: u64, input: AgentInput) -> Vec<AgentOutput> {
         let mut out = Vec::new();
         match input {
-            AgentInput::Boot { persisted, trusted } => {
+            AgentInput::Boot { persisted, base, trusted } => {
                 self.persisted = persisted;
+                self.persisted_base = base;
                 self.booted = true;
                 self.trusted = trusted;
                 // Serve from the node's own disk at once, without the coordinator: the decision
@@ -283,6 +308,7 @@ impl AgentCore {
         assert_eq!(self.persisting, Some(decision), "persisted a decision that was not asked for");
         self.persisting = None;
         self.persisted = decision;
+        self.persisted_base = self.persisting_base;
         self.trusted = true;
         // Acks owed for a decision the node has left are never sent again (they would be
         // refused, and a `Frozen` resent after an abort would claim a quiet the router no longer
@@ -291,6 +317,7 @@ impl AgentCore {
         out.push(AgentOutput::Act(decision));
         if let Some(next) = self.wanted.take().filter(|w| w.order_key() > decision.order_key()) {
             self.persisting = Some(next);
+            self.persisting_base = self.wanted_base;
             out.push(AgentOutput::Persist(next));
         }
     }
@@ -444,15 +471,20 @@ impl AgentCore {
             match self.persisting {
                 None => {
                     self.persisting = Some(decision);
+                    self.persisting_base = view.generation;
                     out.push(AgentOutput::Persist(decision));
                 }
-                Some(p) if decision.order_key() > p.order_key() => self.wanted = Some(decision),
+                Some(p) if decision.order_key() > p.order_key() => {
+                    self.wanted = Some(decision);
+                    self.wanted_base = view.generation;
+                }
                 Some(_) => {}
             }
         } else if first && !self.trusted && self.persisting.is_none() {
             // A disk not yet confirmed: the decision read is written to it (even if it is the
             // one there), so that it is trusted at the next boot, and acted on once durable.
             self.persisting = Some(self.persisted);
+            self.persisting_base = self.persisted_base;
             out.push(AgentOutput::Persist(self.persisted));
         } else if first && !self.acted_at_boot {
             out.push(AgentOutput::Act(self.persisted));
@@ -482,7 +514,11 @@ impl AgentCore {
             self.watch = Some(InFlight { id, deadline_ms, what: Pending::Watch, linearizable, replica: self.target });
             out.push(AgentOutput::Send { id, replica, request });
         }
-        let upgrade_known = self.last_view.as_ref().is_some_and(|v| v.known);
+        // A data node takes part only in the upgrade it is deployed for.
+        let upgrade_known = self
+            .last_view
+            .as_ref()
+            .is_some_and(|v| v.known && self.config.upgrade_from.is_none_or(|from| v.upgrade_from == Some(from)));
         let retired = self.persisted == Decision::Retired;
         if self.write.is_none() {
             let kind = if !self.registered && !retired {
@@ -549,6 +585,7 @@ mod tests {
             watch_wait_ms: 1000,
             report_interval_ms: 100,
             stale_watch_limit: 3,
+            upgrade_from: None,
         })
     }
 
@@ -586,7 +623,10 @@ mod tests {
     #[test]
     fn first_view_must_be_linearizable_and_persist_comes_before_act() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Freeze(Epoch(1)), trusted: false });
+        let out = a.handle(
+            0,
+            AgentInput::Boot { persisted: Decision::Freeze(Epoch(1)), base: Generation::GENESIS, trusted: false },
+        );
         let s = sends(&out);
         assert!(matches!(s[0].2, NodeRequest::Watch { linearizable: true, .. }));
         let out = a.handle(
@@ -607,7 +647,7 @@ mod tests {
     fn a_node_with_its_own_disk_acts_at_boot_and_not_again_after_the_first_read() {
         for persisted in [Decision::Initial, Decision::Abort(Epoch(1)), Decision::Commit(Epoch(2))] {
             let mut a = agent();
-            let out = a.handle(0, AgentInput::Boot { persisted, trusted: true });
+            let out = a.handle(0, AgentInput::Boot { persisted, base: Generation::GENESIS, trusted: true });
             assert_eq!(out[0], AgentOutput::Act(persisted), "{persisted:?}: acted on at once, before any read");
             let (out, _) = answer_watch(&mut a, 1, &out, view(5, persisted));
             assert!(!out.iter().any(|o| matches!(o, AgentOutput::Act(_))), "{persisted:?}: not acted on twice");
@@ -616,7 +656,7 @@ mod tests {
         // decision on a disk that is not the node's own.
         let mut a = agent();
         let frozen = Decision::Freeze(Epoch(3));
-        let out = a.handle(0, AgentInput::Boot { persisted: frozen, trusted: true });
+        let out = a.handle(0, AgentInput::Boot { persisted: frozen, base: Generation::GENESIS, trusted: true });
         assert!(!out.iter().any(|o| matches!(o, AgentOutput::Act(_))), "not acted on before a read");
         let (out, _) = answer_watch(&mut a, 1, &out, view(5, frozen));
         assert!(out.contains(&AgentOutput::Act(frozen)), "acted on after the first read");
@@ -624,7 +664,7 @@ mod tests {
         // written to it before it is acted on, even if it is the one already there.
         let mut a = agent();
         let committed = Decision::Commit(Epoch(2));
-        let out = a.handle(0, AgentInput::Boot { persisted: committed, trusted: false });
+        let out = a.handle(0, AgentInput::Boot { persisted: committed, base: Generation::GENESIS, trusted: false });
         assert!(!out.iter().any(|o| matches!(o, AgentOutput::Act(_))), "not acted on before a read");
         let (out, _) = answer_watch(&mut a, 1, &out, view(5, committed));
         assert!(
@@ -633,7 +673,10 @@ mod tests {
         assert_eq!(a.handle(2, AgentInput::Persisted(committed)), vec![AgentOutput::Act(committed)]);
         // A newer decision read afterwards is persisted before it is acted on, as always.
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Freeze(Epoch(3)), trusted: true });
+        let out = a.handle(
+            0,
+            AgentInput::Boot { persisted: Decision::Freeze(Epoch(3)), base: Generation::GENESIS, trusted: true },
+        );
         let (out, _) = answer_watch(&mut a, 1, &out, view(6, Decision::Commit(Epoch(3))));
         assert!(out.contains(&AgentOutput::Persist(Decision::Commit(Epoch(3)))));
         assert!(!out.iter().any(|o| matches!(o, AgentOutput::Act(_))));
@@ -642,7 +685,10 @@ mod tests {
     #[test]
     fn stale_views_never_move_epochs_backwards() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Commit(Epoch(2)), trusted: false });
+        let out = a.handle(
+            0,
+            AgentInput::Boot { persisted: Decision::Commit(Epoch(2)), base: Generation::GENESIS, trusted: false },
+        );
         let id = sends(&out)[0].0;
         let out =
             a.handle(1, AgentInput::Response { id, response: NodeResponse::View(view(3, Decision::Freeze(Epoch(2)))) });
@@ -658,7 +704,10 @@ mod tests {
     #[test]
     fn an_older_view_after_a_newer_one_changes_nothing() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Freeze(Epoch(1)), trusted: false });
+        let out = a.handle(
+            0,
+            AgentInput::Boot { persisted: Decision::Freeze(Epoch(1)), base: Generation::GENESIS, trusted: false },
+        );
         let id = sends(&out)[0].0;
         let out =
             a.handle(1, AgentInput::Response { id, response: NodeResponse::View(view(5, Decision::Commit(Epoch(1)))) });
@@ -684,7 +733,8 @@ mod tests {
     #[test]
     fn a_newer_decision_seen_while_persisting_is_persisted_next() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: false });
+        let out =
+            a.handle(0, AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false });
         let id = sends(&out)[0].0;
         let out =
             a.handle(1, AgentInput::Response { id, response: NodeResponse::View(view(2, Decision::Freeze(Epoch(1)))) });
@@ -704,14 +754,15 @@ mod tests {
     #[should_panic(expected = "not asked for")]
     fn a_persisted_answer_nobody_asked_for_is_a_shell_bug() {
         let mut a = agent();
-        a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: false });
+        a.handle(0, AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false });
         a.handle(1, AgentInput::Persisted(Decision::Freeze(Epoch(1))));
     }
 
     #[test]
     fn acks_are_resent_until_the_view_shows_them_and_timeouts_rotate() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: false });
+        let out =
+            a.handle(0, AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false });
         let watch = sends(&out)[0].0;
         a.handle(
             1,
@@ -741,7 +792,8 @@ mod tests {
     #[test]
     fn a_request_failing_on_a_replica_the_agent_already_left_does_not_move_it() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: false });
+        let out =
+            a.handle(0, AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false });
         let first = sends(&out)[0].0;
         let out = a.handle(
             1,
@@ -789,7 +841,7 @@ mod tests {
     fn a_frozen_node_leaves_a_replica_that_keeps_answering_without_news() {
         for (persisted, moves) in [(Decision::Freeze(Epoch(1)), true), (Decision::Initial, false)] {
             let mut a = agent();
-            let out = a.handle(0, AgentInput::Boot { persisted, trusted: false });
+            let out = a.handle(0, AgentInput::Boot { persisted, base: Generation::GENESIS, trusted: false });
             let (out, (_, to)) = answer_watch(&mut a, 1, &out, view(5, persisted));
             assert_eq!(to, 1);
             // stale_watch_limit = 3 answers without news.
@@ -807,7 +859,7 @@ mod tests {
         // Answers with news never count, however many.
         let mut a = agent();
         let frozen = Decision::Freeze(Epoch(1));
-        let mut out = a.handle(0, AgentInput::Boot { persisted: frozen, trusted: false });
+        let mut out = a.handle(0, AgentInput::Boot { persisted: frozen, base: Generation::GENESIS, trusted: false });
         for (t, version) in (1..=6).zip(5..) {
             let (next, (_, to)) = answer_watch(&mut a, t, &out, view(version, frozen));
             assert_eq!(to, 1, "view {version} had news: the watch stays");
@@ -818,7 +870,8 @@ mod tests {
     #[test]
     fn a_refused_report_is_sent_again_even_unchanged() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: false });
+        let out =
+            a.handle(0, AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false });
         answer_watch(&mut a, 1, &out, view(5, Decision::Initial));
         let report = NodeReport { samples: 1, ..Default::default() };
         let out = a.handle(10, AgentInput::Report(report.clone()));
@@ -834,7 +887,8 @@ mod tests {
     #[test]
     fn a_changed_report_waits_out_the_report_interval() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: false });
+        let out =
+            a.handle(0, AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false });
         let (_, _) = answer_watch(&mut a, 1, &out, view(5, Decision::Initial));
         let out = a.handle(10, AgentInput::Report(NodeReport { samples: 1, ..Default::default() }));
         let (id, _, _) = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Report { .. })).unwrap();
@@ -851,7 +905,8 @@ mod tests {
     #[test]
     fn a_router_off_the_roster_acts_on_nothing_until_a_view_shows_it_joined() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: false });
+        let out =
+            a.handle(0, AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false });
         let off = DecisionView { roster: RosterStatus::NotOn, ..view(3, Decision::Initial) };
         let (out, _) = answer_watch(&mut a, 1, &out, off.clone());
         assert!(!out.iter().any(|o| matches!(o, AgentOutput::Persist(_) | AgentOutput::Act(_))), "{out:?}");
@@ -868,7 +923,8 @@ mod tests {
     #[test]
     fn an_ack_never_waits_behind_a_report_in_flight() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: true });
+        let out =
+            a.handle(0, AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: true });
         let (out, _) = answer_watch(&mut a, 1, &out, view(3, Decision::Initial));
         let report = NodeReport { samples: 3, ..NodeReport::default() };
         let out2 = a.handle(2, AgentInput::Report(report));
@@ -886,7 +942,8 @@ mod tests {
     #[test]
     fn a_watch_names_the_view_it_has_so_only_news_wakes_it() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Initial, trusted: true });
+        let out =
+            a.handle(0, AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: true });
         let first = sends(&out).into_iter().find(|(_, _, r)| matches!(r, NodeRequest::Watch { .. })).unwrap();
         assert!(matches!(first.2, NodeRequest::Watch { known_digest: 0, linearizable: true, .. }));
         let seen = view(3, Decision::Initial);
@@ -901,7 +958,10 @@ mod tests {
     #[test]
     fn a_retired_router_persists_it_acts_on_it_and_sends_only_its_retired_ack() {
         let mut a = agent();
-        let out = a.handle(0, AgentInput::Boot { persisted: Decision::Commit(Epoch(2)), trusted: true });
+        let out = a.handle(
+            0,
+            AgentInput::Boot { persisted: Decision::Commit(Epoch(2)), base: Generation::GENESIS, trusted: true },
+        );
         assert_eq!(out[0], AgentOutput::Act(Decision::Commit(Epoch(2))));
         let retiring = DecisionView { roster: RosterStatus::Retiring, ..view(6, Decision::Commit(Epoch(2))) };
         let (out, (watch, _)) = answer_watch(&mut a, 1, &out, retiring);

@@ -24,7 +24,7 @@ use crate::store::{Chunk, RowCursor, SnapshotId, StaleBatch};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{Ack, NodeReport, NodeRequest, NodeResponse};
 use protocol::schema::{Mapping, RowOp};
-use protocol::{Decision, Epoch, NodeName, Position, ReplicaId, Universe};
+use protocol::{Decision, Epoch, Generation, NodeName, Position, ReplicaId, Universe};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// A planted transform bug shows only after a restart (simulator only).
@@ -116,9 +116,10 @@ pub enum DataInput {
     /// The process (re)started: its disk record, the checkpoint stored in the new store, and
     /// whether the old store is fenced.
     Boot { record: NodeRecord, checkpoint: Checkpoint, old_fenced: bool },
-    /// A client request for `universe` (a copy for validation if `mirror`), keyed for
-    /// idempotency by `key`.
-    Request { key: RequestKey, universe: Universe, mirror: bool, read_only: bool },
+    /// A client request for `generation`'s universe (a copy for validation if `mirror`),
+    /// keyed for idempotency by `key`. This node holds two generations, the old and the new
+    /// universe of the upgrade it is deployed for; a request for any other is refused.
+    Request { key: RequestKey, generation: Generation, mirror: bool, read_only: bool },
     /// The universe answered a request the core let through ([`DataOutput::Execute`]).
     Executed { key: RequestKey, universe: Universe, mirror: bool, answer: StoreAnswer },
     /// A coordinator replica answered request `id` of the agent.
@@ -267,6 +268,7 @@ pub struct DataNodeCore {
 
 impl DataNodeCore {
     pub fn new(config: DataNodeConfig) -> Self {
+        assert!(config.agent.upgrade_from.is_some(), "a data node is deployed for the upgrade from one generation");
         assert!(
             config.answers_max > 0
                 && config.transform_interval_ms > 0
@@ -342,8 +344,38 @@ impl DataNodeCore {
 
     fn transform_wanted(&self) -> bool {
         self.durable.started()
-            && !matches!(self.agent.persisted(), Decision::Commit(_))
-            && self.agent.last_view().is_some_and(|v| v.known)
+            && !matches!(self.own(self.agent.persisted(), self.agent.persisted_base()), Some(Decision::Commit(_)))
+            && self.agent.last_view().is_some_and(|v| v.known && v.upgrade_from == Some(self.from()))
+    }
+
+    /// The generation the upgrade this node is deployed for upgrades from: its old store
+    /// holds it, its new store the next.
+    pub fn from(&self) -> Generation {
+        self.config.agent.upgrade_from.expect("checked at construction")
+    }
+
+    /// Which of this node's stores holds `generation`, if one does.
+    pub fn universe_of(&self, generation: Generation) -> Option<Universe> {
+        if generation == self.from() {
+            Some(Universe::Old)
+        } else if generation == self.from().next() {
+            Some(Universe::New)
+        } else {
+            None
+        }
+    }
+
+    /// `decision` (of an upgrade from `base`) as this node's upgrade sees it: its own upgrade's
+    /// decisions as they are; the switch of the upgrade before (which made this upgrade's old
+    /// universe the one serving) as `Initial`, nothing frozen yet. `None` for a decision that
+    /// says nothing about this node's two stores (a node deployed for another upgrade than the
+    /// cluster's): it is not acted on.
+    fn own(&self, decision: Decision, base: Generation) -> Option<Decision> {
+        match decision {
+            _ if base == self.from() => Some(decision),
+            Decision::Commit(_) if base.next() == self.from() => Some(Decision::Initial),
+            _ => None,
+        }
     }
 
     pub fn handle(&mut self, now_ms: u64, input: DataInput) -> Vec<DataOutput> {
@@ -362,9 +394,15 @@ impl DataNodeCore {
                 self.drain = Some(DrainCore::new(checkpoint.applied, old_fenced));
                 out.push(DataOutput::Persist(booted));
             }
-            DataInput::Request { key, universe, mirror, read_only } => {
-                self.request(key, universe, mirror, read_only, &mut out)
-            }
+            DataInput::Request { key, generation, mirror, read_only } => match self.universe_of(generation) {
+                Some(universe) => self.request(key, universe, mirror, read_only, &mut out),
+                None => {
+                    // Not remembered: the same key may yet come for a generation held here.
+                    let (old, new) = (self.from(), self.from().next());
+                    let reason = format!("generation {generation} is not held here (this node holds {old} and {new})");
+                    out.push(DataOutput::Reply { key, mirror, answer: StoreAnswer::Rejected { reason } });
+                }
+            },
             DataInput::Executed { key, universe, mirror, answer } => {
                 let mut replies = 1;
                 if !mirror {
@@ -688,7 +726,8 @@ impl DataNodeCore {
             heard.insert(router);
         }
         let decision = self.agent.persisted();
-        if self.durable.started() && self.drain.is_some() && decision == Decision::Freeze(epoch) {
+        let own = self.own(decision, self.agent.persisted_base()) == Some(decision);
+        if self.durable.started() && self.drain.is_some() && own && decision == Decision::Freeze(epoch) {
             let all_routers_frozen = self.all_routers_frozen(decision);
             if all_routers_frozen {
                 let outs = self.drain_mut().handle(DrainInput::Decision { decision, all_routers_frozen });
@@ -718,7 +757,7 @@ impl DataNodeCore {
                     out.push(DataOutput::Send { id, replica, request, deadline_ms });
                 }
                 AgentOutput::Persist(decision) => {
-                    let record = self.durable.decide(decision);
+                    let record = self.durable.decide(decision, self.agent.persisting_base());
                     out.push(DataOutput::Persist(record));
                 }
                 AgentOutput::Act(decision) => {
@@ -727,13 +766,16 @@ impl DataNodeCore {
                     // frozen comes from the newest view, if it shows that same decision (its
                     // acks, or the routers it names and their notices).
                     let all_routers_frozen = self.all_routers_frozen(decision);
-                    let outs = self.drain_mut().handle(DrainInput::Decision { decision, all_routers_frozen });
-                    self.drain_outputs(now_ms, outs, out);
+                    if let Some(decision) = self.own(decision, self.agent.persisted_base()) {
+                        let outs = self.drain_mut().handle(DrainInput::Decision { decision, all_routers_frozen });
+                        self.drain_outputs(now_ms, outs, out);
+                    }
                 }
                 AgentOutput::View(view) => {
-                    if view.decision == self.agent.persisted() {
+                    let own = self.own(view.decision, view.generation);
+                    if let Some(decision) = own.filter(|_| view.decision == self.agent.persisted()) {
                         let input = DrainInput::Decision {
-                            decision: view.decision,
+                            decision,
                             all_routers_frozen: self.all_routers_frozen(view.decision),
                         };
                         let outs = self.drain_mut().handle(input);

@@ -19,7 +19,7 @@ use crate::duties::validate::Fnv;
 use crate::duties::validate::{Observed, ValidateCore, Verdict};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{NodeReport, NodeRequest, NodeResponse, Phase};
-use protocol::{Decision, Epoch, ReplicaId, Universe};
+use protocol::{Decision, Epoch, Generation, ReplicaId};
 use std::collections::BTreeMap;
 
 /// A client request's id, given by the shell (unique within one incarnation).
@@ -43,8 +43,8 @@ pub enum IngressInput {
     Boot { record: NodeRecord },
     /// A client request arrived.
     Request { id: RequestId, read_only: bool },
-    /// The universe's answer to a forwarded request (`None`: no answer in time).
-    Answered { id: RequestId, universe: Universe, answer: Option<StoreAnswer> },
+    /// The answer to a forwarded request (`None`: no answer in time).
+    Answered { id: RequestId, answer: Option<StoreAnswer> },
     /// The new universe's answer to a mirrored request (`None`: no answer in time).
     Mirrored { id: RequestId, answer: Option<StoreAnswer> },
     /// A coordinator replica answered request `id` of the agent.
@@ -77,12 +77,12 @@ pub enum Unavailable {
 /// What the shell must do, in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum IngressOutput {
-    /// Send request `id` to `universe`, keyed by `key` (the data tier's idempotency key), and
-    /// answer [`IngressInput::Answered`].
-    Forward { id: RequestId, universe: Universe, key: RequestKey },
-    /// Send a copy of read-only request `id` to the new universe and answer
-    /// [`IngressInput::Mirrored`].
-    Mirror { id: RequestId, key: RequestKey },
+    /// Send request `id` to `generation`'s universe, keyed by `key` (the data tier's
+    /// idempotency key), and answer [`IngressInput::Answered`].
+    Forward { id: RequestId, generation: Generation, key: RequestKey },
+    /// Send a copy of read-only request `id` to the upgrade's new universe, `generation`, and
+    /// answer [`IngressInput::Mirrored`].
+    Mirror { id: RequestId, generation: Generation, key: RequestKey },
     /// Answer the client.
     Reply { id: RequestId, reply: ClientReply },
     /// Send a request to a coordinator replica; give up at `deadline_ms` (the core does too).
@@ -132,6 +132,12 @@ pub struct IngressCore {
     durable: Durable,
     last_now_ms: u64,
     phase: Option<Phase>,
+    /// The generation the current upgrade upgrades from (from the newest view).
+    upgrade_from: Option<Generation>,
+    /// What the router serves, from the last decision handed to it.
+    serving: Option<Generation>,
+    /// Whether the router is told to mirror.
+    mirroring: bool,
     /// This node's part of every request key (a hash of its name and its disk's id).
     origin: u64,
 }
@@ -147,6 +153,9 @@ impl IngressCore {
             durable: Durable::default(),
             last_now_ms: 0,
             phase: None,
+            upgrade_from: None,
+            serving: None,
+            mirroring: false,
             origin: 0,
             config,
         }
@@ -206,7 +215,7 @@ impl IngressCore {
                 }
             }
             IngressInput::Request { id, read_only } => self.request(now_ms, id, read_only, &mut out),
-            IngressInput::Answered { id, universe, answer } => self.answered(now_ms, id, universe, answer, &mut out),
+            IngressInput::Answered { id, answer } => self.answered(now_ms, id, answer, &mut out),
             IngressInput::Mirrored { id, answer } => {
                 let tracked = self.requests.get_mut(&id).expect("a mirror answer for a tracked request");
                 assert!(tracked.mirror_pending, "request {id} answered a mirror it was not sent");
@@ -256,18 +265,9 @@ impl IngressCore {
         self.router_outputs(now_ms, outs, out);
     }
 
-    fn answered(
-        &mut self,
-        now_ms: u64,
-        id: RequestId,
-        universe: Universe,
-        answer: Option<StoreAnswer>,
-        out: &mut Vec<IngressOutput>,
-    ) {
-        if universe == Universe::Old {
-            let outs = self.router.handle(now_ms, RouterInput::OldCompleted { id });
-            self.router_outputs(now_ms, outs, out);
-        }
+    fn answered(&mut self, now_ms: u64, id: RequestId, answer: Option<StoreAnswer>, out: &mut Vec<IngressOutput>) {
+        let outs = self.router.handle(now_ms, RouterInput::Completed { id });
+        self.router_outputs(now_ms, outs, out);
         let tracked = self.requests.get_mut(&id).expect("an answer for a tracked request");
         assert!(!tracked.answered, "request {id} answered twice");
         let reply = match answer {
@@ -317,14 +317,16 @@ impl IngressCore {
     fn router_outputs(&mut self, now_ms: u64, outs: Vec<RouterOutput>, out: &mut Vec<IngressOutput>) {
         for o in outs {
             match o {
-                RouterOutput::Forward { id, universe } => {
-                    out.push(IngressOutput::Forward { id, universe, key: self.key(id) });
+                RouterOutput::Forward { id, generation } => {
+                    out.push(IngressOutput::Forward { id, generation, key: self.key(id) });
                 }
                 RouterOutput::Mirror { id } => {
-                    // Mirror only while the upgrade is syncing: the router is told so from views.
+                    // Mirror only while the upgrade is syncing from what this router serves: the
+                    // router is told so (see `set_mirroring`).
+                    let generation = self.upgrade_from.expect("mirroring only during an upgrade").next();
                     let tracked = self.requests.get_mut(&id).expect("mirroring a tracked request");
                     tracked.mirror_pending = true;
-                    out.push(IngressOutput::Mirror { id, key: self.key(id) });
+                    out.push(IngressOutput::Mirror { id, generation, key: self.key(id) });
                 }
                 RouterOutput::Fail { id, retry_after_ms, reason } => {
                     let reply = ClientReply::Unavailable { retry_after_ms, reason: Unavailable::Hold(reason) };
@@ -352,23 +354,37 @@ impl IngressCore {
                     out.push(IngressOutput::Send { id, replica, request, deadline_ms });
                 }
                 AgentOutput::Persist(decision) => {
-                    let record = self.durable.decide(decision);
+                    let record = self.durable.decide(decision, self.agent.persisting_base());
                     out.push(IngressOutput::Persist(record));
                 }
                 AgentOutput::Act(decision) => {
                     out.push(IngressOutput::Event(IngressEvent::Acted(decision)));
-                    let outs = self.router.handle(now_ms, RouterInput::Decision(decision));
+                    // Acted on once persisted: the agent's persisted decision's upgrade is this
+                    // decision's.
+                    let base = self.agent.persisted_base();
+                    self.serving = decision.serving_generation(base);
+                    let outs = self.router.handle(now_ms, RouterInput::Decision { decision, base });
                     self.router_outputs(now_ms, outs, out);
+                    self.set_mirroring(now_ms, out);
                 }
                 AgentOutput::View(view) => {
-                    if view.phase != self.phase {
-                        self.phase = view.phase;
-                        let mirroring = view.phase == Some(Phase::Syncing);
-                        let outs = self.router.handle(now_ms, RouterInput::Mirroring(mirroring));
-                        self.router_outputs(now_ms, outs, out);
-                    }
+                    self.phase = view.phase;
+                    self.upgrade_from = view.upgrade_from;
+                    self.set_mirroring(now_ms, out);
                 }
             }
+        }
+    }
+
+    /// Read-only requests are mirrored while the upgrade syncs and this router serves the
+    /// generation it upgrades from (after an earlier upgrade, that is the earlier one's new).
+    fn set_mirroring(&mut self, now_ms: u64, out: &mut Vec<IngressOutput>) {
+        let mirroring =
+            self.phase == Some(Phase::Syncing) && self.upgrade_from.is_some() && self.serving == self.upgrade_from;
+        if mirroring != self.mirroring {
+            self.mirroring = mirroring;
+            let outs = self.router.handle(now_ms, RouterInput::Mirroring(mirroring));
+            self.router_outputs(now_ms, outs, out);
         }
     }
 }

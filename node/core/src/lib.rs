@@ -18,7 +18,7 @@ pub mod ingress;
 pub mod store;
 
 use protocol::schema::Row;
-use protocol::{Decision, Position};
+use protocol::{Decision, Generation, Position};
 use serde::{Deserialize, Serialize};
 
 /// What a node keeps on its own disk.
@@ -26,6 +26,10 @@ use serde::{Deserialize, Serialize};
 pub struct NodeRecord {
     /// The last decision persisted (and so the last one the node may have acted on).
     pub decision: Decision,
+    /// The generation the upgrade of `decision` upgrades from, written in the same durable
+    /// write: what the node serves is absolute, `decision.serving_generation(generation)`,
+    /// never "old" or "new" of whichever upgrade runs when it restarts.
+    pub generation: Generation,
     /// How many times the node has started: request ids carry it, so that an id is never
     /// reused across restarts (data nodes answer a repeated id with the first answer).
     pub boots: u64,
@@ -80,8 +84,9 @@ impl Durable {
     }
 
     /// A decision to persist (read from the coordinator): the record to write.
-    pub(crate) fn decide(&mut self, decision: Decision) -> NodeRecord {
+    pub(crate) fn decide(&mut self, decision: Decision, base: Generation) -> NodeRecord {
         self.record.decision = decision;
+        self.record.generation = base;
         self.record.confirmed = true;
         self.record
     }
@@ -94,7 +99,7 @@ impl Durable {
         }
         assert_eq!(record, self.record, "persisted a record that was not asked for");
         self.started = true;
-        agent::AgentInput::Boot { persisted: record.decision, trusted: self.trusted }
+        agent::AgentInput::Boot { persisted: record.decision, base: record.generation, trusted: self.trusted }
     }
 
     /// The disk booted from held this node's own state (known once [`Durable::boot`] ran).
@@ -141,15 +146,24 @@ mod tests {
     fn a_boot_counts_one_more_and_starts_once_its_record_is_durable() {
         let mut d = Durable::default();
         let owner = NodeRecord::owner_of("router-1");
-        let found =
-            NodeRecord { decision: Decision::Freeze(protocol::Epoch(2)), boots: 3, disk_id: 9, owner, confirmed: true };
+        let found = NodeRecord {
+            decision: Decision::Freeze(protocol::Epoch(2)),
+            boots: 3,
+            disk_id: 9,
+            owner,
+            confirmed: true,
+            ..NodeRecord::default()
+        };
         let booted = d.boot(found, owner);
         assert_eq!(booted, NodeRecord { boots: 4, ..found });
         assert!(!d.started(), "not before the boot record is durable");
-        assert_eq!(d.persisted(booted), agent::AgentInput::Boot { persisted: found.decision, trusted: true });
+        assert_eq!(
+            d.persisted(booted),
+            agent::AgentInput::Boot { persisted: found.decision, base: Generation::GENESIS, trusted: true }
+        );
         assert!(d.started());
         assert_eq!(d.boots(), 4);
-        let next = d.decide(Decision::Commit(protocol::Epoch(2)));
+        let next = d.decide(Decision::Commit(protocol::Epoch(2)), Generation::GENESIS);
         assert_eq!(d.persisted(next), agent::AgentInput::Persisted(Decision::Commit(protocol::Epoch(2))));
     }
 
@@ -165,25 +179,63 @@ mod tests {
         // A fresh disk (new, or lost and replaced): nothing to serve from.
         let fresh = NodeRecord { disk_id: 5, ..NodeRecord::default() };
         let (booted, input) = boot(fresh);
-        assert_eq!(booted, NodeRecord { boots: 1, disk_id: 5, owner, decision: Decision::Initial, confirmed: false });
-        assert_eq!(input, agent::AgentInput::Boot { persisted: Decision::Initial, trusted: false });
+        assert_eq!(
+            booted,
+            NodeRecord {
+                boots: 1,
+                disk_id: 5,
+                owner,
+                decision: Decision::Initial,
+                confirmed: false,
+                ..NodeRecord::default()
+            }
+        );
+        assert_eq!(
+            input,
+            agent::AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false }
+        );
         // Its own disk, booted before but never confirmed by a read (the coordinator was out of
         // reach): it says nothing yet.
         let unread = NodeRecord { boots: 1, owner, ..fresh };
-        assert_eq!(boot(unread).1, agent::AgentInput::Boot { persisted: Decision::Initial, trusted: false });
+        assert_eq!(
+            boot(unread).1,
+            agent::AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false }
+        );
         // Its own disk, confirmed: trusted, whatever the decision.
-        let own =
-            NodeRecord { decision: Decision::Commit(protocol::Epoch(3)), boots: 1, disk_id: 5, owner, confirmed: true };
-        assert_eq!(boot(own).1, agent::AgentInput::Boot { persisted: own.decision, trusted: true });
+        let own = NodeRecord {
+            decision: Decision::Commit(protocol::Epoch(3)),
+            boots: 1,
+            disk_id: 5,
+            owner,
+            confirmed: true,
+            ..NodeRecord::default()
+        };
+        assert_eq!(
+            boot(own).1,
+            agent::AgentInput::Boot { persisted: own.decision, base: Generation::GENESIS, trusted: true }
+        );
         // Another node's disk: started afresh, its decision forgotten, its boots not counted.
         let copied = NodeRecord { owner: NodeRecord::owner_of("router-2"), ..own };
         let (booted, input) = boot(copied);
-        assert_eq!(booted, NodeRecord { boots: 1, disk_id: 5, owner, decision: Decision::Initial, confirmed: false });
-        assert_eq!(input, agent::AgentInput::Boot { persisted: Decision::Initial, trusted: false });
+        assert_eq!(
+            booted,
+            NodeRecord {
+                boots: 1,
+                disk_id: 5,
+                owner,
+                decision: Decision::Initial,
+                confirmed: false,
+                ..NodeRecord::default()
+            }
+        );
+        assert_eq!(
+            input,
+            agent::AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false }
+        );
         // A decision persisted after a read confirms the disk.
         let mut d = Durable::default();
         let booted = d.boot(fresh, owner);
         d.persisted(booted);
-        assert!(d.decide(Decision::Initial).confirmed);
+        assert!(d.decide(Decision::Initial, Generation::GENESIS).confirmed);
     }
 }

@@ -35,7 +35,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
 use protocol::messages::{Ack, DecisionView, NodeRequest, NodeResponse, Phase};
 use protocol::schema::{Mapping, Row, RowOp, Schema, TableSchema, Transform, Value};
-use protocol::{Decision, Duty, Epoch, NodeName, Position, Universe, UpgradeId};
+use protocol::{Decision, Duty, Epoch, Generation, NodeName, Position, Universe, UpgradeId};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -65,6 +65,7 @@ fn config(change_log_applied_max: u64) -> DataNodeConfig {
             watch_wait_ms: 20,
             report_interval_ms: 10,
             stale_watch_limit: 3,
+            upgrade_from: Some(Generation::GENESIS),
         },
         mapping: mapping(),
         transform_interval_ms: 5,
@@ -418,6 +419,7 @@ impl<'a> Shell<'a> {
                 disk_id: 7,
                 owner: NodeRecord::owner_of("data-1"),
                 confirmed: case.boots > 0,
+                generation: Generation::GENESIS,
             },
             old,
             new: MemStore::with_schema(&mapping.new_schema()),
@@ -469,9 +471,10 @@ impl<'a> Shell<'a> {
             self.current = None;
             match &input {
                 DataInput::Persisted(record) => self.confirmed = Some(record.decision),
-                DataInput::Request { key, universe, mirror, read_only } => {
+                DataInput::Request { key, generation, mirror, read_only } => {
                     *self.requests.entry((*key, *mirror)).or_default() += 1;
-                    self.current = Some((*key, *universe, *mirror, *read_only, self.core.accepting()));
+                    let universe = if *generation == Generation(1) { Universe::Old } else { Universe::New };
+                    self.current = Some((*key, universe, *mirror, *read_only, self.core.accepting()));
                 }
                 DataInput::Store(_) => {
                     prop_assert!(self.op.take().is_some(), "the shell answered a store operation nobody asked for");
@@ -731,7 +734,8 @@ impl<'a> Shell<'a> {
                 if self.requests.contains_key(&(key, mirror)) {
                     self.coverage.borrow_mut().duplicates += 1;
                 }
-                self.feed(DataInput::Request { key, universe, mirror, read_only })?;
+                let generation = if universe == Universe::Old { Generation(1) } else { Generation(2) };
+                self.feed(DataInput::Request { key, generation, mirror, read_only })?;
             }
             Step::Executed { pick, ok, key, value, delete } => {
                 if self.executes.is_empty() {

@@ -12,7 +12,7 @@ use node_core::store::Checkpoint;
 use node_core::{NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{DecisionView, NodeRequest, NodeResponse, Phase};
 use protocol::schema::{Mapping, Schema, TableSchema, Transform};
-use protocol::{Decision, Duty, NodeName, Position, Universe, UpgradeId};
+use protocol::{Decision, Duty, Generation, NodeName, Position, Universe, UpgradeId};
 use std::collections::BTreeMap;
 
 const INTERVAL_MS: u64 = 5;
@@ -31,6 +31,7 @@ fn config(answers_max: usize) -> DataNodeConfig {
             watch_wait_ms: 20,
             report_interval_ms: 10,
             stale_watch_limit: 3,
+            upgrade_from: Some(Generation::GENESIS),
         },
         mapping: Mapping::compile(&Schema { tables }, &transforms).expect("the rename fits"),
         transform_interval_ms: INTERVAL_MS,
@@ -53,7 +54,14 @@ fn booted(answers_max: usize, checkpoint: Checkpoint) -> (DataNodeCore, Vec<Data
 
 /// The node's own disk, confirmed by an earlier read, holding `decision`.
 fn own_disk(decision: Decision) -> NodeRecord {
-    NodeRecord { decision, boots: 1, disk_id: 3, owner: NodeRecord::owner_of("data-1"), confirmed: true }
+    NodeRecord {
+        decision,
+        boots: 1,
+        disk_id: 3,
+        owner: NodeRecord::owner_of("data-1"),
+        confirmed: true,
+        ..NodeRecord::default()
+    }
 }
 
 /// The id of the watch a booted agent sent.
@@ -98,8 +106,10 @@ fn answer(v: i64) -> StoreAnswer {
 /// Sends write `id` to the old universe; returns whether the core let it run (rather than
 /// answering from memory), and the outputs of its last step.
 fn write(core: &mut DataNodeCore, now_ms: u64, id: u64) -> (bool, Vec<DataOutput>) {
-    let out = core
-        .handle(now_ms, DataInput::Request { key: key(id), universe: Universe::Old, mirror: false, read_only: false });
+    let out = core.handle(
+        now_ms,
+        DataInput::Request { key: key(id), generation: Generation(1), mirror: false, read_only: false },
+    );
     let ran = out.iter().any(|o| matches!(o, DataOutput::Execute { .. }));
     if ran {
         let executed = core.handle(
@@ -216,7 +226,7 @@ fn a_refused_batch_restarts_the_transform_from_the_stores_checkpoint_and_mirrors
     core.handle(2, DataInput::Store(StoreResult::ApplyRefused(stale)));
     assert_eq!(core.checkpoint(), Some(&found), "the transform starts again from what the store holds");
     let mirror =
-        core.handle(3, DataInput::Request { key: key(9), universe: Universe::New, mirror: true, read_only: true });
+        core.handle(3, DataInput::Request { key: key(9), generation: Generation(2), mirror: true, read_only: true });
     assert!(
         mirror.iter().any(|o| matches!(o, DataOutput::Execute { mirror: true, .. })),
         "the copy is still complete in the store: mirrors run ({mirror:?})"
@@ -227,16 +237,16 @@ fn a_refused_batch_restarts_the_transform_from_the_stores_checkpoint_and_mirrors
 fn duplicates_of_a_running_request_share_its_answer_and_mirrors_take_reads_only() {
     let (mut core, _) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done, copies: 0 });
     let request = |core: &mut DataNodeCore, id, universe, mirror, read_only| {
-        core.handle(3, DataInput::Request { key: key(id), universe, mirror, read_only })
+        core.handle(3, DataInput::Request { key: key(id), generation: generation_of(universe), mirror, read_only })
     };
     let executes = |out: &[DataOutput]| out.iter().filter(|o| matches!(o, DataOutput::Execute { .. })).count();
     let replies = |out: &[DataOutput]| out.iter().filter(|o| matches!(o, DataOutput::Reply { .. })).count();
     let out =
-        core.handle(1, DataInput::Request { key: key(1), universe: Universe::Old, mirror: false, read_only: false });
+        core.handle(1, DataInput::Request { key: key(1), generation: Generation(1), mirror: false, read_only: false });
     assert_eq!((executes(&out), replies(&out)), (1, 0));
     for _ in 0..2 {
         let out = core
-            .handle(1, DataInput::Request { key: key(1), universe: Universe::Old, mirror: false, read_only: false });
+            .handle(1, DataInput::Request { key: key(1), generation: Generation(1), mirror: false, read_only: false });
         assert_eq!((executes(&out), replies(&out)), (0, 0), "a duplicate waits for the running request");
     }
     let out =
@@ -256,8 +266,8 @@ fn duplicates_of_a_running_request_share_its_answer_and_mirrors_take_reads_only(
 fn mirrors_wait_for_a_bulk_copy_complete_in_the_store() {
     for (copy, runs) in [(CopyState::Done, true), (CopyState::NotStarted, false)] {
         let (mut core, _) = booted(4, Checkpoint { applied: Position(0), copy: copy.clone(), copies: 0 });
-        let out =
-            core.handle(1, DataInput::Request { key: key(5), universe: Universe::New, mirror: true, read_only: true });
+        let out = core
+            .handle(1, DataInput::Request { key: key(5), generation: Generation(2), mirror: true, read_only: true });
         let ran = out.iter().any(|o| matches!(o, DataOutput::Execute { mirror: true, .. }));
         assert_eq!(ran, runs, "booted on a copy {copy:?}: {out:?}");
     }
@@ -458,9 +468,70 @@ fn a_mirror_after_the_commit_is_refused() {
     );
     assert_eq!(core.accepting(), Some(Universe::New));
     let out =
-        core.handle(2, DataInput::Request { key: key(7), universe: Universe::New, mirror: true, read_only: true });
+        core.handle(2, DataInput::Request { key: key(7), generation: Generation(2), mirror: true, read_only: true });
     assert!(
         matches!(&out[..], [DataOutput::Reply { mirror: true, answer: StoreAnswer::Rejected { reason }, .. }] if reason.contains("validation is over")),
         "{out:?}"
     );
+}
+
+/// The generation of `universe` for a node deployed for the first upgrade.
+fn generation_of(universe: Universe) -> Generation {
+    match universe {
+        Universe::Old => Generation(1),
+        Universe::New => Generation(2),
+    }
+}
+
+/// A data node deployed for the upgrade from generation 2: its stores hold 2 and 3. The last
+/// switch (of the upgrade from 1) is, for it, "nothing frozen yet": it serves generation 2 from
+/// its old store; a request for generation 1 is refused with the reason; and it registers only
+/// for an upgrade from 2.
+#[test]
+fn a_node_deployed_for_the_next_upgrade_serves_the_last_switch_from_its_old_store() {
+    let mut config = config(8);
+    config.agent.upgrade_from = Some(Generation(2));
+    let mut core = DataNodeCore::new(config);
+    let record = NodeRecord { generation: Generation(1), ..own_disk(Decision::Commit(protocol::Epoch(1))) };
+    let out = core.handle(0, DataInput::Boot { record, checkpoint: Checkpoint::default(), old_fenced: false });
+    let Some(DataOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, DataOutput::Persist(_))) else {
+        panic!("a boot persists its record first")
+    };
+    let out = core.handle(0, DataInput::Persisted(record));
+    let watch = watch_id(&out);
+    assert_eq!(core.accepting(), Some(Universe::Old), "its old store holds generation 2, which serves");
+
+    let out =
+        core.handle(1, DataInput::Request { key: key(1), generation: Generation(2), mirror: false, read_only: false });
+    assert!(out.iter().any(|o| matches!(o, DataOutput::Execute { universe: Universe::Old, .. })), "{out:?}");
+    let out =
+        core.handle(1, DataInput::Request { key: key(2), generation: Generation(1), mirror: false, read_only: false });
+    let refused = out.iter().any(|o| {
+        matches!(o, DataOutput::Reply { answer: StoreAnswer::Rejected { reason }, .. }
+            if reason.contains("generation g1 is not held here (this node holds g2 and g3)"))
+    });
+    assert!(refused, "{out:?}");
+
+    // The cluster still runs the upgrade from 1 (it has not ended): no registration.
+    let old_upgrade = DecisionView {
+        generation: Generation(1),
+        upgrade_from: Some(Generation(1)),
+        registered: false,
+        ..view(5, Phase::Switched, Decision::Commit(protocol::Epoch(1)), false)
+    };
+    let out = core.handle(2, DataInput::Coordinator { id: watch, response: NodeResponse::View(old_upgrade) });
+    let registers = |out: &[DataOutput]| {
+        out.iter().any(|o| matches!(o, DataOutput::Send { request: NodeRequest::Register { .. }, .. }))
+    };
+    assert!(!registers(&out), "not its upgrade: {out:?}");
+    let watch = watch_id(&out);
+    let next = DecisionView {
+        upgrade: Some(UpgradeId(2)),
+        generation: Generation(1),
+        upgrade_from: Some(Generation(2)),
+        registered: false,
+        ..view(6, Phase::Staged, Decision::Commit(protocol::Epoch(1)), false)
+    };
+    let out = core.handle(3, DataInput::Coordinator { id: watch, response: NodeResponse::View(next) });
+    assert!(registers(&out), "its upgrade: {out:?}");
 }

@@ -29,7 +29,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
 use protocol::messages::{Ack, DecisionView, NodeRequest, NodeResponse, Phase, RosterStatus};
 use protocol::schema::{Row, Value};
-use protocol::{Decision, Duty, Epoch, NodeName, Position, Universe, UpgradeId};
+use protocol::{Decision, Duty, Epoch, Generation, NodeName, Position, Universe, UpgradeId};
 use std::cell::RefCell;
 use std::collections::{BTreeSet, VecDeque};
 
@@ -48,6 +48,7 @@ fn config() -> IngressConfig {
             watch_wait_ms: 100,
             report_interval_ms: 20,
             stale_watch_limit: 3,
+            upgrade_from: None,
         },
         router: RouterConfig { hold_ms_max: HOLD_MS_MAX, hold_queue_max: 3, retry_after_ms: 1000 },
         ignore_fields: Vec::new(),
@@ -309,6 +310,7 @@ impl<'a> Shell<'a> {
                 disk_id: 7,
                 owner: NodeRecord::owner_of("router-1"),
                 confirmed: boots > 0,
+                ..NodeRecord::default()
             },
             coordinator: Coordinator::new(),
             robust,
@@ -369,7 +371,9 @@ impl<'a> Shell<'a> {
 
     fn apply(&mut self, output: IngressOutput, queue: &mut VecDeque<IngressInput>) -> Result<(), TestCaseError> {
         match output {
-            IngressOutput::Forward { id, universe, .. } => {
+            IngressOutput::Forward { id, generation, .. } => {
+                prop_assert!(generation == Generation(1) || generation == Generation(2), "forwarded to {}", generation);
+                let universe = if generation == Generation(1) { Universe::Old } else { Universe::New };
                 let acted = self.acted;
                 let allowed = match universe {
                     Universe::Old => matches!(acted, Some(Decision::Initial | Decision::Abort(_))),
@@ -397,14 +401,9 @@ impl<'a> Shell<'a> {
             IngressOutput::NotifyFrozen { epoch } => {
                 // The notice says what `Frozen` says: nothing admitted to the old universe,
                 // nothing in flight there.
-                let in_flight: Vec<u64> =
-                    self.forwards.iter().filter(|(_, u)| *u == Universe::Old).map(|(id, _)| *id).collect();
+                let in_flight: Vec<u64> = self.forwards.iter().map(|(id, _)| *id).collect();
                 prop_assert_eq!(self.acted, Some(Decision::Freeze(epoch)), "a frozen notice while not frozen");
-                prop_assert!(
-                    in_flight.is_empty(),
-                    "a frozen notice with {:?} in flight to the old universe",
-                    in_flight
-                );
+                prop_assert!(in_flight.is_empty(), "a frozen notice with {:?} in flight", in_flight);
                 self.coverage.borrow_mut().notices += 1;
             }
             IngressOutput::Mirror { id, .. } => {
@@ -521,13 +520,13 @@ impl<'a> Shell<'a> {
                 if self.forwards.is_empty() {
                     return Ok(());
                 }
-                let (id, universe) = self.forwards.remove(pick % self.forwards.len());
+                let (id, _) = self.forwards.remove(pick % self.forwards.len());
                 let answer = match kind {
                     0 | 1 => Some(answer(kind, kind as u64)),
                     2 => Some(StoreAnswer::Rejected { reason: "refused".into() }),
                     _ => None,
                 };
-                self.feed(IngressInput::Answered { id, universe, answer })?;
+                self.feed(IngressInput::Answered { id, answer })?;
             }
             Step::Mirrored { pick, kind } => {
                 if self.mirrors.is_empty() {
@@ -611,8 +610,8 @@ impl<'a> Shell<'a> {
     /// Answers everything in flight and lets every hold expire: every request must then have
     /// had exactly one reply, and none may still be tracked.
     fn finish(&mut self) -> Result<(), TestCaseError> {
-        while let Some((id, universe)) = self.forwards.pop() {
-            self.feed(IngressInput::Answered { id, universe, answer: Some(answer(0, 0)) })?;
+        while let Some((id, _)) = self.forwards.pop() {
+            self.feed(IngressInput::Answered { id, answer: Some(answer(0, 0)) })?;
         }
         while let Some(id) = self.mirrors.pop() {
             self.feed(IngressInput::Mirrored { id, answer: None })?;

@@ -11,7 +11,7 @@ use node_core::ingress::{IngressConfig, IngressCore, IngressInput, IngressOutput
 use node_core::{NodeRecord, StoreAnswer};
 use protocol::messages::{DecisionView, NodeRequest, NodeResponse, Phase};
 use protocol::schema::{Row, Value};
-use protocol::{Decision, Duty, NodeName, Position, Universe, UpgradeId};
+use protocol::{Decision, Duty, NodeName, Position, UpgradeId};
 
 fn config() -> IngressConfig {
     IngressConfig {
@@ -23,6 +23,7 @@ fn config() -> IngressConfig {
             watch_wait_ms: 100,
             report_interval_ms: 20,
             stale_watch_limit: 3,
+            upgrade_from: None,
         },
         router: RouterConfig { hold_ms_max: 100, hold_queue_max: 3, retry_after_ms: 1000 },
         ignore_fields: Vec::new(),
@@ -39,8 +40,7 @@ fn answer(v: i64) -> StoreAnswer {
 fn mirrored_read(core: &mut IngressCore, now_ms: u64, id: u64, old: i64, new: i64) -> Vec<IngressOutput> {
     let out = core.handle(now_ms, IngressInput::Request { id, read_only: true });
     assert!(out.iter().any(|o| matches!(o, IngressOutput::Mirror { .. })), "syncing: reads are mirrored");
-    let mut out =
-        core.handle(now_ms, IngressInput::Answered { id, universe: Universe::Old, answer: Some(answer(old)) });
+    let mut out = core.handle(now_ms, IngressInput::Answered { id, answer: Some(answer(old)) });
     out.extend(core.handle(now_ms, IngressInput::Mirrored { id, answer: Some(answer(new)) }));
     out
 }
@@ -100,4 +100,63 @@ fn the_validator_counts_what_it_compared_and_the_router_reports_it() {
     });
     let report = report.expect("the counts are reported");
     assert_eq!((report.samples, report.mismatches), (2, 1));
+}
+
+/// Upgrade after upgrade: a router that serves what the last switch made (its own disk holds
+/// that commit) forwards there, and while the next upgrade syncs it mirrors reads to the
+/// generation after; the record it persists names the generation absolutely.
+#[test]
+fn the_next_upgrade_forwards_to_the_last_switch_and_mirrors_to_the_one_after() {
+    use protocol::{Epoch, Generation};
+    let mut core = IngressCore::new(config());
+    let own = NodeRecord {
+        decision: Decision::Commit(Epoch(1)),
+        generation: Generation(1),
+        boots: 1,
+        disk_id: 4,
+        owner: NodeRecord::owner_of("router-1"),
+        confirmed: true,
+    };
+    let out = core.handle(0, IngressInput::Boot { record: own });
+    let Some(IngressOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_))) else {
+        panic!("a boot persists its record first")
+    };
+    let out = core.handle(0, IngressInput::Persisted(record));
+    let watch = out
+        .iter()
+        .find_map(|o| match o {
+            IngressOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("a booted agent watches");
+    let out = core.handle(1, IngressInput::Request { id: 1, read_only: true });
+    assert!(
+        out.iter().any(|o| matches!(o, IngressOutput::Forward { id: 1, generation: Generation(2), .. })),
+        "served from its own disk: generation 2 ({out:?})"
+    );
+    assert!(!out.iter().any(|o| matches!(o, IngressOutput::Mirror { .. })), "no upgrade known yet: {out:?}");
+    // The second upgrade syncs: the view keeps the last decision, of the upgrade from 1.
+    let view = DecisionView {
+        version: 9,
+        upgrade: Some(UpgradeId(2)),
+        phase: Some(Phase::Syncing),
+        decision: Decision::Commit(Epoch(1)),
+        generation: Generation(1),
+        upgrade_from: Some(Generation(2)),
+        known: true,
+        registered: true,
+        all_routers_frozen: false,
+        acked_frozen: false,
+        acked_drained: false,
+        acked_switched: true,
+        roster: protocol::messages::RosterStatus::Active,
+        routers: Vec::new(),
+    };
+    core.handle(2, IngressInput::Coordinator { id: watch, response: NodeResponse::View(view) });
+    let out = core.handle(3, IngressInput::Request { id: 2, read_only: true });
+    assert!(
+        out.iter().any(|o| matches!(o, IngressOutput::Forward { id: 2, generation: Generation(2), .. })),
+        "{out:?}"
+    );
+    assert!(out.iter().any(|o| matches!(o, IngressOutput::Mirror { id: 2, generation: Generation(3), .. })), "{out:?}");
 }

@@ -30,7 +30,8 @@ impl FrozenAck {
         self.in_flight.remove(&router);
     }
 
-    /// Requests of `router` in flight to the old universe.
+    /// Requests of `router` in flight (to any generation: the one a freeze stops may be the
+    /// last switch's new one).
     pub fn in_flight(&self, router: usize) -> usize {
         self.in_flight.get(&router).map_or(0, BTreeSet::len)
     }

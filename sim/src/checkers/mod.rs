@@ -107,7 +107,15 @@ pub enum Violation {
     /// Agreement: two replicas applied different outcomes of one epoch.
     ReplicasDisagree { replica: u64, epoch: Epoch, committed: bool },
     /// Single universe: a request reached the old universe after one reached the new one.
-    MixedUniverses { point: AdmissionPoint, node: String, request: u64, first_new_by: String, first_new_at_us: u64 },
+    MixedUniverses {
+        point: AdmissionPoint,
+        node: String,
+        request: u64,
+        generation: protocol::Generation,
+        newer: protocol::Generation,
+        first_newer_by: String,
+        first_newer_at_us: u64,
+    },
     /// Durability: a node persisted a decision ordered before one it had persisted.
     EpochWentBackwards { node: String, from: Decision, to: Decision },
     /// Persist before act: a node acted on a decision its disk did not hold yet.
@@ -219,10 +227,10 @@ impl fmt::Display for Violation {
             ReplicasDisagree { replica, epoch, committed } => {
                 write!(f, "agreement: replica {replica} applied {epoch} as committed={committed}, another did not")
             }
-            MixedUniverses { point, node, request, first_new_by, first_new_at_us } => write!(
+            MixedUniverses { point, node, request, generation, newer, first_newer_by, first_newer_at_us } => write!(
                 f,
-                "single universe ({point:?}): {node} admitted request {request} to the old universe after {first_new_by} admitted to the new one at {:.3}s",
-                *first_new_at_us as f64 / 1e6
+                "single universe ({point:?}): {node} admitted request {request} to generation {generation} after {first_newer_by} admitted to {newer} at {:.3}s",
+                *first_newer_at_us as f64 / 1e6
             ),
             EpochWentBackwards { node, from, to } => {
                 write!(f, "durability: {node} persisted {to:?} after {from:?} (epoch went backwards)")
@@ -281,7 +289,7 @@ impl fmt::Display for Violation {
                 write!(f, "observed: {node} reports {what} {reported}, the simulator saw {seen}")
             }
             MirroredAfterSwitch { router, request } => {
-                write!(f, "validation: {router} mirrored request {request} while serving the new universe")
+                write!(f, "validation: {router} mirrored request {request} while not serving the upgrade's old universe, or not to its new one")
             }
             BootMiscounted { node, on_disk, written } => {
                 write!(f, "durability: {node} wrote boot count {written} over {on_disk} (one more boot expected)")

@@ -22,7 +22,7 @@ fn misreported(node: &str, what: &'static str, reported: String, seen: String) -
 pub struct RouterFigures {
     pub held: usize,
     pub oldest_held_ms: Option<u64>,
-    pub in_flight_old: usize,
+    pub in_flight: usize,
     pub requests: usize,
     pub samples: u64,
     pub mismatches: u64,
@@ -39,7 +39,7 @@ pub struct RouterSeen {
     pub held_all: usize,
     /// When the oldest of the surely taken held requests arrived.
     pub oldest_taken_ms: Option<u64>,
-    pub in_flight_old: usize,
+    pub in_flight: usize,
     /// Client requests not yet answered: surely taken, and all.
     pub open_taken: usize,
     pub open_all: usize,
@@ -72,8 +72,8 @@ pub fn router(name: &str, got: RouterFigures, seen: RouterSeen) -> Vec<Violation
         (oldest_ok, "oldest held request", &|| {
             (format!("{:?}", got.oldest_held_ms), format!("{:?}", seen.oldest_taken_ms))
         }),
-        (got.in_flight_old == seen.in_flight_old, "requests in flight to the old universe", &|| {
-            (got.in_flight_old.to_string(), seen.in_flight_old.to_string())
+        (got.in_flight == seen.in_flight, "requests in flight", &|| {
+            (got.in_flight.to_string(), seen.in_flight.to_string())
         }),
         ((seen.open_taken..=requests_max).contains(&got.requests), "requests tracked", &|| {
             (got.requests.to_string(), format!("{}..={requests_max}", seen.open_taken))
@@ -175,7 +175,7 @@ mod tests {
             held_taken: 2,
             held_all: 3,
             oldest_taken_ms: Some(40),
-            in_flight_old: 1,
+            in_flight: 1,
             open_taken: 5,
             open_all: 6,
             mirrors_pending: 1,
@@ -189,7 +189,7 @@ mod tests {
         RouterFigures {
             held: 2,
             oldest_held_ms: Some(40),
-            in_flight_old: 1,
+            in_flight: 1,
             requests: 6,
             samples: 3,
             mismatches: 1,
@@ -221,7 +221,7 @@ mod tests {
         };
         assert_eq!(what(RouterFigures { held: 0, ..figures() }), ["requests held"]);
         assert_eq!(what(RouterFigures { oldest_held_ms: None, ..figures() }), ["oldest held request"]);
-        assert_eq!(what(RouterFigures { in_flight_old: 0, ..figures() }), ["requests in flight to the old universe"]);
+        assert_eq!(what(RouterFigures { in_flight: 0, ..figures() }), ["requests in flight"]);
         assert_eq!(what(RouterFigures { requests: 8, ..figures() }), ["requests tracked"]);
         assert_eq!(what(RouterFigures { requests: 4, ..figures() }), ["requests tracked"]);
         assert_eq!(what(RouterFigures { stale: 0, ..figures() }).len(), 1);

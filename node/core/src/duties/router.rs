@@ -6,7 +6,7 @@
 //! guesses. It acks `Frozen` once nothing it admitted to the old universe is still in flight.
 
 use protocol::messages::Ack;
-use protocol::{Decision, Epoch, Universe};
+use protocol::{Decision, Epoch, Generation};
 use std::collections::{BTreeSet, VecDeque};
 
 /// A client request's id, unique per router.
@@ -36,10 +36,10 @@ pub struct RouterConfig {
 pub enum RouterInput {
     /// A client request arrived.
     Request { id: RequestId, read_only: bool },
-    /// A request forwarded to the old universe finished (answered, failed or timed out).
-    OldCompleted { id: RequestId },
-    /// A committed decision to act on.
-    Decision(Decision),
+    /// A forwarded request finished (answered, failed or timed out).
+    Completed { id: RequestId },
+    /// A committed decision to act on, of an upgrade from generation `base`.
+    Decision { decision: Decision, base: Generation },
     /// Whether read-only requests are mirrored to the new universe (during Syncing).
     Mirroring(bool),
     /// Time passed (expires holds): the shell calls at [`RouterCore::next_deadline_ms`].
@@ -53,31 +53,16 @@ pub enum RouterInput {
 /// What the shell must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RouterOutput {
-    Forward {
-        id: RequestId,
-        universe: Universe,
-    },
-    /// Send a copy of a read-only request to the new universe for validation.
-    Mirror {
-        id: RequestId,
-    },
+    /// Send the request to this generation (absolute: never "old" or "new" of some upgrade).
+    Forward { id: RequestId, generation: Generation },
+    /// Send a copy of a read-only request to the upgrade's new universe for validation.
+    Mirror { id: RequestId },
     /// Answer 503 with Retry-After.
-    Fail {
-        id: RequestId,
-        retry_after_ms: u64,
-        reason: FailReason,
-    },
+    Fail { id: RequestId, retry_after_ms: u64, reason: FailReason },
     /// Tell the coordinator (via the agent).
-    Ack {
-        epoch: Epoch,
-        ack: Ack,
-    },
+    Ack { epoch: Epoch, ack: Ack },
     /// A held request was released (forwarded or failed) after `held_ms`.
-    Released {
-        id: RequestId,
-        held_ms: u64,
-        cause: HoldCause,
-    },
+    Released { id: RequestId, held_ms: u64, cause: HoldCause },
 }
 
 /// Why a request was held.
@@ -107,7 +92,7 @@ pub enum FailReason {
 pub enum Mode {
     /// Restarted, decision not yet read: hold.
     Unknown,
-    Serving(Universe),
+    Serving(Generation),
     Frozen(Epoch),
     /// Off the roster: every request fails.
     Retired,
@@ -126,11 +111,15 @@ pub struct RouterCore {
     config: RouterConfig,
     mode: Mode,
     held: VecDeque<Held>,
-    in_flight_old: BTreeSet<RequestId>,
+    /// Forwarded and not finished. Every generation counts: the one a freeze stops may be the
+    /// previous upgrade's new one, and nothing may be left in flight there when it acks.
+    in_flight: BTreeSet<RequestId>,
     frozen_acked: Option<Epoch>,
     mirroring: bool,
     /// Why requests are held before the first decision.
     startup_cause: HoldCause,
+    /// The generation the last decision's upgrade upgrades from.
+    last_base: Generation,
     /// Retired, and acked once nothing was in flight to the old universe any more.
     retired_acked: bool,
     #[cfg(feature = "planted-bugs")]
@@ -145,7 +134,8 @@ impl RouterCore {
             config,
             mode: Mode::Unknown,
             held: VecDeque::new(),
-            in_flight_old: BTreeSet::new(),
+            in_flight: BTreeSet::new(),
+            last_base: Generation::GENESIS,
             frozen_acked: None,
             mirroring: false,
             startup_cause: HoldCause::Startup,
@@ -180,15 +170,16 @@ impl RouterCore {
         self.held.front().map(|h| h.since_ms)
     }
 
-    pub fn in_flight_old(&self) -> usize {
-        self.in_flight_old.len()
+    /// Requests forwarded and not finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     pub fn handle(&mut self, now_ms: u64, input: RouterInput) -> Vec<RouterOutput> {
         let mut out = Vec::new();
         match input {
             RouterInput::Request { id, read_only } => match self.mode {
-                Mode::Serving(universe) => self.forward(id, universe, read_only, &mut out),
+                Mode::Serving(generation) => self.forward(id, generation, read_only, &mut out),
                 Mode::Retired => out.push(RouterOutput::Fail {
                     id,
                     retry_after_ms: self.config.retry_after_ms,
@@ -207,11 +198,11 @@ impl RouterCore {
                     }
                 }
             },
-            RouterInput::OldCompleted { id } => {
-                let was_in_flight = self.in_flight_old.remove(&id);
-                assert!(was_in_flight, "request {id} completed in the old universe but was never forwarded there");
+            RouterInput::Completed { id } => {
+                let was_in_flight = self.in_flight.remove(&id);
+                assert!(was_in_flight, "request {id} completed but was never forwarded");
             }
-            RouterInput::Decision(decision) => self.decide(now_ms, decision, &mut out),
+            RouterInput::Decision { decision, base } => self.decide(now_ms, decision, base, &mut out),
             RouterInput::Mirroring(on) => self.mirroring = on,
             RouterInput::Tick => self.expire(now_ms, &mut out),
             RouterInput::OwnDisk { frozen } => {
@@ -222,25 +213,26 @@ impl RouterCore {
         self.maybe_ack_frozen(&mut out);
         // Retired once nothing is in flight to the old universe: after the ack, the others may
         // switch without this router, so it must have nothing left that could land there.
-        if self.mode == Mode::Retired && !self.retired_acked && self.in_flight_old.is_empty() {
+        if self.mode == Mode::Retired && !self.retired_acked && self.in_flight.is_empty() {
             self.retired_acked = true;
             out.push(RouterOutput::Ack { epoch: Epoch(0), ack: Ack::Retired });
         }
         out
     }
 
-    fn forward(&mut self, id: RequestId, universe: Universe, read_only: bool, out: &mut Vec<RouterOutput>) {
-        if universe == Universe::Old {
-            self.in_flight_old.insert(id);
-        }
-        out.push(RouterOutput::Forward { id, universe });
-        if read_only && self.mirroring && universe == Universe::Old {
+    fn forward(&mut self, id: RequestId, generation: Generation, read_only: bool, out: &mut Vec<RouterOutput>) {
+        self.in_flight.insert(id);
+        out.push(RouterOutput::Forward { id, generation });
+        // The composition core says when to mirror: while the upgrade syncs, and this router
+        // serves the generation it upgrades from.
+        if read_only && self.mirroring {
             out.push(RouterOutput::Mirror { id });
         }
     }
 
-    fn decide(&mut self, now_ms: u64, decision: Decision, out: &mut Vec<RouterOutput>) {
+    fn decide(&mut self, now_ms: u64, decision: Decision, base: Generation, out: &mut Vec<RouterOutput>) {
         assert!(self.mode != Mode::Retired, "a retired router acts on nothing ({decision:?})");
+        self.last_base = base;
         match decision {
             Decision::Freeze(epoch) => self.mode = Mode::Frozen(epoch),
             Decision::Retired => {
@@ -256,13 +248,13 @@ impl RouterCore {
                 }
             }
             Decision::Initial | Decision::Abort(_) | Decision::Commit(_) => {
-                let universe = decision.serving().expect("these decisions serve a universe");
-                self.mode = Mode::Serving(universe);
+                let generation = decision.serving_generation(base).expect("these decisions serve a generation");
+                self.mode = Mode::Serving(generation);
                 while let Some(h) = self.held.pop_front() {
                     out.push(RouterOutput::Released { id: h.id, held_ms: now_ms - h.since_ms, cause: h.cause });
                     // Held requests are released as if new: read-only flags are not kept, so
                     // they are not mirrored.
-                    self.forward(h.id, universe, false, out);
+                    self.forward(h.id, generation, false, out);
                 }
                 if let Decision::Commit(epoch) = decision {
                     out.push(RouterOutput::Ack { epoch, ack: Ack::Switched });
@@ -280,7 +272,7 @@ impl RouterCore {
             out.push(RouterOutput::Released { id: h.id, held_ms: now_ms - h.since_ms, cause: h.cause });
             #[cfg(feature = "planted-bugs")]
             if self.bug == Some(RouterBug::ReleaseOldOnTimeout) {
-                self.forward(h.id, Universe::Old, false, out);
+                self.forward(h.id, self.last_base, false, out);
                 continue;
             }
             out.push(RouterOutput::Fail {
@@ -294,9 +286,9 @@ impl RouterCore {
     fn maybe_ack_frozen(&mut self, out: &mut Vec<RouterOutput>) {
         if let Mode::Frozen(epoch) = self.mode {
             #[cfg(feature = "planted-bugs")]
-            let quiet = self.in_flight_old.is_empty() || self.bug == Some(RouterBug::AckFrozenWithInFlight);
+            let quiet = self.in_flight.is_empty() || self.bug == Some(RouterBug::AckFrozenWithInFlight);
             #[cfg(not(feature = "planted-bugs"))]
-            let quiet = self.in_flight_old.is_empty();
+            let quiet = self.in_flight.is_empty();
             if quiet && self.frozen_acked != Some(epoch) {
                 self.frozen_acked = Some(epoch);
                 out.push(RouterOutput::Ack { epoch, ack: Ack::Frozen });
@@ -309,28 +301,51 @@ impl RouterCore {
 mod tests {
     use super::*;
 
+    const G1: Generation = Generation(1);
+    const G2: Generation = Generation(2);
+
     fn router() -> RouterCore {
         RouterCore::new(RouterConfig { hold_ms_max: 100, hold_queue_max: 2, retry_after_ms: 1000 })
     }
 
-    fn forwards(out: &[RouterOutput]) -> Vec<(RequestId, Universe)> {
+    fn forwards(out: &[RouterOutput]) -> Vec<(RequestId, Generation)> {
         out.iter()
-            .filter_map(|o| if let RouterOutput::Forward { id, universe } = o { Some((*id, *universe)) } else { None })
+            .filter_map(
+                |o| if let RouterOutput::Forward { id, generation } = o { Some((*id, *generation)) } else { None },
+            )
             .collect()
     }
 
     #[test]
     fn only_reads_to_the_old_universe_are_mirrored_and_old_requests_are_counted_until_done() {
         let mut r = router();
-        r.handle(0, RouterInput::Decision(Decision::Initial));
+        r.handle(0, RouterInput::Decision { decision: Decision::Initial, base: G1 });
         let out = r.handle(1, RouterInput::Request { id: 1, read_only: true });
-        assert_eq!(out, vec![RouterOutput::Forward { id: 1, universe: Universe::Old }], "not mirroring yet");
+        assert_eq!(out, vec![RouterOutput::Forward { id: 1, generation: G1 }], "not mirroring yet");
         r.handle(2, RouterInput::Mirroring(true));
         let out = r.handle(3, RouterInput::Request { id: 2, read_only: false });
-        assert_eq!(out, vec![RouterOutput::Forward { id: 2, universe: Universe::Old }], "writes are never mirrored");
-        assert_eq!(r.in_flight_old(), 2);
-        r.handle(4, RouterInput::OldCompleted { id: 1 });
-        assert_eq!(r.in_flight_old(), 1);
+        assert_eq!(out, vec![RouterOutput::Forward { id: 2, generation: G1 }], "writes are never mirrored");
+        assert_eq!(r.in_flight(), 2);
+        r.handle(4, RouterInput::Completed { id: 1 });
+        assert_eq!(r.in_flight(), 1);
+    }
+
+    /// Upgrade after upgrade: the generation the next freeze stops is the last switch's new
+    /// one, and a request in flight there keeps the router from acking `Frozen` all the same.
+    #[test]
+    fn the_next_upgrade_freezes_the_generation_the_last_one_switched_to() {
+        let mut r = router();
+        r.handle(0, RouterInput::Decision { decision: Decision::Commit(Epoch(1)), base: G1 });
+        assert_eq!(forwards(&r.handle(1, RouterInput::Request { id: 1, read_only: false })), vec![(1, G2)]);
+        let out = r.handle(2, RouterInput::Decision { decision: Decision::Freeze(Epoch(2)), base: G2 });
+        assert!(out.is_empty(), "request 1 still in flight to g2: no ack yet");
+        assert_eq!(
+            r.handle(3, RouterInput::Completed { id: 1 }),
+            vec![RouterOutput::Ack { epoch: Epoch(2), ack: Ack::Frozen }]
+        );
+        r.handle(4, RouterInput::Request { id: 2, read_only: false });
+        let out = r.handle(5, RouterInput::Decision { decision: Decision::Commit(Epoch(2)), base: G2 });
+        assert_eq!(forwards(&out), vec![(2, Generation(3))]);
     }
 
     #[test]
@@ -339,8 +354,8 @@ mod tests {
         assert!(r.handle(0, RouterInput::Request { id: 1, read_only: false }).is_empty());
         assert!(r.handle(4, RouterInput::Request { id: 2, read_only: false }).is_empty());
         assert_eq!((r.held(), r.oldest_held_ms()), (2, Some(0)));
-        let out = r.handle(10, RouterInput::Decision(Decision::Initial));
-        assert_eq!(forwards(&out), vec![(1, Universe::Old), (2, Universe::Old)]);
+        let out = r.handle(10, RouterInput::Decision { decision: Decision::Initial, base: G1 });
+        assert_eq!(forwards(&out), vec![(1, G1), (2, G1)]);
         assert!(out.contains(&RouterOutput::Released { id: 1, held_ms: 10, cause: HoldCause::Startup }));
         assert_eq!((r.held(), r.oldest_held_ms()), (0, None));
     }
@@ -348,26 +363,26 @@ mod tests {
     #[test]
     fn freeze_waits_for_in_flight_then_acks_and_commit_flips() {
         let mut r = router();
-        r.handle(0, RouterInput::Decision(Decision::Initial));
+        r.handle(0, RouterInput::Decision { decision: Decision::Initial, base: G1 });
         r.handle(0, RouterInput::Mirroring(true));
         let out = r.handle(1, RouterInput::Request { id: 1, read_only: true });
-        assert_eq!(out, vec![RouterOutput::Forward { id: 1, universe: Universe::Old }, RouterOutput::Mirror { id: 1 }]);
-        let out = r.handle(2, RouterInput::Decision(Decision::Freeze(Epoch(1))));
+        assert_eq!(out, vec![RouterOutput::Forward { id: 1, generation: G1 }, RouterOutput::Mirror { id: 1 }]);
+        let out = r.handle(2, RouterInput::Decision { decision: Decision::Freeze(Epoch(1)), base: G1 });
         assert!(out.is_empty(), "request 1 still in flight: no ack yet");
         assert!(r.handle(3, RouterInput::Request { id: 2, read_only: false }).is_empty(), "held");
-        let out = r.handle(4, RouterInput::OldCompleted { id: 1 });
+        let out = r.handle(4, RouterInput::Completed { id: 1 });
         assert_eq!(out, vec![RouterOutput::Ack { epoch: Epoch(1), ack: Ack::Frozen }]);
-        let out = r.handle(50, RouterInput::Decision(Decision::Commit(Epoch(1))));
-        assert_eq!(forwards(&out), vec![(2, Universe::New)]);
+        let out = r.handle(50, RouterInput::Decision { decision: Decision::Commit(Epoch(1)), base: G1 });
+        assert_eq!(forwards(&out), vec![(2, G2)]);
         assert!(out.contains(&RouterOutput::Released { id: 2, held_ms: 47, cause: HoldCause::Freeze }));
         assert!(out.contains(&RouterOutput::Ack { epoch: Epoch(1), ack: Ack::Switched }));
-        assert_eq!(forwards(&r.handle(51, RouterInput::Request { id: 3, read_only: true })), vec![(3, Universe::New)]);
+        assert_eq!(forwards(&r.handle(51, RouterInput::Request { id: 3, read_only: true })), vec![(3, G2)]);
     }
 
     #[test]
     fn hold_times_out_with_503_and_queue_is_bounded() {
         let mut r = router();
-        r.handle(0, RouterInput::Decision(Decision::Freeze(Epoch(1))));
+        r.handle(0, RouterInput::Decision { decision: Decision::Freeze(Epoch(1)), base: G1 });
         r.handle(0, RouterInput::Request { id: 1, read_only: false });
         r.handle(10, RouterInput::Request { id: 2, read_only: false });
         let out = r.handle(11, RouterInput::Request { id: 3, read_only: false });
@@ -381,17 +396,17 @@ mod tests {
     #[test]
     fn abort_releases_to_old() {
         let mut r = router();
-        r.handle(0, RouterInput::Decision(Decision::Freeze(Epoch(1))));
+        r.handle(0, RouterInput::Decision { decision: Decision::Freeze(Epoch(1)), base: G1 });
         r.handle(1, RouterInput::Request { id: 1, read_only: false });
-        let out = r.handle(2, RouterInput::Decision(Decision::Abort(Epoch(1))));
-        assert_eq!(forwards(&out), vec![(1, Universe::Old)]);
+        let out = r.handle(2, RouterInput::Decision { decision: Decision::Abort(Epoch(1)), base: G1 });
+        assert_eq!(forwards(&out), vec![(1, G1)]);
     }
 
     #[test]
     fn the_next_deadline_is_the_oldest_hold_expiry() {
         let mut r = router();
         assert_eq!(r.next_deadline_ms(), None);
-        r.handle(0, RouterInput::Decision(Decision::Freeze(Epoch(1))));
+        r.handle(0, RouterInput::Decision { decision: Decision::Freeze(Epoch(1)), base: G1 });
         r.handle(7, RouterInput::Request { id: 1, read_only: false });
         r.handle(9, RouterInput::Request { id: 2, read_only: false });
         assert_eq!(r.next_deadline_ms(), Some(107));
@@ -407,9 +422,9 @@ mod tests {
     #[test]
     fn planted_bug_releases_to_old_on_timeout() {
         let mut r = router().with_bug(Some(RouterBug::ReleaseOldOnTimeout));
-        r.handle(0, RouterInput::Decision(Decision::Freeze(Epoch(1))));
+        r.handle(0, RouterInput::Decision { decision: Decision::Freeze(Epoch(1)), base: G1 });
         r.handle(0, RouterInput::Request { id: 1, read_only: false });
-        assert_eq!(forwards(&r.handle(100, RouterInput::Tick)), vec![(1, Universe::Old)]);
+        assert_eq!(forwards(&r.handle(100, RouterInput::Tick)), vec![(1, G1)]);
     }
 }
 
@@ -420,6 +435,8 @@ mod properties {
     //! flight to the old universe, and never holds past `hold_ms_max` when called at its deadline.
 
     use super::*;
+
+    const G1: Generation = Generation(1);
     use proptest::prelude::*;
 
     /// Longest gap between two steps of time.
@@ -467,7 +484,7 @@ mod properties {
                     }
                     Step::Complete(i) if !in_flight.is_empty() => {
                         let id = in_flight.remove(i % in_flight.len());
-                        r.handle(now, RouterInput::OldCompleted { id })
+                        r.handle(now, RouterInput::Completed { id })
                     }
                     Step::Complete(_) => Vec::new(),
                     Step::Tick => r.handle(now, RouterInput::Tick),
@@ -489,22 +506,20 @@ mod properties {
                         }
                         decision = next;
                         acted = true;
-                        r.handle(now, RouterInput::Decision(decision))
+                        r.handle(now, RouterInput::Decision { decision, base: G1 })
                     }
                 };
                 for o in &out {
                     match o {
-                        RouterOutput::Forward { id, universe } => {
+                        RouterOutput::Forward { id, generation } => {
                             prop_assert!(acted, "forwarded before reading any decision");
-                            prop_assert_eq!(Some(*universe), decision.serving(), "forwarded to {:?} under {:?}", universe, decision);
-                            if *universe == Universe::Old {
-                                in_flight.push(*id);
-                            }
+                            prop_assert_eq!(Some(*generation), decision.serving_generation(G1), "forwarded to {:?} under {:?}", generation, decision);
+                            in_flight.push(*id);
                         }
                         RouterOutput::Released { held_ms, .. } => prop_assert!(*held_ms <= hold_ms_max, "held {} ms", held_ms),
                         RouterOutput::Ack { epoch, ack: Ack::Frozen } => {
                             prop_assert_eq!(decision, Decision::Freeze(*epoch));
-                            prop_assert!(in_flight.is_empty(), "acked Frozen with requests in flight to the old universe");
+                            prop_assert!(in_flight.is_empty(), "acked Frozen with requests in flight");
                         }
                         _ => {}
                     }
