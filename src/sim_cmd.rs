@@ -39,6 +39,10 @@ pub struct SimArgs {
     /// Run a named scenario instead of random faults.
     #[arg(long, value_enum)]
     scenario: Option<Scenario>,
+    /// Upgrades run back to back in each seed (v1 -> v2 -> v3 ...; one that rolls back is
+    /// retried by the next).
+    #[arg(long, default_value_t = 1)]
+    upgrades: u32,
     /// Print the summary as one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -66,6 +70,7 @@ impl SimArgs {
             faults: FaultSet::from_kinds(&self.faults),
             bug: self.bug,
             scenario: self.scenario,
+            upgrades: self.upgrades,
             ..SimConfig::default()
         };
         config.validate().map_err(anyhow::Error::msg)?;
@@ -87,6 +92,9 @@ impl SimArgs {
         }
         if let Some(s) = &self.scenario {
             cmd.push_str(&format!(" --scenario {}", value_name(s)));
+        }
+        if self.upgrades != 1 {
+            cmd.push_str(&format!(" --upgrades {}", self.upgrades));
         }
         cmd
     }
@@ -142,6 +150,16 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         out,
         "outcomes: switched {}, aborted (rolled back) {}, unfinished {}; seeds with an aborted freeze: {}",
         summary.switched, summary.aborted, summary.unfinished, summary.seeds_with_aborted_epochs
+    )?;
+    writeln!(
+        out,
+        "upgrades: {} run, {} switched ({} per seed asked); seeds that switched every one: {}; roster changes: {} joins, {} retirements",
+        summary.upgrades_run,
+        summary.upgrades_switched,
+        config.upgrades,
+        summary.seeds_all_switched,
+        summary.routers_joined,
+        summary.routers_retired
     )?;
     writeln!(
         out,

@@ -7,6 +7,7 @@
 
 use node_core::store::MemStore;
 use protocol::schema::{Row, RowOp, Value};
+use protocol::Generation;
 use serde::{Deserialize, Serialize};
 
 /// A client operation.
@@ -148,11 +149,64 @@ pub mod v1 {
     }
 }
 
-/// v2: the same API on the new schema.
+/// The column of `auctions` that holds an auction's status in generation `g` (2 and later:
+/// each upgrade after the first renames it, so that every upgrade of a chain has a schema
+/// change to carry).
+pub fn status_column(g: Generation) -> String {
+    if g.0 <= 2 {
+        "status".to_string()
+    } else {
+        format!("status_g{}", g.0)
+    }
+}
+
+/// Generation `g`'s write: the row ops it applies (v1 for generation 1, v2 after).
+pub fn write(g: Generation, store: &MemStore, op: &AppOp) -> Result<Vec<RowOp>, AppError> {
+    if g == Generation::GENESIS {
+        v1::write(store, op)
+    } else {
+        v2::write(store, op, &status_column(g))
+    }
+}
+
+/// Generation `g`'s read, in v1's canonical shape.
+pub fn read(g: Generation, store: &MemStore, op: &AppOp) -> Option<Row> {
+    if g == Generation::GENESIS {
+        v1::read(store, op)
+    } else {
+        v2::read(store, op, &status_column(g))
+    }
+}
+
+/// User `id` as generation `g`'s store holds it: every row of the user there, and the bio.
+pub fn user(g: Generation, store: &MemStore, id: i64) -> (bool, Option<String>) {
+    let text = |row: Option<&Row>| match row.and_then(|r| r.get("bio")) {
+        Some(Value::Text(t)) => Some(t.clone()),
+        _ => None,
+    };
+    if g == Generation::GENESIS {
+        let row = store.get("users", id);
+        (row.is_some(), text(row))
+    } else {
+        let profile = store.get("user_profiles", id);
+        (store.get("users", id).is_some() && profile.is_some(), text(profile))
+    }
+}
+
+/// Item `id`'s bid count in generation `g`'s store.
+pub fn bids(g: Generation, store: &MemStore, id: i64) -> Option<i64> {
+    let table = if g == Generation::GENESIS { "items" } else { "auctions" };
+    match store.get(table, id).and_then(|r| r.get("bids")) {
+        Some(Value::Int(n)) => Some(*n),
+        _ => None,
+    }
+}
+
+/// v2: the same API on the new schema (`status`: the name of the status column).
 pub mod v2 {
     use super::*;
 
-    pub fn write(store: &MemStore, op: &AppOp) -> Result<Vec<RowOp>, AppError> {
+    pub fn write(store: &MemStore, op: &AppOp, status: &str) -> Result<Vec<RowOp>, AppError> {
         Ok(match op {
             AppOp::RegisterUser { id, name, email, bio } => vec![
                 RowOp::Upsert {
@@ -185,7 +239,7 @@ pub mod v2 {
                     ("seller", Value::Int(*seller)),
                     ("price", text(&price.to_string())),
                     ("bids", Value::Int(0)),
-                    ("status", text("open")),
+                    (status, text("open")),
                 ]),
             }],
             AppOp::Bid { item } => {
@@ -197,7 +251,7 @@ pub mod v2 {
     }
 
     /// Answers in v1's canonical shape.
-    pub fn read(store: &MemStore, op: &AppOp) -> Option<Row> {
+    pub fn read(store: &MemStore, op: &AppOp, status: &str) -> Option<Row> {
         match op {
             AppOp::ViewUser { id } => {
                 let user = store.get("users", *id)?;
@@ -211,8 +265,7 @@ pub mod v2 {
             }
             AppOp::ViewItem { id } => {
                 let a = store.get("auctions", *id)?;
-                let mut r: Row =
-                    a.iter().filter(|(k, _)| *k != "status").map(|(k, v)| (k.clone(), v.clone())).collect();
+                let mut r: Row = a.iter().filter(|(k, _)| *k != status).map(|(k, v)| (k.clone(), v.clone())).collect();
                 if let Some(Value::Text(p)) = r.get("price") {
                     let parsed = p.parse().map(Value::Int).unwrap_or(Value::Null);
                     r.insert("price".into(), parsed);
@@ -224,7 +277,7 @@ pub mod v2 {
     }
 }
 
-/// The plan the simulator loads (through the real plan loader).
+/// The plan the simulator loads first (through the real plan loader): v1 to v2.
 pub fn plan_toml(
     routers: usize,
     data_nodes: usize,
@@ -234,10 +287,39 @@ pub fn plan_toml(
     freeze_timeout_ms: u64,
     manual: bool,
 ) -> String {
+    plan_toml_from(
+        Generation::GENESIS,
+        routers,
+        data_nodes,
+        max_attempts,
+        hold_ms_max,
+        hold_queue_max,
+        freeze_timeout_ms,
+        manual,
+    )
+}
+
+/// The plan of the upgrade from generation `from`: v1 to v2 from generation 1; after that,
+/// each renames the status column of `auctions` (the new schema of one upgrade is the old
+/// schema of the next).
+#[allow(clippy::too_many_arguments)]
+pub fn plan_toml_from(
+    from: Generation,
+    routers: usize,
+    data_nodes: usize,
+    max_attempts: u32,
+    hold_ms_max: u64,
+    hold_queue_max: u64,
+    freeze_timeout_ms: u64,
+    manual: bool,
+) -> String {
     let switch = if manual { "manual" } else { "auto" };
+    let name = format!("sim-auction-g{}", from.next().0);
+    let generation = from.0;
     let mut s = format!(
         r#"[upgrade]
-name = "sim-auction-v2"
+name = "{name}"
+old_generation = {generation}
 switch = "{switch}"
 max_attempts = {max_attempts}
 
@@ -258,6 +340,28 @@ retry_backoff_ms = 500
     }
     for i in 0..data_nodes {
         s.push_str(&format!("\n[[nodes]]\nname = \"db-{i}\"\ntier = \"db\"\nduties = [\"capture\", \"transform\"]\n"));
+    }
+    if from != Generation::GENESIS {
+        let (status, next) = (status_column(from), status_column(from.next()));
+        s.push_str(&format!(
+            r#"
+[schema.old.users]
+columns = ["id", "nickname", "email"]
+
+[schema.old.user_profiles]
+columns = ["id", "bio"]
+
+[schema.old.auctions]
+columns = ["id", "title", "seller", "price", "bids", "{status}"]
+
+[[transforms]]
+kind = "rename_column"
+table = "auctions"
+from = "{status}"
+to = "{next}"
+"#
+        ));
+        return s;
     }
     s.push_str(
         r#"

@@ -36,26 +36,55 @@ pub(crate) async fn workload(shared: Shared, running: Arc<std::sync::atomic::Ato
     }
 }
 
+/// The operator runs `config.upgrades` upgrades back to back: it starts one, waits until it has
+/// ended (`Done` or `RolledBack`, as `imago upgrade status` shows), deploys the next (the plan
+/// from the generation the cluster serves now, and each data node's stores for it), and starts
+/// that one.
 pub(crate) async fn operator(shared: Shared) {
     tokio::time::sleep(Duration::from_millis(START_UPGRADE_MS)).await;
-    let (plan, coordinators) = with(&shared, |w| (w.plan.clone(), w.config.coordinators));
+    let upgrades = with(&shared, |w| w.config.upgrades);
+    for k in 0..upgrades {
+        if k > 0 {
+            let generation = loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let state = with(&shared, |w| w.freshest_state());
+                if state.current.as_ref().is_some_and(|u| u.id.0 == u64::from(k) && u.phase.is_terminal()) {
+                    break state.generation;
+                }
+            };
+            with(&shared, |w| w.deploy_next(generation));
+        }
+        start_upgrade(&shared, k).await;
+    }
+}
+
+/// Starts upgrade `k` (0-based) with the deployed plan, retrying until a replica answers.
+async fn start_upgrade(shared: &Shared, k: u32) {
+    let coordinators = with(shared, |w| w.config.coordinators);
     let mut target = 0;
     loop {
         // A router the operator retired is left out of the plan (a start naming one is refused).
-        let plan = with(&shared, |w| {
-            let mut plan = plan.clone();
+        let plan = with(shared, |w| {
+            let mut plan = w.plan.clone();
             plan.nodes.retain(|n| !w.routers.iter().any(|r| r.retired && r.name == n.name.0));
             plan
         });
-        let start = CliRequest::Start { plan: plan.clone(), token: "sim-operator-start".into() };
-        let answer = operator_call(&shared, coordinator_addr(target), Request::Cli(start)).await;
+        let token = if k == 0 { "sim-operator-start".to_string() } else { format!("sim-operator-start-{k}") };
+        let start = CliRequest::Start { plan: plan.clone(), token };
+        let answer = operator_call(shared, coordinator_addr(target), Request::Cli(start)).await;
         match answer {
             Some(Response::Cli(CliResponse::Started { upgrade })) => {
-                with(&shared, |w| w.record(format_args!("operator: upgrade {} started", upgrade.0)));
+                with(shared, |w| w.record(format_args!("operator: upgrade {} started", upgrade.0)));
                 if plan.switch == protocol::plan::SwitchMode::Manual {
-                    request_switch(&shared).await;
+                    request_switch(shared, upgrade).await;
                 }
                 return;
+            }
+            Some(Response::Cli(CliResponse::Rejected(r))) => {
+                // A router being retired is still named (it leaves the plan once retired); a
+                // refusal for any other reason stays, and the liveness checker reports it.
+                with(shared, |w| w.record(format_args!("operator: start refused: {r}")));
+                tokio::time::sleep(Duration::from_millis(300)).await;
             }
             Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = replica_index(l),
             _ => {
@@ -79,7 +108,8 @@ pub(crate) async fn abort_on_mismatches(shared: Shared) {
         let (state, drifted) = with(&shared, |w| (w.freshest_state(), w.data.iter().any(|d| d.drifted)));
         let Some(upgrade) = &state.current else { continue };
         if upgrade.phase.is_terminal() {
-            return;
+            // The next upgrade (if any) is watched the same way.
+            continue;
         }
         let blockers = coordinator::upgrade::status(&state).gate_blockers;
         let mismatches = blockers.iter().any(|b| matches!(b, protocol::messages::GateBlocker::MismatchRatio { .. }));
@@ -97,14 +127,14 @@ pub(crate) async fn abort_on_mismatches(shared: Shared) {
 
 /// Manual mode: a persistent operator asks for the switch whenever the upgrade is syncing
 /// (again after an abort, which clears the request) until the upgrade ends.
-pub(crate) async fn request_switch(shared: &Shared) {
+pub(crate) async fn request_switch(shared: &Shared, id: protocol::UpgradeId) {
     let coordinators = with(shared, |w| w.config.coordinators);
     let mut target = 0;
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let state = with(shared, |w| w.freshest_state());
-        let Some(upgrade) = state.current else { continue };
-        if upgrade.phase.is_terminal() {
+        let Some(upgrade) = state.current.filter(|u| u.id >= id) else { continue };
+        if upgrade.phase.is_terminal() || upgrade.id > id {
             return;
         }
         if upgrade.phase != Phase::Syncing || upgrade.switch_requested {

@@ -24,6 +24,9 @@ pub enum Bug {
     /// A router restarted on its own disk holding a freeze serves the old universe until a read
     /// tells it the outcome.
     ServeOldAfterFrozenRestart,
+    /// Nodes forget their persisted decision when a new upgrade starts (and serve the first
+    /// generation until the next news). Shows with `--upgrades 2` or more.
+    ResetPersistedOnNewUpgrade,
 }
 
 /// The name of a value of a `clap::ValueEnum` (as the command line spells it).
@@ -48,6 +51,7 @@ impl Bug {
         match bug {
             Some(Bug::ActBeforePersist) => Some(AgentBug::ActBeforePersist),
             Some(Bug::ServeOldAfterFrozenRestart) => Some(AgentBug::ServeOldAfterFrozenRestart),
+            Some(Bug::ResetPersistedOnNewUpgrade) => Some(AgentBug::ResetPersistedOnNewUpgrade),
             _ => None,
         }
     }
@@ -267,6 +271,9 @@ pub struct SimConfig {
     pub trace_lines: bool,
     /// A named scenario instead of random faults.
     pub scenario: Option<Scenario>,
+    /// Upgrades run back to back in each seed (the new universe of one is the old universe of
+    /// the next; one that rolls back is retried from the same generation by the next).
+    pub upgrades: u32,
 }
 
 impl Default for SimConfig {
@@ -285,6 +292,7 @@ impl Default for SimConfig {
             liveness_bound_ms: 40_000,
             trace_lines: false,
             scenario: None,
+            upgrades: 1,
         }
     }
 }
@@ -303,6 +311,9 @@ impl SimConfig {
         }
         if !(1..=5).contains(&self.datacenters) {
             return Err("--datacenters must be 1..=5".into());
+        }
+        if !(1..=20).contains(&self.upgrades) {
+            return Err("--upgrades must be 1..=20".into());
         }
         Ok(())
     }

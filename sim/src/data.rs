@@ -20,7 +20,7 @@ use node_core::store::{Batch, MemStore, NewStore, OldStore};
 use node_core::{RequestKey, StoreAnswer};
 use protocol::codec;
 use protocol::schema::{RowOp, Value};
-use protocol::{Duty, Universe};
+use protocol::{Duty, Generation, Universe};
 use rand::Rng;
 use std::future::Future;
 use std::sync::Weak;
@@ -67,8 +67,8 @@ impl Stores for SimStores {
         let answer = self.with(|w| {
             let d = &mut w.data[index];
             match universe {
-                Universe::Old => execute_old(&mut d.old, key, &request.op, &mut w.fidelity.shards[index]),
-                Universe::New => execute_new(&mut d.new, key, &request.op),
+                Universe::Old => execute_old(d.from, &mut d.old, key, &request.op, &mut w.fidelity.shards[index]),
+                Universe::New => execute_new(d.from.next(), &mut d.new, key, &request.op),
             }
         });
         std::future::ready(answer.unwrap_or_else(|| StoreAnswer::Rejected { reason: "the process is down".into() }))
@@ -369,8 +369,72 @@ impl World {
         }
         if !changed.is_empty() {
             self.data[i].drifted = true;
+            self.stats.drift_seen = true;
         }
         changed
+    }
+
+    /// The operator deploys the upgrade from `generation` (the one the cluster serves now):
+    /// its plan, and each data node's two stores for it. After a switch the new store becomes
+    /// the old one and an empty store for the next generation is added (the store of the
+    /// generation before is retired); after a rollback the new store is replaced by an empty
+    /// one. Each data node's agent restarts with that configuration (a running one is stopped
+    /// first: in-flight requests at it are lost, as at any restart).
+    pub fn deploy_next(&mut self, generation: protocol::Generation) {
+        // The upgrade that ended is judged now: later ones freeze after it.
+        let state = self.freshest_state();
+        let now = self.now_us();
+        let found = crate::checkers::attempts::check(&state, self.stats.epochs_before);
+        self.checker.found(now, found);
+        self.stats.epochs_before = state.last_epoch.0;
+        let plan = &self.plan;
+        let text = app::plan_toml_from(
+            generation,
+            self.config.routers,
+            self.config.data_nodes,
+            plan.max_attempts,
+            plan.thresholds.hold_ms_max,
+            u64::from(plan.thresholds.hold_queue_max),
+            plan.thresholds.freeze_timeout_ms,
+            plan.switch == protocol::plan::SwitchMode::Manual,
+        );
+        let plan = protocol::plan::Plan::from_toml("sim-plan.toml", &text).expect("the simulator's plans are valid");
+        let mapping = plan.mapping().expect("the simulator's transforms fit");
+        let new_schema = mapping.new_schema();
+        let switched = self.data.iter().all(|d| d.from.next() == generation);
+        assert!(switched || self.data.iter().all(|d| d.from == generation), "every data node is deployed alike");
+        self.record(format_args!("operator: deploys {} (from {generation})", plan.name));
+        self.plan = plan;
+        self.mapping = mapping.clone();
+        for i in 0..self.data.len() {
+            let up = self.procs[&self.data[i].addr].up;
+            if up {
+                self.crash_data(i);
+            }
+            let d = &mut self.data[i];
+            let fresh = MemStore::with_schema(&new_schema);
+            if switched {
+                d.old = std::mem::replace(&mut d.new, fresh);
+                d.pruned_seen = 0;
+            } else {
+                d.new = fresh;
+            }
+            d.from = generation;
+            d.fenced_seen = d.old.is_fenced();
+            d.delivered.clear();
+            d.drifted = false;
+            d.applying = None;
+            d.fence_asked_with = None;
+            if up {
+                self.restart_data(i);
+            }
+        }
+        if switched {
+            // The old rows the transform must match are now the last switch's new rows.
+            self.fidelity = crate::checkers::fidelity::Fidelity::new(&mapping);
+            self.fidelity.shards =
+                self.data.iter().map(|d| crate::checkers::fidelity::History::initial(d.old.tables())).collect();
+        }
     }
 
     pub fn crash_data(&mut self, i: usize) {
@@ -432,14 +496,20 @@ impl World {
 
 /// A request on the old store, as a database adapter runs it: a read as it is; a write in one
 /// transaction with its request-log entry, or answered from the log if it is there already.
-fn execute_old(store: &mut MemStore, key: RequestKey, op: &AppOp, history: &mut History) -> DataResponse {
+fn execute_old(
+    generation: Generation,
+    store: &mut MemStore,
+    key: RequestKey,
+    op: &AppOp,
+    history: &mut History,
+) -> DataResponse {
     if op.read_only() {
-        return StoreAnswer::Ok { body: app::v1::read(store, op), position: store.captured() };
+        return StoreAnswer::Ok { body: app::read(generation, store, op), position: store.captured() };
     }
     if let Some(position) = store.applied_request(key) {
         return StoreAnswer::Ok { body: None, position };
     }
-    match app::v1::write(store, op) {
+    match app::write(generation, store, op) {
         Err(reason) => StoreAnswer::Rejected { reason },
         Ok(ops) => match store.write_request(key, ops, true) {
             Ok((position, written)) => {
@@ -454,14 +524,14 @@ fn execute_old(store: &mut MemStore, key: RequestKey, op: &AppOp, history: &mut 
 }
 
 /// The same on the new store (whose request log holds the old one's, carried by the transform).
-fn execute_new(store: &mut MemStore, key: RequestKey, op: &AppOp) -> DataResponse {
+fn execute_new(generation: Generation, store: &mut MemStore, key: RequestKey, op: &AppOp) -> DataResponse {
     if op.read_only() {
-        return StoreAnswer::Ok { body: app::v2::read(store, op), position: store.checkpoint().applied };
+        return StoreAnswer::Ok { body: app::read(generation, store, op), position: store.checkpoint().applied };
     }
     if let Some(position) = store.applied_request(key) {
         return StoreAnswer::Ok { body: None, position };
     }
-    match app::v2::write(store, op) {
+    match app::write(generation, store, op) {
         Err(reason) => StoreAnswer::Rejected { reason },
         Ok(ops) => match store.write_request(key, ops, false) {
             Ok((position, _)) => StoreAnswer::Ok { body: None, position },

@@ -1,6 +1,6 @@
 //! How a seed ends: whether the cluster has settled, and the checks made at the very end.
 
-use crate::app::AppOp;
+use crate::app::{self, AppOp};
 use crate::checkers::lost_writes::{self, UserSeen};
 use crate::checkers::{attempts, availability, change_log, durability, exactly_once, healthy_freeze, liveness};
 use crate::oracle::ClientOutcome;
@@ -8,8 +8,6 @@ use crate::world::*;
 use node_core::duties::router::Mode;
 use node_core::store::NewStore;
 use protocol::messages::Phase;
-use protocol::schema::Value;
-use protocol::Universe;
 
 impl World {
     /// One registration per shard, through routers in turn: the users they register.
@@ -45,10 +43,13 @@ impl World {
         }
     }
 
-    /// The upgrade ended and every router serves the final universe with nothing held.
+    /// The last upgrade of the chain ended and every router serves the final universe with
+    /// nothing held.
     pub(crate) fn finished(&self) -> bool {
         let state = self.freshest_state();
-        let Some(upgrade) = state.current.as_ref() else { return false };
+        let Some(upgrade) = state.current.as_ref().filter(|u| u.id.0 == u64::from(self.config.upgrades)) else {
+            return false;
+        };
         let generation = match upgrade.phase {
             Phase::Done => upgrade.from.next(),
             Phase::RolledBack => upgrade.from,
@@ -64,8 +65,8 @@ impl World {
     pub(crate) fn final_checks(&mut self) {
         let now = self.now_us();
         let state = self.freshest_state();
-        let universe = match liveness::ended(&state) {
-            Ok(universe) => universe,
+        let generation = match liveness::ended(&state) {
+            Ok(generation) => generation,
             Err(violation) => {
                 // An upgrade that did not end was already reported by the run loop, if it could.
                 if self.checker.violations.is_empty() {
@@ -77,39 +78,37 @@ impl World {
         for found in durability::outcomes_kept(&self.checker.agreement.seen_outcomes, &state.outcomes) {
             self.checker.violation(now, found);
         }
-        for found in
-            healthy_freeze::check(&self.checker.frozen_healthy, &state.outcomes, self.data.iter().any(|d| d.drifted))
-        {
+        for found in healthy_freeze::check(
+            &self.checker.frozen_healthy,
+            &state.outcomes,
+            self.stats.drift_seen || self.data.iter().any(|d| d.drifted),
+        ) {
             self.checker.violation(now, found);
         }
-        let found = attempts::check(&state);
+        let found = attempts::check(&state, self.stats.epochs_before);
         self.checker.found(now, found);
         let shards = self.config.data_nodes as i64;
-        let text = |row: Option<&protocol::schema::Row>, column: &str| match row.and_then(|r| r.get(column)) {
-            Some(Value::Text(t)) => Some(t.clone()),
-            _ => None,
-        };
+        // The final stores: the last upgrade's two (each data node is deployed for it).
+        fn serving(d: &crate::procs::DataProc, generation: protocol::Generation) -> &node_core::store::MemStore {
+            if generation == d.from {
+                &d.old
+            } else {
+                &d.new
+            }
+        }
         let seen = |id: i64| {
             let d = &self.data[id.rem_euclid(shards) as usize];
-            let profile = d.new.get("user_profiles", id);
-            UserSeen {
-                in_old: d.old.get("users", id).is_some(),
-                in_new: d.new.get("users", id).is_some(),
-                complete_in_new: d.new.get("users", id).is_some() && profile.is_some(),
-                bio: if universe == Universe::New { text(profile, "bio") } else { text(d.old.get("users", id), "bio") },
-            }
+            let (present, bio) = app::user(generation, serving(d, generation), id);
+            let anywhere = d.old.get("users", id).is_some() || d.new.get("users", id).is_some();
+            UserSeen { present, anywhere, bio }
         };
-        let found = lost_writes::check(&self.oracle, universe, seen);
+        let found = lost_writes::check(&self.oracle, generation, seen);
         for v in found {
             self.checker.violation(now, v);
         }
         let bids = |item: i64| {
             let d = &self.data[item.rem_euclid(shards) as usize];
-            let row = if universe == Universe::New { d.new.get("auctions", item) } else { d.old.get("items", item) };
-            match row.and_then(|r| r.get("bids")) {
-                Some(Value::Int(n)) => Some(*n),
-                _ => None,
-            }
+            app::bids(generation, serving(d, generation), item)
         };
         for v in exactly_once::check_bids(&self.oracle, bids) {
             self.checker.violation(now, v);

@@ -236,6 +236,10 @@ impl Ingress for SimIngress {
                     let found = w.checker.verdicts.compared(index, name, verdict, &old, &new, IGNORE_FIELDS);
                     w.checker.found(now, found);
                 }
+                IngressEvent::ValidationReset { upgrade } => {
+                    w.trace.event(now, format_args!("{name} validates for upgrade {upgrade:?} from zero"));
+                    w.checker.verdicts.reset(index);
+                }
             }
         });
     }
@@ -349,7 +353,7 @@ impl World {
             self.client_done(request.write, ClientOutcome::Unknown, now);
         }
         self.checker.mirrors.forget_router(i);
-        self.checker.verdicts.crashed(i);
+        self.checker.verdicts.reset(i);
         self.checker.frozen_ack.crashed(i);
         let name = self.routers[i].name.clone();
         self.checker.propagation.crashed(&name);

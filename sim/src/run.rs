@@ -64,6 +64,13 @@ pub struct SeedReport {
     /// Raft snapshots built and installed over all replicas.
     pub snapshots_built: u64,
     pub snapshots_installed: u64,
+    /// Upgrades asked for, started, and switched (each commits at most one epoch).
+    pub upgrades_asked: u32,
+    pub upgrades_run: u64,
+    pub upgrades_switched: u64,
+    /// Routers that joined the roster during the seed, and routers retired.
+    pub routers_joined: u64,
+    pub routers_retired: u64,
 }
 
 /// Small, so that snapshots, log purges and snapshot installs happen within a seed.
@@ -127,6 +134,11 @@ impl SeedReport {
             copying_seen: false,
             snapshots_built: 0,
             snapshots_installed: 0,
+            upgrades_asked: 0,
+            upgrades_run: 0,
+            upgrades_switched: 0,
+            routers_joined: 0,
+            routers_retired: 0,
         }
     }
 }
@@ -286,7 +298,8 @@ async fn run(config: SimConfig, seed: u64) -> SeedReport {
         });
     }
     let (tick_ms, safety_ms, bound_ms) =
-        with(&shared, |w| (w.config.tick_ms, w.faults.safety_ms, w.config.liveness_bound_ms));
+        // Every upgrade of the chain still to run after the heal gets the bound.
+        with(&shared, |w| (w.config.tick_ms, w.faults.safety_ms, w.config.liveness_bound_ms * u64::from(w.config.upgrades)));
     let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
     tokio::task::spawn_local(ticker(shared.clone(), tick_ms));
     tokio::task::spawn_local(workload(shared.clone(), running.clone()));
@@ -417,6 +430,24 @@ impl World {
             copying_seen: !self.stats.copying_seen.is_empty(),
             snapshots_built: self.replicas.iter().map(|r| read_disk(&r.disk, |d| d.snapshots_built)).sum(),
             snapshots_installed: self.replicas.iter().map(|r| read_disk(&r.disk, |d| d.snapshots_installed)).sum(),
+            upgrades_asked: self.config.upgrades,
+            upgrades_run: state.upgrades_started,
+            upgrades_switched: state
+                .outcomes
+                .values()
+                .filter(|o| matches!(o, coordinator::upgrade::Outcome::Committed))
+                .count() as u64,
+            // The cluster starts with router-0 .. router-(n-1); any other on the roster joined.
+            routers_joined: state
+                .roster
+                .keys()
+                .filter(|n| !(0..self.config.routers).any(|i| n.0 == format!("router-{i}")))
+                .count() as u64,
+            routers_retired: state
+                .roster
+                .values()
+                .filter(|s| matches!(s, protocol::messages::RosterStatus::Retired))
+                .count() as u64,
         }
     }
 }

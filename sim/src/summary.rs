@@ -45,9 +45,14 @@ pub struct Summary {
     /// Client requests of any kind that did not succeed: refused, 503, rejected, or unknown
     /// (timed out, or lost with a crashed router).
     pub failed_requests: u64,
-    /// Upgrades run (one per seed today), and those that switched.
+    /// Upgrades run (`--upgrades` per seed), and those that switched.
     pub upgrades_run: u64,
     pub upgrades_switched: u64,
+    /// Seeds in which every upgrade asked for switched.
+    pub seeds_all_switched: u64,
+    /// Routers that joined the roster, and routers retired, over all seeds.
+    pub routers_joined: u64,
+    pub routers_retired: u64,
     pub switch_p50_ms: u64,
     pub switch_max_ms: u64,
     pub messages: u64,
@@ -88,8 +93,11 @@ impl Summary {
         self.failed_writes += r.failed_writes;
         self.unknown_writes += r.unknown_writes;
         self.failed_requests += r.failed_requests;
-        self.upgrades_run += 1;
-        self.upgrades_switched += u64::from(r.outcome == SeedOutcome::Switched);
+        self.upgrades_run += r.upgrades_run;
+        self.upgrades_switched += r.upgrades_switched;
+        self.seeds_all_switched += u64::from(r.upgrades_switched == u64::from(r.upgrades_asked));
+        self.routers_joined += r.routers_joined;
+        self.routers_retired += r.routers_retired;
     }
 
     /// Computes the derived figures once all seeds are in.

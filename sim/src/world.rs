@@ -109,6 +109,11 @@ pub struct Stats {
     pub switched_us: Option<u64>,
     pub fault_log: Vec<String>,
     pub copying_seen: BTreeMap<usize, bool>,
+    /// The last epoch frozen when the current upgrade was deployed (its freezes come after).
+    pub epochs_before: u64,
+    /// A rogue writer changed a new database at some time in the seed (a data node's own
+    /// flag goes with its store when the next upgrade is deployed).
+    pub drift_seen: bool,
 }
 
 /// The whole simulated cluster.
@@ -186,7 +191,7 @@ impl World {
         self.procs.get(&addr).is_some_and(|p| p.up && p.incarnation == incarnation)
     }
 
-    /// The generation the simulated operator's current upgrade upgrades from.
+    /// The generation the simulated operator's current (deployed) upgrade upgrades from.
     pub fn upgrade_from(&self) -> protocol::Generation {
         self.plan.old_generation
     }

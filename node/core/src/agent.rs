@@ -27,6 +27,9 @@ pub enum AgentBug {
     /// After a restart on its own disk holding a freeze, serve the old universe (act on
     /// `Initial`) until a read says otherwise.
     ServeOldAfterFrozenRestart,
+    /// When a new upgrade starts, forget what was persisted: act on `Initial` of the first
+    /// generation, as if the cluster had never switched, until the next news.
+    ResetPersistedOnNewUpgrade,
 }
 
 /// Agent settings.
@@ -459,6 +462,18 @@ impl AgentCore {
         let router = self.config.duties.contains(&Duty::Route);
         self.off_roster = router && view.roster == RosterStatus::NotOn && !self.acted_at_boot;
         if self.off_roster {
+            out.push(AgentOutput::View(view.clone()));
+            self.last_view = Some(view);
+            return;
+        }
+        #[cfg(feature = "planted-bugs")]
+        if self.bug == Some(AgentBug::ResetPersistedOnNewUpgrade)
+            && self.persisting.is_none()
+            && self.last_view.as_ref().is_some_and(|last| last.upgrade.is_some() && last.upgrade != view.upgrade)
+        {
+            self.persisted = Decision::Initial;
+            self.persisted_base = Generation::GENESIS;
+            out.push(AgentOutput::Act(Decision::Initial));
             out.push(AgentOutput::View(view.clone()));
             self.last_view = Some(view);
             return;

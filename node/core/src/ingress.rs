@@ -19,7 +19,7 @@ use crate::duties::validate::Fnv;
 use crate::duties::validate::{Observed, ValidateCore, Verdict};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{NodeReport, NodeRequest, NodeResponse, Phase};
-use protocol::{Decision, Epoch, Generation, ReplicaId};
+use protocol::{Decision, Epoch, Generation, ReplicaId, UpgradeId};
 use std::collections::BTreeMap;
 
 /// A client request's id, given by the shell (unique within one incarnation).
@@ -107,12 +107,16 @@ pub enum IngressEvent {
     Released { id: RequestId, held_ms: u64, cause: HoldCause },
     /// A mirrored answer was compared with the old universe's.
     Compared { id: RequestId, verdict: Verdict, old: Observed, new: Observed },
+    /// A new upgrade: the validator counts from zero for it.
+    ValidationReset { upgrade: Option<UpgradeId> },
 }
 
 #[derive(Clone, Debug)]
 struct Tracked {
     answered: bool,
     mirror_pending: bool,
+    /// The upgrade a mirror was sent for: its comparison counts for that upgrade only.
+    mirrored_for: Option<UpgradeId>,
     old_seen: Option<Observed>,
     new_seen: Option<Observed>,
 }
@@ -132,6 +136,8 @@ pub struct IngressCore {
     durable: Durable,
     last_now_ms: u64,
     phase: Option<Phase>,
+    /// The current upgrade (from the newest view); the validator counts for it alone.
+    upgrade: Option<UpgradeId>,
     /// The generation the current upgrade upgrades from (from the newest view).
     upgrade_from: Option<Generation>,
     /// What the router serves, from the last decision handed to it.
@@ -153,6 +159,7 @@ impl IngressCore {
             durable: Durable::default(),
             last_now_ms: 0,
             phase: None,
+            upgrade: None,
             upgrade_from: None,
             serving: None,
             mirroring: false,
@@ -260,7 +267,10 @@ impl IngressCore {
             out.push(IngressOutput::Reply { id, reply });
             return;
         }
-        self.requests.insert(id, Tracked { answered: false, mirror_pending: false, old_seen: None, new_seen: None });
+        self.requests.insert(
+            id,
+            Tracked { answered: false, mirror_pending: false, mirrored_for: None, old_seen: None, new_seen: None },
+        );
         let outs = self.router.handle(now_ms, RouterInput::Request { id, read_only });
         self.router_outputs(now_ms, outs, out);
     }
@@ -300,6 +310,10 @@ impl IngressCore {
             return;
         }
         let (Some(old), Some(new)) = (tracked.old_seen.take(), tracked.new_seen.take()) else { unreachable!() };
+        if tracked.mirrored_for != self.upgrade {
+            // Mirrored for an upgrade that has ended: it says nothing of this one.
+            return;
+        }
         let verdict = self.validate.compare(&old, &new);
         out.push(IngressOutput::Event(IngressEvent::Compared { id, verdict, old, new }));
         let v = &self.validate;
@@ -326,6 +340,7 @@ impl IngressCore {
                     let generation = self.upgrade_from.expect("mirroring only during an upgrade").next();
                     let tracked = self.requests.get_mut(&id).expect("mirroring a tracked request");
                     tracked.mirror_pending = true;
+                    tracked.mirrored_for = self.upgrade;
                     out.push(IngressOutput::Mirror { id, generation, key: self.key(id) });
                 }
                 RouterOutput::Fail { id, retry_after_ms, reason } => {
@@ -368,6 +383,18 @@ impl IngressCore {
                     self.set_mirroring(now_ms, out);
                 }
                 AgentOutput::View(view) => {
+                    if view.upgrade != self.upgrade {
+                        // A new upgrade: its validation starts from nothing (the last one's
+                        // samples and mismatches are not its own).
+                        self.upgrade = view.upgrade;
+                        self.validate =
+                            ValidateCore { ignore_fields: self.config.ignore_fields.clone(), ..Default::default() };
+                        out.push(IngressOutput::Event(IngressEvent::ValidationReset { upgrade: view.upgrade }));
+                        // The report waiting to be sent is the last upgrade's: replaced by this
+                        // one's (nothing compared yet).
+                        let outs = self.agent.handle(now_ms, AgentInput::Report(NodeReport::default()));
+                        self.agent_outputs(now_ms, outs, out);
+                    }
                     self.phase = view.phase;
                     self.upgrade_from = view.upgrade_from;
                     self.set_mirroring(now_ms, out);

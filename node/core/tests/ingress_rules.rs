@@ -160,3 +160,78 @@ fn the_next_upgrade_forwards_to_the_last_switch_and_mirrors_to_the_one_after() {
     );
     assert!(out.iter().any(|o| matches!(o, IngressOutput::Mirror { id: 2, generation: Generation(3), .. })), "{out:?}");
 }
+
+/// The id of the watch among `out`, if one was sent.
+fn watch_in(out: &[IngressOutput]) -> Option<u64> {
+    out.iter().find_map(|o| match o {
+        IngressOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
+        _ => None,
+    })
+}
+
+/// A view of upgrade `upgrade` syncing from generation 1 (after a rollback, say).
+fn syncing(version: u64, upgrade: u64, decision: Decision) -> DecisionView {
+    DecisionView {
+        version,
+        upgrade: Some(UpgradeId(upgrade)),
+        phase: Some(Phase::Syncing),
+        decision,
+        generation: protocol::Generation::GENESIS,
+        upgrade_from: Some(protocol::Generation::GENESIS),
+        known: true,
+        registered: true,
+        all_routers_frozen: false,
+        acked_frozen: false,
+        acked_drained: false,
+        acked_switched: false,
+        roster: protocol::messages::RosterStatus::Active,
+        routers: Vec::new(),
+    }
+}
+
+/// A new upgrade validates from nothing: the last one's samples and mismatches are not its
+/// own (a mismatch an upgrade rolled back for would otherwise block every later one), and the
+/// report waiting to be sent is replaced.
+#[test]
+fn a_new_upgrade_validates_from_zero() {
+    let mut core = IngressCore::new(config());
+    let out = core.handle(0, IngressInput::Boot { record: NodeRecord::default() });
+    let Some(IngressOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_))) else {
+        panic!("a boot persists its record first")
+    };
+    let out = core.handle(0, IngressInput::Persisted(record));
+    let watch = watch_in(&out).expect("a booted agent watches");
+    let view = NodeResponse::View(syncing(3, 1, Decision::Initial));
+    let out = core.handle(1, IngressInput::Coordinator { id: watch, response: view });
+    let watch = watch_in(&out).expect("watching on");
+    let Some(IngressOutput::Persist(confirmed)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_)))
+    else {
+        panic!("the first read on a new disk is persisted")
+    };
+    core.handle(1, IngressInput::Persisted(confirmed));
+    mirrored_read(&mut core, 2, 1, 7, 8);
+    assert_eq!((core.validate().samples, core.validate().mismatches), (1, 1));
+
+    let view = NodeResponse::View(syncing(9, 2, Decision::Abort(protocol::Epoch(1))));
+    let out = core.handle(3, IngressInput::Coordinator { id: watch, response: view });
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            IngressOutput::Event(node_core::ingress::IngressEvent::ValidationReset { upgrade: Some(UpgradeId(2)) })
+        )),
+        "{out:?}"
+    );
+    assert_eq!((core.validate().samples, core.validate().mismatches), (0, 0));
+    let mut sent = out;
+    sent.extend(core.handle(500, IngressInput::Timer));
+    let reports: Vec<_> = sent
+        .iter()
+        .filter_map(|o| match o {
+            IngressOutput::Send { request: NodeRequest::Report { report, .. }, .. } => Some(report.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(reports.iter().all(|r| r.mismatches == 0), "upgrade 1's mismatch reported to upgrade 2: {reports:?}");
+    mirrored_read(&mut core, 501, 2, 7, 7);
+    assert_eq!((core.validate().samples, core.validate().mismatches), (1, 0));
+}

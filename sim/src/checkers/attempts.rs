@@ -5,13 +5,17 @@ use super::Violation;
 use coordinator::upgrade::{Outcome, UpgradeState};
 use protocol::messages::Phase;
 
-pub fn check(state: &UpgradeState) -> Option<Violation> {
+/// Checks the current upgrade, which started when the last epoch frozen was `epochs_before`
+/// (every epoch since is one of its freezes: epochs grow across upgrades).
+pub fn check(state: &UpgradeState, epochs_before: u64) -> Option<Violation> {
     let u = state.current.as_ref()?;
     let max = u64::from(u.plan.max_attempts);
-    // One upgrade per run: every epoch so far is one of its freezes.
-    let freezes = state.last_epoch.0;
+    let freezes = state.last_epoch.0.saturating_sub(epochs_before);
     let by_operator = u.last_abort_reason.as_deref().is_some_and(|r| r.starts_with("operator"))
-        || state.outcomes.values().any(|o| matches!(o, Outcome::Aborted { reason } if reason.starts_with("operator")));
+        || state
+            .outcomes
+            .range(protocol::Epoch(epochs_before + 1)..)
+            .any(|(_, o)| matches!(o, Outcome::Aborted { reason } if reason.starts_with("operator")));
     if freezes > max {
         return Some(Violation::Attempts { what: format!("{freezes} freezes, max_attempts {max}") });
     }
@@ -48,9 +52,12 @@ mod tests {
 
     #[test]
     fn more_freezes_than_allowed_or_an_early_rollback_is_a_violation() {
-        assert_eq!(check(&state(2, 2, Phase::RolledBack, "deadline")), None);
-        assert!(matches!(check(&state(2, 3, Phase::Syncing, "deadline")), Some(Violation::Attempts { .. })));
-        assert!(matches!(check(&state(3, 1, Phase::RolledBack, "deadline")), Some(Violation::Attempts { .. })));
-        assert_eq!(check(&state(3, 1, Phase::RolledBack, "operator: stop")), None, "the operator may end it");
+        assert_eq!(check(&state(2, 2, Phase::RolledBack, "deadline"), 0), None);
+        assert!(matches!(check(&state(2, 3, Phase::Syncing, "deadline"), 0), Some(Violation::Attempts { .. })));
+        assert!(matches!(check(&state(3, 1, Phase::RolledBack, "deadline"), 0), Some(Violation::Attempts { .. })));
+        assert_eq!(check(&state(3, 1, Phase::RolledBack, "operator: stop"), 0), None, "the operator may end it");
+        // Upgrade after upgrade: only the epochs since the current one started are its freezes.
+        assert_eq!(check(&state(2, 3, Phase::Syncing, "deadline"), 1), None);
+        assert!(matches!(check(&state(2, 4, Phase::Syncing, "deadline"), 1), Some(Violation::Attempts { .. })));
     }
 }

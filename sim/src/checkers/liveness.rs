@@ -5,14 +5,14 @@
 use super::Violation;
 use coordinator::upgrade::UpgradeState;
 use protocol::messages::Phase;
-use protocol::Universe;
+use protocol::Generation;
 
-/// The universe that serves at the end, or why the upgrade did not end.
-pub fn ended(state: &UpgradeState) -> Result<Universe, Violation> {
+/// The generation that serves at the end, or why the upgrade did not end.
+pub fn ended(state: &UpgradeState) -> Result<Generation, Violation> {
     let Some(upgrade) = state.current.as_ref() else { return Err(Violation::NeverStarted) };
     match upgrade.phase {
-        Phase::Done => Ok(Universe::New),
-        Phase::RolledBack => Ok(Universe::Old),
+        Phase::Done => Ok(upgrade.from.next()),
+        Phase::RolledBack => Ok(upgrade.from),
         phase => Err(Violation::EndedInPhase { phase }),
     }
 }

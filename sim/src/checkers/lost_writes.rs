@@ -4,31 +4,29 @@
 
 use super::Violation;
 use crate::oracle::{ClientOutcome, Oracle};
-use protocol::Universe;
+use protocol::Generation;
 
 /// What the stores hold of one user at the end.
 #[derive(Clone, Debug, Default)]
 pub struct UserSeen {
-    pub in_old: bool,
-    /// The user's row in the new universe (`users`).
-    pub in_new: bool,
-    /// Every new-universe row of the user (`users` and `user_profiles`).
-    pub complete_in_new: bool,
-    /// The user's bio in the universe that serves.
+    /// Every row of the user in the generation that serves.
+    pub present: bool,
+    /// Any row of the user in any store.
+    pub anywhere: bool,
+    /// The user's bio in the generation that serves.
     pub bio: Option<String>,
 }
 
 /// Checks the oracle against the final stores; `seen` looks a user up.
-pub fn check(oracle: &Oracle, serving: Universe, seen: impl Fn(i64) -> UserSeen) -> Vec<Violation> {
+pub fn check(oracle: &Oracle, serving: Generation, seen: impl Fn(i64) -> UserSeen) -> Vec<Violation> {
     let mut found = Vec::new();
     let mut lost = Vec::new();
     let mut phantom = Vec::new();
     for (id, log) in &oracle.users {
         let user = seen(*id);
-        let present = if serving == Universe::New { user.complete_in_new } else { user.in_old };
         match log.registration().and_then(|w| w.outcome()) {
-            Some(ClientOutcome::Acked) if !present => lost.push(*id),
-            Some(ClientOutcome::Failed) if user.in_old || user.in_new => phantom.push(*id),
+            Some(ClientOutcome::Acked) if !user.present => lost.push(*id),
+            Some(ClientOutcome::Failed) if user.anywhere => phantom.push(*id),
             _ => {}
         }
         let Some(bio) = user.bio else { continue };
@@ -49,7 +47,7 @@ pub fn check(oracle: &Oracle, serving: Universe, seen: impl Fn(i64) -> UserSeen)
         }
     }
     if !lost.is_empty() {
-        found.push(Violation::LostWrites { universe: serving, users: lost });
+        found.push(Violation::LostWrites { generation: serving, users: lost });
     }
     if !phantom.is_empty() {
         let what = format!("registrations reported failed are present: {:?}", &phantom[..phantom.len().min(10)]);
@@ -77,12 +75,12 @@ mod tests {
         let w = oracle.issued(&AppOp::UpdateBio { id: 4, bio: "x".into() }, 3);
         oracle.done(w, ClientOutcome::Failed, 4);
         let seen = |id| match id {
-            2 => UserSeen { in_old: true, ..UserSeen::default() },
-            3 => UserSeen { in_new: true, complete_in_new: true, ..UserSeen::default() },
-            4 => UserSeen { in_new: true, complete_in_new: true, bio: Some("x".into()), ..UserSeen::default() },
+            2 => UserSeen { anywhere: true, ..UserSeen::default() },
+            3 => UserSeen { anywhere: true, present: true, ..UserSeen::default() },
+            4 => UserSeen { anywhere: true, present: true, bio: Some("x".into()) },
             _ => UserSeen::default(),
         };
-        let found = check(&oracle, Universe::New, seen);
+        let found = check(&oracle, Generation(2), seen);
         assert!(
             matches!(&found[..], [
             Violation::PhantomWrite { .. },
@@ -91,7 +89,7 @@ mod tests {
         ] if users == &vec![1]),
             "{found:?}"
         );
-        assert!(check(&Oracle::default(), Universe::Old, |_| UserSeen::default()).is_empty());
+        assert!(check(&Oracle::default(), Generation(1), |_| UserSeen::default()).is_empty());
     }
 
     #[test]
@@ -102,11 +100,11 @@ mod tests {
         oracle.done(w, ClientOutcome::Acked, 6);
         let at_end = |bio: &str| {
             let bio = Some(bio.to_string());
-            move |_| UserSeen { in_old: true, bio: bio.clone(), ..UserSeen::default() }
+            move |_| UserSeen { present: true, anywhere: true, bio: bio.clone() }
         };
-        assert!(check(&oracle, Universe::Old, at_end("later")).is_empty());
+        assert!(check(&oracle, Generation(1), at_end("later")).is_empty());
         assert!(matches!(
-            &check(&oracle, Universe::Old, at_end(crate::app::INITIAL_BIO))[..],
+            &check(&oracle, Generation(1), at_end(crate::app::INITIAL_BIO))[..],
             [Violation::LostWrites { users, .. }] if users == &vec![0]
         ));
     }

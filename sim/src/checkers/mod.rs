@@ -75,7 +75,7 @@ pub mod verdicts;
 pub mod views;
 
 use protocol::messages::{GateBlocker, Phase};
-use protocol::{Decision, Epoch, Position, Universe};
+use protocol::{Decision, Epoch, Position};
 use std::fmt;
 
 /// Where an admission was observed.
@@ -129,7 +129,7 @@ pub enum Violation {
     /// Bounded hold queue: a router held more requests than `hold_queue_max`.
     HoldQueueOverflow { router: String, held: usize, limit: usize },
     /// No lost writes: acknowledged writes are missing from the universe that serves.
-    LostWrites { universe: Universe, users: Vec<i64> },
+    LostWrites { generation: protocol::Generation, users: Vec<i64> },
     /// No phantom writes: a write the client was told failed is present.
     PhantomWrite { what: String },
     /// No lost writes: a data node acked `Drained(P)` without everything up to P, or claiming
@@ -253,9 +253,9 @@ impl fmt::Display for Violation {
             HoldQueueOverflow { router, held, limit } => {
                 write!(f, "bounded hold queue: {router} holds {held} requests > {limit}")
             }
-            LostWrites { universe, users } => write!(
+            LostWrites { generation, users } => write!(
                 f,
-                "no lost writes: acknowledged registrations missing from the {universe:?} universe: {:?}",
+                "no lost writes: acknowledged registrations missing from generation {generation}: {:?}",
                 &users[..users.len().min(10)]
             ),
             PhantomWrite { what } => write!(f, "no phantom writes: {what}"),

@@ -83,8 +83,8 @@ impl Verdicts {
         })
     }
 
-    /// A router crashed: its validator starts counting from zero.
-    pub fn crashed(&mut self, router: usize) {
+    /// A router's validator starts counting from zero: it crashed, or a new upgrade began.
+    pub fn reset(&mut self, router: usize) {
         self.history.remove(&router);
         self.stale.remove(&router);
     }
@@ -141,7 +141,7 @@ mod tests {
         );
         assert!(matches!(v.reported(0, "r", &report(4, 2)), Some(Violation::ValidationMiscounted { .. })), "invented");
         assert!(matches!(v.reported(1, "s", &report(1, 0)), Some(Violation::ValidationMiscounted { .. })));
-        v.crashed(0);
+        v.reset(0);
         assert!(matches!(v.reported(0, "r", &report(3, 2)), Some(Violation::ValidationMiscounted { .. })));
         assert_eq!(v.reported(0, "r", &report(0, 0)), None, "a restarted validator counts from zero");
     }
