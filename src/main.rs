@@ -31,7 +31,13 @@ enum Command {
 #[derive(Subcommand)]
 enum PlanCommand {
     /// Load and validate a plan; print its new schema.
-    Check { file: std::path::PathBuf },
+    Check {
+        file: std::path::PathBuf,
+        /// The generation the cluster serves (`imago upgrade status` shows it): a plan that
+        /// upgrades from another is refused, as `upgrade start` would refuse it.
+        #[arg(long)]
+        generation: Option<u64>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,7 +50,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sim(args) => sim_cmd::run(args),
-        Command::Plan { command: PlanCommand::Check { file } } => plan_check(&file),
+        Command::Plan { command: PlanCommand::Check { file, generation } } => plan_check(&file, generation),
     };
     match result {
         Ok(code) => code,
@@ -55,7 +61,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn plan_check(file: &std::path::Path) -> anyhow::Result<std::process::ExitCode> {
+fn plan_check(file: &std::path::Path, generation: Option<u64>) -> anyhow::Result<std::process::ExitCode> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let plan = match protocol::plan::Plan::from_toml(&file.display().to_string(), &text) {
         Ok(plan) => plan,
@@ -64,9 +70,27 @@ fn plan_check(file: &std::path::Path) -> anyhow::Result<std::process::ExitCode> 
             return Ok(std::process::ExitCode::from(1));
         }
     };
+    if let Some(serving) = generation.filter(|g| *g != plan.old_generation.0) {
+        // Where the plan says it (or its `[upgrade]` table, when it says nothing: generation 1).
+        let line = text
+            .lines()
+            .position(|l| l.trim_start().starts_with("old_generation"))
+            .or_else(|| text.lines().position(|l| l.trim() == "[upgrade]"))
+            .map_or(1, |i| i + 1);
+        eprintln!(
+            "{}:{line}:1: upgrade.old_generation: the plan upgrades from generation {}, but the cluster serves \
+             generation {serving}: write the plan against generation {serving} (its old schema is that \
+             generation's)",
+            file.display(),
+            plan.old_generation.0
+        );
+        return Ok(std::process::ExitCode::from(1));
+    }
     println!(
-        "plan `{}`: {} nodes, {} transforms, switch {:?}",
+        "plan `{}`: generation {} -> {}, {} nodes, {} transforms, switch {:?}",
         plan.name,
+        plan.old_generation.0,
+        plan.old_generation.next().0,
         plan.nodes.len(),
         plan.transforms.len(),
         plan.switch

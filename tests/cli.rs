@@ -109,3 +109,24 @@ fn plan_check_accepts_the_example_and_points_at_mistakes() {
     assert!(stderr.contains(&format!("bad.toml:{line}:")) && stderr.contains("transforms[0].from"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A plan written for another generation than the cluster serves is refused, pointing at the
+/// field; the right one passes.
+#[test]
+fn plan_check_refuses_a_plan_for_another_generation() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let example = root.join("plans/example.toml");
+    let out = imago().args(["plan", "check", "--generation", "1"]).arg(&example).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("generation 1 -> 2"));
+    let out = imago().args(["plan", "check", "--generation", "2"]).arg(&example).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let text = std::fs::read_to_string(&example).unwrap();
+    let line = text.lines().position(|l| l.trim_start().starts_with("old_generation")).unwrap() + 1;
+    assert!(
+        stderr.contains(&format!("example.toml:{line}:1: upgrade.old_generation"))
+            && stderr.contains("upgrades from generation 1, but the cluster serves generation 2"),
+        "{stderr}"
+    );
+}

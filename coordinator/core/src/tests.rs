@@ -16,7 +16,7 @@ fn plan(switch: &str, max_attempts: u32) -> Plan {
 
 /// The example plan, written to upgrade from generation `g`.
 fn plan_from(g: u64) -> Plan {
-    let text = EXAMPLE.replace("name = \"auction-v2\"\n", &format!("name = \"auction-v2\"\nold_generation = {g}\n"));
+    let text = EXAMPLE.replace("old_generation = 1 ", &format!("old_generation = {g} "));
     let plan = Plan::from_toml("example.toml", &text).unwrap();
     assert_eq!(plan.old_generation, Generation(g));
     plan

@@ -383,7 +383,10 @@ impl IngressCore {
                     self.set_mirroring(now_ms, out);
                 }
                 AgentOutput::View(view) => {
-                    if view.upgrade != self.upgrade {
+                    if view.upgrade != self.upgrade && self.upgrade.is_none() {
+                        // The first view: nothing was compared yet.
+                        self.upgrade = view.upgrade;
+                    } else if view.upgrade != self.upgrade {
                         // A new upgrade: its validation starts from nothing (the last one's
                         // samples and mismatches are not its own).
                         self.upgrade = view.upgrade;
