@@ -133,8 +133,10 @@ impl Replica {
             NodeRequest::Watch { node, known_version, known_digest, linearizable, wait_ms } => {
                 return self.watch(&node, (known_version, known_digest), linearizable, wait_ms).await;
             }
-            NodeRequest::Register { node, duties, deployed } => Command::Register { node, duties, deployed },
-            NodeRequest::Report { node, report } => Command::Report { node, report },
+            NodeRequest::Register { node, duties, deployed, upgrade } => {
+                Command::Register { node, duties, deployed, upgrade }
+            }
+            NodeRequest::Report { node, report, upgrade } => Command::Report { node, report, upgrade },
             NodeRequest::Ack { node, epoch, ack } => Command::Ack { node, epoch, ack },
         };
         match self.propose(command).await {

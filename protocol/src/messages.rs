@@ -75,14 +75,18 @@ pub enum RosterStatus {
 /// Node → coordinator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum NodeRequest {
+    /// Registers for `upgrade` (the one the node's view names): a registration or report
+    /// that arrives late, after another upgrade started, is refused, not taken for that one's.
     Register {
         node: NodeName,
         duties: Vec<Duty>,
         deployed: bool,
+        upgrade: UpgradeId,
     },
     Report {
         node: NodeName,
         report: NodeReport,
+        upgrade: UpgradeId,
     },
     Ack {
         node: NodeName,
@@ -212,6 +216,8 @@ pub enum RejectKind {
     Retired,
     /// The plan upgrades from another generation than the one the cluster serves.
     WrongGeneration,
+    /// A registration or report for another upgrade than the current one (it arrived late).
+    WrongUpgrade,
 }
 
 /// A command the state machine refused, and why (the command did not take effect).

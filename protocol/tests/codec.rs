@@ -11,12 +11,14 @@ fn node_request() -> impl Strategy<Value = NodeRequest> {
         (name.clone(), any::<bool>()).prop_map(|(node, deployed)| NodeRequest::Register {
             node,
             duties: vec![Duty::Route, Duty::Validate],
-            deployed
+            deployed,
+            upgrade: UpgradeId(u64::from(deployed) + 1)
         }),
         (name.clone(), any::<u64>(), any::<u64>(), any::<bool>(), any::<u64>(), any::<u64>()).prop_map(
             |(node, c, a, bulk_done, samples, mismatches)| NodeRequest::Report {
                 node,
-                report: NodeReport { captured: Position(c), applied: Position(a), bulk_done, samples, mismatches }
+                report: NodeReport { captured: Position(c), applied: Position(a), bulk_done, samples, mismatches },
+                upgrade: UpgradeId(c ^ a)
             }
         ),
         (name.clone(), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(node, e, p, m)| NodeRequest::Ack {

@@ -53,6 +53,11 @@ pub(crate) async fn operator(shared: Shared) {
                 }
             };
             with(&shared, |w| w.deploy_next(generation));
+            let between = with(&shared, |w| w.faults.between_upgrades.clone().filter(|(after, _)| *after == k));
+            if let Some((_, event)) = between {
+                with(&shared, |w| w.record(format_args!("operator: between upgrades {k} and {}: {event:?}", k + 1)));
+                crate::inject::fire(&shared, event).await;
+            }
         }
         start_upgrade(&shared, k).await;
     }

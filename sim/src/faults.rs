@@ -109,6 +109,9 @@ pub struct FaultPlan {
     pub disk_delay_us_max: u64,
     /// A reserve router slot exists (a `Join` may start it).
     pub reserve_router: bool,
+    /// A roster change the operator makes between two upgrades of a chain: after upgrade
+    /// `.0` (1-based) ended and the next was deployed, before it starts.
+    pub between_upgrades: Option<(u32, FaultEvent)>,
 }
 
 impl FaultPlan {
@@ -136,6 +139,7 @@ impl FaultPlan {
             hold_queue_max: if f.load && rng.gen_bool(0.3) { rng.gen_range(2..40) } else { HOLD_QUEUE_MAX },
             store_delay_us_max: if f.load && rng.gen_bool(0.3) { rng.gen_range(1_000..40_000) } else { 0 },
             reserve_router: false,
+            between_upgrades: None,
         };
         if f.load && rng.gen_bool(0.5) {
             let when = Condition::Freezing { after_ms: rng.gen_range(0..200) };
@@ -255,9 +259,23 @@ impl FaultPlan {
                 plan.reserve_router = true;
                 plan.timed.push((at, FaultEvent::Join));
             }
-            if config.routers >= 2 && rng.gen_bool(0.2) {
+            let retires = config.routers >= 2 && rng.gen_bool(0.2);
+            if retires {
                 let event = FaultEvent::Retire { router: rng.gen_range(0..config.routers), force: rng.gen_bool(0.5) };
                 plan.timed.push((rng.gen_range(300..safety_ms), event));
+            }
+            // Between two upgrades of a chain (drawn only for chains, so that the plans of single
+            // upgrades stay as they were): a join, or a retirement, when no other is drawn.
+            if config.upgrades > 1 && rng.gen_bool(0.4) {
+                let after = rng.gen_range(1..config.upgrades);
+                if !plan.reserve_router && rng.gen_bool(0.5) {
+                    plan.reserve_router = true;
+                    plan.between_upgrades = Some((after, FaultEvent::Join));
+                } else if !retires && config.routers >= 2 {
+                    let event =
+                        FaultEvent::Retire { router: rng.gen_range(0..config.routers), force: rng.gen_bool(0.3) };
+                    plan.between_upgrades = Some((after, event));
+                }
             }
         }
         plan.timed.sort_by_key(|(t, _)| *t);
@@ -318,6 +336,7 @@ impl FaultPlan {
             hold_queue_max: HOLD_QUEUE_MAX,
             store_delay_us_max: 0,
             reserve_router: false,
+            between_upgrades: None,
         }
     }
 }

@@ -25,10 +25,11 @@ use std::collections::{BTreeMap, BTreeSet};
 pub enum Command {
     /// Start an upgrade with a validated plan; `token` identifies the request (retries reuse it).
     Start { plan: Plan, token: String },
-    /// A node named by the plan registers its duties and whether its new-universe side is deployed.
-    Register { node: NodeName, duties: Vec<Duty>, deployed: bool },
-    /// A node's latest measurements.
-    Report { node: NodeName, report: NodeReport },
+    /// A node named by the plan registers its duties and whether its new-universe side is
+    /// deployed, for `upgrade` (refused for any other: a late registration of an earlier one).
+    Register { node: NodeName, duties: Vec<Duty>, deployed: bool, upgrade: UpgradeId },
+    /// A node's latest measurements, for `upgrade` (refused for any other).
+    Report { node: NodeName, report: NodeReport, upgrade: UpgradeId },
     /// The operator asks for the switch (manual mode).
     RequestSwitch,
     /// Freeze attempt `epoch`, proposed by the driver at `now_ms`.
@@ -269,24 +270,26 @@ impl UpgradeState {
     fn apply_inner(&mut self, command: &Command) -> Applied {
         match command {
             Command::Start { plan, token } => self.start(plan, token),
-            Command::Register { node, duties, deployed } => self.with_node(node, |u, state| {
-                let planned = u.duties_of(node).expect("checked by with_node");
-                let (mut got, mut want) = (duties.clone(), planned.clone());
-                got.sort();
-                want.sort();
-                // A router that joined outside the plan may validate too.
-                let joined_router = u.plan.node(node).is_none() && got.contains(&Duty::Route);
-                if got != want && !joined_router {
-                    return reject(
-                        RejectKind::WrongDuties,
-                        format!("node `{node}` registers duties {duties:?} but the plan gives it {planned:?}"),
-                    );
-                }
-                state.registered = true;
-                state.deployed = *deployed;
-                Applied::Accepted
-            }),
-            Command::Report { node, report } => self.with_node(node, |_, state| {
+            Command::Register { node, duties, deployed, upgrade } => {
+                self.with_node(node, Some(*upgrade), |u, state| {
+                    let planned = u.duties_of(node).expect("checked by with_node");
+                    let (mut got, mut want) = (duties.clone(), planned.clone());
+                    got.sort();
+                    want.sort();
+                    // A router that joined outside the plan may validate too.
+                    let joined_router = u.plan.node(node).is_none() && got.contains(&Duty::Route);
+                    if got != want && !joined_router {
+                        return reject(
+                            RejectKind::WrongDuties,
+                            format!("node `{node}` registers duties {duties:?} but the plan gives it {planned:?}"),
+                        );
+                    }
+                    state.registered = true;
+                    state.deployed = *deployed;
+                    Applied::Accepted
+                })
+            }
+            Command::Report { node, report, upgrade } => self.with_node(node, Some(*upgrade), |_, state| {
                 if !state.registered {
                     return reject(RejectKind::NotRegistered, format!("node `{node}` reports before registering"));
                 }
@@ -376,14 +379,28 @@ impl UpgradeState {
         }
     }
 
-    fn with_node(&mut self, node: &NodeName, f: impl FnOnce(&Upgrade, &mut NodeState) -> Applied) -> Applied {
+    /// Applies `f` to `node`'s state in the current upgrade; `upgrade`: the one the command is
+    /// for, if it names one.
+    fn with_node(
+        &mut self,
+        node: &NodeName,
+        upgrade: Option<UpgradeId>,
+        f: impl FnOnce(&Upgrade, &mut NodeState) -> Applied,
+    ) -> Applied {
         if let Some(status @ (RosterStatus::Retiring | RosterStatus::Retired)) = self.roster.get(node) {
             return reject(RejectKind::Retired, format!("router `{node}` is {status:?}: it takes part in nothing"));
         }
+        let named = upgrade;
         let upgrade = match self.active() {
             Ok(u) => u,
             Err(r) => return r,
         };
+        if let Some(named) = named.filter(|n| *n != upgrade.id) {
+            return reject(
+                RejectKind::WrongUpgrade,
+                format!("`{node}` sent this for upgrade {}, but the current upgrade is {}", named.0, upgrade.id.0),
+            );
+        }
         if upgrade.duties_of(node).is_none() {
             return reject(
                 RejectKind::UnknownNode,
@@ -531,7 +548,8 @@ impl UpgradeState {
     }
 
     fn ack(&mut self, node: &NodeName, epoch: Epoch, ack: &Ack) -> Applied {
-        self.with_node(node, |u, state| {
+        // Epochs grow across upgrades: the epoch names the upgrade.
+        self.with_node(node, None, |u, state| {
             if epoch != u.epoch {
                 return reject(RejectKind::WrongEpoch, format!("ack for {epoch} but the current epoch is {}", u.epoch));
             }

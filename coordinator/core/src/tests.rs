@@ -22,6 +22,9 @@ fn plan_from(g: u64) -> Plan {
     plan
 }
 
+/// The first upgrade (most tests run only it).
+const U1: UpgradeId = UpgradeId(1);
+
 fn n(name: &str) -> NodeName {
     NodeName::from(name)
 }
@@ -50,7 +53,7 @@ fn ready(switch: &str, max_attempts: u32) -> UpgradeState {
     for r in ROUTERS {
         accepted(
             &mut state,
-            Command::Register { node: n(r), duties: vec![Duty::Route, Duty::Validate], deployed: true },
+            Command::Register { node: n(r), duties: vec![Duty::Route, Duty::Validate], deployed: true, upgrade: U1 },
         );
     }
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Staged, "db-1 not yet registered");
@@ -60,13 +63,14 @@ fn ready(switch: &str, max_attempts: u32) -> UpgradeState {
             node: n("db-1"),
             duties: vec![Duty::Capture, Duty::Transform, Duty::Validate],
             deployed: true,
+            upgrade: U1,
         },
     );
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Syncing);
     let report =
         NodeReport { captured: Position(10), applied: Position(10), bulk_done: true, samples: 30, mismatches: 0 };
-    accepted(&mut state, Command::Report { node: n("router-1"), report: report.clone() });
-    accepted(&mut state, Command::Report { node: n("db-1"), report });
+    accepted(&mut state, Command::Report { node: n("router-1"), report: report.clone(), upgrade: U1 });
+    accepted(&mut state, Command::Report { node: n("db-1"), report, upgrade: U1 });
     state
 }
 
@@ -86,12 +90,16 @@ fn all_acks(state: &mut UpgradeState, epoch: u64) {
 fn unknown_nodes_and_wrong_duties_are_refused() {
     let mut state = UpgradeState::default();
     state.apply(&Command::Start { plan: plan("auto", 3), token: "t1".into() });
-    let reason =
-        rejected(&mut state, Command::Register { node: n("intruder"), duties: vec![Duty::Route], deployed: true });
+    let reason = rejected(
+        &mut state,
+        Command::Register { node: n("intruder"), duties: vec![Duty::Route], deployed: true, upgrade: U1 },
+    );
     assert!(reason.detail.contains("nor on the roster"), "{reason}");
     assert_eq!(reason.kind, RejectKind::UnknownNode);
-    let reason =
-        rejected(&mut state, Command::Register { node: n("router-1"), duties: vec![Duty::Transform], deployed: true });
+    let reason = rejected(
+        &mut state,
+        Command::Register { node: n("router-1"), duties: vec![Duty::Transform], deployed: true, upgrade: U1 },
+    );
     assert!(reason.detail.contains("duties"), "{reason}");
 }
 
@@ -126,7 +134,7 @@ fn freeze_needs_the_ready_gate() {
     let mut state = ready("auto", 3);
     let lagging =
         NodeReport { captured: Position(500), applied: Position(10), bulk_done: false, samples: 0, mismatches: 0 };
-    accepted(&mut state, Command::Report { node: n("db-1"), report: lagging });
+    accepted(&mut state, Command::Report { node: n("db-1"), report: lagging, upgrade: U1 });
     let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(1), now_ms: 0, deadline_ms: 10 });
     assert!(reason.detail.contains("bulk copy not finished") && reason.detail.contains("lag 490"), "{reason}");
     assert_eq!(next_command(&state, 0, None), None, "the driver must not propose a freeze either");
@@ -329,8 +337,8 @@ fn gate_with(mismatch_ratio_max: &str, db: NodeReport, router: NodeReport) -> Re
         let text = EXAMPLE.replace("mismatch_ratio_max = 0.0", &format!("mismatch_ratio_max = {mismatch_ratio_max}"));
         u.plan = Plan::from_toml("example.toml", &text).unwrap();
     }
-    accepted(&mut state, Command::Report { node: n("db-1"), report: db });
-    accepted(&mut state, Command::Report { node: n("router-1"), report: router });
+    accepted(&mut state, Command::Report { node: n("db-1"), report: db, upgrade: U1 });
+    accepted(&mut state, Command::Report { node: n("router-1"), report: router, upgrade: U1 });
     ready_gate(state.current.as_ref().unwrap())
 }
 
@@ -364,10 +372,10 @@ fn mismatches_reported_without_samples_block_the_gate() {
         let text = EXAMPLE.replace("samples_min = 20", "samples_min = 0");
         u.plan = Plan::from_toml("example.toml", &text).unwrap();
     }
-    accepted(&mut state, Command::Report { node: n("db-1"), report: report(10, 10, 0, 0) });
-    accepted(&mut state, Command::Report { node: n("router-1"), report: report(0, 0, 0, 0) });
+    accepted(&mut state, Command::Report { node: n("db-1"), report: report(10, 10, 0, 0), upgrade: U1 });
+    accepted(&mut state, Command::Report { node: n("router-1"), report: report(0, 0, 0, 0), upgrade: U1 });
     assert_eq!(ready_gate(state.current.as_ref().unwrap()), Ok(()), "no samples and none needed");
-    accepted(&mut state, Command::Report { node: n("router-1"), report: report(0, 0, 0, 2) });
+    accepted(&mut state, Command::Report { node: n("router-1"), report: report(0, 0, 0, 2), upgrade: U1 });
     let blocked = ready_gate(state.current.as_ref().unwrap()).unwrap_err();
     assert!(matches!(&blocked[..], [GateBlocker::MismatchRatio { ratio, .. }] if ratio.is_infinite()), "{blocked:?}");
 }
@@ -376,7 +384,7 @@ fn mismatches_reported_without_samples_block_the_gate() {
 fn the_version_moves_with_every_accepted_change_and_with_nothing_else() {
     let mut state = ready("auto", 3);
     let v = state.version;
-    accepted(&mut state, Command::Report { node: n("db-1"), report: report(11, 11, 30, 0) });
+    accepted(&mut state, Command::Report { node: n("db-1"), report: report(11, 11, 30, 0), upgrade: U1 });
     assert_eq!(state.version, v, "reports are not watched");
     rejected(&mut state, Command::Abort { epoch: Epoch(1), reason: "nothing frozen".into(), now_ms: 0 });
     assert_eq!(state.version, v, "a refusal changes nothing");
@@ -389,9 +397,14 @@ fn an_ended_upgrade_takes_no_more_node_commands() {
     let mut state = ready("auto", 3);
     accepted(&mut state, Command::OperatorAbort { reason: "stop".into(), now_ms: 1 });
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::RolledBack);
-    let register = Command::Register { node: n("router-1"), duties: vec![Duty::Route, Duty::Validate], deployed: true };
+    let register = Command::Register {
+        node: n("router-1"),
+        duties: vec![Duty::Route, Duty::Validate],
+        deployed: true,
+        upgrade: U1,
+    };
     assert_eq!(rejected(&mut state, register).kind, RejectKind::NoUpgrade);
-    let report = Command::Report { node: n("db-1"), report: report(1, 1, 1, 0) };
+    let report = Command::Report { node: n("db-1"), report: report(1, 1, 1, 0), upgrade: U1 };
     assert_eq!(rejected(&mut state, report).kind, RejectKind::NoUpgrade);
 }
 
@@ -429,13 +442,14 @@ fn syncing_needs_every_node_registered_with_its_version_deployed() {
     for r in ROUTERS {
         accepted(
             &mut state,
-            Command::Register { node: n(r), duties: vec![Duty::Route, Duty::Validate], deployed: true },
+            Command::Register { node: n(r), duties: vec![Duty::Route, Duty::Validate], deployed: true, upgrade: U1 },
         );
     }
     let db = |deployed| Command::Register {
         node: n("db-1"),
         duties: vec![Duty::Capture, Duty::Transform, Duty::Validate],
         deployed,
+        upgrade: U1,
     };
     accepted(&mut state, db(false));
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Staged, "db-1's new version is not deployed");
@@ -462,7 +476,7 @@ fn a_checksum_mismatch_of_an_aborted_freeze_does_not_count_for_the_next() {
 fn a_damaged_state_is_caught_at_the_next_command() {
     let mut state = ready("auto", 3);
     state.current.as_mut().unwrap().phase = Phase::Switched;
-    state.apply(&Command::Report { node: n("db-1"), report: report(1, 1, 1, 0) });
+    state.apply(&Command::Report { node: n("db-1"), report: report(1, 1, 1, 0), upgrade: U1 });
 }
 
 #[test]
@@ -542,12 +556,17 @@ mod properties {
             },
         );
         prop_oneof![
-            (node.clone(), duties, any::<bool>()).prop_map(|(node, duties, deployed)| Command::Register {
+            (node.clone(), duties, any::<bool>(), 1u64..=2).prop_map(|(node, duties, deployed, u)| Command::Register {
                 node,
                 duties,
-                deployed
+                deployed,
+                upgrade: UpgradeId(u)
             }),
-            (node.clone(), report).prop_map(|(node, report)| Command::Report { node, report }),
+            (node.clone(), report, 1u64..=2).prop_map(|(node, report, u)| Command::Report {
+                node,
+                report,
+                upgrade: UpgradeId(u)
+            }),
             Just(Command::RequestSwitch),
             (epoch.clone(), 0u64..10_000, 0u64..10_000).prop_map(|(epoch, now_ms, d)| Command::Freeze {
                 epoch,
@@ -570,15 +589,21 @@ mod properties {
             NodeReport { captured: Position(10), applied: Position(10), bulk_done: true, samples: 30, mismatches: 0 };
         let mut path = Vec::new();
         for r in ROUTERS {
-            path.push(Command::Register { node: n(r), duties: vec![Duty::Route, Duty::Validate], deployed: true });
+            path.push(Command::Register {
+                node: n(r),
+                duties: vec![Duty::Route, Duty::Validate],
+                deployed: true,
+                upgrade: U1,
+            });
         }
         path.push(Command::Register {
             node: n("db-1"),
             duties: vec![Duty::Capture, Duty::Transform, Duty::Validate],
             deployed: true,
+            upgrade: U1,
         });
-        path.push(Command::Report { node: n("router-1"), report: good.clone() });
-        path.push(Command::Report { node: n("db-1"), report: good });
+        path.push(Command::Report { node: n("router-1"), report: good.clone(), upgrade: U1 });
+        path.push(Command::Report { node: n("db-1"), report: good, upgrade: U1 });
         path.push(Command::RequestSwitch);
         path.push(Command::Freeze { epoch: Epoch(1), now_ms: 0, deadline_ms: 3_000 });
         path.push(Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Frozen });
@@ -668,7 +693,10 @@ fn phase(state: &UpgradeState) -> Phase {
 }
 
 fn register_router(state: &mut UpgradeState, name: &str) {
-    accepted(state, Command::Register { node: n(name), duties: vec![Duty::Route, Duty::Validate], deployed: true });
+    accepted(
+        state,
+        Command::Register { node: n(name), duties: vec![Duty::Route, Duty::Validate], deployed: true, upgrade: U1 },
+    );
 }
 
 #[test]
@@ -732,8 +760,10 @@ fn a_forced_retire_unblocks_a_stuck_switch_at_once() {
     let drained = Ack::Drained { final_position: Position(10), checksum_match: true };
     accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: drained });
     assert_eq!(phase(&state), Phase::Switched);
-    let reason =
-        rejected(&mut state, Command::Register { node: n("router-2"), duties: vec![Duty::Route], deployed: true });
+    let reason = rejected(
+        &mut state,
+        Command::Register { node: n("router-2"), duties: vec![Duty::Route], deployed: true, upgrade: U1 },
+    );
     assert_eq!(reason.kind, RejectKind::Retired, "a retired router that comes back is refused: {reason}");
     let reason = rejected(&mut state, Command::Retire { node: n("router-9"), force: true });
     assert_eq!(reason.kind, RejectKind::UnknownNode, "{reason}");
@@ -758,6 +788,7 @@ fn a_plan_cannot_leave_out_a_roster_router_nor_name_a_retired_one() {
             node: n("db-1"),
             duties: vec![Duty::Capture, Duty::Transform, Duty::Validate],
             deployed: true,
+            upgrade: U1,
         },
     );
     assert_eq!(phase(&state), Phase::Staged, "router-0 has not registered");
@@ -783,19 +814,24 @@ fn switch_and_finish(state: &mut UpgradeState, epoch: u64) {
 
 /// Registers every node of the example plan and makes the gate pass (a started upgrade).
 fn make_ready(state: &mut UpgradeState) {
+    let upgrade = state.current.as_ref().expect("started").id;
     for r in ROUTERS {
-        accepted(state, Command::Register { node: n(r), duties: vec![Duty::Route, Duty::Validate], deployed: true });
+        accepted(
+            state,
+            Command::Register { node: n(r), duties: vec![Duty::Route, Duty::Validate], deployed: true, upgrade },
+        );
     }
     let db = Command::Register {
         node: n("db-1"),
         duties: vec![Duty::Capture, Duty::Transform, Duty::Validate],
         deployed: true,
+        upgrade,
     };
     accepted(state, db);
     let report =
         NodeReport { captured: Position(10), applied: Position(10), bulk_done: true, samples: 30, mismatches: 0 };
-    accepted(state, Command::Report { node: n("router-1"), report: report.clone() });
-    accepted(state, Command::Report { node: n("db-1"), report });
+    accepted(state, Command::Report { node: n("router-1"), report: report.clone(), upgrade });
+    accepted(state, Command::Report { node: n("db-1"), report, upgrade });
 }
 
 /// Upgrade after upgrade: the winner of one is the old universe of the next; a plan written
@@ -834,6 +870,32 @@ fn upgrade_after_upgrade_moves_the_generation_and_keeps_the_last_decision() {
     let (decision, base) = state.decision_and_base();
     assert_eq!(decision.serving_generation(base), Some(Generation(3)));
     assert_eq!(status(&state).generation, Generation(3));
+}
+
+/// A registration or report that arrives late, after the next upgrade started, is refused: the
+/// node's numbers of an earlier upgrade are not this one's (hunt with `--upgrades 3`, seed 93: a
+/// data node's report of its previous pair's stores, delayed in the network, let a freeze pass
+/// the gate on positions its new stores never reached).
+#[test]
+fn a_late_report_of_an_earlier_upgrade_is_refused() {
+    let mut state = ready("auto", 3);
+    switch_and_finish(&mut state, 1);
+    assert_eq!(state.apply(&Command::Start { plan: plan_from(2), token: "t2".into() }), Applied::Started(UpgradeId(2)));
+    make_ready(&mut state);
+    let stale =
+        NodeReport { captured: Position(95), applied: Position(95), bulk_done: true, samples: 0, mismatches: 0 };
+    let reason = rejected(&mut state, Command::Report { node: n("db-1"), report: stale, upgrade: U1 });
+    assert_eq!(reason.kind, RejectKind::WrongUpgrade, "{reason}");
+    assert!(reason.detail.contains("for upgrade 1, but the current upgrade is 2"), "{reason}");
+    let register = Command::Register {
+        node: n("router-1"),
+        duties: vec![Duty::Route, Duty::Validate],
+        deployed: true,
+        upgrade: U1,
+    };
+    assert_eq!(rejected(&mut state, register).kind, RejectKind::WrongUpgrade);
+    let report = &state.current.as_ref().unwrap().nodes[&n("db-1")].report;
+    assert_eq!(report.captured, Position(10), "the report of upgrade 2 stands");
 }
 
 /// A rolled-back upgrade leaves the generation; the next plan upgrades from the same one, and

@@ -15,7 +15,7 @@
 //! [`AgentInput::Timer`] no later than [`AgentCore::next_deadline_ms`].
 
 use protocol::messages::{Ack, DecisionView, NodeReport, NodeRequest, NodeResponse, RosterStatus};
-use protocol::{Decision, Duty, Epoch, Generation, NodeName, ReplicaId};
+use protocol::{Decision, Duty, Epoch, Generation, NodeName, ReplicaId, UpgradeId};
 use std::collections::BTreeMap;
 
 /// Deliberately broken variants, to prove the simulator's checkers catch them.
@@ -530,10 +530,10 @@ impl AgentCore {
             out.push(AgentOutput::Send { id, replica, request });
         }
         // A data node takes part only in the upgrade it is deployed for.
-        let upgrade_known = self
-            .last_view
-            .as_ref()
-            .is_some_and(|v| v.known && self.config.upgrade_from.is_none_or(|from| v.upgrade_from == Some(from)));
+        let upgrade_known = self.last_view.as_ref().is_some_and(|v| {
+            v.known && v.upgrade.is_some() && self.config.upgrade_from.is_none_or(|from| v.upgrade_from == Some(from))
+        });
+        let upgrade_named = self.last_view.as_ref().is_some_and(|v| v.upgrade.is_some());
         let retired = self.persisted == Decision::Retired;
         if self.write.is_none() {
             let kind = if !self.registered && !retired {
@@ -550,6 +550,7 @@ impl AgentCore {
         let due = self.last_report_ms.is_none_or(|t| now_ms >= t + self.config.report_interval_ms);
         if self.reporting.is_none()
             && self.registered
+            && upgrade_named
             && !retired
             && due
             && self.report.is_some()
@@ -562,14 +563,19 @@ impl AgentCore {
     fn send_write(&mut self, now_ms: u64, kind: WriteKind, out: &mut Vec<AgentOutput>) -> InFlight {
         let replica = self.target();
         let node = self.config.node.clone();
+        // Registrations and reports are for the upgrade the node's view names (the callers
+        // send them only with one; `0` names none and is refused).
+        let upgrade = self.last_view.as_ref().and_then(|v| v.upgrade).unwrap_or(UpgradeId(0));
         let request = match &kind {
-            WriteKind::Register => NodeRequest::Register { node, duties: self.config.duties.clone(), deployed: true },
+            WriteKind::Register => {
+                NodeRequest::Register { node, duties: self.config.duties.clone(), deployed: true, upgrade }
+            }
             WriteKind::Ack(epoch, ack) => NodeRequest::Ack { node, epoch: *epoch, ack: ack.clone() },
             WriteKind::Report => {
                 let report = self.report.clone().expect("checked by the caller");
                 self.report_sent = Some(report.clone());
                 self.last_report_ms = Some(now_ms);
-                NodeRequest::Report { node, report }
+                NodeRequest::Report { node, report, upgrade }
             }
         };
         let id = self.next_id;
