@@ -36,35 +36,8 @@ pub(crate) async fn workload(shared: Shared, running: Arc<std::sync::atomic::Ato
     }
 }
 
-/// The operator runs `config.upgrades` upgrades back to back: it starts one, waits until it has
-/// ended (`Done` or `RolledBack`, as `imago upgrade status` shows), deploys the next (the plan
-/// from the generation the cluster serves now, and each data node's stores for it), and starts
-/// that one.
-pub(crate) async fn operator(shared: Shared) {
-    tokio::time::sleep(Duration::from_millis(START_UPGRADE_MS)).await;
-    let upgrades = with(&shared, |w| w.config.upgrades);
-    for k in 0..upgrades {
-        if k > 0 {
-            let generation = loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let state = with(&shared, |w| w.freshest_state());
-                if state.current.as_ref().is_some_and(|u| u.id.0 == u64::from(k) && u.phase.is_terminal()) {
-                    break state.generation;
-                }
-            };
-            with(&shared, |w| w.deploy_next(generation));
-            let between = with(&shared, |w| w.faults.between_upgrades.clone().filter(|(after, _)| *after == k));
-            if let Some((_, event)) = between {
-                with(&shared, |w| w.record(format_args!("operator: between upgrades {k} and {}: {event:?}", k + 1)));
-                crate::inject::fire(&shared, event).await;
-            }
-        }
-        start_upgrade(&shared, k).await;
-    }
-}
-
 /// Starts upgrade `k` (0-based) with the deployed plan, retrying until a replica answers.
-async fn start_upgrade(shared: &Shared, k: u32) {
+pub(crate) async fn start_upgrade(shared: &Shared, k: u32) {
     let coordinators = with(shared, |w| w.config.coordinators);
     let mut target = 0;
     loop {

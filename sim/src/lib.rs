@@ -22,6 +22,7 @@ pub mod faults;
 mod inject;
 pub mod net;
 mod node_io;
+mod operator;
 pub mod oracle;
 mod procs;
 mod router;

@@ -3,12 +3,13 @@
 
 use crate::app;
 use crate::checkers::{Checker, Seen, Violation};
-use crate::clients::{operator, workload};
+use crate::clients::workload;
 use crate::config::SimConfig;
 use crate::faults::FaultPlan;
 use crate::inject::{fire, heal, timed_faults};
 use crate::net::NetModel;
 use crate::net::ProcId;
+use crate::operator::run_chain;
 use crate::oracle::Oracle;
 use crate::procs::{DataProc, RouterProc};
 use crate::trace::Trace;
@@ -304,7 +305,7 @@ async fn run(config: SimConfig, seed: u64) -> SeedReport {
     tokio::task::spawn_local(ticker(shared.clone(), tick_ms));
     tokio::task::spawn_local(workload(shared.clone(), running.clone()));
     tokio::task::spawn_local(timed_faults(shared.clone()));
-    tokio::task::spawn_local(operator(shared.clone()));
+    tokio::task::spawn_local(run_chain(shared.clone()));
     tokio::task::spawn_local(crate::clients::abort_on_mismatches(shared.clone()));
 
     tokio::time::sleep(Duration::from_millis(safety_ms)).await;

@@ -1,0 +1,33 @@
+//! The operator's runbook for a chain of upgrades (`--upgrades N`): start one, wait for its end,
+//! deploy the next, sometimes change the roster in between, start the next.
+
+use crate::clients::{start_upgrade, START_UPGRADE_MS};
+use crate::world::*;
+use std::time::Duration;
+
+/// The operator runs `config.upgrades` upgrades back to back: it starts one, waits until it has
+/// ended (`Done` or `RolledBack`, as `imago upgrade status` shows), deploys the next (the plan
+/// from the generation the cluster serves now, and each data node's stores for it), and starts
+/// that one.
+pub(crate) async fn run_chain(shared: Shared) {
+    tokio::time::sleep(Duration::from_millis(START_UPGRADE_MS)).await;
+    let upgrades = with(&shared, |w| w.config.upgrades);
+    for k in 0..upgrades {
+        if k > 0 {
+            let generation = loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let state = with(&shared, |w| w.freshest_state());
+                if state.current.as_ref().is_some_and(|u| u.id.0 == u64::from(k) && u.phase.is_terminal()) {
+                    break state.generation;
+                }
+            };
+            with(&shared, |w| w.deploy_next(generation));
+            let between = with(&shared, |w| w.faults.between_upgrades.clone().filter(|(after, _)| *after == k));
+            if let Some((_, event)) = between {
+                with(&shared, |w| w.record(format_args!("operator: between upgrades {k} and {}: {event:?}", k + 1)));
+                crate::inject::fire(&shared, event).await;
+            }
+        }
+        start_upgrade(&shared, k).await;
+    }
+}
