@@ -55,12 +55,18 @@ fn the_same_seed_gives_the_same_trace() {
 /// node restarted ran again, its idempotency answer having lived only in memory; now the store's
 /// request log answers it) and 7000386 (3 datacenters; an acknowledged bid missing at the end;
 /// passes since the request log, whose rows change the schedule, so its cause is not proven).
+/// 700573 and 1016306 (the liveness hole of the issue that added the roster: the upgrade stayed
+/// `Switched`, never `Done`, 40 s after the heal): they end `Done` today, but they stopped
+/// reproducing when later changes moved their schedules, so the cause is not proven; kept as
+/// regression seeds all the same.
 #[test]
 fn two_hundred_faulty_seeds_keep_every_invariant_and_both_outcomes_occur() {
     let config = SimConfig::default();
     let reports = run(
         &config,
-        (0..200).chain([202, 818, 5_000_346, 5_004_104, 5_007_213, 5_009_700, 5_012_372, 9_009_048, 15_003_149]),
+        (0..200).chain([
+            202, 818, 700_573, 1_016_306, 5_000_346, 5_004_104, 5_007_213, 5_009_700, 5_012_372, 9_009_048, 15_003_149,
+        ]),
     );
     assert_clean(&reports);
     let switched = reports.iter().filter(|r| r.outcome == SeedOutcome::Switched).count();
