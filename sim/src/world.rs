@@ -234,7 +234,7 @@ impl World {
             Packet::Request { bytes, .. } | Packet::Reply { bytes, .. } => bytes.len(),
         };
         let now = self.now_us();
-        self.trace.packet(now, from, to, len, &delays);
+        self.trace.packet(now, from, to, len, &delays, || describe(&packet));
         for delay_us in delays {
             let me = self.me.clone();
             let packet = packet.clone();
@@ -771,6 +771,19 @@ impl Transport for SimTransport {
 }
 
 // ---- coordinator lifecycle ------------------------------------------------------------------
+
+/// A message in a few words, for a trace kept as text.
+fn describe(packet: &Packet) -> String {
+    let (Packet::Request { bytes, .. } | Packet::Reply { bytes, .. }) = packet;
+    let text = if let Ok(Some((r, _))) = protocol::codec::decode_frame::<protocol::messages::Request>(bytes) {
+        format!("{r:?}")
+    } else if let Ok(Some((r, _))) = protocol::codec::decode_frame::<protocol::messages::Response>(bytes) {
+        format!("{r:?}")
+    } else {
+        String::new()
+    };
+    text.chars().take(160).collect()
+}
 
 /// What a replica's clock reads minus virtual time, `elapsed_ms` into the run: its skew, except
 /// while a jump back past the start pins the clock at 0. Then the clock stands still, a
