@@ -506,21 +506,11 @@ fn execute_old(
     if op.read_only() {
         return StoreAnswer::Ok { body: app::read(generation, store, op), position: store.captured() };
     }
-    if let Some(position) = store.applied_request(key) {
-        return StoreAnswer::Ok { body: None, position };
+    let (answer, written) = store.execute_write(key, true, |store| app::write(generation, store, op));
+    for (at, row_op) in written {
+        history.record(at, row_op);
     }
-    match app::write(generation, store, op) {
-        Err(reason) => StoreAnswer::Rejected { reason },
-        Ok(ops) => match store.write_request(key, ops, true) {
-            Ok((position, written)) => {
-                for (at, row_op) in written {
-                    history.record(at, row_op);
-                }
-                StoreAnswer::Ok { body: None, position }
-            }
-            Err(e) => StoreAnswer::Rejected { reason: e.to_string() },
-        },
-    }
+    answer
 }
 
 /// The same on the new store (whose request log holds the old one's, carried by the transform).
@@ -528,14 +518,5 @@ fn execute_new(generation: Generation, store: &mut MemStore, key: RequestKey, op
     if op.read_only() {
         return StoreAnswer::Ok { body: app::read(generation, store, op), position: store.checkpoint().applied };
     }
-    if let Some(position) = store.applied_request(key) {
-        return StoreAnswer::Ok { body: None, position };
-    }
-    match app::write(generation, store, op) {
-        Err(reason) => StoreAnswer::Rejected { reason },
-        Ok(ops) => match store.write_request(key, ops, false) {
-            Ok((position, _)) => StoreAnswer::Ok { body: None, position },
-            Err(e) => StoreAnswer::Rejected { reason: e.to_string() },
-        },
-    }
+    store.execute_write(key, false, |store| app::write(generation, store, op)).0
 }

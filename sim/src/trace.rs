@@ -37,14 +37,25 @@ impl Trace {
 
     /// Records a message sent from `from` to `to` (hashed as raw numbers: the most frequent event).
     /// `what`: the message, described (only when the trace is kept as text).
-    pub fn packet(&mut self, now_us: u64, from: u64, to: u64, len: usize, delays_us: &[u64], what: impl FnOnce() -> String) {
+    pub fn packet(
+        &mut self,
+        now_us: u64,
+        from: u64,
+        to: u64,
+        len: usize,
+        delays_us: &[u64],
+        what: impl FnOnce() -> String,
+    ) {
         self.events += 1;
         for n in [now_us, from, to, len as u64, delays_us.len() as u64].iter().chain(delays_us) {
             self.hash.bytes(&n.to_le_bytes());
         }
         if let Some(lines) = &mut self.lines {
-            lines
-                .push(format!("{:>10.3}ms net {from}->{to} len={len} delays_us={delays_us:?} {}", now_us as f64 / 1000.0, what()));
+            lines.push(format!(
+                "{:>10.3}ms net {from}->{to} len={len} delays_us={delays_us:?} {}",
+                now_us as f64 / 1000.0,
+                what()
+            ));
         }
     }
 

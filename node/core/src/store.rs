@@ -14,7 +14,7 @@
 
 use crate::duties::capture::{CaptureError, ChangeLog};
 use crate::duties::validate::row_hash;
-use crate::RequestKey;
+use crate::{RequestKey, StoreAnswer};
 use protocol::schema::{Row, RowOp, Schema, Value, REQUEST_LOG_TABLE};
 use protocol::Position;
 use serde::{Deserialize, Serialize};
@@ -281,6 +281,29 @@ impl MemStore {
         Ok((Position(position), written))
     }
 
+    /// Runs client write `key` as a database adapter does: answered from the request log if the
+    /// log holds the key (a duplicate), else the application's `write` (which may refuse) is
+    /// applied with its log row in one transaction (`captured`: on the old store). Returns the
+    /// answer and every row written, in order (none for a duplicate or a refusal).
+    pub fn execute_write(
+        &mut self,
+        key: RequestKey,
+        captured: bool,
+        write: impl FnOnce(&MemStore) -> Result<Vec<RowOp>, String>,
+    ) -> (StoreAnswer, Vec<(Position, RowOp)>) {
+        if let Some(position) = self.applied_request(key) {
+            return (StoreAnswer::Ok { body: None, position }, Vec::new());
+        }
+        let ops = match write(self) {
+            Ok(ops) => ops,
+            Err(reason) => return (StoreAnswer::Rejected { reason }, Vec::new()),
+        };
+        match self.write_request(key, ops, captured) {
+            Ok((position, written)) => (StoreAnswer::Ok { body: None, position }, written),
+            Err(e) => (StoreAnswer::Rejected { reason: e.to_string() }, Vec::new()),
+        }
+    }
+
     /// A client write to the old store: applied and captured together (as a trigger does).
     pub fn write_captured(&mut self, op: RowOp) -> Result<Position, CaptureError> {
         let position = self.capture.append(op.clone())?;
@@ -438,6 +461,21 @@ mod tests {
         assert_eq!(s.get("t", 7), None, "a fenced store applies nothing of the transaction");
         assert_eq!(s.applied_request(key(2)), None);
         assert_eq!(s.captured(), position);
+    }
+
+    /// A duplicate is answered from the log without running the application again; a refusal
+    /// writes nothing (not even a log row: the key may come again and run).
+    #[test]
+    fn a_write_runs_once_per_key_and_a_refusal_writes_nothing() {
+        let mut s = store();
+        let (first, written) = s.execute_write(key(1), true, |_| Ok(vec![upsert(6)]));
+        assert_eq!(first, StoreAnswer::Ok { body: None, position: Position(2) });
+        assert_eq!(written.len(), 2, "the write and its log row");
+        let (again, written) = s.execute_write(key(1), true, |_| panic!("a duplicate must not run again"));
+        assert_eq!((again, written.len()), (first, 0));
+        let (refused, written) = s.execute_write(key(2), true, |_| Err("no user 9".to_string()));
+        assert_eq!((refused, written.len()), (StoreAnswer::Rejected { reason: "no user 9".into() }, 0));
+        assert_eq!((s.applied_request(key(2)), s.captured()), (None, Position(2)));
     }
 
     #[test]

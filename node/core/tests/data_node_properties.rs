@@ -864,23 +864,15 @@ impl<'a> Shell<'a> {
             }
             // A write runs once per request key (the store's request log), as a database
             // adapter runs it.
-            (Universe::Old, false) => match self.old.applied_request(request) {
-                Some(position) => StoreAnswer::Ok { body: None, position },
-                None => match self.old.write_request(request, vec![client_op("v", key, value, delete)], true) {
-                    Ok((position, _)) => StoreAnswer::Ok { body: None, position },
-                    Err(e) => StoreAnswer::Rejected { reason: e.to_string() },
-                },
-            },
+            (Universe::Old, false) => {
+                self.old.execute_write(request, true, |_| Ok(vec![client_op("v", key, value, delete)])).0
+            }
             (Universe::New, true) => {
                 StoreAnswer::Ok { body: self.new.get("t", read).cloned(), position: self.new.checkpoint().applied }
             }
-            (Universe::New, false) => match self.new.applied_request(request) {
-                Some(position) => StoreAnswer::Ok { body: None, position },
-                None => match self.new.write_request(request, vec![client_op("w", key, value, delete)], false) {
-                    Ok((position, _)) => StoreAnswer::Ok { body: None, position },
-                    Err(e) => StoreAnswer::Rejected { reason: e.to_string() },
-                },
-            },
+            (Universe::New, false) => {
+                self.new.execute_write(request, false, |_| Ok(vec![client_op("w", key, value, delete)])).0
+            }
         }
     }
 
