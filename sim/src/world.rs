@@ -779,10 +779,14 @@ fn describe(packet: &Packet) -> String {
         format!("{r:?}")
     } else if let Ok(Some((r, _))) = protocol::codec::decode_frame::<protocol::messages::Response>(bytes) {
         format!("{r:?}")
+    } else if let Ok(Some((m, _))) = protocol::codec::decode_frame::<crate::wire::DataMessage>(bytes) {
+        format!("{m:?}")
+    } else if let Ok(Some((a, _))) = protocol::codec::decode_frame::<crate::wire::DataResponse>(bytes) {
+        format!("{a:?}")
     } else {
         String::new()
     };
-    text.chars().take(160).collect()
+    text.chars().take(200).collect()
 }
 
 /// What a replica's clock reads minus virtual time, `elapsed_ms` into the run: its skew, except
