@@ -188,7 +188,8 @@ impl Ingress for SimIngress {
                     w.record(format_args!("{name} fails ticket {}: {reason:?}", request.ticket));
                     ClientOutcome::Failed
                 }
-                ClientReply::Unknown => ClientOutcome::Unknown,
+                // (The ingress core tells a client `Unknown` for a request not admitted.)
+                ClientReply::Unknown | ClientReply::Answer(StoreAnswer::NotAdmitted { .. }) => ClientOutcome::Unknown,
             };
             w.client_done(open.write, outcome, now);
             let router = &mut w.routers[index];

@@ -400,7 +400,7 @@ impl DataNodeCore {
                     // Not remembered: the same key may yet come for a generation held here.
                     let (old, new) = (self.from(), self.from().next());
                     let reason = format!("generation {generation} is not held here (this node holds {old} and {new})");
-                    out.push(DataOutput::Reply { key, mirror, answer: StoreAnswer::Rejected { reason } });
+                    out.push(DataOutput::Reply { key, mirror, answer: StoreAnswer::NotAdmitted { reason } });
                 }
             },
             DataInput::Executed { key, universe, mirror, answer } => {
@@ -483,7 +483,10 @@ impl DataNodeCore {
         };
         match refusal {
             Some(reason) => {
-                let answer = StoreAnswer::Rejected { reason };
+                // A client request kept out by the fences is not refused for good: once the
+                // store reopens, a late copy of it would run (see `StoreAnswer::NotAdmitted`).
+                let answer =
+                    if mirror { StoreAnswer::Rejected { reason } } else { StoreAnswer::NotAdmitted { reason } };
                 if !mirror {
                     self.remember(key, answer.clone());
                 }

@@ -62,7 +62,8 @@ pub enum ClientReply {
     Answer(StoreAnswer),
     /// 503 with Retry-After: held too long, hold queue full, or too many requests.
     Unavailable { retry_after_ms: u64, reason: Unavailable },
-    /// 504: the universe did not answer in time; the request may or may not have happened.
+    /// 504: the universe did not answer in time, or a data node kept it out without refusing it
+    /// for good; the request may or may not have happened.
     Unknown,
 }
 
@@ -281,7 +282,8 @@ impl IngressCore {
         let tracked = self.requests.get_mut(&id).expect("an answer for a tracked request");
         assert!(!tracked.answered, "request {id} answered twice");
         let reply = match answer {
-            None => ClientReply::Unknown,
+            // No answer in time, or kept out for now by a node that may yet run a copy of it.
+            None | Some(StoreAnswer::NotAdmitted { .. }) => ClientReply::Unknown,
             Some(answer) => {
                 if let StoreAnswer::Ok { body, position } = &answer {
                     if tracked.mirror_pending || tracked.new_seen.is_some() {

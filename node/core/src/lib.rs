@@ -136,6 +136,15 @@ pub enum StoreAnswer {
     Rejected {
         reason: String,
     },
+    /// Not run: the node's fences (or the generations it holds) kept it out this time. Not a
+    /// final outcome: a copy of the same request may still run if one reaches the node after
+    /// it reopens (the refusal lives only in the node's memory, lost at a restart), so a client
+    /// is told the outcome is unknown, never that the request failed. (Hunt `--upgrades 3`,
+    /// seeds 34002054, 34011019, 34012377: a write refused by a fence was told failed, and a
+    /// copy delivered late, after the node restarted and unfenced, ran.)
+    NotAdmitted {
+        reason: String,
+    },
 }
 
 #[cfg(test)]

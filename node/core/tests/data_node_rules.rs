@@ -507,7 +507,7 @@ fn a_node_deployed_for_the_next_upgrade_serves_the_last_switch_from_its_old_stor
     let out =
         core.handle(1, DataInput::Request { key: key(2), generation: Generation(1), mirror: false, read_only: false });
     let refused = out.iter().any(|o| {
-        matches!(o, DataOutput::Reply { answer: StoreAnswer::Rejected { reason }, .. }
+        matches!(o, DataOutput::Reply { answer: StoreAnswer::NotAdmitted { reason }, .. }
             if reason.contains("generation g1 is not held here (this node holds g2 and g3)"))
     });
     assert!(refused, "{out:?}");
@@ -534,4 +534,29 @@ fn a_node_deployed_for_the_next_upgrade_serves_the_last_switch_from_its_old_stor
     };
     let out = core.handle(3, DataInput::Coordinator { id: watch, response: NodeResponse::View(next) });
     assert!(registers(&out), "its upgrade: {out:?}");
+}
+
+/// A write the fences keep out is not refused for good: a late copy of it would run once the
+/// store reopens (the refusal lives only in memory), so the answer says "not admitted", which
+/// the router tells the client as an unknown outcome, never as a failure.
+#[test]
+fn a_write_kept_out_by_a_fence_is_not_admitted_rather_than_refused() {
+    let mut core = DataNodeCore::new(config(8));
+    let out = core.handle(
+        0,
+        DataInput::Boot { record: NodeRecord::default(), checkpoint: Checkpoint::default(), old_fenced: true },
+    );
+    let Some(DataOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, DataOutput::Persist(_))) else {
+        panic!("a boot persists its record first")
+    };
+    core.handle(0, DataInput::Persisted(record));
+    assert_eq!(core.accepting(), None, "restarted fenced: nothing is taken until a decision says");
+    let out =
+        core.handle(1, DataInput::Request { key: key(1), generation: Generation(1), mirror: false, read_only: false });
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, DataOutput::Reply { answer: StoreAnswer::NotAdmitted { .. }, mirror: false, .. })),
+        "{out:?}"
+    );
+    assert!(!out.iter().any(|o| matches!(o, DataOutput::Execute { .. })));
 }

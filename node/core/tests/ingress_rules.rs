@@ -235,3 +235,32 @@ fn a_new_upgrade_validates_from_zero() {
     mirrored_read(&mut core, 501, 2, 7, 7);
     assert_eq!((core.validate().samples, core.validate().mismatches), (1, 0));
 }
+
+/// A request a data node did not admit (its fences kept it out, not for good) is an unknown
+/// outcome for the client, like no answer at all.
+#[test]
+fn a_request_not_admitted_is_an_unknown_outcome() {
+    let mut core = IngressCore::new(config());
+    let out = core.handle(0, IngressInput::Boot { record: NodeRecord::default() });
+    let Some(IngressOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_))) else {
+        panic!("a boot persists its record first")
+    };
+    let out = core.handle(0, IngressInput::Persisted(record));
+    let watch = watch_in(&out).expect("a booted agent watches");
+    let view = NodeResponse::View(syncing(3, 1, Decision::Initial));
+    let out = core.handle(1, IngressInput::Coordinator { id: watch, response: view });
+    let Some(IngressOutput::Persist(confirmed)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_)))
+    else {
+        panic!("the first read on a new disk is persisted")
+    };
+    core.handle(1, IngressInput::Persisted(confirmed));
+    let out = core.handle(2, IngressInput::Request { id: 1, read_only: false });
+    assert!(out.iter().any(|o| matches!(o, IngressOutput::Forward { id: 1, .. })), "{out:?}");
+    let kept_out = StoreAnswer::NotAdmitted { reason: "Old universe not accepting".into() };
+    let out = core.handle(3, IngressInput::Answered { id: 1, answer: Some(kept_out) });
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, IngressOutput::Reply { id: 1, reply: node_core::ingress::ClientReply::Unknown })),
+        "{out:?}"
+    );
+}
