@@ -187,29 +187,16 @@ mod tests {
         };
         // A fresh disk (new, or lost and replaced): nothing to serve from.
         let fresh = NodeRecord { disk_id: 5, ..NodeRecord::default() };
+        // What a node starts with on a disk it cannot trust: one boot, nothing decided.
+        let afresh = NodeRecord { boots: 1, disk_id: 5, owner, ..NodeRecord::default() };
+        let untrusted =
+            agent::AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false };
         let (booted, input) = boot(fresh);
-        assert_eq!(
-            booted,
-            NodeRecord {
-                boots: 1,
-                disk_id: 5,
-                owner,
-                decision: Decision::Initial,
-                confirmed: false,
-                ..NodeRecord::default()
-            }
-        );
-        assert_eq!(
-            input,
-            agent::AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false }
-        );
+        assert_eq!((booted, input), (afresh, untrusted.clone()));
         // Its own disk, booted before but never confirmed by a read (the coordinator was out of
         // reach): it says nothing yet.
         let unread = NodeRecord { boots: 1, owner, ..fresh };
-        assert_eq!(
-            boot(unread).1,
-            agent::AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false }
-        );
+        assert_eq!(boot(unread).1, untrusted);
         // Its own disk, confirmed: trusted, whatever the decision.
         let own = NodeRecord {
             decision: Decision::Commit(protocol::Epoch(3)),
@@ -226,21 +213,7 @@ mod tests {
         // Another node's disk: started afresh, its decision forgotten, its boots not counted.
         let copied = NodeRecord { owner: NodeRecord::owner_of("router-2"), ..own };
         let (booted, input) = boot(copied);
-        assert_eq!(
-            booted,
-            NodeRecord {
-                boots: 1,
-                disk_id: 5,
-                owner,
-                decision: Decision::Initial,
-                confirmed: false,
-                ..NodeRecord::default()
-            }
-        );
-        assert_eq!(
-            input,
-            agent::AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false }
-        );
+        assert_eq!((booted, input), (afresh, untrusted.clone()));
         // A decision persisted after a read confirms the disk.
         let mut d = Durable::default();
         let booted = d.boot(fresh, owner);

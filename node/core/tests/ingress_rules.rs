@@ -47,43 +47,8 @@ fn mirrored_read(core: &mut IngressCore, now_ms: u64, id: u64, old: i64, new: i6
 
 #[test]
 fn the_validator_counts_what_it_compared_and_the_router_reports_it() {
-    let mut core = IngressCore::new(config());
-    let out = core.handle(0, IngressInput::Boot { record: NodeRecord::default() });
-    let Some(IngressOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_))) else {
-        panic!("a boot persists its record first")
-    };
-    let out = core.handle(0, IngressInput::Persisted(record));
-    let watch = out
-        .iter()
-        .find_map(|o| match o {
-            IngressOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
-            _ => None,
-        })
-        .expect("a booted agent watches");
-    let view = DecisionView {
-        version: 3,
-        upgrade: Some(UpgradeId(1)),
-        phase: Some(Phase::Syncing),
-        decision: Decision::Initial,
-        generation: protocol::Generation::GENESIS,
-        upgrade_from: Some(protocol::Generation::GENESIS),
-        known: true,
-        registered: true,
-        all_routers_frozen: false,
-        acked_frozen: false,
-        acked_drained: false,
-        acked_switched: false,
-        roster: protocol::messages::RosterStatus::Active,
-        routers: Vec::new(),
-    };
-    let out = core.handle(1, IngressInput::Coordinator { id: watch, response: NodeResponse::View(view) });
     // A new disk: the decision read is written before it is acted on.
-    let Some(IngressOutput::Persist(confirmed)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_)))
-    else {
-        panic!("the first read on a new disk is persisted")
-    };
-    assert!(confirmed.confirmed);
-    core.handle(1, IngressInput::Persisted(confirmed));
+    let (mut core, _) = serving_from_a_new_disk(syncing(3, 1, Decision::Initial));
     mirrored_read(&mut core, 2, 1, 7, 7);
     let out = mirrored_read(&mut core, 3, 2, 7, 8);
     assert_eq!((core.validate().samples, core.validate().mismatches), (2, 1));
@@ -108,7 +73,6 @@ fn the_validator_counts_what_it_compared_and_the_router_reports_it() {
 #[test]
 fn the_next_upgrade_forwards_to_the_last_switch_and_mirrors_to_the_one_after() {
     use protocol::{Epoch, Generation};
-    let mut core = IngressCore::new(config());
     let own = NodeRecord {
         decision: Decision::Commit(Epoch(1)),
         generation: Generation(1),
@@ -117,18 +81,7 @@ fn the_next_upgrade_forwards_to_the_last_switch_and_mirrors_to_the_one_after() {
         owner: NodeRecord::owner_of("router-1"),
         confirmed: true,
     };
-    let out = core.handle(0, IngressInput::Boot { record: own });
-    let Some(IngressOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_))) else {
-        panic!("a boot persists its record first")
-    };
-    let out = core.handle(0, IngressInput::Persisted(record));
-    let watch = out
-        .iter()
-        .find_map(|o| match o {
-            IngressOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
-            _ => None,
-        })
-        .expect("a booted agent watches");
+    let (mut core, watch) = booted(own);
     let out = core.handle(1, IngressInput::Request { id: 1, read_only: true });
     assert!(
         out.iter().any(|o| matches!(o, IngressOutput::Forward { id: 1, generation: Generation(2), .. })),
@@ -159,6 +112,31 @@ fn the_next_upgrade_forwards_to_the_last_switch_and_mirrors_to_the_one_after() {
         "{out:?}"
     );
     assert!(out.iter().any(|o| matches!(o, IngressOutput::Mirror { id: 2, generation: Generation(3), .. })), "{out:?}");
+}
+
+/// A core booted on `record`, its boot record durable: the core and the id of its watch.
+fn booted(record: NodeRecord) -> (IngressCore, u64) {
+    let mut core = IngressCore::new(config());
+    let out = core.handle(0, IngressInput::Boot { record });
+    let Some(IngressOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_))) else {
+        panic!("a boot persists its record first")
+    };
+    let out = core.handle(0, IngressInput::Persisted(record));
+    (core, watch_in(&out).expect("a booted agent watches"))
+}
+
+/// A core on a new disk that read `first` and wrote it back: the core and its watch's id.
+fn serving_from_a_new_disk(first: DecisionView) -> (IngressCore, u64) {
+    let (mut core, watch) = booted(NodeRecord::default());
+    let out = core.handle(1, IngressInput::Coordinator { id: watch, response: NodeResponse::View(first) });
+    let watch = watch_in(&out).expect("watching on");
+    let Some(IngressOutput::Persist(confirmed)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_)))
+    else {
+        panic!("the first read on a new disk is persisted")
+    };
+    assert!(confirmed.confirmed);
+    core.handle(1, IngressInput::Persisted(confirmed));
+    (core, watch)
 }
 
 /// The id of the watch among `out`, if one was sent.
@@ -194,21 +172,7 @@ fn syncing(version: u64, upgrade: u64, decision: Decision) -> DecisionView {
 /// report waiting to be sent is replaced.
 #[test]
 fn a_new_upgrade_validates_from_zero() {
-    let mut core = IngressCore::new(config());
-    let out = core.handle(0, IngressInput::Boot { record: NodeRecord::default() });
-    let Some(IngressOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_))) else {
-        panic!("a boot persists its record first")
-    };
-    let out = core.handle(0, IngressInput::Persisted(record));
-    let watch = watch_in(&out).expect("a booted agent watches");
-    let view = NodeResponse::View(syncing(3, 1, Decision::Initial));
-    let out = core.handle(1, IngressInput::Coordinator { id: watch, response: view });
-    let watch = watch_in(&out).expect("watching on");
-    let Some(IngressOutput::Persist(confirmed)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_)))
-    else {
-        panic!("the first read on a new disk is persisted")
-    };
-    core.handle(1, IngressInput::Persisted(confirmed));
+    let (mut core, watch) = serving_from_a_new_disk(syncing(3, 1, Decision::Initial));
     mirrored_read(&mut core, 2, 1, 7, 8);
     assert_eq!((core.validate().samples, core.validate().mismatches), (1, 1));
 
@@ -240,20 +204,7 @@ fn a_new_upgrade_validates_from_zero() {
 /// outcome for the client, like no answer at all.
 #[test]
 fn a_request_not_admitted_is_an_unknown_outcome() {
-    let mut core = IngressCore::new(config());
-    let out = core.handle(0, IngressInput::Boot { record: NodeRecord::default() });
-    let Some(IngressOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_))) else {
-        panic!("a boot persists its record first")
-    };
-    let out = core.handle(0, IngressInput::Persisted(record));
-    let watch = watch_in(&out).expect("a booted agent watches");
-    let view = NodeResponse::View(syncing(3, 1, Decision::Initial));
-    let out = core.handle(1, IngressInput::Coordinator { id: watch, response: view });
-    let Some(IngressOutput::Persist(confirmed)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_)))
-    else {
-        panic!("the first read on a new disk is persisted")
-    };
-    core.handle(1, IngressInput::Persisted(confirmed));
+    let (mut core, _) = serving_from_a_new_disk(syncing(3, 1, Decision::Initial));
     let out = core.handle(2, IngressInput::Request { id: 1, read_only: false });
     assert!(out.iter().any(|o| matches!(o, IngressOutput::Forward { id: 1, .. })), "{out:?}");
     let kept_out = StoreAnswer::NotAdmitted { reason: "Old universe not accepting".into() };
