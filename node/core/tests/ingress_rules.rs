@@ -116,7 +116,11 @@ fn the_next_upgrade_forwards_to_the_last_switch_and_mirrors_to_the_one_after() {
 
 /// A core booted on `record`, its boot record durable: the core and the id of its watch.
 fn booted(record: NodeRecord) -> (IngressCore, u64) {
-    let mut core = IngressCore::new(config());
+    booted_with(config(), record)
+}
+
+fn booted_with(config: IngressConfig, record: NodeRecord) -> (IngressCore, u64) {
+    let mut core = IngressCore::new(config);
     let out = core.handle(0, IngressInput::Boot { record });
     let Some(IngressOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_))) else {
         panic!("a boot persists its record first")
@@ -127,7 +131,11 @@ fn booted(record: NodeRecord) -> (IngressCore, u64) {
 
 /// A core on a new disk that read `first` and wrote it back: the core and its watch's id.
 fn serving_from_a_new_disk(first: DecisionView) -> (IngressCore, u64) {
-    let (mut core, watch) = booted(NodeRecord::default());
+    serving_from_a_new_disk_with(config(), first)
+}
+
+fn serving_from_a_new_disk_with(config: IngressConfig, first: DecisionView) -> (IngressCore, u64) {
+    let (mut core, watch) = booted_with(config, NodeRecord::default());
     let out = core.handle(1, IngressInput::Coordinator { id: watch, response: NodeResponse::View(first) });
     let watch = watch_in(&out).expect("watching on");
     let Some(IngressOutput::Persist(confirmed)) = out.into_iter().find(|o| matches!(o, IngressOutput::Persist(_)))
@@ -214,4 +222,16 @@ fn a_request_not_admitted_is_an_unknown_outcome() {
             .any(|o| matches!(o, IngressOutput::Reply { id: 1, reply: node_core::ingress::ClientReply::Unknown })),
         "{out:?}"
     );
+}
+
+/// The validator that starts from zero for a new upgrade still ignores the fields the
+/// configuration says to ignore.
+#[test]
+fn a_new_upgrade_ignores_the_same_fields() {
+    let config = IngressConfig { ignore_fields: vec!["v".to_string()], ..config() };
+    let (mut core, watch) = serving_from_a_new_disk_with(config, syncing(3, 1, Decision::Initial));
+    let view = NodeResponse::View(syncing(9, 2, Decision::Abort(protocol::Epoch(1))));
+    core.handle(3, IngressInput::Coordinator { id: watch, response: view });
+    mirrored_read(&mut core, 4, 1, 7, 8);
+    assert_eq!((core.validate().samples, core.validate().mismatches), (1, 0), "`v` is ignored");
 }
