@@ -277,33 +277,12 @@ pub mod v2 {
     }
 }
 
-/// The plan the simulator loads first (through the real plan loader): v1 to v2.
-pub fn plan_toml(
-    routers: usize,
-    data_nodes: usize,
-    max_attempts: u32,
-    hold_ms_max: u64,
-    hold_queue_max: u64,
-    freeze_timeout_ms: u64,
-    manual: bool,
-) -> String {
-    plan_toml_from(
-        Generation::GENESIS,
-        routers,
-        data_nodes,
-        max_attempts,
-        hold_ms_max,
-        hold_queue_max,
-        freeze_timeout_ms,
-        manual,
-    )
-}
-
-/// The plan of the upgrade from generation `from`: v1 to v2 from generation 1; after that,
+/// The plan the simulator loads (through the real plan loader) for the upgrade from generation
+/// `from`: v1 to v2 from generation 1; after that,
 /// each renames the status column of `auctions` (the new schema of one upgrade is the old
 /// schema of the next).
 #[allow(clippy::too_many_arguments)]
-pub fn plan_toml_from(
+pub fn plan_toml(
     from: Generation,
     routers: usize,
     data_nodes: usize,

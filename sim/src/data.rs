@@ -388,7 +388,7 @@ impl World {
         self.checker.found(now, found);
         self.stats.epochs_before = state.last_epoch.0;
         let plan = &self.plan;
-        let text = app::plan_toml_from(
+        let text = app::plan_toml(
             generation,
             self.config.routers,
             self.config.data_nodes,

@@ -152,6 +152,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
     // tail ~3 s; `sim/benches/throughput.rs` reports it.)
     let (hold_ms_max, freeze_timeout_ms) = if config.wide_area() { (5_000, 8_000) } else { (1_000, 2_500) };
     let plan_text = app::plan_toml(
+        protocol::Generation::GENESIS,
         config.routers,
         config.data_nodes,
         faults.max_attempts,

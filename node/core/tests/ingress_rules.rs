@@ -90,20 +90,10 @@ fn the_next_upgrade_forwards_to_the_last_switch_and_mirrors_to_the_one_after() {
     assert!(!out.iter().any(|o| matches!(o, IngressOutput::Mirror { .. })), "no upgrade known yet: {out:?}");
     // The second upgrade syncs: the view keeps the last decision, of the upgrade from 1.
     let view = DecisionView {
-        version: 9,
-        upgrade: Some(UpgradeId(2)),
-        phase: Some(Phase::Syncing),
-        decision: Decision::Commit(Epoch(1)),
         generation: Generation(1),
         upgrade_from: Some(Generation(2)),
-        known: true,
-        registered: true,
-        all_routers_frozen: false,
-        acked_frozen: false,
-        acked_drained: false,
         acked_switched: true,
-        roster: protocol::messages::RosterStatus::Active,
-        routers: Vec::new(),
+        ..syncing(9, 2, Decision::Commit(Epoch(1)))
     };
     core.handle(2, IngressInput::Coordinator { id: watch, response: NodeResponse::View(view) });
     let out = core.handle(3, IngressInput::Request { id: 2, read_only: true });

@@ -76,7 +76,7 @@ mod tests {
 
     #[test]
     fn an_ack_counted_but_never_sent_is_a_violation() {
-        let plan_text = crate::app::plan_toml(1, 1, 3, 1_000, 500, 2_500, false);
+        let plan_text = crate::app::plan_toml(protocol::Generation::GENESIS, 1, 1, 3, 1_000, 500, 2_500, false);
         let plan = Plan::from_toml("t.toml", &plan_text).expect("a valid plan");
         let node = NodeName::from("router-0");
         let mut nodes = BTreeMap::new();

@@ -36,7 +36,7 @@ mod tests {
 
     /// A state after `freezes` aborted freezes, rolled back or not.
     fn state(max_attempts: u32, freezes: u64, phase: Phase, reason: &str) -> UpgradeState {
-        let text = crate::app::plan_toml(1, 1, max_attempts, 1_000, 500, 2_500, false);
+        let text = crate::app::plan_toml(protocol::Generation::GENESIS, 1, 1, max_attempts, 1_000, 500, 2_500, false);
         let plan = Plan::from_toml("t.toml", &text).expect("a valid plan");
         let mut s = UpgradeState::default();
         s.apply(&Command::Start { plan, token: "t".into() });

@@ -65,7 +65,7 @@ mod tests {
 
     #[test]
     fn a_commit_or_done_without_the_acks_sent_is_a_violation() {
-        let text = crate::app::plan_toml(1, 1, 3, 1_000, 500, 2_500, false);
+        let text = crate::app::plan_toml(protocol::Generation::GENESIS, 1, 1, 3, 1_000, 500, 2_500, false);
         let plan = Plan::from_toml("t.toml", &text).expect("a valid plan");
         let mut s = UpgradeState::default();
         s.apply(&Command::Start { plan, token: "t".into() });
