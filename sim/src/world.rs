@@ -426,14 +426,7 @@ impl World {
 
     /// The most advanced applied state among replicas (by applied log index).
     pub fn freshest_state(&self) -> UpgradeState {
-        let mut best: Option<(u64, UpgradeState)> = None;
-        for r in &self.replicas {
-            let (index, state) = read_applied(&r.disk, |a| (a.last_applied.map_or(0, |l| l.index), a.state.clone()));
-            if best.as_ref().is_none_or(|(b, _)| index > *b) {
-                best = Some((index, state));
-            }
-        }
-        best.map(|(_, s)| s).unwrap_or_default()
+        self.freshest(UpgradeState::clone)
     }
 
     /// Notes when a freeze and a commit are first seen applied (for the switch-time figure).
