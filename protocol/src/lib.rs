@@ -4,8 +4,10 @@
 //! the schema transforms, the messages between nodes, the CLI and the coordinator, and the one
 //! codec facade (bincode 2 behind length-prefixed frames).
 
+pub mod cluster;
 pub mod codec;
 pub mod ids;
+pub mod located;
 pub mod messages;
 pub mod plan;
 pub mod schema;

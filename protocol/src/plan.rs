@@ -81,12 +81,7 @@ pub struct Plan {
 impl Plan {
     /// Parses and validates a plan. `file` only labels errors.
     pub fn from_toml(file: &str, text: &str) -> Result<Plan, PlanError> {
-        let raw: PlanFile = toml::from_str(text).map_err(|e| {
-            let span = e.span().unwrap_or(0..0);
-            let message = e.message().to_string();
-            let field = backticked(&message).unwrap_or_else(|| "-".to_string());
-            PlanError::at(file, text, span, field, message)
-        })?;
+        let raw: PlanFile = toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))?;
         Validator { file, text }.plan(raw)
     }
 
@@ -107,30 +102,9 @@ impl Plan {
 }
 
 /// A plan error: where (file, line, column, field) and what.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}:{column}: {field}: {message}")]
-pub struct PlanError {
-    pub file: String,
-    /// 1-based line.
-    pub line: usize,
-    /// 1-based column.
-    pub column: usize,
-    /// Dotted path of the field, e.g. `thresholds.lag_max` or `transforms[1].from`.
-    pub field: String,
-    pub message: String,
-}
+pub type PlanError = crate::located::FileError;
 
-impl PlanError {
-    fn at(file: &str, text: &str, span: Range<usize>, field: String, message: String) -> PlanError {
-        let start = span.start.min(text.len());
-        let before = &text[..start];
-        let line = before.matches('\n').count() + 1;
-        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        PlanError { file: file.to_string(), line, column, field, message }
-    }
-}
-
-fn backticked(message: &str) -> Option<String> {
+pub(crate) fn backticked(message: &str) -> Option<String> {
     let start = message.find('`')? + 1;
     let len = message[start..].find('`')?;
     Some(message[start..start + len].to_string())
