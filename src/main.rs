@@ -1,5 +1,6 @@
 //! The `imago` command line.
 
+mod cluster_cmd;
 mod sim_cmd;
 
 /// The simulator allocates a message, a task and a timer per network hop; mimalloc is markedly
@@ -26,6 +27,11 @@ enum Command {
         #[command(subcommand)]
         command: PlanCommand,
     },
+    /// Make the cluster's certificates (mutual TLS between every Imago process).
+    Certs {
+        #[command(subcommand)]
+        command: cluster_cmd::CertsCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -51,6 +57,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Sim(args) => sim_cmd::run(args),
         Command::Plan { command: PlanCommand::Check { file, generation } } => plan_check(&file, generation),
+        Command::Certs { command } => cluster_cmd::certs(command),
     };
     match result {
         Ok(code) => code,

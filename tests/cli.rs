@@ -130,3 +130,50 @@ fn plan_check_refuses_a_plan_for_another_generation() {
         "{stderr}"
     );
 }
+
+#[test]
+fn certs_init_makes_every_name_of_the_cluster_file_and_never_overwrites() {
+    let dir = temp_dir("certs");
+    let file = dir.join("cluster.toml");
+    std::fs::write(
+        &file,
+        "[cluster]\nid = \"demo\"\n\n[[coordinators]]\nid = 1\nname = \"coord-1\"\naddress = \"127.0.0.1:7101\"\n\n\
+         [[nodes]]\nname = \"router-1\"\nhttp = \"127.0.0.1:8080\"\n",
+    )
+    .unwrap();
+    let out = imago().args(["certs", "init"]).env("IMAGO_CLUSTER", &file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for name in ["ca", "coord-1", "router-1", "operator"] {
+        let key = dir.join("certs").join(format!("{name}.key"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+        assert!(dir.join("certs").join(format!("{name}.pem")).exists(), "{name}");
+    }
+    let again = imago().args(["certs", "init", "--cluster"]).arg(&file).output().unwrap();
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let added = imago().args(["certs", "add", "--names", "router-2", "--cluster"]).arg(&file).output().unwrap();
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    assert!(dir.join("certs/router-2.pem").exists());
+}
+
+#[test]
+fn a_bad_cluster_file_is_refused_with_file_line_and_field() {
+    let dir = temp_dir("cluster-file");
+    let file = dir.join("cluster.toml");
+    std::fs::write(
+        &file,
+        "[cluster]\nid = \"demo\"\n\n[[coordinators]]\nid = 1\nname = \"coord-1\"\naddress = \"nowhere\"\n",
+    )
+    .unwrap();
+    let out = imago().args(["certs", "init", "--cluster"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cluster.toml:7:11: coordinators[0].address: `nowhere` is not an address"), "{stderr}");
+    let missing = imago().args(["certs", "init"]).env_remove("IMAGO_CLUSTER").output().unwrap();
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("--dir"), "says what is missing");
+}

@@ -42,6 +42,8 @@ pub const NODES_MAX: usize = 1_000;
 pub const NAME_BYTES_MAX: usize = 63;
 /// The name of the operator's certificate (the CLI). No process may take it.
 pub const OPERATOR_NAME: &str = "operator";
+/// The name of the cluster CA's files in the certificate directory. No process may take it.
+pub const CA_NAME: &str = "ca";
 
 /// One coordinator replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -230,8 +232,12 @@ impl Validator<'_> {
         let mut ids: BTreeSet<ReplicaId> = BTreeSet::new();
         let mut claim_name = |v: &Self, raw: &Spanned<String>, field: &str| -> Result<NodeName, FileError> {
             let name = v.name(raw, field)?;
-            if name.0 == OPERATOR_NAME {
-                return v.error(raw.span(), field, format!("`{OPERATOR_NAME}` is the operator's certificate"));
+            if name.0 == OPERATOR_NAME || name.0 == CA_NAME {
+                return v.error(
+                    raw.span(),
+                    field,
+                    format!("`{name}` is reserved (the operator's certificate, the CA)"),
+                );
             }
             if !names.insert(name.0.clone()) {
                 return v.error(raw.span(), field, format!("`{name}` is named twice"));
@@ -341,7 +347,9 @@ data = "/var/lib/imago/router-1"
         assert_eq!(e.field, "nodes[0].name");
 
         let e = error(&GOOD.replace("\"router-1\"", "\"operator\""));
-        assert!(e.message.contains("operator's certificate"), "{e}");
+        assert!(e.message.contains("reserved"), "{e}");
+        let e = error(&GOOD.replace("\"router-1\"", "\"ca\""));
+        assert!(e.message.contains("reserved"), "{e}");
 
         let e = error(&GOOD.replace("http =", "htp ="));
         assert_eq!(e.line, 18);

@@ -14,6 +14,10 @@ pub enum TransportError {
     Timeout(Duration),
     #[error("unreachable: {0}")]
     Unreachable(String),
+    /// The peer refused this caller (its certificate, its name, or the roster): retrying the
+    /// same call will not help.
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("codec: {0}")]
     Codec(String),
 }
