@@ -33,7 +33,14 @@ impl FileError {
     pub fn from_toml(file: &str, text: &str, e: &toml::de::Error) -> FileError {
         let span = e.span().unwrap_or(0..0);
         let message = e.message().to_string();
-        let field = crate::plan::backticked(&message).unwrap_or_else(|| "-".to_string());
+        let field = backticked(&message).unwrap_or_else(|| "-".to_string());
         FileError::at(file, text, span, field, message)
     }
+}
+
+/// The first `backticked` word of a message (the field `toml` names).
+fn backticked(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_string())
 }

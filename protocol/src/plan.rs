@@ -104,12 +104,6 @@ impl Plan {
 /// A plan error: where (file, line, column, field) and what.
 pub type PlanError = crate::located::FileError;
 
-pub(crate) fn backticked(message: &str) -> Option<String> {
-    let start = message.find('`')? + 1;
-    let len = message[start..].find('`')?;
-    Some(message[start..start + len].to_string())
-}
-
 // ---- the TOML shape -------------------------------------------------------------------------
 
 #[derive(Deserialize)]
