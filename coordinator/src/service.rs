@@ -75,6 +75,11 @@ impl Replica {
         let _ = self.raft.shutdown().await;
     }
 
+    /// This replica's disk (tests and counters read it).
+    pub fn disk(&self) -> SharedDisk {
+        self.disk.clone()
+    }
+
     /// The view version of this replica's applied state.
     pub fn applied_version(&self) -> u64 {
         *self.applied.borrow()

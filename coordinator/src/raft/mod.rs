@@ -1,9 +1,11 @@
 //! openraft glue: type config, seeded runtime, storage, network.
 
+mod durable;
 mod network;
 mod runtime;
 mod store;
 
+pub use durable::{open_data_dir, DataDirError, FORMAT_VERSION};
 pub use network::{raft_request, NetworkFactory, RaftReply, RaftRpc};
 pub use protocol::transport::{Transport, TransportError};
 pub use runtime::{seed_runtime_rng, SeededRuntime};

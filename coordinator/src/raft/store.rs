@@ -4,11 +4,12 @@
 //! shutting its Raft down and starts a new one on the same disk. Every writer carries the
 //! incarnation it was opened with; a write from an older incarnation (a crashed instance still
 //! winding down) is refused, so a crash loses nothing durable and adds nothing after it.
-//! A durable store (redb) implements the same traits later.
+//! A real replica's disk is written through to a file (`durable.rs`) by the same code.
 
 // openraft fixes the error type (`StorageError`, large); our helpers return it as is.
 #![allow(clippy::result_large_err)]
 
+use super::durable::{Change, Durable};
 use super::TypeConfig;
 use crate::upgrade::{Applied, UpgradeState};
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -55,6 +56,8 @@ pub struct RaftDisk {
     pub snapshot: Option<StoredSnapshot>,
     pub snapshots_built: u64,
     pub snapshots_installed: u64,
+    /// The file every change is written through to (a real replica; none in the simulator).
+    pub durable: Option<Durable>,
     /// A planted bug in the state machine (simulator only).
     #[cfg(feature = "planted-bugs")]
     pub bug: Option<coordinator_core::ApplyBug>,
@@ -78,6 +81,14 @@ pub fn new_disk_with(genesis: UpgradeState) -> SharedDisk {
 
 fn lock(disk: &SharedDisk) -> MutexGuard<'_, RaftDisk> {
     disk.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Writes `change` to the disk's file, if it has one, before the caller changes memory.
+fn write_through(d: &RaftDisk, change: Change<'_>) -> Result<(), StorageError<u64>> {
+    match &d.durable {
+        Some(file) => file.write(change),
+        None => Ok(()),
+    }
 }
 
 fn stale() -> StorageError<u64> {
@@ -140,7 +151,9 @@ impl RaftLogStorage<C> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
-        self.write()?.vote = Some(*vote);
+        let mut d = self.write()?;
+        write_through(&d, Change::Vote(vote))?;
+        d.vote = Some(*vote);
         Ok(())
     }
 
@@ -149,7 +162,9 @@ impl RaftLogStorage<C> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError<u64>> {
-        self.write()?.committed = committed;
+        let mut d = self.write()?;
+        write_through(&d, Change::Committed(committed))?;
+        d.committed = committed;
         Ok(())
     }
 
@@ -164,6 +179,8 @@ impl RaftLogStorage<C> for LogStore {
     {
         {
             let mut d = self.write()?;
+            let entries: Vec<Entry<C>> = entries.into_iter().collect();
+            write_through(&d, Change::Append(&entries))?;
             for entry in entries {
                 d.log.insert(entry.log_id.index, entry);
             }
@@ -174,12 +191,14 @@ impl RaftLogStorage<C> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
         let mut d = self.write()?;
+        write_through(&d, Change::Truncate(log_id.index))?;
         d.log.split_off(&log_id.index);
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
         let mut d = self.write()?;
+        write_through(&d, Change::Purge(log_id))?;
         d.last_purged = Some(log_id);
         let keep = d.log.split_off(&(log_id.index + 1));
         d.log = keep;
@@ -218,7 +237,9 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
         let snapshot_id =
             format!("{}-{}-{}", last.map_or(0, |l| l.leader_id.term), last.map_or(0, |l| l.index), d.snapshots_built);
         let meta = SnapshotMeta { last_log_id: last, last_membership: d.applied.membership.clone(), snapshot_id };
-        d.snapshot = Some(StoredSnapshot { meta: meta.clone(), data: data.clone() });
+        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
+        write_through(&d, Change::Snapshot(&stored, None))?;
+        d.snapshot = Some(stored);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -259,6 +280,7 @@ impl RaftStateMachine<C> for StateMachineStore {
                 };
                 results.push(result);
             }
+            write_through(&d, Change::Applied(&d.applied))?;
             d.applied.state.version
         };
         self.applied_tx.send_if_modified(|v| std::mem::replace(v, version) != version);
@@ -282,9 +304,11 @@ impl RaftStateMachine<C> for StateMachineStore {
         let applied: AppliedState = codec::decode(&data).map_err(io_error)?;
         let version = {
             let mut d = self.write()?;
+            let stored = StoredSnapshot { meta: meta.clone(), data };
+            write_through(&d, Change::Snapshot(&stored, Some(&applied)))?;
             d.applied = applied;
             d.snapshots_installed += 1;
-            d.snapshot = Some(StoredSnapshot { meta: meta.clone(), data });
+            d.snapshot = Some(stored);
             d.applied.state.version
         };
         self.applied_tx.send_if_modified(|v| std::mem::replace(v, version) != version);
