@@ -1,6 +1,9 @@
 //! The `imago` command line.
 
 mod cluster_cmd;
+mod coordinator_cmd;
+mod operator_cmd;
+mod signals;
 mod sim_cmd;
 
 /// The simulator allocates a message, a task and a timer per network hop; mimalloc is markedly
@@ -16,6 +19,15 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text or as JSON objects (on stderr; filter with IMAGO_LOG).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -32,6 +44,23 @@ enum Command {
         #[command(subcommand)]
         command: cluster_cmd::CertsCommand,
     },
+    /// Run one coordinator replica (Raft over QUIC, a durable data directory).
+    Coordinator(coordinator_cmd::CoordinatorArgs),
+    /// Start, watch, switch or abort an upgrade.
+    Upgrade {
+        #[command(subcommand)]
+        command: operator_cmd::UpgradeCommand,
+    },
+    /// Add routers to the roster, or retire them.
+    Router {
+        #[command(subcommand)]
+        command: operator_cmd::RouterCommand,
+    },
+    /// The coordinator group.
+    Cluster {
+        #[command(subcommand)]
+        command: operator_cmd::ClusterCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -47,17 +76,28 @@ enum PlanCommand {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("IMAGO_LOG").unwrap_or_else(|_| "warn,openraft=off".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // Long-running processes log what they do; one-shot commands only what goes wrong.
+    let default_filter = match cli.command {
+        Command::Coordinator(_) => "info,openraft=warn",
+        _ => "warn,openraft=off",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IMAGO_LOG").unwrap_or_else(|_| default_filter.into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    if cli.log_format == LogFormat::Json {
+        subscriber.json().init();
+    } else {
+        subscriber.init();
+    }
     let result = match cli.command {
         Command::Sim(args) => sim_cmd::run(args),
         Command::Plan { command: PlanCommand::Check { file, generation } } => plan_check(&file, generation),
         Command::Certs { command } => cluster_cmd::certs(command),
+        Command::Coordinator(args) => coordinator_cmd::run(args),
+        Command::Upgrade { command } => operator_cmd::upgrade(command),
+        Command::Router { command } => operator_cmd::router(command),
+        Command::Cluster { command } => operator_cmd::cluster(command),
     };
     match result {
         Ok(code) => code,

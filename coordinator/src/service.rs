@@ -8,9 +8,9 @@ use crate::upgrade::{decision_view, next_command, next_deadline_ms, status, Appl
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
 use protocol::codec;
-use protocol::messages::{CliRequest, CliResponse, NodeRequest, NodeResponse, Request, Response};
+use protocol::messages::{CliRequest, CliResponse, ClusterView, NodeRequest, NodeResponse, Request, Response};
 use protocol::ReplicaId;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -26,6 +26,32 @@ pub const WATCH_WAIT_MAX_MS: u32 = 5_000;
 /// changes first).
 pub const DRIVER_RETRY_MS: u64 = 20;
 
+/// Who may ask what, by the name in the caller's certificate: Raft RPCs only from a replica of
+/// the group, CLI requests only from the operator, a node's requests only from that node (no
+/// process speaks for another). `Err` says why, for the caller and the log.
+pub fn authorize(
+    caller: &str,
+    coordinators: &BTreeSet<String>,
+    operator: &str,
+    request: &Request,
+) -> Result<(), String> {
+    match request {
+        Request::Raft(_) if !coordinators.contains(caller) => {
+            Err(format!("`{caller}` is not a coordinator replica: Raft traffic refused"))
+        }
+        Request::Cli(_) if caller != operator => {
+            Err(format!("`{caller}` is not the operator: CLI requests need the `{operator}` certificate"))
+        }
+        Request::Node(r) if r.node().0 != caller => {
+            Err(format!("`{caller}` sent a request as `{}`: a node speaks only for itself", r.node()))
+        }
+        Request::Node(_) if coordinators.contains(caller) || caller == operator => {
+            Err(format!("`{caller}` is not a node"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// One running coordinator replica.
 #[derive(Clone)]
 pub struct Replica {
@@ -34,6 +60,8 @@ pub struct Replica {
     disk: SharedDisk,
     applied: watch::Receiver<u64>,
     clock: Clock,
+    /// When this replica last heard from each node (its clock's ms): `imago cluster status`.
+    contacts: Arc<std::sync::Mutex<BTreeMap<protocol::NodeName, u64>>>,
 }
 
 /// Outcome of proposing a command.
@@ -67,7 +95,7 @@ impl Replica {
             // Already-initialized is fine: a restarted initializer keeps its log.
             let _ = raft.initialize(nodes).await;
         }
-        Ok(Replica { id, raft, disk, applied, clock })
+        Ok(Replica { id, raft, disk, applied, clock, contacts: Arc::default() })
     }
 
     /// Stops this incarnation (its disk stays).
@@ -134,6 +162,8 @@ impl Replica {
     }
 
     async fn handle_node(&self, request: NodeRequest) -> NodeResponse {
+        let now_ms = (self.clock)();
+        self.contacts.lock().unwrap_or_else(|p| p.into_inner()).insert(request.node().clone(), now_ms);
         let command = match request {
             NodeRequest::Watch { node, known_version, known_digest, linearizable, wait_ms } => {
                 return self.watch(&node, (known_version, known_digest), linearizable, wait_ms).await;
@@ -187,7 +217,16 @@ impl Replica {
 
     async fn handle_cli(&self, request: CliRequest) -> CliResponse {
         let command = match request {
-            CliRequest::Status => return CliResponse::Status(self.read(status)),
+            // The leader's view is the freshest: a follower that knows another leader sends the
+            // operator there; with no leader known, this replica's own view is the best there is.
+            CliRequest::Status => {
+                let leader = self.raft.metrics().borrow().current_leader;
+                return match leader {
+                    Some(l) if l != self.id => CliResponse::NotLeader { leader: Some(l) },
+                    _ => CliResponse::Status(self.read(status)),
+                };
+            }
+            CliRequest::Cluster => return CliResponse::Cluster(self.cluster_view()),
             CliRequest::Start { plan, token } => Command::Start { plan, token },
             CliRequest::Switch => Command::RequestSwitch,
             CliRequest::Abort { reason } => Command::OperatorAbort { reason, now_ms: (self.clock)() },
@@ -200,6 +239,31 @@ impl Replica {
             Proposed::Applied(Applied::Rejected(rejection)) => CliResponse::Rejected(rejection),
             Proposed::NotLeader(leader) => CliResponse::NotLeader { leader },
             Proposed::Unknown(reason) => CliResponse::Unknown { reason },
+        }
+    }
+
+    /// The coordinator group as this replica sees it.
+    pub fn cluster_view(&self) -> ClusterView {
+        let metrics = self.raft.metrics().borrow().clone();
+        let now_ms = (self.clock)();
+        let (generation, roster) =
+            self.read(|s| (s.generation, s.roster.iter().map(|(n, r)| (n.clone(), *r)).collect()));
+        let last_contact_ms_ago = self
+            .contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, at)| (n.clone(), now_ms.saturating_sub(*at)))
+            .collect();
+        ClusterView {
+            replica: self.id,
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            members: metrics.membership_config.membership().voter_ids().collect(),
+            applied_index: metrics.last_applied.map(|l| l.index),
+            generation,
+            roster,
+            last_contact_ms_ago,
         }
     }
 
@@ -252,5 +316,38 @@ impl Replica {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authorize;
+    use protocol::messages::{CliRequest, NodeRequest, Request};
+    use protocol::NodeName;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn each_caller_may_send_only_its_own_kind_of_request() {
+        let coordinators: BTreeSet<String> = ["coord-1".to_string(), "coord-2".to_string()].into();
+        let watch = |node: &str| {
+            Request::Node(NodeRequest::Watch {
+                node: NodeName(node.into()),
+                known_version: 0,
+                known_digest: 0,
+                linearizable: false,
+                wait_ms: 0,
+            })
+        };
+        let ok = |caller: &str, r: &Request| authorize(caller, &coordinators, "operator", r).is_ok();
+        assert!(ok("coord-2", &Request::Raft(vec![])));
+        assert!(!ok("router-1", &Request::Raft(vec![])));
+        assert!(!ok("operator", &Request::Raft(vec![])));
+        assert!(ok("operator", &Request::Cli(CliRequest::Status)));
+        assert!(!ok("router-1", &Request::Cli(CliRequest::Status)));
+        assert!(!ok("coord-1", &Request::Cli(CliRequest::Switch)));
+        assert!(ok("router-1", &watch("router-1")));
+        assert!(!ok("router-1", &watch("router-2")), "a node speaking for another");
+        assert!(!ok("operator", &watch("operator")));
+        assert!(!ok("coord-1", &watch("coord-1")));
     }
 }

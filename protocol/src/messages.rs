@@ -108,6 +108,19 @@ pub enum NodeRequest {
     },
 }
 
+impl NodeRequest {
+    /// The node the request says it comes from (a server checks it against the caller's
+    /// certificate).
+    pub fn node(&self) -> &NodeName {
+        match self {
+            NodeRequest::Register { node, .. }
+            | NodeRequest::Report { node, .. }
+            | NodeRequest::Ack { node, .. }
+            | NodeRequest::Watch { node, .. } => node,
+        }
+    }
+}
+
 /// What one node needs to know of the upgrade, as read from a replica's applied state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionView {
@@ -300,6 +313,27 @@ pub enum CliRequest {
         node: NodeName,
         force: bool,
     },
+    /// The coordinator group as the answering replica sees it (any replica answers).
+    Cluster,
+}
+
+/// The coordinator group as one replica sees it (`imago cluster status`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// The replica that answered.
+    pub replica: ReplicaId,
+    pub leader: Option<ReplicaId>,
+    pub term: u64,
+    /// Voting members of the current membership.
+    pub members: Vec<ReplicaId>,
+    /// The last log index this replica applied.
+    pub applied_index: Option<u64>,
+    /// The generation the cluster serves.
+    pub generation: Generation,
+    pub roster: Vec<(NodeName, RosterStatus)>,
+    /// When this replica last heard from each node, in ms before the answer (not replicated:
+    /// another replica may have heard from it later).
+    pub last_contact_ms_ago: Vec<(NodeName, u64)>,
 }
 
 /// Status of one node as the coordinator sees it.
@@ -343,6 +377,7 @@ pub enum CliResponse {
     NotLeader {
         leader: Option<ReplicaId>,
     },
+    Cluster(ClusterView),
 }
 
 /// Everything a coordinator replica accepts on its port. Raft RPCs travel pre-encoded, so that

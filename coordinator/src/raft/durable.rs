@@ -43,6 +43,8 @@ mod key {
 pub enum DataDirError {
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
+    #[error("{path}: another process has this data directory open (is this replica already running?)")]
+    InUse { path: PathBuf },
     #[error(
         "{path}: this data directory belongs to cluster `{found}`, not `{expected}`: never reuse a data \
          directory across clusters (move it away to start this replica fresh)"
@@ -142,7 +144,10 @@ pub fn open_data_dir(dir: &Path, cluster_id: &str, genesis: UpgradeState) -> Res
     let path = dir.join(FILE_NAME);
     let io = |e: &dyn std::fmt::Display| DataDirError::Io { path: path.clone(), message: e.to_string() };
     std::fs::create_dir_all(dir).map_err(|e| io(&e))?;
-    let db = redb::Database::create(&path).map_err(|e| io(&e))?;
+    let db = redb::Database::create(&path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => DataDirError::InUse { path: path.clone() },
+        other => io(&other),
+    })?;
     let corrupt = |what: &str, e: &dyn std::fmt::Display| DataDirError::Corrupt {
         path: path.clone(),
         what: what.to_string(),
@@ -180,19 +185,23 @@ pub fn open_data_dir(dir: &Path, cluster_id: &str, genesis: UpgradeState) -> Res
     fn decoded<T: DeserializeOwned>(bytes: Option<Vec<u8>>) -> Result<Option<T>, codec::CodecError> {
         bytes.map(|b| codec::decode(&b)).transpose()
     }
-    let mut disk = RaftDisk::default();
-    disk.vote = decoded(raw(key::VOTE)?).map_err(|e| corrupt(key::VOTE, &e))?;
-    disk.committed =
-        decoded::<Option<LogId<u64>>>(raw(key::COMMITTED)?).map_err(|e| corrupt(key::COMMITTED, &e))?.flatten();
-    disk.last_purged =
-        decoded::<Option<LogId<u64>>>(raw(key::LAST_PURGED)?).map_err(|e| corrupt(key::LAST_PURGED, &e))?.flatten();
-    disk.applied = match decoded(raw(key::APPLIED)?).map_err(|e| corrupt(key::APPLIED, &e))? {
-        Some(applied) => applied,
-        None => AppliedState { state: genesis, ..AppliedState::default() },
+    let mut disk = RaftDisk {
+        vote: decoded(raw(key::VOTE)?).map_err(|e| corrupt(key::VOTE, &e))?,
+        committed: decoded::<Option<LogId<u64>>>(raw(key::COMMITTED)?)
+            .map_err(|e| corrupt(key::COMMITTED, &e))?
+            .flatten(),
+        last_purged: decoded::<Option<LogId<u64>>>(raw(key::LAST_PURGED)?)
+            .map_err(|e| corrupt(key::LAST_PURGED, &e))?
+            .flatten(),
+        applied: match decoded(raw(key::APPLIED)?).map_err(|e| corrupt(key::APPLIED, &e))? {
+            Some(applied) => applied,
+            None => AppliedState { state: genesis, ..AppliedState::default() },
+        },
+        snapshot: decoded::<SnapshotRecord>(raw(key::SNAPSHOT)?)
+            .map_err(|e| corrupt(key::SNAPSHOT, &e))?
+            .map(|r| StoredSnapshot { meta: r.meta, data: r.data }),
+        ..RaftDisk::default()
     };
-    disk.snapshot = decoded::<SnapshotRecord>(raw(key::SNAPSHOT)?)
-        .map_err(|e| corrupt(key::SNAPSHOT, &e))?
-        .map(|r| StoredSnapshot { meta: r.meta, data: r.data });
     let log = txn.open_table(LOG).map_err(|e| io(&e))?;
     for item in log.iter().map_err(|e| io(&e))? {
         let (index, bytes) = item.map_err(|e| io(&e))?;

@@ -122,6 +122,13 @@ pub fn bind_client(identity: &Identity, local: std::net::IpAddr) -> Result<Endpo
     Ok(endpoint)
 }
 
+/// Closes every connection of `endpoint` (telling peers it shuts down) and waits at most
+/// `wait` for them to be acknowledged.
+pub async fn shut_down(endpoint: &Endpoint, wait: Duration) {
+    endpoint.close(VarInt::from_u32(close::SHUTDOWN), b"shutting down");
+    let _ = tokio::time::timeout(wait, endpoint.wait_idle()).await;
+}
+
 /// The verified name of the peer of `connection` in `cluster`, if its certificate names one.
 pub fn peer_of(connection: &Connection, cluster: &str) -> Option<String> {
     let identity = connection.peer_identity()?;

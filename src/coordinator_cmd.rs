@@ -1,0 +1,118 @@
+//! `imago coordinator`: one replica of the coordinator group, on QUIC with mutual TLS and a
+//! durable data directory. Shell code: the replica service and the upgrade driver decide.
+
+use crate::cluster_cmd::ClusterArg;
+use anyhow::{bail, Context};
+use clap::Args;
+use coordinator::raft::{open_data_dir, RaftTiming};
+use coordinator::service::{authorize, Replica};
+use coordinator::upgrade::UpgradeState;
+use protocol::cluster::OPERATOR_NAME;
+use protocol::messages::{CliRequest, CliResponse, RejectKind, Rejection, Request, Response};
+use quic::endpoint::{bind_server, serve, Handler, Peer, QuicTransport};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    cluster: ClusterArg,
+    /// This replica's name in the cluster file.
+    #[arg(long)]
+    name: String,
+}
+
+/// Milliseconds of the wall clock: the coordinators' shared clock for deadlines (the driver
+/// stamps a freeze with it; a skew between replicas only moves an abort later, see the design).
+#[allow(clippy::disallowed_methods)] // the binary's edge: a real process reads the real clock
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Answers QUIC requests with the replica, after checking who may ask what.
+#[derive(Clone)]
+struct CoordinatorHandler {
+    replica: Replica,
+    /// Every name the cluster file gives a process (coordinators, nodes), and the operator.
+    known: Arc<BTreeSet<String>>,
+    /// The nodes the cluster file names (only they can join the roster: a router needs its
+    /// addresses there).
+    nodes: Arc<BTreeSet<String>>,
+    coordinators: Arc<BTreeSet<String>>,
+}
+
+impl Handler for CoordinatorHandler {
+    fn admit(&self, name: &str) -> Result<(), String> {
+        if self.known.contains(name) {
+            Ok(())
+        } else {
+            Err(format!("`{name}` is not named in the cluster file"))
+        }
+    }
+
+    async fn handle(&self, peer: Arc<str>, request: Request) -> Response {
+        if let Err(reason) = authorize(&peer, &self.coordinators, OPERATOR_NAME, &request) {
+            tracing::warn!(%peer, %reason, "request refused");
+            return Response::Error { reason };
+        }
+        if let Request::Cli(CliRequest::Join { node }) = &request {
+            if !self.nodes.contains(&node.0) {
+                let detail =
+                    format!("`{node}` is not a node of the cluster file: add it there (with its addresses) first");
+                return Response::Cli(CliResponse::Rejected(Rejection { kind: RejectKind::UnknownNode, detail }));
+            }
+        }
+        self.replica.handle(request).await
+    }
+}
+
+pub fn run(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> {
+    let cluster = args.cluster.load()?;
+    let Some(me) = cluster.coordinator_named(&args.name).cloned() else {
+        bail!("`{}` is not a coordinator in the cluster file", args.name);
+    };
+    let identity = quic::certs::load(&cluster.certs, &cluster.id, &me.name.0)
+        .with_context(|| format!("loading the certificate of `{}`", me.name))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let disk = open_data_dir(&me.data, &cluster.id, UpgradeState::default())?;
+        let endpoint = bind_server(&identity, me.address)?;
+        let peers: BTreeMap<u64, Peer> =
+            cluster.coordinators.iter().map(|c| (c.id, Peer { address: c.address, name: c.name.0.clone() })).collect();
+        let transport = QuicTransport::new(endpoint.clone(), &cluster.id, peers);
+        let members: Vec<u64> = cluster.coordinators.iter().map(|c| c.id).collect();
+        // The replica with the lowest id bootstraps the group (a no-op once it has a log).
+        let initialize = members.iter().min() == Some(&me.id);
+        let replica =
+            Replica::start(me.id, &members, disk, transport, RaftTiming::default(), Arc::new(wall_ms), initialize)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        let coordinators: BTreeSet<String> = cluster.coordinators.iter().map(|c| c.name.0.clone()).collect();
+        let known: BTreeSet<String> = cluster.names().into_iter().collect();
+        let nodes: BTreeSet<String> = cluster.nodes.iter().map(|n| n.name.0.clone()).collect();
+        let handler = CoordinatorHandler {
+            replica: replica.clone(),
+            known: Arc::new(known),
+            nodes: Arc::new(nodes),
+            coordinators: Arc::new(coordinators),
+        };
+        tokio::spawn(serve(endpoint.clone(), cluster.id.as_str().into(), handler));
+        let driver = replica.clone();
+        tokio::spawn(async move { driver.run_driver().await });
+        tracing::info!(
+            replica = me.id,
+            name = %me.name,
+            cluster = %cluster.id,
+            address = %me.address,
+            data = %me.data.display(),
+            "coordinator serving"
+        );
+        eprintln!("coordinator {} (replica {}) of cluster `{}` serving on {}", me.name, me.id, cluster.id, me.address);
+        crate::signals::terminated().await;
+        tracing::info!("stopping");
+        replica.shutdown().await;
+        quic::endpoint::shut_down(&endpoint, Duration::from_secs(2)).await;
+        Ok(std::process::ExitCode::SUCCESS)
+    })
+}

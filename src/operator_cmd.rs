@@ -1,0 +1,388 @@
+//! The operator's commands (`imago upgrade …`, `imago router …`, `imago cluster status`): one
+//! request to the coordinator group, over QUIC with the `operator` certificate.
+//!
+//! Exit codes: 0 done, 1 refused by the coordinator, 2 bad input or local error, 3 no
+//! coordinator answered, 4 the outcome is not known (it may still take effect: look with
+//! `imago upgrade status` before trying again).
+
+use crate::cluster_cmd::ClusterArg;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use protocol::cluster::{ClusterFile, OPERATOR_NAME};
+use protocol::messages::{CliRequest, CliResponse, ClusterView, Request, Response, StatusView};
+use protocol::transport::{Transport, TransportError};
+use protocol::{NodeName, ReplicaId};
+use quic::endpoint::{bind_client, Peer, QuicTransport};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// How long one coordinator gets to answer.
+const CALL_MS_MAX: u64 = 1_500;
+/// How long a command tries before it says that no coordinator answered.
+const COMMAND_MS_MAX: u64 = 5_000;
+
+#[derive(Args, Clone)]
+pub struct Common {
+    #[command(flatten)]
+    cluster: ClusterArg,
+    /// Print JSON (one object) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum UpgradeCommand {
+    /// Start the upgrade a plan describes (safe to repeat: the same plan file starts it once).
+    Start {
+        plan: std::path::PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// The upgrade's phase, epoch, generation, gate and nodes.
+    Status {
+        /// Print again every second until the upgrade ends.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Ask for the switch (a manual plan freezes once its ready gate passes).
+    Switch {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Abort the upgrade (back to syncing, or rolled back after a freeze).
+    Abort {
+        #[arg(long, default_value = "aborted by the operator")]
+        reason: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RouterCommand {
+    /// Put a router on the roster (refused during a freeze).
+    Join {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Take a router off the roster. It completes once the router has persisted that it is
+    /// retired and stopped serving.
+    Retire {
+        name: String,
+        /// Retire a router that cannot answer, at once. You assert that it is cut off from
+        /// every client: a forced-out router that still serves could serve the old generation
+        /// after the others switch.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Leader, term, members, applied index, roster, and when each node was last heard from.
+    Status {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// The coordinator group, called with the operator's certificate.
+struct Coordinators {
+    transport: QuicTransport,
+    order: Vec<ReplicaId>,
+    names: BTreeMap<ReplicaId, String>,
+}
+
+/// What became of one request.
+enum Outcome {
+    Answered(CliResponse),
+    /// No replica answered (each one's reason).
+    NoAnswer(Vec<String>),
+}
+
+impl Coordinators {
+    fn new(cluster: &ClusterFile) -> anyhow::Result<Coordinators> {
+        let identity = quic::certs::load(&cluster.certs, &cluster.id, OPERATOR_NAME)
+            .context("loading the operator's certificate (`imago certs init` makes it)")?;
+        let local = match cluster.coordinators.first().map(|c| c.address.ip()) {
+            Some(ip) if ip.is_loopback() => ip,
+            Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        let endpoint = bind_client(&identity, local)?;
+        let peers: BTreeMap<ReplicaId, Peer> =
+            cluster.coordinators.iter().map(|c| (c.id, Peer { address: c.address, name: c.name.0.clone() })).collect();
+        let names = cluster.coordinators.iter().map(|c| (c.id, c.name.0.clone())).collect();
+        Ok(Coordinators {
+            transport: QuicTransport::new(endpoint, &cluster.id, peers),
+            order: cluster.coordinators.iter().map(|c| c.id).collect(),
+            names,
+        })
+    }
+
+    /// Sends `request` to the leader (following hints), trying every replica within
+    /// [`COMMAND_MS_MAX`]. A definite answer ends it; not knowing the outcome is an answer too.
+    async fn call(&self, request: CliRequest) -> Outcome {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(COMMAND_MS_MAX);
+        let mut failures = Vec::new();
+        let mut queue: Vec<ReplicaId> = self.order.clone();
+        let mut next = 0;
+        while tokio::time::Instant::now() < deadline && !queue.is_empty() {
+            let to = queue[next % queue.len()];
+            next += 1;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let timeout = left.min(Duration::from_millis(CALL_MS_MAX));
+            let name = self.names.get(&to).cloned().unwrap_or_default();
+            match self.transport.call(to, Request::Cli(request.clone()), timeout).await {
+                Ok(Response::Cli(CliResponse::NotLeader { leader: Some(leader) })) if leader != to => {
+                    // Ask the leader next.
+                    queue.retain(|r| *r != leader);
+                    queue.insert(next % (queue.len() + 1), leader);
+                }
+                Ok(Response::Cli(CliResponse::NotLeader { .. })) => {
+                    failures.push(format!("{name}: no leader known yet"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                // Any replica describes the group, but the leader's description is the freshest.
+                Ok(Response::Cli(CliResponse::Cluster(view)))
+                    if view.leader.is_some_and(|l| l != to && self.names.contains_key(&l)) =>
+                {
+                    let leader = view.leader.expect("checked");
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let timeout = left.min(Duration::from_millis(CALL_MS_MAX));
+                    return match self.transport.call(leader, Request::Cli(request.clone()), timeout).await {
+                        Ok(Response::Cli(fresher @ CliResponse::Cluster(_))) => Outcome::Answered(fresher),
+                        _ => Outcome::Answered(CliResponse::Cluster(view)),
+                    };
+                }
+                Ok(Response::Cli(answer)) => return Outcome::Answered(answer),
+                Ok(Response::Error { reason }) => failures.push(format!("{name}: {reason}")),
+                Ok(other) => failures.push(format!("{name}: unexpected answer {other:?}")),
+                Err(TransportError::Refused(reason)) => {
+                    failures.push(format!("refused: {reason}"));
+                    return Outcome::NoAnswer(failures);
+                }
+                Err(e) => failures.push(format!("{name}: {e}")),
+            }
+        }
+        Outcome::NoAnswer(failures)
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+/// Runs one request and prints what became of it.
+fn one(common: &Common, request: CliRequest, what: &str) -> anyhow::Result<ExitCode> {
+    let cluster = common.cluster.load()?;
+    runtime()?.block_on(async {
+        let coordinators = Coordinators::new(&cluster)?;
+        let outcome = coordinators.call(request).await;
+        Ok(report(common.json, what, outcome))
+    })
+}
+
+fn report(json: bool, what: &str, outcome: Outcome) -> ExitCode {
+    let (code, text, value) = match outcome {
+        Outcome::NoAnswer(failures) => (
+            3,
+            format!(
+                "{what}: no coordinator answered within {} s; nothing is known to have happened\n  {}",
+                COMMAND_MS_MAX / 1000,
+                failures.join("\n  ")
+            ),
+            serde_json::json!({ "outcome": "no-answer", "failures": failures }),
+        ),
+        Outcome::Answered(CliResponse::Accepted) => {
+            (0, format!("{what}: done"), serde_json::json!({ "outcome": "accepted" }))
+        }
+        Outcome::Answered(CliResponse::Started { upgrade }) => (
+            0,
+            format!("{what}: upgrade {} started", upgrade.0),
+            serde_json::json!({ "outcome": "started", "upgrade": upgrade.0 }),
+        ),
+        Outcome::Answered(CliResponse::Rejected(rejection)) => (
+            1,
+            format!("{what}: refused: {}", rejection.detail),
+            serde_json::json!({ "outcome": "refused", "kind": format!("{:?}", rejection.kind), "detail": rejection.detail }),
+        ),
+        Outcome::Answered(CliResponse::Unknown { reason }) => (
+            4,
+            format!(
+                "{what}: outcome UNKNOWN ({reason}); it may still take effect: check `imago upgrade status` before \
+                 trying again"
+            ),
+            serde_json::json!({ "outcome": "unknown", "reason": reason }),
+        ),
+        Outcome::Answered(CliResponse::Status(status)) => {
+            (0, status_text(&status), serde_json::to_value(status_json(&status)).unwrap_or_default())
+        }
+        Outcome::Answered(CliResponse::Cluster(view)) => (0, cluster_text(&view), cluster_json(&view)),
+        Outcome::Answered(CliResponse::NotLeader { .. }) => {
+            (3, format!("{what}: no leader"), serde_json::json!({ "outcome": "no-leader" }))
+        }
+    };
+    if json {
+        println!("{value}");
+    } else if code == 0 {
+        println!("{text}");
+    } else {
+        eprintln!("{text}");
+    }
+    ExitCode::from(code)
+}
+
+fn status_json(s: &StatusView) -> serde_json::Value {
+    serde_json::json!({
+        "upgrade": s.upgrade.map(|u| u.0),
+        "name": s.name,
+        "phase": s.phase.map(|p| format!("{p:?}")),
+        "epoch": s.epoch.0,
+        "generation": s.generation.0,
+        "attempts": s.attempts,
+        "gate_blockers": s.gate_blockers.iter().map(|b| format!("{b:?}")).collect::<Vec<_>>(),
+        "last_abort_reason": s.last_abort_reason,
+        "nodes": s.nodes.iter().map(|n| serde_json::json!({
+            "name": n.name.0,
+            "registered": n.registered,
+            "report": format!("{:?}", n.report),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn status_text(s: &StatusView) -> String {
+    let Some(upgrade) = s.upgrade else {
+        return format!("no upgrade yet; the cluster serves generation {}", s.generation.0);
+    };
+    let mut out = format!(
+        "upgrade {} `{}`: {}, epoch {}, attempts {}; the cluster serves generation {}",
+        upgrade.0,
+        s.name,
+        s.phase.map_or("-".to_string(), |p| format!("{p:?}")),
+        s.epoch.0,
+        s.attempts,
+        s.generation.0
+    );
+    if !s.gate_blockers.is_empty() {
+        out.push_str("\n  the ready gate waits for:");
+        for b in &s.gate_blockers {
+            out.push_str(&format!("\n    {b:?}"));
+        }
+    }
+    if let Some(reason) = &s.last_abort_reason {
+        out.push_str(&format!("\n  last abort: {reason}"));
+    }
+    for n in &s.nodes {
+        out.push_str(&format!("\n  {}: {}{:?}", n.name, if n.registered { "" } else { "not registered; " }, n.report));
+    }
+    out
+}
+
+fn cluster_json(v: &ClusterView) -> serde_json::Value {
+    serde_json::json!({
+        "replica": v.replica,
+        "leader": v.leader,
+        "term": v.term,
+        "members": v.members,
+        "applied_index": v.applied_index,
+        "generation": v.generation.0,
+        "roster": v.roster.iter().map(|(n, r)| serde_json::json!({"name": n.0, "status": format!("{r:?}")})).collect::<Vec<_>>(),
+        "last_contact_ms_ago": v.last_contact_ms_ago.iter().map(|(n, ms)| serde_json::json!({"name": n.0, "ms": ms})).collect::<Vec<_>>(),
+    })
+}
+
+fn cluster_text(v: &ClusterView) -> String {
+    let mut out = format!(
+        "replica {} answers: leader {}, term {}, members {:?}, applied index {}; the cluster serves generation {}",
+        v.replica,
+        v.leader.map_or("unknown".to_string(), |l| l.to_string()),
+        v.term,
+        v.members,
+        v.applied_index.map_or("-".to_string(), |i| i.to_string()),
+        v.generation.0
+    );
+    if v.roster.is_empty() {
+        out.push_str("\n  roster: empty (routers join with `imago router join NAME`)");
+    }
+    for (name, status) in &v.roster {
+        out.push_str(&format!("\n  router {name}: {status:?}"));
+    }
+    for (name, ms) in &v.last_contact_ms_ago {
+        out.push_str(&format!("\n  node {name}: last heard {ms} ms ago (by this replica)"));
+    }
+    out
+}
+
+pub fn upgrade(command: UpgradeCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        UpgradeCommand::Start { plan, common } => {
+            let text = std::fs::read_to_string(&plan).with_context(|| format!("reading {}", plan.display()))?;
+            let parsed = match protocol::plan::Plan::from_toml(&plan.display().to_string(), &text) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            // The same plan text makes the same token: repeating the command after an unknown
+            // outcome answers with the upgrade it started, never starts a second one.
+            let token = format!("{}-{:016x}", parsed.name, fnv1a(text.as_bytes()));
+            one(&common, CliRequest::Start { plan: parsed, token }, "upgrade start")
+        }
+        UpgradeCommand::Status { watch, common } => {
+            if !watch {
+                return one(&common, CliRequest::Status, "upgrade status");
+            }
+            let cluster = common.cluster.load()?;
+            runtime()?.block_on(async {
+                let coordinators = Coordinators::new(&cluster)?;
+                loop {
+                    let outcome = coordinators.call(CliRequest::Status).await;
+                    let ended = match &outcome {
+                        Outcome::Answered(CliResponse::Status(s)) => s.phase.is_none_or(|p| p.is_terminal()),
+                        _ => false,
+                    };
+                    let code = report(common.json, "upgrade status", outcome);
+                    if ended {
+                        return Ok(code);
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            })
+        }
+        UpgradeCommand::Switch { common } => one(&common, CliRequest::Switch, "upgrade switch"),
+        UpgradeCommand::Abort { reason, common } => one(&common, CliRequest::Abort { reason }, "upgrade abort"),
+    }
+}
+
+pub fn router(command: RouterCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        RouterCommand::Join { name, common } => {
+            one(&common, CliRequest::Join { node: NodeName(name.clone()) }, &format!("router join {name}"))
+        }
+        RouterCommand::Retire { name, force, common } => one(
+            &common,
+            CliRequest::Retire { node: NodeName(name.clone()), force },
+            &format!("router retire {name}{}", if force { " --force" } else { "" }),
+        ),
+    }
+}
+
+pub fn cluster(command: ClusterCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ClusterCommand::Status { common } => one(&common, CliRequest::Cluster, "cluster status"),
+    }
+}
+
+/// FNV-1a (64 bits): a stable digest of the plan text for the start token.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
