@@ -142,6 +142,11 @@ fn plan_check(file: &std::path::Path, generation: Option<u64>) -> anyhow::Result
         plan.transforms.len(),
         plan.switch
     );
+    if plan.endpoints.is_empty() {
+        println!("  the new universe has no endpoints (`[universe] endpoints`): routers cannot switch to it");
+    } else {
+        println!("  the new universe answers at {}", plan.endpoints.join(", "));
+    }
     let schema = plan.mapping().context("compiling transforms")?.new_schema();
     for (table, t) in &schema.tables {
         println!("  new table {table}({})", t.columns.join(", "));

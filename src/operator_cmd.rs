@@ -332,6 +332,14 @@ pub fn upgrade(command: UpgradeCommand) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(2));
                 }
             };
+            if parsed.endpoints.is_empty() {
+                eprintln!(
+                    "{}: [universe] endpoints: the plan names no endpoint for the new universe; routers could \
+                     neither validate it nor switch to it",
+                    plan.display()
+                );
+                return Ok(ExitCode::from(2));
+            }
             // The same plan text makes the same token: repeating the command after an unknown
             // outcome answers with the upgrade it started, never starts a second one.
             let token = format!("{}-{:016x}", parsed.name, fnv1a(text.as_bytes()));

@@ -140,7 +140,7 @@ impl<T: Transport + Unpin, D: NodeDisk, S: Stores, C: Clock> DataNodeActor<T, D,
                 }));
             }
             DataOutput::Persist(record) => {
-                let mut write = Box::pin(self.disk.persist(record));
+                let mut write = Box::pin(self.disk.persist(record.clone()));
                 match ready_now(&mut write) {
                     Some(Ok(())) => return Some(DataInput::Persisted(record)),
                     Some(Err(_)) => ctx.stop(),

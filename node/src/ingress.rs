@@ -87,18 +87,18 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
     /// Performs one output; returns the input it answers with if it completed at once.
     fn perform(&mut self, ctx: &mut Context<Self>, now_ms: u64, output: IngressOutput) -> Option<IngressInput> {
         match output {
-            IngressOutput::Forward { id, generation, key } => {
+            IngressOutput::Forward { id, generation, key, endpoint } => {
                 let request = self.requests.get(&id).expect("forwarding an open request");
-                let answer = self.io.forward(request, generation, key, false);
+                let answer = self.io.forward(request, generation, &endpoint, key, false);
                 ctx.spawn(
                     answer
                         .into_actor(self)
                         .map(move |answer, act, ctx| act.feed(ctx, IngressInput::Answered { id, answer })),
                 );
             }
-            IngressOutput::Mirror { id, generation, key } => {
+            IngressOutput::Mirror { id, generation, key, endpoint } => {
                 let request = self.requests.get(&id).expect("mirroring an open request");
-                let answer = self.io.forward(request, generation, key, true);
+                let answer = self.io.forward(request, generation, &endpoint, key, true);
                 ctx.spawn(
                     answer
                         .into_actor(self)
@@ -120,7 +120,7 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
                 }));
             }
             IngressOutput::Persist(record) => {
-                let mut write = Box::pin(self.disk.persist(record));
+                let mut write = Box::pin(self.disk.persist(record.clone()));
                 match ready_now(&mut write) {
                     Some(Ok(())) => return Some(IngressInput::Persisted(record)),
                     Some(Err(_)) => ctx.stop(),

@@ -40,12 +40,14 @@ pub trait NodeDisk: Unpin + 'static {
 pub trait Ingress: Unpin + 'static {
     /// One client request: its payload and how to answer it.
     type Request: 'static;
-    /// Sends `request` to `generation`'s universe (a copy for validation if `mirror`), keyed
-    /// by `key`; resolves to the answer, or `None` when none came in time.
+    /// Sends `request` to `generation`'s universe at `endpoint` (the core chose it; a copy for
+    /// validation if `mirror`), keyed by `key`; resolves to the answer, or `None` when none
+    /// came in time.
     fn forward(
         &self,
         request: &Self::Request,
         generation: Generation,
+        endpoint: &str,
         key: RequestKey,
         mirror: bool,
     ) -> impl Future<Output = Option<StoreAnswer>> + 'static;

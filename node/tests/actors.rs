@@ -27,7 +27,7 @@ use std::time::Duration;
 /// One I/O call, as the I/O side saw it (or as a core output says it should be).
 #[derive(Clone, Debug, PartialEq)]
 enum Io {
-    Forward { generation: Generation, key: RequestKey, mirror: bool },
+    Forward { generation: Generation, endpoint: String, key: RequestKey, mirror: bool },
     Reply(String),
     Send(NodeRequest),
     Persist(NodeRecord),
@@ -136,8 +136,14 @@ impl ScriptedCoordinator {
             acked_switched: false,
             roster: protocol::messages::RosterStatus::Active,
             routers: Vec::new(),
+            universes: vec![(protocol::Generation(2), vec![endpoint(2)])],
         }
     }
+}
+
+/// Where generation `g` answers in these tests.
+fn endpoint(g: u64) -> String {
+    format!("test://universe-{g}")
 }
 
 impl Transport for ScriptedCoordinator {
@@ -206,10 +212,11 @@ impl Ingress for TestIngress {
         &self,
         _request: &u64,
         generation: Generation,
+        endpoint: &str,
         key: RequestKey,
         mirror: bool,
     ) -> impl Future<Output = Option<StoreAnswer>> + 'static {
-        push(&self.log, Io::Forward { generation, key, mirror });
+        push(&self.log, Io::Forward { generation, endpoint: endpoint.to_string(), key, mirror });
         async move {
             tokio::time::sleep(Duration::from_millis(1)).await;
             Some(StoreAnswer::Ok { body: None, position: Position(0) })
@@ -231,16 +238,16 @@ impl Ingress for TestIngress {
 
 fn ingress_io(output: &IngressOutput) -> Io {
     match output {
-        IngressOutput::Forward { generation, key, .. } => {
-            Io::Forward { generation: *generation, key: *key, mirror: false }
+        IngressOutput::Forward { generation, key, endpoint, .. } => {
+            Io::Forward { generation: *generation, endpoint: endpoint.clone(), key: *key, mirror: false }
         }
-        IngressOutput::Mirror { generation, key, .. } => {
-            Io::Forward { generation: *generation, key: *key, mirror: true }
+        IngressOutput::Mirror { generation, key, endpoint, .. } => {
+            Io::Forward { generation: *generation, endpoint: endpoint.clone(), key: *key, mirror: true }
         }
         // The actor numbers requests 1, 2, ... in arrival order; the test's tickets are the same.
         IngressOutput::Reply { id, reply } => Io::Reply(format!("{id}: {reply:?}")),
         IngressOutput::Send { request, .. } => Io::Send(request.clone()),
-        IngressOutput::Persist(record) => Io::Persist(*record),
+        IngressOutput::Persist(record) => Io::Persist(record.clone()),
         IngressOutput::NotifyFrozen { epoch } => Io::NotifyFrozen(*epoch),
         IngressOutput::Event(event) => Io::Event(format!("{event:?}")),
     }
@@ -257,6 +264,7 @@ fn ingress_actor(
         router: RouterConfig { hold_ms_max: 200, hold_queue_max: 16, retry_after_ms: 100 },
         ignore_fields: Vec::new(),
         requests_max: 64,
+        genesis_endpoints: vec![endpoint(1)],
     };
     let coordinator = ScriptedCoordinator {
         log: log.clone(),
@@ -375,7 +383,7 @@ fn a_slow_persist_stalls_nothing_and_nothing_is_acted_on_before_it_is_durable() 
         for io in outputs.iter() {
             let Io::Persist(record) = io else { continue };
             persists += 1;
-            let want = format!("{:?}", IngressInput::Persisted(*record));
+            let want = format!("{:?}", IngressInput::Persisted(record.clone()));
             let done = (i + 1..cores.len())
                 .find(|j| *cores[*j].0 == want)
                 .unwrap_or_else(|| panic!("Persist({record:?}) was never answered with {want}"));
@@ -485,7 +493,7 @@ fn data_io(output: &DataOutput) -> Io {
         DataOutput::Execute { key, universe, .. } => Io::Execute { key: *key, universe: *universe },
         DataOutput::Reply { key, answer, .. } => Io::Reply(format!("{}: {answer:?}", key.id)),
         DataOutput::Send { request, .. } => Io::Send(request.clone()),
-        DataOutput::Persist(record) => Io::Persist(*record),
+        DataOutput::Persist(record) => Io::Persist(record.clone()),
         DataOutput::Store(op) => Io::Store(format!("{op:?}")),
         DataOutput::Event(event) => Io::Event(format!("{event:?}")),
     }

@@ -12,6 +12,9 @@
 //! data = "data/coord-1"     # optional (default `data/<name>`, relative to this file)
 //! metrics = "127.0.0.1:9101"  # optional: Prometheus `/metrics`
 //!
+//! [universe]                # generation 1: where the system that ran before Imago answers
+//! endpoints = ["http://10.0.1.5:8080"]
+//!
 //! [[nodes]]
 //! name = "router-1"
 //! address = "127.0.0.1:7201"  # optional: QUIC, for notices from other nodes
@@ -72,6 +75,9 @@ pub struct ClusterFile {
     pub certs: PathBuf,
     pub coordinators: Vec<CoordinatorEntry>,
     pub nodes: Vec<NodeEntry>,
+    /// Where generation 1 answers (routers forward there until the first switch). Later
+    /// generations' endpoints come from the plans.
+    pub genesis_endpoints: Vec<String>,
 }
 
 impl ClusterFile {
@@ -137,6 +143,13 @@ struct RawFile {
     coordinators: Spanned<Vec<RawCoordinator>>,
     #[serde(default)]
     nodes: Vec<RawNode>,
+    universe: Option<RawUniverse>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUniverse {
+    endpoints: Spanned<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -280,7 +293,26 @@ impl Validator<'_> {
             let data = self.path(&n.data, &at("data"), format!("data/{name}"))?;
             nodes.push(NodeEntry { name, address, http, metrics, data });
         }
-        Ok(ClusterFile { id, certs, coordinators, nodes })
+        let mut genesis_endpoints = Vec::new();
+        if let Some(u) = &raw.universe {
+            if u.endpoints.get_ref().is_empty() || u.endpoints.get_ref().len() > crate::plan::ENDPOINTS_MAX {
+                return self.error(u.endpoints.span(), "universe.endpoints", "name 1 to 64 endpoints");
+            }
+            for (i, e) in u.endpoints.get_ref().iter().enumerate() {
+                if !crate::plan::valid_endpoint(e.get_ref()) || genesis_endpoints.contains(e.get_ref()) {
+                    return self.error(
+                        e.span(),
+                        format!("universe.endpoints[{i}]"),
+                        format!(
+                            "`{}` is not an endpoint of the form scheme://host:port, or is named twice",
+                            e.get_ref()
+                        ),
+                    );
+                }
+                genesis_endpoints.push(e.get_ref().clone());
+            }
+        }
+        Ok(ClusterFile { id, certs, coordinators, nodes, genesis_endpoints })
     }
 }
 
@@ -354,6 +386,9 @@ data = "/var/lib/imago/router-1"
         let e = error(&GOOD.replace("http =", "htp ="));
         assert_eq!(e.line, 18);
         assert!(e.message.contains("unknown field `htp`"), "{e}");
+
+        let e = error(&format!("{GOOD}\n[universe]\nendpoints = [\"10.0.0.1:80\"]\n"));
+        assert_eq!((e.line, e.field.as_str()), (22, "universe.endpoints[0]"));
 
         let e = error("[cluster]\nid = \"x\"\ncoordinators = []\n");
         assert_eq!((e.line, e.field.as_str()), (3, "coordinators"));

@@ -154,6 +154,10 @@ pub struct DecisionView {
     /// for the replicated state to show all their acks (a round of consensus saved). Empty
     /// otherwise.
     pub routers: Vec<NodeName>,
+    /// Where universes answer, by generation: the one this view's decision serves and the
+    /// current upgrade's new one (as the plans named them; generation 1's come from the
+    /// cluster file). A generation's endpoints never change once a router may serve it.
+    pub universes: Vec<(Generation, Vec<String>)>,
 }
 
 impl DecisionView {
@@ -185,6 +189,13 @@ impl DecisionView {
                 eat(u64::from(b));
             }
             eat(u64::MAX);
+        }
+        for (generation, endpoints) in &self.universes {
+            eat(generation.0);
+            for endpoint in endpoints {
+                endpoint.bytes().for_each(|b| eat(u64::from(b)));
+                eat(u64::MAX);
+            }
         }
         h.max(1)
     }
@@ -421,6 +432,7 @@ mod tests {
             acked_switched: false,
             roster: RosterStatus::Active,
             routers: Vec::new(),
+            universes: Vec::new(),
         }
     }
 
@@ -439,6 +451,7 @@ mod tests {
             DecisionView { roster: RosterStatus::Retiring, ..v.clone() },
             DecisionView { upgrade: Some(UpgradeId(2)), ..v.clone() },
             DecisionView { routers: vec![NodeName::from("router-1")], ..v.clone() },
+            DecisionView { universes: vec![(crate::Generation(2), vec!["http://b:1".into()])], ..v.clone() },
         ];
         for c in changed {
             assert_ne!(c.digest(), v.digest(), "{c:?}");

@@ -76,6 +76,26 @@ pub struct Plan {
     pub nodes: Vec<PlanNode>,
     pub old_schema: Schema,
     pub transforms: Vec<Transform>,
+    /// Where the new universe (the generation after `old_generation`) answers: routers forward
+    /// its requests there (`[universe] endpoints`, e.g. `http://10.0.2.7:8080`). Empty: the
+    /// plan names none, and routers can neither mirror to it nor switch to it.
+    pub endpoints: Vec<String>,
+}
+
+/// Most endpoints one universe may have.
+pub const ENDPOINTS_MAX: usize = 64;
+/// Longest endpoint.
+pub const ENDPOINT_BYTES_MAX: usize = 256;
+
+/// Whether `endpoint` has the form `scheme://authority[/path]`, with a lowercase scheme.
+pub fn valid_endpoint(endpoint: &str) -> bool {
+    let Some((scheme, rest)) = endpoint.split_once("://") else { return false };
+    let authority = rest.split('/').next().unwrap_or("");
+    !scheme.is_empty()
+        && scheme.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'+' || b == b'-')
+        && !authority.is_empty()
+        && endpoint.len() <= ENDPOINT_BYTES_MAX
+        && !endpoint.chars().any(char::is_whitespace)
 }
 
 impl Plan {
@@ -116,6 +136,13 @@ struct PlanFile {
     schema: SchemaSection,
     #[serde(default)]
     transforms: Vec<TransformSection>,
+    universe: Option<UniverseSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UniverseSection {
+    endpoints: Spanned<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -279,7 +306,33 @@ impl Validator<'_> {
                 }
             }
         }
-        Ok(Plan { name, old_generation, switch, max_attempts, thresholds, nodes, old_schema, transforms })
+        let endpoints = match &raw.universe {
+            None => Vec::new(),
+            Some(u) => self.endpoints(&u.endpoints, "universe.endpoints")?,
+        };
+        Ok(Plan { name, old_generation, switch, max_attempts, thresholds, nodes, old_schema, transforms, endpoints })
+    }
+
+    fn endpoints(&self, raw: &Spanned<Vec<Spanned<String>>>, field: &str) -> Result<Vec<String>, PlanError> {
+        let list = raw.get_ref();
+        if list.is_empty() || list.len() > ENDPOINTS_MAX {
+            return self.error(raw.span(), field, format!("{} endpoints: name 1 to {ENDPOINTS_MAX}", list.len()));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, e) in list.iter().enumerate() {
+            let endpoint = e.get_ref();
+            if !valid_endpoint(endpoint) {
+                return self.error(
+                    e.span(),
+                    format!("{field}[{i}]"),
+                    format!("`{endpoint}` is not an endpoint of the form scheme://host:port"),
+                );
+            }
+            if !seen.insert(endpoint.as_str()) {
+                return self.error(e.span(), format!("{field}[{i}]"), format!("`{endpoint}` is named twice"));
+            }
+        }
+        Ok(list.iter().map(|e| e.get_ref().clone()).collect())
     }
 
     fn thresholds(&self, raw: Option<ThresholdsSection>) -> Result<Thresholds, PlanError> {

@@ -53,6 +53,10 @@ fn view() -> impl Strategy<Value = DecisionView> {
         acked_switched: flags[5],
         roster: RosterStatus::Active,
         routers: Vec::new(),
+        universes: (e % 2 == 0)
+            .then(|| (imago_protocol::Generation(e % 5 + 2), vec![format!("http://10.0.0.{}:80", e % 250)]))
+            .into_iter()
+            .collect(),
     })
 }
 

@@ -22,6 +22,26 @@ fn example_plan_loads() {
     let schema = plan.mapping().unwrap().new_schema();
     assert!(schema.tables.contains_key("user_profiles"));
     assert!(schema.tables.contains_key("auctions"));
+    assert_eq!(plan.endpoints, vec!["http://127.0.0.1:9002".to_string()]);
+}
+
+#[test]
+fn universe_endpoints_must_be_urls_named_once() {
+    let text =
+        EXAMPLE.replace(r#"endpoints = ["http://127.0.0.1:9002"]"#, r#"endpoints = ["http://a:1", "127.0.0.1:9002"]"#);
+    let e = load_err(&text);
+    assert_eq!((e.field.as_str(), e.line), ("universe.endpoints[1]", line_of(&text, "endpoints =")));
+    assert!(e.message.contains("scheme://host:port"), "{e}");
+    let e = load_err(&EXAMPLE.replace(r#"["http://127.0.0.1:9002"]"#, r#"["http://a:1", "http://a:1"]"#));
+    assert!(e.message.contains("named twice"), "{e}");
+    let e = load_err(&EXAMPLE.replace(r#"["http://127.0.0.1:9002"]"#, "[]"));
+    assert_eq!(e.field, "universe.endpoints");
+    let none = Plan::from_toml(
+        "p.toml",
+        &EXAMPLE.replace(r#"endpoints = ["http://127.0.0.1:9002"]"#, "").replace("[universe]", ""),
+    )
+    .expect("a plan may leave them out");
+    assert!(none.endpoints.is_empty());
 }
 
 #[test]

@@ -277,6 +277,12 @@ pub mod v2 {
     }
 }
 
+/// Where generation `generation`'s universe answers in the simulator (the plans name it; the
+/// routers' requests for a generation must go there, and nowhere else).
+pub fn endpoint(generation: Generation) -> String {
+    format!("sim://universe-{}", generation.0)
+}
+
 /// The plan the simulator loads (through the real plan loader) for the upgrade from generation
 /// `from`: v1 to v2 from generation 1; after that,
 /// each renames the status column of `auctions` (the new schema of one upgrade is the old
@@ -310,7 +316,11 @@ hold_ms_max = {hold_ms_max}
 hold_queue_max = {hold_queue_max}
 freeze_timeout_ms = {freeze_timeout_ms}
 retry_backoff_ms = 500
-"#
+
+[universe]
+endpoints = ["{endpoint}"]
+"#,
+        endpoint = endpoint(from.next())
     );
     for i in 0..routers {
         s.push_str(&format!(

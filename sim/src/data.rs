@@ -462,7 +462,7 @@ impl World {
             return;
         }
         let d = &self.data[i];
-        let boot = DataBoot { record: d.disk, checkpoint: d.new.checkpoint(), old_fenced: d.old.is_fenced() };
+        let boot = DataBoot { record: d.disk.clone(), checkpoint: d.new.checkpoint(), old_fenced: d.old.is_fenced() };
         let name = d.name.clone();
         self.record(format_args!(
             "{name} restarted with {:?}, checkpoint {}",

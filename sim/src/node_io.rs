@@ -36,14 +36,15 @@ fn write(world: &Weak<Mutex<World>>, node: ProcId, incarnation: u64, record: Nod
             // A write keeps the boot count, or counts one more boot (the boot record).
             let on_disk = disk.boots;
             let miscounted = record.boots != on_disk && record.boots != on_disk.wrapping_add(1);
+            let (boots, decision) = (record.boots, record.decision);
             *disk = record;
             let name = name.to_string();
             if miscounted {
                 let now = w.now_us();
-                let found = Violation::BootMiscounted { node: name.clone(), on_disk, written: record.boots };
+                let found = Violation::BootMiscounted { node: name.clone(), on_disk, written: boots };
                 w.checker.violation(now, found);
             }
-            w.note_persisted(&name, record.decision);
+            w.note_persisted(&name, decision);
             true
         })
     })
@@ -67,7 +68,7 @@ impl NodeDisk for SimDisk {
                 })
             })
             .unwrap_or((0, true));
-        let written_early = early && write(&world, node, incarnation, record);
+        let written_early = early && write(&world, node, incarnation, record.clone());
         async move {
             let written = if delay_us == 0 {
                 written_early

@@ -57,6 +57,7 @@ impl Ingress for SimIngress {
         &self,
         request: &SimClient,
         generation: Generation,
+        endpoint: &str,
         key: RequestKey,
         mirror: bool,
     ) -> impl Future<Output = Option<StoreAnswer>> + 'static {
@@ -65,6 +66,14 @@ impl Ingress for SimIngress {
         let sent = self.with(|w| {
             let now = w.now_us();
             let (addr, name) = (w.routers[index].addr, &w.routers[index].name);
+            if endpoint != crate::app::endpoint(generation) {
+                let found = Violation::WrongEndpoint {
+                    router: name.clone(),
+                    generation: generation.0,
+                    endpoint: endpoint.to_string(),
+                };
+                w.checker.violation(now, found);
+            }
             if !mirror {
                 let found = w.checker.single_universe.admitted(now, AdmissionPoint::Router, name, generation, key.id);
                 w.checker.found(now, found);
@@ -372,7 +381,7 @@ impl World {
         if !self.set_up(addr, true) {
             return;
         }
-        let record = self.routers[i].disk;
+        let record = self.routers[i].disk.clone();
         let name = self.routers[i].name.clone();
         self.record(format_args!("{name} restarted with {:?}", record.decision));
         let t = &self.plan.thresholds;
@@ -385,6 +394,7 @@ impl World {
             },
             ignore_fields: IGNORE_FIELDS.to_vec(),
             requests_max: REQUESTS_MAX,
+            genesis_endpoints: vec![crate::app::endpoint(Generation::GENESIS)],
         };
         let bug = self.config.bug;
         let core = IngressCore::new(config).with_bug(Bug::router(bug)).with_agent_bug(Bug::agent(bug));
@@ -392,7 +402,7 @@ impl World {
         let world = self.me.clone();
         let actor = RouterActor::new(
             core,
-            record,
+            record.clone(),
             SimTransport { world: world.clone(), me: addr, detach: true, incarnation: Some(incarnation) },
             SimDisk { world: world.clone(), node: ProcId::Router(i), incarnation },
             SimIngress { world, index: i, incarnation, observed: std::cell::Cell::new(None) },

@@ -119,6 +119,9 @@ pub struct UpgradeState {
     pub version: u64,
     /// The cluster's routers, outside any plan: who joined, who is being retired, who is.
     pub roster: BTreeMap<NodeName, RosterStatus>,
+    /// Where each universe a router may serve or mirror to answers, by generation (the plans'
+    /// `[universe] endpoints`): at most the generation served and the one after.
+    pub universes: BTreeMap<Generation, Vec<String>>,
 }
 
 fn reject(kind: RejectKind, detail: impl Into<String>) -> Applied {
@@ -224,6 +227,12 @@ impl UpgradeState {
         let (version, last_epoch, decided, last_outcome, generation) = before;
         assert!(self.version >= version, "version went backwards");
         assert!(self.generation >= generation, "generations went backwards");
+        assert!(
+            self.universes.keys().all(|g| *g == self.generation || *g == self.generation.next()),
+            "endpoints kept for generations {:?} while serving {:?}",
+            self.universes.keys().collect::<Vec<_>>(),
+            self.generation
+        );
         assert!(self.last_epoch >= last_epoch, "epochs went backwards");
         assert!(self.outcomes.len() >= decided, "an outcome was forgotten");
         if let Some(outcome) = last_outcome {
@@ -462,6 +471,8 @@ impl UpgradeState {
             .collect();
         self.upgrades_started += 1;
         let id = UpgradeId(self.upgrades_started);
+        // A retry after a rollback may name new endpoints: nobody serves that generation yet.
+        self.universes.insert(plan.old_generation.next(), plan.endpoints.clone());
         self.current = Some(Upgrade {
             id,
             from: plan.old_generation,
@@ -654,6 +665,8 @@ impl UpgradeState {
             upgrade.phase = Phase::Switched;
             self.outcomes.insert(upgrade.epoch, Outcome::Committed);
             self.generation = upgrade.from.next();
+            let serving = self.generation;
+            self.universes.retain(|g, _| *g >= serving);
         }
         if upgrade.phase == Phase::Staged
             && upgrade.required().all(|n| upgrade.nodes.get(n).is_some_and(|s| s.registered && s.deployed))

@@ -16,7 +16,9 @@ fn plan(switch: &str, max_attempts: u32) -> Plan {
 
 /// The example plan, written to upgrade from generation `g`.
 fn plan_from(g: u64) -> Plan {
-    let text = EXAMPLE.replace("old_generation = 1 ", &format!("old_generation = {g} "));
+    let text = EXAMPLE
+        .replace("old_generation = 1 ", &format!("old_generation = {g} "))
+        .replace("http://127.0.0.1:9002", &format!("http://127.0.0.1:{}", 9001 + g));
     let plan = Plan::from_toml("example.toml", &text).unwrap();
     assert_eq!(plan.old_generation, Generation(g));
     plan
@@ -855,6 +857,12 @@ fn upgrade_after_upgrade_moves_the_generation_and_keeps_the_last_decision() {
     assert_eq!(view.decision, Decision::Commit(Epoch(1)), "the new upgrade shows the last decision");
     assert_eq!(view.decision.serving_generation(view.generation), Some(Generation(2)));
     assert_eq!(view.upgrade_from, Some(Generation(2)));
+    // Where the generation served answers (the last plan's), and where the next one will.
+    let universes = vec![
+        (Generation(2), vec!["http://127.0.0.1:9002".to_string()]),
+        (Generation(3), vec!["http://127.0.0.1:9003".to_string()]),
+    ];
+    assert_eq!(view.universes, universes);
 
     make_ready(&mut state);
     freeze(&mut state, 2, 0);
@@ -867,6 +875,10 @@ fn upgrade_after_upgrade_moves_the_generation_and_keeps_the_last_decision() {
 
     switch_and_finish(&mut state, 3);
     assert_eq!(state.generation, Generation(3));
+    let kept: Vec<Generation> = state.universes.keys().copied().collect();
+    assert_eq!(kept, [Generation(3)], "a generation nobody serves any more is forgotten");
+    let view = decision_view(&state, 9, &n("router-1"));
+    assert_eq!(view.universes, vec![(Generation(3), vec!["http://127.0.0.1:9003".to_string()])]);
     let (decision, base) = state.decision_and_base();
     assert_eq!(decision.serving_generation(base), Some(Generation(3)));
     assert_eq!(status(&state).generation, Generation(3));

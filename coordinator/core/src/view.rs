@@ -62,6 +62,13 @@ pub fn decision_view(state: &UpgradeState, version: u64, node: &NodeName) -> Dec
             .filter(|u| u.duties_of(node).is_some_and(|d| d.contains(&protocol::Duty::Transform)))
             .map(|u| u.routers.iter().cloned().collect())
             .unwrap_or_default(),
+        universes: [decision.serving_generation(generation), upgrade.map(|u| u.from.next())]
+            .into_iter()
+            .flatten()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|g| state.universes.get(&g).map(|e| (g, e.clone())))
+            .collect(),
     }
 }
 

@@ -626,6 +626,7 @@ mod tests {
             acked_switched: false,
             roster: protocol::messages::RosterStatus::Active,
             routers: Vec::new(),
+            universes: Vec::new(),
         }
     }
 

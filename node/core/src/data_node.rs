@@ -388,7 +388,7 @@ impl DataNodeCore {
                 let booted = self.durable.boot(record, NodeRecord::owner_of(&self.config.agent.node.0));
                 let transform = TransformCore::new(self.config.mapping.clone(), checkpoint.clone());
                 #[cfg(feature = "planted-bugs")]
-                let transform = planted_after_restart(transform, self.bug, record.boots);
+                let transform = planted_after_restart(transform, self.bug, booted.boots - 1);
                 self.transform = Some(transform);
                 self.store_bulk_done = checkpoint.copy == CopyState::Done;
                 self.drain = Some(DrainCore::new(checkpoint.applied, old_fenced));
@@ -760,7 +760,8 @@ impl DataNodeCore {
                     out.push(DataOutput::Send { id, replica, request, deadline_ms });
                 }
                 AgentOutput::Persist(decision) => {
-                    let record = self.durable.decide(decision, self.agent.persisting_base());
+                    // A data node serves no clients: it keeps no endpoints.
+                    let record = self.durable.decide(decision, self.agent.persisting_base(), Vec::new());
                     out.push(DataOutput::Persist(record));
                 }
                 AgentOutput::Act(decision) => {

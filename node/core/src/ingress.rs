@@ -34,6 +34,9 @@ pub struct IngressConfig {
     pub ignore_fields: Vec<String>,
     /// Most client requests tracked at once (forwarded, held or mirrored); more are refused.
     pub requests_max: usize,
+    /// Where generation 1 (the universe that ran before Imago) answers: the cluster file's.
+    /// Later generations' endpoints come from the plans, through the coordinator's views.
+    pub genesis_endpoints: Vec<String>,
 }
 
 /// Inputs to the ingress core.
@@ -73,6 +76,9 @@ pub enum Unavailable {
     Hold(FailReason),
     /// More than `requests_max` requests in progress.
     Overloaded,
+    /// No endpoint is known for the generation the request is for (a plan without
+    /// `[universe] endpoints`, or a cluster file without generation 1's): nothing was sent.
+    NoEndpoint(Generation),
 }
 
 /// What the shell must do, in order.
@@ -80,10 +86,10 @@ pub enum Unavailable {
 pub enum IngressOutput {
     /// Send request `id` to `generation`'s universe, keyed by `key` (the data tier's
     /// idempotency key), and answer [`IngressInput::Answered`].
-    Forward { id: RequestId, generation: Generation, key: RequestKey },
+    Forward { id: RequestId, generation: Generation, key: RequestKey, endpoint: String },
     /// Send a copy of read-only request `id` to the upgrade's new universe, `generation`, and
     /// answer [`IngressInput::Mirrored`].
-    Mirror { id: RequestId, generation: Generation, key: RequestKey },
+    Mirror { id: RequestId, generation: Generation, key: RequestKey, endpoint: String },
     /// Answer the client.
     Reply { id: RequestId, reply: ClientReply },
     /// Send a request to a coordinator replica; give up at `deadline_ms` (the core does too).
@@ -122,6 +128,9 @@ struct Tracked {
     new_seen: Option<Observed>,
 }
 
+/// The Retry-After of a request refused because its universe has no endpoint known.
+pub const NO_ENDPOINT_RETRY_MS: u64 = 5_000;
+
 /// Request ids per boot must fit below this (the boot count takes the bits above).
 pub const REQUESTS_PER_BOOT_MAX: u64 = 1 << 40;
 
@@ -147,6 +156,8 @@ pub struct IngressCore {
     mirroring: bool,
     /// This node's part of every request key (a hash of its name and its disk's id).
     origin: u64,
+    /// Where each generation answers (the cluster file's generation 1, the views', the disk's).
+    endpoints: BTreeMap<Generation, Vec<String>>,
 }
 
 impl IngressCore {
@@ -165,6 +176,10 @@ impl IngressCore {
             serving: None,
             mirroring: false,
             origin: 0,
+            endpoints: [(Generation::GENESIS, config.genesis_endpoints.clone())]
+                .into_iter()
+                .filter(|(_, e)| !e.is_empty())
+                .collect(),
             config,
         }
     }
@@ -215,9 +230,14 @@ impl IngressCore {
                 self.origin = h.0;
                 // The boot count is persisted before any request id of this boot is used.
                 let booted = self.durable.boot(record, NodeRecord::owner_of(&self.config.agent.node.0));
+                let frozen = matches!(booted.decision, Decision::Freeze(_));
+                if self.durable.trusted() && !booted.endpoints.is_empty() {
+                    if let Some(g) = booted.decision.serving_generation(booted.generation) {
+                        self.endpoints.insert(g, booted.endpoints.clone());
+                    }
+                }
                 out.push(IngressOutput::Persist(booted));
                 if self.durable.trusted() {
-                    let frozen = matches!(booted.decision, Decision::Freeze(_));
                     let outs = self.router.handle(now_ms, RouterInput::OwnDisk { frozen });
                     self.router_outputs(now_ms, outs, &mut out);
                 }
@@ -235,6 +255,14 @@ impl IngressCore {
                 self.maybe_forget(id);
             }
             IngressInput::Coordinator { id, response } => {
+                if let NodeResponse::View(view) = &response {
+                    // Learnt before the agent may persist a decision serving one of them.
+                    for (g, endpoints) in &view.universes {
+                        if !endpoints.is_empty() {
+                            self.endpoints.insert(*g, endpoints.clone());
+                        }
+                    }
+                }
                 let outs = self.agent.handle(now_ms, AgentInput::Response { id, response });
                 self.agent_outputs(now_ms, outs, &mut out);
             }
@@ -251,6 +279,17 @@ impl IngressCore {
             }
         }
         out
+    }
+
+    /// The endpoint of `generation` request `id` goes to (spread over them by id).
+    fn endpoint(&self, generation: Generation, id: RequestId) -> Option<String> {
+        let endpoints = self.endpoints.get(&generation).filter(|e| !e.is_empty())?;
+        Some(endpoints[(id % endpoints.len() as u64) as usize].clone())
+    }
+
+    /// Where `generation` answers, if known.
+    pub fn endpoints(&self, generation: Generation) -> Option<&[String]> {
+        self.endpoints.get(&generation).map(Vec::as_slice)
     }
 
     fn key(&self, id: RequestId) -> RequestKey {
@@ -333,17 +372,29 @@ impl IngressCore {
     fn router_outputs(&mut self, now_ms: u64, outs: Vec<RouterOutput>, out: &mut Vec<IngressOutput>) {
         for o in outs {
             match o {
-                RouterOutput::Forward { id, generation } => {
-                    out.push(IngressOutput::Forward { id, generation, key: self.key(id) });
-                }
+                RouterOutput::Forward { id, generation } => match self.endpoint(generation, id) {
+                    Some(endpoint) => out.push(IngressOutput::Forward { id, generation, key: self.key(id), endpoint }),
+                    None => {
+                        // Nothing was sent: the client is told so (not "unknown").
+                        let outs = self.router.handle(now_ms, RouterInput::Completed { id });
+                        self.router_outputs(now_ms, outs, out);
+                        let reply = ClientReply::Unavailable {
+                            retry_after_ms: NO_ENDPOINT_RETRY_MS,
+                            reason: Unavailable::NoEndpoint(generation),
+                        };
+                        self.finish(now_ms, id, reply, out);
+                    }
+                },
                 RouterOutput::Mirror { id } => {
                     // Mirror only while the upgrade is syncing from what this router serves: the
                     // router is told so (see `set_mirroring`).
                     let generation = self.upgrade_from.expect("mirroring only during an upgrade").next();
+                    // A new universe with no endpoint known is not validated through this router.
+                    let Some(endpoint) = self.endpoint(generation, id) else { continue };
                     let tracked = self.requests.get_mut(&id).expect("mirroring a tracked request");
                     tracked.mirror_pending = true;
                     tracked.mirrored_for = self.upgrade;
-                    out.push(IngressOutput::Mirror { id, generation, key: self.key(id) });
+                    out.push(IngressOutput::Mirror { id, generation, key: self.key(id), endpoint });
                 }
                 RouterOutput::Fail { id, retry_after_ms, reason } => {
                     let reply = ClientReply::Unavailable { retry_after_ms, reason: Unavailable::Hold(reason) };
@@ -371,7 +422,12 @@ impl IngressCore {
                     out.push(IngressOutput::Send { id, replica, request, deadline_ms });
                 }
                 AgentOutput::Persist(decision) => {
-                    let record = self.durable.decide(decision, self.agent.persisting_base());
+                    let base = self.agent.persisting_base();
+                    let endpoints = decision
+                        .serving_generation(base)
+                        .and_then(|g| self.endpoints.get(&g).cloned())
+                        .unwrap_or_default();
+                    let record = self.durable.decide(decision, base, endpoints);
                     out.push(IngressOutput::Persist(record));
                 }
                 AgentOutput::Act(decision) => {

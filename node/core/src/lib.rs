@@ -22,7 +22,7 @@ use protocol::{Decision, Generation, Position};
 use serde::{Deserialize, Serialize};
 
 /// What a node keeps on its own disk.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeRecord {
     /// The last decision persisted (and so the last one the node may have acted on).
     pub decision: Decision,
@@ -44,6 +44,11 @@ pub struct NodeRecord {
     /// linearizable read on this disk is done). Until then the disk says nothing: a new or
     /// replaced disk holds `Initial` whatever the cluster decided meanwhile.
     pub confirmed: bool,
+    /// Where the generation `decision` serves answers (a router's; empty for a data node, or
+    /// while frozen), written in the same durable write as the decision: a router restarted
+    /// on its own disk serves there at once, and a stale mapping can never point it at a
+    /// universe still being loaded.
+    pub endpoints: Vec<String>,
 }
 
 impl NodeRecord {
@@ -80,15 +85,16 @@ impl Durable {
             NodeRecord { disk_id: found.disk_id, ..NodeRecord::default() }
         };
         self.record = NodeRecord { boots: found.boots + 1, owner, ..found };
-        self.record
+        self.record.clone()
     }
 
     /// A decision to persist (read from the coordinator): the record to write.
-    pub(crate) fn decide(&mut self, decision: Decision, base: Generation) -> NodeRecord {
+    pub(crate) fn decide(&mut self, decision: Decision, base: Generation, endpoints: Vec<String>) -> NodeRecord {
         self.record.decision = decision;
         self.record.generation = base;
         self.record.confirmed = true;
-        self.record
+        self.record.endpoints = endpoints;
+        self.record.clone()
     }
 
     /// `record` is durable: what the agent is told (its boot, or the persisted decision).
@@ -163,8 +169,8 @@ mod tests {
             confirmed: true,
             ..NodeRecord::default()
         };
-        let booted = d.boot(found, owner);
-        assert_eq!(booted, NodeRecord { boots: 4, ..found });
+        let booted = d.boot(found.clone(), owner);
+        assert_eq!(booted, NodeRecord { boots: 4, ..found.clone() });
         assert!(!d.started(), "not before the boot record is durable");
         assert_eq!(
             d.persisted(booted),
@@ -172,7 +178,7 @@ mod tests {
         );
         assert!(d.started());
         assert_eq!(d.boots(), 4);
-        let next = d.decide(Decision::Commit(protocol::Epoch(2)), Generation::GENESIS);
+        let next = d.decide(Decision::Commit(protocol::Epoch(2)), Generation::GENESIS, Vec::new());
         assert_eq!(d.persisted(next), agent::AgentInput::Persisted(Decision::Commit(protocol::Epoch(2))));
     }
 
@@ -183,7 +189,7 @@ mod tests {
         let boot = |found: NodeRecord| {
             let mut d = Durable::default();
             let booted = d.boot(found, owner);
-            (booted, d.persisted(booted))
+            (booted.clone(), d.persisted(booted))
         };
         // A fresh disk (new, or lost and replaced): nothing to serve from.
         let fresh = NodeRecord { disk_id: 5, ..NodeRecord::default() };
@@ -191,11 +197,11 @@ mod tests {
         let afresh = NodeRecord { boots: 1, disk_id: 5, owner, ..NodeRecord::default() };
         let untrusted =
             agent::AgentInput::Boot { persisted: Decision::Initial, base: Generation::GENESIS, trusted: false };
-        let (booted, input) = boot(fresh);
-        assert_eq!((booted, input), (afresh, untrusted.clone()));
+        let (booted, input) = boot(fresh.clone());
+        assert_eq!((booted, input), (afresh.clone(), untrusted.clone()));
         // Its own disk, booted before but never confirmed by a read (the coordinator was out of
         // reach): it says nothing yet.
-        let unread = NodeRecord { boots: 1, owner, ..fresh };
+        let unread = NodeRecord { boots: 1, owner, ..fresh.clone() };
         assert_eq!(boot(unread).1, untrusted);
         // Its own disk, confirmed: trusted, whatever the decision.
         let own = NodeRecord {
@@ -207,7 +213,7 @@ mod tests {
             ..NodeRecord::default()
         };
         assert_eq!(
-            boot(own).1,
+            boot(own.clone()).1,
             agent::AgentInput::Boot { persisted: own.decision, base: Generation::GENESIS, trusted: true }
         );
         // Another node's disk: started afresh, its decision forgotten, its boots not counted.
@@ -216,8 +222,8 @@ mod tests {
         assert_eq!((booted, input), (afresh, untrusted.clone()));
         // A decision persisted after a read confirms the disk.
         let mut d = Durable::default();
-        let booted = d.boot(fresh, owner);
+        let booted = d.boot(fresh.clone(), owner);
         d.persisted(booted);
-        assert!(d.decide(Decision::Initial, Generation::GENESIS).confirmed);
+        assert!(d.decide(Decision::Initial, Generation::GENESIS, Vec::new()).confirmed);
     }
 }

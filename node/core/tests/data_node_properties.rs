@@ -190,6 +190,7 @@ impl Coordinator {
             acked_switched: false,
             roster: protocol::messages::RosterStatus::Active,
             routers: Vec::new(),
+            universes: Vec::new(),
         }
     }
 
@@ -420,6 +421,7 @@ impl<'a> Shell<'a> {
                 owner: NodeRecord::owner_of("data-1"),
                 confirmed: case.boots > 0,
                 generation: Generation::GENESIS,
+                endpoints: Vec::new(),
             },
             old,
             new: MemStore::with_schema(&mapping.new_schema()),
@@ -460,7 +462,7 @@ impl<'a> Shell<'a> {
         self.fenced_for.clear();
         self.booted_fenced = self.old.is_fenced();
         let checkpoint = self.new.checkpoint();
-        self.feed(DataInput::Boot { record: self.disk, checkpoint, old_fenced: self.booted_fenced })
+        self.feed(DataInput::Boot { record: self.disk.clone(), checkpoint, old_fenced: self.booted_fenced })
     }
 
     /// Feeds one input, then the answers its outputs ask for at once (`Persisted`, and store
@@ -574,7 +576,8 @@ impl<'a> Shell<'a> {
                     record.decision,
                     self.disk.decision
                 );
-                self.disk = record;
+                prop_assert!(record.endpoints.is_empty(), "a data node keeps no endpoints");
+                self.disk = record.clone();
                 queue.push_back(DataInput::Persisted(record));
             }
             DataOutput::Store(op) => {

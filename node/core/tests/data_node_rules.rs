@@ -91,6 +91,7 @@ fn view(version: u64, phase: Phase, decision: Decision, acked_drained: bool) -> 
         acked_switched: false,
         roster: protocol::messages::RosterStatus::Active,
         routers: Vec::new(),
+        universes: Vec::new(),
     }
 }
 
@@ -301,7 +302,7 @@ fn settle(core: &mut DataNodeCore, now_ms: u64, input: DataInput) -> Vec<DataOut
     while let Some(input) = queue.pop_front() {
         for output in core.handle(now_ms, input) {
             match &output {
-                DataOutput::Persist(record) => queue.push_back(DataInput::Persisted(*record)),
+                DataOutput::Persist(record) => queue.push_back(DataInput::Persisted(record.clone())),
                 DataOutput::Store(StoreOp::Fence) => {
                     queue.push_back(DataInput::Store(StoreResult::Fenced { final_position: Position(9) }))
                 }
@@ -410,7 +411,7 @@ fn a_draining_node_reads_the_change_stream_without_the_usual_pause() {
     // change stream returns one change.
     for _ in 0..40 {
         if let Some(DataOutput::Persist(record)) = out.iter().find(|o| matches!(o, DataOutput::Persist(_))) {
-            let record = *record;
+            let record = record.clone();
             let mut more = core.handle(now, DataInput::Persisted(record));
             out.retain(|o| !matches!(o, DataOutput::Persist(_)));
             out.append(&mut more);

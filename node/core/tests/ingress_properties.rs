@@ -53,7 +53,13 @@ fn config() -> IngressConfig {
         router: RouterConfig { hold_ms_max: HOLD_MS_MAX, hold_queue_max: 3, retry_after_ms: 1000 },
         ignore_fields: Vec::new(),
         requests_max: 6,
+        genesis_endpoints: vec![endpoint(Generation(1))],
     }
+}
+
+/// Where generation `g` answers in this test.
+fn endpoint(g: Generation) -> String {
+    format!("http://universe-{}:80", g.0)
 }
 
 /// The coordinator's replicated state as this router sees it, and every state it went through
@@ -108,6 +114,7 @@ impl Coordinator {
             acked_switched: acked(self.switched),
             roster: self.roster,
             routers: Vec::new(),
+            universes: vec![(Generation(2), vec![endpoint(Generation(2))])],
         }
     }
 
@@ -337,7 +344,7 @@ impl<'a> Shell<'a> {
         self.replied.clear();
         self.confirmed = None;
         self.acted = None;
-        self.feed(IngressInput::Boot { record: self.disk })
+        self.feed(IngressInput::Boot { record: self.disk.clone() })
     }
 
     /// Feeds one input, then the `Persisted` answers its outputs ask for, checking every output.
@@ -371,8 +378,13 @@ impl<'a> Shell<'a> {
 
     fn apply(&mut self, output: IngressOutput, queue: &mut VecDeque<IngressInput>) -> Result<(), TestCaseError> {
         match output {
-            IngressOutput::Forward { id, generation, .. } => {
+            IngressOutput::Forward { id, generation, endpoint: to, .. } => {
                 prop_assert!(generation == Generation(1) || generation == Generation(2), "forwarded to {}", generation);
+                prop_assert_eq!(
+                    to,
+                    endpoint(generation),
+                    "a request for a generation goes to that generation's endpoint"
+                );
                 let universe = if generation == Generation(1) { Universe::Old } else { Universe::New };
                 let acted = self.acted;
                 let allowed = match universe {
@@ -466,7 +478,7 @@ impl<'a> Shell<'a> {
                     record.decision,
                     self.disk.decision
                 );
-                self.disk = record;
+                self.disk = record.clone();
                 queue.push_back(IngressInput::Persisted(record));
             }
             IngressOutput::Event(IngressEvent::Acted(decision)) => {

@@ -7,7 +7,7 @@ extern crate imago_node_core as node_core;
 
 use node_core::agent::AgentConfig;
 use node_core::duties::router::RouterConfig;
-use node_core::ingress::{IngressConfig, IngressCore, IngressInput, IngressOutput};
+use node_core::ingress::{ClientReply, IngressConfig, IngressCore, IngressInput, IngressOutput, Unavailable};
 use node_core::{NodeRecord, StoreAnswer};
 use protocol::messages::{DecisionView, NodeRequest, NodeResponse, Phase};
 use protocol::schema::{Row, Value};
@@ -28,6 +28,7 @@ fn config() -> IngressConfig {
         router: RouterConfig { hold_ms_max: 100, hold_queue_max: 3, retry_after_ms: 1000 },
         ignore_fields: Vec::new(),
         requests_max: 6,
+        genesis_endpoints: vec!["http://g1:80".into()],
     }
 }
 
@@ -80,12 +81,14 @@ fn the_next_upgrade_forwards_to_the_last_switch_and_mirrors_to_the_one_after() {
         disk_id: 4,
         owner: NodeRecord::owner_of("router-1"),
         confirmed: true,
+        endpoints: vec!["http://g2-a:80".into(), "http://g2-b:80".into()],
     };
     let (mut core, watch) = booted(own);
     let out = core.handle(1, IngressInput::Request { id: 1, read_only: true });
     assert!(
-        out.iter().any(|o| matches!(o, IngressOutput::Forward { id: 1, generation: Generation(2), .. })),
-        "served from its own disk: generation 2 ({out:?})"
+        out.iter().any(|o| matches!(o, IngressOutput::Forward { id: 1, generation: Generation(2), endpoint, .. }
+            if endpoint == "http://g2-b:80")),
+        "served from its own disk: generation 2, at the endpoints its record names ({out:?})"
     );
     assert!(!out.iter().any(|o| matches!(o, IngressOutput::Mirror { .. })), "no upgrade known yet: {out:?}");
     // The second upgrade syncs: the view keeps the last decision, of the upgrade from 1.
@@ -101,7 +104,11 @@ fn the_next_upgrade_forwards_to_the_last_switch_and_mirrors_to_the_one_after() {
         out.iter().any(|o| matches!(o, IngressOutput::Forward { id: 2, generation: Generation(2), .. })),
         "{out:?}"
     );
-    assert!(out.iter().any(|o| matches!(o, IngressOutput::Mirror { id: 2, generation: Generation(3), .. })), "{out:?}");
+    assert!(
+        out.iter().any(|o| matches!(o, IngressOutput::Mirror { id: 2, generation: Generation(3), endpoint, .. }
+            if endpoint == "http://g3:80")),
+        "{out:?}"
+    );
 }
 
 /// A core booted on `record`, its boot record durable: the core and the id of its watch.
@@ -162,6 +169,8 @@ fn syncing(version: u64, upgrade: u64, decision: Decision) -> DecisionView {
         acked_switched: false,
         roster: protocol::messages::RosterStatus::Active,
         routers: Vec::new(),
+        // Every generation these tests upgrade to answers at its own endpoint.
+        universes: (2..=4).map(|g| (protocol::Generation(g), vec![format!("http://g{g}:80")])).collect(),
     }
 }
 
@@ -224,4 +233,44 @@ fn a_new_upgrade_ignores_the_same_fields() {
     core.handle(3, IngressInput::Coordinator { id: watch, response: view });
     mirrored_read(&mut core, 4, 1, 7, 8);
     assert_eq!((core.validate().samples, core.validate().mismatches), (1, 0), "`v` is ignored");
+}
+
+/// A request for a generation whose endpoints nobody named is refused at once (503, nothing
+/// sent); a decision is persisted with the endpoints of the generation it serves, so that the
+/// router can serve there from its own disk after a restart.
+#[test]
+fn no_endpoint_no_request_and_the_record_keeps_where_the_decision_serves() {
+    use protocol::{Epoch, Generation};
+    let own = NodeRecord {
+        decision: Decision::Initial,
+        generation: Generation(1),
+        boots: 1,
+        disk_id: 4,
+        owner: NodeRecord::owner_of("router-1"),
+        confirmed: true,
+        endpoints: Vec::new(),
+    };
+    let config = IngressConfig { genesis_endpoints: Vec::new(), ..config() };
+    let (mut core, watch) = booted_with(config, own);
+    let out = core.handle(1, IngressInput::Request { id: 1, read_only: false });
+    assert!(!out.iter().any(|o| matches!(o, IngressOutput::Forward { .. })), "{out:?}");
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            IngressOutput::Reply {
+                id: 1,
+                reply: ClientReply::Unavailable { reason: Unavailable::NoEndpoint(Generation(1)), .. }
+            }
+        )),
+        "{out:?}"
+    );
+    let commit = DecisionView { phase: Some(Phase::Switched), ..syncing(5, 1, Decision::Commit(Epoch(1))) };
+    let out = core.handle(2, IngressInput::Coordinator { id: watch, response: NodeResponse::View(commit) });
+    let persisted = out.iter().find_map(|o| match o {
+        IngressOutput::Persist(record) => Some(record.clone()),
+        _ => None,
+    });
+    let record = persisted.expect("the commit is persisted");
+    assert_eq!(record.decision, Decision::Commit(Epoch(1)));
+    assert_eq!(record.endpoints, vec!["http://g2:80".to_string()], "the endpoints of the generation it serves");
 }

@@ -199,6 +199,8 @@ pub enum Violation {
     MirroredAfterSwitch { router: String, request: u64 },
     /// Durability: a boot record that does not count one more boot than the disk held.
     BootMiscounted { node: String, on_disk: u64, written: u64 },
+    /// Single universe: a request for one generation sent to another generation's endpoint.
+    WrongEndpoint { router: String, generation: u64, endpoint: String },
     /// The harness failed (a replica did not start, the cluster did not initialize).
     Setup { what: String },
     /// A task panicked.
@@ -290,6 +292,9 @@ impl fmt::Display for Violation {
             }
             MirroredAfterSwitch { router, request } => {
                 write!(f, "validation: {router} mirrored request {request} while not serving the upgrade's old universe, or not to its new one")
+            }
+            WrongEndpoint { router, generation, endpoint } => {
+                write!(f, "single universe: {router} sent a request for generation {generation} to {endpoint}")
             }
             BootMiscounted { node, on_disk, written } => {
                 write!(f, "durability: {node} wrote boot count {written} over {on_disk} (one more boot expected)")

@@ -67,6 +67,7 @@ mod tests {
             acked_switched: false,
             roster: protocol::messages::RosterStatus::Active,
             routers: Vec::new(),
+            universes: Vec::new(),
         }
     }
 
