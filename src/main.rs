@@ -2,6 +2,7 @@
 
 mod cluster_cmd;
 mod coordinator_cmd;
+mod node_cmd;
 mod operator_cmd;
 mod signals;
 mod sim_cmd;
@@ -46,6 +47,8 @@ enum Command {
     },
     /// Run one coordinator replica (Raft over QUIC, a durable data directory).
     Coordinator(coordinator_cmd::CoordinatorArgs),
+    /// Run one node: a router (the HTTP ingress proxy) of the cluster file.
+    Node(node_cmd::NodeArgs),
     /// Start, watch, switch or abort an upgrade.
     Upgrade {
         #[command(subcommand)]
@@ -79,7 +82,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Long-running processes log what they do; one-shot commands only what goes wrong.
     let default_filter = match cli.command {
-        Command::Coordinator(_) => "info,openraft=warn",
+        Command::Coordinator(_) | Command::Node(_) => "info,openraft=warn",
         _ => "warn,openraft=off",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("IMAGO_LOG").unwrap_or_else(|_| default_filter.into());
@@ -95,6 +98,7 @@ fn main() -> std::process::ExitCode {
         Command::Plan { command: PlanCommand::Check { file, generation } } => plan_check(&file, generation),
         Command::Certs { command } => cluster_cmd::certs(command),
         Command::Coordinator(args) => coordinator_cmd::run(args),
+        Command::Node(args) => node_cmd::run(args),
         Command::Upgrade { command } => operator_cmd::upgrade(command),
         Command::Router { command } => operator_cmd::router(command),
         Command::Cluster { command } => operator_cmd::cluster(command),

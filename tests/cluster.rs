@@ -18,17 +18,29 @@ fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
+/// A free TCP port on loopback.
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
 /// A test cluster: its directory, cluster file and running processes.
 struct Cluster {
     dir: PathBuf,
     file: PathBuf,
     coordinators: Vec<(String, u16)>,
+    /// Each node's HTTP port.
+    http: BTreeMap<String, u16>,
     running: BTreeMap<String, Child>,
 }
 
 impl Cluster {
     /// Writes a cluster file with `n` coordinators and `nodes`, and makes its certificates.
     fn new(test: &str, n: usize, nodes: &[&str]) -> Cluster {
+        Cluster::with_universe(test, n, nodes, None)
+    }
+
+    /// The same, with generation 1 answering at `genesis` (an endpoint URL).
+    fn with_universe(test: &str, n: usize, nodes: &[&str], genesis: Option<&str>) -> Cluster {
         let dir = std::env::temp_dir().join(format!("imago-cluster-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
@@ -40,12 +52,18 @@ impl Cluster {
                 i + 1
             ));
         }
+        if let Some(endpoint) = genesis {
+            text.push_str(&format!("\n[universe]\nendpoints = [\"{endpoint}\"]\n"));
+        }
+        let mut http = BTreeMap::new();
         for node in nodes {
-            text.push_str(&format!("\n[[nodes]]\nname = \"{node}\"\nhttp = \"127.0.0.1:{}\"\n", free_udp_port()));
+            let port = free_tcp_port();
+            http.insert(node.to_string(), port);
+            text.push_str(&format!("\n[[nodes]]\nname = \"{node}\"\nhttp = \"127.0.0.1:{port}\"\n"));
         }
         let file = dir.join("cluster.toml");
         std::fs::write(&file, text).expect("write");
-        let cluster = Cluster { dir, file, coordinators, running: BTreeMap::new() };
+        let cluster = Cluster { dir, file, coordinators, http, running: BTreeMap::new() };
         let out = cluster.cli(&["certs", "init"]);
         assert!(out.status.success(), "certs init: {}", String::from_utf8_lossy(&out.stderr));
         cluster
@@ -57,8 +75,9 @@ impl Cluster {
             .append(true)
             .open(self.dir.join(format!("{name}.log")))
             .expect("log");
+        let kind = if self.http.contains_key(name) { "node" } else { "coordinator" };
         let child = imago()
-            .args(["coordinator", "--name", name])
+            .args([kind, "--name", name])
             .env("IMAGO_CLUSTER", &self.file)
             .stdout(Stdio::null())
             .stderr(log)
@@ -67,9 +86,17 @@ impl Cluster {
         self.running.insert(name.to_string(), child);
     }
 
+    /// Starts every coordinator.
     fn start_all(&mut self) {
         for (name, _) in self.coordinators.clone() {
             self.start(&name);
+        }
+    }
+
+    /// Stops every coordinator.
+    fn stop_coordinators(&mut self) {
+        for (name, _) in self.coordinators.clone() {
+            self.stop(&name);
         }
     }
 
@@ -270,4 +297,236 @@ fn cluster_replica_refuses_a_data_directory_of_another_cluster() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("belongs to cluster `dir-a`, not `dir-b`"), "{stderr}");
+}
+
+// ---- HTTP: two universes' backends and a client ---------------------------------------------
+
+/// What the backends saw: (version, sequence number) of every admitted request (mirrored
+/// copies are not admissions), in one global sequence shared by both universes.
+type Admissions = std::sync::Arc<std::sync::Mutex<Vec<(String, u64)>>>;
+
+/// Starts a backend of universe `version` on a free port; every answer carries `x-version` and,
+/// for an admission, `x-seq`. The body is the same in both universes (so mirrored reads match).
+fn backend(version: &'static str, seq: std::sync::Arc<std::sync::atomic::AtomicU64>, seen: Admissions) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (seq, seen) = (seq.clone(), seen.clone());
+            std::thread::spawn(move || serve_backend(stream, version, &seq, &seen));
+        }
+    });
+    port
+}
+
+fn serve_backend(
+    mut stream: std::net::TcpStream,
+    version: &str,
+    seq: &std::sync::atomic::AtomicU64,
+    seen: &Admissions,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) if line == "\r\n" => break,
+                Ok(_) => head.push(line.trim_end().to_ascii_lowercase()),
+            }
+        }
+        let length: usize = head
+            .iter()
+            .find_map(|h| h.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+            .unwrap_or(0);
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let path = head.first().and_then(|l| l.split(' ').nth(1)).unwrap_or("/").to_string();
+        let mirror = head.iter().any(|h| h.starts_with("x-imago-mirror:"));
+        let mut extra = format!("x-version: {version}\r\n");
+        if !mirror {
+            let n = seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            seen.lock().expect("lock").push((version.to_string(), n));
+            extra.push_str(&format!("x-seq: {n}\r\n"));
+        }
+        let answer = format!("{{\"path\":\"{path}\"}}");
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra}\r\n{answer}",
+            answer.len()
+        );
+        if stream.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// One client request: (status, `x-version` of the answer, milliseconds it took).
+fn http_call(port: u16, method: &str, path: &str) -> (u16, String, u64) {
+    use std::io::{Read, Write};
+    let started = std::time::Instant::now();
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new(), 0);
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(15)));
+    let body = if method == "POST" { "{\"bid\":1}" } else { "" };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if stream.write_all(request.as_bytes()).is_err() {
+        return (0, String::new(), 0);
+    }
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let version = text
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-version:").map(|v| v.trim().to_string()))
+        .unwrap_or_default();
+    (status, version, started.elapsed().as_millis() as u64)
+}
+
+/// A plan from generation 1 to 2 for `routers`, whose new universe answers at `endpoint`.
+fn web_plan(routers: &[&str], endpoint: &str, samples_min: u64) -> String {
+    let mut plan = format!(
+        "[upgrade]\nname = \"web-v2\"\nold_generation = 1\nswitch = \"manual\"\n\n[thresholds]\n\
+         samples_min = {samples_min}\nmismatch_ratio_max = 0.0\nhold_ms_max = 3000\nfreeze_timeout_ms = 3000\n\n\
+         [universe]\nendpoints = [\"{endpoint}\"]\n\n[schema.old.pages]\nkey = \"id\"\ncolumns = [\"id\", \"body\"]\n"
+    );
+    for r in routers {
+        plan.push_str(&format!("\n[[nodes]]\nname = \"{r}\"\ntier = \"web\"\nduties = [\"route\", \"validate\"]\n"));
+    }
+    plan
+}
+
+fn upgrade_phase(c: &Cluster) -> String {
+    let out = c.cli(&["upgrade", "status", "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["phase"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Acceptance: 3 coordinators and 2 routers in front of two universes, clients running through
+/// the whole upgrade: start, mirrored validation, switch. Every v1 admission precedes the first
+/// v2 admission, every answer after the switch is v2's, and no client request fails. Then every
+/// coordinator is stopped and a router killed and restarted: it serves v2 from its own disk.
+#[test]
+fn cluster_routers_switch_two_universes_atomically_under_load() {
+    let seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let admissions: Admissions = Default::default();
+    let v1 = backend("v1", seq.clone(), admissions.clone());
+    let v2 = backend("v2", seq.clone(), admissions.clone());
+    let routers = ["router-1", "router-2"];
+    let mut c = Cluster::with_universe("switch", 3, &routers, Some(&format!("http://127.0.0.1:{v1}")));
+    c.start_all();
+    c.status_with_leader();
+    for r in routers {
+        assert!(c.cli(&["router", "join", r]).status.success());
+        c.start(r);
+    }
+    let ports: Vec<u16> = routers.iter().map(|r| c.http[*r]).collect();
+    // Both routers serve v1 once they have read the coordinator (a new disk waits for it).
+    for port in &ports {
+        let mut answer = (0, String::new(), 0);
+        for _ in 0..100 {
+            answer = http_call(*port, "GET", "/ready");
+            if answer.0 == 200 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!((answer.0, answer.1.as_str()), (200, "v1"), "router on port {port}");
+    }
+
+    // Clients: reads and writes through both routers, all along.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let results = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|k| {
+            let (stop, results, ports) = (stop.clone(), results.clone(), ports.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let method = if i.is_multiple_of(3) { "POST" } else { "GET" };
+                    let r = http_call(ports[(i as usize + k) % ports.len()], method, &format!("/item/{k}/{i}"));
+                    results.lock().expect("lock").push((std::time::Instant::now(), r));
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect();
+
+    let plan = c.dir.join("plan.toml");
+    std::fs::write(&plan, web_plan(&routers, &format!("http://127.0.0.1:{v2}"), 10)).expect("plan");
+    let start = c.cli(&["upgrade", "start", plan.to_str().expect("path"), "--json"]);
+    assert!(start.status.success(), "{}", String::from_utf8_lossy(&start.stderr));
+    // Wait for the gate: enough mirrored reads compared, none different.
+    let mut ready = false;
+    for _ in 0..100 {
+        let out = c.cli(&["upgrade", "status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        if status["phase"] == "Syncing" && status["gate_blockers"].as_array().is_some_and(|b| b.is_empty()) {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ready, "the ready gate passes with mirrored reads; logs in {}", c.dir.display());
+    let switch = c.cli(&["upgrade", "switch"]);
+    assert!(switch.status.success(), "{}", String::from_utf8_lossy(&switch.stderr));
+    let mut done = false;
+    for _ in 0..100 {
+        if upgrade_phase(&c) == "Done" {
+            done = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(done, "the upgrade ends Done; logs in {}", c.dir.display());
+    let switched_at = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for client in clients {
+        client.join().expect("client");
+    }
+
+    let results = results.lock().expect("lock").clone();
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.0 != 200).collect();
+    assert!(failed.is_empty(), "failed client requests: {:?}", &failed[..failed.len().min(5)]);
+    let after: Vec<_> = results.iter().filter(|(at, _)| *at > switched_at).collect();
+    assert!(!after.is_empty());
+    assert!(after.iter().all(|(_, r)| r.1 == "v2"), "every answer after the switch is v2's");
+    let seen = admissions.lock().expect("lock").clone();
+    let last_v1 = seen.iter().filter(|(v, _)| v == "v1").map(|(_, n)| *n).max().expect("v1 admissions");
+    let first_v2 = seen.iter().filter(|(v, _)| v == "v2").map(|(_, n)| *n).min().expect("v2 admissions");
+    assert!(last_v1 < first_v2, "v1's last admission {last_v1} precedes v2's first {first_v2}");
+    let mut latencies: Vec<u64> = results.iter().map(|(_, r)| r.2).collect();
+    latencies.sort_unstable();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    println!(
+        "switch under load: {} requests, none failed; latency p99 {p99} ms, max {} ms (the hold is within it)",
+        latencies.len(),
+        latencies.last().copied().unwrap_or(0)
+    );
+
+    // Isolation: with every coordinator down, a router killed and restarted serves v2 at once.
+    c.stop_coordinators();
+    c.kill9("router-1");
+    c.start("router-1");
+    let mut answer = (0, String::new(), 0);
+    for _ in 0..50 {
+        answer = http_call(ports[0], "GET", "/after-restart");
+        if answer.0 != 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!((answer.0, answer.1.as_str()), (200, "v2"), "served from its own disk, no coordinator");
+    c.stop_all();
 }

@@ -22,7 +22,7 @@ use protocol::{Decision, Generation, Position};
 use serde::{Deserialize, Serialize};
 
 /// What a node keeps on its own disk.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     /// The last decision persisted (and so the last one the node may have acted on).
     pub decision: Decision,

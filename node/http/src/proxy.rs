@@ -1,0 +1,334 @@
+//! The HTTP/1.1 ingress proxy: clients' requests into the ingress actor, the core's forwards and
+//! mirrors out to the universes' endpoints, the core's replies back to the clients.
+//!
+//! The shell keeps only the map from request to I/O handle: a forwarded answer waits here until
+//! the core says what the client gets (the answer itself, or 503/504). The core sees an answer
+//! as a row: the status, and the top-level fields of a JSON object body (or the body as text),
+//! so that its validator compares the two universes' answers field by field and skips the
+//! fields the plan ignores (timestamps, say). Headers are not compared.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use node::ingress::ClientRequest;
+use node::io::Ingress;
+use node_core::ingress::{ClientReply, IngressCore, IngressEvent, Unavailable};
+use node_core::{RequestKey, StoreAnswer};
+use protocol::schema::{Row, Value};
+use protocol::{Epoch, Generation, Position};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::rc::Rc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// The header that carries a request's idempotency key to the universe.
+pub const KEY_HEADER: &str = "x-imago-request-key";
+/// The header that names the generation a request was sent to.
+pub const GENERATION_HEADER: &str = "x-imago-generation";
+/// Present on mirrored copies (the new universe may skip side effects it would log, say).
+pub const MIRROR_HEADER: &str = "x-imago-mirror";
+
+/// Limits of the proxy.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Longest a universe gets to answer one forwarded request (then: unknown, 504).
+    pub forward_ms_max: u64,
+    /// Longest to connect to an endpoint.
+    pub connect_ms_max: u64,
+    /// Largest request or answer body (a larger request: 413; a larger answer: unknown).
+    pub body_bytes_max: usize,
+    /// Largest request head (request line and headers).
+    pub head_bytes_max: usize,
+    /// Idle keep-alive connections kept per endpoint.
+    pub idle_per_endpoint_max: usize,
+    /// Methods whose requests are read-only (mirrored during an upgrade's sync).
+    pub read_only_methods: Vec<Method>,
+    /// An answer body longer than this is compared by digest, not as text.
+    pub compared_text_bytes_max: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            forward_ms_max: 10_000,
+            connect_ms_max: 1_000,
+            body_bytes_max: 8 * 1024 * 1024,
+            head_bytes_max: 64 * 1024,
+            idle_per_endpoint_max: 64,
+            read_only_methods: vec![Method::GET, Method::HEAD],
+            compared_text_bytes_max: 4 * 1024,
+        }
+    }
+}
+
+/// One client request inside the node: what it asked, and where its answer goes.
+pub struct HttpRequest {
+    /// The shell's number for it (its forwarded answer waits under it).
+    local: u64,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+    reply: oneshot::Sender<Response<Full<Bytes>>>,
+}
+
+/// The proxy's side of the ingress actor.
+pub struct HttpIngress {
+    client: Client<HttpConnector, Full<Bytes>>,
+    config: Rc<ProxyConfig>,
+    /// Forwarded answers waiting for the core's reply, by the shell's request number.
+    answers: Rc<RefCell<BTreeMap<u64, Response<Bytes>>>>,
+    /// Requests the core has in progress (after its last input): a stopping node waits for 0.
+    in_progress: Rc<std::cell::Cell<usize>>,
+}
+
+impl HttpIngress {
+    pub fn new(config: ProxyConfig) -> HttpIngress {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_millis(config.connect_ms_max)));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(config.idle_per_endpoint_max)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        HttpIngress { client, config: Rc::new(config), answers: Rc::default(), in_progress: Rc::default() }
+    }
+
+    /// How many requests the core has in progress, kept current after every input.
+    pub fn in_progress(&self) -> Rc<std::cell::Cell<usize>> {
+        self.in_progress.clone()
+    }
+}
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+/// The row the core compares for an answer: its status, and the fields of a JSON object body
+/// (each as its JSON text), or the body as text (a digest if it is long).
+pub fn answer_row(status: StatusCode, body: &[u8], text_bytes_max: usize) -> Row {
+    let mut row = Row::new();
+    row.insert("status".to_string(), Value::Int(i64::from(status.as_u16())));
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(fields)) => {
+            for (k, v) in fields {
+                row.insert(k, Value::Text(v.to_string()));
+            }
+        }
+        _ if body.len() <= text_bytes_max => {
+            row.insert("body".to_string(), Value::Text(String::from_utf8_lossy(body).into_owned()));
+        }
+        _ => {
+            let digest = body
+                .iter()
+                .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3));
+            row.insert("body".to_string(), Value::Text(format!("{} bytes, fnv {digest:016x}", body.len())));
+        }
+    }
+    row
+}
+
+fn plain(status: StatusCode, text: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+impl Ingress for HttpIngress {
+    type Request = HttpRequest;
+
+    fn forward(
+        &self,
+        request: &HttpRequest,
+        generation: Generation,
+        endpoint: &str,
+        key: RequestKey,
+        mirror: bool,
+    ) -> impl Future<Output = Option<StoreAnswer>> + 'static {
+        let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = format!("{}{path}", endpoint.trim_end_matches('/')).parse::<Uri>();
+        let mut builder = Request::builder().method(request.method.clone());
+        for (name, value) in &request.headers {
+            if !HOP_BY_HOP.contains(&name.as_str()) {
+                builder = builder.header(name, value);
+            }
+        }
+        builder = builder
+            .header(KEY_HEADER, format!("{:016x}-{:016x}", key.origin, key.id))
+            .header(GENERATION_HEADER, generation.0.to_string());
+        if mirror {
+            builder = builder.header(HeaderName::from_static(MIRROR_HEADER), "1");
+        }
+        let sent = uri
+            .map_err(|e| e.to_string())
+            .and_then(|uri| builder.uri(uri).body(Full::new(request.body.clone())).map_err(|e| e.to_string()))
+            .map(|outgoing| self.client.request(outgoing));
+        let (config, answers, local) = (self.config.clone(), self.answers.clone(), request.local);
+        async move {
+            let response = match sent {
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot build the forwarded request");
+                    return None;
+                }
+                Ok(sent) => tokio::time::timeout(Duration::from_millis(config.forward_ms_max), sent).await,
+            };
+            let (parts, body) = match response {
+                Ok(Ok(response)) => response.into_parts(),
+                // No answer in time, or none at all: the outcome is unknown to the core.
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, generation = generation.0, mirror, "forward failed");
+                    return None;
+                }
+                Err(_) => return None,
+            };
+            let body = Limited::new(body, config.body_bytes_max).collect();
+            let bytes = match tokio::time::timeout(Duration::from_millis(config.forward_ms_max), body).await {
+                Ok(Ok(collected)) => collected.to_bytes(),
+                _ => return None,
+            };
+            let row = answer_row(parts.status, &bytes, config.compared_text_bytes_max);
+            if !mirror {
+                answers.borrow_mut().insert(local, Response::from_parts(parts, bytes));
+            }
+            Some(StoreAnswer::Ok { body: Some(row), position: Position(0) })
+        }
+    }
+
+    fn reply(&self, request: HttpRequest, reply: ClientReply) {
+        let stashed = self.answers.borrow_mut().remove(&request.local);
+        let response = match reply {
+            ClientReply::Answer(StoreAnswer::Ok { .. }) => match stashed {
+                Some(answer) => {
+                    let (mut parts, body) = answer.into_parts();
+                    for name in HOP_BY_HOP {
+                        parts.headers.remove(name);
+                    }
+                    Response::from_parts(parts, Full::new(body))
+                }
+                None => plain(StatusCode::BAD_GATEWAY, "the universe's answer was lost\n".into()),
+            },
+            ClientReply::Answer(other) => plain(StatusCode::BAD_GATEWAY, format!("{other:?}\n")),
+            ClientReply::Unavailable { retry_after_ms, reason } => {
+                let why = match reason {
+                    Unavailable::Hold(r) => format!("held during the switch, then released: {r:?}"),
+                    Unavailable::Overloaded => "too many requests in progress".to_string(),
+                    Unavailable::NoEndpoint(g) => format!("no endpoint known for generation {}", g.0),
+                };
+                let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
+                let seconds = retry_after_ms.div_ceil(1000).max(1);
+                response.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from(seconds));
+                response
+            }
+            ClientReply::Unknown => plain(
+                StatusCode::GATEWAY_TIMEOUT,
+                "no answer in time: the request may or may not have taken effect\n".into(),
+            ),
+        };
+        let _ = request.reply.send(response);
+    }
+
+    fn notify_frozen(&self, epoch: Epoch) {
+        // Data nodes that listen for these notices come with the data tier; a lost notice only
+        // leaves a data node to learn of the freeze from the coordinator.
+        tracing::debug!(epoch = epoch.0, "frozen");
+    }
+
+    fn event(&self, event: IngressEvent) {
+        tracing::debug!(?event, "ingress");
+    }
+
+    fn observe(&self, _now_ms: u64, core: &IngressCore) {
+        self.in_progress.set(core.requests());
+    }
+}
+
+/// Where the proxy hands client requests: the ingress actor.
+pub type Inbox = actix::Recipient<ClientRequest<HttpRequest>>;
+
+/// Serves HTTP/1.1 clients on `listener` until `stop` turns true; each request goes to `inbox`.
+/// Runs on the current `LocalSet` (the actor's thread).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    inbox: Inbox,
+    config: ProxyConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let config = Rc::new(config);
+    let next = Rc::new(std::cell::Cell::new(1u64));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let _ = stream.set_nodelay(true);
+        let (inbox, shared, next) = (inbox.clone(), config.clone(), next.clone());
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let (inbox, config) = (inbox.clone(), shared.clone());
+            let local = next.get();
+            next.set(local + 1);
+            async move { Ok::<_, std::convert::Infallible>(handle(request, local, &inbox, &config).await) }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .max_buf_size(config.head_bytes_max.max(8192))
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service);
+        tokio::task::spawn_local(async move {
+            let _ = connection.await;
+        });
+    }
+}
+
+async fn handle(request: Request<Incoming>, local: u64, inbox: &Inbox, config: &ProxyConfig) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let body = match Limited::new(body, config.body_bytes_max).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request bodies are limited to {} bytes\n", config.body_bytes_max),
+            )
+        }
+    };
+    let read_only = config.read_only_methods.contains(&parts.method);
+    let (reply, answer) = oneshot::channel();
+    let request = HttpRequest { local, method: parts.method, uri: parts.uri, headers: parts.headers, body, reply };
+    if inbox.try_send(ClientRequest { read_only, request }).is_err() {
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "the router is stopping\n".into());
+    }
+    answer.await.unwrap_or_else(|_| plain(StatusCode::SERVICE_UNAVAILABLE, "the router stopped\n".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_is_compared_by_status_and_json_fields() {
+        let a = answer_row(StatusCode::OK, br#"{"id": 4, "title": "lamp", "at": "12:00"}"#, 64);
+        assert_eq!(a.get("status"), Some(&Value::Int(200)));
+        assert_eq!(a.get("title"), Some(&Value::Text("\"lamp\"".into())));
+        assert_eq!(a.get("id"), Some(&Value::Text("4".into())));
+        let text = answer_row(StatusCode::NOT_FOUND, b"no such item", 64);
+        assert_eq!(text.get("body"), Some(&Value::Text("no such item".into())));
+        let long = answer_row(StatusCode::OK, &[b'x'; 100], 64);
+        assert!(matches!(long.get("body"), Some(Value::Text(t)) if t.starts_with("100 bytes, fnv ")));
+        assert_ne!(long, answer_row(StatusCode::OK, &[b'y'; 100], 64), "long bodies differ by digest");
+    }
+}

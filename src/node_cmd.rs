@@ -1,0 +1,110 @@
+//! `imago node`: a router (the ingress duty) on a real machine: the ingress actor over QUIC to
+//! the coordinators, the HTTP/1.1 proxy toward clients and universes, and a file for its disk.
+
+use crate::cluster_cmd::ClusterArg;
+use anyhow::{bail, Context};
+use clap::Args;
+use node::ingress::IngressActor;
+use node_core::agent::AgentConfig;
+use node_core::duties::router::RouterConfig;
+use node_core::ingress::{IngressConfig, IngressCore};
+use node_http::disk::FileDisk;
+use node_http::proxy::{serve, HttpIngress, ProxyConfig};
+use protocol::Duty;
+use quic::endpoint::{bind_client, Peer, QuicTransport};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    cluster: ClusterArg,
+    /// This node's name in the cluster file (a node with an `http` address: a router).
+    #[arg(long)]
+    name: String,
+    /// Longest a frozen router holds one request before failing it with 503 (keep it equal to
+    /// the plans' `hold_ms_max`).
+    #[arg(long, default_value_t = 2_000)]
+    hold_ms_max: u64,
+    /// Most requests held at once; more get 503 at once.
+    #[arg(long, default_value_t = 1_000)]
+    hold_queue_max: usize,
+    /// Longest a universe gets to answer one request (then 504: unknown).
+    #[arg(long, default_value_t = 10_000)]
+    forward_ms_max: u64,
+}
+
+pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
+    let cluster = args.cluster.load()?;
+    let Some(me) = cluster.node(&args.name).cloned() else {
+        bail!("`{}` is not a node in the cluster file", args.name);
+    };
+    let Some(http) = me.http else {
+        bail!("node `{}` has no `http` address in the cluster file: only routers run here for now", me.name);
+    };
+    let identity = quic::certs::load(&cluster.certs, &cluster.id, &me.name.0)
+        .with_context(|| format!("loading the certificate of `{}`", me.name))?;
+    let disk = FileDisk::new(&me.data, &cluster.id, &me.name.0).map_err(anyhow::Error::msg)?;
+    let record = disk.read().map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let interface = match cluster.coordinators.first().map(|c| c.address.ip()) {
+            Some(ip) if ip.is_loopback() => ip,
+            Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        let endpoint = bind_client(&identity, interface)?;
+        let peers: BTreeMap<u64, Peer> =
+            cluster.coordinators.iter().map(|c| (c.id, Peer { address: c.address, name: c.name.0.clone() })).collect();
+        let transport = QuicTransport::new(endpoint.clone(), &cluster.id, peers);
+        let config = IngressConfig {
+            agent: AgentConfig {
+                node: me.name.clone(),
+                duties: vec![Duty::Route, Duty::Validate],
+                replicas: cluster.coordinators.iter().map(|c| c.id).collect(),
+                request_timeout_ms: 3_000,
+                watch_wait_ms: 2_000,
+                report_interval_ms: 1_000,
+                stale_watch_limit: 3,
+                upgrade_from: None,
+            },
+            router: RouterConfig {
+                hold_ms_max: args.hold_ms_max,
+                hold_queue_max: args.hold_queue_max,
+                retry_after_ms: 1_000,
+            },
+            ignore_fields: Vec::new(),
+            requests_max: 100_000,
+            genesis_endpoints: cluster.genesis_endpoints.clone(),
+        };
+        let proxy = ProxyConfig { forward_ms_max: args.forward_ms_max, ..ProxyConfig::default() };
+        let ingress = HttpIngress::new(proxy.clone());
+        let in_progress = ingress.in_progress();
+        // The core's clock: milliseconds since this process started (monotonic).
+        let started = tokio::time::Instant::now();
+        let clock = move || started.elapsed().as_millis() as u64;
+        let actor = IngressActor::new(IngressCore::new(config), record, transport, disk, ingress, clock);
+        let (addr, task) = node::start_local(actor);
+        let listener = tokio::net::TcpListener::bind(http).await.with_context(|| format!("listening on {http}"))?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::task::spawn_local(serve(listener, addr.clone().recipient(), proxy, stop_rx));
+        tracing::info!(node = %me.name, cluster = %cluster.id, %http, "router serving");
+        eprintln!("router {} of cluster `{}` serving clients on {http}", me.name, cluster.id);
+        tokio::select! {
+            _ = crate::signals::terminated() => {}
+            _ = task => bail!("the ingress actor stopped (its disk could not be written?)"),
+        }
+        // Stop taking requests; let those in progress finish (a hold ends by its own limit).
+        let _ = stop_tx.send(true);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(args.hold_ms_max + args.forward_ms_max);
+        while in_progress.get() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        addr.do_send(node::Stop);
+        quic::endpoint::shut_down(&endpoint, Duration::from_secs(1)).await;
+        tracing::info!("stopped");
+        Ok(std::process::ExitCode::SUCCESS)
+    })
+}
