@@ -33,6 +33,12 @@ pub struct NodeArgs {
     /// Longest a universe gets to answer one request (then 504: unknown).
     #[arg(long, default_value_t = 10_000)]
     forward_ms_max: u64,
+    /// Longest a coordinator replica gets to answer one request (a watch: its wait, plus this)
+    /// before the node asks another: a few round trips between the node and the coordinators.
+    /// An ack that waits on a dead replica waits this long, so keep it well below the plans'
+    /// `freeze_timeout_ms`.
+    #[arg(long, default_value_t = 500)]
+    coordinator_ms_max: u64,
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -64,7 +70,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
                 node: me.name.clone(),
                 duties: vec![Duty::Route, Duty::Validate],
                 replicas: cluster.coordinators.iter().map(|c| c.id).collect(),
-                request_timeout_ms: 3_000,
+                request_timeout_ms: args.coordinator_ms_max,
                 watch_wait_ms: 2_000,
                 report_interval_ms: 1_000,
                 stale_watch_limit: 3,

@@ -346,6 +346,10 @@ fn serve_backend(
             return;
         }
         let path = head.first().and_then(|l| l.split(' ').nth(1)).unwrap_or("/").to_string();
+        if path.starts_with("/slow") {
+            // Keeps a request in flight: a router acks a freeze only once none is.
+            std::thread::sleep(Duration::from_millis(1_500));
+        }
         let mirror = head.iter().any(|h| h.starts_with("x-imago-mirror:"));
         let mut extra = format!("x-version: {version}\r\n");
         if !mirror {
@@ -411,18 +415,23 @@ fn upgrade_phase(c: &Cluster) -> String {
         .unwrap_or_default()
 }
 
-/// Acceptance: 3 coordinators and 2 routers in front of two universes, clients running through
-/// the whole upgrade: start, mirrored validation, switch. Every v1 admission precedes the first
-/// v2 admission, every answer after the switch is v2's, and no client request fails. Then every
-/// coordinator is stopped and a router killed and restarted: it serves v2 from its own disk.
-#[test]
-fn cluster_routers_switch_two_universes_atomically_under_load() {
+/// Two universes (v1, v2) behind routers of a running coordinator group.
+struct Web {
+    c: Cluster,
+    /// The new universe's backend port.
+    v2: u16,
+    admissions: Admissions,
+    /// The routers' HTTP ports, in the order named.
+    ports: Vec<u16>,
+}
+
+/// Starts both universes' backends, 3 coordinators, and `routers` (joined, serving v1).
+fn web(test: &str, routers: &[&str]) -> Web {
     let seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
     let admissions: Admissions = Default::default();
     let v1 = backend("v1", seq.clone(), admissions.clone());
     let v2 = backend("v2", seq.clone(), admissions.clone());
-    let routers = ["router-1", "router-2"];
-    let mut c = Cluster::with_universe("switch", 3, &routers, Some(&format!("http://127.0.0.1:{v1}")));
+    let mut c = Cluster::with_universe(test, 3, routers, Some(&format!("http://127.0.0.1:{v1}")));
     c.start_all();
     c.status_with_leader();
     for r in routers {
@@ -430,18 +439,80 @@ fn cluster_routers_switch_two_universes_atomically_under_load() {
         c.start(r);
     }
     let ports: Vec<u16> = routers.iter().map(|r| c.http[*r]).collect();
-    // Both routers serve v1 once they have read the coordinator (a new disk waits for it).
+    // Every router serves v1 once it has read the coordinator (a new disk waits for it).
     for port in &ports {
-        let mut answer = (0, String::new(), 0);
-        for _ in 0..100 {
-            answer = http_call(*port, "GET", "/ready");
-            if answer.0 == 200 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert_eq!((answer.0, answer.1.as_str()), (200, "v1"), "router on port {port}");
+        assert_eq!(answer_when_up(*port, "/ready"), (200, "v1".to_string()), "router on port {port}");
     }
+    Web { c, v2, admissions, ports }
+}
+
+/// The first answer a router gives (retrying while it is not up or not serving yet): status
+/// and version.
+fn answer_when_up(port: u16, path: &str) -> (u16, String) {
+    let mut answer = (0, String::new(), 0);
+    for _ in 0..100 {
+        answer = http_call(port, "GET", path);
+        if answer.0 == 200 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (answer.0, answer.1)
+}
+
+impl Web {
+    /// Starts the upgrade to v2 (manual switch) and waits for its ready gate, sending reads
+    /// through every router so that mirrored answers are compared.
+    fn start_and_wait_for_the_gate(&self) {
+        let plan = self.c.dir.join("plan.toml");
+        let routers: Vec<&str> = self.c.http.keys().map(String::as_str).collect();
+        std::fs::write(&plan, web_plan(&routers, &format!("http://127.0.0.1:{}", self.v2), 10)).expect("plan");
+        let start = self.c.cli(&["upgrade", "start", plan.to_str().expect("path"), "--json"]);
+        assert!(start.status.success(), "{}", String::from_utf8_lossy(&start.stderr));
+        for i in 0..200 {
+            let out = self.c.cli(&["upgrade", "status", "--json"]);
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+            if status["phase"] == "Syncing" && status["gate_blockers"].as_array().is_some_and(|b| b.is_empty()) {
+                return;
+            }
+            for port in &self.ports {
+                http_call(*port, "GET", &format!("/warm/{i}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the ready gate did not pass; logs in {}", self.c.dir.display());
+    }
+
+    /// Waits (at most `secs`) until the upgrade's phase is one of `phases`; returns it.
+    fn wait_phase(&self, phases: &[&str], secs: u64) -> String {
+        for _ in 0..secs * 20 {
+            let phase = upgrade_phase(&self.c);
+            if phases.contains(&phase.as_str()) {
+                return phase;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no phase of {phases:?} within {secs} s; logs in {}", self.c.dir.display());
+    }
+
+    /// Every v1 admission precedes every v2 admission (no request reached the other universe).
+    fn assert_one_switch_point(&self) {
+        let seen = self.admissions.lock().expect("lock").clone();
+        let last_v1 = seen.iter().filter(|(v, _)| v == "v1").map(|(_, n)| *n).max().unwrap_or(0);
+        let first_v2 = seen.iter().filter(|(v, _)| v == "v2").map(|(_, n)| *n).min().unwrap_or(u64::MAX);
+        assert!(last_v1 < first_v2, "v1's last admission {last_v1} precedes v2's first {first_v2}");
+    }
+}
+
+/// Acceptance: 3 coordinators and 2 routers in front of two universes, clients running through
+/// the whole upgrade: start, mirrored validation, switch. Every v1 admission precedes the first
+/// v2 admission, every answer after the switch is v2's, and no client request fails. Then every
+/// coordinator is stopped and a router killed and restarted: it serves v2 from its own disk.
+#[test]
+fn cluster_routers_switch_two_universes_atomically_under_load() {
+    let routers = ["router-1", "router-2"];
+    let w = web("switch", &routers);
+    let ports = w.ports.clone();
 
     // Clients: reads and writes through both routers, all along.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -462,33 +533,10 @@ fn cluster_routers_switch_two_universes_atomically_under_load() {
         })
         .collect();
 
-    let plan = c.dir.join("plan.toml");
-    std::fs::write(&plan, web_plan(&routers, &format!("http://127.0.0.1:{v2}"), 10)).expect("plan");
-    let start = c.cli(&["upgrade", "start", plan.to_str().expect("path"), "--json"]);
-    assert!(start.status.success(), "{}", String::from_utf8_lossy(&start.stderr));
-    // Wait for the gate: enough mirrored reads compared, none different.
-    let mut ready = false;
-    for _ in 0..100 {
-        let out = c.cli(&["upgrade", "status", "--json"]);
-        let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        if status["phase"] == "Syncing" && status["gate_blockers"].as_array().is_some_and(|b| b.is_empty()) {
-            ready = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(ready, "the ready gate passes with mirrored reads; logs in {}", c.dir.display());
-    let switch = c.cli(&["upgrade", "switch"]);
+    w.start_and_wait_for_the_gate();
+    let switch = w.c.cli(&["upgrade", "switch"]);
     assert!(switch.status.success(), "{}", String::from_utf8_lossy(&switch.stderr));
-    let mut done = false;
-    for _ in 0..100 {
-        if upgrade_phase(&c) == "Done" {
-            done = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(done, "the upgrade ends Done; logs in {}", c.dir.display());
+    w.wait_phase(&["Done"], 10);
     let switched_at = std::time::Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -502,10 +550,7 @@ fn cluster_routers_switch_two_universes_atomically_under_load() {
     let after: Vec<_> = results.iter().filter(|(at, _)| *at > switched_at).collect();
     assert!(!after.is_empty());
     assert!(after.iter().all(|(_, r)| r.1 == "v2"), "every answer after the switch is v2's");
-    let seen = admissions.lock().expect("lock").clone();
-    let last_v1 = seen.iter().filter(|(v, _)| v == "v1").map(|(_, n)| *n).max().expect("v1 admissions");
-    let first_v2 = seen.iter().filter(|(v, _)| v == "v2").map(|(_, n)| *n).min().expect("v2 admissions");
-    assert!(last_v1 < first_v2, "v1's last admission {last_v1} precedes v2's first {first_v2}");
+    w.assert_one_switch_point();
     let mut latencies: Vec<u64> = results.iter().map(|(_, r)| r.2).collect();
     latencies.sort_unstable();
     let p99 = latencies[latencies.len() * 99 / 100];
@@ -516,6 +561,7 @@ fn cluster_routers_switch_two_universes_atomically_under_load() {
     );
 
     // Isolation: with every coordinator down, a router killed and restarted serves v2 at once.
+    let mut c = w.c;
     c.stop_coordinators();
     c.kill9("router-1");
     c.start("router-1");
@@ -529,4 +575,75 @@ fn cluster_routers_switch_two_universes_atomically_under_load() {
     }
     assert_eq!((answer.0, answer.1.as_str()), (200, "v2"), "served from its own disk, no coordinator");
     c.stop_all();
+}
+
+/// Starts a write that keeps its router's request in flight for 1.5 s (a router acks a freeze
+/// only once nothing is in flight to the old universe), asks for the switch, and waits until the
+/// coordinators have applied the freeze. Returns the slow write's thread (its status).
+fn switch_with_a_slow_write(w: &Web, port: u16) -> std::thread::JoinHandle<u16> {
+    let slow = std::thread::spawn(move || http_call(port, "POST", "/slow/write").0);
+    std::thread::sleep(Duration::from_millis(200));
+    let switch = w.c.cli(&["upgrade", "switch"]);
+    assert!(switch.status.success(), "{}", String::from_utf8_lossy(&switch.stderr));
+    w.wait_phase(&["Freezing"], 5);
+    slow
+}
+
+/// The version every router answers with, once they agree (at most 20 s).
+fn agreed_version(ports: &[u16]) -> String {
+    let mut last = Vec::new();
+    for _ in 0..200 {
+        last = ports.iter().map(|p| http_call(*p, "GET", "/agree")).collect::<Vec<_>>();
+        if last.iter().all(|r| r.0 == 200 && r.1 == last[0].1) {
+            return last[0].1.clone();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the routers never agreed: {last:?}");
+}
+
+/// Acceptance: kill -9 of the coordinator leader while a freeze is pending. The upgrade still
+/// ends consistently: the routers serve one universe, the one the outcome names, and no request
+/// reached the other.
+#[test]
+fn cluster_leader_killed_during_freezing_ends_consistently() {
+    let w = web("leader-kill", &["router-1", "router-2"]);
+    w.start_and_wait_for_the_gate();
+    let slow = switch_with_a_slow_write(&w, w.ports[0]);
+    let mut c_leader = w.c.leader_name();
+    // The test owns the processes through `w.c`; kill the leader there.
+    let w = {
+        let mut w = w;
+        w.c.kill9(&c_leader);
+        w
+    };
+    let status = slow.join().expect("slow write");
+    assert!(status == 200 || status == 504, "the slow write was answered or its outcome is unknown: {status}");
+    let phase = w.wait_phase(&["Done", "Syncing", "RolledBack"], 20);
+    let version = agreed_version(&w.ports);
+    let expected = if phase == "Done" { "v2" } else { "v1" };
+    let status = String::from_utf8_lossy(&w.c.cli(&["upgrade", "status", "--json"]).stdout).into_owned();
+    println!("leader {c_leader} killed during the freeze: phase {phase}, routers serve {version}; {status}");
+    assert_eq!(version, expected, "phase {phase}");
+    w.assert_one_switch_point();
+    c_leader.clear();
+}
+
+/// Acceptance: kill -9 of a router while a freeze is pending, then restart: it serves the
+/// committed outcome (its disk holds the freeze: it holds until it learns the outcome), never
+/// the other universe.
+#[test]
+fn cluster_router_killed_during_freezing_serves_the_outcome_after_restart() {
+    let mut w = web("router-kill", &["router-1", "router-2"]);
+    w.start_and_wait_for_the_gate();
+    let slow = switch_with_a_slow_write(&w, w.ports[0]);
+    w.c.kill9("router-1");
+    let _ = slow.join();
+    w.c.start("router-1");
+    let phase = w.wait_phase(&["Done", "Syncing", "RolledBack"], 20);
+    let version = agreed_version(&w.ports);
+    let expected = if phase == "Done" { "v2" } else { "v1" };
+    println!("router-1 killed during the freeze and restarted: phase {phase}, routers serve {version}");
+    assert_eq!(version, expected, "phase {phase}");
+    w.assert_one_switch_point();
 }

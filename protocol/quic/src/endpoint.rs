@@ -259,10 +259,13 @@ impl QuicTransport {
         Ok(connection)
     }
 
-    async fn exchange(&self, to: ReplicaId, frame: Vec<u8>) -> Result<Response, TransportError> {
-        let connection = self.connection(to).await?;
-        let name = self.peers.get(&to).map_or("?", |p| p.name.as_str()).to_string();
-        exchange(&connection, &name, &frame).await
+    /// Forgets the cached connection to `to` if it is `connection` (a call on it failed or timed
+    /// out: the peer may be dead, or restarted with a new connection to be made).
+    fn forget(&self, to: ReplicaId, connection: &Connection) {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if connections.get(&to).is_some_and(|c| c.stable_id() == connection.stable_id()) {
+            connections.remove(&to);
+        }
     }
 }
 
@@ -304,10 +307,20 @@ impl Transport for QuicTransport {
         // The call starts now (the transport's contract), not when the future is first polled.
         let task = tokio::spawn(async move {
             let frame = codec::encode_frame(&request).map_err(|e| TransportError::Codec(e.to_string()))?;
-            match tokio::time::timeout(timeout, this.exchange(to, frame)).await {
+            let deadline = tokio::time::Instant::now() + timeout;
+            let connection = match tokio::time::timeout_at(deadline, this.connection(to)).await {
+                Ok(connection) => connection?,
+                Err(_) => return Err(TransportError::Timeout(timeout)),
+            };
+            let name = this.peers.get(&to).map_or("?", |p| p.name.as_str()).to_string();
+            let result = match tokio::time::timeout_at(deadline, exchange(&connection, &name, &frame)).await {
                 Ok(result) => result,
                 Err(_) => Err(TransportError::Timeout(timeout)),
+            };
+            if matches!(result, Err(TransportError::Timeout(_) | TransportError::Unreachable(_))) {
+                this.forget(to, &connection);
             }
+            result
         });
         async move { task.await.unwrap_or_else(|e| Err(TransportError::Unreachable(format!("call task: {e}")))) }
     }
