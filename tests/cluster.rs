@@ -418,20 +418,28 @@ fn upgrade_phase(c: &Cluster) -> String {
 /// Two universes (v1, v2) behind routers of a running coordinator group.
 struct Web {
     c: Cluster,
-    /// The new universe's backend port.
+    /// The backend ports of generations 2 and 3's universes.
     v2: u16,
+    v3: u16,
     admissions: Admissions,
     /// The routers' HTTP ports, in the order named.
     ports: Vec<u16>,
 }
 
-/// Starts both universes' backends, 3 coordinators, and `routers` (joined, serving v1).
+/// Starts the universes' backends, 3 coordinators, and `routers` (joined, serving v1).
 fn web(test: &str, routers: &[&str]) -> Web {
+    web_with(test, routers, &[])
+}
+
+/// The same, with `reserve` routers named in the cluster file but neither joined nor started.
+fn web_with(test: &str, routers: &[&str], reserve: &[&str]) -> Web {
     let seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
     let admissions: Admissions = Default::default();
     let v1 = backend("v1", seq.clone(), admissions.clone());
     let v2 = backend("v2", seq.clone(), admissions.clone());
-    let mut c = Cluster::with_universe(test, 3, routers, Some(&format!("http://127.0.0.1:{v1}")));
+    let v3 = backend("v3", seq.clone(), admissions.clone());
+    let named: Vec<&str> = routers.iter().chain(reserve).copied().collect();
+    let mut c = Cluster::with_universe(test, 3, &named, Some(&format!("http://127.0.0.1:{v1}")));
     c.start_all();
     c.status_with_leader();
     for r in routers {
@@ -443,7 +451,19 @@ fn web(test: &str, routers: &[&str]) -> Web {
     for port in &ports {
         assert_eq!(answer_when_up(*port, "/ready"), (200, "v1".to_string()), "router on port {port}");
     }
-    Web { c, v2, admissions, ports }
+    Web { c, v2, v3, admissions, ports }
+}
+
+/// The first answer of a router once it accepts connections (whatever its status).
+fn answer_when_listening(port: u16, path: &str) -> (u16, String, u64) {
+    for _ in 0..100 {
+        let answer = http_call(port, "GET", path);
+        if answer.0 != 0 {
+            return answer;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on port {port}");
 }
 
 /// The first answer a router gives (retrying while it is not up or not serving yet): status
@@ -464,9 +484,20 @@ impl Web {
     /// Starts the upgrade to v2 (manual switch) and waits for its ready gate, sending reads
     /// through every router so that mirrored answers are compared.
     fn start_and_wait_for_the_gate(&self) {
-        let plan = self.c.dir.join("plan.toml");
-        let routers: Vec<&str> = self.c.http.keys().map(String::as_str).collect();
-        std::fs::write(&plan, web_plan(&routers, &format!("http://127.0.0.1:{}", self.v2), 10)).expect("plan");
+        let routers: Vec<String> = self.c.running.keys().filter(|n| self.c.http.contains_key(*n)).cloned().collect();
+        let routers: Vec<&str> = routers.iter().map(String::as_str).collect();
+        self.start_upgrade_and_wait_for_the_gate(1, &routers, &self.ports.clone());
+    }
+
+    /// Starts the upgrade from generation `from` (to v2 or v3), naming `routers`, and waits for
+    /// its gate, sending reads through `ports`.
+    fn start_upgrade_and_wait_for_the_gate(&self, from: u64, routers: &[&str], ports: &[u16]) {
+        let plan = self.c.dir.join(format!("plan-{from}.toml"));
+        let endpoint = format!("http://127.0.0.1:{}", if from == 1 { self.v2 } else { self.v3 });
+        let text = web_plan(routers, &endpoint, 10)
+            .replace("old_generation = 1", &format!("old_generation = {from}"))
+            .replace("web-v2", &format!("web-v{}", from + 1));
+        std::fs::write(&plan, text).expect("plan");
         let start = self.c.cli(&["upgrade", "start", plan.to_str().expect("path"), "--json"]);
         assert!(start.status.success(), "{}", String::from_utf8_lossy(&start.stderr));
         for i in 0..200 {
@@ -475,7 +506,7 @@ impl Web {
             if status["phase"] == "Syncing" && status["gate_blockers"].as_array().is_some_and(|b| b.is_empty()) {
                 return;
             }
-            for port in &self.ports {
+            for port in ports {
                 http_call(*port, "GET", &format!("/warm/{i}"));
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -495,12 +526,15 @@ impl Web {
         panic!("no phase of {phases:?} within {secs} s; logs in {}", self.c.dir.display());
     }
 
-    /// Every v1 admission precedes every v2 admission (no request reached the other universe).
+    /// Every v1 admission precedes every v2 admission, and every v2 one every v3 one: no
+    /// request reached a universe after the next one took a request.
     fn assert_one_switch_point(&self) {
         let seen = self.admissions.lock().expect("lock").clone();
-        let last_v1 = seen.iter().filter(|(v, _)| v == "v1").map(|(_, n)| *n).max().unwrap_or(0);
-        let first_v2 = seen.iter().filter(|(v, _)| v == "v2").map(|(_, n)| *n).min().unwrap_or(u64::MAX);
-        assert!(last_v1 < first_v2, "v1's last admission {last_v1} precedes v2's first {first_v2}");
+        for (old, new) in [("v1", "v2"), ("v2", "v3")] {
+            let last_old = seen.iter().filter(|(v, _)| v == old).map(|(_, n)| *n).max().unwrap_or(0);
+            let first_new = seen.iter().filter(|(v, _)| v == new).map(|(_, n)| *n).min().unwrap_or(u64::MAX);
+            assert!(last_old < first_new, "{old}'s last admission {last_old} precedes {new}'s first {first_new}");
+        }
     }
 }
 
@@ -646,4 +680,162 @@ fn cluster_router_killed_during_freezing_serves_the_outcome_after_restart() {
     println!("router-1 killed during the freeze and restarted: phase {phase}, routers serve {version}");
     assert_eq!(version, expected, "phase {phase}");
     w.assert_one_switch_point();
+}
+
+/// Acceptance: a second upgrade (v2 → v3) after the first, with a router joined between them
+/// and one retired. The retired router serves nothing; the others switch again.
+#[test]
+fn cluster_second_upgrade_after_a_router_joined_and_one_retired() {
+    let mut w = web_with("chain", &["router-1", "router-2"], &["router-3"]);
+    w.start_and_wait_for_the_gate();
+    assert!(w.c.cli(&["upgrade", "switch"]).status.success());
+    w.wait_phase(&["Done"], 10);
+    assert_eq!(agreed_version(&w.ports), "v2");
+
+    // Between the upgrades: router-3 joins (a new disk: it reads the coordinator first, then
+    // serves what the cluster serves), router-2 is retired (it acks once nothing is in flight).
+    assert!(w.c.cli(&["router", "join", "router-3"]).status.success());
+    w.c.start("router-3");
+    let port3 = w.c.http["router-3"];
+    assert_eq!(answer_when_up(port3, "/joined"), (200, "v2".to_string()), "the new router serves generation 2");
+    let retire = w.c.cli(&["router", "retire", "router-2"]);
+    assert!(retire.status.success(), "{}", String::from_utf8_lossy(&retire.stderr));
+    let port2 = w.c.http["router-2"];
+    let mut retired = false;
+    for _ in 0..100 {
+        let status = w.c.cli(&["cluster", "status", "--json"]);
+        let roster = roster(&json(&status));
+        if roster.contains(&("router-2".to_string(), "Retired".to_string())) {
+            retired = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(retired, "router-2 acks its retirement");
+    assert_eq!(http_call(port2, "GET", "/retired").0, 503, "a retired router serves nothing");
+
+    let live = [w.ports[0], port3];
+    w.start_upgrade_and_wait_for_the_gate(2, &["router-1", "router-3"], &live);
+    assert!(w.c.cli(&["upgrade", "switch"]).status.success());
+    w.wait_phase(&["Done"], 10);
+    assert_eq!(agreed_version(&live), "v3");
+    let status = json(&w.c.cli(&["upgrade", "status", "--json"]));
+    assert_eq!(status["generation"], 3);
+    assert_eq!(http_call(port2, "GET", "/still-retired").0, 503);
+    w.assert_one_switch_point();
+}
+
+/// Acceptance (isolation): with every coordinator stopped while no freeze is pending, under
+/// steady load, every router is restarted in turn: clients (which fail over to the other
+/// router when one does not accept connections, as a load balancer would) see no failed
+/// request. Routers restarted on their own disks never wait for the coordinators.
+#[test]
+fn cluster_without_coordinators_routers_restart_under_load_and_no_request_fails() {
+    let mut w = web("isolation", &["router-1", "router-2"]);
+    w.c.stop_coordinators();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let results = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|k| {
+            let (stop, results, ports) = (stop.clone(), results.clone(), w.ports.clone());
+            std::thread::spawn(move || {
+                let mut i = 0usize;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let method = if i.is_multiple_of(3) { "POST" } else { "GET" };
+                    let first = (i + k) % ports.len();
+                    // Not accepting (0): the other router. Any answer is the client's result.
+                    let mut r = http_call(ports[first], method, &format!("/steady/{k}/{i}"));
+                    if r.0 == 0 {
+                        r = http_call(ports[(first + 1) % ports.len()], method, &format!("/steady/{k}/{i}"));
+                    }
+                    results.lock().expect("lock").push(r);
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect();
+    for (name, port) in [("router-1", w.ports[0]), ("router-2", w.ports[1])] {
+        std::thread::sleep(Duration::from_millis(300));
+        w.c.stop(name);
+        w.c.start(name);
+        assert_eq!(answer_when_up(port, "/back"), (200, "v1".to_string()), "{name} serves from its disk");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for client in clients {
+        client.join().expect("client");
+    }
+    let results = results.lock().expect("lock").clone();
+    let failed: Vec<_> = results.iter().filter(|r| r.0 != 200).collect();
+    println!("{} requests while every router restarted with no coordinator; failed: {}", results.len(), failed.len());
+    assert!(results.len() > 100);
+    assert!(failed.is_empty(), "failed: {:?}", &failed[..failed.len().min(5)]);
+    assert!(results.iter().all(|r| r.1 == "v1"));
+}
+
+/// Acceptance: a node off the roster, a node with a certificate of another CA, and a node
+/// presenting another's name are refused; garbage on a router's HTTP port closes that
+/// connection only.
+#[test]
+fn cluster_refuses_nodes_off_the_roster_of_another_ca_or_under_another_name() {
+    let mut w = web_with("node-refusals", &["router-1"], &["router-2", "router-3"]);
+    // Off the roster: it may read the coordinator, but it serves nothing.
+    w.c.start("router-2");
+    let off = answer_when_listening(w.c.http["router-2"], "/off-roster");
+    assert_eq!(off.0, 503, "a router off the roster serves nothing");
+
+    // Another CA: the same cluster file but another certificate directory.
+    let other = w.c.dir.join("other.toml");
+    let text = std::fs::read_to_string(&w.c.file)
+        .expect("read")
+        .replace("id = \"node-refusals\"\n", "id = \"node-refusals\"\ncerts = \"other-certs\"\n");
+    std::fs::write(&other, text).expect("write");
+    let init = imago().args(["certs", "init", "--cluster"]).arg(&other).output().expect("run");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let log = std::fs::File::create(w.c.dir.join("stranger.log")).expect("log");
+    let mut stranger = imago()
+        .args(["node", "--name", "router-3", "--cluster"])
+        .arg(&other)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let refused = answer_when_listening(w.c.http["router-3"], "/stranger");
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    assert_eq!(refused.0, 503, "a node the coordinators refuse never learns what to serve");
+    let coordinator_logs: String = ["coord-1", "coord-2", "coord-3"]
+        .iter()
+        .map(|n| std::fs::read_to_string(w.c.dir.join(format!("{n}.log"))).unwrap_or_default())
+        .collect();
+    assert!(coordinator_logs.contains("handshake failed"), "the refusal is logged");
+
+    // Another's name: router-3's files are router-1's certificate and key.
+    for ext in ["pem", "key"] {
+        let certs = w.c.dir.join("certs");
+        std::fs::copy(certs.join(format!("router-1.{ext}")), certs.join(format!("router-3.{ext}"))).expect("copy");
+    }
+    let impostor = w.c.cli(&["node", "--name", "router-3"]);
+    assert_eq!(impostor.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&impostor.stderr).contains("not for `router-3"),
+        "{}",
+        String::from_utf8_lossy(&impostor.stderr)
+    );
+
+    // Garbage on the router's HTTP port: that connection is answered or closed, nothing else.
+    use std::io::{Read, Write};
+    let port = w.ports[0];
+    for garbage in [&b"\x00\x01\x02 not http at all\r\n\r\n"[..], &[b'A'; 100_000][..]] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.write_all(garbage);
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        assert!(answer.is_empty() || text.starts_with("HTTP/1.1 4"), "{text}");
+    }
+    assert_eq!(answer_when_up(port, "/still-serving"), (200, "v1".to_string()));
+    w.c.stop_all();
 }
