@@ -4,10 +4,11 @@
 use crate::cluster_cmd::ClusterArg;
 use anyhow::{bail, Context};
 use clap::Args;
+use coordinator::raft::BasicNode;
 use coordinator::raft::{open_data_dir, RaftTiming};
 use coordinator::service::{authorize, Replica};
 use coordinator::upgrade::UpgradeState;
-use protocol::cluster::OPERATOR_NAME;
+use protocol::cluster::{ClusterFile, OPERATOR_NAME};
 use protocol::messages::{CliRequest, CliResponse, RejectKind, Rejection, Request, Response};
 use quic::endpoint::{bind_server, serve, Handler, Peer, QuicTransport};
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,21 +31,66 @@ pub fn wall_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The names the cluster file gives, as this replica last read it.
+struct Names {
+    cluster: String,
+    /// Every process (coordinators, nodes) and the operator.
+    known: BTreeSet<String>,
+    /// The nodes (only they can join the roster: a router needs its addresses there).
+    nodes: BTreeSet<String>,
+    coordinators: BTreeSet<String>,
+}
+
+impl Names {
+    fn of(cluster: &ClusterFile) -> Names {
+        Names {
+            cluster: cluster.id.clone(),
+            known: cluster.names().into_iter().collect(),
+            nodes: cluster.nodes.iter().map(|n| n.name.0.clone()).collect(),
+            coordinators: cluster.coordinators.iter().map(|c| c.name.0.clone()).collect(),
+        }
+    }
+}
+
 /// Answers QUIC requests with the replica, after checking who may ask what.
 #[derive(Clone)]
 struct CoordinatorHandler {
     replica: Replica,
-    /// Every name the cluster file gives a process (coordinators, nodes), and the operator.
-    known: Arc<BTreeSet<String>>,
-    /// The nodes the cluster file names (only they can join the roster: a router needs its
-    /// addresses there).
-    nodes: Arc<BTreeSet<String>>,
-    coordinators: Arc<BTreeSet<String>>,
+    names: Arc<std::sync::RwLock<Names>>,
+    /// The cluster file, read again when a name it did not have shows up (a router or a
+    /// replica added to the file after this replica started).
+    file: std::path::PathBuf,
+}
+
+impl CoordinatorHandler {
+    fn names<T>(&self, f: impl FnOnce(&Names) -> T) -> T {
+        f(&self.names.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Reads the cluster file again; keeps what it had if the file is now invalid.
+    fn reload(&self) {
+        match crate::cluster_cmd::load_cluster(&self.file) {
+            Ok(cluster) if self.names(|n| n.cluster == cluster.id) => {
+                *self.names.write().unwrap_or_else(|p| p.into_inner()) = Names::of(&cluster);
+            }
+            Ok(_) => tracing::warn!(file = %self.file.display(), "the cluster file now names another cluster: ignored"),
+            Err(e) => tracing::warn!(file = %self.file.display(), error = %e, "cannot read the cluster file again"),
+        }
+    }
+
+    /// Whether `which` holds of the names, reading the cluster file again if it does not.
+    fn named(&self, which: impl Fn(&Names) -> bool) -> bool {
+        if self.names(&which) {
+            return true;
+        }
+        self.reload();
+        self.names(which)
+    }
 }
 
 impl Handler for CoordinatorHandler {
     fn admit(&self, name: &str) -> Result<(), String> {
-        if self.known.contains(name) {
+        if self.named(|n| n.known.contains(name)) {
             Ok(())
         } else {
             Err(format!("`{name}` is not named in the cluster file"))
@@ -52,12 +98,16 @@ impl Handler for CoordinatorHandler {
     }
 
     async fn handle(&self, peer: Arc<str>, request: Request) -> Response {
-        if let Err(reason) = authorize(&peer, &self.coordinators, OPERATOR_NAME, &request) {
+        if matches!(request, Request::Raft(_)) {
+            self.named(|n| n.coordinators.contains(&*peer));
+        }
+        let coordinators = self.names(|n| n.coordinators.clone());
+        if let Err(reason) = authorize(&peer, &coordinators, OPERATOR_NAME, &request) {
             tracing::warn!(%peer, %reason, "request refused");
             return Response::Error { reason };
         }
         if let Request::Cli(CliRequest::Join { node }) = &request {
-            if !self.nodes.contains(&node.0) {
+            if !self.named(|n| n.nodes.contains(&node.0)) {
                 let detail =
                     format!("`{node}` is not a node of the cluster file: add it there (with its addresses) first");
                 return Response::Cli(CliResponse::Rejected(Rejection { kind: RejectKind::UnknownNode, detail }));
@@ -84,18 +134,24 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> {
         let members: Vec<u64> = cluster.coordinators.iter().map(|c| c.id).collect();
         // The replica with the lowest id bootstraps the group (a no-op once it has a log).
         let initialize = members.iter().min() == Some(&me.id);
-        let replica =
-            Replica::start(me.id, &members, disk, transport, RaftTiming::default(), Arc::new(wall_ms), initialize)
-                .await
-                .map_err(anyhow::Error::msg)?;
-        let coordinators: BTreeSet<String> = cluster.coordinators.iter().map(|c| c.name.0.clone()).collect();
-        let known: BTreeSet<String> = cluster.names().into_iter().collect();
-        let nodes: BTreeSet<String> = cluster.nodes.iter().map(|n| n.name.0.clone()).collect();
+        let replica = Replica::start(me.id, &members, disk, transport, RaftTiming::default(), Arc::new(wall_ms), false)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        if initialize {
+            // Each member as the others will dial it: `name@address` (a replica added later is
+            // learnt the same way, from the membership).
+            let nodes: BTreeMap<u64, BasicNode> = cluster
+                .coordinators
+                .iter()
+                .map(|c| (c.id, BasicNode::new(format!("{}@{}", c.name, c.address))))
+                .collect();
+            // Already initialized is fine: a restarted initializer keeps its log.
+            let _ = replica.raft.initialize(nodes).await;
+        }
         let handler = CoordinatorHandler {
             replica: replica.clone(),
-            known: Arc::new(known),
-            nodes: Arc::new(nodes),
-            coordinators: Arc::new(coordinators),
+            names: Arc::new(std::sync::RwLock::new(Names::of(&cluster))),
+            file: args.cluster.file.clone().expect("loaded from a file"),
         };
         tokio::spawn(serve(endpoint.clone(), cluster.id.as_str().into(), handler));
         let driver = replica.clone();

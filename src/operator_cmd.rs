@@ -22,6 +22,8 @@ use std::time::Duration;
 const CALL_MS_MAX: u64 = 1_500;
 /// How long a command tries before it says that no coordinator answered.
 const COMMAND_MS_MAX: u64 = 5_000;
+/// How long a membership change may take (the coordinators give it 30 s).
+const MEMBERSHIP_MS_MAX: u64 = 35_000;
 
 #[derive(Args, Clone)]
 pub struct Common {
@@ -91,6 +93,20 @@ pub enum ClusterCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Add a replica named in the cluster file (started with `imago coordinator`) to the group:
+    /// it catches up, then votes. One membership change at a time; to replace a replica, add
+    /// the new one, then remove the old one.
+    AddReplica {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Take a replica out of the group (then stop it, and take it out of the cluster file).
+    RemoveReplica {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 /// The coordinator group, called with the operator's certificate.
@@ -128,9 +144,15 @@ impl Coordinators {
     }
 
     /// Sends `request` to the leader (following hints), trying every replica within
-    /// [`COMMAND_MS_MAX`]. A definite answer ends it; not knowing the outcome is an answer too.
+    /// [`COMMAND_MS_MAX`] ([`MEMBERSHIP_MS_MAX`] for a membership change, which waits for a
+    /// new replica to catch up). A definite answer ends it; not knowing the outcome is an
+    /// answer too.
     async fn call(&self, request: CliRequest) -> Outcome {
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(COMMAND_MS_MAX);
+        let (call_ms, command_ms) = match request {
+            CliRequest::AddReplica { .. } | CliRequest::RemoveReplica { .. } => (MEMBERSHIP_MS_MAX, MEMBERSHIP_MS_MAX),
+            _ => (CALL_MS_MAX, COMMAND_MS_MAX),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(command_ms);
         let mut failures = Vec::new();
         let mut queue: Vec<ReplicaId> = self.order.clone();
         let mut next = 0;
@@ -138,7 +160,7 @@ impl Coordinators {
             let to = queue[next % queue.len()];
             next += 1;
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let timeout = left.min(Duration::from_millis(CALL_MS_MAX));
+            let timeout = left.min(Duration::from_millis(call_ms));
             let name = self.names.get(&to).cloned().unwrap_or_default();
             match self.transport.call(to, Request::Cli(request.clone()), timeout).await {
                 Ok(Response::Cli(CliResponse::NotLeader { leader: Some(leader) })) if leader != to => {
@@ -195,8 +217,7 @@ fn report(json: bool, what: &str, outcome: Outcome) -> ExitCode {
         Outcome::NoAnswer(failures) => (
             3,
             format!(
-                "{what}: no coordinator answered within {} s; nothing is known to have happened\n  {}",
-                COMMAND_MS_MAX / 1000,
+                "{what}: no coordinator answered in time; nothing is known to have happened\n  {}",
                 failures.join("\n  ")
             ),
             serde_json::json!({ "outcome": "no-answer", "failures": failures }),
@@ -387,6 +408,22 @@ pub fn router(command: RouterCommand) -> anyhow::Result<ExitCode> {
 pub fn cluster(command: ClusterCommand) -> anyhow::Result<ExitCode> {
     match command {
         ClusterCommand::Status { common } => one(&common, CliRequest::Cluster, "cluster status"),
+        ClusterCommand::AddReplica { name, common } => {
+            let cluster = common.cluster.load()?;
+            let Some(replica) = cluster.coordinator_named(&name) else {
+                anyhow::bail!("`{name}` is not a coordinator of the cluster file: add it there first");
+            };
+            let request =
+                CliRequest::AddReplica { id: replica.id, address: format!("{}@{}", replica.name, replica.address) };
+            one(&common, request, &format!("cluster add-replica {name}"))
+        }
+        ClusterCommand::RemoveReplica { name, common } => {
+            let cluster = common.cluster.load()?;
+            let Some(replica) = cluster.coordinator_named(&name) else {
+                anyhow::bail!("`{name}` is not a coordinator of the cluster file");
+            };
+            one(&common, CliRequest::RemoveReplica { id: replica.id }, &format!("cluster remove-replica {name}"))
+        }
     }
 }
 

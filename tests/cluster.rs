@@ -86,6 +86,17 @@ impl Cluster {
         self.running.insert(name.to_string(), child);
     }
 
+    /// Adds coordinator `name` (id `id`) to the cluster file, with a certificate.
+    fn add_coordinator(&mut self, id: u64, name: &str) {
+        let port = free_udp_port();
+        let mut text = std::fs::read_to_string(&self.file).expect("read");
+        text.push_str(&format!("\n[[coordinators]]\nid = {id}\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\n"));
+        std::fs::write(&self.file, text).expect("write");
+        self.coordinators.push((name.to_string(), port));
+        let out = self.cli(&["certs", "add", "--names", name]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// Starts every coordinator.
     fn start_all(&mut self) {
         for (name, _) in self.coordinators.clone() {
@@ -838,4 +849,39 @@ fn cluster_refuses_nodes_off_the_roster_of_another_ca_or_under_another_name() {
     }
     assert_eq!(answer_when_up(port, "/still-serving"), (200, "v1".to_string()));
     w.c.stop_all();
+}
+
+/// Acceptance: a replica replaced (a new one added, the old one removed) while an upgrade is
+/// syncing; the upgrade then switches.
+#[test]
+fn cluster_replica_replaced_while_syncing_then_the_upgrade_switches() {
+    let mut w = web("replace", &["router-1", "router-2"]);
+    w.start_and_wait_for_the_gate();
+    w.c.add_coordinator(4, "coord-4");
+    w.c.start("coord-4");
+    let add = w.c.cli(&["cluster", "add-replica", "coord-4"]);
+    assert!(add.status.success(), "{}{}", String::from_utf8_lossy(&add.stdout), String::from_utf8_lossy(&add.stderr));
+    let again = w.c.cli(&["cluster", "add-replica", "coord-4"]);
+    assert_eq!(again.status.code(), Some(1), "already a member: refused");
+    let remove = w.c.cli(&["cluster", "remove-replica", "coord-3"]);
+    assert!(remove.status.success(), "{}", String::from_utf8_lossy(&remove.stderr));
+    w.c.stop("coord-3");
+    let mut members = serde_json::Value::Null;
+    for _ in 0..50 {
+        members = w.c.status_with_leader()["members"].clone();
+        if members == serde_json::json!([1, 2, 4]) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(members, serde_json::json!([1, 2, 4]));
+    assert_eq!(upgrade_phase(&w.c), "Syncing", "the upgrade went on syncing");
+    assert!(w.c.cli(&["upgrade", "switch"]).status.success());
+    w.wait_phase(&["Done"], 10);
+    assert_eq!(agreed_version(&w.ports), "v2");
+    // The new replica holds the state: stop one of the old ones, and a quorum of {2, 4} (with
+    // 1 gone) still answers with the upgrade done.
+    w.c.stop("coord-1");
+    w.wait_phase(&["Done"], 10);
+    w.assert_one_switch_point();
 }

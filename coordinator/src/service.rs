@@ -26,6 +26,25 @@ pub const WATCH_WAIT_MAX_MS: u32 = 5_000;
 /// changes first).
 pub const DRIVER_RETRY_MS: u64 = 20;
 
+/// Longest a membership change may take (a learner catching up, then two joint commits).
+pub const MEMBERSHIP_TIMEOUT_MS: u64 = 30_000;
+
+fn membership_refused(detail: &str) -> CliResponse {
+    CliResponse::Rejected(protocol::messages::Rejection {
+        kind: protocol::messages::RejectKind::Membership,
+        detail: detail.to_string(),
+    })
+}
+
+/// A membership change openraft refused or could not finish: not the leader (it forwards), or
+/// refused (its reason), or not known to have happened.
+fn membership_error<E: std::fmt::Display>(e: RaftError<u64, E>) -> CliResponse {
+    match e {
+        RaftError::APIError(e) => membership_refused(&e.to_string()),
+        RaftError::Fatal(e) => CliResponse::Unknown { reason: e.to_string() },
+    }
+}
+
 /// Who may ask what, by the name in the caller's certificate: Raft RPCs only from a replica of
 /// the group, CLI requests only from the operator, a node's requests only from that node (no
 /// process speaks for another). `Err` says why, for the caller and the log.
@@ -62,6 +81,9 @@ pub struct Replica {
     clock: Clock,
     /// When this replica last heard from each node (its clock's ms): `imago cluster status`.
     contacts: Arc<std::sync::Mutex<BTreeMap<protocol::NodeName, u64>>>,
+    /// Held through a membership change: one at a time (concurrent changes can leave openraft
+    /// stuck in a joint configuration).
+    membership: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Outcome of proposing a command.
@@ -95,7 +117,7 @@ impl Replica {
             // Already-initialized is fine: a restarted initializer keeps its log.
             let _ = raft.initialize(nodes).await;
         }
-        Ok(Replica { id, raft, disk, applied, clock, contacts: Arc::default() })
+        Ok(Replica { id, raft, disk, applied, clock, contacts: Arc::default(), membership: Arc::default() })
     }
 
     /// Stops this incarnation (its disk stays).
@@ -227,6 +249,8 @@ impl Replica {
                 };
             }
             CliRequest::Cluster => return CliResponse::Cluster(self.cluster_view()),
+            CliRequest::AddReplica { id, address } => return self.add_replica(id, address).await,
+            CliRequest::RemoveReplica { id } => return self.remove_replica(id).await,
             CliRequest::Start { plan, token } => Command::Start { plan, token },
             CliRequest::Switch => Command::RequestSwitch,
             CliRequest::Abort { reason } => Command::OperatorAbort { reason, now_ms: (self.clock)() },
@@ -239,6 +263,73 @@ impl Replica {
             Proposed::Applied(Applied::Rejected(rejection)) => CliResponse::Rejected(rejection),
             Proposed::NotLeader(leader) => CliResponse::NotLeader { leader },
             Proposed::Unknown(reason) => CliResponse::Unknown { reason },
+        }
+    }
+
+    /// Adds replica `id` (a learner until it has caught up, then a voter). Leader only; one
+    /// membership change at a time.
+    async fn add_replica(&self, id: ReplicaId, address: String) -> CliResponse {
+        let Some(_one) = self.membership_turn() else {
+            return membership_refused("another membership change is in progress");
+        };
+        if let Some(answer) = self.not_leader() {
+            return answer;
+        }
+        let voters: BTreeSet<u64> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        if voters.contains(&id) {
+            return membership_refused(&format!("replica {id} is already a member"));
+        }
+        let learner = self.raft.add_learner(id, BasicNode::new(address), true);
+        match tokio::time::timeout(Duration::from_millis(MEMBERSHIP_TIMEOUT_MS), learner).await {
+            Err(_) => {
+                return CliResponse::Unknown {
+                    reason: format!("replica {id} did not catch up within {MEMBERSHIP_TIMEOUT_MS} ms"),
+                }
+            }
+            Ok(Err(e)) => return membership_error(e),
+            Ok(Ok(_)) => {}
+        }
+        let mut next = voters;
+        next.insert(id);
+        self.change_voters(next).await
+    }
+
+    /// Takes replica `id` out of the group. Leader only; one membership change at a time.
+    async fn remove_replica(&self, id: ReplicaId) -> CliResponse {
+        let Some(_one) = self.membership_turn() else {
+            return membership_refused("another membership change is in progress");
+        };
+        if let Some(answer) = self.not_leader() {
+            return answer;
+        }
+        let mut voters: BTreeSet<u64> =
+            self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        if !voters.remove(&id) {
+            return membership_refused(&format!("replica {id} is not a member"));
+        }
+        if voters.is_empty() {
+            return membership_refused("the last replica cannot be removed");
+        }
+        self.change_voters(voters).await
+    }
+
+    fn membership_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        self.membership.try_lock().ok()
+    }
+
+    fn not_leader(&self) -> Option<CliResponse> {
+        let leader = self.raft.metrics().borrow().current_leader;
+        (leader != Some(self.id)).then_some(CliResponse::NotLeader { leader })
+    }
+
+    async fn change_voters(&self, voters: BTreeSet<u64>) -> CliResponse {
+        let change = self.raft.change_membership(voters, false);
+        match tokio::time::timeout(Duration::from_millis(MEMBERSHIP_TIMEOUT_MS), change).await {
+            Err(_) => CliResponse::Unknown {
+                reason: format!("the membership change did not commit within {MEMBERSHIP_TIMEOUT_MS} ms"),
+            },
+            Ok(Err(e)) => membership_error(e),
+            Ok(Ok(_)) => CliResponse::Accepted,
         }
     }
 

@@ -242,6 +242,9 @@ pub enum RejectKind {
     WrongGeneration,
     /// A registration or report for another upgrade than the current one (it arrived late).
     WrongUpgrade,
+    /// A change of the coordinator group's membership was refused (another is in progress, the
+    /// replica is unknown or already a member, …).
+    Membership,
 }
 
 /// A command the state machine refused, and why (the command did not take effect).
@@ -326,6 +329,16 @@ pub enum CliRequest {
     },
     /// The coordinator group as the answering replica sees it (any replica answers).
     Cluster,
+    /// Add replica `id` to the group: it catches up as a learner, then becomes a voter.
+    /// `address` is `name@ip:port`, as every replica will dial it.
+    AddReplica {
+        id: ReplicaId,
+        address: String,
+    },
+    /// Take replica `id` out of the group.
+    RemoveReplica {
+        id: ReplicaId,
+    },
 }
 
 /// The coordinator group as one replica sees it (`imago cluster status`).

@@ -31,4 +31,9 @@ pub trait Transport: Clone + Send + Sync + 'static {
         request: Request,
         timeout: Duration,
     ) -> impl Future<Output = Result<Response, TransportError>> + Send + 'static;
+
+    /// Replica `id` is where the group's membership says (`name@ip:port`, as a replica is added
+    /// with): a transport that dials by address remembers it. The default ignores it (the
+    /// simulator knows every address).
+    fn learn_peer(&self, _id: ReplicaId, _address: &str) {}
 }

@@ -7,6 +7,7 @@ mod store;
 
 pub use durable::{open_data_dir, DataDirError, FORMAT_VERSION};
 pub use network::{raft_request, NetworkFactory, RaftReply, RaftRpc};
+pub use openraft::BasicNode;
 pub use protocol::transport::{Transport, TransportError};
 pub use runtime::{seed_runtime_rng, SeededRuntime};
 pub use store::{

@@ -46,7 +46,10 @@ pub struct NetworkFactory<T: Transport> {
 impl<T: Transport> RaftNetworkFactory<TypeConfig> for NetworkFactory<T> {
     type Network = RaftNetworkClient<T>;
 
-    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> Self::Network {
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Self::Network {
+        if !node.addr.is_empty() {
+            self.transport.learn_peer(target, &node.addr);
+        }
         RaftNetworkClient { transport: self.transport.clone(), target }
     }
 }

@@ -229,7 +229,7 @@ pub struct Peer {
 pub struct QuicTransport {
     endpoint: Endpoint,
     cluster: Arc<str>,
-    peers: Arc<BTreeMap<ReplicaId, Peer>>,
+    peers: Arc<Mutex<BTreeMap<ReplicaId, Peer>>>,
     connections: Arc<Mutex<BTreeMap<ReplicaId, Connection>>>,
 }
 
@@ -238,7 +238,7 @@ impl QuicTransport {
         QuicTransport {
             endpoint,
             cluster: cluster.into(),
-            peers: Arc::new(peers),
+            peers: Arc::new(Mutex::new(peers)),
             connections: Arc::new(Mutex::new(BTreeMap::new())),
         }
     }
@@ -248,7 +248,7 @@ impl QuicTransport {
         if let Some(c) = cached.filter(|c| c.close_reason().is_none()) {
             return Ok(c);
         }
-        let peer = self.peers.get(&to).ok_or_else(|| TransportError::Unreachable(format!("no replica {to}")))?;
+        let peer = self.peer(to).ok_or_else(|| TransportError::Unreachable(format!("no replica {to}")))?;
         let server_name = certs::dns_name(&peer.name, &self.cluster);
         let connecting = self
             .endpoint
@@ -257,6 +257,10 @@ impl QuicTransport {
         let connection = connecting.await.map_err(|e| unreachable(&peer.name, e))?;
         self.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(to, connection.clone());
         Ok(connection)
+    }
+
+    fn peer(&self, id: ReplicaId) -> Option<Peer> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }
 
     /// Forgets the cached connection to `to` if it is `connection` (a call on it failed or timed
@@ -312,7 +316,7 @@ impl Transport for QuicTransport {
                 Ok(connection) => connection?,
                 Err(_) => return Err(TransportError::Timeout(timeout)),
             };
-            let name = this.peers.get(&to).map_or("?", |p| p.name.as_str()).to_string();
+            let name = this.peer(to).map_or_else(|| "?".to_string(), |p| p.name);
             let result = match tokio::time::timeout_at(deadline, exchange(&connection, &name, &frame)).await {
                 Ok(result) => result,
                 Err(_) => Err(TransportError::Timeout(timeout)),
@@ -323,5 +327,18 @@ impl Transport for QuicTransport {
             result
         });
         async move { task.await.unwrap_or_else(|e| Err(TransportError::Unreachable(format!("call task: {e}")))) }
+    }
+
+    /// `address` is `name@ip:port` (how a replica is added to the group): a replica this
+    /// transport did not know, or one that moved, is dialled there from now on.
+    fn learn_peer(&self, id: ReplicaId, address: &str) {
+        let Some((name, addr)) = address.split_once('@') else { return };
+        let Ok(addr) = addr.parse::<SocketAddr>() else { return };
+        let peer = Peer { address: addr, name: name.to_string() };
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if peers.get(&id) != Some(&peer) {
+            peers.insert(id, peer);
+            self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        }
     }
 }
