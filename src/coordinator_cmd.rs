@@ -8,6 +8,10 @@ use coordinator::raft::BasicNode;
 use coordinator::raft::{open_data_dir, RaftTiming};
 use coordinator::service::{authorize, Replica};
 use coordinator::upgrade::UpgradeState;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use protocol::cluster::{ClusterFile, OPERATOR_NAME};
 use protocol::messages::{CliRequest, CliResponse, RejectKind, Rejection, Request, Response};
 use quic::endpoint::{bind_server, serve, Handler, Peer, QuicTransport};
@@ -117,6 +121,79 @@ impl Handler for CoordinatorHandler {
     }
 }
 
+/// How often a coordinator's metrics are read from its replica.
+const METRICS_EVERY_MS: u64 = 500;
+
+/// What a coordinator exports on `/metrics`: its Raft view and the upgrade as it has applied it.
+struct CoordinatorMetrics {
+    term: Gauge,
+    leader: Gauge,
+    is_leader: Gauge,
+    applied_index: Gauge,
+    generation: Gauge,
+    epoch: Gauge,
+    upgrade: Gauge,
+    phase: Family<PhaseLabel, Gauge>,
+    roster: Family<StatusLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: String,
+}
+
+impl CoordinatorMetrics {
+    fn register(registry: &mut Registry) -> CoordinatorMetrics {
+        let m = CoordinatorMetrics {
+            term: Gauge::default(),
+            leader: Gauge::default(),
+            is_leader: Gauge::default(),
+            applied_index: Gauge::default(),
+            generation: Gauge::default(),
+            epoch: Gauge::default(),
+            upgrade: Gauge::default(),
+            phase: Family::default(),
+            roster: Family::default(),
+        };
+        registry.register("imago_raft_term", "Raft term", m.term.clone());
+        registry.register("imago_raft_leader", "The leader's replica id (0: none known)", m.leader.clone());
+        registry.register("imago_raft_is_leader", "1 if this replica leads", m.is_leader.clone());
+        registry.register("imago_raft_applied_index", "The last log index applied", m.applied_index.clone());
+        registry.register("imago_generation", "The generation the cluster serves", m.generation.clone());
+        registry.register("imago_epoch", "The highest epoch frozen", m.epoch.clone());
+        registry.register("imago_upgrade", "The current (or last) upgrade's id (0: none)", m.upgrade.clone());
+        registry.register("imago_upgrade_phase", "1 for the current upgrade's phase", m.phase.clone());
+        registry.register("imago_roster_routers", "Routers on the roster, by status", m.roster.clone());
+        m
+    }
+
+    fn update(&self, replica: &Replica) {
+        let view = replica.cluster_view();
+        self.term.set(view.term as i64);
+        self.leader.set(view.leader.unwrap_or(0) as i64);
+        self.is_leader.set(i64::from(view.leader == Some(view.replica)));
+        self.applied_index.set(view.applied_index.unwrap_or(0) as i64);
+        self.generation.set(view.generation.0 as i64);
+        let (epoch, upgrade, phase) = replica
+            .read(|s| (s.last_epoch.0, s.current.as_ref().map_or(0, |u| u.id.0), s.current.as_ref().map(|u| u.phase)));
+        self.epoch.set(epoch as i64);
+        self.upgrade.set(upgrade as i64);
+        self.phase.clear();
+        if let Some(phase) = phase {
+            self.phase.get_or_create(&PhaseLabel { phase: format!("{phase:?}") }).set(1);
+        }
+        self.roster.clear();
+        for (_, status) in &view.roster {
+            self.roster.get_or_create(&StatusLabel { status: format!("{status:?}") }).inc();
+        }
+    }
+}
+
 pub fn run(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> {
     let cluster = args.cluster.load()?;
     let Some(me) = cluster.coordinator_named(&args.name).cloned() else {
@@ -154,6 +231,18 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> {
             file: args.cluster.file.clone().expect("loaded from a file"),
         };
         tokio::spawn(serve(endpoint.clone(), cluster.id.as_str().into(), handler));
+        if let Some(addr) = me.metrics {
+            let mut registry = prometheus_client::registry::Registry::default();
+            let metrics = CoordinatorMetrics::register(&mut registry);
+            crate::metrics_http::serve(addr, Arc::new(registry)).await?;
+            let watched = replica.clone();
+            tokio::spawn(async move {
+                loop {
+                    metrics.update(&watched);
+                    tokio::time::sleep(Duration::from_millis(METRICS_EVERY_MS)).await;
+                }
+            });
+        }
         let driver = replica.clone();
         tokio::spawn(async move { driver.run_driver().await });
         tracing::info!(

@@ -86,7 +86,12 @@ pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
             genesis_endpoints: cluster.genesis_endpoints.clone(),
         };
         let proxy = ProxyConfig { forward_ms_max: args.forward_ms_max, ..ProxyConfig::default() };
-        let ingress = HttpIngress::new(proxy.clone());
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = node_http::metrics::NodeMetrics::register(&mut registry);
+        if let Some(addr) = me.metrics {
+            crate::metrics_http::serve(addr, std::sync::Arc::new(registry)).await?;
+        }
+        let ingress = HttpIngress::new(proxy.clone()).with_metrics(metrics);
         let in_progress = ingress.in_progress();
         // The core's clock: milliseconds since this process started (monotonic).
         let started = tokio::time::Instant::now();

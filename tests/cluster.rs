@@ -48,8 +48,9 @@ impl Cluster {
         let mut text = format!("[cluster]\nid = \"{test}\"\n");
         for (i, (name, port)) in coordinators.iter().enumerate() {
             text.push_str(&format!(
-                "\n[[coordinators]]\nid = {}\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\n",
-                i + 1
+                "\n[[coordinators]]\nid = {}\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\nmetrics = \"127.0.0.1:{}\"\n",
+                i + 1,
+                free_tcp_port()
             ));
         }
         if let Some(endpoint) = genesis {
@@ -59,7 +60,10 @@ impl Cluster {
         for node in nodes {
             let port = free_tcp_port();
             http.insert(node.to_string(), port);
-            text.push_str(&format!("\n[[nodes]]\nname = \"{node}\"\nhttp = \"127.0.0.1:{port}\"\n"));
+            text.push_str(&format!(
+                "\n[[nodes]]\nname = \"{node}\"\nhttp = \"127.0.0.1:{port}\"\nmetrics = \"127.0.0.1:{}\"\n",
+                free_tcp_port()
+            ));
         }
         let file = dir.join("cluster.toml");
         std::fs::write(&file, text).expect("write");
@@ -405,6 +409,32 @@ fn http_call(port: u16, method: &str, path: &str) -> (u16, String, u64) {
     (status, version, started.elapsed().as_millis() as u64)
 }
 
+/// The `/metrics` text of process `name` (its address from the cluster file).
+fn metrics_of(c: &Cluster, name: &str) -> String {
+    let text = std::fs::read_to_string(&c.file).expect("read");
+    let section = text.split("name = \"").find(|s| s.starts_with(&format!("{name}\""))).expect("named");
+    let port: u16 = section
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics = \"127.0.0.1:"))
+        .and_then(|p| p.trim_end_matches('"').parse().ok())
+        .expect("a metrics address");
+    use std::io::{Read, Write};
+    // The metrics are updated every half second: read them after that.
+    std::thread::sleep(Duration::from_millis(600));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: m\r\nconnection: close\r\n\r\n").expect("write");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer
+}
+
+/// The value of metric `name` (with its labels, as printed) in a `/metrics` text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
+
 /// A plan from generation 1 to 2 for `routers`, whose new universe answers at `endpoint`.
 fn web_plan(routers: &[&str], endpoint: &str, samples_min: u64) -> String {
     let mut plan = format!(
@@ -596,6 +626,17 @@ fn cluster_routers_switch_two_universes_atomically_under_load() {
     assert!(!after.is_empty());
     assert!(after.iter().all(|(_, r)| r.1 == "v2"), "every answer after the switch is v2's");
     w.assert_one_switch_point();
+    // What the processes export: the router counted its answers, mirrors and the switch; the
+    // coordinator its Raft view and the upgrade.
+    let router = metrics_of(&w.c, "router-1");
+    assert!(metric(&router, "imago_serving_generation") == Some(2.0), "{router}");
+    assert!(metric(&router, "imago_mirrored_total").is_some_and(|n| n >= 5.0), "{router}");
+    assert!(metric(&router, "imago_requests_total{outcome=\"answered\"}").is_some_and(|n| n > 100.0), "{router}");
+    assert_eq!(metric(&router, "imago_epoch"), Some(1.0));
+    let coordinator = metrics_of(&w.c, &w.c.leader_name());
+    assert_eq!(metric(&coordinator, "imago_generation"), Some(2.0), "{coordinator}");
+    assert_eq!(metric(&coordinator, "imago_raft_is_leader"), Some(1.0));
+    assert_eq!(metric(&coordinator, "imago_upgrade_phase{phase=\"Done\"}"), Some(1.0), "{coordinator}");
     let mut latencies: Vec<u64> = results.iter().map(|(_, r)| r.2).collect();
     latencies.sort_unstable();
     let p99 = latencies[latencies.len() * 99 / 100];
@@ -619,6 +660,11 @@ fn cluster_routers_switch_two_universes_atomically_under_load() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!((answer.0, answer.1.as_str()), (200, "v2"), "served from its own disk, no coordinator");
+    // Every coordinator restarted: the upgrade's state is what they had committed.
+    c.start_all();
+    c.status_with_leader();
+    let status = json(&c.cli(&["upgrade", "status", "--json"]));
+    assert_eq!((status["phase"].as_str(), status["generation"].as_u64()), (Some("Done"), Some(2)), "{status}");
     c.stop_all();
 }
 

@@ -8,8 +8,12 @@ use serde::{de::DeserializeOwned, Serialize};
 
 /// Frame magic: "IMGO".
 pub const MAGIC: [u8; 4] = *b"IMGO";
-/// Wire protocol version; a peer with another version is refused.
+/// Wire protocol version this build writes. It reads every version from
+/// [`PROTOCOL_VERSION_MIN`] to this one, and refuses a newer one with
+/// [`CodecError::UnsupportedVersion`] (the design's "Versioned formats" says how versions move).
 pub const PROTOCOL_VERSION: u16 = 1;
+/// The oldest wire protocol version this build still reads (the previous one, once there is one).
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// Header length in bytes.
 pub const HEADER_BYTES: usize = 10;
 /// Largest payload accepted (and the decode limit given to bincode).
@@ -20,7 +24,10 @@ pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
 pub enum CodecError {
     #[error("bad frame magic {0:02x?}")]
     BadMagic([u8; 4]),
-    #[error("unsupported protocol version {0} (this build speaks {PROTOCOL_VERSION})")]
+    #[error(
+        "unsupported protocol version {0}: this build reads versions {PROTOCOL_VERSION_MIN} to {PROTOCOL_VERSION} \
+         (upgrade Imago one process at a time: every process reads the previous version)"
+    )]
     UnsupportedVersion(u16),
     #[error("frame payload of {0} bytes exceeds the limit of {MAX_PAYLOAD_BYTES}")]
     TooLarge(usize),
@@ -80,7 +87,7 @@ pub fn read_header(buf: &[u8]) -> Result<Option<usize>, CodecError> {
         return Err(CodecError::BadMagic(magic));
     }
     let version = u16::from_be_bytes([buf[4], buf[5]]);
-    if version != PROTOCOL_VERSION {
+    if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&version) {
         return Err(CodecError::UnsupportedVersion(version));
     }
     let len = u32::from_be_bytes(buf[6..10].try_into().expect("length checked")) as usize;

@@ -3,4 +3,5 @@
 //! what the client is told are the ingress core's decisions.
 
 pub mod disk;
+pub mod metrics;
 pub mod proxy;

@@ -87,6 +87,7 @@ pub struct HttpIngress {
     answers: Rc<RefCell<BTreeMap<u64, Response<Bytes>>>>,
     /// Requests the core has in progress (after its last input): a stopping node waits for 0.
     in_progress: Rc<std::cell::Cell<usize>>,
+    metrics: Option<crate::metrics::NodeMetrics>,
 }
 
 impl HttpIngress {
@@ -98,7 +99,19 @@ impl HttpIngress {
             .pool_max_idle_per_host(config.idle_per_endpoint_max)
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        HttpIngress { client, config: Rc::new(config), answers: Rc::default(), in_progress: Rc::default() }
+        HttpIngress {
+            client,
+            config: Rc::new(config),
+            answers: Rc::default(),
+            in_progress: Rc::default(),
+            metrics: None,
+        }
+    }
+
+    /// The same, exporting what it sees to `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::NodeMetrics) -> HttpIngress {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// How many requests the core has in progress, kept current after every input.
@@ -211,6 +224,9 @@ impl Ingress for HttpIngress {
     }
 
     fn reply(&self, request: HttpRequest, reply: ClientReply) {
+        if let Some(m) = &self.metrics {
+            m.replied(&reply);
+        }
         let stashed = self.answers.borrow_mut().remove(&request.local);
         let response = match reply {
             ClientReply::Answer(StoreAnswer::Ok { .. }) => match stashed {
@@ -250,11 +266,17 @@ impl Ingress for HttpIngress {
     }
 
     fn event(&self, event: IngressEvent) {
+        if let Some(m) = &self.metrics {
+            m.event(&event);
+        }
         tracing::debug!(?event, "ingress");
     }
 
     fn observe(&self, _now_ms: u64, core: &IngressCore) {
         self.in_progress.set(core.requests());
+        if let Some(m) = &self.metrics {
+            m.observe(core);
+        }
     }
 }
 

@@ -197,6 +197,17 @@ async fn serve_connection<H: Handler>(connection: Connection, cluster: &str, han
             let request = match codec::decode_frame::<Request>(&bytes) {
                 Ok(Some((request, used))) if used == bytes.len() => request,
                 Ok(_) => return malformed(&connection, remote, &peer, "incomplete frame or trailing bytes"),
+                // A peer of a newer build: told so in this build's format (which it reads), and
+                // the connection stays up.
+                Err(e @ codec::CodecError::UnsupportedVersion(_)) => {
+                    tracing::warn!(%remote, %peer, reason = %e, "request of a newer protocol version");
+                    if let Ok(frame) = codec::encode_frame(&Response::Error { reason: e.to_string() }) {
+                        if send.write_all(&frame).await.is_ok() {
+                            let _ = send.finish();
+                        }
+                    }
+                    return;
+                }
                 Err(e) => return malformed(&connection, remote, &peer, &e.to_string()),
             };
             let response = handler.handle(peer, request).await;

@@ -138,6 +138,14 @@ async fn garbage_and_oversized_frames_close_that_connection_only() {
 
     // The connection opened before, and new ones, are still served.
     let frame = codec::encode_frame(&Request::Raft(vec![1])).expect("frame");
+    // A request of a newer protocol version is answered (in this build's format) with why,
+    // and its connection stays up.
+    let mut newer = frame.clone();
+    newer[4..6].copy_from_slice(&(codec::PROTOCOL_VERSION + 1).to_be_bytes());
+    match endpoint::exchange(&good, "coord-1", &newer).await {
+        Ok(Response::Error { reason }) => assert!(reason.contains("unsupported protocol version 2"), "{reason}"),
+        other => panic!("expected an answer saying why, got {other:?}"),
+    }
     assert!(endpoint::exchange(&good, "coord-1", &frame).await.is_ok(), "the other connection is untouched");
     let fresh = connect().await;
     assert!(endpoint::exchange(&fresh, "coord-1", &frame).await.is_ok(), "the server keeps serving");
