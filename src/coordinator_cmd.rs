@@ -135,6 +135,7 @@ struct CoordinatorMetrics {
     upgrade: Gauge,
     phase: Family<PhaseLabel, Gauge>,
     roster: Family<StatusLabel, Gauge>,
+    decision_ms: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -159,7 +160,13 @@ impl CoordinatorMetrics {
             upgrade: Gauge::default(),
             phase: Family::default(),
             roster: Family::default(),
+            decision_ms: Gauge::default(),
         };
+        registry.register(
+            "imago_switch_decision_ms",
+            "How long the last freeze this replica decided as leader took, freeze applied to outcome applied",
+            m.decision_ms.clone(),
+        );
         registry.register("imago_raft_term", "Raft term", m.term.clone());
         registry.register("imago_raft_leader", "The leader's replica id (0: none known)", m.leader.clone());
         registry.register("imago_raft_is_leader", "1 if this replica leads", m.is_leader.clone());
@@ -179,6 +186,7 @@ impl CoordinatorMetrics {
         self.is_leader.set(i64::from(view.leader == Some(view.replica)));
         self.applied_index.set(view.applied_index.unwrap_or(0) as i64);
         self.generation.set(view.generation.0 as i64);
+        self.decision_ms.set(replica.last_decision_ms() as i64);
         let (epoch, upgrade, phase) = replica
             .read(|s| (s.last_epoch.0, s.current.as_ref().map_or(0, |u| u.id.0), s.current.as_ref().map(|u| u.phase)));
         self.epoch.set(epoch as i64);

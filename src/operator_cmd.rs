@@ -295,16 +295,110 @@ fn status_text(s: &StatusView) -> String {
     if !s.gate_blockers.is_empty() {
         out.push_str("\n  the ready gate waits for:");
         for b in &s.gate_blockers {
-            out.push_str(&format!("\n    {b:?}"));
+            out.push_str(&format!("\n    {b}"));
         }
     }
     if let Some(reason) = &s.last_abort_reason {
         out.push_str(&format!("\n  last abort: {reason}"));
     }
     for n in &s.nodes {
-        out.push_str(&format!("\n  {}: {}{:?}", n.name, if n.registered { "" } else { "not registered; " }, n.report));
+        out.push_str(&format!("\n  {}: {}", n.name, node_line(n)));
     }
     out
+}
+
+/// One node's progress, as the coordinator last heard it.
+fn node_line(n: &protocol::messages::NodeStatus) -> String {
+    let r = &n.report;
+    if !n.registered {
+        return "not registered".to_string();
+    }
+    let mut parts = Vec::new();
+    if r.captured.0 > 0 || r.applied.0 > 0 || r.bulk_done {
+        parts.push(format!(
+            "applied {} of {} captured (lag {}), copy {}",
+            r.applied.0,
+            r.captured.0,
+            r.captured.0.saturating_sub(r.applied.0),
+            if r.bulk_done { "done" } else { "running" }
+        ));
+    }
+    if r.samples > 0 || parts.is_empty() {
+        parts.push(format!("validated {} mirrored requests, {} differed", r.samples, r.mismatches));
+    }
+    parts.join("; ")
+}
+
+/// `imago upgrade status --watch` on a terminal: the phase on a spinner, the gate's samples and
+/// each node's progress on bars, until the upgrade ends.
+async fn watch_with_bars(coordinators: &Coordinators) -> ExitCode {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let multi = MultiProgress::new();
+    let header = multi.add(ProgressBar::new_spinner());
+    header.set_style(
+        ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    let bar_style = ProgressStyle::with_template("  {prefix:<14} [{bar:30}] {pos}/{len} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let mut bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
+    loop {
+        match coordinators.call(CliRequest::Status).await {
+            Outcome::Answered(CliResponse::Status(s)) => {
+                header.set_message(format!(
+                    "upgrade {} `{}`: {} (epoch {}, attempts {}); the cluster serves generation {}",
+                    s.upgrade.map_or(0, |u| u.0),
+                    s.name,
+                    s.phase.map_or("-".to_string(), |p| format!("{p:?}")),
+                    s.epoch.0,
+                    s.attempts,
+                    s.generation.0
+                ));
+                header.tick();
+                for blocker in &s.gate_blockers {
+                    if let protocol::messages::GateBlocker::TooFewSamples { samples, samples_min } = blocker {
+                        let bar = bars.entry("gate".into()).or_insert_with(|| {
+                            let bar = multi.add(ProgressBar::new(*samples_min));
+                            bar.set_style(bar_style.clone());
+                            bar.set_prefix("validation");
+                            bar
+                        });
+                        bar.set_length(*samples_min);
+                        bar.set_position((*samples).min(*samples_min));
+                        bar.set_message("mirrored requests compared");
+                    }
+                }
+                for n in &s.nodes {
+                    let bar = bars.entry(n.name.0.clone()).or_insert_with(|| {
+                        let bar = multi.add(ProgressBar::new(1));
+                        bar.set_style(bar_style.clone());
+                        bar.set_prefix(n.name.0.clone());
+                        bar
+                    });
+                    let (pos, len) = if n.report.captured.0 > 0 {
+                        (n.report.applied.0, n.report.captured.0)
+                    } else {
+                        (n.report.samples, n.report.samples.max(1))
+                    };
+                    bar.set_length(len);
+                    bar.set_position(pos.min(len));
+                    bar.set_message(node_line(n));
+                }
+                if s.phase.is_none_or(|p| p.is_terminal()) {
+                    for bar in bars.values() {
+                        bar.finish();
+                    }
+                    header.finish();
+                    return ExitCode::SUCCESS;
+                }
+            }
+            other => {
+                header.abandon();
+                return report(false, "upgrade status", other);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 fn cluster_json(v: &ClusterView) -> serde_json::Value {
@@ -371,8 +465,12 @@ pub fn upgrade(command: UpgradeCommand) -> anyhow::Result<ExitCode> {
                 return one(&common, CliRequest::Status, "upgrade status");
             }
             let cluster = common.cluster.load()?;
+            let bars = !common.json && std::io::IsTerminal::is_terminal(&std::io::stdout());
             runtime()?.block_on(async {
                 let coordinators = Coordinators::new(&cluster)?;
+                if bars {
+                    return Ok(watch_with_bars(&coordinators).await);
+                }
                 loop {
                     let outcome = coordinators.call(CliRequest::Status).await;
                     let ended = match &outcome {

@@ -81,6 +81,9 @@ pub struct Replica {
     clock: Clock,
     /// When this replica last heard from each node (its clock's ms): `imago cluster status`.
     contacts: Arc<std::sync::Mutex<BTreeMap<protocol::NodeName, u64>>>,
+    /// How long the last freeze this replica decided as leader took, from the freeze applied to
+    /// its outcome applied (ms; metrics and the cluster benchmark).
+    last_decision_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Held through a membership change: one at a time (concurrent changes can leave openraft
     /// stuck in a joint configuration).
     membership: Arc<tokio::sync::Mutex<()>>,
@@ -117,7 +120,16 @@ impl Replica {
             // Already-initialized is fine: a restarted initializer keeps its log.
             let _ = raft.initialize(nodes).await;
         }
-        Ok(Replica { id, raft, disk, applied, clock, contacts: Arc::default(), membership: Arc::default() })
+        Ok(Replica {
+            id,
+            raft,
+            disk,
+            applied,
+            clock,
+            contacts: Arc::default(),
+            last_decision_ms: Arc::default(),
+            membership: Arc::default(),
+        })
     }
 
     /// Stops this incarnation (its disk stays).
@@ -333,6 +345,11 @@ impl Replica {
         }
     }
 
+    /// How long the last freeze this replica decided as leader took (ms), 0 if none.
+    pub fn last_decision_ms(&self) -> u64 {
+        self.last_decision_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The coordinator group as this replica sees it.
     pub fn cluster_view(&self) -> ClusterView {
         let metrics = self.raft.metrics().borrow().clone();
@@ -373,6 +390,15 @@ impl Replica {
             let freezing = self.read(|state| {
                 state.current.as_ref().filter(|u| u.phase == protocol::messages::Phase::Freezing).map(|u| u.epoch)
             });
+            // A freeze this replica saw applied while leading, now decided: how long it took,
+            // from the freeze applied to its outcome applied (the switch decision's latency).
+            if let (None, Some((e, at))) = (freezing, freeze_seen) {
+                if leading && self.read(|state| state.outcomes.contains_key(&e)) {
+                    let took = now_ms.saturating_sub(at);
+                    self.last_decision_ms.store(took, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(replica = self.id, epoch = e.0, ms = took, "freeze decided");
+                }
+            }
             freeze_seen = match (freezing, freeze_seen) {
                 (Some(e), Some((seen, at))) if leading && seen == e => Some((seen, at)),
                 (Some(e), _) if leading => Some((e, now_ms)),
