@@ -212,7 +212,8 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("imago-bench-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
-        let mut text = format!("[cluster]\nid = \"bench\"\n\n[universe]\nendpoints = [\"http://127.0.0.1:{genesis}\"]\n");
+        let mut text =
+            format!("[cluster]\nid = \"bench\"\n\n[universe]\nendpoints = [\"http://127.0.0.1:{genesis}\"]\n");
         let names: Vec<String> = (1..=coordinators).map(|i| format!("coord-{i}")).collect();
         let coordinator_metrics: Vec<u16> = names.iter().map(|_| free_port()).collect();
         for (i, n) in names.iter().enumerate() {
@@ -238,11 +239,7 @@ impl Cluster {
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_imago"))
-            .args(args)
-            .env("IMAGO_CLUSTER", &self.file)
-            .output()
-            .expect("imago")
+        Command::new(env!("CARGO_BIN_EXE_imago")).args(args).env("IMAGO_CLUSTER", &self.file).output().expect("imago")
     }
 
     fn spawn(&mut self, kind: &str, name: &str, extra: &[&str]) {
@@ -308,7 +305,9 @@ impl Cluster {
              endpoints = [\"http://127.0.0.1:{new_port}\"]\n\n[schema.old.t]\nkey = \"id\"\ncolumns = [\"id\"]\n"
         );
         for (n, _, _) in &self.routers {
-            plan.push_str(&format!("\n[[nodes]]\nname = \"{n}\"\ntier = \"web\"\nduties = [\"route\", \"validate\"]\n"));
+            plan.push_str(&format!(
+                "\n[[nodes]]\nname = \"{n}\"\ntier = \"web\"\nduties = [\"route\", \"validate\"]\n"
+            ));
         }
         let path = self.dir.join("plan.toml");
         std::fs::write(&path, plan).expect("plan");
@@ -348,7 +347,9 @@ impl Drop for Cluster {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok())))
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        })
         .unwrap_or(0)
 }
 
@@ -578,7 +579,10 @@ fn main() {
 
     println!("forwarding a 1 KiB answer, 32 keep-alive clients, {secs} s each:");
     for f in &forwarding {
-        println!("  {:<7} {:>9.0} req/s   p50 {:>7.0} µs   p99 {:>7.0} µs", f.path, f.requests_per_s, f.p50_us, f.p99_us);
+        println!(
+            "  {:<7} {:>9.0} req/s   p50 {:>7.0} µs   p99 {:>7.0} µs",
+            f.path, f.requests_per_s, f.p50_us, f.p99_us
+        );
     }
     if let Some(note) = &nginx_note {
         println!("  ({note})");
@@ -640,9 +644,9 @@ fn main() {
         full_queue,
         targets,
     };
-    let out = std::env::var("IMAGO_BENCH_OUT").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/cluster.json")
-    });
+    let out = std::env::var("IMAGO_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/cluster.json"));
     if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
