@@ -24,6 +24,28 @@ impl ClusterArg {
     }
 }
 
+/// The coordinators as a QUIC client dials them (by Raft id).
+pub fn coordinator_peers(cluster: &ClusterFile) -> std::collections::BTreeMap<u64, quic::Peer> {
+    cluster.coordinators.iter().map(|c| (c.id, quic::Peer { address: c.address, name: c.name.0.clone() })).collect()
+}
+
+/// A client endpoint for `identity` (on loopback if the coordinators are there, else on every
+/// interface), and a transport to the coordinators over it.
+pub fn coordinator_client(
+    cluster: &ClusterFile,
+    identity: &quic::Identity,
+) -> anyhow::Result<(quic::endpoint::Endpoint, quic::QuicTransport)> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let interface = match cluster.coordinators.first().map(|c| c.address.ip()) {
+        Some(ip) if ip.is_loopback() => ip,
+        Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    };
+    let endpoint = quic::endpoint::bind_client(identity, interface)?;
+    let transport = quic::QuicTransport::new(endpoint.clone(), &cluster.id, coordinator_peers(cluster));
+    Ok((endpoint, transport))
+}
+
 /// Loads the cluster file at `file`.
 pub fn load_cluster(file: &Path) -> anyhow::Result<ClusterFile> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading the cluster file {}", file.display()))?;

@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use protocol::cluster::{ClusterFile, OPERATOR_NAME};
 use protocol::messages::{CliRequest, CliResponse, RejectKind, Rejection, Request, Response};
-use quic::endpoint::{bind_server, serve, Handler, Peer, QuicTransport};
+use quic::endpoint::{bind_server, serve, Handler, QuicTransport};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -213,8 +213,7 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> {
     runtime.block_on(async move {
         let disk = open_data_dir(&me.data, &cluster.id, UpgradeState::default())?;
         let endpoint = bind_server(&identity, me.address)?;
-        let peers: BTreeMap<u64, Peer> =
-            cluster.coordinators.iter().map(|c| (c.id, Peer { address: c.address, name: c.name.0.clone() })).collect();
+        let peers = crate::cluster_cmd::coordinator_peers(&cluster);
         let transport = QuicTransport::new(endpoint.clone(), &cluster.id, peers);
         let members: Vec<u64> = cluster.coordinators.iter().map(|c| c.id).collect();
         // The replica with the lowest id bootstraps the group (a no-op once it has a log).

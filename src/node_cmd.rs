@@ -11,9 +11,6 @@ use node_core::ingress::{IngressConfig, IngressCore};
 use node_http::disk::FileDisk;
 use node_http::proxy::{serve, HttpIngress, ProxyConfig};
 use protocol::Duty;
-use quic::endpoint::{bind_client, Peer, QuicTransport};
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 #[derive(Args)]
@@ -56,15 +53,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
-        let interface = match cluster.coordinators.first().map(|c| c.address.ip()) {
-            Some(ip) if ip.is_loopback() => ip,
-            Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        };
-        let endpoint = bind_client(&identity, interface)?;
-        let peers: BTreeMap<u64, Peer> =
-            cluster.coordinators.iter().map(|c| (c.id, Peer { address: c.address, name: c.name.0.clone() })).collect();
-        let transport = QuicTransport::new(endpoint.clone(), &cluster.id, peers);
+        let (endpoint, transport) = crate::cluster_cmd::coordinator_client(&cluster, &identity)?;
         let config = IngressConfig {
             agent: AgentConfig {
                 node: me.name.clone(),

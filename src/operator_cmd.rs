@@ -12,9 +12,8 @@ use protocol::cluster::{ClusterFile, OPERATOR_NAME};
 use protocol::messages::{CliRequest, CliResponse, ClusterView, Request, Response, StatusView};
 use protocol::transport::{Transport, TransportError};
 use protocol::{NodeName, ReplicaId};
-use quic::endpoint::{bind_client, Peer, QuicTransport};
+use quic::endpoint::QuicTransport;
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -127,20 +126,9 @@ impl Coordinators {
     fn new(cluster: &ClusterFile) -> anyhow::Result<Coordinators> {
         let identity = quic::certs::load(&cluster.certs, &cluster.id, OPERATOR_NAME)
             .context("loading the operator's certificate (`imago certs init` makes it)")?;
-        let local = match cluster.coordinators.first().map(|c| c.address.ip()) {
-            Some(ip) if ip.is_loopback() => ip,
-            Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        };
-        let endpoint = bind_client(&identity, local)?;
-        let peers: BTreeMap<ReplicaId, Peer> =
-            cluster.coordinators.iter().map(|c| (c.id, Peer { address: c.address, name: c.name.0.clone() })).collect();
+        let (_, transport) = crate::cluster_cmd::coordinator_client(cluster, &identity)?;
         let names = cluster.coordinators.iter().map(|c| (c.id, c.name.0.clone())).collect();
-        Ok(Coordinators {
-            transport: QuicTransport::new(endpoint, &cluster.id, peers),
-            order: cluster.coordinators.iter().map(|c| c.id).collect(),
-            names,
-        })
+        Ok(Coordinators { transport, order: cluster.coordinators.iter().map(|c| c.id).collect(), names })
     }
 
     /// Sends `request` to the leader (following hints), trying every replica within
