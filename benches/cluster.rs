@@ -541,7 +541,9 @@ fn main() {
     };
     forwarding.push(rt.block_on(load(router_port, 32, secs, "router")));
     if let Some((mut child, _)) = proxy {
-        let _ = child.kill();
+        // SIGQUIT: nginx's graceful stop, which takes its workers down too (a kill would leave
+        // them running).
+        let _ = Command::new("kill").args(["-QUIT", &child.id().to_string()]).status();
         let _ = child.wait();
     }
     let find = |p: &str| forwarding.iter().find(|f| f.path == p).cloned();

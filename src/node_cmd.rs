@@ -20,11 +20,11 @@ pub struct NodeArgs {
     /// This node's name in the cluster file (a node with an `http` address: a router).
     #[arg(long)]
     name: String,
-    /// Longest a frozen router holds one request before failing it with 503 (keep it equal to
-    /// the plans' `hold_ms_max`).
+    /// Longest the router holds one request before failing it with 503, until an upgrade's
+    /// plan sets its own `hold_ms_max` (from then on, the plan's).
     #[arg(long, default_value_t = 2_000)]
     hold_ms_max: u64,
-    /// Most requests held at once; more get 503 at once.
+    /// Most requests held at once (more get 503 at once), until a plan sets `hold_queue_max`.
     #[arg(long, default_value_t = 1_000)]
     hold_queue_max: usize,
     /// Longest a universe gets to answer one request (then 504: unknown).

@@ -137,6 +137,7 @@ impl ScriptedCoordinator {
             roster: protocol::messages::RosterStatus::Active,
             routers: Vec::new(),
             universes: vec![(protocol::Generation(2), vec![endpoint(2)])],
+            limits: None,
         }
     }
 }

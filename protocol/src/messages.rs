@@ -158,6 +158,17 @@ pub struct DecisionView {
     /// current upgrade's new one (as the plans named them; generation 1's come from the
     /// cluster file). A generation's endpoints never change once a router may serve it.
     pub universes: Vec<(Generation, Vec<String>)>,
+    /// The current (or last) plan's hold limits, which routers apply from the view on (before
+    /// any plan, a router keeps its own configured ones).
+    pub limits: Option<RouterLimits>,
+}
+
+/// How long and how many requests a frozen router holds (the plan's `hold_ms_max` and
+/// `hold_queue_max`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterLimits {
+    pub hold_ms_max: u64,
+    pub hold_queue_max: u32,
 }
 
 impl DecisionView {
@@ -189,6 +200,10 @@ impl DecisionView {
                 eat(u64::from(b));
             }
             eat(u64::MAX);
+        }
+        if let Some(l) = self.limits {
+            eat(l.hold_ms_max);
+            eat(u64::from(l.hold_queue_max));
         }
         for (generation, endpoints) in &self.universes {
             eat(generation.0);
@@ -446,6 +461,7 @@ mod tests {
             roster: RosterStatus::Active,
             routers: Vec::new(),
             universes: Vec::new(),
+            limits: None,
         }
     }
 
@@ -465,6 +481,7 @@ mod tests {
             DecisionView { upgrade: Some(UpgradeId(2)), ..v.clone() },
             DecisionView { routers: vec![NodeName::from("router-1")], ..v.clone() },
             DecisionView { universes: vec![(crate::Generation(2), vec!["http://b:1".into()])], ..v.clone() },
+            DecisionView { limits: Some(RouterLimits { hold_ms_max: 5, hold_queue_max: 2 }), ..v.clone() },
         ];
         for c in changed {
             assert_ne!(c.digest(), v.digest(), "{c:?}");

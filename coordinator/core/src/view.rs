@@ -69,6 +69,10 @@ pub fn decision_view(state: &UpgradeState, version: u64, node: &NodeName) -> Dec
             .into_iter()
             .filter_map(|g| state.universes.get(&g).map(|e| (g, e.clone())))
             .collect(),
+        limits: upgrade.map(|u| protocol::messages::RouterLimits {
+            hold_ms_max: u.plan.thresholds.hold_ms_max,
+            hold_queue_max: u.plan.thresholds.hold_queue_max,
+        }),
     }
 }
 

@@ -256,6 +256,11 @@ impl IngressCore {
             }
             IngressInput::Coordinator { id, response } => {
                 if let NodeResponse::View(view) = &response {
+                    // The plan's hold limits, for the holds to come (a plan's limits are
+                    // validated positive when it is loaded).
+                    if let Some(l) = view.limits.filter(|l| l.hold_ms_max > 0 && l.hold_queue_max > 0) {
+                        self.router.set_limits(l.hold_ms_max, l.hold_queue_max as usize);
+                    }
                     // Learnt before the agent may persist a decision serving one of them.
                     for (g, endpoints) in &view.universes {
                         if !endpoints.is_empty() {

@@ -115,6 +115,7 @@ impl Coordinator {
             roster: self.roster,
             routers: Vec::new(),
             universes: vec![(Generation(2), vec![endpoint(Generation(2))])],
+            limits: None,
         }
     }
 

@@ -171,6 +171,7 @@ fn syncing(version: u64, upgrade: u64, decision: Decision) -> DecisionView {
         routers: Vec::new(),
         // Every generation these tests upgrade to answers at its own endpoint.
         universes: (2..=4).map(|g| (protocol::Generation(g), vec![format!("http://g{g}:80")])).collect(),
+        limits: None,
     }
 }
 
@@ -273,4 +274,63 @@ fn no_endpoint_no_request_and_the_record_keeps_where_the_decision_serves() {
     let record = persisted.expect("the commit is persisted");
     assert_eq!(record.decision, Decision::Commit(Epoch(1)));
     assert_eq!(record.endpoints, vec!["http://g2:80".to_string()], "the endpoints of the generation it serves");
+}
+
+/// The plan's hold limits reach a router through the view: a freeze then holds at most
+/// `hold_queue_max` requests (more get 503 at once), each for at most `hold_ms_max`.
+#[test]
+fn a_router_holds_by_the_plans_limits() {
+    use node_core::duties::router::FailReason;
+    use protocol::messages::RouterLimits;
+    use protocol::{Epoch, Generation};
+    let own = NodeRecord {
+        decision: Decision::Initial,
+        generation: Generation(1),
+        boots: 1,
+        disk_id: 4,
+        owner: NodeRecord::owner_of("router-1"),
+        confirmed: true,
+        endpoints: vec!["http://g1:80".into()],
+    };
+    let (mut core, watch) = booted(own);
+    assert_eq!(core.router().limits(), (100, 3), "its own configuration before any plan");
+    let freeze = DecisionView {
+        phase: Some(Phase::Freezing),
+        limits: Some(RouterLimits { hold_ms_max: 40, hold_queue_max: 1 }),
+        ..syncing(7, 1, Decision::Freeze(Epoch(1)))
+    };
+    let out = core.handle(1, IngressInput::Coordinator { id: watch, response: NodeResponse::View(freeze) });
+    assert_eq!(core.router().limits(), (40, 1), "the plan's, from the view");
+    let record = out
+        .iter()
+        .find_map(|o| match o {
+            IngressOutput::Persist(r) => Some(r.clone()),
+            _ => None,
+        })
+        .expect("the freeze is persisted");
+    core.handle(2, IngressInput::Persisted(record));
+    let held = core.handle(3, IngressInput::Request { id: 1, read_only: false });
+    assert!(held.iter().all(|o| !matches!(o, IngressOutput::Forward { .. } | IngressOutput::Reply { .. })), "{held:?}");
+    let full = core.handle(4, IngressInput::Request { id: 2, read_only: false });
+    assert!(
+        full.iter().any(|o| matches!(
+            o,
+            IngressOutput::Reply {
+                id: 2,
+                reply: ClientReply::Unavailable { reason: Unavailable::Hold(FailReason::HoldQueueFull), .. }
+            }
+        )),
+        "{full:?}"
+    );
+    let expired = core.handle(43, IngressInput::Timer);
+    assert!(
+        expired.iter().any(|o| matches!(
+            o,
+            IngressOutput::Reply {
+                id: 1,
+                reply: ClientReply::Unavailable { reason: Unavailable::Hold(FailReason::HoldTimeout), .. }
+            }
+        )),
+        "held 40 ms, the plan's limit: {expired:?}"
+    );
 }

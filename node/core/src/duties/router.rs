@@ -157,6 +157,19 @@ impl RouterCore {
         self.held.front().map(|h| h.since_ms + self.config.hold_ms_max)
     }
 
+    /// Hold limits from now on (a plan's, from the coordinator's view): new holds and the
+    /// deadlines of those held are counted with them.
+    pub fn set_limits(&mut self, hold_ms_max: u64, hold_queue_max: usize) {
+        assert!(hold_ms_max > 0 && hold_queue_max > 0, "router limits must be positive");
+        self.config.hold_ms_max = hold_ms_max;
+        self.config.hold_queue_max = hold_queue_max;
+    }
+
+    /// The hold limits in force: (`hold_ms_max`, `hold_queue_max`).
+    pub fn limits(&self) -> (u64, usize) {
+        (self.config.hold_ms_max, self.config.hold_queue_max)
+    }
+
     pub fn mode(&self) -> Mode {
         self.mode
     }
