@@ -196,8 +196,7 @@ impl Replica {
     }
 
     async fn handle_node(&self, request: NodeRequest) -> NodeResponse {
-        let now_ms = (self.clock)();
-        self.contacts.lock().unwrap_or_else(|p| p.into_inner()).insert(request.node().clone(), now_ms);
+        self.contacted(request.node());
         let command = match request {
             NodeRequest::Watch { node, known_version, known_digest, linearizable, wait_ms } => {
                 return self.watch(&node, (known_version, known_digest), linearizable, wait_ms).await;
@@ -342,6 +341,18 @@ impl Replica {
             },
             Ok(Err(e)) => membership_error(e),
             Ok(Ok(_)) => CliResponse::Accepted,
+        }
+    }
+
+    /// Notes that `node` was heard from now (the name is cloned only the first time).
+    fn contacted(&self, node: &protocol::NodeName) {
+        let now_ms = (self.clock)();
+        let mut contacts = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+        match contacts.get_mut(node) {
+            Some(at) => *at = now_ms,
+            None => {
+                contacts.insert(node.clone(), now_ms);
+            }
         }
     }
 
