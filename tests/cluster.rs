@@ -698,26 +698,22 @@ fn agreed_version(ports: &[u16]) -> String {
 /// reached the other.
 #[test]
 fn cluster_leader_killed_during_freezing_ends_consistently() {
-    let w = web("leader-kill", &["router-1", "router-2"]);
+    let mut w = web("leader-kill", &["router-1", "router-2"]);
     w.start_and_wait_for_the_gate();
     let slow = switch_with_a_slow_write(&w, w.ports[0]);
-    let mut c_leader = w.c.leader_name();
-    // The test owns the processes through `w.c`; kill the leader there.
-    let w = {
-        let mut w = w;
-        w.c.kill9(&c_leader);
-        w
-    };
+    let leader = w.c.leader_name();
+    w.c.kill9(&leader);
     let status = slow.join().expect("slow write");
     assert!(status == 200 || status == 504, "the slow write was answered or its outcome is unknown: {status}");
+    // The write ends 1.5 s into the freeze; its router then acks to a live replica well before
+    // the freeze's 3 s deadline, so the new leader commits. (It once aborted: the ack waited
+    // 3 s on the dead leader.)
     let phase = w.wait_phase(&["Done", "Syncing", "RolledBack"], 20);
-    let version = agreed_version(&w.ports);
-    let expected = if phase == "Done" { "v2" } else { "v1" };
     let status = String::from_utf8_lossy(&w.c.cli(&["upgrade", "status", "--json"]).stdout).into_owned();
-    println!("leader {c_leader} killed during the freeze: phase {phase}, routers serve {version}; {status}");
-    assert_eq!(version, expected, "phase {phase}");
+    assert_eq!(phase, "Done", "{status}");
+    assert_eq!(agreed_version(&w.ports), "v2");
+    println!("leader {leader} killed during the freeze: the new leader committed; the routers serve v2");
     w.assert_one_switch_point();
-    c_leader.clear();
 }
 
 /// Acceptance: kill -9 of a router while a freeze is pending, then restart: it serves the
@@ -731,11 +727,11 @@ fn cluster_router_killed_during_freezing_serves_the_outcome_after_restart() {
     w.c.kill9("router-1");
     let _ = slow.join();
     w.c.start("router-1");
+    // Restarted on a disk that holds the freeze, it holds until it learns the outcome; with
+    // nothing in flight any more it acks, and the freeze commits.
     let phase = w.wait_phase(&["Done", "Syncing", "RolledBack"], 20);
-    let version = agreed_version(&w.ports);
-    let expected = if phase == "Done" { "v2" } else { "v1" };
-    println!("router-1 killed during the freeze and restarted: phase {phase}, routers serve {version}");
-    assert_eq!(version, expected, "phase {phase}");
+    assert_eq!(phase, "Done");
+    assert_eq!(agreed_version(&w.ports), "v2", "both routers serve the committed outcome");
     w.assert_one_switch_point();
 }
 
