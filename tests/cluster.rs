@@ -633,6 +633,16 @@ fn cluster_routers_switch_two_universes_atomically_under_load() {
     assert!(metric(&router, "imago_mirrored_total").is_some_and(|n| n >= 5.0), "{router}");
     assert!(metric(&router, "imago_requests_total{outcome=\"answered\"}").is_some_and(|n| n > 100.0), "{router}");
     assert_eq!(metric(&router, "imago_epoch"), Some(1.0));
+    // And what they log: the leader each phase of the upgrade, the router each decision.
+    let logs: String = ["coord-1", "coord-2", "coord-3"]
+        .iter()
+        .map(|n| std::fs::read_to_string(w.c.dir.join(format!("{n}.log"))).unwrap_or_default())
+        .collect();
+    for phase in ["Syncing", "Freezing", "Done"] {
+        assert!(logs.contains(&format!("phase={phase}")), "the leader logs the {phase} phase");
+    }
+    let router_log = std::fs::read_to_string(w.c.dir.join("router-1.log")).unwrap_or_default();
+    assert!(router_log.contains("acting on the decision decision=Commit(Epoch(1))"), "{router_log}");
     let coordinator = metrics_of(&w.c, &w.c.leader_name());
     assert_eq!(metric(&coordinator, "imago_generation"), Some(2.0), "{coordinator}");
     assert_eq!(metric(&coordinator, "imago_raft_is_leader"), Some(1.0));

@@ -395,12 +395,21 @@ impl Replica {
         // The freeze this replica saw applied while leading, and when (an observation for the
         // core: a freeze is given up no sooner than its timeout after its leader first saw it).
         let mut freeze_seen: Option<(protocol::Epoch, u64)> = None;
+        let mut logged_phase = None;
         loop {
             let now_ms = (self.clock)();
             let leading = metrics.borrow().current_leader == Some(self.id);
             let freezing = self.read(|state| {
                 state.current.as_ref().filter(|u| u.phase == protocol::messages::Phase::Freezing).map(|u| u.epoch)
             });
+            // The log follows the upgrade as the leader sees it: one line per phase change.
+            let now_phase = self.read(|state| state.current.as_ref().map(|u| (u.id, u.phase, u.epoch)));
+            if leading && now_phase != logged_phase {
+                if let Some((upgrade, phase, epoch)) = now_phase {
+                    tracing::info!(replica = self.id, upgrade = upgrade.0, epoch = epoch.0, ?phase, "upgrade phase");
+                }
+                logged_phase = now_phase;
+            }
             // A freeze this replica saw applied while leading, now decided: how long it took,
             // from the freeze applied to its outcome applied (the switch decision's latency).
             if let (None, Some((e, at))) = (freezing, freeze_seen) {

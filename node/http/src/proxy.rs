@@ -269,7 +269,14 @@ impl Ingress for HttpIngress {
         if let Some(m) = &self.metrics {
             m.event(&event);
         }
-        tracing::debug!(?event, "ingress");
+        match &event {
+            // What an operator follows in the log: each decision the router acts on.
+            IngressEvent::Acted(decision) => tracing::info!(?decision, "acting on the decision"),
+            IngressEvent::ValidationReset { upgrade } => {
+                tracing::info!(upgrade = upgrade.map(|u| u.0), "validating a new upgrade")
+            }
+            _ => tracing::debug!(?event, "ingress"),
+        }
     }
 
     fn observe(&self, _now_ms: u64, core: &IngressCore) {
