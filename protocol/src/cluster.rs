@@ -293,25 +293,10 @@ impl Validator<'_> {
             let data = self.path(&n.data, &at("data"), format!("data/{name}"))?;
             nodes.push(NodeEntry { name, address, http, metrics, data });
         }
-        let mut genesis_endpoints = Vec::new();
-        if let Some(u) = &raw.universe {
-            if u.endpoints.get_ref().is_empty() || u.endpoints.get_ref().len() > crate::plan::ENDPOINTS_MAX {
-                return self.error(u.endpoints.span(), "universe.endpoints", "name 1 to 64 endpoints");
-            }
-            for (i, e) in u.endpoints.get_ref().iter().enumerate() {
-                if !crate::plan::valid_endpoint(e.get_ref()) || genesis_endpoints.contains(e.get_ref()) {
-                    return self.error(
-                        e.span(),
-                        format!("universe.endpoints[{i}]"),
-                        format!(
-                            "`{}` is not an endpoint of the form scheme://host:port, or is named twice",
-                            e.get_ref()
-                        ),
-                    );
-                }
-                genesis_endpoints.push(e.get_ref().clone());
-            }
-        }
+        let genesis_endpoints = match &raw.universe {
+            None => Vec::new(),
+            Some(u) => crate::plan::endpoints(self.file, self.text, &u.endpoints, "universe.endpoints")?,
+        };
         Ok(ClusterFile { id, certs, coordinators, nodes, genesis_endpoints })
     }
 }

@@ -98,6 +98,34 @@ pub fn valid_endpoint(endpoint: &str) -> bool {
         && !endpoint.chars().any(char::is_whitespace)
 }
 
+/// A universe's endpoints as a file lists them (a plan's `[universe]`, the cluster file's):
+/// 1 to [`ENDPOINTS_MAX`], each `scheme://host:port`, none twice.
+pub(crate) fn endpoints(
+    file: &str,
+    text: &str,
+    raw: &Spanned<Vec<Spanned<String>>>,
+    field: &str,
+) -> Result<Vec<String>, PlanError> {
+    let error =
+        |span: Range<usize>, field: String, message: String| Err(PlanError::at(file, text, span, field, message));
+    let list = raw.get_ref();
+    if list.is_empty() || list.len() > ENDPOINTS_MAX {
+        return error(raw.span(), field.to_string(), format!("{} endpoints: name 1 to {ENDPOINTS_MAX}", list.len()));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, e) in list.iter().enumerate() {
+        let endpoint = e.get_ref();
+        if !valid_endpoint(endpoint) {
+            let message = format!("`{endpoint}` is not an endpoint of the form scheme://host:port");
+            return error(e.span(), format!("{field}[{i}]"), message);
+        }
+        if !seen.insert(endpoint.as_str()) {
+            return error(e.span(), format!("{field}[{i}]"), format!("`{endpoint}` is named twice"));
+        }
+    }
+    Ok(list.iter().map(|e| e.get_ref().clone()).collect())
+}
+
 impl Plan {
     /// Parses and validates a plan. `file` only labels errors.
     pub fn from_toml(file: &str, text: &str) -> Result<Plan, PlanError> {
@@ -314,25 +342,7 @@ impl Validator<'_> {
     }
 
     fn endpoints(&self, raw: &Spanned<Vec<Spanned<String>>>, field: &str) -> Result<Vec<String>, PlanError> {
-        let list = raw.get_ref();
-        if list.is_empty() || list.len() > ENDPOINTS_MAX {
-            return self.error(raw.span(), field, format!("{} endpoints: name 1 to {ENDPOINTS_MAX}", list.len()));
-        }
-        let mut seen = BTreeSet::new();
-        for (i, e) in list.iter().enumerate() {
-            let endpoint = e.get_ref();
-            if !valid_endpoint(endpoint) {
-                return self.error(
-                    e.span(),
-                    format!("{field}[{i}]"),
-                    format!("`{endpoint}` is not an endpoint of the form scheme://host:port"),
-                );
-            }
-            if !seen.insert(endpoint.as_str()) {
-                return self.error(e.span(), format!("{field}[{i}]"), format!("`{endpoint}` is named twice"));
-            }
-        }
-        Ok(list.iter().map(|e| e.get_ref().clone()).collect())
+        endpoints(self.file, self.text, raw, field)
     }
 
     fn thresholds(&self, raw: Option<ThresholdsSection>) -> Result<Thresholds, PlanError> {
