@@ -64,6 +64,8 @@ struct CoordinatorHandler {
     /// The cluster file, read again when a name it did not have shows up (a router or a
     /// replica added to the file after this replica started).
     file: std::path::PathBuf,
+    /// When each node was last heard from (wall ms), for `imago cluster status`.
+    contacts: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
 }
 
 impl CoordinatorHandler {
@@ -110,6 +112,15 @@ impl Handler for CoordinatorHandler {
             tracing::warn!(%peer, %reason, "request refused");
             return Response::Error { reason };
         }
+        if matches!(request, Request::Node(_)) {
+            let mut contacts = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+            match contacts.get_mut(&*peer) {
+                Some(at) => *at = wall_ms(),
+                None => {
+                    contacts.insert(peer.to_string(), wall_ms());
+                }
+            }
+        }
         if let Request::Cli(CliRequest::Join { node }) = &request {
             if !self.named(|n| n.nodes.contains(&node.0)) {
                 let detail =
@@ -117,7 +128,16 @@ impl Handler for CoordinatorHandler {
                 return Response::Cli(CliResponse::Rejected(Rejection { kind: RejectKind::UnknownNode, detail }));
             }
         }
-        self.replica.handle(request).await
+        match self.replica.handle(request).await {
+            Response::Cli(CliResponse::Cluster(mut view)) => {
+                let now = wall_ms();
+                let contacts = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+                view.last_contact_ms_ago =
+                    contacts.iter().map(|(n, at)| (protocol::NodeName(n.clone()), now.saturating_sub(*at))).collect();
+                Response::Cli(CliResponse::Cluster(view))
+            }
+            other => other,
+        }
     }
 }
 
@@ -236,6 +256,7 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> {
             replica: replica.clone(),
             names: Arc::new(std::sync::RwLock::new(Names::of(&cluster))),
             file: args.cluster.file.clone().expect("loaded from a file"),
+            contacts: Arc::default(),
         };
         tokio::spawn(serve(endpoint.clone(), cluster.id.as_str().into(), handler));
         if let Some(addr) = me.metrics {

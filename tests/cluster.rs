@@ -643,6 +643,8 @@ fn cluster_routers_switch_two_universes_atomically_under_load() {
     }
     let router_log = std::fs::read_to_string(w.c.dir.join("router-1.log")).unwrap_or_default();
     assert!(router_log.contains("acting on the decision decision=Commit(Epoch(1))"), "{router_log}");
+    let contacts = json(&w.c.cli(&["cluster", "status", "--json"]))["last_contact_ms_ago"].to_string();
+    assert!(contacts.contains("router-1") && contacts.contains("router-2"), "nodes heard from: {contacts}");
     let coordinator = metrics_of(&w.c, &w.c.leader_name());
     assert_eq!(metric(&coordinator, "imago_generation"), Some(2.0), "{coordinator}");
     assert_eq!(metric(&coordinator, "imago_raft_is_leader"), Some(1.0));

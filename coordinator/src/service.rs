@@ -79,8 +79,6 @@ pub struct Replica {
     disk: SharedDisk,
     applied: watch::Receiver<u64>,
     clock: Clock,
-    /// When this replica last heard from each node (its clock's ms): `imago cluster status`.
-    contacts: Arc<std::sync::Mutex<BTreeMap<protocol::NodeName, u64>>>,
     /// How long the last freeze this replica decided as leader took, from the freeze applied to
     /// its outcome applied (ms; metrics and the cluster benchmark).
     last_decision_ms: Arc<std::sync::atomic::AtomicU64>,
@@ -120,16 +118,7 @@ impl Replica {
             // Already-initialized is fine: a restarted initializer keeps its log.
             let _ = raft.initialize(nodes).await;
         }
-        Ok(Replica {
-            id,
-            raft,
-            disk,
-            applied,
-            clock,
-            contacts: Arc::default(),
-            last_decision_ms: Arc::default(),
-            membership: Arc::default(),
-        })
+        Ok(Replica { id, raft, disk, applied, clock, last_decision_ms: Arc::default(), membership: Arc::default() })
     }
 
     /// Stops this incarnation (its disk stays).
@@ -196,7 +185,6 @@ impl Replica {
     }
 
     async fn handle_node(&self, request: NodeRequest) -> NodeResponse {
-        self.contacted(request.node());
         let command = match request {
             NodeRequest::Watch { node, known_version, known_digest, linearizable, wait_ms } => {
                 return self.watch(&node, (known_version, known_digest), linearizable, wait_ms).await;
@@ -344,18 +332,6 @@ impl Replica {
         }
     }
 
-    /// Notes that `node` was heard from now (the name is cloned only the first time).
-    fn contacted(&self, node: &protocol::NodeName) {
-        let now_ms = (self.clock)();
-        let mut contacts = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
-        match contacts.get_mut(node) {
-            Some(at) => *at = now_ms,
-            None => {
-                contacts.insert(node.clone(), now_ms);
-            }
-        }
-    }
-
     /// How long the last freeze this replica decided as leader took (ms), 0 if none.
     pub fn last_decision_ms(&self) -> u64 {
         self.last_decision_ms.load(std::sync::atomic::Ordering::Relaxed)
@@ -364,16 +340,8 @@ impl Replica {
     /// The coordinator group as this replica sees it.
     pub fn cluster_view(&self) -> ClusterView {
         let metrics = self.raft.metrics().borrow().clone();
-        let now_ms = (self.clock)();
         let (generation, roster) =
             self.read(|s| (s.generation, s.roster.iter().map(|(n, r)| (n.clone(), *r)).collect()));
-        let last_contact_ms_ago = self
-            .contacts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(n, at)| (n.clone(), now_ms.saturating_sub(*at)))
-            .collect();
         ClusterView {
             replica: self.id,
             leader: metrics.current_leader,
@@ -382,7 +350,8 @@ impl Replica {
             applied_index: metrics.last_applied.map(|l| l.index),
             generation,
             roster,
-            last_contact_ms_ago,
+            // The process that serves the replica fills this in (it sees each caller).
+            last_contact_ms_ago: Vec::new(),
         }
     }
 
