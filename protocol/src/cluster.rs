@@ -33,7 +33,6 @@ use crate::ReplicaId;
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
@@ -84,7 +83,7 @@ impl ClusterFile {
     /// Parses and validates the text of cluster file `file`.
     pub fn from_toml(file: &str, text: &str) -> Result<ClusterFile, FileError> {
         let raw: RawFile = toml::from_str(text).map_err(|e| FileError::from_toml(file, text, &e))?;
-        Validator { file, text }.cluster(raw)
+        Validator { src: crate::located::Source { file, text } }.cluster(raw)
     }
 
     /// Joins every relative path to `dir` (the cluster file's directory).
@@ -180,24 +179,14 @@ struct RawNode {
 }
 
 struct Validator<'a> {
-    file: &'a str,
-    text: &'a str,
+    src: crate::located::Source<'a>,
 }
 
 impl Validator<'_> {
-    fn error<T>(
-        &self,
-        span: Range<usize>,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Result<T, FileError> {
-        Err(FileError::at(self.file, self.text, span, field.into(), message.into()))
-    }
-
     fn name(&self, raw: &Spanned<String>, field: &str) -> Result<NodeName, FileError> {
         let name = raw.get_ref();
         if !valid_name(name) {
-            return self.error(
+            return self.src.error(
                 raw.span(),
                 field,
                 format!(
@@ -210,7 +199,7 @@ impl Validator<'_> {
 
     fn address(&self, raw: &Spanned<String>, field: &str) -> Result<SocketAddr, FileError> {
         raw.get_ref().parse().or_else(|_| {
-            self.error(raw.span(), field, format!("`{}` is not an address of the form IP:PORT", raw.get_ref()))
+            self.src.error(raw.span(), field, format!("`{}` is not an address of the form IP:PORT", raw.get_ref()))
         })
     }
 
@@ -221,7 +210,7 @@ impl Validator<'_> {
     fn path(&self, raw: &Option<Spanned<String>>, field: &str, default: String) -> Result<PathBuf, FileError> {
         match raw {
             None => Ok(PathBuf::from(default)),
-            Some(p) if p.get_ref().trim().is_empty() => self.error(p.span(), field, "must not be empty"),
+            Some(p) if p.get_ref().trim().is_empty() => self.src.error(p.span(), field, "must not be empty"),
             Some(p) => Ok(PathBuf::from(p.get_ref())),
         }
     }
@@ -231,14 +220,14 @@ impl Validator<'_> {
         let certs = self.path(&raw.cluster.certs, "cluster.certs", "certs".to_string())?;
         let listed = raw.coordinators.get_ref();
         if listed.is_empty() || listed.len() > COORDINATORS_MAX {
-            return self.error(
+            return self.src.error(
                 raw.coordinators.span(),
                 "coordinators",
                 format!("{} coordinators: name 1 to {COORDINATORS_MAX} (3 or 5 to survive failures)", listed.len()),
             );
         }
         if raw.nodes.len() > NODES_MAX {
-            return self.error(0..0, "nodes", format!("{} nodes: at most {NODES_MAX}", raw.nodes.len()));
+            return self.src.error(0..0, "nodes", format!("{} nodes: at most {NODES_MAX}", raw.nodes.len()));
         }
         let mut names: BTreeSet<String> = BTreeSet::new();
         let mut addresses: BTreeSet<SocketAddr> = BTreeSet::new();
@@ -246,14 +235,14 @@ impl Validator<'_> {
         let mut claim_name = |v: &Self, raw: &Spanned<String>, field: &str| -> Result<NodeName, FileError> {
             let name = v.name(raw, field)?;
             if name.0 == OPERATOR_NAME || name.0 == CA_NAME {
-                return v.error(
+                return v.src.error(
                     raw.span(),
                     field,
                     format!("`{name}` is reserved (the operator's certificate, the CA)"),
                 );
             }
             if !names.insert(name.0.clone()) {
-                return v.error(raw.span(), field, format!("`{name}` is named twice"));
+                return v.src.error(raw.span(), field, format!("`{name}` is named twice"));
             }
             Ok(name)
         };
@@ -262,7 +251,7 @@ impl Validator<'_> {
                 let address = v.optional_address(raw, field)?;
                 if let (Some(a), Some(r)) = (address, raw) {
                     if !addresses.insert(a) {
-                        return v.error(r.span(), field, format!("{a} is used twice"));
+                        return v.src.error(r.span(), field, format!("{a} is used twice"));
                     }
                 }
                 Ok(address)
@@ -272,10 +261,10 @@ impl Validator<'_> {
             let at = |f: &str| format!("coordinators[{i}].{f}");
             let id = *c.id.get_ref();
             if id < 1 {
-                return self.error(c.id.span(), at("id"), format!("{id} is not a Raft id (1 or more)"));
+                return self.src.error(c.id.span(), at("id"), format!("{id} is not a Raft id (1 or more)"));
             }
             if !ids.insert(id as ReplicaId) {
-                return self.error(c.id.span(), at("id"), format!("id {id} is used twice"));
+                return self.src.error(c.id.span(), at("id"), format!("id {id} is used twice"));
             }
             let name = claim_name(self, &c.name, &at("name"))?;
             let address = claim_address(self, &Some(c.address.clone()), &at("address"))?.expect("required");
@@ -295,7 +284,7 @@ impl Validator<'_> {
         }
         let genesis_endpoints = match &raw.universe {
             None => Vec::new(),
-            Some(u) => crate::plan::endpoints(self.file, self.text, &u.endpoints, "universe.endpoints")?,
+            Some(u) => crate::plan::endpoints(self.src.file, self.src.text, &u.endpoints, "universe.endpoints")?,
         };
         Ok(ClusterFile { id, certs, coordinators, nodes, genesis_endpoints })
     }

@@ -38,6 +38,25 @@ impl FileError {
     }
 }
 
+/// A file being validated: its name and text, to point an error at a span of it.
+#[derive(Clone, Copy)]
+pub(crate) struct Source<'a> {
+    pub(crate) file: &'a str,
+    pub(crate) text: &'a str,
+}
+
+impl Source<'_> {
+    /// An error at byte range `span`, naming `field`.
+    pub(crate) fn error<T>(
+        &self,
+        span: Range<usize>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Result<T, FileError> {
+        Err(FileError::at(self.file, self.text, span, field.into(), message.into()))
+    }
+}
+
 /// The first `backticked` word of a message (the field `toml` names).
 fn backticked(message: &str) -> Option<String> {
     let start = message.find('`')? + 1;

@@ -106,21 +106,20 @@ pub(crate) fn endpoints(
     raw: &Spanned<Vec<Spanned<String>>>,
     field: &str,
 ) -> Result<Vec<String>, PlanError> {
-    let error =
-        |span: Range<usize>, field: String, message: String| Err(PlanError::at(file, text, span, field, message));
+    let src = crate::located::Source { file, text };
     let list = raw.get_ref();
     if list.is_empty() || list.len() > ENDPOINTS_MAX {
-        return error(raw.span(), field.to_string(), format!("{} endpoints: name 1 to {ENDPOINTS_MAX}", list.len()));
+        return src.error(raw.span(), field, format!("{} endpoints: name 1 to {ENDPOINTS_MAX}", list.len()));
     }
     let mut seen = BTreeSet::new();
     for (i, e) in list.iter().enumerate() {
         let endpoint = e.get_ref();
         if !valid_endpoint(endpoint) {
             let message = format!("`{endpoint}` is not an endpoint of the form scheme://host:port");
-            return error(e.span(), format!("{field}[{i}]"), message);
+            return src.error(e.span(), format!("{field}[{i}]"), message);
         }
         if !seen.insert(endpoint.as_str()) {
-            return error(e.span(), format!("{field}[{i}]"), format!("`{endpoint}` is named twice"));
+            return src.error(e.span(), format!("{field}[{i}]"), format!("`{endpoint}` is named twice"));
         }
     }
     Ok(list.iter().map(|e| e.get_ref().clone()).collect())
@@ -130,7 +129,7 @@ impl Plan {
     /// Parses and validates a plan. `file` only labels errors.
     pub fn from_toml(file: &str, text: &str) -> Result<Plan, PlanError> {
         let raw: PlanFile = toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))?;
-        Validator { file, text }.plan(raw)
+        Validator { src: crate::located::Source { file, text } }.plan(raw)
     }
 
     /// The compiled row mapping (cannot fail for a validated plan).
@@ -243,20 +242,10 @@ struct SplitPartSection {
 // ---- validation -----------------------------------------------------------------------------
 
 struct Validator<'a> {
-    file: &'a str,
-    text: &'a str,
+    src: crate::located::Source<'a>,
 }
 
 impl Validator<'_> {
-    fn error<T>(
-        &self,
-        span: Range<usize>,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Result<T, PlanError> {
-        Err(PlanError::at(self.file, self.text, span, field.into(), message.into()))
-    }
-
     fn ranged(
         &self,
         value: &Option<Spanned<i64>>,
@@ -268,7 +257,7 @@ impl Validator<'_> {
         match value {
             None => Ok(default),
             Some(v) if *v.get_ref() < min || *v.get_ref() > max => {
-                self.error(v.span(), field, format!("{} is out of range {min}..={max}", v.get_ref()))
+                self.src.error(v.span(), field, format!("{} is out of range {min}..={max}", v.get_ref()))
             }
             Some(v) => Ok(*v.get_ref() as u64),
         }
@@ -277,7 +266,7 @@ impl Validator<'_> {
     fn plan(&self, raw: PlanFile) -> Result<Plan, PlanError> {
         let name = raw.upgrade.name.get_ref().trim().to_string();
         if name.is_empty() {
-            return self.error(raw.upgrade.name.span(), "upgrade.name", "must not be empty");
+            return self.src.error(raw.upgrade.name.span(), "upgrade.name", "must not be empty");
         }
         let switch = match &raw.upgrade.switch {
             None => SwitchMode::Manual,
@@ -285,7 +274,11 @@ impl Validator<'_> {
                 "auto" => SwitchMode::Auto,
                 "manual" => SwitchMode::Manual,
                 other => {
-                    return self.error(s.span(), "upgrade.switch", format!("`{other}` is not one of `auto`, `manual`"))
+                    return self.src.error(
+                        s.span(),
+                        "upgrade.switch",
+                        format!("`{other}` is not one of `auto`, `manual`"),
+                    )
                 }
             },
         };
@@ -305,7 +298,7 @@ impl Validator<'_> {
             Err(e) => {
                 let raw_transform = &raw.transforms[e.transform];
                 let (span, field) = transform_field_span(raw_transform, e.field);
-                return self.error(span, format!("transforms[{}].{field}", e.transform), e.message);
+                return self.src.error(span, format!("transforms[{}].{field}", e.transform), e.message);
             }
             Ok(mapping) => {
                 if let Some(declared) = &raw.schema.new {
@@ -313,11 +306,11 @@ impl Validator<'_> {
                     for (table, section) in declared {
                         let field = format!("schema.new.{table}");
                         let Some(got) = computed.tables.get(table) else {
-                            return self.error(section.span(), field, "the transforms do not produce this table");
+                            return self.src.error(section.span(), field, "the transforms do not produce this table");
                         };
                         let want = self.table(section, &field)?;
                         if *got != want {
-                            return self.error(
+                            return self.src.error(
                                 section.span(),
                                 field,
                                 format!("the transforms produce key `{}` and columns {:?}", got.key, got.columns),
@@ -325,7 +318,7 @@ impl Validator<'_> {
                         }
                     }
                     if let Some(missing) = computed.tables.keys().find(|t| !declared.contains_key(*t)) {
-                        return self.error(
+                        return self.src.error(
                             0..0,
                             "schema.new",
                             format!("the transforms produce table `{missing}`, which is not declared"),
@@ -342,7 +335,7 @@ impl Validator<'_> {
     }
 
     fn endpoints(&self, raw: &Spanned<Vec<Spanned<String>>>, field: &str) -> Result<Vec<String>, PlanError> {
-        endpoints(self.file, self.text, raw, field)
+        endpoints(self.src.file, self.src.text, raw, field)
     }
 
     fn thresholds(&self, raw: Option<ThresholdsSection>) -> Result<Thresholds, PlanError> {
@@ -356,13 +349,17 @@ impl Validator<'_> {
         ];
         for (value, old, new) in renamed {
             if let Some(v) = value {
-                return self.error(v.span(), format!("thresholds.{old}"), format!("`{old}` was renamed to `{new}`"));
+                return self.src.error(
+                    v.span(),
+                    format!("thresholds.{old}"),
+                    format!("`{old}` was renamed to `{new}`"),
+                );
             }
         }
         let mismatch_ratio_max = match &t.mismatch_ratio_max {
             None => d.mismatch_ratio_max,
             Some(v) if !(0.0..=1.0).contains(v.get_ref()) => {
-                return self.error(
+                return self.src.error(
                     v.span(),
                     "thresholds.mismatch_ratio_max",
                     format!("{} is out of range 0.0..=1.0", v.get_ref()),
@@ -405,32 +402,36 @@ impl Validator<'_> {
         for (i, n) in raw.get_ref().iter().enumerate() {
             let name = n.name.get_ref().trim();
             if name.is_empty() || name.contains(char::is_whitespace) {
-                return self.error(
+                return self.src.error(
                     n.name.span(),
                     format!("nodes[{i}].name"),
                     "must be a non-empty name without spaces",
                 );
             }
             if !seen.insert(name.to_string()) {
-                return self.error(n.name.span(), format!("nodes[{i}].name"), format!("duplicate node name `{name}`"));
+                return self.src.error(
+                    n.name.span(),
+                    format!("nodes[{i}].name"),
+                    format!("duplicate node name `{name}`"),
+                );
             }
             if n.tier.get_ref().trim().is_empty() {
-                return self.error(n.tier.span(), format!("nodes[{i}].tier"), "must not be empty");
+                return self.src.error(n.tier.span(), format!("nodes[{i}].tier"), "must not be empty");
             }
             if n.duties.get_ref().is_empty() {
-                return self.error(n.duties.span(), format!("nodes[{i}].duties"), "a node needs at least one duty");
+                return self.src.error(n.duties.span(), format!("nodes[{i}].duties"), "a node needs at least one duty");
             }
             let mut duties = Vec::new();
             for (j, d) in n.duties.get_ref().iter().enumerate() {
                 let Some(duty) = Duty::parse(d.get_ref()) else {
-                    return self.error(
+                    return self.src.error(
                         d.span(),
                         format!("nodes[{i}].duties[{j}]"),
                         format!("`{}` is not one of `capture`, `transform`, `validate`, `route`", d.get_ref()),
                     );
                 };
                 if duties.contains(&duty) {
-                    return self.error(
+                    return self.src.error(
                         d.span(),
                         format!("nodes[{i}].duties[{j}]"),
                         format!("duty `{}` named twice", d.get_ref()),
@@ -445,7 +446,7 @@ impl Validator<'_> {
             });
         }
         if !nodes.iter().any(|n| n.duties.contains(&Duty::Route)) {
-            return self.error(raw.span(), "nodes", "the plan needs at least one node with the `route` duty");
+            return self.src.error(raw.span(), "nodes", "the plan needs at least one node with the `route` duty");
         }
         Ok(nodes)
     }
@@ -455,10 +456,10 @@ impl Validator<'_> {
         let mut columns = Vec::new();
         for (i, c) in section.columns.get_ref().iter().enumerate() {
             if c.get_ref().trim().is_empty() {
-                return self.error(c.span(), format!("{field}.columns[{i}]"), "must not be empty");
+                return self.src.error(c.span(), format!("{field}.columns[{i}]"), "must not be empty");
             }
             if columns.contains(c.get_ref()) {
-                return self.error(
+                return self.src.error(
                     c.span(),
                     format!("{field}.columns[{i}]"),
                     format!("column `{}` named twice", c.get_ref()),
@@ -469,19 +470,23 @@ impl Validator<'_> {
         let key = section.key.as_ref().map_or("id".to_string(), |k| k.get_ref().clone());
         if !columns.contains(&key) {
             let span = section.key.as_ref().map_or(section.columns.span(), |k| k.span());
-            return self.error(span, format!("{field}.key"), format!("key column `{key}` is not among the columns"));
+            return self.src.error(
+                span,
+                format!("{field}.key"),
+                format!("key column `{key}` is not among the columns"),
+            );
         }
         Ok(TableSchema { key, columns })
     }
 
     fn schema(&self, raw: &BTreeMap<String, Spanned<TableSection>>, field: &str) -> Result<Schema, PlanError> {
         if raw.is_empty() {
-            return self.error(0..0, field, "declare at least one table");
+            return self.src.error(0..0, field, "declare at least one table");
         }
         let mut tables = BTreeMap::new();
         for (name, t) in raw {
             if crate::schema::is_reserved(name) {
-                return self.error(
+                return self.src.error(
                     t.span(),
                     format!("{field}.{name}"),
                     format!(
@@ -503,8 +508,8 @@ impl Validator<'_> {
         let need = |value: &Option<Spanned<String>>, name: &str| -> Result<String, PlanError> {
             match value {
                 Some(v) if !v.get_ref().trim().is_empty() => Ok(v.get_ref().clone()),
-                Some(v) => self.error(v.span(), format!("transforms[{i}].{name}"), "must not be empty"),
-                None => self.error(
+                Some(v) => self.src.error(v.span(), format!("transforms[{i}].{name}"), "must not be empty"),
+                None => self.src.error(
                     t.kind.span(),
                     format!("transforms[{i}].{name}"),
                     format!("`{}` needs `{name}`", t.kind.get_ref()),
@@ -521,7 +526,7 @@ impl Validator<'_> {
                     Some(v) => match v.get_ref() {
                         toml::Value::Integer(n) => Value::Int(*n),
                         toml::Value::String(s) => Value::Text(s.clone()),
-                        _ => return self.error(v.span(), format!("transforms[{i}].default"), "must be an integer or a string"),
+                        _ => return self.src.error(v.span(), format!("transforms[{i}].default"), "must be an integer or a string"),
                     },
                 };
                 Transform::AddColumn { table, column: need(&t.column, "column")?, default }
@@ -533,14 +538,14 @@ impl Validator<'_> {
                     Some("text") => ColumnType::Text,
                     _ => {
                         let span = t.to.as_ref().map_or(t.kind.span(), |s| s.span());
-                        return self.error(span, format!("transforms[{i}].to"), "`change_type` needs `to` = `int` or `text`");
+                        return self.src.error(span, format!("transforms[{i}].to"), "`change_type` needs `to` = `int` or `text`");
                     }
                 };
                 Transform::ChangeType { table, column: need(&t.column, "column")?, to }
             }
             "split_table" => {
                 let Some(into) = &t.into else {
-                    return self.error(t.kind.span(), format!("transforms[{i}].into"), "`split_table` needs `into`");
+                    return self.src.error(t.kind.span(), format!("transforms[{i}].into"), "`split_table` needs `into`");
                 };
                 let into = into
                     .iter()
@@ -552,7 +557,7 @@ impl Validator<'_> {
                 Transform::SplitTable { table, into }
             }
             other => {
-                return self.error(
+                return self.src.error(
                     t.kind.span(),
                     format!("transforms[{i}].kind"),
                     format!(

@@ -311,26 +311,14 @@ fn a_router_holds_by_the_plans_limits() {
     core.handle(2, IngressInput::Persisted(record));
     let held = core.handle(3, IngressInput::Request { id: 1, read_only: false });
     assert!(held.iter().all(|o| !matches!(o, IngressOutput::Forward { .. } | IngressOutput::Reply { .. })), "{held:?}");
+    let failed = |out: &[IngressOutput], id: u64, why: FailReason| {
+        out.iter().any(|o| {
+            matches!(o, IngressOutput::Reply { id: i, reply: ClientReply::Unavailable { reason: Unavailable::Hold(r), .. } }
+                if *i == id && *r == why)
+        })
+    };
     let full = core.handle(4, IngressInput::Request { id: 2, read_only: false });
-    assert!(
-        full.iter().any(|o| matches!(
-            o,
-            IngressOutput::Reply {
-                id: 2,
-                reply: ClientReply::Unavailable { reason: Unavailable::Hold(FailReason::HoldQueueFull), .. }
-            }
-        )),
-        "{full:?}"
-    );
+    assert!(failed(&full, 2, FailReason::HoldQueueFull), "{full:?}");
     let expired = core.handle(43, IngressInput::Timer);
-    assert!(
-        expired.iter().any(|o| matches!(
-            o,
-            IngressOutput::Reply {
-                id: 1,
-                reply: ClientReply::Unavailable { reason: Unavailable::Hold(FailReason::HoldTimeout), .. }
-            }
-        )),
-        "held 40 ms, the plan's limit: {expired:?}"
-    );
+    assert!(failed(&expired, 1, FailReason::HoldTimeout), "held 40 ms, the plan's limit: {expired:?}");
 }
