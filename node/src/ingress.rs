@@ -1,6 +1,6 @@
 //! The ingress actor: the ingress composition core behind a mailbox.
 
-use crate::io::{Clock, Ingress, NodeDisk};
+use crate::io::{Clock, Ingress, NodeDisk, Purpose};
 use crate::{ready_now, Stop, Timer};
 use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, WrapFuture};
 use node_core::ingress::{IngressCore, IngressInput, IngressOutput, RequestId};
@@ -9,6 +9,9 @@ use protocol::messages::{Request, Response};
 use protocol::transport::Transport;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
+
+/// Messages the actor's mailbox takes before a sender's `try_send` is refused.
+pub const MAILBOX_CAPACITY: usize = 4096;
 
 /// A client request for the ingress node.
 pub struct ClientRequest<R> {
@@ -87,23 +90,15 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
     /// Performs one output; returns the input it answers with if it completed at once.
     fn perform(&mut self, ctx: &mut Context<Self>, now_ms: u64, output: IngressOutput) -> Option<IngressInput> {
         match output {
-            IngressOutput::Forward { id, generation, key, endpoint } => {
+            IngressOutput::Forward { id, generation, key, endpoint, compared } => {
                 let request = self.requests.get(&id).expect("forwarding an open request");
-                let answer = self.io.forward(request, generation, &endpoint, key, false);
-                ctx.spawn(
-                    answer
-                        .into_actor(self)
-                        .map(move |answer, act, ctx| act.feed(ctx, IngressInput::Answered { id, answer })),
-                );
+                let sent = self.io.forward(request, generation, &endpoint, key, Purpose::Serve { compared });
+                detach(ctx, id, false, sent);
             }
             IngressOutput::Mirror { id, generation, key, endpoint } => {
                 let request = self.requests.get(&id).expect("mirroring an open request");
-                let answer = self.io.forward(request, generation, &endpoint, key, true);
-                ctx.spawn(
-                    answer
-                        .into_actor(self)
-                        .map(move |answer, act, ctx| act.feed(ctx, IngressInput::Mirrored { id, answer })),
-                );
+                let sent = self.io.forward(request, generation, &endpoint, key, Purpose::Mirror);
+                detach(ctx, id, true, sent);
             }
             IngressOutput::Reply { id, reply } => {
                 let request = self.requests.remove(&id).expect("answering an open request");
@@ -146,6 +141,9 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> Actor for IngressA
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        // Room for a burst of client requests between two turns of the actor: the core, not
+        // the mailbox, says when there are too many (`requests_max`, answered 503).
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         let record = self.boot.take().expect("started once");
         self.feed(ctx, IngressInput::Boot { record });
     }
@@ -161,6 +159,43 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> Handler<ClientRequ
         self.next_id += 1;
         self.requests.insert(id, msg.request);
         self.feed(ctx, IngressInput::Request { id, read_only: msg.read_only });
+    }
+}
+
+/// A universe's answer to a forward or a mirror, back at the actor.
+struct Answer<S> {
+    id: RequestId,
+    mirror: bool,
+    sent: S,
+}
+
+impl<S: Send + 'static> Message for Answer<S> {
+    type Result = ();
+}
+
+/// Runs a send as a task of its own that hands its answer to the actor as a message. Not an
+/// item of the actor's context: actix polls every such item whenever the actor wakes, which
+/// made each request cost in proportion to the requests in flight.
+fn detach<A, S>(ctx: &mut Context<A>, id: RequestId, mirror: bool, sent: impl std::future::Future<Output = S> + 'static)
+where
+    A: Actor<Context = Context<A>> + Handler<Answer<S>>,
+    S: Send + 'static,
+{
+    let actor = ctx.address();
+    actix::spawn(async move {
+        // A stopped actor drops the answer, as it would have dropped the send.
+        actor.do_send(Answer { id, mirror, sent: sent.await });
+    });
+}
+
+impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> Handler<Answer<I::Sent>> for IngressActor<T, D, I, C> {
+    type Result = ();
+
+    fn handle(&mut self, msg: Answer<I::Sent>, ctx: &mut Context<Self>) {
+        let (id, answer) = (msg.id, self.io.taken(msg.sent));
+        let input =
+            if msg.mirror { IngressInput::Mirrored { id, answer } } else { IngressInput::Answered { id, answer } };
+        self.feed(ctx, input);
     }
 }
 

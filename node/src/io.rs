@@ -36,21 +36,47 @@ pub trait NodeDisk: Unpin + 'static {
     fn persist(&self, record: NodeRecord) -> impl Future<Output = Result<(), DiskError>> + 'static;
 }
 
+/// Why a request goes to a universe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// To answer the client; the answer's body is compared only if `compared` (a mirror goes
+    /// along).
+    Serve { compared: bool },
+    /// A copy for validation, compared with the served answer.
+    Mirror,
+}
+
+impl Purpose {
+    pub fn is_mirror(self) -> bool {
+        self == Purpose::Mirror
+    }
+
+    /// Whether the core compares the answer: the shell must then give its body.
+    pub fn compared(self) -> bool {
+        matches!(self, Purpose::Mirror | Purpose::Serve { compared: true })
+    }
+}
+
 /// An ingress node's side toward clients and universes.
 pub trait Ingress: Unpin + 'static {
     /// One client request: its payload and how to answer it.
     type Request: 'static;
-    /// Sends `request` to `generation`'s universe at `endpoint` (the core chose it; a copy for
-    /// validation if `mirror`), keyed by `key`; resolves to the answer, or `None` when none
-    /// came in time.
+    /// What a send resolves to (see [`Ingress::taken`]).
+    type Sent: Send + 'static;
+    /// Sends `request` to `generation`'s universe at `endpoint` (the core chose it), keyed by
+    /// `key`, for `purpose`. The future runs as a task of its own, outside the actor.
     fn forward(
         &self,
         request: &Self::Request,
         generation: Generation,
         endpoint: &str,
         key: RequestKey,
-        mirror: bool,
-    ) -> impl Future<Output = Option<StoreAnswer>> + 'static;
+        purpose: Purpose,
+    ) -> impl Future<Output = Self::Sent> + 'static;
+    /// The answer of a send, as the actor takes it to feed the core: `None` when none came in
+    /// time. Called on the actor, just before the core learns it (the simulator's checkers
+    /// note it here, so their counts and the core's agree between any two inputs).
+    fn taken(&self, sent: Self::Sent) -> Option<StoreAnswer>;
     /// Answers the client.
     fn reply(&self, request: Self::Request, reply: ClientReply);
     /// Tells every data node that this router is frozen for `epoch` (best effort, no answer).

@@ -7,7 +7,7 @@
 use imago_node as node;
 use node::data_node::{DataBoot, DataNodeActor, DataRequest};
 use node::ingress::{ClientRequest, IngressActor};
-use node::io::{DiskError, Ingress, NodeDisk, Stores};
+use node::io::{DiskError, Ingress, NodeDisk, Purpose, Stores};
 use node_core::agent::AgentConfig;
 use node_core::data_node::{DataEvent, DataNodeConfig, DataNodeCore, DataOutput, StoreOp, StoreResult};
 use node_core::duties::router::RouterConfig;
@@ -208,6 +208,7 @@ struct TestIngress {
 
 impl Ingress for TestIngress {
     type Request = u64;
+    type Sent = Option<StoreAnswer>;
 
     fn forward(
         &self,
@@ -215,13 +216,17 @@ impl Ingress for TestIngress {
         generation: Generation,
         endpoint: &str,
         key: RequestKey,
-        mirror: bool,
+        purpose: Purpose,
     ) -> impl Future<Output = Option<StoreAnswer>> + 'static {
-        push(&self.log, Io::Forward { generation, endpoint: endpoint.to_string(), key, mirror });
+        push(&self.log, Io::Forward { generation, endpoint: endpoint.to_string(), key, mirror: purpose.is_mirror() });
         async move {
             tokio::time::sleep(Duration::from_millis(1)).await;
             Some(StoreAnswer::Ok { body: None, position: Position(0) })
         }
+    }
+
+    fn taken(&self, sent: Option<StoreAnswer>) -> Option<StoreAnswer> {
+        sent
     }
 
     fn reply(&self, request: u64, reply: ClientReply) {

@@ -14,7 +14,7 @@ use crate::procs::{OpenRequest, RouterObserved, SimClient};
 use crate::wire::{DataMessage, DataRequest, DataResponse};
 use crate::world::{await_reply, detached, with, SimTransport, World};
 use node::ingress::{ClientRequest, IngressActor};
-use node::io::Ingress;
+use node::io::{Ingress, Purpose};
 use node_core::duties::router::Mode;
 use node_core::duties::router::{HoldCause, RouterConfig};
 use node_core::ingress::{ClientReply, IngressConfig, IngressCore, IngressEvent, Unavailable};
@@ -50,8 +50,19 @@ impl SimIngress {
     }
 }
 
+/// A send's answer on its way to the router's actor, with what the checkers note of it.
+pub struct SimSent {
+    key: RequestKey,
+    purpose: Purpose,
+    read_only: bool,
+    /// The data node it went to, if it was sent.
+    sent_to: Option<usize>,
+    answer: Option<StoreAnswer>,
+}
+
 impl Ingress for SimIngress {
     type Request = SimClient;
+    type Sent = SimSent;
 
     fn forward(
         &self,
@@ -59,9 +70,10 @@ impl Ingress for SimIngress {
         generation: Generation,
         endpoint: &str,
         key: RequestKey,
-        mirror: bool,
-    ) -> impl Future<Output = Option<StoreAnswer>> + 'static {
-        let (index, incarnation) = (self.index, self.incarnation);
+        purpose: Purpose,
+    ) -> impl Future<Output = SimSent> + 'static {
+        let mirror = purpose.is_mirror();
+        let index = self.index;
         let read_only = request.op.read_only();
         let sent = self.with(|w| {
             let now = w.now_us();
@@ -101,38 +113,34 @@ impl Ingress for SimIngress {
             let bytes = codec::encode_frame(&wire).expect("data requests encode");
             (w.send_request(addr, ProcId::Data(shard).addr(), bytes), w.data_timeout_ms, shard)
         });
-        let world = self.world.clone();
         let sent_to = sent.as_ref().map(|(_, _, shard)| *shard);
         let answer = detached(async move {
             let (rx, timeout_ms, _) = sent?;
             let bytes = await_reply(rx, Duration::from_millis(timeout_ms)).await;
             bytes.and_then(|b| codec::decode_frame::<DataResponse>(&b).ok().flatten().map(|(r, _)| r))
         });
-        // What the router learns is noted when the actor takes the answer (this part runs in
-        // the actor's own task, just before the answer is fed to the core), so the checkers'
-        // counts and the core's agree between any two inputs.
-        async move {
-            let answer = answer.await;
-            if let Some(shared) = world.upgrade() {
-                with(&shared, |w| {
-                    if !w.is_up(ProcId::Router(index).addr(), incarnation) {
-                        return;
-                    }
-                    if !mirror {
-                        w.checker.frozen_ack.completed(index, key.id);
-                    }
-                    if read_only {
-                        // The simulator compares mirrored answers itself, as they arrive.
-                        let name = w.routers[index].name.clone();
-                        let drifted = sent_to.is_some_and(|shard| w.data[shard].drifted);
-                        let found = w.checker.mirrors.answered(index, &name, key, mirror, answer.clone(), drifted);
-                        let now = w.now_us();
-                        w.checker.found(now, found);
-                    }
-                });
+        async move { SimSent { key, purpose, read_only, sent_to, answer: answer.await } }
+    }
+
+    // What the router learns is noted when the actor takes the answer, just before the core
+    // learns it, so the checkers' counts and the core's agree between any two inputs.
+    fn taken(&self, sent: SimSent) -> Option<StoreAnswer> {
+        let SimSent { key, purpose, read_only, sent_to, answer } = sent;
+        let (index, mirror) = (self.index, purpose.is_mirror());
+        self.with(|w| {
+            if !mirror {
+                w.checker.frozen_ack.completed(index, key.id);
             }
-            answer
-        }
+            if read_only {
+                // The simulator compares mirrored answers itself, as they arrive.
+                let name = w.routers[index].name.clone();
+                let drifted = sent_to.is_some_and(|shard| w.data[shard].drifted);
+                let found = w.checker.mirrors.answered(index, &name, key, mirror, answer.clone(), drifted);
+                let now = w.now_us();
+                w.checker.found(now, found);
+            }
+        });
+        answer
     }
 
     fn notify_frozen(&self, epoch: protocol::Epoch) {

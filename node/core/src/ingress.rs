@@ -85,8 +85,11 @@ pub enum Unavailable {
 #[derive(Clone, Debug, PartialEq)]
 pub enum IngressOutput {
     /// Send request `id` to `generation`'s universe, keyed by `key` (the data tier's
-    /// idempotency key), and answer [`IngressInput::Answered`].
-    Forward { id: RequestId, generation: Generation, key: RequestKey, endpoint: String },
+    /// idempotency key), and answer [`IngressInput::Answered`]. Only if `compared` (a mirror
+    /// goes along) does the core compare the answer's body; otherwise it only hands the answer
+    /// back in the [`IngressOutput::Reply`], so a shell that answers its clients from its own
+    /// copy (HTTP) need not read the body as a row.
+    Forward { id: RequestId, generation: Generation, key: RequestKey, endpoint: String, compared: bool },
     /// Send a copy of read-only request `id` to the upgrade's new universe, `generation`, and
     /// answer [`IngressInput::Mirrored`].
     Mirror { id: RequestId, generation: Generation, key: RequestKey, endpoint: String },
@@ -375,10 +378,17 @@ impl IngressCore {
     }
 
     fn router_outputs(&mut self, now_ms: u64, outs: Vec<RouterOutput>, out: &mut Vec<IngressOutput>) {
-        for o in outs {
+        let mut outs = outs.into_iter().peekable();
+        while let Some(o) = outs.next() {
             match o {
                 RouterOutput::Forward { id, generation } => match self.endpoint(generation, id) {
-                    Some(endpoint) => out.push(IngressOutput::Forward { id, generation, key: self.key(id), endpoint }),
+                    Some(endpoint) => {
+                        // The router asks for a request's mirror right after its forward.
+                        let compared = matches!(outs.peek(), Some(RouterOutput::Mirror { id: m }) if *m == id)
+                            && self.upgrade_from.is_some_and(|g| self.endpoint(g.next(), id).is_some());
+                        let key = self.key(id);
+                        out.push(IngressOutput::Forward { id, generation, key, endpoint, compared })
+                    }
                     None => {
                         // Nothing was sent: the client is told so (not "unknown").
                         let outs = self.router.handle(now_ms, RouterInput::Completed { id });

@@ -10,13 +10,14 @@
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use node::ingress::ClientRequest;
-use node::io::Ingress;
+use node::io::{Ingress, Purpose};
 use node_core::ingress::{ClientReply, IngressCore, IngressEvent, Unavailable};
 use node_core::{RequestKey, StoreAnswer};
 use protocol::schema::{Row, Value};
@@ -85,6 +86,8 @@ pub struct HttpIngress {
     config: Rc<ProxyConfig>,
     /// Forwarded answers waiting for the core's reply, by the shell's request number.
     answers: Rc<RefCell<BTreeMap<u64, Response<Bytes>>>>,
+    /// Each endpoint as parsed.
+    targets: RefCell<BTreeMap<String, Target>>,
     /// Requests the core has in progress (after its last input): a stopping node waits for 0.
     in_progress: Rc<std::cell::Cell<usize>>,
     metrics: Option<crate::metrics::NodeMetrics>,
@@ -103,6 +106,7 @@ impl HttpIngress {
             client,
             config: Rc::new(config),
             answers: Rc::default(),
+            targets: RefCell::default(),
             in_progress: Rc::default(),
             metrics: None,
         }
@@ -114,23 +118,81 @@ impl HttpIngress {
         self
     }
 
+    /// The URI of `path` at `endpoint` (parsed once per endpoint).
+    fn target(&self, endpoint: &str, path: Option<&PathAndQuery>) -> Result<Uri, String> {
+        let known = self.targets.borrow().get(endpoint).cloned();
+        let target = match known {
+            Some(t) => t,
+            None => {
+                let parts = endpoint.parse::<Uri>().map_err(|e| format!("endpoint `{endpoint}`: {e}"))?.into_parts();
+                let (Some(scheme), Some(authority)) = (parts.scheme, parts.authority) else {
+                    return Err(format!("endpoint `{endpoint}` names no scheme and host"));
+                };
+                let base = parts.path_and_query.as_ref().map_or("", |p| p.path()).trim_end_matches('/').to_string();
+                let t = Target { scheme, authority, base };
+                self.targets.borrow_mut().insert(endpoint.to_string(), t.clone());
+                t
+            }
+        };
+        let path_and_query = match (target.base.is_empty(), path) {
+            (true, Some(p)) => p.clone(),
+            (true, None) => PathAndQuery::from_static("/"),
+            (false, p) => {
+                let p = p.map_or("/", PathAndQuery::as_str);
+                format!("{}{p}", target.base).parse::<PathAndQuery>().map_err(|e| e.to_string())?
+            }
+        };
+        Uri::builder()
+            .scheme(target.scheme)
+            .authority(target.authority)
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| e.to_string())
+    }
+
     /// How many requests the core has in progress, kept current after every input.
     pub fn in_progress(&self) -> Rc<std::cell::Cell<usize>> {
         self.in_progress.clone()
     }
 }
 
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
+/// Headers of one hop, not passed on (nor `host`: the endpoint's applies).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HOST,
 ];
+const KEY: HeaderName = HeaderName::from_static(KEY_HEADER);
+const GENERATION: HeaderName = HeaderName::from_static(GENERATION_HEADER);
+const MIRROR: HeaderName = HeaderName::from_static(MIRROR_HEADER);
+
+/// A request key as its header carries it: `origin-id`, each 16 hex digits.
+fn key_value(key: RequestKey) -> HeaderValue {
+    let mut text = [0u8; 33];
+    let hex = |n: u64, out: &mut [u8]| {
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = b"0123456789abcdef"[((n >> (60 - 4 * i)) & 0xf) as usize];
+        }
+    };
+    hex(key.origin, &mut text[..16]);
+    text[16] = b'-';
+    hex(key.id, &mut text[17..]);
+    HeaderValue::from_bytes(&text).expect("hex digits and a dash make a header value")
+}
+
+/// An endpoint as parsed once: scheme, authority and base path.
+#[derive(Clone)]
+struct Target {
+    scheme: hyper::http::uri::Scheme,
+    authority: hyper::http::uri::Authority,
+    base: String,
+}
 
 /// The row the core compares for an answer: its status, and the fields of a JSON object body
 /// (each as its JSON text), or the body as text (a digest if it is long).
@@ -165,6 +227,7 @@ fn plain(status: StatusCode, text: String) -> Response<Full<Bytes>> {
 
 impl Ingress for HttpIngress {
     type Request = HttpRequest;
+    type Sent = Option<StoreAnswer>;
 
     fn forward(
         &self,
@@ -172,26 +235,28 @@ impl Ingress for HttpIngress {
         generation: Generation,
         endpoint: &str,
         key: RequestKey,
-        mirror: bool,
+        purpose: Purpose,
     ) -> impl Future<Output = Option<StoreAnswer>> + 'static {
-        let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = format!("{}{path}", endpoint.trim_end_matches('/')).parse::<Uri>();
-        let mut builder = Request::builder().method(request.method.clone());
-        for (name, value) in &request.headers {
-            if !HOP_BY_HOP.contains(&name.as_str()) {
-                builder = builder.header(name, value);
+        let mirror = purpose.is_mirror();
+        let compared = purpose.compared();
+        let sent = self.target(endpoint, request.uri.path_and_query()).map(|uri| {
+            let mut headers = HeaderMap::with_capacity(request.headers.len() + 3);
+            for (name, value) in &request.headers {
+                if !HOP_BY_HOP.contains(name) {
+                    headers.append(name.clone(), value.clone());
+                }
             }
-        }
-        builder = builder
-            .header(KEY_HEADER, format!("{:016x}-{:016x}", key.origin, key.id))
-            .header(GENERATION_HEADER, generation.0.to_string());
-        if mirror {
-            builder = builder.header(HeaderName::from_static(MIRROR_HEADER), "1");
-        }
-        let sent = uri
-            .map_err(|e| e.to_string())
-            .and_then(|uri| builder.uri(uri).body(Full::new(request.body.clone())).map_err(|e| e.to_string()))
-            .map(|outgoing| self.client.request(outgoing));
+            headers.insert(KEY, key_value(key));
+            headers.insert(GENERATION, HeaderValue::from(generation.0));
+            if mirror {
+                headers.insert(MIRROR, HeaderValue::from_static("1"));
+            }
+            let mut outgoing = Request::new(Full::new(request.body.clone()));
+            *outgoing.method_mut() = request.method.clone();
+            *outgoing.uri_mut() = uri;
+            *outgoing.headers_mut() = headers;
+            self.client.request(outgoing)
+        });
         let (config, answers, local) = (self.config.clone(), self.answers.clone(), request.local);
         async move {
             let response = match sent {
@@ -215,12 +280,17 @@ impl Ingress for HttpIngress {
                 Ok(Ok(collected)) => collected.to_bytes(),
                 _ => return None,
             };
-            let row = answer_row(parts.status, &bytes, config.compared_text_bytes_max);
+            // Only an answer the core compares is read as a row.
+            let row = compared.then(|| answer_row(parts.status, &bytes, config.compared_text_bytes_max));
             if !mirror {
                 answers.borrow_mut().insert(local, Response::from_parts(parts, bytes));
             }
-            Some(StoreAnswer::Ok { body: Some(row), position: Position(0) })
+            Some(StoreAnswer::Ok { body: row, position: Position(0) })
         }
+    }
+
+    fn taken(&self, sent: Option<StoreAnswer>) -> Option<StoreAnswer> {
+        sent
     }
 
     fn reply(&self, request: HttpRequest, reply: ClientReply) {
@@ -232,7 +302,7 @@ impl Ingress for HttpIngress {
             ClientReply::Answer(StoreAnswer::Ok { .. }) => match stashed {
                 Some(answer) => {
                     let (mut parts, body) = answer.into_parts();
-                    for name in HOP_BY_HOP {
+                    for name in &HOP_BY_HOP {
                         parts.headers.remove(name);
                     }
                     Response::from_parts(parts, Full::new(body))
@@ -338,8 +408,16 @@ async fn handle(request: Request<Incoming>, local: u64, inbox: &Inbox, config: &
     let read_only = config.read_only_methods.contains(&parts.method);
     let (reply, answer) = oneshot::channel();
     let request = HttpRequest { local, method: parts.method, uri: parts.uri, headers: parts.headers, body, reply };
-    if inbox.try_send(ClientRequest { read_only, request }).is_err() {
-        return plain(StatusCode::SERVICE_UNAVAILABLE, "the router is stopping\n".into());
+    match inbox.try_send(ClientRequest { read_only, request }) {
+        Ok(()) => {}
+        Err(actix::prelude::SendError::Full(_)) => {
+            let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "too many requests waiting\n".into());
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+            return response;
+        }
+        Err(actix::prelude::SendError::Closed(_)) => {
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "the router is stopping\n".into())
+        }
     }
     answer.await.unwrap_or_else(|_| plain(StatusCode::SERVICE_UNAVAILABLE, "the router stopped\n".into()))
 }
