@@ -310,9 +310,15 @@ impl Cluster {
     }
 
     fn plan(&self, new_port: u16, hold_ms_max: u64) -> PathBuf {
+        self.plan_named("bench", 1, new_port, hold_ms_max)
+    }
+
+    /// A plan upgrading from `from` to a universe at `new_port`.
+    fn plan_named(&self, name: &str, from: u32, new_port: u16, hold_ms_max: u64) -> PathBuf {
         let mut plan = format!(
-            "[upgrade]\nname = \"bench\"\nswitch = \"manual\"\n\n[thresholds]\nsamples_min = 20\n\
-             mismatch_ratio_max = 0.0\nhold_ms_max = {hold_ms_max}\nfreeze_timeout_ms = 10000\n\n[universe]\n\
+            "[upgrade]\nname = \"{name}\"\nold_generation = {from}\nswitch = \"manual\"\n\n[thresholds]\nsamples_min = 20\n\
+             mismatch_ratio_max = 0.0\nhold_ms_max = {hold_ms_max}\nfreeze_timeout_ms = 10000\n\
+             inflight_ms_max = 9000\n\n[validation]\nignore_headers = [\"x-version\"]\n\n[universe]\n\
              endpoints = [\"http://127.0.0.1:{new_port}\"]\n\n[schema.old.t]\nkey = \"id\"\ncolumns = [\"id\"]\n"
         );
         for (n, _, _) in &self.routers {
@@ -320,7 +326,7 @@ impl Cluster {
                 "\n[[nodes]]\nname = \"{n}\"\ntier = \"web\"\nduties = [\"route\", \"validate\"]\n"
             ));
         }
-        let path = self.dir.join("plan.toml");
+        let path = self.dir.join(format!("{name}.toml"));
         std::fs::write(&path, plan).expect("plan");
         path
     }
@@ -402,12 +408,17 @@ struct Switch {
     routers: usize,
     requests: usize,
     failed: usize,
-    /// The switch decision: from the freeze applied to the commit applied, as the leader saw it.
-    decision_ms: f64,
-    /// From the switch request (`imago upgrade switch`, a process of its own) to the first
+    /// Upgrades run one after another, each switched.
+    switches: usize,
+    /// Each switch decision: from the freeze applied to the commit applied, as the leader saw it.
+    decisions_ms: Vec<f64>,
+    decision_p50_ms: f64,
+    decision_max_ms: f64,
+    /// From the first switch request (`imago upgrade switch`, a process of its own) to the first
     /// answer from the new universe.
     switch_latency_ms: f64,
-    /// Requests sent while the switch was under way (switch request → every router on v2).
+    /// Requests sent while a switch was under way (switch request → every router on the new
+    /// universe).
     during_switch_requests: usize,
     hold_p50_ms: f64,
     hold_p99_ms: f64,
@@ -442,7 +453,10 @@ async fn steady(ports: Vec<u16>, rate: u64, stop: Arc<AtomicBool>, samples: Arc<
     }
 }
 
+/// Upgrades one after another (v1 → v2 → v1 → ...: each a new generation, at the other
+/// backend) at a steady 1,000 requests/s through every router.
 fn switch_at_steady_rate(rt: &tokio::runtime::Runtime, routers: usize) -> Switch {
+    let switches = if quick() { 2 } else { 5 };
     let (v1, v2) = (backend("v1"), backend("v2"));
     let mut c = Cluster::new(&format!("switch-{routers}"), 3, routers, v1);
     c.start(&["--hold-ms-max", "2000"]);
@@ -452,24 +466,31 @@ fn switch_at_steady_rate(rt: &tokio::runtime::Runtime, routers: usize) -> Switch
     let load = rt.spawn(steady(ports, 1_000, stop.clone(), samples.clone()));
     std::thread::sleep(Duration::from_secs(if quick() { 1 } else { 3 }));
     let upgrade_started = Instant::now();
-    let plan = c.plan(v2, 2_000);
-    assert!(c.cli(&["upgrade", "start", plan.to_str().expect("path")]).status.success());
-    for _ in 0..200 {
-        if c.gate_open() {
-            break;
+    // Each switch: from the switch request to every router on the new universe (Done).
+    let mut windows = Vec::new();
+    let mut decisions_ms = Vec::new();
+    for i in 0..switches {
+        let (to, generation) = (if i % 2 == 0 { v2 } else { v1 }, i + 1);
+        let plan = c.plan_named(&format!("bench-{}", i + 1), generation as u32, to, 2_000);
+        assert!(c.cli(&["upgrade", "start", plan.to_str().expect("path")]).status.success());
+        for _ in 0..200 {
+            if c.gate_open() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let switch_at = Instant::now();
-    assert!(c.cli(&["upgrade", "switch"]).status.success());
-    for _ in 0..200 {
-        if c.phase() == "Done" {
-            break;
+        let switch_at = Instant::now();
+        assert!(c.cli(&["upgrade", "switch"]).status.success());
+        for _ in 0..200 {
+            if c.phase() == "Done" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        windows.push((switch_at, Instant::now()));
+        decisions_ms.extend(c.decision_ms());
     }
-    let done_at = Instant::now();
-    let decision_ms = c.decision_ms().unwrap_or(f64::NAN);
+    let switch_at = windows[0].0;
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::SeqCst);
     rt.block_on(async {
@@ -482,15 +503,23 @@ fn switch_at_steady_rate(rt: &tokio::runtime::Runtime, routers: usize) -> Switch
         let (a, b, c) = percentiles(v);
         (a / 1000.0, b / 1000.0, c / 1000.0)
     };
-    let during: Vec<u64> = samples.iter().filter(|s| s.0 >= switch_at && s.0 <= done_at).map(|s| s.1).collect();
+    let during: Vec<u64> =
+        samples.iter().filter(|s| windows.iter().any(|(from, to)| s.0 >= *from && s.0 <= *to)).map(|s| s.1).collect();
     let before: Vec<u64> = samples.iter().filter(|s| s.0 < upgrade_started).map(|s| s.1).collect();
     let (hold_p50_ms, hold_p99_ms, hold_max_ms) = ms(during.clone());
     let (baseline_p50_ms, baseline_p99_ms, baseline_max_ms) = ms(before);
+    let mut sorted = decisions_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let decision_p50_ms = sorted.get(sorted.len().saturating_sub(1) / 2).copied().unwrap_or(f64::NAN);
+    let decision_max_ms = sorted.last().copied().unwrap_or(f64::NAN);
     Switch {
         routers,
+        switches,
         requests: samples.len(),
         failed: samples.iter().filter(|s| s.2 != 200).count(),
-        decision_ms,
+        decisions_ms,
+        decision_p50_ms,
+        decision_max_ms,
         switch_latency_ms: first_v2.map_or(f64::NAN, |t| t.saturating_duration_since(switch_at).as_secs_f64() * 1000.0),
         during_switch_requests: during.len(),
         hold_p50_ms,
@@ -614,11 +643,13 @@ fn main() {
     println!("switch at 1,000 requests/s, 3 coordinators, fsync on (hold: requests sent during the switch; baseline: before):");
     for s in &switch {
         println!(
-            "  {} router(s): decision {:.0} ms (target p50 <= 5; switch request to first v2 answer {:.1} ms); \
-             hold p50 {:.1} / p99 {:.1} / max {:.1} ms (target p99 <= 10, max <= 50) vs baseline {:.1} / {:.1} / \
-             {:.1} ms; {} requests, {} during, {} failed",
+            "  {} router(s), {} switches: decision p50 {:.0} / max {:.0} ms (target p50 <= 5; first switch request \
+             to first v2 answer {:.1} ms); hold p50 {:.1} / p99 {:.1} / max {:.1} ms (target p99 <= 10, max <= 50) \
+             vs baseline {:.1} / {:.1} / {:.1} ms; {} requests, {} during, {} failed",
             s.routers,
-            s.decision_ms,
+            s.switches,
+            s.decision_p50_ms,
+            s.decision_max_ms,
             s.switch_latency_ms,
             s.hold_p50_ms,
             s.hold_p99_ms,

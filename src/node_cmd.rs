@@ -27,6 +27,10 @@ pub struct NodeArgs {
     /// Most requests held at once (more get 503 at once), until a plan sets `hold_queue_max`.
     #[arg(long, default_value_t = 1_000)]
     hold_queue_max: usize,
+    /// Longest a request in flight keeps a freeze waiting before the router ends it (504),
+    /// until a plan sets `inflight_ms_max`.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
+    inflight_ms_max: u64,
     /// Longest a universe gets to answer one request (then 504: unknown).
     #[arg(long, default_value_t = 10_000)]
     forward_ms_max: u64,
@@ -68,6 +72,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
             router: RouterConfig {
                 hold_ms_max: args.hold_ms_max,
                 hold_queue_max: args.hold_queue_max,
+                inflight_ms_max: args.inflight_ms_max,
                 retry_after_ms: 1_000,
             },
             ignore_fields: Vec::new(),
@@ -81,7 +86,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
             crate::metrics_http::serve(addr, std::sync::Arc::new(registry)).await?;
         }
         let ingress = HttpIngress::new(proxy.clone()).with_metrics(metrics);
-        let in_progress = ingress.in_progress();
+        let (in_progress, rules) = (ingress.in_progress(), ingress.rules());
         // The core's clock: milliseconds since this process started (monotonic).
         let started = tokio::time::Instant::now();
         let clock = move || started.elapsed().as_millis() as u64;
@@ -89,7 +94,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
         let (addr, task) = node::start_local(actor);
         let listener = tokio::net::TcpListener::bind(http).await.with_context(|| format!("listening on {http}"))?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::task::spawn_local(serve(listener, addr.clone().recipient(), proxy, stop_rx));
+        tokio::task::spawn_local(serve(listener, addr.clone().recipient(), proxy, rules, stop_rx));
         tracing::info!(node = %me.name, cluster = %cluster.id, %http, "router serving");
         eprintln!("router {} of cluster `{}` serving clients on {http}", me.name, cluster.id);
         tokio::select! {

@@ -262,7 +262,13 @@ fn status_json(s: &StatusView) -> serde_json::Value {
         "nodes": s.nodes.iter().map(|n| serde_json::json!({
             "name": n.name.0,
             "registered": n.registered,
-            "report": format!("{:?}", n.report),
+            "report": {
+                "captured": n.report.captured.0,
+                "applied": n.report.applied.0,
+                "bulk_done": n.report.bulk_done,
+                "samples": n.report.samples,
+                "mismatches": n.report.mismatches,
+            },
         })).collect::<Vec<_>>(),
     })
 }
@@ -446,7 +452,7 @@ pub fn upgrade(command: UpgradeCommand) -> anyhow::Result<ExitCode> {
             // The same plan text makes the same token: repeating the command after an unknown
             // outcome answers with the upgrade it started, never starts a second one.
             let token = format!("{}-{:016x}", parsed.name, fnv1a(text.as_bytes()));
-            one(&common, CliRequest::Start { plan: parsed, token }, "upgrade start")
+            one(&common, CliRequest::Start { plan: Box::new(parsed), token }, "upgrade start")
         }
         UpgradeCommand::Status { watch, common } => {
             if !watch {

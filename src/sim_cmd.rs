@@ -181,6 +181,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         "boot hold (routers restarted on their own disk, while writing their boot record): {} requests, max {} ms",
         summary.boot_held, summary.boot_hold_max_ms
     )?;
+    writeln!(out, "requests in flight ended at a freeze (inflight_ms_max reached): {}", summary.ended)?;
     writeln!(
         out,
         "client writes: {} acked, {} failed (503/refused), {} unknown (timed out); failed requests of any kind: {}; {} messages",

@@ -435,11 +435,15 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
-/// A plan from generation 1 to 2 for `routers`, whose new universe answers at `endpoint`.
+/// A plan from generation 1 to 2 for `routers`, whose new universe answers at `endpoint`. The
+/// backends stamp their version and (admissions only) a sequence number in headers, which the
+/// comparison of mirrored answers ignores; a request in flight may keep a freeze waiting 2.5 s
+/// (the slow writes take 1.5 s).
 fn web_plan(routers: &[&str], endpoint: &str, samples_min: u64) -> String {
     let mut plan = format!(
         "[upgrade]\nname = \"web-v2\"\nold_generation = 1\nswitch = \"manual\"\n\n[thresholds]\n\
-         samples_min = {samples_min}\nmismatch_ratio_max = 0.0\nhold_ms_max = 3000\nfreeze_timeout_ms = 3000\n\n\
+         samples_min = {samples_min}\nmismatch_ratio_max = 0.0\nhold_ms_max = 3000\nfreeze_timeout_ms = 3000\n\
+         inflight_ms_max = 2500\n\n[validation]\nignore_headers = [\"x-version\", \"x-seq\"]\n\n\
          [universe]\nendpoints = [\"{endpoint}\"]\n\n[schema.old.pages]\nkey = \"id\"\ncolumns = [\"id\", \"body\"]\n"
     );
     for r in routers {
@@ -938,4 +942,72 @@ fn cluster_replica_replaced_while_syncing_then_the_upgrade_switches() {
     w.c.stop("coord-1");
     w.wait_phase(&["Done"], 10);
     w.assert_one_switch_point();
+}
+
+/// Mirrored answers are compared header by header: with the backends' version header not
+/// ignored, every mirrored read mismatches and the gate stays shut. With the plan's ignore
+/// rules the gate passes; then a request on a route the plan names long (a stream that would
+/// last 1.5 s) does not hold the freeze: it is ended at once (504), and the switch completes.
+#[test]
+fn cluster_mirrors_compare_headers_and_a_long_request_does_not_hold_the_switch() {
+    let w = web("rules", &["router-1"]);
+    let port = w.ports[0];
+    let endpoint = format!("http://127.0.0.1:{}", w.v2);
+    let strict = web_plan(&["router-1"], &endpoint, 10)
+        .replace("ignore_headers = [\"x-version\", \"x-seq\"]", "ignore_headers = []")
+        .replace("web-v2", "web-v2-strict");
+    let plan = w.c.dir.join("strict.toml");
+    std::fs::write(&plan, strict).expect("plan");
+    assert!(w.c.cli(&["upgrade", "start", plan.to_str().expect("path")]).status.success());
+    let mut status = serde_json::Value::Null;
+    for i in 0..100 {
+        http_call(port, "GET", &format!("/read/{i}"));
+        status = json(&w.c.cli(&["upgrade", "status", "--json"]));
+        let mismatches = status["nodes"][0]["report"]["mismatches"].as_u64().unwrap_or(0);
+        if mismatches >= 10 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let report = &status["nodes"][0]["report"];
+    assert!(report["mismatches"].as_u64().unwrap_or(0) >= 10, "x-version differs on every read: {status}");
+    assert_eq!(report["mismatches"], report["samples"], "{status}");
+    assert!(!status["gate_blockers"].as_array().expect("blockers").is_empty(), "the gate stays shut: {status}");
+    assert!(w.c.cli(&["upgrade", "abort"]).status.success());
+    w.wait_phase(&["RolledBack"], 10);
+
+    // The plan that ignores the stamps, with a long route.
+    let plan = w.c.dir.join("plan-1.toml");
+    let text = web_plan(&["router-1"], &endpoint, 10) + "\n[routes]\nlong = [\"/slow/stream\"]\n";
+    std::fs::write(&plan, text).expect("plan");
+    assert!(w.c.cli(&["upgrade", "start", plan.to_str().expect("path")]).status.success());
+    let mut open = false;
+    for i in 0..200 {
+        http_call(port, "GET", &format!("/warm/{i}"));
+        let status = json(&w.c.cli(&["upgrade", "status", "--json"]));
+        if status["phase"] == "Syncing" && status["gate_blockers"].as_array().is_some_and(|b| b.is_empty()) {
+            assert_eq!(status["nodes"][0]["report"]["mismatches"], 0, "{status}");
+            open = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(open, "the ready gate did not pass; logs in {}", w.c.dir.display());
+    let stream = std::thread::spawn(move || http_call(port, "GET", "/slow/stream"));
+    std::thread::sleep(Duration::from_millis(200));
+    let switched_at = std::time::Instant::now();
+    assert!(w.c.cli(&["upgrade", "switch"]).status.success());
+    assert_eq!(w.wait_phase(&["Done", "RolledBack"], 10), "Done");
+    let (status, _, _) = stream.join().expect("stream");
+    assert_eq!(status, 504, "the long request was ended at the freeze: its outcome is unknown");
+    assert!(
+        switched_at.elapsed() < Duration::from_millis(1_300),
+        "the switch did not wait for the 1.5 s stream: {:?}",
+        switched_at.elapsed()
+    );
+    assert_eq!(http_call(port, "GET", "/after").1, "v2");
+    let metrics = metrics_of(&w.c, "router-1");
+    assert_eq!(metric(&metrics, "imago_requests_ended_total"), Some(1.0), "{metrics}");
+    let mut c = w.c;
+    c.stop_all();
 }

@@ -15,7 +15,10 @@ pub const MAILBOX_CAPACITY: usize = 4096;
 
 /// A client request for the ingress node.
 pub struct ClientRequest<R> {
+    /// Of a kind that is mirrored (see [`IngressInput::Request`]).
     pub read_only: bool,
+    /// On a route the plan names long.
+    pub long: bool,
     pub request: R,
 }
 
@@ -158,7 +161,7 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> Handler<ClientRequ
         let id = self.next_id;
         self.next_id += 1;
         self.requests.insert(id, msg.request);
-        self.feed(ctx, IngressInput::Request { id, read_only: msg.read_only });
+        self.feed(ctx, IngressInput::Request { id, read_only: msg.read_only, long: msg.long });
     }
 }
 

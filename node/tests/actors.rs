@@ -137,7 +137,7 @@ impl ScriptedCoordinator {
             roster: protocol::messages::RosterStatus::Active,
             routers: Vec::new(),
             universes: vec![(protocol::Generation(2), vec![endpoint(2)])],
-            limits: None,
+            rules: None,
         }
     }
 }
@@ -267,7 +267,7 @@ fn ingress_actor(
 ) -> IngressActor<ScriptedCoordinator, SlowDisk, TestIngress, Box<dyn Fn() -> u64>> {
     let config = IngressConfig {
         agent: agent_config("router-1", vec![Duty::Route, Duty::Validate]),
-        router: RouterConfig { hold_ms_max: 200, hold_queue_max: 16, retry_after_ms: 100 },
+        router: RouterConfig { hold_ms_max: 200, hold_queue_max: 16, inflight_ms_max: 1_000, retry_after_ms: 100 },
         ignore_fields: Vec::new(),
         requests_max: 64,
         genesis_endpoints: vec![endpoint(1)],
@@ -345,7 +345,7 @@ proptest! {
                 match s {
                     Step::Request { read_only } => {
                         ticket += 1;
-                        addr.do_send(ClientRequest { read_only, request: ticket });
+                        addr.do_send(ClientRequest { read_only, long: false, request: ticket });
                         tokio::task::yield_now().await;
                     }
                     Step::Wait(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
@@ -371,7 +371,7 @@ fn a_slow_persist_stalls_nothing_and_nothing_is_acted_on_before_it_is_durable() 
         let script = vec![(0, Decision::Initial), (300, Decision::Freeze(Epoch(1))), (600, Decision::Abort(Epoch(1)))];
         let (addr, task) = node::start_local(ingress_actor(&actor_log, script, u64::MAX, 100));
         for ticket in 1..=40 {
-            addr.do_send(ClientRequest { read_only: ticket % 2 == 0, request: ticket });
+            addr.do_send(ClientRequest { read_only: ticket % 2 == 0, long: false, request: ticket });
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         tokio::time::sleep(Duration::from_millis(1_000)).await;

@@ -158,17 +158,34 @@ pub struct DecisionView {
     /// current upgrade's new one (as the plans named them; generation 1's come from the
     /// cluster file). A generation's endpoints never change once a router may serve it.
     pub universes: Vec<(Generation, Vec<String>)>,
-    /// The current (or last) plan's hold limits, which routers apply from the view on (before
-    /// any plan, a router keeps its own configured ones).
-    pub limits: Option<RouterLimits>,
+    /// The current (or last) plan's rules for routers, which they apply from the view on
+    /// (before any plan, a router keeps its own configured ones).
+    pub rules: Option<RouterRules>,
 }
 
-/// How long and how many requests a frozen router holds (the plan's `hold_ms_max` and
-/// `hold_queue_max`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RouterLimits {
+/// What a plan tells its routers: how long and how many requests a frozen router holds
+/// (`hold_ms_max`, `hold_queue_max`), how long a request in flight may keep it from acking
+/// (`inflight_ms_max`), which routes' requests it ends at once (`long_routes`), and how it
+/// mirrors and compares (`validation`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterRules {
     pub hold_ms_max: u64,
     pub hold_queue_max: u32,
+    pub inflight_ms_max: u64,
+    pub long_routes: Vec<String>,
+    pub validation: crate::plan::Validation,
+}
+
+impl RouterRules {
+    /// Whether a request with this method is mirrored (it only reads).
+    pub fn mirrors(&self, method: &str) -> bool {
+        self.validation.mirror_methods.iter().any(|m| m == method)
+    }
+
+    /// Whether a request for `path` is a long one (ended at once at a freeze).
+    pub fn is_long(&self, path: &str) -> bool {
+        self.long_routes.iter().any(|prefix| path.starts_with(prefix.as_str()))
+    }
 }
 
 impl DecisionView {
@@ -201,9 +218,19 @@ impl DecisionView {
             }
             eat(u64::MAX);
         }
-        if let Some(l) = self.limits {
-            eat(l.hold_ms_max);
-            eat(u64::from(l.hold_queue_max));
+        if let Some(r) = &self.rules {
+            eat(r.hold_ms_max);
+            eat(u64::from(r.hold_queue_max));
+            eat(r.inflight_ms_max);
+            for list in [&r.long_routes, &r.validation.mirror_methods, &r.validation.ignore] {
+                for entry in list {
+                    for b in entry.bytes() {
+                        eat(u64::from(b));
+                    }
+                    eat(u64::MAX);
+                }
+                eat(u64::MAX - 1);
+            }
         }
         for (generation, endpoints) in &self.universes {
             eat(generation.0);
@@ -323,7 +350,7 @@ pub enum CliRequest {
     /// Start an upgrade. `token` makes retries idempotent: a start whose token matches the
     /// current (or last) upgrade's answers with that upgrade instead of starting another.
     Start {
-        plan: Plan,
+        plan: Box<Plan>,
         token: String,
     },
     Status,
@@ -461,7 +488,17 @@ mod tests {
             roster: RosterStatus::Active,
             routers: Vec::new(),
             universes: Vec::new(),
-            limits: None,
+            rules: None,
+        }
+    }
+
+    fn rules(hold_ms_max: u64, hold_queue_max: u32) -> RouterRules {
+        RouterRules {
+            hold_ms_max,
+            hold_queue_max,
+            inflight_ms_max: 1_000,
+            long_routes: Vec::new(),
+            validation: crate::plan::Validation::default(),
         }
     }
 
@@ -481,8 +518,19 @@ mod tests {
             DecisionView { upgrade: Some(UpgradeId(2)), ..v.clone() },
             DecisionView { routers: vec![NodeName::from("router-1")], ..v.clone() },
             DecisionView { universes: vec![(crate::Generation(2), vec!["http://b:1".into()])], ..v.clone() },
-            DecisionView { limits: Some(RouterLimits { hold_ms_max: 5, hold_queue_max: 2 }), ..v.clone() },
+            DecisionView { rules: Some(rules(5, 2)), ..v.clone() },
+            DecisionView {
+                rules: Some(RouterRules { long_routes: vec!["/events".into()], ..rules(5, 2) }),
+                ..v.clone()
+            },
         ];
+        let ignored = |keys: &[&str]| {
+            let validation =
+                crate::plan::Validation { ignore: keys.iter().map(|k| k.to_string()).collect(), ..Default::default() };
+            DecisionView { rules: Some(RouterRules { validation, ..rules(5, 2) }), ..v.clone() }.digest()
+        };
+        assert_ne!(ignored(&["a"]), ignored(&[]), "an ignore rule is news");
+        assert_ne!(ignored(&["a", "b"]), ignored(&["ab"]), "entries are kept apart");
         for c in changed {
             assert_ne!(c.digest(), v.digest(), "{c:?}");
             assert_ne!(c.digest(), 0);

@@ -34,6 +34,10 @@ pub struct Thresholds {
     pub hold_ms_max: u64,
     /// Most requests one router holds at once; more are refused with 503 at once.
     pub hold_queue_max: u32,
+    /// Longest a request in flight keeps a frozen router from acking: then the router ends it
+    /// (its client gets 504, the outcome unknown) and stops waiting for it. Below
+    /// `freeze_timeout_ms`, so one slow request cannot abort every freeze.
+    pub inflight_ms_max: u64,
     /// Time from `Freeze{e}` to an `Abort{e}` when acks are missing.
     pub freeze_timeout_ms: u64,
     /// Pause after an abort before the next freeze attempt.
@@ -48,6 +52,7 @@ impl Default for Thresholds {
             mismatch_ratio_max: 0.01,
             hold_ms_max: 2_000,
             hold_queue_max: 1_000,
+            inflight_ms_max: 1_000,
             freeze_timeout_ms: 3_000,
             retry_backoff_ms: 1_000,
         }
@@ -80,7 +85,46 @@ pub struct Plan {
     /// its requests there (`[universe] endpoints`, e.g. `http://10.0.2.7:8080`). Empty: the
     /// plan names none, and routers can neither mirror to it nor switch to it.
     pub endpoints: Vec<String>,
+    /// How routers mirror and compare requests (`[validation]`).
+    pub validation: Validation,
+    /// Path prefixes of long requests (streams, long polls, WebSocket upgrades): a frozen router
+    /// ends them at once instead of waiting (`[routes] long`).
+    pub long_routes: Vec<String>,
 }
+
+/// How routers mirror requests to the new universe and compare the answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Validation {
+    /// Methods of the requests mirrored: those that only read (`GET` and `HEAD` by default).
+    pub mirror_methods: Vec<String>,
+    /// Keys of an answer's row left out of the comparison: each ignored header as
+    /// [`header_key`], each ignored field as itself.
+    pub ignore: Vec<String>,
+}
+
+impl Default for Validation {
+    fn default() -> Self {
+        Validation { mirror_methods: vec!["GET".into(), "HEAD".into()], ignore: Vec::new() }
+    }
+}
+
+/// How an HTTP answer is compared, as a row: its status under [`STATUS_KEY`], each header
+/// under [`header_key`] (lowercase name), each top-level field of a JSON object body under its
+/// own name, and any other body under [`BODY_KEY`]. Names that start with `:` are never
+/// columns or fields, so they cannot collide.
+pub const STATUS_KEY: &str = ":status";
+/// See [`STATUS_KEY`].
+pub const BODY_KEY: &str = ":body";
+
+/// The row key of header `name` (see [`STATUS_KEY`]).
+pub fn header_key(name: &str) -> String {
+    format!(":header:{}", name.to_ascii_lowercase())
+}
+
+/// Most entries in each list of `[validation]` and `[routes]`.
+pub const RULES_MAX: usize = 64;
+/// Longest entry in those lists.
+pub const RULE_BYTES_MAX: usize = 256;
 
 /// Most endpoints one universe may have.
 pub const ENDPOINTS_MAX: usize = 64;
@@ -164,6 +208,22 @@ struct PlanFile {
     #[serde(default)]
     transforms: Vec<TransformSection>,
     universe: Option<UniverseSection>,
+    validation: Option<ValidationSection>,
+    routes: Option<RoutesSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ValidationSection {
+    mirror_methods: Option<Spanned<Vec<Spanned<String>>>>,
+    ignore_headers: Option<Spanned<Vec<Spanned<String>>>>,
+    ignore_fields: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutesSection {
+    long: Spanned<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -194,6 +254,7 @@ struct ThresholdsSection {
     max_mismatch_ratio: Option<Spanned<toml::Value>>,
     hold_max_ms: Option<Spanned<toml::Value>>,
     hold_queue_max: Option<Spanned<i64>>,
+    inflight_ms_max: Option<Spanned<i64>>,
     freeze_timeout_ms: Option<Spanned<i64>>,
     retry_backoff_ms: Option<Spanned<i64>>,
 }
@@ -237,6 +298,23 @@ struct TransformSection {
 struct SplitPartSection {
     table: Spanned<String>,
     columns: Spanned<Vec<Spanned<String>>>,
+}
+
+/// A request in flight may keep a freeze waiting only for less than the freeze's own timeout.
+fn in_order(
+    thresholds: Thresholds,
+    t: &ThresholdsSection,
+    src: &crate::located::Source,
+) -> Result<Thresholds, PlanError> {
+    if thresholds.inflight_ms_max < thresholds.freeze_timeout_ms {
+        return Ok(thresholds);
+    }
+    let span = t.inflight_ms_max.as_ref().or(t.freeze_timeout_ms.as_ref()).map_or(0..0, |s| s.span());
+    let message = format!(
+        "inflight_ms_max ({}) must be below freeze_timeout_ms ({})",
+        thresholds.inflight_ms_max, thresholds.freeze_timeout_ms
+    );
+    src.error(span, "thresholds.inflight_ms_max", message)
 }
 
 // ---- validation -----------------------------------------------------------------------------
@@ -331,7 +409,98 @@ impl Validator<'_> {
             None => Vec::new(),
             Some(u) => self.endpoints(&u.endpoints, "universe.endpoints")?,
         };
-        Ok(Plan { name, old_generation, switch, max_attempts, thresholds, nodes, old_schema, transforms, endpoints })
+        let validation = self.validation(raw.validation)?;
+        let long_routes = match &raw.routes {
+            None => Vec::new(),
+            Some(r) => self.list(&r.long, "routes.long", |p| {
+                if p.starts_with('/') {
+                    Ok(p.to_string())
+                } else {
+                    Err(format!("`{p}` is not a path prefix (it starts with `/`)"))
+                }
+            })?,
+        };
+        Ok(Plan {
+            name,
+            old_generation,
+            switch,
+            max_attempts,
+            thresholds,
+            nodes,
+            old_schema,
+            transforms,
+            endpoints,
+            validation,
+            long_routes,
+        })
+    }
+
+    /// A list of at most [`RULES_MAX`] entries of at most [`RULE_BYTES_MAX`] bytes, none twice,
+    /// each checked (and normalized) by `check`.
+    fn list(
+        &self,
+        raw: &Spanned<Vec<Spanned<String>>>,
+        field: &str,
+        check: impl Fn(&str) -> Result<String, String>,
+    ) -> Result<Vec<String>, PlanError> {
+        if raw.get_ref().len() > RULES_MAX {
+            let message = format!("{} entries: at most {RULES_MAX}", raw.get_ref().len());
+            return self.src.error(raw.span(), field, message);
+        }
+        let mut out: Vec<String> = Vec::new();
+        for (i, entry) in raw.get_ref().iter().enumerate() {
+            let text = entry.get_ref();
+            let checked = if text.is_empty() || text.len() > RULE_BYTES_MAX {
+                Err(format!("must be 1 to {RULE_BYTES_MAX} bytes long"))
+            } else {
+                check(text)
+            };
+            match checked {
+                Err(message) => return self.src.error(entry.span(), format!("{field}[{i}]"), message),
+                Ok(v) if out.contains(&v) => {
+                    return self.src.error(entry.span(), format!("{field}[{i}]"), format!("`{text}` is named twice"))
+                }
+                Ok(v) => out.push(v),
+            }
+        }
+        Ok(out)
+    }
+
+    fn validation(&self, raw: Option<ValidationSection>) -> Result<Validation, PlanError> {
+        let d = Validation::default();
+        let Some(v) = raw else { return Ok(d) };
+        // An HTTP token (RFC 9110): what a method or a header name may be.
+        let token = |t: &str| t.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        let mirror_methods = match &v.mirror_methods {
+            None => d.mirror_methods,
+            Some(m) => self.list(m, "validation.mirror_methods", |t| {
+                if token(t) && t.bytes().all(|b| !b.is_ascii_lowercase()) {
+                    Ok(t.to_string())
+                } else {
+                    Err(format!("`{t}` is not an HTTP method (uppercase, like `GET`)"))
+                }
+            })?,
+        };
+        let mut ignore = Vec::new();
+        if let Some(h) = &v.ignore_headers {
+            ignore.extend(self.list(h, "validation.ignore_headers", |t| {
+                if token(t) {
+                    Ok(header_key(t))
+                } else {
+                    Err(format!("`{t}` is not a header name"))
+                }
+            })?);
+        }
+        if let Some(f) = &v.ignore_fields {
+            ignore.extend(self.list(f, "validation.ignore_fields", |t| {
+                if t.starts_with(':') {
+                    Err(format!("`{t}`: a field name does not start with `:`"))
+                } else {
+                    Ok(t.to_string())
+                }
+            })?);
+        }
+        Ok(Validation { mirror_methods, ignore })
     }
 
     fn endpoints(&self, raw: &Spanned<Vec<Spanned<String>>>, field: &str) -> Result<Vec<String>, PlanError> {
@@ -367,7 +536,7 @@ impl Validator<'_> {
             }
             Some(v) => *v.get_ref(),
         };
-        Ok(Thresholds {
+        let thresholds = Thresholds {
             lag_max: self.ranged(&t.lag_max, "thresholds.lag_max", 0, 1_000_000_000, d.lag_max)?,
             samples_min: self.ranged(&t.samples_min, "thresholds.samples_min", 0, 1_000_000_000, d.samples_min)?,
             mismatch_ratio_max,
@@ -379,6 +548,13 @@ impl Validator<'_> {
                 1_000_000,
                 d.hold_queue_max as u64,
             )? as u32,
+            inflight_ms_max: self.ranged(
+                &t.inflight_ms_max,
+                "thresholds.inflight_ms_max",
+                1,
+                3_600_000,
+                d.inflight_ms_max,
+            )?,
             freeze_timeout_ms: self.ranged(
                 &t.freeze_timeout_ms,
                 "thresholds.freeze_timeout_ms",
@@ -393,7 +569,8 @@ impl Validator<'_> {
                 3_600_000,
                 d.retry_backoff_ms,
             )?,
-        })
+        };
+        in_order(thresholds, &t, &self.src)
     }
 
     fn nodes(&self, raw: &Spanned<Vec<NodeSection>>) -> Result<Vec<PlanNode>, PlanError> {

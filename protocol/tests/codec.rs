@@ -57,7 +57,7 @@ fn view() -> impl Strategy<Value = DecisionView> {
             .then(|| (imago_protocol::Generation(e % 5 + 2), vec![format!("http://10.0.0.{}:80", e % 250)]))
             .into_iter()
             .collect(),
-        limits: None,
+        rules: None,
     })
 }
 

@@ -1,6 +1,6 @@
 //! Plan loading: the example plan is valid; every mistake names file, line and field.
 
-use imago_protocol::plan::{Plan, PlanError, SwitchMode};
+use imago_protocol::plan::{header_key, Plan, PlanError, SwitchMode, Validation};
 
 const EXAMPLE: &str = include_str!("../../plans/example.toml");
 
@@ -23,6 +23,50 @@ fn example_plan_loads() {
     assert!(schema.tables.contains_key("user_profiles"));
     assert!(schema.tables.contains_key("auctions"));
     assert_eq!(plan.endpoints, vec!["http://127.0.0.1:9002".to_string()]);
+    assert_eq!(plan.thresholds.inflight_ms_max, 1000);
+    assert_eq!(plan.validation.mirror_methods, vec!["GET".to_string(), "HEAD".to_string()]);
+    let ignored = [header_key("x-request-id"), header_key("etag"), "generated_at".to_string()];
+    assert_eq!(plan.validation.ignore, ignored.to_vec());
+    assert_eq!(plan.long_routes, vec!["/events".to_string(), "/ws".to_string()]);
+}
+
+#[test]
+fn validation_and_routes_are_checked_entry_by_entry() {
+    let cases = [
+        (r#"mirror_methods = ["GET", "HEAD"]"#, r#"mirror_methods = ["GET", "get"]"#, "validation.mirror_methods[1]"),
+        (
+            r#"ignore_headers = ["x-request-id", "etag"]"#,
+            r#"ignore_headers = ["x request"]"#,
+            "validation.ignore_headers[0]",
+        ),
+        (r#"ignore_fields = ["generated_at"]"#, r#"ignore_fields = [":status"]"#, "validation.ignore_fields[0]"),
+        (r#"ignore_fields = ["generated_at"]"#, r#"ignore_fields = ["a", "a"]"#, "validation.ignore_fields[1]"),
+        (r#"long = ["/events", "/ws"]"#, r#"long = ["events"]"#, "routes.long[0]"),
+        (r#"long = ["/events", "/ws"]"#, r#"long = [""]"#, "routes.long[0]"),
+    ];
+    for (from, to, field) in cases {
+        let text = EXAMPLE.replace(from, to);
+        let e = load_err(&text);
+        assert_eq!((e.field.as_str(), e.line), (field, line_of(&text, to)), "{e}");
+    }
+    // No section: mirror reads, ignore nothing, no long routes.
+    let text = EXAMPLE.replace("[validation]", "").replace("[routes]", "");
+    let text: String = text
+        .lines()
+        .filter(|l| !["mirror_methods", "ignore_", "long ="].iter().any(|k| l.starts_with(k)))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let plan = Plan::from_toml("p.toml", &text).expect("the sections are optional");
+    assert_eq!(plan.validation, Validation::default());
+    assert!(plan.long_routes.is_empty());
+}
+
+#[test]
+fn a_request_in_flight_may_not_outwait_the_freeze() {
+    let text = EXAMPLE.replace("inflight_ms_max = 1000", "inflight_ms_max = 3000");
+    let e = load_err(&text);
+    assert_eq!((e.field.as_str(), e.line), ("thresholds.inflight_ms_max", line_of(&text, "inflight_ms_max")));
+    assert!(e.message.contains("below freeze_timeout_ms (3000)"), "{e}");
 }
 
 #[test]

@@ -48,7 +48,7 @@ pub(crate) async fn start_upgrade(shared: &Shared, k: u32) {
             plan
         });
         let token = if k == 0 { "sim-operator-start".to_string() } else { format!("sim-operator-start-{k}") };
-        let start = CliRequest::Start { plan: plan.clone(), token };
+        let start = CliRequest::Start { plan: Box::new(plan.clone()), token };
         let answer = operator_call(shared, coordinator_addr(target), Request::Cli(start)).await;
         match answer {
             Some(Response::Cli(CliResponse::Started { upgrade })) => {

@@ -254,6 +254,14 @@ impl Ingress for SimIngress {
                     let found = w.checker.verdicts.compared(index, name, verdict, &old, &new, IGNORE_FIELDS);
                     w.checker.found(now, found);
                 }
+                // The router no longer waits for it: its answer, if any, comes to nothing. What
+                // it may still write in the old universe is the data tier's fence's to refuse
+                // (`checkers::single_universe` judges the admissions).
+                IngressEvent::Ended { id, key, in_flight_ms } => {
+                    w.trace.event(now, format_args!("{name} ended {id} after {in_flight_ms} ms in flight"));
+                    w.checker.frozen_ack.completed(index, key.id);
+                    w.stats.ended += 1;
+                }
                 IngressEvent::ValidationReset { upgrade } => {
                     w.trace.event(now, format_args!("{name} validates for upgrade {upgrade:?} from zero"));
                     w.checker.verdicts.reset(index);
@@ -334,7 +342,7 @@ impl World {
         router.next_ticket += 1;
         router.open.insert(ticket, OpenRequest { op: op.clone(), issued_us: now, write, forwarded: false });
         router.unforwarded.insert((now, ticket));
-        actor.do_send(ClientRequest { read_only: op.read_only(), request: SimClient { ticket, op } });
+        actor.do_send(ClientRequest { read_only: op.read_only(), long: false, request: SimClient { ticket, op } });
     }
 
     /// Requests router `i` has taken (arrived before now) and neither forwarded nor answered
@@ -398,6 +406,7 @@ impl World {
             router: RouterConfig {
                 hold_ms_max: t.hold_ms_max,
                 hold_queue_max: t.hold_queue_max as usize,
+                inflight_ms_max: t.inflight_ms_max,
                 retry_after_ms: 1_000,
             },
             ignore_fields: IGNORE_FIELDS.to_vec(),

@@ -51,6 +51,8 @@ pub struct SeedReport {
     pub startup_hold_ms: Vec<u64>,
     /// Held by routers restarted on their own disk while their boot record was written.
     pub boot_hold_ms: Vec<u64>,
+    /// Requests in flight ended by routers at a freeze.
+    pub ended: u64,
     /// From the first freeze to the commit, if it switched.
     pub switch_ms: Option<u64>,
     pub messages: u64,
@@ -124,6 +126,7 @@ impl SeedReport {
             hold_ms: Vec::new(),
             startup_hold_ms: Vec::new(),
             boot_hold_ms: Vec::new(),
+            ended: 0,
             switch_ms: None,
             messages: 0,
             dropped: 0,
@@ -421,6 +424,7 @@ impl World {
             hold_ms: std::mem::take(&mut self.stats.hold_ms),
             startup_hold_ms: std::mem::take(&mut self.stats.startup_hold_ms),
             boot_hold_ms: std::mem::take(&mut self.stats.boot_hold_ms),
+            ended: self.stats.ended,
             switch_ms,
             messages: self.net.sent,
             dropped: self.net.dropped,

@@ -102,6 +102,8 @@ pub struct Stats {
     pub startup_hold_ms: Vec<u64>,
     /// Holds of routers that restarted on their own disk, while their boot record was written.
     pub boot_hold_ms: Vec<u64>,
+    /// Requests in flight that routers ended at a freeze (`inflight_ms_max` reached).
+    pub ended: u64,
     /// Client requests that did not succeed: refused, failed (503, rejected) or unknown
     /// (timed out, or lost with a crashed router).
     pub failed_requests: u64,

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// Start an upgrade with a validated plan; `token` identifies the request (retries reuse it).
-    Start { plan: Plan, token: String },
+    Start { plan: Box<Plan>, token: String },
     /// A node named by the plan registers its duties and whether its new-universe side is
     /// deployed, for `upgrade` (refused for any other: a late registration of an earlier one).
     Register { node: NodeName, duties: Vec<Duty>, deployed: bool, upgrade: UpgradeId },

@@ -49,7 +49,7 @@ fn rejected(state: &mut UpgradeState, command: Command) -> Rejection {
 fn ready(switch: &str, max_attempts: u32) -> UpgradeState {
     let mut state = UpgradeState::default();
     assert_eq!(
-        state.apply(&Command::Start { plan: plan(switch, max_attempts), token: "t1".into() }),
+        state.apply(&Command::Start { plan: Box::new(plan(switch, max_attempts)), token: "t1".into() }),
         Applied::Started(UpgradeId(1))
     );
     for r in ROUTERS {
@@ -91,7 +91,7 @@ fn all_acks(state: &mut UpgradeState, epoch: u64) {
 #[test]
 fn unknown_nodes_and_wrong_duties_are_refused() {
     let mut state = UpgradeState::default();
-    state.apply(&Command::Start { plan: plan("auto", 3), token: "t1".into() });
+    state.apply(&Command::Start { plan: Box::new(plan("auto", 3)), token: "t1".into() });
     let reason = rejected(
         &mut state,
         Command::Register { node: n("intruder"), duties: vec![Duty::Route], deployed: true, upgrade: U1 },
@@ -108,7 +108,7 @@ fn unknown_nodes_and_wrong_duties_are_refused() {
 #[test]
 fn a_second_upgrade_cannot_start_while_one_runs() {
     let mut state = ready("auto", 3);
-    let reason = rejected(&mut state, Command::Start { plan: plan("auto", 3), token: "t2".into() });
+    let reason = rejected(&mut state, Command::Start { plan: Box::new(plan("auto", 3)), token: "t2".into() });
     assert!(reason.detail.contains("still in progress"), "{reason}");
     assert_eq!(reason.kind, RejectKind::InProgress);
 }
@@ -124,10 +124,10 @@ fn start_is_idempotent_by_token_even_after_the_upgrade_ended() {
         accepted(&mut state, Command::Ack { node: n(r), epoch: Epoch(1), ack: Ack::Switched });
     }
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Done);
-    let retry = state.apply(&Command::Start { plan: plan("auto", 3), token: "t1".into() });
+    let retry = state.apply(&Command::Start { plan: Box::new(plan("auto", 3)), token: "t1".into() });
     assert_eq!(retry, Applied::Started(UpgradeId(1)));
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Done, "the retry changed nothing");
-    let next = state.apply(&Command::Start { plan: plan_from(2), token: "t2".into() });
+    let next = state.apply(&Command::Start { plan: Box::new(plan_from(2)), token: "t2".into() });
     assert_eq!(next, Applied::Started(UpgradeId(2)), "a new token starts the next upgrade");
 }
 
@@ -440,7 +440,7 @@ fn the_next_epochs_outcome_cannot_be_decided_while_this_one_is_frozen() {
 #[test]
 fn syncing_needs_every_node_registered_with_its_version_deployed() {
     let mut state = UpgradeState::default();
-    state.apply(&Command::Start { plan: plan("auto", 3), token: "t1".into() });
+    state.apply(&Command::Start { plan: Box::new(plan("auto", 3)), token: "t1".into() });
     for r in ROUTERS {
         accepted(
             &mut state,
@@ -579,7 +579,8 @@ mod properties {
             (epoch, 0u64..10_000).prop_map(|(epoch, now_ms)| Command::Abort { epoch, reason: "random".into(), now_ms }),
             (0u64..10_000).prop_map(|now_ms| Command::OperatorAbort { reason: "random".into(), now_ms }),
             node.clone().prop_map(|node| Command::Join { node }),
-            (1u64..=3, 0u8..3).prop_map(|(g, t)| Command::Start { plan: plan_from(g), token: format!("t{t}") }),
+            (1u64..=3, 0u8..3)
+                .prop_map(|(g, t)| Command::Start { plan: Box::new(plan_from(g)), token: format!("t{t}") }),
             (node, any::<bool>()).prop_map(|(node, force)| Command::Retire { node, force }),
         ]
     }
@@ -625,7 +626,7 @@ mod properties {
             random in proptest::collection::vec(command(), 1..80),
         ) {
             let mut state = UpgradeState::default();
-            let started = state.apply(&Command::Start { plan: plan(if manual { "manual" } else { "auto" }, 3), token: "t".into() });
+            let started = state.apply(&Command::Start { plan: Box::new(plan(if manual { "manual" } else { "auto" }, 3)), token: "t".into() });
             prop_assert_eq!(started, Applied::Started(UpgradeId(1)));
             let commands: Vec<Command> = happy_path().into_iter().take(prefix).chain(random).collect();
             for command in &commands {
@@ -775,7 +776,7 @@ fn a_forced_retire_unblocks_a_stuck_switch_at_once() {
 fn a_plan_cannot_leave_out_a_roster_router_nor_name_a_retired_one() {
     let mut state = UpgradeState::with_roster([n("router-1"), n("router-2"), n("router-0")]);
     assert_eq!(
-        state.apply(&Command::Start { plan: plan("auto", 3), token: "t1".into() }),
+        state.apply(&Command::Start { plan: Box::new(plan("auto", 3)), token: "t1".into() }),
         Applied::Started(UpgradeId(1))
     );
     let u = state.current.as_ref().unwrap();
@@ -799,7 +800,7 @@ fn a_plan_cannot_leave_out_a_roster_router_nor_name_a_retired_one() {
 
     let mut state = UpgradeState::with_roster([n("router-1"), n("router-2")]);
     accepted(&mut state, Command::Retire { node: n("router-2"), force: true });
-    let reason = rejected(&mut state, Command::Start { plan: plan("auto", 3), token: "t1".into() });
+    let reason = rejected(&mut state, Command::Start { plan: Box::new(plan("auto", 3)), token: "t1".into() });
     assert_eq!(reason.kind, RejectKind::Retired, "{reason}");
     assert!(state.current.is_none());
 }
@@ -846,13 +847,16 @@ fn upgrade_after_upgrade_moves_the_generation_and_keeps_the_last_decision() {
     switch_and_finish(&mut state, 1);
     assert_eq!(state.generation, Generation(2), "the switch made generation 2 the cluster's");
 
-    let stale = rejected(&mut state, Command::Start { plan: plan_from(1), token: "t2".into() });
+    let stale = rejected(&mut state, Command::Start { plan: Box::new(plan_from(1)), token: "t2".into() });
     assert_eq!(stale.kind, RejectKind::WrongGeneration);
     assert!(stale.detail.contains("upgrades from generation 1, but the cluster serves generation 2"), "{stale}");
-    let ahead = rejected(&mut state, Command::Start { plan: plan_from(3), token: "t2".into() });
+    let ahead = rejected(&mut state, Command::Start { plan: Box::new(plan_from(3)), token: "t2".into() });
     assert_eq!(ahead.kind, RejectKind::WrongGeneration);
 
-    assert_eq!(state.apply(&Command::Start { plan: plan_from(2), token: "t2".into() }), Applied::Started(UpgradeId(2)));
+    assert_eq!(
+        state.apply(&Command::Start { plan: Box::new(plan_from(2)), token: "t2".into() }),
+        Applied::Started(UpgradeId(2))
+    );
     let view = decision_view(&state, 1, &n("router-1"));
     assert_eq!(view.decision, Decision::Commit(Epoch(1)), "the new upgrade shows the last decision");
     assert_eq!(view.decision.serving_generation(view.generation), Some(Generation(2)));
@@ -892,7 +896,10 @@ fn upgrade_after_upgrade_moves_the_generation_and_keeps_the_last_decision() {
 fn a_late_report_of_an_earlier_upgrade_is_refused() {
     let mut state = ready("auto", 3);
     switch_and_finish(&mut state, 1);
-    assert_eq!(state.apply(&Command::Start { plan: plan_from(2), token: "t2".into() }), Applied::Started(UpgradeId(2)));
+    assert_eq!(
+        state.apply(&Command::Start { plan: Box::new(plan_from(2)), token: "t2".into() }),
+        Applied::Started(UpgradeId(2))
+    );
     make_ready(&mut state);
     let stale =
         NodeReport { captured: Position(95), applied: Position(95), bulk_done: true, samples: 0, mismatches: 0 };
@@ -918,9 +925,12 @@ fn after_a_rollback_the_next_upgrade_starts_from_the_same_generation() {
     freeze(&mut state, 1, 0);
     accepted(&mut state, Command::Abort { epoch: Epoch(1), reason: "deadline".into(), now_ms: 100 });
     assert_eq!(phase(&state), Phase::RolledBack);
-    let reason = rejected(&mut state, Command::Start { plan: plan_from(2), token: "t2".into() });
+    let reason = rejected(&mut state, Command::Start { plan: Box::new(plan_from(2)), token: "t2".into() });
     assert_eq!(reason.kind, RejectKind::WrongGeneration, "{reason}");
-    assert_eq!(state.apply(&Command::Start { plan: plan_from(1), token: "t2".into() }), Applied::Started(UpgradeId(2)));
+    assert_eq!(
+        state.apply(&Command::Start { plan: Box::new(plan_from(1)), token: "t2".into() }),
+        Applied::Started(UpgradeId(2))
+    );
     let view = decision_view(&state, 1, &n("db-1"));
     assert_eq!((view.decision, view.generation), (Decision::Abort(Epoch(1)), Generation(1)));
     make_ready(&mut state);

@@ -69,9 +69,12 @@ pub fn decision_view(state: &UpgradeState, version: u64, node: &NodeName) -> Dec
             .into_iter()
             .filter_map(|g| state.universes.get(&g).map(|e| (g, e.clone())))
             .collect(),
-        limits: upgrade.map(|u| protocol::messages::RouterLimits {
+        rules: upgrade.map(|u| protocol::messages::RouterRules {
             hold_ms_max: u.plan.thresholds.hold_ms_max,
             hold_queue_max: u.plan.thresholds.hold_queue_max,
+            inflight_ms_max: u.plan.thresholds.inflight_ms_max,
+            long_routes: u.plan.long_routes.clone(),
+            validation: u.plan.validation.clone(),
         }),
     }
 }

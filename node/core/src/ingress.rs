@@ -18,9 +18,9 @@ use crate::duties::router::{FailReason, HoldCause, RouterConfig, RouterCore, Rou
 use crate::duties::validate::Fnv;
 use crate::duties::validate::{Observed, ValidateCore, Verdict};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
-use protocol::messages::{NodeReport, NodeRequest, NodeResponse, Phase};
+use protocol::messages::{NodeReport, NodeRequest, NodeResponse, Phase, RouterRules};
 use protocol::{Decision, Epoch, Generation, ReplicaId, UpgradeId};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A client request's id, given by the shell (unique within one incarnation).
 pub type RequestId = u64;
@@ -44,8 +44,9 @@ pub struct IngressConfig {
 pub enum IngressInput {
     /// The process (re)started; its disk holds this record.
     Boot { record: NodeRecord },
-    /// A client request arrived.
-    Request { id: RequestId, read_only: bool },
+    /// A client request arrived: `read_only` if its kind is mirrored, `long` if on a route the
+    /// plan names long (the shell tells both by [`IngressCore::rules`]).
+    Request { id: RequestId, read_only: bool, long: bool },
     /// The answer to a forwarded request (`None`: no answer in time).
     Answered { id: RequestId, answer: Option<StoreAnswer> },
     /// The new universe's answer to a mirrored request (`None`: no answer in time).
@@ -119,6 +120,9 @@ pub enum IngressEvent {
     Compared { id: RequestId, verdict: Verdict, old: Observed, new: Observed },
     /// A new upgrade: the validator counts from zero for it.
     ValidationReset { upgrade: Option<UpgradeId> },
+    /// A request in flight was ended at a freeze after `in_flight_ms` (its client told the
+    /// outcome is unknown); its answer, when it comes, is dropped.
+    Ended { id: RequestId, key: RequestKey, in_flight_ms: u64 },
 }
 
 #[derive(Clone, Debug)]
@@ -161,6 +165,10 @@ pub struct IngressCore {
     origin: u64,
     /// Where each generation answers (the cluster file's generation 1, the views', the disk's).
     endpoints: BTreeMap<Generation, Vec<String>>,
+    /// The current (or last) plan's rules for routers, from the newest view that had them.
+    rules: Option<RouterRules>,
+    /// Requests ended at a freeze whose answer is still to come.
+    ended: BTreeSet<RequestId>,
 }
 
 impl IngressCore {
@@ -183,6 +191,8 @@ impl IngressCore {
                 .into_iter()
                 .filter(|(_, e)| !e.is_empty())
                 .collect(),
+            rules: None,
+            ended: BTreeSet::new(),
             config,
         }
     }
@@ -245,7 +255,7 @@ impl IngressCore {
                     self.router_outputs(now_ms, outs, &mut out);
                 }
             }
-            IngressInput::Request { id, read_only } => self.request(now_ms, id, read_only, &mut out),
+            IngressInput::Request { id, read_only, long } => self.request(now_ms, id, read_only, long, &mut out),
             IngressInput::Answered { id, answer } => self.answered(now_ms, id, answer, &mut out),
             IngressInput::Mirrored { id, answer } => {
                 let tracked = self.requests.get_mut(&id).expect("a mirror answer for a tracked request");
@@ -259,10 +269,14 @@ impl IngressCore {
             }
             IngressInput::Coordinator { id, response } => {
                 if let NodeResponse::View(view) = &response {
-                    // The plan's hold limits, for the holds to come (a plan's limits are
-                    // validated positive when it is loaded).
-                    if let Some(l) = view.limits.filter(|l| l.hold_ms_max > 0 && l.hold_queue_max > 0) {
-                        self.router.set_limits(l.hold_ms_max, l.hold_queue_max as usize);
+                    // The plan's rules, for the requests to come (a plan's limits are validated
+                    // positive when it is loaded).
+                    if let Some(r) = view.rules.as_ref().filter(|r| self.rules.as_ref() != Some(*r)) {
+                        if r.hold_ms_max > 0 && r.hold_queue_max > 0 && r.inflight_ms_max > 0 {
+                            self.router.set_limits(r.hold_ms_max, r.hold_queue_max as usize, r.inflight_ms_max);
+                        }
+                        self.rules = Some(r.clone());
+                        self.validate.ignore_fields = self.ignored();
                     }
                     // Learnt before the agent may persist a decision serving one of them.
                     for (g, endpoints) in &view.universes {
@@ -295,6 +309,21 @@ impl IngressCore {
         Some(endpoints[(id % endpoints.len() as u64) as usize].clone())
     }
 
+    /// The current (or last) plan's rules for routers, once a view brought them: the shell
+    /// tells by them which requests are mirrored and which are long.
+    pub fn rules(&self) -> Option<&RouterRules> {
+        self.rules.as_ref()
+    }
+
+    /// Answer fields the validator leaves out: the node's own, and the plan's.
+    fn ignored(&self) -> Vec<String> {
+        let plan = self.rules.iter().flat_map(|r| r.validation.ignore.iter());
+        let mut all: Vec<String> = self.config.ignore_fields.iter().chain(plan).cloned().collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
     /// Where `generation` answers, if known.
     pub fn endpoints(&self, generation: Generation) -> Option<&[String]> {
         self.endpoints.get(&generation).map(Vec::as_slice)
@@ -305,7 +334,7 @@ impl IngressCore {
         RequestKey { origin: self.origin, id: (self.durable.boots() << 40) | id }
     }
 
-    fn request(&mut self, now_ms: u64, id: RequestId, read_only: bool, out: &mut Vec<IngressOutput>) {
+    fn request(&mut self, now_ms: u64, id: RequestId, read_only: bool, long: bool, out: &mut Vec<IngressOutput>) {
         assert!(!self.requests.contains_key(&id), "request id {id} reused");
         if self.requests.len() >= self.config.requests_max {
             let reply = ClientReply::Unavailable {
@@ -319,13 +348,17 @@ impl IngressCore {
             id,
             Tracked { answered: false, mirror_pending: false, mirrored_for: None, old_seen: None, new_seen: None },
         );
-        let outs = self.router.handle(now_ms, RouterInput::Request { id, read_only });
+        let outs = self.router.handle(now_ms, RouterInput::Request { id, read_only, long });
         self.router_outputs(now_ms, outs, out);
     }
 
     fn answered(&mut self, now_ms: u64, id: RequestId, answer: Option<StoreAnswer>, out: &mut Vec<IngressOutput>) {
         let outs = self.router.handle(now_ms, RouterInput::Completed { id });
         self.router_outputs(now_ms, outs, out);
+        if self.ended.remove(&id) {
+            // Its client was told the outcome is unknown when it was ended.
+            return;
+        }
         let tracked = self.requests.get_mut(&id).expect("an answer for a tracked request");
         assert!(!tracked.answered, "request {id} answered twice");
         let reply = match answer {
@@ -425,6 +458,12 @@ impl IngressCore {
                 RouterOutput::Released { id, held_ms, cause } => {
                     out.push(IngressOutput::Event(IngressEvent::Released { id, held_ms, cause }));
                 }
+                RouterOutput::Ended { id, in_flight_ms } => {
+                    self.ended.insert(id);
+                    let key = self.key(id);
+                    out.push(IngressOutput::Event(IngressEvent::Ended { id, key, in_flight_ms }));
+                    self.finish(now_ms, id, ClientReply::Unknown, out);
+                }
             }
         }
     }
@@ -463,8 +502,7 @@ impl IngressCore {
                         // A new upgrade: its validation starts from nothing (the last one's
                         // samples and mismatches are not its own).
                         self.upgrade = view.upgrade;
-                        self.validate =
-                            ValidateCore { ignore_fields: self.config.ignore_fields.clone(), ..Default::default() };
+                        self.validate = ValidateCore { ignore_fields: self.ignored(), ..Default::default() };
                         out.push(IngressOutput::Event(IngressEvent::ValidationReset { upgrade: view.upgrade }));
                         // The report waiting to be sent is the last upgrade's: replaced by this
                         // one's (nothing compared yet).

@@ -191,7 +191,7 @@ impl Coordinator {
             roster: protocol::messages::RosterStatus::Active,
             routers: Vec::new(),
             universes: Vec::new(),
-            limits: None,
+            rules: None,
         }
     }
 

@@ -92,7 +92,7 @@ fn view(version: u64, phase: Phase, decision: Decision, acked_drained: bool) -> 
         roster: protocol::messages::RosterStatus::Active,
         routers: Vec::new(),
         universes: Vec::new(),
-        limits: None,
+        rules: None,
     }
 }
 

@@ -34,6 +34,8 @@ use std::cell::RefCell;
 use std::collections::{BTreeSet, VecDeque};
 
 const HOLD_MS_MAX: u64 = 100;
+/// Short, so that freezes end requests in flight.
+const INFLIGHT_MS_MAX: u64 = 60;
 /// Longest jump of time in one step (the core's deadlines cut it short).
 const WAIT_MAX_MS: u64 = 40;
 const REPLICAS: [u64; 3] = [1, 2, 3];
@@ -50,7 +52,12 @@ fn config() -> IngressConfig {
             stale_watch_limit: 3,
             upgrade_from: None,
         },
-        router: RouterConfig { hold_ms_max: HOLD_MS_MAX, hold_queue_max: 3, retry_after_ms: 1000 },
+        router: RouterConfig {
+            hold_ms_max: HOLD_MS_MAX,
+            hold_queue_max: 3,
+            inflight_ms_max: INFLIGHT_MS_MAX,
+            retry_after_ms: 1000,
+        },
         ignore_fields: Vec::new(),
         requests_max: 6,
         genesis_endpoints: vec![endpoint(Generation(1))],
@@ -115,7 +122,7 @@ impl Coordinator {
             roster: self.roster,
             routers: Vec::new(),
             universes: vec![(Generation(2), vec![endpoint(Generation(2))])],
-            limits: None,
+            rules: None,
         }
     }
 
@@ -218,8 +225,8 @@ impl Coordinator {
 
 #[derive(Clone, Debug)]
 enum Step {
-    /// A client request arrives.
-    Request { read_only: bool },
+    /// A client request arrives (`long`: on a route the plan names long).
+    Request { read_only: bool, long: bool },
     /// A forwarded request is answered (0/1: an answer, 2: a refusal, 3: no answer in time).
     Answer { pick: usize, kind: u8 },
     /// A mirrored request is answered (0/1: an answer, 2: no answer in time).
@@ -248,7 +255,7 @@ fn lag() -> impl Strategy<Value = u8> {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        12 => any::<bool>().prop_map(|read_only| Step::Request { read_only }),
+        12 => (any::<bool>(), 0..8u8).prop_map(|(read_only, k)| Step::Request { read_only, long: k == 0 }),
         12 => (0usize..16, 0u8..4).prop_map(|(pick, kind)| Step::Answer { pick, kind }),
         4 => (0usize..16, 0u8..3).prop_map(|(pick, kind)| Step::Mirrored { pick, kind }),
         30 => (0usize..4, 0u8..8, lag(), prop::bool::weighted(0.3))
@@ -278,6 +285,7 @@ struct Coverage {
     acted_retired: u64,
     acks_retired: u64,
     notices: u64,
+    ended: u64,
 }
 
 struct Shell<'a> {
@@ -292,6 +300,8 @@ struct Shell<'a> {
     sends: Vec<(u64, NodeRequest, u64)>,
     /// Forwarded requests not answered yet.
     forwards: Vec<(u64, Universe)>,
+    /// Forwards the router ended at a freeze (their answers may still come).
+    ended: std::collections::BTreeSet<u64>,
     /// Mirrored requests not answered yet.
     mirrors: Vec<u64>,
     requested: BTreeSet<u64>,
@@ -324,6 +334,7 @@ impl<'a> Shell<'a> {
             robust,
             sends: Vec::new(),
             forwards: Vec::new(),
+            ended: std::collections::BTreeSet::new(),
             mirrors: Vec::new(),
             requested: BTreeSet::new(),
             replied: BTreeSet::new(),
@@ -340,6 +351,7 @@ impl<'a> Shell<'a> {
         self.core = IngressCore::new(config());
         self.sends.clear();
         self.forwards.clear();
+        self.ended.clear();
         self.mirrors.clear();
         self.requested.clear();
         self.replied.clear();
@@ -414,7 +426,8 @@ impl<'a> Shell<'a> {
             IngressOutput::NotifyFrozen { epoch } => {
                 // The notice says what `Frozen` says: nothing admitted to the old universe,
                 // nothing in flight there.
-                let in_flight: Vec<u64> = self.forwards.iter().map(|(id, _)| *id).collect();
+                let in_flight: Vec<u64> =
+                    self.forwards.iter().filter(|(id, _)| !self.ended.contains(id)).map(|(id, _)| *id).collect();
                 prop_assert_eq!(self.acted, Some(Decision::Freeze(epoch)), "a frozen notice while not frozen");
                 prop_assert!(in_flight.is_empty(), "a frozen notice with {:?} in flight", in_flight);
                 self.coverage.borrow_mut().notices += 1;
@@ -434,8 +447,12 @@ impl<'a> Shell<'a> {
                 prop_assert!(REPLICAS.contains(&replica), "sent to unknown replica {}", replica);
                 prop_assert!(deadline_ms > self.now, "request {} sent with a deadline already passed", id);
                 if let NodeRequest::Ack { ack: Ack::Retired, .. } = &request {
-                    let in_flight: Vec<u64> =
-                        self.forwards.iter().filter(|(_, u)| *u == Universe::Old).map(|(id, _)| *id).collect();
+                    let in_flight: Vec<u64> = self
+                        .forwards
+                        .iter()
+                        .filter(|(id, u)| *u == Universe::Old && !self.ended.contains(id))
+                        .map(|(id, _)| *id)
+                        .collect();
                     prop_assert_eq!(self.acted, Some(Decision::Retired), "acked Retired before acting on it");
                     prop_assert!(
                         in_flight.is_empty(),
@@ -445,8 +462,12 @@ impl<'a> Shell<'a> {
                     self.coverage.borrow_mut().acks_retired += 1;
                 }
                 if let NodeRequest::Ack { epoch, ack: Ack::Frozen, .. } = &request {
-                    let in_flight: Vec<u64> =
-                        self.forwards.iter().filter(|(_, u)| *u == Universe::Old).map(|(id, _)| *id).collect();
+                    let in_flight: Vec<u64> = self
+                        .forwards
+                        .iter()
+                        .filter(|(id, u)| *u == Universe::Old && !self.ended.contains(id))
+                        .map(|(id, _)| *id)
+                        .collect();
                     // `Frozen` says: nothing admitted to the old universe, nothing in flight there.
                     if self.acted == Some(Decision::Freeze(*epoch)) {
                         prop_assert!(
@@ -520,22 +541,35 @@ impl<'a> Shell<'a> {
             IngressOutput::Event(IngressEvent::Compared { .. }) => self.coverage.borrow_mut().compared += 1,
             // One upgrade per case here (the rule test covers a new one).
             IngressOutput::Event(IngressEvent::ValidationReset { .. }) => {}
+            // Its client is answered (unknown) by the Reply that follows.
+            // The router no longer waits for it (the property above counts it out of what is in
+            // flight); its answer may still come, and must come to nothing.
+            IngressOutput::Event(IngressEvent::Ended { id, .. }) => {
+                prop_assert!(
+                    self.forwards.iter().any(|(f, _)| *f == id) && self.ended.insert(id),
+                    "ended request {} that is not in flight",
+                    id
+                );
+                prop_assert!(matches!(self.acted, Some(Decision::Freeze(_))), "ended {} while not frozen", id);
+                self.coverage.borrow_mut().ended += 1;
+            }
         }
         Ok(())
     }
 
     fn step(&mut self, step: Step) -> Result<(), TestCaseError> {
         match step {
-            Step::Request { read_only } => {
+            Step::Request { read_only, long } => {
                 let id = self.next_request;
                 self.next_request += 1;
-                self.feed(IngressInput::Request { id, read_only })?;
+                self.feed(IngressInput::Request { id, read_only, long })?;
             }
             Step::Answer { pick, kind } => {
                 if self.forwards.is_empty() {
                     return Ok(());
                 }
                 let (id, _) = self.forwards.remove(pick % self.forwards.len());
+                self.ended.remove(&id);
                 let answer = match kind {
                     0 | 1 => Some(answer(kind, kind as u64)),
                     2 => Some(StoreAnswer::Rejected { reason: "refused".into() }),
@@ -681,6 +715,7 @@ fn ingress_core_follows_committed_decisions() {
     assert!(c.forwarded_old > 0 && c.forwarded_new > 0 && c.acks_frozen > 0, "routing not exercised: {c:?}");
     assert!(c.acted_retired > 0 && c.acks_retired > 0, "retirement not exercised: {c:?}");
     assert!(c.notices > 0, "no frozen notice sent: {c:?}");
+    assert!(c.ended > 0, "no request ended at a freeze: {c:?}");
     assert!(c.released > 0 && c.compared > 0 && c.stale_views > 0 && c.crashes > 0, "paths not exercised: {c:?}");
 }
 
@@ -706,7 +741,7 @@ fn an_ack_owed_for_a_freeze_the_router_left_is_not_sent() {
         // Abort(1): acted on; a request goes to the old universe.
         Step::Advance(12),
         Step::Coordinator { pick: 0, action: 0, lag: 0, stale: false },
-        Step::Request { read_only: false },
+        Step::Request { read_only: false, long: false },
         // The ack's replica is not the leader: the agent tries again.
         Step::Coordinator { pick: 0, action: 7, lag: 0, stale: false },
     ];

@@ -25,7 +25,7 @@ fn config() -> IngressConfig {
             stale_watch_limit: 3,
             upgrade_from: None,
         },
-        router: RouterConfig { hold_ms_max: 100, hold_queue_max: 3, retry_after_ms: 1000 },
+        router: RouterConfig { hold_ms_max: 100, hold_queue_max: 3, inflight_ms_max: 1_000, retry_after_ms: 1000 },
         ignore_fields: Vec::new(),
         requests_max: 6,
         genesis_endpoints: vec!["http://g1:80".into()],
@@ -39,7 +39,7 @@ fn answer(v: i64) -> StoreAnswer {
 
 /// Sends mirrored read `id`, answered `old` by the old universe and `new` by the new one.
 fn mirrored_read(core: &mut IngressCore, now_ms: u64, id: u64, old: i64, new: i64) -> Vec<IngressOutput> {
-    let out = core.handle(now_ms, IngressInput::Request { id, read_only: true });
+    let out = core.handle(now_ms, IngressInput::Request { id, read_only: true, long: false });
     assert!(out.iter().any(|o| matches!(o, IngressOutput::Mirror { .. })), "syncing: reads are mirrored");
     let mut out = core.handle(now_ms, IngressInput::Answered { id, answer: Some(answer(old)) });
     out.extend(core.handle(now_ms, IngressInput::Mirrored { id, answer: Some(answer(new)) }));
@@ -84,7 +84,7 @@ fn the_next_upgrade_forwards_to_the_last_switch_and_mirrors_to_the_one_after() {
         endpoints: vec!["http://g2-a:80".into(), "http://g2-b:80".into()],
     };
     let (mut core, watch) = booted(own);
-    let out = core.handle(1, IngressInput::Request { id: 1, read_only: true });
+    let out = core.handle(1, IngressInput::Request { id: 1, read_only: true, long: false });
     assert!(
         out.iter().any(|o| matches!(o, IngressOutput::Forward { id: 1, generation: Generation(2), endpoint, .. }
             if endpoint == "http://g2-b:80")),
@@ -99,7 +99,7 @@ fn the_next_upgrade_forwards_to_the_last_switch_and_mirrors_to_the_one_after() {
         ..syncing(9, 2, Decision::Commit(Epoch(1)))
     };
     core.handle(2, IngressInput::Coordinator { id: watch, response: NodeResponse::View(view) });
-    let out = core.handle(3, IngressInput::Request { id: 2, read_only: true });
+    let out = core.handle(3, IngressInput::Request { id: 2, read_only: true, long: false });
     assert!(
         out.iter().any(|o| matches!(o, IngressOutput::Forward { id: 2, generation: Generation(2), .. })),
         "{out:?}"
@@ -171,7 +171,7 @@ fn syncing(version: u64, upgrade: u64, decision: Decision) -> DecisionView {
         routers: Vec::new(),
         // Every generation these tests upgrade to answers at its own endpoint.
         universes: (2..=4).map(|g| (protocol::Generation(g), vec![format!("http://g{g}:80")])).collect(),
-        limits: None,
+        rules: None,
     }
 }
 
@@ -213,7 +213,7 @@ fn a_new_upgrade_validates_from_zero() {
 #[test]
 fn a_request_not_admitted_is_an_unknown_outcome() {
     let (mut core, _) = serving_from_a_new_disk(syncing(3, 1, Decision::Initial));
-    let out = core.handle(2, IngressInput::Request { id: 1, read_only: false });
+    let out = core.handle(2, IngressInput::Request { id: 1, read_only: false, long: false });
     assert!(out.iter().any(|o| matches!(o, IngressOutput::Forward { id: 1, .. })), "{out:?}");
     let kept_out = StoreAnswer::NotAdmitted { reason: "Old universe not accepting".into() };
     let out = core.handle(3, IngressInput::Answered { id: 1, answer: Some(kept_out) });
@@ -253,7 +253,7 @@ fn no_endpoint_no_request_and_the_record_keeps_where_the_decision_serves() {
     };
     let config = IngressConfig { genesis_endpoints: Vec::new(), ..config() };
     let (mut core, watch) = booted_with(config, own);
-    let out = core.handle(1, IngressInput::Request { id: 1, read_only: false });
+    let out = core.handle(1, IngressInput::Request { id: 1, read_only: false, long: false });
     assert!(!out.iter().any(|o| matches!(o, IngressOutput::Forward { .. })), "{out:?}");
     assert!(
         out.iter().any(|o| matches!(
@@ -281,7 +281,6 @@ fn no_endpoint_no_request_and_the_record_keeps_where_the_decision_serves() {
 #[test]
 fn a_router_holds_by_the_plans_limits() {
     use node_core::duties::router::FailReason;
-    use protocol::messages::RouterLimits;
     use protocol::{Epoch, Generation};
     let own = NodeRecord {
         decision: Decision::Initial,
@@ -293,14 +292,14 @@ fn a_router_holds_by_the_plans_limits() {
         endpoints: vec!["http://g1:80".into()],
     };
     let (mut core, watch) = booted(own);
-    assert_eq!(core.router().limits(), (100, 3), "its own configuration before any plan");
+    assert_eq!(core.router().limits(), (100, 3, 1_000), "its own configuration before any plan");
     let freeze = DecisionView {
         phase: Some(Phase::Freezing),
-        limits: Some(RouterLimits { hold_ms_max: 40, hold_queue_max: 1 }),
+        rules: Some(rules(40, 1, 30)),
         ..syncing(7, 1, Decision::Freeze(Epoch(1)))
     };
     let out = core.handle(1, IngressInput::Coordinator { id: watch, response: NodeResponse::View(freeze) });
-    assert_eq!(core.router().limits(), (40, 1), "the plan's, from the view");
+    assert_eq!(core.router().limits(), (40, 1, 30), "the plan's, from the view");
     let record = out
         .iter()
         .find_map(|o| match o {
@@ -309,7 +308,7 @@ fn a_router_holds_by_the_plans_limits() {
         })
         .expect("the freeze is persisted");
     core.handle(2, IngressInput::Persisted(record));
-    let held = core.handle(3, IngressInput::Request { id: 1, read_only: false });
+    let held = core.handle(3, IngressInput::Request { id: 1, read_only: false, long: false });
     assert!(held.iter().all(|o| !matches!(o, IngressOutput::Forward { .. } | IngressOutput::Reply { .. })), "{held:?}");
     let failed = |out: &[IngressOutput], id: u64, why: FailReason| {
         out.iter().any(|o| {
@@ -317,8 +316,87 @@ fn a_router_holds_by_the_plans_limits() {
                 if *i == id && *r == why)
         })
     };
-    let full = core.handle(4, IngressInput::Request { id: 2, read_only: false });
+    let full = core.handle(4, IngressInput::Request { id: 2, read_only: false, long: false });
     assert!(failed(&full, 2, FailReason::HoldQueueFull), "{full:?}");
     let expired = core.handle(43, IngressInput::Timer);
     assert!(failed(&expired, 1, FailReason::HoldTimeout), "held 40 ms, the plan's limit: {expired:?}");
+}
+
+fn rules(hold_ms_max: u64, hold_queue_max: u32, inflight_ms_max: u64) -> protocol::messages::RouterRules {
+    protocol::messages::RouterRules {
+        hold_ms_max,
+        hold_queue_max,
+        inflight_ms_max,
+        long_routes: vec!["/events".into()],
+        validation: protocol::plan::Validation::default(),
+    }
+}
+
+/// A request in flight cannot keep a freeze waiting: a long one (on a route the plan names) is
+/// ended at once, any other once it has been in flight for the plan's `inflight_ms_max`. Each
+/// client is told the outcome is unknown, the ack then goes, and the answers that come later
+/// come to nothing.
+#[test]
+fn a_frozen_router_ends_long_and_overdue_requests_then_acks() {
+    use node_core::ingress::IngressEvent;
+    use protocol::messages::Ack;
+    use protocol::Epoch;
+    let syncing_view = DecisionView { rules: Some(rules(100, 3, 50)), ..syncing(3, 1, Decision::Initial) };
+    let (mut core, watch) = serving_from_a_new_disk(syncing_view);
+    core.handle(10, IngressInput::Request { id: 1, read_only: false, long: true });
+    core.handle(20, IngressInput::Request { id: 2, read_only: false, long: false });
+    core.handle(30, IngressInput::Request { id: 3, read_only: false, long: false });
+    core.handle(31, IngressInput::Answered { id: 3, answer: Some(answer(1)) });
+    let ended = |out: &[IngressOutput], id: u64| {
+        out.iter().any(|o| matches!(o, IngressOutput::Event(IngressEvent::Ended { id: i, .. }) if *i == id))
+            && out.iter().any(|o| matches!(o, IngressOutput::Reply { id: i, reply: ClientReply::Unknown } if *i == id))
+    };
+    let acked = |out: &[IngressOutput]| {
+        out.iter().any(|o| matches!(o, IngressOutput::Send { request: NodeRequest::Ack { ack: Ack::Frozen, .. }, .. }))
+    };
+    let freeze = DecisionView {
+        phase: Some(Phase::Freezing),
+        rules: Some(rules(100, 3, 50)),
+        ..syncing(7, 1, Decision::Freeze(Epoch(1)))
+    };
+    let mut out = core.handle(40, IngressInput::Coordinator { id: watch, response: NodeResponse::View(freeze) });
+    let record = out.iter().find_map(|o| match o {
+        IngressOutput::Persist(r) => Some(r.clone()),
+        _ => None,
+    });
+    out.extend(core.handle(41, IngressInput::Persisted(record.expect("the freeze is persisted"))));
+    assert!(ended(&out, 1), "the long request is ended at the freeze: {out:?}");
+    assert!(!ended(&out, 2) && !acked(&out), "request 2 has been in flight 21 ms of 50: {out:?}");
+    assert_eq!(core.router().in_flight(), 1);
+    assert_eq!(core.next_deadline_ms(), Some(70), "request 2's 50 ms end at 70");
+    let out = core.handle(70, IngressInput::Timer);
+    assert!(ended(&out, 2), "{out:?}");
+    assert!(acked(&out), "nothing is waited for any more: the ack goes ({out:?})");
+    // The late answers: no second reply, nothing in flight again.
+    for id in [1, 2] {
+        let late = core.handle(80, IngressInput::Answered { id, answer: Some(answer(2)) });
+        assert!(!late.iter().any(|o| matches!(o, IngressOutput::Reply { .. })), "{late:?}");
+    }
+    assert_eq!((core.router().in_flight(), core.requests()), (0, 0));
+}
+
+/// The plan's ignore rules reach the validator through the view: answers that differ only in
+/// an ignored header match; in another header, they do not.
+#[test]
+fn the_plans_ignore_rules_reach_the_validator() {
+    let header = |name: &str, value: &str| {
+        let body: Row = [(protocol::plan::header_key(name), Value::Text(value.into()))].into_iter().collect();
+        StoreAnswer::Ok { body: Some(body), position: Position(4) }
+    };
+    let mut r = rules(100, 3, 50);
+    r.validation.ignore = vec![protocol::plan::header_key("x-version")];
+    let (mut core, _) = serving_from_a_new_disk(DecisionView { rules: Some(r), ..syncing(3, 1, Decision::Initial) });
+    for (id, name) in [(1, "x-version"), (2, "x-other")] {
+        let at = 10 * id;
+        let out = core.handle(at, IngressInput::Request { id, read_only: true, long: false });
+        assert!(out.iter().any(|o| matches!(o, IngressOutput::Mirror { .. })), "{out:?}");
+        core.handle(at + 1, IngressInput::Answered { id, answer: Some(header(name, "v1")) });
+        core.handle(at + 2, IngressInput::Mirrored { id, answer: Some(header(name, "v2")) });
+    }
+    assert_eq!((core.validate().samples, core.validate().mismatches), (2, 1), "only x-other differs");
 }

@@ -26,6 +26,7 @@ pub struct NodeMetrics {
     hold_ms: Histogram,
     mirrored: Counter,
     mismatched: Counter,
+    ended: Counter,
     epoch: Gauge,
     in_progress: Gauge,
     held: Gauge,
@@ -41,6 +42,7 @@ impl NodeMetrics {
             hold_ms: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             mirrored: Counter::default(),
             mismatched: Counter::default(),
+            ended: Counter::default(),
             epoch: Gauge::default(),
             in_progress: Gauge::default(),
             held: Gauge::default(),
@@ -50,6 +52,11 @@ impl NodeMetrics {
         registry.register("imago_hold_ms", "How long a request was held during a freeze (ms)", m.hold_ms.clone());
         registry.register("imago_mirrored", "Read-only requests mirrored and compared", m.mirrored.clone());
         registry.register("imago_mismatched", "Mirrored requests whose answers differed", m.mismatched.clone());
+        registry.register(
+            "imago_requests_ended",
+            "Requests in flight ended at a freeze (a long route, or inflight_ms_max reached)",
+            m.ended.clone(),
+        );
         registry.register("imago_epoch", "The epoch of the last decision acted on", m.epoch.clone());
         registry.register(
             "imago_requests_in_progress",
@@ -91,6 +98,9 @@ impl NodeMetrics {
                 if epoch > 0 {
                     self.epoch.set(epoch as i64);
                 }
+            }
+            IngressEvent::Ended { .. } => {
+                self.ended.inc();
             }
             IngressEvent::ValidationReset { .. } => {}
         }

@@ -5,7 +5,13 @@
 //! the core says what the client gets (the answer itself, or 503/504). The core sees an answer
 //! as a row: the status, and the top-level fields of a JSON object body (or the body as text),
 //! so that its validator compares the two universes' answers field by field and skips the
-//! fields the plan ignores (timestamps, say). Headers are not compared.
+//! headers and fields the plan ignores (timestamps, say). The row's keys are protocol's
+//! (`plan::STATUS_KEY`, `plan::header_key`, ...); headers of one hop, `date`, `content-length`
+//! and Imago's own are never compared.
+//!
+//! Which requests are mirrored (by method) and which are long (by path) the shell tells by the
+//! rules the core learnt from the plan (`IngressCore::rules`), until a plan by its own
+//! configuration.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -20,6 +26,7 @@ use node::ingress::ClientRequest;
 use node::io::{Ingress, Purpose};
 use node_core::ingress::{ClientReply, IngressCore, IngressEvent, Unavailable};
 use node_core::{RequestKey, StoreAnswer};
+use protocol::plan::{header_key, BODY_KEY, STATUS_KEY};
 use protocol::schema::{Row, Value};
 use protocol::{Epoch, Generation, Position};
 use std::cell::RefCell;
@@ -71,6 +78,9 @@ impl Default for ProxyConfig {
 
 /// One client request inside the node: what it asked, and where its answer goes.
 pub struct HttpRequest {
+    /// Alive while the request is open: an answer that comes after its client was answered
+    /// (a request ended at a freeze) is dropped, not kept.
+    open: std::sync::Arc<()>,
     /// The shell's number for it (its forwarded answer waits under it).
     local: u64,
     method: Method,
@@ -88,6 +98,8 @@ pub struct HttpIngress {
     answers: Rc<RefCell<BTreeMap<u64, Response<Bytes>>>>,
     /// Each endpoint as parsed.
     targets: RefCell<BTreeMap<String, Target>>,
+    /// The plan's rules, as the core last had them (shared with [`serve`]).
+    rules: Rules,
     /// Requests the core has in progress (after its last input): a stopping node waits for 0.
     in_progress: Rc<std::cell::Cell<usize>>,
     metrics: Option<crate::metrics::NodeMetrics>,
@@ -107,6 +119,7 @@ impl HttpIngress {
             config: Rc::new(config),
             answers: Rc::default(),
             targets: RefCell::default(),
+            rules: Rc::default(),
             in_progress: Rc::default(),
             metrics: None,
         }
@@ -150,11 +163,19 @@ impl HttpIngress {
             .map_err(|e| e.to_string())
     }
 
+    /// The plan's rules as the core has them, for [`serve`] to classify requests by.
+    pub fn rules(&self) -> Rules {
+        self.rules.clone()
+    }
+
     /// How many requests the core has in progress, kept current after every input.
     pub fn in_progress(&self) -> Rc<std::cell::Cell<usize>> {
         self.in_progress.clone()
     }
 }
+
+/// The plan's rules for routers, once the core has them.
+pub type Rules = Rc<RefCell<Option<protocol::messages::RouterRules>>>;
 
 /// Headers of one hop, not passed on (nor `host`: the endpoint's applies).
 const HOP_BY_HOP: [HeaderName; 9] = [
@@ -194,11 +215,30 @@ struct Target {
     base: String,
 }
 
-/// The row the core compares for an answer: its status, and the fields of a JSON object body
-/// (each as its JSON text), or the body as text (a digest if it is long).
-pub fn answer_row(status: StatusCode, body: &[u8], text_bytes_max: usize) -> Row {
+/// Headers never compared: one hop's, the date, the length (the body is), and Imago's own.
+const NOT_COMPARED: [&str; 4] = ["date", "content-length", "server-timing", "age"];
+
+/// The row the core compares for an answer: its status, its headers (each value as text; a
+/// header given twice, its values joined by `, `), and the fields of a JSON object body (each
+/// as its JSON text), or the body as text (a digest if it is long). Keys as
+/// [`protocol::plan::STATUS_KEY`] says.
+pub fn answer_row(parts: &hyper::http::response::Parts, body: &[u8], text_bytes_max: usize) -> Row {
     let mut row = Row::new();
-    row.insert("status".to_string(), Value::Int(i64::from(status.as_u16())));
+    row.insert(STATUS_KEY.to_string(), Value::Int(i64::from(parts.status.as_u16())));
+    for name in parts.headers.keys() {
+        let compared = !HOP_BY_HOP.contains(name)
+            && !NOT_COMPARED.contains(&name.as_str())
+            && !name.as_str().starts_with("x-imago-");
+        if compared {
+            let values: Vec<String> = parts
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect();
+            row.insert(header_key(name.as_str()), Value::Text(values.join(", ")));
+        }
+    }
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Object(fields)) => {
             for (k, v) in fields {
@@ -206,13 +246,13 @@ pub fn answer_row(status: StatusCode, body: &[u8], text_bytes_max: usize) -> Row
             }
         }
         _ if body.len() <= text_bytes_max => {
-            row.insert("body".to_string(), Value::Text(String::from_utf8_lossy(body).into_owned()));
+            row.insert(BODY_KEY.to_string(), Value::Text(String::from_utf8_lossy(body).into_owned()));
         }
         _ => {
             let digest = body
                 .iter()
                 .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3));
-            row.insert("body".to_string(), Value::Text(format!("{} bytes, fnv {digest:016x}", body.len())));
+            row.insert(BODY_KEY.to_string(), Value::Text(format!("{} bytes, fnv {digest:016x}", body.len())));
         }
     }
     row
@@ -258,6 +298,7 @@ impl Ingress for HttpIngress {
             self.client.request(outgoing)
         });
         let (config, answers, local) = (self.config.clone(), self.answers.clone(), request.local);
+        let open = std::sync::Arc::downgrade(&request.open);
         async move {
             let response = match sent {
                 Err(e) => {
@@ -281,8 +322,8 @@ impl Ingress for HttpIngress {
                 _ => return None,
             };
             // Only an answer the core compares is read as a row.
-            let row = compared.then(|| answer_row(parts.status, &bytes, config.compared_text_bytes_max));
-            if !mirror {
+            let row = compared.then(|| answer_row(&parts, &bytes, config.compared_text_bytes_max));
+            if !mirror && open.strong_count() > 0 {
                 answers.borrow_mut().insert(local, Response::from_parts(parts, bytes));
             }
             Some(StoreAnswer::Ok { body: row, position: Position(0) })
@@ -351,6 +392,9 @@ impl Ingress for HttpIngress {
 
     fn observe(&self, _now_ms: u64, core: &IngressCore) {
         self.in_progress.set(core.requests());
+        if self.rules.borrow().as_ref() != core.rules() {
+            *self.rules.borrow_mut() = core.rules().cloned();
+        }
         if let Some(m) = &self.metrics {
             m.observe(core);
         }
@@ -366,6 +410,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     inbox: Inbox,
     config: ProxyConfig,
+    rules: Rules,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let config = Rc::new(config);
@@ -377,12 +422,12 @@ pub async fn serve(
         };
         let Ok((stream, _)) = accepted else { continue };
         let _ = stream.set_nodelay(true);
-        let (inbox, shared, next) = (inbox.clone(), config.clone(), next.clone());
+        let (inbox, shared, next, rules) = (inbox.clone(), config.clone(), next.clone(), rules.clone());
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let (inbox, config) = (inbox.clone(), shared.clone());
+            let (inbox, config, rules) = (inbox.clone(), shared.clone(), rules.clone());
             let local = next.get();
             next.set(local + 1);
-            async move { Ok::<_, std::convert::Infallible>(handle(request, local, &inbox, &config).await) }
+            async move { Ok::<_, std::convert::Infallible>(handle(request, local, &inbox, &config, &rules).await) }
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .max_buf_size(config.head_bytes_max.max(8192))
@@ -394,21 +439,36 @@ pub async fn serve(
     }
 }
 
-async fn handle(request: Request<Incoming>, local: u64, inbox: &Inbox, config: &ProxyConfig) -> Response<Full<Bytes>> {
+async fn handle(
+    request: Request<Incoming>,
+    local: u64,
+    inbox: &Inbox,
+    config: &ProxyConfig,
+    rules: &Rules,
+) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
-    let body = match Limited::new(body, config.body_bytes_max).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => {
-            return plain(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request bodies are limited to {} bytes\n", config.body_bytes_max),
-            )
+    let body = if hyper::body::Body::is_end_stream(&body) {
+        Bytes::new()
+    } else {
+        match Limited::new(body, config.body_bytes_max).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => {
+                return plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request bodies are limited to {} bytes\n", config.body_bytes_max),
+                )
+            }
         }
     };
-    let read_only = config.read_only_methods.contains(&parts.method);
+    let (read_only, long) = match rules.borrow().as_ref() {
+        Some(r) => (r.mirrors(parts.method.as_str()), r.is_long(parts.uri.path())),
+        None => (config.read_only_methods.contains(&parts.method), false),
+    };
     let (reply, answer) = oneshot::channel();
-    let request = HttpRequest { local, method: parts.method, uri: parts.uri, headers: parts.headers, body, reply };
-    match inbox.try_send(ClientRequest { read_only, request }) {
+    let open = std::sync::Arc::new(());
+    let request =
+        HttpRequest { open, local, method: parts.method, uri: parts.uri, headers: parts.headers, body, reply };
+    match inbox.try_send(ClientRequest { read_only, long, request }) {
         Ok(()) => {}
         Err(actix::prelude::SendError::Full(_)) => {
             let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "too many requests waiting\n".into());
@@ -426,16 +486,31 @@ async fn handle(request: Request<Incoming>, local: u64, inbox: &Inbox, config: &
 mod tests {
     use super::*;
 
+    fn parts(status: u16, headers: &[(&str, &str)]) -> hyper::http::response::Parts {
+        let mut response = Response::builder().status(status);
+        for (k, v) in headers {
+            response = response.header(*k, *v);
+        }
+        response.body(()).expect("a response").into_parts().0
+    }
+
     #[test]
-    fn an_answer_is_compared_by_status_and_json_fields() {
-        let a = answer_row(StatusCode::OK, br#"{"id": 4, "title": "lamp", "at": "12:00"}"#, 64);
-        assert_eq!(a.get("status"), Some(&Value::Int(200)));
+    fn an_answer_is_compared_by_status_headers_and_json_fields() {
+        let head = parts(200, &[("content-type", "application/json"), ("date", "Thu, 26 Nov 2026"), ("x-v", "1")]);
+        let a = answer_row(&head, br#"{"id": 4, "title": "lamp", "at": "12:00", "status": "sold"}"#, 64);
+        assert_eq!(a.get(STATUS_KEY), Some(&Value::Int(200)));
+        assert_eq!(a.get("status"), Some(&Value::Text("\"sold\"".into())), "a field named status is a field");
         assert_eq!(a.get("title"), Some(&Value::Text("\"lamp\"".into())));
         assert_eq!(a.get("id"), Some(&Value::Text("4".into())));
-        let text = answer_row(StatusCode::NOT_FOUND, b"no such item", 64);
-        assert_eq!(text.get("body"), Some(&Value::Text("no such item".into())));
-        let long = answer_row(StatusCode::OK, &[b'x'; 100], 64);
-        assert!(matches!(long.get("body"), Some(Value::Text(t)) if t.starts_with("100 bytes, fnv ")));
-        assert_ne!(long, answer_row(StatusCode::OK, &[b'y'; 100], 64), "long bodies differ by digest");
+        assert_eq!(a.get(&header_key("content-type")), Some(&Value::Text("application/json".into())));
+        assert_eq!(a.get(&header_key("x-v")), Some(&Value::Text("1".into())));
+        assert_eq!(a.get(&header_key("date")), None, "the date is never compared");
+        let text = answer_row(&parts(404, &[]), b"no such item", 64);
+        assert_eq!(text.get(BODY_KEY), Some(&Value::Text("no such item".into())));
+        let long = answer_row(&parts(200, &[]), &[b'x'; 100], 64);
+        assert!(matches!(long.get(BODY_KEY), Some(Value::Text(t)) if t.starts_with("100 bytes, fnv ")));
+        assert_ne!(long, answer_row(&parts(200, &[]), &[b'y'; 100], 64), "long bodies differ by digest");
+        let twice = answer_row(&parts(200, &[("vary", "a"), ("vary", "b")]), b"", 64);
+        assert_eq!(twice.get(&header_key("vary")), Some(&Value::Text("a, b".into())));
     }
 }

@@ -39,7 +39,7 @@ mod tests {
         let text = crate::app::plan_toml(protocol::Generation::GENESIS, 1, 1, max_attempts, 1_000, 500, 2_500, false);
         let plan = Plan::from_toml("t.toml", &text).expect("a valid plan");
         let mut s = UpgradeState::default();
-        s.apply(&Command::Start { plan, token: "t".into() });
+        s.apply(&Command::Start { plan: Box::new(plan), token: "t".into() });
         s.last_epoch = Epoch(freezes);
         for e in 1..=freezes {
             s.outcomes.insert(Epoch(e), Outcome::Aborted { reason: reason.into() });

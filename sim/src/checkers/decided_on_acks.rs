@@ -68,7 +68,7 @@ mod tests {
         let text = crate::app::plan_toml(protocol::Generation::GENESIS, 1, 1, 3, 1_000, 500, 2_500, false);
         let plan = Plan::from_toml("t.toml", &text).expect("a valid plan");
         let mut s = UpgradeState::default();
-        s.apply(&Command::Start { plan, token: "t".into() });
+        s.apply(&Command::Start { plan: Box::new(plan), token: "t".into() });
         s.last_epoch = Epoch(1);
         s.outcomes.insert(Epoch(1), Outcome::Committed);
         let u = s.current.as_mut().expect("started");

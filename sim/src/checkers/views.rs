@@ -68,7 +68,7 @@ mod tests {
             roster: protocol::messages::RosterStatus::Active,
             routers: Vec::new(),
             universes: Vec::new(),
-            limits: None,
+            rules: None,
         }
     }
 

@@ -4,10 +4,16 @@
 //! after a restart, until the agent has read the current decision) it holds new requests in a
 //! bounded queue for at most `hold_ms_max`, then fails them with 503 + Retry-After: it never
 //! guesses. It acks `Frozen` once nothing it admitted to the old universe is still in flight.
+//!
+//! A request in flight cannot keep a freeze waiting for long: once frozen, the router ends a
+//! request on a long route (a stream, a long poll) at once, and any other once it has been in
+//! flight for `inflight_ms_max`. Its client is told the outcome is unknown (the universe may still
+//! act on it: what it writes there after the data tier's fence is refused), and the router no
+//! longer waits for it.
 
 use protocol::messages::Ack;
 use protocol::{Decision, Epoch, Generation};
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// A client request's id, unique per router.
 pub type RequestId = u64;
@@ -27,6 +33,8 @@ pub enum RouterBug {
 pub struct RouterConfig {
     pub hold_ms_max: u64,
     pub hold_queue_max: usize,
+    /// Longest a request in flight keeps a freeze waiting (then it is ended).
+    pub inflight_ms_max: u64,
     /// Retry-After sent with a 503.
     pub retry_after_ms: u64,
 }
@@ -34,9 +42,10 @@ pub struct RouterConfig {
 /// Inputs to the router core.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RouterInput {
-    /// A client request arrived.
-    Request { id: RequestId, read_only: bool },
-    /// A forwarded request finished (answered, failed or timed out).
+    /// A client request arrived; `long` if on a route the plan names long (ended at once at a
+    /// freeze).
+    Request { id: RequestId, read_only: bool, long: bool },
+    /// A forwarded request finished (answered, failed or timed out), ended or not.
     Completed { id: RequestId },
     /// A committed decision to act on, of an upgrade from generation `base`.
     Decision { decision: Decision, base: Generation },
@@ -63,6 +72,9 @@ pub enum RouterOutput {
     Ack { epoch: Epoch, ack: Ack },
     /// A held request was released (forwarded or failed) after `held_ms`.
     Released { id: RequestId, held_ms: u64, cause: HoldCause },
+    /// A request in flight was ended at a freeze after `in_flight_ms`: its client is told the
+    /// outcome is unknown, and the router no longer waits for it (its `Completed` comes later).
+    Ended { id: RequestId, in_flight_ms: u64 },
 }
 
 /// Why a request was held.
@@ -99,10 +111,17 @@ pub enum Mode {
 }
 
 #[derive(Clone, Copy, Debug)]
+struct Flight {
+    since_ms: u64,
+    long: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
 struct Held {
     id: RequestId,
     since_ms: u64,
     cause: HoldCause,
+    long: bool,
 }
 
 /// The router core.
@@ -113,7 +132,9 @@ pub struct RouterCore {
     held: VecDeque<Held>,
     /// Forwarded and not finished. Every generation counts: the one a freeze stops may be the
     /// previous upgrade's new one, and nothing may be left in flight there when it acks.
-    in_flight: BTreeSet<RequestId>,
+    in_flight: BTreeMap<RequestId, Flight>,
+    /// Ended at a freeze, their `Completed` still to come.
+    ended: BTreeSet<RequestId>,
     frozen_acked: Option<Epoch>,
     mirroring: bool,
     /// Why requests are held before the first decision.
@@ -129,12 +150,16 @@ pub struct RouterCore {
 impl RouterCore {
     /// A router that has not yet read a decision (holds everything).
     pub fn new(config: RouterConfig) -> Self {
-        assert!(config.hold_ms_max > 0 && config.hold_queue_max > 0, "router limits must be positive");
+        assert!(
+            config.hold_ms_max > 0 && config.hold_queue_max > 0 && config.inflight_ms_max > 0,
+            "router limits must be positive"
+        );
         RouterCore {
             config,
             mode: Mode::Unknown,
             held: VecDeque::new(),
-            in_flight: BTreeSet::new(),
+            in_flight: BTreeMap::new(),
+            ended: BTreeSet::new(),
             last_base: Generation::GENESIS,
             frozen_acked: None,
             mirroring: false,
@@ -152,22 +177,31 @@ impl RouterCore {
         self
     }
 
-    /// When the oldest held request's hold expires: the shell must call by then.
+    /// When the oldest held request's hold expires, or (frozen, not yet acked) the oldest
+    /// request in flight is to be ended: the shell must call by then.
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        self.held.front().map(|h| h.since_ms + self.config.hold_ms_max)
+        let hold = self.held.front().map(|h| h.since_ms + self.config.hold_ms_max);
+        let end = self.waiting_for_flights().then(|| self.in_flight.values().map(|f| f.since_ms).min()).flatten();
+        [hold, end.map(|since| since + self.config.inflight_ms_max)].into_iter().flatten().min()
     }
 
-    /// Hold limits from now on (a plan's, from the coordinator's view): new holds and the
-    /// deadlines of those held are counted with them.
-    pub fn set_limits(&mut self, hold_ms_max: u64, hold_queue_max: usize) {
-        assert!(hold_ms_max > 0 && hold_queue_max > 0, "router limits must be positive");
+    /// Frozen and not yet acked: requests in flight keep the ack waiting.
+    fn waiting_for_flights(&self) -> bool {
+        matches!(self.mode, Mode::Frozen(e) if self.frozen_acked != Some(e))
+    }
+
+    /// Limits from now on (a plan's, from the coordinator's view): new holds and the deadlines
+    /// of those held and in flight are counted with them.
+    pub fn set_limits(&mut self, hold_ms_max: u64, hold_queue_max: usize, inflight_ms_max: u64) {
+        assert!(hold_ms_max > 0 && hold_queue_max > 0 && inflight_ms_max > 0, "router limits must be positive");
         self.config.hold_ms_max = hold_ms_max;
         self.config.hold_queue_max = hold_queue_max;
+        self.config.inflight_ms_max = inflight_ms_max;
     }
 
-    /// The hold limits in force: (`hold_ms_max`, `hold_queue_max`).
-    pub fn limits(&self) -> (u64, usize) {
-        (self.config.hold_ms_max, self.config.hold_queue_max)
+    /// The limits in force: (`hold_ms_max`, `hold_queue_max`, `inflight_ms_max`).
+    pub fn limits(&self) -> (u64, usize, u64) {
+        (self.config.hold_ms_max, self.config.hold_queue_max, self.config.inflight_ms_max)
     }
 
     pub fn mode(&self) -> Mode {
@@ -191,8 +225,8 @@ impl RouterCore {
     pub fn handle(&mut self, now_ms: u64, input: RouterInput) -> Vec<RouterOutput> {
         let mut out = Vec::new();
         match input {
-            RouterInput::Request { id, read_only } => match self.mode {
-                Mode::Serving(generation) => self.forward(id, generation, read_only, &mut out),
+            RouterInput::Request { id, read_only, long } => match self.mode {
+                Mode::Serving(generation) => self.forward(now_ms, id, generation, read_only, long, &mut out),
                 Mode::Retired => out.push(RouterOutput::Fail {
                     id,
                     retry_after_ms: self.config.retry_after_ms,
@@ -207,17 +241,20 @@ impl RouterCore {
                         });
                     } else {
                         let cause = if self.mode == Mode::Unknown { self.startup_cause } else { HoldCause::Freeze };
-                        self.held.push_back(Held { id, since_ms: now_ms, cause });
+                        self.held.push_back(Held { id, since_ms: now_ms, cause, long });
                     }
                 }
             },
             RouterInput::Completed { id } => {
-                let was_in_flight = self.in_flight.remove(&id);
+                let was_in_flight = self.in_flight.remove(&id).is_some() || self.ended.remove(&id);
                 assert!(was_in_flight, "request {id} completed but was never forwarded");
             }
             RouterInput::Decision { decision, base } => self.decide(now_ms, decision, base, &mut out),
             RouterInput::Mirroring(on) => self.mirroring = on,
-            RouterInput::Tick => self.expire(now_ms, &mut out),
+            RouterInput::Tick => {
+                self.expire(now_ms, &mut out);
+                self.end_flights(now_ms, &mut out);
+            }
             RouterInput::OwnDisk { frozen } => {
                 assert_eq!(self.mode, Mode::Unknown, "told of its own disk after acting on a decision");
                 self.startup_cause = if frozen { HoldCause::Freeze } else { HoldCause::Boot };
@@ -233,8 +270,16 @@ impl RouterCore {
         out
     }
 
-    fn forward(&mut self, id: RequestId, generation: Generation, read_only: bool, out: &mut Vec<RouterOutput>) {
-        self.in_flight.insert(id);
+    fn forward(
+        &mut self,
+        now_ms: u64,
+        id: RequestId,
+        generation: Generation,
+        read_only: bool,
+        long: bool,
+        out: &mut Vec<RouterOutput>,
+    ) {
+        self.in_flight.insert(id, Flight { since_ms: now_ms, long });
         out.push(RouterOutput::Forward { id, generation });
         // The composition core says when to mirror: while the upgrade syncs, and this router
         // serves the generation it upgrades from.
@@ -247,7 +292,10 @@ impl RouterCore {
         assert!(self.mode != Mode::Retired, "a retired router acts on nothing ({decision:?})");
         self.last_base = base;
         match decision {
-            Decision::Freeze(epoch) => self.mode = Mode::Frozen(epoch),
+            Decision::Freeze(epoch) => {
+                self.mode = Mode::Frozen(epoch);
+                self.end_flights(now_ms, out);
+            }
             Decision::Retired => {
                 self.mode = Mode::Retired;
                 self.mirroring = false;
@@ -267,7 +315,7 @@ impl RouterCore {
                     out.push(RouterOutput::Released { id: h.id, held_ms: now_ms - h.since_ms, cause: h.cause });
                     // Held requests are released as if new: read-only flags are not kept, so
                     // they are not mirrored.
-                    self.forward(h.id, generation, false, out);
+                    self.forward(now_ms, h.id, generation, false, h.long, out);
                 }
                 if let Decision::Commit(epoch) = decision {
                     out.push(RouterOutput::Ack { epoch, ack: Ack::Switched });
@@ -285,7 +333,7 @@ impl RouterCore {
             out.push(RouterOutput::Released { id: h.id, held_ms: now_ms - h.since_ms, cause: h.cause });
             #[cfg(feature = "planted-bugs")]
             if self.bug == Some(RouterBug::ReleaseOldOnTimeout) {
-                self.forward(h.id, self.last_base, false, out);
+                self.forward(now_ms, h.id, self.last_base, false, h.long, out);
                 continue;
             }
             out.push(RouterOutput::Fail {
@@ -293,6 +341,26 @@ impl RouterCore {
                 retry_after_ms: self.config.retry_after_ms,
                 reason: FailReason::HoldTimeout,
             });
+        }
+    }
+
+    /// Frozen and not yet acked: ends the requests in flight on long routes, and those in flight
+    /// for `inflight_ms_max` (then the ack may go).
+    fn end_flights(&mut self, now_ms: u64, out: &mut Vec<RouterOutput>) {
+        if !self.waiting_for_flights() {
+            return;
+        }
+        let inflight_ms_max = self.config.inflight_ms_max;
+        let ending: Vec<(RequestId, Flight)> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.long || now_ms >= f.since_ms + inflight_ms_max)
+            .map(|(id, f)| (*id, *f))
+            .collect();
+        for (id, flight) in ending {
+            self.in_flight.remove(&id);
+            self.ended.insert(id);
+            out.push(RouterOutput::Ended { id, in_flight_ms: now_ms - flight.since_ms });
         }
     }
 
@@ -318,7 +386,12 @@ mod tests {
     const G2: Generation = Generation(2);
 
     fn router() -> RouterCore {
-        RouterCore::new(RouterConfig { hold_ms_max: 100, hold_queue_max: 2, retry_after_ms: 1000 })
+        RouterCore::new(RouterConfig {
+            hold_ms_max: 100,
+            hold_queue_max: 2,
+            inflight_ms_max: 1_000,
+            retry_after_ms: 1000,
+        })
     }
 
     fn forwards(out: &[RouterOutput]) -> Vec<(RequestId, Generation)> {
@@ -333,10 +406,10 @@ mod tests {
     fn only_reads_to_the_old_universe_are_mirrored_and_old_requests_are_counted_until_done() {
         let mut r = router();
         r.handle(0, RouterInput::Decision { decision: Decision::Initial, base: G1 });
-        let out = r.handle(1, RouterInput::Request { id: 1, read_only: true });
+        let out = r.handle(1, RouterInput::Request { id: 1, read_only: true, long: false });
         assert_eq!(out, vec![RouterOutput::Forward { id: 1, generation: G1 }], "not mirroring yet");
         r.handle(2, RouterInput::Mirroring(true));
-        let out = r.handle(3, RouterInput::Request { id: 2, read_only: false });
+        let out = r.handle(3, RouterInput::Request { id: 2, read_only: false, long: false });
         assert_eq!(out, vec![RouterOutput::Forward { id: 2, generation: G1 }], "writes are never mirrored");
         assert_eq!(r.in_flight(), 2);
         r.handle(4, RouterInput::Completed { id: 1 });
@@ -349,14 +422,17 @@ mod tests {
     fn the_next_upgrade_freezes_the_generation_the_last_one_switched_to() {
         let mut r = router();
         r.handle(0, RouterInput::Decision { decision: Decision::Commit(Epoch(1)), base: G1 });
-        assert_eq!(forwards(&r.handle(1, RouterInput::Request { id: 1, read_only: false })), vec![(1, G2)]);
+        assert_eq!(
+            forwards(&r.handle(1, RouterInput::Request { id: 1, read_only: false, long: false })),
+            vec![(1, G2)]
+        );
         let out = r.handle(2, RouterInput::Decision { decision: Decision::Freeze(Epoch(2)), base: G2 });
         assert!(out.is_empty(), "request 1 still in flight to g2: no ack yet");
         assert_eq!(
             r.handle(3, RouterInput::Completed { id: 1 }),
             vec![RouterOutput::Ack { epoch: Epoch(2), ack: Ack::Frozen }]
         );
-        r.handle(4, RouterInput::Request { id: 2, read_only: false });
+        r.handle(4, RouterInput::Request { id: 2, read_only: false, long: false });
         let out = r.handle(5, RouterInput::Decision { decision: Decision::Commit(Epoch(2)), base: G2 });
         assert_eq!(forwards(&out), vec![(2, Generation(3))]);
     }
@@ -364,8 +440,8 @@ mod tests {
     #[test]
     fn restarted_router_holds_until_it_knows() {
         let mut r = router();
-        assert!(r.handle(0, RouterInput::Request { id: 1, read_only: false }).is_empty());
-        assert!(r.handle(4, RouterInput::Request { id: 2, read_only: false }).is_empty());
+        assert!(r.handle(0, RouterInput::Request { id: 1, read_only: false, long: false }).is_empty());
+        assert!(r.handle(4, RouterInput::Request { id: 2, read_only: false, long: false }).is_empty());
         assert_eq!((r.held(), r.oldest_held_ms()), (2, Some(0)));
         let out = r.handle(10, RouterInput::Decision { decision: Decision::Initial, base: G1 });
         assert_eq!(forwards(&out), vec![(1, G1), (2, G1)]);
@@ -378,27 +454,67 @@ mod tests {
         let mut r = router();
         r.handle(0, RouterInput::Decision { decision: Decision::Initial, base: G1 });
         r.handle(0, RouterInput::Mirroring(true));
-        let out = r.handle(1, RouterInput::Request { id: 1, read_only: true });
+        let out = r.handle(1, RouterInput::Request { id: 1, read_only: true, long: false });
         assert_eq!(out, vec![RouterOutput::Forward { id: 1, generation: G1 }, RouterOutput::Mirror { id: 1 }]);
         let out = r.handle(2, RouterInput::Decision { decision: Decision::Freeze(Epoch(1)), base: G1 });
         assert!(out.is_empty(), "request 1 still in flight: no ack yet");
-        assert!(r.handle(3, RouterInput::Request { id: 2, read_only: false }).is_empty(), "held");
+        assert!(r.handle(3, RouterInput::Request { id: 2, read_only: false, long: false }).is_empty(), "held");
         let out = r.handle(4, RouterInput::Completed { id: 1 });
         assert_eq!(out, vec![RouterOutput::Ack { epoch: Epoch(1), ack: Ack::Frozen }]);
         let out = r.handle(50, RouterInput::Decision { decision: Decision::Commit(Epoch(1)), base: G1 });
         assert_eq!(forwards(&out), vec![(2, G2)]);
         assert!(out.contains(&RouterOutput::Released { id: 2, held_ms: 47, cause: HoldCause::Freeze }));
         assert!(out.contains(&RouterOutput::Ack { epoch: Epoch(1), ack: Ack::Switched }));
-        assert_eq!(forwards(&r.handle(51, RouterInput::Request { id: 3, read_only: true })), vec![(3, G2)]);
+        assert_eq!(
+            forwards(&r.handle(51, RouterInput::Request { id: 3, read_only: true, long: false })),
+            vec![(3, G2)]
+        );
+    }
+
+    #[test]
+    fn a_freeze_ends_long_requests_at_once_and_others_after_inflight_ms_max() {
+        let mut r = router();
+        r.set_limits(100, 2, 30);
+        r.handle(0, RouterInput::Decision { decision: Decision::Initial, base: G1 });
+        r.handle(1, RouterInput::Request { id: 1, read_only: false, long: true });
+        r.handle(5, RouterInput::Request { id: 2, read_only: false, long: false });
+        assert_eq!(r.next_deadline_ms(), None, "serving: nothing is ended");
+        let out = r.handle(10, RouterInput::Decision { decision: Decision::Freeze(Epoch(1)), base: G1 });
+        assert_eq!(out, vec![RouterOutput::Ended { id: 1, in_flight_ms: 9 }], "the long one at once");
+        assert_eq!((r.in_flight(), r.next_deadline_ms()), (1, Some(35)), "request 2 at 5 + 30 ms");
+        assert!(r.handle(34, RouterInput::Tick).is_empty());
+        let out = r.handle(35, RouterInput::Tick);
+        assert_eq!(
+            out,
+            vec![
+                RouterOutput::Ended { id: 2, in_flight_ms: 30 },
+                RouterOutput::Ack { epoch: Epoch(1), ack: Ack::Frozen }
+            ]
+        );
+        assert_eq!(r.next_deadline_ms(), None, "acked: nothing more to end");
+        // Their answers come later, once each.
+        assert!(r.handle(40, RouterInput::Completed { id: 1 }).is_empty());
+        assert!(r.handle(41, RouterInput::Completed { id: 2 }).is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "completed but was never forwarded")]
+    fn an_ended_request_completes_once() {
+        let mut r = router();
+        r.handle(0, RouterInput::Decision { decision: Decision::Initial, base: G1 });
+        r.handle(1, RouterInput::Request { id: 1, read_only: false, long: true });
+        r.handle(2, RouterInput::Decision { decision: Decision::Freeze(Epoch(1)), base: G1 });
+        r.handle(3, RouterInput::Completed { id: 1 });
+        r.handle(4, RouterInput::Completed { id: 1 });
     }
 
     #[test]
     fn hold_times_out_with_503_and_queue_is_bounded() {
         let mut r = router();
         r.handle(0, RouterInput::Decision { decision: Decision::Freeze(Epoch(1)), base: G1 });
-        r.handle(0, RouterInput::Request { id: 1, read_only: false });
-        r.handle(10, RouterInput::Request { id: 2, read_only: false });
-        let out = r.handle(11, RouterInput::Request { id: 3, read_only: false });
+        r.handle(0, RouterInput::Request { id: 1, read_only: false, long: false });
+        r.handle(10, RouterInput::Request { id: 2, read_only: false, long: false });
+        let out = r.handle(11, RouterInput::Request { id: 3, read_only: false, long: false });
         assert!(matches!(out[0], RouterOutput::Fail { id: 3, reason: FailReason::HoldQueueFull, .. }));
         let out = r.handle(100, RouterInput::Tick);
         assert!(out.iter().any(|o| matches!(o, RouterOutput::Fail { id: 1, reason: FailReason::HoldTimeout, .. })));
@@ -410,7 +526,7 @@ mod tests {
     fn abort_releases_to_old() {
         let mut r = router();
         r.handle(0, RouterInput::Decision { decision: Decision::Freeze(Epoch(1)), base: G1 });
-        r.handle(1, RouterInput::Request { id: 1, read_only: false });
+        r.handle(1, RouterInput::Request { id: 1, read_only: false, long: false });
         let out = r.handle(2, RouterInput::Decision { decision: Decision::Abort(Epoch(1)), base: G1 });
         assert_eq!(forwards(&out), vec![(1, G1)]);
     }
@@ -420,8 +536,8 @@ mod tests {
         let mut r = router();
         assert_eq!(r.next_deadline_ms(), None);
         r.handle(0, RouterInput::Decision { decision: Decision::Freeze(Epoch(1)), base: G1 });
-        r.handle(7, RouterInput::Request { id: 1, read_only: false });
-        r.handle(9, RouterInput::Request { id: 2, read_only: false });
+        r.handle(7, RouterInput::Request { id: 1, read_only: false, long: false });
+        r.handle(9, RouterInput::Request { id: 2, read_only: false, long: false });
         assert_eq!(r.next_deadline_ms(), Some(107));
         let out = r.handle(107, RouterInput::Tick);
         assert!(matches!(
@@ -436,7 +552,7 @@ mod tests {
     fn planted_bug_releases_to_old_on_timeout() {
         let mut r = router().with_bug(Some(RouterBug::ReleaseOldOnTimeout));
         r.handle(0, RouterInput::Decision { decision: Decision::Freeze(Epoch(1)), base: G1 });
-        r.handle(0, RouterInput::Request { id: 1, read_only: false });
+        r.handle(0, RouterInput::Request { id: 1, read_only: false, long: false });
         assert_eq!(forwards(&r.handle(100, RouterInput::Tick)), vec![(1, G1)]);
     }
 }
@@ -483,7 +599,7 @@ mod properties {
         #[test]
         fn router_never_guesses(steps in proptest::collection::vec(step(), 1..200)) {
             let hold_ms_max = 100;
-            let mut r = RouterCore::new(RouterConfig { hold_ms_max, hold_queue_max: 8, retry_after_ms: 1000 });
+            let mut r = RouterCore::new(RouterConfig { hold_ms_max, hold_queue_max: 8, inflight_ms_max: 1_000, retry_after_ms: 1000 });
             let mut now = 0u64;
             let mut next_id = 0u64;
             let mut decision = Decision::Initial;
@@ -493,7 +609,7 @@ mod properties {
                 let out = match s {
                     Step::Arrive { read_only } => {
                         next_id += 1;
-                        r.handle(now, RouterInput::Request { id: next_id, read_only })
+                        r.handle(now, RouterInput::Request { id: next_id, read_only, long: false })
                     }
                     Step::Complete(i) if !in_flight.is_empty() => {
                         let id = in_flight.remove(i % in_flight.len());
