@@ -69,9 +69,10 @@ impl<T: Transport + Unpin, D: NodeDisk, I: Ingress, C: Clock> IngressActor<T, D,
     fn feed(&mut self, ctx: &mut Context<Self>, input: IngressInput) {
         let now_ms = self.clock.now_ms();
         let timer = matches!(input, IngressInput::Timer);
-        // I/O that completes at once answers with an input, fed after the batch that caused it.
-        let mut inputs = VecDeque::from([input]);
-        while let Some(input) = inputs.pop_front() {
+        // I/O that completes at once answers with an input, fed after the batch that caused it
+        // (rare: the queue allocates only then).
+        let (mut next, mut inputs) = (Some(input), VecDeque::new());
+        while let Some(input) = next.take().or_else(|| inputs.pop_front()) {
             let seen = self.tap.is_some().then(|| input.clone());
             let outputs = self.core.handle(now_ms, input);
             if let (Some(tap), Some(input)) = (self.tap.as_mut(), seen) {

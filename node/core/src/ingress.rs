@@ -167,6 +167,8 @@ pub struct IngressCore {
     endpoints: BTreeMap<Generation, Vec<String>>,
     /// The current (or last) plan's rules for routers, from the newest view that had them.
     rules: Option<RouterRules>,
+    /// How many times `rules` changed.
+    rules_changes: u64,
     /// Requests ended at a freeze whose answer is still to come.
     ended: BTreeSet<RequestId>,
 }
@@ -192,6 +194,7 @@ impl IngressCore {
                 .filter(|(_, e)| !e.is_empty())
                 .collect(),
             rules: None,
+            rules_changes: 0,
             ended: BTreeSet::new(),
             config,
         }
@@ -276,6 +279,7 @@ impl IngressCore {
                             self.router.set_limits(r.hold_ms_max, r.hold_queue_max as usize, r.inflight_ms_max);
                         }
                         self.rules = Some(r.clone());
+                        self.rules_changes += 1;
                         self.validate.ignore_fields = self.ignored();
                     }
                     // Learnt before the agent may persist a decision serving one of them.
@@ -313,6 +317,11 @@ impl IngressCore {
     /// tells by them which requests are mirrored and which are long.
     pub fn rules(&self) -> Option<&RouterRules> {
         self.rules.as_ref()
+    }
+
+    /// How many times the rules changed (a shell that keeps a copy compares this, not them).
+    pub fn rules_changes(&self) -> u64 {
+        self.rules_changes
     }
 
     /// Answer fields the validator leaves out: the node's own, and the plan's.

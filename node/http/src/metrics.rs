@@ -23,6 +23,9 @@ pub struct Outcome {
 #[derive(Clone, Debug)]
 pub struct NodeMetrics {
     requests: Family<Outcome, Counter>,
+    /// The family's counters for answered, unavailable and unknown (looked up once, not per
+    /// request).
+    by_outcome: [Counter; 3],
     hold_ms: Histogram,
     mirrored: Counter,
     mismatched: Counter,
@@ -37,8 +40,12 @@ pub struct NodeMetrics {
 impl NodeMetrics {
     /// Registers a router's metrics in `registry`.
     pub fn register(registry: &mut Registry) -> NodeMetrics {
+        let requests = Family::<Outcome, Counter>::default();
+        let by_outcome =
+            ["answered", "unavailable", "unknown"].map(|outcome| requests.get_or_create(&Outcome { outcome }).clone());
         let m = NodeMetrics {
-            requests: Family::default(),
+            requests,
+            by_outcome,
             hold_ms: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             mirrored: Counter::default(),
             mismatched: Counter::default(),
@@ -73,12 +80,12 @@ impl NodeMetrics {
     }
 
     pub fn replied(&self, reply: &ClientReply) {
-        let outcome = match reply {
-            ClientReply::Answer(_) => "answered",
-            ClientReply::Unavailable { .. } => "unavailable",
-            ClientReply::Unknown => "unknown",
+        let i = match reply {
+            ClientReply::Answer(_) => 0,
+            ClientReply::Unavailable { .. } => 1,
+            ClientReply::Unknown => 2,
         };
-        self.requests.get_or_create(&Outcome { outcome }).inc();
+        self.by_outcome[i].inc();
     }
 
     pub fn event(&self, event: &IngressEvent) {

@@ -100,6 +100,8 @@ pub struct HttpIngress {
     targets: RefCell<BTreeMap<String, Target>>,
     /// The plan's rules, as the core last had them (shared with [`serve`]).
     rules: Rules,
+    /// The core's `rules_changes` when `rules` was copied.
+    rules_seen: std::cell::Cell<u64>,
     /// Requests the core has in progress (after its last input): a stopping node waits for 0.
     in_progress: Rc<std::cell::Cell<usize>>,
     metrics: Option<crate::metrics::NodeMetrics>,
@@ -120,6 +122,7 @@ impl HttpIngress {
             answers: Rc::default(),
             targets: RefCell::default(),
             rules: Rc::default(),
+            rules_seen: std::cell::Cell::new(0),
             in_progress: Rc::default(),
             metrics: None,
         }
@@ -392,7 +395,8 @@ impl Ingress for HttpIngress {
 
     fn observe(&self, _now_ms: u64, core: &IngressCore) {
         self.in_progress.set(core.requests());
-        if self.rules.borrow().as_ref() != core.rules() {
+        if self.rules_seen.get() != core.rules_changes() {
+            self.rules_seen.set(core.rules_changes());
             *self.rules.borrow_mut() = core.rules().cloned();
         }
         if let Some(m) = &self.metrics {
