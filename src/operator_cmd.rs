@@ -106,6 +106,18 @@ pub enum ClusterCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// After a disaster that lost every replica's data: a group started afresh (empty data
+    /// directories) learns the cluster from the disks of the nodes in the cluster file: the
+    /// generation served, the last epoch and its outcome, the routers. It decides nothing until
+    /// each node has told it (`imago upgrade status` lists those it waits for). `--without NODE`
+    /// stops waiting for a node whose disk is gone for good: you assert it is cut off from
+    /// clients (a freeze it alone knew the outcome of is aborted). Given again, it adds to them.
+    Recover {
+        #[arg(long = "without", value_name = "NODE")]
+        without: Vec<String>,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 /// The coordinator group, called with the operator's certificate.
@@ -259,6 +271,7 @@ fn status_json(s: &StatusView) -> serde_json::Value {
         "attempts": s.attempts,
         "gate_blockers": s.gate_blockers.iter().map(|b| format!("{b:?}")).collect::<Vec<_>>(),
         "last_abort_reason": s.last_abort_reason,
+        "recovery_waiting": s.recovery_waiting.as_ref().map(|w| w.iter().map(|n| n.0.clone()).collect::<Vec<_>>()),
         "nodes": s.nodes.iter().map(|n| serde_json::json!({
             "name": n.name.0,
             "registered": n.registered,
@@ -274,6 +287,10 @@ fn status_json(s: &StatusView) -> serde_json::Value {
 }
 
 fn status_text(s: &StatusView) -> String {
+    if let Some(waiting) = &s.recovery_waiting {
+        let names: Vec<&str> = waiting.iter().map(|n| n.0.as_str()).collect();
+        return format!("recovering from the nodes' disks; waiting for: {}", names.join(", "));
+    }
     let Some(upgrade) = s.upgrade else {
         return format!("no upgrade yet; the cluster serves generation {}", s.generation.0);
     };
@@ -508,6 +525,15 @@ pub fn cluster(command: ClusterCommand) -> anyhow::Result<ExitCode> {
             let request =
                 CliRequest::AddReplica { id: replica.id, address: format!("{}@{}", replica.name, replica.address) };
             one(&common, request, &format!("cluster add-replica {name}"))
+        }
+        ClusterCommand::Recover { without, common } => {
+            let cluster = common.cluster.load()?;
+            let expected: Vec<protocol::NodeName> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+            let lost: Vec<protocol::NodeName> = without.iter().map(|n| protocol::NodeName::from(n.as_str())).collect();
+            if let Some(unknown) = lost.iter().find(|n| !expected.contains(n)) {
+                anyhow::bail!("`{unknown}` is not a node of the cluster file");
+            }
+            one(&common, CliRequest::Recover { expected, lost }, "cluster recover")
         }
         ClusterCommand::RemoveReplica { name, common } => {
             let cluster = common.cluster.load()?;

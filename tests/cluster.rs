@@ -1011,3 +1011,73 @@ fn cluster_mirrors_compare_headers_and_a_long_request_does_not_hold_the_switch()
     let mut c = w.c;
     c.stop_all();
 }
+
+/// Disaster recovery: every coordinator's data is lost after a switch. Routers keep serving
+/// from their disks; a group started afresh and told `imago cluster recover` learns from the
+/// routers' disks the generation served and the last epoch, and the next upgrade (whose views
+/// and epochs the routers would otherwise take for stale ones) switches.
+#[test]
+fn cluster_rebuilt_from_nothing_learns_from_the_nodes_disks_and_upgrades_again() {
+    let mut w = web("recover", &["router-1", "router-2"]);
+    w.start_and_wait_for_the_gate();
+    assert!(w.c.cli(&["upgrade", "switch"]).status.success());
+    w.wait_phase(&["Done"], 10);
+    assert_eq!(agreed_version(&w.ports), "v2");
+
+    // The disaster: every replica and its data gone.
+    w.c.stop_coordinators();
+    std::fs::remove_dir_all(w.c.dir.join("data").join("coord-1")).expect("coord-1's data");
+    for i in 2..=3 {
+        let _ = std::fs::remove_dir_all(w.c.dir.join("data").join(format!("coord-{i}")));
+    }
+    for port in &w.ports {
+        assert_eq!(http_call(*port, "GET", "/alone").1, "v2", "routers serve from their disks");
+    }
+    w.c.start_all();
+    w.c.status_with_leader();
+    // A group that decided anything of its own (here a join, taken: a fresh group knows no
+    // roster) is not one rebuilt from nothing: it refuses to recover. Start it over.
+    assert!(w.c.cli(&["router", "join", "router-1"]).status.success());
+    let refused = w.c.cli(&["cluster", "recover"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", String::from_utf8_lossy(&refused.stderr));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("state of its own"));
+    w.c.stop_coordinators();
+    for i in 1..=3 {
+        let _ = std::fs::remove_dir_all(w.c.dir.join("data").join(format!("coord-{i}")));
+    }
+    w.c.start_all();
+    w.c.status_with_leader();
+    let recover = w.c.cli(&["cluster", "recover"]);
+    assert!(recover.status.success(), "{}", String::from_utf8_lossy(&recover.stderr));
+    let start = w.c.cli(&["upgrade", "status", "--json"]);
+    let status = json(&start);
+    assert!(
+        status["recovery_waiting"].is_array() || status["generation"] == 2,
+        "recovering, or already recovered: {status}"
+    );
+    let mut recovered = serde_json::Value::Null;
+    for _ in 0..150 {
+        let status = json(&w.c.cli(&["upgrade", "status", "--json"]));
+        if status["recovery_waiting"].is_null() && status["generation"] == 2 {
+            recovered = status;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!((recovered["generation"].as_u64(), recovered["epoch"].as_u64()), (Some(2), Some(1)), "{recovered}");
+    let cluster = json(&w.c.cli(&["cluster", "status", "--json"]));
+    let on_roster = roster(&cluster);
+    for r in ["router-1", "router-2"] {
+        assert!(on_roster.contains(&(r.to_string(), "Active".to_string())), "{on_roster:?}");
+    }
+    for port in &w.ports {
+        assert_eq!(http_call(*port, "GET", "/recovered").1, "v2");
+    }
+    // The next upgrade: its epoch (2) and views are newer than anything on the routers' disks.
+    w.start_upgrade_and_wait_for_the_gate(2, &["router-1", "router-2"], &w.ports.clone());
+    assert!(w.c.cli(&["upgrade", "switch"]).status.success());
+    assert_eq!(w.wait_phase(&["Done", "RolledBack"], 10), "Done");
+    assert_eq!(agreed_version(&w.ports), "v3");
+    w.assert_one_switch_point();
+    w.c.stop_all();
+}

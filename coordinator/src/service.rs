@@ -194,6 +194,9 @@ impl Replica {
             }
             NodeRequest::Report { node, report, upgrade } => Command::Report { node, report, upgrade },
             NodeRequest::Ack { node, epoch, ack } => Command::Ack { node, epoch, ack },
+            NodeRequest::Recover { node, duties, known_version, disk } => {
+                Command::Recovered { node, duties, known_version, disk }
+            }
         };
         match self.propose(command).await {
             Proposed::Applied(Applied::Rejected(rejection)) => NodeResponse::Rejected(rejection),
@@ -255,6 +258,7 @@ impl Replica {
             CliRequest::Abort { reason } => Command::OperatorAbort { reason, now_ms: (self.clock)() },
             CliRequest::Join { node } => Command::Join { node },
             CliRequest::Retire { node, force } => Command::Retire { node, force },
+            CliRequest::Recover { expected, lost } => Command::Recover { expected, lost },
         };
         match self.propose(command).await {
             Proposed::Applied(Applied::Started(upgrade)) => CliResponse::Started { upgrade },

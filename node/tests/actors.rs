@@ -138,6 +138,8 @@ impl ScriptedCoordinator {
             routers: Vec::new(),
             universes: vec![(protocol::Generation(2), vec![endpoint(2)])],
             rules: None,
+            recovering: false,
+            disk_recorded: false,
         }
     }
 }

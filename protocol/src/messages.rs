@@ -106,6 +106,24 @@ pub enum NodeRequest {
         linearizable: bool,
         wait_ms: u32,
     },
+    /// While a rebuilt coordinator group recovers ([`DecisionView::recovering`]): what the
+    /// node's own disk holds (`None`: nothing it can vouch for, a new or copied disk), its
+    /// duties, and the highest state version it has seen.
+    Recover {
+        node: NodeName,
+        duties: Vec<Duty>,
+        known_version: u64,
+        disk: Option<DiskSummary>,
+    },
+}
+
+/// What a node's disk holds, as a recovering coordinator group learns it: the decision it
+/// persisted, of an upgrade from `generation`, and where the generation it serves answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSummary {
+    pub decision: Decision,
+    pub generation: Generation,
+    pub endpoints: Vec<String>,
 }
 
 impl NodeRequest {
@@ -116,7 +134,8 @@ impl NodeRequest {
             NodeRequest::Register { node, .. }
             | NodeRequest::Report { node, .. }
             | NodeRequest::Ack { node, .. }
-            | NodeRequest::Watch { node, .. } => node,
+            | NodeRequest::Watch { node, .. }
+            | NodeRequest::Recover { node, .. } => node,
         }
     }
 }
@@ -161,6 +180,12 @@ pub struct DecisionView {
     /// The current (or last) plan's rules for routers, which they apply from the view on
     /// (before any plan, a router keeps its own configured ones).
     pub rules: Option<RouterRules>,
+    /// The group was rebuilt from nothing and is learning from the nodes' disks: nothing in
+    /// this view is to be acted on; the node sends what its disk holds
+    /// ([`NodeRequest::Recover`]) unless `disk_recorded`.
+    pub recovering: bool,
+    /// Recovering: the asking node's disk is recorded.
+    pub disk_recorded: bool,
 }
 
 /// What a plan tells its routers: how long and how many requests a frozen router holds
@@ -209,7 +234,7 @@ impl DecisionView {
         // The node's own acks are left out: it learns they took effect from the answer to the
         // ack itself, and waking its watch for them would leave no watch parked when the outcome
         // comes. (They are in the view all the same, for a node that restarted.)
-        let flags = [self.known, self.registered, self.all_routers_frozen];
+        let flags = [self.known, self.registered, self.all_routers_frozen, self.recovering, self.disk_recorded];
         eat(flags.iter().fold(0, |acc, f| (acc << 1) | u64::from(*f)));
         eat(self.roster as u64);
         for router in &self.routers {
@@ -270,6 +295,9 @@ pub enum RejectKind {
     Backoff,
     /// The command is malformed (e.g. a deadline before its proposal time).
     BadCommand,
+    /// The group is recovering (rebuilt from nothing, learning from the nodes' disks): it
+    /// decides nothing until every node has told it what its disk holds.
+    Recovering,
     /// The epoch already has an outcome.
     AlreadyDecided,
     /// A commit without every ack of the epoch.
@@ -371,6 +399,14 @@ pub enum CliRequest {
     },
     /// The coordinator group as the answering replica sees it (any replica answers).
     Cluster,
+    /// A group rebuilt from nothing (every replica's data lost): learn the cluster's state from
+    /// the disks of the `expected` nodes (the cluster file's) before deciding anything. Nodes in
+    /// `lost` are not waited for: the operator asserts they are gone and cut off from clients.
+    /// Given again, it adds to `lost`.
+    Recover {
+        expected: Vec<NodeName>,
+        lost: Vec<NodeName>,
+    },
     /// Add replica `id` to the group: it catches up as a learner, then becomes a voter.
     /// `address` is `name@ip:port`, as every replica will dial it.
     AddReplica {
@@ -424,6 +460,8 @@ pub struct StatusView {
     pub gate_blockers: Vec<GateBlocker>,
     pub last_abort_reason: Option<String>,
     pub nodes: Vec<NodeStatus>,
+    /// Recovering: the nodes whose disks are still awaited.
+    pub recovery_waiting: Option<Vec<NodeName>>,
 }
 
 /// Coordinator → CLI.
@@ -489,6 +527,8 @@ mod tests {
             routers: Vec::new(),
             universes: Vec::new(),
             rules: None,
+            recovering: false,
+            disk_recorded: false,
         }
     }
 

@@ -58,6 +58,8 @@ fn view() -> impl Strategy<Value = DecisionView> {
             .into_iter()
             .collect(),
         rules: None,
+        recovering: false,
+        disk_recorded: false,
     })
 }
 

@@ -14,9 +14,9 @@ pub use driver::{next_command, next_deadline_ms};
 pub use gate::{ready_gate, validation_seen, ValidationSeen};
 pub use view::{decision_view, status};
 
-use protocol::messages::{Ack, NodeReport, Phase, RejectKind, Rejection, RosterStatus};
+use protocol::messages::{Ack, DiskSummary, NodeReport, Phase, RejectKind, Rejection, RosterStatus};
 use protocol::plan::{Plan, SwitchMode};
-use protocol::{Duty, Epoch, Generation, NodeName, Position, UpgradeId};
+use protocol::{Decision, Duty, Epoch, Generation, NodeName, Position, UpgradeId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -45,6 +45,28 @@ pub enum Command {
     /// Take a router off the roster: at once if `force` (the operator asserts it is cut off
     /// from clients), else once it acks `Retired`.
     Retire { node: NodeName, force: bool },
+    /// A group rebuilt from nothing learns the cluster from the disks of `expected` nodes
+    /// (accepted only by a state that has decided nothing yet); `lost` ones are not waited for.
+    /// Given again during the recovery, it adds to `lost`.
+    Recover { expected: Vec<NodeName>, lost: Vec<NodeName> },
+    /// A node's disk, while recovering (see [`protocol::messages::NodeRequest::Recover`]).
+    Recovered { node: NodeName, duties: Vec<Duty>, known_version: u64, disk: Option<DiskSummary> },
+}
+
+/// A recovery under way: what the group waits for and what it has learnt.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recovery {
+    pub expected: BTreeSet<NodeName>,
+    pub lost: BTreeSet<NodeName>,
+    /// Each node's disk as it reported it, with its duties and the highest version it saw.
+    pub disks: BTreeMap<NodeName, (Vec<Duty>, u64, Option<DiskSummary>)>,
+}
+
+impl Recovery {
+    /// Nodes still to report.
+    pub fn waiting(&self) -> Vec<NodeName> {
+        self.expected.iter().filter(|n| !self.lost.contains(*n) && !self.disks.contains_key(*n)).cloned().collect()
+    }
 }
 
 /// The result of applying a command (the Raft response).
@@ -122,6 +144,9 @@ pub struct UpgradeState {
     /// Where each universe a router may serve or mirror to answers, by generation (the plans'
     /// `[universe] endpoints`): at most the generation served and the one after.
     pub universes: BTreeMap<Generation, Vec<String>>,
+    /// A group rebuilt from nothing, learning from the nodes' disks: it decides nothing until
+    /// every expected node has reported.
+    pub recovery: Option<Recovery>,
 }
 
 fn reject(kind: RejectKind, detail: impl Into<String>) -> Applied {
@@ -277,7 +302,26 @@ impl UpgradeState {
     }
 
     fn apply_inner(&mut self, command: &Command) -> Applied {
+        if let Some(r) = &self.recovery {
+            if !matches!(command, Command::Recover { .. } | Command::Recovered { .. }) {
+                let waiting: Vec<String> = r.waiting().iter().map(|n| n.0.clone()).collect();
+                let detail = format!("recovering: waiting for the disks of {}", waiting.join(", "));
+                return reject(RejectKind::Recovering, detail);
+            }
+        }
         match command {
+            Command::Recover { expected, lost } => self.recover(expected, lost),
+            Command::Recovered { node, duties, known_version, disk } => {
+                let Some(r) = self.recovery.as_mut() else {
+                    return reject(RejectKind::BadCommand, "not recovering");
+                };
+                if !r.expected.contains(node) {
+                    return reject(RejectKind::UnknownNode, format!("`{node}` is not one of the nodes recovered from"));
+                }
+                r.disks.insert(node.clone(), (duties.clone(), *known_version, disk.clone()));
+                self.maybe_recovered();
+                Applied::Accepted
+            }
             Command::Start { plan, token } => self.start(plan, token),
             Command::Register { node, duties, deployed, upgrade } => {
                 self.with_node(node, Some(*upgrade), |u, state| {
@@ -653,6 +697,95 @@ impl UpgradeState {
     }
 
     /// Transitions that follow from the state alone (no proposal needed).
+    /// Starts a recovery (a state that has decided nothing), or adds to its lost nodes.
+    fn recover(&mut self, expected: &[NodeName], lost: &[NodeName]) -> Applied {
+        if let Some(r) = self.recovery.as_mut() {
+            r.lost.extend(lost.iter().cloned());
+            self.maybe_recovered();
+            return Applied::Accepted;
+        }
+        let pristine = self.current.is_none()
+            && self.outcomes.is_empty()
+            && self.roster.is_empty()
+            && self.upgrades_started == 0
+            && self.generation == Generation::GENESIS;
+        if !pristine {
+            return reject(
+                RejectKind::BadCommand,
+                "this group has state of its own: only a group rebuilt from nothing recovers",
+            );
+        }
+        if expected.is_empty() {
+            return reject(RejectKind::BadCommand, "a recovery names the nodes whose disks it waits for");
+        }
+        self.recovery = Some(Recovery {
+            expected: expected.iter().cloned().collect(),
+            lost: lost.iter().cloned().collect(),
+            disks: BTreeMap::new(),
+        });
+        self.maybe_recovered();
+        Applied::Accepted
+    }
+
+    /// Once every expected node reported (or is lost): the cluster's state as its disks hold it.
+    ///
+    /// The newest decision any disk holds (by [`Decision::order_key`]) is the last one the old
+    /// group decided that any node acted on. A commit or an abort stands. A freeze whose outcome
+    /// no disk holds is aborted: no node acted on an outcome (every node persists a decision
+    /// before it acts on it, and every node reported), so no client saw the new universe and no
+    /// data node opened it. The version starts above every version a node saw, so no node takes
+    /// the rebuilt group's views for stale ones; routers that reported are on the roster again
+    /// (a retired one stays retired).
+    fn maybe_recovered(&mut self) {
+        let Some(r) = &self.recovery else { return };
+        if !r.waiting().is_empty() {
+            return;
+        }
+        let r = self.recovery.take().expect("checked");
+        let disks: Vec<&DiskSummary> = r.disks.values().filter_map(|(_, _, d)| d.as_ref()).collect();
+        let newest = disks
+            .iter()
+            .filter(|d| d.decision != Decision::Retired)
+            .max_by_key(|d| (d.decision.order_key(), d.generation))
+            .copied();
+        let endpoints_of = |g: Generation| {
+            disks
+                .iter()
+                .find(|d| d.decision.serving_generation(d.generation) == Some(g) && !d.endpoints.is_empty())
+                .map(|d| d.endpoints.clone())
+        };
+        if let Some(d) = newest {
+            let epoch = d.decision.epoch();
+            let (generation, outcome) = match d.decision {
+                Decision::Commit(_) => (d.generation.next(), Some(Outcome::Committed)),
+                Decision::Abort(_) => {
+                    (d.generation, Some(Outcome::Aborted { reason: "recovered from the nodes' disks".into() }))
+                }
+                Decision::Freeze(_) => (
+                    d.generation,
+                    Some(Outcome::Aborted { reason: "recovered: no node's disk held this freeze's outcome".into() }),
+                ),
+                Decision::Initial | Decision::Retired => (d.generation, None),
+            };
+            self.generation = generation;
+            self.last_epoch = epoch;
+            if let Some(o) = outcome {
+                self.outcomes.insert(epoch, o);
+            }
+            if let Some(e) = endpoints_of(generation) {
+                self.universes.insert(generation, e);
+            }
+        }
+        for (node, (duties, _, disk)) in &r.disks {
+            if duties.contains(&Duty::Route) {
+                let retired = disk.as_ref().is_some_and(|d| d.decision == Decision::Retired);
+                self.roster.insert(node.clone(), if retired { RosterStatus::Retired } else { RosterStatus::Active });
+            }
+        }
+        let seen = r.disks.values().map(|(_, v, _)| *v).max().unwrap_or(0);
+        self.version = self.version.max(seen);
+    }
+
     fn advance(&mut self) {
         let Some(upgrade) = &mut self.current else { return };
         // The switch is decided by the state itself, in the step that applies the last ack it

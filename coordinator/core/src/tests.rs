@@ -937,3 +937,107 @@ fn after_a_rollback_the_next_upgrade_starts_from_the_same_generation() {
     switch_and_finish(&mut state, 2);
     assert_eq!(state.generation, Generation(2));
 }
+
+// ---- recovery of a group rebuilt from nothing ----------------------------------------------
+
+fn disk(decision: Decision, generation: u64, endpoints: &[&str]) -> Option<DiskSummary> {
+    Some(DiskSummary {
+        decision,
+        generation: Generation(generation),
+        endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+    })
+}
+
+fn reported(state: &mut UpgradeState, node: &str, duties: Vec<Duty>, version: u64, disk: Option<DiskSummary>) {
+    accepted(state, Command::Recovered { node: n(node), duties, known_version: version, disk });
+}
+
+fn recovering(expected: &[&str]) -> UpgradeState {
+    let mut state = UpgradeState::default();
+    accepted(&mut state, Command::Recover { expected: expected.iter().map(|e| n(e)).collect(), lost: Vec::new() });
+    state
+}
+
+/// A commit that some nodes persisted stands, and nodes that only froze learn it; the rebuilt
+/// group decides nothing before every node reported, and its versions start above every node's.
+#[test]
+fn a_recovered_group_learns_a_commit_from_the_disks_and_decides_nothing_before() {
+    let mut state = recovering(&["router-1", "router-2", "db-1"]);
+    let refused = rejected(&mut state, Command::Start { plan: Box::new(plan_from(2)), token: "t".into() });
+    assert_eq!(refused.kind, RejectKind::Recovering);
+    assert!(refused.detail.contains("router-1, router-2, db-1") || refused.detail.contains("db-1"), "{refused:?}");
+    assert!(decision_view(&state, state.version, &n("router-1")).recovering);
+    let route = vec![Duty::Route, Duty::Validate];
+    reported(&mut state, "router-1", route.clone(), 50, disk(Decision::Commit(Epoch(3)), 1, &["http://v2:80"]));
+    reported(&mut state, "router-2", route, 40, disk(Decision::Freeze(Epoch(3)), 1, &[]));
+    assert!(state.recovery.is_some(), "db-1 has not reported");
+    assert_eq!(rejected(&mut state, Command::Join { node: n("router-3") }).kind, RejectKind::Recovering);
+    reported(&mut state, "db-1", vec![Duty::Capture, Duty::Transform], 45, disk(Decision::Commit(Epoch(3)), 1, &[]));
+    assert!(state.recovery.is_none(), "every node reported");
+    assert_eq!(
+        (state.generation, state.last_epoch, state.decision()),
+        (Generation(2), Epoch(3), Decision::Commit(Epoch(3)))
+    );
+    assert!(state.version > 50, "views newer than any a node saw: {}", state.version);
+    assert_eq!(state.roster.get(&n("router-2")), Some(&RosterStatus::Active));
+    assert_eq!(state.roster.get(&n("db-1")), None, "data nodes are not on the roster");
+    assert_eq!(state.universes.get(&Generation(2)), Some(&vec!["http://v2:80".to_string()]));
+    let view = decision_view(&state, state.version, &n("router-2"));
+    assert_eq!(
+        (view.decision, view.decision.serving_generation(view.generation)),
+        (Decision::Commit(Epoch(3)), Some(Generation(2)))
+    );
+    assert!(!view.recovering);
+    // The next upgrade starts from what the disks said, and freezes after their epochs.
+    assert_eq!(
+        state.apply(&Command::Start { plan: Box::new(plan_from(2)), token: "t".into() }),
+        Applied::Started(UpgradeId(1))
+    );
+}
+
+/// A freeze whose outcome no disk holds is aborted: no node acted on one.
+#[test]
+fn a_freeze_no_disk_knows_the_outcome_of_is_aborted() {
+    let mut state = recovering(&["router-1", "router-2"]);
+    let route = vec![Duty::Route];
+    reported(&mut state, "router-1", route.clone(), 9, disk(Decision::Freeze(Epoch(2)), 2, &[]));
+    reported(&mut state, "router-2", route, 7, disk(Decision::Commit(Epoch(1)), 1, &["http://v2:80"]));
+    assert_eq!((state.generation, state.decision()), (Generation(2), Decision::Abort(Epoch(2))));
+    assert!(matches!(state.outcomes.get(&Epoch(2)), Some(Outcome::Aborted { .. })));
+    assert_eq!(state.universes.get(&Generation(2)), Some(&vec!["http://v2:80".to_string()]));
+}
+
+/// A node declared lost is not waited for, and is not on the roster; a retired router stays
+/// retired; a node with no disk it can vouch for counts as reported.
+#[test]
+fn lost_retired_and_empty_disks() {
+    let mut state = recovering(&["router-1", "router-2", "router-3", "router-4"]);
+    reported(&mut state, "router-1", vec![Duty::Route], 3, disk(Decision::Commit(Epoch(1)), 1, &["http://v2:80"]));
+    reported(&mut state, "router-2", vec![Duty::Route], 3, disk(Decision::Retired, 1, &[]));
+    reported(&mut state, "router-3", vec![Duty::Route], 0, None);
+    assert_eq!(state.recovery.as_ref().map(Recovery::waiting), Some(vec![n("router-4")]));
+    accepted(&mut state, Command::Recover { expected: Vec::new(), lost: vec![n("router-4")] });
+    assert!(state.recovery.is_none());
+    assert_eq!(state.roster.get(&n("router-2")), Some(&RosterStatus::Retired));
+    assert_eq!(state.roster.get(&n("router-3")), Some(&RosterStatus::Active));
+    assert_eq!(state.roster.get(&n("router-4")), None);
+    assert_eq!(state.generation, Generation(2));
+}
+
+/// Only a group that has decided nothing recovers; only expected nodes report.
+#[test]
+fn recovery_is_for_a_group_rebuilt_from_nothing() {
+    let mut state = ready("auto", 3);
+    let r = rejected(&mut state, Command::Recover { expected: vec![n("router-1")], lost: Vec::new() });
+    assert_eq!(r.kind, RejectKind::BadCommand);
+    let mut state = recovering(&["router-1"]);
+    let r = rejected(
+        &mut state,
+        Command::Recovered { node: n("stranger"), duties: vec![Duty::Route], known_version: 1, disk: None },
+    );
+    assert_eq!(r.kind, RejectKind::UnknownNode);
+    let mut fresh = UpgradeState::default();
+    let r =
+        rejected(&mut fresh, Command::Recovered { node: n("router-1"), duties: vec![], known_version: 1, disk: None });
+    assert_eq!(r.kind, RejectKind::BadCommand, "not recovering");
+}

@@ -14,7 +14,8 @@ impl UpgradeState {
     /// (an upgrade never starts nodes again from `Initial`: they would order it before what
     /// they hold, and ignore it).
     pub fn decision_and_base(&self) -> (Decision, Generation) {
-        let Some(upgrade) = &self.current else { return (Decision::Initial, self.generation) };
+        // No upgrade yet: the last decision there is (a recovered group's, learnt from the disks).
+        let Some(upgrade) = &self.current else { return self.last_decision() };
         match upgrade.phase {
             Phase::Freezing => (Decision::Freeze(upgrade.epoch), upgrade.from),
             Phase::Switched | Phase::Done => (Decision::Commit(upgrade.epoch), upgrade.from),
@@ -76,6 +77,8 @@ pub fn decision_view(state: &UpgradeState, version: u64, node: &NodeName) -> Dec
             long_routes: u.plan.long_routes.clone(),
             validation: u.plan.validation.clone(),
         }),
+        recovering: state.recovery.is_some(),
+        disk_recorded: state.recovery.as_ref().is_some_and(|r| r.disks.contains_key(node)),
     }
 }
 
@@ -91,6 +94,7 @@ pub fn status(state: &UpgradeState) -> StatusView {
             attempts: 0,
             gate_blockers: Vec::new(),
             last_abort_reason: None,
+            recovery_waiting: state.recovery.as_ref().map(|r| r.waiting()),
             nodes: Vec::new(),
         };
     };
@@ -113,5 +117,6 @@ pub fn status(state: &UpgradeState) -> StatusView {
         gate_blockers: ready_gate(u).err().unwrap_or_default(),
         last_abort_reason: u.last_abort_reason.clone(),
         nodes,
+        recovery_waiting: None,
     }
 }

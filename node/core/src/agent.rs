@@ -14,7 +14,7 @@
 //! Driving rules: `now_ms` never decreases; outputs are applied in order; the shell calls
 //! [`AgentInput::Timer`] no later than [`AgentCore::next_deadline_ms`].
 
-use protocol::messages::{Ack, DecisionView, NodeReport, NodeRequest, NodeResponse, RosterStatus};
+use protocol::messages::{Ack, DecisionView, DiskSummary, NodeReport, NodeRequest, NodeResponse, RosterStatus};
 use protocol::{Decision, Duty, Epoch, Generation, NodeName, ReplicaId, UpgradeId};
 use std::collections::BTreeMap;
 
@@ -70,6 +70,9 @@ pub enum AgentInput {
     OweAck { epoch: Epoch, ack: Ack },
     /// The latest measurements of the node's duties.
     Report(NodeReport),
+    /// What the node's disk holds (`None`: nothing it can vouch for), for a recovering group
+    /// whose view does not yet show it recorded: the composition answers such a view with it.
+    Recover(Option<DiskSummary>),
 }
 
 /// What the shell must do, in order.
@@ -97,6 +100,7 @@ enum Pending {
 #[derive(Clone, Debug, PartialEq)]
 enum WriteKind {
     Register,
+    Recover,
     Ack(Epoch, Ack),
     Report,
 }
@@ -134,6 +138,8 @@ pub struct AgentCore {
     target: usize,
     next_id: u64,
     known_version: u64,
+    /// The disk to tell a recovering group, until a view shows it recorded.
+    recover: Option<Option<DiskSummary>>,
     registered: bool,
     owed: BTreeMap<(Epoch, u8), Ack>,
     report: Option<NodeReport>,
@@ -191,6 +197,7 @@ impl AgentCore {
             target: 0,
             next_id: 1,
             known_version: 0,
+            recover: None,
             registered: false,
             owed: BTreeMap::new(),
             report: None,
@@ -274,6 +281,7 @@ impl AgentCore {
                 self.owed.insert((epoch, ack_rank(&ack)), ack);
             }
             AgentInput::Report(report) => self.report = Some(report),
+            AgentInput::Recover(disk) => self.recover = Some(disk),
         }
         if self.booted {
             self.send_next(now_ms, &mut out);
@@ -385,6 +393,8 @@ impl AgentCore {
             match response {
                 NodeResponse::Accepted => match kind {
                     WriteKind::Register => self.registered = true,
+                    // Recorded: a later view shows it (the composition tells it again until then).
+                    WriteKind::Recover => self.recover = None,
                     WriteKind::Report => {}
                     // `Accepted` means committed and applied (an answer not known to be either is
                     // `Unknown`): the ack is owed no more. (Resending it until a view shows it cost
@@ -416,6 +426,17 @@ impl AgentCore {
     }
 
     fn on_view(&mut self, view: DecisionView, linearizable: bool, from: usize, out: &mut Vec<AgentOutput>) {
+        // A group rebuilt from nothing: its versions start from scratch, below what this node
+        // has seen, so its view is taken whatever its version; nothing in it is acted on. The
+        // node tells it what its disk holds (the composition hands that over on this view).
+        if view.recovering {
+            if view.disk_recorded {
+                self.recover = None;
+            }
+            out.push(AgentOutput::View(view.clone()));
+            self.last_view = Some(view);
+            return;
+        }
         if view.version <= self.known_version && self.linearized {
             self.stale_watches += 1;
             if self.stale_watches >= self.config.stale_watch_limit && matches!(self.persisted, Decision::Freeze(_)) {
@@ -535,7 +556,13 @@ impl AgentCore {
         });
         let upgrade_named = self.last_view.as_ref().is_some_and(|v| v.upgrade.is_some());
         let retired = self.persisted == Decision::Retired;
-        if self.write.is_none() {
+        // A recovering group takes nothing but the disks it waits for.
+        let recovering = self.last_view.as_ref().is_some_and(|v| v.recovering);
+        let tell = self.last_view.as_ref().is_some_and(|v| !v.disk_recorded) && self.recover.is_some();
+        if self.write.is_none() && recovering && tell {
+            self.write = Some(self.send_write(now_ms, WriteKind::Recover, out));
+        }
+        if self.write.is_none() && !recovering {
             let kind = if !self.registered && !retired {
                 // Register once the coordinator knows an upgrade naming this node.
                 upgrade_known.then_some(WriteKind::Register)
@@ -571,6 +598,12 @@ impl AgentCore {
                 NodeRequest::Register { node, duties: self.config.duties.clone(), deployed: true, upgrade }
             }
             WriteKind::Ack(epoch, ack) => NodeRequest::Ack { node, epoch: *epoch, ack: ack.clone() },
+            WriteKind::Recover => NodeRequest::Recover {
+                node,
+                duties: self.config.duties.clone(),
+                known_version: self.known_version,
+                disk: self.recover.clone().flatten(),
+            },
             WriteKind::Report => {
                 let report = self.report.clone().expect("checked by the caller");
                 self.report_sent = Some(report.clone());
@@ -628,6 +661,8 @@ mod tests {
             routers: Vec::new(),
             universes: Vec::new(),
             rules: None,
+            recovering: false,
+            disk_recorded: false,
         }
     }
 

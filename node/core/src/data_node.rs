@@ -775,6 +775,13 @@ impl DataNodeCore {
                         self.drain_outputs(now_ms, outs, out);
                     }
                 }
+                // A recovering group's view says nothing to act on: the node tells it its disk.
+                AgentOutput::View(view) if view.recovering => {
+                    if !view.disk_recorded {
+                        let outs = self.agent.handle(now_ms, AgentInput::Recover(self.durable.summary()));
+                        self.agent_outputs(now_ms, outs, out);
+                    }
+                }
                 AgentOutput::View(view) => {
                     let own = self.own(view.decision, view.generation);
                     if let Some(decision) = own.filter(|_| view.decision == self.agent.persisted()) {

@@ -503,6 +503,13 @@ impl IngressCore {
                     self.router_outputs(now_ms, outs, out);
                     self.set_mirroring(now_ms, out);
                 }
+                // A recovering group's view says nothing to act on: the node tells it its disk.
+                AgentOutput::View(view) if view.recovering => {
+                    if !view.disk_recorded {
+                        let outs = self.agent.handle(now_ms, AgentInput::Recover(self.durable.summary()));
+                        self.agent_outputs(now_ms, outs, out);
+                    }
+                }
                 AgentOutput::View(view) => {
                     if view.upgrade != self.upgrade && self.upgrade.is_none() {
                         // The first view: nothing was compared yet.

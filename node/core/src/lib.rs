@@ -120,6 +120,16 @@ impl Durable {
     pub(crate) fn boots(&self) -> u64 {
         self.record.boots
     }
+
+    /// What this node's disk holds, for a recovering coordinator group: `None` unless a
+    /// coordinator confirmed it (a new, copied or unconfirmed disk vouches for nothing).
+    pub(crate) fn summary(&self) -> Option<protocol::messages::DiskSummary> {
+        self.record.confirmed.then(|| protocol::messages::DiskSummary {
+            decision: self.record.decision,
+            generation: self.record.generation,
+            endpoints: self.record.endpoints.clone(),
+        })
+    }
 }
 
 /// A client request's idempotency key at the data tier: the ingress node it came through (a

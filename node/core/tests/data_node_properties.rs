@@ -192,6 +192,8 @@ impl Coordinator {
             routers: Vec::new(),
             universes: Vec::new(),
             rules: None,
+            recovering: false,
+            disk_recorded: false,
         }
     }
 
@@ -239,6 +241,8 @@ impl Coordinator {
     /// Applies a write if the state machine would accept it.
     fn write(&mut self, request: &NodeRequest) -> bool {
         let accepted = match request {
+            // This model coordinator never loses its state.
+            NodeRequest::Recover { .. } => false,
             NodeRequest::Register { .. } => {
                 self.registered = true;
                 if self.phase == Phase::Staged {

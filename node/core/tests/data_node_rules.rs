@@ -93,6 +93,8 @@ fn view(version: u64, phase: Phase, decision: Decision, acked_drained: bool) -> 
         routers: Vec::new(),
         universes: Vec::new(),
         rules: None,
+        recovering: false,
+        disk_recorded: false,
     }
 }
 

@@ -123,6 +123,8 @@ impl Coordinator {
             routers: Vec::new(),
             universes: vec![(Generation(2), vec![endpoint(Generation(2))])],
             rules: None,
+            recovering: false,
+            disk_recorded: false,
         }
     }
 
@@ -177,6 +179,8 @@ impl Coordinator {
                 true
             }
             NodeRequest::Report { .. } => true,
+            // This model coordinator never loses its state.
+            NodeRequest::Recover { .. } => false,
             NodeRequest::Ack { epoch: e, ack: Ack::Frozen, .. } => {
                 let ok = self.phase == Phase::Freezing && *e == epoch;
                 if ok {

@@ -172,6 +172,8 @@ fn syncing(version: u64, upgrade: u64, decision: Decision) -> DecisionView {
         // Every generation these tests upgrade to answers at its own endpoint.
         universes: (2..=4).map(|g| (protocol::Generation(g), vec![format!("http://g{g}:80")])).collect(),
         rules: None,
+        recovering: false,
+        disk_recorded: false,
     }
 }
 
@@ -399,4 +401,66 @@ fn the_plans_ignore_rules_reach_the_validator() {
         core.handle(at + 2, IngressInput::Mirrored { id, answer: Some(header(name, "v2")) });
     }
     assert_eq!((core.validate().samples, core.validate().mismatches), (2, 1), "only x-other differs");
+}
+
+/// A coordinator group rebuilt from nothing recovers: its view (whatever its version, which
+/// starts from scratch) is not acted on; the router tells it what its disk holds and keeps
+/// serving from that disk; once the group has recovered, its views (newer than any the router
+/// saw) are taken as usual.
+#[test]
+fn a_router_tells_a_recovering_group_its_disk_and_serves_from_it_meanwhile() {
+    use protocol::messages::DiskSummary;
+    use protocol::{Epoch, Generation};
+    let own = NodeRecord {
+        decision: Decision::Commit(Epoch(4)),
+        generation: Generation(1),
+        boots: 1,
+        disk_id: 4,
+        owner: NodeRecord::owner_of("router-1"),
+        confirmed: true,
+        endpoints: vec!["http://g2:80".into()],
+    };
+    let (mut core, watch) = booted(own);
+    let recovering = DecisionView {
+        version: 2,
+        recovering: true,
+        phase: None,
+        upgrade: None,
+        upgrade_from: None,
+        known: false,
+        registered: false,
+        ..syncing(2, 1, Decision::Initial)
+    };
+    let out = core.handle(5, IngressInput::Coordinator { id: watch, response: NodeResponse::View(recovering) });
+    assert!(!out.iter().any(|o| matches!(o, IngressOutput::Persist(_))), "nothing is acted on: {out:?}");
+    let told = out.iter().find_map(|o| match o {
+        IngressOutput::Send { request: NodeRequest::Recover { disk, .. }, .. } => Some(disk.clone()),
+        _ => None,
+    });
+    let disk = DiskSummary {
+        decision: Decision::Commit(Epoch(4)),
+        generation: Generation(1),
+        endpoints: vec!["http://g2:80".into()],
+    };
+    assert_eq!(told, Some(Some(disk)), "{out:?}");
+    let out = core.handle(6, IngressInput::Request { id: 1, read_only: false, long: false });
+    assert!(
+        out.iter().any(|o| matches!(o, IngressOutput::Forward { generation: Generation(2), .. })),
+        "still serving generation 2 from its disk: {out:?}"
+    );
+}
+
+/// A router with a new disk vouches for nothing (and keeps holding: it has nothing to serve).
+#[test]
+fn a_new_router_tells_a_recovering_group_it_has_no_disk() {
+    let (mut core, watch) = booted(NodeRecord::default());
+    let recovering = DecisionView { recovering: true, upgrade: None, phase: None, ..syncing(2, 1, Decision::Initial) };
+    let out = core.handle(5, IngressInput::Coordinator { id: watch, response: NodeResponse::View(recovering) });
+    assert!(
+        out.iter().any(|o| matches!(o, IngressOutput::Send { request: NodeRequest::Recover { disk: None, .. }, .. })),
+        "{out:?}"
+    );
+    assert!(!out.iter().any(|o| matches!(o, IngressOutput::Persist(_))), "{out:?}");
+    let out = core.handle(6, IngressInput::Request { id: 1, read_only: false, long: false });
+    assert!(!out.iter().any(|o| matches!(o, IngressOutput::Forward { .. })), "held: {out:?}");
 }

@@ -69,6 +69,8 @@ mod tests {
             routers: Vec::new(),
             universes: Vec::new(),
             rules: None,
+            recovering: false,
+            disk_recorded: false,
         }
     }
 
