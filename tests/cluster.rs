@@ -1073,8 +1073,10 @@ fn cluster_rebuilt_from_nothing_learns_from_the_nodes_disks_and_upgrades_again()
     for port in &w.ports {
         assert_eq!(http_call(*port, "GET", "/recovered").1, "v2");
     }
-    // The next upgrade: its epoch (2) and views are newer than anything on the routers' disks.
+    // The next upgrade: its epoch (2), id (2) and views are newer than anything the routers saw.
     w.start_upgrade_and_wait_for_the_gate(2, &["router-1", "router-2"], &w.ports.clone());
+    let status = json(&w.c.cli(&["upgrade", "status", "--json"]));
+    assert_eq!(status["upgrade"], 2, "upgrade ids go on from the routers' (they tell upgrades apart by id)");
     assert!(w.c.cli(&["upgrade", "switch"]).status.success());
     assert_eq!(w.wait_phase(&["Done", "RolledBack"], 10), "Done");
     assert_eq!(agreed_version(&w.ports), "v3");

@@ -194,8 +194,8 @@ impl Replica {
             }
             NodeRequest::Report { node, report, upgrade } => Command::Report { node, report, upgrade },
             NodeRequest::Ack { node, epoch, ack } => Command::Ack { node, epoch, ack },
-            NodeRequest::Recover { node, duties, known_version, disk } => {
-                Command::Recovered { node, duties, known_version, disk }
+            NodeRequest::Recover { node, duties, known_version, known_upgrade, disk } => {
+                Command::Recovered { node, duties, known_version, known_upgrade, disk }
             }
         };
         match self.propose(command).await {

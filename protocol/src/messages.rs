@@ -108,11 +108,13 @@ pub enum NodeRequest {
     },
     /// While a rebuilt coordinator group recovers ([`DecisionView::recovering`]): what the
     /// node's own disk holds (`None`: nothing it can vouch for, a new or copied disk), its
-    /// duties, and the highest state version it has seen.
+    /// duties, and the highest state version and upgrade id it has seen (so the group's next
+    /// versions and upgrades are newer: a node tells upgrades apart by their id).
     Recover {
         node: NodeName,
         duties: Vec<Duty>,
         known_version: u64,
+        known_upgrade: u64,
         disk: Option<DiskSummary>,
     },
 }

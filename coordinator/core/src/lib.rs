@@ -50,7 +50,7 @@ pub enum Command {
     /// Given again during the recovery, it adds to `lost`.
     Recover { expected: Vec<NodeName>, lost: Vec<NodeName> },
     /// A node's disk, while recovering (see [`protocol::messages::NodeRequest::Recover`]).
-    Recovered { node: NodeName, duties: Vec<Duty>, known_version: u64, disk: Option<DiskSummary> },
+    Recovered { node: NodeName, duties: Vec<Duty>, known_version: u64, known_upgrade: u64, disk: Option<DiskSummary> },
 }
 
 /// A recovery under way: what the group waits for and what it has learnt.
@@ -60,6 +60,8 @@ pub struct Recovery {
     pub lost: BTreeSet<NodeName>,
     /// Each node's disk as it reported it, with its duties and the highest version it saw.
     pub disks: BTreeMap<NodeName, (Vec<Duty>, u64, Option<DiskSummary>)>,
+    /// The highest upgrade id any node saw.
+    pub known_upgrade: u64,
 }
 
 impl Recovery {
@@ -311,7 +313,7 @@ impl UpgradeState {
         }
         match command {
             Command::Recover { expected, lost } => self.recover(expected, lost),
-            Command::Recovered { node, duties, known_version, disk } => {
+            Command::Recovered { node, duties, known_version, known_upgrade, disk } => {
                 let Some(r) = self.recovery.as_mut() else {
                     return reject(RejectKind::BadCommand, "not recovering");
                 };
@@ -319,6 +321,7 @@ impl UpgradeState {
                     return reject(RejectKind::UnknownNode, format!("`{node}` is not one of the nodes recovered from"));
                 }
                 r.disks.insert(node.clone(), (duties.clone(), *known_version, disk.clone()));
+                r.known_upgrade = r.known_upgrade.max(*known_upgrade);
                 self.maybe_recovered();
                 Applied::Accepted
             }
@@ -722,6 +725,7 @@ impl UpgradeState {
             expected: expected.iter().cloned().collect(),
             lost: lost.iter().cloned().collect(),
             disks: BTreeMap::new(),
+            known_upgrade: 0,
         });
         self.maybe_recovered();
         Applied::Accepted
@@ -734,7 +738,8 @@ impl UpgradeState {
     /// no disk holds is aborted: no node acted on an outcome (every node persists a decision
     /// before it acts on it, and every node reported), so no client saw the new universe and no
     /// data node opened it. The version starts above every version a node saw, so no node takes
-    /// the rebuilt group's views for stale ones; routers that reported are on the roster again
+    /// the rebuilt group's views for stale ones, and its next upgrade id above every one a node
+    /// saw (nodes tell upgrades apart by id); routers that reported are on the roster again
     /// (a retired one stays retired).
     fn maybe_recovered(&mut self) {
         let Some(r) = &self.recovery else { return };
@@ -784,6 +789,7 @@ impl UpgradeState {
         }
         let seen = r.disks.values().map(|(_, v, _)| *v).max().unwrap_or(0);
         self.version = self.version.max(seen);
+        self.upgrades_started = self.upgrades_started.max(r.known_upgrade);
     }
 
     fn advance(&mut self) {

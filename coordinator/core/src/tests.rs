@@ -949,7 +949,7 @@ fn disk(decision: Decision, generation: u64, endpoints: &[&str]) -> Option<DiskS
 }
 
 fn reported(state: &mut UpgradeState, node: &str, duties: Vec<Duty>, version: u64, disk: Option<DiskSummary>) {
-    accepted(state, Command::Recovered { node: n(node), duties, known_version: version, disk });
+    accepted(state, Command::Recovered { node: n(node), duties, known_version: version, known_upgrade: 2, disk });
 }
 
 fn recovering(expected: &[&str]) -> UpgradeState {
@@ -988,10 +988,10 @@ fn a_recovered_group_learns_a_commit_from_the_disks_and_decides_nothing_before()
         (Decision::Commit(Epoch(3)), Some(Generation(2)))
     );
     assert!(!view.recovering);
-    // The next upgrade starts from what the disks said, and freezes after their epochs.
+    // The next upgrade starts from what the disks said, with an id no node saw (they said 2).
     assert_eq!(
         state.apply(&Command::Start { plan: Box::new(plan_from(2)), token: "t".into() }),
-        Applied::Started(UpgradeId(1))
+        Applied::Started(UpgradeId(3))
     );
 }
 
@@ -1033,11 +1033,19 @@ fn recovery_is_for_a_group_rebuilt_from_nothing() {
     let mut state = recovering(&["router-1"]);
     let r = rejected(
         &mut state,
-        Command::Recovered { node: n("stranger"), duties: vec![Duty::Route], known_version: 1, disk: None },
+        Command::Recovered {
+            node: n("stranger"),
+            duties: vec![Duty::Route],
+            known_version: 1,
+            known_upgrade: 0,
+            disk: None,
+        },
     );
     assert_eq!(r.kind, RejectKind::UnknownNode);
     let mut fresh = UpgradeState::default();
-    let r =
-        rejected(&mut fresh, Command::Recovered { node: n("router-1"), duties: vec![], known_version: 1, disk: None });
+    let r = rejected(
+        &mut fresh,
+        Command::Recovered { node: n("router-1"), duties: vec![], known_version: 1, known_upgrade: 0, disk: None },
+    );
     assert_eq!(r.kind, RejectKind::BadCommand, "not recovering");
 }

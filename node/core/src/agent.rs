@@ -140,6 +140,8 @@ pub struct AgentCore {
     known_version: u64,
     /// The disk to tell a recovering group, until a view shows it recorded.
     recover: Option<Option<DiskSummary>>,
+    /// The highest upgrade id a view named (a recovering group's next ones go above it).
+    known_upgrade: u64,
     registered: bool,
     owed: BTreeMap<(Epoch, u8), Ack>,
     report: Option<NodeReport>,
@@ -198,6 +200,7 @@ impl AgentCore {
             next_id: 1,
             known_version: 0,
             recover: None,
+            known_upgrade: 0,
             registered: false,
             owed: BTreeMap::new(),
             report: None,
@@ -452,6 +455,7 @@ impl AgentCore {
             return;
         }
         self.known_version = self.known_version.max(view.version);
+        self.known_upgrade = self.known_upgrade.max(view.upgrade.map_or(0, |u| u.0));
         self.registered = view.registered;
         // A router taken off the roster (being retired, or retired) persists that it is
         // retired, which orders after every decision: it serves nothing from then on.
@@ -602,6 +606,7 @@ impl AgentCore {
                 node,
                 duties: self.config.duties.clone(),
                 known_version: self.known_version,
+                known_upgrade: self.known_upgrade,
                 disk: self.recover.clone().flatten(),
             },
             WriteKind::Report => {
