@@ -647,6 +647,12 @@ fn cluster_routers_switch_two_universes_atomically_under_load() {
     }
     let router_log = std::fs::read_to_string(w.c.dir.join("router-1.log")).unwrap_or_default();
     assert!(router_log.contains("acting on the decision decision=Commit(Epoch(1))"), "{router_log}");
+    // In the span of the upgrade and its epoch.
+    assert!(
+        router_log.lines().any(|l| l.contains("upgrade{id=1 epoch=1}") && l.contains("decision=Commit(Epoch(1))")),
+        "{router_log}"
+    );
+    assert!(logs.lines().any(|l| l.contains("upgrade{id=1 epoch=1}") && l.contains("phase=Done")), "{logs}");
     let contacts = json(&w.c.cli(&["cluster", "status", "--json"]))["last_contact_ms_ago"].to_string();
     assert!(contacts.contains("router-1") && contacts.contains("router-2"), "nodes heard from: {contacts}");
     let coordinator = metrics_of(&w.c, &w.c.leader_name());

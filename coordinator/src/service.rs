@@ -377,9 +377,14 @@ impl Replica {
             });
             // The log follows the upgrade as the leader sees it: one line per phase change.
             let now_phase = self.read(|state| state.current.as_ref().map(|u| (u.id, u.phase, u.epoch)));
+            // What the driver logs and proposes runs in the span of the upgrade and its epoch.
+            let span = match now_phase {
+                Some((upgrade, _, epoch)) => tracing::info_span!("upgrade", id = upgrade.0, epoch = epoch.0),
+                None => tracing::Span::none(),
+            };
             if leading && now_phase != logged_phase {
-                if let Some((upgrade, phase, epoch)) = now_phase {
-                    tracing::info!(replica = self.id, upgrade = upgrade.0, epoch = epoch.0, ?phase, "upgrade phase");
+                if let Some((_, phase, _)) = now_phase {
+                    span.in_scope(|| tracing::info!(replica = self.id, ?phase, "upgrade phase"));
                 }
                 logged_phase = now_phase;
             }
@@ -389,7 +394,7 @@ impl Replica {
                 if leading && self.read(|state| state.outcomes.contains_key(&e)) {
                     let took = now_ms.saturating_sub(at);
                     self.last_decision_ms.store(took, std::sync::atomic::Ordering::Relaxed);
-                    tracing::info!(replica = self.id, epoch = e.0, ms = took, "freeze decided");
+                    span.in_scope(|| tracing::info!(replica = self.id, epoch = e.0, ms = took, "freeze decided"));
                 }
             }
             freeze_seen = match (freezing, freeze_seen) {
@@ -405,8 +410,8 @@ impl Replica {
             };
             let wait_ms = match command {
                 Some(command) => {
-                    tracing::debug!(replica = self.id, ?command, "driver proposes");
-                    match self.propose(command).await {
+                    span.in_scope(|| tracing::debug!(replica = self.id, ?command, "driver proposes"));
+                    match tracing::Instrument::instrument(self.propose(command), span.clone()).await {
                         // The state changed: look again at once.
                         Proposed::Applied(Applied::Accepted | Applied::Started(_)) => continue,
                         // Refused or not known: do not spin on the same proposal.

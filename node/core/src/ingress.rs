@@ -324,6 +324,11 @@ impl IngressCore {
         self.rules_changes
     }
 
+    /// The current (or last) upgrade, from the newest view (the validator counts for it).
+    pub fn upgrade(&self) -> Option<UpgradeId> {
+        self.upgrade
+    }
+
     /// Answer fields the validator leaves out: the node's own, and the plan's.
     fn ignored(&self) -> Vec<String> {
         let plan = self.rules.iter().flat_map(|r| r.validation.ignore.iter());

@@ -102,6 +102,9 @@ pub struct HttpIngress {
     rules: Rules,
     /// The core's `rules_changes` when `rules` was copied.
     rules_seen: std::cell::Cell<u64>,
+    /// The upgrade the router validates for and the epoch of the last decision it acted on:
+    /// what it logs runs in their span.
+    upgrade: std::cell::Cell<(Option<u64>, u64)>,
     /// Requests the core has in progress (after its last input): a stopping node waits for 0.
     in_progress: Rc<std::cell::Cell<usize>>,
     metrics: Option<crate::metrics::NodeMetrics>,
@@ -123,6 +126,7 @@ impl HttpIngress {
             targets: RefCell::default(),
             rules: Rc::default(),
             rules_seen: std::cell::Cell::new(0),
+            upgrade: std::cell::Cell::new((None, 0)),
             in_progress: Rc::default(),
             metrics: None,
         }
@@ -383,11 +387,21 @@ impl Ingress for HttpIngress {
         if let Some(m) = &self.metrics {
             m.event(&event);
         }
+        let (mut upgrade, mut epoch) = self.upgrade.get();
+        match &event {
+            IngressEvent::Acted(decision) if decision.epoch().0 > 0 => epoch = decision.epoch().0,
+            IngressEvent::ValidationReset { upgrade: u } => upgrade = u.map(|u| u.0),
+            _ => {}
+        }
+        self.upgrade.set((upgrade, epoch));
+        let span = tracing::info_span!("upgrade", id = upgrade, epoch);
+        let _entered = span.enter();
         match &event {
             // What an operator follows in the log: each decision the router acts on.
             IngressEvent::Acted(decision) => tracing::info!(?decision, "acting on the decision"),
-            IngressEvent::ValidationReset { upgrade } => {
-                tracing::info!(upgrade = upgrade.map(|u| u.0), "validating a new upgrade")
+            IngressEvent::ValidationReset { .. } => tracing::info!("validating a new upgrade"),
+            IngressEvent::Ended { id, in_flight_ms, .. } => {
+                tracing::info!(request = id, in_flight_ms, "ended a request in flight at the freeze")
             }
             _ => tracing::debug!(?event, "ingress"),
         }
@@ -395,6 +409,10 @@ impl Ingress for HttpIngress {
 
     fn observe(&self, _now_ms: u64, core: &IngressCore) {
         self.in_progress.set(core.requests());
+        let (upgrade, epoch) = self.upgrade.get();
+        if upgrade != core.upgrade().map(|u| u.0) {
+            self.upgrade.set((core.upgrade().map(|u| u.0), epoch));
+        }
         if self.rules_seen.get() != core.rules_changes() {
             self.rules_seen.set(core.rules_changes());
             *self.rules.borrow_mut() = core.rules().cloned();
