@@ -565,7 +565,7 @@ struct Report {
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
-    let secs = if quick() { 1.0 } else { 4.0 };
+    let secs = if quick() { 1.0 } else { 3.0 };
 
     // Forwarding cost.
     let direct_port = backend("v1");
@@ -576,12 +576,26 @@ fn main() {
     let proxy = nginx(&nginx_dir, direct_port);
     // At saturation (32 clients: throughput) and with one client (latency without queueing).
     let mut forwarding = Vec::new();
+    // Rounds interleave the three paths, so that a drift of the machine's speed hits them alike;
+    // each path's figure is its median round (by throughput).
+    let rounds = if quick() { 1 } else { 3 };
+    let mut ports = vec![("direct", direct_port)];
+    if let Some((_, port)) = &proxy {
+        ports.push(("nginx", *port));
+    }
+    ports.push(("router", router_port));
     for connections in [32, 1] {
-        forwarding.push(rt.block_on(load(direct_port, connections, secs, "direct")));
-        if let Some((_, port)) = &proxy {
-            forwarding.push(rt.block_on(load(*port, connections, secs, "nginx")));
+        let mut runs: BTreeMap<&str, Vec<Forwarding>> = BTreeMap::new();
+        for _ in 0..rounds {
+            for (path, port) in &ports {
+                runs.entry(*path).or_default().push(rt.block_on(load(*port, connections, secs, path)));
+            }
         }
-        forwarding.push(rt.block_on(load(router_port, connections, secs, "router")));
+        for (path, _) in &ports {
+            let mut of_path = runs.remove(path).unwrap_or_default();
+            of_path.sort_by(|a, b| a.requests_per_s.total_cmp(&b.requests_per_s));
+            forwarding.push(of_path.swap_remove(of_path.len() / 2));
+        }
     }
     let nginx_note =
         proxy.is_none().then(|| "nginx is not installed (Debian package `nginx`): no nginx baseline".to_string());
@@ -705,7 +719,9 @@ fn main() {
 }
 
 fn print_forwarding(forwarding: &[Forwarding], nginx_note: &Option<String>) {
-    println!("forwarding a 1 KiB answer over keep-alive connections (closed loop):");
+    println!(
+        "forwarding a 1 KiB answer over keep-alive connections (closed loop; each the median of interleaved rounds):"
+    );
     for f in forwarding {
         println!(
             "  {:<7} {:>2} client(s) {:>9.0} req/s   p50 {:>7.0} µs   p99 {:>7.0} µs   {} failed",
