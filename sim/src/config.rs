@@ -242,6 +242,10 @@ pub enum Scenario {
     /// pending), and every router is restarted once meanwhile (gracefully: its load balancer
     /// takes it out of rotation first). Clients must not notice.
     CoordinatorsDown,
+    /// Between the first and the second upgrade, every coordinator replica loses its data; a
+    /// group started afresh recovers from the nodes' disks (`imago cluster recover`), and the
+    /// chain goes on. Needs `--upgrades 2` or more.
+    Disaster,
 }
 
 impl Scenario {
@@ -314,6 +318,9 @@ impl SimConfig {
         }
         if !(1..=20).contains(&self.upgrades) {
             return Err("--upgrades must be 1..=20".into());
+        }
+        if self.scenario == Some(Scenario::Disaster) && self.upgrades < 2 {
+            return Err("--scenario disaster strikes between upgrades: it needs --upgrades 2 or more".into());
         }
         Ok(())
     }

@@ -75,12 +75,19 @@ impl World {
                 return;
             }
         };
-        for found in durability::outcomes_kept(&self.checker.agreement.seen_outcomes, &state.outcomes) {
+        // A group lost in a disaster keeps its outcomes; the rebuilt one holds only the last.
+        let mut outcomes = state.outcomes.clone();
+        for lost in &self.lost_groups {
+            for (e, o) in &lost.outcomes {
+                outcomes.entry(*e).or_insert_with(|| o.clone());
+            }
+        }
+        for found in durability::outcomes_kept(&self.checker.agreement.seen_outcomes, &outcomes) {
             self.checker.violation(now, found);
         }
         for found in healthy_freeze::check(
             &self.checker.frozen_healthy,
-            &state.outcomes,
+            &outcomes,
             self.stats.drift_seen || self.data.iter().any(|d| d.drifted),
         ) {
             self.checker.violation(now, found);

@@ -52,6 +52,10 @@ pub enum FaultEvent {
     /// The operator retires a router: out of rotation first, then `imago router retire`
     /// (`force`: the router is crashed and kept cut off, then retired with `--force`).
     Retire { router: usize, force: bool },
+    /// Every coordinator replica loses its data; a group is started afresh on empty disks and
+    /// the operator runs `imago cluster recover` (between upgrades only: run by the operator's
+    /// chain, not by `fire`).
+    Disaster,
 }
 
 /// The plan's hold queue limit in seeds without a small one.
@@ -287,6 +291,9 @@ impl FaultPlan {
         if scenario == Scenario::CoordinatorsDown {
             return FaultPlan::coordinators_down(config, rng);
         }
+        if scenario == Scenario::Disaster {
+            return FaultPlan { between_upgrades: Some((1, FaultEvent::Disaster)), ..FaultPlan::quiet(rng) };
+        }
         let router = rng.gen_range(0..config.routers);
         let (when, event) = match scenario {
             Scenario::LeaderCrashDuringFreeze => (
@@ -306,7 +313,7 @@ impl FaultPlan {
             Scenario::CommitLostToRouter => {
                 (Condition::Freezing { after_ms: 0 }, FaultEvent::LoseCommit { router, count: rng.gen_range(1..=4) })
             }
-            Scenario::CoordinatorsDown => unreachable!("planned above"),
+            Scenario::CoordinatorsDown | Scenario::Disaster => unreachable!("planned above"),
         };
         let event = match (when, event) {
             (Condition::Copying { data }, FaultEvent::Crash { down_ms, .. }) => {

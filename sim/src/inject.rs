@@ -186,6 +186,7 @@ pub(crate) async fn fire(shared: &Shared, event: FaultEvent) {
             let shared = shared.clone();
             tokio::task::spawn_local(async move { retire(&shared, router, force).await });
         }
+        FaultEvent::Disaster => Box::pin(disaster(shared)).await,
         FaultEvent::LoseCommit { router, count } => {
             with(shared, |w| {
                 let addr = w.routers[router].addr;
@@ -541,5 +542,84 @@ impl World {
         }
         self.faults.triggered = keep;
         due
+    }
+}
+
+/// The disaster: every coordinator replica loses its data. A group is started afresh on empty
+/// disks (and its membership initialized, as at the first start), and the operator runs
+/// `imago cluster recover`, naming every node that can still tell what its disk holds (the data
+/// nodes and the deployed routers) and, as lost, the routers retired by force (cut off for
+/// good). Returns once the group has recovered, so the chain's next upgrade goes to it.
+pub(crate) async fn disaster(shared: &Shared) {
+    let coordinators = with(shared, |w| {
+        w.scan_replicas();
+        let lost_group = w.freshest_state();
+        w.lost_groups.push(lost_group);
+        w.recovering = true;
+        let line = format!("{:.3}s Disaster: every coordinator replica loses its data", w.now_us() as f64 / 1e6);
+        w.record(format_args!("fault: {line}"));
+        w.stats.fault_log.push(line);
+        w.config.coordinators
+    });
+    for i in 0..coordinators {
+        crash_replica(shared, i);
+    }
+    with(shared, |w| {
+        for slot in &mut w.replicas {
+            let bug = slot.disk.lock().unwrap_or_else(|p| p.into_inner()).bug;
+            slot.disk = coordinator::raft::new_disk_with(UpgradeState::default());
+            slot.disk.lock().unwrap_or_else(|p| p.into_inner()).bug = bug;
+        }
+        // The views seen so far were the lost group's: the new group's versions start again.
+        w.checker.views = Default::default();
+        w.views_sent.clear();
+    });
+    // The lost group's messages still in the network die out before the new group starts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..coordinators {
+        start_replica(shared, i).await;
+    }
+    let first = with(shared, |w| w.replicas[0].running.clone());
+    let members: std::collections::BTreeMap<u64, openraft::BasicNode> =
+        (0..coordinators).map(|i| (coordinator_addr(i), openraft::BasicNode::default())).collect();
+    if let Some(first) = first {
+        if let Err(e) = first.raft.initialize(members).await {
+            with(shared, |w| {
+                let now = w.now_us();
+                w.checker
+                    .violation(now, Violation::Setup { what: format!("the new group's initialization failed: {e}") })
+            });
+        }
+    }
+    let (expected, lost) = with(shared, |w| {
+        let routers = w.routers.iter().filter(|r| r.deployed);
+        let expected: Vec<NodeName> = routers
+            .clone()
+            .filter(|r| !r.cut_off)
+            .map(|r| NodeName::from(r.name.as_str()))
+            .chain(w.data.iter().map(|d| NodeName::from(d.name.as_str())))
+            .collect();
+        let lost: Vec<NodeName> = routers.filter(|r| r.cut_off).map(|r| NodeName::from(r.name.as_str())).collect();
+        (expected.into_iter().chain(lost.iter().cloned()).collect::<Vec<_>>(), lost)
+    });
+    let answer = roster_command(shared, CliRequest::Recover { expected, lost }).await;
+    with(shared, |w| {
+        let line = format!("{:.3}s operator: cluster recover: {answer:?}", w.now_us() as f64 / 1e6);
+        w.stats.fault_log.push(line);
+    });
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let recovered = with(shared, |w| {
+            let state = w.freshest_state();
+            let done = state.recovery.is_none() && !state.roster.is_empty();
+            if done {
+                w.recovering = false;
+                w.record(format_args!("the rebuilt group recovered: generation {:?}", state.generation));
+            }
+            done
+        });
+        if recovered {
+            return;
+        }
     }
 }

@@ -25,7 +25,12 @@ pub(crate) async fn run_chain(shared: Shared) {
             let between = with(&shared, |w| w.faults.between_upgrades.clone().filter(|(after, _)| *after == k));
             if let Some((_, event)) = between {
                 with(&shared, |w| w.record(format_args!("operator: between upgrades {k} and {}: {event:?}", k + 1)));
-                crate::inject::fire(&shared, event).await;
+                // A disaster strikes whether or not the other faults have healed.
+                if event == crate::faults::FaultEvent::Disaster {
+                    crate::inject::disaster(&shared).await;
+                } else {
+                    crate::inject::fire(&shared, event).await;
+                }
             }
         }
         start_upgrade(&shared, k).await;

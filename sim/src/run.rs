@@ -241,6 +241,8 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         next_user: config.initial_users as i64,
         next_item: config.initial_items as i64,
         lose_commit: BTreeMap::new(),
+        lost_groups: Vec::new(),
+        recovering: false,
         views_sent: BTreeMap::new(),
         me: std::sync::Weak::new(),
         plan,

@@ -150,6 +150,11 @@ pub struct World {
     pub next_user: i64,
     pub next_item: i64,
     pub lose_commit: BTreeMap<Addr, u32>,
+    /// The final states of coordinator groups lost in a disaster (their decisions stand).
+    pub lost_groups: Vec<UpgradeState>,
+    /// A group rebuilt after a disaster has not recovered yet: the lost group's roster is still
+    /// the one routers serve by.
+    pub recovering: bool,
     /// Views recently sent to each node (for the stale-view fault).
     pub views_sent: BTreeMap<NodeName, std::collections::VecDeque<DecisionView>>,
     pub me: Weak<Mutex<World>>,
@@ -410,20 +415,20 @@ impl World {
         }
     }
 
-    /// Whether some replica's applied state holds `decision` for `node` (i.e. it was committed).
+    /// Whether some replica's applied state, or a group lost in a disaster, holds `decision`
+    /// for `node` (i.e. it was committed).
     pub fn is_committed(&self, node: &str, decision: Decision) -> bool {
-        self.replicas.iter().any(|r| {
-            read_applied(&r.disk, |a| match decision {
-                Decision::Retired => matches!(
-                    a.state.roster.get(&protocol::NodeName::from(node)),
-                    Some(protocol::messages::RosterStatus::Retiring | protocol::messages::RosterStatus::Retired)
-                ),
-                Decision::Initial => true,
-                Decision::Freeze(e) => a.state.last_epoch >= e,
-                Decision::Commit(e) => a.state.outcomes.get(&e) == Some(&Outcome::Committed),
-                Decision::Abort(e) => matches!(a.state.outcomes.get(&e), Some(Outcome::Aborted { .. })),
-            })
-        })
+        let holds = |state: &UpgradeState| match decision {
+            Decision::Retired => matches!(
+                state.roster.get(&protocol::NodeName::from(node)),
+                Some(protocol::messages::RosterStatus::Retiring | protocol::messages::RosterStatus::Retired)
+            ),
+            Decision::Initial => true,
+            Decision::Freeze(e) => state.last_epoch >= e,
+            Decision::Commit(e) => state.outcomes.get(&e) == Some(&Outcome::Committed),
+            Decision::Abort(e) => matches!(state.outcomes.get(&e), Some(Outcome::Aborted { .. })),
+        };
+        self.lost_groups.iter().any(holds) || self.replicas.iter().any(|r| read_applied(&r.disk, |a| holds(&a.state)))
     }
 
     /// The most advanced applied state among replicas (by applied log index).
@@ -611,9 +616,18 @@ impl World {
             .collect()
     }
 
-    /// Whether some replica's applied roster has `router` active or retiring.
+    /// Whether some replica's applied roster has `router` active or retiring (while a rebuilt
+    /// group recovers: the lost group's).
     pub fn on_roster_somewhere(&self, router: &str) -> bool {
         let name = protocol::NodeName::from(router);
+        if self.recovering {
+            return self.lost_groups.last().is_some_and(|g| {
+                matches!(
+                    g.roster.get(&name),
+                    Some(protocol::messages::RosterStatus::Active | protocol::messages::RosterStatus::Retiring)
+                )
+            });
+        }
         self.replicas.iter().any(|r| {
             read_applied(&r.disk, |a| {
                 matches!(

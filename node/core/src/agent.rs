@@ -298,19 +298,28 @@ impl AgentCore {
         if !self.booted {
             return None;
         }
-        // A retired router reports nothing (it sends only its `Retired` ack).
-        let report_due = (self.reporting.is_none()
-            && self.registered
-            && self.persisted != Decision::Retired
-            && self.report.is_some()
-            && self.report != self.report_sent)
-            .then(|| self.last_report_ms.map_or(0, |t| t + self.config.report_interval_ms));
+        let report_due =
+            self.may_report().then(|| self.last_report_ms.map_or(0, |t| t + self.config.report_interval_ms));
         [&self.watch, &self.write, &self.reporting]
             .into_iter()
             .map(|slot| slot.as_ref().map(|w| w.deadline_ms))
             .chain([report_due])
             .flatten()
             .min()
+    }
+
+    /// Whether a report would go out once due: registered for the upgrade the last view names
+    /// (a recovering group's names none), with news, no report in flight. A retired router
+    /// reports nothing (it sends only its `Retired` ack). The deadline and the sending agree
+    /// on this.
+    fn may_report(&self) -> bool {
+        let upgrade_named = self.last_view.as_ref().is_some_and(|v| v.upgrade.is_some());
+        self.reporting.is_none()
+            && self.registered
+            && upgrade_named
+            && self.persisted != Decision::Retired
+            && self.report.is_some()
+            && self.report != self.report_sent
     }
 
     /// The deadline of request `id`, while it is in flight.
@@ -558,7 +567,6 @@ impl AgentCore {
         let upgrade_known = self.last_view.as_ref().is_some_and(|v| {
             v.known && v.upgrade.is_some() && self.config.upgrade_from.is_none_or(|from| v.upgrade_from == Some(from))
         });
-        let upgrade_named = self.last_view.as_ref().is_some_and(|v| v.upgrade.is_some());
         let retired = self.persisted == Decision::Retired;
         // A recovering group takes nothing but the disks it waits for.
         let recovering = self.last_view.as_ref().is_some_and(|v| v.recovering);
@@ -579,14 +587,7 @@ impl AgentCore {
             }
         }
         let due = self.last_report_ms.is_none_or(|t| now_ms >= t + self.config.report_interval_ms);
-        if self.reporting.is_none()
-            && self.registered
-            && upgrade_named
-            && !retired
-            && due
-            && self.report.is_some()
-            && self.report != self.report_sent
-        {
+        if self.may_report() && due {
             self.reporting = Some(self.send_write(now_ms, WriteKind::Report, out));
         }
     }
