@@ -451,12 +451,7 @@ impl<'a> Shell<'a> {
                 prop_assert!(REPLICAS.contains(&replica), "sent to unknown replica {}", replica);
                 prop_assert!(deadline_ms > self.now, "request {} sent with a deadline already passed", id);
                 if let NodeRequest::Ack { ack: Ack::Retired, .. } = &request {
-                    let in_flight: Vec<u64> = self
-                        .forwards
-                        .iter()
-                        .filter(|(id, u)| *u == Universe::Old && !self.ended.contains(id))
-                        .map(|(id, _)| *id)
-                        .collect();
+                    let in_flight = self.old_in_flight();
                     prop_assert_eq!(self.acted, Some(Decision::Retired), "acked Retired before acting on it");
                     prop_assert!(
                         in_flight.is_empty(),
@@ -466,12 +461,7 @@ impl<'a> Shell<'a> {
                     self.coverage.borrow_mut().acks_retired += 1;
                 }
                 if let NodeRequest::Ack { epoch, ack: Ack::Frozen, .. } = &request {
-                    let in_flight: Vec<u64> = self
-                        .forwards
-                        .iter()
-                        .filter(|(id, u)| *u == Universe::Old && !self.ended.contains(id))
-                        .map(|(id, _)| *id)
-                        .collect();
+                    let in_flight = self.old_in_flight();
                     // `Frozen` says: nothing admitted to the old universe, nothing in flight there.
                     if self.acted == Some(Decision::Freeze(*epoch)) {
                         prop_assert!(
@@ -559,6 +549,15 @@ impl<'a> Shell<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Requests forwarded to the old universe and unanswered, but those the router ended.
+    fn old_in_flight(&self) -> Vec<u64> {
+        self.forwards
+            .iter()
+            .filter(|(id, u)| *u == Universe::Old && !self.ended.contains(id))
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     fn step(&mut self, step: Step) -> Result<(), TestCaseError> {

@@ -74,15 +74,8 @@ fn the_validator_counts_what_it_compared_and_the_router_reports_it() {
 #[test]
 fn the_next_upgrade_forwards_to_the_last_switch_and_mirrors_to_the_one_after() {
     use protocol::{Epoch, Generation};
-    let own = NodeRecord {
-        decision: Decision::Commit(Epoch(1)),
-        generation: Generation(1),
-        boots: 1,
-        disk_id: 4,
-        owner: NodeRecord::owner_of("router-1"),
-        confirmed: true,
-        endpoints: vec!["http://g2-a:80".into(), "http://g2-b:80".into()],
-    };
+    let own =
+        own_disk(Decision::Commit(Epoch(1)), Generation(1), vec!["http://g2-a:80".into(), "http://g2-b:80".into()]);
     let (mut core, watch) = booted(own);
     let out = core.handle(1, IngressInput::Request { id: 1, read_only: true, long: false });
     assert!(
@@ -112,6 +105,20 @@ fn the_next_upgrade_forwards_to_the_last_switch_and_mirrors_to_the_one_after() {
 }
 
 /// A core booted on `record`, its boot record durable: the core and the id of its watch.
+/// router-1's own disk (confirmed), holding `decision` of an upgrade from `generation`, serving
+/// at `endpoints`.
+fn own_disk(decision: Decision, generation: protocol::Generation, endpoints: Vec<String>) -> NodeRecord {
+    NodeRecord {
+        decision,
+        generation,
+        boots: 1,
+        disk_id: 4,
+        owner: NodeRecord::owner_of("router-1"),
+        confirmed: true,
+        endpoints,
+    }
+}
+
 fn booted(record: NodeRecord) -> (IngressCore, u64) {
     booted_with(config(), record)
 }
@@ -244,15 +251,7 @@ fn a_new_upgrade_ignores_the_same_fields() {
 #[test]
 fn no_endpoint_no_request_and_the_record_keeps_where_the_decision_serves() {
     use protocol::{Epoch, Generation};
-    let own = NodeRecord {
-        decision: Decision::Initial,
-        generation: Generation(1),
-        boots: 1,
-        disk_id: 4,
-        owner: NodeRecord::owner_of("router-1"),
-        confirmed: true,
-        endpoints: Vec::new(),
-    };
+    let own = own_disk(Decision::Initial, Generation(1), Vec::new());
     let config = IngressConfig { genesis_endpoints: Vec::new(), ..config() };
     let (mut core, watch) = booted_with(config, own);
     let out = core.handle(1, IngressInput::Request { id: 1, read_only: false, long: false });
@@ -284,15 +283,7 @@ fn no_endpoint_no_request_and_the_record_keeps_where_the_decision_serves() {
 fn a_router_holds_by_the_plans_limits() {
     use node_core::duties::router::FailReason;
     use protocol::{Epoch, Generation};
-    let own = NodeRecord {
-        decision: Decision::Initial,
-        generation: Generation(1),
-        boots: 1,
-        disk_id: 4,
-        owner: NodeRecord::owner_of("router-1"),
-        confirmed: true,
-        endpoints: vec!["http://g1:80".into()],
-    };
+    let own = own_disk(Decision::Initial, Generation(1), vec!["http://g1:80".into()]);
     let (mut core, watch) = booted(own);
     assert_eq!(core.router().limits(), (100, 3, 1_000), "its own configuration before any plan");
     let freeze = DecisionView {
@@ -405,21 +396,13 @@ fn the_plans_ignore_rules_reach_the_validator() {
 
 /// A coordinator group rebuilt from nothing recovers: its view (whatever its version, which
 /// starts from scratch) is not acted on; the router tells it what its disk holds and keeps
-/// serving from that disk; once the group has recovered, its views (newer than any the router
-/// saw) are taken as usual.
+/// serving from that disk. (The recovered group's views are taken as usual: the end-to-end
+/// recovery test and the simulator's `disaster` scenario.)
 #[test]
 fn a_router_tells_a_recovering_group_its_disk_and_serves_from_it_meanwhile() {
     use protocol::messages::DiskSummary;
     use protocol::{Epoch, Generation};
-    let own = NodeRecord {
-        decision: Decision::Commit(Epoch(4)),
-        generation: Generation(1),
-        boots: 1,
-        disk_id: 4,
-        owner: NodeRecord::owner_of("router-1"),
-        confirmed: true,
-        endpoints: vec!["http://g2:80".into()],
-    };
+    let own = own_disk(Decision::Commit(Epoch(4)), Generation(1), vec!["http://g2:80".into()]);
     let (mut core, watch) = booted(own);
     let recovering = DecisionView {
         version: 2,
