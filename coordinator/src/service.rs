@@ -224,6 +224,13 @@ impl Replica {
                 Ok(Ok(_)) => {}
             }
         }
+        // A group rebuilt from nothing: its versions are below what the node saw, so waiting for
+        // a newer one would park the watch until it times out. A node that has not seen the
+        // recovering view yet gets it at once (it must tell the group its disk).
+        let view = self.read(|state| decision_view(state, state.version, node));
+        if view.recovering && view.digest() != known_digest {
+            return NodeResponse::View(view);
+        }
         let mut applied = self.applied.clone();
         let wait = Duration::from_millis(u64::from(wait_ms.min(WATCH_WAIT_MAX_MS)));
         let deadline = tokio::time::Instant::now() + wait;
