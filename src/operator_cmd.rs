@@ -111,10 +111,16 @@ pub enum ClusterCommand {
     /// generation served, the last epoch and its outcome, the routers. It decides nothing until
     /// each node has told it (`imago upgrade status` lists those it waits for). `--without NODE`
     /// stops waiting for a node whose disk is gone for good: you assert it is cut off from
-    /// clients (a freeze it alone knew the outcome of is aborted). Given again, it adds to them.
+    /// clients; name routers retired by force here too (else they are back on the roster).
+    /// Given again, it adds to them.
     Recover {
         #[arg(long = "without", value_name = "NODE")]
         without: Vec<String>,
+        /// If the newest decision on the disks is a freeze and a lost node, or one whose disk
+        /// was replaced, may have acted on its outcome, the recovery waits for your word: this
+        /// asserts that no client can have seen the new universe, and aborts that freeze.
+        #[arg(long)]
+        abort_unknown_freeze: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -272,6 +278,7 @@ fn status_json(s: &StatusView) -> serde_json::Value {
         "gate_blockers": s.gate_blockers.iter().map(|b| format!("{b:?}")).collect::<Vec<_>>(),
         "last_abort_reason": s.last_abort_reason,
         "recovery_waiting": s.recovery_waiting.as_ref().map(|w| w.iter().map(|n| n.0.clone()).collect::<Vec<_>>()),
+        "recovery_blocked": s.recovery_blocked,
         "nodes": s.nodes.iter().map(|n| serde_json::json!({
             "name": n.name.0,
             "registered": n.registered,
@@ -287,9 +294,8 @@ fn status_json(s: &StatusView) -> serde_json::Value {
 }
 
 fn status_text(s: &StatusView) -> String {
-    if let Some(waiting) = &s.recovery_waiting {
-        let names: Vec<&str> = waiting.iter().map(|n| n.0.as_str()).collect();
-        return format!("recovering from the nodes' disks; waiting for: {}", names.join(", "));
+    if let Some(why) = &s.recovery_blocked {
+        return format!("recovering from the nodes' disks: {why}");
     }
     let Some(upgrade) = s.upgrade else {
         return format!("no upgrade yet; the cluster serves generation {}", s.generation.0);
@@ -526,14 +532,14 @@ pub fn cluster(command: ClusterCommand) -> anyhow::Result<ExitCode> {
                 CliRequest::AddReplica { id: replica.id, address: format!("{}@{}", replica.name, replica.address) };
             one(&common, request, &format!("cluster add-replica {name}"))
         }
-        ClusterCommand::Recover { without, common } => {
+        ClusterCommand::Recover { without, abort_unknown_freeze, common } => {
             let cluster = common.cluster.load()?;
             let expected: Vec<protocol::NodeName> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
             let lost: Vec<protocol::NodeName> = without.iter().map(|n| protocol::NodeName::from(n.as_str())).collect();
             if let Some(unknown) = lost.iter().find(|n| !expected.contains(n)) {
                 anyhow::bail!("`{unknown}` is not a node of the cluster file");
             }
-            one(&common, CliRequest::Recover { expected, lost }, "cluster recover")
+            one(&common, CliRequest::Recover { expected, lost, abort_unknown_freeze }, "cluster recover")
         }
         ClusterCommand::RemoveReplica { name, common } => {
             let cluster = common.cluster.load()?;

@@ -265,7 +265,9 @@ impl Replica {
             CliRequest::Abort { reason } => Command::OperatorAbort { reason, now_ms: (self.clock)() },
             CliRequest::Join { node } => Command::Join { node },
             CliRequest::Retire { node, force } => Command::Retire { node, force },
-            CliRequest::Recover { expected, lost } => Command::Recover { expected, lost },
+            CliRequest::Recover { expected, lost, abort_unknown_freeze } => {
+                Command::Recover { expected, lost, abort_unknown_freeze }
+            }
         };
         match self.propose(command).await {
             Proposed::Applied(Applied::Started(upgrade)) => CliResponse::Started { upgrade },

@@ -404,10 +404,12 @@ pub enum CliRequest {
     /// A group rebuilt from nothing (every replica's data lost): learn the cluster's state from
     /// the disks of the `expected` nodes (the cluster file's) before deciding anything. Nodes in
     /// `lost` are not waited for: the operator asserts they are gone and cut off from clients.
-    /// Given again, it adds to `lost`.
+    /// Given again, it adds to `lost`. `abort_unknown_freeze`: the operator asserts that no
+    /// client saw the new universe of a freeze whose outcome the disks cannot tell.
     Recover {
         expected: Vec<NodeName>,
         lost: Vec<NodeName>,
+        abort_unknown_freeze: bool,
     },
     /// Add replica `id` to the group: it catches up as a learner, then becomes a voter.
     /// `address` is `name@ip:port`, as every replica will dial it.
@@ -464,6 +466,8 @@ pub struct StatusView {
     pub nodes: Vec<NodeStatus>,
     /// Recovering: the nodes whose disks are still awaited.
     pub recovery_waiting: Option<Vec<NodeName>>,
+    /// Recovering: why it is not done yet.
+    pub recovery_blocked: Option<String>,
 }
 
 /// Coordinator → CLI.

@@ -121,6 +121,9 @@ pub fn header_key(name: &str) -> String {
     format!(":header:{}", name.to_ascii_lowercase())
 }
 
+/// The methods a plan may mirror: those that change nothing (RFC 9110's safe methods).
+pub const SAFE_METHODS: [&str; 4] = ["GET", "HEAD", "OPTIONS", "TRACE"];
+
 /// Most entries in each list of `[validation]` and `[routes]`.
 pub const RULES_MAX: usize = 64;
 /// Longest entry in those lists.
@@ -473,9 +476,13 @@ impl Validator<'_> {
         let token = |t: &str| t.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         let mirror_methods = match &v.mirror_methods {
             None => d.mirror_methods,
+            // A mirrored copy runs in the new universe while the old one serves: only methods
+            // that by definition change nothing (RFC 9110's safe methods) may be mirrored.
             Some(m) => self.list(m, "validation.mirror_methods", |t| {
-                if token(t) && t.bytes().all(|b| !b.is_ascii_lowercase()) {
+                if SAFE_METHODS.contains(&t) {
                     Ok(t.to_string())
+                } else if token(t) {
+                    Err(format!("`{t}` may change state: only {} are mirrored", SAFE_METHODS.join(", ")))
                 } else {
                     Err(format!("`{t}` is not an HTTP method (uppercase, like `GET`)"))
                 }

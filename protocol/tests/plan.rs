@@ -34,6 +34,7 @@ fn example_plan_loads() {
 fn validation_and_routes_are_checked_entry_by_entry() {
     let cases = [
         (r#"mirror_methods = ["GET", "HEAD"]"#, r#"mirror_methods = ["GET", "get"]"#, "validation.mirror_methods[1]"),
+        (r#"mirror_methods = ["GET", "HEAD"]"#, r#"mirror_methods = ["POST"]"#, "validation.mirror_methods[0]"),
         (
             r#"ignore_headers = ["x-request-id", "etag"]"#,
             r#"ignore_headers = ["x request"]"#,

@@ -602,7 +602,7 @@ pub(crate) async fn disaster(shared: &Shared) {
         let lost: Vec<NodeName> = routers.filter(|r| r.cut_off).map(|r| NodeName::from(r.name.as_str())).collect();
         (expected.into_iter().chain(lost.iter().cloned()).collect::<Vec<_>>(), lost)
     });
-    let answer = roster_command(shared, CliRequest::Recover { expected, lost }).await;
+    let answer = roster_command(shared, CliRequest::Recover { expected, lost, abort_unknown_freeze: false }).await;
     with(shared, |w| {
         let line = format!("{:.3}s operator: cluster recover: {answer:?}", w.now_us() as f64 / 1e6);
         w.stats.fault_log.push(line);

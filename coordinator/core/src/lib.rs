@@ -48,7 +48,9 @@ pub enum Command {
     /// A group rebuilt from nothing learns the cluster from the disks of `expected` nodes
     /// (accepted only by a state that has decided nothing yet); `lost` ones are not waited for.
     /// Given again during the recovery, it adds to `lost`.
-    Recover { expected: Vec<NodeName>, lost: Vec<NodeName> },
+    /// `abort_unknown_freeze`: the operator asserts that no client saw the new universe of a
+    /// freeze whose outcome the disks cannot tell (see [`Recovery::unknown_freeze`]).
+    Recover { expected: Vec<NodeName>, lost: Vec<NodeName>, abort_unknown_freeze: bool },
     /// A node's disk, while recovering (see [`protocol::messages::NodeRequest::Recover`]).
     Recovered { node: NodeName, duties: Vec<Duty>, known_version: u64, known_upgrade: u64, disk: Option<DiskSummary> },
 }
@@ -62,9 +64,48 @@ pub struct Recovery {
     pub disks: BTreeMap<NodeName, (Vec<Duty>, u64, Option<DiskSummary>)>,
     /// The highest upgrade id any node saw.
     pub known_upgrade: u64,
+    /// The operator asserted that no client saw the new universe of an undecided freeze.
+    pub abort_unknown_freeze: bool,
 }
 
 impl Recovery {
+    /// The newest decision on the disks that reported (a retired router's aside).
+    fn newest(&self) -> Option<&DiskSummary> {
+        self.disks
+            .values()
+            .filter_map(|(_, _, d)| d.as_ref())
+            .filter(|d| d.decision != Decision::Retired)
+            .max_by_key(|d| (d.decision.order_key(), d.generation))
+    }
+
+    /// The freeze whose outcome the disks cannot tell, if the newest decision is a freeze and
+    /// some node could have acted on its outcome unseen: one lost, or one whose disk vouches
+    /// for nothing (a replaced disk may have held the commit). Aborting it then needs the
+    /// operator's word.
+    pub fn unknown_freeze(&self) -> Option<Epoch> {
+        let freeze = match self.newest()?.decision {
+            Decision::Freeze(e) => e,
+            _ => return None,
+        };
+        let blind = !self.lost.is_empty() || self.disks.values().any(|(_, _, d)| d.is_none());
+        (blind && !self.abort_unknown_freeze).then_some(freeze)
+    }
+
+    /// Why the recovery is not done yet, for the operator.
+    pub fn blocked(&self) -> Option<String> {
+        let waiting = self.waiting();
+        if !waiting.is_empty() {
+            let names: Vec<&str> = waiting.iter().map(|n| n.0.as_str()).collect();
+            return Some(format!("waiting for the disks of {}", names.join(", ")));
+        }
+        self.unknown_freeze().map(|e| {
+            format!(
+                "no disk holds the outcome of freeze {e}, and a lost node or a disk that vouches for nothing may \
+                 have acted on it: if no client can have seen the new universe, recover with \
+                 --abort-unknown-freeze"
+            )
+        })
+    }
     /// Nodes still to report.
     pub fn waiting(&self) -> Vec<NodeName> {
         self.expected.iter().filter(|n| !self.lost.contains(*n) && !self.disks.contains_key(*n)).cloned().collect()
@@ -306,13 +347,14 @@ impl UpgradeState {
     fn apply_inner(&mut self, command: &Command) -> Applied {
         if let Some(r) = &self.recovery {
             if !matches!(command, Command::Recover { .. } | Command::Recovered { .. }) {
-                let waiting: Vec<String> = r.waiting().iter().map(|n| n.0.clone()).collect();
-                let detail = format!("recovering: waiting for the disks of {}", waiting.join(", "));
+                let detail = format!("recovering: {}", r.blocked().unwrap_or_default());
                 return reject(RejectKind::Recovering, detail);
             }
         }
         match command {
-            Command::Recover { expected, lost } => self.recover(expected, lost),
+            Command::Recover { expected, lost, abort_unknown_freeze } => {
+                self.recover(expected, lost, *abort_unknown_freeze)
+            }
             Command::Recovered { node, duties, known_version, known_upgrade, disk } => {
                 let Some(r) = self.recovery.as_mut() else {
                     return reject(RejectKind::BadCommand, "not recovering");
@@ -320,7 +362,19 @@ impl UpgradeState {
                 if !r.expected.contains(node) {
                     return reject(RejectKind::UnknownNode, format!("`{node}` is not one of the nodes recovered from"));
                 }
-                r.disks.insert(node.clone(), (duties.clone(), *known_version, disk.clone()));
+                // A report again (a retry, a restart): the newest decision it ever reported
+                // stands; a disk it vouched for is not taken back by a later "nothing".
+                let reported = r.disks.entry(node.clone()).or_insert((duties.clone(), 0, None));
+                reported.0 = duties.clone();
+                reported.1 = reported.1.max(*known_version);
+                let newer = match (&reported.2, disk) {
+                    (_, None) => false,
+                    (None, Some(_)) => true,
+                    (Some(had), Some(new)) => new.decision.order_key() > had.decision.order_key(),
+                };
+                if newer {
+                    reported.2 = disk.clone();
+                }
                 r.known_upgrade = r.known_upgrade.max(*known_upgrade);
                 self.maybe_recovered();
                 Applied::Accepted
@@ -701,9 +755,10 @@ impl UpgradeState {
 
     /// Transitions that follow from the state alone (no proposal needed).
     /// Starts a recovery (a state that has decided nothing), or adds to its lost nodes.
-    fn recover(&mut self, expected: &[NodeName], lost: &[NodeName]) -> Applied {
+    fn recover(&mut self, expected: &[NodeName], lost: &[NodeName], abort_unknown_freeze: bool) -> Applied {
         if let Some(r) = self.recovery.as_mut() {
             r.lost.extend(lost.iter().cloned());
+            r.abort_unknown_freeze |= abort_unknown_freeze;
             self.maybe_recovered();
             return Applied::Accepted;
         }
@@ -726,6 +781,7 @@ impl UpgradeState {
             lost: lost.iter().cloned().collect(),
             disks: BTreeMap::new(),
             known_upgrade: 0,
+            abort_unknown_freeze,
         });
         self.maybe_recovered();
         Applied::Accepted
@@ -743,20 +799,19 @@ impl UpgradeState {
     /// (a retired one stays retired).
     fn maybe_recovered(&mut self) {
         let Some(r) = &self.recovery else { return };
-        if !r.waiting().is_empty() {
+        if r.blocked().is_some() {
             return;
         }
         let r = self.recovery.take().expect("checked");
         let disks: Vec<&DiskSummary> = r.disks.values().filter_map(|(_, _, d)| d.as_ref()).collect();
-        let newest = disks
-            .iter()
-            .filter(|d| d.decision != Decision::Retired)
-            .max_by_key(|d| (d.decision.order_key(), d.generation))
-            .copied();
+        let newest = r.newest();
+        // A frozen record names the endpoints of the generation it froze (its base).
         let endpoints_of = |g: Generation| {
             disks
                 .iter()
-                .find(|d| d.decision.serving_generation(d.generation) == Some(g) && !d.endpoints.is_empty())
+                .find(|d| {
+                    d.decision.serving_generation(d.generation).unwrap_or(d.generation) == g && !d.endpoints.is_empty()
+                })
                 .map(|d| d.endpoints.clone())
         };
         if let Some(d) = newest {

@@ -954,7 +954,14 @@ fn reported(state: &mut UpgradeState, node: &str, duties: Vec<Duty>, version: u6
 
 fn recovering(expected: &[&str]) -> UpgradeState {
     let mut state = UpgradeState::default();
-    accepted(&mut state, Command::Recover { expected: expected.iter().map(|e| n(e)).collect(), lost: Vec::new() });
+    accepted(
+        &mut state,
+        Command::Recover {
+            expected: expected.iter().map(|e| n(e)).collect(),
+            lost: Vec::new(),
+            abort_unknown_freeze: false,
+        },
+    );
     state
 }
 
@@ -1016,7 +1023,10 @@ fn lost_retired_and_empty_disks() {
     reported(&mut state, "router-2", vec![Duty::Route], 3, disk(Decision::Retired, 1, &[]));
     reported(&mut state, "router-3", vec![Duty::Route], 0, None);
     assert_eq!(state.recovery.as_ref().map(Recovery::waiting), Some(vec![n("router-4")]));
-    accepted(&mut state, Command::Recover { expected: Vec::new(), lost: vec![n("router-4")] });
+    accepted(
+        &mut state,
+        Command::Recover { expected: Vec::new(), lost: vec![n("router-4")], abort_unknown_freeze: false },
+    );
     assert!(state.recovery.is_none());
     assert_eq!(state.roster.get(&n("router-2")), Some(&RosterStatus::Retired));
     assert_eq!(state.roster.get(&n("router-3")), Some(&RosterStatus::Active));
@@ -1028,7 +1038,10 @@ fn lost_retired_and_empty_disks() {
 #[test]
 fn recovery_is_for_a_group_rebuilt_from_nothing() {
     let mut state = ready("auto", 3);
-    let r = rejected(&mut state, Command::Recover { expected: vec![n("router-1")], lost: Vec::new() });
+    let r = rejected(
+        &mut state,
+        Command::Recover { expected: vec![n("router-1")], lost: Vec::new(), abort_unknown_freeze: false },
+    );
     assert_eq!(r.kind, RejectKind::BadCommand);
     let mut state = recovering(&["router-1"]);
     let r = rejected(
@@ -1048,4 +1061,36 @@ fn recovery_is_for_a_group_rebuilt_from_nothing() {
         Command::Recovered { node: n("router-1"), duties: vec![], known_version: 1, known_upgrade: 0, disk: None },
     );
     assert_eq!(r.kind, RejectKind::BadCommand, "not recovering");
+}
+
+/// A freeze the disks cannot tell the outcome of, with a node whose disk vouches for nothing
+/// (it may have been replaced after it acted on the commit): the recovery waits for the
+/// operator's word that no client saw the new universe; with it, the freeze is aborted.
+#[test]
+fn an_unknown_freeze_with_a_blind_disk_waits_for_the_operators_word() {
+    let mut state = recovering(&["router-1", "router-2"]);
+    reported(&mut state, "router-1", vec![Duty::Route], 9, disk(Decision::Freeze(Epoch(2)), 1, &["http://v1:80"]));
+    reported(&mut state, "router-2", vec![Duty::Route], 0, None);
+    let r = state.recovery.as_ref().expect("still recovering");
+    assert_eq!(r.unknown_freeze(), Some(Epoch(2)));
+    assert!(r.blocked().is_some_and(|b| b.contains("--abort-unknown-freeze")), "{:?}", r.blocked());
+    let refused = rejected(&mut state, Command::Start { plan: Box::new(plan_from(1)), token: "t".into() });
+    assert!(refused.detail.contains("freeze e2"), "{refused:?}");
+    accepted(&mut state, Command::Recover { expected: Vec::new(), lost: Vec::new(), abort_unknown_freeze: true });
+    assert!(state.recovery.is_none());
+    assert_eq!((state.generation, state.decision()), (Generation(1), Decision::Abort(Epoch(2))));
+    assert_eq!(state.universes.get(&Generation(1)), Some(&vec!["http://v1:80".to_string()]), "a frozen disk's base");
+}
+
+/// A node that reports again cannot take back a disk it vouched for, nor an older decision
+/// replace a newer one.
+#[test]
+fn a_second_report_keeps_the_newest_decision() {
+    let mut state = recovering(&["router-1", "router-2"]);
+    reported(&mut state, "router-1", vec![Duty::Route], 5, disk(Decision::Commit(Epoch(1)), 1, &["http://v2:80"]));
+    reported(&mut state, "router-1", vec![Duty::Route], 6, None);
+    reported(&mut state, "router-1", vec![Duty::Route], 6, disk(Decision::Freeze(Epoch(1)), 1, &[]));
+    reported(&mut state, "router-2", vec![Duty::Route], 3, disk(Decision::Freeze(Epoch(1)), 1, &[]));
+    assert!(state.recovery.is_none(), "router-1's disk vouched: nothing is unknown");
+    assert_eq!((state.generation, state.decision()), (Generation(2), Decision::Commit(Epoch(1))));
 }

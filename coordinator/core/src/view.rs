@@ -56,7 +56,11 @@ pub fn decision_view(state: &UpgradeState, version: u64, node: &NodeName) -> Dec
         all_routers_frozen: upgrade.is_some_and(|u| u.all_routers_frozen()),
         acked_frozen: node_state.frozen == Some(epoch) && epoch != Epoch(0),
         acked_drained: node_state.drained.is_some_and(|d| d.0 == epoch) && epoch != Epoch(0),
-        acked_switched: node_state.switched == Some(epoch) && epoch != Epoch(0),
+        // A commit of no current upgrade (a finished one's, or one a recovered group learnt)
+        // waits for no `Switched`: a node that owes one owes it no more.
+        acked_switched: epoch != Epoch(0)
+            && (node_state.switched == Some(epoch)
+                || (matches!(decision, Decision::Commit(_)) && upgrade.is_none_or(|u| u.epoch != epoch))),
         roster: state.roster.get(node).copied().unwrap_or_default(),
         routers: upgrade
             .filter(|u| u.phase == Phase::Freezing)
@@ -95,6 +99,7 @@ pub fn status(state: &UpgradeState) -> StatusView {
             gate_blockers: Vec::new(),
             last_abort_reason: None,
             recovery_waiting: state.recovery.as_ref().map(|r| r.waiting()),
+            recovery_blocked: state.recovery.as_ref().and_then(|r| r.blocked()),
             nodes: Vec::new(),
         };
     };
@@ -118,5 +123,6 @@ pub fn status(state: &UpgradeState) -> StatusView {
         last_abort_reason: u.last_abort_reason.clone(),
         nodes,
         recovery_waiting: None,
+        recovery_blocked: None,
     }
 }

@@ -430,6 +430,11 @@ impl AgentCore {
                     if kind == WriteKind::Report {
                         self.report_sent = None;
                     }
+                    // A recovering group that refuses this node's disk (not a node it waits
+                    // for) is not asked again until a later view asks for it.
+                    if matches!(response, NodeResponse::Rejected(_)) && kind == WriteKind::Recover {
+                        self.recover = None;
+                    }
                 }
                 NodeResponse::View(_) => self.rotate_from(from),
             }

@@ -101,7 +101,7 @@ pub enum IngressOutput {
     /// Write the record to disk, then answer [`IngressInput::Persisted`].
     Persist(NodeRecord),
     /// Tell every data node that this router is frozen for `epoch` (nothing admitted to the old
-    /// universe, nothing in flight there), as its `Frozen` ack tells the coordinator: a data
+    /// universe, nothing in flight there but requests it ended), as its `Frozen` ack tells the coordinator: a data
     /// node may then fence without waiting for the replicated state. Best effort, no answer: a
     /// lost notice only leaves the data node to learn it from the coordinator.
     NotifyFrozen { epoch: Epoch },
@@ -272,16 +272,6 @@ impl IngressCore {
             }
             IngressInput::Coordinator { id, response } => {
                 if let NodeResponse::View(view) = &response {
-                    // The plan's rules, for the requests to come (a plan's limits are validated
-                    // positive when it is loaded).
-                    if let Some(r) = view.rules.as_ref().filter(|r| self.rules.as_ref() != Some(*r)) {
-                        if r.hold_ms_max > 0 && r.hold_queue_max > 0 && r.inflight_ms_max > 0 {
-                            self.router.set_limits(r.hold_ms_max, r.hold_queue_max as usize, r.inflight_ms_max);
-                        }
-                        self.rules = Some(r.clone());
-                        self.rules_changes += 1;
-                        self.validate.ignore_fields = self.ignored();
-                    }
                     // Learnt before the agent may persist a decision serving one of them.
                     for (g, endpoints) in &view.universes {
                         if !endpoints.is_empty() {
@@ -453,7 +443,8 @@ impl IngressCore {
                     let generation = self.upgrade_from.expect("mirroring only during an upgrade").next();
                     // A new universe with no endpoint known is not validated through this router.
                     let Some(endpoint) = self.endpoint(generation, id) else { continue };
-                    let tracked = self.requests.get_mut(&id).expect("mirroring a tracked request");
+                    // Its forward found no endpoint: the request is already answered (503).
+                    let Some(tracked) = self.requests.get_mut(&id) else { continue };
                     tracked.mirror_pending = true;
                     tracked.mirrored_for = self.upgrade;
                     out.push(IngressOutput::Mirror { id, generation, key: self.key(id), endpoint });
@@ -511,11 +502,27 @@ impl IngressCore {
                 // A recovering group's view says nothing to act on: the node tells it its disk.
                 AgentOutput::View(view) if view.recovering => {
                     if !view.disk_recorded {
-                        let outs = self.agent.handle(now_ms, AgentInput::Recover(self.durable.summary()));
+                        // A frozen record names no endpoints: those of the generation it froze.
+                        let mut summary = self.durable.summary();
+                        if let Some(s) = summary.as_mut().filter(|s| s.endpoints.is_empty()) {
+                            let g = s.decision.serving_generation(s.generation).unwrap_or(s.generation);
+                            s.endpoints = self.endpoints.get(&g).cloned().unwrap_or_default();
+                        }
+                        let outs = self.agent.handle(now_ms, AgentInput::Recover(summary));
                         self.agent_outputs(now_ms, outs, out);
                     }
                 }
                 AgentOutput::View(view) => {
+                    // The plan's rules, for the requests to come, from a view the agent took (a
+                    // lagging replica's is not); a plan's limits are validated positive.
+                    if let Some(r) = view.rules.as_ref().filter(|r| self.rules.as_ref() != Some(*r)) {
+                        if r.hold_ms_max > 0 && r.hold_queue_max > 0 && r.inflight_ms_max > 0 {
+                            self.router.set_limits(r.hold_ms_max, r.hold_queue_max as usize, r.inflight_ms_max);
+                        }
+                        self.rules = Some(r.clone());
+                        self.rules_changes += 1;
+                        self.validate.ignore_fields = self.ignored();
+                    }
                     if view.upgrade != self.upgrade && self.upgrade.is_none() {
                         // The first view: nothing was compared yet.
                         self.upgrade = view.upgrade;

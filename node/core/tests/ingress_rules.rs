@@ -447,3 +447,23 @@ fn a_new_router_tells_a_recovering_group_it_has_no_disk() {
     let out = core.handle(6, IngressInput::Request { id: 1, read_only: false, long: false });
     assert!(!out.iter().any(|o| matches!(o, IngressOutput::Forward { .. })), "held: {out:?}");
 }
+
+/// A read while syncing, with no endpoint known for the generation served (a cluster file
+/// without generation 1's) but one for the next: the client is told 503 at once, and the
+/// mirror that would go along is not sent (it used to find its request already forgotten, and
+/// panic).
+#[test]
+fn a_read_with_no_endpoint_to_serve_it_is_not_mirrored() {
+    let config = IngressConfig { genesis_endpoints: Vec::new(), ..config() };
+    let (mut core, _) = serving_from_a_new_disk_with(config, syncing(3, 1, Decision::Initial));
+    let out = core.handle(5, IngressInput::Request { id: 1, read_only: true, long: false });
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            IngressOutput::Reply { id: 1, reply: ClientReply::Unavailable { reason: Unavailable::NoEndpoint(_), .. } }
+        )),
+        "{out:?}"
+    );
+    assert!(!out.iter().any(|o| matches!(o, IngressOutput::Mirror { .. } | IngressOutput::Forward { .. })), "{out:?}");
+    assert_eq!(core.requests(), 0);
+}
