@@ -152,6 +152,14 @@ fn plan_check(file: &std::path::Path, generation: Option<u64>) -> anyhow::Result
     } else {
         println!("  the new universe answers at {}", plan.endpoints.join(", "));
     }
+    let v = &plan.validation;
+    let ignored = if v.ignore.is_empty() { "nothing".to_string() } else { v.ignore.join(", ") };
+    println!("  routers mirror {} requests and compare answers but {ignored}", v.mirror_methods.join("/"));
+    let long = if plan.long_routes.is_empty() { "none".to_string() } else { plan.long_routes.join(", ") };
+    println!(
+        "  at a freeze, routers end long requests at once (routes: {long}) and others after {} ms",
+        plan.thresholds.inflight_ms_max
+    );
     let schema = plan.mapping().context("compiling transforms")?.new_schema();
     for (table, t) in &schema.tables {
         println!("  new table {table}({})", t.columns.join(", "));
