@@ -81,6 +81,16 @@ enum PlanCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // A one-shot command whose reader went away (`imago plan check … | head`) ends quietly, as
+    // Unix tools do, instead of panicking in `println!`. Long-running processes keep Rust's
+    // default (SIGPIPE ignored), so a peer that closes a socket never kills them.
+    if !matches!(cli.command, Command::Coordinator(_) | Command::Node(_)) {
+        // SAFETY: called first thing, before any other thread exists; it only restores the
+        // signal's default disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // Long-running processes log what they do; one-shot commands only what goes wrong.
     let default_filter = match cli.command {
         Command::Coordinator(_) | Command::Node(_) => "info,openraft=warn",
