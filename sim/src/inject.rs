@@ -219,6 +219,14 @@ async fn roster_command(shared: &Shared, request: CliRequest) -> CliResponse {
     }
 }
 
+/// Notes in the fault log what the operator's command `what` got for an answer.
+fn operator_said(shared: &Shared, what: &str, answer: &CliResponse) {
+    with(shared, |w| {
+        let line = format!("{:.3}s operator: {what}: {answer:?}", w.now_us() as f64 / 1e6);
+        w.stats.fault_log.push(line);
+    });
+}
+
 /// The reserve router is deployed (no disk state of its own) and joins; the load balancer puts
 /// it in rotation once it serves (its readiness check).
 async fn join_reserve(shared: &Shared) {
@@ -230,10 +238,7 @@ async fn join_reserve(shared: &Shared) {
         (index, w.routers[index].name.clone())
     });
     let answer = roster_command(shared, CliRequest::Join { node: protocol::NodeName::from(name.as_str()) }).await;
-    with(shared, |w| {
-        let line = format!("{:.3}s operator: router join {name}: {answer:?}", w.now_us() as f64 / 1e6);
-        w.stats.fault_log.push(line);
-    });
+    operator_said(shared, &format!("router join {name}"), &answer);
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let serving = with(shared, |w| {
@@ -282,11 +287,8 @@ async fn retire(shared: &Shared, router: usize, force: bool) {
     });
     let request = CliRequest::Retire { node: protocol::NodeName::from(name.as_str()), force };
     let answer = roster_command(shared, request).await;
-    with(shared, |w| {
-        let how = if force { " --force" } else { "" };
-        let line = format!("{:.3}s operator: router retire{how} {name}: {answer:?}", w.now_us() as f64 / 1e6);
-        w.stats.fault_log.push(line);
-    });
+    let how = if force { " --force" } else { "" };
+    operator_said(shared, &format!("router retire{how} {name}"), &answer);
 }
 
 /// The leader proposes one bad command of its own, through Raft, as a confused or stale leader
@@ -603,10 +605,7 @@ pub(crate) async fn disaster(shared: &Shared) {
         (expected.into_iter().chain(lost.iter().cloned()).collect::<Vec<_>>(), lost)
     });
     let answer = roster_command(shared, CliRequest::Recover { expected, lost, abort_unknown_freeze: false }).await;
-    with(shared, |w| {
-        let line = format!("{:.3}s operator: cluster recover: {answer:?}", w.now_us() as f64 / 1e6);
-        w.stats.fault_log.push(line);
-    });
+    operator_said(shared, "cluster recover", &answer);
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let recovered = with(shared, |w| {

@@ -20,7 +20,7 @@ use crate::duties::validate::{Observed, ValidateCore, Verdict};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{NodeReport, NodeRequest, NodeResponse, Phase, RouterRules};
 use protocol::{Decision, Epoch, Generation, ReplicaId, UpgradeId};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// A client request's id, given by the shell (unique within one incarnation).
 pub type RequestId = u64;
@@ -169,8 +169,6 @@ pub struct IngressCore {
     rules: Option<RouterRules>,
     /// How many times `rules` changed.
     rules_changes: u64,
-    /// Requests ended at a freeze whose answer is still to come.
-    ended: BTreeSet<RequestId>,
 }
 
 impl IngressCore {
@@ -195,7 +193,6 @@ impl IngressCore {
                 .collect(),
             rules: None,
             rules_changes: 0,
-            ended: BTreeSet::new(),
             config,
         }
     }
@@ -357,10 +354,12 @@ impl IngressCore {
     }
 
     fn answered(&mut self, now_ms: u64, id: RequestId, answer: Option<StoreAnswer>, out: &mut Vec<IngressOutput>) {
+        // Ended at a freeze: its client was told the outcome is unknown then (the router keeps
+        // which, until this late answer).
+        let ended = self.router.is_ended(id);
         let outs = self.router.handle(now_ms, RouterInput::Completed { id });
         self.router_outputs(now_ms, outs, out);
-        if self.ended.remove(&id) {
-            // Its client was told the outcome is unknown when it was ended.
+        if ended {
             return;
         }
         let tracked = self.requests.get_mut(&id).expect("an answer for a tracked request");
@@ -464,7 +463,6 @@ impl IngressCore {
                     out.push(IngressOutput::Event(IngressEvent::Released { id, held_ms, cause }));
                 }
                 RouterOutput::Ended { id, in_flight_ms } => {
-                    self.ended.insert(id);
                     let key = self.key(id);
                     out.push(IngressOutput::Event(IngressEvent::Ended { id, key, in_flight_ms }));
                     self.finish(now_ms, id, ClientReply::Unknown, out);

@@ -217,6 +217,11 @@ impl RouterCore {
         self.held.front().map(|h| h.since_ms)
     }
 
+    /// Whether `id` was ended at a freeze and its `Completed` is still to come.
+    pub fn is_ended(&self, id: RequestId) -> bool {
+        self.ended.contains(&id)
+    }
+
     /// Requests forwarded and not finished.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
