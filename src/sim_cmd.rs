@@ -182,6 +182,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         summary.boot_held, summary.boot_hold_max_ms
     )?;
     writeln!(out, "requests in flight ended at a freeze (inflight_ms_max reached): {}", summary.ended)?;
+    writeln!(out, "store operations failed and tried again: {}", summary.store_failures)?;
     writeln!(
         out,
         "client writes: {} acked, {} failed (503/refused), {} unknown (timed out); failed requests of any kind: {}; {} messages",

@@ -12,7 +12,7 @@ use node_core::agent::AgentConfig;
 use node_core::data_node::{DataEvent, DataNodeConfig, DataNodeCore, DataOutput, StoreOp, StoreResult};
 use node_core::duties::router::RouterConfig;
 use node_core::ingress::{ClientReply, IngressConfig, IngressCore, IngressEvent, IngressInput, IngressOutput};
-use node_core::store::{MemStore, NewStore, OldStore};
+use node_core::store::{MemStore, NewStore};
 use node_core::{NodeRecord, RequestKey, StoreAnswer};
 use proptest::prelude::*;
 use protocol::messages::{DecisionView, NodeRequest, NodeResponse, Phase, Request, Response};
@@ -435,7 +435,7 @@ impl Stores for TestStores {
                 Ok((position, _)) => StoreAnswer::Ok { body: None, position },
                 Err(e) => StoreAnswer::Rejected { reason: e.to_string() },
             },
-            Universe::New => StoreAnswer::Ok { body: None, position: stores.1.checkpoint().applied },
+            Universe::New => StoreAnswer::Ok { body: None, position: stores.1.checkpoint().unwrap().applied },
         };
         std::future::ready(answer)
     }
@@ -448,35 +448,7 @@ impl Stores for TestStores {
         push(&self.log, Io::Store(format!("{op:?}")));
         let mut guard = self.stores.lock().unwrap();
         let (old, new) = &mut *guard;
-        let result = match op {
-            StoreOp::OpenSnapshot => {
-                let (snapshot, at) = old.open_snapshot();
-                StoreResult::SnapshotOpened { snapshot, at }
-            }
-            StoreOp::ReadSnapshot { snapshot, after, limit } => match old.snapshot_chunk(snapshot, &after, limit) {
-                Ok(chunk) => StoreResult::Chunk(chunk),
-                Err(_) => StoreResult::SnapshotGone,
-            },
-            StoreOp::ReadChanges { after, limit } => {
-                let (changes, last) = old.changes_after(after, limit);
-                StoreResult::Changes { changes, last }
-            }
-            StoreOp::Apply(batch) => match new.apply_batch(&batch) {
-                Ok(()) => StoreResult::Applied,
-                Err(stale) => StoreResult::ApplyRefused(stale),
-            },
-            StoreOp::Fence => StoreResult::Fenced { final_position: old.fence() },
-            StoreOp::Unfence => {
-                old.unfence();
-                StoreResult::Unfenced
-            }
-            StoreOp::ReadRows { after, limit } => StoreResult::Rows(old.rows_chunk(&after, limit)),
-            StoreOp::NewChecksum => StoreResult::NewChecksum(new.checksum()),
-            StoreOp::Prune { up_to } => {
-                old.prune(up_to);
-                StoreResult::Pruned
-            }
-        };
+        let result = node_core::data_node::perform(old, new, op);
         std::future::ready(result)
     }
 
@@ -537,6 +509,7 @@ proptest! {
                 mapping,
                 transform_interval_ms: 10,
                 transform_idle_ms: 30,
+                store_retry_ms: 10,
                 answers_max: 1_000,
                 change_log_applied_max: 5,
             };

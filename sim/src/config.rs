@@ -92,6 +92,8 @@ pub struct FaultSet {
     pub drift: bool,
     /// Routers join the roster and are retired (normally, or forced when cut off).
     pub roster: bool,
+    /// Store operations fail (busy, an I/O error), before or after they took effect.
+    pub store: bool,
 }
 
 impl FaultSet {
@@ -110,6 +112,7 @@ impl FaultSet {
         load: true,
         drift: true,
         roster: true,
+        store: true,
     };
     pub const NONE: FaultSet = FaultSet {
         loss: false,
@@ -126,6 +129,7 @@ impl FaultSet {
         load: false,
         drift: false,
         roster: false,
+        store: false,
     };
 
     /// The set of the kinds named (`all` and `none` stand for every kind and no kind).
@@ -158,6 +162,7 @@ impl FaultSet {
             FaultKind::Load => &mut self.load,
             FaultKind::Drift => &mut self.drift,
             FaultKind::Roster => &mut self.roster,
+            FaultKind::Store => &mut self.store,
             FaultKind::All | FaultKind::None => unreachable!("not a single kind"),
         }
     }
@@ -225,6 +230,9 @@ pub enum FaultKind {
     /// rotation once it serves), or one is retired — normally (it acks, then serves nothing) or
     /// forced (it is crashed and kept cut off from clients first).
     Roster,
+    /// A data node's store operations fail (a busy database, an I/O error), some after they
+    /// took effect (a commit whose answer was lost): the node tries them again.
+    Store,
 }
 
 /// Named scenarios (tests and `imago sim --scenario`).

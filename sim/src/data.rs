@@ -10,6 +10,7 @@ use crate::checkers::{applied_once, fenced_after_frozen, AdmissionPoint, Violati
 use crate::config::Bug;
 use crate::net::ProcId;
 use crate::node_io::{sim_clock, SimClock, SimDisk};
+use crate::procs::MEM;
 use crate::procs::{ReplyTo, SimDataRequest};
 use crate::wire::{DataMessage, DataResponse};
 use crate::world::{detached, with, SimTransport, World};
@@ -30,6 +31,8 @@ const TRANSFORM_INTERVAL_MS: u64 = 10;
 /// Pause between two reads of an idle change stream (every write passes through the data node
 /// in the simulator, which wakes the stream at once).
 const TRANSFORM_IDLE_MS: u64 = 50;
+/// Pause before a failed store operation is tried again.
+const STORE_RETRY_MS: u64 = 20;
 /// Most request answers a data node remembers for idempotency.
 const ANSWERS_MAX: usize = 65_536;
 /// Batches kept per shard for the re-delivery fault.
@@ -123,9 +126,10 @@ impl Stores for SimStores {
         let index = self.index;
         self.with(|w| {
             let d = &w.data[index];
-            let checkpoint = observed::checkpoint(&d.name, core.checkpoint(), &d.new.checkpoint(), d.applying.as_ref());
+            let checkpoint =
+                observed::checkpoint(&d.name, core.checkpoint(), &d.new.checkpoint().expect(MEM), d.applying.as_ref());
             let got = StoreFigures {
-                fenced: d.old.is_fenced(),
+                fenced: d.old.is_fenced().expect(MEM),
                 snapshots_open: d.old.open_snapshots(),
                 changes_kept: d.old.changes().kept() as u64,
             };
@@ -176,13 +180,35 @@ impl World {
         self.answer(reply_to, codec::encode_frame(&refused).expect("data responses encode"));
     }
 
-    /// Performs one store operation through the data-store interface.
+    /// Performs one store operation, or fails it (the store fault): before it took effect, or
+    /// after (the answer of a commit lost). A failed apply leaves `applying` as it was: the
+    /// core's checkpoint stays that batch's until it reads the store's again.
     fn store_op(&mut self, i: usize, op: StoreOp) -> StoreResult {
+        let rate = self.faults.store_failures;
+        if rate <= 0.0 || self.healed || !self.rng.gen_bool(rate) {
+            return self.store_op_now(i, op);
+        }
+        let performed = self.rng.gen_bool(0.5);
+        let name = self.data[i].name.clone();
+        let what = format!("{op:?}");
+        let what = what.split([' ', '(']).next().unwrap_or("");
+        self.record(format_args!("fault: {name}'s store fails {what} (performed: {performed})"));
+        self.stats.store_failures += 1;
+        if performed {
+            let applying = self.data[i].applying.clone();
+            let _ = self.store_op_now(i, op);
+            self.data[i].applying = applying;
+        }
+        StoreResult::Failed { reason: "the store is busy (injected)".into() }
+    }
+
+    /// Performs one store operation through the data-store interface.
+    fn store_op_now(&mut self, i: usize, op: StoreOp) -> StoreResult {
         let d = &mut self.data[i];
         match op {
             StoreOp::OpenSnapshot => {
                 d.snapshots_seen += 1;
-                let (snapshot, at) = d.old.open_snapshot();
+                let (snapshot, at) = d.old.open_snapshot().expect(MEM);
                 StoreResult::SnapshotOpened { snapshot, at }
             }
             StoreOp::ReadSnapshot { snapshot, after, limit } => match d.old.snapshot_chunk(snapshot, &after, limit) {
@@ -190,13 +216,13 @@ impl World {
                 Err(_) => StoreResult::SnapshotGone,
             },
             StoreOp::ReadChanges { after, limit } => {
-                let (changes, last) = d.old.changes_after(after, limit);
+                let (changes, last) = d.old.changes_after(after, limit).expect(MEM);
                 StoreResult::Changes { changes, last }
             }
             StoreOp::Apply(batch) => {
                 d.applying = None;
-                let before = d.new.checkpoint();
-                let accepted = d.new.apply_batch(&batch);
+                let before = d.new.checkpoint().expect(MEM);
+                let accepted = d.new.apply_batch(&batch).expect(MEM);
                 let found = applied_once::check(&d.name, &before, &batch, accepted.is_ok());
                 let now = self.now_us();
                 self.checker.found(now, found);
@@ -216,7 +242,7 @@ impl World {
                 result
             }
             StoreOp::Fence => {
-                if !d.old.is_fenced() {
+                if !d.old.is_fenced().expect(MEM) {
                     let asked_with = self.data[i].fence_asked_with.unwrap_or(self.data[i].disk.decision);
                     let routers = self.routers_in_service(asked_with.epoch());
                     let d = &self.data[i];
@@ -226,19 +252,20 @@ impl World {
                 }
                 let d = &mut self.data[i];
                 d.fenced_seen = true;
-                let final_position = d.old.fence();
+                let final_position = d.old.fence().expect(MEM);
                 StoreResult::Fenced { final_position }
             }
             StoreOp::Unfence => {
                 d.fenced_seen = false;
-                d.old.unfence();
+                d.old.unfence().expect(MEM);
                 StoreResult::Unfenced
             }
-            StoreOp::ReadRows { after, limit } => StoreResult::Rows(d.old.rows_chunk(&after, limit)),
-            StoreOp::NewChecksum => StoreResult::NewChecksum(d.new.checksum()),
+            StoreOp::ReadRows { after, limit } => StoreResult::Rows(d.old.rows_chunk(&after, limit).expect(MEM)),
+            StoreOp::NewChecksum => StoreResult::NewChecksum(d.new.checksum().expect(MEM)),
+            StoreOp::ReadCheckpoint => StoreResult::Checkpoint(d.new.checkpoint().expect(MEM)),
             StoreOp::Prune { up_to } => {
                 d.pruned_seen = d.pruned_seen.max(up_to.0.min(d.old.captured().0));
-                d.old.prune(up_to);
+                d.old.prune(up_to).expect(MEM);
                 StoreResult::Pruned
             }
         }
@@ -262,8 +289,8 @@ impl World {
         }
         let old = self.data[i].delivered[self.rng.gen_range(0..self.data[i].delivered.len())].clone();
         let d = &mut self.data[i];
-        let before = d.new.checkpoint();
-        let accepted = d.new.apply_batch(&old).is_ok();
+        let before = d.new.checkpoint().expect(MEM);
+        let accepted = d.new.apply_batch(&old).expect(MEM).is_ok();
         let name = d.name.clone();
         let found = applied_once::check(&name, &before, &old, accepted);
         let now = self.now_us();
@@ -306,7 +333,7 @@ impl World {
                 self.record(format_args!("{name} drained at {} (checksums match: {checksum_match})", final_position.0));
                 // What a commit relies on, checked independently of the core: everything up to
                 // P is in the new universe, and the ack says truly whether both universes match.
-                let applied = self.data[i].new.checkpoint().applied;
+                let applied = self.data[i].new.checkpoint().expect(MEM).applied;
                 let real = self.universes_match(i);
                 if applied < final_position || checksum_match != real {
                     let found = Violation::DrainedIncomplete {
@@ -322,6 +349,8 @@ impl World {
             DataEvent::TransformFailed(e) => {
                 self.checker.violation(now, Violation::TransformFailed { node: name, error: e.to_string() });
             }
+            // Injected by `store_op` (and recorded there); the node tries again.
+            DataEvent::StoreFailed { .. } => {}
         }
     }
 
@@ -420,7 +449,7 @@ impl World {
                 d.new = fresh;
             }
             d.from = generation;
-            d.fenced_seen = d.old.is_fenced();
+            d.fenced_seen = d.old.is_fenced().expect(MEM);
             d.delivered.clear();
             d.drifted = false;
             d.applying = None;
@@ -462,7 +491,11 @@ impl World {
             return;
         }
         let d = &self.data[i];
-        let boot = DataBoot { record: d.disk.clone(), checkpoint: d.new.checkpoint(), old_fenced: d.old.is_fenced() };
+        let boot = DataBoot {
+            record: d.disk.clone(),
+            checkpoint: d.new.checkpoint().expect(MEM),
+            old_fenced: d.old.is_fenced().expect(MEM),
+        };
         let name = d.name.clone();
         self.record(format_args!(
             "{name} restarted with {:?}, checkpoint {}",
@@ -473,6 +506,7 @@ impl World {
             mapping: self.mapping.clone(),
             transform_interval_ms: TRANSFORM_INTERVAL_MS,
             transform_idle_ms: TRANSFORM_IDLE_MS,
+            store_retry_ms: STORE_RETRY_MS,
             answers_max: ANSWERS_MAX,
             change_log_applied_max: CHANGE_LOG_APPLIED_MAX,
         };
@@ -516,7 +550,10 @@ fn execute_old(
 /// The same on the new store (whose request log holds the old one's, carried by the transform).
 fn execute_new(generation: Generation, store: &mut MemStore, key: RequestKey, op: &AppOp) -> DataResponse {
     if op.read_only() {
-        return StoreAnswer::Ok { body: app::read(generation, store, op), position: store.checkpoint().applied };
+        return StoreAnswer::Ok {
+            body: app::read(generation, store, op),
+            position: store.checkpoint().expect(MEM).applied,
+        };
     }
     store.execute_write(key, false, |store| app::write(generation, store, op)).0
 }

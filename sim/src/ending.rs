@@ -123,7 +123,7 @@ impl World {
         // Rolled back or not, the transform keeps up: the new universe may be switched to by a
         // later attempt, so it must hold every change exactly once.
         for d in &self.data {
-            let (captured, applied) = (d.old.captured(), d.new.checkpoint().applied);
+            let (captured, applied) = (d.old.captured(), d.new.checkpoint().expect(crate::procs::MEM).applied);
             let found = exactly_once::check(&d.name, captured, applied);
             self.checker.found(now, found);
             let kept = d.old.changes().kept() as u64;

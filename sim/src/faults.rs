@@ -3,6 +3,7 @@
 pub use crate::config::Scenario;
 use crate::config::SimConfig;
 use rand::Rng;
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 /// Which process a fault hits.
@@ -104,6 +105,9 @@ pub struct FaultPlan {
     pub stale_views: f64,
     /// Share of transform batches after which the new store gets an earlier batch again.
     pub redeliver_batches: f64,
+    /// Share of a data node's store operations that fail (half of them after they took
+    /// effect).
+    pub store_failures: f64,
     /// The plan's `hold_queue_max` (small in some seeds, so that queues fill).
     pub hold_queue_max: u64,
     /// A store operation of a data node takes up to this long.
@@ -119,6 +123,19 @@ pub struct FaultPlan {
 }
 
 impl FaultPlan {
+    /// The share of store operations that fail in `seed`, drawn from a stream of its own so
+    /// that adding this fault changed no earlier seed's plan (regression seeds stay what they
+    /// were).
+    pub fn draw_store_failures(&mut self, config: &SimConfig, seed: u64) {
+        if !config.faults.store || config.scenario.is_some() {
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5354_4f52_4546_4149);
+        if rng.gen_bool(0.3) {
+            self.store_failures = rng.gen_range(0.01..0.15);
+        }
+    }
+
     /// Draws a plan for one seed.
     pub fn draw(config: &SimConfig, rng: &mut ChaCha8Rng) -> FaultPlan {
         if let Some(s) = config.scenario {
@@ -140,6 +157,8 @@ impl FaultPlan {
             disk_delay_us_max: if f.crash && rng.gen_bool(0.5) { rng.gen_range(0..5_000) } else { 0 },
             stale_views: if f.stale && rng.gen_bool(0.4) { rng.gen_range(0.05..0.5) } else { 0.0 },
             redeliver_batches: if f.duplicate && rng.gen_bool(0.4) { rng.gen_range(0.02..0.2) } else { 0.0 },
+            // Drawn apart (`FaultPlan::draw_store_failures`): seeds found before this fault existed keep their plans.
+            store_failures: 0.0,
             hold_queue_max: if f.load && rng.gen_bool(0.3) { rng.gen_range(2..40) } else { HOLD_QUEUE_MAX },
             store_delay_us_max: if f.load && rng.gen_bool(0.3) { rng.gen_range(1_000..40_000) } else { 0 },
             reserve_router: false,
@@ -340,6 +359,7 @@ impl FaultPlan {
             disk_delay_us_max: 0,
             stale_views: 0.0,
             redeliver_batches: 0.0,
+            store_failures: 0.0,
             hold_queue_max: HOLD_QUEUE_MAX,
             store_delay_us_max: 0,
             reserve_router: false,

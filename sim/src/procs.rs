@@ -18,6 +18,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// The simulator's stores are in memory: their calls never fail (a store failure is a fault
+/// the simulator injects on its own).
+pub(crate) const MEM: &str = "memory stores do not fail";
+
 /// Where a request's answer is delivered to its caller.
 pub type ReplySlot = Arc<Mutex<Option<oneshot::Sender<Vec<u8>>>>>;
 

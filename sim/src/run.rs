@@ -53,6 +53,8 @@ pub struct SeedReport {
     pub boot_hold_ms: Vec<u64>,
     /// Requests in flight ended by routers at a freeze.
     pub ended: u64,
+    /// Store operations failed by the store fault (tried again by the data nodes).
+    pub store_failures: u64,
     /// From the first freeze to the commit, if it switched.
     pub switch_ms: Option<u64>,
     pub messages: u64,
@@ -127,6 +129,7 @@ impl SeedReport {
             startup_hold_ms: Vec::new(),
             boot_hold_ms: Vec::new(),
             ended: 0,
+            store_failures: 0,
             switch_ms: None,
             messages: 0,
             dropped: 0,
@@ -149,7 +152,8 @@ impl SeedReport {
 
 fn build(config: SimConfig, seed: u64) -> Shared {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let faults = FaultPlan::draw(&config, &mut rng);
+    let mut faults = FaultPlan::draw(&config, &mut rng);
+    faults.draw_store_failures(&config, seed);
     // Across datacenters a switch needs several 100–300 ms round trips: hold and freeze longer.
     // (Measured: a fault-free switch across 3 datacenters takes ~1.7 s from freeze to commit, its
     // tail ~3 s; `sim/benches/throughput.rs` reports it.)
@@ -427,6 +431,7 @@ impl World {
             startup_hold_ms: std::mem::take(&mut self.stats.startup_hold_ms),
             boot_hold_ms: std::mem::take(&mut self.stats.boot_hold_ms),
             ended: self.stats.ended,
+            store_failures: self.stats.store_failures,
             switch_ms,
             messages: self.net.sent,
             dropped: self.net.dropped,

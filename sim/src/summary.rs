@@ -41,6 +41,8 @@ pub struct Summary {
     pub boot_hold_max_ms: u64,
     /// Requests in flight that routers ended at a freeze (`inflight_ms_max` reached).
     pub ended: u64,
+    /// Store operations that failed (the store fault) and were tried again.
+    pub store_failures: u64,
     /// Requests held by a freeze (the switch's cost to clients).
     pub freeze_hold_ms_p50: u64,
     pub freeze_hold_ms_max: u64,
@@ -89,6 +91,7 @@ impl Summary {
         self.startup_all.extend_from_slice(&r.startup_hold_ms);
         self.boot_held += r.boot_hold_ms.len() as u64;
         self.ended += r.ended;
+        self.store_failures += r.store_failures;
         self.boot_hold_max_ms = self.boot_hold_max_ms.max(r.boot_hold_ms.iter().copied().max().unwrap_or(0));
         self.switch_all.extend(r.switch_ms);
         self.messages += r.messages;

@@ -116,6 +116,8 @@ pub struct Stats {
     /// A rogue writer changed a new database at some time in the seed (a data node's own
     /// flag goes with its store when the next upgrade is deployed).
     pub drift_seen: bool,
+    /// Store operations failed by the store fault.
+    pub store_failures: u64,
 }
 
 /// The whole simulated cluster.
@@ -567,7 +569,7 @@ impl World {
         });
         let seen = seen.unwrap_or_default();
         let (samples_reported, mismatches_reported) = (seen.samples, seen.mismatches);
-        let checkpoints: Vec<_> = self.data.iter().map(|d| d.new.checkpoint()).collect();
+        let checkpoints: Vec<_> = self.data.iter().map(|d| d.new.checkpoint().expect(crate::procs::MEM)).collect();
         let shards: Vec<ShardFacts<'_>> = self
             .data
             .iter()

@@ -20,7 +20,7 @@ use crate::agent::{AgentConfig, AgentCore, AgentInput, AgentOutput};
 use crate::duties::drain::{DrainCore, DrainInput, DrainOutput};
 use crate::duties::transform::{Batch, Checkpoint, CopyState, TransformCore, TransformError, Work};
 use crate::duties::validate::row_hash;
-use crate::store::{Chunk, RowCursor, SnapshotId, StaleBatch};
+use crate::store::{Chunk, NewStore, OldStore, RowCursor, SnapshotId, StaleBatch, StoreError};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{Ack, NodeReport, NodeRequest, NodeResponse};
 use protocol::schema::{Mapping, RowOp};
@@ -58,6 +58,8 @@ pub struct DataNodeConfig {
     pub answers_max: usize,
     /// Most applied changes the old store's change log keeps before the core prunes them.
     pub change_log_applied_max: u64,
+    /// Pause before a store operation that failed ([`StoreResult::Failed`]) is tried again.
+    pub store_retry_ms: u64,
 }
 
 /// A store operation for the shell (see [`crate::store`]); its result comes back as
@@ -83,6 +85,9 @@ pub enum StoreOp {
     Prune { up_to: Position },
     /// New store: checksum → [`StoreResult::NewChecksum`].
     NewChecksum,
+    /// New store: its checkpoint → [`StoreResult::Checkpoint`] (after an apply whose outcome
+    /// is unknown).
+    ReadCheckpoint,
 }
 
 /// The result of a [`StoreOp`].
@@ -108,6 +113,43 @@ pub enum StoreResult {
     Rows(Chunk),
     NewChecksum(u64),
     Pruned,
+    Checkpoint(Checkpoint),
+    /// The store could not perform the operation (busy, an I/O error): the core tries it
+    /// again after [`DataNodeConfig::store_retry_ms`]. For an apply, whether it committed is
+    /// unknown: the core reads the new store's checkpoint before it goes on.
+    Failed {
+        reason: String,
+    },
+}
+
+/// Performs one store operation through the data-store interface, as a shell does: the
+/// result to feed back as [`DataInput::Store`]. A store's failure becomes
+/// [`StoreResult::Failed`] (a snapshot that is gone, [`StoreResult::SnapshotGone`]).
+pub fn perform(old: &mut impl OldStore, new: &mut impl NewStore, op: StoreOp) -> StoreResult {
+    let failed = |e: StoreError| match e {
+        StoreError::SnapshotGone(_) => StoreResult::SnapshotGone,
+        e => StoreResult::Failed { reason: e.to_string() },
+    };
+    let done = match op {
+        StoreOp::OpenSnapshot => old.open_snapshot().map(|(snapshot, at)| StoreResult::SnapshotOpened { snapshot, at }),
+        StoreOp::ReadSnapshot { snapshot, after, limit } => {
+            old.snapshot_chunk(snapshot, &after, limit).map(StoreResult::Chunk)
+        }
+        StoreOp::ReadChanges { after, limit } => {
+            old.changes_after(after, limit).map(|(changes, last)| StoreResult::Changes { changes, last })
+        }
+        StoreOp::Apply(batch) => new.apply_batch(&batch).map(|applied| match applied {
+            Ok(()) => StoreResult::Applied,
+            Err(stale) => StoreResult::ApplyRefused(stale),
+        }),
+        StoreOp::Fence => old.fence().map(|final_position| StoreResult::Fenced { final_position }),
+        StoreOp::Unfence => old.unfence().map(|()| StoreResult::Unfenced),
+        StoreOp::ReadRows { after, limit } => old.rows_chunk(&after, limit).map(StoreResult::Rows),
+        StoreOp::Prune { up_to } => old.prune(up_to).map(|()| StoreResult::Pruned),
+        StoreOp::NewChecksum => new.checksum().map(StoreResult::NewChecksum),
+        StoreOp::ReadCheckpoint => new.checkpoint().map(StoreResult::Checkpoint),
+    };
+    done.unwrap_or_else(failed)
 }
 
 /// Inputs to the data-node core.
@@ -172,6 +214,8 @@ pub enum DataEvent {
     Drained { epoch: Epoch, final_position: Position, checksum_match: bool },
     /// The transform refused the change stream (a gap) or a row (a conversion error).
     TransformFailed(TransformError),
+    /// A store operation failed; it is tried again.
+    StoreFailed { reason: String },
 }
 
 /// Work the drain asked for, done by the store one operation at a time.
@@ -198,7 +242,11 @@ enum Pending {
     Unfence,
     ReadRows,
     NewChecksum,
-    Prune,
+    /// A prune, and what was pruned before it (restored if it fails).
+    Prune {
+        previous: Position,
+    },
+    ReadCheckpoint,
 }
 
 impl Pending {
@@ -216,7 +264,8 @@ impl Pending {
             StoreOp::Unfence => Pending::Unfence,
             StoreOp::ReadRows { .. } => Pending::ReadRows,
             StoreOp::NewChecksum => Pending::NewChecksum,
-            StoreOp::Prune { .. } => Pending::Prune,
+            StoreOp::Prune { .. } => unreachable!("a prune's pending state names what was pruned before"),
+            StoreOp::ReadCheckpoint => Pending::ReadCheckpoint,
         }
     }
 }
@@ -228,6 +277,8 @@ struct Comparing {
     /// Sum of the row hashes of transform(old rows read so far).
     expected: u64,
     failed: bool,
+    /// Every old row is read: the new store's checksum is next.
+    rows_done: bool,
     final_position: Position,
 }
 
@@ -262,6 +313,10 @@ pub struct DataNodeCore {
     executing: BTreeMap<RequestKey, u32>,
     /// Routers that said they are frozen, for one epoch (the newest heard of).
     frozen_notices: (Epoch, BTreeSet<NodeName>),
+    /// A store operation failed: no store operation starts before this time.
+    retry_at_ms: u64,
+    /// An apply failed: what the new store holds is unknown until its checkpoint is read.
+    recheck: bool,
     #[cfg(feature = "planted-bugs")]
     bug: Option<crate::duties::transform::TransformBug>,
 }
@@ -272,7 +327,8 @@ impl DataNodeCore {
         assert!(
             config.answers_max > 0
                 && config.transform_interval_ms > 0
-                && config.transform_idle_ms >= config.transform_interval_ms,
+                && config.transform_idle_ms >= config.transform_interval_ms
+                && config.store_retry_ms > 0,
             "data-node limits must be positive, and the idle pace no faster than the busy one"
         );
         DataNodeCore {
@@ -294,6 +350,8 @@ impl DataNodeCore {
             answer_order: VecDeque::new(),
             executing: BTreeMap::new(),
             frozen_notices: (Epoch(0), BTreeSet::new()),
+            retry_at_ms: 0,
+            recheck: false,
             #[cfg(feature = "planted-bugs")]
             bug: None,
             config,
@@ -326,9 +384,16 @@ impl DataNodeCore {
 
     /// When the shell must feed [`DataInput::Timer`] next, if ever.
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        // A step waits for an outstanding store operation, which is answered before any timer.
-        let step = (self.transform_wanted() && self.pending.is_none()).then_some(self.next_step_due_ms());
-        [self.agent.next_deadline_ms(), step].into_iter().flatten().min()
+        // A step waits for an outstanding store operation, which is answered before any timer;
+        // every store operation waits out a failed one's pause.
+        let store = if self.pending.is_some() {
+            None
+        } else if self.retry_at_ms > self.last_now_ms {
+            Some(self.retry_at_ms)
+        } else {
+            self.transform_wanted().then_some(self.next_step_due_ms())
+        };
+        [self.agent.next_deadline_ms(), store].into_iter().flatten().min()
     }
 
     /// When the next transform step may start: after the usual pause, or a millisecond after
@@ -514,12 +579,16 @@ impl DataNodeCore {
     /// Starts the next store operation, if none is outstanding: the drain's work first, then a
     /// transform step when it is due.
     fn pump(&mut self, now_ms: u64, out: &mut Vec<DataOutput>) {
-        if self.pending.is_some() || !self.durable.started() {
+        if self.pending.is_some() || !self.durable.started() || now_ms < self.retry_at_ms {
             return;
         }
         self.drop_moot_comparison();
         let op = if let Some(c) = &self.comparing {
-            Some(StoreOp::ReadRows { after: c.cursor.clone(), limit: COMPARE_CHUNK_ROWS })
+            Some(if c.rows_done {
+                StoreOp::NewChecksum
+            } else {
+                StoreOp::ReadRows { after: c.cursor.clone(), limit: COMPARE_CHUNK_ROWS }
+            })
         } else if let Some(work) = self.drain_work.pop_front() {
             match work {
                 DrainWork::Fence(epoch) => {
@@ -529,14 +598,19 @@ impl DataNodeCore {
                 }
                 DrainWork::Unfence => Some(StoreOp::Unfence),
                 DrainWork::Compare { epoch, final_position } => {
-                    let comparing = Comparing { epoch, cursor: None, expected: 0, failed: false, final_position };
+                    let comparing =
+                        Comparing { epoch, cursor: None, expected: 0, failed: false, rows_done: false, final_position };
                     self.comparing = Some(comparing);
                     Some(StoreOp::ReadRows { after: None, limit: COMPARE_CHUNK_ROWS })
                 }
             }
         } else if let Some(up_to) = self.prune_due() {
+            self.pending = Some(Pending::Prune { previous: self.pruned });
             self.pruned = up_to;
-            Some(StoreOp::Prune { up_to })
+            out.push(DataOutput::Store(StoreOp::Prune { up_to }));
+            return;
+        } else if self.recheck {
+            Some(StoreOp::ReadCheckpoint)
         } else if self.transform_wanted() && now_ms >= self.next_step_due_ms() {
             self.last_step_ms = now_ms;
             self.next_step_ms = now_ms + self.config.transform_interval_ms;
@@ -564,6 +638,10 @@ impl DataNodeCore {
 
     /// Applied changes to prune from the old store, once more than the limit are kept.
     fn prune_due(&self) -> Option<Position> {
+        // After a failed apply, the transform's checkpoint may be ahead of the new store's.
+        if self.recheck {
+            return None;
+        }
         let transform = self.transform.as_ref()?;
         let applied = transform.checkpoint().applied;
         (transform.bulk_done() && applied.0 >= self.pruned.0 + self.config.change_log_applied_max).then_some(applied)
@@ -571,6 +649,10 @@ impl DataNodeCore {
 
     fn store_result(&mut self, now_ms: u64, result: StoreResult, out: &mut Vec<DataOutput>) {
         let op = self.pending.take().expect("a store result without an outstanding operation");
+        if let StoreResult::Failed { reason } = result {
+            self.store_failed(now_ms, op, reason, out);
+            return;
+        }
         let transform = self.transform.as_mut().expect("started");
         let batch = match (op, result) {
             (Pending::OpenSnapshot, StoreResult::SnapshotOpened { snapshot, at }) => {
@@ -609,8 +691,7 @@ impl DataNodeCore {
                 // applied is not. Start again from what the store holds (as after a restart).
                 let found = stale.found.clone();
                 out.push(DataOutput::Event(DataEvent::TransformFailed(TransformError::StaleBatch(stale))));
-                self.store_bulk_done = found.copy == CopyState::Done;
-                self.transform = Some(TransformCore::new(self.config.mapping.clone(), found));
+                self.restart_transform(found);
                 None
             }
             (Pending::Fence(epoch), StoreResult::Fenced { final_position }) => {
@@ -620,7 +701,7 @@ impl DataNodeCore {
                 self.drain_outputs(now_ms, outs, out);
                 None
             }
-            (Pending::Unfence, StoreResult::Unfenced) | (Pending::Prune, StoreResult::Pruned) => None,
+            (Pending::Unfence, StoreResult::Unfenced) | (Pending::Prune { .. }, StoreResult::Pruned) => None,
             (Pending::ReadRows, StoreResult::Rows(chunk)) => {
                 self.compare_rows(chunk, out);
                 None
@@ -634,6 +715,11 @@ impl DataNodeCore {
                 self.drain_outputs(now_ms, outs, out);
                 None
             }
+            (Pending::ReadCheckpoint, StoreResult::Checkpoint(found)) => {
+                self.recheck = false;
+                self.restart_transform(found);
+                None
+            }
             (op, result) => panic!("store result {result:?} does not answer {op:?}"),
         };
         match batch {
@@ -644,6 +730,33 @@ impl DataNodeCore {
                 out.push(DataOutput::Store(op));
             }
             Some(Err(e)) => out.push(DataOutput::Event(DataEvent::TransformFailed(e))),
+        }
+    }
+
+    /// The transform goes on from what the new store holds (as after a restart).
+    fn restart_transform(&mut self, found: Checkpoint) {
+        self.store_bulk_done = found.copy == CopyState::Done;
+        self.transform = Some(TransformCore::new(self.config.mapping.clone(), found));
+    }
+
+    /// A store operation failed: the same work is asked for again after the pause. Reads are
+    /// asked again by the state that asked for them (the transform's, the comparison's); the
+    /// drain's fence or unfence goes back to the front of its queue; after an apply, the new
+    /// store's checkpoint is read first (the apply may have committed); a prune is due again.
+    fn store_failed(&mut self, now_ms: u64, op: Pending, reason: String, out: &mut Vec<DataOutput>) {
+        out.push(DataOutput::Event(DataEvent::StoreFailed { reason }));
+        self.retry_at_ms = now_ms + self.config.store_retry_ms;
+        match op {
+            Pending::Apply { .. } | Pending::ReadCheckpoint => self.recheck = true,
+            Pending::Fence(epoch) => self.drain_work.push_front(DrainWork::Fence(epoch)),
+            Pending::Unfence => self.drain_work.push_front(DrainWork::Unfence),
+            // Due again at once (the log stays within its bound).
+            Pending::Prune { previous } => self.pruned = previous,
+            Pending::OpenSnapshot
+            | Pending::ReadSnapshot
+            | Pending::ReadChanges
+            | Pending::ReadRows
+            | Pending::NewChecksum => {}
         }
     }
 
@@ -676,6 +789,7 @@ impl DataNodeCore {
         c.cursor = chunk.rows.last().map(|(t, k, _)| (t.clone(), *k)).or(c.cursor.take());
         if chunk.last {
             // Every old row is read: now the new store's checksum (the comparison goes on).
+            c.rows_done = true;
             self.pending = Some(Pending::NewChecksum);
             out.push(DataOutput::Store(StoreOp::NewChecksum));
         }

@@ -41,6 +41,10 @@ pub enum StoreError {
     SnapshotGone(SnapshotId),
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    /// The store could not do it now (busy, an I/O error, a connection lost): the operation
+    /// changed nothing it reports, and may be tried again.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Rows read in (table, key) order, whether they are the last ones, and the store's change
@@ -52,22 +56,24 @@ pub struct Chunk {
     pub position: Position,
 }
 
-/// The old universe's store, as a data node reads it.
+/// The old universe's store, as a data node reads it. A real store can fail at any call
+/// ([`StoreError::Unavailable`]); the core tries again later.
 pub trait OldStore {
     /// Opens a consistent snapshot at the current change position.
-    fn open_snapshot(&mut self) -> (SnapshotId, Position);
+    fn open_snapshot(&mut self) -> Result<(SnapshotId, Position), StoreError>;
     /// Up to `limit` rows of `snapshot` after `after`.
     fn snapshot_chunk(&self, snapshot: SnapshotId, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError>;
     /// Up to `limit` rows of the current contents after `after` (used while fenced).
-    fn rows_chunk(&self, after: &RowCursor, limit: usize) -> Chunk;
+    fn rows_chunk(&self, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError>;
     /// Up to `limit` captured changes after `after`, and the last captured position.
-    fn changes_after(&self, after: Position, limit: usize) -> (Vec<(Position, RowOp)>, Position);
+    fn changes_after(&self, after: Position, limit: usize) -> Result<(Vec<(Position, RowOp)>, Position), StoreError>;
     /// Refuses further writes (in-flight ones finish first); returns the final position.
-    fn fence(&mut self) -> Position;
-    fn unfence(&mut self);
-    fn is_fenced(&self) -> bool;
+    /// Fencing a fenced store returns the same final position.
+    fn fence(&mut self) -> Result<Position, StoreError>;
+    fn unfence(&mut self) -> Result<(), StoreError>;
+    fn is_fenced(&self) -> Result<bool, StoreError>;
     /// Forgets captured changes up to `up_to` (applied to the new universe, durably).
-    fn prune(&mut self, up_to: Position);
+    fn prune(&mut self, up_to: Position) -> Result<(), StoreError>;
     /// The process that held snapshots ended: every snapshot it opened is gone.
     fn disconnect(&mut self);
 }
@@ -75,12 +81,14 @@ pub trait OldStore {
 /// The new universe's store, as a data node writes it.
 pub trait NewStore {
     /// The checkpoint stored with the data (what a restarted transform resumes from).
-    fn checkpoint(&self) -> Checkpoint;
+    fn checkpoint(&self) -> Result<Checkpoint, StoreError>;
     /// Applies `batch.reset` (if set), its ops and its checkpoint in one transaction, if the
-    /// store's checkpoint is `batch.base` (compare and set); otherwise changes nothing.
-    fn apply_batch(&mut self, batch: &Batch) -> Result<(), StaleBatch>;
+    /// store's checkpoint is `batch.base` (compare and set); otherwise changes nothing and
+    /// answers `Ok(Err(stale))`. An `Err` of the store itself leaves the outcome unknown to
+    /// the caller (the commit may have happened): the next batch's compare and set tells.
+    fn apply_batch(&mut self, batch: &Batch) -> Result<Result<(), StaleBatch>, StoreError>;
     /// Order-independent checksum of every row ([`row_hash`] summed).
-    fn checksum(&self) -> u64;
+    fn checksum(&self) -> Result<u64, StoreError>;
 }
 
 /// Progress of the bulk copy.
@@ -361,11 +369,11 @@ fn chunk_of(tables: &Tables, after: &RowCursor, limit: usize, position: Position
 }
 
 impl OldStore for MemStore {
-    fn open_snapshot(&mut self) -> (SnapshotId, Position) {
+    fn open_snapshot(&mut self) -> Result<(SnapshotId, Position), StoreError> {
         self.next_snapshot += 1;
         let id = SnapshotId(self.next_snapshot);
         self.snapshots.insert(id, self.tables.clone());
-        (id, self.capture.last())
+        Ok((id, self.capture.last()))
     }
 
     fn snapshot_chunk(&self, snapshot: SnapshotId, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError> {
@@ -373,28 +381,30 @@ impl OldStore for MemStore {
         Ok(chunk_of(tables, after, limit, self.capture.last()))
     }
 
-    fn rows_chunk(&self, after: &RowCursor, limit: usize) -> Chunk {
-        chunk_of(&self.tables, after, limit, self.capture.last())
+    fn rows_chunk(&self, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError> {
+        Ok(chunk_of(&self.tables, after, limit, self.capture.last()))
     }
 
-    fn changes_after(&self, after: Position, limit: usize) -> (Vec<(Position, RowOp)>, Position) {
-        (self.capture.after(after, limit), self.capture.last())
+    fn changes_after(&self, after: Position, limit: usize) -> Result<(Vec<(Position, RowOp)>, Position), StoreError> {
+        Ok((self.capture.after(after, limit), self.capture.last()))
     }
 
-    fn fence(&mut self) -> Position {
-        self.capture.fence()
+    fn fence(&mut self) -> Result<Position, StoreError> {
+        Ok(self.capture.fence())
     }
 
-    fn unfence(&mut self) {
-        self.capture.unfence()
+    fn unfence(&mut self) -> Result<(), StoreError> {
+        self.capture.unfence();
+        Ok(())
     }
 
-    fn is_fenced(&self) -> bool {
-        self.capture.is_fenced()
+    fn is_fenced(&self) -> Result<bool, StoreError> {
+        Ok(self.capture.is_fenced())
     }
 
-    fn prune(&mut self, up_to: Position) {
+    fn prune(&mut self, up_to: Position) -> Result<(), StoreError> {
         self.capture.prune(up_to);
+        Ok(())
     }
 
     fn disconnect(&mut self) {
@@ -403,13 +413,13 @@ impl OldStore for MemStore {
 }
 
 impl NewStore for MemStore {
-    fn checkpoint(&self) -> Checkpoint {
-        self.checkpoint.clone()
+    fn checkpoint(&self) -> Result<Checkpoint, StoreError> {
+        Ok(self.checkpoint.clone())
     }
 
-    fn apply_batch(&mut self, batch: &Batch) -> Result<(), StaleBatch> {
+    fn apply_batch(&mut self, batch: &Batch) -> Result<Result<(), StaleBatch>, StoreError> {
         if self.checkpoint != batch.base {
-            return Err(StaleBatch { base: batch.base.clone(), found: self.checkpoint.clone() });
+            return Ok(Err(StaleBatch { base: batch.base.clone(), found: self.checkpoint.clone() }));
         }
         if batch.reset {
             for rows in self.tables.values_mut() {
@@ -420,11 +430,11 @@ impl NewStore for MemStore {
             self.apply_op(op);
         }
         self.checkpoint = batch.checkpoint.clone();
-        Ok(())
+        Ok(Ok(()))
     }
 
-    fn checksum(&self) -> u64 {
-        checksum(&self.tables)
+    fn checksum(&self) -> Result<u64, StoreError> {
+        Ok(checksum(&self.tables))
     }
 }
 
@@ -456,7 +466,7 @@ mod tests {
         assert_eq!(s.applied_request(key(1)), Some(position));
         assert_eq!(s.applied_request(RequestKey { origin: 78, id: 1 }), None, "another origin");
         assert_eq!(s.applied_request(key(2)), None);
-        s.fence();
+        s.fence().unwrap();
         assert!(s.write_request(key(2), vec![upsert(7)], true).is_err());
         assert_eq!(s.get("t", 7), None, "a fenced store applies nothing of the transaction");
         assert_eq!(s.applied_request(key(2)), None);
@@ -507,7 +517,7 @@ mod tests {
         let ops: Vec<RowOp> =
             old.changes().after(Position(0), 100).iter().flat_map(|(_, op)| mapping.convert(op).unwrap()).collect();
         let checkpoint = Checkpoint { applied: old.captured(), copy: CopyState::Done, copies: 1 };
-        new.apply_batch(&Batch { base: Checkpoint::default(), reset: false, ops, checkpoint }).unwrap();
+        new.apply_batch(&Batch { base: Checkpoint::default(), reset: false, ops, checkpoint }).unwrap().unwrap();
         assert_eq!(new.applied_request(key(1)), None);
         assert_eq!(new.applied_request(key(3)), old.applied_request(key(3)));
         // The new universe's own writes continue the log (and its bound) from there.
@@ -535,7 +545,7 @@ mod tests {
     #[test]
     fn a_snapshot_is_consistent_and_dies_with_its_process() {
         let mut s = store();
-        let (snap, at) = s.open_snapshot();
+        let (snap, at) = s.open_snapshot().unwrap();
         assert_eq!(at, Position(0));
         s.write_captured(upsert(6)).unwrap();
         let chunk = s.snapshot_chunk(snap, &Some(("t".into(), 3)), 10).unwrap();
@@ -546,20 +556,20 @@ mod tests {
         assert_eq!((first.rows.len(), first.last), (2, false));
         s.disconnect();
         assert_eq!(s.snapshot_chunk(snap, &None, 2), Err(StoreError::SnapshotGone(snap)));
-        let (again, _) = s.open_snapshot();
+        let (again, _) = s.open_snapshot().unwrap();
         assert_ne!(again, snap, "handles are never reused");
     }
 
     #[test]
     fn a_reset_batch_empties_the_tables_with_its_checkpoint() {
         let mut s = store();
-        let before = s.checksum();
+        let before = s.checksum().unwrap();
         let at = Checkpoint { applied: Position(3), copy: CopyState::NotStarted, copies: 0 };
         let batch = Batch { base: Checkpoint::default(), reset: true, ops: vec![upsert(9)], checkpoint: at.clone() };
-        s.apply_batch(&batch).unwrap();
+        s.apply_batch(&batch).unwrap().unwrap();
         assert_eq!(s.tables()["t"].keys().copied().collect::<Vec<_>>(), vec![9]);
-        assert_ne!(s.checksum(), before);
-        assert_eq!(s.checkpoint(), at);
+        assert_ne!(s.checksum().unwrap(), before);
+        assert_eq!(s.checkpoint().unwrap(), at);
     }
 
     #[test]
@@ -567,9 +577,9 @@ mod tests {
         let mut s = store();
         let next = Checkpoint { applied: Position(1), copy: CopyState::Done, copies: 0 };
         let batch = Batch { base: Checkpoint::default(), reset: false, ops: vec![upsert(9)], checkpoint: next.clone() };
-        s.apply_batch(&batch).unwrap();
+        s.apply_batch(&batch).unwrap().unwrap();
         s.write(&RowOp::Delete { table: "t".into(), key: 9 });
-        let again = s.apply_batch(&batch);
+        let again = s.apply_batch(&batch).unwrap();
         assert_eq!(again, Err(StaleBatch { base: Checkpoint::default(), found: next }));
         assert!(s.get("t", 9).is_none(), "the refused batch changed nothing");
     }
@@ -581,9 +591,9 @@ mod tests {
         for k in (1..=5).rev() {
             b.write(&upsert(k));
         }
-        assert_eq!(a.checksum(), b.checksum());
+        assert_eq!(a.checksum().unwrap(), b.checksum().unwrap());
         a.write(&RowOp::Delete { table: "t".into(), key: 2 });
-        assert_ne!(a.checksum(), b.checksum());
+        assert_ne!(a.checksum().unwrap(), b.checksum().unwrap());
     }
 
     #[test]
@@ -601,9 +611,9 @@ mod tests {
     fn two_open_snapshots_keep_their_own_rows_and_are_counted() {
         let mut s = store();
         assert_eq!(s.open_snapshots(), 0);
-        let (first, _) = s.open_snapshot();
+        let (first, _) = s.open_snapshot().unwrap();
         s.write_captured(upsert(6)).unwrap();
-        let (second, _) = s.open_snapshot();
+        let (second, _) = s.open_snapshot().unwrap();
         assert_ne!(first, second);
         assert_eq!(s.open_snapshots(), 2);
         let keys = |s: &MemStore, snap| s.snapshot_chunk(snap, &None, 10).unwrap().rows.len();
@@ -615,16 +625,16 @@ mod tests {
     #[test]
     fn a_fence_shows_and_refuses_captured_writes_until_unfenced() {
         let mut s = store();
-        assert!(!s.is_fenced());
+        assert!(!s.is_fenced().unwrap());
         s.write_captured(upsert(6)).unwrap();
-        assert_eq!(s.fence(), Position(1));
-        assert!(s.is_fenced());
+        assert_eq!(s.fence().unwrap(), Position(1));
+        assert!(s.is_fenced().unwrap());
         assert!(s.write_captured(upsert(7)).is_err(), "a fenced store takes no writes");
-        s.unfence();
-        assert!(!s.is_fenced());
+        s.unfence().unwrap();
+        assert!(!s.is_fenced().unwrap());
         assert_eq!(s.write_captured(upsert(7)), Ok(Position(2)));
         assert_eq!(s.changes().kept(), 2);
-        s.prune(Position(1));
+        s.prune(Position(1)).unwrap();
         assert_eq!(s.changes().kept(), 1, "pruned up to the applied position");
     }
 
@@ -641,7 +651,7 @@ mod tests {
                 s.write(&RowOp::Upsert { table: t.into(), key: k, row });
             }
         }
-        let (snap, _) = s.open_snapshot();
+        let (snap, _) = s.open_snapshot().unwrap();
         let chunk = s.snapshot_chunk(snap, &Some(("a".into(), 4)), 3).unwrap();
         let got: Vec<(String, i64)> = chunk.rows.iter().map(|r| (r.0.clone(), r.1)).collect();
         assert_eq!(got, vec![("a".into(), 5), ("b".into(), 1), ("b".into(), 2)]);

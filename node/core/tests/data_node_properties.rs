@@ -70,6 +70,7 @@ fn config(change_log_applied_max: u64) -> DataNodeConfig {
         mapping: mapping(),
         transform_interval_ms: 5,
         transform_idle_ms: 20,
+        store_retry_ms: 7,
         answers_max: 4,
         change_log_applied_max,
     }
@@ -91,35 +92,7 @@ fn client_op(column: &str, key: u8, value: u8, delete: bool) -> RowOp {
 
 /// Performs one store operation, as a shell does, through the data-store interface.
 fn perform(old: &mut impl OldStore, new: &mut impl NewStore, op: &StoreOp) -> StoreResult {
-    match op {
-        StoreOp::OpenSnapshot => {
-            let (snapshot, at) = old.open_snapshot();
-            StoreResult::SnapshotOpened { snapshot, at }
-        }
-        StoreOp::ReadSnapshot { snapshot, after, limit } => match old.snapshot_chunk(*snapshot, after, *limit) {
-            Ok(chunk) => StoreResult::Chunk(chunk),
-            Err(_) => StoreResult::SnapshotGone,
-        },
-        StoreOp::ReadChanges { after, limit } => {
-            let (changes, last) = old.changes_after(*after, *limit);
-            StoreResult::Changes { changes, last }
-        }
-        StoreOp::Apply(batch) => match new.apply_batch(batch) {
-            Ok(()) => StoreResult::Applied,
-            Err(stale) => StoreResult::ApplyRefused(stale),
-        },
-        StoreOp::Fence => StoreResult::Fenced { final_position: old.fence() },
-        StoreOp::Unfence => {
-            old.unfence();
-            StoreResult::Unfenced
-        }
-        StoreOp::ReadRows { after, limit } => StoreResult::Rows(old.rows_chunk(after, *limit)),
-        StoreOp::Prune { up_to } => {
-            old.prune(*up_to);
-            StoreResult::Pruned
-        }
-        StoreOp::NewChecksum => StoreResult::NewChecksum(new.checksum()),
-    }
+    node_core::data_node::perform(old, new, op.clone())
 }
 
 /// SplitMix64: the few per-output choices (answer a store operation at once or later).
@@ -310,6 +283,9 @@ enum Step {
     Disconnect,
     /// The process crashes (an outstanding store operation happened or not) and restarts.
     Crash { performed: bool },
+    /// The outstanding store operation fails (busy, an I/O error), after it happened or not
+    /// (a commit whose answer was lost).
+    StoreFailed { performed: bool },
 }
 
 /// How many states behind the newest a replica answers from (mostly none).
@@ -332,6 +308,7 @@ fn step() -> impl Strategy<Value = Step> {
         14 => (1u64..=WAIT_MAX_MS).prop_map(Step::Wait),
         1 => Just(Step::Disconnect),
         1 => any::<bool>().prop_map(|performed| Step::Crash { performed }),
+        1 => any::<bool>().prop_map(|performed| Step::StoreFailed { performed }),
     ]
 }
 
@@ -348,6 +325,7 @@ struct Coverage {
     copy_restarts: u64,
     prunes: u64,
     snapshots_gone: u64,
+    store_failures: u64,
     applies: u64,
     executed_old: u64,
     executed_new: u64,
@@ -395,6 +373,8 @@ struct Shell<'a> {
     frozen_views: BTreeSet<Epoch>,
     /// Freezes this incarnation fenced for.
     fenced_for: BTreeSet<Epoch>,
+    /// The epoch of the last fence asked for.
+    last_fence: Option<Epoch>,
     booted_fenced: bool,
     /// The order key of the last decision acted on, over every incarnation.
     acted_key: (u64, u8),
@@ -445,6 +425,7 @@ impl<'a> Shell<'a> {
             acted_freezes: BTreeSet::new(),
             frozen_views: BTreeSet::new(),
             fenced_for: BTreeSet::new(),
+            last_fence: None,
             booted_fenced: false,
             acted_key: (0, 0),
             coverage,
@@ -465,8 +446,8 @@ impl<'a> Shell<'a> {
         self.acted_freezes.clear();
         self.frozen_views.clear();
         self.fenced_for.clear();
-        self.booted_fenced = self.old.is_fenced();
-        let checkpoint = self.new.checkpoint();
+        self.booted_fenced = self.old.is_fenced().unwrap();
+        let checkpoint = self.new.checkpoint().unwrap();
         self.feed(DataInput::Boot { record: self.disk.clone(), checkpoint, old_fenced: self.booted_fenced })
     }
 
@@ -596,7 +577,7 @@ impl<'a> Shell<'a> {
                     StoreOp::Fence => self.check_fence()?,
                     StoreOp::Prune { up_to } => {
                         // Only changes durably applied to the new universe may be forgotten.
-                        let durable = self.new.checkpoint();
+                        let durable = self.new.checkpoint().unwrap();
                         prop_assert!(
                             durable.copy == CopyState::Done && *up_to <= durable.applied,
                             "pruning the change log up to {:?} with the new store's checkpoint at {:?}",
@@ -606,7 +587,7 @@ impl<'a> Shell<'a> {
                         self.coverage.borrow_mut().prunes += 1;
                     }
                     StoreOp::Apply(batch) => {
-                        let durable = self.new.checkpoint().applied;
+                        let durable = self.new.checkpoint().unwrap().applied;
                         prop_assert!(
                             batch.reset || batch.checkpoint.applied >= durable,
                             "a batch without reset moves the checkpoint back from {:?} to {:?}",
@@ -655,6 +636,7 @@ impl<'a> Shell<'a> {
         );
         let epoch = allowed.expect("checked");
         self.fenced_for.insert(epoch);
+        self.last_fence = Some(epoch);
         let mut c = self.coverage.borrow_mut();
         c.fences += 1;
         if !self.frozen_views.contains(&epoch) {
@@ -694,7 +676,7 @@ impl<'a> Shell<'a> {
                 }
             }
             DataEvent::Drained { epoch, final_position, .. } => {
-                let applied = self.new.checkpoint().applied;
+                let applied = self.new.checkpoint().unwrap().applied;
                 prop_assert!(
                     applied >= final_position,
                     "drained {:?} at final position {:?} with the new store's checkpoint at {:?}",
@@ -711,7 +693,7 @@ impl<'a> Shell<'a> {
                     matched,
                     "checksums differ at the final position {:?} (new checkpoint {:?})",
                     final_position,
-                    self.new.checkpoint()
+                    self.new.checkpoint().unwrap()
                 );
                 self.coverage.borrow_mut().compared += 1;
             }
@@ -719,7 +701,10 @@ impl<'a> Shell<'a> {
                 // The old store's stream has no gaps and the rename converts every row.
                 return Err(TestCaseError::fail(format!("the transform failed on a well-formed stream: {e}")));
             }
-            DataEvent::Admitted { .. } | DataEvent::Copying | DataEvent::Fenced { .. } => {}
+            DataEvent::Admitted { .. }
+            | DataEvent::Copying
+            | DataEvent::Fenced { .. }
+            | DataEvent::StoreFailed { .. } => {}
         }
         Ok(())
     }
@@ -831,6 +816,20 @@ impl<'a> Shell<'a> {
                 }
             }
             Step::Disconnect => self.old.disconnect(),
+            Step::StoreFailed { performed } => {
+                if let Some(op) = self.op.clone() {
+                    self.coverage.borrow_mut().store_failures += 1;
+                    if performed {
+                        perform(&mut self.old, &mut self.new, &op);
+                    }
+                    if op == StoreOp::Fence {
+                        // The core asks for the same fence again: allowed once more.
+                        let epoch = self.last_fence.expect("a fence was checked when asked for");
+                        self.fenced_for.remove(&epoch);
+                    }
+                    self.feed(DataInput::Store(StoreResult::Failed { reason: "the store is busy".into() }))?;
+                }
+            }
             Step::Crash { performed } => {
                 self.coverage.borrow_mut().crashes += 1;
                 if let Some(op) = self.op.take() {
@@ -875,9 +874,10 @@ impl<'a> Shell<'a> {
             (Universe::Old, false) => {
                 self.old.execute_write(request, true, |_| Ok(vec![client_op("v", key, value, delete)])).0
             }
-            (Universe::New, true) => {
-                StoreAnswer::Ok { body: self.new.get("t", read).cloned(), position: self.new.checkpoint().applied }
-            }
+            (Universe::New, true) => StoreAnswer::Ok {
+                body: self.new.get("t", read).cloned(),
+                position: self.new.checkpoint().unwrap().applied,
+            },
             (Universe::New, false) => {
                 self.new.execute_write(request, false, |_| Ok(vec![client_op("w", key, value, delete)])).0
             }
@@ -982,6 +982,7 @@ fn data_node_core_follows_committed_decisions() {
     assert!(c.executed_old > 0 && c.executed_new > 0 && c.executed_mirrors > 0, "requests not exercised: {c:?}");
     assert!(c.copy_restarts > 0 && c.crashes > 0 && c.stale_views > 0, "recovery not exercised: {c:?}");
     assert!(c.prunes > 0, "the change log was never pruned: {c:?}");
+    assert!(c.store_failures > 0, "no store operation failed: {c:?}");
 }
 
 /// The simulator's planted transform bug (a restarted stream skips the change right after its

@@ -36,6 +36,7 @@ fn config(answers_max: usize) -> DataNodeConfig {
         mapping: Mapping::compile(&Schema { tables }, &transforms).expect("the rename fits"),
         transform_interval_ms: INTERVAL_MS,
         transform_idle_ms: IDLE_MS,
+        store_retry_ms: 10,
         answers_max,
         change_log_applied_max: 100,
     }
