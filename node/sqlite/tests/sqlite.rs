@@ -1,0 +1,582 @@
+//! The SQLite adapter against real database files: capture, snapshots, fences (the
+//! application's own connections refused), batches with their checkpoint across restarts,
+//! checksums equal to the in-memory store's, and no object of Imago's left behind.
+
+use imago_node_sqlite::{SqliteError, SqliteNew, SqliteOld};
+use node_core::duties::transform::{TransformCore, Work};
+use node_core::store::{Batch, Checkpoint, CopyState, MemStore, NewStore, OldStore, StoreError};
+use proptest::prelude::*;
+use protocol::schema::{Mapping, Row, RowOp, Schema, SplitPart, TableSchema, Transform, Value};
+use protocol::Position;
+use rusqlite::Connection;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A directory of its own under the system's temporary directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("imago-sqlite-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.0.join(name).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn users_schema() -> Schema {
+    let mut tables = BTreeMap::new();
+    tables.insert(
+        "users".to_string(),
+        TableSchema { key: "id".into(), columns: vec!["id".into(), "name".into(), "email".into(), "bio".into()] },
+    );
+    tables.insert("items".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "title".into()] });
+    Schema { tables }
+}
+
+/// The application's database: the old schema, made by the application (not by Imago).
+fn app_database(path: &str) -> Connection {
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY, name TEXT, email TEXT, bio TEXT);
+         CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, title TEXT);",
+    )
+    .unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    conn
+}
+
+fn row(pairs: &[(&str, Value)]) -> Row {
+    pairs.iter().map(|(c, v)| (c.to_string(), v.clone())).collect()
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.into())
+}
+
+/// The rows of a whole old store, read through the interface (current contents).
+fn all_rows(old: &impl OldStore) -> Vec<(String, i64, Row)> {
+    let mut rows = Vec::new();
+    let mut after = None;
+    loop {
+        let chunk = old.rows_chunk(&after, 7).unwrap();
+        after = chunk.rows.last().map(|(t, k, _)| (t.clone(), *k)).or(after);
+        rows.extend(chunk.rows);
+        if chunk.last {
+            return rows;
+        }
+    }
+}
+
+#[test]
+fn capture_sees_every_write_of_the_applications_own_connection_in_order() {
+    let dir = TempDir::new();
+    let path = dir.file("old.db");
+    let app = app_database(&path);
+    app.execute_batch("INSERT INTO users VALUES (1, 'ann', 'a@x', 'hi')").unwrap();
+    let old = SqliteOld::open(&path, &users_schema()).unwrap();
+    assert_eq!(old.captured().unwrap(), Position(0), "rows before capture are the snapshot's, not changes");
+    app.execute_batch(
+        "INSERT INTO users VALUES (2, 'bob', 'b@x', NULL);
+         UPDATE users SET name = 'anna' WHERE id = 1;
+         UPDATE users SET id = 3 WHERE id = 2;
+         DELETE FROM users WHERE id = 1;
+         INSERT OR REPLACE INTO items VALUES (5, 'lamp');
+         INSERT OR REPLACE INTO items VALUES (5, 'desk');",
+    )
+    .unwrap();
+    let (changes, last) = old.changes_after(Position(0), 100).unwrap();
+    assert_eq!(last, Position(7));
+    let ops: Vec<RowOp> = changes.iter().map(|(_, op)| op.clone()).collect();
+    let upsert = |table: &str, key, r| RowOp::Upsert { table: table.into(), key, row: r };
+    let delete = |table: &str, key| RowOp::Delete { table: table.into(), key };
+    let bob = |id| row(&[("id", Value::Int(id)), ("name", text("bob")), ("email", text("b@x")), ("bio", Value::Null)]);
+    assert_eq!(
+        ops,
+        vec![
+            upsert("users", 2, bob(2)),
+            upsert(
+                "users",
+                1,
+                row(&[("id", Value::Int(1)), ("name", text("anna")), ("email", text("a@x")), ("bio", text("hi"))])
+            ),
+            // A key that changes is a delete of the old key and an upsert of the new one.
+            delete("users", 2),
+            upsert("users", 3, bob(3)),
+            delete("users", 1),
+            upsert("items", 5, row(&[("id", Value::Int(5)), ("title", text("lamp"))])),
+            upsert("items", 5, row(&[("id", Value::Int(5)), ("title", text("desk"))])),
+        ]
+    );
+    assert_eq!(changes.iter().map(|(p, _)| p.0).collect::<Vec<_>>(), (1..=7).collect::<Vec<_>>());
+    let (later, _) = old.changes_after(Position(5), 1).unwrap();
+    assert_eq!(later.iter().map(|(p, _)| p.0).collect::<Vec<_>>(), vec![6], "a limit and a start");
+}
+
+#[test]
+fn a_rolled_back_write_leaves_no_change_and_no_gap() {
+    let dir = TempDir::new();
+    let path = dir.file("old.db");
+    let app = app_database(&path);
+    let old = SqliteOld::open(&path, &users_schema()).unwrap();
+    app.execute_batch("BEGIN; INSERT INTO items VALUES (1, 'a'); ROLLBACK;").unwrap();
+    app.execute_batch("INSERT INTO items VALUES (2, 'b')").unwrap();
+    let (changes, last) = old.changes_after(Position(0), 10).unwrap();
+    assert_eq!((changes.len(), changes[0].0, last), (1, Position(1), Position(1)));
+}
+
+#[test]
+fn a_snapshot_sees_the_rows_as_of_its_position_while_writers_go_on_and_dies_with_its_connection() {
+    let dir = TempDir::new();
+    let path = dir.file("old.db");
+    let app = app_database(&path);
+    for k in 1..=5 {
+        app.execute(&format!("INSERT INTO items VALUES ({k}, 't{k}')"), []).unwrap();
+    }
+    let mut old = SqliteOld::open(&path, &users_schema()).unwrap();
+    app.execute_batch("INSERT INTO items VALUES (6, 't6')").unwrap();
+    let (snap, at) = old.open_snapshot().unwrap();
+    assert_eq!(at, Position(1));
+    // The application writes on, through its own connection, while the snapshot is open.
+    app.execute_batch("INSERT INTO items VALUES (7, 't7'); DELETE FROM items WHERE id = 1;").unwrap();
+    let mut keys = Vec::new();
+    let mut after = None;
+    loop {
+        let chunk = old.snapshot_chunk(snap, &after, 4).unwrap();
+        assert_eq!(chunk.position, Position(3), "a chunk names the store's position when it was read");
+        after = chunk.rows.last().map(|(t, k, _)| (t.clone(), *k)).or(after);
+        keys.extend(chunk.rows.iter().map(|(t, k, _)| (t.clone(), *k)));
+        if chunk.last {
+            break;
+        }
+    }
+    let expected: Vec<(String, i64)> = (1..=6).map(|k| ("items".to_string(), k)).collect();
+    assert_eq!(keys, expected, "as of position 1: key 6 in, key 7 not yet, key 1 not yet deleted");
+    old.disconnect();
+    assert!(matches!(old.snapshot_chunk(snap, &None, 4), Err(StoreError::SnapshotGone(s)) if s == snap));
+    let (again, _) = old.open_snapshot().unwrap();
+    assert_ne!(again, snap, "snapshot handles are not reused");
+}
+
+#[test]
+fn the_fence_waits_for_the_writer_in_flight_then_refuses_every_connection_until_unfenced() {
+    let dir = TempDir::new();
+    let path = dir.file("old.db");
+    let app = app_database(&path);
+    let mut old = SqliteOld::open(&path, &users_schema()).unwrap();
+    let writer_path = path.clone();
+    // A transaction in flight on another connection: the fence must let it commit (and be
+    // captured) before it reads the final position.
+    let (begun_tx, begun) = std::sync::mpsc::channel();
+    #[allow(clippy::disallowed_methods)] // a second process's writer, in a test of a real database
+    let writer = std::thread::spawn(move || {
+        let conn = app_database(&writer_path);
+        conn.execute_batch("BEGIN IMMEDIATE; INSERT INTO items VALUES (1, 'in flight');").unwrap();
+        begun_tx.send(()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    begun.recv().unwrap();
+    let final_position = old.fence().unwrap();
+    writer.join().unwrap();
+    assert_eq!(final_position, Position(1), "the write in flight finished first and is inside the final position");
+    assert!(old.is_fenced().unwrap());
+    let refused = app.execute_batch("INSERT INTO items VALUES (2, 'late')").unwrap_err().to_string();
+    assert!(refused.contains("imago") && refused.contains("fenced"), "{refused}");
+    let refused = app.execute_batch("DELETE FROM items").unwrap_err().to_string();
+    assert!(refused.contains("fenced"), "{refused}");
+    assert_eq!(old.fence().unwrap(), final_position, "fencing again names the same final position");
+    assert_eq!(old.captured().unwrap(), final_position, "nothing captured after the fence");
+    old.unfence().unwrap();
+    assert!(!old.is_fenced().unwrap());
+    app.execute_batch("INSERT INTO items VALUES (2, 'after')").unwrap();
+    assert_eq!(old.captured().unwrap(), Position(2));
+}
+
+#[test]
+fn the_new_database_takes_writes_only_from_the_transform_until_the_switch() {
+    let dir = TempDir::new();
+    let path = dir.file("new.db");
+    let mapping = Mapping::compile(&users_schema(), &[]).unwrap();
+    let mut new = SqliteNew::open(&path, &mapping.new_schema()).unwrap();
+    let console = Connection::open(&path).unwrap();
+    let refused = console.execute_batch("INSERT INTO items VALUES (1, 'rogue')").unwrap_err().to_string();
+    assert!(refused.contains("only Imago's transform writes it until the switch"), "{refused}");
+    let one = |key, base: Checkpoint, applied| Batch {
+        base,
+        reset: false,
+        ops: vec![RowOp::Upsert {
+            table: "items".into(),
+            key,
+            row: row(&[("id", Value::Int(key)), ("title", text("t"))]),
+        }],
+        checkpoint: Checkpoint { applied: Position(applied), copy: CopyState::Done, copies: 1 },
+    };
+    new.apply_batch(&one(1, Checkpoint::default(), 1)).unwrap().unwrap();
+    assert_eq!(new.rows("items").unwrap().len(), 1, "the transform's own write went in");
+    // A node that restarts before the switch is still the only writer.
+    drop(new);
+    let mut new = SqliteNew::open(&path, &mapping.new_schema()).unwrap();
+    assert!(console.execute_batch("DELETE FROM items").is_err());
+    assert!(!new.is_open_to_clients().unwrap());
+    new.open_to_clients().unwrap();
+    console.execute_batch("INSERT INTO items VALUES (2, 'client')").unwrap();
+    drop(new);
+    let new = SqliteNew::open(&path, &mapping.new_schema()).unwrap();
+    assert!(new.is_open_to_clients().unwrap(), "opened to clients for good, across restarts");
+    console.execute_batch("INSERT INTO items VALUES (3, 'client')").unwrap();
+}
+
+#[test]
+fn a_batch_and_its_checkpoint_are_one_transaction_applied_once_across_restarts() {
+    let dir = TempDir::new();
+    let path = dir.file("new.db");
+    let mapping = Mapping::compile(&users_schema(), &[]).unwrap();
+    let mut new = SqliteNew::open(&path, &mapping.new_schema()).unwrap();
+    let at = |applied| Checkpoint { applied: Position(applied), copy: CopyState::Done, copies: 1 };
+    let item = |key: i64, title: &str| RowOp::Upsert {
+        table: "items".into(),
+        key,
+        row: row(&[("id", Value::Int(key)), ("title", text(title))]),
+    };
+    let first =
+        Batch { base: Checkpoint::default(), reset: false, ops: vec![item(1, "a"), item(2, "b")], checkpoint: at(2) };
+    new.apply_batch(&first).unwrap().unwrap();
+    // The process dies; the checkpoint is read back from the database with the data.
+    drop(new);
+    let mut new = SqliteNew::open(&path, &mapping.new_schema()).unwrap();
+    assert_eq!(new.checkpoint().unwrap(), at(2));
+    let stale = new.apply_batch(&first).unwrap().unwrap_err();
+    assert_eq!((stale.base, stale.found), (Checkpoint::default(), at(2)), "a batch delivered twice is refused");
+    let next = Batch {
+        base: at(2),
+        reset: false,
+        ops: vec![item(2, "b2"), RowOp::Delete { table: "items".into(), key: 1 }],
+        checkpoint: at(3),
+    };
+    new.apply_batch(&next).unwrap().unwrap();
+    let titles: Vec<(i64, Value)> =
+        new.rows("items").unwrap().into_iter().map(|(k, r)| (k, r["title"].clone())).collect();
+    assert_eq!(titles, vec![(2, text("b2"))]);
+    // A copy that starts over empties every table with its first batch.
+    let reset = Batch { base: at(3), reset: true, ops: vec![item(9, "z")], checkpoint: at(7) };
+    new.apply_batch(&reset).unwrap().unwrap();
+    assert_eq!(new.rows("items").unwrap().iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![9]);
+    // A batch that fails halfway changes nothing, its checkpoint included.
+    let bad = Batch {
+        base: at(7),
+        reset: false,
+        ops: vec![item(10, "y"), RowOp::Upsert { table: "nowhere".into(), key: 1, row: Row::new() }],
+        checkpoint: at(8),
+    };
+    assert!(new.apply_batch(&bad).is_err());
+    assert_eq!(new.checkpoint().unwrap(), at(7));
+    assert_eq!(new.rows("items").unwrap().len(), 1);
+}
+
+#[test]
+fn checksums_equal_the_in_memory_stores_for_the_same_rows() {
+    let dir = TempDir::new();
+    let mapping = Mapping::compile(&users_schema(), &[]).unwrap();
+    let mut new = SqliteNew::open(&dir.file("new.db"), &mapping.new_schema()).unwrap();
+    let mut mem = MemStore::with_schema(&mapping.new_schema());
+    let ops = vec![
+        RowOp::Upsert {
+            table: "users".into(),
+            key: 4,
+            row: row(&[("id", Value::Int(4)), ("name", text("é")), ("email", Value::Null), ("bio", text(""))]),
+        },
+        RowOp::Upsert { table: "items".into(), key: -3, row: row(&[("id", Value::Int(-3)), ("title", Value::Int(7))]) },
+    ];
+    let batch = Batch { base: Checkpoint::default(), reset: false, ops, checkpoint: Checkpoint::default() };
+    let batch = Batch { checkpoint: Checkpoint { applied: Position(1), ..Checkpoint::default() }, ..batch };
+    new.apply_batch(&batch).unwrap().unwrap();
+    mem.apply_batch(&batch).unwrap().unwrap();
+    assert_eq!(new.checksum().unwrap(), mem.checksum().unwrap());
+    assert_ne!(new.checksum().unwrap(), 0);
+}
+
+#[test]
+fn live_tables_that_differ_from_the_plan_are_refused_with_the_table_and_column() {
+    let dir = TempDir::new();
+    let path = dir.file("old.db");
+    let conn = Connection::open(&path).unwrap();
+    conn.execute_batch("CREATE TABLE items (id INTEGER PRIMARY KEY, title TEXT, price REAL)").unwrap();
+    let items = |columns: &[&str], key: &str| Schema {
+        tables: [(
+            "items".to_string(),
+            TableSchema { key: key.into(), columns: columns.iter().map(|c| c.to_string()).collect() },
+        )]
+        .into(),
+    };
+    let err = SqliteOld::open(&path, &items(&["id", "title"], "id")).unwrap_err().to_string();
+    assert!(err.contains("`items`") && err.contains("`price`") && err.contains("not in the plan"), "{err}");
+    let err = SqliteOld::open(&path, &items(&["id", "title", "price", "color"], "id")).unwrap_err().to_string();
+    assert!(err.contains("`color`") && err.contains("lacks"), "{err}");
+    let err = SqliteOld::open(&path, &items(&["id", "title", "price"], "title")).unwrap_err().to_string();
+    assert!(err.contains("INTEGER PRIMARY KEY"), "{err}");
+    let err = SqliteOld::open(
+        &path,
+        &Schema { tables: [("nope".to_string(), items(&["id"], "id").tables["items"].clone())].into() },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`nope`") && err.contains("no such table"), "{err}");
+    assert!(SqliteOld::open(&path, &items(&["id", "title", "price"], "id")).is_ok());
+}
+
+#[test]
+fn a_value_imago_cannot_carry_never_fails_the_applications_write_and_is_reported_by_name() {
+    let dir = TempDir::new();
+    let path = dir.file("old.db");
+    // No type affinity on `title`: SQLite keeps what it is given (a TEXT column would have
+    // stored the REAL as text).
+    let app = Connection::open(&path).unwrap();
+    app.execute_batch("CREATE TABLE items (id INTEGER PRIMARY KEY, title)").unwrap();
+    let items = users_schema().tables["items"].clone();
+    let old = SqliteOld::open(&path, &Schema { tables: [("items".to_string(), items)].into() }).unwrap();
+    app.execute_batch("INSERT INTO items VALUES (1, 2.5)").unwrap();
+    app.execute_batch("INSERT INTO items VALUES (2, x'00ff')").unwrap();
+    let err = old.changes_after(Position(0), 1).unwrap_err().to_string();
+    assert!(err.contains("`items`") && err.contains("`title`") && err.contains("REAL"), "{err}");
+    let err = old.changes_after(Position(1), 1).unwrap_err().to_string();
+    assert!(err.contains("BLOB"), "{err}");
+    let err = old.rows_chunk(&None, 10).unwrap_err().to_string();
+    assert!(err.contains("`title`"), "{err}");
+}
+
+#[test]
+fn nothing_of_imago_is_left_after_the_upgrade_ends() {
+    let dir = TempDir::new();
+    let (old_path, new_path) = (dir.file("old.db"), dir.file("new.db"));
+    let app = app_database(&old_path);
+    let mut old = SqliteOld::open(&old_path, &users_schema()).unwrap();
+    old.fence().unwrap();
+    assert!(!old.imago_objects().unwrap().is_empty());
+    old.remove_capture().unwrap();
+    assert!(
+        old.imago_objects().unwrap().iter().all(|o| o.starts_with("imago_fence_")),
+        "after the switch the old database stays fenced until retired: {:?}",
+        old.imago_objects().unwrap()
+    );
+    assert!(app.execute_batch("INSERT INTO items VALUES (1, 'x')").is_err());
+    old.retire().unwrap();
+    app.execute_batch("INSERT INTO items VALUES (1, 'x')").unwrap();
+    let objects: Vec<String> = {
+        let mut stmt = app
+            .prepare("SELECT name FROM sqlite_master WHERE name LIKE 'imago%' AND name <> 'imago_requests'")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+    };
+    assert_eq!(objects, Vec::<String>::new(), "no trigger or table of Imago's stays in the old database");
+    let mapping = Mapping::compile(&users_schema(), &[]).unwrap();
+    let mut new = SqliteNew::open(&new_path, &mapping.new_schema()).unwrap();
+    assert!(!new.imago_objects().unwrap().is_empty());
+    new.remove_imago().unwrap();
+    assert_eq!(new.imago_objects().unwrap(), Vec::<String>::new());
+}
+
+/// A store error is a typed error with the path, then a store error the core retries.
+#[test]
+fn a_database_that_cannot_open_says_which_file() {
+    let err = SqliteOld::open("/nonexistent-dir/old.db", &users_schema()).unwrap_err();
+    assert!(matches!(err, SqliteError::Open { .. }));
+    assert!(err.to_string().contains("/nonexistent-dir/old.db"), "{err}");
+    let as_store: StoreError = err.into();
+    assert!(matches!(as_store, StoreError::Unavailable(_)));
+}
+
+/// The transform core over both SQLite stores, with the application writing through its own
+/// connection all along and the transform's process killed (its objects dropped, the files
+/// kept) mid-copy and mid-stream: after the fence and the catch-up, the new database holds
+/// exactly transform(old), row for row.
+#[test]
+fn the_transform_over_sqlite_survives_kills_and_ends_equal_to_transform_of_old() {
+    let dir = TempDir::new();
+    let (old_path, new_path) = (dir.file("old.db"), dir.file("new.db"));
+    let app = app_database(&old_path);
+    for k in 1..=700 {
+        app.execute(&format!("INSERT INTO users VALUES ({k}, 'n{k}', 'e{k}', 'b{k}')"), []).unwrap();
+        if k % 3 == 0 {
+            app.execute(&format!("INSERT INTO items VALUES ({k}, 'i{k}')"), []).unwrap();
+        }
+    }
+    let transforms = vec![
+        Transform::RenameColumn { table: "users".into(), from: "name".into(), to: "nickname".into() },
+        Transform::SplitTable {
+            table: "users".into(),
+            into: vec![
+                SplitPart { table: "users".into(), columns: vec!["nickname".into(), "email".into()] },
+                SplitPart { table: "user_profiles".into(), columns: vec!["bio".into()] },
+            ],
+        },
+    ];
+    let mapping = Mapping::compile(&users_schema(), &transforms).unwrap();
+    let open = || {
+        let old = SqliteOld::open(&old_path, &users_schema()).unwrap();
+        let new = SqliteNew::open(&new_path, &mapping.new_schema()).unwrap();
+        (old, new)
+    };
+    let (mut old, mut new) = open();
+    let mut core = TransformCore::new(mapping.clone(), new.checkpoint().unwrap());
+    let mut write = 0u64;
+    let mut kills = (0, 0);
+    for step in 0..400u64 {
+        // The application writes between every two steps of the transform.
+        write += 1;
+        let k = (write * 37) % 900 + 1;
+        match write % 4 {
+            0 => app.execute(&format!("DELETE FROM users WHERE id = {k}"), []).map(drop).unwrap(),
+            1 => app
+                .execute(&format!("INSERT OR REPLACE INTO users VALUES ({k}, 'w{write}', NULL, 'b')"), [])
+                .map(drop)
+                .unwrap(),
+            2 => app.execute(&format!("UPDATE users SET bio = 'u{write}' WHERE id = {k}"), []).map(drop).unwrap(),
+            _ => app.execute(&format!("INSERT OR REPLACE INTO items VALUES ({k}, 'w{write}')"), []).map(drop).unwrap(),
+        }
+        // The process is killed now and then: a mid-copy kill loses the snapshot.
+        if step % 45 == 10 {
+            if core.bulk_done() {
+                kills.1 += 1;
+            } else {
+                kills.0 += 1;
+            }
+            drop((old, new));
+            (old, new) = open();
+            core = TransformCore::new(mapping.clone(), new.checkpoint().unwrap());
+        }
+        let batch = match core.next_work() {
+            Work::Snapshot => {
+                let (snapshot, at) = old.open_snapshot().unwrap();
+                Some(core.copy_started(snapshot, at))
+            }
+            Work::CopyChunk { snapshot, after, .. } => {
+                let chunk = old.snapshot_chunk(snapshot, &after, 50).unwrap();
+                Some(core.copy_chunk(&chunk.rows, chunk.last).unwrap())
+            }
+            Work::Stream { after, .. } => {
+                let (changes, _) = old.changes_after(after, 20).unwrap();
+                (!changes.is_empty()).then(|| core.apply_changes(&changes).unwrap())
+            }
+        };
+        if let Some(batch) = batch {
+            new.apply_batch(&batch).unwrap().unwrap();
+            if core.bulk_done() && step % 10 == 0 {
+                old.prune(core.checkpoint().applied).unwrap();
+            }
+        }
+    }
+    assert!(kills.0 > 0 && kills.1 > 0, "killed mid-copy and mid-stream: {kills:?}");
+    let final_position = old.fence().unwrap();
+    while core.checkpoint().applied < final_position {
+        let (changes, _) = old.changes_after(core.checkpoint().applied, 100).unwrap();
+        let batch = core.apply_changes(&changes).unwrap();
+        new.apply_batch(&batch).unwrap().unwrap();
+    }
+    // transform(old), computed by the in-memory store from the old rows as they stand.
+    let mut expected = MemStore::with_schema(&mapping.new_schema());
+    for (table, key, r) in all_rows(&old) {
+        for op in mapping.convert(&RowOp::Upsert { table, key, row: r }).unwrap() {
+            expected.write(&op);
+        }
+    }
+    for (table, rows) in expected.tables() {
+        let got: Vec<(i64, Row)> = new.rows(table).unwrap();
+        let want: Vec<(i64, Row)> = rows.iter().map(|(k, r)| (*k, r.clone())).collect();
+        assert_eq!(got.len(), want.len(), "{table}: row count");
+        assert!(got == want, "{table}: the new database differs from transform(old)");
+    }
+    assert_eq!(new.checksum().unwrap(), expected.checksum().unwrap());
+}
+
+/// The same random writes on the in-memory store and on SQLite (through the application's
+/// connection) capture the same changes at the same positions, and read the same rows.
+#[derive(Clone, Debug)]
+enum Op {
+    Put { table: bool, key: i64, value: u8 },
+    Delete { table: bool, key: i64 },
+    Prune { up_to: u64 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (any::<bool>(), -3i64..12, any::<u8>()).prop_map(|(table, key, value)| Op::Put { table, key, value }),
+        2 => (any::<bool>(), -3i64..12).prop_map(|(table, key)| Op::Delete { table, key }),
+        1 => (0u64..40).prop_map(|up_to| Op::Prune { up_to }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn sqlite_capture_agrees_with_the_in_memory_store(ops in proptest::collection::vec(op(), 1..40), limit in 1usize..9) {
+        let dir = TempDir::new();
+        let path = dir.file("old.db");
+        let app = app_database(&path);
+        let mut old = SqliteOld::open(&path, &users_schema()).unwrap();
+        let mut mem = MemStore::with_schema(&users_schema());
+        for op in ops {
+            match op {
+                Op::Put { table, key, value } => {
+                    let (name, r) = if table {
+                        ("items", row(&[("id", Value::Int(key)), ("title", text(&value.to_string()))]))
+                    } else {
+                        ("users", row(&[("id", Value::Int(key)), ("name", text(&value.to_string())), ("email", Value::Null), ("bio", text("b"))]))
+                    };
+                    let sql = if table {
+                        format!("INSERT INTO items VALUES ({key}, {value}) ON CONFLICT (id) DO UPDATE SET title = excluded.title")
+                    } else {
+                        format!("INSERT INTO users VALUES ({key}, '{value}', NULL, 'b') ON CONFLICT (id) DO UPDATE SET name = excluded.name, email = excluded.email, bio = excluded.bio")
+                    };
+                    app.execute_batch(&sql).unwrap();
+                    mem.write_captured(RowOp::Upsert { table: name.into(), key, row: r }).unwrap();
+                }
+                Op::Delete { table, key } => {
+                    let name = if table { "items" } else { "users" };
+                    // A delete of a missing row captures nothing in a database: only existing rows.
+                    if mem.get(name, key).is_some() {
+                        app.execute_batch(&format!("DELETE FROM {name} WHERE id = {key}")).unwrap();
+                        mem.write_captured(RowOp::Delete { table: name.into(), key }).unwrap();
+                    }
+                }
+                Op::Prune { up_to } => {
+                    let up_to = Position(up_to.min(mem.captured().0));
+                    old.prune(up_to).unwrap();
+                    mem.prune(up_to).unwrap();
+                }
+            }
+        }
+        prop_assert_eq!(old.captured().unwrap(), mem.captured());
+        let from = Position(mem.captured().0.saturating_sub(limit as u64 * 2));
+        let from = from.max(Position(mem.captured().0 - mem.changes().kept() as u64));
+        prop_assert_eq!(old.changes_after(from, limit).unwrap(), mem.changes_after(from, limit).unwrap());
+        prop_assert_eq!(all_rows(&old), all_rows(&mem));
+        let (snap, at) = old.open_snapshot().unwrap();
+        let (msnap, mat) = mem.open_snapshot().unwrap();
+        prop_assert_eq!(at, mat);
+        let mut after = None;
+        loop {
+            let a = old.snapshot_chunk(snap, &after, limit).unwrap();
+            let b = mem.snapshot_chunk(msnap, &after, limit).unwrap();
+            prop_assert_eq!(&a, &b);
+            after = a.rows.last().map(|(t, k, _)| (t.clone(), *k)).or(after);
+            if a.last {
+                break;
+            }
+        }
+    }
+}
