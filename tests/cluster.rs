@@ -4,7 +4,7 @@
 // Real processes on a real machine: these tests time them with the wall clock.
 #![allow(clippy::disallowed_methods)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -15,12 +15,25 @@ fn imago() -> Command {
 
 /// A free UDP port on loopback (bound and released: good enough for tests on one machine).
 fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    unique_port(|| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port())
 }
 
 /// A free TCP port on loopback.
 fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    unique_port(|| std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port())
+}
+
+/// A port `probe` finds free that this test process has not handed out before: the OS may give
+/// a port it just gave (the probe's socket is closed at once), and a cluster file naming one
+/// port twice is refused.
+fn unique_port(probe: impl Fn() -> u16) -> u16 {
+    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    loop {
+        let port = probe();
+        if GIVEN.lock().expect("not poisoned").insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A test cluster: its directory, cluster file and running processes.

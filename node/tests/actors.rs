@@ -502,11 +502,10 @@ proptest! {
             for k in 0..30 {
                 old.write(&upsert(1_000 + k));
             }
-            let new = MemStore::with_schema(&mapping.new_schema());
+            let new = MemStore::new_universe(mapping);
             let stores = Arc::new(Mutex::new((old, new)));
             let config = DataNodeConfig {
                 agent: agent_config("db-1", vec![Duty::Capture, Duty::Transform]),
-                mapping,
                 transform_interval_ms: 10,
                 transform_idle_ms: 30,
                 store_retry_ms: 10,

@@ -293,6 +293,7 @@ struct TransformSection {
     to: Option<Spanned<String>>,
     column: Option<Spanned<String>>,
     default: Option<Spanned<toml::Value>>,
+    expression: Option<Spanned<String>>,
     into: Option<Vec<SplitPartSection>>,
 }
 
@@ -301,6 +302,10 @@ struct TransformSection {
 struct SplitPartSection {
     table: Spanned<String>,
     columns: Spanned<Vec<Spanned<String>>>,
+    key: Option<Spanned<String>>,
+    generated: Option<bool>,
+    /// Column → part table; in name order.
+    references: Option<BTreeMap<String, Spanned<String>>>,
 }
 
 /// A request in flight may keep a freeze waiting only for less than the freeze's own timeout.
@@ -701,6 +706,20 @@ impl Validator<'_> {
             }
         };
         let table = need(&t.table, "table")?;
+        let expression = match &t.expression {
+            None => None,
+            Some(e) if e.get_ref().trim().is_empty() => {
+                return self.src.error(e.span(), format!("transforms[{i}].expression"), "must not be empty")
+            }
+            Some(e) if !matches!(t.kind.get_ref().as_str(), "add_column" | "change_type") => {
+                return self.src.error(
+                    e.span(),
+                    format!("transforms[{i}].expression"),
+                    "only `add_column` and `change_type` take an expression",
+                );
+            }
+            Some(e) => Some(e.get_ref().clone()),
+        };
         let transform = match t.kind.get_ref().as_str() {
             "rename_table" => Transform::RenameTable { table, to: need(&t.to, "to")? },
             "rename_column" => Transform::RenameColumn { table, from: need(&t.from, "from")?, to: need(&t.to, "to")? },
@@ -713,7 +732,14 @@ impl Validator<'_> {
                         _ => return self.src.error(v.span(), format!("transforms[{i}].default"), "must be an integer or a string"),
                     },
                 };
-                Transform::AddColumn { table, column: need(&t.column, "column")?, default }
+                if let (Some(d), Some(_)) = (&t.default, &expression) {
+                    return self.src.error(
+                        d.span(),
+                        format!("transforms[{i}].default"),
+                        "give `default` or `expression`, not both",
+                    );
+                }
+                Transform::AddColumn { table, column: need(&t.column, "column")?, default, expression }
             }
             "drop_column" => Transform::DropColumn { table, column: need(&t.column, "column")? },
             "change_type" => {
@@ -725,19 +751,31 @@ impl Validator<'_> {
                         return self.src.error(span, format!("transforms[{i}].to"), "`change_type` needs `to` = `int` or `text`");
                     }
                 };
-                Transform::ChangeType { table, column: need(&t.column, "column")?, to }
+                Transform::ChangeType { table, column: need(&t.column, "column")?, to, expression }
             }
             "split_table" => {
                 let Some(into) = &t.into else {
                     return self.src.error(t.kind.span(), format!("transforms[{i}].into"), "`split_table` needs `into`");
                 };
-                let into = into
-                    .iter()
-                    .map(|p| SplitPart {
-                        table: p.table.get_ref().clone(),
-                        columns: p.columns.get_ref().iter().map(|c| c.get_ref().clone()).collect(),
-                    })
-                    .collect();
+                let mut parts = Vec::with_capacity(into.len());
+                for (p, part) in into.iter().enumerate() {
+                    if let Some(key) = part.key.as_ref().filter(|k| k.get_ref().trim().is_empty()) {
+                        return self.src.error(key.span(), format!("transforms[{i}].into[{p}].key"), "must not be empty");
+                    }
+                    parts.push(SplitPart {
+                        table: part.table.get_ref().clone(),
+                        columns: part.columns.get_ref().iter().map(|c| c.get_ref().clone()).collect(),
+                        key: part.key.as_ref().map(|k| k.get_ref().clone()),
+                        generated: part.generated.unwrap_or(false),
+                        references: part
+                            .references
+                            .iter()
+                            .flatten()
+                            .map(|(column, target)| (column.clone(), target.get_ref().clone()))
+                            .collect(),
+                    });
+                }
+                let into = parts;
                 Transform::SplitTable { table, into }
             }
             other => {
@@ -761,6 +799,20 @@ fn transform_field_span(t: &TransformSection, field: TransformField) -> (Range<u
         TransformField::From => (or_kind(&t.from), "from".into()),
         TransformField::To => (or_kind(&t.to), "to".into()),
         TransformField::Column => (or_kind(&t.column), "column".into()),
+        TransformField::Expression => (or_kind(&t.expression), "expression".into()),
+        TransformField::IntoKey(p) => {
+            let part = t.into.as_ref().and_then(|parts| parts.get(p));
+            let span = part.map_or(t.kind.span(), |part| part.key.as_ref().map_or(part.table.span(), |k| k.span()));
+            (span, format!("into[{p}].key"))
+        }
+        TransformField::IntoReference(p, r) => {
+            let part = t.into.as_ref().and_then(|parts| parts.get(p));
+            let found = part.and_then(|part| part.references.as_ref()).and_then(|refs| refs.iter().nth(r));
+            match found {
+                Some((column, target)) => (target.span(), format!("into[{p}].references.{column}")),
+                None => (part.map_or(t.kind.span(), |part| part.table.span()), format!("into[{p}].references")),
+            }
+        }
         TransformField::Into(p) => {
             let span = t.into.as_ref().and_then(|parts| parts.get(p)).map_or(t.kind.span(), |part| part.table.span());
             (span, format!("into[{p}]"))

@@ -193,3 +193,58 @@ fn imago_table_names_are_reserved_in_schemas_and_transforms() {
     assert_eq!(e.line, line_of(&text, "to = \"imago_requests\""), "{e}");
     assert!(e.message.contains("reserved"), "{e}");
 }
+
+const MEDIAWIKI: &str = include_str!("../../plans/mediawiki-1.5.toml");
+
+#[test]
+fn the_mediawiki_plan_makes_pages_revisions_and_texts_with_generated_keys() {
+    let plan = Plan::from_toml("mediawiki-1.5.toml", MEDIAWIKI).unwrap();
+    let mapping = plan.mapping().unwrap();
+    let schema = mapping.new_schema();
+    assert_eq!(schema.tables.keys().map(String::as_str).collect::<Vec<_>>(), vec!["page", "revision", "text"]);
+    let cur: Vec<(&str, bool)> = mapping.outputs["cur"].iter().map(|o| (o.table.as_str(), o.generated)).collect();
+    assert_eq!(cur, vec![("page", false), ("revision", true), ("text", true)]);
+    let old: Vec<(&str, bool)> = mapping.outputs["old"].iter().map(|o| (o.table.as_str(), o.generated)).collect();
+    assert_eq!(old, vec![("revision", true), ("text", true)], "both old tables feed revision and text");
+    assert!(mapping.needs_database().is_some(), "rev_page is an SQL expression");
+}
+
+#[test]
+fn expressions_keys_and_references_are_checked_where_they_are_written() {
+    let cases = [
+        (":old_namespace AND", ":old_space AND", "transforms[7].expression", "`:old_space`"),
+        (
+            r#"references = { rev_text_id = "text" } },"#,
+            r#"references = { rev_text_id = "texts" } },"#,
+            "transforms[11].into[0].references.rev_text_id",
+            "`texts`",
+        ),
+        // A part that is not generated cannot join rows of another table.
+        (
+            r#"{ table = "text", key = "old_id", generated = true, columns = ["old_text"] },
+]
+
+[schema.new.page]"#,
+            r#"{ table = "text", key = "old_id", columns = ["old_text"] },
+]
+
+[schema.new.page]"#,
+            "transforms[11].into[1]",
+            "generated keys",
+        ),
+    ];
+    for (from, to, field, says) in cases {
+        assert!(MEDIAWIKI.contains(from), "{from}");
+        let text = MEDIAWIKI.replacen(from, to, 1);
+        let e = load_err(&text);
+        let needle = to.lines().next().unwrap();
+        assert_eq!((e.field.as_str(), e.line), (field, line_of(&text, needle)), "{e}");
+        assert!(e.message.contains(says), "{e}");
+    }
+    let both = EXAMPLE.replace(r#"default = "open""#, "default = \"open\"\nexpression = \"'open'\"");
+    let e = load_err(&both);
+    assert_eq!(e.field, "transforms[4].default", "{e}");
+    let misplaced = EXAMPLE.replace("to = \"auctions\"", "to = \"auctions\"\nexpression = \"1\"");
+    let e = load_err(&misplaced);
+    assert!(e.field.ends_with(".expression") && e.message.contains("only `add_column`"), "{e}");
+}

@@ -261,7 +261,11 @@ impl World {
                 StoreResult::Unfenced
             }
             StoreOp::ReadRows { after, limit } => StoreResult::Rows(d.old.rows_chunk(&after, limit).expect(MEM)),
-            StoreOp::NewChecksum => StoreResult::NewChecksum(d.new.checksum().expect(MEM)),
+            StoreOp::Stage { rows, first } => StoreResult::Staged { rejected: d.new.stage(&rows, first).expect(MEM) },
+            StoreOp::CompareStaged => {
+                let (expected, actual) = d.new.compare_staged().expect(MEM);
+                StoreResult::Compared { expected, actual }
+            }
             StoreOp::ReadCheckpoint => StoreResult::Checkpoint(d.new.checkpoint().expect(MEM)),
             StoreOp::Prune { up_to } => {
                 d.pruned_seen = d.pruned_seen.max(up_to.0.min(d.old.captured().0));
@@ -429,7 +433,6 @@ impl World {
         );
         let plan = protocol::plan::Plan::from_toml("sim-plan.toml", &text).expect("the simulator's plans are valid");
         let mapping = plan.mapping().expect("the simulator's transforms fit");
-        let new_schema = mapping.new_schema();
         let switched = self.data.iter().all(|d| d.from.next() == generation);
         assert!(switched || self.data.iter().all(|d| d.from == generation), "every data node is deployed alike");
         self.record(format_args!("operator: deploys {} (from {generation})", plan.name));
@@ -441,7 +444,7 @@ impl World {
                 self.crash_data(i);
             }
             let d = &mut self.data[i];
-            let fresh = MemStore::with_schema(&new_schema);
+            let fresh = MemStore::new_universe(mapping.clone());
             if switched {
                 d.old = std::mem::replace(&mut d.new, fresh);
                 d.pruned_seen = 0;
@@ -503,7 +506,6 @@ impl World {
         ));
         let config = DataNodeConfig {
             agent: self.agent_config(&name, vec![Duty::Capture, Duty::Transform], Some(self.data[i].from)),
-            mapping: self.mapping.clone(),
             transform_interval_ms: TRANSFORM_INTERVAL_MS,
             transform_idle_ms: TRANSFORM_IDLE_MS,
             store_retry_ms: STORE_RETRY_MS,

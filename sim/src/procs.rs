@@ -157,13 +157,13 @@ pub struct DataProc {
 }
 
 impl DataProc {
-    pub fn new(index: usize, old_schema: &Schema, new_schema: &Schema) -> DataProc {
+    pub fn new(index: usize, old_schema: &Schema, mapping: &protocol::schema::Mapping) -> DataProc {
         DataProc {
             addr: ProcId::Data(index).addr(),
             name: format!("db-{index}"),
             from: protocol::Generation::GENESIS,
             old: MemStore::with_schema(old_schema),
-            new: MemStore::with_schema(new_schema),
+            new: MemStore::new_universe(mapping.clone()),
             disk: NodeRecord::default(),
             actor: None,
             notices: None,

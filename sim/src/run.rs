@@ -261,8 +261,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
             (reserve.deployed, reserve.in_rotation) = (false, false);
             w.routers.push(reserve);
         }
-        let new_schema = w.mapping.new_schema();
-        w.data = (0..w.config.data_nodes).map(|i| DataProc::new(i, &w.plan.old_schema, &new_schema)).collect();
+        w.data = (0..w.config.data_nodes).map(|i| DataProc::new(i, &w.plan.old_schema, &w.mapping)).collect();
         let shards = w.config.data_nodes as i64;
         for id in 0..w.config.initial_users as i64 {
             w.data[id.rem_euclid(shards) as usize].old.write(&app::initial_user(id));

@@ -19,11 +19,10 @@
 use crate::agent::{AgentConfig, AgentCore, AgentInput, AgentOutput};
 use crate::duties::drain::{DrainCore, DrainInput, DrainOutput};
 use crate::duties::transform::{Batch, Checkpoint, CopyState, TransformCore, TransformError, Work};
-use crate::duties::validate::row_hash;
-use crate::store::{Chunk, NewStore, OldStore, RowCursor, SnapshotId, StaleBatch, StoreError};
+use crate::store::{Chunk, NewStore, OldStore, RowCursor, SnapshotId, StaleBatch, StoreError, StoredRow};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{Ack, NodeReport, NodeRequest, NodeResponse};
-use protocol::schema::{Mapping, RowOp};
+use protocol::schema::RowOp;
 use protocol::{Decision, Epoch, Generation, NodeName, Position, ReplicaId, Universe};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -48,7 +47,6 @@ pub const COMPARE_CHUNK_ROWS: usize = 500;
 #[derive(Clone, Debug)]
 pub struct DataNodeConfig {
     pub agent: AgentConfig,
-    pub mapping: Mapping,
     /// Pause between two transform steps (a rate limit on the copy and the stream).
     pub transform_interval_ms: u64,
     /// Pause between two reads of the change stream while it is idle (the last read found
@@ -83,8 +81,12 @@ pub enum StoreOp {
     ReadRows { after: RowCursor, limit: usize },
     /// Old store: forget captured changes up to `up_to` → [`StoreResult::Pruned`].
     Prune { up_to: Position },
-    /// New store: checksum → [`StoreResult::NewChecksum`].
-    NewChecksum,
+    /// New store: convert old rows into a scratch copy beside the new tables (emptied first if
+    /// `first`) → [`StoreResult::Staged`].
+    Stage { rows: Vec<StoredRow>, first: bool },
+    /// New store: the checksums of the scratch copy and of the new tables →
+    /// [`StoreResult::Compared`].
+    CompareStaged,
     /// New store: its checkpoint → [`StoreResult::Checkpoint`] (after an apply whose outcome
     /// is unknown).
     ReadCheckpoint,
@@ -111,7 +113,15 @@ pub enum StoreResult {
     },
     Unfenced,
     Rows(Chunk),
-    NewChecksum(u64),
+    /// Old rows staged; how many could not be converted.
+    Staged {
+        rejected: u64,
+    },
+    /// transform(old) as staged, and the new tables.
+    Compared {
+        expected: u64,
+        actual: u64,
+    },
     Pruned,
     Checkpoint(Checkpoint),
     /// The store could not perform the operation (busy, an I/O error): the core tries it
@@ -146,7 +156,10 @@ pub fn perform(old: &mut impl OldStore, new: &mut impl NewStore, op: StoreOp) ->
         StoreOp::Unfence => old.unfence().map(|()| StoreResult::Unfenced),
         StoreOp::ReadRows { after, limit } => old.rows_chunk(&after, limit).map(StoreResult::Rows),
         StoreOp::Prune { up_to } => old.prune(up_to).map(|()| StoreResult::Pruned),
-        StoreOp::NewChecksum => new.checksum().map(StoreResult::NewChecksum),
+        StoreOp::Stage { rows, first } => new.stage(&rows, first).map(|rejected| StoreResult::Staged { rejected }),
+        StoreOp::CompareStaged => {
+            new.compare_staged().map(|(expected, actual)| StoreResult::Compared { expected, actual })
+        }
         StoreOp::ReadCheckpoint => new.checkpoint().map(StoreResult::Checkpoint),
     };
     done.unwrap_or_else(failed)
@@ -227,7 +240,7 @@ enum DrainWork {
 }
 
 /// What an outstanding store operation was (without its data).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Pending {
     OpenSnapshot,
     ReadSnapshot,
@@ -241,7 +254,12 @@ enum Pending {
     Fence(Epoch),
     Unfence,
     ReadRows,
-    NewChecksum,
+    /// Rows staged for the comparison: the cursor they reach, and whether they were the last.
+    Stage {
+        cursor: RowCursor,
+        last: bool,
+    },
+    CompareStaged,
     /// A prune, and what was pruned before it (restored if it fails).
     Prune {
         previous: Position,
@@ -263,7 +281,8 @@ impl Pending {
             StoreOp::Fence => unreachable!("a fence's pending state names its epoch"),
             StoreOp::Unfence => Pending::Unfence,
             StoreOp::ReadRows { .. } => Pending::ReadRows,
-            StoreOp::NewChecksum => Pending::NewChecksum,
+            StoreOp::Stage { .. } => unreachable!("a stage's pending state names its cursor"),
+            StoreOp::CompareStaged => Pending::CompareStaged,
             StoreOp::Prune { .. } => unreachable!("a prune's pending state names what was pruned before"),
             StoreOp::ReadCheckpoint => Pending::ReadCheckpoint,
         }
@@ -273,11 +292,13 @@ impl Pending {
 #[derive(Clone, Debug)]
 struct Comparing {
     epoch: Epoch,
+    /// The last old row staged.
     cursor: RowCursor,
-    /// Sum of the row hashes of transform(old rows read so far).
-    expected: u64,
-    failed: bool,
-    /// Every old row is read: the new store's checksum is next.
+    /// Rows were staged (the next stage adds to them).
+    staged: bool,
+    /// An old row could not be converted: the universes differ.
+    rejected: bool,
+    /// Every old row is staged: the comparison is next.
     rows_done: bool,
     final_position: Position,
 }
@@ -451,7 +472,7 @@ impl DataNodeCore {
             DataInput::Boot { record, checkpoint, old_fenced } => {
                 assert!(self.transform.is_none(), "booted twice");
                 let booted = self.durable.boot(record, NodeRecord::owner_of(&self.config.agent.node.0));
-                let transform = TransformCore::new(self.config.mapping.clone(), checkpoint.clone());
+                let transform = TransformCore::new(checkpoint.clone());
                 #[cfg(feature = "planted-bugs")]
                 let transform = planted_after_restart(transform, self.bug, booted.boots - 1);
                 self.transform = Some(transform);
@@ -585,7 +606,7 @@ impl DataNodeCore {
         self.drop_moot_comparison();
         let op = if let Some(c) = &self.comparing {
             Some(if c.rows_done {
-                StoreOp::NewChecksum
+                StoreOp::CompareStaged
             } else {
                 StoreOp::ReadRows { after: c.cursor.clone(), limit: COMPARE_CHUNK_ROWS }
             })
@@ -598,8 +619,14 @@ impl DataNodeCore {
                 }
                 DrainWork::Unfence => Some(StoreOp::Unfence),
                 DrainWork::Compare { epoch, final_position } => {
-                    let comparing =
-                        Comparing { epoch, cursor: None, expected: 0, failed: false, rows_done: false, final_position };
+                    let comparing = Comparing {
+                        epoch,
+                        cursor: None,
+                        staged: false,
+                        rejected: false,
+                        rows_done: false,
+                        final_position,
+                    };
                     self.comparing = Some(comparing);
                     Some(StoreOp::ReadRows { after: None, limit: COMPARE_CHUNK_ROWS })
                 }
@@ -706,10 +733,18 @@ impl DataNodeCore {
                 self.compare_rows(chunk, out);
                 None
             }
-            (Pending::NewChecksum, StoreResult::NewChecksum(_)) if self.drop_moot_comparison() => None,
-            (Pending::NewChecksum, StoreResult::NewChecksum(actual)) => {
+            (Pending::Stage { cursor, last }, StoreResult::Staged { rejected }) => {
+                let c = self.comparing.as_mut().expect("comparing");
+                c.staged = true;
+                c.rejected |= rejected > 0;
+                c.cursor = cursor;
+                c.rows_done = last;
+                None
+            }
+            (Pending::CompareStaged, StoreResult::Compared { .. }) if self.drop_moot_comparison() => None,
+            (Pending::CompareStaged, StoreResult::Compared { expected, actual }) => {
                 let c = self.comparing.take().expect("comparing");
-                let matched = !c.failed && c.expected == actual;
+                let matched = !c.rejected && expected == actual;
                 out.push(DataOutput::Event(DataEvent::Compared { final_position: c.final_position, matched }));
                 let outs = self.drain_mut().handle(DrainInput::Checksums { epoch: c.epoch, matched });
                 self.drain_outputs(now_ms, outs, out);
@@ -736,7 +771,7 @@ impl DataNodeCore {
     /// The transform goes on from what the new store holds (as after a restart).
     fn restart_transform(&mut self, found: Checkpoint) {
         self.store_bulk_done = found.copy == CopyState::Done;
-        self.transform = Some(TransformCore::new(self.config.mapping.clone(), found));
+        self.transform = Some(TransformCore::new(found));
     }
 
     /// A store operation failed: the same work is asked for again after the pause. Reads are
@@ -756,7 +791,8 @@ impl DataNodeCore {
             | Pending::ReadSnapshot
             | Pending::ReadChanges
             | Pending::ReadRows
-            | Pending::NewChecksum => {}
+            | Pending::Stage { .. }
+            | Pending::CompareStaged => {}
         }
     }
 
@@ -772,27 +808,14 @@ impl DataNodeCore {
         moot
     }
 
+    /// Old rows read for the comparison go to the new store, which converts them into its
+    /// scratch copy (only it can: it evaluates the plan's expressions and knows the generated
+    /// keys). The cursor moves once they are staged.
     fn compare_rows(&mut self, chunk: Chunk, out: &mut Vec<DataOutput>) {
-        let c = self.comparing.as_mut().expect("comparing");
-        for (table, key, row) in &chunk.rows {
-            match self.config.mapping.convert(&RowOp::Upsert { table: table.clone(), key: *key, row: row.clone() }) {
-                Ok(ops) => {
-                    for op in ops {
-                        if let RowOp::Upsert { table, key, row } = op {
-                            c.expected = c.expected.wrapping_add(row_hash(&table, key, &row));
-                        }
-                    }
-                }
-                Err(_) => c.failed = true,
-            }
-        }
-        c.cursor = chunk.rows.last().map(|(t, k, _)| (t.clone(), *k)).or(c.cursor.take());
-        if chunk.last {
-            // Every old row is read: now the new store's checksum (the comparison goes on).
-            c.rows_done = true;
-            self.pending = Some(Pending::NewChecksum);
-            out.push(DataOutput::Store(StoreOp::NewChecksum));
-        }
+        let c = self.comparing.as_ref().expect("comparing");
+        let cursor = chunk.rows.last().map(|(t, k, _)| (t.clone(), *k)).or(c.cursor.clone());
+        self.pending = Some(Pending::Stage { cursor, last: chunk.last });
+        out.push(DataOutput::Store(StoreOp::Stage { rows: chunk.rows, first: !c.staged }));
     }
 
     fn drain_mut(&mut self) -> &mut DrainCore {

@@ -15,7 +15,7 @@
 use crate::duties::capture::{CaptureError, ChangeLog};
 use crate::duties::validate::row_hash;
 use crate::{RequestKey, StoreAnswer};
-use protocol::schema::{Row, RowOp, Schema, Value, REQUEST_LOG_TABLE};
+use protocol::schema::{ConvertError, KeyMap, Mapping, Row, RowOp, Schema, Value, REQUEST_LOG_TABLE};
 use protocol::Position;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -45,6 +45,10 @@ pub enum StoreError {
     /// changed nothing it reports, and may be tried again.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store refuses the batch for good (a value the plan's conversion cannot take, an
+    /// expression the database rejects): nothing of it is applied; trying again will not help.
+    #[error("batch refused: {0}")]
+    Rejected(String),
 }
 
 /// Rows read in (table, key) order, whether they are the last ones, and the store's change
@@ -78,15 +82,25 @@ pub trait OldStore {
     fn disconnect(&mut self);
 }
 
-/// The new universe's store, as a data node writes it.
+/// The new universe's store, as a data node writes it. It converts what it is given by the
+/// plan's mapping, which it holds: a batch carries the old universe's rows and changes.
 pub trait NewStore {
     /// The checkpoint stored with the data (what a restarted transform resumes from).
     fn checkpoint(&self) -> Result<Checkpoint, StoreError>;
-    /// Applies `batch.reset` (if set), its ops and its checkpoint in one transaction, if the
-    /// store's checkpoint is `batch.base` (compare and set); otherwise changes nothing and
-    /// answers `Ok(Err(stale))`. An `Err` of the store itself leaves the outcome unknown to
-    /// the caller (the commit may have happened): the next batch's compare and set tells.
+    /// Applies `batch.reset` (if set: the tables and the key map emptied), its ops (old-schema
+    /// changes, converted here; generated keys made and kept in the key map) and its
+    /// checkpoint in one transaction, if the store's checkpoint is `batch.base` (compare and
+    /// set); otherwise changes nothing and answers `Ok(Err(stale))`. An `Err` of the store
+    /// itself leaves the outcome unknown to the caller (the commit may have happened): the
+    /// next batch's compare and set tells.
     fn apply_batch(&mut self, batch: &Batch) -> Result<Result<(), StaleBatch>, StoreError>;
+    /// Converts old rows into a scratch copy of the new tables, beside the real ones (emptied
+    /// first if `first`), looking generated keys up in the key map without making any: how
+    /// many rows could not be converted (no key yet, a value that does not convert).
+    fn stage(&mut self, rows: &[StoredRow], first: bool) -> Result<u64, StoreError>;
+    /// The checksums of the scratch copy (transform(old), as staged) and of the new tables;
+    /// the scratch copy is dropped.
+    fn compare_staged(&mut self) -> Result<(u64, u64), StoreError>;
     /// Order-independent checksum of every row ([`row_hash`] summed).
     fn checksum(&self) -> Result<u64, StoreError>;
 }
@@ -143,10 +157,78 @@ pub struct StaleBatch {
 /// any of a store's last this-many applied writes is answered, not run again.
 pub const REQUEST_LOG_MAX: usize = 4096;
 
+/// The key map of a store in memory: old row (table, key) and new table → the key made for it,
+/// and the next key to make per new table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemKeys {
+    keys: BTreeMap<(String, i64, String), i64>,
+    next: BTreeMap<String, i64>,
+}
+
+/// A key map being written, over the tables it makes keys for.
+struct KeysIn<'a> {
+    keys: &'a mut MemKeys,
+    tables: &'a Tables,
+    /// Staging: look up only.
+    read_only: bool,
+}
+
+impl KeyMap for KeysIn<'_> {
+    fn generated(&mut self, table: &str, key: i64, target: &str) -> Result<i64, ConvertError> {
+        let entry = (table.to_string(), key, target.to_string());
+        if let Some(found) = self.keys.keys.get(&entry) {
+            return Ok(*found);
+        }
+        if self.read_only {
+            return Err(ConvertError::NeedsKeyMap { table: target.to_string() });
+        }
+        // Above every key the table holds or this map made (none is ever made twice).
+        let highest = self.tables.get(target).and_then(|rows| rows.keys().next_back()).copied().unwrap_or(0);
+        let next = self.keys.next.entry(target.to_string()).or_insert(1);
+        let made = (*next).max(highest + 1);
+        *next = made + 1;
+        self.keys.keys.insert(entry, made);
+        Ok(made)
+    }
+
+    fn forget(&mut self, table: &str, key: i64, target: &str) -> Result<Option<i64>, ConvertError> {
+        if self.read_only {
+            return Ok(self.keys.keys.get(&(table.to_string(), key, target.to_string())).copied());
+        }
+        Ok(self.keys.keys.remove(&(table.to_string(), key, target.to_string())))
+    }
+}
+
+/// Converts old-schema `ops` by `mapping` (as they are without one), with `keys` over `tables`.
+fn convert(
+    mapping: Option<&Mapping>,
+    ops: &[RowOp],
+    keys: &mut MemKeys,
+    tables: &Tables,
+    read_only: bool,
+) -> Result<Vec<RowOp>, ConvertError> {
+    let Some(mapping) = mapping else {
+        return Ok(ops.to_vec());
+    };
+    let mut keys = KeysIn { keys, tables, read_only };
+    let mut converted = Vec::with_capacity(ops.len());
+    for op in ops {
+        converted.extend(mapping.convert_with(op, &mut keys)?);
+    }
+    Ok(converted)
+}
+
 /// One universe's store, in memory.
 #[derive(Clone, Debug)]
 pub struct MemStore {
     tables: Tables,
+    /// The plan's mapping (new store): what a batch's old-schema changes become. `None`: they
+    /// are applied as they are.
+    mapping: Option<Mapping>,
+    /// Generated keys (new store).
+    keys: MemKeys,
+    /// The scratch copy of [`NewStore::stage`] (volatile).
+    staged: Option<Tables>,
     /// Captured changes (old store only).
     capture: ChangeLog,
     /// Transform progress (new store only).
@@ -165,6 +247,9 @@ impl Default for MemStore {
     fn default() -> Self {
         MemStore {
             tables: Tables::new(),
+            mapping: None,
+            keys: MemKeys::default(),
+            staged: None,
             capture: ChangeLog::default(),
             checkpoint: Checkpoint::default(),
             snapshots: BTreeMap::new(),
@@ -196,6 +281,18 @@ impl MemStore {
     pub fn with_schema(schema: &Schema) -> Self {
         let tables = schema.tables.keys().map(|t| (t.clone(), BTreeMap::new())).collect();
         MemStore { tables, ..Default::default() }
+    }
+
+    /// An empty new universe for `mapping`: a batch's old-schema changes are converted by it.
+    pub fn new_universe(mapping: Mapping) -> Self {
+        let mut store = MemStore::with_schema(&mapping.new_schema());
+        store.mapping = Some(mapping);
+        store
+    }
+
+    /// The key map (new store).
+    pub fn key_map(&self) -> &MemKeys {
+        &self.keys
     }
 
     /// The same store keeping at most `max` request-log rows.
@@ -421,16 +518,52 @@ impl NewStore for MemStore {
         if self.checkpoint != batch.base {
             return Ok(Err(StaleBatch { base: batch.base.clone(), found: self.checkpoint.clone() }));
         }
+        // One transaction: everything converted first, so a refusal leaves the store as it was.
+        let mut keys = if batch.reset { MemKeys::default() } else { self.keys.clone() };
+        let emptied = Tables::new();
+        let before = if batch.reset { &emptied } else { &self.tables };
+        let ops = convert(self.mapping.as_ref(), &batch.ops, &mut keys, before, false)
+            .map_err(|e| StoreError::Rejected(e.to_string()))?;
         if batch.reset {
             for rows in self.tables.values_mut() {
                 rows.clear();
             }
         }
-        for op in &batch.ops {
+        for op in &ops {
             self.apply_op(op);
         }
+        self.keys = keys;
         self.checkpoint = batch.checkpoint.clone();
         Ok(Ok(()))
+    }
+
+    fn stage(&mut self, rows: &[StoredRow], first: bool) -> Result<u64, StoreError> {
+        let mut staged = match (first, self.staged.take()) {
+            (false, Some(staged)) => staged,
+            _ => self.tables.keys().map(|t| (t.clone(), BTreeMap::new())).collect(),
+        };
+        let mut keys = self.keys.clone();
+        let mut rejected = 0;
+        for (table, key, row) in rows {
+            let op = RowOp::Upsert { table: table.clone(), key: *key, row: row.clone() };
+            match convert(self.mapping.as_ref(), std::slice::from_ref(&op), &mut keys, &self.tables, true) {
+                Ok(converted) => {
+                    for op in converted {
+                        if let RowOp::Upsert { table, key, row } = op {
+                            staged.entry(table).or_default().insert(key, row);
+                        }
+                    }
+                }
+                Err(_) => rejected += 1,
+            }
+        }
+        self.staged = Some(staged);
+        Ok(rejected)
+    }
+
+    fn compare_staged(&mut self) -> Result<(u64, u64), StoreError> {
+        let staged = self.staged.take().unwrap_or_default();
+        Ok((checksum(&staged), checksum(&self.tables)))
     }
 
     fn checksum(&self) -> Result<u64, StoreError> {
@@ -656,5 +789,113 @@ mod tests {
         let got: Vec<(String, i64)> = chunk.rows.iter().map(|r| (r.0.clone(), r.1)).collect();
         assert_eq!(got, vec![("a".into(), 5), ("b".into(), 1), ("b".into(), 2)]);
         assert!(!chunk.last);
+    }
+
+    /// `cur` split into `page` (its own key) and `revision` (a generated key the page points
+    /// at), as a store in memory runs it.
+    fn pages_mapping() -> Mapping {
+        use protocol::schema::{SplitPart, Transform};
+        let mut tables = BTreeMap::new();
+        tables.insert("cur".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "text".into()] });
+        let split = Transform::SplitTable {
+            table: "cur".into(),
+            into: vec![
+                SplitPart {
+                    table: "page".into(),
+                    references: vec![("latest".into(), "revision".into())],
+                    ..Default::default()
+                },
+                SplitPart {
+                    table: "revision".into(),
+                    columns: vec!["text".into()],
+                    key: Some("rev_id".into()),
+                    generated: true,
+                    references: vec![("page".into(), "page".into())],
+                },
+            ],
+        };
+        Mapping::compile(&Schema { tables }, &[split]).unwrap()
+    }
+
+    fn cur(id: i64, text: &str) -> RowOp {
+        let row = [("id".to_string(), Value::Int(id)), ("text".to_string(), Value::Text(text.into()))].into();
+        RowOp::Upsert { table: "cur".into(), key: id, row }
+    }
+
+    fn batch(base: Checkpoint, applied: u64, reset: bool, ops: Vec<RowOp>) -> Batch {
+        let checkpoint = Checkpoint { applied: Position(applied), copy: CopyState::Done, copies: 1 };
+        Batch { base, reset, ops, checkpoint }
+    }
+
+    #[test]
+    fn a_new_universe_makes_each_generated_key_once_and_forgets_it_with_the_row() {
+        let mut new = MemStore::new_universe(pages_mapping());
+        new.apply_batch(&batch(Checkpoint::default(), 2, false, vec![cur(1, "a"), cur(2, "b")])).unwrap().unwrap();
+        let latest = |s: &MemStore, page| match s.get("page", page).unwrap()["latest"] {
+            Value::Int(k) => k,
+            ref other => panic!("{other:?}"),
+        };
+        let (first, second) = (latest(&new, 1), latest(&new, 2));
+        assert_ne!(first, second);
+        assert_eq!(new.get("revision", first).unwrap()["page"], Value::Int(1));
+        let at2 = new.checkpoint().unwrap();
+        new.apply_batch(&batch(at2.clone(), 3, false, vec![cur(1, "a2")])).unwrap().unwrap();
+        assert_eq!(latest(&new, 1), first, "an update reaches the same revision");
+        assert_eq!(new.get("revision", first).unwrap()["text"], Value::Text("a2".into()));
+        let at3 = new.checkpoint().unwrap();
+        new.apply_batch(&batch(at3.clone(), 4, false, vec![RowOp::Delete { table: "cur".into(), key: 1 }]))
+            .unwrap()
+            .unwrap();
+        assert!(new.get("revision", first).is_none() && new.get("page", 1).is_none());
+        let at4 = new.checkpoint().unwrap();
+        new.apply_batch(&batch(at4, 5, false, vec![cur(1, "again")])).unwrap().unwrap();
+        assert!(latest(&new, 1) > second, "a key is never made twice, even after its row went");
+        assert_eq!(new.key_map().keys.len(), 2);
+        // A reset (a copy that starts over) empties the key map with the tables.
+        let at5 = new.checkpoint().unwrap();
+        new.apply_batch(&batch(at5, 6, true, vec![])).unwrap().unwrap();
+        assert!(new.key_map().keys.is_empty() && new.tables()["revision"].is_empty());
+    }
+
+    #[test]
+    fn staging_converts_old_rows_beside_the_new_ones_with_the_keys_the_map_holds() {
+        let mut new = MemStore::new_universe(pages_mapping());
+        new.apply_batch(&batch(Checkpoint::default(), 2, false, vec![cur(1, "a"), cur(2, "b")])).unwrap().unwrap();
+        let old_row = |op: RowOp| match op {
+            RowOp::Upsert { table, key, row } => (table, key, row),
+            RowOp::Delete { .. } => unreachable!(),
+        };
+        let rows = [old_row(cur(1, "a")), old_row(cur(2, "b"))];
+        assert_eq!(new.stage(&rows[..1], true).unwrap(), 0);
+        assert_eq!(new.stage(&rows[1..], false).unwrap(), 0);
+        let (expected, actual) = new.compare_staged().unwrap();
+        assert_eq!(expected, actual);
+        // A row the new universe lacks: staged, it differs; without a generated key, refused.
+        new.stage(&[old_row(cur(1, "a")), old_row(cur(2, "changed"))], true).unwrap();
+        let (expected, actual) = new.compare_staged().unwrap();
+        assert_ne!(expected, actual);
+        assert_eq!(new.stage(&[old_row(cur(3, "c"))], true).unwrap(), 1, "no key was ever made for it");
+        assert_eq!(new.key_map().keys.len(), 2, "staging makes no key");
+    }
+
+    #[test]
+    fn a_batch_that_does_not_convert_changes_nothing() {
+        use protocol::schema::{ColumnType, Transform};
+        let mut tables = BTreeMap::new();
+        tables.insert("t".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "n".into()] });
+        let to_int =
+            Transform::ChangeType { table: "t".into(), column: "n".into(), to: ColumnType::Int, expression: None };
+        let mut new = MemStore::new_universe(Mapping::compile(&Schema { tables }, &[to_int]).unwrap());
+        let op = |n: &str| RowOp::Upsert {
+            table: "t".into(),
+            key: 1,
+            row: [("id".to_string(), Value::Int(1)), ("n".to_string(), Value::Text(n.into()))].into(),
+        };
+        new.apply_batch(&batch(Checkpoint::default(), 1, false, vec![op("7")])).unwrap().unwrap();
+        let at = new.checkpoint().unwrap();
+        let refused = new.apply_batch(&batch(at.clone(), 2, true, vec![op("x")])).unwrap_err();
+        assert!(matches!(refused, StoreError::Rejected(_)), "{refused}");
+        assert_eq!(new.checkpoint().unwrap(), at, "nothing of it, not even its reset");
+        assert_eq!(new.get("t", 1).unwrap()["n"], Value::Int(7));
     }
 }

@@ -11,17 +11,12 @@ use node_core::duties::transform::CopyState;
 use node_core::store::Checkpoint;
 use node_core::{NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{DecisionView, NodeRequest, NodeResponse, Phase};
-use protocol::schema::{Mapping, Schema, TableSchema, Transform};
 use protocol::{Decision, Duty, Generation, NodeName, Position, Universe, UpgradeId};
-use std::collections::BTreeMap;
 
 const INTERVAL_MS: u64 = 5;
 const IDLE_MS: u64 = 20;
 
 fn config(answers_max: usize) -> DataNodeConfig {
-    let mut tables = BTreeMap::new();
-    tables.insert("t".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "v".into()] });
-    let transforms = vec![Transform::RenameColumn { table: "t".into(), from: "v".into(), to: "w".into() }];
     DataNodeConfig {
         agent: AgentConfig {
             node: NodeName::from("data-1"),
@@ -33,7 +28,6 @@ fn config(answers_max: usize) -> DataNodeConfig {
             stale_watch_limit: 3,
             upgrade_from: Some(Generation::GENESIS),
         },
-        mapping: Mapping::compile(&Schema { tables }, &transforms).expect("the rename fits"),
         transform_interval_ms: INTERVAL_MS,
         transform_idle_ms: IDLE_MS,
         store_retry_ms: 10,
@@ -317,6 +311,9 @@ fn settle(core: &mut DataNodeCore, now_ms: u64, input: DataInput) -> Vec<DataOut
                         position: Position(9),
                     })))
                 }
+                DataOutput::Store(StoreOp::Stage { .. }) => {
+                    queue.push_back(DataInput::Store(StoreResult::Staged { rejected: 0 }))
+                }
                 _ => {}
             }
             seen.push(output);
@@ -340,14 +337,14 @@ fn a_comparison_overtaken_by_the_commit_is_dropped_not_reported_as_a_difference(
     let frozen = view(5, Phase::Freezing, freeze, false);
     let out = settle(&mut core, 1, DataInput::Coordinator { id: watch, response: NodeResponse::View(frozen) });
     assert!(
-        out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::NewChecksum))),
+        out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::CompareStaged))),
         "the restarted node compares the universes at the final position: {out:?}"
     );
     let watch = watch_id(&out);
     let committed = view(6, Phase::Switched, Decision::Commit(protocol::Epoch(1)), true);
     settle(&mut core, 2, DataInput::Coordinator { id: watch, response: NodeResponse::View(committed) });
     assert_eq!(core.accepting(), Some(Universe::New), "the commit opens the new universe");
-    let out = settle(&mut core, 3, DataInput::Store(StoreResult::NewChecksum(12345)));
+    let out = settle(&mut core, 3, DataInput::Store(StoreResult::Compared { expected: 1, actual: 12345 }));
     let reported = out.iter().find(|o| {
         matches!(
             o,
@@ -358,7 +355,7 @@ fn a_comparison_overtaken_by_the_commit_is_dropped_not_reported_as_a_difference(
     assert!(reported.is_none(), "a moot comparison is reported: {reported:?}");
     let later = settle(&mut core, 10, DataInput::Timer);
     assert!(
-        !later.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadRows { .. } | StoreOp::NewChecksum))),
+        !later.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadRows { .. } | StoreOp::CompareStaged))),
         "and not started again: {later:?}"
     );
 }
@@ -442,7 +439,8 @@ fn a_draining_node_reads_the_change_stream_without_the_usual_pause() {
             StoreOp::ReadRows { .. } => {
                 StoreResult::Rows(node_core::store::Chunk { rows: Vec::new(), last: true, position: Position(3) })
             }
-            StoreOp::NewChecksum => break,
+            StoreOp::Stage { .. } => StoreResult::Staged { rejected: 0 },
+            StoreOp::CompareStaged => break,
             other => panic!("unexpected store operation {other:?}"),
         };
         out = core.handle(now, DataInput::Store(result));

@@ -22,6 +22,7 @@
 
 mod new;
 mod old;
+mod program;
 mod sql;
 
 pub use new::SqliteNew;
@@ -41,6 +42,9 @@ pub enum SqliteError {
     /// The live database does not match the plan's schema.
     #[error("{path}: table `{table}`: {message}")]
     Schema { path: String, table: String, message: String },
+    /// The new database rejects an SQL expression of the plan.
+    #[error("{path}: transform {transform}'s expression: the database says: {message}")]
+    Expression { path: String, transform: usize, message: String },
     /// A value Imago cannot carry.
     #[error("table `{table}`, column `{column}`: {what}")]
     Value { table: String, column: String, what: String },

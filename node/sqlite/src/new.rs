@@ -1,10 +1,12 @@
-//! The new universe's database: batches with their checkpoint, the guard, checksums.
+//! The new universe's database: batches converted by the plan's mapping with their checkpoint,
+//! the key map, the guard, and the comparison with transform(old).
 
+use crate::program::{self, ProgramError, Target, KEYS_TABLE, KEY_NEXT_TABLE};
 use crate::sql::{self, ident, literal};
 use crate::SqliteError;
 use node_core::duties::validate::row_hash;
-use node_core::store::{Batch, Checkpoint, NewStore, StaleBatch, StoreError};
-use protocol::schema::{RowOp, Schema};
+use node_core::store::{Batch, Checkpoint, NewStore, StaleBatch, StoreError, StoredRow};
+use protocol::schema::{Mapping, RowOp, Schema};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 /// The checkpoint table: one row, the transform's progress as JSON.
@@ -15,12 +17,19 @@ pub const GUARD_PREFIX: &str = "imago_guard_";
 /// connection that has it.
 pub const TRANSFORM_MARK: &str = "imago_transform";
 
+/// A key-map entry: old table, old key, new table.
+pub type KeyMapEntry = (String, i64, String);
+
 /// The new universe's SQLite database, written by the transform.
 pub struct SqliteNew {
     path: String,
     conn: Connection,
+    /// What the old universe's rows and changes become.
+    mapping: Mapping,
     /// The plan's new tables and the request log.
     schema: Schema,
+    /// The scratch copy (temporary tables shadowing the new ones) exists.
+    staging: bool,
 }
 
 impl std::fmt::Debug for SqliteNew {
@@ -30,13 +39,14 @@ impl std::fmt::Debug for SqliteNew {
 }
 
 impl SqliteNew {
-    /// Opens the database at `path` (`:memory:` for one that lives with this process), makes
-    /// the plan's new tables where they are missing and checks those that exist, and guards
-    /// it: until [`SqliteNew::open_to_clients`], only this connection may write.
-    pub fn open(path: &str, schema: &Schema) -> Result<Self, SqliteError> {
+    /// Opens the database at `path` (`:memory:` for one that lives with this process) for
+    /// `mapping`: makes the new tables where they are missing and checks those that exist,
+    /// checks that the database takes every SQL expression of the plan, and guards it: until
+    /// [`SqliteNew::open_to_clients`], only this connection may write.
+    pub fn open(path: &str, mapping: &Mapping) -> Result<Self, SqliteError> {
         let conn = sql::open(path)?;
         conn.execute_batch(&format!("ATTACH DATABASE ':memory:' AS {TRANSFORM_MARK}"))?;
-        let schema = sql::with_request_log(schema);
+        let schema = sql::with_request_log(&mapping.new_schema());
         let tx = conn.unchecked_transaction()?;
         // Set up before (the checkpoint table is there): the guard is as it was left, so a
         // database opened to clients stays open after a restart.
@@ -51,11 +61,15 @@ impl SqliteNew {
         tx.execute_batch(&format!(
             "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (id INTEGER PRIMARY KEY CHECK (id = 1), checkpoint TEXT NOT NULL)"
         ))?;
+        program::create_key_map(&tx)?;
         if !set_up {
             tx.execute_batch(&guard_triggers(&schema))?;
         }
+        if let Err((transform, message)) = program::check(&tx, mapping) {
+            return Err(SqliteError::Expression { path: path.to_string(), transform, message });
+        }
         tx.commit()?;
-        Ok(SqliteNew { path: path.to_string(), conn, schema })
+        Ok(SqliteNew { path: path.to_string(), conn, mapping: mapping.clone(), schema, staging: false })
     }
 
     /// The switch committed: clients may write now. The guard goes (and stays gone when the
@@ -72,11 +86,14 @@ impl SqliteNew {
         Ok(sql::triggers(&self.conn, GUARD_PREFIX)?.is_empty())
     }
 
-    /// The upgrade is over: Imago's objects go (the checkpoint and the guard).
+    /// The upgrade is over: Imago's objects go (the checkpoint, the key map and the guard).
     pub fn remove_imago(&mut self) -> Result<(), SqliteError> {
+        self.drop_staging()?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         sql::drop_triggers(&tx, GUARD_PREFIX)?;
-        tx.execute_batch(&format!("DROP TABLE IF EXISTS {CHECKPOINT_TABLE}"))?;
+        tx.execute_batch(&format!(
+            "DROP TABLE IF EXISTS {CHECKPOINT_TABLE}; DROP TABLE IF EXISTS main.{KEYS_TABLE}; DROP TABLE IF EXISTS main.{KEY_NEXT_TABLE};"
+        ))?;
         tx.commit()?;
         Ok(())
     }
@@ -88,17 +105,43 @@ impl SqliteNew {
 
     /// Every row of `table` (key order), for checks.
     pub fn rows(&self, table: &str) -> Result<Vec<(i64, protocol::schema::Row)>, SqliteError> {
+        let Some(schema) = self.schema.tables.get(table) else {
+            return Err(SqliteError::Schema {
+                path: self.path.clone(),
+                table: table.into(),
+                message: "not a table of the new schema".into(),
+            });
+        };
+        let columns = schema.columns.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ");
+        let sql = format!("SELECT {columns} FROM main.{} ORDER BY {}", ident(table), ident(&schema.key));
+        let mut stmt = self.conn.prepare(&sql)?;
+        let mut rows = stmt.query([])?;
         let mut all = Vec::new();
-        let mut after = None;
-        loop {
-            let one = Schema { tables: [(table.to_string(), self.schema.tables[table].clone())].into() };
-            let chunk = sql::read_rows(&self.conn, &one, &after, 1000, protocol::Position(0))?;
-            after = chunk.rows.last().map(|(t, k, _)| (t.clone(), *k)).or(after);
-            all.extend(chunk.rows.into_iter().map(|(_, k, r)| (k, r)));
-            if chunk.last {
-                return Ok(all);
-            }
+        while let Some(r) = rows.next()? {
+            all.push(sql::row_of(table, schema, r)?);
         }
+        Ok(all)
+    }
+
+    /// The key map's entries: (old table, old key, new table) → generated key, for checks.
+    pub fn key_map(&self) -> Result<Vec<(KeyMapEntry, i64)>, SqliteError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT src_table, src_key, target, key FROM main.{KEYS_TABLE} ORDER BY 1, 2, 3"))?;
+        let entries =
+            stmt.query_map([], |r| Ok(((r.get(0)?, r.get(1)?, r.get(2)?), r.get(3)?)))?.collect::<Result<_, _>>()?;
+        Ok(entries)
+    }
+
+    /// Drops the scratch copy, if any (so that nothing but a comparison ever sees it).
+    fn drop_staging(&mut self) -> Result<(), SqliteError> {
+        if self.staging {
+            for name in self.schema.tables.keys() {
+                self.conn.execute_batch(&format!("DROP TABLE IF EXISTS temp.{}", ident(name)))?;
+            }
+            self.staging = false;
+        }
+        Ok(())
     }
 
     fn stored_checkpoint(conn: &Connection) -> Result<Checkpoint, SqliteError> {
@@ -115,36 +158,70 @@ impl SqliteNew {
         }
     }
 
-    fn apply(&mut self, batch: &Batch) -> Result<Result<(), StaleBatch>, SqliteError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    fn apply(&mut self, batch: &Batch) -> Result<Result<(), StaleBatch>, StoreError> {
+        self.drop_staging()?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
         let found = Self::stored_checkpoint(&tx)?;
         if found != batch.base {
             return Ok(Err(StaleBatch { base: batch.base.clone(), found }));
         }
         if batch.reset {
             for name in self.schema.tables.keys() {
-                tx.execute_batch(&format!("DELETE FROM {}", ident(name)))?;
+                tx.execute_batch(&format!("DELETE FROM main.{}", ident(name))).map_err(unavailable)?;
             }
+            tx.execute_batch(&format!("DELETE FROM main.{KEYS_TABLE}; DELETE FROM main.{KEY_NEXT_TABLE};"))
+                .map_err(unavailable)?;
         }
         for op in &batch.ops {
-            apply_op(&tx, &self.schema, op)?;
+            program::apply(&tx, &self.mapping, op, Target::Main).map_err(refused)?;
         }
         tx.execute(
             &format!(
                 "INSERT INTO {CHECKPOINT_TABLE} (id, checkpoint) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET checkpoint = excluded.checkpoint"
             ),
             [encode(&batch.checkpoint)],
-        )?;
-        tx.commit()?;
+        )
+        .map_err(unavailable)?;
+        tx.commit().map_err(unavailable)?;
         Ok(Ok(()))
     }
 
-    fn sum(&self) -> Result<u64, SqliteError> {
+    /// Old rows through the mapping into the scratch copy: temporary tables named as the new
+    /// ones, which they shadow for the plan's expressions. Each row in a savepoint of its own,
+    /// so one that cannot be converted leaves nothing behind.
+    fn stage_rows(&mut self, rows: &[StoredRow], first: bool) -> Result<u64, SqliteError> {
+        if first {
+            self.drop_staging()?;
+        }
+        if !self.staging {
+            for (name, table) in &self.schema.tables {
+                sql::create_table_in(&self.conn, "temp", name, table)?;
+            }
+            self.staging = true;
+        }
+        let tx = self.conn.unchecked_transaction()?;
+        let mut rejected = 0;
+        for (table, key, row) in rows {
+            tx.execute_batch("SAVEPOINT imago_row")?;
+            let op = RowOp::Upsert { table: table.clone(), key: *key, row: row.clone() };
+            match program::apply(&tx, &self.mapping, &op, Target::Staging) {
+                Ok(()) => tx.execute_batch("RELEASE imago_row")?,
+                Err(_) => {
+                    rejected += 1;
+                    tx.execute_batch("ROLLBACK TO imago_row; RELEASE imago_row")?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(rejected)
+    }
+
+    fn sum(&self, schema_name: &str) -> Result<u64, SqliteError> {
         let tx = self.conn.unchecked_transaction()?;
         let mut sum = 0u64;
         for (name, table) in &self.schema.tables {
             let columns = table.columns.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ");
-            let mut stmt = tx.prepare_cached(&format!("SELECT {columns} FROM {}", ident(name)))?;
+            let mut stmt = tx.prepare_cached(&format!("SELECT {columns} FROM {schema_name}.{}", ident(name)))?;
             let mut rows = stmt.query([])?;
             while let Some(r) = rows.next()? {
                 let (key, row) = sql::row_of(name, table, r)?;
@@ -160,57 +237,27 @@ fn encode(checkpoint: &Checkpoint) -> String {
     serde_json::to_string(checkpoint).expect("a checkpoint encodes")
 }
 
-/// One new-schema change, as an upsert by key or a delete by key.
-fn apply_op(conn: &Connection, schema: &Schema, op: &RowOp) -> Result<(), SqliteError> {
-    let unknown = |table: &str| SqliteError::Schema {
-        path: String::new(),
-        table: table.into(),
-        message: "a change for a table the new schema lacks".into(),
-    };
-    match op {
-        RowOp::Upsert { table, key, row } => {
-            let schema_table = schema.tables.get(table).ok_or_else(|| unknown(table))?;
-            let columns: Vec<&String> = row.keys().collect();
-            let names = columns.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ");
-            let params = (1..=columns.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
-            let updates: Vec<String> = columns
-                .iter()
-                .filter(|c| ***c != schema_table.key)
-                .map(|c| format!("{0} = excluded.{0}", ident(c)))
-                .collect();
-            let on_conflict = if updates.is_empty() {
-                "DO NOTHING".to_string()
-            } else {
-                format!("DO UPDATE SET {}", updates.join(", "))
-            };
-            let sql = format!(
-                "INSERT INTO {} ({names}) VALUES ({params}) ON CONFLICT ({}) {on_conflict}",
-                ident(table),
-                ident(&schema_table.key)
-            );
-            let mut stmt = conn.prepare_cached(&sql)?;
-            let values: Vec<rusqlite::types::Value> = row
-                .iter()
-                .map(
-                    |(c, v)| {
-                        if *c == schema_table.key {
-                            rusqlite::types::Value::Integer(*key)
-                        } else {
-                            sql::sql_value(v)
-                        }
-                    },
-                )
-                .collect();
-            stmt.execute(rusqlite::params_from_iter(values))?;
+/// A database error: busy, or an I/O failure, may pass (try again); anything else about the
+/// batch will not.
+fn unavailable(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Why a change of the batch could not be applied: a conversion Imago refuses, or an error of
+/// the database's (busy and I/O errors pass; an expression it rejects, a constraint, do not).
+fn refused(e: ProgramError) -> StoreError {
+    use rusqlite::ErrorCode;
+    match e {
+        ProgramError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
+            if matches!(
+                f.code,
+                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::SystemIoFailure | ErrorCode::DiskFull
+            ) =>
+        {
+            StoreError::Unavailable(e.to_string())
         }
-        RowOp::Delete { table, key } => {
-            let schema_table = schema.tables.get(table).ok_or_else(|| unknown(table))?;
-            let mut stmt =
-                conn.prepare_cached(&format!("DELETE FROM {} WHERE {} = ?1", ident(table), ident(&schema_table.key)))?;
-            stmt.execute([*key])?;
-        }
+        e => StoreError::Rejected(e.to_string()),
     }
-    Ok(())
 }
 
 /// Triggers that refuse every write but the transform's (a connection with [`TRANSFORM_MARK`]
@@ -242,10 +289,24 @@ impl NewStore for SqliteNew {
     }
 
     fn apply_batch(&mut self, batch: &Batch) -> Result<Result<(), StaleBatch>, StoreError> {
-        Ok(self.apply(batch)?)
+        self.apply(batch)
+    }
+
+    fn stage(&mut self, rows: &[StoredRow], first: bool) -> Result<u64, StoreError> {
+        Ok(self.stage_rows(rows, first)?)
+    }
+
+    fn compare_staged(&mut self) -> Result<(u64, u64), StoreError> {
+        if !self.staging {
+            // Nothing was staged: transform(old) is empty.
+            return Ok((0, self.sum("main")?));
+        }
+        let compared = (self.sum("temp")?, self.sum("main")?);
+        self.drop_staging()?;
+        Ok(compared)
     }
 
     fn checksum(&self) -> Result<u64, StoreError> {
-        Ok(self.sum()?)
+        Ok(self.sum("main")?)
     }
 }

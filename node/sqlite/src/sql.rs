@@ -56,12 +56,22 @@ pub(crate) fn with_request_log(schema: &Schema) -> Schema {
 
 /// `CREATE TABLE IF NOT EXISTS` for `table` (typeless columns; the key is the rowid).
 pub(crate) fn create_table(conn: &Connection, name: &str, table: &TableSchema) -> Result<(), SqliteError> {
+    create_table_in(conn, "main", name, table)
+}
+
+/// [`create_table`] in schema `schema_name` (`main`, or `temp` for the scratch copy).
+pub(crate) fn create_table_in(
+    conn: &Connection,
+    schema_name: &str,
+    name: &str,
+    table: &TableSchema,
+) -> Result<(), SqliteError> {
     let columns: Vec<String> = table
         .columns
         .iter()
         .map(|c| if *c == table.key { format!("{} INTEGER PRIMARY KEY", ident(c)) } else { ident(c) })
         .collect();
-    conn.execute_batch(&format!("CREATE TABLE IF NOT EXISTS {} ({})", ident(name), columns.join(", ")))?;
+    conn.execute_batch(&format!("CREATE TABLE IF NOT EXISTS {schema_name}.{} ({})", ident(name), columns.join(", ")))?;
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use imago_node_sqlite::{SqliteError, SqliteNew, SqliteOld};
 use node_core::duties::transform::{TransformCore, Work};
 use node_core::store::{Batch, Checkpoint, CopyState, MemStore, NewStore, OldStore, StoreError};
 use proptest::prelude::*;
-use protocol::schema::{Mapping, Row, RowOp, Schema, SplitPart, TableSchema, Transform, Value};
+use protocol::schema::{ColumnType, Mapping, Row, RowOp, Schema, SplitPart, TableSchema, Transform, Value};
 use protocol::Position;
 use rusqlite::Connection;
 use std::collections::BTreeMap;
@@ -212,7 +212,7 @@ fn the_new_database_takes_writes_only_from_the_transform_until_the_switch() {
     let dir = TempDir::new();
     let path = dir.file("new.db");
     let mapping = Mapping::compile(&users_schema(), &[]).unwrap();
-    let mut new = SqliteNew::open(&path, &mapping.new_schema()).unwrap();
+    let mut new = SqliteNew::open(&path, &mapping).unwrap();
     let console = Connection::open(&path).unwrap();
     let refused = console.execute_batch("INSERT INTO items VALUES (1, 'rogue')").unwrap_err().to_string();
     assert!(refused.contains("only Imago's transform writes it until the switch"), "{refused}");
@@ -230,13 +230,13 @@ fn the_new_database_takes_writes_only_from_the_transform_until_the_switch() {
     assert_eq!(new.rows("items").unwrap().len(), 1, "the transform's own write went in");
     // A node that restarts before the switch is still the only writer.
     drop(new);
-    let mut new = SqliteNew::open(&path, &mapping.new_schema()).unwrap();
+    let mut new = SqliteNew::open(&path, &mapping).unwrap();
     assert!(console.execute_batch("DELETE FROM items").is_err());
     assert!(!new.is_open_to_clients().unwrap());
     new.open_to_clients().unwrap();
     console.execute_batch("INSERT INTO items VALUES (2, 'client')").unwrap();
     drop(new);
-    let new = SqliteNew::open(&path, &mapping.new_schema()).unwrap();
+    let new = SqliteNew::open(&path, &mapping).unwrap();
     assert!(new.is_open_to_clients().unwrap(), "opened to clients for good, across restarts");
     console.execute_batch("INSERT INTO items VALUES (3, 'client')").unwrap();
 }
@@ -245,8 +245,10 @@ fn the_new_database_takes_writes_only_from_the_transform_until_the_switch() {
 fn a_batch_and_its_checkpoint_are_one_transaction_applied_once_across_restarts() {
     let dir = TempDir::new();
     let path = dir.file("new.db");
-    let mapping = Mapping::compile(&users_schema(), &[]).unwrap();
-    let mut new = SqliteNew::open(&path, &mapping.new_schema()).unwrap();
+    let bio_is_a_number =
+        Transform::ChangeType { table: "users".into(), column: "bio".into(), to: ColumnType::Int, expression: None };
+    let mapping = Mapping::compile(&users_schema(), &[bio_is_a_number]).unwrap();
+    let mut new = SqliteNew::open(&path, &mapping).unwrap();
     let at = |applied| Checkpoint { applied: Position(applied), copy: CopyState::Done, copies: 1 };
     let item = |key: i64, title: &str| RowOp::Upsert {
         table: "items".into(),
@@ -258,7 +260,7 @@ fn a_batch_and_its_checkpoint_are_one_transaction_applied_once_across_restarts()
     new.apply_batch(&first).unwrap().unwrap();
     // The process dies; the checkpoint is read back from the database with the data.
     drop(new);
-    let mut new = SqliteNew::open(&path, &mapping.new_schema()).unwrap();
+    let mut new = SqliteNew::open(&path, &mapping).unwrap();
     assert_eq!(new.checkpoint().unwrap(), at(2));
     let stale = new.apply_batch(&first).unwrap().unwrap_err();
     assert_eq!((stale.base, stale.found), (Checkpoint::default(), at(2)), "a batch delivered twice is refused");
@@ -280,10 +282,18 @@ fn a_batch_and_its_checkpoint_are_one_transaction_applied_once_across_restarts()
     let bad = Batch {
         base: at(7),
         reset: false,
-        ops: vec![item(10, "y"), RowOp::Upsert { table: "nowhere".into(), key: 1, row: Row::new() }],
+        ops: vec![
+            item(10, "y"),
+            RowOp::Upsert {
+                table: "users".into(),
+                key: 1,
+                row: row(&[("id", Value::Int(1)), ("name", Value::Null), ("email", Value::Null), ("bio", text("x"))]),
+            },
+        ],
         checkpoint: at(8),
     };
-    assert!(new.apply_batch(&bad).is_err());
+    let refused = new.apply_batch(&bad).unwrap_err();
+    assert!(matches!(&refused, StoreError::Rejected(why) if why.contains("\"x\"")), "{refused}");
     assert_eq!(new.checkpoint().unwrap(), at(7));
     assert_eq!(new.rows("items").unwrap().len(), 1);
 }
@@ -292,7 +302,7 @@ fn a_batch_and_its_checkpoint_are_one_transaction_applied_once_across_restarts()
 fn checksums_equal_the_in_memory_stores_for_the_same_rows() {
     let dir = TempDir::new();
     let mapping = Mapping::compile(&users_schema(), &[]).unwrap();
-    let mut new = SqliteNew::open(&dir.file("new.db"), &mapping.new_schema()).unwrap();
+    let mut new = SqliteNew::open(&dir.file("new.db"), &mapping).unwrap();
     let mut mem = MemStore::with_schema(&mapping.new_schema());
     let ops = vec![
         RowOp::Upsert {
@@ -384,7 +394,7 @@ fn nothing_of_imago_is_left_after_the_upgrade_ends() {
     };
     assert_eq!(objects, Vec::<String>::new(), "no trigger or table of Imago's stays in the old database");
     let mapping = Mapping::compile(&users_schema(), &[]).unwrap();
-    let mut new = SqliteNew::open(&new_path, &mapping.new_schema()).unwrap();
+    let mut new = SqliteNew::open(&new_path, &mapping).unwrap();
     assert!(!new.imago_objects().unwrap().is_empty());
     new.remove_imago().unwrap();
     assert_eq!(new.imago_objects().unwrap(), Vec::<String>::new());
@@ -420,19 +430,23 @@ fn the_transform_over_sqlite_survives_kills_and_ends_equal_to_transform_of_old()
         Transform::SplitTable {
             table: "users".into(),
             into: vec![
-                SplitPart { table: "users".into(), columns: vec!["nickname".into(), "email".into()] },
-                SplitPart { table: "user_profiles".into(), columns: vec!["bio".into()] },
+                SplitPart {
+                    table: "users".into(),
+                    columns: vec!["nickname".into(), "email".into()],
+                    ..Default::default()
+                },
+                SplitPart { table: "user_profiles".into(), columns: vec!["bio".into()], ..Default::default() },
             ],
         },
     ];
     let mapping = Mapping::compile(&users_schema(), &transforms).unwrap();
     let open = || {
         let old = SqliteOld::open(&old_path, &users_schema()).unwrap();
-        let new = SqliteNew::open(&new_path, &mapping.new_schema()).unwrap();
+        let new = SqliteNew::open(&new_path, &mapping).unwrap();
         (old, new)
     };
     let (mut old, mut new) = open();
-    let mut core = TransformCore::new(mapping.clone(), new.checkpoint().unwrap());
+    let mut core = TransformCore::new(new.checkpoint().unwrap());
     let mut write = 0u64;
     let mut kills = (0, 0);
     for step in 0..400u64 {
@@ -457,7 +471,7 @@ fn the_transform_over_sqlite_survives_kills_and_ends_equal_to_transform_of_old()
             }
             drop((old, new));
             (old, new) = open();
-            core = TransformCore::new(mapping.clone(), new.checkpoint().unwrap());
+            core = TransformCore::new(new.checkpoint().unwrap());
         }
         let batch = match core.next_work() {
             Work::Snapshot => {
@@ -579,4 +593,211 @@ proptest! {
             }
         }
     }
+}
+
+/// The MediaWiki 1.4 → 1.5 plan shipped in `plans/`: `cur` and `old` become `page`, `revision`
+/// and `text`, with revision and text ids generated by the new database, `page_latest` and
+/// `rev_text_id` pointing at them, and `rev_page` looked up by an SQL expression. The wiki keeps
+/// being edited (an edit archives the current text into `old` and updates `cur`, as 1.4 did)
+/// while the transform copies and streams, and the transform's process is killed mid-copy and
+/// mid-stream. At the end the new database equals transform(old) (the store's own comparison),
+/// every page points at its newest revision and text, and no old row got two generated keys.
+#[test]
+fn mediawiki_1_4_becomes_1_5_while_it_is_edited_and_the_transform_is_killed() {
+    let plan = protocol::plan::Plan::from_toml("mediawiki-1.5.toml", include_str!("../../../plans/mediawiki-1.5.toml"))
+        .unwrap();
+    let mapping = plan.mapping().unwrap();
+    let dir = TempDir::new();
+    let (old_path, new_path) = (dir.file("wiki14.db"), dir.file("wiki15.db"));
+    let app = Connection::open(&old_path).unwrap();
+    app.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         CREATE TABLE cur (cur_id INTEGER PRIMARY KEY, cur_namespace INTEGER, cur_title TEXT, cur_text TEXT,
+                           cur_comment TEXT, cur_user INTEGER, cur_timestamp TEXT);
+         CREATE TABLE old (old_id INTEGER PRIMARY KEY, old_namespace INTEGER, old_title TEXT, old_text TEXT,
+                           old_comment TEXT, old_user INTEGER, old_timestamp TEXT);",
+    )
+    .unwrap();
+    app.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    let mut clock = 0u64;
+    // An edit as MediaWiki 1.4 made it: the current text is archived into `old`, then `cur`
+    // holds the new text.
+    let edit = |app: &Connection, page: i64, clock: &mut u64| {
+        *clock += 1;
+        let t = *clock;
+        app.execute_batch(&format!(
+            "BEGIN;
+             INSERT INTO old (old_namespace, old_title, old_text, old_comment, old_user, old_timestamp)
+               SELECT cur_namespace, cur_title, cur_text, cur_comment, cur_user, cur_timestamp FROM cur WHERE cur_id = {page};
+             UPDATE cur SET cur_text = 'text {page} at {t}', cur_comment = 'edit {t}', cur_user = {u}, cur_timestamp = '{t:08}'
+               WHERE cur_id = {page};
+             COMMIT;",
+            u = t % 7
+        ))
+        .unwrap();
+    };
+    for page in 1..=120 {
+        app.execute(
+            "INSERT INTO cur VALUES (?1, ?2, ?3, ?4, 'created', 1, '00000000')",
+            rusqlite::params![page, page % 3, format!("Page_{page}"), format!("text {page}")],
+        )
+        .unwrap();
+    }
+    for i in 0..150 {
+        edit(&app, i % 120 + 1, &mut clock);
+    }
+    let schema = &plan.old_schema;
+    let open = || {
+        let old = SqliteOld::open(&old_path, schema).unwrap();
+        let new = SqliteNew::open(&new_path, &mapping).unwrap();
+        (old, new)
+    };
+    let (mut old, mut new) = open();
+    let mut core = TransformCore::new(new.checkpoint().unwrap());
+    let mut kills = (0, 0);
+    for step in 0..300u64 {
+        if step % 2 == 0 {
+            edit(&app, (step * 7) as i64 % 120 + 1, &mut clock);
+        }
+        if step % 3 == 0 {
+            // A new page now and then.
+            app.execute(
+                "INSERT INTO cur (cur_namespace, cur_title, cur_text, cur_comment, cur_user, cur_timestamp)
+                 VALUES (0, ?1, 'new', 'created', 2, '00000000')",
+                [format!("New_{step}")],
+            )
+            .unwrap();
+        }
+        if step % 70 == 6 {
+            if core.bulk_done() {
+                kills.1 += 1;
+            } else {
+                kills.0 += 1;
+            }
+            drop((old, new));
+            (old, new) = open();
+            core = TransformCore::new(new.checkpoint().unwrap());
+        }
+        let batch = match core.next_work() {
+            Work::Snapshot => {
+                let (snapshot, at) = old.open_snapshot().unwrap();
+                Some(core.copy_started(snapshot, at))
+            }
+            Work::CopyChunk { snapshot, after, .. } => {
+                let chunk = old.snapshot_chunk(snapshot, &after, 40).unwrap();
+                Some(core.copy_chunk(&chunk.rows, chunk.last).unwrap())
+            }
+            Work::Stream { after, .. } => {
+                let (changes, _) = old.changes_after(after, 25).unwrap();
+                (!changes.is_empty()).then(|| core.apply_changes(&changes).unwrap())
+            }
+        };
+        if let Some(batch) = batch {
+            new.apply_batch(&batch).unwrap().unwrap();
+            // A batch delivered again is refused: no second revision for any row.
+            assert!(new.apply_batch(&batch).unwrap().is_err());
+        }
+    }
+    assert!(kills.0 > 0 && kills.1 > 0, "killed mid-copy and mid-stream: {kills:?}");
+    let final_position = old.fence().unwrap();
+    while core.checkpoint().applied < final_position {
+        let (changes, _) = old.changes_after(core.checkpoint().applied, 100).unwrap();
+        new.apply_batch(&core.apply_changes(&changes).unwrap()).unwrap().unwrap();
+    }
+
+    // The store's own comparison: transform(old), staged beside the new tables, equals them.
+    let rows = all_rows(&old);
+    let rejected =
+        new.stage(&rows[..rows.len() / 2], true).unwrap() + new.stage(&rows[rows.len() / 2..], false).unwrap();
+    assert_eq!(rejected, 0);
+    let (expected, actual) = new.compare_staged().unwrap();
+    assert_eq!(expected, actual, "the new database differs from transform(old)");
+
+    // What 1.5 needs of the data, checked directly.
+    let count = |table: &str| all_rows(&old).iter().filter(|(t, _, _)| t == table).count();
+    let (curs, olds) = (count("cur"), count("old"));
+    let pages = new.rows("page").unwrap();
+    let revisions: BTreeMap<i64, Row> = new.rows("revision").unwrap().into_iter().collect();
+    let texts: BTreeMap<i64, Row> = new.rows("text").unwrap().into_iter().collect();
+    assert_eq!(pages.len(), curs);
+    assert_eq!(revisions.len(), curs + olds, "one revision per cur row and per old row, none twice");
+    assert_eq!(texts.len(), curs + olds);
+    let current: BTreeMap<i64, Row> =
+        all_rows(&old).into_iter().filter(|(t, _, _)| t == "cur").map(|(_, k, r)| (k, r)).collect();
+    for (page_id, page) in &pages {
+        let Value::Int(latest) = page["page_latest"] else { panic!("page {page_id} has no latest revision") };
+        let revision = &revisions[&latest];
+        assert_eq!(revision["rev_page"], Value::Int(*page_id));
+        let Value::Int(text_id) = revision["rev_text_id"] else { panic!("revision {latest} has no text") };
+        assert_eq!(texts[&text_id]["old_text"], current[page_id]["cur_text"], "page {page_id}'s latest text");
+        assert_eq!(revision["rev_timestamp"], current[page_id]["cur_timestamp"]);
+    }
+    let archived = revisions.values().filter(|r| !pages.iter().any(|(_, p)| p["page_latest"] == r["rev_id"]));
+    for revision in archived {
+        assert!(matches!(revision["rev_page"], Value::Int(p) if pages.iter().any(|(id, _)| *id == p)), "{revision:?}");
+    }
+    let keys = new.key_map().unwrap();
+    assert_eq!(keys.len(), 2 * (curs + olds), "a revision and a text per old row, in the key map");
+}
+
+/// The comparison sees a difference: a row of the new database changed behind the transform
+/// (here by a connection that gets around the guard), and an old row whose generated key the
+/// new database never made.
+#[test]
+fn the_staged_comparison_sees_a_row_changed_behind_the_transform() {
+    let plan = protocol::plan::Plan::from_toml("mediawiki-1.5.toml", include_str!("../../../plans/mediawiki-1.5.toml"))
+        .unwrap();
+    let mapping = plan.mapping().unwrap();
+    let dir = TempDir::new();
+    let new_path = dir.file("wiki15.db");
+    let mut new = SqliteNew::open(&new_path, &mapping).unwrap();
+    let cur = |id: i64, text: &str| {
+        row(&[
+            ("cur_id", Value::Int(id)),
+            ("cur_namespace", Value::Int(0)),
+            ("cur_title", self::text(&format!("P{id}"))),
+            ("cur_text", self::text(text)),
+            ("cur_comment", Value::Null),
+            ("cur_user", Value::Int(1)),
+            ("cur_timestamp", self::text("t")),
+        ])
+    };
+    let ops = vec![RowOp::Upsert { table: "cur".into(), key: 1, row: cur(1, "a") }];
+    let batch = Batch {
+        base: Checkpoint::default(),
+        reset: false,
+        ops,
+        checkpoint: Checkpoint { applied: Position(1), copy: CopyState::Done, copies: 1 },
+    };
+    new.apply_batch(&batch).unwrap().unwrap();
+    let staged = [("cur".to_string(), 1, cur(1, "a"))];
+    assert_eq!(new.stage(&staged, true).unwrap(), 0);
+    let (expected, actual) = new.compare_staged().unwrap();
+    assert_eq!(expected, actual);
+    // A console that gets around the guard (it attaches the transform's marker) edits a text.
+    let rogue = Connection::open(&new_path).unwrap();
+    rogue.execute_batch("ATTACH ':memory:' AS imago_transform; UPDATE text SET old_text = 'vandalised';").unwrap();
+    new.stage(&staged, true).unwrap();
+    let (expected, actual) = new.compare_staged().unwrap();
+    assert_ne!(expected, actual, "the changed text shows");
+    // An old row the new database never saw has no generated keys: it cannot be staged.
+    assert_eq!(new.stage(&[("cur".to_string(), 2, cur(2, "b"))], true).unwrap(), 1);
+    assert!(new.key_map().unwrap().iter().all(|((_, key, _), _)| *key == 1), "staging makes no key");
+}
+
+/// The plan's expressions are checked by the new database when the store opens: one it
+/// rejects is refused with the transform that wrote it.
+#[test]
+fn an_expression_the_new_database_rejects_is_refused_at_open_naming_its_transform() {
+    let text = include_str!("../../../plans/mediawiki-1.5.toml")
+        .replace("SELECT page_id FROM page", "SELEC page_id FROM page");
+    let plan = protocol::plan::Plan::from_toml("mediawiki-1.5.toml", &text).unwrap();
+    let dir = TempDir::new();
+    let err = SqliteNew::open(&dir.file("new.db"), &plan.mapping().unwrap()).unwrap_err();
+    assert!(matches!(err, SqliteError::Expression { transform: 7, .. }), "{err}");
+    assert!(err.to_string().contains("syntax error"), "{err}");
+    let text = include_str!("../../../plans/mediawiki-1.5.toml").replace("FROM page WHERE", "FROM pages WHERE");
+    let plan = protocol::plan::Plan::from_toml("mediawiki-1.5.toml", &text).unwrap();
+    let err = SqliteNew::open(&dir.file("new2.db"), &plan.mapping().unwrap()).unwrap_err();
+    assert!(err.to_string().contains("no such table: pages"), "{err}");
 }

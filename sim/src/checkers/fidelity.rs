@@ -70,7 +70,8 @@ impl Fidelity {
         Fidelity { source_of, shards: Vec::new() }
     }
 
-    /// Checks the rows a batch wrote against the old rows as of the batch's checkpoint; returns
+    /// Checks the rows a batch wrote (its old-schema changes, converted) against the old rows as
+    /// of the batch's checkpoint; returns
     /// the first row that differs, described.
     pub fn check_batch(
         &self,
@@ -80,7 +81,10 @@ impl Fidelity {
         position: Position,
         new: &MemStore,
     ) -> Option<String> {
-        for op in ops {
+        // A batch carries old-schema changes: the rows they write are their conversions (the
+        // simulator's plans have neither generated keys nor SQL expressions).
+        let written: Vec<RowOp> = ops.iter().flat_map(|op| mapping.convert(op).unwrap_or_default()).collect();
+        for op in &written {
             let (table, key) = match op {
                 RowOp::Upsert { table, key, .. } | RowOp::Delete { table, key } => (table, *key),
             };

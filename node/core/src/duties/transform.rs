@@ -1,5 +1,7 @@
-//! Transform: bulk copy, then the change stream, converted to the new schema and applied to
-//! the new universe exactly once by position.
+//! Transform: bulk copy, then the change stream, applied to the new universe exactly once by
+//! position. The batches carry the old universe's rows and changes as they are: the new store
+//! converts them by the plan's mapping (a database store evaluates the plan's SQL expressions and
+//! generates keys itself, in the batch's transaction).
 //!
 //! The core decides what to read next ([`TransformCore::next_work`]) and turns what was read
 //! into a [`Batch`] that the shell applies to the new store *atomically with its checkpoint*.
@@ -16,7 +18,7 @@
 
 pub use crate::store::{Batch, Checkpoint, CopyState};
 use crate::store::{RowCursor, SnapshotId, StoredRow};
-use protocol::schema::{ConvertError, Mapping, RowOp};
+use protocol::schema::RowOp;
 use protocol::Position;
 
 /// What the shell should read next.
@@ -35,8 +37,6 @@ pub enum Work {
 pub enum TransformError {
     #[error("change stream gap: expected position {expected}, got {got}")]
     Gap { expected: u64, got: u64 },
-    #[error(transparent)]
-    Convert(#[from] ConvertError),
     /// The new store refused a batch: something else moved its checkpoint.
     #[error(transparent)]
     StaleBatch(#[from] crate::store::StaleBatch),
@@ -61,7 +61,6 @@ pub enum TransformBug {
 /// The transform duty's core.
 #[derive(Clone, Debug)]
 pub struct TransformCore {
-    mapping: Mapping,
     checkpoint: Checkpoint,
     /// The open snapshot of the copy in progress (volatile: it dies with the process).
     snapshot: Option<SnapshotId>,
@@ -75,9 +74,8 @@ pub struct TransformCore {
 
 impl TransformCore {
     /// Resumes from the checkpoint read from the new store (a copy in progress restarts).
-    pub fn new(mapping: Mapping, checkpoint: Checkpoint) -> Self {
+    pub fn new(checkpoint: Checkpoint) -> Self {
         TransformCore {
-            mapping,
             checkpoint,
             snapshot: None,
             duplicates_skipped: 0,
@@ -157,7 +155,7 @@ impl TransformCore {
         for (table, key, row) in rows {
             let here = (table.clone(), *key);
             assert!(cursor.as_ref().is_none_or(|c| *c < here), "copy rows out of order at {here:?}");
-            ops.extend(self.mapping.convert(&RowOp::Upsert { table: table.clone(), key: *key, row: row.clone() })?);
+            ops.push(RowOp::Upsert { table: table.clone(), key: *key, row: row.clone() });
             cursor = Some(here);
         }
         self.checkpoint.copy = if last { CopyState::Done } else { CopyState::Copying { snapshot_at, after: cursor } };
@@ -186,7 +184,7 @@ impl TransformCore {
             if std::mem::take(&mut self.skip_next) {
                 continue;
             }
-            ops.extend(self.mapping.convert(op)?);
+            ops.push(op.clone());
         }
         self.checkpoint.applied = applied;
         Ok(Batch { base, reset: false, ops, checkpoint: self.checkpoint.clone() })
@@ -196,7 +194,7 @@ impl TransformCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::schema::{Row, Schema, TableSchema, Transform, Value};
+    use protocol::schema::{Mapping, Row, Schema, TableSchema, Transform, Value};
     use std::collections::BTreeMap;
 
     fn core() -> TransformCore {
@@ -220,7 +218,8 @@ mod tests {
         let mut tables = BTreeMap::new();
         tables.insert("t".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "a".into()] });
         let transforms = vec![Transform::RenameColumn { table: "t".into(), from: "a".into(), to: "b".into() }];
-        TransformCore::new(Mapping::compile(&Schema { tables }, &transforms).unwrap(), checkpoint)
+        let _ = Mapping::compile(&Schema { tables }, &transforms).unwrap();
+        TransformCore::new(checkpoint)
     }
 
     fn upsert(key: i64, a: i64) -> RowOp {
