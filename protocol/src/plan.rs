@@ -294,6 +294,8 @@ struct TransformSection {
     column: Option<Spanned<String>>,
     default: Option<Spanned<toml::Value>>,
     expression: Option<Spanned<String>>,
+    /// `merge_tables`: the second table.
+    with: Option<Spanned<String>>,
     into: Option<Vec<SplitPartSection>>,
 }
 
@@ -778,12 +780,13 @@ impl Validator<'_> {
                 let into = parts;
                 Transform::SplitTable { table, into }
             }
+            "merge_tables" => Transform::MergeTables { table, with: need(&t.with, "with")?, into: need(&t.to, "to")? },
             other => {
                 return self.src.error(
                     t.kind.span(),
                     format!("transforms[{i}].kind"),
                     format!(
-                        "`{other}` is not one of `rename_table`, `rename_column`, `add_column`, `drop_column`, `change_type`, `split_table`"
+                        "`{other}` is not one of `rename_table`, `rename_column`, `add_column`, `drop_column`, `change_type`, `split_table`, `merge_tables`"
                     ),
                 )
             }
@@ -799,6 +802,7 @@ fn transform_field_span(t: &TransformSection, field: TransformField) -> (Range<u
         TransformField::From => (or_kind(&t.from), "from".into()),
         TransformField::To => (or_kind(&t.to), "to".into()),
         TransformField::Column => (or_kind(&t.column), "column".into()),
+        TransformField::With => (or_kind(&t.with), "with".into()),
         TransformField::Expression => (or_kind(&t.expression), "expression".into()),
         TransformField::IntoKey(p) => {
             let part = t.into.as_ref().and_then(|parts| parts.get(p));

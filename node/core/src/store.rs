@@ -18,7 +18,7 @@ use crate::{RequestKey, StoreAnswer};
 use protocol::schema::{ConvertError, KeyMap, Mapping, Row, RowOp, Schema, Value, REQUEST_LOG_TABLE};
 use protocol::Position;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Tables: name → key → row.
 pub type Tables = BTreeMap<String, BTreeMap<i64, Row>>;
@@ -164,6 +164,8 @@ pub const REQUEST_LOG_MAX: usize = 4096;
 pub struct MemKeys {
     keys: BTreeMap<(String, i64, String), i64>,
     next: BTreeMap<String, i64>,
+    /// Merged rows: (new table, key) → the old tables that have it.
+    merged: BTreeMap<(String, i64), BTreeSet<String>>,
 }
 
 /// A key map being written, over the tables it makes keys for.
@@ -197,6 +199,27 @@ impl KeyMap for KeysIn<'_> {
             return Ok(self.keys.keys.get(&(table.to_string(), key, target.to_string())).copied());
         }
         Ok(self.keys.keys.remove(&(table.to_string(), key, target.to_string())))
+    }
+
+    fn mark(&mut self, table: &str, key: i64, target: &str, present: bool) -> Result<bool, ConvertError> {
+        if self.read_only {
+            return Ok(true);
+        }
+        let sources = self.keys.merged.entry((target.to_string(), key)).or_default();
+        if present {
+            sources.insert(table.to_string());
+        } else {
+            sources.remove(table);
+        }
+        let others = sources.iter().any(|s| s != table);
+        if sources.is_empty() {
+            self.keys.merged.remove(&(target.to_string(), key));
+        }
+        Ok(others)
+    }
+
+    fn row(&self, target: &str, key: i64) -> Option<Row> {
+        self.tables.get(target)?.get(&key).cloned()
     }
 }
 
@@ -520,21 +543,43 @@ impl NewStore for MemStore {
             return Ok(Err(StaleBatch { base: batch.base.clone(), found: self.checkpoint.clone() }));
         }
         self.staged = None;
-        // One transaction: everything converted first, so a refusal leaves the store as it was.
-        let mut keys = if batch.reset { MemKeys::default() } else { self.keys.clone() };
-        let emptied = Tables::new();
-        let before = if batch.reset { &emptied } else { &self.tables };
-        let ops = convert(self.mapping.as_ref(), &batch.ops, &mut keys, before, false)
-            .map_err(|e| StoreError::Rejected(e.to_string()))?;
-        if batch.reset {
-            for rows in self.tables.values_mut() {
-                rows.clear();
+        // One transaction: each change is converted over the rows as the batch's earlier ones
+        // left them (a merge reads the row), and a refusal undoes everything.
+        let keys_before = self.keys.clone();
+        let tables_before = batch.reset.then(|| {
+            let emptied = self.tables.keys().map(|t| (t.clone(), BTreeMap::new())).collect();
+            self.keys = MemKeys::default();
+            std::mem::replace(&mut self.tables, emptied)
+        });
+        let request_log_before = batch.reset.then(|| std::mem::take(&mut self.request_log));
+        let mut undo: Vec<RowOp> = Vec::new();
+        for op in &batch.ops {
+            let converted =
+                match convert(self.mapping.as_ref(), std::slice::from_ref(op), &mut self.keys, &self.tables, false) {
+                    Ok(converted) => converted,
+                    Err(e) => {
+                        for op in undo.iter().rev() {
+                            self.apply_op(op);
+                        }
+                        if let (Some(tables), Some(log)) = (tables_before, request_log_before) {
+                            self.tables = tables;
+                            self.request_log = log;
+                        }
+                        self.keys = keys_before;
+                        return Err(StoreError::Rejected(e.to_string()));
+                    }
+                };
+            for op in converted {
+                let (table, key) = match &op {
+                    RowOp::Upsert { table, key, .. } | RowOp::Delete { table, key } => (table, *key),
+                };
+                undo.push(match self.get(table, key) {
+                    Some(row) => RowOp::Upsert { table: table.clone(), key, row: row.clone() },
+                    None => RowOp::Delete { table: table.clone(), key },
+                });
+                self.apply_op(&op);
             }
         }
-        for op in &ops {
-            self.apply_op(op);
-        }
-        self.keys = keys;
         self.checkpoint = batch.checkpoint.clone();
         Ok(Ok(()))
     }
@@ -548,7 +593,8 @@ impl NewStore for MemStore {
         let mut rejected = 0;
         for (table, key, row) in rows {
             let op = RowOp::Upsert { table: table.clone(), key: *key, row: row.clone() };
-            match convert(self.mapping.as_ref(), std::slice::from_ref(&op), &mut keys, &self.tables, true) {
+            // Over the scratch rows: a merge fills the row the other old table staged.
+            match convert(self.mapping.as_ref(), std::slice::from_ref(&op), &mut keys, &staged, true) {
                 Ok(converted) => {
                     for op in converted {
                         if let RowOp::Upsert { table, key, row } = op {
@@ -902,5 +948,65 @@ mod tests {
         assert!(matches!(refused, StoreError::Rejected(_)), "{refused}");
         assert_eq!(new.checkpoint().unwrap(), at, "nothing of it, not even its reset");
         assert_eq!(new.get("t", 1).unwrap()["n"], Value::Int(7));
+    }
+
+    fn merge_mapping() -> Mapping {
+        use protocol::schema::Transform;
+        let mut tables = BTreeMap::new();
+        tables.insert(
+            "accounts".to_string(),
+            TableSchema { key: "id".into(), columns: vec!["id".into(), "email".into()] },
+        );
+        tables.insert(
+            "profiles".to_string(),
+            TableSchema { key: "user_id".into(), columns: vec!["user_id".into(), "bio".into()] },
+        );
+        let merge = Transform::MergeTables { table: "accounts".into(), with: "profiles".into(), into: "users".into() };
+        Mapping::compile(&Schema { tables }, &[merge]).unwrap()
+    }
+
+    fn account(id: i64, email: &str) -> RowOp {
+        let row = [("id".to_string(), Value::Int(id)), ("email".to_string(), Value::Text(email.into()))].into();
+        RowOp::Upsert { table: "accounts".into(), key: id, row }
+    }
+
+    fn profile(id: i64, bio: &str) -> RowOp {
+        let row = [("user_id".to_string(), Value::Int(id)), ("bio".to_string(), Value::Text(bio.into()))].into();
+        RowOp::Upsert { table: "profiles".into(), key: id, row }
+    }
+
+    #[test]
+    fn a_merged_row_takes_each_tables_columns_and_lives_while_either_has_it() {
+        let mut new = MemStore::new_universe(merge_mapping());
+        let mut applied = 0;
+        let mut apply = |new: &mut MemStore, ops: Vec<RowOp>| {
+            applied += 1;
+            let base = new.checkpoint().unwrap();
+            new.apply_batch(&batch(base, applied, false, ops)).unwrap().unwrap();
+        };
+        let user = |new: &MemStore, id| new.get("users", id).cloned();
+        let text = |s: &str| Value::Text(s.into());
+        // Both halves of one row in one batch: the second sees the first.
+        apply(&mut new, vec![account(1, "a@x"), profile(1, "hi"), profile(2, "only a profile")]);
+        let one = user(&new, 1).unwrap();
+        assert_eq!((one["email"].clone(), one["bio"].clone()), (text("a@x"), text("hi")));
+        let two = user(&new, 2).unwrap();
+        assert_eq!((two["email"].clone(), two["bio"].clone()), (Value::Null, text("only a profile")));
+        apply(&mut new, vec![account(1, "new@x")]);
+        assert_eq!(user(&new, 1).unwrap()["bio"], text("hi"), "an account's update leaves the profile's columns");
+        apply(&mut new, vec![RowOp::Delete { table: "accounts".into(), key: 1 }]);
+        let one = user(&new, 1).expect("the profile still has the row");
+        assert_eq!((one["email"].clone(), one["bio"].clone()), (Value::Null, text("hi")));
+        apply(&mut new, vec![RowOp::Delete { table: "profiles".into(), key: 1 }]);
+        assert_eq!(user(&new, 1), None, "neither has it: gone");
+        // transform(old) staged from both tables' rows equals the merged table.
+        let old_rows = |op: RowOp| match op {
+            RowOp::Upsert { table, key, row } => (table, key, row),
+            RowOp::Delete { .. } => unreachable!(),
+        };
+        new.stage(&[old_rows(profile(2, "only a profile"))], true).unwrap();
+        assert!(new.compare_staged().map(|(e, a)| e == a).unwrap());
+        new.stage(&[old_rows(account(2, "late@x")), old_rows(profile(2, "only a profile"))], true).unwrap();
+        assert!(!new.compare_staged().map(|(e, a)| e == a).unwrap(), "an account the new store lacks");
     }
 }

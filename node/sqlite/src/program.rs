@@ -47,6 +47,7 @@ pub fn create_key_map(conn: &Connection) -> rusqlite::Result<()> {
         "CREATE TABLE IF NOT EXISTS main.{KEYS_TABLE} (\
            src_table TEXT NOT NULL, src_key INTEGER NOT NULL, target TEXT NOT NULL, key INTEGER NOT NULL, \
            PRIMARY KEY (src_table, src_key, target)) WITHOUT ROWID;\n\
+         CREATE INDEX IF NOT EXISTS main.imago_keys_by_target ON {KEYS_TABLE} (target, key);\n\
          CREATE TABLE IF NOT EXISTS main.{KEY_NEXT_TABLE} (target TEXT PRIMARY KEY, next INTEGER NOT NULL);"
     ))
 }
@@ -63,6 +64,7 @@ pub fn apply(conn: &Connection, mapping: &Mapping, op: &RowOp, target: Target) -
             table: table.to_string(),
             key: log.key.clone(),
             generated: false,
+            merged: false,
             columns: log.columns.iter().map(|c| (c.clone(), Source::Column(c.clone()))).collect(),
         };
         return match op {
@@ -75,7 +77,17 @@ pub fn apply(conn: &Connection, mapping: &Mapping, op: &RowOp, target: Target) -
     };
     for output in outputs {
         match op {
-            RowOp::Upsert { row, .. } => upsert(conn, outputs, output, table, key, row, target)?,
+            RowOp::Upsert { row, .. } => {
+                upsert(conn, outputs, output, table, key, row, target)?;
+                if output.merged && target == Target::Main {
+                    conn.prepare_cached(&format!(
+                        "INSERT INTO main.{KEYS_TABLE} (src_table, src_key, target, key) VALUES (?1, ?2, ?3, ?2) \
+                         ON CONFLICT DO NOTHING"
+                    ))?
+                    .execute(rusqlite::params![table, key, output.table])?;
+                }
+            }
+            RowOp::Delete { .. } if output.merged => delete_merged(conn, output, table, key, target)?,
             RowOp::Delete { .. } => {
                 let new_key =
                     if output.generated { forget(conn, table, key, &output.table, target)? } else { Some(key) };
@@ -84,6 +96,45 @@ pub fn apply(conn: &Connection, mapping: &Mapping, op: &RowOp, target: Target) -
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// An old table's row of a merged table goes: its columns are emptied, and the row goes too
+/// unless another old table still has it (the key map marks who has which merged row).
+fn delete_merged(
+    conn: &Connection,
+    output: &Output,
+    table: &str,
+    key: i64,
+    target: Target,
+) -> Result<(), ProgramError> {
+    if target == Target::Main {
+        conn.prepare_cached(&format!(
+            "DELETE FROM main.{KEYS_TABLE} WHERE src_table = ?1 AND src_key = ?2 AND target = ?3"
+        ))?
+        .execute(rusqlite::params![table, key, output.table])?;
+    }
+    let others: Option<i64> = conn
+        .prepare_cached(&format!(
+            "SELECT 1 FROM main.{KEYS_TABLE} WHERE target = ?1 AND key = ?2 AND src_table <> ?3 LIMIT 1"
+        ))?
+        .query_row(rusqlite::params![output.table, key, table], |r| r.get(0))
+        .optional()?;
+    if others.is_none() {
+        return delete_row(conn, output, key, target);
+    }
+    let own: Vec<String> =
+        output.columns.iter().filter(|(c, _)| *c != output.key).map(|(c, _)| format!("{} = NULL", ident(c))).collect();
+    if !own.is_empty() {
+        let sql = format!(
+            "UPDATE {}.{} SET {} WHERE {} = ?1",
+            target.schema(),
+            ident(&output.table),
+            own.join(", "),
+            ident(&output.key)
+        );
+        conn.prepare_cached(&sql)?.execute([key])?;
     }
     Ok(())
 }
