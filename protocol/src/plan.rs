@@ -296,6 +296,11 @@ struct TransformSection {
     expression: Option<Spanned<String>>,
     /// `merge_tables`: the second table.
     with: Option<Spanned<String>>,
+    /// `sql`: the new tables its statements write, and the statements.
+    writes: Option<Spanned<Vec<Spanned<String>>>>,
+    insert: Option<Spanned<String>>,
+    update: Option<Spanned<String>>,
+    delete: Option<Spanned<String>>,
     into: Option<Vec<SplitPartSection>>,
 }
 
@@ -381,7 +386,7 @@ impl Validator<'_> {
         let thresholds = self.thresholds(raw.thresholds)?;
         let nodes = self.nodes(&raw.nodes)?;
         let old_schema = self.schema(&raw.schema.old, "schema.old")?;
-        let transforms = self.transforms(&raw.transforms)?;
+        let transforms = self.transforms(&raw.transforms, raw.schema.new.as_ref())?;
         match Mapping::compile(&old_schema, &transforms) {
             Err(e) => {
                 let raw_transform = &raw.transforms[e.transform];
@@ -691,11 +696,20 @@ impl Validator<'_> {
         Ok(Schema { tables })
     }
 
-    fn transforms(&self, raw: &[TransformSection]) -> Result<Vec<Transform>, PlanError> {
-        raw.iter().enumerate().map(|(i, t)| self.transform(i, t)).collect()
+    fn transforms(
+        &self,
+        raw: &[TransformSection],
+        declared: Option<&BTreeMap<String, Spanned<TableSection>>>,
+    ) -> Result<Vec<Transform>, PlanError> {
+        raw.iter().enumerate().map(|(i, t)| self.transform(i, t, declared)).collect()
     }
 
-    fn transform(&self, i: usize, t: &TransformSection) -> Result<Transform, PlanError> {
+    fn transform(
+        &self,
+        i: usize,
+        t: &TransformSection,
+        declared: Option<&BTreeMap<String, Spanned<TableSection>>>,
+    ) -> Result<Transform, PlanError> {
         let need = |value: &Option<Spanned<String>>, name: &str| -> Result<String, PlanError> {
             match value {
                 Some(v) if !v.get_ref().trim().is_empty() => Ok(v.get_ref().clone()),
@@ -781,12 +795,33 @@ impl Validator<'_> {
                 Transform::SplitTable { table, into }
             }
             "merge_tables" => Transform::MergeTables { table, with: need(&t.with, "with")?, into: need(&t.to, "to")? },
+            "sql" => {
+                let Some(written) = t.writes.as_ref().filter(|w| !w.get_ref().is_empty()) else {
+                    let span = t.writes.as_ref().map_or(t.kind.span(), |w| w.span());
+                    return self.src.error(span, format!("transforms[{i}].writes"), "`sql` needs `writes`, the new tables its statements write");
+                };
+                let mut writes = Vec::new();
+                for (w, name) in written.get_ref().iter().enumerate() {
+                    let field = format!("transforms[{i}].writes[{w}]");
+                    let Some(section) = declared.and_then(|d| d.get(name.get_ref())) else {
+                        return self.src.error(name.span(), field, format!("`{}` must be declared in [schema.new]", name.get_ref()));
+                    };
+                    writes.push((name.get_ref().clone(), self.table(section, &format!("schema.new.{}", name.get_ref()))?));
+                }
+                Transform::Sql {
+                    table,
+                    writes,
+                    insert: need(&t.insert, "insert")?,
+                    update: need(&t.update, "update")?,
+                    delete: need(&t.delete, "delete")?,
+                }
+            }
             other => {
                 return self.src.error(
                     t.kind.span(),
                     format!("transforms[{i}].kind"),
                     format!(
-                        "`{other}` is not one of `rename_table`, `rename_column`, `add_column`, `drop_column`, `change_type`, `split_table`, `merge_tables`"
+                        "`{other}` is not one of `rename_table`, `rename_column`, `add_column`, `drop_column`, `change_type`, `split_table`, `merge_tables`, `sql`"
                     ),
                 )
             }
@@ -803,6 +838,13 @@ fn transform_field_span(t: &TransformSection, field: TransformField) -> (Range<u
         TransformField::To => (or_kind(&t.to), "to".into()),
         TransformField::Column => (or_kind(&t.column), "column".into()),
         TransformField::With => (or_kind(&t.with), "with".into()),
+        TransformField::Insert => (or_kind(&t.insert), "insert".into()),
+        TransformField::Update => (or_kind(&t.update), "update".into()),
+        TransformField::Delete => (or_kind(&t.delete), "delete".into()),
+        TransformField::Writes(w) => {
+            let span = t.writes.as_ref().and_then(|ws| ws.get_ref().get(w)).map_or(t.kind.span(), |n| n.span());
+            (span, format!("writes[{w}]"))
+        }
         TransformField::Expression => (or_kind(&t.expression), "expression".into()),
         TransformField::IntoKey(p) => {
             let part = t.into.as_ref().and_then(|parts| parts.get(p));

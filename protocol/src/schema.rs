@@ -113,6 +113,17 @@ pub enum Transform {
         with: String,
         into: String,
     },
+    /// The escape hatch: the new database runs these statements for the rows of `table` (as it
+    /// stands here), each `:column` bound to the old row's value: `insert` for a row it has not
+    /// seen, `update` for one it has, `delete` when the row goes. `writes` names the new tables
+    /// they write, with their declared schemas.
+    Sql {
+        table: String,
+        writes: Vec<(String, TableSchema)>,
+        insert: String,
+        update: String,
+        delete: String,
+    },
 }
 
 /// Which field of a transform a [`SchemaError`] is about (so the plan loader can point at it).
@@ -130,6 +141,12 @@ pub enum TransformField {
     IntoReference(usize, usize),
     /// A merge's second table.
     With,
+    /// An escape hatch's statements.
+    Insert,
+    Update,
+    Delete,
+    /// An escape hatch's written table, by position.
+    Writes(usize),
 }
 
 /// A transform that does not fit the schema it applies to.
@@ -181,6 +198,20 @@ pub struct Output {
 pub struct Mapping {
     /// Old table name to the new tables its rows feed.
     pub outputs: BTreeMap<String, Vec<Output>>,
+    /// Old table name to the statements the new database runs for its rows (the escape hatch).
+    pub custom: BTreeMap<String, Custom>,
+}
+
+/// An old table's rows handled by statements of the plan (see [`Transform::Sql`]); each is a
+/// [`Source::Sql`] whose parameters are the old row's columns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Custom {
+    /// The old table's key column (what a `delete` statement sees of a deleted row).
+    pub old_key: String,
+    pub writes: Vec<(String, TableSchema)>,
+    pub insert: Source,
+    pub update: Source,
+    pub delete: Source,
 }
 
 /// A row-level change in either schema: an upsert of a whole row, or a delete by key.
@@ -252,7 +283,7 @@ impl Mapping {
                 Output { table: name.clone(), key: table.key.clone(), generated: false, merged: false, columns };
             outputs.insert(name.clone(), vec![output]);
         }
-        let mut mapping = Mapping { outputs };
+        let mut mapping = Mapping { outputs, custom: BTreeMap::new() };
         for (index, transform) in transforms.iter().enumerate() {
             mapping.apply(index, transform)?;
         }
@@ -274,6 +305,9 @@ impl Mapping {
                 }
             }
         }
+        for (name, table) in self.custom.values().flat_map(|c| c.writes.iter()) {
+            tables.insert(name.clone(), table.clone());
+        }
         Schema { tables }
     }
 
@@ -294,7 +328,8 @@ impl Mapping {
             | Transform::DropColumn { table, .. }
             | Transform::ChangeType { table, .. }
             | Transform::SplitTable { table, .. }
-            | Transform::MergeTables { table, .. } => table.clone(),
+            | Transform::MergeTables { table, .. }
+            | Transform::Sql { table, .. } => table.clone(),
         };
         if !self.has_table(&table_name) {
             return Err(err(
@@ -311,6 +346,9 @@ impl Mapping {
         let made = match transform {
             Transform::RenameTable { to, .. } => vec![(TransformField::To, to)],
             Transform::MergeTables { into, .. } => vec![(TransformField::To, into)],
+            Transform::Sql { writes, .. } => {
+                writes.iter().enumerate().map(|(i, (table, _))| (TransformField::Writes(i), table)).collect()
+            }
             Transform::SplitTable { into, .. } => {
                 into.iter().enumerate().map(|(i, part)| (TransformField::Into(i), &part.table)).collect()
             }
@@ -503,6 +541,50 @@ impl Mapping {
                 }
             }
             Transform::MergeTables { with, into, .. } => self.merge(index, &table_name, with, into)?,
+            Transform::Sql { writes, insert, update, delete, .. } => {
+                let (old_table, outputs) = self
+                    .outputs
+                    .iter()
+                    .find(|(_, outputs)| outputs.iter().any(|o| o.table == table_name))
+                    .expect("checked");
+                if outputs.len() > 1 || outputs[0].generated || outputs[0].merged {
+                    return Err(err(
+                        TransformField::Table,
+                        format!(
+                            "`{table_name}`'s rows feed other tables too here: the escape hatch takes a table whole"
+                        ),
+                    ));
+                }
+                let old_table = old_table.clone();
+                for (i, (written, _)) in writes.iter().enumerate() {
+                    if self.has_table(written)
+                        || self.custom.values().any(|c| c.writes.iter().any(|(w, _)| w == written))
+                    {
+                        return Err(err(
+                            TransformField::Writes(i),
+                            format!("table `{written}` is written by other transforms"),
+                        ));
+                    }
+                }
+                let columns = &self.outputs[&old_table][0].columns;
+                let statement = |sql: &str, field: TransformField| {
+                    sql_source(index, sql, columns, &table_name).map_err(|e| SchemaError { field, ..e })
+                };
+                let output = &self.outputs[&old_table][0];
+                let old_key = match output.columns.iter().find(|(c, _)| *c == output.key) {
+                    Some((_, Source::Column(original))) => original.clone(),
+                    _ => old_table.clone(),
+                };
+                let custom = Custom {
+                    old_key,
+                    writes: writes.clone(),
+                    insert: statement(insert, TransformField::Insert)?,
+                    update: statement(update, TransformField::Update)?,
+                    delete: statement(delete, TransformField::Delete)?,
+                };
+                self.outputs.remove(&old_table);
+                self.custom.insert(old_table, custom);
+            }
         }
         Ok(())
     }
@@ -582,7 +664,10 @@ impl Mapping {
                 Source::Column(_) | Source::Const(_) | Source::KeyOf(_) => None,
             }
         }
-        self.outputs.values().flatten().flat_map(|o| o.columns.iter()).find_map(|(_, source)| sql(source))
+        let custom = self.custom.values().find_map(|c| sql(&c.insert));
+        custom.or_else(|| {
+            self.outputs.values().flatten().flat_map(|o| o.columns.iter()).find_map(|(_, source)| sql(source))
+        })
     }
 
     /// Converts one old-schema change into new-schema changes, with `keys` for generated keys
@@ -593,6 +678,9 @@ impl Mapping {
         };
         if table == REQUEST_LOG_TABLE {
             return Ok(vec![op.clone()]);
+        }
+        if let Some(Source::Sql { transform, .. }) = self.custom.get(table).map(|c| &c.insert) {
+            return Err(ConvertError::NeedsDatabase { transform: *transform });
         }
         let Some(outputs) = self.outputs.get(table) else {
             return Ok(Vec::new());

@@ -248,3 +248,34 @@ fn expressions_keys_and_references_are_checked_where_they_are_written() {
     let e = load_err(&misplaced);
     assert!(e.field.ends_with(".expression") && e.message.contains("only `add_column`"), "{e}");
 }
+
+#[test]
+fn the_escape_hatch_names_declared_tables_and_the_columns_of_its_table() {
+    let base = EXAMPLE.to_string()
+        + r#"
+[[transforms]]
+kind = "sql"
+table = "auctions"
+writes = ["listings"]
+insert = "INSERT INTO listings (id, label) VALUES (:id, :title)"
+update = "UPDATE listings SET label = :title WHERE id = :id"
+delete = "DELETE FROM listings WHERE id = :id"
+
+[schema.new.listings]
+key = "id"
+columns = ["id", "label"]
+"#;
+    let text =
+        base.replace("[schema.new.auctions]\ncolumns = [\"id\", \"title\", \"seller\", \"price\", \"status\"]\n", "");
+    let plan = Plan::from_toml("plan.toml", &text).expect("auctions are now written by the statements");
+    let mapping = plan.mapping().unwrap();
+    assert!(mapping.custom.contains_key("items") && !mapping.outputs.contains_key("items"));
+    assert_eq!(mapping.new_schema().tables["listings"].columns, vec!["id", "label"]);
+    let undeclared = text.replace("[schema.new.listings]", "[schema.new.listing]");
+    let e = load_err(&undeclared);
+    assert_eq!((e.field.as_str(), e.line), ("transforms[5].writes[0]", line_of(&undeclared, "writes = [")), "{e}");
+    let unknown = text.replace("VALUES (:id, :title)", "VALUES (:id, :titel)");
+    let e = load_err(&unknown);
+    assert_eq!((e.field.as_str(), e.line), ("transforms[5].insert", line_of(&unknown, "insert = ")), "{e}");
+    assert!(e.message.contains("`:titel`"), "{e}");
+}

@@ -5,7 +5,9 @@
 //! the rows written before them). Generated keys are kept in the key map `imago_keys`.
 
 use crate::sql::{ident, sql_value};
-use protocol::schema::{evaluate, sql_params, ConvertError, Mapping, Output, Row, RowOp, Source, REQUEST_LOG_TABLE};
+use protocol::schema::{
+    evaluate, sql_params, ConvertError, Custom, Mapping, Output, Row, RowOp, Source, REQUEST_LOG_TABLE,
+};
 use rusqlite::{Connection, OptionalExtension};
 
 /// The key map: old row (table, key) and new table → the key the new database made for it.
@@ -72,6 +74,9 @@ pub fn apply(conn: &Connection, mapping: &Mapping, op: &RowOp, target: Target) -
             RowOp::Delete { .. } => delete_row(conn, &output, key, target),
         };
     }
+    if let Some(custom) = mapping.custom.get(table) {
+        return apply_custom(conn, custom, table, key, op, target);
+    }
     let Some(outputs) = mapping.outputs.get(table) else {
         return Ok(());
     };
@@ -97,6 +102,81 @@ pub fn apply(conn: &Connection, mapping: &Mapping, op: &RowOp, target: Target) -
             }
         }
     }
+    Ok(())
+}
+
+/// The key map's mark of an old row the plan's own statements have seen (`insert` ran).
+const SEEN_BY_STATEMENTS: &str = "";
+
+/// The escape hatch: the plan's statements for an old table's row. `insert` for a row not seen
+/// yet, `update` for one seen, `delete` when it goes (it sees the key only: the other values
+/// of a deleted row are gone). Staging runs `insert` into the scratch copy.
+fn apply_custom(
+    conn: &Connection,
+    custom: &Custom,
+    table: &str,
+    key: i64,
+    op: &RowOp,
+    target: Target,
+) -> Result<(), ProgramError> {
+    let seen = if target == Target::Main {
+        conn.prepare_cached(&format!(
+            "SELECT 1 FROM main.{KEYS_TABLE} WHERE src_table = ?1 AND src_key = ?2 AND target = ?3"
+        ))?
+        .query_row(rusqlite::params![table, key, SEEN_BY_STATEMENTS], |r| r.get::<_, i64>(0))
+        .optional()?
+        .is_some()
+    } else {
+        false
+    };
+    let mark = |present: bool| -> Result<(), ProgramError> {
+        let sql = if present {
+            format!("INSERT INTO main.{KEYS_TABLE} (src_table, src_key, target, key) VALUES (?1, ?2, ?3, ?2) ON CONFLICT DO NOTHING")
+        } else {
+            format!("DELETE FROM main.{KEYS_TABLE} WHERE src_table = ?1 AND src_key = ?2 AND target = ?3")
+        };
+        conn.prepare_cached(&sql)?.execute(rusqlite::params![table, key, SEEN_BY_STATEMENTS])?;
+        Ok(())
+    };
+    match op {
+        RowOp::Upsert { row, .. } => {
+            let statement = if seen { &custom.update } else { &custom.insert };
+            run_statement(conn, statement, row)?;
+            if !seen && target == Target::Main {
+                mark(true)?;
+            }
+        }
+        RowOp::Delete { .. } => {
+            if seen {
+                let key_only = key_row(custom, key);
+                run_statement(conn, &custom.delete, &key_only)?;
+                mark(false)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A deleted row as the `delete` statement sees it: its key, every other column NULL.
+fn key_row(custom: &Custom, key: i64) -> Row {
+    [(custom.old_key.clone(), protocol::schema::Value::Int(key))].into()
+}
+
+/// Runs one of the plan's statements with the old row's values bound.
+fn run_statement(conn: &Connection, statement: &Source, row: &Row) -> Result<(), ProgramError> {
+    let Source::Sql { sql, params, .. } = statement else {
+        unreachable!("a statement is compiled as SQL");
+    };
+    let mut rendered = Rendered { sql: String::new(), values: Vec::new() };
+    let mut no_keys = |t: &str| Err(ConvertError::NeedsKeyMap { table: t.to_string() });
+    let mut at = 0;
+    for (range, name) in sql_params(sql) {
+        rendered.sql.push_str(&sql[at..range.start]);
+        render(&params[&name], row, &mut no_keys, &mut rendered)?;
+        at = range.end;
+    }
+    rendered.sql.push_str(&sql[at..]);
+    conn.prepare_cached(&rendered.sql)?.execute(rusqlite::params_from_iter(rendered.values))?;
     Ok(())
 }
 
@@ -315,6 +395,25 @@ fn upsert(
 /// its parameters, so an expression the database rejects is found when the store opens: the
 /// transform's index and the database's message.
 pub fn check(conn: &Connection, mapping: &Mapping) -> Result<(), (usize, String)> {
+    for custom in mapping.custom.values() {
+        for statement in [&custom.insert, &custom.update, &custom.delete] {
+            let Source::Sql { sql, params, transform } = statement else { continue };
+            let mut rendered = Rendered { sql: String::new(), values: Vec::new() };
+            let mut key_of = |_: &str| Ok(0);
+            let mut at = 0;
+            for (range, name) in sql_params(sql) {
+                rendered.sql.push_str(&sql[at..range.start]);
+                if render(&params[&name], &Row::new(), &mut key_of, &mut rendered).is_err() {
+                    continue;
+                }
+                at = range.end;
+            }
+            rendered.sql.push_str(&sql[at..]);
+            if let Err(e) = conn.prepare(&rendered.sql) {
+                return Err((*transform, e.to_string()));
+            }
+        }
+    }
     for outputs in mapping.outputs.values() {
         for output in outputs {
             for (_, source) in &output.columns {

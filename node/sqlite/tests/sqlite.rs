@@ -910,3 +910,102 @@ proptest! {
         prop_assert_eq!(mem.compare_staged().unwrap(), (expected, actual));
     }
 }
+
+/// The escape hatch: statements of the plan's own, run by the new database with the old row's
+/// columns bound (insert for a row not seen yet, update for one seen, delete with the key).
+#[test]
+fn the_plans_own_statements_run_for_rows_the_declarative_forms_cannot_say() {
+    let plan_text = r#"
+[upgrade]
+name = "listings"
+old_generation = 1
+
+[[nodes]]
+name = "router-1"
+tier = "web"
+duties = ["route"]
+
+[[nodes]]
+name = "db-1"
+tier = "db"
+duties = ["capture", "transform"]
+
+[schema.old.items]
+key = "id"
+columns = ["id", "title", "price_cents"]
+
+[[transforms]]
+kind = "rename_column"
+table = "items"
+from = "title"
+to = "name"
+
+[[transforms]]
+kind = "sql"
+table = "items"
+writes = ["listings"]
+insert = "INSERT INTO listings (id, label) VALUES (:id, upper(:name) || ' @ ' || printf('%.2f', :price_cents / 100.0))"
+update = "UPDATE listings SET label = upper(:name) || ' @ ' || printf('%.2f', :price_cents / 100.0) WHERE id = :id"
+delete = "DELETE FROM listings WHERE id = :id"
+
+[schema.new.listings]
+key = "id"
+columns = ["id", "label"]
+"#;
+    let plan = protocol::plan::Plan::from_toml("listings.toml", plan_text).unwrap();
+    let mapping = plan.mapping().unwrap();
+    assert_eq!(mapping.new_schema().tables["listings"].columns, vec!["id", "label"]);
+    let dir = TempDir::new();
+    let old_path = dir.file("old.db");
+    let app = Connection::open(&old_path).unwrap();
+    app.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         CREATE TABLE items (id INTEGER PRIMARY KEY, title TEXT, price_cents INTEGER);
+         INSERT INTO items VALUES (1, 'lamp', 1250), (2, 'desk', 9900);",
+    )
+    .unwrap();
+    let mut old = SqliteOld::open(&old_path, &plan.old_schema).unwrap();
+    let mut new = SqliteNew::open(&dir.file("new.db"), &mapping).unwrap();
+    let mut core = TransformCore::new(new.checkpoint().unwrap());
+    let mut step = |old: &mut SqliteOld, new: &mut SqliteNew| loop {
+        let batch = match core.next_work() {
+            Work::Snapshot => {
+                let (snapshot, at) = old.open_snapshot().unwrap();
+                core.copy_started(snapshot, at)
+            }
+            Work::CopyChunk { snapshot, after, .. } => {
+                let chunk = old.snapshot_chunk(snapshot, &after, 10).unwrap();
+                core.copy_chunk(&chunk.rows, chunk.last).unwrap()
+            }
+            Work::Stream { after, .. } => {
+                let (changes, _) = old.changes_after(after, 10).unwrap();
+                if changes.is_empty() {
+                    return;
+                }
+                core.apply_changes(&changes).unwrap()
+            }
+        };
+        new.apply_batch(&batch).unwrap().unwrap();
+    };
+    step(&mut old, &mut new);
+    app.execute_batch(
+        "UPDATE items SET price_cents = 1300 WHERE id = 1;
+         INSERT INTO items VALUES (3, 'chair', 4500);
+         DELETE FROM items WHERE id = 2;",
+    )
+    .unwrap();
+    step(&mut old, &mut new);
+    let labels: Vec<(i64, Value)> =
+        new.rows("listings").unwrap().into_iter().map(|(k, r)| (k, r["label"].clone())).collect();
+    assert_eq!(labels, vec![(1, text("LAMP @ 13.00")), (3, text("CHAIR @ 45.00"))]);
+    let rows = all_rows(&old);
+    assert_eq!(new.stage(&rows, true).unwrap(), 0);
+    let (expected, actual) = new.compare_staged().unwrap();
+    assert_eq!(expected, actual, "transform(old) by the plan's statements equals the new table");
+    // A statement the database rejects is refused when the store opens, naming its transform.
+    let broken = plan_text.replace("UPDATE listings SET", "UPDATE listing SET");
+    let plan = protocol::plan::Plan::from_toml("listings.toml", &broken).unwrap();
+    let err = SqliteNew::open(&dir.file("broken.db"), &plan.mapping().unwrap()).unwrap_err();
+    assert!(matches!(err, SqliteError::Expression { transform: 1, .. }), "{err}");
+    assert!(err.to_string().contains("no such table: listing"), "{err}");
+}
