@@ -338,6 +338,11 @@ pub struct DataNodeCore {
     retry_at_ms: u64,
     /// An apply failed: what the new store holds is unknown until its checkpoint is read.
     recheck: bool,
+    /// A store result that took time was just handled: the next store operation waits for the
+    /// next timer.
+    store_turn_due: bool,
+    /// When the last store operation was asked for.
+    store_issued_ms: u64,
     #[cfg(feature = "planted-bugs")]
     bug: Option<crate::duties::transform::TransformBug>,
 }
@@ -373,6 +378,8 @@ impl DataNodeCore {
             frozen_notices: (Epoch(0), BTreeSet::new()),
             retry_at_ms: 0,
             recheck: false,
+            store_turn_due: false,
+            store_issued_ms: 0,
             #[cfg(feature = "planted-bugs")]
             bug: None,
             config,
@@ -409,6 +416,9 @@ impl DataNodeCore {
         // every store operation waits out a failed one's pause.
         let store = if self.pending.is_some() {
             None
+        } else if self.store_turn_due {
+            // At once, but after the shell's turn (see `handle`).
+            Some(self.last_now_ms.max(self.retry_at_ms))
         } else if self.retry_at_ms > self.last_now_ms {
             Some(self.retry_at_ms)
         } else {
@@ -468,6 +478,7 @@ impl DataNodeCore {
         assert!(now_ms >= self.last_now_ms, "time went backwards: {now_ms} < {}", self.last_now_ms);
         self.last_now_ms = now_ms;
         let mut out = Vec::new();
+        let mut stored = false;
         match input {
             DataInput::Boot { record, checkpoint, old_fenced } => {
                 assert!(self.transform.is_none(), "booted twice");
@@ -517,14 +528,30 @@ impl DataNodeCore {
                 let outs = self.agent.handle(now_ms, input);
                 self.agent_outputs(now_ms, outs, &mut out);
             }
-            DataInput::Store(result) => self.store_result(now_ms, result, &mut out),
+            DataInput::Store(result) => {
+                stored = true;
+                self.store_result(now_ms, result, &mut out)
+            }
             DataInput::Timer => {
                 let outs = self.agent.handle(now_ms, AgentInput::Timer);
                 self.agent_outputs(now_ms, outs, &mut out);
             }
             DataInput::RouterFrozen { router, epoch } => self.router_frozen(now_ms, router, epoch, &mut out),
         }
-        self.pump(now_ms, &mut out);
+        if stored && now_ms > self.store_issued_ms {
+            // A store operation that took time: the next one starts at the next timer, not in
+            // the same breath. A shell that waits for each store operation (the actor's mailbox
+            // waits) must get a turn between two, or a slow store that answers each step just
+            // as the next is due starves the node's timers and messages (simulator seed 304: a
+            // draining node read its stream back to back and never watched again).
+            self.store_turn_due = self.pending.is_none();
+        } else {
+            self.store_turn_due = false;
+            self.pump(now_ms, &mut out);
+        }
+        if out.iter().any(|o| matches!(o, DataOutput::Store(_))) {
+            self.store_issued_ms = now_ms;
+        }
         out
     }
 
@@ -718,7 +745,7 @@ impl DataNodeCore {
                 // applied is not. Start again from what the store holds (as after a restart).
                 let found = stale.found.clone();
                 out.push(DataOutput::Event(DataEvent::TransformFailed(TransformError::StaleBatch(stale))));
-                self.restart_transform(found);
+                self.restart_transform(now_ms, found, out);
                 None
             }
             (Pending::Fence(epoch), StoreResult::Fenced { final_position }) => {
@@ -752,7 +779,7 @@ impl DataNodeCore {
             }
             (Pending::ReadCheckpoint, StoreResult::Checkpoint(found)) => {
                 self.recheck = false;
-                self.restart_transform(found);
+                self.restart_transform(now_ms, found, out);
                 None
             }
             (op, result) => panic!("store result {result:?} does not answer {op:?}"),
@@ -768,10 +795,17 @@ impl DataNodeCore {
         }
     }
 
-    /// The transform goes on from what the new store holds (as after a restart).
-    fn restart_transform(&mut self, found: Checkpoint) {
+    /// The transform goes on from what the new store holds (as after a restart), and the drain
+    /// learns what that is: a batch whose answer was lost may have applied everything up to the
+    /// final position, and no later batch would then tell it (simulator seed 304).
+    fn restart_transform(&mut self, now_ms: u64, found: Checkpoint, out: &mut Vec<DataOutput>) {
         self.store_bulk_done = found.copy == CopyState::Done;
+        let applied = (found.copy == CopyState::Done).then_some(found.applied);
         self.transform = Some(TransformCore::new(found));
+        if let (Some(position), Some(drain)) = (applied, self.drain.as_mut()) {
+            let outs = drain.handle(DrainInput::Applied { position });
+            self.drain_outputs(now_ms, outs, out);
+        }
     }
 
     /// A store operation failed: the same work is asked for again after the pause. Reads are

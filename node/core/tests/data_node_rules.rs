@@ -385,7 +385,10 @@ fn a_data_node_fences_once_every_router_said_it_is_frozen() {
     let reading = out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadChanges { .. })));
     let out = if reading {
         assert!(!fenced(&out5), "a second store operation while one is outstanding");
-        settle(&mut core, 6, DataInput::Store(StoreResult::Changes { changes: Vec::new(), last: Position(0) }))
+        settle(&mut core, 6, DataInput::Store(StoreResult::Changes { changes: Vec::new(), last: Position(0) }));
+        // A store operation that took time: the next one starts at the next timer, at once.
+        assert_eq!(core.next_deadline_ms(), Some(6), "the shell gets a turn first");
+        settle(&mut core, 6, DataInput::Timer)
     } else {
         out5
     };
@@ -562,4 +565,70 @@ fn a_write_kept_out_by_a_fence_is_not_admitted_rather_than_refused() {
         "{out:?}"
     );
     assert!(!out.iter().any(|o| matches!(o, DataOutput::Execute { .. })));
+}
+
+/// Simulator seed 304: a draining node whose store answers late, and whose apply up to the
+/// final position committed but answered with a failure. The node reads the new store's
+/// checkpoint, and the drain learns from it that everything is applied (no later batch would
+/// tell it); and each late answer leaves the shell a turn before the next operation (the
+/// node read its stream back to back, starving its own timers, and never watched again).
+#[test]
+fn a_lost_apply_that_reached_the_final_position_still_drains_and_slow_answers_leave_turns() {
+    let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done, copies: 1 });
+    let watch = watch_id(&out);
+    let freeze = Decision::Freeze(protocol::Epoch(1));
+    let frozen = DecisionView { all_routers_frozen: true, ..view(5, Phase::Freezing, freeze, false) };
+    let mut out = core.handle(1, DataInput::Coordinator { id: watch, response: NodeResponse::View(frozen) });
+    let row = |k: i64| {
+        let row =
+            [("id".to_string(), protocol::schema::Value::Int(k)), ("v".to_string(), protocol::schema::Value::Int(k))];
+        protocol::schema::RowOp::Upsert { table: "t".into(), key: k, row: row.into_iter().collect() }
+    };
+    let mut now = 1;
+    let (mut failed_once, mut compared) = (false, false);
+    for _ in 0..60 {
+        if let Some(DataOutput::Persist(record)) = out.iter().find(|o| matches!(o, DataOutput::Persist(_))) {
+            let record = record.clone();
+            let mut more = core.handle(now, DataInput::Persisted(record));
+            out.retain(|o| !matches!(o, DataOutput::Persist(_)));
+            out.append(&mut more);
+            continue;
+        }
+        let Some(op) = out.iter().rev().find_map(|o| match o {
+            DataOutput::Store(op) => Some(op.clone()),
+            _ => None,
+        }) else {
+            now = core.next_deadline_ms().expect("a draining node has a next step").max(now);
+            out = core.handle(now, DataInput::Timer);
+            continue;
+        };
+        // Every store operation answers 3 ms later.
+        now += 3;
+        let result = match op {
+            StoreOp::Fence => StoreResult::Fenced { final_position: Position(3) },
+            StoreOp::ReadChanges { after, .. } => {
+                let changes = (after.0 + 1..=3).map(|p| (Position(p), row(p as i64))).collect();
+                StoreResult::Changes { changes, last: Position(3) }
+            }
+            StoreOp::Apply(batch) if batch.checkpoint.applied == Position(3) && !failed_once => {
+                failed_once = true;
+                StoreResult::Failed { reason: "the answer was lost (the commit happened)".into() }
+            }
+            StoreOp::Apply(_) => StoreResult::Applied,
+            StoreOp::ReadCheckpoint => {
+                StoreResult::Checkpoint(Checkpoint { applied: Position(3), copy: CopyState::Done, copies: 1 })
+            }
+            StoreOp::Prune { .. } => StoreResult::Pruned,
+            StoreOp::ReadRows { .. } => {
+                compared = true;
+                break;
+            }
+            other => panic!("unexpected store operation {other:?}"),
+        };
+        out = core.handle(now, DataInput::Store(result));
+        let chained = out.iter().any(|o| matches!(o, DataOutput::Store(op) if !matches!(op, StoreOp::Apply(_))));
+        assert!(!chained, "a late answer must leave the shell a turn before the next operation: {out:?}");
+    }
+    assert!(failed_once, "the apply up to the final position failed once");
+    assert!(compared, "the drain went on to the comparison once the checkpoint showed position 3");
 }
