@@ -262,9 +262,9 @@ fn main() {
         println!("peak memory after copying {rows} rows: {mib:.0} MiB (the whole benchmark process)");
     }
 
-    let out = std::env::var("IMAGO_BENCH_OUT").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/data.json")
-    });
+    let out = std::env::var("IMAGO_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/data.json"));
     let json = serde_json::json!({
         "store": "sqlite",
         "rows": rows,

@@ -3,8 +3,9 @@
 //!
 //! - [`SqliteOld`] is the old universe's database. Capture is by triggers: every insert, update
 //!   and delete of a captured table writes the row (as JSON) into `imago_changes`, whose
-//!   `AUTOINCREMENT` key is the change's position. SQLite has one writer at a time, so positions
-//!   are committed in order: a reader that sees position `p` sees every change before it. A
+//!   integer key is the change's position (the row with the largest is never pruned, so numbers
+//!   are never reused). SQLite has one writer at a time, so positions are committed in order: a
+//!   reader that sees position `p` sees every change before it. A
 //!   snapshot is a read transaction on a connection of its own (WAL mode: writers go on), so it
 //!   dies with the process. The fence is a set of triggers that raise, created in one write
 //!   transaction: it waits for the writer in flight (the busy timeout), then refuses every

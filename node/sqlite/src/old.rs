@@ -53,7 +53,7 @@ impl SqliteOld {
     fn install_capture(&self) -> Result<(), SqliteError> {
         let mut ddl = format!(
             "CREATE TABLE IF NOT EXISTS {CHANGES_TABLE} (\
-               position INTEGER PRIMARY KEY AUTOINCREMENT, \
+               position INTEGER PRIMARY KEY, \
                tbl TEXT NOT NULL, \
                key INTEGER NOT NULL, \
                row TEXT);\n"
@@ -226,15 +226,14 @@ fn decode_row(table: &str, json: &str) -> Result<Row, SqliteError> {
     Ok(row)
 }
 
-/// The last position handed out by the change table (0 when none was).
+/// The last position handed out by the change table (0 when none was): its largest key. The
+/// row with the largest key is never pruned, so a new change is always numbered after every
+/// earlier one (SQLite gives a new row the largest key plus one); without `AUTOINCREMENT` a
+/// change writes no `sqlite_sequence` page as well.
 fn last_position(conn: &Connection) -> Result<Position, SqliteError> {
-    let seq: Option<i64> = conn
-        .query_row("SELECT seq FROM sqlite_sequence WHERE name = ?1", [CHANGES_TABLE], |r| r.get(0))
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })?;
-    Ok(Position(seq.unwrap_or(0).max(0) as u64))
+    let last: i64 =
+        conn.query_row(&format!("SELECT coalesce(max(position), 0) FROM {CHANGES_TABLE}"), [], |r| r.get(0))?;
+    Ok(Position(last.max(0) as u64))
 }
 
 /// Imago's triggers and tables in the database (the request log aside: it is data).
@@ -290,8 +289,14 @@ impl OldStore for SqliteOld {
     }
 
     fn prune(&mut self, up_to: Position) -> Result<(), StoreError> {
+        // The last change stays (see `last_position`): it holds the numbering.
         self.conn
-            .execute(&format!("DELETE FROM {CHANGES_TABLE} WHERE position <= ?1"), [up_to.0 as i64])
+            .execute(
+                &format!(
+                    "DELETE FROM {CHANGES_TABLE} WHERE position <= ?1 AND position < (SELECT max(position) FROM {CHANGES_TABLE})"
+                ),
+                [up_to.0 as i64],
+            )
             .map_err(SqliteError::from)?;
         Ok(())
     }

@@ -137,6 +137,15 @@ fn a_rolled_back_write_leaves_no_change_and_no_gap() {
     app.execute_batch("INSERT INTO items VALUES (2, 'b')").unwrap();
     let (changes, last) = old.changes_after(Position(0), 10).unwrap();
     assert_eq!((changes.len(), changes[0].0, last), (1, Position(1), Position(1)));
+    // Pruned up to the last change, the numbering still goes on from it.
+    let mut old = old;
+    old.prune(Position(1)).unwrap();
+    app.execute_batch("INSERT INTO items VALUES (3, 'c')").unwrap();
+    let (changes, last) = old.changes_after(Position(1), 10).unwrap();
+    assert_eq!((changes.len(), changes[0].0, last), (1, Position(2), Position(2)));
+    drop(old);
+    let old = SqliteOld::open(&path, &users_schema()).unwrap();
+    assert_eq!(old.captured().unwrap(), Position(2), "and after a restart");
 }
 
 #[test]
