@@ -235,7 +235,7 @@ fn key_in(
     target: Target,
 ) -> Result<i64, ConvertError> {
     match outputs.iter().find(|o| o.table == target_table) {
-        Some(o) if o.generated => generated(conn, table, key, target_table, target),
+        Some(o) if o.generated => generated(conn, table, key, target_table, &o.key, target),
         _ => Ok(key),
     }
 }
@@ -243,7 +243,14 @@ fn key_in(
 /// The generated key of old row `(table, key)` in `new_table`: from the key map, or made now
 /// (above every key the table holds and every key made for it before) and kept. Staging only
 /// looks up.
-fn generated(conn: &Connection, table: &str, key: i64, new_table: &str, target: Target) -> Result<i64, ConvertError> {
+fn generated(
+    conn: &Connection,
+    table: &str,
+    key: i64,
+    new_table: &str,
+    new_key: &str,
+    target: Target,
+) -> Result<i64, ConvertError> {
     let needs = || ConvertError::NeedsKeyMap { table: new_table.to_string() };
     let found: Option<i64> = conn
         .prepare_cached(&format!(
@@ -258,16 +265,13 @@ fn generated(conn: &Connection, table: &str, key: i64, new_table: &str, target: 
         return Err(needs());
     }
     let made: i64 = conn
-        .query_row(
-            &format!(
-                "SELECT max(coalesce((SELECT max({key}) FROM main.{t}), 0) + 1, \
-                            coalesce((SELECT next FROM main.{KEY_NEXT_TABLE} WHERE target = ?1), 1))",
-                key = ident(&key_column(new_table, conn).map_err(|_| needs())?),
-                t = ident(new_table),
-            ),
-            [new_table],
-            |r| r.get(0),
-        )
+        .prepare_cached(&format!(
+            "SELECT max(coalesce((SELECT max({key}) FROM main.{t}), 0) + 1, \
+                        coalesce((SELECT next FROM main.{KEY_NEXT_TABLE} WHERE target = ?1), 1))",
+            key = ident(new_key),
+            t = ident(new_table),
+        ))
+        .and_then(|mut s| s.query_row([new_table], |r| r.get(0)))
         .map_err(|_| needs())?;
     conn.prepare_cached(&format!(
         "INSERT INTO main.{KEY_NEXT_TABLE} (target, next) VALUES (?1, ?2) ON CONFLICT (target) DO UPDATE SET next = excluded.next"
@@ -280,11 +284,6 @@ fn generated(conn: &Connection, table: &str, key: i64, new_table: &str, target: 
     .and_then(|mut s| s.execute(rusqlite::params![table, key, new_table, made]))
     .map_err(|_| needs())?;
     Ok(made)
-}
-
-/// The integer primary key column of `table` (the rowid's alias).
-fn key_column(table: &str, conn: &Connection) -> rusqlite::Result<String> {
-    conn.query_row("SELECT name FROM pragma_table_info(?1) WHERE pk = 1", [table], |r| r.get(0))
 }
 
 /// Forgets the generated key of old row `(table, key)` in `new_table` (staging: looks it up).

@@ -7,6 +7,9 @@ use protocol::Position;
 use rusqlite::{Connection, OpenFlags};
 use std::time::Duration;
 
+/// Prepared statements a connection keeps.
+const STATEMENT_CACHE: usize = 256;
+
 /// `name` as an SQL identifier (double-quoted, quotes doubled).
 pub(crate) fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -26,6 +29,8 @@ pub(crate) fn open(path: &str) -> Result<Connection, SqliteError> {
     // in-memory database has no WAL and answers "memory": that is fine for it.
     let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(open)?;
     conn.execute_batch("PRAGMA synchronous = FULL").map_err(open)?;
+    // One statement per output and operation of a plan, and Imago's own: keep them all prepared.
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }
 
