@@ -509,6 +509,7 @@ proptest! {
                 transform_interval_ms: 10,
                 transform_idle_ms: 30,
                 store_retry_ms: 10,
+                positions: Default::default(),
                 answers_max: 1_000,
                 change_log_applied_max: 5,
             };

@@ -509,6 +509,7 @@ impl World {
             transform_interval_ms: TRANSFORM_INTERVAL_MS,
             transform_idle_ms: TRANSFORM_IDLE_MS,
             store_retry_ms: STORE_RETRY_MS,
+            positions: Default::default(),
             answers_max: ANSWERS_MAX,
             change_log_applied_max: CHANGE_LOG_APPLIED_MAX,
         };

@@ -18,7 +18,7 @@
 
 use crate::agent::{AgentConfig, AgentCore, AgentInput, AgentOutput};
 use crate::duties::drain::{DrainCore, DrainInput, DrainOutput};
-use crate::duties::transform::{Batch, Checkpoint, CopyState, TransformCore, TransformError, Work};
+use crate::duties::transform::{Batch, Checkpoint, CopyState, Positions, TransformCore, TransformError, Work};
 use crate::store::{Chunk, NewStore, OldStore, RowCursor, SnapshotId, StaleBatch, StoreError, StoredRow};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{Ack, NodeReport, NodeRequest, NodeResponse};
@@ -58,6 +58,8 @@ pub struct DataNodeConfig {
     pub change_log_applied_max: u64,
     /// Pause before a store operation that failed ([`StoreResult::Failed`]) is tried again.
     pub store_retry_ms: u64,
+    /// How the old store numbers its changes.
+    pub positions: Positions,
 }
 
 /// A store operation for the shell (see [`crate::store`]); its result comes back as
@@ -483,7 +485,7 @@ impl DataNodeCore {
             DataInput::Boot { record, checkpoint, old_fenced } => {
                 assert!(self.transform.is_none(), "booted twice");
                 let booted = self.durable.boot(record, NodeRecord::owner_of(&self.config.agent.node.0));
-                let transform = TransformCore::new(checkpoint.clone());
+                let transform = TransformCore::new(checkpoint.clone()).with_positions(self.config.positions);
                 #[cfg(feature = "planted-bugs")]
                 let transform = planted_after_restart(transform, self.bug, booted.boots - 1);
                 self.transform = Some(transform);
@@ -801,7 +803,7 @@ impl DataNodeCore {
     fn restart_transform(&mut self, now_ms: u64, found: Checkpoint, out: &mut Vec<DataOutput>) {
         self.store_bulk_done = found.copy == CopyState::Done;
         let applied = (found.copy == CopyState::Done).then_some(found.applied);
-        self.transform = Some(TransformCore::new(found));
+        self.transform = Some(TransformCore::new(found).with_positions(self.config.positions));
         if let (Some(position), Some(drain)) = (applied, self.drain.as_mut()) {
             let outs = drain.handle(DrainInput::Applied { position });
             self.drain_outputs(now_ms, outs, out);

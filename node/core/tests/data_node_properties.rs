@@ -70,6 +70,7 @@ fn config(change_log_applied_max: u64) -> DataNodeConfig {
         transform_interval_ms: 5,
         transform_idle_ms: 20,
         store_retry_ms: 7,
+        positions: Default::default(),
         answers_max: 4,
         change_log_applied_max,
     }

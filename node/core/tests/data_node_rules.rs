@@ -31,6 +31,7 @@ fn config(answers_max: usize) -> DataNodeConfig {
         transform_interval_ms: INTERVAL_MS,
         transform_idle_ms: IDLE_MS,
         store_retry_ms: 10,
+        positions: Default::default(),
         answers_max,
         change_log_applied_max: 100,
     }

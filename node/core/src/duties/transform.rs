@@ -32,11 +32,26 @@ pub enum Work {
     Stream { after: Position, limit: usize },
 }
 
+/// How a store numbers its changes, and so what a read that continues the stream looks like.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Positions {
+    /// One number per change, counting up from 1 without gaps (the in-memory store, SQLite):
+    /// the next change after `p` is `p + 1`, and anything else is a gap.
+    #[default]
+    Counted,
+    /// Ordered but with gaps, every change of a source transaction at the same position (the
+    /// transaction's commit LSN in PostgreSQL); the store returns whole transactions, so a
+    /// checkpoint always falls between two.
+    Ordered,
+}
+
 /// A change stream that does not continue where the checkpoint ends.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransformError {
     #[error("change stream gap: expected position {expected}, got {got}")]
     Gap { expected: u64, got: u64 },
+    #[error("change stream out of order: position {got} after {after}")]
+    OutOfOrder { after: u64, got: u64 },
     /// The new store refused a batch: something else moved its checkpoint.
     #[error(transparent)]
     StaleBatch(#[from] crate::store::StaleBatch),
@@ -62,6 +77,7 @@ pub enum TransformBug {
 #[derive(Clone, Debug)]
 pub struct TransformCore {
     checkpoint: Checkpoint,
+    positions: Positions,
     /// The open snapshot of the copy in progress (volatile: it dies with the process).
     snapshot: Option<SnapshotId>,
     /// Duplicates skipped so far (changes at or before the checkpoint).
@@ -77,6 +93,7 @@ impl TransformCore {
     pub fn new(checkpoint: Checkpoint) -> Self {
         TransformCore {
             checkpoint,
+            positions: Positions::Counted,
             snapshot: None,
             duplicates_skipped: 0,
             skip_next: false,
@@ -96,6 +113,12 @@ impl TransformCore {
     pub fn with_bug(mut self, bug: Option<TransformBug>) -> Self {
         self.skip_next = bug == Some(TransformBug::ResumePastCheckpoint) && self.checkpoint.copy == CopyState::Done;
         self.bug = bug;
+        self
+    }
+
+    /// The same core for a store that numbers its changes as `positions` says.
+    pub fn with_positions(mut self, positions: Positions) -> Self {
+        self.positions = positions;
         self
     }
 
@@ -171,14 +194,23 @@ impl TransformCore {
         assert!(self.bulk_done(), "changes applied before the bulk copy finished");
         let base = self.checkpoint.clone();
         let mut ops = Vec::new();
-        let mut applied = self.checkpoint.applied;
+        // Skipped: what the checkpoint covers (a change of a transaction at the checkpoint's
+        // position is covered too: the checkpoint falls between whole transactions).
+        let from = self.checkpoint.applied;
+        let mut applied = from;
         for (position, op) in changes {
-            if *position <= applied {
+            if *position <= from {
                 self.duplicates_skipped += 1;
                 continue;
             }
-            if position.0 != applied.0 + 1 {
-                return Err(TransformError::Gap { expected: applied.0 + 1, got: position.0 });
+            match self.positions {
+                Positions::Counted if position.0 != applied.0 + 1 => {
+                    return Err(TransformError::Gap { expected: applied.0 + 1, got: position.0 });
+                }
+                Positions::Ordered if *position < applied => {
+                    return Err(TransformError::OutOfOrder { after: applied.0, got: position.0 });
+                }
+                Positions::Counted | Positions::Ordered => {}
             }
             applied = *position;
             if std::mem::take(&mut self.skip_next) {
@@ -286,5 +318,34 @@ mod tests {
         assert_eq!(t.next_work(), Work::CopyChunk { snapshot: SnapshotId(2), after: None, limit: COPY_CHUNK_ROWS });
         t.snapshot_lost();
         assert_eq!(t.next_work(), Work::Snapshot);
+    }
+
+    #[test]
+    fn ordered_positions_take_whole_transactions_at_one_position_and_skip_by_it() {
+        let mut t = core_at(Checkpoint { applied: Position(100), copy: CopyState::Done, copies: 1 })
+            .with_positions(Positions::Ordered);
+        // Transaction at 100 (covered), then transactions at 140 (two changes) and 170.
+        let b = t
+            .apply_changes(&[
+                (Position(100), upsert(1, 1)),
+                (Position(140), upsert(2, 2)),
+                (Position(140), upsert(3, 3)),
+                (Position(170), upsert(4, 4)),
+            ])
+            .unwrap();
+        assert_eq!((b.ops.len(), b.checkpoint.applied), (3, Position(170)), "both changes at 140 apply");
+        assert_eq!(t.duplicates_skipped, 1);
+        let again = t.apply_changes(&[(Position(170), upsert(4, 4)), (Position(200), upsert(5, 5))]).unwrap();
+        assert_eq!(again.ops.len(), 1, "a transaction read again is skipped whole");
+        assert_eq!(
+            t.apply_changes(&[(Position(300), upsert(6, 6)), (Position(250), upsert(7, 7))]),
+            Err(TransformError::OutOfOrder { after: 300, got: 250 })
+        );
+        // Counted positions keep the gap check.
+        let mut counted = core_at(Checkpoint { applied: Position(3), copy: CopyState::Done, copies: 1 });
+        assert_eq!(
+            counted.apply_changes(&[(Position(5), upsert(5, 5))]),
+            Err(TransformError::Gap { expected: 4, got: 5 })
+        );
     }
 }
