@@ -82,6 +82,25 @@ fn all_rows(old: &impl OldStore) -> Vec<(String, i64, Row)> {
     }
 }
 
+/// One step of the transform core over the old store, as a data node takes it: the batch to
+/// apply, if the step read anything (copy chunks of `chunk_rows`, stream reads of `changes`).
+fn next_batch(core: &mut TransformCore, old: &mut SqliteOld, chunk_rows: usize, changes: usize) -> Option<Batch> {
+    match core.next_work() {
+        Work::Snapshot => {
+            let (snapshot, at) = old.open_snapshot().unwrap();
+            Some(core.copy_started(snapshot, at))
+        }
+        Work::CopyChunk { snapshot, after, .. } => {
+            let chunk = old.snapshot_chunk(snapshot, &after, chunk_rows).unwrap();
+            Some(core.copy_chunk(&chunk.rows, chunk.last).unwrap())
+        }
+        Work::Stream { after, .. } => {
+            let (read, _) = old.changes_after(after, changes).unwrap();
+            (!read.is_empty()).then(|| core.apply_changes(&read).unwrap())
+        }
+    }
+}
+
 #[test]
 fn capture_sees_every_write_of_the_applications_own_connection_in_order() {
     let dir = TempDir::new();
@@ -482,21 +501,7 @@ fn the_transform_over_sqlite_survives_kills_and_ends_equal_to_transform_of_old()
             (old, new) = open();
             core = TransformCore::new(new.checkpoint().unwrap());
         }
-        let batch = match core.next_work() {
-            Work::Snapshot => {
-                let (snapshot, at) = old.open_snapshot().unwrap();
-                Some(core.copy_started(snapshot, at))
-            }
-            Work::CopyChunk { snapshot, after, .. } => {
-                let chunk = old.snapshot_chunk(snapshot, &after, 50).unwrap();
-                Some(core.copy_chunk(&chunk.rows, chunk.last).unwrap())
-            }
-            Work::Stream { after, .. } => {
-                let (changes, _) = old.changes_after(after, 20).unwrap();
-                (!changes.is_empty()).then(|| core.apply_changes(&changes).unwrap())
-            }
-        };
-        if let Some(batch) = batch {
+        if let Some(batch) = next_batch(&mut core, &mut old, 50, 20) {
             new.apply_batch(&batch).unwrap().unwrap();
             if core.bulk_done() && step % 10 == 0 {
                 old.prune(core.checkpoint().applied).unwrap();
@@ -687,21 +692,7 @@ fn mediawiki_1_4_becomes_1_5_while_it_is_edited_and_the_transform_is_killed() {
             (old, new) = open();
             core = TransformCore::new(new.checkpoint().unwrap());
         }
-        let batch = match core.next_work() {
-            Work::Snapshot => {
-                let (snapshot, at) = old.open_snapshot().unwrap();
-                Some(core.copy_started(snapshot, at))
-            }
-            Work::CopyChunk { snapshot, after, .. } => {
-                let chunk = old.snapshot_chunk(snapshot, &after, 40).unwrap();
-                Some(core.copy_chunk(&chunk.rows, chunk.last).unwrap())
-            }
-            Work::Stream { after, .. } => {
-                let (changes, _) = old.changes_after(after, 25).unwrap();
-                (!changes.is_empty()).then(|| core.apply_changes(&changes).unwrap())
-            }
-        };
-        if let Some(batch) = batch {
+        if let Some(batch) = next_batch(&mut core, &mut old, 40, 25) {
             new.apply_batch(&batch).unwrap().unwrap();
             // A batch delivered again is refused: no second revision for any row.
             assert!(new.apply_batch(&batch).unwrap().is_err());
@@ -976,25 +967,10 @@ columns = ["id", "label"]
     let mut old = SqliteOld::open(&old_path, &plan.old_schema).unwrap();
     let mut new = SqliteNew::open(&dir.file("new.db"), &mapping).unwrap();
     let mut core = TransformCore::new(new.checkpoint().unwrap());
-    let mut step = |old: &mut SqliteOld, new: &mut SqliteNew| loop {
-        let batch = match core.next_work() {
-            Work::Snapshot => {
-                let (snapshot, at) = old.open_snapshot().unwrap();
-                core.copy_started(snapshot, at)
-            }
-            Work::CopyChunk { snapshot, after, .. } => {
-                let chunk = old.snapshot_chunk(snapshot, &after, 10).unwrap();
-                core.copy_chunk(&chunk.rows, chunk.last).unwrap()
-            }
-            Work::Stream { after, .. } => {
-                let (changes, _) = old.changes_after(after, 10).unwrap();
-                if changes.is_empty() {
-                    return;
-                }
-                core.apply_changes(&changes).unwrap()
-            }
-        };
-        new.apply_batch(&batch).unwrap().unwrap();
+    let mut step = |old: &mut SqliteOld, new: &mut SqliteNew| {
+        while let Some(batch) = next_batch(&mut core, old, 10, 10) {
+            new.apply_batch(&batch).unwrap().unwrap();
+        }
     };
     step(&mut old, &mut new);
     app.execute_batch(
