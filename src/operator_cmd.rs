@@ -288,6 +288,8 @@ fn status_json(s: &StatusView) -> serde_json::Value {
                 "bulk_done": n.report.bulk_done,
                 "samples": n.report.samples,
                 "mismatches": n.report.mismatches,
+                "copied_rows": n.report.copied_rows,
+                "copy_rows_total": n.report.copy_rows_total,
             },
         })).collect::<Vec<_>>(),
     })
@@ -332,12 +334,18 @@ fn node_line(n: &protocol::messages::NodeStatus) -> String {
     }
     let mut parts = Vec::new();
     if r.captured.0 > 0 || r.applied.0 > 0 || r.bulk_done {
+        let copy = match (r.bulk_done, r.copy_rows_total) {
+            (true, _) => "done".to_string(),
+            (false, 0) => format!("running ({} rows copied)", r.copied_rows),
+            (false, total) => {
+                format!("running ({} of {} rows, {} %)", r.copied_rows, total, 100 * r.copied_rows.min(total) / total)
+            }
+        };
         parts.push(format!(
-            "applied {} of {} captured (lag {}), copy {}",
+            "applied {} of {} captured (lag {}), copy {copy}",
             r.applied.0,
             r.captured.0,
             r.captured.0.saturating_sub(r.applied.0),
-            if r.bulk_done { "done" } else { "running" }
         ));
     }
     if r.samples > 0 || parts.is_empty() {
@@ -392,7 +400,10 @@ async fn watch_with_bars(coordinators: &Coordinators) -> ExitCode {
                         bar.set_prefix(n.name.0.clone());
                         bar
                     });
-                    let (pos, len) = if n.report.captured.0 > 0 {
+                    let (pos, len) = if !n.report.bulk_done && n.report.copy_rows_total > 0 {
+                        // The copy: rows of its snapshot.
+                        (n.report.copied_rows, n.report.copy_rows_total)
+                    } else if n.report.captured.0 > 0 {
                         (n.report.applied.0, n.report.captured.0)
                     } else {
                         (n.report.samples, n.report.samples.max(1))

@@ -43,6 +43,10 @@ pub struct NodeReport {
     pub samples: u64,
     /// Of those, how many differed.
     pub mismatches: u64,
+    /// Rows the bulk copy in progress (or the last one) has copied, of how many its snapshot
+    /// holds (0: not known).
+    pub copied_rows: u64,
+    pub copy_rows_total: u64,
 }
 
 /// Acknowledgement of a decision by a node.

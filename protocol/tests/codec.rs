@@ -17,7 +17,15 @@ fn node_request() -> impl Strategy<Value = NodeRequest> {
         (name.clone(), any::<u64>(), any::<u64>(), any::<bool>(), any::<u64>(), any::<u64>()).prop_map(
             |(node, c, a, bulk_done, samples, mismatches)| NodeRequest::Report {
                 node,
-                report: NodeReport { captured: Position(c), applied: Position(a), bulk_done, samples, mismatches },
+                report: NodeReport {
+                    captured: Position(c),
+                    applied: Position(a),
+                    bulk_done,
+                    samples,
+                    mismatches,
+                    copied_rows: samples ^ c,
+                    copy_rows_total: mismatches ^ a,
+                },
                 upgrade: UpgradeId(c ^ a)
             }
         ),

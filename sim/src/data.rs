@@ -209,7 +209,8 @@ impl World {
             StoreOp::OpenSnapshot => {
                 d.snapshots_seen += 1;
                 let (snapshot, at) = d.old.open_snapshot().expect(MEM);
-                StoreResult::SnapshotOpened { snapshot, at }
+                let rows = d.old.snapshot_rows(snapshot).expect(MEM);
+                StoreResult::SnapshotOpened { snapshot, at, rows }
             }
             StoreOp::ReadSnapshot { snapshot, after, limit } => match d.old.snapshot_chunk(snapshot, &after, limit) {
                 Ok(chunk) => StoreResult::Chunk(chunk),

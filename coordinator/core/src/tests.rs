@@ -69,8 +69,14 @@ fn ready(switch: &str, max_attempts: u32) -> UpgradeState {
         },
     );
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Syncing);
-    let report =
-        NodeReport { captured: Position(10), applied: Position(10), bulk_done: true, samples: 30, mismatches: 0 };
+    let report = NodeReport {
+        captured: Position(10),
+        applied: Position(10),
+        bulk_done: true,
+        samples: 30,
+        mismatches: 0,
+        ..Default::default()
+    };
     accepted(&mut state, Command::Report { node: n("router-1"), report: report.clone(), upgrade: U1 });
     accepted(&mut state, Command::Report { node: n("db-1"), report, upgrade: U1 });
     state
@@ -134,8 +140,14 @@ fn start_is_idempotent_by_token_even_after_the_upgrade_ended() {
 #[test]
 fn freeze_needs_the_ready_gate() {
     let mut state = ready("auto", 3);
-    let lagging =
-        NodeReport { captured: Position(500), applied: Position(10), bulk_done: false, samples: 0, mismatches: 0 };
+    let lagging = NodeReport {
+        captured: Position(500),
+        applied: Position(10),
+        bulk_done: false,
+        samples: 0,
+        mismatches: 0,
+        ..Default::default()
+    };
     accepted(&mut state, Command::Report { node: n("db-1"), report: lagging, upgrade: U1 });
     let reason = rejected(&mut state, Command::Freeze { epoch: Epoch(1), now_ms: 0, deadline_ms: 10 });
     assert!(reason.detail.contains("bulk copy not finished") && reason.detail.contains("lag 490"), "{reason}");
@@ -328,7 +340,14 @@ fn operator_abort_during_freeze_rolls_back() {
 }
 
 fn report(captured: u64, applied: u64, samples: u64, mismatches: u64) -> NodeReport {
-    NodeReport { captured: Position(captured), applied: Position(applied), bulk_done: true, samples, mismatches }
+    NodeReport {
+        captured: Position(captured),
+        applied: Position(applied),
+        bulk_done: true,
+        samples,
+        mismatches,
+        ..Default::default()
+    }
 }
 
 /// The gate of `ready` with these reports from db-1 and router-1 (router-2 reports nothing),
@@ -555,6 +574,7 @@ mod properties {
                 bulk_done,
                 samples,
                 mismatches,
+                ..Default::default()
             },
         );
         prop_oneof![
@@ -588,8 +608,14 @@ mod properties {
     /// The happy path to a freeze; a random-length prefix of it starts most cases deep enough
     /// that freezes, commits and aborts are explored.
     fn happy_path() -> Vec<Command> {
-        let good =
-            NodeReport { captured: Position(10), applied: Position(10), bulk_done: true, samples: 30, mismatches: 0 };
+        let good = NodeReport {
+            captured: Position(10),
+            applied: Position(10),
+            bulk_done: true,
+            samples: 30,
+            mismatches: 0,
+            ..Default::default()
+        };
         let mut path = Vec::new();
         for r in ROUTERS {
             path.push(Command::Register {
@@ -831,8 +857,14 @@ fn make_ready(state: &mut UpgradeState) {
         upgrade,
     };
     accepted(state, db);
-    let report =
-        NodeReport { captured: Position(10), applied: Position(10), bulk_done: true, samples: 30, mismatches: 0 };
+    let report = NodeReport {
+        captured: Position(10),
+        applied: Position(10),
+        bulk_done: true,
+        samples: 30,
+        mismatches: 0,
+        ..Default::default()
+    };
     accepted(state, Command::Report { node: n("router-1"), report: report.clone(), upgrade });
     accepted(state, Command::Report { node: n("db-1"), report, upgrade });
 }
@@ -901,8 +933,14 @@ fn a_late_report_of_an_earlier_upgrade_is_refused() {
         Applied::Started(UpgradeId(2))
     );
     make_ready(&mut state);
-    let stale =
-        NodeReport { captured: Position(95), applied: Position(95), bulk_done: true, samples: 0, mismatches: 0 };
+    let stale = NodeReport {
+        captured: Position(95),
+        applied: Position(95),
+        bulk_done: true,
+        samples: 0,
+        mismatches: 0,
+        ..Default::default()
+    };
     let reason = rejected(&mut state, Command::Report { node: n("db-1"), report: stale, upgrade: U1 });
     assert_eq!(reason.kind, RejectKind::WrongUpgrade, "{reason}");
     assert!(reason.detail.contains("for upgrade 1, but the current upgrade is 2"), "{reason}");

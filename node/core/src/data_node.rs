@@ -100,6 +100,8 @@ pub enum StoreResult {
     SnapshotOpened {
         snapshot: SnapshotId,
         at: Position,
+        /// Rows the snapshot holds (0: not known).
+        rows: u64,
     },
     Chunk(Chunk),
     SnapshotGone,
@@ -143,7 +145,10 @@ pub fn perform(old: &mut impl OldStore, new: &mut impl NewStore, op: StoreOp) ->
         e => StoreResult::Failed { reason: e.to_string() },
     };
     let done = match op {
-        StoreOp::OpenSnapshot => old.open_snapshot().map(|(snapshot, at)| StoreResult::SnapshotOpened { snapshot, at }),
+        StoreOp::OpenSnapshot => old.open_snapshot().and_then(|(snapshot, at)| {
+            let rows = old.snapshot_rows(snapshot)?;
+            Ok(StoreResult::SnapshotOpened { snapshot, at, rows })
+        }),
         StoreOp::ReadSnapshot { snapshot, after, limit } => {
             old.snapshot_chunk(snapshot, &after, limit).map(StoreResult::Chunk)
         }
@@ -340,6 +345,8 @@ pub struct DataNodeCore {
     retry_at_ms: u64,
     /// An apply failed: what the new store holds is unknown until its checkpoint is read.
     recheck: bool,
+    /// Rows copied by this incarnation's copy, and how many its snapshot holds (0: unknown).
+    copy_progress: (u64, u64),
     /// A store result that took time was just handled: the next store operation waits for the
     /// next timer.
     store_turn_due: bool,
@@ -382,6 +389,7 @@ impl DataNodeCore {
             recheck: false,
             store_turn_due: false,
             store_issued_ms: 0,
+            copy_progress: (0, 0),
             #[cfg(feature = "planted-bugs")]
             bug: None,
             config,
@@ -711,12 +719,14 @@ impl DataNodeCore {
         }
         let transform = self.transform.as_mut().expect("started");
         let batch = match (op, result) {
-            (Pending::OpenSnapshot, StoreResult::SnapshotOpened { snapshot, at }) => {
+            (Pending::OpenSnapshot, StoreResult::SnapshotOpened { snapshot, at, rows }) => {
                 self.captured = self.captured.max(at);
+                self.copy_progress = (0, rows);
                 Some(Ok(transform.copy_started(snapshot, at)))
             }
             (Pending::ReadSnapshot, StoreResult::Chunk(chunk)) => {
                 self.captured = self.captured.max(chunk.position);
+                self.copy_progress.0 += chunk.rows.len() as u64;
                 Some(transform.copy_chunk(&chunk.rows, chunk.last))
             }
             (Pending::ReadSnapshot, StoreResult::SnapshotGone) => {
@@ -866,6 +876,8 @@ impl DataNodeCore {
             bulk_done: transform.bulk_done(),
             samples: 0,
             mismatches: 0,
+            copied_rows: self.copy_progress.0,
+            copy_rows_total: self.copy_progress.1,
         };
         let outs = self.agent.handle(now_ms, AgentInput::Report(report));
         self.agent_outputs(now_ms, outs, out);

@@ -65,6 +65,11 @@ pub struct Chunk {
 pub trait OldStore {
     /// Opens a consistent snapshot at the current change position.
     fn open_snapshot(&mut self) -> Result<(SnapshotId, Position), StoreError>;
+    /// How many rows `snapshot` holds (progress and ETA of the copy; 0 when the store cannot
+    /// tell cheaply).
+    fn snapshot_rows(&self, _snapshot: SnapshotId) -> Result<u64, StoreError> {
+        Ok(0)
+    }
     /// Up to `limit` rows of `snapshot` after `after`.
     fn snapshot_chunk(&self, snapshot: SnapshotId, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError>;
     /// Up to `limit` rows of the current contents after `after` (used while fenced).
@@ -500,6 +505,11 @@ impl OldStore for MemStore {
     fn snapshot_chunk(&self, snapshot: SnapshotId, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError> {
         let tables = self.snapshots.get(&snapshot).ok_or(StoreError::SnapshotGone(snapshot))?;
         Ok(chunk_of(tables, after, limit, self.capture.last()))
+    }
+
+    fn snapshot_rows(&self, snapshot: SnapshotId) -> Result<u64, StoreError> {
+        let tables = self.snapshots.get(&snapshot).ok_or(StoreError::SnapshotGone(snapshot))?;
+        Ok(tables.values().map(|rows| rows.len() as u64).sum())
     }
 
     fn rows_chunk(&self, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError> {

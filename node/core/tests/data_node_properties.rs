@@ -326,6 +326,7 @@ struct Coverage {
     prunes: u64,
     snapshots_gone: u64,
     store_failures: u64,
+    copy_progress: u64,
     applies: u64,
     executed_old: u64,
     executed_new: u64,
@@ -551,6 +552,18 @@ impl<'a> Shell<'a> {
             }
             DataOutput::Send { id, replica, request, deadline_ms } => {
                 prop_assert!(REPLICAS.contains(&replica), "sent to unknown replica {}", replica);
+                if let NodeRequest::Report { report, .. } = &request {
+                    // The copy's progress: never more rows than its snapshot holds.
+                    prop_assert!(
+                        report.copied_rows <= report.copy_rows_total,
+                        "copied {} of a snapshot of {} rows",
+                        report.copied_rows,
+                        report.copy_rows_total
+                    );
+                    if report.copied_rows > 0 && !report.bulk_done {
+                        self.coverage.borrow_mut().copy_progress += 1;
+                    }
+                }
                 prop_assert!(deadline_ms > self.now, "request {} sent with a deadline already passed", id);
                 self.sends.push((id, request, deadline_ms));
             }
@@ -983,6 +996,7 @@ fn data_node_core_follows_committed_decisions() {
     assert!(c.copy_restarts > 0 && c.crashes > 0 && c.stale_views > 0, "recovery not exercised: {c:?}");
     assert!(c.prunes > 0, "the change log was never pruned: {c:?}");
     assert!(c.store_failures > 0, "no store operation failed: {c:?}");
+    assert!(c.copy_progress > 0, "no report showed a copy's progress: {c:?}");
 }
 
 /// The simulator's planted transform bug (a restarted stream skips the change right after its

@@ -258,6 +258,18 @@ impl OldStore for SqliteOld {
         Ok((id, at))
     }
 
+    fn snapshot_rows(&self, snapshot: SnapshotId) -> Result<u64, StoreError> {
+        let conn = self.snapshots.get(&snapshot).ok_or(StoreError::SnapshotGone(snapshot))?;
+        let mut rows = 0u64;
+        for name in self.schema.tables.keys() {
+            let count: i64 = conn
+                .query_row(&format!("SELECT count(*) FROM {}", ident(name)), [], |r| r.get(0))
+                .map_err(SqliteError::from)?;
+            rows += count.max(0) as u64;
+        }
+        Ok(rows)
+    }
+
     fn snapshot_chunk(&self, snapshot: SnapshotId, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError> {
         let conn = self.snapshots.get(&snapshot).ok_or(StoreError::SnapshotGone(snapshot))?;
         let position = last_position(&self.conn)?;

@@ -194,6 +194,7 @@ fn a_snapshot_sees_the_rows_as_of_its_position_while_writers_go_on_and_dies_with
     }
     let expected: Vec<(String, i64)> = (1..=6).map(|k| ("items".to_string(), k)).collect();
     assert_eq!(keys, expected, "as of position 1: key 6 in, key 7 not yet, key 1 not yet deleted");
+    assert_eq!(old.snapshot_rows(snap).unwrap(), 6, "the copy's total, as of the snapshot");
     old.disconnect();
     assert!(matches!(old.snapshot_chunk(snap, &None, 4), Err(StoreError::SnapshotGone(s)) if s == snap));
     let (again, _) = old.open_snapshot().unwrap();
