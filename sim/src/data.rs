@@ -98,16 +98,19 @@ impl Stores for SimStores {
                 max => w.rng.gen_range(0..=max),
             })
             .unwrap_or(0);
-        let early = (delay_us == 0).then(|| self.with(|w| w.store_op(index, op.clone())));
+        // The operation moves into whichever path runs it (a batch is not copied).
+        let (early, op) =
+            if delay_us == 0 { (Some(self.with(|w| w.store_op(index, op))), None) } else { (None, Some(op)) };
         let (world, incarnation) = (self.world.clone(), self.incarnation);
         async move {
-            let result = match early {
-                Some(result) => result,
-                None => {
+            let result = match (early, op) {
+                (Some(result), _) => result,
+                (None, Some(op)) => {
                     detached(tokio::time::sleep(std::time::Duration::from_micros(delay_us))).await;
                     let later = SimStores { world, index, incarnation };
                     later.with(|w| w.store_op(index, op))
                 }
+                (None, None) => unreachable!("one of the two paths has the operation"),
             };
             // A dead process's store operations never complete (its actor is gone anyway).
             match result {
