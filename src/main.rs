@@ -170,6 +170,10 @@ fn plan_check(file: &std::path::Path, generation: Option<u64>) -> anyhow::Result
         "  at a freeze, routers end long requests at once (routes: {long}) and others after {} ms",
         plan.thresholds.inflight_ms_max
     );
+    match plan.copy_rows_per_s_max {
+        Some(rate) => println!("  data nodes copy at most {rate} rows/s from the old universe"),
+        None => println!("  data nodes copy as fast as they can (no [copy] rows_per_s_max)"),
+    }
     let mapping = plan.mapping().context("compiling transforms")?;
     for (table, t) in &mapping.new_schema().tables {
         println!("  new table {table}({})", t.columns.join(", "));

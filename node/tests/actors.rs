@@ -510,6 +510,7 @@ proptest! {
                 transform_idle_ms: 30,
                 store_retry_ms: 10,
                 positions: Default::default(),
+                copy_rows_per_s_max: None,
                 answers_max: 1_000,
                 change_log_applied_max: 5,
             };

@@ -90,6 +90,9 @@ pub struct Plan {
     /// Path prefixes of long requests (streams, long polls, WebSocket upgrades): a frozen router
     /// ends them at once instead of waiting (`[routes] long`).
     pub long_routes: Vec<String>,
+    /// Most rows per second a data node's bulk copy reads from the old universe, so that it
+    /// keeps serving (`[copy] rows_per_s_max`; none: as fast as the copy goes).
+    pub copy_rows_per_s_max: Option<u64>,
 }
 
 /// How routers mirror requests to the new universe and compare the answers.
@@ -213,6 +216,13 @@ struct PlanFile {
     universe: Option<UniverseSection>,
     validation: Option<ValidationSection>,
     routes: Option<RoutesSection>,
+    copy: Option<CopySection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CopySection {
+    rows_per_s_max: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -425,6 +435,10 @@ impl Validator<'_> {
             Some(u) => self.endpoints(&u.endpoints, "universe.endpoints")?,
         };
         let validation = self.validation(raw.validation)?;
+        let copy_rows_per_s_max = match raw.copy.as_ref().map(|c| &c.rows_per_s_max) {
+            None | Some(None) => None,
+            Some(limit) => Some(self.ranged(limit, "copy.rows_per_s_max", 1, 1_000_000_000, 0)?),
+        };
         let long_routes = match &raw.routes {
             None => Vec::new(),
             Some(r) => self.list(&r.long, "routes.long", |p| {
@@ -447,6 +461,7 @@ impl Validator<'_> {
             endpoints,
             validation,
             long_routes,
+            copy_rows_per_s_max,
         })
     }
 

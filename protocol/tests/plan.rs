@@ -279,3 +279,14 @@ columns = ["id", "label"]
     assert_eq!((e.field.as_str(), e.line), ("transforms[5].insert", line_of(&unknown, "insert = ")), "{e}");
     assert!(e.message.contains("`:titel`"), "{e}");
 }
+
+#[test]
+fn the_copys_pace_is_a_positive_number_of_rows_per_second() {
+    let plan = Plan::from_toml("plan.toml", EXAMPLE).unwrap();
+    assert_eq!(plan.copy_rows_per_s_max, Some(50_000));
+    let text = EXAMPLE.replace("rows_per_s_max = 50000", "rows_per_s_max = 0");
+    let e = load_err(&text);
+    assert_eq!((e.field.as_str(), e.line), ("copy.rows_per_s_max", line_of(&text, "rows_per_s_max = 0")), "{e}");
+    let unlimited = EXAMPLE.replace("[copy]\nrows_per_s_max = 50000\n", "");
+    assert_eq!(Plan::from_toml("plan.toml", &unlimited).unwrap().copy_rows_per_s_max, None);
+}

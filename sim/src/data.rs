@@ -514,6 +514,7 @@ impl World {
             transform_idle_ms: TRANSFORM_IDLE_MS,
             store_retry_ms: STORE_RETRY_MS,
             positions: Default::default(),
+            copy_rows_per_s_max: self.plan.copy_rows_per_s_max,
             answers_max: ANSWERS_MAX,
             change_log_applied_max: CHANGE_LOG_APPLIED_MAX,
         };

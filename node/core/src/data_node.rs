@@ -60,6 +60,9 @@ pub struct DataNodeConfig {
     pub store_retry_ms: u64,
     /// How the old store numbers its changes.
     pub positions: Positions,
+    /// Most rows per second the bulk copy reads (the plan's `[copy] rows_per_s_max`): a chunk
+    /// of `n` rows is followed by a pause of at least `n / rate` seconds.
+    pub copy_rows_per_s_max: Option<u64>,
 }
 
 /// A store operation for the shell (see [`crate::store`]); its result comes back as
@@ -727,6 +730,10 @@ impl DataNodeCore {
             (Pending::ReadSnapshot, StoreResult::Chunk(chunk)) => {
                 self.captured = self.captured.max(chunk.position);
                 self.copy_progress.0 += chunk.rows.len() as u64;
+                if let Some(rate) = self.config.copy_rows_per_s_max {
+                    let pause_ms = (chunk.rows.len() as u64 * 1_000).div_ceil(rate.max(1));
+                    self.next_step_ms = self.next_step_ms.max(self.last_step_ms + pause_ms);
+                }
                 Some(transform.copy_chunk(&chunk.rows, chunk.last))
             }
             (Pending::ReadSnapshot, StoreResult::SnapshotGone) => {

@@ -71,6 +71,7 @@ fn config(change_log_applied_max: u64) -> DataNodeConfig {
         transform_idle_ms: 20,
         store_retry_ms: 7,
         positions: Default::default(),
+        copy_rows_per_s_max: None,
         answers_max: 4,
         change_log_applied_max,
     }

@@ -32,6 +32,7 @@ fn config(answers_max: usize) -> DataNodeConfig {
         transform_idle_ms: IDLE_MS,
         store_retry_ms: 10,
         positions: Default::default(),
+        copy_rows_per_s_max: None,
         answers_max,
         change_log_applied_max: 100,
     }
@@ -632,4 +633,53 @@ fn a_lost_apply_that_reached_the_final_position_still_drains_and_slow_answers_le
     }
     assert!(failed_once, "the apply up to the final position failed once");
     assert!(compared, "the drain went on to the comparison once the checkpoint showed position 3");
+}
+
+/// The plan's `[copy] rows_per_s_max`: after a chunk of `n` rows, the copy reads the next one
+/// no sooner than `n / rate` seconds after the last began, so the old universe keeps serving.
+#[test]
+fn the_bulk_copy_keeps_to_the_plans_rows_per_second() {
+    let mut core = DataNodeCore::new(DataNodeConfig { copy_rows_per_s_max: Some(1_000), ..config(4) });
+    let out = core.handle(
+        0,
+        DataInput::Boot { record: NodeRecord::default(), checkpoint: Checkpoint::default(), old_fenced: false },
+    );
+    let Some(DataOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, DataOutput::Persist(_))) else {
+        panic!("a boot persists its record first")
+    };
+    let out = core.handle(0, DataInput::Persisted(record));
+    let watch = watch_id(&out);
+    let view = view(3, Phase::Syncing, Decision::Initial, false);
+    let out = core.handle(100, DataInput::Coordinator { id: watch, response: NodeResponse::View(view) });
+    assert!(out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::OpenSnapshot))));
+    let snapshot = node_core::store::SnapshotId(1);
+    let out = core.handle(100, DataInput::Store(StoreResult::SnapshotOpened { snapshot, at: Position(0), rows: 400 }));
+    assert!(out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::Apply(_)))), "the copy's first batch");
+    core.handle(100, DataInput::Store(StoreResult::Applied));
+    let mut reads = Vec::new();
+    let mut now = 100;
+    for _ in 0..50 {
+        if reads.len() == 3 {
+            break;
+        }
+        now = core.next_deadline_ms().expect("a copy step is due").max(now);
+        let out = core.handle(now, DataInput::Timer);
+        if !out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadSnapshot { .. }))) {
+            continue;
+        }
+        let first = reads.len() as i64 * 200;
+        reads.push(now);
+        let rows = (first + 1..=first + 200)
+            .map(|key| {
+                let row = [("id".to_string(), protocol::schema::Value::Int(key))].into_iter().collect();
+                ("t".to_string(), key, row)
+            })
+            .collect();
+        let chunk = node_core::store::Chunk { rows, last: false, position: Position(0) };
+        core.handle(now, DataInput::Store(StoreResult::Chunk(chunk)));
+        core.handle(now, DataInput::Store(StoreResult::Applied));
+    }
+    assert_eq!(reads.len(), 3, "{reads:?}");
+    let gaps: Vec<u64> = reads.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.iter().all(|g| *g >= 200), "200 rows at 1,000 rows/s: 200 ms apart at least, not {gaps:?}");
 }
