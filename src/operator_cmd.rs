@@ -366,6 +366,12 @@ async fn watch_with_bars(coordinators: &Coordinators) -> ExitCode {
     let bar_style = ProgressStyle::with_template("  {prefix:<14} [{bar:30}] {pos}/{len} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
+    // A copy's bar: indicatif measures its pace between two answers, and the time left.
+    let copy_style = ProgressStyle::with_template(
+        "  {prefix:<14} [{bar:30}] {human_pos}/{human_len} rows, {per_sec}, {eta} left {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
     let mut bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
     loop {
         match coordinators.call(CliRequest::Status).await {
@@ -400,7 +406,9 @@ async fn watch_with_bars(coordinators: &Coordinators) -> ExitCode {
                         bar.set_prefix(n.name.0.clone());
                         bar
                     });
-                    let (pos, len) = if !n.report.bulk_done && n.report.copy_rows_total > 0 {
+                    let copying = !n.report.bulk_done && n.report.copy_rows_total > 0;
+                    bar.set_style(if copying { copy_style.clone() } else { bar_style.clone() });
+                    let (pos, len) = if copying {
                         // The copy: rows of its snapshot.
                         (n.report.copied_rows, n.report.copy_rows_total)
                     } else if n.report.captured.0 > 0 {
