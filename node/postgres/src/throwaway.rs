@@ -158,6 +158,20 @@ impl ThrowawayCluster {
         format!("host={HOST} port={} user=postgres dbname={}", self.port, quote_conninfo(db))
     }
 
+    /// A client of database `db` as `user`, its connection driven by a task of its own (on the
+    /// current tokio runtime); a connection that ends says so on stderr.
+    pub async fn client(&self, db: &str, user: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let conn =
+            format!("host={HOST} port={} user={} dbname={}", self.port, quote_conninfo(user), quote_conninfo(db));
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                eprintln!("connection ended: {e}");
+            }
+        });
+        Ok(client)
+    }
+
     /// `CREATE DATABASE` (with `psql`), so that a caller needs no client of its own to make one.
     pub fn create_database(&self, name: &str) -> Result<(), ThrowawayError> {
         let sql = format!("CREATE DATABASE {}", quote_identifier(name));

@@ -12,7 +12,7 @@ use imago_node_postgres::{Names, PgChange, PgError, PgOld, PgOp};
 use node_core::store::{RowCursor, SnapshotId, StoreError};
 use protocol::schema::{Row, RowOp, Schema, TableSchema, Value, REQUEST_LOG_TABLE};
 use protocol::{Position, UpgradeId};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 type Tables = BTreeMap<String, BTreeMap<i64, Row>>;
 
@@ -27,14 +27,7 @@ fn cluster() -> Option<ThrowawayCluster> {
 }
 
 async fn connect_as(cluster: &ThrowawayCluster, user: &str) -> Client {
-    let conn = format!("host={} port={} user={user} dbname=postgres", cluster.host(), cluster.port());
-    let (client, connection) = tokio_postgres::connect(&conn, NoTls).await.expect("connect");
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            eprintln!("connection ended: {e}");
-        }
-    });
-    client
+    cluster.client("postgres", user).await.expect("connect")
 }
 
 async fn connect(cluster: &ThrowawayCluster) -> Client {

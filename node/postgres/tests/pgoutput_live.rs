@@ -5,7 +5,7 @@
 
 use imago_node_postgres::pgoutput::{decode, Lsn, OldTuple, PgOutput, ReplicaIdentity, Tuple, Value};
 use imago_node_postgres::throwaway::ThrowawayCluster;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// The scenario: each statement a query of its own (several in one query string would be one
 /// transaction, and a slot cannot be created in a transaction that wrote).
@@ -50,13 +50,7 @@ const PEEK: &str = "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_chan
     'proto_version', '1', 'publication_names', 'p', 'messages', 'true'";
 
 async fn connect(cluster: &ThrowawayCluster, db: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(&cluster.connection_string(db), NoTls).await.expect("connect");
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            eprintln!("connection ended: {e}");
-        }
-    });
-    client
+    cluster.client(db, "postgres").await.expect("connect")
 }
 
 async fn peek(client: &Client, options: &str) -> Vec<(Lsn, Vec<u8>)> {

@@ -22,19 +22,13 @@ use std::time::Duration;
 use imago_node_postgres::pgoutput::{decode, Lsn, OldTuple, PgOutput, Tuple};
 use imago_node_postgres::throwaway::ThrowawayCluster;
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// The end of the test's writes: a transactional logical message after them.
 const END_PREFIX: &str = "imago.test";
 
 async fn connect(cluster: &ThrowawayCluster, db: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(&cluster.connection_string(db), NoTls).await.expect("connect");
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            eprintln!("connection ended: {e}");
-        }
-    });
-    client
+    cluster.client(db, "postgres").await.expect("connect")
 }
 
 async fn rows(client: &Client) -> BTreeMap<i32, String> {
