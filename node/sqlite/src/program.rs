@@ -162,8 +162,9 @@ fn key_row(custom: &Custom, key: i64) -> Row {
     [(custom.old_key.clone(), protocol::schema::Value::Int(key))].into()
 }
 
-/// Runs one of the plan's statements with the old row's values bound.
-fn run_statement(conn: &Connection, statement: &Source, row: &Row) -> Result<(), ProgramError> {
+/// One of the plan's statements written out, its `:name`s replaced by parameters bound to the
+/// old row's values (no key map: a statement sees the old row only).
+fn render_statement(statement: &Source, row: &Row) -> Result<Rendered, ConvertError> {
     let Source::Sql { sql, params, .. } = statement else {
         unreachable!("a statement is compiled as SQL");
     };
@@ -176,6 +177,12 @@ fn run_statement(conn: &Connection, statement: &Source, row: &Row) -> Result<(),
         at = range.end;
     }
     rendered.sql.push_str(&sql[at..]);
+    Ok(rendered)
+}
+
+/// Runs one of the plan's statements with the old row's values bound.
+fn run_statement(conn: &Connection, statement: &Source, row: &Row) -> Result<(), ProgramError> {
+    let rendered = render_statement(statement, row)?;
     conn.prepare_cached(&rendered.sql)?.execute(rusqlite::params_from_iter(rendered.values))?;
     Ok(())
 }
@@ -396,18 +403,9 @@ fn upsert(
 pub fn check(conn: &Connection, mapping: &Mapping) -> Result<(), (usize, String)> {
     for custom in mapping.custom.values() {
         for statement in [&custom.insert, &custom.update, &custom.delete] {
-            let Source::Sql { sql, params, transform } = statement else { continue };
-            let mut rendered = Rendered { sql: String::new(), values: Vec::new() };
-            let mut key_of = |_: &str| Ok(0);
-            let mut at = 0;
-            for (range, name) in sql_params(sql) {
-                rendered.sql.push_str(&sql[at..range.start]);
-                if render(&params[&name], &Row::new(), &mut key_of, &mut rendered).is_err() {
-                    continue;
-                }
-                at = range.end;
-            }
-            rendered.sql.push_str(&sql[at..]);
+            let Source::Sql { transform, .. } = statement else { continue };
+            // Every value bound as NULL: only whether the database takes the SQL matters.
+            let rendered = render_statement(statement, &Row::new()).map_err(|e| (*transform, e.to_string()))?;
             if let Err(e) = conn.prepare(&rendered.sql) {
                 return Err((*transform, e.to_string()));
             }
@@ -421,8 +419,8 @@ pub fn check(conn: &Connection, mapping: &Mapping) -> Result<(), (usize, String)
                 let mut key_of = |_: &str| Ok(0);
                 // Every value bound as NULL: only whether the database takes the SQL matters.
                 let row = Row::new();
-                if render(source, &row, &mut key_of, &mut rendered).is_err() {
-                    continue;
+                if let Err(e) = render(source, &row, &mut key_of, &mut rendered) {
+                    return Err((*transform, e.to_string()));
                 }
                 let sql = format!("SELECT {}", rendered.sql);
                 if let Err(e) = conn.prepare(&sql) {
