@@ -40,7 +40,12 @@ fn config(answers_max: usize) -> DataNodeConfig {
 
 /// A core booted on `checkpoint`, its boot record durable.
 fn booted(answers_max: usize, checkpoint: Checkpoint) -> (DataNodeCore, Vec<DataOutput>) {
-    let mut core = DataNodeCore::new(config(answers_max));
+    booted_with(config(answers_max), checkpoint)
+}
+
+/// [`booted`] with a configuration of the test's own.
+fn booted_with(config: DataNodeConfig, checkpoint: Checkpoint) -> (DataNodeCore, Vec<DataOutput>) {
+    let mut core = DataNodeCore::new(config);
     let out = core.handle(0, DataInput::Boot { record: NodeRecord::default(), checkpoint, old_fenced: false });
     let Some(DataOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, DataOutput::Persist(_))) else {
         panic!("a boot persists its record first")
@@ -401,21 +406,72 @@ fn a_data_node_fences_once_every_router_said_it_is_frozen() {
 /// clients: the stream is read again a millisecond after each step, not after the usual pause.
 #[test]
 fn a_draining_node_reads_the_change_stream_without_the_usual_pause() {
+    let (mut core, out) = draining();
+    let mut step_times = Vec::new();
+    // Answer every store operation at once: the old store was fenced at position 3; each read
+    // of the change stream returns one change.
+    drive(
+        &mut core,
+        out,
+        40,
+        |now, op| {
+            Some(match op {
+                StoreOp::Fence => StoreResult::Fenced { final_position: Position(3) },
+                StoreOp::ReadChanges { after, .. } => {
+                    step_times.push(*now);
+                    let next = after.0 + 1;
+                    let changes = if next <= 3 { vec![(Position(next), row(next as i64))] } else { Vec::new() };
+                    StoreResult::Changes { changes, last: Position(3) }
+                }
+                StoreOp::Apply(_) => StoreResult::Applied,
+                StoreOp::Prune { .. } => StoreResult::Pruned,
+                StoreOp::ReadRows { .. } => {
+                    StoreResult::Rows(node_core::store::Chunk { rows: Vec::new(), last: true, position: Position(3) })
+                }
+                StoreOp::Stage { .. } => StoreResult::Staged { rejected: 0 },
+                StoreOp::CompareStaged => return None,
+                other => panic!("unexpected store operation {other:?}"),
+            })
+        },
+        |_| {},
+    );
+    assert!(step_times.len() >= 3, "the stream was read {step_times:?}");
+    let gaps: Vec<u64> = step_times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().all(|g| *g <= 1),
+        "steps while draining {step_times:?} (gaps {gaps:?}, the pause is {INTERVAL_MS} ms)"
+    );
+}
+
+/// A node booted with its copy done that acted on a freeze every router is frozen for (it
+/// fences and drains), and its outputs so far.
+fn draining() -> (DataNodeCore, Vec<DataOutput>) {
     let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done, copies: 1 });
     let watch = watch_id(&out);
     let freeze = Decision::Freeze(protocol::Epoch(1));
     let frozen = DecisionView { all_routers_frozen: true, ..view(5, Phase::Freezing, freeze, false) };
-    let mut out = core.handle(1, DataInput::Coordinator { id: watch, response: NodeResponse::View(frozen) });
-    let row = |k: i64| {
-        let row =
-            [("id".to_string(), protocol::schema::Value::Int(k)), ("v".to_string(), protocol::schema::Value::Int(k))];
-        protocol::schema::RowOp::Upsert { table: "t".into(), key: k, row: row.into_iter().collect() }
-    };
+    let out = core.handle(1, DataInput::Coordinator { id: watch, response: NodeResponse::View(frozen) });
+    (core, out)
+}
+
+/// A row of the test table `t`.
+fn row(k: i64) -> protocol::schema::RowOp {
+    let row = [("id".to_string(), protocol::schema::Value::Int(k)), ("v".to_string(), protocol::schema::Value::Int(k))];
+    protocol::schema::RowOp::Upsert { table: "t".into(), key: k, row: row.into_iter().collect() }
+}
+
+/// Drives `core` from its outputs `out` for at most `rounds`: records are durable at once,
+/// timers fire at their deadlines, and each store operation is answered by `answer` (which may
+/// move the clock; `None` ends the drive); `answered` sees what each answer led to.
+fn drive(
+    core: &mut DataNodeCore,
+    mut out: Vec<DataOutput>,
+    rounds: usize,
+    mut answer: impl FnMut(&mut u64, StoreOp) -> Option<StoreResult>,
+    mut answered: impl FnMut(&[DataOutput]),
+) {
     let mut now = 1;
-    let mut step_times = Vec::new();
-    // Answer every store operation: the old store was fenced at position 3; each read of the
-    // change stream returns one change.
-    for _ in 0..40 {
+    for _ in 0..rounds {
         if let Some(DataOutput::Persist(record)) = out.iter().find(|o| matches!(o, DataOutput::Persist(_))) {
             let record = record.clone();
             let mut more = core.handle(now, DataInput::Persisted(record));
@@ -431,31 +487,10 @@ fn a_draining_node_reads_the_change_stream_without_the_usual_pause() {
             out = core.handle(now, DataInput::Timer);
             continue;
         };
-        let result = match op {
-            StoreOp::Fence => StoreResult::Fenced { final_position: Position(3) },
-            StoreOp::ReadChanges { after, .. } => {
-                step_times.push(now);
-                let next = after.0 + 1;
-                let changes = if next <= 3 { vec![(Position(next), row(next as i64))] } else { Vec::new() };
-                StoreResult::Changes { changes, last: Position(3) }
-            }
-            StoreOp::Apply(_) => StoreResult::Applied,
-            StoreOp::Prune { .. } => StoreResult::Pruned,
-            StoreOp::ReadRows { .. } => {
-                StoreResult::Rows(node_core::store::Chunk { rows: Vec::new(), last: true, position: Position(3) })
-            }
-            StoreOp::Stage { .. } => StoreResult::Staged { rejected: 0 },
-            StoreOp::CompareStaged => break,
-            other => panic!("unexpected store operation {other:?}"),
-        };
+        let Some(result) = answer(&mut now, op) else { return };
         out = core.handle(now, DataInput::Store(result));
+        answered(&out);
     }
-    assert!(step_times.len() >= 3, "the stream was read {step_times:?}");
-    let gaps: Vec<u64> = step_times.windows(2).map(|w| w[1] - w[0]).collect();
-    assert!(
-        gaps.iter().all(|g| *g <= 1),
-        "steps while draining {step_times:?} (gaps {gaps:?}, the pause is {INTERVAL_MS} ms)"
-    );
 }
 
 /// Hunt seed 17017428: a mirror delayed past the commit ran on a new universe that already took
@@ -576,61 +611,42 @@ fn a_write_kept_out_by_a_fence_is_not_admitted_rather_than_refused() {
 /// node read its stream back to back, starving its own timers, and never watched again).
 #[test]
 fn a_lost_apply_that_reached_the_final_position_still_drains_and_slow_answers_leave_turns() {
-    let (mut core, out) = booted(4, Checkpoint { applied: Position(0), copy: CopyState::Done, copies: 1 });
-    let watch = watch_id(&out);
-    let freeze = Decision::Freeze(protocol::Epoch(1));
-    let frozen = DecisionView { all_routers_frozen: true, ..view(5, Phase::Freezing, freeze, false) };
-    let mut out = core.handle(1, DataInput::Coordinator { id: watch, response: NodeResponse::View(frozen) });
-    let row = |k: i64| {
-        let row =
-            [("id".to_string(), protocol::schema::Value::Int(k)), ("v".to_string(), protocol::schema::Value::Int(k))];
-        protocol::schema::RowOp::Upsert { table: "t".into(), key: k, row: row.into_iter().collect() }
-    };
-    let mut now = 1;
+    let (mut core, out) = draining();
     let (mut failed_once, mut compared) = (false, false);
-    for _ in 0..60 {
-        if let Some(DataOutput::Persist(record)) = out.iter().find(|o| matches!(o, DataOutput::Persist(_))) {
-            let record = record.clone();
-            let mut more = core.handle(now, DataInput::Persisted(record));
-            out.retain(|o| !matches!(o, DataOutput::Persist(_)));
-            out.append(&mut more);
-            continue;
-        }
-        let Some(op) = out.iter().rev().find_map(|o| match o {
-            DataOutput::Store(op) => Some(op.clone()),
-            _ => None,
-        }) else {
-            now = core.next_deadline_ms().expect("a draining node has a next step").max(now);
-            out = core.handle(now, DataInput::Timer);
-            continue;
-        };
-        // Every store operation answers 3 ms later.
-        now += 3;
-        let result = match op {
-            StoreOp::Fence => StoreResult::Fenced { final_position: Position(3) },
-            StoreOp::ReadChanges { after, .. } => {
-                let changes = (after.0 + 1..=3).map(|p| (Position(p), row(p as i64))).collect();
-                StoreResult::Changes { changes, last: Position(3) }
-            }
-            StoreOp::Apply(batch) if batch.checkpoint.applied == Position(3) && !failed_once => {
-                failed_once = true;
-                StoreResult::Failed { reason: "the answer was lost (the commit happened)".into() }
-            }
-            StoreOp::Apply(_) => StoreResult::Applied,
-            StoreOp::ReadCheckpoint => {
-                StoreResult::Checkpoint(Checkpoint { applied: Position(3), copy: CopyState::Done, copies: 1 })
-            }
-            StoreOp::Prune { .. } => StoreResult::Pruned,
-            StoreOp::ReadRows { .. } => {
-                compared = true;
-                break;
-            }
-            other => panic!("unexpected store operation {other:?}"),
-        };
-        out = core.handle(now, DataInput::Store(result));
-        let chained = out.iter().any(|o| matches!(o, DataOutput::Store(op) if !matches!(op, StoreOp::Apply(_))));
-        assert!(!chained, "a late answer must leave the shell a turn before the next operation: {out:?}");
-    }
+    drive(
+        &mut core,
+        out,
+        60,
+        |now, op| {
+            // Every store operation answers 3 ms later.
+            *now += 3;
+            Some(match op {
+                StoreOp::Fence => StoreResult::Fenced { final_position: Position(3) },
+                StoreOp::ReadChanges { after, .. } => {
+                    let changes = (after.0 + 1..=3).map(|p| (Position(p), row(p as i64))).collect();
+                    StoreResult::Changes { changes, last: Position(3) }
+                }
+                StoreOp::Apply(batch) if batch.checkpoint.applied == Position(3) && !failed_once => {
+                    failed_once = true;
+                    StoreResult::Failed { reason: "the answer was lost (the commit happened)".into() }
+                }
+                StoreOp::Apply(_) => StoreResult::Applied,
+                StoreOp::ReadCheckpoint => {
+                    StoreResult::Checkpoint(Checkpoint { applied: Position(3), copy: CopyState::Done, copies: 1 })
+                }
+                StoreOp::Prune { .. } => StoreResult::Pruned,
+                StoreOp::ReadRows { .. } => {
+                    compared = true;
+                    return None;
+                }
+                other => panic!("unexpected store operation {other:?}"),
+            })
+        },
+        |out| {
+            let chained = out.iter().any(|o| matches!(o, DataOutput::Store(op) if !matches!(op, StoreOp::Apply(_))));
+            assert!(!chained, "a late answer must leave the shell a turn before the next operation: {out:?}");
+        },
+    );
     assert!(failed_once, "the apply up to the final position failed once");
     assert!(compared, "the drain went on to the comparison once the checkpoint showed position 3");
 }
@@ -639,15 +655,8 @@ fn a_lost_apply_that_reached_the_final_position_still_drains_and_slow_answers_le
 /// no sooner than `n / rate` seconds after the last began, so the old universe keeps serving.
 #[test]
 fn the_bulk_copy_keeps_to_the_plans_rows_per_second() {
-    let mut core = DataNodeCore::new(DataNodeConfig { copy_rows_per_s_max: Some(1_000), ..config(4) });
-    let out = core.handle(
-        0,
-        DataInput::Boot { record: NodeRecord::default(), checkpoint: Checkpoint::default(), old_fenced: false },
-    );
-    let Some(DataOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, DataOutput::Persist(_))) else {
-        panic!("a boot persists its record first")
-    };
-    let out = core.handle(0, DataInput::Persisted(record));
+    let config = DataNodeConfig { copy_rows_per_s_max: Some(1_000), ..config(4) };
+    let (mut core, out) = booted_with(config, Checkpoint::default());
     let watch = watch_id(&out);
     let view = view(3, Phase::Syncing, Decision::Initial, false);
     let out = core.handle(100, DataInput::Coordinator { id: watch, response: NodeResponse::View(view) });
