@@ -101,6 +101,28 @@ fn next_batch(core: &mut TransformCore, old: &mut SqliteOld, chunk_rows: usize, 
     }
 }
 
+/// How often the transform's process was killed mid-copy and mid-stream.
+#[derive(Debug, Default)]
+struct Kills {
+    mid_copy: u32,
+    mid_stream: u32,
+}
+
+impl Kills {
+    /// A kill now, with the transform where `core` is.
+    fn note(&mut self, core: &TransformCore) {
+        if core.bulk_done() {
+            self.mid_stream += 1;
+        } else {
+            self.mid_copy += 1;
+        }
+    }
+
+    fn assert_both(&self) {
+        assert!(self.mid_copy > 0 && self.mid_stream > 0, "killed mid-copy and mid-stream: {self:?}");
+    }
+}
+
 #[test]
 fn capture_sees_every_write_of_the_applications_own_connection_in_order() {
     let dir = TempDir::new();
@@ -477,7 +499,7 @@ fn the_transform_over_sqlite_survives_kills_and_ends_equal_to_transform_of_old()
     let (mut old, mut new) = open();
     let mut core = TransformCore::new(new.checkpoint().unwrap());
     let mut write = 0u64;
-    let mut kills = (0, 0);
+    let mut kills = Kills::default();
     for step in 0..400u64 {
         // The application writes between every two steps of the transform.
         write += 1;
@@ -493,11 +515,7 @@ fn the_transform_over_sqlite_survives_kills_and_ends_equal_to_transform_of_old()
         }
         // The process is killed now and then: a mid-copy kill loses the snapshot.
         if step % 45 == 10 {
-            if core.bulk_done() {
-                kills.1 += 1;
-            } else {
-                kills.0 += 1;
-            }
+            kills.note(&core);
             drop((old, new));
             (old, new) = open();
             core = TransformCore::new(new.checkpoint().unwrap());
@@ -509,7 +527,7 @@ fn the_transform_over_sqlite_survives_kills_and_ends_equal_to_transform_of_old()
             }
         }
     }
-    assert!(kills.0 > 0 && kills.1 > 0, "killed mid-copy and mid-stream: {kills:?}");
+    kills.assert_both();
     let final_position = old.fence().unwrap();
     while core.checkpoint().applied < final_position {
         let (changes, _) = old.changes_after(core.checkpoint().applied, 100).unwrap();
@@ -669,7 +687,7 @@ fn mediawiki_1_4_becomes_1_5_while_it_is_edited_and_the_transform_is_killed() {
     };
     let (mut old, mut new) = open();
     let mut core = TransformCore::new(new.checkpoint().unwrap());
-    let mut kills = (0, 0);
+    let mut kills = Kills::default();
     for step in 0..300u64 {
         if step % 2 == 0 {
             edit(&app, (step * 7) as i64 % 120 + 1, &mut clock);
@@ -684,11 +702,7 @@ fn mediawiki_1_4_becomes_1_5_while_it_is_edited_and_the_transform_is_killed() {
             .unwrap();
         }
         if step % 70 == 6 {
-            if core.bulk_done() {
-                kills.1 += 1;
-            } else {
-                kills.0 += 1;
-            }
+            kills.note(&core);
             drop((old, new));
             (old, new) = open();
             core = TransformCore::new(new.checkpoint().unwrap());
@@ -699,7 +713,7 @@ fn mediawiki_1_4_becomes_1_5_while_it_is_edited_and_the_transform_is_killed() {
             assert!(new.apply_batch(&batch).unwrap().is_err());
         }
     }
-    assert!(kills.0 > 0 && kills.1 > 0, "killed mid-copy and mid-stream: {kills:?}");
+    kills.assert_both();
     let final_position = old.fence().unwrap();
     while core.checkpoint().applied < final_position {
         let (changes, _) = old.changes_after(core.checkpoint().applied, 100).unwrap();
