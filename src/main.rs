@@ -2,6 +2,7 @@
 
 mod cluster_cmd;
 mod coordinator_cmd;
+mod data_node_cmd;
 mod metrics_http;
 mod node_cmd;
 mod operator_cmd;

@@ -1,5 +1,11 @@
-//! `imago node`: a router (the ingress duty) on a real machine: the ingress actor over QUIC to
-//! the coordinators, the HTTP/1.1 proxy toward clients and universes, and a file for its disk.
+//! `imago node`: a router (the ingress duty) or a data node on a real machine.
+//!
+//! - A router: the ingress actor over QUIC to the coordinators, the HTTP/1.1 proxy toward
+//!   clients and universes, and a file for its disk.
+//! - A data node (`--plan`): the data-node actor over QUIC to the coordinators, its old and new
+//!   databases through their adapter (capture, transform, fence and guard in the databases
+//!   themselves), and a file for its disk. It is deployed for one upgrade: the plan says which
+//!   (its old generation and mapping), and the node's entry in it its duties.
 
 use crate::cluster_cmd::ClusterArg;
 use anyhow::{bail, Context};
@@ -40,6 +46,8 @@ pub struct NodeArgs {
     /// `freeze_timeout_ms`.
     #[arg(long, default_value_t = 500)]
     coordinator_ms_max: u64,
+    #[command(flatten)]
+    data: crate::data_node_cmd::DataArgs,
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -47,8 +55,15 @@ pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
     let Some(me) = cluster.node(&args.name).cloned() else {
         bail!("`{}` is not a node in the cluster file", args.name);
     };
+    if args.data.plan.is_some() {
+        return crate::data_node_cmd::run(&cluster, &me, &args.data, args.coordinator_ms_max);
+    }
     let Some(http) = me.http else {
-        bail!("node `{}` has no `http` address in the cluster file: only routers run here for now", me.name);
+        bail!(
+            "node `{}` has no `http` address in the cluster file, so it is not a router; a data node is \
+             started with `--plan` and its databases",
+            me.name
+        );
     };
     let identity = quic::certs::load(&cluster.certs, &cluster.id, &me.name.0)
         .with_context(|| format!("loading the certificate of `{}`", me.name))?;

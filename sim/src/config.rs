@@ -27,6 +27,8 @@ pub enum Bug {
     /// Nodes forget their persisted decision when a new upgrade starts (and serve the first
     /// generation until the next news). Shows with `--upgrades 2` or more.
     ResetPersistedOnNewUpgrade,
+    /// Data nodes open their new store to client writes once drained, before the commit.
+    OpenNewWhenDrained,
 }
 
 /// The name of a value of a `clap::ValueEnum` (as the command line spells it).
@@ -60,6 +62,7 @@ impl Bug {
         match bug {
             Some(Bug::LoseChangeOnRestart) => Some(TransformBug::ResumePastCheckpoint),
             Some(Bug::ResumeCopyFromNewSnapshot) => Some(TransformBug::ResumeCopyFromNewSnapshot),
+            Some(Bug::OpenNewWhenDrained) => Some(TransformBug::OpenNewWhenDrained),
             _ => None,
         }
     }

@@ -6,7 +6,7 @@
 use crate::app::{self, AppOp};
 use crate::checkers::fidelity::History;
 use crate::checkers::observed::{self, StoreFigures};
-use crate::checkers::{applied_once, fenced_after_frozen, AdmissionPoint, Violation};
+use crate::checkers::{applied_once, fenced_after_frozen, opened_after_commit, AdmissionPoint, Violation};
 use crate::config::Bug;
 use crate::net::ProcId;
 use crate::node_io::{sim_clock, SimClock, SimDisk};
@@ -271,6 +271,16 @@ impl World {
                 StoreResult::Compared { expected, actual }
             }
             StoreOp::ReadCheckpoint => StoreResult::Checkpoint(d.new.checkpoint().expect(MEM)),
+            StoreOp::OpenNew => {
+                if !d.new.is_open_to_clients() {
+                    let found = opened_after_commit::check(&d.name, d.from, d.disk.decision, d.disk.generation);
+                    let now = self.now_us();
+                    self.checker.found(now, found);
+                }
+                let d = &mut self.data[i];
+                d.new.open_to_clients().expect(MEM);
+                StoreResult::OpenedToClients
+            }
             StoreOp::Prune { up_to } => {
                 d.pruned_seen = d.pruned_seen.max(up_to.0.min(d.old.captured().0));
                 d.old.prune(up_to).expect(MEM);

@@ -166,6 +166,14 @@ fn planted_bug_resume_copy_from_new_snapshot_is_caught_within_50_seeds() {
     assert!(caught.is_some(), "a copy resumed on a fresh snapshot was not caught within 50 seeds");
 }
 
+/// A data node that opens its new store to clients once drained, before the commit, is caught
+/// where it opens it: its disk holds the freeze, not the commit.
+#[test]
+fn planted_bug_open_new_when_drained_is_caught_within_50_seeds() {
+    let caught = first_caught(Bug::OpenNewWhenDrained, |v| matches!(v, Violation::OpenedEarly { .. }));
+    assert!(caught.is_some(), "a data node opening its new store before the commit was not caught within 50 seeds");
+}
+
 /// The first seed of 0..50 whose violations include one that `wanted` matches.
 fn first_caught(bug: Bug, wanted: impl Fn(&Violation) -> bool) -> Option<u64> {
     let config = SimConfig { bug: Some(bug), ..SimConfig::default() };

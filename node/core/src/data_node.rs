@@ -95,6 +95,9 @@ pub enum StoreOp {
     /// New store: its checkpoint → [`StoreResult::Checkpoint`] (after an apply whose outcome
     /// is unknown).
     ReadCheckpoint,
+    /// New store: the switch committed, open it to client writes →
+    /// [`StoreResult::OpenedToClients`].
+    OpenNew,
 }
 
 /// The result of a [`StoreOp`].
@@ -131,6 +134,7 @@ pub enum StoreResult {
     },
     Pruned,
     Checkpoint(Checkpoint),
+    OpenedToClients,
     /// The store could not perform the operation (busy, an I/O error): the core tries it
     /// again after [`DataNodeConfig::store_retry_ms`]. For an apply, whether it committed is
     /// unknown: the core reads the new store's checkpoint before it goes on.
@@ -171,6 +175,7 @@ pub fn perform(old: &mut impl OldStore, new: &mut impl NewStore, op: StoreOp) ->
             new.compare_staged().map(|(expected, actual)| StoreResult::Compared { expected, actual })
         }
         StoreOp::ReadCheckpoint => new.checkpoint().map(StoreResult::Checkpoint),
+        StoreOp::OpenNew => new.open_to_clients().map(|()| StoreResult::OpenedToClients),
     };
     done.unwrap_or_else(failed)
 }
@@ -201,6 +206,10 @@ pub enum DataInput {
 
 /// Most routers' frozen notices a data node keeps (for one epoch at a time).
 pub const FROZEN_NOTICES_MAX: usize = 10_000;
+
+/// Most requests for the new universe that wait for its store to open (drained, the commit
+/// not yet acted on or the store not yet open); more are kept out at once.
+pub const AWAITING_OPEN_MAX: usize = 10_000;
 
 /// What the shell must do, in order.
 #[derive(Clone, Debug, PartialEq)]
@@ -246,6 +255,7 @@ pub enum DataEvent {
 enum DrainWork {
     Fence(Epoch),
     Unfence,
+    OpenNew,
     Compare { epoch: Epoch, final_position: Position },
 }
 
@@ -263,6 +273,7 @@ enum Pending {
     /// A fence asked for the freeze of this epoch.
     Fence(Epoch),
     Unfence,
+    OpenNew,
     ReadRows,
     /// Rows staged for the comparison: the cursor they reach, and whether they were the last.
     Stage {
@@ -290,6 +301,7 @@ impl Pending {
             },
             StoreOp::Fence => unreachable!("a fence's pending state names its epoch"),
             StoreOp::Unfence => Pending::Unfence,
+            StoreOp::OpenNew => Pending::OpenNew,
             StoreOp::ReadRows { .. } => Pending::ReadRows,
             StoreOp::Stage { .. } => unreachable!("a stage's pending state names its cursor"),
             StoreOp::CompareStaged => Pending::CompareStaged,
@@ -355,6 +367,11 @@ pub struct DataNodeCore {
     store_turn_due: bool,
     /// When the last store operation was asked for.
     store_issued_ms: u64,
+    /// The new store takes client writes (it said so after the commit, in this incarnation).
+    new_open: bool,
+    /// Requests for the new universe that came once the drain was done but before the store
+    /// was open, in order: they run when it opens, and are kept out if the freeze aborts.
+    awaiting_open: VecDeque<RequestKey>,
     #[cfg(feature = "planted-bugs")]
     bug: Option<crate::duties::transform::TransformBug>,
 }
@@ -392,6 +409,8 @@ impl DataNodeCore {
             recheck: false,
             store_turn_due: false,
             store_issued_ms: 0,
+            new_open: false,
+            awaiting_open: VecDeque::new(),
             copy_progress: (0, 0),
             #[cfg(feature = "planted-bugs")]
             bug: None,
@@ -418,9 +437,26 @@ impl DataNodeCore {
         self.transform.as_ref().map(|t| t.checkpoint())
     }
 
-    /// Which universe takes client requests here (`None`: neither, while fenced).
+    /// Requests for the new universe waiting for its store to open, in order.
+    pub fn awaiting_open(&self) -> impl Iterator<Item = &RequestKey> {
+        self.awaiting_open.iter()
+    }
+
+    /// The last position the old store was seen to have captured.
+    pub fn captured(&self) -> Position {
+        self.captured
+    }
+
+    /// Rows copied by this incarnation's bulk copy, and how many its snapshot holds (0: not
+    /// known).
+    pub fn copy_progress(&self) -> (u64, u64) {
+        self.copy_progress
+    }
+
+    /// Which universe takes client requests here (`None`: neither, while fenced). The new
+    /// universe only once its store is open to clients: its guard refuses them until then.
     pub fn accepting(&self) -> Option<Universe> {
-        self.drain.as_ref().and_then(|d| d.accepting())
+        self.drain.as_ref().and_then(|d| d.accepting()).filter(|u| *u == Universe::Old || self.new_open)
     }
 
     /// When the shell must feed [`DataInput::Timer`] next, if ever.
@@ -565,7 +601,24 @@ impl DataNodeCore {
         if out.iter().any(|o| matches!(o, DataOutput::Store(_))) {
             self.store_issued_ms = now_ms;
         }
+        self.refuse_awaiting_if_aborted(&mut out);
         out
+    }
+
+    /// Requests waiting for the new store to open are kept out once the drain went back to
+    /// the old universe (the freeze aborted, or a newer one began): the store will not open.
+    fn refuse_awaiting_if_aborted(&mut self, out: &mut Vec<DataOutput>) {
+        if self.awaiting_open.is_empty() || self.drain.as_ref().and_then(DrainCore::accepting) == Some(Universe::New) {
+            return;
+        }
+        for key in std::mem::take(&mut self.awaiting_open) {
+            let duplicates = self.executing.remove(&key).expect("an awaiting request is let through");
+            let answer = StoreAnswer::NotAdmitted { reason: "the switch did not commit".to_string() };
+            self.remember(key, answer.clone());
+            for _ in 0..=duplicates {
+                out.push(DataOutput::Reply { key, mirror: false, answer: answer.clone() });
+            }
+        }
     }
 
     fn request(
@@ -588,6 +641,17 @@ impl DataNodeCore {
             }
         }
         let accepting = self.accepting();
+        let drained = self.drain.as_ref().and_then(DrainCore::accepting) == Some(Universe::New);
+        if universe == Universe::New && !mirror && drained && !self.new_open {
+            // A router sends to the new universe once it learnt the commit, which this node may
+            // learn later: the request waits for the store to open (as an application's write
+            // waits on the database's lock), not refused for a window nobody chose.
+            if self.awaiting_open.len() < AWAITING_OPEN_MAX {
+                self.executing.insert(key, 0);
+                self.awaiting_open.push_back(key);
+                return;
+            }
+        }
         // Mirrors wait for the copy to be complete *in the store*, not only in the core.
         let bulk_done = self.store_bulk_done;
         let refusal = match (universe, mirror) {
@@ -598,9 +662,7 @@ impl DataNodeCore {
             // Once the new universe takes client writes, its position no longer says what it
             // holds (writes do not move the transform's checkpoint): a comparison would be
             // meaningless, and validation is over anyway.
-            (Universe::New, true) if accepting == Some(Universe::New) => {
-                Some("the new universe serves clients: validation is over".to_string())
-            }
+            (Universe::New, true) if drained => Some("the new universe serves clients: validation is over".to_string()),
             (Universe::New, true) => None,
             (universe, false) if accepting != Some(universe) => {
                 Some(format!("{universe:?} universe not accepting (accepting {accepting:?})"))
@@ -658,6 +720,7 @@ impl DataNodeCore {
                     return;
                 }
                 DrainWork::Unfence => Some(StoreOp::Unfence),
+                DrainWork::OpenNew => Some(StoreOp::OpenNew),
                 DrainWork::Compare { epoch, final_position } => {
                     let comparing = Comparing {
                         epoch,
@@ -775,6 +838,13 @@ impl DataNodeCore {
                 None
             }
             (Pending::Unfence, StoreResult::Unfenced) | (Pending::Prune { .. }, StoreResult::Pruned) => None,
+            (Pending::OpenNew, StoreResult::OpenedToClients) => {
+                self.new_open = true;
+                for key in std::mem::take(&mut self.awaiting_open) {
+                    out.push(DataOutput::Execute { key, universe: Universe::New, mirror: false });
+                }
+                None
+            }
             (Pending::ReadRows, StoreResult::Rows(chunk)) => {
                 self.compare_rows(chunk, out);
                 None
@@ -838,6 +908,7 @@ impl DataNodeCore {
             Pending::Apply { .. } | Pending::ReadCheckpoint => self.recheck = true,
             Pending::Fence(epoch) => self.drain_work.push_front(DrainWork::Fence(epoch)),
             Pending::Unfence => self.drain_work.push_front(DrainWork::Unfence),
+            Pending::OpenNew => self.drain_work.push_front(DrainWork::OpenNew),
             // Due again at once (the log stays within its bound).
             Pending::Prune { previous } => self.pruned = previous,
             Pending::OpenSnapshot
@@ -895,12 +966,17 @@ impl DataNodeCore {
             match o {
                 DrainOutput::Fence(epoch) => self.drain_work.push_back(DrainWork::Fence(epoch)),
                 DrainOutput::Unfence => self.drain_work.push_back(DrainWork::Unfence),
+                DrainOutput::OpenNew => self.drain_work.push_back(DrainWork::OpenNew),
                 DrainOutput::CompareChecksums { epoch, final_position } => {
                     self.drain_work.push_back(DrainWork::Compare { epoch, final_position })
                 }
                 DrainOutput::Ack { epoch, ack } => {
                     if let Ack::Drained { final_position, checksum_match } = ack {
                         out.push(DataOutput::Event(DataEvent::Drained { epoch, final_position, checksum_match }));
+                        #[cfg(feature = "planted-bugs")]
+                        if self.bug == Some(crate::duties::transform::TransformBug::OpenNewWhenDrained) {
+                            self.drain_work.push_back(DrainWork::OpenNew);
+                        }
                     }
                     let outs = self.agent.handle(now_ms, AgentInput::OweAck { epoch, ack });
                     self.agent_outputs(now_ms, outs, out);

@@ -109,6 +109,9 @@ pub trait NewStore {
     fn compare_staged(&mut self) -> Result<(u64, u64), StoreError>;
     /// Order-independent checksum of every row ([`row_hash`] summed).
     fn checksum(&self) -> Result<u64, StoreError>;
+    /// The switch committed: clients may write now (until then, only the transform may).
+    /// Idempotent, and it lasts: a store opened stays open when opened again.
+    fn open_to_clients(&mut self) -> Result<(), StoreError>;
 }
 
 /// Progress of the bulk copy.
@@ -270,6 +273,9 @@ pub struct MemStore {
     request_log: BTreeMap<i64, i64>,
     /// Most request-log rows kept.
     request_log_max: usize,
+    /// Client writes are refused (a new store until the switch commits), as the adapters'
+    /// guards in the database refuse them.
+    guarded: bool,
 }
 
 impl Default for MemStore {
@@ -285,6 +291,7 @@ impl Default for MemStore {
             next_snapshot: 0,
             request_log: BTreeMap::new(),
             request_log_max: REQUEST_LOG_MAX,
+            guarded: false,
         }
     }
 }
@@ -316,7 +323,13 @@ impl MemStore {
     pub fn new_universe(mapping: Mapping) -> Self {
         let mut store = MemStore::with_schema(&mapping.new_schema());
         store.mapping = Some(mapping);
+        store.guarded = true;
         store
+    }
+
+    /// Whether client writes are taken (see [`NewStore::open_to_clients`]).
+    pub fn is_open_to_clients(&self) -> bool {
+        !self.guarded
     }
 
     /// The key map (new store).
@@ -378,6 +391,9 @@ impl MemStore {
         if captured && self.capture.is_fenced() {
             // Nothing of the transaction is applied.
             return Err(CaptureError::Fenced(self.capture.last().0));
+        }
+        if self.guarded {
+            return Err(CaptureError::Guarded);
         }
         let log_key = request_log_key(key);
         let evicted: Vec<i64> = self
@@ -628,6 +644,11 @@ impl NewStore for MemStore {
 
     fn checksum(&self) -> Result<u64, StoreError> {
         Ok(checksum(&self.tables))
+    }
+
+    fn open_to_clients(&mut self) -> Result<(), StoreError> {
+        self.guarded = false;
+        Ok(())
     }
 }
 

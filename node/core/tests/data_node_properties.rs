@@ -364,6 +364,11 @@ struct Shell<'a> {
     replies: BTreeMap<(RequestKey, bool), u32>,
     /// The request being fed, and what `accepting()` said just before it.
     current: Option<(RequestKey, Universe, bool, bool, Option<Universe>)>,
+    /// Requests waiting for the new store to open just before the input being fed, with
+    /// whether each only reads.
+    awaiting: Vec<(RequestKey, bool)>,
+    /// Whether the last request of each key only reads.
+    read_only: BTreeMap<RequestKey, bool>,
     // What the core did.
     /// The decision of the last `Persisted` fed to this incarnation.
     confirmed: Option<Decision>,
@@ -422,6 +427,8 @@ impl<'a> Shell<'a> {
             requests: BTreeMap::new(),
             replies: BTreeMap::new(),
             current: None,
+            awaiting: Vec::new(),
+            read_only: BTreeMap::new(),
             confirmed: None,
             first_acted: None,
             acted_freezes: BTreeSet::new(),
@@ -463,6 +470,7 @@ impl<'a> Shell<'a> {
                 DataInput::Persisted(record) => self.confirmed = Some(record.decision),
                 DataInput::Request { key, generation, mirror, read_only } => {
                     *self.requests.entry((*key, *mirror)).or_default() += 1;
+                    self.read_only.insert(*key, *read_only);
                     let universe = if *generation == Generation(1) { Universe::Old } else { Universe::New };
                     self.current = Some((*key, universe, *mirror, *read_only, self.core.accepting()));
                 }
@@ -471,6 +479,7 @@ impl<'a> Shell<'a> {
                 }
                 _ => {}
             }
+            self.awaiting = self.core.awaiting_open().map(|k| (*k, self.read_only[k])).collect();
             for output in self.core.handle(self.now, input) {
                 self.apply(output, &mut queue)?;
             }
@@ -483,7 +492,10 @@ impl<'a> Shell<'a> {
     fn check_replies(&self) -> Result<(), TestCaseError> {
         for (&(key, mirror), &requested) in &self.requests {
             let replied = self.replies.get(&(key, mirror)).copied().unwrap_or(0);
-            let running = self.executes.iter().filter(|(k, _, m, _)| *k == key && *m == mirror).count() as u32;
+            // A request waiting for the new store to open is let through, not yet executed.
+            let awaiting = !mirror && self.core.awaiting_open().any(|k| *k == key);
+            let running = self.executes.iter().filter(|(k, _, m, _)| *k == key && *m == mirror).count() as u32
+                + u32::from(awaiting);
             if mirror {
                 prop_assert_eq!(
                     requested - replied,
@@ -512,7 +524,12 @@ impl<'a> Shell<'a> {
     fn apply(&mut self, output: DataOutput, queue: &mut VecDeque<DataInput>) -> Result<(), TestCaseError> {
         match output {
             DataOutput::Execute { key, universe, mirror } => {
-                let current = self.current;
+                let waited = self.awaiting.iter().find(|(k, _)| *k == key).map(|(k, r)| (*k, Universe::New, false, *r));
+                let current = match (self.current, waited) {
+                    // A request that waited for the new store runs once the store is open.
+                    (None, Some((k, u, m, read_only))) => Some((k, u, m, read_only, self.core.accepting())),
+                    (current, _) => current,
+                };
                 let Some((k, u, m, read_only, accepting)) = current else {
                     return Err(TestCaseError::fail(format!("{key:?} let through to {universe:?} without a request")));
                 };
@@ -898,13 +915,18 @@ impl<'a> Shell<'a> {
         }
     }
 
-    /// Runs every request still let through: every request must then have had exactly one reply.
+    /// Runs every request still let through: every request must then have had exactly one reply
+    /// (but one still waiting for the new store to open, which gets its reply when the store
+    /// opens or the freeze aborts).
     fn finish(&mut self) -> Result<(), TestCaseError> {
         while let Some((key, universe, mirror, read_only)) = self.executes.pop() {
             let answer = self.execute(key, universe, mirror, read_only, 0, 0, false);
             self.feed(DataInput::Executed { key, universe, mirror, answer })?;
         }
         for (&(key, mirror), &requested) in &self.requests {
+            if !mirror && self.core.awaiting_open().any(|k| *k == key) {
+                continue;
+            }
             let replied = self.replies.get(&(key, mirror)).copied().unwrap_or(0);
             prop_assert_eq!(
                 replied,

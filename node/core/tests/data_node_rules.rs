@@ -299,8 +299,8 @@ fn a_busy_change_stream_is_read_every_transform_interval() {
     assert!(reads(&out), "the next read comes transform_interval_ms after the last step began");
 }
 
-/// Feeds `input`, then answers at once every persist, fence and row read it leads to; returns
-/// every output seen.
+/// Feeds `input`, then answers at once every persist, fence, row read, stage and opening of
+/// the new store it leads to; returns every output seen.
 fn settle(core: &mut DataNodeCore, now_ms: u64, input: DataInput) -> Vec<DataOutput> {
     let mut seen = Vec::new();
     let mut queue = std::collections::VecDeque::from([input]);
@@ -321,6 +321,7 @@ fn settle(core: &mut DataNodeCore, now_ms: u64, input: DataInput) -> Vec<DataOut
                 DataOutput::Store(StoreOp::Stage { .. }) => {
                     queue.push_back(DataInput::Store(StoreResult::Staged { rejected: 0 }))
                 }
+                DataOutput::Store(StoreOp::OpenNew) => queue.push_back(DataInput::Store(StoreResult::OpenedToClients)),
                 _ => {}
             }
             seen.push(output);
@@ -350,7 +351,7 @@ fn a_comparison_overtaken_by_the_commit_is_dropped_not_reported_as_a_difference(
     let watch = watch_id(&out);
     let committed = view(6, Phase::Switched, Decision::Commit(protocol::Epoch(1)), true);
     settle(&mut core, 2, DataInput::Coordinator { id: watch, response: NodeResponse::View(committed) });
-    assert_eq!(core.accepting(), Some(Universe::New), "the commit opens the new universe");
+    assert_eq!(core.accepting(), None, "the new store opens after the comparison in progress");
     let out = settle(&mut core, 3, DataInput::Store(StoreResult::Compared { expected: 1, actual: 12345 }));
     let reported = out.iter().find(|o| {
         matches!(
@@ -365,6 +366,8 @@ fn a_comparison_overtaken_by_the_commit_is_dropped_not_reported_as_a_difference(
         !later.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadRows { .. } | StoreOp::CompareStaged))),
         "and not started again: {later:?}"
     );
+    assert!(later.contains(&DataOutput::Store(StoreOp::OpenNew)), "the store's next turn opens it: {later:?}");
+    assert_eq!(core.accepting(), Some(Universe::New), "the commit opens the new universe");
 }
 
 /// A data node fences once every router the freeze needs told it directly that it is frozen,
@@ -691,4 +694,123 @@ fn the_bulk_copy_keeps_to_the_plans_rows_per_second() {
     assert_eq!(reads.len(), 3, "{reads:?}");
     let gaps: Vec<u64> = reads.windows(2).map(|w| w[1] - w[0]).collect();
     assert!(gaps.iter().all(|g| *g >= 200), "200 rows at 1,000 rows/s: 200 ms apart at least, not {gaps:?}");
+}
+
+/// The new database refuses client writes until the switch commits (its guard), so the node
+/// runs none before its store says it is open: not when drained, not when the commit is
+/// learnt, only once the opening asked for at the commit succeeded (a failed one is asked
+/// again after the pause). A request that comes meanwhile waits for the opening, as a write
+/// waits on a database's lock, rather than failing for a window nobody chose (simulator seed 0
+/// of `coordinators-down`: routers that learnt the commit first saw 45 requests kept out). A
+/// restart on the committed disk opens the store again (idempotent).
+#[test]
+fn the_new_universe_is_admitted_only_once_its_store_is_open_after_the_commit() {
+    let mut core = DataNodeCore::new(config(4));
+    let committed = Decision::Commit(protocol::Epoch(1));
+    let checkpoint = Checkpoint { applied: Position(9), copy: CopyState::Done, copies: 1 };
+    let out = core.handle(0, DataInput::Boot { record: own_disk(committed), checkpoint, old_fenced: true });
+    let Some(DataOutput::Persist(record)) = out.into_iter().find(|o| matches!(o, DataOutput::Persist(_))) else {
+        panic!("a boot persists its record first")
+    };
+    let out = core.handle(0, DataInput::Persisted(record));
+    assert!(out.contains(&DataOutput::Store(StoreOp::OpenNew)), "the commit on disk opens the new store: {out:?}");
+    let watch = watch_id(&out);
+    let view = NodeResponse::View(view(9, Phase::Switched, committed, true));
+    core.handle(1, DataInput::Coordinator { id: watch, response: view });
+    assert_eq!(core.accepting(), None, "not before the store says it is open");
+    let request = |id| DataInput::Request { key: key(id), generation: Generation(2), mirror: false, read_only: false };
+    let out = core.handle(2, request(1));
+    assert!(out.is_empty(), "a write before the store is open waits: {out:?}");
+
+    let out = core.handle(3, DataInput::Store(StoreResult::Failed { reason: "busy".into() }));
+    assert!(!out.contains(&DataOutput::Store(StoreOp::OpenNew)), "not again at once: {out:?}");
+    assert_eq!(core.accepting(), None);
+    let mut asked = false;
+    for now in 4..40 {
+        let out = core.handle(now, DataInput::Timer);
+        if out.contains(&DataOutput::Store(StoreOp::OpenNew)) {
+            assert!(now >= 3 + 10, "asked again only after store_retry_ms, at {now}");
+            asked = true;
+            let out = core.handle(now, DataInput::Store(StoreResult::OpenedToClients));
+            let run = DataOutput::Execute { key: key(1), universe: Universe::New, mirror: false };
+            assert_eq!(out, vec![run], "the waiting write runs once the store is open");
+            break;
+        }
+    }
+    assert!(asked, "a failed opening is asked again");
+    assert_eq!(core.accepting(), Some(Universe::New));
+    let out = core.handle(50, request(2));
+    assert!(out.iter().any(|o| matches!(o, DataOutput::Execute { universe: Universe::New, .. })), "{out:?}");
+}
+
+/// A request for the new universe that waits for the store to open is kept out (not refused:
+/// the outcome is unknown to its client) when the freeze aborts instead, duplicates included.
+#[test]
+fn a_request_waiting_for_the_new_store_is_kept_out_when_the_freeze_aborts() {
+    let (mut core, mut out) = draining();
+    let mut seen = Vec::new();
+    let mut now = 1;
+    // The drain runs to its ack: nothing more to stream, nothing to compare.
+    for _ in 0..200 {
+        let mut next = Vec::new();
+        for o in std::mem::take(&mut out) {
+            let result = match &o {
+                DataOutput::Persist(record) => {
+                    next.extend(core.handle(now, DataInput::Persisted(record.clone())));
+                    None
+                }
+                DataOutput::Store(StoreOp::ReadChanges { .. }) => {
+                    Some(StoreResult::Changes { changes: Vec::new(), last: Position(0) })
+                }
+                DataOutput::Store(StoreOp::Fence) => Some(StoreResult::Fenced { final_position: Position(0) }),
+                DataOutput::Store(StoreOp::ReadRows { .. }) => Some(StoreResult::Rows(node_core::store::Chunk {
+                    rows: Vec::new(),
+                    last: true,
+                    position: Position(0),
+                })),
+                DataOutput::Store(StoreOp::Stage { .. }) => Some(StoreResult::Staged { rejected: 0 }),
+                DataOutput::Store(StoreOp::CompareStaged) => Some(StoreResult::Compared { expected: 0, actual: 0 }),
+                _ => None,
+            };
+            if let Some(result) = result {
+                next.extend(core.handle(now, DataInput::Store(result)));
+            }
+            seen.push(o);
+        }
+        if seen.iter().any(|o| matches!(o, DataOutput::Event(node_core::data_node::DataEvent::Drained { .. }))) {
+            break;
+        }
+        if next.is_empty() {
+            now = core.next_deadline_ms().expect("a draining node has a next step").max(now);
+            next = core.handle(now, DataInput::Timer);
+        }
+        out = next;
+    }
+    assert!(
+        seen.iter().any(|o| matches!(o, DataOutput::Event(node_core::data_node::DataEvent::Drained { .. }))),
+        "the drain acked: {seen:?}"
+    );
+    let request = DataInput::Request { key: key(5), generation: Generation(2), mirror: false, read_only: false };
+    assert!(core.handle(now, request.clone()).is_empty(), "drained, not open: the request waits");
+    assert!(core.handle(now, request).is_empty(), "its duplicate waits with it");
+
+    let watch = seen
+        .iter()
+        .rev()
+        .find_map(|o| match o {
+            DataOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("the agent watches");
+    let aborted = view(9, Phase::Syncing, Decision::Abort(protocol::Epoch(1)), false);
+    let out = settle(&mut core, now, DataInput::Coordinator { id: watch, response: NodeResponse::View(aborted) });
+    assert_eq!(core.accepting(), Some(Universe::Old), "the abort unfenced the old store: {out:?}");
+    let kept_out = out
+        .iter()
+        .filter(|o| {
+            matches!(o, DataOutput::Reply { key: k, mirror: false, answer: StoreAnswer::NotAdmitted { .. } } if *k == key(5))
+        })
+        .count();
+    assert_eq!(kept_out, 2, "the request and its duplicate are kept out: {out:?}");
+    assert!(!out.iter().any(|o| matches!(o, DataOutput::Execute { .. })), "nothing ran: {out:?}");
 }

@@ -309,4 +309,8 @@ impl NewStore for SqliteNew {
     fn checksum(&self) -> Result<u64, StoreError> {
         Ok(self.sum("main")?)
     }
+
+    fn open_to_clients(&mut self) -> Result<(), StoreError> {
+        Ok(SqliteNew::open_to_clients(self)?)
+    }
 }

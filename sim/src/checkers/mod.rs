@@ -15,6 +15,8 @@
 //! - [`fenced_after_frozen`]: a data node fences its old store only after every router sent (by
 //!   ack or frozen notice)
 //!   `Frozen` for that freeze.
+//! - [`opened_after_commit`]: a data node opens its new store to client writes only once its
+//!   disk holds its upgrade's `Commit`.
 //! - [`views`]: every view of one state version that a node is sent is the same.
 //! - [`frozen_ack`]: a router acks `Frozen` only with nothing in flight to the old universe.
 //! - [`bounded_hold`]: no request is held longer than `hold_ms_max`.
@@ -66,6 +68,7 @@ pub mod liveness;
 pub mod lost_writes;
 pub mod mirrors;
 pub mod observed;
+pub mod opened_after_commit;
 pub mod persist_first;
 pub mod propagation;
 pub mod reads;
@@ -140,6 +143,9 @@ pub enum Violation {
     ChecksumsDiffer { node: String, final_position: Position },
     /// Fence after frozen: a data node fenced its old store before every router sent `Frozen`.
     FencedEarly { node: String, decision: Decision, missing: Vec<String> },
+    /// Opened after commit: a data node opened its new store to client writes without its
+    /// upgrade's `Commit` on disk.
+    OpenedEarly { node: String, decision: Decision },
     /// One view per version: a node was sent two different views of one state version.
     ViewVersionReused { node: String, version: u64, first: String, second: String },
     /// Checksums: a data node's comparison of the universes says the opposite of what they hold.
@@ -280,6 +286,9 @@ impl fmt::Display for Violation {
                 f,
                 "fence after frozen: {node} fenced its old store with {decision:?} on disk, before {missing:?} sent Frozen"
             ),
+            OpenedEarly { node, decision } => {
+                write!(f, "opened after commit: {node} opened its new store to clients with {decision:?} on disk")
+            }
             ViewVersionReused { node, version, first, second } => {
                 write!(f, "one view per version: {node} was sent {first} and then {second} for version {version}")
             }

@@ -14,6 +14,9 @@ use protocol::Position;
 pub enum CaptureError {
     #[error("the old store is fenced at position {0}")]
     Fenced(u64),
+    /// The new store takes writes only from the transform until the switch commits.
+    #[error("the new store is not open to clients (the switch has not committed)")]
+    Guarded,
 }
 
 /// An ordered, append-only change stream with positions.

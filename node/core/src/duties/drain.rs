@@ -28,6 +28,8 @@ pub enum DrainOutput {
     /// Fence the old store for the freeze of this epoch and report [`DrainInput::Fenced`].
     Fence(Epoch),
     Unfence,
+    /// The switch committed: open the new store to client writes (its guard goes).
+    OpenNew,
     /// Compare both universes at `final_position` and report [`DrainInput::Checksums`] for
     /// this epoch.
     CompareChecksums {
@@ -79,7 +81,8 @@ impl DrainCore {
             State::Open => Some(Universe::Old),
             State::Committed => Some(Universe::New),
             // Drained: every router is frozen and data is complete; a router only sends to the
-            // new universe after the commit, which this node may learn later.
+            // new universe after the commit, which this node may learn later. (The data node
+            // admits the new universe's writes only once its store is open, after the commit.)
             State::Drained(_) => Some(Universe::New),
             State::Recovering | State::Fencing(_) | State::Draining { .. } | State::Comparing { .. } => None,
         }
@@ -143,7 +146,12 @@ impl DrainCore {
                     self.state = State::Open;
                     out.push(DrainOutput::Unfence);
                 }
-                Decision::Commit(_) => self.state = State::Committed,
+                // Asked once per incarnation (a restart asks again: the opening is idempotent).
+                Decision::Commit(_) if self.state != State::Committed => {
+                    self.state = State::Committed;
+                    out.push(DrainOutput::OpenNew);
+                }
+                Decision::Commit(_) => {}
                 // Only routers are on the roster; a data node is never retired through it.
                 Decision::Retired => {}
             },

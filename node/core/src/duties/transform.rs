@@ -71,6 +71,9 @@ pub enum TransformBug {
     /// After a restart mid-copy, continue the copy at its last key on a fresh snapshot while
     /// the stream continues from the old snapshot's position.
     ResumeCopyFromNewSnapshot,
+    /// The data node opens its new store to client writes as soon as it has drained, before
+    /// the commit (a switch that then aborts leaves writes nobody should have made).
+    OpenNewWhenDrained,
 }
 
 /// The transform duty's core.

@@ -1,0 +1,204 @@
+//! A data node's stores on real databases: the data-store interface of an adapter (SQLite's,
+//! PostgreSQL's) run one operation at a time on the runtime's blocking threads, so that a long
+//! statement (a fence waiting for the writer in flight, a chunk of the bulk copy) never stalls
+//! the node's watch of the coordinator or its timers. Shell code: which operation runs next and
+//! what its result means are the data-node core's decisions ([`node_core::data_node::perform`]
+//! is the one place an operation meets a store).
+//!
+//! A real data node serves no client requests itself: the application's servers write to their
+//! databases directly, and the databases' own triggers capture, fence and guard. So
+//! [`ThreadStores::Request`](node::io::Stores::Request) is uninhabited.
+
+use node_core::data_node::{perform, DataEvent, DataNodeCore, StoreOp, StoreResult};
+use node_core::store::{NewStore, OldStore};
+use node_core::{RequestKey, StoreAnswer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use protocol::Universe;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// A data node's metrics (cheap to clone: each is shared).
+#[derive(Clone, Debug, Default)]
+pub struct DataMetrics {
+    captured: Gauge,
+    applied: Gauge,
+    copied_rows: Gauge,
+    copy_rows_total: Gauge,
+    store_failures: Counter,
+    transform_failures: Counter,
+    fenced: Gauge,
+    drained: Counter,
+    mismatched_drains: Counter,
+}
+
+impl DataMetrics {
+    /// Registers a data node's metrics in `registry`.
+    pub fn register(registry: &mut Registry) -> DataMetrics {
+        let m = DataMetrics::default();
+        registry.register(
+            "imago_captured_position",
+            "The last change position captured in the old store",
+            m.captured.clone(),
+        );
+        registry.register(
+            "imago_applied_position",
+            "The last change position applied to the new store",
+            m.applied.clone(),
+        );
+        registry.register("imago_copied_rows", "Rows of the bulk copy applied by this process", m.copied_rows.clone());
+        registry.register(
+            "imago_copy_rows_total",
+            "Rows the bulk copy's snapshot holds (0: not known)",
+            m.copy_rows_total.clone(),
+        );
+        registry.register(
+            "imago_store_failures",
+            "Store operations that failed and were tried again",
+            m.store_failures.clone(),
+        );
+        registry.register(
+            "imago_transform_failures",
+            "Batches the transform could not make or the new store refused",
+            m.transform_failures.clone(),
+        );
+        registry.register("imago_old_fenced", "Whether this process fenced the old store (1) or not", m.fenced.clone());
+        registry.register(
+            "imago_drains",
+            "Drains acked (everything up to the final position applied)",
+            m.drained.clone(),
+        );
+        registry.register(
+            "imago_drains_mismatched",
+            "Drains whose comparison found the universes different",
+            m.mismatched_drains.clone(),
+        );
+        m
+    }
+
+    fn event(&self, event: &DataEvent) {
+        match event {
+            DataEvent::StoreFailed { .. } => {
+                self.store_failures.inc();
+            }
+            DataEvent::TransformFailed(_) => {
+                self.transform_failures.inc();
+            }
+            DataEvent::Fenced { .. } => {
+                self.fenced.set(1);
+            }
+            DataEvent::Drained { checksum_match, .. } => {
+                self.drained.inc();
+                if !checksum_match {
+                    self.mismatched_drains.inc();
+                }
+            }
+            DataEvent::Acted(protocol::Decision::Abort(_)) => {
+                self.fenced.set(0);
+            }
+            DataEvent::Acted(_) | DataEvent::Admitted { .. } | DataEvent::Copying | DataEvent::Compared { .. } => {}
+        }
+    }
+
+    fn observe(&self, core: &DataNodeCore) {
+        if let Some(checkpoint) = core.checkpoint() {
+            self.applied.set(checkpoint.applied.0 as i64);
+        }
+        let (copied, total) = core.copy_progress();
+        self.copied_rows.set(copied as i64);
+        self.copy_rows_total.set(total as i64);
+        self.captured.set(core.captured().0 as i64);
+    }
+}
+
+/// An old and a new store, each operation run on a blocking thread (see the module's notes).
+pub struct ThreadStores<O, N> {
+    stores: Arc<Mutex<(O, N)>>,
+    metrics: Option<DataMetrics>,
+    /// What the log said of the bulk copy: that it is under way, that it is done.
+    copy_logged: std::cell::Cell<(bool, bool)>,
+}
+
+impl<O: OldStore + Send + 'static, N: NewStore + Send + 'static> ThreadStores<O, N> {
+    pub fn new(old: O, new: N) -> Self {
+        ThreadStores { stores: Arc::new(Mutex::new((old, new))), metrics: None, copy_logged: Default::default() }
+    }
+
+    pub fn with_metrics(mut self, metrics: DataMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+}
+
+impl<O: OldStore + Send + 'static, N: NewStore + Send + 'static> node::io::Stores for ThreadStores<O, N> {
+    type Request = Infallible;
+
+    fn execute(
+        &self,
+        _key: RequestKey,
+        request: &Infallible,
+        _universe: Universe,
+    ) -> impl Future<Output = StoreAnswer> + 'static {
+        let never: Infallible = *request;
+        async move { match never {} }
+    }
+
+    fn reply(&self, request: Infallible, _answer: StoreAnswer) {
+        match request {}
+    }
+
+    fn store(&self, op: StoreOp) -> impl Future<Output = StoreResult> + 'static {
+        let stores = self.stores.clone();
+        async move {
+            let run = tokio::task::spawn_blocking(move || {
+                // A panic in an adapter poisons the lock; the stores themselves are only ever
+                // changed by their own transactions, so the next operation may use them.
+                let mut guard = stores.lock().unwrap_or_else(PoisonError::into_inner);
+                let (old, new) = &mut *guard;
+                perform(old, new, op)
+            });
+            run.await.unwrap_or_else(|e| StoreResult::Failed { reason: format!("the store's thread ended: {e}") })
+        }
+    }
+
+    fn event(&self, event: DataEvent) {
+        match &event {
+            DataEvent::Fenced { final_position } => {
+                tracing::info!(final_position = final_position.0, "old store fenced")
+            }
+            DataEvent::Drained { epoch, final_position, checksum_match } => tracing::info!(
+                epoch = epoch.0,
+                final_position = final_position.0,
+                checksum_match,
+                "drained: everything up to the final position is applied"
+            ),
+            DataEvent::Compared { final_position, matched } => {
+                tracing::info!(final_position = final_position.0, matched, "universes compared")
+            }
+            DataEvent::TransformFailed(e) => tracing::warn!(error = %e, "transform"),
+            DataEvent::StoreFailed { reason } => tracing::warn!(%reason, "store operation failed; tried again"),
+            DataEvent::Acted(decision) => tracing::info!(?decision, "acted"),
+            DataEvent::Admitted { .. } | DataEvent::Copying => {}
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.event(&event);
+        }
+    }
+
+    fn observe(&self, _now_ms: u64, core: &DataNodeCore) {
+        let (under_way, done) = self.copy_logged.get();
+        let (copied, total) = core.copy_progress();
+        let copy_done = core.checkpoint().is_some_and(|c| c.copy == node_core::store::CopyState::Done);
+        if copy_done && !done {
+            tracing::info!(copied_by_this_process = copied, "bulk copy done");
+        } else if copied > 0 && !under_way && !copy_done {
+            tracing::info!(rows_in_snapshot = total, "bulk copy under way");
+        }
+        self.copy_logged.set((under_way || copied > 0, done || copy_done));
+        if let Some(metrics) = &self.metrics {
+            metrics.observe(core);
+        }
+    }
+}
