@@ -1126,14 +1126,15 @@ fn cluster_rebuilt_from_nothing_learns_from_the_nodes_disks_and_upgrades_again()
 // ---- data nodes: the application's SQLite databases through a real switch ---------------------
 
 /// The application of one universe: it writes `POST /item/{id}/{value}` to its own SQLite
-/// database directly (as real applications do, not through Imago) and answers reads with the
-/// path only (so mirrored reads compare equal whatever the transform's lag). v1 writes
-/// `items(id, body)`; v2 the new schema `items(id, body, size)`. A write the new database's
-/// guard refuses (the switch committed, but the data node has not opened it yet) is tried again
-/// every 5 ms for up to 3 s, as an application with a retry policy would; `guarded` counts them.
+/// database directly with `write` (as real applications do, not through Imago; `?1` the id,
+/// `?2` the value) and answers reads with the path only (so mirrored reads compare equal
+/// whatever the transform's lag). A write the new database's guard refuses (the switch
+/// committed, but the data node has not opened it yet) is tried again every 5 ms for up to 3 s,
+/// as an application with a retry policy would; `guarded` counts them.
 fn sqlite_app(
     version: &'static str,
     db: PathBuf,
+    write: &'static str,
     seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
     seen: Admissions,
     guarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -1148,16 +1149,10 @@ fn sqlite_app(
             return (200, extra, format!("{{\"path\":\"{}\"}}", request.path));
         }
         let id: i64 = id.parse().expect("an integer id");
-        let sql = if version == "v1" {
-            "INSERT INTO items (id, body) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET body = excluded.body"
-        } else {
-            "INSERT INTO items (id, body, size) VALUES (?1, ?2, length(?2)) \
-             ON CONFLICT (id) DO UPDATE SET body = excluded.body, size = excluded.size"
-        };
         let conn = rusqlite::Connection::open(&db).expect("open");
         conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
         for _ in 0..600 {
-            match conn.execute(sql, rusqlite::params![id, value]) {
+            match conn.execute(write, rusqlite::params![id, value]) {
                 Ok(_) => return (200, extra, format!("{{\"id\":{id}}}")),
                 Err(e) if e.to_string().contains("not switched to yet") => {
                     guarded.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -1170,18 +1165,28 @@ fn sqlite_app(
     })
 }
 
-/// A plan from generation 1 to 2 for `routers` and data node `db-1`: `items` gains `size`, the
-/// length of its body, computed by the new database. The bulk copy reads 3,000 rows a second.
-fn items_plan(routers: &[&str], endpoint: &str) -> String {
+/// The plan of the upgrade from generation `from` for `routers` and data node `db-1`, its new
+/// universe at `endpoint`: from 1, `items(id, body)` gains `size`, the length of its body,
+/// computed by the new database; from 2, `body` is renamed `text`. The bulk copy reads 3,000
+/// rows a second.
+fn items_plan(from: u64, routers: &[&str], endpoint: &str) -> String {
+    let (columns, transform) = if from == 1 {
+        (
+            "[\"id\", \"body\"]",
+            "kind = \"add_column\"\ntable = \"items\"\ncolumn = \"size\"\nexpression = \"length(:body)\"",
+        )
+    } else {
+        ("[\"id\", \"body\", \"size\"]", "kind = \"rename_column\"\ntable = \"items\"\nfrom = \"body\"\nto = \"text\"")
+    };
     let mut plan = format!(
-        "[upgrade]\nname = \"items-v2\"\nold_generation = 1\nswitch = \"manual\"\nmax_attempts = 5\n\n\
+        "[upgrade]\nname = \"items-v{}\"\nold_generation = {from}\nswitch = \"manual\"\nmax_attempts = 5\n\n\
          [thresholds]\nsamples_min = 5\nmismatch_ratio_max = 0.0\nlag_max = 200\nhold_ms_max = 6000\n\
          freeze_timeout_ms = 4000\nretry_backoff_ms = 500\n\n\
          [validation]\nignore_headers = [\"x-version\", \"x-seq\"]\n\n[copy]\nrows_per_s_max = 3000\n\n\
          [universe]\nendpoints = [\"{endpoint}\"]\n\n\
-         [schema.old.items]\nkey = \"id\"\ncolumns = [\"id\", \"body\"]\n\n\
-         [[transforms]]\nkind = \"add_column\"\ntable = \"items\"\ncolumn = \"size\"\nexpression = \"length(:body)\"\n\n\
-         [[nodes]]\nname = \"db-1\"\ntier = \"db\"\nduties = [\"capture\", \"transform\"]\n"
+         [schema.old.items]\nkey = \"id\"\ncolumns = {columns}\n\n[[transforms]]\n{transform}\n\n\
+         [[nodes]]\nname = \"db-1\"\ntier = \"db\"\nduties = [\"capture\", \"transform\"]\n",
+        from + 1
     );
     for r in routers {
         plan.push_str(&format!("\n[[nodes]]\nname = \"{r}\"\ntier = \"web\"\nduties = [\"route\", \"validate\"]\n"));
@@ -1189,32 +1194,51 @@ fn items_plan(routers: &[&str], endpoint: &str) -> String {
     plan
 }
 
-/// Every row of `items` in `db`: id → (body, size if the table has it).
-fn items(db: &Path) -> BTreeMap<i64, (String, Option<i64>)> {
+/// Every row of `items` in `db`: id → (the body, under `body_column`; the size, if the table has
+/// one).
+fn items(db: &Path, body_column: &str) -> BTreeMap<i64, (String, Option<i64>)> {
     let conn = rusqlite::Connection::open(db).expect("open");
     conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
-    let sized = conn.prepare("SELECT size FROM items LIMIT 0").is_ok();
-    let sql = if sized { "SELECT id, body, size FROM items" } else { "SELECT id, body, NULL FROM items" };
-    let mut stmt = conn.prepare(sql).expect("prepare");
+    let size = if conn.prepare("SELECT size FROM items LIMIT 0").is_ok() { "size" } else { "NULL" };
+    let mut stmt = conn.prepare(&format!("SELECT id, {body_column}, {size} FROM items")).expect("prepare");
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?)))).expect("query");
     rows.collect::<Result<_, _>>().expect("rows")
 }
 
+/// The names of Imago's objects in `db` (tables and triggers named `imago…`).
+fn imago_objects(db: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(db).expect("open");
+    conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+    let mut stmt =
+        conn.prepare("SELECT name FROM sqlite_master WHERE name LIKE 'imago%' ORDER BY name").expect("prepare");
+    let names = stmt.query_map([], |r| r.get(0)).expect("query");
+    names.collect::<Result<_, _>>().expect("names")
+}
+
+/// Runs `sql` on `db` as a console would; the error, if the database refused it.
+fn console(db: &Path, sql: &str) -> Option<String> {
+    let conn = rusqlite::Connection::open(db).expect("open");
+    conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+    conn.execute(sql, []).err().map(|e| e.to_string())
+}
+
 /// Acceptance of the data tier in a real cluster: 3 coordinators, 2 routers and a data node
-/// over the application's SQLite databases, clients writing all along. The data node is killed
-/// (-9) during its bulk copy and again at the switch; it goes on from its databases and disk.
-/// Until the commit the new database takes no console's write; after it the old one takes
-/// none. At the end every acknowledged write is in the new database, converted (its `size`
-/// computed there), the seeded rows too, and no client request failed.
+/// over the application's SQLite databases, clients writing all along, through two upgrades
+/// (v1 → v2 → v3). In the first, the data node is killed (-9) during its bulk copy and again at
+/// the switch; it goes on from its databases and disk. For the second, the next data node takes
+/// the database that was new as its old one. Until a commit the new database takes no
+/// console's write; after it the old one takes none, and keeps only its fence. At the end every
+/// acknowledged write is in the last database, converted twice there, the seeded rows too; no
+/// client request failed; and no write reached a universe after one reached the next.
 #[test]
 fn cluster_data_node_switches_sqlite_databases_under_writes_and_kills() {
     let dir = std::env::temp_dir().join(format!("imago-data-apps-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
-    let (old_db, new_db) = (dir.join("items-v1.db"), dir.join("items-v2.db"));
+    let dbs: Vec<PathBuf> = (1..=3).map(|v| dir.join(format!("items-v{v}.db"))).collect();
     let seeded = 4_000i64;
     {
-        let conn = rusqlite::Connection::open(&old_db).expect("open");
+        let conn = rusqlite::Connection::open(&dbs[0]).expect("open");
         conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE items (id INTEGER PRIMARY KEY, body TEXT);")
             .expect("schema");
         let tx = conn.unchecked_transaction().expect("tx");
@@ -1227,18 +1251,40 @@ fn cluster_data_node_switches_sqlite_databases_under_writes_and_kills() {
     let seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
     let admissions: Admissions = Default::default();
     let guarded = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let v1 = sqlite_app("v1", old_db.clone(), seq.clone(), admissions.clone(), guarded.clone());
-    let v2 = sqlite_app("v2", new_db.clone(), seq.clone(), admissions.clone(), guarded.clone());
+    let writes = [
+        "INSERT INTO items (id, body) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+        "INSERT INTO items (id, body, size) VALUES (?1, ?2, length(?2)) \
+         ON CONFLICT (id) DO UPDATE SET body = excluded.body, size = excluded.size",
+        "INSERT INTO items (id, text, size) VALUES (?1, ?2, length(?2)) \
+         ON CONFLICT (id) DO UPDATE SET text = excluded.text, size = excluded.size",
+    ];
+    let apps: Vec<u16> = ["v1", "v2", "v3"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| sqlite_app(v, dbs[i].clone(), writes[i], seq.clone(), admissions.clone(), guarded.clone()))
+        .collect();
     let routers = ["router-1", "router-2"];
-    let mut c =
-        Cluster::with_universe("data", 3, &["router-1", "router-2", "db-1"], Some(&format!("http://127.0.0.1:{v1}")));
-    let plan = c.dir.join("items-v2.toml");
-    std::fs::write(&plan, items_plan(&routers, &format!("http://127.0.0.1:{v2}"))).expect("plan");
-    let path = |p: &Path| p.to_str().expect("utf-8").to_string();
-    c.data_args.insert(
-        "db-1".into(),
-        vec!["--plan".into(), path(&plan), "--old-db".into(), path(&old_db), "--new-db".into(), path(&new_db)],
+    let mut c = Cluster::with_universe(
+        "data",
+        3,
+        &["router-1", "router-2", "db-1"],
+        Some(&format!("http://127.0.0.1:{}", apps[0])),
     );
+    let path = |p: &Path| p.to_str().expect("utf-8").to_string();
+    let plans: Vec<PathBuf> = (1..=2u64)
+        .map(|from| {
+            let plan = c.dir.join(format!("items-v{}.toml", from + 1));
+            let endpoint = format!("http://127.0.0.1:{}", apps[from as usize]);
+            std::fs::write(&plan, items_plan(from, &routers, &endpoint)).expect("plan");
+            plan
+        })
+        .collect();
+    let deploy = |c: &mut Cluster, upgrade: usize| {
+        let args =
+            ["--plan", &path(&plans[upgrade]), "--old-db", &path(&dbs[upgrade]), "--new-db", &path(&dbs[upgrade + 1])];
+        c.data_args.insert("db-1".into(), args.map(String::from).to_vec());
+    };
+    deploy(&mut c, 0);
     c.start_all();
     c.status_with_leader();
     for r in routers {
@@ -1274,42 +1320,50 @@ fn cluster_data_node_switches_sqlite_databases_under_writes_and_kills() {
         })
         .collect();
 
-    let start = c.cli(&["upgrade", "start", &path(&plan)]);
+    let log = c.dir.join("db-1.log");
+    let logged = |what: &str| std::fs::read_to_string(&log).unwrap_or_default().matches(what).count();
+    let wait_gate = |c: &Cluster| {
+        for _ in 0..600 {
+            let status = json(&c.cli(&["upgrade", "status", "--json"]));
+            if status["phase"] == "Syncing" && status["gate_blockers"].as_array().is_some_and(|b| b.is_empty()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the ready gate did not pass; logs in {}", c.dir.display());
+    };
+    let wait_done = |c: &Cluster| {
+        for _ in 0..600 {
+            if upgrade_phase(c) == "Done" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the upgrade did not end; logs in {}", c.dir.display());
+    };
+
+    // Upgrade 1 (v1 → v2).
+    let start = c.cli(&["upgrade", "start", &path(&plans[0])]);
     assert!(start.status.success(), "{}", String::from_utf8_lossy(&start.stderr));
     // Killed during the bulk copy (4,000 rows at 3,000 a second): the copy starts again from a
     // fresh snapshot (the first one died with the process).
-    let log = c.dir.join("db-1.log");
-    let copy_logged = |what: &str| std::fs::read_to_string(&log).unwrap_or_default().matches(what).count();
     for _ in 0..500 {
-        if copy_logged("bulk copy under way") > 0 {
+        if logged("bulk copy under way") > 0 {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     c.kill9("db-1");
     assert_eq!(
-        (copy_logged("bulk copy under way"), copy_logged("bulk copy done")),
+        (logged("bulk copy under way"), logged("bulk copy done")),
         (1, 0),
         "killed while copying; logs in {}",
         c.dir.display()
     );
     c.start("db-1");
-    let mut gate = false;
-    for _ in 0..600 {
-        let status = json(&c.cli(&["upgrade", "status", "--json"]));
-        if status["phase"] == "Syncing" && status["gate_blockers"].as_array().is_some_and(|b| b.is_empty()) {
-            gate = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(gate, "the ready gate did not pass; logs in {}", c.dir.display());
-    // A console writing to the new database before the switch is refused by its guard.
-    let console = rusqlite::Connection::open(&new_db).expect("open");
-    console.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
-    let refused = console.execute("INSERT INTO items (id, body, size) VALUES (-1, 'console', 7)", []);
-    assert!(refused.is_err_and(|e| e.to_string().contains("not switched to yet")), "the guard refuses a console");
-
+    wait_gate(&c);
+    let refused = console(&dbs[1], "INSERT INTO items (id, body, size) VALUES (-1, 'console', 7)");
+    assert!(refused.is_some_and(|e| e.contains("not switched to yet")), "the guard refuses a console");
     let switch = c.cli(&["upgrade", "switch"]);
     assert!(switch.status.success(), "{}", String::from_utf8_lossy(&switch.stderr));
     // Killed at the switch: restarted on a freeze, it fences again, drains and acks (or the
@@ -1317,14 +1371,24 @@ fn cluster_data_node_switches_sqlite_databases_under_writes_and_kills() {
     c.kill9("db-1");
     std::thread::sleep(Duration::from_millis(300));
     c.start("db-1");
-    for _ in 0..600 {
-        if upgrade_phase(&c) == "Done" {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let status = json(&c.cli(&["upgrade", "status", "--json"]));
-    assert_eq!(status["phase"], "Done", "{status}; logs in {}", c.dir.display());
+    wait_done(&c);
+    assert_eq!(logged("bulk copy under way"), 2, "the copy started again after the kill");
+    let db = metrics_of(&c, "db-1");
+    assert_eq!(metric(&db, "imago_drains_mismatched_total"), Some(0.0), "{db}");
+    assert!(metric(&db, "imago_applied_position").is_some_and(|p| p > 0.0), "{db}");
+
+    // Upgrade 2 (v2 → v3): the next data node, on the database that was new.
+    c.stop("db-1");
+    deploy(&mut c, 1);
+    c.start("db-1");
+    let start = c.cli(&["upgrade", "start", &path(&plans[1])]);
+    assert!(start.status.success(), "{}", String::from_utf8_lossy(&start.stderr));
+    wait_gate(&c);
+    let refused = console(&dbs[2], "INSERT INTO items (id, text, size) VALUES (-1, 'console', 7)");
+    assert!(refused.is_some_and(|e| e.contains("not switched to yet")), "the guard refuses a console");
+    let switch = c.cli(&["upgrade", "switch"]);
+    assert!(switch.status.success(), "{}", String::from_utf8_lossy(&switch.stderr));
+    wait_done(&c);
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     for client in clients {
@@ -1334,37 +1398,46 @@ fn cluster_data_node_switches_sqlite_databases_under_writes_and_kills() {
     let results = results.lock().expect("lock").clone();
     let failed: Vec<_> = results.iter().filter(|(_, _, r)| r.0 != 200).collect();
     assert!(failed.is_empty(), "failed writes: {:?}; logs in {}", &failed[..failed.len().min(5)], c.dir.display());
-    let v2_writes = results.iter().filter(|(_, _, r)| r.1 == "v2").count();
-    assert!(v2_writes > 0, "the new universe took writes after the switch");
+    let served = |v: &str| results.iter().filter(|(_, _, r)| r.1 == v).count();
+    assert!(served("v2") > 0 && served("v3") > 0, "each new universe took writes after its switch");
     // Writes to one id come from one client, in order: the last acknowledged value is the row's.
     let mut expected: BTreeMap<i64, String> = (1..=seeded).map(|id| (id, format!("seed-{id}"))).collect();
     for (id, value, _) in &results {
         expected.insert(*id, value.clone());
     }
-    let found = items(&new_db);
+    let found = items(&dbs[2], "text");
     for (id, body) in &expected {
         let size = i64::try_from(body.len()).expect("small");
-        assert_eq!(found.get(id), Some(&(body.clone(), Some(size))), "row {id} in the new database");
+        assert_eq!(found.get(id), Some(&(body.clone(), Some(size))), "row {id} in the last database");
     }
     assert_eq!(found.len(), expected.len(), "no row the clients did not write");
-    // One switch point: no write reached v1 after one reached v2.
+    // One switch point each: no write reached a universe after one reached the next.
     let seen = admissions.lock().expect("lock").clone();
-    let last_v1 = seen.iter().filter(|(v, _)| v == "v1").map(|(_, n)| *n).max().unwrap_or(0);
-    let first_v2 = seen.iter().filter(|(v, _)| v == "v2").map(|(_, n)| *n).min().unwrap_or(u64::MAX);
-    assert!(last_v1 < first_v2, "v1's last admission {last_v1} precedes v2's first {first_v2}");
-    // The old database stays fenced after the switch: a console's write is refused.
-    let old = rusqlite::Connection::open(&old_db).expect("open");
-    old.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
-    let refused = old.execute("UPDATE items SET body = 'console' WHERE id = 1", []);
-    assert!(refused.is_err_and(|e| e.to_string().contains("is fenced")), "the old database stays fenced");
-    assert_eq!(copy_logged("bulk copy under way"), 2, "the copy started again after the kill");
-    let db = metrics_of(&c, "db-1");
-    assert_eq!(metric(&db, "imago_drains_mismatched_total"), Some(0.0), "{db}");
-    assert!(metric(&db, "imago_applied_position").is_some_and(|p| p > 0.0), "{db}");
+    for (old, new) in [("v1", "v2"), ("v2", "v3")] {
+        let last_old = seen.iter().filter(|(v, _)| v == old).map(|(_, n)| *n).max().unwrap_or(0);
+        let first_new = seen.iter().filter(|(v, _)| v == new).map(|(_, n)| *n).min().unwrap_or(u64::MAX);
+        assert!(last_old < first_new, "{old}'s last admission {last_old} precedes {new}'s first {first_new}");
+    }
+    // Each old database stays fenced, and capture went at the commit: the fence and the
+    // request log are all that is left of Imago there.
+    for (db, sql) in
+        [(&dbs[0], "UPDATE items SET body = 'console' WHERE id = 1"), (&dbs[1], "DELETE FROM items WHERE id = 1")]
+    {
+        assert!(console(db, sql).is_some_and(|e| e.contains("is fenced")), "{} stays fenced", db.display());
+        let left = imago_objects(db);
+        assert!(
+            !left.is_empty() && left.iter().all(|n| n.starts_with("imago_fence_") || n == "imago_requests" || n.starts_with("imago_checkpoint") || n.starts_with("imago_key")),
+            "only the fence (and the request log, and the first switch's checkpoint and key map) are left in {}: {left:?}",
+            db.display()
+        );
+        assert!(!left.iter().any(|n| n.starts_with("imago_capture_") || n == "imago_changes"), "{left:?}");
+    }
     println!(
-        "data switch under writes: {} writes ({v2_writes} to v2), none failed; {} rows in the new database; \
-         {} writes to v2 waited for its guard to open",
+        "data switches under writes: {} writes ({} to v2, {} to v3), none failed; {} rows in the last database; \
+         {} writes waited for a new database's guard to open",
         results.len(),
+        served("v2"),
+        served("v3"),
         found.len(),
         guarded.load(std::sync::atomic::Ordering::SeqCst)
     );

@@ -281,6 +281,13 @@ impl World {
                 d.new.open_to_clients().expect(MEM);
                 StoreResult::OpenedToClients
             }
+            StoreOp::RemoveCapture => {
+                // Every change goes (an unapplied one would be lost: the checkers of lost writes
+                // and of the transform's fidelity see that).
+                d.old.remove_capture().expect(MEM);
+                d.pruned_seen = d.old.captured().0;
+                StoreResult::CaptureRemoved
+            }
             StoreOp::Prune { up_to } => {
                 d.pruned_seen = d.pruned_seen.max(up_to.0.min(d.old.captured().0));
                 d.old.prune(up_to).expect(MEM);

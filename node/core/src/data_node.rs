@@ -98,6 +98,8 @@ pub enum StoreOp {
     /// New store: the switch committed, open it to client writes →
     /// [`StoreResult::OpenedToClients`].
     OpenNew,
+    /// Old store: the switch committed, remove capture → [`StoreResult::CaptureRemoved`].
+    RemoveCapture,
 }
 
 /// The result of a [`StoreOp`].
@@ -135,6 +137,7 @@ pub enum StoreResult {
     Pruned,
     Checkpoint(Checkpoint),
     OpenedToClients,
+    CaptureRemoved,
     /// The store could not perform the operation (busy, an I/O error): the core tries it
     /// again after [`DataNodeConfig::store_retry_ms`]. For an apply, whether it committed is
     /// unknown: the core reads the new store's checkpoint before it goes on.
@@ -176,6 +179,7 @@ pub fn perform(old: &mut impl OldStore, new: &mut impl NewStore, op: StoreOp) ->
         }
         StoreOp::ReadCheckpoint => new.checkpoint().map(StoreResult::Checkpoint),
         StoreOp::OpenNew => new.open_to_clients().map(|()| StoreResult::OpenedToClients),
+        StoreOp::RemoveCapture => old.remove_capture().map(|()| StoreResult::CaptureRemoved),
     };
     done.unwrap_or_else(failed)
 }
@@ -256,6 +260,7 @@ enum DrainWork {
     Fence(Epoch),
     Unfence,
     OpenNew,
+    RemoveCapture,
     Compare { epoch: Epoch, final_position: Position },
 }
 
@@ -274,6 +279,7 @@ enum Pending {
     Fence(Epoch),
     Unfence,
     OpenNew,
+    RemoveCapture,
     ReadRows,
     /// Rows staged for the comparison: the cursor they reach, and whether they were the last.
     Stage {
@@ -302,6 +308,7 @@ impl Pending {
             StoreOp::Fence => unreachable!("a fence's pending state names its epoch"),
             StoreOp::Unfence => Pending::Unfence,
             StoreOp::OpenNew => Pending::OpenNew,
+            StoreOp::RemoveCapture => Pending::RemoveCapture,
             StoreOp::ReadRows { .. } => Pending::ReadRows,
             StoreOp::Stage { .. } => unreachable!("a stage's pending state names its cursor"),
             StoreOp::CompareStaged => Pending::CompareStaged,
@@ -721,6 +728,7 @@ impl DataNodeCore {
                 }
                 DrainWork::Unfence => Some(StoreOp::Unfence),
                 DrainWork::OpenNew => Some(StoreOp::OpenNew),
+                DrainWork::RemoveCapture => Some(StoreOp::RemoveCapture),
                 DrainWork::Compare { epoch, final_position } => {
                     let comparing = Comparing {
                         epoch,
@@ -837,7 +845,9 @@ impl DataNodeCore {
                 self.drain_outputs(now_ms, outs, out);
                 None
             }
-            (Pending::Unfence, StoreResult::Unfenced) | (Pending::Prune { .. }, StoreResult::Pruned) => None,
+            (Pending::Unfence, StoreResult::Unfenced)
+            | (Pending::Prune { .. }, StoreResult::Pruned)
+            | (Pending::RemoveCapture, StoreResult::CaptureRemoved) => None,
             (Pending::OpenNew, StoreResult::OpenedToClients) => {
                 self.new_open = true;
                 for key in std::mem::take(&mut self.awaiting_open) {
@@ -909,6 +919,7 @@ impl DataNodeCore {
             Pending::Fence(epoch) => self.drain_work.push_front(DrainWork::Fence(epoch)),
             Pending::Unfence => self.drain_work.push_front(DrainWork::Unfence),
             Pending::OpenNew => self.drain_work.push_front(DrainWork::OpenNew),
+            Pending::RemoveCapture => self.drain_work.push_front(DrainWork::RemoveCapture),
             // Due again at once (the log stays within its bound).
             Pending::Prune { previous } => self.pruned = previous,
             Pending::OpenSnapshot
@@ -967,6 +978,7 @@ impl DataNodeCore {
                 DrainOutput::Fence(epoch) => self.drain_work.push_back(DrainWork::Fence(epoch)),
                 DrainOutput::Unfence => self.drain_work.push_back(DrainWork::Unfence),
                 DrainOutput::OpenNew => self.drain_work.push_back(DrainWork::OpenNew),
+                DrainOutput::RemoveCapture => self.drain_work.push_back(DrainWork::RemoveCapture),
                 DrainOutput::CompareChecksums { epoch, final_position } => {
                     self.drain_work.push_back(DrainWork::Compare { epoch, final_position })
                 }

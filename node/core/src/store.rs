@@ -85,6 +85,9 @@ pub trait OldStore {
     fn prune(&mut self, up_to: Position) -> Result<(), StoreError>;
     /// The process that held snapshots ended: every snapshot it opened is gone.
     fn disconnect(&mut self);
+    /// The switch committed: capture is no longer needed, and goes (the adapters' triggers and
+    /// change table; every change is forgotten). The fence stays. Idempotent.
+    fn remove_capture(&mut self) -> Result<(), StoreError>;
 }
 
 /// The new universe's store, as a data node writes it. It converts what it is given by the
@@ -556,6 +559,12 @@ impl OldStore for MemStore {
 
     fn disconnect(&mut self) {
         self.snapshots.clear();
+    }
+
+    fn remove_capture(&mut self) -> Result<(), StoreError> {
+        // Positions are kept (the store is fenced: nothing is captured after this anyway).
+        self.capture.prune(self.capture.last());
+        Ok(())
     }
 }
 

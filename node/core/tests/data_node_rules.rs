@@ -299,8 +299,8 @@ fn a_busy_change_stream_is_read_every_transform_interval() {
     assert!(reads(&out), "the next read comes transform_interval_ms after the last step began");
 }
 
-/// Feeds `input`, then answers at once every persist, fence, row read, stage and opening of
-/// the new store it leads to; returns every output seen.
+/// Feeds `input`, then answers at once every persist, fence, row read, stage, opening of the
+/// new store and removal of capture it leads to; returns every output seen.
 fn settle(core: &mut DataNodeCore, now_ms: u64, input: DataInput) -> Vec<DataOutput> {
     let mut seen = Vec::new();
     let mut queue = std::collections::VecDeque::from([input]);
@@ -322,6 +322,9 @@ fn settle(core: &mut DataNodeCore, now_ms: u64, input: DataInput) -> Vec<DataOut
                     queue.push_back(DataInput::Store(StoreResult::Staged { rejected: 0 }))
                 }
                 DataOutput::Store(StoreOp::OpenNew) => queue.push_back(DataInput::Store(StoreResult::OpenedToClients)),
+                DataOutput::Store(StoreOp::RemoveCapture) => {
+                    queue.push_back(DataInput::Store(StoreResult::CaptureRemoved))
+                }
                 _ => {}
             }
             seen.push(output);
@@ -733,7 +736,8 @@ fn the_new_universe_is_admitted_only_once_its_store_is_open_after_the_commit() {
             asked = true;
             let out = core.handle(now, DataInput::Store(StoreResult::OpenedToClients));
             let run = DataOutput::Execute { key: key(1), universe: Universe::New, mirror: false };
-            assert_eq!(out, vec![run], "the waiting write runs once the store is open");
+            let remove = DataOutput::Store(StoreOp::RemoveCapture);
+            assert_eq!(out, vec![run, remove], "the waiting write runs once the store is open; capture goes next");
             break;
         }
     }

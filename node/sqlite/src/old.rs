@@ -316,4 +316,8 @@ impl OldStore for SqliteOld {
     fn disconnect(&mut self) {
         self.snapshots.clear();
     }
+
+    fn remove_capture(&mut self) -> Result<(), StoreError> {
+        Ok(SqliteOld::remove_capture(self)?)
+    }
 }

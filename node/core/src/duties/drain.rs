@@ -30,6 +30,8 @@ pub enum DrainOutput {
     Unfence,
     /// The switch committed: open the new store to client writes (its guard goes).
     OpenNew,
+    /// The switch committed: the old store's capture goes (its fence stays).
+    RemoveCapture,
     /// Compare both universes at `final_position` and report [`DrainInput::Checksums`] for
     /// this epoch.
     CompareChecksums {
@@ -150,6 +152,7 @@ impl DrainCore {
                 Decision::Commit(_) if self.state != State::Committed => {
                     self.state = State::Committed;
                     out.push(DrainOutput::OpenNew);
+                    out.push(DrainOutput::RemoveCapture);
                 }
                 Decision::Commit(_) => {}
                 // Only routers are on the roster; a data node is never retired through it.
