@@ -96,14 +96,15 @@ pub fn run(
     if old_path == new_path {
         bail!("--old-db and --new-db name the same database {old_path}");
     }
-    let old =
-        SqliteOld::open(&old_path, &plan.old_schema).with_context(|| format!("opening the old database {old_path}"))?;
-    let new = SqliteNew::open(&new_path, &mapping).with_context(|| format!("opening the new database {new_path}"))?;
-
+    // Everything that can be refused without touching the databases is checked first: opening
+    // the old one installs capture.
     let identity = quic::certs::load(&cluster.certs, &cluster.id, &me.name.0)
         .with_context(|| format!("loading the certificate of `{}`", me.name))?;
     let disk = FileDisk::new(&me.data, &cluster.id, &me.name.0).map_err(anyhow::Error::msg)?;
     let record = disk.read().map_err(anyhow::Error::msg)?;
+    let old =
+        SqliteOld::open(&old_path, &plan.old_schema).with_context(|| format!("opening the old database {old_path}"))?;
+    let new = SqliteNew::open(&new_path, &mapping).with_context(|| format!("opening the new database {new_path}"))?;
     let boot = DataBoot {
         record,
         checkpoint: new.checkpoint().context("reading the new database's checkpoint")?,

@@ -177,3 +177,73 @@ fn a_bad_cluster_file_is_refused_with_file_line_and_field() {
     let missing = imago().args(["certs", "init"]).env_remove("IMAGO_CLUSTER").output().unwrap();
     assert!(String::from_utf8_lossy(&missing.stderr).contains("--dir"), "says what is missing");
 }
+
+/// A data node refuses a plan that does not name it for capture and transform, databases it
+/// cannot use, and an old database that does not match the plan, each with a message that says
+/// what to change, and without making the new database or touching the old one.
+#[test]
+fn a_data_node_refuses_bad_plans_and_databases_clearly_and_touches_nothing() {
+    let dir = temp_dir("data-node");
+    let cluster = dir.join("cluster.toml");
+    std::fs::write(
+        &cluster,
+        "[cluster]\nid = \"demo\"\n\n[[coordinators]]\nid = 1\nname = \"coord-1\"\naddress = \"127.0.0.1:7999\"\n\n\
+         [[nodes]]\nname = \"db-1\"\n",
+    )
+    .unwrap();
+    assert!(imago().args(["certs", "init", "--cluster"]).arg(&cluster).status().unwrap().success());
+    let plan_with = |duties: &str| {
+        format!(
+            "[upgrade]\nname = \"v2\"\n\n[universe]\nendpoints = [\"http://127.0.0.1:9\"]\n\n\
+             [schema.old.items]\nkey = \"id\"\ncolumns = [\"id\", \"body\"]\n\n\
+             [[nodes]]\nname = \"router-1\"\ntier = \"web\"\nduties = [\"route\"]\n\n\
+             [[nodes]]\nname = \"db-1\"\ntier = \"db\"\nduties = {duties}\n"
+        )
+    };
+    let good = dir.join("good.toml");
+    std::fs::write(&good, plan_with("[\"capture\", \"transform\"]")).unwrap();
+    let routing = dir.join("routing.toml");
+    std::fs::write(&routing, plan_with("[\"route\"]")).unwrap();
+    let broken = dir.join("broken.toml");
+    std::fs::write(&broken, plan_with("[\"capture\", \"transform\"]").replace("key = \"id\"", "key = 7")).unwrap();
+    let (old, new) = (dir.join("old.db"), dir.join("new.db"));
+    let run = |plan: &std::path::Path, old_db: &str, new_db: &str| {
+        let out = imago()
+            .args(["node", "--name", "db-1", "--cluster"])
+            .arg(&cluster)
+            .arg("--plan")
+            .arg(plan)
+            .args(["--old-db", old_db, "--new-db", new_db])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let (old_s, new_s) = (old.to_str().unwrap(), new.to_str().unwrap());
+    let cases = [
+        (
+            routing.as_path(),
+            old_s,
+            new_s,
+            "has duties [Route] in the plan; a data node needs `capture` and `transform`",
+        ),
+        (broken.as_path(), old_s, new_s, "broken.toml:"),
+        (good.as_path(), old_s, old_s, "--old-db and --new-db name the same database"),
+        (good.as_path(), "postgres://u@127.0.0.1/app", new_s, "PostgreSQL data nodes are not available"),
+        (good.as_path(), ":memory:", new_s, "name a database file"),
+    ];
+    for (plan, old_db, new_db, said) in cases {
+        let stderr = run(plan, old_db, new_db);
+        assert!(stderr.contains(said), "expected `{said}` in: {stderr}");
+    }
+    // The old database has no such table: refused, and the new database is not made.
+    rusqlite::Connection::open(&old).unwrap().execute_batch("CREATE TABLE other (id INTEGER PRIMARY KEY)").unwrap();
+    let stderr = run(&good, old_s, new_s);
+    assert!(stderr.contains("opening the old database") && stderr.contains("items"), "{stderr}");
+    assert!(!new.exists(), "the new database was made although the old one was refused");
+    let triggers: i64 = rusqlite::Connection::open(&old)
+        .unwrap()
+        .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'trigger'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(triggers, 0, "nothing was installed in a database that was refused");
+}

@@ -1,18 +1,23 @@
-//! The PostgreSQL adapter of the data-store interface (the old side so far).
+//! The PostgreSQL adapter of the data-store interface.
 //!
 //! - [`old`]: [`PgOld`], the old universe's database captured by logical decoding: a slot and
 //!   its exported snapshot, the stream buffered as whole transactions ([`changes`]), the fence.
+//! - [`new`]: [`PgNew`], the new universe's database: batches converted by the plan's mapping
+//!   as SQL with their checkpoint, the key map, the guard, the comparison with transform(old).
 //! - [`pgoutput`]: a decoder of PostgreSQL's `pgoutput` logical replication messages (pure).
 //! - [`throwaway`]: a PostgreSQL cluster a test or a benchmark starts for itself.
 
 pub mod changes;
+pub mod new;
 pub mod old;
 pub mod pgoutput;
+mod program;
 mod sql;
 mod stream;
 pub mod throwaway;
 
 pub use changes::{ChangeError, PgChange, PgOp};
+pub use new::PgNew;
 pub use old::{Names, PgOld};
 
 use node_core::store::StoreError;
@@ -29,6 +34,9 @@ pub enum PgError {
     /// A captured table is not as the plan says, or cannot be captured.
     #[error("table `{table}`: {message}")]
     Table { table: String, message: String },
+    /// The new database rejects an SQL expression or statement of the plan.
+    #[error("transform {transform}'s expression: the database says: {message}")]
+    Expression { transform: usize, message: String },
     #[error("{what}: {message}")]
     Sql { what: String, message: String },
     #[error("replication connection: {what}: {message}")]
