@@ -33,6 +33,34 @@ pub const RESERVED_PREFIX: &str = "imago_";
 /// universe with the data and a duplicate that arrives after the switch is still recognised.
 pub const REQUEST_LOG_TABLE: &str = "imago_requests";
 
+/// The request log's table: every store has one (empty when no write came through Imago), read,
+/// captured and carried like any table.
+pub fn request_log_schema() -> TableSchema {
+    TableSchema {
+        key: "key".into(),
+        columns: ["key", "origin", "id", "position", "seq"].into_iter().map(String::from).collect(),
+    }
+}
+
+/// The tables a store reads and writes: `schema`'s, plus the request log.
+pub fn with_request_log(schema: &Schema) -> Schema {
+    let mut schema = schema.clone();
+    schema.tables.insert(REQUEST_LOG_TABLE.to_string(), request_log_schema());
+    schema
+}
+
+/// The request log as an output of every mapping: its rows pass through as they are.
+pub fn request_log_output() -> Output {
+    let log = request_log_schema();
+    Output {
+        table: REQUEST_LOG_TABLE.to_string(),
+        key: log.key,
+        generated: false,
+        merged: false,
+        columns: log.columns.iter().map(|c| (c.clone(), Source::Column(c.clone()))).collect(),
+    }
+}
+
 /// Whether `table` is a name only Imago may use.
 pub fn is_reserved(table: &str) -> bool {
     table.starts_with(RESERVED_PREFIX)

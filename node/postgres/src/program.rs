@@ -344,14 +344,7 @@ impl Program<'_> {
         };
         if table == REQUEST_LOG_TABLE {
             // Carried as it is (see `REQUEST_LOG_TABLE`).
-            let log = crate::sql::request_log_schema();
-            let output = Output {
-                table: table.to_string(),
-                key: log.key.clone(),
-                generated: false,
-                merged: false,
-                columns: log.columns.iter().map(|c| (c.clone(), Source::Column(c.clone()))).collect(),
-            };
+            let output = protocol::schema::request_log_output();
             return match op {
                 RowOp::Upsert { row, .. } => self.upsert(&[], &output, key, row).await,
                 RowOp::Delete { .. } => self.delete_row(&output, key).await,

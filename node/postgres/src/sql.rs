@@ -3,7 +3,7 @@
 use crate::changes::{is_int, value_of, ColumnInfo, TableInfo};
 use crate::PgError;
 use node_core::store::{Chunk, RowCursor, StoredRow};
-use protocol::schema::{Row, Schema, TableSchema, Value, REQUEST_LOG_TABLE};
+use protocol::schema::{Row, TableSchema, Value, REQUEST_LOG_TABLE};
 use protocol::Position;
 use std::collections::{BTreeMap, BTreeSet};
 use tokio_postgres::{Client, GenericClient, NoTls, SimpleQueryMessage};
@@ -63,21 +63,7 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, PgError>
     Ok(client)
 }
 
-/// The request log's table: every store has one, carried like any table (see
-/// `node_core::store`), so the old store creates it where missing and captures it.
-pub fn request_log_schema() -> TableSchema {
-    TableSchema {
-        key: "key".into(),
-        columns: ["key", "origin", "id", "position", "seq"].into_iter().map(String::from).collect(),
-    }
-}
-
-/// The tables an old store captures: the plan's, plus the request log.
-pub fn with_request_log(schema: &Schema) -> Schema {
-    let mut schema = schema.clone();
-    schema.tables.insert(REQUEST_LOG_TABLE.to_string(), request_log_schema());
-    schema
-}
+pub use protocol::schema::{request_log_schema, with_request_log};
 
 /// Creates the request log where it is missing.
 pub async fn create_request_log(client: &Client) -> Result<(), PgError> {
@@ -405,7 +391,7 @@ mod tests {
 
     #[test]
     fn the_request_log_is_added_to_the_plans_tables() {
-        let schema = with_request_log(&Schema::default());
+        let schema = with_request_log(&protocol::schema::Schema::default());
         assert_eq!(schema.tables[REQUEST_LOG_TABLE].key, "key");
         assert!([INT2, INT4, INT8].into_iter().all(is_int) && !is_int(25), "text is not an integer");
     }

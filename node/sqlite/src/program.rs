@@ -61,14 +61,7 @@ pub fn apply(conn: &Connection, mapping: &Mapping, op: &RowOp, target: Target) -
     };
     if table == REQUEST_LOG_TABLE {
         // Carried as it is (see `REQUEST_LOG_TABLE`).
-        let log = crate::sql::request_log_schema();
-        let output = Output {
-            table: table.to_string(),
-            key: log.key.clone(),
-            generated: false,
-            merged: false,
-            columns: log.columns.iter().map(|c| (c.clone(), Source::Column(c.clone()))).collect(),
-        };
+        let output = protocol::schema::request_log_output();
         return match op {
             RowOp::Upsert { row, .. } => upsert(conn, std::slice::from_ref(&output), &output, table, key, row, target),
             RowOp::Delete { .. } => delete_row(conn, &output, key, target),

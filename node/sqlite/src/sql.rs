@@ -2,7 +2,7 @@
 
 use crate::{value_of, SqliteError, BUSY_TIMEOUT_MS};
 use node_core::store::{Chunk, RowCursor, StoredRow};
-use protocol::schema::{Row, Schema, TableSchema, Value, REQUEST_LOG_TABLE};
+use protocol::schema::{Row, Schema, TableSchema, Value};
 use protocol::Position;
 use rusqlite::{Connection, OpenFlags};
 use std::time::Duration;
@@ -43,21 +43,7 @@ pub(crate) fn open_reader(path: &str) -> Result<Connection, SqliteError> {
     Ok(conn)
 }
 
-/// The request log's table: every store has one (empty when no write came through Imago), so
-/// that it is read and carried like any table.
-pub(crate) fn request_log_schema() -> TableSchema {
-    TableSchema {
-        key: "key".into(),
-        columns: ["key", "origin", "id", "position", "seq"].into_iter().map(String::from).collect(),
-    }
-}
-
-/// The tables a store reads and writes: the plan's, plus the request log.
-pub(crate) fn with_request_log(schema: &Schema) -> Schema {
-    let mut schema = schema.clone();
-    schema.tables.insert(REQUEST_LOG_TABLE.to_string(), request_log_schema());
-    schema
-}
+pub(crate) use protocol::schema::with_request_log;
 
 /// `CREATE TABLE IF NOT EXISTS` for `table` (typeless columns; the key is the rowid).
 pub(crate) fn create_table(conn: &Connection, name: &str, table: &TableSchema) -> Result<(), SqliteError> {
