@@ -93,7 +93,13 @@ pub fn run(
         bail!("a data node needs both --old-db and --new-db");
     };
     let (old_path, new_path) = (sqlite_path(old_db, "--old-db")?, sqlite_path(new_db, "--new-db")?);
-    if old_path == new_path {
+    // The old database is the application's: it must be there (opening a missing file would
+    // make an empty one).
+    let Ok(old_real) = std::fs::canonicalize(&old_path) else {
+        bail!("--old-db {old_path}: no such database file (the old universe's database must exist)");
+    };
+    let new_real = std::fs::canonicalize(&new_path).unwrap_or_else(|_| PathBuf::from(&new_path));
+    if old_path == new_path || old_real == new_real {
         bail!("--old-db and --new-db name the same database {old_path}");
     }
     // Everything that can be refused without touching the databases is checked first: opening

@@ -220,6 +220,11 @@ fn a_data_node_refuses_bad_plans_and_databases_clearly_and_touches_nothing() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let (old_s, new_s) = (old.to_str().unwrap(), new.to_str().unwrap());
+    let stderr = run(&good, old_s, new_s);
+    assert!(stderr.contains("no such database file"), "{stderr}");
+    assert!(!old.exists() && !new.exists(), "a missing old database is not made, nor the new one");
+    rusqlite::Connection::open(&old).unwrap().execute_batch("CREATE TABLE other (id INTEGER PRIMARY KEY)").unwrap();
+    let same = dir.join(".").join("old.db");
     let cases = [
         (
             routing.as_path(),
@@ -229,6 +234,7 @@ fn a_data_node_refuses_bad_plans_and_databases_clearly_and_touches_nothing() {
         ),
         (broken.as_path(), old_s, new_s, "broken.toml:"),
         (good.as_path(), old_s, old_s, "--old-db and --new-db name the same database"),
+        (good.as_path(), old_s, same.to_str().unwrap(), "--old-db and --new-db name the same database"),
         (good.as_path(), "postgres://u@127.0.0.1/app", new_s, "PostgreSQL data nodes are not available"),
         (good.as_path(), ":memory:", new_s, "name a database file"),
     ];
@@ -237,7 +243,6 @@ fn a_data_node_refuses_bad_plans_and_databases_clearly_and_touches_nothing() {
         assert!(stderr.contains(said), "expected `{said}` in: {stderr}");
     }
     // The old database has no such table: refused, and the new database is not made.
-    rusqlite::Connection::open(&old).unwrap().execute_batch("CREATE TABLE other (id INTEGER PRIMARY KEY)").unwrap();
     let stderr = run(&good, old_s, new_s);
     assert!(stderr.contains("opening the old database") && stderr.contains("items"), "{stderr}");
     assert!(!new.exists(), "the new database was made although the old one was refused");
