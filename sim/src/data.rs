@@ -288,6 +288,14 @@ impl World {
                 d.pruned_seen = d.old.captured().0;
                 StoreResult::CaptureRemoved
             }
+            StoreOp::HoldWriters => {
+                d.new.hold_writers().expect(MEM);
+                StoreResult::WritersHeld
+            }
+            StoreOp::ReleaseWriters => {
+                d.new.release_writers().expect(MEM);
+                StoreResult::WritersReleased
+            }
             StoreOp::Prune { up_to } => {
                 d.pruned_seen = d.pruned_seen.max(up_to.0.min(d.old.captured().0));
                 d.old.prune(up_to).expect(MEM);

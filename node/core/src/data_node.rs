@@ -100,6 +100,10 @@ pub enum StoreOp {
     OpenNew,
     /// Old store: the switch committed, remove capture → [`StoreResult::CaptureRemoved`].
     RemoveCapture,
+    /// New store: drained, hold writers until the outcome → [`StoreResult::WritersHeld`].
+    HoldWriters,
+    /// New store: the freeze aborted, release held writers → [`StoreResult::WritersReleased`].
+    ReleaseWriters,
 }
 
 /// The result of a [`StoreOp`].
@@ -138,6 +142,8 @@ pub enum StoreResult {
     Checkpoint(Checkpoint),
     OpenedToClients,
     CaptureRemoved,
+    WritersHeld,
+    WritersReleased,
     /// The store could not perform the operation (busy, an I/O error): the core tries it
     /// again after [`DataNodeConfig::store_retry_ms`]. For an apply, whether it committed is
     /// unknown: the core reads the new store's checkpoint before it goes on.
@@ -180,6 +186,8 @@ pub fn perform(old: &mut impl OldStore, new: &mut impl NewStore, op: StoreOp) ->
         StoreOp::ReadCheckpoint => new.checkpoint().map(StoreResult::Checkpoint),
         StoreOp::OpenNew => new.open_to_clients().map(|()| StoreResult::OpenedToClients),
         StoreOp::RemoveCapture => old.remove_capture().map(|()| StoreResult::CaptureRemoved),
+        StoreOp::HoldWriters => new.hold_writers().map(|()| StoreResult::WritersHeld),
+        StoreOp::ReleaseWriters => new.release_writers().map(|()| StoreResult::WritersReleased),
     };
     done.unwrap_or_else(failed)
 }
@@ -261,6 +269,7 @@ enum DrainWork {
     Unfence,
     OpenNew,
     RemoveCapture,
+    ReleaseWriters,
     Compare { epoch: Epoch, final_position: Position },
 }
 
@@ -280,6 +289,12 @@ enum Pending {
     Unfence,
     OpenNew,
     RemoveCapture,
+    /// Writers held before the drain acks this epoch's comparison (`matched`).
+    HoldWriters {
+        epoch: Epoch,
+        matched: bool,
+    },
+    ReleaseWriters,
     ReadRows,
     /// Rows staged for the comparison: the cursor they reach, and whether they were the last.
     Stage {
@@ -309,6 +324,8 @@ impl Pending {
             StoreOp::Unfence => Pending::Unfence,
             StoreOp::OpenNew => Pending::OpenNew,
             StoreOp::RemoveCapture => Pending::RemoveCapture,
+            StoreOp::HoldWriters => unreachable!("a hold's pending state names its comparison"),
+            StoreOp::ReleaseWriters => Pending::ReleaseWriters,
             StoreOp::ReadRows { .. } => Pending::ReadRows,
             StoreOp::Stage { .. } => unreachable!("a stage's pending state names its cursor"),
             StoreOp::CompareStaged => Pending::CompareStaged,
@@ -376,6 +393,8 @@ pub struct DataNodeCore {
     store_issued_ms: u64,
     /// The new store takes client writes (it said so after the commit, in this incarnation).
     new_open: bool,
+    /// This process holds the new store's writers (see [`NewStore::hold_writers`]).
+    writers_held: bool,
     /// Requests for the new universe that came once the drain was done but before the store
     /// was open, in order: they run when it opens, and are kept out if the freeze aborts.
     awaiting_open: VecDeque<RequestKey>,
@@ -417,6 +436,7 @@ impl DataNodeCore {
             store_turn_due: false,
             store_issued_ms: 0,
             new_open: false,
+            writers_held: false,
             awaiting_open: VecDeque::new(),
             copy_progress: (0, 0),
             #[cfg(feature = "planted-bugs")]
@@ -729,6 +749,7 @@ impl DataNodeCore {
                 DrainWork::Unfence => Some(StoreOp::Unfence),
                 DrainWork::OpenNew => Some(StoreOp::OpenNew),
                 DrainWork::RemoveCapture => Some(StoreOp::RemoveCapture),
+                DrainWork::ReleaseWriters => Some(StoreOp::ReleaseWriters),
                 DrainWork::Compare { epoch, final_position } => {
                     let comparing = Comparing {
                         epoch,
@@ -850,6 +871,7 @@ impl DataNodeCore {
             | (Pending::RemoveCapture, StoreResult::CaptureRemoved) => None,
             (Pending::OpenNew, StoreResult::OpenedToClients) => {
                 self.new_open = true;
+                self.writers_held = false;
                 for key in std::mem::take(&mut self.awaiting_open) {
                     out.push(DataOutput::Execute { key, universe: Universe::New, mirror: false });
                 }
@@ -872,8 +894,29 @@ impl DataNodeCore {
                 let c = self.comparing.take().expect("comparing");
                 let matched = !c.rejected && expected == actual;
                 out.push(DataOutput::Event(DataEvent::Compared { final_position: c.final_position, matched }));
-                let outs = self.drain_mut().handle(DrainInput::Checksums { epoch: c.epoch, matched });
-                self.drain_outputs(now_ms, outs, out);
+                if matched {
+                    // Before the ack (after which the switch may commit, and routers send to
+                    // the new universe before this node learns it): writers to the new store
+                    // wait on its lock from now on, instead of being refused by the guard.
+                    self.pending = Some(Pending::HoldWriters { epoch: c.epoch, matched });
+                    out.push(DataOutput::Store(StoreOp::HoldWriters));
+                } else {
+                    self.checksums(now_ms, c.epoch, matched, out);
+                }
+                None
+            }
+            (Pending::HoldWriters { epoch, matched }, StoreResult::WritersHeld) => {
+                self.writers_held = true;
+                if self.drain.as_ref().and_then(DrainCore::comparing) == Some(epoch) {
+                    self.checksums(now_ms, epoch, matched, out);
+                } else if self.drain.as_ref().and_then(DrainCore::accepting) != Some(Universe::New) {
+                    // The outcome came meanwhile and it is not the switch: let them go.
+                    self.drain_work.push_front(DrainWork::ReleaseWriters);
+                }
+                None
+            }
+            (Pending::ReleaseWriters, StoreResult::WritersReleased) => {
+                self.writers_held = false;
                 None
             }
             (Pending::ReadCheckpoint, StoreResult::Checkpoint(found)) => {
@@ -920,6 +963,15 @@ impl DataNodeCore {
             Pending::Unfence => self.drain_work.push_front(DrainWork::Unfence),
             Pending::OpenNew => self.drain_work.push_front(DrainWork::OpenNew),
             Pending::RemoveCapture => self.drain_work.push_front(DrainWork::RemoveCapture),
+            Pending::ReleaseWriters => self.drain_work.push_front(DrainWork::ReleaseWriters),
+            // The hold only spares writers a refusal: without it, the drain acks all the same
+            // (whether the hold took is unknown: a release is asked for if the freeze aborts).
+            Pending::HoldWriters { epoch, matched } => {
+                self.writers_held = true;
+                if self.drain.as_ref().and_then(DrainCore::comparing) == Some(epoch) {
+                    self.checksums(now_ms, epoch, matched, out);
+                }
+            }
             // Due again at once (the log stays within its bound).
             Pending::Prune { previous } => self.pruned = previous,
             Pending::OpenSnapshot
@@ -929,6 +981,12 @@ impl DataNodeCore {
             | Pending::Stage { .. }
             | Pending::CompareStaged => {}
         }
+    }
+
+    /// The comparison of `epoch`'s freeze is done: the drain acks.
+    fn checksums(&mut self, now_ms: u64, epoch: Epoch, matched: bool, out: &mut Vec<DataOutput>) {
+        let outs = self.drain_mut().handle(DrainInput::Checksums { epoch, matched });
+        self.drain_outputs(now_ms, outs, out);
     }
 
     /// Drops a comparison the drain no longer waits for (it learnt the outcome meanwhile, and
@@ -976,7 +1034,12 @@ impl DataNodeCore {
         for o in outs {
             match o {
                 DrainOutput::Fence(epoch) => self.drain_work.push_back(DrainWork::Fence(epoch)),
-                DrainOutput::Unfence => self.drain_work.push_back(DrainWork::Unfence),
+                DrainOutput::Unfence => {
+                    self.drain_work.push_back(DrainWork::Unfence);
+                    if self.writers_held {
+                        self.drain_work.push_back(DrainWork::ReleaseWriters);
+                    }
+                }
                 DrainOutput::OpenNew => self.drain_work.push_back(DrainWork::OpenNew),
                 DrainOutput::RemoveCapture => self.drain_work.push_back(DrainWork::RemoveCapture),
                 DrainOutput::CompareChecksums { epoch, final_position } => {

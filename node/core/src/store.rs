@@ -113,8 +113,16 @@ pub trait NewStore {
     /// Order-independent checksum of every row ([`row_hash`] summed).
     fn checksum(&self) -> Result<u64, StoreError>;
     /// The switch committed: clients may write now (until then, only the transform may).
-    /// Idempotent, and it lasts: a store opened stays open when opened again.
+    /// Idempotent, and it lasts: a store opened stays open when opened again. If writers are
+    /// held ([`NewStore::hold_writers`]), the opening lets them through.
     fn open_to_clients(&mut self) -> Result<(), StoreError>;
+    /// The drain is done and the switch may commit: make writers other than the transform wait
+    /// (a database's write lock) instead of being refused, until [`NewStore::open_to_clients`]
+    /// lets them through or [`NewStore::release_writers`] lets the guard refuse them. Held by
+    /// this process: its end releases them. Idempotent.
+    fn hold_writers(&mut self) -> Result<(), StoreError>;
+    /// The freeze aborted: writers held are released (the guard refuses them). Idempotent.
+    fn release_writers(&mut self) -> Result<(), StoreError>;
 }
 
 /// Progress of the bulk copy.
@@ -657,6 +665,16 @@ impl NewStore for MemStore {
 
     fn open_to_clients(&mut self) -> Result<(), StoreError> {
         self.guarded = false;
+        Ok(())
+    }
+
+    // The in-memory store serves its requests through the data node, whose core makes a request
+    // for the new universe wait for the opening: there is no lock to hold.
+    fn hold_writers(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn release_writers(&mut self) -> Result<(), StoreError> {
         Ok(())
     }
 }

@@ -1085,8 +1085,10 @@ fn a_fence_result_of_an_aborted_freeze_is_not_taken_for_the_next_freeze() {
         done.clone(),
         done.clone(),
         done.clone(),
-        // Room for a correct core to stream position 2 and finish its drain.
+        // Room for a correct core to stream position 2 and finish its drain (the last store
+        // operation holds the new store's writers before the ack).
         Step::Wait(5),
+        done.clone(),
         done.clone(),
         done.clone(),
         done.clone(),

@@ -774,6 +774,7 @@ fn a_request_waiting_for_the_new_store_is_kept_out_when_the_freeze_aborts() {
                 })),
                 DataOutput::Store(StoreOp::Stage { .. }) => Some(StoreResult::Staged { rejected: 0 }),
                 DataOutput::Store(StoreOp::CompareStaged) => Some(StoreResult::Compared { expected: 0, actual: 0 }),
+                DataOutput::Store(StoreOp::HoldWriters) => Some(StoreResult::WritersHeld),
                 _ => None,
             };
             if let Some(result) = result {
@@ -817,4 +818,12 @@ fn a_request_waiting_for_the_new_store_is_kept_out_when_the_freeze_aborts() {
         .count();
     assert_eq!(kept_out, 2, "the request and its duplicate are kept out: {out:?}");
     assert!(!out.iter().any(|o| matches!(o, DataOutput::Execute { .. })), "nothing ran: {out:?}");
+    // The new store's writers, held since the drain (before its ack), are let go after the
+    // unfence: the guard refuses them again.
+    let held = seen.iter().position(|o| *o == DataOutput::Store(StoreOp::HoldWriters));
+    let acked = seen.iter().position(|o| matches!(o, DataOutput::Send { request: NodeRequest::Ack { .. }, .. }));
+    assert!(held.is_some() && (acked.is_none() || held < acked), "writers held before the ack: {seen:?}");
+    assert!(out.contains(&DataOutput::Store(StoreOp::Unfence)), "{out:?}");
+    let out = core.handle(now, DataInput::Store(StoreResult::Unfenced));
+    assert!(out.contains(&DataOutput::Store(StoreOp::ReleaseWriters)), "held writers are released: {out:?}");
 }

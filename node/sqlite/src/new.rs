@@ -30,6 +30,9 @@ pub struct SqliteNew {
     schema: Schema,
     /// The scratch copy (temporary tables shadowing the new ones) exists.
     staging: bool,
+    /// A write transaction is open on this connection, holding every other writer (see
+    /// `NewStore::hold_writers`).
+    held: bool,
 }
 
 impl std::fmt::Debug for SqliteNew {
@@ -69,15 +72,42 @@ impl SqliteNew {
             return Err(SqliteError::Expression { path: path.to_string(), transform, message });
         }
         tx.commit()?;
-        Ok(SqliteNew { path: path.to_string(), conn, mapping: mapping.clone(), schema, staging: false })
+        Ok(SqliteNew { path: path.to_string(), conn, mapping: mapping.clone(), schema, staging: false, held: false })
     }
 
     /// The switch committed: clients may write now. The guard goes (and stays gone when the
-    /// node opens the database again).
+    /// node opens the database again). Writers held wait no more: the guard goes in the very
+    /// transaction that held them.
     pub fn open_to_clients(&mut self) -> Result<(), SqliteError> {
+        if self.held {
+            sql::drop_triggers(&self.conn, GUARD_PREFIX)?;
+            self.conn.execute_batch("COMMIT")?;
+            self.held = false;
+            return Ok(());
+        }
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         sql::drop_triggers(&tx, GUARD_PREFIX)?;
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Holds every other writer: a write transaction stays open on this connection (they wait
+    /// for it within their busy timeout) until [`SqliteNew::open_to_clients`] or
+    /// [`SqliteNew::release_writers`]. Idempotent.
+    pub fn hold_writers(&mut self) -> Result<(), SqliteError> {
+        if !self.held {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.held = true;
+        }
+        Ok(())
+    }
+
+    /// Lets held writers go on (the guard then refuses them). Idempotent.
+    pub fn release_writers(&mut self) -> Result<(), SqliteError> {
+        if self.held {
+            self.held = false;
+            self.conn.execute_batch("ROLLBACK")?;
+        }
         Ok(())
     }
 
@@ -88,6 +118,7 @@ impl SqliteNew {
 
     /// The upgrade is over: Imago's objects go (the checkpoint, the key map and the guard).
     pub fn remove_imago(&mut self) -> Result<(), SqliteError> {
+        self.release_writers()?;
         self.drop_staging()?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         sql::drop_triggers(&tx, GUARD_PREFIX)?;
@@ -159,6 +190,7 @@ impl SqliteNew {
     }
 
     fn apply(&mut self, batch: &Batch) -> Result<Result<(), StaleBatch>, StoreError> {
+        self.release_writers()?;
         self.drop_staging()?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
         let found = Self::stored_checkpoint(&tx)?;
@@ -190,6 +222,7 @@ impl SqliteNew {
     /// ones, which they shadow for the plan's expressions. Each row in a savepoint of its own,
     /// so one that cannot be converted leaves nothing behind.
     fn stage_rows(&mut self, rows: &[StoredRow], first: bool) -> Result<u64, SqliteError> {
+        self.release_writers()?;
         if first {
             self.drop_staging()?;
         }
@@ -312,5 +345,13 @@ impl NewStore for SqliteNew {
 
     fn open_to_clients(&mut self) -> Result<(), StoreError> {
         Ok(SqliteNew::open_to_clients(self)?)
+    }
+
+    fn hold_writers(&mut self) -> Result<(), StoreError> {
+        Ok(SqliteNew::hold_writers(self)?)
+    }
+
+    fn release_writers(&mut self) -> Result<(), StoreError> {
+        Ok(SqliteNew::release_writers(self)?)
     }
 }

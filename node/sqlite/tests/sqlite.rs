@@ -292,6 +292,54 @@ fn the_new_database_takes_writes_only_from_the_transform_until_the_switch() {
     console.execute_batch("INSERT INTO items VALUES (3, 'client')").unwrap();
 }
 
+/// Held writers wait instead of being refused: a writer with a busy timeout that comes while
+/// the drain's hold stands goes in once the switch opens the database; after an abort's
+/// release, the guard refuses it. (The window this closes: a router that learnt the commit
+/// sends to the new application before the data node learns it.)
+#[test]
+fn held_writers_wait_for_the_opening_and_are_refused_after_a_release() {
+    let dir = TempDir::new();
+    let path = dir.file("new.db");
+    let mapping = Mapping::compile(&users_schema(), &[]).unwrap();
+    let write = |path: String, id: i64| {
+        #[allow(clippy::disallowed_methods)] // the new application's writer, in a test of a real database
+        std::thread::spawn(move || {
+            let conn = Connection::open(&path).unwrap();
+            conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+            let result = conn.execute_batch(&format!("INSERT INTO items VALUES ({id}, 'client')"));
+            result.map_err(|e| e.to_string())
+        })
+    };
+
+    // Aborted: the held writer is refused by the guard once released.
+    let mut new = SqliteNew::open(&path, &mapping).unwrap();
+    new.hold_writers().unwrap();
+    new.hold_writers().unwrap();
+    let writer = write(path.clone(), 1);
+    #[allow(clippy::disallowed_methods)] // lets the writer reach the lock
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!writer.is_finished(), "the writer waits on the held lock");
+    new.release_writers().unwrap();
+    let result = writer.join().unwrap();
+    assert!(result.is_err_and(|e| e.contains("only Imago's transform writes it")), "refused after the release");
+
+    // Committed: the held writer goes in once the database opens, having waited for it.
+    new.hold_writers().unwrap();
+    let writer = write(path.clone(), 2);
+    #[allow(clippy::disallowed_methods)] // lets the writer reach the lock
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!writer.is_finished(), "the writer waits on the held lock");
+    new.open_to_clients().unwrap();
+    let result = writer.join().unwrap();
+    assert_eq!(result, Ok(()), "the held writer went in after the opening");
+    assert!(new.is_open_to_clients().unwrap());
+    assert_eq!(new.rows("items").unwrap().len(), 1);
+    // A batch after a hold (a freeze aborted without a release seen) starts its own transaction.
+    new.hold_writers().unwrap();
+    let batch = Batch { base: Checkpoint::default(), reset: false, ops: Vec::new(), checkpoint: Checkpoint::default() };
+    assert_eq!(new.apply_batch(&batch).unwrap(), Ok(()));
+}
+
 #[test]
 fn a_batch_and_its_checkpoint_are_one_transaction_applied_once_across_restarts() {
     let dir = TempDir::new();
