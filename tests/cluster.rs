@@ -524,6 +524,13 @@ fn web_with(test: &str, routers: &[&str], reserve: &[&str]) -> Web {
     let v3 = backend("v3", seq.clone(), admissions.clone());
     let named: Vec<&str> = routers.iter().chain(reserve).copied().collect();
     let mut c = Cluster::with_universe(test, 3, &named, Some(&format!("http://127.0.0.1:{v1}")));
+    let ports = start_serving_v1(&mut c, routers);
+    Web { c, v2, v3, admissions, ports }
+}
+
+/// Starts every coordinator, joins and starts `routers`, and waits until each serves v1 (a new
+/// disk waits for the coordinator's first read); their HTTP ports.
+fn start_serving_v1(c: &mut Cluster, routers: &[&str]) -> Vec<u16> {
     c.start_all();
     c.status_with_leader();
     for r in routers {
@@ -531,11 +538,10 @@ fn web_with(test: &str, routers: &[&str], reserve: &[&str]) -> Web {
         c.start(r);
     }
     let ports: Vec<u16> = routers.iter().map(|r| c.http[*r]).collect();
-    // Every router serves v1 once it has read the coordinator (a new disk waits for it).
     for port in &ports {
         assert_eq!(answer_when_up(*port, "/ready"), (200, "v1".to_string()), "router on port {port}");
     }
-    Web { c, v2, v3, admissions, ports }
+    ports
 }
 
 /// The first answer of a router once it accepts connections (whatever its status).
@@ -1285,16 +1291,7 @@ fn cluster_data_node_switches_sqlite_databases_under_writes_and_kills() {
         c.data_args.insert("db-1".into(), args.map(String::from).to_vec());
     };
     deploy(&mut c, 0);
-    c.start_all();
-    c.status_with_leader();
-    for r in routers {
-        assert!(c.cli(&["router", "join", r]).status.success());
-        c.start(r);
-    }
-    let ports: Vec<u16> = routers.iter().map(|r| c.http[*r]).collect();
-    for port in &ports {
-        assert_eq!(answer_when_up(*port, "/ready"), (200, "v1".to_string()), "router on port {port}");
-    }
+    let ports = start_serving_v1(&mut c, &routers);
     c.start("db-1");
 
     // Clients: each writes ids of its own (some seeded rows, some new), and reads, all along.
