@@ -383,7 +383,7 @@ impl World {
                 self.checker.violation(now, Violation::TransformFailed { node: name, error: e.to_string() });
             }
             // Injected by `store_op` (and recorded there); the node tries again.
-            DataEvent::StoreFailed { .. } => {}
+            DataEvent::StoreFailed { .. } | DataEvent::CopyStarted { .. } | DataEvent::CopyDone { .. } => {}
         }
     }
 

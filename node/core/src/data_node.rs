@@ -248,8 +248,12 @@ pub enum DataEvent {
     Acted(Decision),
     /// A client request ran on `universe` (mirrors excluded).
     Admitted { key: RequestKey, universe: Universe },
+    /// The bulk copy (re)started from a fresh snapshot holding this many rows (0: not known).
+    CopyStarted { rows_in_snapshot: u64 },
     /// A chunk of the bulk copy was applied and the copy goes on.
     Copying,
+    /// The bulk copy's last batch was applied: this incarnation copied `copied_rows` rows.
+    CopyDone { copied_rows: u64 },
     /// The old store was fenced at `final_position`.
     Fenced { final_position: Position },
     /// The comparison of transform(old) with new at the final position.
@@ -817,6 +821,7 @@ impl DataNodeCore {
             (Pending::OpenSnapshot, StoreResult::SnapshotOpened { snapshot, at, rows }) => {
                 self.captured = self.captured.max(at);
                 self.copy_progress = (0, rows);
+                out.push(DataOutput::Event(DataEvent::CopyStarted { rows_in_snapshot: rows }));
                 Some(Ok(transform.copy_started(snapshot, at)))
             }
             (Pending::ReadSnapshot, StoreResult::Chunk(chunk)) => {
@@ -845,6 +850,9 @@ impl DataNodeCore {
                 self.store_bulk_done |= done;
                 if copying {
                     out.push(DataOutput::Event(DataEvent::Copying));
+                }
+                if done {
+                    out.push(DataOutput::Event(DataEvent::CopyDone { copied_rows: self.copy_progress.0 }));
                 }
                 let outs = self.drain_mut().handle(DrainInput::Applied { position: applied });
                 self.drain_outputs(now_ms, outs, out);

@@ -733,7 +733,9 @@ impl<'a> Shell<'a> {
                 return Err(TestCaseError::fail(format!("the transform failed on a well-formed stream: {e}")));
             }
             DataEvent::Admitted { .. }
+            | DataEvent::CopyStarted { .. }
             | DataEvent::Copying
+            | DataEvent::CopyDone { .. }
             | DataEvent::Fenced { .. }
             | DataEvent::StoreFailed { .. } => {}
         }

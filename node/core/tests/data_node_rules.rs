@@ -822,7 +822,7 @@ fn a_request_waiting_for_the_new_store_is_kept_out_when_the_freeze_aborts() {
     // unfence: the guard refuses them again.
     let held = seen.iter().position(|o| *o == DataOutput::Store(StoreOp::HoldWriters));
     let acked = seen.iter().position(|o| matches!(o, DataOutput::Send { request: NodeRequest::Ack { .. }, .. }));
-    assert!(held.is_some() && (acked.is_none() || held < acked), "writers held before the ack: {seen:?}");
+    assert!(held.is_some() && acked.is_some() && held < acked, "writers held before the ack: {seen:?}");
     assert!(out.contains(&DataOutput::Store(StoreOp::Unfence)), "{out:?}");
     let out = core.handle(now, DataInput::Store(StoreResult::Unfenced));
     assert!(out.contains(&DataOutput::Store(StoreOp::ReleaseWriters)), "held writers are released: {out:?}");

@@ -98,7 +98,12 @@ impl DataMetrics {
             DataEvent::Acted(protocol::Decision::Abort(_)) => {
                 self.fenced.set(0);
             }
-            DataEvent::Acted(_) | DataEvent::Admitted { .. } | DataEvent::Copying | DataEvent::Compared { .. } => {}
+            DataEvent::Acted(_)
+            | DataEvent::Admitted { .. }
+            | DataEvent::CopyStarted { .. }
+            | DataEvent::Copying
+            | DataEvent::CopyDone { .. }
+            | DataEvent::Compared { .. } => {}
         }
     }
 
@@ -117,13 +122,11 @@ impl DataMetrics {
 pub struct ThreadStores<O, N> {
     stores: Arc<Mutex<(O, N)>>,
     metrics: Option<DataMetrics>,
-    /// What the log said of the bulk copy: that it is under way, that it is done.
-    copy_logged: std::cell::Cell<(bool, bool)>,
 }
 
 impl<O: OldStore + Send + 'static, N: NewStore + Send + 'static> ThreadStores<O, N> {
     pub fn new(old: O, new: N) -> Self {
-        ThreadStores { stores: Arc::new(Mutex::new((old, new))), metrics: None, copy_logged: Default::default() }
+        ThreadStores { stores: Arc::new(Mutex::new((old, new))), metrics: None }
     }
 
     pub fn with_metrics(mut self, metrics: DataMetrics) -> Self {
@@ -180,6 +183,8 @@ impl<O: OldStore + Send + 'static, N: NewStore + Send + 'static> node::io::Store
             DataEvent::TransformFailed(e) => tracing::warn!(error = %e, "transform"),
             DataEvent::StoreFailed { reason } => tracing::warn!(%reason, "store operation failed; tried again"),
             DataEvent::Acted(decision) => tracing::info!(?decision, "acted"),
+            DataEvent::CopyStarted { rows_in_snapshot } => tracing::info!(rows_in_snapshot, "bulk copy under way"),
+            DataEvent::CopyDone { copied_rows } => tracing::info!(copied_rows, "bulk copy done"),
             DataEvent::Admitted { .. } | DataEvent::Copying => {}
         }
         if let Some(metrics) = &self.metrics {
@@ -188,15 +193,6 @@ impl<O: OldStore + Send + 'static, N: NewStore + Send + 'static> node::io::Store
     }
 
     fn observe(&self, _now_ms: u64, core: &DataNodeCore) {
-        let (under_way, done) = self.copy_logged.get();
-        let (copied, total) = core.copy_progress();
-        let copy_done = core.checkpoint().is_some_and(|c| c.copy == node_core::store::CopyState::Done);
-        if copy_done && !done {
-            tracing::info!(copied_by_this_process = copied, "bulk copy done");
-        } else if copied > 0 && !under_way && !copy_done {
-            tracing::info!(rows_in_snapshot = total, "bulk copy under way");
-        }
-        self.copy_logged.set((under_way || copied > 0, done || copy_done));
         if let Some(metrics) = &self.metrics {
             metrics.observe(core);
         }
