@@ -13,12 +13,16 @@ use node::data_node::{DataBoot, DataNodeActor};
 use node_core::agent::AgentConfig;
 use node_core::data_node::{DataNodeConfig, DataNodeCore};
 use node_core::duties::transform::Positions;
+use node_core::store::{Batch, Checkpoint, Chunk, RowCursor, SnapshotId, StaleBatch, StoreError, StoredRow};
 use node_core::store::{NewStore, OldStore};
 use node_http::disk::FileDisk;
 use node_http::stores::{DataMetrics, ThreadStores};
+use node_postgres::{PgNewStore, PgOldStore};
 use node_sqlite::{SqliteNew, SqliteOld};
 use protocol::cluster::{ClusterFile, NodeEntry};
+use protocol::schema::RowOp;
 use protocol::Duty;
+use protocol::Position;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,12 +32,14 @@ pub struct DataArgs {
     /// `capture` and `transform` duties): a data node runs with `--plan`, a router without.
     #[arg(long)]
     pub plan: Option<PathBuf>,
-    /// The old universe's database: a SQLite file (`PATH` or `sqlite:PATH`). Imago installs its
-    /// capture triggers and change table there, and fences it at the switch.
+    /// The old universe's database: a SQLite file (`PATH` or `sqlite:PATH`), or a PostgreSQL
+    /// database (`postgres://…` or `postgresql://…`; `wal_level=logical`). Imago installs its
+    /// capture there (SQLite: triggers and a change table; PostgreSQL: a replication slot and a
+    /// publication), and fences it at the switch.
     #[arg(long, requires = "plan")]
     pub old_db: Option<String>,
-    /// The new universe's database: a SQLite file, made if missing. Until the switch commits,
-    /// only the transform may write to it.
+    /// The new universe's database: a SQLite file (made if missing) or a PostgreSQL database.
+    /// Until the switch commits, only the transform may write to it.
     #[arg(long, requires = "plan")]
     pub new_db: Option<String>,
     /// Pause between two transform steps (a copy chunk, a read of the change stream).
@@ -47,16 +53,48 @@ pub struct DataArgs {
     pub store_retry_ms: u64,
 }
 
-/// A SQLite database named on the command line: `PATH` or `sqlite:PATH`.
-fn sqlite_path(arg: &str, flag: &str) -> anyhow::Result<String> {
-    if arg.starts_with("postgres://") || arg.starts_with("postgresql://") {
-        bail!("{flag} {arg}: PostgreSQL data nodes are not available in `imago node` yet; use a SQLite file");
+/// A database named on the command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Database {
+    /// A SQLite file: `PATH` or `sqlite:PATH`.
+    Sqlite(String),
+    /// A PostgreSQL connection URL.
+    Postgres(String),
+}
+
+impl Database {
+    fn parse(arg: &str, flag: &str) -> anyhow::Result<Database> {
+        if arg.starts_with("postgres://") || arg.starts_with("postgresql://") {
+            return Ok(Database::Postgres(arg.to_string()));
+        }
+        let path = arg.strip_prefix("sqlite:").unwrap_or(arg);
+        if path.is_empty() || path == ":memory:" {
+            bail!("{flag} {arg}: name a database file (a data node's databases outlive its process)");
+        }
+        Ok(Database::Sqlite(path.to_string()))
     }
-    let path = arg.strip_prefix("sqlite:").unwrap_or(arg);
-    if path.is_empty() || path == ":memory:" {
-        bail!("{flag} {arg}: name a database file (a data node's databases outlive its process)");
+
+    /// How it is named in logs: a URL without its password.
+    fn shown(&self) -> String {
+        match self {
+            Database::Sqlite(path) => path.clone(),
+            Database::Postgres(url) => match (url.find("://"), url.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme => {
+                    let user_info = &url[scheme + 3..at];
+                    let user = user_info.split(':').next().unwrap_or("");
+                    format!("{}{user}@{}", &url[..scheme + 3], &url[at + 1..])
+                }
+                _ => url.clone(),
+            },
+        }
     }
-    Ok(path.to_string())
+}
+
+/// The PostgreSQL objects of the upgrade from `generation` (a data node is deployed for one):
+/// `imago_from_<generation>` for the slot and the publication.
+fn pg_names(generation: protocol::Generation) -> node_postgres::Names {
+    let name = format!("imago_from_{}", generation.0);
+    node_postgres::Names { slot: name.clone(), publication: name }
 }
 
 fn load_plan(file: &Path) -> anyhow::Result<protocol::plan::Plan> {
@@ -92,15 +130,22 @@ pub fn run(
     let (Some(old_db), Some(new_db)) = (&args.old_db, &args.new_db) else {
         bail!("a data node needs both --old-db and --new-db");
     };
-    let (old_path, new_path) = (sqlite_path(old_db, "--old-db")?, sqlite_path(new_db, "--new-db")?);
-    // The old database is the application's: it must be there (opening a missing file would
-    // make an empty one).
-    let Ok(old_real) = std::fs::canonicalize(&old_path) else {
-        bail!("--old-db {old_path}: no such database file (the old universe's database must exist)");
-    };
-    let new_real = std::fs::canonicalize(&new_path).unwrap_or_else(|_| PathBuf::from(&new_path));
-    if old_path == new_path || old_real == new_real {
-        bail!("--old-db and --new-db name the same database {old_path}");
+    let (old_db, new_db) = (Database::parse(old_db, "--old-db")?, Database::parse(new_db, "--new-db")?);
+    if let Database::Sqlite(old_path) = &old_db {
+        // The old database is the application's: it must be there (opening a missing file
+        // would make an empty one).
+        let Ok(old_real) = std::fs::canonicalize(old_path) else {
+            bail!("--old-db {old_path}: no such database file (the old universe's database must exist)");
+        };
+        if let Database::Sqlite(new_path) = &new_db {
+            let new_real = std::fs::canonicalize(new_path).unwrap_or_else(|_| PathBuf::from(new_path));
+            if old_path == new_path || old_real == new_real {
+                bail!("--old-db and --new-db name the same database {old_path}");
+            }
+        }
+    }
+    if old_db == new_db {
+        bail!("--old-db and --new-db name the same database {}", old_db.shown());
     }
     // Everything that can be refused without touching the databases is checked first: opening
     // the old one installs capture.
@@ -108,9 +153,28 @@ pub fn run(
         .with_context(|| format!("loading the certificate of `{}`", me.name))?;
     let disk = FileDisk::new(&me.data, &cluster.id, &me.name.0).map_err(anyhow::Error::msg)?;
     let record = disk.read().map_err(anyhow::Error::msg)?;
-    let old =
-        SqliteOld::open(&old_path, &plan.old_schema).with_context(|| format!("opening the old database {old_path}"))?;
-    let new = SqliteNew::open(&new_path, &mapping).with_context(|| format!("opening the new database {new_path}"))?;
+    let (old_shown, new_shown) = (old_db.shown(), new_db.shown());
+    let opened_old = |e: &dyn std::fmt::Display| anyhow::anyhow!("opening the old database {old_shown}: {e}");
+    let opened_new = |e: &dyn std::fmt::Display| anyhow::anyhow!("opening the new database {new_shown}: {e}");
+    let (old, positions) = match &old_db {
+        Database::Sqlite(path) => {
+            // SQLite's change table numbers every change.
+            (Old::Sqlite(SqliteOld::open(path, &plan.old_schema).map_err(|e| opened_old(&e))?), Positions::Counted)
+        }
+        Database::Postgres(url) => {
+            let old =
+                PgOldStore::open(url, &plan.old_schema, pg_names(plan.old_generation)).map_err(|e| opened_old(&e))?;
+            for warning in old.warnings() {
+                eprintln!("warning: the old database {old_shown}: {warning}");
+            }
+            // LSNs: ordered, with gaps.
+            (Old::Postgres(old), Positions::Ordered)
+        }
+    };
+    let new = match &new_db {
+        Database::Sqlite(path) => New::Sqlite(SqliteNew::open(path, &mapping).map_err(|e| opened_new(&e))?),
+        Database::Postgres(url) => New::Postgres(PgNewStore::open(url, &mapping).map_err(|e| opened_new(&e))?),
+    };
     let boot = DataBoot {
         record,
         checkpoint: new.checkpoint().context("reading the new database's checkpoint")?,
@@ -132,8 +196,7 @@ pub fn run(
         answers_max: 1,
         change_log_applied_max: 10_000,
         store_retry_ms: args.store_retry_ms,
-        // SQLite's change table numbers every change.
-        positions: Positions::Counted,
+        positions,
         copy_rows_per_s_max: plan.copy_rows_per_s_max,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -146,6 +209,7 @@ pub fn run(
             crate::metrics_http::serve(addr, std::sync::Arc::new(registry)).await?;
         }
         let stores = ThreadStores::new(old, new).with_metrics(metrics);
+        let (old_path, new_path) = (old_db.shown(), new_db.shown());
         // The core's clock: milliseconds since this process started (monotonic).
         let started = tokio::time::Instant::now();
         let clock = move || started.elapsed().as_millis() as u64;
@@ -167,4 +231,100 @@ pub fn run(
         tracing::info!("stopped");
         Ok(std::process::ExitCode::SUCCESS)
     })
+}
+
+/// The old database, of either kind (one per process: its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Old {
+    Sqlite(SqliteOld),
+    Postgres(PgOldStore),
+}
+
+/// The new database, of either kind (one per process).
+#[allow(clippy::large_enum_variant)]
+enum New {
+    Sqlite(SqliteNew),
+    Postgres(PgNewStore),
+}
+
+/// Calls `$call` on the store inside, whatever its kind.
+macro_rules! each {
+    ($store:expr, $s:ident => $call:expr) => {
+        match $store {
+            Old::Sqlite($s) => $call,
+            Old::Postgres($s) => $call,
+        }
+    };
+}
+
+macro_rules! each_new {
+    ($store:expr, $s:ident => $call:expr) => {
+        match $store {
+            New::Sqlite($s) => $call,
+            New::Postgres($s) => $call,
+        }
+    };
+}
+
+impl OldStore for Old {
+    fn open_snapshot(&mut self) -> Result<(SnapshotId, Position), StoreError> {
+        each!(self, s => OldStore::open_snapshot(s))
+    }
+    fn snapshot_rows(&self, snapshot: SnapshotId) -> Result<u64, StoreError> {
+        each!(self, s => OldStore::snapshot_rows(s, snapshot))
+    }
+    fn snapshot_chunk(&self, snapshot: SnapshotId, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError> {
+        each!(self, s => OldStore::snapshot_chunk(s, snapshot, after, limit))
+    }
+    fn rows_chunk(&self, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError> {
+        each!(self, s => OldStore::rows_chunk(s, after, limit))
+    }
+    fn changes_after(&self, after: Position, limit: usize) -> Result<(Vec<(Position, RowOp)>, Position), StoreError> {
+        each!(self, s => OldStore::changes_after(s, after, limit))
+    }
+    fn fence(&mut self) -> Result<Position, StoreError> {
+        each!(self, s => OldStore::fence(s))
+    }
+    fn unfence(&mut self) -> Result<(), StoreError> {
+        each!(self, s => OldStore::unfence(s))
+    }
+    fn is_fenced(&self) -> Result<bool, StoreError> {
+        each!(self, s => OldStore::is_fenced(s))
+    }
+    fn prune(&mut self, up_to: Position) -> Result<(), StoreError> {
+        each!(self, s => OldStore::prune(s, up_to))
+    }
+    fn disconnect(&mut self) {
+        each!(self, s => OldStore::disconnect(s))
+    }
+    fn remove_capture(&mut self) -> Result<(), StoreError> {
+        each!(self, s => OldStore::remove_capture(s))
+    }
+}
+
+impl NewStore for New {
+    fn checkpoint(&self) -> Result<Checkpoint, StoreError> {
+        each_new!(self, s => NewStore::checkpoint(s))
+    }
+    fn apply_batch(&mut self, batch: &Batch) -> Result<Result<(), StaleBatch>, StoreError> {
+        each_new!(self, s => NewStore::apply_batch(s, batch))
+    }
+    fn stage(&mut self, rows: &[StoredRow], first: bool) -> Result<u64, StoreError> {
+        each_new!(self, s => NewStore::stage(s, rows, first))
+    }
+    fn compare_staged(&mut self) -> Result<(u64, u64), StoreError> {
+        each_new!(self, s => NewStore::compare_staged(s))
+    }
+    fn checksum(&self) -> Result<u64, StoreError> {
+        each_new!(self, s => NewStore::checksum(s))
+    }
+    fn open_to_clients(&mut self) -> Result<(), StoreError> {
+        each_new!(self, s => NewStore::open_to_clients(s))
+    }
+    fn hold_writers(&mut self) -> Result<(), StoreError> {
+        each_new!(self, s => NewStore::hold_writers(s))
+    }
+    fn release_writers(&mut self) -> Result<(), StoreError> {
+        each_new!(self, s => NewStore::release_writers(s))
+    }
 }

@@ -235,12 +235,21 @@ fn a_data_node_refuses_bad_plans_and_databases_clearly_and_touches_nothing() {
         (broken.as_path(), old_s, new_s, "broken.toml:"),
         (good.as_path(), old_s, old_s, "--old-db and --new-db name the same database"),
         (good.as_path(), old_s, same.to_str().unwrap(), "--old-db and --new-db name the same database"),
-        (good.as_path(), "postgres://u@127.0.0.1/app", new_s, "PostgreSQL data nodes are not available"),
+        (good.as_path(), "postgres://u@127.0.0.1:1/app", "postgres://u@127.0.0.1:1/app", "name the same database"),
+        // Nothing listens there: the connection's failure is said, naming the database (and
+        // not its password).
+        (
+            good.as_path(),
+            "postgres://u:secret@127.0.0.1:1/app",
+            new_s,
+            "opening the old database postgres://u@127.0.0.1:1/app",
+        ),
         (good.as_path(), ":memory:", new_s, "name a database file"),
     ];
     for (plan, old_db, new_db, said) in cases {
         let stderr = run(plan, old_db, new_db);
         assert!(stderr.contains(said), "expected `{said}` in: {stderr}");
+        assert!(!stderr.contains("secret"), "a password is never shown: {stderr}");
     }
     // The old database has no such table: refused, and the new database is not made.
     let stderr = run(&good, old_s, new_s);

@@ -4,6 +4,7 @@
 // Real processes on a real machine: these tests time them with the wall clock.
 #![allow(clippy::disallowed_methods)]
 
+use node_postgres::throwaway::{ThrowawayCluster, ThrowawayOptions};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -1129,18 +1130,45 @@ fn cluster_rebuilt_from_nothing_learns_from_the_nodes_disks_and_upgrades_again()
     w.c.stop_all();
 }
 
-// ---- data nodes: the application's SQLite databases through a real switch ---------------------
+// ---- data nodes: the application's databases through a real switch --------------------------
 
-/// The application of one universe: it writes `POST /item/{id}/{value}` to its own SQLite
-/// database directly with `write` (as real applications do, not through Imago; `?1` the id,
-/// `?2` the value) and answers reads with the path only (so mirrored reads compare equal
-/// whatever the transform's lag). A write the new database's guard refuses (the switch
-/// committed, but the data node has not opened it yet) is tried again every 5 ms for up to 3 s,
-/// as an application with a retry policy would; `guarded` counts them.
-fn sqlite_app(
+/// The application's databases of one kind (SQLite files or PostgreSQL databases) for the
+/// data tier's acceptance test ([`data_switches_under_writes_and_kills`]): one per universe
+/// (v1, v2, v3), each with its application.
+struct DataTier {
+    kind: &'static str,
+    /// Each universe's database as `imago node --old-db / --new-db` names it.
+    dbs: Vec<String>,
+    /// Each universe's application (HTTP port on loopback).
+    apps: Vec<u16>,
+    /// Writes an application tried again because the new database's guard refused them.
+    guarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Runs SQL on universe `v`'s database as a console would; the error, if refused.
+    console: Box<Console>,
+    /// Every row of `items` in universe `v`'s database: id → (the body, under the column
+    /// named; the size, if the table has one).
+    items: Box<ItemsOf>,
+    /// Imago's capture objects left in universe `v`'s database.
+    capture_left: Box<dyn Fn(usize) -> Vec<String>>,
+}
+
+/// Runs SQL on universe `v`'s database as a console would; the error, if refused.
+type Console = dyn Fn(usize, &str) -> Option<String>;
+/// Every row of `items` in universe `v`'s database: id → (body, size).
+type ItemsOf = dyn Fn(usize, &str) -> BTreeMap<i64, (String, Option<i64>)>;
+
+/// The rows the databases are seeded with (v1's `items`: `seed-{id}` for ids 1..=SEEDED).
+const SEEDED: i64 = 4_000;
+
+/// Serves one universe's application: `POST /item/{id}/{value}` runs `write(id, value)` against
+/// its own database directly (as real applications do, not through Imago) and answers reads
+/// with the path only (so mirrored reads compare equal whatever the transform's lag). A write
+/// `write` reports as guarded (`Err(true)`: the switch committed, but the data node has not
+/// opened the new database yet) is tried again every 5 ms for up to 3 s, as an application
+/// with a retry policy would; `guarded` counts them.
+fn data_app(
     version: &'static str,
-    db: PathBuf,
-    write: &'static str,
+    write: impl Fn(i64, &str) -> Result<(), (bool, String)> + Send + Sync + 'static,
     seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
     seen: Admissions,
     guarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -1155,21 +1183,29 @@ fn sqlite_app(
             return (200, extra, format!("{{\"path\":\"{}\"}}", request.path));
         }
         let id: i64 = id.parse().expect("an integer id");
-        let conn = rusqlite::Connection::open(&db).expect("open");
-        conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
         for _ in 0..600 {
-            match conn.execute(write, rusqlite::params![id, value]) {
-                Ok(_) => return (200, extra, format!("{{\"id\":{id}}}")),
-                Err(e) if e.to_string().contains("not switched to yet") => {
+            match write(id, value) {
+                Ok(()) => return (200, extra, format!("{{\"id\":{id}}}")),
+                Err((true, _)) => {
                     guarded.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                Err(e) => return (500, extra, format!("{{\"error\":{:?}}}", e.to_string())),
+                Err((false, e)) => return (500, extra, format!("{{\"error\":{e:?}}}")),
             }
         }
         (503, extra, "{\"error\":\"the new database stayed guarded\"}".to_string())
     })
 }
+
+/// Each universe's write of `items` (v1: `body`; v2 adds `size`; v3 renames `body` to `text`),
+/// `?1`/`$1` the id and `?2`/`$2` the value (SQLite and PostgreSQL both take `$n`).
+const ITEM_WRITES: [&str; 3] = [
+    "INSERT INTO items (id, body) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+    "INSERT INTO items (id, body, size) VALUES ($1, $2, length($2)) \
+     ON CONFLICT (id) DO UPDATE SET body = excluded.body, size = excluded.size",
+    "INSERT INTO items (id, text, size) VALUES ($1, $2, length($2)) \
+     ON CONFLICT (id) DO UPDATE SET text = excluded.text, size = excluded.size",
+];
 
 /// The plan of the upgrade from generation `from` for `routers` and data node `db-1`, its new
 /// universe at `endpoint`: from 1, `items(id, body)` gains `size`, the length of its body,
@@ -1200,94 +1236,94 @@ fn items_plan(from: u64, routers: &[&str], endpoint: &str) -> String {
     plan
 }
 
-/// Every row of `items` in `db`: id → (the body, under `body_column`; the size, if the table has
-/// one).
-fn items(db: &Path, body_column: &str) -> BTreeMap<i64, (String, Option<i64>)> {
-    let conn = rusqlite::Connection::open(db).expect("open");
-    conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
-    let size = if conn.prepare("SELECT size FROM items LIMIT 0").is_ok() { "size" } else { "NULL" };
-    let mut stmt = conn.prepare(&format!("SELECT id, {body_column}, {size} FROM items")).expect("prepare");
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?)))).expect("query");
-    rows.collect::<Result<_, _>>().expect("rows")
-}
-
-/// The names of Imago's objects in `db` (tables and triggers named `imago…`).
-fn imago_objects(db: &Path) -> Vec<String> {
-    let conn = rusqlite::Connection::open(db).expect("open");
-    conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
-    let mut stmt =
-        conn.prepare("SELECT name FROM sqlite_master WHERE name LIKE 'imago%' ORDER BY name").expect("prepare");
-    let names = stmt.query_map([], |r| r.get(0)).expect("query");
-    names.collect::<Result<_, _>>().expect("names")
-}
-
-/// Runs `sql` on `db` as a console would; the error, if the database refused it.
-fn console(db: &Path, sql: &str) -> Option<String> {
-    let conn = rusqlite::Connection::open(db).expect("open");
-    conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
-    conn.execute(sql, []).err().map(|e| e.to_string())
+/// The application's SQLite files in `dir`: v1 seeded, v2 and v3 made by the data nodes.
+fn sqlite_tier(dir: &Path, seq: std::sync::Arc<std::sync::atomic::AtomicU64>, seen: Admissions) -> DataTier {
+    let dbs: Vec<PathBuf> = (1..=3).map(|v| dir.join(format!("items-v{v}.db"))).collect();
+    let open = |db: &Path| {
+        let conn = rusqlite::Connection::open(db).expect("open");
+        conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+        conn
+    };
+    {
+        let conn = open(&dbs[0]);
+        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE items (id INTEGER PRIMARY KEY, body TEXT);")
+            .expect("schema");
+        let tx = conn.unchecked_transaction().expect("tx");
+        for id in 1..=SEEDED {
+            tx.execute("INSERT INTO items (id, body) VALUES (?1, ?2)", rusqlite::params![id, format!("seed-{id}")])
+                .expect("seed");
+        }
+        tx.commit().expect("commit");
+    }
+    let guarded = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let apps = ["v1", "v2", "v3"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, version)| {
+            let db = dbs[i].clone();
+            let write = move |id: i64, value: &str| {
+                let conn = open(&db);
+                conn.execute(ITEM_WRITES[i], rusqlite::params![id, value]).map(|_| ()).map_err(|e| {
+                    let e = e.to_string();
+                    (e.contains("not switched to yet"), e)
+                })
+            };
+            data_app(version, write, seq.clone(), seen.clone(), guarded.clone())
+        })
+        .collect();
+    let (for_console, for_items, for_capture) = (dbs.clone(), dbs.clone(), dbs.clone());
+    DataTier {
+        kind: "SQLite",
+        dbs: dbs.iter().map(|p| p.to_str().expect("utf-8").to_string()).collect(),
+        apps,
+        guarded,
+        console: Box::new(move |v, sql| open(&for_console[v]).execute(sql, []).err().map(|e| e.to_string())),
+        items: Box::new(move |v, body_column| {
+            let conn = open(&for_items[v]);
+            let size = if conn.prepare("SELECT size FROM items LIMIT 0").is_ok() { "size" } else { "NULL" };
+            let mut stmt = conn.prepare(&format!("SELECT id, {body_column}, {size} FROM items")).expect("prepare");
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?)))).expect("query");
+            rows.collect::<Result<_, _>>().expect("rows")
+        }),
+        capture_left: Box::new(move |v| {
+            let conn = open(&for_capture[v]);
+            let mut stmt = conn
+                .prepare("SELECT name FROM sqlite_master WHERE name LIKE 'imago_capture_%' OR name = 'imago_changes'")
+                .expect("prepare");
+            let names = stmt.query_map([], |r| r.get(0)).expect("query");
+            names.collect::<Result<_, _>>().expect("names")
+        }),
+    }
 }
 
 /// Acceptance of the data tier in a real cluster: 3 coordinators, 2 routers and a data node
-/// over the application's SQLite databases, clients writing all along, through two upgrades
+/// over the application's databases of `tier`, clients writing all along, through two upgrades
 /// (v1 → v2 → v3). In the first, the data node is killed (-9) during its bulk copy and again at
 /// the switch; it goes on from its databases and disk. For the second, the next data node takes
 /// the database that was new as its old one. Until a commit the new database takes no
 /// console's write; after it the old one takes none, and keeps only its fence. At the end every
 /// acknowledged write is in the last database, converted twice there, the seeded rows too; no
 /// client request failed; and no write reached a universe after one reached the next.
-#[test]
-fn cluster_data_node_switches_sqlite_databases_under_writes_and_kills() {
-    let dir = std::env::temp_dir().join(format!("imago-data-apps-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let dbs: Vec<PathBuf> = (1..=3).map(|v| dir.join(format!("items-v{v}.db"))).collect();
-    let seeded = 4_000i64;
-    {
-        let conn = rusqlite::Connection::open(&dbs[0]).expect("open");
-        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE items (id INTEGER PRIMARY KEY, body TEXT);")
-            .expect("schema");
-        let tx = conn.unchecked_transaction().expect("tx");
-        for id in 1..=seeded {
-            tx.execute("INSERT INTO items (id, body) VALUES (?1, ?2)", rusqlite::params![id, format!("seed-{id}")])
-                .expect("seed");
-        }
-        tx.commit().expect("commit");
-    }
-    let seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
-    let admissions: Admissions = Default::default();
-    let guarded = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let writes = [
-        "INSERT INTO items (id, body) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-        "INSERT INTO items (id, body, size) VALUES (?1, ?2, length(?2)) \
-         ON CONFLICT (id) DO UPDATE SET body = excluded.body, size = excluded.size",
-        "INSERT INTO items (id, text, size) VALUES (?1, ?2, length(?2)) \
-         ON CONFLICT (id) DO UPDATE SET text = excluded.text, size = excluded.size",
-    ];
-    let apps: Vec<u16> = ["v1", "v2", "v3"]
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| sqlite_app(v, dbs[i].clone(), writes[i], seq.clone(), admissions.clone(), guarded.clone()))
-        .collect();
+fn data_switches_under_writes_and_kills(test: &str, tier: DataTier, admissions: Admissions) {
     let routers = ["router-1", "router-2"];
     let mut c = Cluster::with_universe(
-        "data",
+        test,
         3,
         &["router-1", "router-2", "db-1"],
-        Some(&format!("http://127.0.0.1:{}", apps[0])),
+        Some(&format!("http://127.0.0.1:{}", tier.apps[0])),
     );
     let path = |p: &Path| p.to_str().expect("utf-8").to_string();
     let plans: Vec<PathBuf> = (1..=2u64)
         .map(|from| {
             let plan = c.dir.join(format!("items-v{}.toml", from + 1));
-            let endpoint = format!("http://127.0.0.1:{}", apps[from as usize]);
+            let endpoint = format!("http://127.0.0.1:{}", tier.apps[from as usize]);
             std::fs::write(&plan, items_plan(from, &routers, &endpoint)).expect("plan");
             plan
         })
         .collect();
     let deploy = |c: &mut Cluster, upgrade: usize| {
         let args =
-            ["--plan", &path(&plans[upgrade]), "--old-db", &path(&dbs[upgrade]), "--new-db", &path(&dbs[upgrade + 1])];
+            ["--plan", &path(&plans[upgrade]), "--old-db", &tier.dbs[upgrade], "--new-db", &tier.dbs[upgrade + 1]];
         c.data_args.insert("db-1".into(), args.map(String::from).to_vec());
     };
     deploy(&mut c, 0);
@@ -1359,7 +1395,7 @@ fn cluster_data_node_switches_sqlite_databases_under_writes_and_kills() {
     );
     c.start("db-1");
     wait_gate(&c);
-    let refused = console(&dbs[1], "INSERT INTO items (id, body, size) VALUES (-1, 'console', 7)");
+    let refused = (tier.console)(1, "INSERT INTO items (id, body, size) VALUES (-1, 'console', 7)");
     assert!(refused.is_some_and(|e| e.contains("not switched to yet")), "the guard refuses a console");
     let switch = c.cli(&["upgrade", "switch"]);
     assert!(switch.status.success(), "{}", String::from_utf8_lossy(&switch.stderr));
@@ -1381,7 +1417,7 @@ fn cluster_data_node_switches_sqlite_databases_under_writes_and_kills() {
     let start = c.cli(&["upgrade", "start", &path(&plans[1])]);
     assert!(start.status.success(), "{}", String::from_utf8_lossy(&start.stderr));
     wait_gate(&c);
-    let refused = console(&dbs[2], "INSERT INTO items (id, text, size) VALUES (-1, 'console', 7)");
+    let refused = (tier.console)(2, "INSERT INTO items (id, text, size) VALUES (-1, 'console', 7)");
     assert!(refused.is_some_and(|e| e.contains("not switched to yet")), "the guard refuses a console");
     let switch = c.cli(&["upgrade", "switch"]);
     assert!(switch.status.success(), "{}", String::from_utf8_lossy(&switch.stderr));
@@ -1398,11 +1434,11 @@ fn cluster_data_node_switches_sqlite_databases_under_writes_and_kills() {
     let served = |v: &str| results.iter().filter(|(_, _, r)| r.1 == v).count();
     assert!(served("v2") > 0 && served("v3") > 0, "each new universe took writes after its switch");
     // Writes to one id come from one client, in order: the last acknowledged value is the row's.
-    let mut expected: BTreeMap<i64, String> = (1..=seeded).map(|id| (id, format!("seed-{id}"))).collect();
+    let mut expected: BTreeMap<i64, String> = (1..=SEEDED).map(|id| (id, format!("seed-{id}"))).collect();
     for (id, value, _) in &results {
         expected.insert(*id, value.clone());
     }
-    let found = items(&dbs[2], "text");
+    let found = (tier.items)(2, "text");
     for (id, body) in &expected {
         let size = i64::try_from(body.len()).expect("small");
         assert_eq!(found.get(id), Some(&(body.clone(), Some(size))), "row {id} in the last database");
@@ -1415,28 +1451,119 @@ fn cluster_data_node_switches_sqlite_databases_under_writes_and_kills() {
         let first_new = seen.iter().filter(|(v, _)| v == new).map(|(_, n)| *n).min().unwrap_or(u64::MAX);
         assert!(last_old < first_new, "{old}'s last admission {last_old} precedes {new}'s first {first_new}");
     }
-    // Each old database stays fenced, and capture went at the commit: the fence and the
-    // request log are all that is left of Imago there.
-    for (db, sql) in
-        [(&dbs[0], "UPDATE items SET body = 'console' WHERE id = 1"), (&dbs[1], "DELETE FROM items WHERE id = 1")]
-    {
-        assert!(console(db, sql).is_some_and(|e| e.contains("is fenced")), "{} stays fenced", db.display());
-        let left = imago_objects(db);
-        assert!(
-            !left.is_empty() && left.iter().all(|n| n.starts_with("imago_fence_") || n == "imago_requests" || n.starts_with("imago_checkpoint") || n.starts_with("imago_key")),
-            "only the fence (and the request log, and the first switch's checkpoint and key map) are left in {}: {left:?}",
-            db.display()
-        );
-        assert!(!left.iter().any(|n| n.starts_with("imago_capture_") || n == "imago_changes"), "{left:?}");
+    // Each old database stays fenced, and capture went at the commit.
+    for (v, sql) in [(0, "UPDATE items SET body = 'console' WHERE id = 1"), (1, "DELETE FROM items WHERE id = 1")] {
+        assert!((tier.console)(v, sql).is_some_and(|e| e.contains("is fenced")), "v{} stays fenced", v + 1);
+        assert_eq!((tier.capture_left)(v), Vec::<String>::new(), "capture left in v{}", v + 1);
     }
     println!(
-        "data switches under writes: {} writes ({} to v2, {} to v3), none failed; {} rows in the last database; \
-         {} writes waited for a new database's guard to open",
+        "data switches under writes on {}: {} writes ({} to v2, {} to v3), none failed; {} rows in the last \
+         database; {} writes waited for a new database's guard to open",
+        tier.kind,
         results.len(),
         served("v2"),
         served("v3"),
         found.len(),
-        guarded.load(std::sync::atomic::Ordering::SeqCst)
+        tier.guarded.load(std::sync::atomic::Ordering::SeqCst)
     );
     c.stop_all();
+}
+
+#[test]
+fn cluster_data_node_switches_sqlite_databases_under_writes_and_kills() {
+    let dir = std::env::temp_dir().join(format!("imago-data-apps-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let admissions: Admissions = Default::default();
+    let tier = sqlite_tier(&dir, seq.clone(), admissions.clone());
+    data_switches_under_writes_and_kills("data", tier, admissions);
+}
+
+/// The application's PostgreSQL databases `items_v1` (seeded), `items_v2` and `items_v3` (their
+/// tables made by the new application's own migration, as an operator would: typed columns)
+/// in `pg`.
+fn postgres_tier(
+    pg: &ThrowawayCluster,
+    seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    seen: Admissions,
+) -> DataTier {
+    let tables = [
+        "CREATE TABLE items (id bigint PRIMARY KEY, body text); \
+         INSERT INTO items SELECT g, 'seed-' || g FROM generate_series(1, 4000) g;",
+        "CREATE TABLE items (id bigint PRIMARY KEY, body text, size bigint);",
+        "CREATE TABLE items (id bigint PRIMARY KEY, text text, size bigint);",
+    ];
+    let runtime = std::sync::Arc::new(
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime"),
+    );
+    let clients: Vec<std::sync::Arc<tokio_postgres::Client>> = (1..=3)
+        .map(|v| {
+            let name = format!("items_v{v}");
+            pg.create_database(&name).expect("create database");
+            let client = runtime.block_on(pg.client(&name, "postgres")).expect("connect");
+            runtime.block_on(client.batch_execute(tables[v - 1])).expect("tables");
+            std::sync::Arc::new(client)
+        })
+        .collect();
+    assert_eq!(SEEDED, 4_000, "the seed above");
+    let said = |e: &tokio_postgres::Error| e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string());
+    let guarded = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let apps = ["v1", "v2", "v3"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, version)| {
+            let (runtime, client) = (runtime.clone(), clients[i].clone());
+            let write = move |id: i64, value: &str| {
+                let value = value.to_string();
+                runtime.block_on(client.execute(ITEM_WRITES[i], &[&id, &value])).map(|_| ()).map_err(|e| {
+                    let guard = e.code().is_some_and(|c| c.code() == node_postgres::new::GUARD_SQLSTATE);
+                    (guard, said(&e))
+                })
+            };
+            data_app(version, write, seq.clone(), seen.clone(), guarded.clone())
+        })
+        .collect();
+    let (r1, c1, r2, c2, r3, c3) =
+        (runtime.clone(), clients.clone(), runtime.clone(), clients.clone(), runtime.clone(), clients.clone());
+    DataTier {
+        kind: "PostgreSQL",
+        dbs: (1..=3).map(|v| format!("postgres://postgres@{}:{}/items_v{v}", pg.host(), pg.port())).collect(),
+        apps,
+        guarded,
+        console: Box::new(move |v, sql| r1.block_on(c1[v].batch_execute(sql)).err().map(|e| said(&e))),
+        items: Box::new(move |v, body_column| {
+            let has_size = r2
+                .block_on(c2[v].query_opt(
+                    "SELECT 1 FROM information_schema.columns WHERE table_name = 'items' AND column_name = 'size'",
+                    &[],
+                ))
+                .expect("columns")
+                .is_some();
+            let size = if has_size { "size" } else { "NULL::bigint" };
+            let sql = format!("SELECT id, {body_column}, {size} FROM items");
+            let rows = r2.block_on(c2[v].query(&sql, &[])).expect("rows");
+            rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect()
+        }),
+        capture_left: Box::new(move |v| {
+            let sql = "SELECT 'slot ' || slot_name FROM pg_replication_slots WHERE database = current_database() \
+                       UNION ALL SELECT 'publication ' || pubname FROM pg_publication";
+            let rows = r3.block_on(c3[v].query(sql, &[])).expect("capture objects");
+            rows.iter().map(|r| r.get(0)).collect()
+        }),
+    }
+}
+
+/// The same acceptance on PostgreSQL (logical decoding, fences and guards by triggers), on a
+/// throwaway cluster of its own.
+#[test]
+fn cluster_data_node_switches_postgres_databases_under_writes_and_kills() {
+    let Some(pg) = ThrowawayCluster::start_for_test_with(ThrowawayOptions { fsync: false, ..Default::default() })
+    else {
+        return;
+    };
+    let seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let admissions: Admissions = Default::default();
+    let tier = postgres_tier(&pg, seq, admissions.clone());
+    data_switches_under_writes_and_kills("data-pg", tier, admissions);
 }

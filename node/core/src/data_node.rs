@@ -285,7 +285,10 @@ enum Pending {
     ReadChanges,
     Apply {
         copying: bool,
+        /// The batch's checkpoint has the copy done.
         done: bool,
+        /// The batch is the one that finishes the copy.
+        finishes_copy: bool,
         applied: Position,
     },
     /// A fence asked for the freeze of this epoch.
@@ -322,6 +325,7 @@ impl Pending {
             StoreOp::Apply(batch) => Pending::Apply {
                 copying: matches!(batch.checkpoint.copy, CopyState::Copying { .. }),
                 done: batch.checkpoint.copy == CopyState::Done,
+                finishes_copy: batch.base.copy != CopyState::Done && batch.checkpoint.copy == CopyState::Done,
                 applied: batch.checkpoint.applied,
             },
             StoreOp::Fence => unreachable!("a fence's pending state names its epoch"),
@@ -844,14 +848,14 @@ impl DataNodeCore {
                 if changes.is_empty() && !self.woken_since_step {
                     self.next_step_ms = self.last_step_ms + self.config.transform_idle_ms;
                 }
-                (!changes.is_empty()).then(|| transform.apply_changes(&changes))
+                (!changes.is_empty() || transform.read_moves(last)).then(|| transform.apply_read(&changes, last))
             }
-            (Pending::Apply { copying, done, applied }, StoreResult::Applied) => {
+            (Pending::Apply { copying, done, finishes_copy, applied }, StoreResult::Applied) => {
                 self.store_bulk_done |= done;
                 if copying {
                     out.push(DataOutput::Event(DataEvent::Copying));
                 }
-                if done {
+                if finishes_copy {
                     out.push(DataOutput::Event(DataEvent::CopyDone { copied_rows: self.copy_progress.0 }));
                 }
                 let outs = self.drain_mut().handle(DrainInput::Applied { position: applied });

@@ -74,7 +74,11 @@ pub trait OldStore {
     fn snapshot_chunk(&self, snapshot: SnapshotId, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError>;
     /// Up to `limit` rows of the current contents after `after` (used while fenced).
     fn rows_chunk(&self, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError>;
-    /// Up to `limit` captured changes after `after`, and the last captured position.
+    /// Up to `limit` captured changes after `after`, and the last captured position. A store
+    /// whose positions have gaps (`Positions::Ordered`) returns instead the position its read is
+    /// complete up to: every change in (`after`, last] is among those returned (it names a
+    /// smaller one when the limit cut the read short), so the transform's checkpoint may move
+    /// there past positions with nothing to apply.
     fn changes_after(&self, after: Position, limit: usize) -> Result<(Vec<(Position, RowOp)>, Position), StoreError>;
     /// Refuses further writes (in-flight ones finish first); returns the final position.
     /// Fencing a fenced store returns the same final position.

@@ -6,7 +6,7 @@
 extern crate imago_node_core as node_core;
 
 use node_core::agent::AgentConfig;
-use node_core::data_node::{DataInput, DataNodeConfig, DataNodeCore, DataOutput, StoreOp, StoreResult};
+use node_core::data_node::{DataEvent, DataInput, DataNodeConfig, DataNodeCore, DataOutput, StoreOp, StoreResult};
 use node_core::duties::transform::CopyState;
 use node_core::store::Checkpoint;
 use node_core::{NodeRecord, RequestKey, StoreAnswer};
@@ -826,4 +826,72 @@ fn a_request_waiting_for_the_new_store_is_kept_out_when_the_freeze_aborts() {
     assert!(out.contains(&DataOutput::Store(StoreOp::Unfence)), "{out:?}");
     let out = core.handle(now, DataInput::Store(StoreResult::Unfenced));
     assert!(out.contains(&DataOutput::Store(StoreOp::ReleaseWriters)), "held writers are released: {out:?}");
+}
+
+/// The copy's end is told once, by the batch that finishes it, not by every stream batch after
+/// it (the first data nodes on PostgreSQL logged "bulk copy done" after each batch). With
+/// positions that have gaps (PostgreSQL's LSNs), a read complete up to a position with nothing
+/// to apply there (the fence's marker) moves the checkpoint to it in a batch of its own, so a
+/// drain whose final position is such a marker ends.
+#[test]
+fn the_copy_ends_once_and_ordered_reads_move_the_checkpoint_past_empty_positions() {
+    let config = DataNodeConfig { positions: node_core::duties::transform::Positions::Ordered, ..config(4) };
+    let (mut core, out) = booted_with(config, Checkpoint::default());
+    let watch = watch_id(&out);
+    let view = view(3, Phase::Syncing, Decision::Initial, false);
+    let out = core.handle(1, DataInput::Coordinator { id: watch, response: NodeResponse::View(view) });
+    let mut done_events = 0;
+    let mut applied = Vec::new();
+    let mut reads = 0;
+    drive(
+        &mut core,
+        out,
+        200,
+        |now, op| {
+            *now += 10;
+            Some(match op {
+                StoreOp::OpenSnapshot => StoreResult::SnapshotOpened {
+                    snapshot: node_core::store::SnapshotId(1),
+                    at: Position(100),
+                    rows: 1,
+                },
+                StoreOp::ReadSnapshot { .. } => {
+                    let (table, key, row) = match row(1) {
+                        protocol::schema::RowOp::Upsert { table, key, row } => (table, key, row),
+                        protocol::schema::RowOp::Delete { .. } => unreachable!(),
+                    };
+                    StoreResult::Chunk(node_core::store::Chunk {
+                        rows: vec![(table, key, row)],
+                        last: true,
+                        position: Position(100),
+                    })
+                }
+                StoreOp::ReadChanges { after, .. } => {
+                    reads += 1;
+                    match reads {
+                        // A transaction at 140, then a read complete up to 190 with nothing to
+                        // apply (a marker), then nothing new.
+                        1 => StoreResult::Changes { changes: vec![(Position(140), row(2))], last: Position(140) },
+                        2 => StoreResult::Changes { changes: vec![], last: Position(190) },
+                        _ => StoreResult::Changes { changes: vec![], last: after },
+                    }
+                }
+                StoreOp::Apply(batch) => {
+                    applied.push((batch.ops.len(), batch.checkpoint.applied, batch.checkpoint.copy.clone()));
+                    StoreResult::Applied
+                }
+                StoreOp::Prune { .. } => StoreResult::Pruned,
+                _ => return None,
+            })
+        },
+        |out| {
+            done_events += out.iter().filter(|o| matches!(o, DataOutput::Event(DataEvent::CopyDone { .. }))).count();
+        },
+    );
+    assert!(reads >= 4, "the stream was read on: {reads}");
+    let stream: Vec<(usize, Position)> =
+        applied.iter().filter(|(_, _, c)| *c == CopyState::Done).map(|(n, p, _)| (*n, *p)).collect();
+    assert_eq!(stream, vec![(1, Position(100)), (1, Position(140)), (0, Position(190))], "{applied:?}");
+    assert_eq!(done_events, 1, "the copy's end is told once");
+    assert_eq!(core.checkpoint().map(|c| c.applied), Some(Position(190)));
 }

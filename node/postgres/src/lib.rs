@@ -5,8 +5,11 @@
 //! - [`new`]: [`PgNew`], the new universe's database: batches converted by the plan's mapping
 //!   as SQL with their checkpoint, the key map, the guard, the comparison with transform(old).
 //! - [`pgoutput`]: a decoder of PostgreSQL's `pgoutput` logical replication messages (pure).
+//! - [`blocking`]: both behind the synchronous data-store interface, each on a runtime of its
+//!   own, for a data node's blocking threads.
 //! - [`throwaway`]: a PostgreSQL cluster a test or a benchmark starts for itself.
 
+pub mod blocking;
 pub mod changes;
 pub mod new;
 pub mod old;
@@ -16,6 +19,7 @@ mod sql;
 mod stream;
 pub mod throwaway;
 
+pub use blocking::{PgNewStore, PgOldStore};
 pub use changes::{ChangeError, PgChange, PgOp};
 pub use new::PgNew;
 pub use old::{Names, PgOld};

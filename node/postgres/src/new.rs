@@ -63,6 +63,9 @@ pub struct PgNew {
     mapping: Mapping,
     /// The scratch copy (temporary tables shadowing the new ones) exists.
     staging: bool,
+    /// Writers are held ([`PgNew::hold_writers`]): the session is in a transaction that holds
+    /// `SHARE` locks on the new tables.
+    held: bool,
 }
 
 impl std::fmt::Debug for PgNew {
@@ -71,6 +74,7 @@ impl std::fmt::Debug for PgNew {
             .field("schema", &self.live.schema)
             .field("tables", &self.live.tables.keys().collect::<Vec<_>>())
             .field("staging", &self.staging)
+            .field("held", &self.held)
             .finish()
     }
 }
@@ -127,7 +131,15 @@ impl PgNew {
             return Err(e);
         }
         client.batch_execute("COMMIT").await.map_err(sql_error("commit setting up"))?;
-        Ok(PgNew { config, client, cache: Cache::default(), live, mapping: mapping.clone(), staging: false })
+        Ok(PgNew {
+            config,
+            client,
+            cache: Cache::default(),
+            live,
+            mapping: mapping.clone(),
+            staging: false,
+            held: false,
+        })
     }
 
     /// Makes and checks the tables, Imago's own and the guard (in the caller's transaction).
@@ -207,6 +219,8 @@ impl PgNew {
             self.client = sql::connect(&self.config).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
             self.cache = Cache::default();
             self.staging = false;
+            // The held locks ended with the session.
+            self.held = false;
         }
         Ok(())
     }
@@ -260,6 +274,7 @@ impl PgNew {
     /// the commit's.
     pub async fn apply_batch(&mut self, batch: &Batch) -> Result<Result<(), StaleBatch>, StoreError> {
         self.reconnect().await?;
+        self.release_writers().await?;
         self.drop_staging().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
         self.client.batch_execute("BEGIN").await.map_err(|e| unavailable(&e))?;
         let result = self.apply_in_transaction(batch).await;
@@ -329,6 +344,7 @@ impl PgNew {
 
     async fn stage_rows(&mut self, rows: &[StoredRow], first: bool) -> Result<u64, StoreError> {
         self.reconnect().await?;
+        self.release_writers().await?;
         let down = |e: PgError| StoreError::Unavailable(e.to_string());
         if first {
             self.drop_staging().await.map_err(down)?;
@@ -405,17 +421,59 @@ impl PgNew {
     }
 
     /// The switch committed: clients may write now. The guard goes (and stays gone when the
-    /// store is opened again). Idempotent.
+    /// store is opened again). Idempotent. Held writers ([`PgNew::hold_writers`]) go on as the
+    /// guard goes: it is dropped in the transaction that holds them, and they find it gone.
     pub async fn open_to_clients(&mut self) -> Result<(), StoreError> {
         self.reconnect().await?;
-        let ddl = format!(
-            "BEGIN; SET LOCAL lock_timeout = {}; DROP FUNCTION IF EXISTS {}.{}() CASCADE; COMMIT;",
+        let drop_guard = format!(
+            "SET LOCAL lock_timeout = {}; DROP FUNCTION IF EXISTS {}.{}() CASCADE; COMMIT;",
             literal(&format!("{GUARD_LOCK_TIMEOUT_MS}ms")),
             self.live.schema,
             ident(GUARD_FUNCTION)
         );
+        let ddl = if self.held { drop_guard } else { format!("BEGIN; {drop_guard}") };
+        // Committed or rolled back: the locks are let go either way.
+        self.held = false;
         if let Err(e) = self.client.batch_execute(&ddl).await {
             let _ = self.client.batch_execute("ROLLBACK").await;
+            return Err(unavailable(&e));
+        }
+        Ok(())
+    }
+
+    /// The drain is done and the switch may commit: other sessions' writes to the new tables
+    /// wait (a `SHARE` lock on each, which every `INSERT`, `UPDATE`, `DELETE` conflicts with,
+    /// held in an open transaction of the transform's session) instead of meeting the guard,
+    /// until [`PgNew::open_to_clients`] lets them through or [`PgNew::release_writers`] lets the
+    /// guard refuse them. Reads go on. The locks end with the session, so a crash releases them.
+    /// Idempotent; a lock not granted within [`GUARD_LOCK_TIMEOUT_MS`] fails, and holds nothing.
+    pub async fn hold_writers(&mut self) -> Result<(), StoreError> {
+        self.reconnect().await?;
+        if self.held {
+            return Ok(());
+        }
+        self.drop_staging().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let tables: Vec<String> = self.live.tables.keys().map(|t| self.live.qualified(t, Target::Main)).collect();
+        let ddl = format!(
+            "BEGIN; SET LOCAL lock_timeout = {}; LOCK TABLE {} IN SHARE MODE;",
+            literal(&format!("{GUARD_LOCK_TIMEOUT_MS}ms")),
+            tables.join(", ")
+        );
+        if let Err(e) = self.client.batch_execute(&ddl).await {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            return Err(unavailable(&e));
+        }
+        self.held = true;
+        Ok(())
+    }
+
+    /// The freeze aborted: held writers are let go (the guard refuses them). Idempotent.
+    pub async fn release_writers(&mut self) -> Result<(), StoreError> {
+        if !std::mem::take(&mut self.held) {
+            return Ok(());
+        }
+        // A failed rollback leaves the session broken: it is made again, without the locks.
+        if let Err(e) = self.client.batch_execute("ROLLBACK").await {
             return Err(unavailable(&e));
         }
         Ok(())
@@ -436,6 +494,7 @@ impl PgNew {
     /// The upgrade is over: Imago's objects go (the scratch copy, the guard, the checkpoint and
     /// the key map). The request log stays.
     pub async fn remove_imago(&mut self) -> Result<(), PgError> {
+        self.release_writers().await.map_err(|e| PgError::Unavailable(e.to_string()))?;
         self.drop_staging().await?;
         let ddl = format!(
             "BEGIN; SET LOCAL lock_timeout = {}; DROP FUNCTION IF EXISTS {}.{}() CASCADE; \

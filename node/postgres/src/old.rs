@@ -30,14 +30,14 @@
 //! - Sequences and DDL are not carried; a table whose definition changes stops the stream with
 //!   an error that names it ([`crate::ChangeError::Changed`]).
 
-use crate::changes::{PgChange, TableInfo, FENCE_MESSAGE_PREFIX};
+use crate::changes::{PgChange, PgOp, TableInfo, FENCE_MESSAGE_PREFIX};
 use crate::pgoutput::Lsn;
 use crate::sql::{self, ident, literal, sql_error};
 use crate::stream::Stream;
 use crate::PgError;
 use node_core::store::{Chunk, RowCursor, SnapshotId, StoreError};
 use pgwire_replication::{ReplicationClient, ReplicationConfig};
-use protocol::schema::Schema;
+use protocol::schema::{RowOp, Schema};
 use protocol::{Position, UpgradeId};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -241,6 +241,17 @@ impl PgOld {
         Ok((id, consistent))
     }
 
+    /// How many rows `snapshot` holds (counted in it: the copy's progress and ETA).
+    pub async fn snapshot_rows(&self, snapshot: SnapshotId) -> Result<u64, StoreError> {
+        let reader =
+            self.snapshots.get(&snapshot).filter(|c| !c.is_closed()).ok_or(StoreError::SnapshotGone(snapshot))?;
+        let counts: Vec<String> = self.tables.keys().map(|t| format!("(SELECT count(*) FROM {})", ident(t))).collect();
+        let sql = format!("SELECT ({})::bigint", counts.join(" + "));
+        let row = reader.query_one(&sql, &[]).await.map_err(sql_error("count the snapshot's rows"))?;
+        let rows: i64 = row.try_get(0).map_err(sql_error("count the snapshot's rows"))?;
+        Ok(rows.max(0) as u64)
+    }
+
     /// Up to `limit` rows of `snapshot` after `after`, in (table, key) order.
     pub async fn snapshot_chunk(
         &self,
@@ -292,6 +303,67 @@ impl PgOld {
             self.close_stream().await;
         }
         Ok(read?)
+    }
+
+    /// The changes after `after` as the data-store interface carries them (`OldStore`'s
+    /// `changes_after` with `Positions::Ordered`): row changes at their transaction's position,
+    /// and the position the read is complete up to (every change up to there is returned; the
+    /// last one returned when `limit` may have cut the read short), so that a reader's
+    /// checkpoint moves past transactions with nothing to apply, the fence's marker among them.
+    ///
+    /// - The fence's marker carries nothing.
+    /// - An update that left TOASTed values unchanged ([`crate::PgOp::PartialUpdate`]) takes
+    ///   them from the row as it is now: a later change of such a value comes later in the
+    ///   stream, whole, so the values may be newer than the update's, never lost, and the row is
+    ///   exact again once the stream reaches the present (at the latest, the final position). A
+    ///   row gone by now is deleted (its deletion, or its move, follows in the stream).
+    /// - A `TRUNCATE` cannot be said row by row yet: the read fails, naming it, and keeps
+    ///   failing (the upgrade must be aborted and started again, whose copy reads the table as
+    ///   it is).
+    pub async fn row_changes(
+        &mut self,
+        after: Position,
+        limit: usize,
+    ) -> Result<(Vec<(Position, RowOp)>, Position), StoreError> {
+        let (changes, captured) = self.changes_after(after, limit).await?;
+        let complete = match changes.last() {
+            Some(last) if changes.len() >= limit => last.position,
+            _ => captured,
+        };
+        let mut ops = Vec::with_capacity(changes.len());
+        for PgChange { position, op } in changes {
+            match op {
+                PgOp::Row(op) => ops.push((position, op)),
+                PgOp::Fence => {}
+                PgOp::PartialUpdate { table, key, mut row, unchanged, moved_from } => {
+                    if let Some(from) = moved_from {
+                        ops.push((position, RowOp::Delete { table: table.clone(), key: from }));
+                    }
+                    let info = self.tables.get(&table).cloned().ok_or_else(|| {
+                        StoreError::Unavailable(format!("a change of table {table}, which is not captured"))
+                    })?;
+                    match sql::read_row(self.sql().await?, &info, key).await? {
+                        Some(now) => {
+                            for column in unchanged {
+                                if let Some(value) = now.get(&column) {
+                                    row.insert(column, value.clone());
+                                }
+                            }
+                            ops.push((position, RowOp::Upsert { table, key, row }));
+                        }
+                        None => ops.push((position, RowOp::Delete { table, key })),
+                    }
+                }
+                PgOp::Truncate { table } => {
+                    return Err(StoreError::Unavailable(format!(
+                        "TRUNCATE of table {table} (at LSN {}): Imago cannot carry a TRUNCATE row by row yet; \
+                         abort the upgrade and start it again (its copy reads the table as it is)",
+                        Lsn(position.0)
+                    )))
+                }
+            }
+        }
+        Ok((ops, complete))
     }
 
     async fn read_changes(&mut self, after: Position, limit: usize) -> Result<(Vec<PgChange>, Position), PgError> {

@@ -11,10 +11,11 @@ use tokio_postgres::{Client, GenericClient, NoTls, SimpleQueryMessage};
 /// Session settings every connection of an old store pins. Those that decide how values are
 /// written as text are the same on the copy's connections and on the replication connection
 /// (whose pgoutput writes the stream's values), so that a row copied and the same row streamed
-/// have the same text. And no timeout ends a snapshot's transaction, idle between chunks.
+/// have the same text. And no timeout ends a snapshot's transaction, idle between chunks. The
+/// server's notices of Imago's own idempotent DDL ("already exists, skipping") are not sent.
 pub const PINNED_OPTIONS: &str = "-c DateStyle=ISO,MDY -c IntervalStyle=postgres -c TimeZone=UTC \
      -c extra_float_digits=1 -c bytea_output=hex -c lc_monetary=C \
-     -c idle_in_transaction_session_timeout=0 -c statement_timeout=0";
+     -c idle_in_transaction_session_timeout=0 -c statement_timeout=0 -c client_min_messages=warning";
 
 /// `name` as an SQL identifier (double-quoted, quotes doubled).
 pub fn ident(name: &str) -> String {
@@ -357,6 +358,20 @@ pub async fn read_rows<C: GenericClient>(
         }
     }
     Ok(Chunk { rows, last: true, position })
+}
+
+/// The row of `table` at `key` as it is now, if there is one.
+pub async fn read_row<C: GenericClient>(client: &C, table: &TableInfo, key: i64) -> Result<Option<Row>, PgError> {
+    let columns = table.columns.iter().map(|c| ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let sql = format!("SELECT {columns} FROM {} WHERE {} = {key}", ident(&table.name), ident(&table.key));
+    let what = || format!("read row {key} of {}", table.name);
+    let answer = client.simple_query(&sql).await.map_err(sql_error(what()))?;
+    for message in answer {
+        if let SimpleQueryMessage::Row(r) = message {
+            return Ok(Some(row_of(table, &r)?.1));
+        }
+    }
+    Ok(None)
 }
 
 /// A row of `table`'s columns, in order.

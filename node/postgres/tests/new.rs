@@ -76,6 +76,7 @@ fn the_new_side_against_a_live_server() {
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(the_guard_refuses_other_sessions_until_the_switch_and_stays_gone(&cluster));
+    rt.block_on(held_writers_wait_for_the_opening_and_are_refused_after_a_release(&cluster));
     rt.block_on(a_stale_or_refused_batch_changes_nothing(&cluster));
     rt.block_on(a_replayed_change_makes_no_second_generated_key(&cluster));
     rt.block_on(expressions_run_in_the_database_and_staging_reads_the_scratch_copy(&cluster));
@@ -141,6 +142,63 @@ async fn the_guard_refuses_other_sessions_until_the_switch_and_stays_gone(cluste
     assert!(objects.contains(&"table imago_checkpoint".to_string()), "{objects:?}");
     new.remove_imago().await.unwrap();
     assert_eq!(new.imago_objects().await.unwrap(), Vec::<String>::new(), "nothing of Imago but the request log");
+}
+
+/// Waits until a session waits for a lock on `table` (the lock manager says so).
+async fn until_a_writer_waits(console: &tokio_postgres::Client, table: &str) {
+    for _ in 0..500 {
+        let row = console
+            .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = $1::text::regclass", &[&table])
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("no writer waits on {table}");
+}
+
+async fn held_writers_wait_for_the_opening_and_are_refused_after_a_release(cluster: &ThrowawayCluster) {
+    let conn = database(cluster, "hold");
+    let mapping = users_mapping();
+    let mut new = PgNew::open(&conn, &mapping).await.unwrap();
+    apply(&mut new, 1, vec![upsert("users", 1, &[("id", Value::Int(1)), ("name", text("ann"))])]).await;
+    let console = cluster.client("hold", "postgres").await.unwrap();
+
+    // Held, then released (an aborted freeze): the waiting writer meets the guard.
+    new.hold_writers().await.unwrap();
+    new.hold_writers().await.unwrap();
+    let writer = cluster.client("hold", "postgres").await.unwrap();
+    let write =
+        tokio::spawn(async move { writer.batch_execute("INSERT INTO users (id, nickname) VALUES (2, 'bob')").await });
+    until_a_writer_waits(&console, "users").await;
+    let read = console.query_one("SELECT count(*) FROM users", &[]).await.unwrap();
+    assert_eq!(read.get::<_, i64>(0), 1, "reads go on while writers are held");
+    new.release_writers().await.unwrap();
+    new.release_writers().await.unwrap();
+    let refused = write.await.unwrap().expect_err("the guard refuses a released writer");
+    assert_eq!(refused.code().map(|c| c.code()), Some(GUARD_SQLSTATE));
+    // The transform writes after a release, and a batch while held lets the writers go first.
+    apply(&mut new, 2, vec![upsert("users", 3, &[("id", Value::Int(3)), ("name", text("cy"))])]).await;
+    new.hold_writers().await.unwrap();
+    apply(&mut new, 3, vec![upsert("users", 4, &[("id", Value::Int(4)), ("name", text("dee"))])]).await;
+
+    // Held, then opened (a committed switch): the waiting writer goes in.
+    new.hold_writers().await.unwrap();
+    let writer = cluster.client("hold", "postgres").await.unwrap();
+    let write =
+        tokio::spawn(async move { writer.batch_execute("INSERT INTO users (id, nickname) VALUES (2, 'bob')").await });
+    until_a_writer_waits(&console, "users").await;
+    new.open_to_clients().await.unwrap();
+    write.await.unwrap().expect("the held writer goes in once the store is open");
+    assert!(new.is_open_to_clients().await.unwrap());
+    let keys: Vec<i64> = new.rows("users").await.unwrap().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, vec![1, 2, 3, 4]);
+    // Holding after the opening holds nothing for long: a release lets writers on, unguarded.
+    new.hold_writers().await.unwrap();
+    new.release_writers().await.unwrap();
+    console.batch_execute("UPDATE users SET nickname = 'b' WHERE id = 2").await.unwrap();
 }
 
 async fn a_stale_or_refused_batch_changes_nothing(cluster: &ThrowawayCluster) {

@@ -524,6 +524,86 @@ async fn truncate_and_unchanged_toast_are_reported_as_such() {
     assert_eq!(copy["full_docs"][&1], full);
 }
 
+/// What the data-store interface reads (`row_changes`): row changes only, an update that left
+/// a TOASTed value unchanged completed from the row as it is now (a moved row's old key
+/// deleted, a row gone by now deleted), nothing for the fence's marker but a read complete up
+/// to it, a read cut short by its limit complete only up to its last transaction, and a
+/// TRUNCATE refused by name.
+#[tokio::test]
+async fn row_changes_complete_unchanged_toast_from_the_row_and_end_at_the_marker() {
+    let Some(cluster) = cluster() else { return };
+    let client = connect(&cluster).await;
+    run(
+        &client,
+        &[
+            "CREATE TABLE docs (id int PRIMARY KEY, title text, body text)",
+            &format!("INSERT INTO docs SELECT 1, 'a', {BIG}"),
+        ],
+    )
+    .await;
+    let tables = schema(&[("docs", &["id", "title", "body"])]);
+    let mut old = open(&cluster, &tables).await;
+    let (snapshot, at) = old.open_snapshot().await.expect("snapshot");
+    let mut copy = read_snapshot(&old, snapshot, 10, async || {}).await;
+    old.disconnect();
+    run(
+        &client,
+        &[
+            "UPDATE docs SET title = 'b' WHERE id = 1",
+            "UPDATE docs SET id = 2 WHERE id = 1",
+            "INSERT INTO docs VALUES (3, 'c', 'small')",
+            "UPDATE docs SET body = 'short' WHERE id = 2",
+        ],
+    )
+    .await;
+    let final_position = old.fence().await.expect("fence");
+    // One transaction at a time: each read is complete up to its own transaction only.
+    let (first, complete) = old.row_changes(at, 1).await.expect("read");
+    assert_eq!(first, vec![(complete, RowOp::Delete { table: "docs".into(), key: 1 })], "row 1 is gone by now");
+    assert!(complete < final_position);
+    let (rest, complete_to) = old.row_changes(complete, 100).await.expect("read");
+    assert_eq!(complete_to, final_position, "read up to the marker, which carries nothing");
+    let doc =
+        |id: i64, title: &str, body: &str| row(&[("id", Value::Int(id)), ("title", text(title)), ("body", text(body))]);
+    let ops: Vec<RowOp> = rest.iter().map(|(_, op)| op.clone()).collect();
+    assert_eq!(
+        ops,
+        vec![
+            RowOp::Delete { table: "docs".into(), key: 1 },
+            // Unchanged then, taken from now: newer than the update's, and made exact again
+            // by the change that follows.
+            RowOp::Upsert { table: "docs".into(), key: 2, row: doc(2, "b", "short") },
+            RowOp::Upsert { table: "docs".into(), key: 3, row: doc(3, "c", "small") },
+            RowOp::Upsert { table: "docs".into(), key: 2, row: doc(2, "b", "short") },
+        ]
+    );
+    assert!(rest.windows(2).all(|w| w[0].0 <= w[1].0) && rest.iter().all(|(p, _)| *p > complete));
+    for (_, op) in first.iter().chain(&rest) {
+        match op {
+            RowOp::Upsert { table, key, row } => copy.entry(table.clone()).or_default().insert(*key, row.clone()),
+            RowOp::Delete { table, key } => copy.entry(table.clone()).or_default().remove(key),
+        };
+    }
+    assert_eq!(copy["docs"], BTreeMap::from([(2, doc(2, "b", "short")), (3, doc(3, "c", "small"))]));
+    // Nothing new: complete up to where it was.
+    let (none, still) = old.row_changes(final_position, 100).await.expect("read");
+    assert_eq!((none.len(), still), (0, final_position));
+    // A TRUNCATE cannot be said row by row: the read says so, naming it.
+    old.unfence().await.expect("unfence");
+    run(&client, &["TRUNCATE docs"]).await;
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match old.row_changes(final_position, 100).await {
+                Err(e) => return e,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+    .expect("the TRUNCATE is read");
+    assert!(matches!(&refused, StoreError::Unavailable(m) if m.contains("TRUNCATE of table docs")), "{refused:?}");
+}
+
 #[tokio::test]
 async fn copied_and_streamed_values_have_the_same_text() {
     let Some(cluster) = cluster() else { return };

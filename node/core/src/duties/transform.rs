@@ -194,6 +194,23 @@ impl TransformCore {
     /// Converts captured changes (ascending positions). Positions at or before the checkpoint
     /// are skipped; the first new one must directly follow it.
     pub fn apply_changes(&mut self, changes: &[(Position, RowOp)]) -> Result<Batch, TransformError> {
+        self.apply_read(changes, changes.last().map_or(Position(0), |(p, _)| *p))
+    }
+
+    /// Whether a read that ends at `last` moves the checkpoint even with no change to apply:
+    /// with [`Positions::Ordered`], past transactions that carry nothing to apply (a fence's
+    /// marker, a transaction the publication saw no row of).
+    pub fn read_moves(&self, last: Position) -> bool {
+        self.positions == Positions::Ordered && self.bulk_done() && last > self.checkpoint.applied
+    }
+
+    /// Converts a read of the change stream: its changes (ascending positions, as
+    /// [`TransformCore::apply_changes`] takes them) and `last`. With [`Positions::Ordered`],
+    /// the store's read is complete up to `last` (every change in (checkpoint, `last`] is
+    /// among `changes`; see `OldStore::changes_after`), so the checkpoint moves to `last`: a
+    /// store whose final position is a marker with nothing to apply is drained once read.
+    /// With [`Positions::Counted`], `last` is not used.
+    pub fn apply_read(&mut self, changes: &[(Position, RowOp)], last: Position) -> Result<Batch, TransformError> {
         assert!(self.bulk_done(), "changes applied before the bulk copy finished");
         let base = self.checkpoint.clone();
         let mut ops = Vec::new();
@@ -220,6 +237,10 @@ impl TransformCore {
                 continue;
             }
             ops.push(op.clone());
+        }
+        if self.positions == Positions::Ordered {
+            assert!(changes.last().is_none_or(|(p, _)| *p <= last.max(from)), "a read past its own end");
+            applied = applied.max(last);
         }
         self.checkpoint.applied = applied;
         Ok(Batch { base, reset: false, ops, checkpoint: self.checkpoint.clone() })
@@ -344,6 +365,13 @@ mod tests {
             t.apply_changes(&[(Position(300), upsert(6, 6)), (Position(250), upsert(7, 7))]),
             Err(TransformError::OutOfOrder { after: 300, got: 250 })
         );
+        // A read complete up to 260 with nothing to apply (a fence's marker) moves the
+        // checkpoint there; a read that ends before the checkpoint does not move it back.
+        assert!(t.read_moves(Position(260)));
+        let marker = t.apply_read(&[], Position(260)).unwrap();
+        assert_eq!((marker.ops.len(), marker.checkpoint.applied), (0, Position(260)));
+        assert!(!t.read_moves(Position(200)));
+        assert_eq!(t.apply_read(&[], Position(200)).unwrap().checkpoint.applied, Position(260));
         // Counted positions keep the gap check.
         let mut counted = core_at(Checkpoint { applied: Position(3), copy: CopyState::Done, copies: 1 });
         assert_eq!(
