@@ -13,14 +13,15 @@ use node::data_node::{DataBoot, DataNodeActor};
 use node_core::agent::AgentConfig;
 use node_core::data_node::{DataNodeConfig, DataNodeCore};
 use node_core::duties::transform::Positions;
-use node_core::store::{Batch, Checkpoint, Chunk, RowCursor, SnapshotId, StaleBatch, StoreError, StoredRow};
+use node_core::store::{
+    Batch, ChangeRead, Checkpoint, Chunk, RowCursor, SnapshotId, StaleBatch, StoreError, StoredRow,
+};
 use node_core::store::{NewStore, OldStore};
 use node_http::disk::FileDisk;
 use node_http::stores::{DataMetrics, ThreadStores};
 use node_postgres::{PgNewStore, PgOldStore};
 use node_sqlite::{SqliteNew, SqliteOld};
 use protocol::cluster::{ClusterFile, NodeEntry};
-use protocol::schema::RowOp;
 use protocol::Duty;
 use protocol::Position;
 use std::path::{Path, PathBuf};
@@ -279,7 +280,7 @@ impl OldStore for Old {
     fn rows_chunk(&self, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError> {
         each!(self, s => OldStore::rows_chunk(s, after, limit))
     }
-    fn changes_after(&self, after: Position, limit: usize) -> Result<(Vec<(Position, RowOp)>, Position), StoreError> {
+    fn changes_after(&self, after: Position, limit: usize) -> Result<ChangeRead, StoreError> {
         each!(self, s => OldStore::changes_after(s, after, limit))
     }
     fn fence(&mut self) -> Result<Position, StoreError> {

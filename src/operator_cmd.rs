@@ -290,6 +290,10 @@ fn status_json(s: &StatusView) -> serde_json::Value {
                 "mismatches": n.report.mismatches,
                 "copied_rows": n.report.copied_rows,
                 "copy_rows_total": n.report.copy_rows_total,
+                "lag_ms": n.report.pace.lag_ms,
+                "changes_per_s": n.report.pace.changes_per_s,
+                "copy_rows_per_s": n.report.pace.copy_rows_per_s,
+                "copy_eta_ms": n.report.pace.copy_eta_ms,
             },
         })).collect::<Vec<_>>(),
     })
@@ -326,6 +330,15 @@ fn status_text(s: &StatusView) -> String {
     out
 }
 
+/// A duration for people: `850 ms`, `4.2 s`, `3 min 20 s`.
+fn seconds(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms} ms"),
+        1_000..60_000 => format!("{:.1} s", ms as f64 / 1_000.0),
+        _ => format!("{} min {} s", ms / 60_000, ms % 60_000 / 1_000),
+    }
+}
+
 /// One node's progress, as the coordinator last heard it.
 fn node_line(n: &protocol::messages::NodeStatus) -> String {
     let r = &n.report;
@@ -334,18 +347,26 @@ fn node_line(n: &protocol::messages::NodeStatus) -> String {
     }
     let mut parts = Vec::new();
     if r.captured.0 > 0 || r.applied.0 > 0 || r.bulk_done {
+        let p = &r.pace;
         let copy = match (r.bulk_done, r.copy_rows_total) {
             (true, _) => "done".to_string(),
-            (false, 0) => format!("running ({} rows copied)", r.copied_rows),
-            (false, total) => {
-                format!("running ({} of {} rows, {} %)", r.copied_rows, total, 100 * r.copied_rows.min(total) / total)
-            }
+            (false, 0) => format!("running ({} rows copied, {} rows/s)", r.copied_rows, p.copy_rows_per_s),
+            (false, total) => format!(
+                "running ({} of {} rows, {} %, {} rows/s{})",
+                r.copied_rows,
+                total,
+                100 * r.copied_rows.min(total) / total,
+                p.copy_rows_per_s,
+                p.copy_eta_ms.map_or(String::new(), |ms| format!(", {} left", seconds(ms)))
+            ),
         };
         parts.push(format!(
-            "applied {} of {} captured (lag {}), copy {copy}",
+            "applied {} of {} captured (lag {}, {}), {} changes/s, copy {copy}",
             r.applied.0,
             r.captured.0,
             r.captured.0.saturating_sub(r.applied.0),
+            seconds(p.lag_ms),
+            p.changes_per_s,
         ));
     }
     if r.samples > 0 || parts.is_empty() {
@@ -573,4 +594,31 @@ pub fn cluster(command: ClusterCommand) -> anyhow::Result<ExitCode> {
 /// FNV-1a (64 bits): a stable digest of the plan text for the start token.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::messages::{NodeReport, NodeStatus, Pace};
+    use protocol::Position;
+
+    #[test]
+    fn a_data_nodes_line_says_its_pace_and_time_left() {
+        let copying = NodeReport {
+            captured: Position(12),
+            applied: Position(7),
+            copied_rows: 4_000,
+            copy_rows_total: 10_000,
+            pace: Pace { lag_ms: 1_500, changes_per_s: 40, copy_rows_per_s: 2_000, copy_eta_ms: Some(3_000) },
+            ..Default::default()
+        };
+        let line = node_line(&NodeStatus { name: "db-1".into(), registered: true, report: copying.clone() });
+        assert_eq!(
+            line,
+            "applied 7 of 12 captured (lag 5, 1.5 s), 40 changes/s, copy running (4000 of 10000 rows, 40 %, 2000 rows/s, 3.0 s left)"
+        );
+        let streaming = NodeReport { bulk_done: true, pace: Pace { lag_ms: 200_000, ..copying.pace }, ..copying };
+        let line = node_line(&NodeStatus { name: "db-1".into(), registered: true, report: streaming });
+        assert!(line.contains("(lag 5, 3 min 20 s), 40 changes/s, copy done"), "{line}");
+    }
 }

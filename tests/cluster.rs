@@ -1395,6 +1395,15 @@ fn data_switches_under_writes_and_kills(test: &str, tier: DataTier, admissions: 
     );
     c.start("db-1");
     wait_gate(&c);
+    // The copy's pace, as the operator sees it: within the plan's 3,000 rows a second.
+    let status = json(&c.cli(&["upgrade", "status", "--json"]));
+    let report = status["nodes"].as_array().and_then(|n| n.iter().find(|n| n["name"] == "db-1")).map(|n| &n["report"]);
+    let pace = report.and_then(|r| r["copy_rows_per_s"].as_u64()).unwrap_or(0);
+    assert!((1_000..=3_300).contains(&pace), "copy pace {pace} rows/s: {status}");
+    assert!(report.is_some_and(|r| r["lag_ms"].is_u64() && r["copy_eta_ms"].is_null()), "{status}");
+    let db = metrics_of(&c, "db-1");
+    assert!(metric(&db, "imago_copy_rows_per_second").is_some_and(|r| r > 0.0), "{db}");
+    assert!(metric(&db, "imago_change_lag_ms").is_some() && metric(&db, "imago_copy_eta_ms") == Some(-1.0), "{db}");
     let refused = (tier.console)(1, "INSERT INTO items (id, body, size) VALUES (-1, 'console', 7)");
     assert!(refused.is_some_and(|e| e.contains("not switched to yet")), "the guard refuses a console");
     let switch = c.cli(&["upgrade", "switch"]);

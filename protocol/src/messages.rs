@@ -47,6 +47,22 @@ pub struct NodeReport {
     /// holds (0: not known).
     pub copied_rows: u64,
     pub copy_rows_total: u64,
+    /// The transform's pace (data nodes).
+    pub pace: Pace,
+}
+
+/// A data node's transform pace, as an operator reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pace {
+    /// How long the oldest captured change not yet applied has waited since the node saw it
+    /// captured (0: none waits).
+    pub lag_ms: u64,
+    /// Changes applied per second, lately.
+    pub changes_per_s: u64,
+    /// Rows the bulk copy in progress (or the last one) copied per second.
+    pub copy_rows_per_s: u64,
+    /// Time the copy in progress needs yet at its pace, when it runs and its size is known.
+    pub copy_eta_ms: Option<u64>,
 }
 
 /// Acknowledgement of a decision by a node.

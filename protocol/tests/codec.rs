@@ -25,6 +25,12 @@ fn node_request() -> impl Strategy<Value = NodeRequest> {
                     mismatches,
                     copied_rows: samples ^ c,
                     copy_rows_total: mismatches ^ a,
+                    pace: Pace {
+                        lag_ms: c.rotate_left(7),
+                        changes_per_s: a.rotate_left(3),
+                        copy_rows_per_s: samples.rotate_left(5),
+                        copy_eta_ms: bulk_done.then_some(mismatches),
+                    },
                 },
                 upgrade: UpgradeId(c ^ a)
             }

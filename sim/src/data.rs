@@ -220,8 +220,7 @@ impl World {
                 Err(_) => StoreResult::SnapshotGone,
             },
             StoreOp::ReadChanges { after, limit } => {
-                let (changes, last) = d.old.changes_after(after, limit).expect(MEM);
-                StoreResult::Changes { changes, last }
+                StoreResult::Changes(d.old.changes_after(after, limit).expect(MEM))
             }
             StoreOp::Apply(batch) => {
                 d.applying = None;

@@ -18,11 +18,11 @@
 
 use crate::agent::{AgentConfig, AgentCore, AgentInput, AgentOutput};
 use crate::duties::drain::{DrainCore, DrainInput, DrainOutput};
+use crate::duties::progress::Progress;
 use crate::duties::transform::{Batch, Checkpoint, CopyState, Positions, TransformCore, TransformError, Work};
-use crate::store::{Chunk, NewStore, OldStore, RowCursor, SnapshotId, StaleBatch, StoreError, StoredRow};
+use crate::store::{ChangeRead, Chunk, NewStore, OldStore, RowCursor, SnapshotId, StaleBatch, StoreError, StoredRow};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
-use protocol::messages::{Ack, NodeReport, NodeRequest, NodeResponse};
-use protocol::schema::RowOp;
+use protocol::messages::{Ack, NodeReport, NodeRequest, NodeResponse, Pace};
 use protocol::{Decision, Epoch, Generation, NodeName, Position, ReplicaId, Universe};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -117,10 +117,7 @@ pub enum StoreResult {
     },
     Chunk(Chunk),
     SnapshotGone,
-    Changes {
-        changes: Vec<(Position, RowOp)>,
-        last: Position,
-    },
+    Changes(ChangeRead),
     Applied,
     /// The new store refused the batch (its checkpoint is not the batch's base).
     ApplyRefused(StaleBatch),
@@ -168,9 +165,7 @@ pub fn perform(old: &mut impl OldStore, new: &mut impl NewStore, op: StoreOp) ->
         StoreOp::ReadSnapshot { snapshot, after, limit } => {
             old.snapshot_chunk(snapshot, &after, limit).map(StoreResult::Chunk)
         }
-        StoreOp::ReadChanges { after, limit } => {
-            old.changes_after(after, limit).map(|(changes, last)| StoreResult::Changes { changes, last })
-        }
+        StoreOp::ReadChanges { after, limit } => old.changes_after(after, limit).map(StoreResult::Changes),
         StoreOp::Apply(batch) => new.apply_batch(&batch).map(|applied| match applied {
             Ok(()) => StoreResult::Applied,
             Err(stale) => StoreResult::ApplyRefused(stale),
@@ -285,6 +280,8 @@ enum Pending {
     ReadChanges,
     Apply {
         copying: bool,
+        /// Changes of the stream the batch applies (0 for the copy's batches).
+        changes: u64,
         /// The batch's checkpoint has the copy done.
         done: bool,
         /// The batch is the one that finishes the copy.
@@ -324,6 +321,7 @@ impl Pending {
             StoreOp::ReadChanges { .. } => Pending::ReadChanges,
             StoreOp::Apply(batch) => Pending::Apply {
                 copying: matches!(batch.checkpoint.copy, CopyState::Copying { .. }),
+                changes: if batch.base.copy == CopyState::Done { batch.ops.len() as u64 } else { 0 },
                 done: batch.checkpoint.copy == CopyState::Done,
                 finishes_copy: batch.base.copy != CopyState::Done && batch.checkpoint.copy == CopyState::Done,
                 applied: batch.checkpoint.applied,
@@ -394,6 +392,8 @@ pub struct DataNodeCore {
     recheck: bool,
     /// Rows copied by this incarnation's copy, and how many its snapshot holds (0: unknown).
     copy_progress: (u64, u64),
+    /// The transform's pace: copy rate and time left, stream throughput, lag in time.
+    progress: Progress,
     /// A store result that took time was just handled: the next store operation waits for the
     /// next timer.
     store_turn_due: bool,
@@ -447,6 +447,7 @@ impl DataNodeCore {
             writers_held: false,
             awaiting_open: VecDeque::new(),
             copy_progress: (0, 0),
+            progress: Progress::default(),
             #[cfg(feature = "planted-bugs")]
             bug: None,
             config,
@@ -486,6 +487,11 @@ impl DataNodeCore {
     /// known).
     pub fn copy_progress(&self) -> (u64, u64) {
         self.copy_progress
+    }
+
+    /// The transform's pace at `now_ms` (what the node reports, and its shell exports).
+    pub fn pace(&self, now_ms: u64) -> Pace {
+        self.progress.figures(now_ms)
     }
 
     /// Which universe takes client requests here (`None`: neither, while fenced). The new
@@ -825,12 +831,15 @@ impl DataNodeCore {
             (Pending::OpenSnapshot, StoreResult::SnapshotOpened { snapshot, at, rows }) => {
                 self.captured = self.captured.max(at);
                 self.copy_progress = (0, rows);
+                self.progress.copy_started(now_ms, rows);
+                self.progress.captured(now_ms, at);
                 out.push(DataOutput::Event(DataEvent::CopyStarted { rows_in_snapshot: rows }));
                 Some(Ok(transform.copy_started(snapshot, at)))
             }
             (Pending::ReadSnapshot, StoreResult::Chunk(chunk)) => {
                 self.captured = self.captured.max(chunk.position);
                 self.copy_progress.0 += chunk.rows.len() as u64;
+                self.progress.copied(now_ms, chunk.rows.len() as u64, chunk.last);
                 if let Some(rate) = self.config.copy_rows_per_s_max {
                     let pause_ms = (chunk.rows.len() as u64 * 1_000).div_ceil(rate.max(1));
                     self.next_step_ms = self.next_step_ms.max(self.last_step_ms + pause_ms);
@@ -841,17 +850,20 @@ impl DataNodeCore {
                 transform.snapshot_lost();
                 None
             }
-            (Pending::ReadChanges, StoreResult::Changes { changes, last }) => {
-                self.captured = self.captured.max(last);
+            (Pending::ReadChanges, StoreResult::Changes(read)) => {
+                self.captured = self.captured.max(read.captured).max(read.complete_to);
+                self.progress.captured(now_ms, self.captured);
                 // Idle: nothing found, and nothing written here since the read began (a write
                 // seen meanwhile may not be in what was read).
-                if changes.is_empty() && !self.woken_since_step {
+                if read.changes.is_empty() && !self.woken_since_step {
                     self.next_step_ms = self.last_step_ms + self.config.transform_idle_ms;
                 }
-                (!changes.is_empty() || transform.read_moves(last)).then(|| transform.apply_read(&changes, last))
+                let moves = !read.changes.is_empty() || transform.read_moves(read.complete_to);
+                moves.then(|| transform.apply_read(&read.changes, read.complete_to))
             }
-            (Pending::Apply { copying, done, finishes_copy, applied }, StoreResult::Applied) => {
+            (Pending::Apply { copying, changes, done, finishes_copy, applied }, StoreResult::Applied) => {
                 self.store_bulk_done |= done;
+                self.progress.applied(now_ms, applied, changes);
                 if copying {
                     out.push(DataOutput::Event(DataEvent::Copying));
                 }
@@ -954,6 +966,7 @@ impl DataNodeCore {
     /// final position, and no later batch would then tell it (simulator seed 304).
     fn restart_transform(&mut self, now_ms: u64, found: Checkpoint, out: &mut Vec<DataOutput>) {
         self.store_bulk_done = found.copy == CopyState::Done;
+        self.progress.restarted(found.applied);
         let applied = (found.copy == CopyState::Done).then_some(found.applied);
         self.transform = Some(TransformCore::new(found).with_positions(self.config.positions));
         if let (Some(position), Some(drain)) = (applied, self.drain.as_mut()) {
@@ -1037,6 +1050,7 @@ impl DataNodeCore {
             mismatches: 0,
             copied_rows: self.copy_progress.0,
             copy_rows_total: self.copy_progress.1,
+            pace: self.progress.figures(now_ms),
         };
         let outs = self.agent.handle(now_ms, AgentInput::Report(report));
         self.agent_outputs(now_ms, outs, out);

@@ -60,6 +60,32 @@ pub struct Chunk {
     pub position: Position,
 }
 
+/// A read of the change stream ([`OldStore::changes_after`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangeRead {
+    /// Changes after the read's start, in ascending positions.
+    pub changes: Vec<(Position, RowOp)>,
+    /// The read is complete up to here: every change in (start, `complete_to`] is among
+    /// `changes` (less than `captured` when the limit cut the read short). A store whose
+    /// positions have gaps (`Positions::Ordered`) may have positions with nothing to apply (a
+    /// fence's marker): the transform's checkpoint moves to `complete_to` past them.
+    pub complete_to: Position,
+    /// The last position the store knows was captured (what the transform is behind).
+    pub captured: Position,
+}
+
+impl ChangeRead {
+    /// A read of a store that numbers every change (`Positions::Counted`): `changes` are the
+    /// first `limit` or fewer after `after`, `captured` the last position captured.
+    pub fn counted(after: Position, limit: usize, changes: Vec<(Position, RowOp)>, captured: Position) -> Self {
+        let complete_to = match changes.last() {
+            Some((last, _)) if changes.len() >= limit => *last,
+            _ => captured.max(after),
+        };
+        ChangeRead { changes, complete_to, captured: captured.max(complete_to) }
+    }
+}
+
 /// The old universe's store, as a data node reads it. A real store can fail at any call
 /// ([`StoreError::Unavailable`]); the core tries again later.
 pub trait OldStore {
@@ -74,12 +100,10 @@ pub trait OldStore {
     fn snapshot_chunk(&self, snapshot: SnapshotId, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError>;
     /// Up to `limit` rows of the current contents after `after` (used while fenced).
     fn rows_chunk(&self, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError>;
-    /// Up to `limit` captured changes after `after`, and the last captured position. A store
-    /// whose positions have gaps (`Positions::Ordered`) returns instead the position its read is
-    /// complete up to: every change in (`after`, last] is among those returned (it names a
-    /// smaller one when the limit cut the read short), so the transform's checkpoint may move
-    /// there past positions with nothing to apply.
-    fn changes_after(&self, after: Position, limit: usize) -> Result<(Vec<(Position, RowOp)>, Position), StoreError>;
+    /// Up to `limit` captured changes after `after` (a store whose positions have gaps returns
+    /// whole transactions, so one may come past the limit), what the read is complete up to, and
+    /// the last captured position: see [`ChangeRead`].
+    fn changes_after(&self, after: Position, limit: usize) -> Result<ChangeRead, StoreError>;
     /// Refuses further writes (in-flight ones finish first); returns the final position.
     /// Fencing a fenced store returns the same final position.
     fn fence(&mut self) -> Result<Position, StoreError>;
@@ -547,8 +571,8 @@ impl OldStore for MemStore {
         Ok(chunk_of(&self.tables, after, limit, self.capture.last()))
     }
 
-    fn changes_after(&self, after: Position, limit: usize) -> Result<(Vec<(Position, RowOp)>, Position), StoreError> {
-        Ok((self.capture.after(after, limit), self.capture.last()))
+    fn changes_after(&self, after: Position, limit: usize) -> Result<ChangeRead, StoreError> {
+        Ok(ChangeRead::counted(after, limit, self.capture.after(after, limit), self.capture.last()))
     }
 
     fn fence(&mut self) -> Result<Position, StoreError> {

@@ -159,7 +159,7 @@ fn a_write_through_the_node_wakes_an_idle_change_stream() {
     // Step the stream until it reads nothing and goes idle.
     let read_at = loop {
         if out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadChanges { .. }))) {
-            core.handle(now, DataInput::Store(StoreResult::Changes { changes: Vec::new(), last: Position(0) }));
+            core.handle(now, DataInput::Store(StoreResult::Changes(read(Vec::new(), Position(0)))));
             break now;
         }
         assert!(!out.iter().any(|o| matches!(o, DataOutput::Store(_))), "only the stream is read: {out:?}");
@@ -173,7 +173,7 @@ fn a_write_through_the_node_wakes_an_idle_change_stream() {
     let out = core.handle(read_at + IDLE_MS, DataInput::Timer);
     assert!(reads(&out), "idle: the stream is still read every transform_idle_ms");
     let read_at = read_at + IDLE_MS;
-    core.handle(read_at, DataInput::Store(StoreResult::Changes { changes: Vec::new(), last: Position(0) }));
+    core.handle(read_at, DataInput::Store(StoreResult::Changes(read(Vec::new(), Position(0)))));
     let out = core.handle(read_at + INTERVAL_MS, DataInput::Timer);
     // Regression: the idle pace held for one read only; the next empty read went back to
     // reading every transform_interval_ms.
@@ -220,7 +220,7 @@ fn a_refused_batch_restarts_the_transform_from_the_stores_checkpoint_and_mirrors
         .into_iter()
         .collect();
     let change = (Position(1), protocol::schema::RowOp::Upsert { table: "t".into(), key: 1, row });
-    let out = core.handle(1, DataInput::Store(StoreResult::Changes { changes: vec![change], last: Position(1) }));
+    let out = core.handle(1, DataInput::Store(StoreResult::Changes(read(vec![change], Position(1)))));
     let Some(DataOutput::Store(StoreOp::Apply(batch))) =
         out.into_iter().find(|o| matches!(o, DataOutput::Store(StoreOp::Apply(_))))
     else {
@@ -291,7 +291,7 @@ fn a_busy_change_stream_is_read_every_transform_interval() {
         .into_iter()
         .collect();
     let change = (Position(1), protocol::schema::RowOp::Upsert { table: "t".into(), key: 1, row });
-    let out = core.handle(101, DataInput::Store(StoreResult::Changes { changes: vec![change], last: Position(1) }));
+    let out = core.handle(101, DataInput::Store(StoreResult::Changes(read(vec![change], Position(1)))));
     assert!(out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::Apply(_)))));
     let out = core.handle(102, DataInput::Store(StoreResult::Applied));
     assert!(!reads(&out), "not before the interval");
@@ -398,7 +398,7 @@ fn a_data_node_fences_once_every_router_said_it_is_frozen() {
     let reading = out.iter().any(|o| matches!(o, DataOutput::Store(StoreOp::ReadChanges { .. })));
     let out = if reading {
         assert!(!fenced(&out5), "a second store operation while one is outstanding");
-        settle(&mut core, 6, DataInput::Store(StoreResult::Changes { changes: Vec::new(), last: Position(0) }));
+        settle(&mut core, 6, DataInput::Store(StoreResult::Changes(read(Vec::new(), Position(0)))));
         // A store operation that took time: the next one starts at the next timer, at once.
         assert_eq!(core.next_deadline_ms(), Some(6), "the shell gets a turn first");
         settle(&mut core, 6, DataInput::Timer)
@@ -427,7 +427,7 @@ fn a_draining_node_reads_the_change_stream_without_the_usual_pause() {
                     step_times.push(*now);
                     let next = after.0 + 1;
                     let changes = if next <= 3 { vec![(Position(next), row(next as i64))] } else { Vec::new() };
-                    StoreResult::Changes { changes, last: Position(3) }
+                    StoreResult::Changes(read(changes, Position(3)))
                 }
                 StoreOp::Apply(_) => StoreResult::Applied,
                 StoreOp::Prune { .. } => StoreResult::Pruned,
@@ -461,6 +461,11 @@ fn draining() -> (DataNodeCore, Vec<DataOutput>) {
 }
 
 /// A row of the test table `t`.
+/// A read of the change stream complete up to `last`, which is also the last captured.
+fn read(changes: Vec<(Position, protocol::schema::RowOp)>, last: Position) -> node_core::store::ChangeRead {
+    node_core::store::ChangeRead { changes, complete_to: last, captured: last }
+}
+
 fn row(k: i64) -> protocol::schema::RowOp {
     let row = [("id".to_string(), protocol::schema::Value::Int(k)), ("v".to_string(), protocol::schema::Value::Int(k))];
     protocol::schema::RowOp::Upsert { table: "t".into(), key: k, row: row.into_iter().collect() }
@@ -630,7 +635,7 @@ fn a_lost_apply_that_reached_the_final_position_still_drains_and_slow_answers_le
                 StoreOp::Fence => StoreResult::Fenced { final_position: Position(3) },
                 StoreOp::ReadChanges { after, .. } => {
                     let changes = (after.0 + 1..=3).map(|p| (Position(p), row(p as i64))).collect();
-                    StoreResult::Changes { changes, last: Position(3) }
+                    StoreResult::Changes(read(changes, Position(3)))
                 }
                 StoreOp::Apply(batch) if batch.checkpoint.applied == Position(3) && !failed_once => {
                     failed_once = true;
@@ -764,7 +769,7 @@ fn a_request_waiting_for_the_new_store_is_kept_out_when_the_freeze_aborts() {
                     None
                 }
                 DataOutput::Store(StoreOp::ReadChanges { .. }) => {
-                    Some(StoreResult::Changes { changes: Vec::new(), last: Position(0) })
+                    Some(StoreResult::Changes(read(Vec::new(), Position(0))))
                 }
                 DataOutput::Store(StoreOp::Fence) => Some(StoreResult::Fenced { final_position: Position(0) }),
                 DataOutput::Store(StoreOp::ReadRows { .. }) => Some(StoreResult::Rows(node_core::store::Chunk {
@@ -871,9 +876,9 @@ fn the_copy_ends_once_and_ordered_reads_move_the_checkpoint_past_empty_positions
                     match reads {
                         // A transaction at 140, then a read complete up to 190 with nothing to
                         // apply (a marker), then nothing new.
-                        1 => StoreResult::Changes { changes: vec![(Position(140), row(2))], last: Position(140) },
-                        2 => StoreResult::Changes { changes: vec![], last: Position(190) },
-                        _ => StoreResult::Changes { changes: vec![], last: after },
+                        1 => StoreResult::Changes(read(vec![(Position(140), row(2))], Position(140))),
+                        2 => StoreResult::Changes(read(vec![], Position(190))),
+                        _ => StoreResult::Changes(read(vec![], after)),
                     }
                 }
                 StoreOp::Apply(batch) => {

@@ -27,6 +27,10 @@ pub struct DataMetrics {
     applied: Gauge,
     copied_rows: Gauge,
     copy_rows_total: Gauge,
+    lag_ms: Gauge,
+    changes_per_s: Gauge,
+    copy_rows_per_s: Gauge,
+    copy_eta_ms: Gauge,
     store_failures: Counter,
     transform_failures: Counter,
     fenced: Gauge,
@@ -53,6 +57,26 @@ impl DataMetrics {
             "imago_copy_rows_total",
             "Rows the bulk copy's snapshot holds (0: not known)",
             m.copy_rows_total.clone(),
+        );
+        registry.register(
+            "imago_change_lag_ms",
+            "How long the oldest captured change not yet applied has waited since this node saw it (0: none waits)",
+            m.lag_ms.clone(),
+        );
+        registry.register(
+            "imago_applied_changes_per_second",
+            "Changes of the stream applied per second over the last 10 s",
+            m.changes_per_s.clone(),
+        );
+        registry.register(
+            "imago_copy_rows_per_second",
+            "Rows the bulk copy in progress (or the last one) copied per second",
+            m.copy_rows_per_s.clone(),
+        );
+        registry.register(
+            "imago_copy_eta_ms",
+            "Time the bulk copy in progress needs yet at its pace (-1: not running or not known)",
+            m.copy_eta_ms.clone(),
         );
         registry.register(
             "imago_store_failures",
@@ -107,7 +131,12 @@ impl DataMetrics {
         }
     }
 
-    fn observe(&self, core: &DataNodeCore) {
+    fn observe(&self, now_ms: u64, core: &DataNodeCore) {
+        let pace = core.pace(now_ms);
+        self.lag_ms.set(pace.lag_ms as i64);
+        self.changes_per_s.set(pace.changes_per_s as i64);
+        self.copy_rows_per_s.set(pace.copy_rows_per_s as i64);
+        self.copy_eta_ms.set(pace.copy_eta_ms.map_or(-1, |ms| ms as i64));
         if let Some(checkpoint) = core.checkpoint() {
             self.applied.set(checkpoint.applied.0 as i64);
         }
@@ -122,11 +151,16 @@ impl DataMetrics {
 pub struct ThreadStores<O, N> {
     stores: Arc<Mutex<(O, N)>>,
     metrics: Option<DataMetrics>,
+    /// When the pace was last logged (the core's clock).
+    logged_ms: std::cell::Cell<Option<u64>>,
 }
+
+/// How often a data node logs its pace while its copy runs or changes wait.
+pub const PACE_LOG_INTERVAL_MS: u64 = 10_000;
 
 impl<O: OldStore + Send + 'static, N: NewStore + Send + 'static> ThreadStores<O, N> {
     pub fn new(old: O, new: N) -> Self {
-        ThreadStores { stores: Arc::new(Mutex::new((old, new))), metrics: None }
+        ThreadStores { stores: Arc::new(Mutex::new((old, new))), metrics: None, logged_ms: Default::default() }
     }
 
     pub fn with_metrics(mut self, metrics: DataMetrics) -> Self {
@@ -192,9 +226,36 @@ impl<O: OldStore + Send + 'static, N: NewStore + Send + 'static> node::io::Store
         }
     }
 
-    fn observe(&self, _now_ms: u64, core: &DataNodeCore) {
+    fn observe(&self, now_ms: u64, core: &DataNodeCore) {
+        let due = self.logged_ms.get().is_none_or(|t| now_ms >= t + PACE_LOG_INTERVAL_MS);
+        let pace = core.pace(now_ms);
+        let (copied, total) = core.copy_progress();
+        // A copy under way in this process (a snapshot opened; not the pause before the first).
+        let copying = core.checkpoint().is_some_and(|c| matches!(c.copy, node_core::store::CopyState::Copying { .. }))
+            && (copied > 0 || total > 0);
+        if due && (copying || pace.lag_ms > 0) {
+            self.logged_ms.set(Some(now_ms));
+            let applied = core.checkpoint().map_or(0, |c| c.applied.0);
+            if copying {
+                tracing::info!(
+                    copied_rows = copied,
+                    rows_in_snapshot = total,
+                    rows_per_s = pace.copy_rows_per_s,
+                    eta_s = pace.copy_eta_ms.map(|ms| ms.div_ceil(1_000)),
+                    "bulk copy"
+                );
+            } else {
+                tracing::info!(
+                    applied,
+                    captured = core.captured().0,
+                    lag_ms = pace.lag_ms,
+                    changes_per_s = pace.changes_per_s,
+                    "change stream"
+                );
+            }
+        }
         if let Some(metrics) = &self.metrics {
-            metrics.observe(core);
+            metrics.observe(now_ms, core);
         }
     }
 }

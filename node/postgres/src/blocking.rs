@@ -14,9 +14,9 @@
 
 use crate::{Names, PgError, PgNew, PgOld};
 use node_core::store::{
-    Batch, Checkpoint, Chunk, NewStore, OldStore, RowCursor, SnapshotId, StaleBatch, StoreError, StoredRow,
+    Batch, ChangeRead, Checkpoint, Chunk, NewStore, OldStore, RowCursor, SnapshotId, StaleBatch, StoreError, StoredRow,
 };
-use protocol::schema::{Mapping, RowOp, Schema};
+use protocol::schema::{Mapping, Schema};
 use protocol::Position;
 use std::cell::RefCell;
 use tokio::runtime::Runtime;
@@ -110,7 +110,7 @@ impl OldStore for PgOldStore {
         self.0.run(async |old: &mut PgOld| old.rows_chunk(after, limit).await)
     }
 
-    fn changes_after(&self, after: Position, limit: usize) -> Result<(Vec<(Position, RowOp)>, Position), StoreError> {
+    fn changes_after(&self, after: Position, limit: usize) -> Result<ChangeRead, StoreError> {
         self.0.run(async |old: &mut PgOld| old.row_changes(after, limit).await)
     }
 

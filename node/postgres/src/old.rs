@@ -35,7 +35,7 @@ use crate::pgoutput::Lsn;
 use crate::sql::{self, ident, literal, sql_error};
 use crate::stream::Stream;
 use crate::PgError;
-use node_core::store::{Chunk, RowCursor, SnapshotId, StoreError};
+use node_core::store::{ChangeRead, Chunk, RowCursor, SnapshotId, StoreError};
 use pgwire_replication::{ReplicationClient, ReplicationConfig};
 use protocol::schema::{RowOp, Schema};
 use protocol::{Position, UpgradeId};
@@ -320,11 +320,7 @@ impl PgOld {
     /// - A `TRUNCATE` cannot be said row by row yet: the read fails, naming it, and keeps
     ///   failing (the upgrade must be aborted and started again, whose copy reads the table as
     ///   it is).
-    pub async fn row_changes(
-        &mut self,
-        after: Position,
-        limit: usize,
-    ) -> Result<(Vec<(Position, RowOp)>, Position), StoreError> {
+    pub async fn row_changes(&mut self, after: Position, limit: usize) -> Result<ChangeRead, StoreError> {
         let (changes, captured) = self.changes_after(after, limit).await?;
         let complete = match changes.last() {
             Some(last) if changes.len() >= limit => last.position,
@@ -363,7 +359,7 @@ impl PgOld {
                 }
             }
         }
-        Ok((ops, complete))
+        Ok(ChangeRead { changes: ops, complete_to: complete, captured: captured.max(complete) })
     }
 
     async fn read_changes(&mut self, after: Position, limit: usize) -> Result<(Vec<PgChange>, Position), PgError> {

@@ -558,10 +558,14 @@ async fn row_changes_complete_unchanged_toast_from_the_row_and_end_at_the_marker
     .await;
     let final_position = old.fence().await.expect("fence");
     // One transaction at a time: each read is complete up to its own transaction only.
-    let (first, complete) = old.row_changes(at, 1).await.expect("read");
+    let read = old.row_changes(at, 1).await.expect("read");
+    let (first, complete) = (read.changes, read.complete_to);
+    assert!(read.captured >= complete, "what is captured is known beyond what was read");
     assert_eq!(first, vec![(complete, RowOp::Delete { table: "docs".into(), key: 1 })], "row 1 is gone by now");
     assert!(complete < final_position);
-    let (rest, complete_to) = old.row_changes(complete, 100).await.expect("read");
+    let read = old.row_changes(complete, 100).await.expect("read");
+    let (rest, complete_to) = (read.changes, read.complete_to);
+    assert_eq!(read.captured, final_position);
     assert_eq!(complete_to, final_position, "read up to the marker, which carries nothing");
     let doc =
         |id: i64, title: &str, body: &str| row(&[("id", Value::Int(id)), ("title", text(title)), ("body", text(body))]);
@@ -586,8 +590,8 @@ async fn row_changes_complete_unchanged_toast_from_the_row_and_end_at_the_marker
     }
     assert_eq!(copy["docs"], BTreeMap::from([(2, doc(2, "b", "short")), (3, doc(3, "c", "small"))]));
     // Nothing new: complete up to where it was.
-    let (none, still) = old.row_changes(final_position, 100).await.expect("read");
-    assert_eq!((none.len(), still), (0, final_position));
+    let read = old.row_changes(final_position, 100).await.expect("read");
+    assert_eq!((read.changes.len(), read.complete_to), (0, final_position));
     // A TRUNCATE cannot be said row by row: the read says so, naming it.
     old.unfence().await.expect("unfence");
     run(&client, &["TRUNCATE docs"]).await;

@@ -91,7 +91,7 @@ fn transform(old: &mut SqliteOld, new: &mut SqliteNew, core: &mut TransformCore)
                 core.copy_chunk(&chunk.rows, chunk.last).expect("copy")
             }
             Work::Stream { after, limit } => {
-                let (changes, _) = old.changes_after(after, limit).expect("changes");
+                let changes = old.changes_after(after, limit).expect("changes").changes;
                 if changes.is_empty() {
                     return applied;
                 }

@@ -2,7 +2,7 @@
 
 use crate::sql::{self, ident, literal};
 use crate::SqliteError;
-use node_core::store::{Chunk, OldStore, RowCursor, SnapshotId, StoreError};
+use node_core::store::{ChangeRead, Chunk, OldStore, RowCursor, SnapshotId, StoreError};
 use protocol::schema::{Row, RowOp, Schema, TableSchema, Value};
 use protocol::Position;
 use rusqlite::{Connection, TransactionBehavior};
@@ -284,8 +284,9 @@ impl OldStore for SqliteOld {
         Ok(chunk)
     }
 
-    fn changes_after(&self, after: Position, limit: usize) -> Result<(Vec<(Position, RowOp)>, Position), StoreError> {
-        Ok(self.changes(after, limit)?)
+    fn changes_after(&self, after: Position, limit: usize) -> Result<ChangeRead, StoreError> {
+        let (changes, last) = self.changes(after, limit)?;
+        Ok(ChangeRead::counted(after, limit, changes, last))
     }
 
     fn fence(&mut self) -> Result<Position, StoreError> {

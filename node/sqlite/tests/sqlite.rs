@@ -4,7 +4,7 @@
 
 use imago_node_sqlite::{SqliteError, SqliteNew, SqliteOld};
 use node_core::duties::transform::{TransformCore, Work};
-use node_core::store::{Batch, Checkpoint, CopyState, MemStore, NewStore, OldStore, StoreError};
+use node_core::store::{Batch, ChangeRead, Checkpoint, CopyState, MemStore, NewStore, OldStore, StoreError};
 use proptest::prelude::*;
 use protocol::schema::{ColumnType, Mapping, Row, RowOp, Schema, SplitPart, TableSchema, Transform, Value};
 use protocol::Position;
@@ -95,7 +95,7 @@ fn next_batch(core: &mut TransformCore, old: &mut SqliteOld, chunk_rows: usize, 
             Some(core.copy_chunk(&chunk.rows, chunk.last).unwrap())
         }
         Work::Stream { after, .. } => {
-            let (read, _) = old.changes_after(after, changes).unwrap();
+            let read = old.changes_after(after, changes).unwrap().changes;
             (!read.is_empty()).then(|| core.apply_changes(&read).unwrap())
         }
     }
@@ -140,7 +140,7 @@ fn capture_sees_every_write_of_the_applications_own_connection_in_order() {
          INSERT OR REPLACE INTO items VALUES (5, 'desk');",
     )
     .unwrap();
-    let (changes, last) = old.changes_after(Position(0), 100).unwrap();
+    let ChangeRead { changes, captured: last, .. } = old.changes_after(Position(0), 100).unwrap();
     assert_eq!(last, Position(7));
     let ops: Vec<RowOp> = changes.iter().map(|(_, op)| op.clone()).collect();
     let upsert = |table: &str, key, r| RowOp::Upsert { table: table.into(), key, row: r };
@@ -164,7 +164,7 @@ fn capture_sees_every_write_of_the_applications_own_connection_in_order() {
         ]
     );
     assert_eq!(changes.iter().map(|(p, _)| p.0).collect::<Vec<_>>(), (1..=7).collect::<Vec<_>>());
-    let (later, _) = old.changes_after(Position(5), 1).unwrap();
+    let later = old.changes_after(Position(5), 1).unwrap().changes;
     assert_eq!(later.iter().map(|(p, _)| p.0).collect::<Vec<_>>(), vec![6], "a limit and a start");
 }
 
@@ -176,13 +176,13 @@ fn a_rolled_back_write_leaves_no_change_and_no_gap() {
     let old = SqliteOld::open(&path, &users_schema()).unwrap();
     app.execute_batch("BEGIN; INSERT INTO items VALUES (1, 'a'); ROLLBACK;").unwrap();
     app.execute_batch("INSERT INTO items VALUES (2, 'b')").unwrap();
-    let (changes, last) = old.changes_after(Position(0), 10).unwrap();
+    let ChangeRead { changes, captured: last, .. } = old.changes_after(Position(0), 10).unwrap();
     assert_eq!((changes.len(), changes[0].0, last), (1, Position(1), Position(1)));
     // Pruned up to the last change, the numbering still goes on from it.
     let mut old = old;
     old.prune(Position(1)).unwrap();
     app.execute_batch("INSERT INTO items VALUES (3, 'c')").unwrap();
-    let (changes, last) = old.changes_after(Position(1), 10).unwrap();
+    let ChangeRead { changes, captured: last, .. } = old.changes_after(Position(1), 10).unwrap();
     assert_eq!((changes.len(), changes[0].0, last), (1, Position(2), Position(2)));
     drop(old);
     let old = SqliteOld::open(&path, &users_schema()).unwrap();
@@ -578,7 +578,7 @@ fn the_transform_over_sqlite_survives_kills_and_ends_equal_to_transform_of_old()
     kills.assert_both();
     let final_position = old.fence().unwrap();
     while core.checkpoint().applied < final_position {
-        let (changes, _) = old.changes_after(core.checkpoint().applied, 100).unwrap();
+        let changes = old.changes_after(core.checkpoint().applied, 100).unwrap().changes;
         let batch = core.apply_changes(&changes).unwrap();
         new.apply_batch(&batch).unwrap().unwrap();
     }
@@ -764,7 +764,7 @@ fn mediawiki_1_4_becomes_1_5_while_it_is_edited_and_the_transform_is_killed() {
     kills.assert_both();
     let final_position = old.fence().unwrap();
     while core.checkpoint().applied < final_position {
-        let (changes, _) = old.changes_after(core.checkpoint().applied, 100).unwrap();
+        let changes = old.changes_after(core.checkpoint().applied, 100).unwrap().changes;
         new.apply_batch(&core.apply_changes(&changes).unwrap()).unwrap().unwrap();
     }
 

@@ -2,6 +2,7 @@
 
 pub mod capture;
 pub mod drain;
+pub mod progress;
 pub mod router;
 pub mod transform;
 pub mod validate;
