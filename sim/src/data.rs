@@ -382,7 +382,10 @@ impl World {
                 self.checker.violation(now, Violation::TransformFailed { node: name, error: e.to_string() });
             }
             // Injected by `store_op` (and recorded there); the node tries again.
-            DataEvent::StoreFailed { .. } | DataEvent::CopyStarted { .. } | DataEvent::CopyDone { .. } => {}
+            DataEvent::StoreFailed { .. }
+            | DataEvent::CopyStarted { .. }
+            | DataEvent::CopyDone { .. }
+            | DataEvent::CopyAgain { .. } => {}
         }
     }
 

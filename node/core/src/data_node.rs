@@ -118,6 +118,10 @@ pub enum StoreResult {
     Chunk(Chunk),
     SnapshotGone,
     Changes(ChangeRead),
+    /// The change stream cannot go on row by row (a `TRUNCATE`): the copy starts again.
+    CopyAgain {
+        reason: String,
+    },
     Applied,
     /// The new store refused the batch (its checkpoint is not the batch's base).
     ApplyRefused(StaleBatch),
@@ -155,6 +159,7 @@ pub enum StoreResult {
 pub fn perform(old: &mut impl OldStore, new: &mut impl NewStore, op: StoreOp) -> StoreResult {
     let failed = |e: StoreError| match e {
         StoreError::SnapshotGone(_) => StoreResult::SnapshotGone,
+        StoreError::CopyAgain(reason) => StoreResult::CopyAgain { reason },
         e => StoreResult::Failed { reason: e.to_string() },
     };
     let done = match op {
@@ -249,6 +254,8 @@ pub enum DataEvent {
     Copying,
     /// The bulk copy's last batch was applied: this incarnation copied `copied_rows` rows.
     CopyDone { copied_rows: u64 },
+    /// The change stream held what cannot be applied row by row: the copy starts again.
+    CopyAgain { reason: String },
     /// The old store was fenced at `final_position`.
     Fenced { final_position: Position },
     /// The comparison of transform(old) with new at the final position.
@@ -850,6 +857,11 @@ impl DataNodeCore {
                 transform.snapshot_lost();
                 None
             }
+            (Pending::ReadChanges, StoreResult::CopyAgain { reason }) => {
+                out.push(DataOutput::Event(DataEvent::CopyAgain { reason }));
+                transform.copy_again();
+                None
+            }
             (Pending::ReadChanges, StoreResult::Changes(read)) => {
                 self.captured = self.captured.max(read.captured).max(read.complete_to);
                 self.progress.captured(now_ms, self.captured);
@@ -862,7 +874,8 @@ impl DataNodeCore {
                 moves.then(|| transform.apply_read(&read.changes, read.complete_to))
             }
             (Pending::Apply { copying, changes, done, finishes_copy, applied }, StoreResult::Applied) => {
-                self.store_bulk_done |= done;
+                // What the store now holds (a copy started again is not done).
+                self.store_bulk_done = done;
                 self.progress.applied(now_ms, applied, changes);
                 if copying {
                     out.push(DataOutput::Event(DataEvent::Copying));
@@ -870,8 +883,12 @@ impl DataNodeCore {
                 if finishes_copy {
                     out.push(DataOutput::Event(DataEvent::CopyDone { copied_rows: self.copy_progress.0 }));
                 }
-                let outs = self.drain_mut().handle(DrainInput::Applied { position: applied });
-                self.drain_outputs(now_ms, outs, out);
+                // A copy's batch carries its snapshot's position, but the copy is whole only
+                // once done: a drain counts applied positions of a complete copy.
+                if done {
+                    let outs = self.drain_mut().handle(DrainInput::Applied { position: applied });
+                    self.drain_outputs(now_ms, outs, out);
+                }
                 self.report(now_ms, out);
                 None
             }

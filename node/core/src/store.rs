@@ -39,6 +39,10 @@ pub enum StoreError {
     /// The snapshot is gone (its process or connection ended): restart the copy.
     #[error("snapshot {0:?} is gone")]
     SnapshotGone(SnapshotId),
+    /// The change stream holds a change the store cannot say row by row (PostgreSQL's
+    /// `TRUNCATE`): the copy must start again from a fresh snapshot, which holds its effect.
+    #[error("the copy must start again: {0}")]
+    CopyAgain(String),
     #[error(transparent)]
     Capture(#[from] CaptureError),
     /// The store could not do it now (busy, an I/O error, a connection lost): the operation

@@ -736,6 +736,7 @@ impl<'a> Shell<'a> {
             | DataEvent::CopyStarted { .. }
             | DataEvent::Copying
             | DataEvent::CopyDone { .. }
+            | DataEvent::CopyAgain { .. }
             | DataEvent::Fenced { .. }
             | DataEvent::StoreFailed { .. } => {}
         }

@@ -900,3 +900,82 @@ fn the_copy_ends_once_and_ordered_reads_move_the_checkpoint_past_empty_positions
     assert_eq!(done_events, 1, "the copy's end is told once");
     assert_eq!(core.checkpoint().map(|c| c.applied), Some(Position(190)));
 }
+
+/// A change the store cannot say row by row (PostgreSQL's `TRUNCATE`) makes the copy start
+/// again from a fresh snapshot: its first batch empties the new universe on top of the current
+/// checkpoint (compare-and-set, so a crash before it meets the same change again), and the
+/// stream goes on after the new snapshot's position.
+#[test]
+fn a_change_that_is_not_rows_makes_the_copy_start_again() {
+    let done = Checkpoint { applied: Position(100), copy: CopyState::Done, copies: 1 };
+    let (mut core, mut out) = booted(4, done.clone());
+    let watch = watch_id(&out);
+    let view = view(3, Phase::Syncing, Decision::Initial, false);
+    // The boot's own store operation (a prune up to the checkpoint) is answered first.
+    out.retain(|o| matches!(o, DataOutput::Store(_)));
+    out.extend(core.handle(1, DataInput::Coordinator { id: watch, response: NodeResponse::View(view) }));
+    let (mut reads, mut snapshots) = (0, 0);
+    let mut batches = Vec::new();
+    let mut events = Vec::new();
+    drive(
+        &mut core,
+        out,
+        200,
+        |now, op| {
+            *now += 10;
+            Some(match op {
+                StoreOp::ReadChanges { after, .. } => {
+                    reads += 1;
+                    match reads {
+                        1 => StoreResult::CopyAgain { reason: "TRUNCATE of table t".into() },
+                        _ => StoreResult::Changes(read(Vec::new(), after)),
+                    }
+                }
+                StoreOp::OpenSnapshot => {
+                    snapshots += 1;
+                    StoreResult::SnapshotOpened {
+                        snapshot: node_core::store::SnapshotId(7),
+                        at: Position(150),
+                        rows: 1,
+                    }
+                }
+                StoreOp::ReadSnapshot { .. } => {
+                    let protocol::schema::RowOp::Upsert { table, key, row } = row(5) else { unreachable!() };
+                    StoreResult::Chunk(node_core::store::Chunk {
+                        rows: vec![(table, key, row)],
+                        last: true,
+                        position: Position(150),
+                    })
+                }
+                StoreOp::Apply(batch) => {
+                    batches.push(batch);
+                    StoreResult::Applied
+                }
+                StoreOp::Prune { .. } => StoreResult::Pruned,
+                other => panic!("unexpected {other:?}"),
+            })
+        },
+        |out| {
+            events.extend(out.iter().filter_map(|o| match o {
+                DataOutput::Event(
+                    e @ (DataEvent::CopyAgain { .. } | DataEvent::CopyStarted { .. } | DataEvent::CopyDone { .. }),
+                ) => Some(e.clone()),
+                _ => None,
+            }))
+        },
+    );
+    assert_eq!(snapshots, 1, "one new copy; reads {reads}, events {events:?}, batches {batches:?}");
+    assert!(
+        matches!(&events[..], [DataEvent::CopyAgain { .. }, DataEvent::CopyStarted { .. }, DataEvent::CopyDone { .. }]),
+        "{events:?}"
+    );
+    let first = &batches[0];
+    assert!(
+        first.reset && first.base == done,
+        "the new copy empties the new universe on top of the checkpoint: {first:?}"
+    );
+    assert_eq!(first.checkpoint.copies, 2);
+    assert_eq!(batches[1].checkpoint, Checkpoint { applied: Position(150), copy: CopyState::Done, copies: 2 });
+    assert!(reads >= 2, "the stream goes on after the new copy");
+    assert_eq!(core.checkpoint().map(|c| c.applied), Some(Position(150)));
+}

@@ -127,6 +127,7 @@ impl DataMetrics {
             | DataEvent::CopyStarted { .. }
             | DataEvent::Copying
             | DataEvent::CopyDone { .. }
+            | DataEvent::CopyAgain { .. }
             | DataEvent::Compared { .. } => {}
         }
     }
@@ -219,6 +220,7 @@ impl<O: OldStore + Send + 'static, N: NewStore + Send + 'static> node::io::Store
             DataEvent::Acted(decision) => tracing::info!(?decision, "acted"),
             DataEvent::CopyStarted { rows_in_snapshot } => tracing::info!(rows_in_snapshot, "bulk copy under way"),
             DataEvent::CopyDone { copied_rows } => tracing::info!(copied_rows, "bulk copy done"),
+            DataEvent::CopyAgain { reason } => tracing::warn!(%reason, "the bulk copy starts again"),
             DataEvent::Admitted { .. } | DataEvent::Copying => {}
         }
         if let Some(metrics) = &self.metrics {

@@ -26,7 +26,8 @@
 //! - The reads that move the stream or may make a broken connection again take `&mut self`.
 //! - An open snapshot's transaction holds `ACCESS SHARE` locks on the tables it has read until
 //!   it ends: the application's `TRUNCATE` or `ALTER TABLE`, and [`PgOld::unfence`]'s `DROP
-//!   TRIGGER`, wait for the copy to end ([`PgOld::disconnect`] ends it).
+//!   TRIGGER`, wait for the copy to end ([`PgOld::disconnect`] ends it, and so does the first
+//!   read of the stream, which comes once the copy is done).
 //! - Sequences and DDL are not carried; a table whose definition changes stops the stream with
 //!   an error that names it ([`crate::ChangeError::Changed`]).
 
@@ -252,9 +253,11 @@ impl PgOld {
         Ok(rows.max(0) as u64)
     }
 
-    /// Up to `limit` rows of `snapshot` after `after`, in (table, key) order.
+    /// Up to `limit` rows of `snapshot` after `after`, in (table, key) order. The last chunk
+    /// ends the snapshot (its transaction, and the locks and the oldest snapshot it holds): a
+    /// copy reads it once.
     pub async fn snapshot_chunk(
-        &self,
+        &mut self,
         snapshot: SnapshotId,
         after: &RowCursor,
         limit: usize,
@@ -262,7 +265,12 @@ impl PgOld {
         let gone = StoreError::SnapshotGone(snapshot);
         let reader = self.snapshots.get(&snapshot).filter(|c| !c.is_closed()).ok_or(gone.clone())?;
         match sql::read_rows(reader, &self.tables, after, limit, self.captured()).await {
-            Ok(chunk) => Ok(chunk),
+            Ok(chunk) => {
+                if chunk.last {
+                    self.snapshots.remove(&snapshot);
+                }
+                Ok(chunk)
+            }
             // The connection is lost, or the transaction aborted: the snapshot cannot be read.
             Err(PgError::Sql { what, message }) => {
                 tracing::debug!("snapshot {snapshot:?} is gone: {what}: {message}");
@@ -297,6 +305,10 @@ impl PgOld {
         after: Position,
         limit: usize,
     ) -> Result<(Vec<PgChange>, Position), StoreError> {
+        // The stream is read once the copy is done: a snapshot still open would only hold its
+        // transaction, its `ACCESS SHARE` locks (the application's `TRUNCATE` and `ALTER TABLE`
+        // would wait for them) and the database's oldest snapshot (vacuum could not clean up).
+        self.snapshots.clear();
         let read = self.read_changes(after, limit).await;
         if read.is_err() {
             // Started afresh from the slot on the next call.
@@ -317,9 +329,9 @@ impl PgOld {
     ///   stream, whole, so the values may be newer than the update's, never lost, and the row is
     ///   exact again once the stream reaches the present (at the latest, the final position). A
     ///   row gone by now is deleted (its deletion, or its move, follows in the stream).
-    /// - A `TRUNCATE` cannot be said row by row yet: the read fails, naming it, and keeps
-    ///   failing (the upgrade must be aborted and started again, whose copy reads the table as
-    ///   it is).
+    /// - A `TRUNCATE` cannot be said row by row: the read is [`StoreError::CopyAgain`], naming
+    ///   it, and the copy starts again from a fresh snapshot (a new slot), which holds its
+    ///   effect.
     pub async fn row_changes(&mut self, after: Position, limit: usize) -> Result<ChangeRead, StoreError> {
         let (changes, captured) = self.changes_after(after, limit).await?;
         let complete = match changes.last() {
@@ -351,9 +363,8 @@ impl PgOld {
                     }
                 }
                 PgOp::Truncate { table } => {
-                    return Err(StoreError::Unavailable(format!(
-                        "TRUNCATE of table {table} (at LSN {}): Imago cannot carry a TRUNCATE row by row yet; \
-                         abort the upgrade and start it again (its copy reads the table as it is)",
+                    return Err(StoreError::CopyAgain(format!(
+                        "TRUNCATE of table {table} at LSN {}: pgoutput names the table, not its rows",
                         Lsn(position.0)
                     )))
                 }

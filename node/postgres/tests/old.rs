@@ -100,7 +100,7 @@ async fn read_through(old: &mut PgOld, after: Position, until: Position) -> Vec<
 }
 
 /// Reads a whole snapshot, `limit` rows at a time.
-async fn read_snapshot(old: &PgOld, snapshot: SnapshotId, limit: usize, between: impl AsyncFn()) -> Tables {
+async fn read_snapshot(old: &mut PgOld, snapshot: SnapshotId, limit: usize, between: impl AsyncFn()) -> Tables {
     let mut tables = Tables::new();
     let mut after: RowCursor = None;
     loop {
@@ -218,7 +218,8 @@ async fn copy_then_stream_reproduces_the_table_under_concurrent_writes() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let (snapshot, at) = old.open_snapshot().await.expect("open a snapshot");
     let before_copy = commits.load(Ordering::SeqCst);
-    let mut copy = read_snapshot(&old, snapshot, 37, async || tokio::time::sleep(Duration::from_millis(3)).await).await;
+    let mut copy =
+        read_snapshot(&mut old, snapshot, 37, async || tokio::time::sleep(Duration::from_millis(3)).await).await;
     assert!(commits.load(Ordering::SeqCst) > before_copy + 5, "the writer wrote during the copy");
     // Stream a while, with the writer still on.
     run(&client, &["INSERT INTO imago_requests VALUES (2, 7, 2, 0, 2)"]).await;
@@ -444,7 +445,7 @@ async fn a_restart_mid_copy_starts_again_from_a_fresh_snapshot() {
     let (second, q2) = old.open_snapshot().await.expect("a fresh snapshot");
     assert!(q2 > q1, "the slot was made again, at a later consistent point");
     assert_eq!(old.confirmed().await.expect("confirmed"), Some(q2));
-    let copied = read_snapshot(&old, second, 100, async || {}).await;
+    let copied = read_snapshot(&mut old, second, 100, async || {}).await;
     assert_eq!(copied["items"], items(&client).await, "the fresh snapshot has the later write");
     assert!(copied["items"].contains_key(&1001));
     let slots = client.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await.expect("slots");
@@ -480,7 +481,7 @@ async fn truncate_and_unchanged_toast_are_reported_as_such() {
     let tables = schema(&[("docs", &["id", "title", "body"]), ("full_docs", &["id", "title", "body"])]);
     let mut old = open(&cluster, &tables).await;
     let (snapshot, at) = old.open_snapshot().await.expect("snapshot");
-    let mut copy = read_snapshot(&old, snapshot, 10, async || {}).await;
+    let mut copy = read_snapshot(&mut old, snapshot, 10, async || {}).await;
     // The copy's transaction holds ACCESS SHARE locks on what it read: TRUNCATE waits for it.
     old.disconnect();
     run(
@@ -528,7 +529,7 @@ async fn truncate_and_unchanged_toast_are_reported_as_such() {
 /// a TOASTed value unchanged completed from the row as it is now (a moved row's old key
 /// deleted, a row gone by now deleted), nothing for the fence's marker but a read complete up
 /// to it, a read cut short by its limit complete only up to its last transaction, and a
-/// TRUNCATE refused by name.
+/// TRUNCATE that asks for the copy to start again, by name.
 #[tokio::test]
 async fn row_changes_complete_unchanged_toast_from_the_row_and_end_at_the_marker() {
     let Some(cluster) = cluster() else { return };
@@ -544,7 +545,7 @@ async fn row_changes_complete_unchanged_toast_from_the_row_and_end_at_the_marker
     let tables = schema(&[("docs", &["id", "title", "body"])]);
     let mut old = open(&cluster, &tables).await;
     let (snapshot, at) = old.open_snapshot().await.expect("snapshot");
-    let mut copy = read_snapshot(&old, snapshot, 10, async || {}).await;
+    let mut copy = read_snapshot(&mut old, snapshot, 10, async || {}).await;
     old.disconnect();
     run(
         &client,
@@ -592,7 +593,7 @@ async fn row_changes_complete_unchanged_toast_from_the_row_and_end_at_the_marker
     // Nothing new: complete up to where it was.
     let read = old.row_changes(final_position, 100).await.expect("read");
     assert_eq!((read.changes.len(), read.complete_to), (0, final_position));
-    // A TRUNCATE cannot be said row by row: the read says so, naming it.
+    // A TRUNCATE cannot be said row by row: the read asks for a new copy, naming it.
     old.unfence().await.expect("unfence");
     run(&client, &["TRUNCATE docs"]).await;
     let refused = tokio::time::timeout(Duration::from_secs(10), async {
@@ -605,7 +606,7 @@ async fn row_changes_complete_unchanged_toast_from_the_row_and_end_at_the_marker
     })
     .await
     .expect("the TRUNCATE is read");
-    assert!(matches!(&refused, StoreError::Unavailable(m) if m.contains("TRUNCATE of table docs")), "{refused:?}");
+    assert!(matches!(&refused, StoreError::CopyAgain(m) if m.contains("TRUNCATE of table docs")), "{refused:?}");
 }
 
 #[tokio::test]
@@ -630,7 +631,7 @@ async fn copied_and_streamed_values_have_the_same_text() {
     let mut old = open(&cluster, &schema(&[("vals", &columns)])).await;
     let (snapshot, at) = old.open_snapshot().await.expect("snapshot");
     run(&client, &[&format!("INSERT INTO vals VALUES (2, {values})")]).await;
-    let copied = read_snapshot(&old, snapshot, 10, async || {}).await["vals"][&1].clone();
+    let copied = read_snapshot(&mut old, snapshot, 10, async || {}).await["vals"][&1].clone();
     let streamed = read_until(&mut old, at, 10, |all| !all.is_empty()).await;
     let PgOp::Row(RowOp::Upsert { row: mut streamed, .. }) = streamed[0].op.clone() else { panic!("an insert") };
     assert_eq!(streamed.insert("id".into(), Value::Int(1)), Some(Value::Int(2)));
@@ -647,7 +648,7 @@ async fn a_tiny_buffer_loses_and_repeats_nothing() {
     let mut old = open(&cluster, &items_schema()).await;
     old.set_buffer_bytes(1);
     let (snapshot, at) = old.open_snapshot().await.expect("snapshot");
-    let mut copy = read_snapshot(&old, snapshot, 1000, async || {}).await;
+    let mut copy = read_snapshot(&mut old, snapshot, 1000, async || {}).await;
     for i in 0..20 {
         write_once(&client, i).await;
     }

@@ -87,6 +87,8 @@ pub struct TransformCore {
     pub duplicates_skipped: u64,
     /// Planted bug: the next change is dropped (set on resume).
     skip_next: bool,
+    /// The stream held what cannot be applied row by row: the next work is a new copy.
+    recopy: bool,
     #[cfg(feature = "planted-bugs")]
     bug: Option<TransformBug>,
 }
@@ -100,6 +102,7 @@ impl TransformCore {
             snapshot: None,
             duplicates_skipped: 0,
             skip_next: false,
+            recopy: false,
             #[cfg(feature = "planted-bugs")]
             bug: None,
         }
@@ -135,6 +138,9 @@ impl TransformCore {
 
     /// What to read next.
     pub fn next_work(&self) -> Work {
+        if self.recopy {
+            return Work::Snapshot;
+        }
         match &self.checkpoint.copy {
             CopyState::NotStarted => Work::Snapshot,
             CopyState::Copying { after, .. } => match self.snapshot {
@@ -151,6 +157,7 @@ impl TransformCore {
     pub fn copy_started(&mut self, snapshot: SnapshotId, snapshot_at: Position) -> Batch {
         assert_eq!(self.next_work(), Work::Snapshot, "a snapshot opened while none was asked for");
         self.snapshot = Some(snapshot);
+        self.recopy = false;
         let base = self.checkpoint.clone();
         #[cfg(feature = "planted-bugs")]
         if self.planted_resume_copy() {
@@ -165,6 +172,15 @@ impl TransformCore {
     /// The copy's snapshot is gone (the store lost its connection): the copy starts over.
     pub fn snapshot_lost(&mut self) {
         self.snapshot = None;
+    }
+
+    /// The change stream holds a change that cannot be applied row by row (a `TRUNCATE`): the
+    /// copy starts again from a fresh snapshot, whose first batch empties the new universe on
+    /// top of the current checkpoint (so a crash before it leaves the checkpoint as it was, and
+    /// the restarted stream meets the same change again).
+    pub fn copy_again(&mut self) {
+        self.snapshot = None;
+        self.recopy = true;
     }
 
     /// Converts a chunk of snapshot rows (in (table, key) order, after the checkpoint's `after`).

@@ -1,0 +1,146 @@
+//! Both sides together, as a data node runs them: `PgOldStore` and `PgNewStore` (the
+//! synchronous data-store interface, each on a runtime of its own) driven by the transform core,
+//! one operation at a time through `node_core::data_node::perform`.
+
+// A real server: the test bounds its wait with the wall clock.
+#![allow(clippy::disallowed_methods)]
+
+use imago_node_postgres::throwaway::{ThrowawayCluster, ThrowawayOptions};
+use imago_node_postgres::{Names, PgNewStore, PgOldStore};
+use node_core::data_node::{perform, StoreOp, StoreResult};
+use node_core::duties::transform::{Positions, TransformCore, Work};
+use node_core::store::{Checkpoint, CopyState, NewStore, OldStore};
+use protocol::schema::{Mapping, Schema, TableSchema, Transform, Value};
+use protocol::{Position, UpgradeId};
+use std::time::{Duration, Instant};
+
+/// Runs `sql` on database `db` with `psql`-free means: a client on a runtime of its own.
+fn run(cluster: &ThrowawayCluster, db: &str, sql: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = cluster.client(db, "postgres").await.expect("connect");
+        client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    });
+}
+
+/// Rows of `table` in `db`: id → the text of `column`.
+fn rows(cluster: &ThrowawayCluster, db: &str, table: &str, column: &str) -> Vec<(i64, String)> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = cluster.client(db, "postgres").await.expect("connect");
+        let sql = format!("SELECT id, {column} FROM {table} ORDER BY id");
+        client.query(&sql, &[]).await.expect("rows").iter().map(|r| (r.get(0), r.get(1))).collect()
+    })
+}
+
+/// One transform step through the stores, as the data node's core asks for it; `true` when
+/// the stream is read to `until` (and nothing was left to do).
+fn step(
+    core: &mut TransformCore,
+    old: &mut PgOldStore,
+    new: &mut PgNewStore,
+    until: Position,
+    again: &mut u32,
+) -> bool {
+    let batch = match core.next_work() {
+        Work::Snapshot => match perform(old, new, StoreOp::OpenSnapshot) {
+            StoreResult::SnapshotOpened { snapshot, at, .. } => core.copy_started(snapshot, at),
+            other => panic!("open a snapshot: {other:?}"),
+        },
+        Work::CopyChunk { snapshot, after, limit } => {
+            match perform(old, new, StoreOp::ReadSnapshot { snapshot, after, limit }) {
+                StoreResult::Chunk(chunk) => core.copy_chunk(&chunk.rows, chunk.last).expect("copy"),
+                other => panic!("read the snapshot: {other:?}"),
+            }
+        }
+        Work::Stream { after, limit } => match perform(old, new, StoreOp::ReadChanges { after, limit }) {
+            StoreResult::Changes(read) => {
+                if read.changes.is_empty() && !core.read_moves(read.complete_to) {
+                    return after >= until;
+                }
+                core.apply_read(&read.changes, read.complete_to).expect("stream")
+            }
+            StoreResult::CopyAgain { reason } => {
+                assert!(reason.contains("TRUNCATE of table docs"), "{reason}");
+                *again += 1;
+                core.copy_again();
+                return false;
+            }
+            other => panic!("read changes: {other:?}"),
+        },
+    };
+    assert_eq!(perform(old, new, StoreOp::Apply(batch)), StoreResult::Applied);
+    false
+}
+
+/// An application's `TRUNCATE` while the upgrade runs: the stream cannot say it row by row, so
+/// the copy starts again from a fresh snapshot (a new slot), and the new database ends equal
+/// to transform(old): the rows written before the `TRUNCATE` are gone, those written after it
+/// are there. (Regression: the copy's snapshot transaction stayed open after the copy, holding
+/// its locks, and the `TRUNCATE` waited for it for ever; the last chunk now ends it.)
+#[test]
+fn a_truncate_in_the_stream_starts_the_copy_again_and_the_new_database_ends_equal() {
+    let Some(cluster) = ThrowawayCluster::start_for_test_with(ThrowawayOptions { fsync: false, ..Default::default() })
+    else {
+        return;
+    };
+    for db in ["old_docs", "new_docs"] {
+        cluster.create_database(db).expect("create database");
+    }
+    run(
+        &cluster,
+        "old_docs",
+        "CREATE TABLE docs (id bigint PRIMARY KEY, title text); \
+         INSERT INTO docs SELECT g, 'before-' || g FROM generate_series(1, 300) g;",
+    );
+    let schema = Schema {
+        tables: [("docs".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "title".into()] })]
+            .into_iter()
+            .collect(),
+    };
+    let rename = Transform::RenameColumn { table: "docs".into(), from: "title".into(), to: "name".into() };
+    let mapping = Mapping::compile(&schema, &[rename]).expect("mapping");
+    let mut old = PgOldStore::open(&cluster.connection_string("old_docs"), &schema, Names::for_upgrade(UpgradeId(9)))
+        .expect("open the old database");
+    let mut new = PgNewStore::open(&cluster.connection_string("new_docs"), &mapping).expect("open the new database");
+    let mut core = TransformCore::new(new.checkpoint().expect("checkpoint")).with_positions(Positions::Ordered);
+    let mut again = 0;
+    // The copy, then a few changes streamed.
+    while !core.bulk_done() {
+        step(&mut core, &mut old, &mut new, Position(u64::MAX), &mut again);
+    }
+    run(&cluster, "old_docs", "UPDATE docs SET title = 'changed' WHERE id <= 10; DELETE FROM docs WHERE id = 300;");
+    run(&cluster, "old_docs", "TRUNCATE docs; INSERT INTO docs VALUES (1000, 'after'), (1001, 'after');");
+    let final_position = old.fence().expect("fence");
+    let started = Instant::now();
+    while !step(&mut core, &mut old, &mut new, final_position, &mut again) {
+        assert!(started.elapsed() < Duration::from_secs(30), "not caught up: {:?}", core.checkpoint());
+    }
+    assert_eq!(again, 1, "the copy started again once");
+    let checkpoint: Checkpoint = new.checkpoint().expect("checkpoint");
+    assert_eq!(checkpoint.copy, CopyState::Done);
+    assert_eq!(checkpoint.copies, 2, "a second copy");
+    assert!(checkpoint.applied >= final_position);
+    assert_eq!(
+        rows(&cluster, "new_docs", "docs", "name"),
+        vec![(1000, "after".to_string()), (1001, "after".to_string())]
+    );
+    let (expected, actual) = {
+        let chunk = old.rows_chunk(&None, 1_000).expect("old rows");
+        assert_eq!(chunk.rows.len(), 2);
+        assert!(chunk.rows.iter().all(|(_, _, r)| r["title"] == Value::Text("after".into())));
+        new.stage(&chunk.rows, true).expect("stage");
+        new.compare_staged().expect("compare")
+    };
+    assert_eq!(expected, actual, "transform(old) equals the new database");
+    old.remove_capture().expect("clean-up");
+    assert_eq!(
+        old.imago_objects()
+            .expect("objects")
+            .iter()
+            .filter(|o| o.starts_with("slot") || o.starts_with("publication"))
+            .count(),
+        0,
+        "no slot or publication left"
+    );
+}
