@@ -56,7 +56,7 @@ pub struct DataArgs {
 
 /// A database named on the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Database {
+pub(crate) enum Database {
     /// A SQLite file: `PATH` or `sqlite:PATH`.
     Sqlite(String),
     /// A PostgreSQL connection URL.
@@ -64,7 +64,7 @@ enum Database {
 }
 
 impl Database {
-    fn parse(arg: &str, flag: &str) -> anyhow::Result<Database> {
+    pub(crate) fn parse(arg: &str, flag: &str) -> anyhow::Result<Database> {
         if arg.starts_with("postgres://") || arg.starts_with("postgresql://") {
             return Ok(Database::Postgres(arg.to_string()));
         }
@@ -75,8 +75,46 @@ impl Database {
         Ok(Database::Sqlite(path.to_string()))
     }
 
+    /// Retires it as the old database of `plan`'s upgrade (capture and fence go); what of
+    /// Imago's is left but the request log.
+    pub(crate) fn retire_old(&self, plan: &protocol::plan::Plan) -> anyhow::Result<Vec<String>> {
+        let failed = |e: &dyn std::fmt::Display| anyhow::anyhow!("retiring the old database {}: {e}", self.shown());
+        match self {
+            Database::Sqlite(path) => {
+                if !Path::new(path).exists() {
+                    bail!("--old-db {path}: no such database file");
+                }
+                let mut old = SqliteOld::open(path, &plan.old_schema).map_err(|e| failed(&e))?;
+                old.retire().map_err(|e| failed(&e))?;
+                old.imago_objects().map_err(|e| failed(&e))
+            }
+            Database::Postgres(url) => {
+                let mut old =
+                    PgOldStore::open(url, &plan.old_schema, pg_names(plan.old_generation)).map_err(|e| failed(&e))?;
+                old.retire().map_err(|e| failed(&e))?;
+                old.imago_objects().map_err(|e| failed(&e))
+            }
+        }
+    }
+
+    /// Retires it as a new database (checkpoint, key map and guard go, nothing is set up
+    /// first: the database may serve the application); what of Imago's is left but the
+    /// request log.
+    pub(crate) fn retire_new(&self) -> anyhow::Result<Vec<String>> {
+        let failed = |e: &dyn std::fmt::Display| anyhow::anyhow!("retiring the new database {}: {e}", self.shown());
+        match self {
+            Database::Sqlite(path) => {
+                if !Path::new(path).exists() {
+                    bail!("--new-db {path}: no such database file");
+                }
+                SqliteNew::retire(path).map_err(|e| failed(&e))
+            }
+            Database::Postgres(url) => PgNewStore::retire(url).map_err(|e| failed(&e)),
+        }
+    }
+
     /// How it is named in logs: a URL without its password.
-    fn shown(&self) -> String {
+    pub(crate) fn shown(&self) -> String {
         match self {
             Database::Sqlite(path) => path.clone(),
             Database::Postgres(url) => match (url.find("://"), url.rfind('@')) {
@@ -98,7 +136,7 @@ fn pg_names(generation: protocol::Generation) -> node_postgres::Names {
     node_postgres::Names { slot: name.clone(), publication: name }
 }
 
-fn load_plan(file: &Path) -> anyhow::Result<protocol::plan::Plan> {
+pub(crate) fn load_plan(file: &Path) -> anyhow::Result<protocol::plan::Plan> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading the plan {}", file.display()))?;
     // The plan's own errors name file, line and field.
     protocol::plan::Plan::from_toml(&file.display().to_string(), &text).map_err(anyhow::Error::msg)

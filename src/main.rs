@@ -3,6 +3,7 @@
 mod cluster_cmd;
 mod coordinator_cmd;
 mod data_node_cmd;
+mod data_retire_cmd;
 mod metrics_http;
 mod node_cmd;
 mod operator_cmd;
@@ -66,6 +67,21 @@ enum Command {
         #[command(subcommand)]
         command: operator_cmd::ClusterCommand,
     },
+    /// Clean up a data node's databases once its upgrade has ended.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Stop the data node first. Once the plan's upgrade has switched or been rolled back (the
+    /// coordinators are asked), remove what Imago left: from the old database its capture (a
+    /// PostgreSQL slot keeps WAL until it goes) and its fence, from the new one its checkpoint,
+    /// key map and guard. The request logs stay. While the upgrade runs, or when no coordinator
+    /// answers, nothing is touched.
+    Retire(data_retire_cmd::RetireArgs),
 }
 
 #[derive(Subcommand)]
@@ -114,6 +130,7 @@ fn main() -> std::process::ExitCode {
         Command::Upgrade { command } => operator_cmd::upgrade(command),
         Command::Router { command } => operator_cmd::router(command),
         Command::Cluster { command } => operator_cmd::cluster(command),
+        Command::Data { command: DataCommand::Retire(args) } => data_retire_cmd::run(&args),
     };
     match result {
         Ok(code) => code,

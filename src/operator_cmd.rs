@@ -204,6 +204,22 @@ impl Coordinators {
     }
 }
 
+/// The coordinators' status of the current (or last) upgrade, or why none was had (no
+/// coordinator answered, or one answered something else).
+pub(crate) fn status_of(cluster: &ClusterFile) -> anyhow::Result<Result<StatusView, String>> {
+    runtime()?.block_on(async {
+        let coordinators = Coordinators::new(cluster)?;
+        Ok(match coordinators.call(CliRequest::Status).await {
+            Outcome::Answered(CliResponse::Status(status)) => Ok(status),
+            Outcome::Answered(other) => Err(format!("the coordinators answered {other:?} to a status request")),
+            Outcome::NoAnswer(failures) => Err(format!(
+                "no coordinator answered, so whether the upgrade ended is unknown: {}",
+                failures.join("; ")
+            )),
+        })
+    })
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }

@@ -1428,6 +1428,23 @@ fn data_switches_under_writes_and_kills(test: &str, tier: DataTier, admissions: 
     wait_gate(&c);
     let refused = (tier.console)(2, "INSERT INTO items (id, text, size) VALUES (-1, 'console', 7)");
     assert!(refused.is_some_and(|e| e.contains("not switched to yet")), "the guard refuses a console");
+    // Retiring the databases of an upgrade that still runs touches nothing.
+    let retire = |c: &Cluster, upgrade: usize| {
+        c.cli(&[
+            "data",
+            "retire",
+            "--plan",
+            &path(&plans[upgrade]),
+            "--old-db",
+            &tier.dbs[upgrade],
+            "--new-db",
+            &tier.dbs[upgrade + 1],
+        ])
+    };
+    let early = retire(&c, 1);
+    let said = String::from_utf8_lossy(&early.stderr);
+    assert_eq!(early.status.code(), Some(2), "{said}");
+    assert!(said.contains("still running (Syncing)") && said.contains("nothing was touched"), "{said}");
     let switch = c.cli(&["upgrade", "switch"]);
     assert!(switch.status.success(), "{}", String::from_utf8_lossy(&switch.stderr));
     wait_done(&c);
@@ -1464,6 +1481,23 @@ fn data_switches_under_writes_and_kills(test: &str, tier: DataTier, admissions: 
     for (v, sql) in [(0, "UPDATE items SET body = 'console' WHERE id = 1"), (1, "DELETE FROM items WHERE id = 1")] {
         assert!((tier.console)(v, sql).is_some_and(|e| e.contains("is fenced")), "v{} stays fenced", v + 1);
         assert_eq!((tier.capture_left)(v), Vec::<String>::new(), "capture left in v{}", v + 1);
+    }
+    // The operator retires both upgrades' databases (the data node stopped first): the fences
+    // go, and nothing of Imago's is left but the request logs.
+    c.stop("db-1");
+    // Each database holds Imago's objects of two upgrades (as new, then as old): it is clean
+    // once both are retired, and retiring again (idempotent) finds nothing left.
+    for upgrade in [0, 1, 0] {
+        let out = retire(&c, upgrade);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && said.contains("switched"), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let again = retire(&c, 1);
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert_eq!(said.matches("left: nothing but the request log").count(), 2, "{said}");
+    for v in 0..2 {
+        assert_eq!((tier.console)(v, "DELETE FROM items WHERE id = -5"), None, "v{} takes writes again", v + 1);
+        assert_eq!((tier.capture_left)(v), Vec::<String>::new());
     }
     println!(
         "data switches under writes on {}: {} writes ({} to v2, {} to v3), none failed; {} rows in the last \

@@ -91,6 +91,11 @@ impl PgOldStore {
     pub fn imago_objects(&self) -> Result<Vec<String>, PgError> {
         self.0.run(async |old: &mut PgOld| old.imago_objects().await)
     }
+
+    /// The upgrade ended: every object of Imago's goes, the fence too ([`PgOld::retire`]).
+    pub fn retire(&mut self) -> Result<(), PgError> {
+        self.0.run(async |old: &mut PgOld| old.retire().await)
+    }
 }
 
 impl OldStore for PgOldStore {
@@ -159,6 +164,14 @@ impl PgNewStore {
     /// Imago's objects in the database but the request log (for checks).
     pub fn imago_objects(&self) -> Result<Vec<String>, PgError> {
         self.0.run(async |new: &mut PgNew| new.imago_objects().await)
+    }
+
+    /// [`PgNew::retire`] on a runtime of its own. Must not be called on an async thread.
+    pub fn retire(conn_str: &str) -> Result<Vec<String>, PgError> {
+        let runtime = runtime("imago-pg-new")?;
+        let left = runtime.block_on(PgNew::retire(conn_str));
+        runtime.shutdown_background();
+        left
     }
 }
 

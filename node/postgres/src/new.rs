@@ -496,39 +496,34 @@ impl PgNew {
     pub async fn remove_imago(&mut self) -> Result<(), PgError> {
         self.release_writers().await.map_err(|e| PgError::Unavailable(e.to_string()))?;
         self.drop_staging().await?;
-        let ddl = format!(
-            "BEGIN; SET LOCAL lock_timeout = {}; DROP FUNCTION IF EXISTS {}.{}() CASCADE; \
-             DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; COMMIT;",
-            literal(&format!("{GUARD_LOCK_TIMEOUT_MS}ms")),
-            self.live.schema,
-            ident(GUARD_FUNCTION),
-            self.live.imago(CHECKPOINT_TABLE),
-            self.live.imago(KEYS_TABLE),
-            self.live.imago(KEY_NEXT_TABLE),
-        );
-        if let Err(e) = self.client.batch_execute(&ddl).await {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-            return Err(sql_error("remove Imago's objects")(e));
-        }
+        remove_imago(&self.client, &self.live).await?;
         self.cache = Cache::default();
         Ok(())
+    }
+
+    /// The operator retires the new database of `conn_str` after its upgrade ended: Imago's
+    /// objects go, as [`PgNew::remove_imago`], without setting anything up first (opening the
+    /// store would make the guard again where the checkpoint is gone, and refuse a serving
+    /// application's writes meanwhile). What of Imago's is left but the request log.
+    pub async fn retire(conn_str: &str) -> Result<Vec<String>, PgError> {
+        let client = sql::connect(&config(conn_str)?).await?;
+        let schema_name: Option<String> = client
+            .query_one("SELECT current_schema()::text", &[])
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(sql_error("read the current schema"))?;
+        let Some(schema_name) = schema_name else {
+            return Err(PgError::Refused("no current schema (the search_path names none that exists)".into()));
+        };
+        let live = Live { schema: ident(&schema_name), tables: BTreeMap::new() };
+        remove_imago(&client, &live).await?;
+        imago_objects(&client).await
     }
 
     /// Names of Imago's objects left in the database but the request log (triggers, tables
     /// and functions named `imago_…`), for checks.
     pub async fn imago_objects(&self) -> Result<Vec<String>, PgError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT 'trigger ' || tgname || ' on ' || tgrelid::regclass::text FROM pg_trigger WHERE tgname LIKE 'imago\\_%' \
-                 UNION ALL SELECT 'table ' || relname FROM pg_class WHERE relname LIKE 'imago\\_%' AND relkind = 'r' AND relname <> $1 \
-                 UNION ALL SELECT 'function ' || proname FROM pg_proc WHERE proname LIKE 'imago\\_%' \
-                 ORDER BY 1",
-                &[&REQUEST_LOG_TABLE],
-            )
-            .await
-            .map_err(sql_error("list Imago's objects"))?;
-        rows.iter().map(|r| r.try_get(0).map_err(sql_error("list Imago's objects"))).collect()
+        imago_objects(&self.client).await
     }
 
     /// Every row of new table `table` (key order), for checks.
@@ -644,6 +639,41 @@ impl PgNew {
         }
         Ok(())
     }
+}
+
+/// Names of Imago's objects in the database but the request log (triggers, tables and
+/// functions named `imago_…`).
+async fn imago_objects(client: &Client) -> Result<Vec<String>, PgError> {
+    let rows = client
+        .query(
+            "SELECT 'trigger ' || tgname || ' on ' || tgrelid::regclass::text FROM pg_trigger WHERE tgname LIKE 'imago\\_%' \
+             UNION ALL SELECT 'table ' || relname FROM pg_class WHERE relname LIKE 'imago\\_%' AND relkind = 'r' AND relname <> $1 \
+             UNION ALL SELECT 'function ' || proname FROM pg_proc WHERE proname LIKE 'imago\\_%' \
+             ORDER BY 1",
+            &[&REQUEST_LOG_TABLE],
+        )
+        .await
+        .map_err(sql_error("list Imago's objects"))?;
+    rows.iter().map(|r| r.try_get(0).map_err(sql_error("list Imago's objects"))).collect()
+}
+
+/// Drops the guard, the checkpoint and the key map in `live`'s schema, in one transaction.
+async fn remove_imago(client: &Client, live: &Live) -> Result<(), PgError> {
+    let ddl = format!(
+        "BEGIN; SET LOCAL lock_timeout = {}; DROP FUNCTION IF EXISTS {}.{}() CASCADE; \
+         DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; COMMIT;",
+        literal(&format!("{GUARD_LOCK_TIMEOUT_MS}ms")),
+        live.schema,
+        ident(GUARD_FUNCTION),
+        live.imago(CHECKPOINT_TABLE),
+        live.imago(KEYS_TABLE),
+        live.imago(KEY_NEXT_TABLE),
+    );
+    if let Err(e) = client.batch_execute(&ddl).await {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(sql_error("remove Imago's objects")(e));
+    }
+    Ok(())
 }
 
 /// The guard: a trigger function that raises unless the session set [`TRANSFORM_SETTING`], and

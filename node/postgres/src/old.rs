@@ -536,7 +536,7 @@ impl PgOld {
 
     /// The operator retires the old database after a switch: every object of Imago's goes, the
     /// fence too (the request log stays: it is data).
-    pub async fn retire(mut self) -> Result<(), PgError> {
+    pub async fn retire(&mut self) -> Result<(), PgError> {
         self.remove_capture().await?;
         let ddl = self.unfence_ddl().await?;
         self.retried("remove the fence", &ddl).await

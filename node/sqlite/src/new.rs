@@ -120,13 +120,17 @@ impl SqliteNew {
     pub fn remove_imago(&mut self) -> Result<(), SqliteError> {
         self.release_writers()?;
         self.drop_staging()?;
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        sql::drop_triggers(&tx, GUARD_PREFIX)?;
-        tx.execute_batch(&format!(
-            "DROP TABLE IF EXISTS {CHECKPOINT_TABLE}; DROP TABLE IF EXISTS main.{KEYS_TABLE}; DROP TABLE IF EXISTS main.{KEY_NEXT_TABLE};"
-        ))?;
-        tx.commit()?;
-        Ok(())
+        remove_imago(&mut self.conn)
+    }
+
+    /// The operator retires the new database at `path` after its upgrade ended: Imago's objects
+    /// go, as [`SqliteNew::remove_imago`], without setting anything up first (opening the
+    /// store would make the guard again where the checkpoint is gone, and refuse a serving
+    /// application's writes meanwhile). What of Imago's is left but the request log.
+    pub fn retire(path: &str) -> Result<Vec<String>, SqliteError> {
+        let mut conn = sql::open(path)?;
+        remove_imago(&mut conn)?;
+        crate::old::imago_objects(&conn)
     }
 
     /// Names of Imago's objects left in the database (triggers and tables), for checks.
@@ -354,4 +358,15 @@ impl NewStore for SqliteNew {
     fn release_writers(&mut self) -> Result<(), StoreError> {
         Ok(SqliteNew::release_writers(self)?)
     }
+}
+
+/// Drops the guard, the checkpoint and the key map, in one transaction.
+fn remove_imago(conn: &mut rusqlite::Connection) -> Result<(), SqliteError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    sql::drop_triggers(&tx, GUARD_PREFIX)?;
+    tx.execute_batch(&format!(
+        "DROP TABLE IF EXISTS {CHECKPOINT_TABLE}; DROP TABLE IF EXISTS main.{KEYS_TABLE}; DROP TABLE IF EXISTS main.{KEY_NEXT_TABLE};"
+    ))?;
+    tx.commit()?;
+    Ok(())
 }

@@ -91,7 +91,7 @@ impl SqliteOld {
 
     /// The operator retires the old database after a switch: every object of Imago's goes,
     /// the fence too.
-    pub fn retire(mut self) -> Result<(), SqliteError> {
+    pub fn retire(&mut self) -> Result<(), SqliteError> {
         self.remove_capture()?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         sql::drop_triggers(&tx, FENCE_PREFIX)?;
