@@ -14,7 +14,7 @@ use node_core::agent::AgentConfig;
 use node_core::data_node::{DataNodeConfig, DataNodeCore};
 use node_core::duties::transform::Positions;
 use node_core::store::{
-    Batch, ChangeRead, Checkpoint, Chunk, RowCursor, SnapshotId, StaleBatch, StoreError, StoredRow,
+    Batch, ChangeRead, Checkpoint, Chunk, RowCursor, Sequences, SnapshotId, StaleBatch, StoreError, StoredRow,
 };
 use node_core::store::{NewStore, OldStore};
 use node_http::disk::FileDisk;
@@ -339,6 +339,9 @@ impl OldStore for Old {
     fn remove_capture(&mut self) -> Result<(), StoreError> {
         each!(self, s => OldStore::remove_capture(s))
     }
+    fn sequences(&self) -> Result<Sequences, StoreError> {
+        each!(self, s => OldStore::sequences(s))
+    }
 }
 
 impl NewStore for New {
@@ -357,8 +360,8 @@ impl NewStore for New {
     fn checksum(&self) -> Result<u64, StoreError> {
         each_new!(self, s => NewStore::checksum(s))
     }
-    fn open_to_clients(&mut self) -> Result<(), StoreError> {
-        each_new!(self, s => NewStore::open_to_clients(s))
+    fn open_to_clients(&mut self, sequences: &Sequences) -> Result<(), StoreError> {
+        each_new!(self, s => NewStore::open_to_clients(s, sequences))
     }
     fn hold_writers(&mut self) -> Result<(), StoreError> {
         each_new!(self, s => NewStore::hold_writers(s))

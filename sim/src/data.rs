@@ -277,7 +277,7 @@ impl World {
                     self.checker.found(now, found);
                 }
                 let d = &mut self.data[i];
-                d.new.open_to_clients().expect(MEM);
+                d.new.open_to_clients(&Default::default()).expect(MEM);
                 StoreResult::OpenedToClients
             }
             StoreOp::RemoveCapture => {

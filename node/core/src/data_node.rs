@@ -184,7 +184,10 @@ pub fn perform(old: &mut impl OldStore, new: &mut impl NewStore, op: StoreOp) ->
             new.compare_staged().map(|(expected, actual)| StoreResult::Compared { expected, actual })
         }
         StoreOp::ReadCheckpoint => new.checkpoint().map(StoreResult::Checkpoint),
-        StoreOp::OpenNew => new.open_to_clients().map(|()| StoreResult::OpenedToClients),
+        // The old store is fenced for good by now: its sequences are final.
+        StoreOp::OpenNew => {
+            old.sequences().and_then(|sequences| new.open_to_clients(&sequences)).map(|()| StoreResult::OpenedToClients)
+        }
         StoreOp::RemoveCapture => old.remove_capture().map(|()| StoreResult::CaptureRemoved),
         StoreOp::HoldWriters => new.hold_writers().map(|()| StoreResult::WritersHeld),
         StoreOp::ReleaseWriters => new.release_writers().map(|()| StoreResult::WritersReleased),

@@ -120,6 +120,27 @@ pub trait OldStore {
     /// The switch committed: capture is no longer needed, and goes (the adapters' triggers and
     /// change table; every change is forgotten). The fence stays. Idempotent.
     fn remove_capture(&mut self) -> Result<(), StoreError>;
+    /// The last value each captured table's key sequence gave (PostgreSQL's serial and
+    /// identity keys, SQLite's `AUTOINCREMENT`), by old table; tables without one are left out.
+    /// Read once fenced, so that the new universe's sequences continue after them.
+    fn sequences(&self) -> Result<Sequences, StoreError> {
+        Ok(Sequences::new())
+    }
+}
+
+/// Old table → the last value its key's sequence gave.
+pub type Sequences = BTreeMap<String, i64>;
+/// New table → the largest sequence value of the old tables whose rows feed it with their own
+/// key (a generated key's table has Imago's key map instead).
+pub fn feeding(mapping: &Mapping, sequences: &Sequences) -> BTreeMap<String, i64> {
+    let mut found = BTreeMap::new();
+    for (old, value) in sequences {
+        for output in mapping.outputs.get(old).into_iter().flatten().filter(|o| !o.generated) {
+            let entry = found.entry(output.table.clone()).or_insert(*value);
+            *entry = (*entry).max(*value);
+        }
+    }
+    found
 }
 
 /// The new universe's store, as a data node writes it. It converts what it is given by the
@@ -146,8 +167,12 @@ pub trait NewStore {
     fn checksum(&self) -> Result<u64, StoreError>;
     /// The switch committed: clients may write now (until then, only the transform may).
     /// Idempotent, and it lasts: a store opened stays open when opened again. If writers are
-    /// held ([`NewStore::hold_writers`]), the opening lets them through.
-    fn open_to_clients(&mut self) -> Result<(), StoreError>;
+    /// held ([`NewStore::hold_writers`]), the opening lets them through. In the same
+    /// transaction, while the store is still guarded (never once open: the application's own
+    /// inserts move them on then), each new table's key sequence is set past the old tables'
+    /// that feed it (`sequences`, read from the fenced old store) and past its own largest key,
+    /// so the new application never hands out a key the old one did.
+    fn open_to_clients(&mut self, sequences: &Sequences) -> Result<(), StoreError>;
     /// The drain is done and the switch may commit: make writers other than the transform wait
     /// (a database's write lock) instead of being refused, until [`NewStore::open_to_clients`]
     /// lets them through or [`NewStore::release_writers`] lets the guard refuse them. Held by
@@ -695,7 +720,7 @@ impl NewStore for MemStore {
         Ok(checksum(&self.tables))
     }
 
-    fn open_to_clients(&mut self) -> Result<(), StoreError> {
+    fn open_to_clients(&mut self, _sequences: &Sequences) -> Result<(), StoreError> {
         self.guarded = false;
         Ok(())
     }

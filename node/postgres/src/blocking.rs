@@ -14,7 +14,8 @@
 
 use crate::{Names, PgError, PgNew, PgOld};
 use node_core::store::{
-    Batch, ChangeRead, Checkpoint, Chunk, NewStore, OldStore, RowCursor, SnapshotId, StaleBatch, StoreError, StoredRow,
+    Batch, ChangeRead, Checkpoint, Chunk, NewStore, OldStore, RowCursor, Sequences, SnapshotId, StaleBatch, StoreError,
+    StoredRow,
 };
 use protocol::schema::{Mapping, Schema};
 use protocol::Position;
@@ -142,6 +143,10 @@ impl OldStore for PgOldStore {
     fn remove_capture(&mut self) -> Result<(), StoreError> {
         self.0.run(async |old: &mut PgOld| old.remove_capture().await.map_err(StoreError::from))
     }
+
+    fn sequences(&self) -> Result<Sequences, StoreError> {
+        self.0.run(async |old: &mut PgOld| old.sequences().await)
+    }
 }
 
 /// The new universe's PostgreSQL database as a [`NewStore`].
@@ -196,8 +201,8 @@ impl NewStore for PgNewStore {
         self.0.run(async |new: &mut PgNew| new.checksum().await)
     }
 
-    fn open_to_clients(&mut self) -> Result<(), StoreError> {
-        self.0.run(async |new: &mut PgNew| new.open_to_clients().await)
+    fn open_to_clients(&mut self, sequences: &Sequences) -> Result<(), StoreError> {
+        self.0.run(async |new: &mut PgNew| new.open_to_clients_after(sequences).await)
     }
 
     fn hold_writers(&mut self) -> Result<(), StoreError> {

@@ -25,7 +25,7 @@ use crate::program::{self, Cache, Live, LiveTable, Program, ProgramError, Target
 use crate::sql::{self, describe, ident, literal, sql_error};
 use crate::PgError;
 use node_core::duties::validate::row_hash;
-use node_core::store::{Batch, Checkpoint, CopyState, StaleBatch, StoreError, StoredRow};
+use node_core::store::{Batch, Checkpoint, CopyState, Sequences, StaleBatch, StoreError, StoredRow};
 use protocol::schema::{Mapping, Row, RowOp, Schema, REQUEST_LOG_TABLE};
 use protocol::Position;
 use std::collections::BTreeMap;
@@ -424,17 +424,51 @@ impl PgNew {
     /// store is opened again). Idempotent. Held writers ([`PgNew::hold_writers`]) go on as the
     /// guard goes: it is dropped in the transaction that holds them, and they find it gone.
     pub async fn open_to_clients(&mut self) -> Result<(), StoreError> {
+        self.open_to_clients_after(&Sequences::new()).await
+    }
+
+    /// [`PgNew::open_to_clients`], and while still guarded, in the same transaction, each new
+    /// table's key sequence (serial or identity) set past its largest key (the copy wrote keys
+    /// without the sequence) and past the old tables' sequences that feed it (`sequences`), so
+    /// the new application never hands out a key the old one did. Once open, sequences are the
+    /// application's: they are not touched again.
+    pub async fn open_to_clients_after(&mut self, sequences: &Sequences) -> Result<(), StoreError> {
         self.reconnect().await?;
-        let drop_guard = format!(
-            "SET LOCAL lock_timeout = {}; DROP FUNCTION IF EXISTS {}.{}() CASCADE; COMMIT;",
-            literal(&format!("{GUARD_LOCK_TIMEOUT_MS}ms")),
-            self.live.schema,
-            ident(GUARD_FUNCTION)
+        let begin = format!(
+            "{}SET LOCAL lock_timeout = {};",
+            if self.held { "" } else { "BEGIN; " },
+            literal(&format!("{GUARD_LOCK_TIMEOUT_MS}ms"))
         );
-        let ddl = if self.held { drop_guard } else { format!("BEGIN; {drop_guard}") };
         // Committed or rolled back: the locks are let go either way.
         self.held = false;
-        if let Err(e) = self.client.batch_execute(&ddl).await {
+        let opened = async {
+            self.client.batch_execute(&begin).await?;
+            let function = format!("{}.{}()", self.live.schema, ident(GUARD_FUNCTION));
+            let guarded: bool =
+                self.client.query_one("SELECT to_regprocedure($1) IS NOT NULL", &[&function]).await?.try_get(0)?;
+            if guarded {
+                let feeding = node_core::store::feeding(&self.mapping, sequences);
+                for (name, table) in self.live.tables.iter().filter(|(name, _)| name.as_str() != REQUEST_LOG_TABLE) {
+                    let qualified = self.live.qualified(name, Target::Main);
+                    let sequence: Option<String> = self
+                        .client
+                        .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&qualified, &table.key])
+                        .await?
+                        .try_get(0)?;
+                    let Some(sequence) = sequence else { continue };
+                    let old = feeding.get(name).copied().unwrap_or(1);
+                    let set = format!(
+                        "SELECT setval($1::text::regclass, greatest((SELECT last_value FROM {sequence}), \
+                         (SELECT max({}) FROM {qualified}), $2::bigint))",
+                        ident(&table.key)
+                    );
+                    self.client.execute(&set, &[&sequence, &old]).await?;
+                }
+            }
+            let drop_guard = format!("DROP FUNCTION IF EXISTS {function} CASCADE; COMMIT;");
+            self.client.batch_execute(&drop_guard).await
+        };
+        if let Err(e) = opened.await {
             let _ = self.client.batch_execute("ROLLBACK").await;
             return Err(unavailable(&e));
         }

@@ -36,7 +36,7 @@ use crate::pgoutput::Lsn;
 use crate::sql::{self, ident, literal, sql_error};
 use crate::stream::Stream;
 use crate::PgError;
-use node_core::store::{ChangeRead, Chunk, RowCursor, SnapshotId, StoreError};
+use node_core::store::{ChangeRead, Chunk, RowCursor, Sequences, SnapshotId, StoreError};
 use pgwire_replication::{ReplicationClient, ReplicationConfig};
 use protocol::schema::{RowOp, Schema};
 use protocol::{Position, UpgradeId};
@@ -511,6 +511,34 @@ impl PgOld {
         stream.buffer.give_up_to(up_to);
         stream.acknowledge(up_to);
         Ok(())
+    }
+
+    /// The last value each captured table's key sequence (serial or identity) gave, by table.
+    pub async fn sequences(&mut self) -> Result<Sequences, StoreError> {
+        let mut found = Sequences::new();
+        let tables: Vec<(String, String)> = self
+            .tables
+            .iter()
+            .filter(|(name, _)| name.as_str() != protocol::schema::REQUEST_LOG_TABLE)
+            .map(|(name, table)| (name.clone(), table.key.clone()))
+            .collect();
+        let client = self.sql().await?;
+        for (name, key) in tables {
+            let what = || format!("read the key sequence of {name}");
+            let row = client
+                .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&ident(&name), &key])
+                .await
+                .map_err(sql_error(what()))?;
+            let sequence: Option<String> = row.try_get(0).map_err(sql_error(what()))?;
+            let Some(sequence) = sequence else { continue };
+            let row = client
+                .query_one(&format!("SELECT last_value FROM {sequence}"), &[])
+                .await
+                .map_err(sql_error(what()))?;
+            let value: i64 = row.try_get(0).map_err(sql_error(what()))?;
+            found.insert(name, value);
+        }
+        Ok(found)
     }
 
     /// The process that held snapshots ended: every snapshot it opened is gone.

@@ -144,3 +144,57 @@ fn a_truncate_in_the_stream_starts_the_copy_again_and_the_new_database_ends_equa
         "no slot or publication left"
     );
 }
+
+/// Keys the old application's sequence handed out are never handed out again by the new one:
+/// at the opening (the old database fenced), each new table's sequence is set past the old
+/// table's that feeds it (ids 9 and 10 were deleted: the new application starts at 11, not 9)
+/// and past the keys the copy wrote without it. Once open, the sequence is the application's
+/// (an opening asked again does not move it back).
+#[test]
+fn the_new_applications_keys_continue_after_the_old_ones() {
+    let Some(cluster) = ThrowawayCluster::start_for_test_with(ThrowawayOptions { fsync: false, ..Default::default() })
+    else {
+        return;
+    };
+    for db in ["old_seq", "new_seq"] {
+        cluster.create_database(db).expect("create database");
+    }
+    run(
+        &cluster,
+        "old_seq",
+        "CREATE TABLE docs (id bigserial PRIMARY KEY, title text); \
+         INSERT INTO docs (title) SELECT 'doc ' || g FROM generate_series(1, 10) g; \
+         DELETE FROM docs WHERE id > 8;",
+    );
+    // The new application's own migration: its key a sequence too.
+    run(&cluster, "new_seq", "CREATE TABLE docs (id bigserial PRIMARY KEY, name text);");
+    let schema = Schema {
+        tables: [("docs".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "title".into()] })]
+            .into_iter()
+            .collect(),
+    };
+    let rename = Transform::RenameColumn { table: "docs".into(), from: "title".into(), to: "name".into() };
+    let mapping = Mapping::compile(&schema, &[rename]).expect("mapping");
+    let mut old = PgOldStore::open(&cluster.connection_string("old_seq"), &schema, Names::for_upgrade(UpgradeId(10)))
+        .expect("open the old database");
+    let mut new = PgNewStore::open(&cluster.connection_string("new_seq"), &mapping).expect("open the new database");
+    let mut core = TransformCore::new(new.checkpoint().expect("checkpoint")).with_positions(Positions::Ordered);
+    let mut again = 0;
+    while !core.bulk_done() {
+        step(&mut core, &mut old, &mut new, Position(u64::MAX), &mut again);
+    }
+    let final_position = old.fence().expect("fence");
+    let started = Instant::now();
+    while !step(&mut core, &mut old, &mut new, final_position, &mut again) {
+        assert!(started.elapsed() < Duration::from_secs(30), "not caught up: {:?}", core.checkpoint());
+    }
+    assert_eq!(old.sequences().expect("sequences"), [("docs".to_string(), 10)].into_iter().collect());
+    assert_eq!(perform(&mut old, &mut new, StoreOp::OpenNew), StoreResult::OpenedToClients);
+    let insert = "INSERT INTO docs (name) VALUES ('new')";
+    run(&cluster, "new_seq", insert);
+    assert_eq!(perform(&mut old, &mut new, StoreOp::OpenNew), StoreResult::OpenedToClients, "asked again");
+    run(&cluster, "new_seq", insert);
+    let keys: Vec<i64> = rows(&cluster, "new_seq", "docs", "name").into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, vec![1, 2, 3, 4, 5, 6, 7, 8, 11, 12]);
+    old.remove_capture().expect("clean-up");
+}

@@ -5,7 +5,7 @@ use crate::program::{self, ProgramError, Target, KEYS_TABLE, KEY_NEXT_TABLE};
 use crate::sql::{self, ident, literal};
 use crate::SqliteError;
 use node_core::duties::validate::row_hash;
-use node_core::store::{Batch, Checkpoint, NewStore, StaleBatch, StoreError, StoredRow};
+use node_core::store::{Batch, Checkpoint, NewStore, Sequences, StaleBatch, StoreError, StoredRow};
 use protocol::schema::{Mapping, RowOp, Schema};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
@@ -79,15 +79,68 @@ impl SqliteNew {
     /// node opens the database again). Writers held wait no more: the guard goes in the very
     /// transaction that held them.
     pub fn open_to_clients(&mut self) -> Result<(), SqliteError> {
+        self.open_to_clients_after(&Sequences::new())
+    }
+
+    /// [`SqliteNew::open_to_clients`], and while still guarded, in the same transaction, each
+    /// new `AUTOINCREMENT` table's `sqlite_sequence` set past the old tables' that feed it and
+    /// past its own largest key (see `NewStore::open_to_clients`).
+    pub fn open_to_clients_after(&mut self, sequences: &Sequences) -> Result<(), SqliteError> {
         if self.held {
+            self.continue_sequences(sequences)?;
             sql::drop_triggers(&self.conn, GUARD_PREFIX)?;
             self.conn.execute_batch("COMMIT")?;
             self.held = false;
             return Ok(());
         }
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        sql::drop_triggers(&tx, GUARD_PREFIX)?;
-        tx.commit()?;
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let opened = self
+            .continue_sequences(sequences)
+            .and_then(|()| sql::drop_triggers(&self.conn, GUARD_PREFIX))
+            .and_then(|()| Ok(self.conn.execute_batch("COMMIT")?));
+        if opened.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        opened
+    }
+
+    /// In the caller's transaction, while guarded: `sqlite_sequence` of every new
+    /// `AUTOINCREMENT` table set to at least the sequences of the old tables feeding it.
+    fn continue_sequences(&self, sequences: &Sequences) -> Result<(), SqliteError> {
+        if sequences.is_empty()
+            || sql::triggers(&self.conn, GUARD_PREFIX)?.is_empty()
+            || !sql::has_sequences(&self.conn)?
+        {
+            return Ok(());
+        }
+        for (table, value) in node_core::store::feeding(&self.mapping, sequences) {
+            let autoincrement: Option<String> = self
+                .conn
+                .query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1", [&table], |r| r.get(0))
+                .optional()?;
+            if !autoincrement.is_some_and(|sql| sql.to_ascii_uppercase().contains("AUTOINCREMENT")) {
+                continue;
+            }
+            let current: Option<i64> = self
+                .conn
+                .query_row("SELECT seq FROM sqlite_sequence WHERE name = ?1", [&table], |r| r.get(0))
+                .optional()?;
+            match current {
+                Some(seq) if seq >= value => {}
+                Some(_) => {
+                    self.conn.execute(
+                        "UPDATE sqlite_sequence SET seq = ?2 WHERE name = ?1",
+                        rusqlite::params![table, value],
+                    )?;
+                }
+                None => {
+                    self.conn.execute(
+                        "INSERT INTO sqlite_sequence (name, seq) VALUES (?1, ?2)",
+                        rusqlite::params![table, value],
+                    )?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -347,8 +400,8 @@ impl NewStore for SqliteNew {
         Ok(self.sum("main")?)
     }
 
-    fn open_to_clients(&mut self) -> Result<(), StoreError> {
-        Ok(SqliteNew::open_to_clients(self)?)
+    fn open_to_clients(&mut self, sequences: &Sequences) -> Result<(), StoreError> {
+        Ok(SqliteNew::open_to_clients_after(self, sequences)?)
     }
 
     fn hold_writers(&mut self) -> Result<(), StoreError> {

@@ -2,7 +2,7 @@
 
 use crate::sql::{self, ident, literal};
 use crate::SqliteError;
-use node_core::store::{ChangeRead, Chunk, OldStore, RowCursor, SnapshotId, StoreError};
+use node_core::store::{ChangeRead, Chunk, OldStore, RowCursor, Sequences, SnapshotId, StoreError};
 use protocol::schema::{Row, RowOp, Schema, TableSchema, Value};
 use protocol::Position;
 use rusqlite::{Connection, TransactionBehavior};
@@ -102,6 +102,23 @@ impl SqliteOld {
     /// Names of Imago's objects left in the database (triggers and tables), for checks.
     pub fn imago_objects(&self) -> Result<Vec<String>, SqliteError> {
         imago_objects(&self.conn)
+    }
+
+    /// The `AUTOINCREMENT` tables' last keys given (`sqlite_sequence`), by captured table.
+    pub fn sequences(&self) -> Result<Sequences, SqliteError> {
+        let mut found = Sequences::new();
+        if !sql::has_sequences(&self.conn)? {
+            return Ok(found);
+        }
+        let mut stmt = self.conn.prepare("SELECT name, seq FROM sqlite_sequence")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let (name, seq): (String, i64) = (r.get(0)?, r.get(1)?);
+            if self.schema.tables.contains_key(&name) {
+                found.insert(name, seq);
+            }
+        }
+        Ok(found)
     }
 
     fn changes(&self, after: Position, limit: usize) -> Result<(Vec<(Position, RowOp)>, Position), SqliteError> {
@@ -316,6 +333,10 @@ impl OldStore for SqliteOld {
 
     fn disconnect(&mut self) {
         self.snapshots.clear();
+    }
+
+    fn sequences(&self) -> Result<Sequences, StoreError> {
+        Ok(SqliteOld::sequences(self)?)
     }
 
     fn remove_capture(&mut self) -> Result<(), StoreError> {

@@ -177,3 +177,13 @@ pub(crate) fn drop_triggers(conn: &Connection, prefix: &str) -> Result<(), Sqlit
     }
     Ok(())
 }
+
+/// Whether the database has `sqlite_sequence` (made with its first `AUTOINCREMENT` table).
+pub(crate) fn has_sequences(conn: &Connection) -> Result<bool, SqliteError> {
+    let n: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'sqlite_sequence'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(n > 0)
+}

@@ -1057,3 +1057,46 @@ columns = ["id", "label"]
     assert!(matches!(err, SqliteError::Expression { transform: 1, .. }), "{err}");
     assert!(err.to_string().contains("no such table: listing"), "{err}");
 }
+
+/// `AUTOINCREMENT` keys the old application handed out are never handed out again by the new
+/// one: at the opening, the new table's `sqlite_sequence` is set past the old table's (rows 9
+/// and 10 were deleted: the new application starts at 11, not 9). Once open, the sequence is
+/// the application's (an opening asked again does not touch it).
+#[test]
+fn the_new_applications_autoincrement_keys_continue_after_the_old_ones() {
+    let dir = TempDir::new();
+    let (old_path, new_path) = (dir.file("old.db"), dir.file("new.db"));
+    let app = Connection::open(&old_path).unwrap();
+    app.execute_batch(
+        "CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT);
+         WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 10)
+         INSERT INTO items (title) SELECT 'item ' || n FROM g;
+         DELETE FROM items WHERE id > 8;",
+    )
+    .unwrap();
+    // The new application's own migration.
+    let new_app = Connection::open(&new_path).unwrap();
+    new_app.execute_batch("CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT);").unwrap();
+    let schema = Schema {
+        tables: [("items".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "title".into()] })]
+            .into_iter()
+            .collect(),
+    };
+    let rename = Transform::RenameColumn { table: "items".into(), from: "title".into(), to: "name".into() };
+    let mapping = Mapping::compile(&schema, &[rename]).unwrap();
+    let mut old = SqliteOld::open(&old_path, &schema).unwrap();
+    let mut new = SqliteNew::open(&new_path, &mapping).unwrap();
+    let mut core = TransformCore::new(new.checkpoint().unwrap());
+    while let Some(batch) = next_batch(&mut core, &mut old, 100, 100) {
+        new.apply_batch(&batch).unwrap().unwrap();
+    }
+    old.fence().unwrap();
+    let sequences = OldStore::sequences(&old).unwrap();
+    assert_eq!(sequences, [("items".to_string(), 10)].into_iter().collect());
+    NewStore::open_to_clients(&mut new, &sequences).unwrap();
+    new_app.execute_batch("INSERT INTO items (name) VALUES ('new')").unwrap();
+    NewStore::open_to_clients(&mut new, &[("items".to_string(), 10)].into_iter().collect()).unwrap();
+    new_app.execute_batch("INSERT INTO items (name) VALUES ('new')").unwrap();
+    let keys: Vec<i64> = new.rows("items").unwrap().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, vec![1, 2, 3, 4, 5, 6, 7, 8, 11, 12]);
+}
