@@ -355,11 +355,31 @@ impl std::fmt::Display for Rejection {
 /// Why the ready gate does not pass.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum GateBlocker {
-    NotRegistered { node: NodeName },
-    BulkCopyRunning { node: NodeName },
-    Lag { node: NodeName, lag: u64, lag_max: u64 },
-    TooFewSamples { samples: u64, samples_min: u64 },
-    MismatchRatio { ratio: f64, mismatch_ratio_max: f64 },
+    NotRegistered {
+        node: NodeName,
+    },
+    BulkCopyRunning {
+        node: NodeName,
+    },
+    Lag {
+        node: NodeName,
+        lag: u64,
+        lag_max: u64,
+    },
+    /// The oldest change not yet applied has waited longer than the plan allows.
+    LagMs {
+        node: NodeName,
+        lag_ms: u64,
+        lag_ms_max: u64,
+    },
+    TooFewSamples {
+        samples: u64,
+        samples_min: u64,
+    },
+    MismatchRatio {
+        ratio: f64,
+        mismatch_ratio_max: f64,
+    },
 }
 
 impl std::fmt::Display for GateBlocker {
@@ -368,6 +388,9 @@ impl std::fmt::Display for GateBlocker {
             GateBlocker::NotRegistered { node } => write!(f, "{node}: not registered"),
             GateBlocker::BulkCopyRunning { node } => write!(f, "{node}: bulk copy not finished"),
             GateBlocker::Lag { node, lag, lag_max } => write!(f, "{node}: lag {lag} > lag_max {lag_max}"),
+            GateBlocker::LagMs { node, lag_ms, lag_ms_max } => {
+                write!(f, "{node}: lag of {lag_ms} ms > lag_ms_max {lag_ms_max}")
+            }
             GateBlocker::TooFewSamples { samples, samples_min } => {
                 write!(f, "validation: {samples} samples < samples_min {samples_min}")
             }

@@ -24,8 +24,12 @@ pub enum SwitchMode {
 /// Limits and thresholds of one upgrade. Every one has an explicit range (see [`Plan::from_toml`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Thresholds {
-    /// Largest transform lag (captured − applied changes) at which the gate may pass.
+    /// Largest transform lag (captured − applied positions: changes in SQLite, WAL bytes in
+    /// PostgreSQL) at which the gate may pass.
     pub lag_max: u64,
+    /// Longest the oldest captured change not yet applied may have waited for the gate to pass
+    /// (a data node's `lag_ms`: the same unit whatever the store); none: not checked.
+    pub lag_ms_max: Option<u64>,
     /// Fewest validated mirrored requests before the gate may pass.
     pub samples_min: u64,
     /// Largest mismatching share of validated requests, in [0, 1].
@@ -48,6 +52,7 @@ impl Default for Thresholds {
     fn default() -> Self {
         Thresholds {
             lag_max: 100,
+            lag_ms_max: None,
             samples_min: 20,
             mismatch_ratio_max: 0.01,
             hold_ms_max: 2_000,
@@ -258,6 +263,7 @@ struct UpgradeSection {
 #[serde(deny_unknown_fields)]
 struct ThresholdsSection {
     lag_max: Option<Spanned<i64>>,
+    lag_ms_max: Option<Spanned<i64>>,
     samples_min: Option<Spanned<i64>>,
     mismatch_ratio_max: Option<Spanned<f64>>,
     hold_ms_max: Option<Spanned<i64>>,
@@ -572,6 +578,10 @@ impl Validator<'_> {
         };
         let thresholds = Thresholds {
             lag_max: self.ranged(&t.lag_max, "thresholds.lag_max", 0, 1_000_000_000, d.lag_max)?,
+            lag_ms_max: match &t.lag_ms_max {
+                None => None,
+                Some(_) => Some(self.ranged(&t.lag_ms_max, "thresholds.lag_ms_max", 1, 86_400_000, 0)?),
+            },
             samples_min: self.ranged(&t.samples_min, "thresholds.samples_min", 0, 1_000_000_000, d.samples_min)?,
             mismatch_ratio_max,
             hold_ms_max: self.ranged(&t.hold_ms_max, "thresholds.hold_ms_max", 1, 600_000, d.hold_ms_max)?,

@@ -100,6 +100,14 @@ fn unknown_field_names_line_and_field() {
 }
 
 #[test]
+fn lag_ms_max_is_optional_and_ranged() {
+    let text = EXAMPLE.replace("lag_max = 50", "lag_max = 50\nlag_ms_max = 0");
+    let e = load_err(&text);
+    assert_eq!(e.field, "thresholds.lag_ms_max", "{e}");
+    assert_eq!(e.line, line_of(&text, "lag_ms_max"), "{e}");
+}
+
+#[test]
 fn old_threshold_names_are_refused_with_their_new_names() {
     for (new, old) in [
         ("lag_max", "max_lag"),

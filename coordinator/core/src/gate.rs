@@ -22,6 +22,9 @@ pub fn ready_gate(upgrade: &Upgrade) -> Result<(), Vec<GateBlocker>> {
         if lag > t.lag_max {
             blockers.push(GateBlocker::Lag { node: name.clone(), lag, lag_max: t.lag_max });
         }
+        if let Some(lag_ms_max) = t.lag_ms_max.filter(|max| r.pace.lag_ms > *max) {
+            blockers.push(GateBlocker::LagMs { node: name.clone(), lag_ms: r.pace.lag_ms, lag_ms_max });
+        }
     }
     let ValidationSeen { samples, mismatches } = validation_seen(upgrade);
     if samples < t.samples_min {

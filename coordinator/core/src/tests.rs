@@ -373,6 +373,28 @@ fn the_gate_takes_lag_up_to_lag_max_and_samples_from_samples_min() {
     assert!(matches!(&few[..], [GateBlocker::TooFewSamples { samples: 19, .. }]), "{few:?}");
 }
 
+/// `lag_ms_max` (optional) bounds how long the oldest change not yet applied has waited, the
+/// same unit on every store.
+#[test]
+fn the_gate_takes_lag_in_time_up_to_lag_ms_max_when_the_plan_sets_it() {
+    let mut state = ready("auto", 3);
+    let waiting =
+        |lag_ms| NodeReport { pace: protocol::messages::Pace { lag_ms, ..Default::default() }, ..report(10, 10, 0, 0) };
+    accepted(&mut state, Command::Report { node: n("db-1"), report: waiting(90_000), upgrade: U1 });
+    accepted(&mut state, Command::Report { node: n("router-1"), report: report(0, 0, 20, 0), upgrade: U1 });
+    assert_eq!(ready_gate(state.current.as_ref().unwrap()), Ok(()), "not checked without lag_ms_max");
+    if let Some(u) = state.current.as_mut() {
+        let text = EXAMPLE.replace("lag_max = 50", "lag_max = 50\nlag_ms_max = 2000");
+        u.plan = Plan::from_toml("example.toml", &text).unwrap();
+        assert_eq!(u.plan.thresholds.lag_ms_max, Some(2_000));
+    }
+    let blocked = ready_gate(state.current.as_ref().unwrap()).unwrap_err();
+    assert!(matches!(&blocked[..], [GateBlocker::LagMs { lag_ms: 90_000, lag_ms_max: 2_000, .. }]), "{blocked:?}");
+    assert_eq!(blocked[0].to_string(), "db-1: lag of 90000 ms > lag_ms_max 2000");
+    accepted(&mut state, Command::Report { node: n("db-1"), report: waiting(2_000), upgrade: U1 });
+    assert_eq!(ready_gate(state.current.as_ref().unwrap()), Ok(()), "up to lag_ms_max");
+}
+
 #[test]
 fn the_gate_sums_every_validators_mismatches_against_the_ratio() {
     // 10 mismatches in 100 samples is exactly 10 %: allowed; 11 is not.
