@@ -75,8 +75,8 @@ impl Database {
         Ok(Database::Sqlite(path.to_string()))
     }
 
-    /// Retires it as the old database of `plan`'s upgrade (capture and fence go); what of
-    /// Imago's is left but the request log.
+    /// Retires it as the old database of `plan`'s upgrade (capture and fence go; nothing is
+    /// installed first); what of Imago's is left but the request log.
     pub(crate) fn retire_old(&self, plan: &protocol::plan::Plan) -> anyhow::Result<Vec<String>> {
         let failed = |e: &dyn std::fmt::Display| anyhow::anyhow!("retiring the old database {}: {e}", self.shown());
         match self {
@@ -84,16 +84,9 @@ impl Database {
                 if !Path::new(path).exists() {
                     bail!("--old-db {path}: no such database file");
                 }
-                let mut old = SqliteOld::open(path, &plan.old_schema).map_err(|e| failed(&e))?;
-                old.retire().map_err(|e| failed(&e))?;
-                old.imago_objects().map_err(|e| failed(&e))
+                SqliteOld::retire_at(path).map_err(|e| failed(&e))
             }
-            Database::Postgres(url) => {
-                let mut old =
-                    PgOldStore::open(url, &plan.old_schema, pg_names(plan.old_generation)).map_err(|e| failed(&e))?;
-                old.retire().map_err(|e| failed(&e))?;
-                old.imago_objects().map_err(|e| failed(&e))
-            }
+            Database::Postgres(url) => PgOldStore::retire(url, pg_names(plan.old_generation)).map_err(|e| failed(&e)),
         }
     }
 

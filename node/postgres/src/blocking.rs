@@ -93,9 +93,12 @@ impl PgOldStore {
         self.0.run(async |old: &mut PgOld| old.imago_objects().await)
     }
 
-    /// The upgrade ended: every object of Imago's goes, the fence too ([`PgOld::retire`]).
-    pub fn retire(&mut self) -> Result<(), PgError> {
-        self.0.run(async |old: &mut PgOld| old.retire().await)
+    /// [`PgOld::retire_at`] on a runtime of its own. Must not be called on an async thread.
+    pub fn retire(conn_str: &str, names: Names) -> Result<Vec<String>, PgError> {
+        let runtime = runtime("imago-pg-old")?;
+        let left = runtime.block_on(PgOld::retire_at(conn_str, names));
+        runtime.shutdown_background();
+        left
     }
 }
 

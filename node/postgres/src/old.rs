@@ -562,6 +562,32 @@ impl PgOld {
         self.sql().await?.batch_execute(&drop).await.map_err(sql_error("drop the publication"))
     }
 
+    /// The operator retires the old database of `conn_str` once its upgrade ended, as
+    /// [`PgOld::retire`], without opening the store (which would check the server and make the
+    /// publication first): the slot, the publication and the fence go. What of Imago's is left
+    /// but the request log.
+    pub async fn retire_at(conn_str: &str, names: Names) -> Result<Vec<String>, PgError> {
+        names.check()?;
+        let config = sql_config(conn_str)?;
+        let replication = replication_config(&config, &names)?;
+        let sql = sql::connect(&config).await?;
+        let mut old = PgOld {
+            config,
+            replication,
+            names,
+            tables: BTreeMap::new(),
+            sql,
+            snapshots: BTreeMap::new(),
+            next_snapshot: 0,
+            stream: None,
+            prune_wanted: Position(0),
+            buffer_bytes: BUFFER_BYTES,
+            warnings: Vec::new(),
+        };
+        old.retire().await?;
+        old.imago_objects().await
+    }
+
     /// The operator retires the old database after a switch: every object of Imago's goes, the
     /// fence too (the request log stays: it is data).
     pub async fn retire(&mut self) -> Result<(), PgError> {

@@ -82,21 +82,23 @@ impl SqliteOld {
     /// The fence, if any, stays: see [`SqliteOld::retire`].
     pub fn remove_capture(&mut self) -> Result<(), SqliteError> {
         self.snapshots.clear();
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        sql::drop_triggers(&tx, CAPTURE_PREFIX)?;
-        tx.execute_batch(&format!("DROP TABLE IF EXISTS {CHANGES_TABLE}"))?;
-        tx.commit()?;
-        Ok(())
+        remove(&mut self.conn, false)
     }
 
     /// The operator retires the old database after a switch: every object of Imago's goes,
     /// the fence too.
     pub fn retire(&mut self) -> Result<(), SqliteError> {
-        self.remove_capture()?;
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        sql::drop_triggers(&tx, FENCE_PREFIX)?;
-        tx.commit()?;
-        Ok(())
+        self.snapshots.clear();
+        remove(&mut self.conn, true)
+    }
+
+    /// The operator retires the old database at `path` once its upgrade ended, as
+    /// [`SqliteOld::retire`], without opening the store (which would install capture first).
+    /// What of Imago's is left but the request log.
+    pub fn retire_at(path: &str) -> Result<Vec<String>, SqliteError> {
+        let mut conn = sql::open(path)?;
+        remove(&mut conn, true)?;
+        imago_objects(&conn)
     }
 
     /// Names of Imago's objects left in the database (triggers and tables), for checks.
@@ -260,6 +262,18 @@ pub(crate) fn imago_objects(conn: &Connection) -> Result<Vec<String>, SqliteErro
     )?;
     let names = stmt.query_map([protocol::schema::REQUEST_LOG_TABLE], |r| r.get(0))?.collect::<Result<_, _>>()?;
     Ok(names)
+}
+
+/// Drops capture (triggers and change table) and, if `fence`, the fence, in one transaction.
+fn remove(conn: &mut Connection, fence: bool) -> Result<(), SqliteError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    sql::drop_triggers(&tx, CAPTURE_PREFIX)?;
+    tx.execute_batch(&format!("DROP TABLE IF EXISTS {CHANGES_TABLE}"))?;
+    if fence {
+        sql::drop_triggers(&tx, FENCE_PREFIX)?;
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 impl OldStore for SqliteOld {
