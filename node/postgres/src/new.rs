@@ -107,17 +107,7 @@ impl PgNew {
     pub async fn open(conn_str: &str, mapping: &Mapping) -> Result<PgNew, PgError> {
         let config = config(conn_str)?;
         let client = sql::connect(&config).await?;
-        let schema_name: Option<String> = client
-            .query_one("SELECT current_schema()::text", &[])
-            .await
-            .and_then(|r| r.try_get(0))
-            .map_err(sql_error("read the current schema"))?;
-        let Some(schema_name) = schema_name else {
-            return Err(PgError::Refused(
-                "no schema to make tables in (the search_path names none that exists): set search_path".into(),
-            ));
-        };
-        let mut live = Live { schema: ident(&schema_name), tables: BTreeMap::new() };
+        let mut live = current_schema(&client).await?;
         client.batch_execute("BEGIN").await.map_err(sql_error("begin setting up"))?;
         let set_up = Self::set_up(&client, &mut live, mapping).await;
         let checked = match set_up {
@@ -541,15 +531,7 @@ impl PgNew {
     /// application's writes meanwhile). What of Imago's is left but the request log.
     pub async fn retire(conn_str: &str) -> Result<Vec<String>, PgError> {
         let client = sql::connect(&config(conn_str)?).await?;
-        let schema_name: Option<String> = client
-            .query_one("SELECT current_schema()::text", &[])
-            .await
-            .and_then(|r| r.try_get(0))
-            .map_err(sql_error("read the current schema"))?;
-        let Some(schema_name) = schema_name else {
-            return Err(PgError::Refused("no current schema (the search_path names none that exists)".into()));
-        };
-        let live = Live { schema: ident(&schema_name), tables: BTreeMap::new() };
+        let live = current_schema(&client).await?;
         remove_imago(&client, &live).await?;
         imago_objects(&client).await
     }
@@ -689,6 +671,21 @@ async fn imago_objects(client: &Client) -> Result<Vec<String>, PgError> {
         .await
         .map_err(sql_error("list Imago's objects"))?;
     rows.iter().map(|r| r.try_get(0).map_err(sql_error("list Imago's objects"))).collect()
+}
+
+/// The session's current schema, where the new tables and Imago's are (no table known yet).
+async fn current_schema(client: &Client) -> Result<Live, PgError> {
+    let schema_name: Option<String> = client
+        .query_one("SELECT current_schema()::text", &[])
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(sql_error("read the current schema"))?;
+    let Some(schema_name) = schema_name else {
+        return Err(PgError::Refused(
+            "no schema to make tables in (the search_path names none that exists): set search_path".into(),
+        ));
+    };
+    Ok(Live { schema: ident(&schema_name), tables: BTreeMap::new() })
 }
 
 /// Drops the guard, the checkpoint and the key map in `live`'s schema, in one transaction.

@@ -158,7 +158,19 @@ impl PgOld {
         }
         check_slot(&sql, &names.slot).await?;
         sql::ensure_publication(&sql, &names.publication, &tables.values().collect::<Vec<_>>()).await?;
-        Ok(PgOld {
+        Ok(PgOld::connected(config, replication, names, tables, sql, warnings))
+    }
+
+    /// A store on a connection made, no snapshot or stream yet.
+    fn connected(
+        config: tokio_postgres::Config,
+        replication: ReplicationConfig,
+        names: Names,
+        tables: BTreeMap<String, TableInfo>,
+        sql: Client,
+        warnings: Vec<String>,
+    ) -> PgOld {
+        PgOld {
             config,
             replication,
             names,
@@ -170,7 +182,7 @@ impl PgOld {
             prune_wanted: Position(0),
             buffer_bytes: BUFFER_BYTES,
             warnings,
-        })
+        }
     }
 
     /// What [`open`](Self::open) found risky but not wrong.
@@ -571,19 +583,7 @@ impl PgOld {
         let config = sql_config(conn_str)?;
         let replication = replication_config(&config, &names)?;
         let sql = sql::connect(&config).await?;
-        let mut old = PgOld {
-            config,
-            replication,
-            names,
-            tables: BTreeMap::new(),
-            sql,
-            snapshots: BTreeMap::new(),
-            next_snapshot: 0,
-            stream: None,
-            prune_wanted: Position(0),
-            buffer_bytes: BUFFER_BYTES,
-            warnings: Vec::new(),
-        };
+        let mut old = PgOld::connected(config, replication, names, BTreeMap::new(), sql, Vec::new());
         old.retire().await?;
         old.imago_objects().await
     }

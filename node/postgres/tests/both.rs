@@ -33,6 +33,28 @@ fn rows(cluster: &ThrowawayCluster, db: &str, table: &str, column: &str) -> Vec<
     })
 }
 
+/// The stores of an upgrade of `docs(id, title)` from database `old_db` to `new_db` (`title`
+/// renamed `name`), and the transform core on the new one's checkpoint.
+fn docs(
+    cluster: &ThrowawayCluster,
+    old_db: &str,
+    new_db: &str,
+    upgrade: u64,
+) -> (PgOldStore, PgNewStore, TransformCore) {
+    let schema = Schema {
+        tables: [("docs".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "title".into()] })]
+            .into_iter()
+            .collect(),
+    };
+    let rename = Transform::RenameColumn { table: "docs".into(), from: "title".into(), to: "name".into() };
+    let mapping = Mapping::compile(&schema, &[rename]).expect("mapping");
+    let old = PgOldStore::open(&cluster.connection_string(old_db), &schema, Names::for_upgrade(UpgradeId(upgrade)))
+        .expect("open the old database");
+    let new = PgNewStore::open(&cluster.connection_string(new_db), &mapping).expect("open the new database");
+    let core = TransformCore::new(new.checkpoint().expect("checkpoint")).with_positions(Positions::Ordered);
+    (old, new, core)
+}
+
 /// One transform step through the stores, as the data node's core asks for it; `true` when
 /// the stream is read to `until` (and nothing was left to do).
 fn step(
@@ -93,17 +115,7 @@ fn a_truncate_in_the_stream_starts_the_copy_again_and_the_new_database_ends_equa
         "CREATE TABLE docs (id bigint PRIMARY KEY, title text); \
          INSERT INTO docs SELECT g, 'before-' || g FROM generate_series(1, 300) g;",
     );
-    let schema = Schema {
-        tables: [("docs".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "title".into()] })]
-            .into_iter()
-            .collect(),
-    };
-    let rename = Transform::RenameColumn { table: "docs".into(), from: "title".into(), to: "name".into() };
-    let mapping = Mapping::compile(&schema, &[rename]).expect("mapping");
-    let mut old = PgOldStore::open(&cluster.connection_string("old_docs"), &schema, Names::for_upgrade(UpgradeId(9)))
-        .expect("open the old database");
-    let mut new = PgNewStore::open(&cluster.connection_string("new_docs"), &mapping).expect("open the new database");
-    let mut core = TransformCore::new(new.checkpoint().expect("checkpoint")).with_positions(Positions::Ordered);
+    let (mut old, mut new, mut core) = docs(&cluster, "old_docs", "new_docs", 9);
     let mut again = 0;
     // The copy, then a few changes streamed.
     while !core.bulk_done() {
@@ -168,17 +180,7 @@ fn the_new_applications_keys_continue_after_the_old_ones() {
     );
     // The new application's own migration: its key a sequence too.
     run(&cluster, "new_seq", "CREATE TABLE docs (id bigserial PRIMARY KEY, name text);");
-    let schema = Schema {
-        tables: [("docs".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "title".into()] })]
-            .into_iter()
-            .collect(),
-    };
-    let rename = Transform::RenameColumn { table: "docs".into(), from: "title".into(), to: "name".into() };
-    let mapping = Mapping::compile(&schema, &[rename]).expect("mapping");
-    let mut old = PgOldStore::open(&cluster.connection_string("old_seq"), &schema, Names::for_upgrade(UpgradeId(10)))
-        .expect("open the old database");
-    let mut new = PgNewStore::open(&cluster.connection_string("new_seq"), &mapping).expect("open the new database");
-    let mut core = TransformCore::new(new.checkpoint().expect("checkpoint")).with_positions(Positions::Ordered);
+    let (mut old, mut new, mut core) = docs(&cluster, "old_seq", "new_seq", 10);
     let mut again = 0;
     while !core.bulk_done() {
         step(&mut core, &mut old, &mut new, Position(u64::MAX), &mut again);

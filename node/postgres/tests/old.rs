@@ -224,6 +224,14 @@ async fn copy_then_stream_reproduces_the_table_under_concurrent_writes() {
     // Stream a while, with the writer still on.
     run(&client, &["INSERT INTO imago_requests VALUES (2, 7, 2, 0, 2)"]).await;
     let streamed = read_until(&mut old, at, 50, |all| all.len() >= 40).await;
+    // Enough writes for the checks below (every fifth changes a key), however slow the machine:
+    // the writer is stopped by its count, not by the time the reads above took.
+    for _ in 0..1_000 {
+        if commits.load(Ordering::SeqCst) >= 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     stop.store(true, Ordering::SeqCst);
     task.await.expect("the writer");
     let final_position = old.fence().await.expect("fence");
