@@ -37,6 +37,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+#[path = "../../bench_stats.rs"]
+mod bench_stats;
+use bench_stats::{median, median_ci, peak_rss_mib, rate};
 use tokio::runtime::Runtime;
 
 fn quick() -> bool {
@@ -162,41 +166,6 @@ fn check_equal(old: &PgOldStore, new: &mut PgNewStore) -> usize {
     staged
 }
 
-fn rate(count: u64, took: Duration) -> f64 {
-    count as f64 / took.as_secs_f64()
-}
-
-/// The process's peak resident memory, in MiB (Linux).
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
-/// The median of `ratios` and a distribution-free 95 % confidence interval for it (the order
-/// statistics of the binomial interval; with fewer than 6 values, the range).
-fn median_ci(ratios: &[f64]) -> (f64, f64, f64) {
-    let mut sorted = ratios.to_vec();
-    let m = median(&mut sorted);
-    let n = sorted.len();
-    let half = (1.96 * (n as f64).sqrt() / 2.0).ceil() as usize;
-    let low = (n / 2).saturating_sub(half);
-    let high = (n / 2 + half).min(n - 1);
-    (m, sorted[low], sorted[high])
-}
-
-/// The `q`-quantile (nearest rank) of `values`, 0 when empty.
 fn quantile(values: &mut [f64], q: f64) -> f64 {
     if values.is_empty() {
         return 0.0;

@@ -22,7 +22,11 @@ use node_core::store::{NewStore, OldStore};
 use protocol::schema::{Mapping, Schema, SplitPart, TableSchema, Transform};
 use rusqlite::Connection;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+#[path = "../../bench_stats.rs"]
+mod bench_stats;
+use bench_stats::{median, median_ci, peak_rss_mib, rate};
 
 fn quick() -> bool {
     std::env::var("IMAGO_BENCH_QUICK").is_ok_and(|v| v == "1")
@@ -103,18 +107,6 @@ fn transform(old: &mut SqliteOld, new: &mut SqliteNew, core: &mut TransformCore)
     }
 }
 
-fn rate(count: u64, took: Duration) -> f64 {
-    count as f64 / took.as_secs_f64()
-}
-
-/// The process's peak resident memory, in MiB (Linux).
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 /// Single-row inserts per second, autocommit, on `conn`, for `count` rows from `first`.
 fn inserts_per_second(conn: &Connection, first: i64, count: i64) -> f64 {
     let mut insert = conn.prepare_cached("INSERT INTO items VALUES (?1, 'new', 1, 1)").expect("prepare");
@@ -123,28 +115,6 @@ fn inserts_per_second(conn: &Connection, first: i64, count: i64) -> f64 {
         insert.execute([id]).expect("insert");
     }
     rate(count as u64, start.elapsed())
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
-/// The median of `ratios` and a distribution-free 95 % confidence interval for it (the order
-/// statistics of the binomial interval; with fewer than 6 values, the range).
-fn median_ci(ratios: &[f64]) -> (f64, f64, f64) {
-    let mut sorted = ratios.to_vec();
-    let m = median(&mut sorted);
-    let n = sorted.len();
-    let half = (1.96 * (n as f64).sqrt() / 2.0).ceil() as usize;
-    let low = (n / 2).saturating_sub(half);
-    let high = (n / 2 + half).min(n - 1);
-    (m, sorted[low], sorted[high])
 }
 
 fn main() {
