@@ -400,8 +400,6 @@ pub struct DataNodeCore {
     retry_at_ms: u64,
     /// An apply failed: what the new store holds is unknown until its checkpoint is read.
     recheck: bool,
-    /// Rows copied by this incarnation's copy, and how many its snapshot holds (0: unknown).
-    copy_progress: (u64, u64),
     /// The transform's pace: copy rate and time left, stream throughput, lag in time.
     progress: Progress,
     /// A store result that took time was just handled: the next store operation waits for the
@@ -456,7 +454,6 @@ impl DataNodeCore {
             new_open: false,
             writers_held: false,
             awaiting_open: VecDeque::new(),
-            copy_progress: (0, 0),
             progress: Progress::default(),
             #[cfg(feature = "planted-bugs")]
             bug: None,
@@ -496,7 +493,7 @@ impl DataNodeCore {
     /// Rows copied by this incarnation's bulk copy, and how many its snapshot holds (0: not
     /// known).
     pub fn copy_progress(&self) -> (u64, u64) {
-        self.copy_progress
+        self.progress.copy()
     }
 
     /// The transform's pace at `now_ms` (what the node reports, and its shell exports).
@@ -840,7 +837,6 @@ impl DataNodeCore {
         let batch = match (op, result) {
             (Pending::OpenSnapshot, StoreResult::SnapshotOpened { snapshot, at, rows }) => {
                 self.captured = self.captured.max(at);
-                self.copy_progress = (0, rows);
                 self.progress.copy_started(now_ms, rows);
                 self.progress.captured(now_ms, at);
                 out.push(DataOutput::Event(DataEvent::CopyStarted { rows_in_snapshot: rows }));
@@ -848,7 +844,6 @@ impl DataNodeCore {
             }
             (Pending::ReadSnapshot, StoreResult::Chunk(chunk)) => {
                 self.captured = self.captured.max(chunk.position);
-                self.copy_progress.0 += chunk.rows.len() as u64;
                 self.progress.copied(now_ms, chunk.rows.len() as u64, chunk.last);
                 if let Some(rate) = self.config.copy_rows_per_s_max {
                     let pause_ms = (chunk.rows.len() as u64 * 1_000).div_ceil(rate.max(1));
@@ -884,7 +879,7 @@ impl DataNodeCore {
                     out.push(DataOutput::Event(DataEvent::Copying));
                 }
                 if finishes_copy {
-                    out.push(DataOutput::Event(DataEvent::CopyDone { copied_rows: self.copy_progress.0 }));
+                    out.push(DataOutput::Event(DataEvent::CopyDone { copied_rows: self.progress.copy().0 }));
                 }
                 // A copy's batch carries its snapshot's position, but the copy is whole only
                 // once done: a drain counts applied positions of a complete copy.
@@ -1068,8 +1063,8 @@ impl DataNodeCore {
             bulk_done: transform.bulk_done(),
             samples: 0,
             mismatches: 0,
-            copied_rows: self.copy_progress.0,
-            copy_rows_total: self.copy_progress.1,
+            copied_rows: self.progress.copy().0,
+            copy_rows_total: self.progress.copy().1,
             pace: self.progress.figures(now_ms),
         };
         let outs = self.agent.handle(now_ms, AgentInput::Report(report));

@@ -88,6 +88,12 @@ impl Progress {
         }
     }
 
+    /// Rows the copy in progress (or the last one) copied, and how many its snapshot holds (0:
+    /// not known).
+    pub fn copy(&self) -> (u64, u64) {
+        (self.copied_rows, self.copy_rows_total)
+    }
+
     /// The figures at `now_ms`.
     pub fn figures(&self, now_ms: u64) -> Figures {
         let lag_ms = self.marks.front().map_or(0, |(_, seen)| now_ms.saturating_sub(*seen));
