@@ -31,16 +31,16 @@ use imago_node_postgres::{Names, PgNewStore, PgOldStore};
 use node_core::data_node::{perform, StoreOp, StoreResult};
 use node_core::duties::transform::{Positions, TransformCore, Work};
 use node_core::store::{ChangeRead, NewStore, OldStore};
-use protocol::schema::{Mapping, RowOp, Schema, SplitPart, TableSchema, Transform};
+use protocol::schema::RowOp;
 use protocol::{Position, UpgradeId};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-#[path = "../../bench_stats.rs"]
-mod bench_stats;
-use bench_stats::{median, median_ci, peak_rss_mib, rate};
+#[path = "../../bench_support.rs"]
+mod bench_support;
+use bench_support::{items_schema, median, median_ci, one_to_one, peak_rss_mib, rate, split};
 use tokio::runtime::Runtime;
 
 fn quick() -> bool {
@@ -52,14 +52,6 @@ const UPDATE_PRICE: &str = "UPDATE items SET price = price + 1 WHERE id = $1";
 
 /// How long a phase may wait for the stream before the benchmark gives up.
 const STREAM_WAIT: Duration = Duration::from_secs(300);
-
-fn items_schema() -> Schema {
-    let table = TableSchema {
-        key: "id".into(),
-        columns: ["id", "title", "seller", "price"].into_iter().map(String::from).collect(),
-    };
-    Schema { tables: [("items".to_string(), table)].into() }
-}
 
 /// A runtime for the benchmark's own SQL (the stores have runtimes of their own).
 fn runtime() -> Runtime {
@@ -286,8 +278,7 @@ fn main() {
     println!("data benchmark (PostgreSQL, throwaway cluster, fsync on): {rows} rows");
 
     // Imago's copy, one-to-one (a column renamed).
-    let rename = Transform::RenameColumn { table: "items".into(), from: "title".into(), to: "name".into() };
-    let one_to_one = Mapping::compile(&items_schema(), &[rename]).expect("mapping");
+    let one_to_one = one_to_one();
     let mut old =
         PgOldStore::open(&cluster.connection_string("old"), &items_schema(), Names::for_upgrade(UpgradeId(1)))
             .expect("open the old database");
@@ -315,25 +306,7 @@ fn main() {
 
     // A split with a generated key and a reference, from a capture of its own (a snapshot of
     // the first capture would make its slot again), removed once copied.
-    let split = Transform::SplitTable {
-        table: "items".into(),
-        into: vec![
-            SplitPart {
-                table: "items".into(),
-                columns: vec!["title".into(), "seller".into()],
-                references: vec![("price_id".into(), "prices".into())],
-                ..Default::default()
-            },
-            SplitPart {
-                table: "prices".into(),
-                columns: vec!["price".into()],
-                key: Some("price_id".into()),
-                generated: true,
-                references: vec![("item".into(), "items".into())],
-            },
-        ],
-    };
-    let split_mapping = Mapping::compile(&items_schema(), &[split]).expect("split");
+    let split_mapping = split();
     let split_rate = {
         let mut split_old =
             PgOldStore::open(&cluster.connection_string("old"), &items_schema(), Names::for_upgrade(UpgradeId(2)))

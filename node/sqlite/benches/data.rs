@@ -19,25 +19,16 @@
 use imago_node_sqlite::{SqliteNew, SqliteOld};
 use node_core::duties::transform::{TransformCore, Work};
 use node_core::store::{NewStore, OldStore};
-use protocol::schema::{Mapping, Schema, SplitPart, TableSchema, Transform};
 use rusqlite::Connection;
 use std::path::PathBuf;
 use std::time::Instant;
 
-#[path = "../../bench_stats.rs"]
-mod bench_stats;
-use bench_stats::{median, median_ci, peak_rss_mib, rate};
+#[path = "../../bench_support.rs"]
+mod bench_support;
+use bench_support::{items_schema, median, median_ci, one_to_one, peak_rss_mib, rate, split};
 
 fn quick() -> bool {
     std::env::var("IMAGO_BENCH_QUICK").is_ok_and(|v| v == "1")
-}
-
-fn items_schema() -> Schema {
-    let table = TableSchema {
-        key: "id".into(),
-        columns: ["id", "title", "seller", "price"].into_iter().map(String::from).collect(),
-    };
-    Schema { tables: [("items".to_string(), table)].into() }
 }
 
 /// A directory removed at the end.
@@ -144,8 +135,7 @@ fn main() {
     drop(plain);
 
     // Imago's copy, one-to-one (a column renamed).
-    let rename = Transform::RenameColumn { table: "items".into(), from: "title".into(), to: "name".into() };
-    let one_to_one = Mapping::compile(&items_schema(), &[rename]).expect("mapping");
+    let one_to_one = one_to_one();
     let mut old = SqliteOld::open(&old_file, &items_schema()).expect("old");
     let mut new = SqliteNew::open(&path(&dir, "new.db"), &one_to_one).expect("new");
     let mut core = TransformCore::new(new.checkpoint().expect("checkpoint"));
@@ -159,25 +149,7 @@ fn main() {
     );
 
     // A split with a generated key and a reference.
-    let split = Transform::SplitTable {
-        table: "items".into(),
-        into: vec![
-            SplitPart {
-                table: "items".into(),
-                columns: vec!["title".into(), "seller".into()],
-                references: vec![("price_id".into(), "prices".into())],
-                ..Default::default()
-            },
-            SplitPart {
-                table: "prices".into(),
-                columns: vec!["price".into()],
-                key: Some("price_id".into()),
-                generated: true,
-                references: vec![("item".into(), "items".into())],
-            },
-        ],
-    };
-    let split_mapping = Mapping::compile(&items_schema(), &[split]).expect("split");
+    let split_mapping = split();
     let mut split_new = SqliteNew::open(&path(&dir, "split.db"), &split_mapping).expect("new");
     let mut split_core = TransformCore::new(split_new.checkpoint().expect("checkpoint"));
     let start = Instant::now();
