@@ -230,6 +230,7 @@ pub fn run(
         store_retry_ms: args.store_retry_ms,
         positions,
         copy_rows_per_s_max: plan.copy_rows_per_s_max,
+        copy_chunk_rows: plan.copy_chunk_rows.unwrap_or(protocol::plan::COPY_CHUNK_ROWS_DEFAULT),
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();

@@ -17,6 +17,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use protocol::plan::COPY_CHUNK_ROWS_DEFAULT;
 
 #[derive(Parser)]
 #[command(name = "imago", version, about = "Dependable online upgrades of multi-tier clusters")]
@@ -191,6 +192,10 @@ fn plan_check(file: &std::path::Path, generation: Option<u64>) -> anyhow::Result
     match plan.copy_rows_per_s_max {
         Some(rate) => println!("  data nodes copy at most {rate} rows/s from the old universe"),
         None => println!("  data nodes copy as fast as they can (no [copy] rows_per_s_max)"),
+    }
+    match plan.copy_chunk_rows {
+        Some(rows) => println!("  data nodes copy {rows} rows per chunk (one transaction each)"),
+        None => println!("  data nodes copy {COPY_CHUNK_ROWS_DEFAULT} rows per chunk (no [copy] chunk_rows)"),
     }
     let mapping = plan.mapping().context("compiling transforms")?;
     for (table, t) in &mapping.new_schema().tables {

@@ -511,6 +511,7 @@ proptest! {
                 store_retry_ms: 10,
                 positions: Default::default(),
                 copy_rows_per_s_max: None,
+                copy_chunk_rows: node_core::duties::transform::COPY_CHUNK_ROWS,
                 answers_max: 1_000,
                 change_log_applied_max: 5,
             };

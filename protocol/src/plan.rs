@@ -98,7 +98,19 @@ pub struct Plan {
     /// Most rows per second a data node's bulk copy reads from the old universe, so that it
     /// keeps serving (`[copy] rows_per_s_max`; none: as fast as the copy goes).
     pub copy_rows_per_s_max: Option<u64>,
+    /// Rows per chunk of a data node's bulk copy, each chunk one transaction of the new
+    /// database (`[copy] chunk_rows`, 1 to [`COPY_CHUNK_ROWS_MAX`]; none: the node's default).
+    pub copy_chunk_rows: Option<usize>,
 }
+
+/// Most rows a plan's copy chunk may have (`[copy] chunk_rows`).
+pub const COPY_CHUNK_ROWS_MAX: usize = 10_000;
+
+/// Rows per chunk of a data node's bulk copy when the plan names none. Each chunk is one
+/// transaction of the new database, and PostgreSQL applies a chunk as one statement per new
+/// table where the mapping needs no key map, so larger chunks copy faster. (The simulator
+/// keeps smaller ones: its tables are small, and a copy should take several chunks there.)
+pub const COPY_CHUNK_ROWS_DEFAULT: usize = 2_000;
 
 /// How routers mirror requests to the new universe and compare the answers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +240,7 @@ struct PlanFile {
 #[serde(deny_unknown_fields)]
 struct CopySection {
     rows_per_s_max: Option<Spanned<i64>>,
+    chunk_rows: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -445,6 +458,10 @@ impl Validator<'_> {
             None | Some(None) => None,
             Some(limit) => Some(self.ranged(limit, "copy.rows_per_s_max", 1, 1_000_000_000, 0)?),
         };
+        let copy_chunk_rows = match raw.copy.as_ref().map(|c| &c.chunk_rows) {
+            None | Some(None) => None,
+            Some(rows) => Some(self.ranged(rows, "copy.chunk_rows", 1, COPY_CHUNK_ROWS_MAX as i64, 0)? as usize),
+        };
         let long_routes = match &raw.routes {
             None => Vec::new(),
             Some(r) => self.list(&r.long, "routes.long", |p| {
@@ -468,6 +485,7 @@ impl Validator<'_> {
             validation,
             long_routes,
             copy_rows_per_s_max,
+            copy_chunk_rows,
         })
     }
 

@@ -298,3 +298,14 @@ fn the_copys_pace_is_a_positive_number_of_rows_per_second() {
     let unlimited = EXAMPLE.replace("[copy]\nrows_per_s_max = 50000\n", "");
     assert_eq!(Plan::from_toml("plan.toml", &unlimited).unwrap().copy_rows_per_s_max, None);
 }
+
+#[test]
+fn the_copys_chunk_is_bounded_and_optional() {
+    assert_eq!(Plan::from_toml("plan.toml", EXAMPLE).unwrap().copy_chunk_rows, None);
+    let chunked = EXAMPLE.replace("rows_per_s_max = 50000", "rows_per_s_max = 50000\nchunk_rows = 5000");
+    assert_eq!(Plan::from_toml("plan.toml", &chunked).unwrap().copy_chunk_rows, Some(5_000));
+    let text = EXAMPLE.replace("rows_per_s_max = 50000", "rows_per_s_max = 50000\nchunk_rows = 10001");
+    let e = load_err(&text);
+    assert_eq!((e.field.as_str(), e.line), ("copy.chunk_rows", line_of(&text, "chunk_rows = 10001")), "{e}");
+    assert!(e.message.contains("1..=10000"), "{e}");
+}

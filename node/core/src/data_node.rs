@@ -63,6 +63,8 @@ pub struct DataNodeConfig {
     /// Most rows per second the bulk copy reads (the plan's `[copy] rows_per_s_max`): a chunk
     /// of `n` rows is followed by a pause of at least `n / rate` seconds.
     pub copy_rows_per_s_max: Option<u64>,
+    /// Rows per chunk of the bulk copy (each chunk one batch of the new store).
+    pub copy_chunk_rows: usize,
 }
 
 /// A store operation for the shell (see [`crate::store`]); its result comes back as
@@ -580,7 +582,9 @@ impl DataNodeCore {
             DataInput::Boot { record, checkpoint, old_fenced } => {
                 assert!(self.transform.is_none(), "booted twice");
                 let booted = self.durable.boot(record, NodeRecord::owner_of(&self.config.agent.node.0));
-                let transform = TransformCore::new(checkpoint.clone()).with_positions(self.config.positions);
+                let transform = TransformCore::new(checkpoint.clone())
+                    .with_positions(self.config.positions)
+                    .with_copy_chunk_rows(self.config.copy_chunk_rows);
                 #[cfg(feature = "planted-bugs")]
                 let transform = planted_after_restart(transform, self.bug, booted.boots - 1);
                 self.transform = Some(transform);
@@ -983,7 +987,11 @@ impl DataNodeCore {
         self.store_bulk_done = found.copy == CopyState::Done;
         self.progress.restarted(found.applied);
         let applied = (found.copy == CopyState::Done).then_some(found.applied);
-        self.transform = Some(TransformCore::new(found).with_positions(self.config.positions));
+        self.transform = Some(
+            TransformCore::new(found)
+                .with_positions(self.config.positions)
+                .with_copy_chunk_rows(self.config.copy_chunk_rows),
+        );
         if let (Some(position), Some(drain)) = (applied, self.drain.as_mut()) {
             let outs = drain.handle(DrainInput::Applied { position });
             self.drain_outputs(now_ms, outs, out);

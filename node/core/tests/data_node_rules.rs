@@ -33,6 +33,7 @@ fn config(answers_max: usize) -> DataNodeConfig {
         store_retry_ms: 10,
         positions: Default::default(),
         copy_rows_per_s_max: None,
+        copy_chunk_rows: node_core::duties::transform::COPY_CHUNK_ROWS,
         answers_max,
         change_log_applied_max: 100,
     }

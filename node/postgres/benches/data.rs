@@ -22,8 +22,8 @@
 //! equal checksums), and every change of the backlog and of the steady writes applied once.
 //!
 //! `IMAGO_BENCH_QUICK=1`: a small table, a short stream and few pairs (a smoke test of the
-//! benchmark itself). The transform runs with the core's own chunk sizes, one batch per
-//! transaction, each committed durably before the next.
+//! benchmark itself). The transform runs with a data node's chunk sizes (the copy's: the plan's
+//! default), one batch per transaction, each committed durably before the next.
 
 use futures_util::{SinkExt, StreamExt};
 use imago_node_postgres::throwaway::{ThrowawayCluster, ThrowawayOptions};
@@ -31,10 +31,11 @@ use imago_node_postgres::{Names, PgNewStore, PgOldStore};
 use node_core::data_node::{perform, StoreOp, StoreResult};
 use node_core::duties::transform::{Positions, TransformCore, Work};
 use node_core::store::{ChangeRead, NewStore, OldStore};
+use protocol::plan::COPY_CHUNK_ROWS_DEFAULT;
 use protocol::schema::RowOp;
 use protocol::{Position, UpgradeId};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,13 @@ use std::time::{Duration, Instant};
 mod bench_support;
 use bench_support::{items_schema, median, median_ci, one_to_one, peak_rss_mib, rate, split};
 use tokio::runtime::Runtime;
+
+/// Where the copy's time goes (µs, summed over its chunks): reading the old database's
+/// snapshot, the transform core, applying batches to the new database. The steps run one after
+/// another, as a data node runs them.
+static COPY_READ_US: AtomicU64 = AtomicU64::new(0);
+static COPY_CORE_US: AtomicU64 = AtomicU64::new(0);
+static COPY_APPLY_US: AtomicU64 = AtomicU64::new(0);
 
 fn quick() -> bool {
     std::env::var("IMAGO_BENCH_QUICK").is_ok_and(|v| v == "1")
@@ -100,10 +108,15 @@ fn step(old: &mut PgOldStore, new: &mut PgNewStore, core: &mut TransformCore) ->
             other => panic!("open a snapshot: {other:?}"),
         },
         Work::CopyChunk { snapshot, after, limit } => {
+            let t0 = Instant::now();
             match perform(old, new, StoreOp::ReadSnapshot { snapshot, after, limit }) {
                 StoreResult::Chunk(chunk) => {
+                    COPY_READ_US.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
                     let rows = chunk.rows.len() as u64;
-                    (core.copy_chunk(&chunk.rows, chunk.last).expect("copy"), Step::Copied(rows))
+                    let t1 = Instant::now();
+                    let batch = core.copy_chunk(&chunk.rows, chunk.last).expect("copy");
+                    COPY_CORE_US.fetch_add(t1.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    (batch, Step::Copied(rows))
                 }
                 other => panic!("read the snapshot: {other:?}"),
             }
@@ -119,8 +132,14 @@ fn step(old: &mut PgOldStore, new: &mut PgNewStore, core: &mut TransformCore) ->
             other => panic!("read changes: {other:?}"),
         },
     };
+    let t2 = Instant::now();
     match perform(old, new, StoreOp::Apply(batch)) {
-        StoreResult::Applied => done,
+        StoreResult::Applied => {
+            if matches!(done, Step::Copied(_)) {
+                COPY_APPLY_US.fetch_add(t2.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+            done
+        }
         other => panic!("apply a batch: {other:?}"),
     }
 }
@@ -283,10 +302,15 @@ fn main() {
         PgOldStore::open(&cluster.connection_string("old"), &items_schema(), Names::for_upgrade(UpgradeId(1)))
             .expect("open the old database");
     let mut new = PgNewStore::open(&cluster.connection_string("new"), &one_to_one).expect("open the new database");
-    let mut core = TransformCore::new(new.checkpoint().expect("checkpoint")).with_positions(Positions::Ordered);
+    let mut core = TransformCore::new(new.checkpoint().expect("checkpoint"))
+        .with_positions(Positions::Ordered)
+        .with_copy_chunk_rows(COPY_CHUNK_ROWS_DEFAULT);
     let start = Instant::now();
     let copied = copy(&mut old, &mut new, &mut core);
     let copy_rate = rate(copied, start.elapsed());
+    let copy_ms = |phase: &AtomicU64| phase.load(Ordering::Relaxed) / 1_000;
+    let (read_ms, core_ms, apply_ms) = (copy_ms(&COPY_READ_US), copy_ms(&COPY_CORE_US), copy_ms(&COPY_APPLY_US));
+    println!("the copy's time: reading the old database {read_ms} ms, the core {core_ms} ms, applying {apply_ms} ms");
     let peak_mib = peak_rss_mib();
     assert_eq!(copied, rows, "the copy read every row");
 
@@ -313,8 +337,9 @@ fn main() {
                 .expect("open the old database");
         let mut split_new =
             PgNewStore::open(&cluster.connection_string("split"), &split_mapping).expect("open the split database");
-        let mut split_core =
-            TransformCore::new(split_new.checkpoint().expect("checkpoint")).with_positions(Positions::Ordered);
+        let mut split_core = TransformCore::new(split_new.checkpoint().expect("checkpoint"))
+            .with_positions(Positions::Ordered)
+            .with_copy_chunk_rows(COPY_CHUNK_ROWS_DEFAULT);
         let start = Instant::now();
         let split_copied = copy(&mut split_old, &mut split_new, &mut split_core);
         let split_rate = rate(split_copied, start.elapsed());
@@ -528,6 +553,9 @@ fn main() {
         "copy_ratio_target": 0.5,
         "copy_ratio_meets_target": copy_ratio >= 0.5,
         "copy_split_generated_key_rows_per_s": split_rate,
+        "copy_read_ms": read_ms,
+        "copy_core_ms": core_ms,
+        "copy_apply_ms": apply_ms,
         "catch_up_changes_per_s": stream_rate,
         "catch_up_changes": streamed,
         "backlog_written_updates_per_s": backlog_rate,

@@ -4,6 +4,7 @@
 //!   its exported snapshot, the stream buffered as whole transactions ([`changes`]), the fence.
 //! - [`new`]: [`PgNew`], the new universe's database: batches converted by the plan's mapping
 //!   as SQL with their checkpoint, the key map, the guard, the comparison with transform(old).
+//!   Runs of changes that need no key map go as sets, one statement per new table ([`set`]).
 //! - [`pgoutput`]: a decoder of PostgreSQL's `pgoutput` logical replication messages (pure).
 //! - [`blocking`]: both behind the synchronous data-store interface, each on a runtime of its
 //!   own, for a data node's blocking threads.
@@ -15,6 +16,7 @@ pub mod new;
 pub mod old;
 pub mod pgoutput;
 mod program;
+mod set;
 mod sql;
 mod stream;
 pub mod throwaway;

@@ -22,6 +22,7 @@
 
 use crate::changes::{value_of, ColumnInfo};
 use crate::program::{self, Cache, Live, LiveTable, Program, ProgramError, Target, KEYS_TABLE, KEY_NEXT_TABLE};
+use crate::set::{set_run, Insert, SET_ROWS_MIN};
 use crate::sql::{self, describe, ident, literal, sql_error};
 use crate::PgError;
 use node_core::duties::validate::row_hash;
@@ -66,6 +67,8 @@ pub struct PgNew {
     /// Writers are held ([`PgNew::hold_writers`]): the session is in a transaction that holds
     /// `SHARE` locks on the new tables.
     held: bool,
+    /// Changes applied (or staged) as sets so far, by this value (see [`crate::set`]).
+    set_changes: u64,
 }
 
 impl std::fmt::Debug for PgNew {
@@ -128,6 +131,7 @@ impl PgNew {
             live,
             mapping: mapping.clone(),
             staging: false,
+            set_changes: 0,
             held: false,
         })
     }
@@ -299,8 +303,27 @@ impl PgNew {
         }
         let mut program =
             Program { client: &self.client, cache: &mut self.cache, live: &self.live, target: Target::Main };
-        for op in &batch.ops {
-            program.apply(&self.mapping, op).await.map_err(|e| refused(op, e))?;
+        // A chunk of the copy: its rows' keys are past every key copied before (the copy began
+        // with a reset), so they are new.
+        let insert = match batch.checkpoint.copy {
+            CopyState::Copying { .. } => Insert::New,
+            CopyState::NotStarted | CopyState::Done => Insert::Upsert,
+        };
+        let mut at = 0;
+        while at < batch.ops.len() {
+            let run = set_run(&self.mapping, &batch.ops[at..]);
+            let ops = &batch.ops[at..at + run];
+            if run >= SET_ROWS_MIN && applied_as_set(&mut program, &self.mapping, ops, insert).await? {
+                self.set_changes += run as u64;
+                at += run;
+                continue;
+            }
+            // Row by row: a table that needs the key map, a short run, or a set the database
+            // refused (this names the change at fault).
+            for op in &batch.ops[at..at + run.max(1)] {
+                program.apply(&self.mapping, op).await.map_err(|e| refused(op, e))?;
+            }
+            at += run.max(1);
         }
         let c = &batch.checkpoint;
         let (copy, snapshot_at, after) = match &c.copy {
@@ -322,6 +345,11 @@ impl PgNew {
             .await
             .map_err(|e| classify(&e))?;
         Ok(Ok(()))
+    }
+
+    /// How many changes this value applied or staged as sets (the rest went row by row).
+    pub fn set_changes(&self) -> u64 {
+        self.set_changes
     }
 
     /// Converts old rows into the scratch copy of the new tables (emptied first if `first`),
@@ -353,14 +381,54 @@ impl PgNew {
             self.staging = true;
         }
         self.client.batch_execute("BEGIN").await.map_err(|e| unavailable(&e))?;
+        let ops: Vec<RowOp> = rows
+            .iter()
+            .map(|(table, key, row)| RowOp::Upsert { table: table.clone(), key: *key, row: row.clone() })
+            .collect();
         let mut rejected = 0;
-        for (table, key, row) in rows {
-            let op = RowOp::Upsert { table: table.clone(), key: *key, row: row.clone() };
+        let mut at = 0;
+        while at < ops.len() {
+            let run = set_run(&self.mapping, &ops[at..]);
+            let mut program =
+                Program { client: &self.client, cache: &mut self.cache, live: &self.live, target: Target::Staging };
+            // Staged rows are new to the scratch copy (emptied by the first stage, each row
+            // staged once, as a comparison reads the old rows once, in key order).
+            match applied_as_set(&mut program, &self.mapping, &ops[at..at + run], Insert::New).await {
+                Ok(true) if run >= SET_ROWS_MIN => {
+                    self.set_changes += run as u64;
+                    at += run;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = self.client.batch_execute("ROLLBACK").await;
+                    return Err(e);
+                }
+            }
+            let end = at + run.max(1);
+            rejected += match self.stage_one_by_one(&ops[at..end]).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = self.client.batch_execute("ROLLBACK").await;
+                    return Err(e);
+                }
+            };
+            at = end;
+        }
+        self.client.batch_execute("COMMIT").await.map_err(|e| unavailable(&e))?;
+        Ok(rejected)
+    }
+
+    /// Stages `ops` one by one, each in a savepoint of its own: how many the mapping or the
+    /// database refused (they leave nothing behind). The transaction is the caller's.
+    async fn stage_one_by_one(&mut self, ops: &[RowOp]) -> Result<u64, StoreError> {
+        let mut rejected = 0;
+        for op in ops {
             let step = async {
                 self.client.batch_execute("SAVEPOINT imago_row").await?;
                 let mut program =
                     Program { client: &self.client, cache: &mut self.cache, live: &self.live, target: Target::Staging };
-                match program.apply(&self.mapping, &op).await {
+                match program.apply(&self.mapping, op).await {
                     Ok(()) => {
                         self.client.batch_execute("RELEASE SAVEPOINT imago_row").await?;
                         Ok(None)
@@ -376,20 +444,13 @@ impl PgNew {
             let outcome: Result<Option<ProgramError>, tokio_postgres::Error> = step.await;
             match outcome {
                 Ok(None) => {}
-                Ok(Some(e)) => match refused(&op, e) {
+                Ok(Some(e)) => match refused(op, e) {
                     StoreError::Rejected(_) => rejected += 1,
-                    other => {
-                        let _ = self.client.batch_execute("ROLLBACK").await;
-                        return Err(other);
-                    }
+                    other => return Err(other),
                 },
-                Err(e) => {
-                    let _ = self.client.batch_execute("ROLLBACK").await;
-                    return Err(unavailable(&e));
-                }
+                Err(e) => return Err(unavailable(&e)),
             }
         }
-        self.client.batch_execute("COMMIT").await.map_err(|e| unavailable(&e))?;
         Ok(rejected)
     }
 
@@ -780,4 +841,33 @@ fn refused(op: &RowOp, e: ProgramError) -> StoreError {
             other => other,
         },
     }
+}
+
+/// Applies `ops` as sets in a savepoint of their own: `Ok(true)` when done; `Ok(false)` when
+/// they make no set or the database refused it (rolled back to the savepoint: the caller goes
+/// row by row, which names the change at fault); an error that may pass is
+/// [`StoreError::Unavailable`].
+async fn applied_as_set(
+    program: &mut Program<'_>,
+    mapping: &Mapping,
+    ops: &[RowOp],
+    insert: Insert,
+) -> Result<bool, StoreError> {
+    if ops.len() < SET_ROWS_MIN {
+        return Ok(false);
+    }
+    program.client.batch_execute("SAVEPOINT imago_set").await.map_err(|e| classify(&e))?;
+    let done = match program.apply_set(mapping, ops, insert).await {
+        Ok(done) => done,
+        Err(ProgramError::Pg(e)) if !may_pass(&e) => false,
+        Err(ProgramError::Pg(e)) => return Err(unavailable(&e)),
+        Err(ProgramError::Convert(_)) => false,
+    };
+    let end = if done {
+        "RELEASE SAVEPOINT imago_set"
+    } else {
+        "ROLLBACK TO SAVEPOINT imago_set; RELEASE SAVEPOINT imago_set"
+    };
+    program.client.batch_execute(end).await.map_err(|e| classify(&e))?;
+    Ok(done)
 }

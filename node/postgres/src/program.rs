@@ -59,7 +59,7 @@ pub struct LiveTable {
 }
 
 impl LiveTable {
-    fn type_of(&self, column: &str) -> &str {
+    pub(crate) fn type_of(&self, column: &str) -> &str {
         self.columns.iter().find(|(c, _, _)| c == column).map_or("text", |(_, t, _)| t.as_str())
     }
 }
@@ -299,7 +299,11 @@ pub async fn check(client: &Client, live: &Live, mapping: &Mapping) -> Result<()
 impl Program<'_> {
     /// The statement for `sql`, prepared once per connection (every parameter `text` when
     /// `text_params` is given, else as the server infers them).
-    async fn statement(&mut self, sql: &str, text_params: Option<usize>) -> Result<Statement, tokio_postgres::Error> {
+    pub(crate) async fn statement(
+        &mut self,
+        sql: &str,
+        text_params: Option<usize>,
+    ) -> Result<Statement, tokio_postgres::Error> {
         let key = (self.target, sql.to_string());
         if let Some(found) = self.cache.statements.get(&key) {
             return Ok(found.clone());

@@ -138,7 +138,8 @@ fn main() {
     let one_to_one = one_to_one();
     let mut old = SqliteOld::open(&old_file, &items_schema()).expect("old");
     let mut new = SqliteNew::open(&path(&dir, "new.db"), &one_to_one).expect("new");
-    let mut core = TransformCore::new(new.checkpoint().expect("checkpoint"));
+    let mut core = TransformCore::new(new.checkpoint().expect("checkpoint"))
+        .with_copy_chunk_rows(protocol::plan::COPY_CHUNK_ROWS_DEFAULT);
     let start = Instant::now();
     let copied = transform(&mut old, &mut new, &mut core);
     let copy_rate = rate(copied, start.elapsed());
@@ -151,7 +152,8 @@ fn main() {
     // A split with a generated key and a reference.
     let split_mapping = split();
     let mut split_new = SqliteNew::open(&path(&dir, "split.db"), &split_mapping).expect("new");
-    let mut split_core = TransformCore::new(split_new.checkpoint().expect("checkpoint"));
+    let mut split_core = TransformCore::new(split_new.checkpoint().expect("checkpoint"))
+        .with_copy_chunk_rows(protocol::plan::COPY_CHUNK_ROWS_DEFAULT);
     let start = Instant::now();
     let split_copied = transform(&mut old, &mut split_new, &mut split_core);
     let split_rate = rate(split_copied, start.elapsed());

@@ -57,7 +57,8 @@ pub enum TransformError {
     StaleBatch(#[from] crate::store::StaleBatch),
 }
 
-/// Rows and changes per step (explicit limits, TigerBeetle style).
+/// Rows and changes per step (explicit limits, TigerBeetle style). The copy's chunk is a
+/// default: a data node takes the plan's `[copy] chunk_rows`.
 pub const COPY_CHUNK_ROWS: usize = 200;
 pub const STREAM_BATCH_CHANGES: usize = 500;
 
@@ -89,6 +90,8 @@ pub struct TransformCore {
     skip_next: bool,
     /// The stream held what cannot be applied row by row: the next work is a new copy.
     recopy: bool,
+    /// Rows per chunk of the copy ([`COPY_CHUNK_ROWS`] unless set).
+    copy_chunk_rows: usize,
     #[cfg(feature = "planted-bugs")]
     bug: Option<TransformBug>,
 }
@@ -103,9 +106,18 @@ impl TransformCore {
             duplicates_skipped: 0,
             skip_next: false,
             recopy: false,
+            copy_chunk_rows: COPY_CHUNK_ROWS,
             #[cfg(feature = "planted-bugs")]
             bug: None,
         }
+    }
+
+    /// The same core copying `rows` rows per chunk (each chunk is one batch: one transaction
+    /// of the new store). At least one.
+    pub fn with_copy_chunk_rows(mut self, rows: usize) -> Self {
+        assert!(rows > 0, "a chunk has rows");
+        self.copy_chunk_rows = rows;
+        self
     }
 
     /// The same core with a planted bug (simulator only), applied as if it had just resumed.
@@ -146,7 +158,7 @@ impl TransformCore {
             CopyState::Copying { after, .. } => match self.snapshot {
                 // The copy's snapshot died with an earlier incarnation: start over.
                 None => Work::Snapshot,
-                Some(snapshot) => Work::CopyChunk { snapshot, after: after.clone(), limit: COPY_CHUNK_ROWS },
+                Some(snapshot) => Work::CopyChunk { snapshot, after: after.clone(), limit: self.copy_chunk_rows },
             },
             CopyState::Done => Work::Stream { after: self.checkpoint.applied, limit: STREAM_BATCH_CHANGES },
         }
