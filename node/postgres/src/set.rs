@@ -15,8 +15,10 @@
 //! by `COPY … FROM STDIN` instead, in text format: each value as the row-by-row statement binds
 //! it (text), read by the column type's input function as the cast of a text parameter is.
 //!
-//! Only what needs no key map goes as a set: an old table whose every new table takes the old
-//! key (no generated key, no merge) and that the plan's statements do not handle. Within a run
+//! Generated keys go as sets too: the key map is read for the run's rows in one statement per
+//! old table, the keys a row by row run would make are made in the run's order (above every key
+//! the table holds and every key made for it before), and the map's changes are written as sets.
+//! What does not go as a set: a merge, and an old table the plan's statements handle. Within a run
 //! of changes only each row's last state matters to a new table that only this old table feeds
 //! (the plan compiler lets no other plain table share it), so a run is applied as its deletes
 //! (every row deleted anywhere in the run) and then its upserts (every row whose last change is
@@ -24,7 +26,7 @@
 //! SQL computes goes as a set of its own changes only, since the expression may read new tables
 //! other changes write; it sees its own new table as it was before the set's statement.
 
-use crate::program::{Live, Program, ProgramError, Target};
+use crate::program::{Live, Program, ProgramError, Target, KEYS_TABLE, KEY_NEXT_TABLE};
 use crate::sql::ident;
 use futures_util::SinkExt;
 use protocol::schema::REQUEST_LOG_TABLE;
@@ -49,13 +51,14 @@ pub fn set_ready(mapping: &Mapping, table: &str) -> bool {
         // Not in the new universe: nothing to do, as a set or not.
         return true;
     };
+    // A new table another old table feeds too: only when every feeder's keys are generated
+    // (disjoint rows, keys made in the run's order); a plain feeder beside a generated one
+    // would change which keys are free.
     outputs.iter().all(|output| {
-        !output.generated
-            && !output.merged
-            && mapping
-                .outputs
-                .iter()
-                .all(|(other, theirs)| other == table || theirs.iter().all(|o| o.table != output.table))
+        !output.merged
+            && mapping.outputs.iter().all(|(other, theirs)| {
+                other == table || theirs.iter().all(|o| o.table != output.table || (o.generated && output.generated))
+            })
     })
 }
 
@@ -143,21 +146,35 @@ impl SetRendered {
 }
 
 /// Pushes the values `source` needs, in the order [`write_source`] writes them.
-fn leaves_of(source: &Source, row: &Row, key: i64, out: &mut Vec<Value>) -> Result<(), ConvertError> {
+fn leaves_of(
+    source: &Source,
+    row: &Row,
+    key_of: &mut dyn FnMut(&str) -> Result<i64, ConvertError>,
+    out: &mut Vec<Value>,
+) -> Result<(), ConvertError> {
     match source {
         Source::Sql { sql, params, transform } => {
             for (_, name) in sql_params(sql) {
                 let param = params.get(&name).ok_or(ConvertError::NeedsDatabase { transform: *transform })?;
-                leaves_of(param, row, key, out)?;
+                leaves_of(param, row, key_of, out)?;
             }
             Ok(())
         }
         other => {
-            // No generated key in a set: every new table's key is the old one.
-            out.push(evaluate(other, row, &mut |_| Ok(key))?);
+            out.push(evaluate(other, row, key_of)?);
             Ok(())
         }
     }
+}
+
+/// The key old row `key` has in a new table (`key_of(key, table)`): the old key, or the one
+/// made for it.
+pub(crate) type KeyOf<'a> = dyn Fn(i64, &str) -> Result<i64, ConvertError> + 'a;
+
+/// Every new table's key is the old one.
+#[cfg(test)]
+fn same_keys(key: i64, _table: &str) -> Result<i64, ConvertError> {
+    Ok(key)
 }
 
 /// The kinds of `source`'s values, in the order [`leaves_of`] pushes them.
@@ -209,6 +226,7 @@ pub(crate) fn upsert_set(
     output: &Output,
     rows: &[(i64, &Row)],
     insert: Insert,
+    keys: &KeyOf,
 ) -> Result<Option<SetRendered>, ConvertError> {
     let table = live.tables.get(&output.table);
     let type_of = |column: &str| table.map_or("text", |t| t.type_of(column)).to_string();
@@ -229,9 +247,9 @@ pub(crate) fn upsert_set(
         leaves.clear();
         for (column, source) in &output.columns {
             if *column == output.key {
-                leaves.push(Value::Int(*key));
+                leaves.push(Value::Int(keys(*key, &output.table)?));
             } else {
-                leaves_of(source, row, *key, &mut leaves)?;
+                leaves_of(source, row, &mut |t| keys(*key, t), &mut leaves)?;
             }
         }
         assert_eq!(leaves.len(), kinds.len(), "every row has the same values");
@@ -326,6 +344,7 @@ pub(crate) fn copy_set(
     target: Target,
     output: &Output,
     rows: &[(i64, &Row)],
+    keys: &KeyOf,
 ) -> Result<Option<(String, Vec<u8>)>, ConvertError> {
     if output.columns.iter().any(|(_, source)| matches!(source, Source::Sql { .. })) {
         return Ok(None);
@@ -336,8 +355,11 @@ pub(crate) fn copy_set(
             if n > 0 {
                 data.push(b'\t');
             }
-            let value =
-                if *column == output.key { Value::Int(*key) } else { evaluate(source, row, &mut |_| Ok(*key))? };
+            let value = if *column == output.key {
+                Value::Int(keys(*key, &output.table)?)
+            } else {
+                evaluate(source, row, &mut |t| keys(*key, t))?
+            };
             match value {
                 Value::Null => data.extend_from_slice(b"\\N"),
                 Value::Int(i) => data.extend_from_slice(i.to_string().as_bytes()),
@@ -382,10 +404,28 @@ struct Run<'a> {
     upserts: BTreeMap<i64, &'a Row>,
 }
 
+/// (old table, old key, new table): where a generated key belongs.
+type KeyAt = (String, i64, String);
+
+/// The generated keys of a run's rows as a row by row run would leave them, and what changed
+/// in the key map.
+#[derive(Default)]
+struct Made {
+    /// Keys as the run leaves them (`None`: forgotten).
+    now: BTreeMap<KeyAt, Option<i64>>,
+    /// Keys the map held when the run began.
+    before: BTreeMap<KeyAt, i64>,
+    /// Per new table, the next key to make, if the run made any.
+    next: BTreeMap<String, i64>,
+    /// Per new table, every key a deleted row had (its row goes).
+    gone: BTreeMap<String, Vec<i64>>,
+}
+
 impl Program<'_> {
     /// Applies `ops` (a run [`set_run`] accepts) as sets. An error leaves the transaction to
     /// the caller: roll back (to a savepoint) and apply the run row by row, which names the
-    /// change at fault. `Ok(false)`: the rows make no set, nothing was done.
+    /// change at fault. `Ok(false)`: the rows make no set (or, staging, a row has no generated
+    /// key yet), nothing was done.
     pub async fn apply_set(&mut self, mapping: &Mapping, ops: &[RowOp], insert: Insert) -> Result<bool, ProgramError> {
         let mut runs: BTreeMap<&str, Run> = BTreeMap::new();
         for op in ops {
@@ -400,11 +440,13 @@ impl Program<'_> {
                 }
             }
         }
+        let Some(made) = self.make_keys(mapping, ops, &runs).await? else {
+            return Ok(false);
+        };
         // Rendered before anything runs, so that rows that make no set change nothing.
-        let mut statements: Vec<(String, Vec<&(dyn ToSql + Sync)>)> = Vec::new();
         let mut rendered = Vec::new();
         let mut copies = Vec::new();
-        let mut deletes = Vec::new();
+        let mut deletes: Vec<(String, Vec<i64>)> = Vec::new();
         let request_log = protocol::schema::request_log_output();
         for (table, run) in &runs {
             let outputs: &[Output] = if *table == REQUEST_LOG_TABLE {
@@ -413,40 +455,56 @@ impl Program<'_> {
                 mapping.outputs.get(*table).map_or(&[], Vec::as_slice)
             };
             let rows: Vec<(i64, &Row)> = run.upserts.iter().map(|(k, r)| (*k, *r)).collect();
-            for output in outputs {
-                if !run.deletes.is_empty() {
-                    deletes.push((
-                        format!(
-                            "DELETE FROM {} WHERE {} = ANY($1::bigint[])",
-                            self.live.qualified(&output.table, self.target),
-                            ident(&output.key)
-                        ),
-                        &run.deletes,
-                    ));
+            let generated: Vec<&str> = outputs.iter().filter(|o| o.generated).map(|o| o.table.as_str()).collect();
+            let keys = |key: i64, new_table: &str| -> Result<i64, ConvertError> {
+                if !generated.contains(&new_table) {
+                    return Ok(key);
                 }
-                if !rows.is_empty() && insert == Insert::New {
-                    if let Some(copy) = copy_set(self.live, self.target, output, &rows)? {
+                let found = made.now.get(&(table.to_string(), key, new_table.to_string())).copied().flatten();
+                found.ok_or(ConvertError::NeedsKeyMap { table: new_table.to_string() })
+            };
+            for output in outputs {
+                let gone = if output.generated {
+                    made.gone.get(&output.table).cloned().unwrap_or_default()
+                } else {
+                    run.deletes.clone()
+                };
+                if !gone.is_empty() {
+                    let sql = format!(
+                        "DELETE FROM {} WHERE {} = ANY($1::bigint[])",
+                        self.live.qualified(&output.table, self.target),
+                        ident(&output.key)
+                    );
+                    deletes.push((sql, gone));
+                }
+                if rows.is_empty() {
+                    continue;
+                }
+                if insert == Insert::New {
+                    if let Some(copy) = copy_set(self.live, self.target, output, &rows, &keys)? {
                         copies.push(copy);
                         continue;
                     }
                 }
-                if !rows.is_empty() {
-                    match upsert_set(self.live, self.target, output, &rows, insert)? {
-                        Some(set) => rendered.push(set),
-                        None => return Ok(false),
-                    }
+                match upsert_set(self.live, self.target, output, &rows, insert, &keys)? {
+                    Some(set) => rendered.push(set),
+                    None => return Ok(false),
                 }
             }
         }
+        // Rows of deleted old rows go (a generated table's once, whichever old table fed it).
+        deletes.sort();
+        deletes.dedup();
         for (sql, keys) in &deletes {
-            statements.push((sql.clone(), vec![*keys as &(dyn ToSql + Sync)]));
+            let statement = self.statement(sql, None).await?;
+            self.client.execute(&statement, &[keys]).await?;
+        }
+        if self.target == Target::Main {
+            self.write_key_map(&made).await?;
         }
         for set in &rendered {
-            statements.push((set.sql.clone(), set.params()));
-        }
-        for (sql, params) in statements {
-            let statement = self.statement(&sql, None).await?;
-            self.client.execute(&statement, &params).await?;
+            let statement = self.statement(&set.sql, None).await?;
+            self.client.execute(&statement, &set.params()).await?;
         }
         for (sql, data) in copies {
             let sink = self.client.copy_in::<_, bytes::Bytes>(&sql).await?;
@@ -455,6 +513,144 @@ impl Program<'_> {
             sink.finish().await?;
         }
         Ok(true)
+    }
+
+    /// The run's generated keys: the key map read for its rows (one statement per old table),
+    /// then the keys a row by row run would make, in the run's order. `None` while staging when
+    /// a row has no key yet (staging makes none).
+    async fn make_keys(
+        &mut self,
+        mapping: &Mapping,
+        ops: &[RowOp],
+        runs: &BTreeMap<&str, Run<'_>>,
+    ) -> Result<Option<Made>, ProgramError> {
+        let mut made = Made::default();
+        let generated = |table: &str| -> Vec<String> {
+            mapping
+                .outputs
+                .get(table)
+                .map_or(Vec::new(), |outputs| outputs.iter().filter(|o| o.generated).map(|o| o.table.clone()).collect())
+        };
+        if runs.keys().all(|t| generated(t).is_empty()) {
+            return Ok(Some(made));
+        }
+        let keys_table = self.live.imago(KEYS_TABLE);
+        for (table, run) in runs {
+            let targets = generated(table);
+            if targets.is_empty() {
+                continue;
+            }
+            let mut src: Vec<i64> = run.deletes.iter().chain(run.upserts.keys()).copied().collect();
+            src.sort_unstable();
+            src.dedup();
+            let sql = format!(
+                "SELECT src_key, target, key FROM {keys_table} \
+                 WHERE src_table = $1 AND src_key = ANY($2::bigint[]) AND target = ANY($3::text[])"
+            );
+            let statement = self.statement(&sql, None).await?;
+            for row in self.client.query(&statement, &[&table.to_string(), &src, &targets]).await? {
+                let (src_key, target, key): (i64, String, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+                made.before.insert((table.to_string(), src_key, target.clone()), key);
+                made.now.insert((table.to_string(), src_key, target), Some(key));
+            }
+        }
+        for op in ops {
+            let (table, key, upsert) = match op {
+                RowOp::Upsert { table, key, .. } => (table, *key, true),
+                RowOp::Delete { table, key } => (table, *key, false),
+            };
+            for target in generated(table) {
+                let at = (table.clone(), key, target.clone());
+                let known = made.now.get(&at).copied().flatten();
+                match (upsert, known) {
+                    (true, Some(_)) | (false, None) => {}
+                    (true, None) if self.target == Target::Staging => return Ok(None),
+                    (true, None) => {
+                        let next = match made.next.get(&target) {
+                            Some(next) => *next,
+                            None => self.next_key(&target).await?,
+                        };
+                        made.now.insert(at, Some(next));
+                        made.next.insert(target, next + 1);
+                    }
+                    (false, Some(gone)) => {
+                        made.gone.entry(target).or_default().push(gone);
+                        made.now.insert(at, None);
+                    }
+                }
+            }
+        }
+        Ok(Some(made))
+    }
+
+    /// The next key to make for new table `target`: above every key it holds and every key
+    /// made for it before (as the row by row program makes them).
+    async fn next_key(&mut self, target: &str) -> Result<i64, ProgramError> {
+        let next = self.live.imago(KEY_NEXT_TABLE);
+        let key = self.live.tables.get(target).map_or("id", |t| t.key.as_str());
+        let sql = format!(
+            "SELECT greatest(coalesce((SELECT max({key})::bigint FROM {t}), 0) + 1, \
+                             coalesce((SELECT next FROM {next} WHERE target = $1), 1))",
+            key = ident(key),
+            t = self.live.qualified(target, Target::Main),
+        );
+        let statement = self.statement(&sql, None).await?;
+        let row = self.client.query_one(&statement, &[&target]).await?;
+        Ok(row.try_get::<_, i64>(0)?)
+    }
+
+    /// The run's changes to the key map: forgotten keys deleted, made ones inserted, and each
+    /// new table's next key moved past them; three statements at most.
+    async fn write_key_map(&mut self, made: &Made) -> Result<(), ProgramError> {
+        let keys_table = self.live.imago(KEYS_TABLE);
+        let (mut forget_tables, mut forget_keys, mut forget_targets) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut keep_tables, mut keep_keys, mut keep_targets, mut keep_made) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (at, now) in &made.now {
+            let before = made.before.get(at).copied();
+            if before == *now {
+                continue;
+            }
+            let (table, src_key, target) = at;
+            if before.is_some() {
+                forget_tables.push(table.clone());
+                forget_keys.push(*src_key);
+                forget_targets.push(target.clone());
+            }
+            if let Some(key) = now {
+                keep_tables.push(table.clone());
+                keep_keys.push(*src_key);
+                keep_targets.push(target.clone());
+                keep_made.push(*key);
+            }
+        }
+        if !forget_tables.is_empty() {
+            let sql = format!(
+                "DELETE FROM {keys_table} k USING unnest($1::text[], $2::bigint[], $3::text[]) AS u(t, s, g) \
+                 WHERE k.src_table = u.t AND k.src_key = u.s AND k.target = u.g"
+            );
+            let statement = self.statement(&sql, None).await?;
+            self.client.execute(&statement, &[&forget_tables, &forget_keys, &forget_targets]).await?;
+        }
+        if !keep_tables.is_empty() {
+            let sql = format!(
+                "INSERT INTO {keys_table} (src_table, src_key, target, key) \
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[])"
+            );
+            let statement = self.statement(&sql, None).await?;
+            self.client.execute(&statement, &[&keep_tables, &keep_keys, &keep_targets, &keep_made]).await?;
+        }
+        if !made.next.is_empty() {
+            let (targets, nexts): (Vec<String>, Vec<i64>) = made.next.iter().map(|(t, n)| (t.clone(), *n)).unzip();
+            let sql = format!(
+                "INSERT INTO {} (target, next) SELECT * FROM unnest($1::text[], $2::bigint[]) \
+                 ON CONFLICT (target) DO UPDATE SET next = EXCLUDED.next",
+                self.live.imago(KEY_NEXT_TABLE)
+            );
+            let statement = self.statement(&sql, None).await?;
+            self.client.execute(&statement, &[&targets, &nexts]).await?;
+        }
+        Ok(())
     }
 }
 
@@ -505,7 +701,9 @@ mod tests {
         let ann =
             row(&[("id", Value::Int(7)), ("name", Value::Text("Ann".into())), ("age", Value::Text(" 41".into()))]);
         let bob = row(&[("id", Value::Int(8)), ("name", Value::Text("Bob".into()))]);
-        let set = upsert_set(&live(), Target::Main, output, &[(7, &ann), (8, &bob)], Insert::Upsert).unwrap().unwrap();
+        let set = upsert_set(&live(), Target::Main, output, &[(7, &ann), (8, &bob)], Insert::Upsert, &same_keys)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             set.sql,
             "INSERT INTO \"app\".\"users\" (\"id\", \"name\", \"age\", \"handle\") \
@@ -517,7 +715,7 @@ mod tests {
         assert_eq!(set.arrays[2], Array::Text(vec![Some("41".into()), None]), "converted by Imago, then bound as text");
         assert_eq!(set.arrays[5], Array::Int(vec![Some(41), None]), "a parameter typed by its values");
 
-        let set = upsert_set(&live(), Target::Main, output, &[(8, &bob)], Insert::New).unwrap().unwrap();
+        let set = upsert_set(&live(), Target::Main, output, &[(8, &bob)], Insert::New, &same_keys).unwrap().unwrap();
         assert!(set.sql.contains("coalesce(NULL, 0)"), "a parameter NULL in every row is written out: {}", set.sql);
         assert!(set.sql.ends_with("AS u(c1, c2, c3, c4, c5)"), "rows known new: no ON CONFLICT: {}", set.sql);
         assert_eq!(set.arrays.len(), 5);
@@ -538,13 +736,14 @@ mod tests {
         let output = &plain.outputs["users"][0];
         let odd = row(&[("name", Value::Text("a\tb\\c\nd\re \\N".into())), ("age", Value::Text(" 7".into()))]);
         let none = row(&[]);
-        let (sql, data) = copy_set(&live(), Target::Staging, output, &[(1, &odd), (2, &none)]).unwrap().unwrap();
+        let (sql, data) =
+            copy_set(&live(), Target::Staging, output, &[(1, &odd), (2, &none)], &same_keys).unwrap().unwrap();
         assert_eq!(sql, "COPY pg_temp.\"users\" (\"id\", \"name\", \"age\") FROM STDIN");
         assert_eq!(String::from_utf8(data).unwrap(), "1\ta\\tb\\\\c\\nd\\re \\\\N\t7\n2\t\\N\t\\N\n");
         let bad = row(&[("age", Value::Text("old".into()))]);
-        assert!(copy_set(&live(), Target::Main, output, &[(3, &bad)]).is_err(), "as row by row: refused");
+        assert!(copy_set(&live(), Target::Main, output, &[(3, &bad)], &same_keys).is_err(), "as row by row: refused");
         let computed = &mapping().outputs["users"][0];
-        assert_eq!(copy_set(&live(), Target::Main, computed, &[(1, &odd)]).unwrap(), None);
+        assert_eq!(copy_set(&live(), Target::Main, computed, &[(1, &odd)], &same_keys).unwrap(), None);
     }
 
     #[test]
@@ -553,13 +752,16 @@ mod tests {
         let output = &mapping.outputs["users"][0];
         let ann = row(&[("id", Value::Int(7)), ("name", Value::Text("Ann".into()))]);
         let bob = row(&[("id", Value::Int(8)), ("name", Value::Int(3))]);
-        assert_eq!(upsert_set(&live(), Target::Main, output, &[(7, &ann), (8, &bob)], Insert::Upsert).unwrap(), None);
+        assert_eq!(
+            upsert_set(&live(), Target::Main, output, &[(7, &ann), (8, &bob)], Insert::Upsert, &same_keys).unwrap(),
+            None
+        );
         let bad = row(&[("id", Value::Int(9)), ("age", Value::Text("old".into()))]);
-        assert!(upsert_set(&live(), Target::Main, output, &[(7, &ann), (9, &bad)], Insert::Upsert).is_err());
+        assert!(upsert_set(&live(), Target::Main, output, &[(7, &ann), (9, &bad)], Insert::Upsert, &same_keys).is_err());
     }
 
     #[test]
-    fn a_run_stops_at_a_table_that_needs_the_key_map_or_at_another_table_beside_a_computed_one() {
+    fn a_run_stops_at_a_merge_or_at_another_table_beside_a_computed_one() {
         let mut mapping = mapping();
         let upsert = |table: &str, key| RowOp::Upsert { table: table.into(), key, row: Row::new() };
         let ops = vec![upsert("users", 1), upsert("users", 2), upsert("gone", 2), upsert(REQUEST_LOG_TABLE, 3)];
@@ -585,7 +787,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(set_run(&plain, &ops), 4, "tables Imago computes alone go together");
-        mapping.outputs.get_mut("users").unwrap()[0].generated = true;
+        mapping.outputs.get_mut("users").unwrap()[0].merged = true;
         assert_eq!(set_run(&mapping, &ops), 0);
         assert_eq!(set_run(&mapping, &ops[2..]), 2);
         assert_eq!(set_run(&mapping, &[]), 0);

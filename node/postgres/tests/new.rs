@@ -655,7 +655,8 @@ fn postgres_runs_the_mapping_as_the_in_memory_store_does(cluster: &ThrowawayClus
     let (old_schema, mapping) = every_declarative_form();
     let new = std::cell::RefCell::new(rt.block_on(PgNew::open(&conn, &mapping)).unwrap());
     let mut runner = TestRunner::new(Config { cases: 16, failure_persistence: None, ..Config::default() });
-    let batches = proptest::collection::vec(proptest::collection::vec(change(), 1..6), 1..6);
+    // Up to a dozen changes a batch: runs long enough to go as sets (generated keys too).
+    let batches = proptest::collection::vec(proptest::collection::vec(change(), 1..12), 1..6);
     let result = runner.run(&batches, |batches| {
         let mut pg = new.borrow_mut();
         rt.block_on(async {
@@ -693,6 +694,7 @@ fn postgres_runs_the_mapping_as_the_in_memory_store_does(cluster: &ThrowawayClus
     if let Err(e) = result {
         panic!("{e}");
     }
+    assert!(new.borrow().set_changes() > 0, "some runs went as sets");
 }
 
 /// The old schema with the request log (whose rows every mapping carries as they are).
