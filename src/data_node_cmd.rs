@@ -231,6 +231,8 @@ pub fn run(
         positions,
         copy_rows_per_s_max: plan.copy_rows_per_s_max,
         copy_chunk_rows: plan.copy_chunk_rows.unwrap_or(protocol::plan::COPY_CHUNK_ROWS_DEFAULT),
+        // The drain's comparison reads and stages as the copy does (a freeze waits for it).
+        compare_chunk_rows: plan.copy_chunk_rows.unwrap_or(protocol::plan::COPY_CHUNK_ROWS_DEFAULT),
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();

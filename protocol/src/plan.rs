@@ -99,7 +99,8 @@ pub struct Plan {
     /// keeps serving (`[copy] rows_per_s_max`; none: as fast as the copy goes).
     pub copy_rows_per_s_max: Option<u64>,
     /// Rows per chunk of a data node's bulk copy, each chunk one transaction of the new
-    /// database (`[copy] chunk_rows`, 1 to [`COPY_CHUNK_ROWS_MAX`]; none: the node's default).
+    /// database, and of its drain's comparison (`[copy] chunk_rows`, 1 to
+    /// [`COPY_CHUNK_ROWS_MAX`]; none: [`COPY_CHUNK_ROWS_DEFAULT`]).
     pub copy_chunk_rows: Option<usize>,
 }
 

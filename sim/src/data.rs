@@ -544,6 +544,7 @@ impl World {
             copy_rows_per_s_max: self.plan.copy_rows_per_s_max,
             // Small chunks by default: the simulator's tables take several, with writes between.
             copy_chunk_rows: self.plan.copy_chunk_rows.unwrap_or(node_core::duties::transform::COPY_CHUNK_ROWS),
+            compare_chunk_rows: node_core::data_node::COMPARE_CHUNK_ROWS,
             answers_max: ANSWERS_MAX,
             change_log_applied_max: CHANGE_LOG_APPLIED_MAX,
         };

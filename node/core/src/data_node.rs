@@ -65,6 +65,9 @@ pub struct DataNodeConfig {
     pub copy_rows_per_s_max: Option<u64>,
     /// Rows per chunk of the bulk copy (each chunk one batch of the new store).
     pub copy_chunk_rows: usize,
+    /// Old rows per chunk the drain's comparison reads and stages ([`COMPARE_CHUNK_ROWS`]
+    /// in the simulator; a real node takes its copy's chunk).
+    pub compare_chunk_rows: usize,
 }
 
 /// A store operation for the shell (see [`crate::store`]); its result comes back as
@@ -762,7 +765,7 @@ impl DataNodeCore {
             Some(if c.rows_done {
                 StoreOp::CompareStaged
             } else {
-                StoreOp::ReadRows { after: c.cursor.clone(), limit: COMPARE_CHUNK_ROWS }
+                StoreOp::ReadRows { after: c.cursor.clone(), limit: self.config.compare_chunk_rows }
             })
         } else if let Some(work) = self.drain_work.pop_front() {
             match work {
@@ -785,7 +788,7 @@ impl DataNodeCore {
                         final_position,
                     };
                     self.comparing = Some(comparing);
-                    Some(StoreOp::ReadRows { after: None, limit: COMPARE_CHUNK_ROWS })
+                    Some(StoreOp::ReadRows { after: None, limit: self.config.compare_chunk_rows })
                 }
             }
         } else if let Some(up_to) = self.prune_due() {

@@ -73,6 +73,7 @@ fn config(change_log_applied_max: u64) -> DataNodeConfig {
         positions: Default::default(),
         copy_rows_per_s_max: None,
         copy_chunk_rows: node_core::duties::transform::COPY_CHUNK_ROWS,
+        compare_chunk_rows: node_core::data_node::COMPARE_CHUNK_ROWS,
         answers_max: 4,
         change_log_applied_max,
     }

@@ -34,6 +34,7 @@ fn config(answers_max: usize) -> DataNodeConfig {
         positions: Default::default(),
         copy_rows_per_s_max: None,
         copy_chunk_rows: node_core::duties::transform::COPY_CHUNK_ROWS,
+        compare_chunk_rows: node_core::data_node::COMPARE_CHUNK_ROWS,
         answers_max,
         change_log_applied_max: 100,
     }

@@ -55,6 +55,11 @@ fn quick() -> bool {
     std::env::var("IMAGO_BENCH_QUICK").is_ok_and(|v| v == "1")
 }
 
+/// A plan's default `freeze_timeout_ms`: how long the drain's comparison may take at most.
+fn freeze_timeout_ms() -> u64 {
+    protocol::plan::Thresholds::default().freeze_timeout_ms
+}
+
 const ITEMS_TABLE: &str = "CREATE TABLE items (id bigint PRIMARY KEY, title text, seller bigint, price bigint)";
 const UPDATE_PRICE: &str = "UPDATE items SET price = price + 1 WHERE id = $1";
 
@@ -156,14 +161,15 @@ fn copy(old: &mut PgOldStore, new: &mut PgNewStore, core: &mut TransformCore) ->
     rows
 }
 
-/// Checks that the new database equals transform(old): every current old row staged (chunk by
-/// chunk, through the interface), then the checksums compared.
+/// Checks that the new database equals transform(old) as the drain's comparison does: every
+/// current old row read and staged a chunk at a time (a data node's chunk), then the checksums
+/// compared.
 fn check_equal(old: &PgOldStore, new: &mut PgNewStore) -> usize {
     let mut after = None;
     let mut first = true;
     let mut staged = 0;
     loop {
-        let chunk = old.rows_chunk(&after, 10_000).expect("old rows");
+        let chunk = old.rows_chunk(&after, COPY_CHUNK_ROWS_DEFAULT).expect("old rows");
         after = chunk.rows.last().map(|(t, k, _)| (t.clone(), *k)).or(after);
         staged += chunk.rows.len();
         assert_eq!(new.stage(&chunk.rows, first).expect("stage"), 0, "every old row converts");
@@ -467,9 +473,13 @@ fn main() {
     // The new database equals transform(old), after the copy, the backlog and the steady writes.
     let start = Instant::now();
     let checked = check_equal(&old, &mut new);
+    let compare_rate = rate(checked as u64, start.elapsed());
     println!(
-        "checked: the new database equals transform(old) ({checked} rows staged in {:.1} s)",
-        start.elapsed().as_secs_f64()
+        "checked: the new database equals transform(old), compared as the drain does: {checked} rows read, \
+         staged and summed in {:.1} s ({compare_rate:.0} rows/s; a freeze of {} ms compares at most about {:.0} rows)",
+        start.elapsed().as_secs_f64(),
+        freeze_timeout_ms(),
+        compare_rate * freeze_timeout_ms() as f64 / 1_000.0,
     );
     drop(old);
     drop(new);
@@ -553,6 +563,7 @@ fn main() {
         "copy_ratio_target": 0.5,
         "copy_ratio_meets_target": copy_ratio >= 0.5,
         "copy_split_generated_key_rows_per_s": split_rate,
+        "drain_compare_rows_per_s": compare_rate,
         "copy_read_ms": read_ms,
         "copy_core_ms": core_ms,
         "copy_apply_ms": apply_ms,
