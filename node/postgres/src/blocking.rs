@@ -174,6 +174,11 @@ impl PgNewStore {
         self.0.run(async |new: &mut PgNew| new.imago_objects().await)
     }
 
+    /// [`PgNew::sets`]: changes applied as sets, and sets refused.
+    pub fn sets(&self) -> crate::new::SetCounts {
+        self.0.run(async |new: &mut PgNew| new.sets())
+    }
+
     /// [`PgNew::retire`] on a runtime of its own. Must not be called on an async thread.
     pub fn retire(conn_str: &str) -> Result<Vec<String>, PgError> {
         let runtime = runtime("imago-pg-new")?;

@@ -67,8 +67,8 @@ pub struct PgNew {
     /// Writers are held ([`PgNew::hold_writers`]): the session is in a transaction that holds
     /// `SHARE` locks on the new tables.
     held: bool,
-    /// Changes applied (or staged) as sets so far, by this value (see [`crate::set`]).
-    set_changes: u64,
+    /// Changes applied (or staged) as sets so far by this value, and sets refused.
+    sets: SetCounts,
 }
 
 impl std::fmt::Debug for PgNew {
@@ -131,7 +131,7 @@ impl PgNew {
             live,
             mapping: mapping.clone(),
             staging: false,
-            set_changes: 0,
+            sets: SetCounts::default(),
             held: false,
         })
     }
@@ -313,8 +313,7 @@ impl PgNew {
         while at < batch.ops.len() {
             let run = set_run(&self.mapping, &batch.ops[at..]);
             let ops = &batch.ops[at..at + run];
-            if run >= SET_ROWS_MIN && applied_as_set(&mut program, &self.mapping, ops, insert).await? {
-                self.set_changes += run as u64;
+            if run >= SET_ROWS_MIN && applied_as_set(&mut program, &self.mapping, ops, insert, &mut self.sets).await? {
                 at += run;
                 continue;
             }
@@ -347,9 +346,10 @@ impl PgNew {
         Ok(Ok(()))
     }
 
-    /// How many changes this value applied or staged as sets (the rest went row by row).
-    pub fn set_changes(&self) -> u64 {
-        self.set_changes
+    /// How many changes this value applied or staged as sets (the rest went row by row), and
+    /// how many sets the database refused (each then went row by row).
+    pub fn sets(&self) -> SetCounts {
+        self.sets
     }
 
     /// Converts old rows into the scratch copy of the new tables (emptied first if `first`),
@@ -393,9 +393,8 @@ impl PgNew {
                 Program { client: &self.client, cache: &mut self.cache, live: &self.live, target: Target::Staging };
             // Staged rows are new to the scratch copy (emptied by the first stage, each row
             // staged once, as a comparison reads the old rows once, in key order).
-            match applied_as_set(&mut program, &self.mapping, &ops[at..at + run], Insert::New).await {
+            match applied_as_set(&mut program, &self.mapping, &ops[at..at + run], Insert::New, &mut self.sets).await {
                 Ok(true) if run >= SET_ROWS_MIN => {
-                    self.set_changes += run as u64;
                     at += run;
                     continue;
                 }
@@ -843,6 +842,14 @@ fn refused(op: &RowOp, e: ProgramError) -> StoreError {
     }
 }
 
+/// Changes applied or staged as sets, and sets refused (by the database, or a value Imago
+/// cannot convert) and then applied row by row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetCounts {
+    pub changes: u64,
+    pub refused: u64,
+}
+
 /// Applies `ops` as sets in a savepoint of their own: `Ok(true)` when done; `Ok(false)` when
 /// they make no set or the database refused it (rolled back to the savepoint: the caller goes
 /// row by row, which names the change at fault); an error that may pass is
@@ -852,6 +859,7 @@ async fn applied_as_set(
     mapping: &Mapping,
     ops: &[RowOp],
     insert: Insert,
+    counts: &mut SetCounts,
 ) -> Result<bool, StoreError> {
     if ops.len() < SET_ROWS_MIN {
         return Ok(false);
@@ -859,10 +867,21 @@ async fn applied_as_set(
     program.client.batch_execute("SAVEPOINT imago_set").await.map_err(|e| classify(&e))?;
     let done = match program.apply_set(mapping, ops, insert).await {
         Ok(done) => done,
-        Err(ProgramError::Pg(e)) if !may_pass(&e) => false,
+        Err(ProgramError::Pg(e)) if !may_pass(&e) => {
+            counts.refused += 1;
+            tracing::debug!("a set of {} changes refused, applied row by row: {}", ops.len(), describe(&e));
+            false
+        }
         Err(ProgramError::Pg(e)) => return Err(unavailable(&e)),
-        Err(ProgramError::Convert(_)) => false,
+        Err(ProgramError::Convert(e)) => {
+            counts.refused += 1;
+            tracing::debug!("a set of {} changes refused, applied row by row: {e}", ops.len());
+            false
+        }
     };
+    if done {
+        counts.changes += ops.len() as u64;
+    }
     let end = if done {
         "RELEASE SAVEPOINT imago_set"
     } else {

@@ -440,7 +440,7 @@ impl Program<'_> {
                 }
             }
         }
-        let Some(made) = self.make_keys(mapping, ops, &runs).await? else {
+        let Some(made) = self.make_keys(mapping, ops, &runs, insert).await? else {
             return Ok(false);
         };
         // Rendered before anything runs, so that rows that make no set change nothing.
@@ -515,14 +515,20 @@ impl Program<'_> {
         Ok(true)
     }
 
-    /// The run's generated keys: the key map read for its rows (one statement per old table),
-    /// then the keys a row by row run would make, in the run's order. `None` while staging when
-    /// a row has no key yet (staging makes none).
+    /// The run's generated keys: the key map read for its rows (one statement per old table;
+    /// not for a chunk of the copy, whose rows the map cannot hold since the copy's reset), then
+    /// the keys a row by row run would make, in the run's order. `None` while staging when a
+    /// row has no key yet (staging makes none).
+    ///
+    /// The map is read by an unnamed statement, planned for each run: a prepared one keeps the
+    /// plan made while the map was empty (an index scan on `src_table` alone), which reads the
+    /// whole map once it holds a million rows (the benchmark's split slowed to a crawl).
     async fn make_keys(
         &mut self,
         mapping: &Mapping,
         ops: &[RowOp],
         runs: &BTreeMap<&str, Run<'_>>,
+        insert: Insert,
     ) -> Result<Option<Made>, ProgramError> {
         let mut made = Made::default();
         let generated = |table: &str| -> Vec<String> {
@@ -537,7 +543,7 @@ impl Program<'_> {
         let keys_table = self.live.imago(KEYS_TABLE);
         for (table, run) in runs {
             let targets = generated(table);
-            if targets.is_empty() {
+            if targets.is_empty() || (insert == Insert::New && self.target == Target::Main) {
                 continue;
             }
             let mut src: Vec<i64> = run.deletes.iter().chain(run.upserts.keys()).copied().collect();
@@ -547,8 +553,7 @@ impl Program<'_> {
                 "SELECT src_key, target, key FROM {keys_table} \
                  WHERE src_table = $1 AND src_key = ANY($2::bigint[]) AND target = ANY($3::text[])"
             );
-            let statement = self.statement(&sql, None).await?;
-            for row in self.client.query(&statement, &[&table.to_string(), &src, &targets]).await? {
+            for row in self.client.query(sql.as_str(), &[&table.to_string(), &src, &targets]).await? {
                 let (src_key, target, key): (i64, String, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
                 made.before.insert((table.to_string(), src_key, target.clone()), key);
                 made.now.insert((table.to_string(), src_key, target), Some(key));
@@ -629,8 +634,8 @@ impl Program<'_> {
                 "DELETE FROM {keys_table} k USING unnest($1::text[], $2::bigint[], $3::text[]) AS u(t, s, g) \
                  WHERE k.src_table = u.t AND k.src_key = u.s AND k.target = u.g"
             );
-            let statement = self.statement(&sql, None).await?;
-            self.client.execute(&statement, &[&forget_tables, &forget_keys, &forget_targets]).await?;
+            // Unnamed, planned for each run (see `make_keys`).
+            self.client.execute(sql.as_str(), &[&forget_tables, &forget_keys, &forget_targets]).await?;
         }
         if !keep_tables.is_empty() {
             let sql = format!(
