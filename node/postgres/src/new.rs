@@ -124,6 +124,8 @@ impl PgNew {
             return Err(e);
         }
         client.batch_execute("COMMIT").await.map_err(sql_error("commit setting up"))?;
+        // After setting up: its unqualified `CREATE`s go to the first schema of the path.
+        catalog_types_first(&client).await?;
         Ok(PgNew {
             config,
             client,
@@ -210,7 +212,9 @@ impl PgNew {
     /// prepared statements and the scratch copy died with it.
     async fn reconnect(&mut self) -> Result<(), StoreError> {
         if self.client.is_closed() {
-            self.client = sql::connect(&self.config).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let client = sql::connect(&self.config).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            catalog_types_first(&client).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            self.client = client;
             self.cache = Cache::default();
             self.staging = false;
             // The held locks ended with the session.
@@ -715,6 +719,22 @@ impl PgNew {
         }
         Ok(())
     }
+}
+
+/// Puts `pg_catalog` before `pg_temp` in the session's search path (the rest as it was; an
+/// unqualified `CREATE` would then go to `pg_catalog`, so the session makes nothing after it).
+/// PostgreSQL looks types up in `pg_temp` first unless told otherwise, and the scratch copy's
+/// temporary tables have row types of their names: a new table named `text` (MediaWiki 1.5 has
+/// one) made every `::text` cast of staging mean that row type, and every row was refused. After
+/// this, relations are still found in `pg_temp` first among the searched schemas (the plan's
+/// expressions read the scratch copy while staging), and types in the catalog.
+async fn catalog_types_first(client: &Client) -> Result<(), PgError> {
+    client
+        .batch_execute(
+            "SELECT set_config('search_path', 'pg_catalog, pg_temp, ' || current_setting('search_path'), false)",
+        )
+        .await
+        .map_err(sql_error("set the search path"))
 }
 
 /// Names of Imago's objects in the database but the request log (triggers, tables and

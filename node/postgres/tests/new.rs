@@ -86,6 +86,43 @@ fn the_new_side_against_a_live_server() {
     rt.block_on(a_lock_timeout_or_a_lost_connection_is_unavailable_and_passes(&cluster));
     postgres_runs_the_mapping_as_the_in_memory_store_does(&cluster, &rt);
     sets_leave_what_row_by_row_leaves(&cluster, &rt);
+    rt.block_on(a_new_table_named_like_a_type_stages_compares_and_opens(&cluster));
+}
+
+/// A new table named `text` (MediaWiki 1.5 has one): while its scratch copy exists, a temporary
+/// table's row type would shadow the type `text` in every `::text` cast of the session (staging
+/// refused every row; the opening's `setval($1::text::regclass, …)` would fail). Regression.
+async fn a_new_table_named_like_a_type_stages_compares_and_opens(cluster: &ThrowawayCluster) {
+    let conn = database(cluster, "typed_names");
+    let old = schema(&[("notes", table("id", &["id", "body", "n"]))]);
+    let transforms = [
+        Transform::RenameTable { table: "notes".into(), to: "text".into() },
+        Transform::ChangeType { table: "text".into(), column: "n".into(), to: ColumnType::Int, expression: None },
+    ];
+    let mapping = Mapping::compile(&old, &transforms).unwrap();
+    // The new application's own table, its key a sequence (which the opening sets).
+    let (app, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    app.batch_execute("CREATE TABLE text (id bigserial PRIMARY KEY, body text, n bigint)").await.unwrap();
+    let mut new = PgNew::open(&conn, &mapping).await.unwrap();
+    let note =
+        |k: i64| upsert("notes", k, &[("id", Value::Int(k)), ("body", text(&format!("b{k}"))), ("n", text("7"))]);
+    let notes: Vec<RowOp> = (1..=6).map(note).collect();
+    apply(&mut new, 1, notes.clone()).await;
+    let rows: Vec<StoredRow> = notes.iter().map(stored).collect();
+    // Row by row (two rows: no set), then the rest as a set.
+    assert_eq!(new.stage(&rows[..2], true).await.unwrap(), 0, "staged row by row, with `::text` casts");
+    assert_eq!(new.stage(&rows[2..], false).await.unwrap(), 0);
+    let (expected, actual) = new.compare_staged().await.unwrap();
+    assert_eq!(expected, actual);
+    // The scratch copy still there (a lost answer may be asked again): the opening sets the
+    // sequence with a `::text::regclass` cast.
+    let sequences = [("notes".to_string(), 6)].into_iter().collect();
+    new.open_to_clients_after(&sequences).await.unwrap();
+    assert!(new.is_open_to_clients().await.unwrap());
+    app.batch_execute("INSERT INTO text (body) VALUES ('new')").await.unwrap();
+    let id = app.query_one("SELECT max(id) FROM text", &[]).await.unwrap().get::<_, i64>(0);
+    assert_eq!(id, 7, "the new application's keys continue after the old ones");
 }
 
 fn users_mapping() -> Mapping {
