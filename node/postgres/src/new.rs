@@ -191,7 +191,14 @@ impl PgNew {
             }
             // In the plan's order (check_table found each).
             let columns = table.columns.iter().filter_map(|c| found.iter().find(|(f, _, _)| f == c).cloned()).collect();
-            live.tables.insert(name.clone(), LiveTable { key: table.key.clone(), columns });
+            // The key's own sequence (a `serial` or identity key the new application made): keys
+            // Imago makes for the table come from it.
+            let key_sequence: Option<String> = client
+                .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&qualified, &table.key])
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(sql_error(format!("look for the sequence of {name}")))?;
+            live.tables.insert(name.clone(), LiveTable { key: table.key.clone(), columns, key_sequence });
         }
         let ddl = format!(
             "CREATE TABLE IF NOT EXISTS {checkpoint} (\

@@ -56,6 +56,9 @@ pub struct LiveTable {
     pub key: String,
     /// (column, type as SQL, type's oid), in the plan's order.
     pub columns: Vec<(String, String, u32)>,
+    /// The sequence of the key (`serial` or identity), qualified, if it has one: generated keys
+    /// for the table are its values.
+    pub key_sequence: Option<String>,
 }
 
 impl LiveTable {
@@ -501,6 +504,15 @@ impl Program<'_> {
         if self.target == Target::Staging {
             return Err(ConvertError::NeedsKeyMap { table: new_table.to_string() }.into());
         }
+        if let Some(sequence) = self.live.tables.get(new_table).and_then(|t| t.key_sequence.clone()) {
+            let made = self
+                .query_i64("SELECT nextval($1::text::regclass)", &[&sequence])
+                .await?
+                .ok_or(ConvertError::NeedsKeyMap { table: new_table.to_string() })?;
+            let sql = format!("INSERT INTO {keys} (src_table, src_key, target, key) VALUES ($1, $2, $3, $4)");
+            self.exec(&sql, &[&table, &key, &new_table, &made]).await?;
+            return Ok(made);
+        }
         let new_key = self.live.tables.get(new_table).map_or("id", |t| t.key.as_str());
         let sql = format!(
             "SELECT greatest(coalesce((SELECT max({key})::bigint FROM {t}), 0) + 1, \
@@ -641,6 +653,7 @@ mod tests {
         let live_table = |columns: &[(&str, &str)]| LiveTable {
             key: "id".into(),
             columns: columns.iter().map(|(c, t)| (c.to_string(), t.to_string(), 0)).collect(),
+            key_sequence: None,
         };
         let live = Live {
             schema: "\"app\"".into(),

@@ -421,6 +421,41 @@ struct Made {
     gone: BTreeMap<String, Vec<i64>>,
 }
 
+/// Replays `ops` on the generated keys `now` as row by row would: an upsert of a row with no
+/// key for a new table makes one (`make`), a delete forgets it (into `gone`, by new table).
+/// Returns how many keys each new table was made.
+fn replay_into(
+    mapping: &Mapping,
+    ops: &[RowOp],
+    now: &mut BTreeMap<KeyAt, Option<i64>>,
+    gone: &mut BTreeMap<String, Vec<i64>>,
+    make: &mut dyn FnMut(&str) -> i64,
+) -> BTreeMap<String, usize> {
+    let mut made: BTreeMap<String, usize> = BTreeMap::new();
+    for op in ops {
+        let (table, key, upsert) = match op {
+            RowOp::Upsert { table, key, .. } => (table, *key, true),
+            RowOp::Delete { table, key } => (table, *key, false),
+        };
+        let Some(outputs) = mapping.outputs.get(table) else { continue };
+        for target in outputs.iter().filter(|o| o.generated).map(|o| &o.table) {
+            let at = (table.clone(), key, target.clone());
+            match (upsert, now.get(&at).copied().flatten()) {
+                (true, Some(_)) | (false, None) => {}
+                (true, None) => {
+                    now.insert(at, Some(make(target)));
+                    *made.entry(target.clone()).or_default() += 1;
+                }
+                (false, Some(key)) => {
+                    gone.entry(target.clone()).or_default().push(key);
+                    now.insert(at, None);
+                }
+            }
+        }
+    }
+    made
+}
+
 impl Program<'_> {
     /// Applies `ops` (a run [`set_run`] accepts) as sets. An error leaves the transaction to
     /// the caller: roll back (to a savepoint) and apply the run row by row, which names the
@@ -559,36 +594,52 @@ impl Program<'_> {
                 made.now.insert((table.to_string(), src_key, target), Some(key));
             }
         }
-        for op in ops {
-            let (table, key, upsert) = match op {
-                RowOp::Upsert { table, key, .. } => (table, *key, true),
-                RowOp::Delete { table, key } => (table, *key, false),
-            };
-            for target in generated(table) {
-                let at = (table.clone(), key, target.clone());
-                let known = made.now.get(&at).copied().flatten();
-                match (upsert, known) {
-                    (true, Some(_)) | (false, None) => {}
-                    (true, None) if self.target == Target::Staging => return Ok(None),
-                    (true, None) => {
-                        let next = match made.next.get(&target) {
-                            Some(next) => *next,
-                            None => self.next_key(&target).await?,
-                        };
-                        made.now.insert(at, Some(next));
-                        made.next.insert(target, next + 1);
-                    }
-                    (false, Some(gone)) => {
-                        made.gone.entry(target).or_default().push(gone);
-                        made.now.insert(at, None);
-                    }
-                }
-            }
+        // How many keys each new table needs, in a first pass (the second makes them in the
+        // same order): a table with a sequence of its own takes that many values of it at once.
+        let (mut now, mut gone) = (made.now.clone(), BTreeMap::new());
+        let needed = replay_into(mapping, ops, &mut now, &mut gone, &mut |_| 0);
+        if needed.is_empty() {
+            // Nothing to make: the first pass is the run's keys.
+            made.now = now;
+            made.gone = gone;
+            return Ok(Some(made));
         }
+        if self.target == Target::Staging {
+            return Ok(None);
+        }
+        let mut keys: BTreeMap<String, std::vec::IntoIter<i64>> = BTreeMap::new();
+        for (target, n) in &needed {
+            let values: Vec<i64> = match self.live.tables.get(target).and_then(|t| t.key_sequence.clone()) {
+                Some(sequence) => {
+                    let rows = self
+                        .client
+                        .query(
+                            "SELECT nextval($1::text::regclass) AS k FROM generate_series(1, $2::bigint) ORDER BY k",
+                            &[&sequence, &(*n as i64)],
+                        )
+                        .await?;
+                    rows.iter().map(|r| r.try_get::<_, i64>(0)).collect::<Result<_, _>>()?
+                }
+                None => {
+                    let first = self.next_key(target).await?;
+                    made.next.insert(target.clone(), first + *n as i64);
+                    (first..first + *n as i64).collect()
+                }
+            };
+            assert_eq!(values.len(), *n, "a key for each row that needs one");
+            keys.insert(target.clone(), values.into_iter());
+        }
+        let (mut now, mut gone) = (made.now.clone(), BTreeMap::new());
+        replay_into(mapping, ops, &mut now, &mut gone, &mut |target| {
+            keys.get_mut(target).and_then(Iterator::next).unwrap_or_default()
+        });
+        made.now = now;
+        made.gone = gone;
         Ok(Some(made))
     }
 
-    /// The next key to make for new table `target`: above every key it holds and every key
+    /// The next key to make for new table `target` (one without a sequence of its own): above
+    /// every key it holds and every key
     /// made for it before (as the row by row program makes them).
     async fn next_key(&mut self, target: &str) -> Result<i64, ProgramError> {
         let next = self.live.imago(KEY_NEXT_TABLE);
@@ -689,6 +740,7 @@ mod tests {
     fn live() -> Live {
         let columns = [("id", "integer"), ("name", "text"), ("age", "smallint"), ("handle", "text")];
         let table = LiveTable {
+            key_sequence: None,
             key: "id".into(),
             columns: columns.iter().map(|(c, t)| (c.to_string(), t.to_string(), 0)).collect(),
         };

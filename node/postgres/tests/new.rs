@@ -87,6 +87,38 @@ fn the_new_side_against_a_live_server() {
     postgres_runs_the_mapping_as_the_in_memory_store_does(&cluster, &rt);
     sets_leave_what_row_by_row_leaves(&cluster, &rt);
     rt.block_on(a_new_table_named_like_a_type_stages_compares_and_opens(&cluster));
+    rt.block_on(generated_keys_come_from_the_tables_own_sequence(&cluster));
+}
+
+/// A table the new application made with a sequence for its key (`bigserial`): the keys Imago
+/// makes for it are that sequence's values, row by row and in sets, so the new application's
+/// own inserts after the switch never meet one; a replayed change takes none.
+async fn generated_keys_come_from_the_tables_own_sequence(cluster: &ThrowawayCluster) {
+    let conn = database(cluster, "sequenced");
+    let (app, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    app.batch_execute(
+        "CREATE TABLE revision (rev_id bigserial PRIMARY KEY, text text, page bigint);          SELECT setval('revision_rev_id_seq', 1000);",
+    )
+    .await
+    .unwrap();
+    let mut new = PgNew::open(&conn, &pages_mapping()).await.unwrap();
+    let cur = |k: i64, t: &str| upsert("cur", k, &[("id", Value::Int(k)), ("text", text(t))]);
+    // Row by row (two changes), then a set (six).
+    apply(&mut new, 1, vec![cur(1, "a"), cur(2, "b")]).await;
+    apply(&mut new, 2, (3..=8).map(|k| cur(k, "c")).collect()).await;
+    assert_eq!(new.sets().changes, 6);
+    let made: Vec<i64> = new.rows("revision").await.unwrap().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(made, (1001..=1008).collect::<Vec<_>>(), "the sequence's values, in the changes' order");
+    // A replay takes no key; a delete and an insert again take the next value.
+    apply(&mut new, 3, vec![cur(1, "a"), cur(2, "b2"), cur(3, "c"), cur(4, "c")]).await;
+    apply(&mut new, 4, vec![RowOp::Delete { table: "cur".into(), key: 1 }, cur(1, "again")]).await;
+    let made: Vec<i64> = new.rows("revision").await.unwrap().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(made, (1002..=1009).collect::<Vec<_>>());
+    new.open_to_clients().await.unwrap();
+    app.batch_execute("INSERT INTO revision (text, page) VALUES ('by the new application', 1)").await.unwrap();
+    let max = app.query_one("SELECT max(rev_id) FROM revision", &[]).await.unwrap().get::<_, i64>(0);
+    assert_eq!(max, 1010, "the new application's next key follows Imago's");
 }
 
 /// A new table named `text` (MediaWiki 1.5 has one): while its scratch copy exists, a temporary
