@@ -469,6 +469,47 @@ async fn a_restart_mid_copy_starts_again_from_a_fresh_snapshot() {
     assert_ne!(third, second, "snapshot ids are not reused");
 }
 
+/// A chunk of the copy reads the next one ahead: asked for, it is the same rows a read of the
+/// snapshot gives; asked for something else (the chunk again, another limit), the read ahead is
+/// dropped and the answer is read afresh, still from the snapshot (a write after it is in none).
+#[tokio::test]
+async fn the_copy_reads_ahead_and_what_it_read_is_the_snapshots() {
+    let Some((cluster, client)) = items_cluster().await else { return };
+    let mut old = open(&cluster, &items_schema()).await;
+    let (snapshot, _) = old.open_snapshot().await.expect("snapshot");
+    let first = old.snapshot_chunk(snapshot, &None, 4).await.expect("a chunk");
+    run(&client, &["UPDATE items SET v = 'after the snapshot'", "INSERT INTO items VALUES (1001, 'new', 1)"]).await;
+    let cursor = |chunk: &node_core::store::Chunk| chunk.rows.last().map(|(t, k, _)| (t.clone(), *k));
+    // The chunk again (another cursor): the read ahead goes, the same rows come back.
+    assert_eq!(old.snapshot_chunk(snapshot, &None, 4).await.expect("again").rows, first.rows);
+    let second = old.snapshot_chunk(snapshot, &cursor(&first), 4).await.expect("the next");
+    // Another limit for the next chunk: read afresh; then the read ahead of it, as asked.
+    let third_wide = old.snapshot_chunk(snapshot, &cursor(&second), 8).await.expect("wider");
+    let third = old.snapshot_chunk(snapshot, &cursor(&second), 4).await.expect("as read ahead?");
+    assert_eq!(third.rows[..], third_wide.rows[..4]);
+    let fourth = old.snapshot_chunk(snapshot, &cursor(&third), 4).await.expect("read ahead");
+    assert_eq!(fourth.rows[..], third_wide.rows[4..8.min(third_wide.rows.len())]);
+    let mut all: Vec<_> = [first, second, third, fourth].into_iter().flat_map(|c| c.rows).collect();
+    let mut after = all.last().map(|(t, k, _)| (t.clone(), *k));
+    loop {
+        let chunk = old.snapshot_chunk(snapshot, &after, 4).await.expect("a chunk");
+        after = cursor(&chunk).or(after);
+        let last = chunk.last;
+        all.extend(chunk.rows);
+        if last {
+            break;
+        }
+    }
+    assert!(all.iter().all(|(_, k, r)| *k != 1001 && r["v"] != text("after the snapshot")), "the snapshot's rows");
+    let keys: Vec<i64> = all.iter().map(|(_, k, _)| *k).collect();
+    let mut sorted = keys.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(keys, sorted, "each row once, in key order");
+    assert_eq!(keys.len(), items(&client).await.len() - 1, "every row of the snapshot");
+    assert_eq!(old.snapshot_chunk(snapshot, &after, 4).await, Err(StoreError::SnapshotGone(snapshot)), "ended");
+}
+
 #[tokio::test]
 async fn truncate_and_unchanged_toast_are_reported_as_such() {
     let Some(cluster) = cluster() else { return };
