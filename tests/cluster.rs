@@ -1224,7 +1224,7 @@ fn items_plan(from: u64, routers: &[&str], endpoint: &str) -> String {
         "[upgrade]\nname = \"items-v{}\"\nold_generation = {from}\nswitch = \"manual\"\nmax_attempts = 5\n\n\
          [thresholds]\nsamples_min = 5\nmismatch_ratio_max = 0.0\nlag_max = 200\nhold_ms_max = 6000\n\
          freeze_timeout_ms = 4000\nretry_backoff_ms = 500\n\n\
-         [validation]\nignore_headers = [\"x-version\", \"x-seq\"]\n\n[copy]\nrows_per_s_max = 3000\n\n\
+         [validation]\nignore_headers = [\"x-version\", \"x-seq\"]\n\n[copy]\nrows_per_s_max = 3000\nchunk_rows = 500\n\n\
          [universe]\nendpoints = [\"{endpoint}\"]\n\n\
          [schema.old.items]\nkey = \"id\"\ncolumns = {columns}\n\n[[transforms]]\n{transform}\n\n\
          [[nodes]]\nname = \"db-1\"\ntier = \"db\"\nduties = [\"capture\", \"transform\"]\n",
