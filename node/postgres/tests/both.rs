@@ -201,7 +201,25 @@ fn the_new_applications_keys_continue_after_the_old_ones() {
     old.remove_capture().expect("clean-up");
 }
 
-/// Values of column `column` in `table` of `db`, as text, in key order.
+/// The drain's comparison, as the data node makes it: every current old row read a chunk at
+/// a time and staged (none refused: each has its generated keys), then both checksums equal.
+fn assert_new_equals_transform_of_old(old: &PgOldStore, new: &mut PgNewStore) {
+    let mut after = None;
+    let mut first = true;
+    loop {
+        let chunk = old.rows_chunk(&after, 100).expect("old rows");
+        after = chunk.rows.last().map(|(t, k, _)| (t.clone(), *k)).or(after);
+        assert_eq!(new.stage(&chunk.rows, first).expect("stage"), 0, "every old row has its keys");
+        first = false;
+        if chunk.last {
+            break;
+        }
+    }
+    let (expected, actual) = new.compare_staged().expect("compare");
+    assert_eq!(expected, actual, "the new database differs from transform(old)");
+}
+
+/// The first column of each row `sql` returns from `db` (text).
 fn column(cluster: &ThrowawayCluster, db: &str, sql: &str) -> Vec<String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
@@ -294,19 +312,7 @@ fn a_split_with_generated_keys_copies_and_streams_under_writes_and_ends_equal() 
     }
     assert_eq!(again, 0);
     // transform(old) equals the new database: every old row staged (its keys looked up).
-    let mut after = None;
-    let mut first = true;
-    loop {
-        let chunk = old.rows_chunk(&after, 100).expect("old rows");
-        after = chunk.rows.last().map(|(t, k, _)| (t.clone(), *k)).or(after);
-        assert_eq!(new.stage(&chunk.rows, first).expect("stage"), 0, "every old row has its keys");
-        first = false;
-        if chunk.last {
-            break;
-        }
-    }
-    let (expected, actual) = new.compare_staged().expect("compare");
-    assert_eq!(expected, actual, "transform(old) equals the new database");
+    assert_new_equals_transform_of_old(&old, &mut new);
     let items = column(&cluster, "old_split", "SELECT count(*)::text FROM items");
     let check = "SELECT count(*)::text || ' ' || count(DISTINCT p.price_id)::text || ' ' || \
                  count(*) FILTER (WHERE i.price_id = p.price_id)::text \
@@ -453,19 +459,7 @@ fn mediawiki_1_4_becomes_1_5_on_postgresql_while_it_is_edited_and_the_transform_
     assert!(sets + counts.changes > 200, "the copy and the stream went as sets: {}", sets + counts.changes);
 
     // The store's own comparison: transform(old), staged beside the new tables, equals them.
-    let mut after = None;
-    let mut first = true;
-    loop {
-        let chunk = old.rows_chunk(&after, 100).expect("old rows");
-        after = chunk.rows.last().map(|(t, k, _)| (t.clone(), *k)).or(after);
-        assert_eq!(new.stage(&chunk.rows, first).expect("stage"), 0, "every old row has its keys");
-        first = false;
-        if chunk.last {
-            break;
-        }
-    }
-    let (expected, actual) = new.compare_staged().expect("compare");
-    assert_eq!(expected, actual, "the new database differs from transform(old)");
+    assert_new_equals_transform_of_old(&old, &mut new);
 
     // What 1.5 needs of the data, checked directly.
     let count = |db: &str, table: &str| pairs(&cluster, db, &format!("SELECT count(*), '' FROM {table}"))[0].0;
