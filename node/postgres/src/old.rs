@@ -444,7 +444,7 @@ impl PgOld {
         }
         stream.buffer.give_up_to(after);
         if !stream.buffer.overflowed() {
-            stream.fill().await?;
+            stream.fill(after).await?;
         }
         let changes = stream.buffer.read(after, limit);
         let captured = stream.buffer.captured();
