@@ -856,7 +856,7 @@ impl DataNodeCore {
                     let pause_ms = (chunk.rows.len() as u64 * 1_000).div_ceil(rate.max(1));
                     self.next_step_ms = self.next_step_ms.max(self.last_step_ms + pause_ms);
                 }
-                Some(transform.copy_chunk(&chunk.rows, chunk.last))
+                Some(transform.copy_chunk(chunk.rows, chunk.last))
             }
             (Pending::ReadSnapshot, StoreResult::SnapshotGone) => {
                 transform.snapshot_lost();

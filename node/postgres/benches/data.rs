@@ -119,7 +119,7 @@ fn step(old: &mut PgOldStore, new: &mut PgNewStore, core: &mut TransformCore) ->
                     COPY_READ_US.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
                     let rows = chunk.rows.len() as u64;
                     let t1 = Instant::now();
-                    let batch = core.copy_chunk(&chunk.rows, chunk.last).expect("copy");
+                    let batch = core.copy_chunk(chunk.rows, chunk.last).expect("copy");
                     COPY_CORE_US.fetch_add(t1.elapsed().as_micros() as u64, Ordering::Relaxed);
                     (batch, Step::Copied(rows))
                 }

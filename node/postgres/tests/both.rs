@@ -71,7 +71,7 @@ fn step(
         },
         Work::CopyChunk { snapshot, after, limit } => {
             match perform(old, new, StoreOp::ReadSnapshot { snapshot, after, limit }) {
-                StoreResult::Chunk(chunk) => core.copy_chunk(&chunk.rows, chunk.last).expect("copy"),
+                StoreResult::Chunk(chunk) => core.copy_chunk(chunk.rows, chunk.last).expect("copy"),
                 other => panic!("read the snapshot: {other:?}"),
             }
         }

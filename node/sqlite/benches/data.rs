@@ -83,7 +83,7 @@ fn transform(old: &mut SqliteOld, new: &mut SqliteNew, core: &mut TransformCore)
             Work::CopyChunk { snapshot, after, limit } => {
                 let chunk = old.snapshot_chunk(snapshot, &after, limit).expect("chunk");
                 applied += chunk.rows.len() as u64;
-                core.copy_chunk(&chunk.rows, chunk.last).expect("copy")
+                core.copy_chunk(chunk.rows, chunk.last).expect("copy")
             }
             Work::Stream { after, limit } => {
                 let changes = old.changes_after(after, limit).expect("changes").changes;

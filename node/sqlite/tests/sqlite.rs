@@ -92,7 +92,7 @@ fn next_batch(core: &mut TransformCore, old: &mut SqliteOld, chunk_rows: usize, 
         }
         Work::CopyChunk { snapshot, after, .. } => {
             let chunk = old.snapshot_chunk(snapshot, &after, chunk_rows).unwrap();
-            Some(core.copy_chunk(&chunk.rows, chunk.last).unwrap())
+            Some(core.copy_chunk(chunk.rows, chunk.last).unwrap())
         }
         Work::Stream { after, .. } => {
             let read = old.changes_after(after, changes).unwrap().changes;

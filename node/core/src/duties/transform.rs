@@ -197,7 +197,7 @@ impl TransformCore {
 
     /// Converts a chunk of snapshot rows (in (table, key) order, after the checkpoint's `after`).
     /// `last` says the snapshot has no rows after this chunk.
-    pub fn copy_chunk(&mut self, rows: &[StoredRow], last: bool) -> Result<Batch, TransformError> {
+    pub fn copy_chunk(&mut self, rows: Vec<StoredRow>, last: bool) -> Result<Batch, TransformError> {
         assert!(self.snapshot.is_some(), "copy_chunk without an open snapshot");
         let CopyState::Copying { snapshot_at, after } = &self.checkpoint.copy else {
             panic!("copy_chunk outside a copy: {:?}", self.checkpoint.copy);
@@ -207,9 +207,9 @@ impl TransformCore {
         let mut ops = Vec::with_capacity(rows.len() * 2);
         let mut cursor = after.clone();
         for (table, key, row) in rows {
-            let here = (table.clone(), *key);
+            let here = (table, key);
             assert!(cursor.as_ref().is_none_or(|c| *c < here), "copy rows out of order at {here:?}");
-            ops.push(RowOp::Upsert { table: table.clone(), key: *key, row: row.clone() });
+            ops.push(RowOp::Upsert { table: here.0.clone(), key, row });
             cursor = Some(here);
         }
         self.checkpoint.copy = if last { CopyState::Done } else { CopyState::Copying { snapshot_at, after: cursor } };
@@ -324,9 +324,9 @@ mod tests {
                 [("id".to_string(), Value::Int(k)), ("a".to_string(), Value::Int(0))].into_iter().collect(),
             )
         };
-        let b = t.copy_chunk(&[row(1)], false).unwrap();
+        let b = t.copy_chunk(vec![row(1)], false).unwrap();
         assert_eq!(b.checkpoint.copy, CopyState::Copying { snapshot_at: Position(2), after: Some(("t".into(), 1)) });
-        t.copy_chunk(&[row(2)], true).unwrap();
+        t.copy_chunk(vec![row(2)], true).unwrap();
         assert!(t.bulk_done());
         assert_eq!(t.next_work(), Work::Stream { after: Position(2), limit: STREAM_BATCH_CHANGES });
         // Positions 1..=2 are covered by the snapshot: skipped. 3 applies. Replaying 3 is skipped.
@@ -346,7 +346,7 @@ mod tests {
         let mut t = core();
         t.copy_started(SnapshotId(1), Position(2));
         let row = |k: i64| ("t".to_string(), k, upsert(k, 0).into_row());
-        let b = t.copy_chunk(&[row(1)], false).unwrap();
+        let b = t.copy_chunk(vec![row(1)], false).unwrap();
         // The process dies: a new core resumes from the stored checkpoint without its snapshot.
         let mut t = core_at(b.checkpoint);
         assert_eq!(t.next_work(), Work::Snapshot, "the old snapshot is gone");
