@@ -324,7 +324,7 @@ impl PgNew {
         while at < batch.ops.len() {
             let run = set_run(&self.mapping, &batch.ops[at..]);
             let ops = &batch.ops[at..at + run];
-            if run >= SET_ROWS_MIN && applied_as_set(&mut program, &self.mapping, ops, insert, &mut self.sets).await? {
+            if applied_as_set(&mut program, &self.mapping, ops, insert, &mut self.sets).await? {
                 at += run;
                 continue;
             }
@@ -405,7 +405,7 @@ impl PgNew {
             // Staged rows are new to the scratch copy (emptied by the first stage, each row
             // staged once, as a comparison reads the old rows once, in key order).
             match applied_as_set(&mut program, &self.mapping, &ops[at..at + run], Insert::New, &mut self.sets).await {
-                Ok(true) if run >= SET_ROWS_MIN => {
+                Ok(true) => {
                     at += run;
                     continue;
                 }

@@ -392,7 +392,8 @@ fn copy_text(text: &str, out: &mut Vec<u8>) {
 pub enum Insert {
     /// They may: an upsert (`ON CONFLICT … DO UPDATE` of the output's own columns).
     Upsert,
-    /// They are not (a chunk of the copy: keys past every key copied before, after a reset).
+    /// They are not: a chunk of the copy (keys past every key copied before, after a reset),
+    /// or old rows staged for a comparison (each once, into a scratch copy emptied first).
     New,
 }
 
