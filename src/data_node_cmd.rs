@@ -233,6 +233,9 @@ pub fn run(
         copy_chunk_rows: plan.copy_chunk_rows.unwrap_or(protocol::plan::COPY_CHUNK_ROWS_DEFAULT),
         // The drain's comparison reads and stages as the copy does (a freeze waits for it).
         compare_chunk_rows: plan.copy_chunk_rows.unwrap_or(protocol::plan::COPY_CHUNK_ROWS_DEFAULT),
+        // While traffic runs, ranges are compared so that the drain compares only what changed.
+        range_rows: mapping.rows_stand_alone().then_some(node_core::data_node::RANGE_ROWS_DEFAULT),
+        range_again_ms: args.transform_interval_ms,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
@@ -314,6 +317,9 @@ impl OldStore for Old {
     fn rows_chunk(&self, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError> {
         each!(self, s => OldStore::rows_chunk(s, after, limit))
     }
+    fn rows_to_compare(&mut self, after: &RowCursor, limit: usize) -> Result<(Chunk, Position), StoreError> {
+        each!(self, s => OldStore::rows_to_compare(s, after, limit))
+    }
     fn changes_after(&self, after: Position, limit: usize) -> Result<ChangeRead, StoreError> {
         each!(self, s => OldStore::changes_after(s, after, limit))
     }
@@ -352,6 +358,9 @@ impl NewStore for New {
     }
     fn compare_staged(&mut self) -> Result<(u64, u64), StoreError> {
         each_new!(self, s => NewStore::compare_staged(s))
+    }
+    fn compare_staged_keys(&mut self) -> Result<(u64, u64), StoreError> {
+        each_new!(self, s => NewStore::compare_staged_keys(s))
     }
     fn checksum(&self) -> Result<u64, StoreError> {
         each_new!(self, s => NewStore::checksum(s))

@@ -310,6 +310,14 @@ fn status_json(s: &StatusView) -> serde_json::Value {
                 "changes_per_s": n.report.pace.changes_per_s,
                 "copy_rows_per_s": n.report.pace.copy_rows_per_s,
                 "copy_eta_ms": n.report.pace.copy_eta_ms,
+                "ranges": {
+                    "by_range": n.report.ranges.by_range,
+                    "ranges": n.report.ranges.ranges,
+                    "attempted": n.report.ranges.attempted,
+                    "clean": n.report.ranges.clean,
+                    "differed": n.report.ranges.differed,
+                    "rows": n.report.ranges.rows,
+                },
             },
         })).collect::<Vec<_>>(),
     })
@@ -383,6 +391,13 @@ fn node_line(n: &protocol::messages::NodeStatus) -> String {
             r.captured.0.saturating_sub(r.applied.0),
             seconds(p.lag_ms),
             p.changes_per_s,
+        ));
+    }
+    let c = &r.ranges;
+    if c.by_range && r.bulk_done {
+        parts.push(format!(
+            "data compared in {} of {} key ranges ({} unchanged since, {} differ; {} rows read)",
+            c.attempted, c.ranges, c.clean, c.differed, c.rows
         ));
     }
     if r.samples > 0 || parts.is_empty() {
@@ -634,7 +649,21 @@ mod tests {
             "applied 7 of 12 captured (lag 5, 1.5 s), 40 changes/s, copy running (4000 of 10000 rows, 40 %, 2000 rows/s, 3.0 s left)"
         );
         let streaming = NodeReport { bulk_done: true, pace: Pace { lag_ms: 200_000, ..copying.pace }, ..copying };
-        let line = node_line(&NodeStatus { name: "db-1".into(), registered: true, report: streaming });
+        let line = node_line(&NodeStatus { name: "db-1".into(), registered: true, report: streaming.clone() });
         assert!(line.contains("(lag 5, 3 min 20 s), 40 changes/s, copy done"), "{line}");
+        let ranges = protocol::messages::RangeCheck {
+            by_range: true,
+            ranges: 40,
+            attempted: 38,
+            clean: 30,
+            differed: 1,
+            rows: 41_000,
+        };
+        let comparing = NodeReport { ranges, ..streaming };
+        let line = node_line(&NodeStatus { name: "db-1".into(), registered: true, report: comparing });
+        assert!(
+            line.ends_with("; data compared in 38 of 40 key ranges (30 unchanged since, 1 differ; 41000 rows read)"),
+            "{line}"
+        );
     }
 }

@@ -513,6 +513,8 @@ proptest! {
                 copy_rows_per_s_max: None,
                 copy_chunk_rows: node_core::duties::transform::COPY_CHUNK_ROWS,
                 compare_chunk_rows: node_core::data_node::COMPARE_CHUNK_ROWS,
+        range_rows: None,
+        range_again_ms: 0,
                 answers_max: 1_000,
                 change_log_applied_max: 5,
             };

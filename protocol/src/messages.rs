@@ -49,6 +49,32 @@ pub struct NodeReport {
     pub copy_rows_total: u64,
     /// The transform's pace (data nodes).
     pub pace: Pace,
+    /// The comparison of transform(old) with new by key range while traffic runs (data
+    /// nodes).
+    pub ranges: RangeCheck,
+}
+
+/// A data node's comparison of transform(old) with the new store, range of old keys by range,
+/// while the old universe keeps serving: each range's old rows are read with the position they
+/// show, converted by the new store once it has applied up to there, and compared with the
+/// new rows they give.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeCheck {
+    /// The plan's rows can be compared range by range (no merge, no escape hatch, no expression
+    /// that reads a new table): otherwise everything is compared at the drain only.
+    pub by_range: bool,
+    /// Ranges the old tables are cut into (they split as they grow).
+    pub ranges: u64,
+    /// Ranges compared at least once since the copy, or left for the drain because they
+    /// changed while being compared.
+    pub attempted: u64,
+    /// Ranges whose last comparison matched and whose old rows have not changed since: the
+    /// drain compares only the others.
+    pub clean: u64,
+    /// Ranges whose last comparison found the universes different.
+    pub differed: u64,
+    /// Old rows compared so far.
+    pub rows: u64,
 }
 
 /// A data node's transform pace, as an operator reads it.
@@ -380,6 +406,17 @@ pub enum GateBlocker {
         ratio: f64,
         mismatch_ratio_max: f64,
     },
+    /// A data node has not yet compared every range of its tables once.
+    DataComparing {
+        node: NodeName,
+        attempted: u64,
+        ranges: u64,
+    },
+    /// A data node found ranges where transform(old) and new differ.
+    DataDiffers {
+        node: NodeName,
+        ranges: u64,
+    },
 }
 
 impl std::fmt::Display for GateBlocker {
@@ -396,6 +433,12 @@ impl std::fmt::Display for GateBlocker {
             }
             GateBlocker::MismatchRatio { ratio, mismatch_ratio_max } => {
                 write!(f, "validation: mismatch ratio {ratio:.4} > mismatch_ratio_max {mismatch_ratio_max}")
+            }
+            GateBlocker::DataComparing { node, attempted, ranges } => {
+                write!(f, "{node}: data compared in {attempted} of {ranges} key ranges")
+            }
+            GateBlocker::DataDiffers { node, ranges } => {
+                write!(f, "{node}: transform(old) and new differ in {ranges} key ranges")
             }
         }
     }

@@ -7,7 +7,7 @@
 //! column the old schema lacks is refused before anything runs.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A column value. Keys are always `Int`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -764,6 +764,40 @@ impl Mapping {
 }
 
 impl Mapping {
+    /// Whether every new row comes from exactly one old row and from nothing else: then
+    /// transform(old) is the sum of what each old row gives, and can be compared range of old
+    /// keys by range. Not so with a merge (a new row from rows of two old tables), the escape
+    /// hatch (statements that may write anything), or an expression that reads a new table (a
+    /// lookup: what a row gives depends on other rows). An expression is taken to read a new
+    /// table when the table's name appears in it as a word, whatever the case (a column named
+    /// like a table only costs the comparison by range); an expression that reads one through
+    /// a function or a view cannot be seen and must not be written.
+    pub fn rows_stand_alone(&self) -> bool {
+        let tables: BTreeSet<String> = self.new_schema().tables.keys().map(|t| t.to_ascii_lowercase()).collect();
+        let reads_a_table = |sql: &str| {
+            sql.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .any(|word| tables.contains(&word.to_ascii_lowercase()))
+        };
+        fn sql_of<'a>(source: &'a Source, found: &mut Vec<&'a str>) {
+            match source {
+                Source::Sql { sql, params, .. } => {
+                    found.push(sql);
+                    params.values().for_each(|p| sql_of(p, found));
+                }
+                Source::Convert(inner, _) => sql_of(inner, found),
+                Source::Column(_) | Source::Const(_) | Source::KeyOf(_) => {}
+            }
+        }
+        let mut expressions = Vec::new();
+        for output in self.outputs.values().flatten() {
+            if output.merged {
+                return false;
+            }
+            output.columns.iter().for_each(|(_, source)| sql_of(source, &mut expressions));
+        }
+        self.custom.is_empty() && !expressions.into_iter().any(reads_a_table)
+    }
+
     /// A row of `table` with every column NULL but its key.
     fn empty_row(&self, table: &str, key: i64) -> Row {
         let schema = self.new_schema();
@@ -1029,6 +1063,47 @@ mod tests {
         assert_eq!(Mapping::compile(&old, &[own]).unwrap_err().field, TransformField::With);
         let gone = Transform::MergeTables { table: "accounts".into(), with: "nope".into(), into: "x".into() };
         assert!(Mapping::compile(&old, &[gone]).unwrap_err().message.contains("`nope`"));
+    }
+
+    #[test]
+    fn rows_stand_alone_unless_merged_written_by_hand_or_looked_up() {
+        let old = pages();
+        let add = |expression: &str| Transform::AddColumn {
+            table: "cur".into(),
+            column: "size".into(),
+            default: Value::Null,
+            expression: Some(expression.into()),
+        };
+        let mapping = |transforms: &[Transform]| Mapping::compile(&old, transforms).unwrap();
+        assert!(mapping(&[]).rows_stand_alone());
+        assert!(mapping(&[add("length(:cur_text)")]).rows_stand_alone(), "an expression over the row");
+        // A lookup in a new table, however it is spelt.
+        for lookup in ["(SELECT count(*) FROM cur)", "(select 1 from public.\"CUR\")"] {
+            assert!(!mapping(&[add(lookup)]).rows_stand_alone(), "{lookup}");
+        }
+        let renamed = Transform::RenameTable { table: "cur".into(), to: "page".into() };
+        assert!(!mapping(&[
+            renamed.clone(),
+            Transform::AddColumn {
+                table: "page".into(),
+                column: "n".into(),
+                default: Value::Null,
+                expression: Some("(SELECT max(cur_id) FROM page)".into()),
+            }
+        ])
+        .rows_stand_alone());
+        let custom = Transform::Sql {
+            table: "cur".into(),
+            writes: vec![("t".into(), TableSchema { key: "k".into(), columns: vec!["k".into()] })],
+            insert: "INSERT INTO t VALUES (:cur_id)".into(),
+            update: "SELECT 1".into(),
+            delete: "DELETE FROM t WHERE k = :cur_id".into(),
+        };
+        assert!(!mapping(&[custom]).rows_stand_alone(), "the escape hatch");
+        let mut two = old.clone();
+        two.tables.insert("old".into(), TableSchema { key: "old_id".into(), columns: vec!["old_id".into()] });
+        let merge = Transform::MergeTables { table: "cur".into(), with: "old".into(), into: "both".into() };
+        assert!(!Mapping::compile(&two, &[merge]).unwrap().rows_stand_alone(), "a merge");
     }
 
     fn pages() -> Schema {

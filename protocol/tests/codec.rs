@@ -31,6 +31,14 @@ fn node_request() -> impl Strategy<Value = NodeRequest> {
                         copy_rows_per_s: samples.rotate_left(5),
                         copy_eta_ms: bulk_done.then_some(mismatches),
                     },
+                    ranges: RangeCheck {
+                        by_range: !bulk_done,
+                        ranges: c.rotate_left(11),
+                        attempted: a.rotate_left(13),
+                        clean: samples.rotate_left(17),
+                        differed: mismatches.rotate_left(19),
+                        rows: c ^ samples,
+                    },
                 },
                 upgrade: UpgradeId(c ^ a)
             }

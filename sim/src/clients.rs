@@ -90,7 +90,13 @@ pub(crate) async fn abort_on_mismatches(shared: Shared) {
             continue;
         }
         let blockers = coordinator::upgrade::status(&state).gate_blockers;
-        let mismatches = blockers.iter().any(|b| matches!(b, protocol::messages::GateBlocker::MismatchRatio { .. }));
+        let mismatches = blockers.iter().any(|b| {
+            matches!(
+                b,
+                protocol::messages::GateBlocker::MismatchRatio { .. }
+                    | protocol::messages::GateBlocker::DataDiffers { .. }
+            )
+        });
         if !drifted || upgrade.phase != Phase::Syncing || !mismatches {
             continue;
         }

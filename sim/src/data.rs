@@ -35,6 +35,10 @@ const TRANSFORM_IDLE_MS: u64 = 50;
 const STORE_RETRY_MS: u64 = 20;
 /// Most request answers a data node remembers for idempotency.
 const ANSWERS_MAX: usize = 65_536;
+/// Most old rows per range a data node compares while traffic runs.
+const RANGE_ROWS: usize = 50;
+/// Least pause between two comparisons of ranges compared before (changed since).
+const RANGE_AGAIN_MS: u64 = 500;
 /// Batches kept per shard for the re-delivery fault.
 const BATCHES_KEPT: usize = 4;
 /// Small, so that pruning the change log happens within a seed.
@@ -269,6 +273,14 @@ impl World {
                 let (expected, actual) = d.new.compare_staged().expect(MEM);
                 StoreResult::Compared { expected, actual }
             }
+            StoreOp::ReadRowsToCompare { after, limit } => {
+                let (chunk, through) = d.old.rows_to_compare(&after, limit).expect(MEM);
+                StoreResult::RowsToCompare { chunk, through }
+            }
+            StoreOp::CompareStagedKeys => {
+                let (expected, actual) = d.new.compare_staged_keys().expect(MEM);
+                StoreResult::Compared { expected, actual }
+            }
             StoreOp::ReadCheckpoint => StoreResult::Checkpoint(d.new.checkpoint().expect(MEM)),
             StoreOp::OpenNew => {
                 if !d.new.is_open_to_clients() {
@@ -380,6 +392,12 @@ impl World {
             }
             DataEvent::TransformFailed(e) => {
                 self.checker.violation(now, Violation::TransformFailed { node: name, error: e.to_string() });
+            }
+            DataEvent::RangeCompared { rows, matched } => {
+                self.stats.ranges_compared += 1;
+                if matched == Some(false) && !self.data[i].drifted {
+                    self.checker.violation(now, Violation::RangeDiffers { node: name, rows });
+                }
             }
             // Injected by `store_op` (and recorded there); the node tries again.
             DataEvent::StoreFailed { .. }
@@ -545,6 +563,9 @@ impl World {
             // Small chunks by default: the simulator's tables take several, with writes between.
             copy_chunk_rows: self.plan.copy_chunk_rows.unwrap_or(node_core::duties::transform::COPY_CHUNK_ROWS),
             compare_chunk_rows: node_core::data_node::COMPARE_CHUNK_ROWS,
+            // Small ranges: the simulator's tables are cut into several.
+            range_rows: self.mapping.rows_stand_alone().then_some(RANGE_ROWS),
+            range_again_ms: RANGE_AGAIN_MS,
             answers_max: ANSWERS_MAX,
             change_log_applied_max: CHANGE_LOG_APPLIED_MAX,
         };

@@ -66,6 +66,8 @@ pub struct SeedReport {
     pub failed_requests: u64,
     pub fault_log: Vec<String>,
     pub copying_seen: bool,
+    /// Ranges of old keys data nodes compared while traffic ran.
+    pub ranges_compared: u64,
     /// Raft snapshots built and installed over all replicas.
     pub snapshots_built: u64,
     pub snapshots_installed: u64,
@@ -139,6 +141,7 @@ impl SeedReport {
             failed_requests: 0,
             fault_log: Vec::new(),
             copying_seen: false,
+            ranges_compared: 0,
             snapshots_built: 0,
             snapshots_installed: 0,
             upgrades_asked: 0,
@@ -440,6 +443,7 @@ impl World {
             failed_requests: self.stats.failed_requests,
             fault_log: self.stats.fault_log.clone(),
             copying_seen: !self.stats.copying_seen.is_empty(),
+            ranges_compared: self.stats.ranges_compared,
             snapshots_built: self.replicas.iter().map(|r| read_disk(&r.disk, |d| d.snapshots_built)).sum(),
             snapshots_installed: self.replicas.iter().map(|r| read_disk(&r.disk, |d| d.snapshots_installed)).sum(),
             upgrades_asked: self.config.upgrades,

@@ -43,6 +43,8 @@ pub struct Summary {
     pub ended: u64,
     /// Store operations that failed (the store fault) and were tried again.
     pub store_failures: u64,
+    /// Ranges of old keys data nodes compared while traffic ran.
+    pub ranges_compared: u64,
     /// Requests held by a freeze (the switch's cost to clients).
     pub freeze_hold_ms_p50: u64,
     pub freeze_hold_ms_max: u64,
@@ -92,6 +94,7 @@ impl Summary {
         self.boot_held += r.boot_hold_ms.len() as u64;
         self.ended += r.ended;
         self.store_failures += r.store_failures;
+        self.ranges_compared += r.ranges_compared;
         self.boot_hold_max_ms = self.boot_hold_max_ms.max(r.boot_hold_ms.iter().copied().max().unwrap_or(0));
         self.switch_all.extend(r.switch_ms);
         self.messages += r.messages;

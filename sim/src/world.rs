@@ -118,6 +118,8 @@ pub struct Stats {
     pub drift_seen: bool,
     /// Store operations failed by the store fault.
     pub store_failures: u64,
+    /// Ranges of old keys data nodes compared while traffic ran.
+    pub ranges_compared: u64,
 }
 
 /// The whole simulated cluster.

@@ -25,6 +25,16 @@ pub fn ready_gate(upgrade: &Upgrade) -> Result<(), Vec<GateBlocker>> {
         if let Some(lag_ms_max) = t.lag_ms_max.filter(|max| r.pace.lag_ms > *max) {
             blockers.push(GateBlocker::LagMs { node: name.clone(), lag_ms: r.pace.lag_ms, lag_ms_max });
         }
+        let ranges = &r.ranges;
+        if r.bulk_done && ranges.by_range {
+            if ranges.attempted < ranges.ranges {
+                let (attempted, ranges) = (ranges.attempted, ranges.ranges);
+                blockers.push(GateBlocker::DataComparing { node: name.clone(), attempted, ranges });
+            }
+            if ranges.differed > 0 {
+                blockers.push(GateBlocker::DataDiffers { node: name.clone(), ranges: ranges.differed });
+            }
+        }
     }
     let ValidationSeen { samples, mismatches } = validation_seen(upgrade);
     if samples < t.samples_min {

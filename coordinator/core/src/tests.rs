@@ -395,6 +395,29 @@ fn the_gate_takes_lag_in_time_up_to_lag_ms_max_when_the_plan_sets_it() {
     assert_eq!(ready_gate(state.current.as_ref().unwrap()), Ok(()), "up to lag_ms_max");
 }
 
+/// A data node whose rows are compared by range holds the gate until it has compared every
+/// range once, and while any range differs; a node whose plan compares at the drain only does
+/// not.
+#[test]
+fn the_gate_waits_for_every_key_range_compared_once_and_none_differing() {
+    use protocol::messages::RangeCheck;
+    let with = |ranges| NodeReport { bulk_done: true, ranges, ..report(10, 10, 0, 0) };
+    let validator = report(0, 0, 20, 0);
+    let first_round = RangeCheck { by_range: true, ranges: 9, attempted: 7, clean: 7, ..Default::default() };
+    let blocked = gate_with("0.0", with(first_round), validator.clone()).unwrap_err();
+    assert!(matches!(&blocked[..], [GateBlocker::DataComparing { attempted: 7, ranges: 9, .. }]), "{blocked:?}");
+    assert_eq!(blocked[0].to_string(), "db-1: data compared in 7 of 9 key ranges");
+    let differs = RangeCheck { attempted: 9, differed: 2, ..first_round };
+    let blocked = gate_with("0.0", with(differs), validator.clone()).unwrap_err();
+    assert!(matches!(&blocked[..], [GateBlocker::DataDiffers { ranges: 2, .. }]), "{blocked:?}");
+    assert_eq!(blocked[0].to_string(), "db-1: transform(old) and new differ in 2 key ranges");
+    // Compared once each, some changed since (the drain compares those): ready.
+    let done = RangeCheck { attempted: 9, clean: 4, ..first_round };
+    assert_eq!(gate_with("0.0", with(done), validator.clone()), Ok(()));
+    let at_the_drain_only = RangeCheck { by_range: false, ..first_round };
+    assert_eq!(gate_with("0.0", with(at_the_drain_only), validator), Ok(()));
+}
+
 #[test]
 fn the_gate_sums_every_validators_mismatches_against_the_ratio() {
     // 10 mismatches in 100 samples is exactly 10 %: allowed; 11 is not.

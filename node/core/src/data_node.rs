@@ -19,10 +19,12 @@
 use crate::agent::{AgentConfig, AgentCore, AgentInput, AgentOutput};
 use crate::duties::drain::{DrainCore, DrainInput, DrainOutput};
 use crate::duties::progress::Progress;
+use crate::duties::ranges::{Outcome, Ranges};
 use crate::duties::transform::{Batch, Checkpoint, CopyState, Positions, TransformCore, TransformError, Work};
 use crate::store::{ChangeRead, Chunk, NewStore, OldStore, RowCursor, SnapshotId, StaleBatch, StoreError, StoredRow};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
 use protocol::messages::{Ack, NodeReport, NodeRequest, NodeResponse, Pace};
+use protocol::schema::RowOp;
 use protocol::{Decision, Epoch, Generation, NodeName, Position, ReplicaId, Universe};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -42,6 +44,12 @@ fn planted_after_restart(
 
 /// Rows per read while comparing both universes at the final position.
 pub const COMPARE_CHUNK_ROWS: usize = 500;
+
+/// Most old rows per range compared while traffic runs, in a real node (see
+/// [`crate::duties::ranges`]): small enough that a busy table leaves most ranges unchanged
+/// between their comparison and the drain, large enough that a comparison is worth its round
+/// trips.
+pub const RANGE_ROWS_DEFAULT: usize = 1_000;
 
 /// Data-node settings.
 #[derive(Clone, Debug)]
@@ -68,6 +76,14 @@ pub struct DataNodeConfig {
     /// Old rows per chunk the drain's comparison reads and stages ([`COMPARE_CHUNK_ROWS`]
     /// in the simulator; a real node takes its copy's chunk).
     pub compare_chunk_rows: usize,
+    /// Most old rows per range compared while traffic runs ([`crate::duties::ranges`]), if
+    /// the plan's rows can be compared by range
+    /// ([`protocol::schema::Mapping::rows_stand_alone`]); `None`: compared at the drain only.
+    pub range_rows: Option<usize>,
+    /// Least pause between two comparisons of ranges once each was compared (those that
+    /// changed since are compared again): besides it, the old store is read by comparisons at
+    /// most half the time, and within [`DataNodeConfig::copy_rows_per_s_max`].
+    pub range_again_ms: u64,
 }
 
 /// A store operation for the shell (see [`crate::store`]); its result comes back as
@@ -89,6 +105,9 @@ pub enum StoreOp {
     Unfence,
     /// Old store: current rows, for the comparison → [`StoreResult::Rows`].
     ReadRows { after: RowCursor, limit: usize },
+    /// Old store: current rows while writes go on, with the positions they show →
+    /// [`StoreResult::RowsToCompare`] (see [`crate::store::OldStore::rows_to_compare`]).
+    ReadRowsToCompare { after: RowCursor, limit: usize },
     /// Old store: forget captured changes up to `up_to` → [`StoreResult::Pruned`].
     Prune { up_to: Position },
     /// New store: convert old rows into a scratch copy beside the new tables (emptied first if
@@ -97,6 +116,9 @@ pub enum StoreOp {
     /// New store: the checksums of the scratch copy and of the new tables →
     /// [`StoreResult::Compared`].
     CompareStaged,
+    /// New store: the checksums of the scratch copy and of the new rows with its keys →
+    /// [`StoreResult::Compared`].
+    CompareStagedKeys,
     /// New store: its checkpoint → [`StoreResult::Checkpoint`] (after an apply whose outcome
     /// is unknown).
     ReadCheckpoint,
@@ -135,6 +157,12 @@ pub enum StoreResult {
     },
     Unfenced,
     Rows(Chunk),
+    /// Rows read while writes go on: the chunk's position is one every change at or before
+    /// which they show; `through` one every change they show is at or before.
+    RowsToCompare {
+        chunk: Chunk,
+        through: Position,
+    },
     /// Old rows staged; how many could not be converted.
     Staged {
         rejected: u64,
@@ -183,10 +211,16 @@ pub fn perform(old: &mut impl OldStore, new: &mut impl NewStore, op: StoreOp) ->
         StoreOp::Fence => old.fence().map(|final_position| StoreResult::Fenced { final_position }),
         StoreOp::Unfence => old.unfence().map(|()| StoreResult::Unfenced),
         StoreOp::ReadRows { after, limit } => old.rows_chunk(&after, limit).map(StoreResult::Rows),
+        StoreOp::ReadRowsToCompare { after, limit } => {
+            old.rows_to_compare(&after, limit).map(|(chunk, through)| StoreResult::RowsToCompare { chunk, through })
+        }
         StoreOp::Prune { up_to } => old.prune(up_to).map(|()| StoreResult::Pruned),
         StoreOp::Stage { rows, first } => new.stage(&rows, first).map(|rejected| StoreResult::Staged { rejected }),
         StoreOp::CompareStaged => {
             new.compare_staged().map(|(expected, actual)| StoreResult::Compared { expected, actual })
+        }
+        StoreOp::CompareStagedKeys => {
+            new.compare_staged_keys().map(|(expected, actual)| StoreResult::Compared { expected, actual })
         }
         StoreOp::ReadCheckpoint => new.checkpoint().map(StoreResult::Checkpoint),
         // The old store is fenced for good by now: its sequences are final.
@@ -268,6 +302,9 @@ pub enum DataEvent {
     Fenced { final_position: Position },
     /// The comparison of transform(old) with new at the final position.
     Compared { final_position: Position, matched: bool },
+    /// A range of old keys compared while traffic runs (`rows` old rows): `Some(matched)`, or
+    /// `None` when its rows changed meanwhile (it is compared again, or at the drain).
+    RangeCompared { rows: u64, matched: Option<bool> },
     /// The drain acked: everything up to `final_position` is applied.
     Drained { epoch: Epoch, final_position: Position, checksum_match: bool },
     /// The transform refused the change stream (a gap) or a row (a conversion error).
@@ -315,12 +352,16 @@ enum Pending {
     },
     ReleaseWriters,
     ReadRows,
-    /// Rows staged for the comparison: the cursor they reach, and whether they were the last.
-    Stage {
-        cursor: RowCursor,
-        last: bool,
-    },
+    /// Rows staged for the drain's comparison (those read since the last stage).
+    Stage,
     CompareStaged,
+    /// The comparison of a range while traffic runs: its read (of at most `limit` rows), its
+    /// stage and its comparison.
+    RangeRead {
+        limit: usize,
+    },
+    RangeStage,
+    RangeCompare,
     /// A prune, and what was pruned before it (restored if it fails).
     Prune {
         previous: Position,
@@ -348,8 +389,10 @@ impl Pending {
             StoreOp::HoldWriters => unreachable!("a hold's pending state names its comparison"),
             StoreOp::ReleaseWriters => Pending::ReleaseWriters,
             StoreOp::ReadRows { .. } => Pending::ReadRows,
-            StoreOp::Stage { .. } => unreachable!("a stage's pending state names its cursor"),
+            StoreOp::Stage { .. } => unreachable!("a stage's pending state says whose it is"),
             StoreOp::CompareStaged => Pending::CompareStaged,
+            StoreOp::ReadRowsToCompare { limit, .. } => Pending::RangeRead { limit: *limit },
+            StoreOp::CompareStagedKeys => Pending::RangeCompare,
             StoreOp::Prune { .. } => unreachable!("a prune's pending state names what was pruned before"),
             StoreOp::ReadCheckpoint => Pending::ReadCheckpoint,
         }
@@ -359,7 +402,14 @@ impl Pending {
 #[derive(Clone, Debug)]
 struct Comparing {
     epoch: Epoch,
-    /// The last old row staged.
+    /// What is left to stage: runs of old rows `(after, through]` (through `None`: to the
+    /// last row), the ranges not compared clean while traffic ran (all rows without them).
+    spans: VecDeque<(RowCursor, Option<crate::duties::ranges::RowAt>)>,
+    /// The clean ranges' checksums: what their old rows give, not staged again.
+    clean_digest: u64,
+    /// Rows read and not yet staged (several spans' go in one stage).
+    unstaged: Vec<StoredRow>,
+    /// The last old row read in the first span left.
     cursor: RowCursor,
     /// Rows were staged (the next stage adds to them).
     staged: bool,
@@ -383,6 +433,13 @@ pub struct DataNodeCore {
     pending: Option<Pending>,
     drain_work: VecDeque<DrainWork>,
     comparing: Option<Comparing>,
+    /// The comparison by range while traffic runs (`None`: the plan's rows are compared at
+    /// the drain only).
+    ranges: Option<Ranges>,
+    /// No comparison of a range starts before this time (its pace).
+    range_next_ms: u64,
+    /// When the comparison of the range under way started.
+    range_started_ms: u64,
     next_step_ms: u64,
     /// When the last transform step started.
     last_step_ms: u64,
@@ -442,6 +499,9 @@ impl DataNodeCore {
             pending: None,
             drain_work: VecDeque::new(),
             comparing: None,
+            ranges: config.range_rows.map(|_| Ranges::new()),
+            range_next_ms: 0,
+            range_started_ms: 0,
             next_step_ms: 0,
             last_step_ms: 0,
             woken_since_step: false,
@@ -501,6 +561,12 @@ impl DataNodeCore {
         self.progress.copy()
     }
 
+    /// The comparison by range while traffic runs, as reported (all zero when the plan's rows
+    /// are compared at the drain only).
+    pub fn range_check(&self) -> protocol::messages::RangeCheck {
+        self.ranges.as_ref().map(Ranges::report).unwrap_or_default()
+    }
+
     /// The transform's pace at `now_ms` (what the node reports, and its shell exports).
     pub fn pace(&self, now_ms: u64) -> Pace {
         self.progress.figures(now_ms)
@@ -524,9 +590,45 @@ impl DataNodeCore {
         } else if self.retry_at_ms > self.last_now_ms {
             Some(self.retry_at_ms)
         } else {
-            self.transform_wanted().then_some(self.next_step_due_ms())
+            let step = self.transform_wanted().then_some(self.next_step_due_ms());
+            [step, self.range_due_ms()].into_iter().flatten().min()
         };
         [self.agent.next_deadline_ms(), store].into_iter().flatten().min()
+    }
+
+    /// Whether the comparison by range may go on: the upgrade syncs (the copy complete in the
+    /// store, no drain under way or asked for), and what the new store holds is known.
+    fn ranges_allowed(&self) -> bool {
+        self.ranges.is_some()
+            && self.transform_wanted()
+            && self.store_bulk_done
+            && !self.recheck
+            && self.comparing.is_none()
+            && self.drain_work.is_empty()
+            && self
+                .drain
+                .as_ref()
+                .is_some_and(|d| !d.draining() && d.comparing().is_none() && d.accepting() == Some(Universe::Old))
+    }
+
+    /// Whether the range under way can go on now: its rows are staged, or the transform has
+    /// applied everything they show.
+    fn range_ready(&self) -> bool {
+        let (Some(r), Some(t)) = (&self.ranges, &self.transform) else { return false };
+        r.staged_waiting() || r.waits_for().is_some_and(|through| t.checkpoint().applied >= through)
+    }
+
+    /// When the comparison by range needs a store operation next, if it does.
+    fn range_due_ms(&self) -> Option<u64> {
+        let r = self.ranges.as_ref().filter(|_| self.ranges_allowed())?;
+        if self.range_ready() {
+            Some(self.last_now_ms)
+        } else if r.busy() || !r.has_work() {
+            // Waits for the transform (whose steps are due anyway), or all is clean.
+            None
+        } else {
+            Some(self.range_next_ms)
+        }
     }
 
     /// When the next transform step may start: after the usual pause, or a millisecond after
@@ -761,12 +863,14 @@ impl DataNodeCore {
             return;
         }
         self.drop_moot_comparison();
-        let op = if let Some(c) = &self.comparing {
-            Some(if c.rows_done {
-                StoreOp::CompareStaged
-            } else {
-                StoreOp::ReadRows { after: c.cursor.clone(), limit: self.config.compare_chunk_rows }
-            })
+        let ranges_allowed = self.ranges_allowed();
+        if let Some(r) = self.ranges.as_mut().filter(|r| r.busy() && !ranges_allowed) {
+            // A drain begins (or the stores are in doubt): the range is compared another time.
+            r.abandon();
+        }
+        let op = if self.comparing.is_some() {
+            self.comparison_op(out);
+            return;
         } else if let Some(work) = self.drain_work.pop_front() {
             match work {
                 DrainWork::Fence(epoch) => {
@@ -779,16 +883,9 @@ impl DataNodeCore {
                 DrainWork::RemoveCapture => Some(StoreOp::RemoveCapture),
                 DrainWork::ReleaseWriters => Some(StoreOp::ReleaseWriters),
                 DrainWork::Compare { epoch, final_position } => {
-                    let comparing = Comparing {
-                        epoch,
-                        cursor: None,
-                        staged: false,
-                        rejected: false,
-                        rows_done: false,
-                        final_position,
-                    };
-                    self.comparing = Some(comparing);
-                    Some(StoreOp::ReadRows { after: None, limit: self.config.compare_chunk_rows })
+                    self.comparing = Some(self.comparison(epoch, final_position));
+                    self.comparison_op(out);
+                    return;
                 }
             }
         } else if let Some(up_to) = self.prune_due() {
@@ -798,15 +895,43 @@ impl DataNodeCore {
             return;
         } else if self.recheck {
             Some(StoreOp::ReadCheckpoint)
+        } else if ranges_allowed && self.range_ready() {
+            let r = self.ranges.as_mut().expect("compared by range");
+            if r.staged_waiting() {
+                Some(StoreOp::CompareStagedKeys)
+            } else {
+                // Over a scratch copy of its own: what the new store gives for these rows only.
+                let op = StoreOp::Stage { rows: r.take_rows(), first: true };
+                self.pending = Some(Pending::RangeStage);
+                out.push(DataOutput::Store(op));
+                return;
+            }
         } else if self.transform_wanted() && now_ms >= self.next_step_due_ms() {
             self.last_step_ms = now_ms;
             self.next_step_ms = now_ms + self.config.transform_interval_ms;
             self.woken_since_step = false;
             let transform = self.transform.as_ref().expect("started");
+            // A range waits for the transform to apply what its rows show: where every change
+            // has a number, the read stops right there, so that no later change can spoil it.
+            let range_through = self.ranges.as_ref().and_then(Ranges::waits_for).filter(|_| ranges_allowed);
             Some(match transform.next_work() {
                 Work::Snapshot => StoreOp::OpenSnapshot,
                 Work::CopyChunk { snapshot, after, limit } => StoreOp::ReadSnapshot { snapshot, after, limit },
-                Work::Stream { after, limit } => StoreOp::ReadChanges { after, limit },
+                Work::Stream { after, limit } => {
+                    let limit = match range_through {
+                        Some(through) if self.config.positions == Positions::Counted && through > after => {
+                            limit.min(usize::try_from(through.0 - after.0).unwrap_or(usize::MAX))
+                        }
+                        _ => limit,
+                    };
+                    StoreOp::ReadChanges { after, limit }
+                }
+            })
+        } else if ranges_allowed && now_ms >= self.range_next_ms && !self.ranges.as_ref().is_some_and(Ranges::busy) {
+            let limit = self.config.range_rows.expect("compared by range");
+            self.ranges.as_mut().and_then(Ranges::start).map(|after| {
+                self.range_started_ms = now_ms;
+                StoreOp::ReadRowsToCompare { after, limit }
             })
         } else {
             None
@@ -843,6 +968,10 @@ impl DataNodeCore {
         let transform = self.transform.as_mut().expect("started");
         let batch = match (op, result) {
             (Pending::OpenSnapshot, StoreResult::SnapshotOpened { snapshot, at, rows }) => {
+                // The copy (again) replaces what the new store holds.
+                if let Some(r) = self.ranges.as_mut() {
+                    r.reset();
+                }
                 self.captured = self.captured.max(at);
                 self.progress.copy_started(now_ms, rows);
                 self.progress.captured(now_ms, at);
@@ -874,6 +1003,15 @@ impl DataNodeCore {
                 // seen meanwhile may not be in what was read).
                 if read.changes.is_empty() && !self.woken_since_step {
                     self.next_step_ms = self.last_step_ms + self.config.transform_idle_ms;
+                }
+                if let Some(r) = self.ranges.as_mut() {
+                    // What changed since the ranges were compared (a change the checkpoint
+                    // covers is a replay, already in what they read).
+                    let from = transform.checkpoint().applied;
+                    for (position, op) in read.changes.iter().filter(|(p, _)| *p > from) {
+                        let (RowOp::Upsert { table, key, .. } | RowOp::Delete { table, key }) = op;
+                        r.changed(table, *key, *position);
+                    }
                 }
                 let moves = !read.changes.is_empty() || transform.read_moves(read.complete_to);
                 moves.then(|| transform.apply_read(&read.changes, read.complete_to))
@@ -924,21 +1062,49 @@ impl DataNodeCore {
                 None
             }
             (Pending::ReadRows, StoreResult::Rows(chunk)) => {
-                self.compare_rows(chunk, out);
+                self.compare_rows(chunk);
                 None
             }
-            (Pending::Stage { cursor, last }, StoreResult::Staged { rejected }) => {
+            (Pending::Stage, StoreResult::Staged { rejected }) => {
                 let c = self.comparing.as_mut().expect("comparing");
                 c.staged = true;
                 c.rejected |= rejected > 0;
-                c.cursor = cursor;
-                c.rows_done = last;
+                c.rows_done = c.spans.is_empty() && c.unstaged.is_empty();
+                None
+            }
+            (Pending::RangeRead { limit }, StoreResult::RowsToCompare { chunk, through }) => {
+                let r = self.ranges.as_mut().expect("compared by range");
+                r.read(chunk.rows, chunk.last, limit, chunk.position, through.max(chunk.position));
+                None
+            }
+            (Pending::RangeStage, StoreResult::Staged { rejected }) => {
+                self.ranges.as_mut().expect("compared by range").staged(rejected);
+                None
+            }
+            (Pending::RangeCompare, StoreResult::Compared { expected, actual }) => {
+                let r = self.ranges.as_mut().expect("compared by range");
+                let rows = r.rows_in_flight();
+                let outcome = r.compared(expected, actual);
+                let matched = outcome.map(|o| matches!(o, Outcome::Matched { .. }));
+                out.push(DataOutput::Event(DataEvent::RangeCompared { rows, matched }));
+                // The old store is read at most half the time, within the copy's rate; once every
+                // range was compared, ranges that changed are compared again at the idle pace.
+                let first_round = r.report().attempted < r.report().ranges;
+                let took_ms = now_ms - self.range_started_ms;
+                let rate_ms = self.config.copy_rows_per_s_max.map_or(0, |rate| (rows * 1_000).div_ceil(rate.max(1)));
+                let pace_ms = if first_round { self.config.transform_interval_ms } else { self.config.range_again_ms };
+                self.range_next_ms = now_ms + took_ms.max(rate_ms).max(pace_ms);
+                self.report(now_ms, out);
                 None
             }
             (Pending::CompareStaged, StoreResult::Compared { .. }) if self.drop_moot_comparison() => None,
             (Pending::CompareStaged, StoreResult::Compared { expected, actual }) => {
                 let c = self.comparing.take().expect("comparing");
-                let matched = !c.rejected && expected == actual;
+                // The clean ranges were not staged again: their rows give what they gave.
+                let matched = !c.rejected && expected.wrapping_add(c.clean_digest) == actual;
+                if let Some(r) = self.ranges.as_mut().filter(|_| !matched) {
+                    r.all_changed();
+                }
                 out.push(DataOutput::Event(DataEvent::Compared { final_position: c.final_position, matched }));
                 if matched {
                     // Before the ack (after which the switch may commit, and routers send to
@@ -987,6 +1153,10 @@ impl DataNodeCore {
     /// learns what that is: a batch whose answer was lost may have applied everything up to the
     /// final position, and no later batch would then tell it (simulator seed 304).
     fn restart_transform(&mut self, now_ms: u64, found: Checkpoint, out: &mut Vec<DataOutput>) {
+        // What the ranges compared may not be what the store holds.
+        if let Some(r) = self.ranges.as_mut() {
+            r.reset();
+        }
         self.store_bulk_done = found.copy == CopyState::Done;
         self.progress.restarted(found.applied);
         let applied = (found.copy == CopyState::Done).then_some(found.applied);
@@ -1025,11 +1195,19 @@ impl DataNodeCore {
             }
             // Due again at once (the log stays within its bound).
             Pending::Prune { previous } => self.pruned = previous,
+            // The rows read since the last stage went with it: the comparison starts again.
+            Pending::Stage => {
+                if let Some(c) = self.comparing.take() {
+                    self.comparing = Some(self.comparison(c.epoch, c.final_position));
+                }
+            }
+            Pending::RangeRead { .. } | Pending::RangeStage | Pending::RangeCompare => {
+                self.ranges.as_mut().expect("compared by range").abandon()
+            }
             Pending::OpenSnapshot
             | Pending::ReadSnapshot
             | Pending::ReadChanges
             | Pending::ReadRows
-            | Pending::Stage { .. }
             | Pending::CompareStaged => {}
         }
     }
@@ -1052,14 +1230,63 @@ impl DataNodeCore {
         moot
     }
 
-    /// Old rows read for the comparison go to the new store, which converts them into its
-    /// scratch copy (only it can: it evaluates the plan's expressions and knows the generated
-    /// keys). The cursor moves once they are staged.
-    fn compare_rows(&mut self, chunk: Chunk, out: &mut Vec<DataOutput>) {
-        let c = self.comparing.as_ref().expect("comparing");
-        let cursor = chunk.rows.last().map(|(t, k, _)| (t.clone(), *k)).or(c.cursor.clone());
-        self.pending = Some(Pending::Stage { cursor, last: chunk.last });
-        out.push(DataOutput::Store(StoreOp::Stage { rows: chunk.rows, first: !c.staged }));
+    /// The drain's comparison of `epoch`'s freeze at `final_position`: the old rows of every
+    /// range not compared clean while traffic ran are staged, the clean ones' checksums added.
+    fn comparison(&self, epoch: Epoch, final_position: Position) -> Comparing {
+        let (spans, clean_digest) = match &self.ranges {
+            Some(r) => (r.spans().into(), r.clean_digest()),
+            None => (VecDeque::from([(None, None)]), 0),
+        };
+        let cursor = spans.front().and_then(|(after, _): &(RowCursor, _)| after.clone());
+        Comparing {
+            epoch,
+            spans,
+            clean_digest,
+            unstaged: Vec::new(),
+            cursor,
+            staged: false,
+            rejected: false,
+            rows_done: false,
+            final_position,
+        }
+    }
+
+    /// The drain's comparison's next store operation: read the spans left, stage what was read
+    /// (a chunk at a time, and at least once, so that nothing staged before counts), compare.
+    fn comparison_op(&mut self, out: &mut Vec<DataOutput>) {
+        let chunk_rows = self.config.compare_chunk_rows;
+        let c = self.comparing.as_mut().expect("comparing");
+        let (op, pending) = if c.rows_done {
+            (StoreOp::CompareStaged, Pending::CompareStaged)
+        } else if !c.spans.is_empty() && c.unstaged.len() < chunk_rows {
+            (StoreOp::ReadRows { after: c.cursor.clone(), limit: chunk_rows }, Pending::ReadRows)
+        } else {
+            // The new store converts them into its scratch copy (only it can: it evaluates the
+            // plan's expressions and knows the generated keys).
+            (StoreOp::Stage { rows: std::mem::take(&mut c.unstaged), first: !c.staged }, Pending::Stage)
+        };
+        self.pending = Some(pending);
+        out.push(DataOutput::Store(op));
+    }
+
+    /// Old rows read for the drain's comparison: those of the span being read wait to be
+    /// staged; the span is done at its end, or at the last row.
+    fn compare_rows(&mut self, chunk: Chunk) {
+        let c = self.comparing.as_mut().expect("comparing");
+        let (_, through) = c.spans.front().expect("a span is read");
+        let read = chunk.rows.len();
+        let mut rows = chunk.rows;
+        rows.retain(|(t, k, _)| crate::duties::ranges::in_span((t, *k), &None, through));
+        let at_end = through.as_ref().is_some_and(|(t, k)| rows.last().is_some_and(|(rt, rk, _)| rt == t && rk == k));
+        let span_done = chunk.last || rows.len() < read || at_end;
+        if let Some((t, k, _)) = rows.last() {
+            c.cursor = Some((t.clone(), *k));
+        }
+        c.unstaged.extend(rows);
+        if span_done {
+            c.spans.pop_front();
+            c.cursor = c.spans.front().and_then(|(after, _)| after.clone());
+        }
     }
 
     fn drain_mut(&mut self) -> &mut DrainCore {
@@ -1077,6 +1304,7 @@ impl DataNodeCore {
             copied_rows: self.progress.copy().0,
             copy_rows_total: self.progress.copy().1,
             pace: self.progress.figures(now_ms),
+            ranges: self.range_check(),
         };
         let outs = self.agent.handle(now_ms, AgentInput::Report(report));
         self.agent_outputs(now_ms, outs, out);
@@ -1087,6 +1315,10 @@ impl DataNodeCore {
             match o {
                 DrainOutput::Fence(epoch) => self.drain_work.push_back(DrainWork::Fence(epoch)),
                 DrainOutput::Unfence => {
+                    // A fence asked for and not yet performed (a store operation ahead of it,
+                    // or its retry's pause) is for a freeze that ended: it is not performed,
+                    // or clients would be refused in an aborted freeze (simulator seed 318).
+                    self.drain_work.retain(|w| !matches!(w, DrainWork::Fence(_)));
                     self.drain_work.push_back(DrainWork::Unfence);
                     if self.writers_held {
                         self.drain_work.push_back(DrainWork::ReleaseWriters);

@@ -104,6 +104,16 @@ pub trait OldStore {
     fn snapshot_chunk(&self, snapshot: SnapshotId, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError>;
     /// Up to `limit` rows of the current contents after `after` (used while fenced).
     fn rows_chunk(&self, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError>;
+    /// Current rows while writes go on, for the comparison by range
+    /// ([`crate::duties::ranges`]): a chunk as [`OldStore::rows_chunk`] reads it, whose position
+    /// is one every change at or before which the rows show, and a second position every change
+    /// they show is at or before, one the change stream will reach. A store that reads its rows
+    /// and its change log in one transaction gives the same position twice (the default).
+    fn rows_to_compare(&mut self, after: &RowCursor, limit: usize) -> Result<(Chunk, Position), StoreError> {
+        let chunk = self.rows_chunk(after, limit)?;
+        let through = chunk.position;
+        Ok((chunk, through))
+    }
     /// Up to `limit` captured changes after `after` (a store whose positions have gaps returns
     /// whole transactions, so one may come past the limit), what the read is complete up to, and
     /// the last captured position: see [`ChangeRead`].
@@ -163,6 +173,9 @@ pub trait NewStore {
     /// Asking again gives the same answer: the scratch copy stays until the next stage with
     /// `first` or the next batch.
     fn compare_staged(&mut self) -> Result<(u64, u64), StoreError>;
+    /// The checksums of the scratch copy and of the new tables' rows whose keys the scratch
+    /// copy holds (a comparison of the rows some old rows give). Asked again, the same answer.
+    fn compare_staged_keys(&mut self) -> Result<(u64, u64), StoreError>;
     /// Order-independent checksum of every row ([`row_hash`] summed).
     fn checksum(&self) -> Result<u64, StoreError>;
     /// The switch committed: clients may write now (until then, only the transform may).
@@ -689,7 +702,8 @@ impl NewStore for MemStore {
             (false, Some(staged)) => staged,
             _ => self.tables.keys().map(|t| (t.clone(), BTreeMap::new())).collect(),
         };
-        let mut keys = self.keys.clone();
+        // Staging only looks keys up (`read_only`): the map is lent, not copied.
+        let mut keys = std::mem::take(&mut self.keys);
         let mut rejected = 0;
         for (table, key, row) in rows {
             let op = RowOp::Upsert { table: table.clone(), key: *key, row: row.clone() };
@@ -705,6 +719,7 @@ impl NewStore for MemStore {
                 Err(_) => rejected += 1,
             }
         }
+        self.keys = keys;
         self.staged = Some(staged);
         Ok(rejected)
     }
@@ -714,6 +729,18 @@ impl NewStore for MemStore {
         // is asked for again and must be the same (simulator seed 20 with `--upgrades 3`).
         let staged = self.staged.as_ref().map_or(0, checksum);
         Ok((staged, checksum(&self.tables)))
+    }
+
+    fn compare_staged_keys(&mut self) -> Result<(u64, u64), StoreError> {
+        let Some(staged) = self.staged.as_ref() else { return Ok((0, 0)) };
+        let same_keys = staged
+            .iter()
+            .flat_map(|(table, rows)| {
+                let held = self.tables.get(table);
+                rows.keys().filter_map(move |key| held.and_then(|h| h.get(key)).map(|row| row_hash(table, *key, row)))
+            })
+            .fold(0u64, u64::wrapping_add);
+        Ok((checksum(staged), same_keys))
     }
 
     fn checksum(&self) -> Result<u64, StoreError> {

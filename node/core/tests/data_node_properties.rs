@@ -74,6 +74,8 @@ fn config(change_log_applied_max: u64) -> DataNodeConfig {
         copy_rows_per_s_max: None,
         copy_chunk_rows: node_core::duties::transform::COPY_CHUNK_ROWS,
         compare_chunk_rows: node_core::data_node::COMPARE_CHUNK_ROWS,
+        range_rows: None,
+        range_again_ms: 10,
         answers_max: 4,
         change_log_applied_max,
     }
@@ -330,6 +332,7 @@ struct Coverage {
     snapshots_gone: u64,
     store_failures: u64,
     copy_progress: u64,
+    ranges_matched: u64,
     applies: u64,
     executed_old: u64,
     executed_new: u64,
@@ -392,7 +395,7 @@ struct Shell<'a> {
 
 impl<'a> Shell<'a> {
     fn new(case: &Case, make_core: fn(DataNodeConfig) -> DataNodeCore, coverage: &'a RefCell<Coverage>) -> Self {
-        let config = config(case.change_log_applied_max);
+        let config = DataNodeConfig { range_rows: case.range_rows, ..config(case.change_log_applied_max) };
         let mapping = mapping();
         let mut old = MemStore::with_schema(&Schema {
             tables: [("t".to_string(), TableSchema { key: "id".into(), columns: vec!["id".into(), "v".into()] })]
@@ -730,6 +733,13 @@ impl<'a> Shell<'a> {
                 );
                 self.coverage.borrow_mut().compared += 1;
             }
+            DataEvent::RangeCompared { matched, rows } => {
+                // Compared at matching positions, with nothing but the transform writing the
+                // new universe: a range never differs (and where every change has a number, no
+                // change spoils a comparison).
+                prop_assert!(matched == Some(true), "a range of {} rows compared {:?}", rows, matched);
+                self.coverage.borrow_mut().ranges_matched += 1;
+            }
             DataEvent::TransformFailed(e) => {
                 // The old store's stream has no gaps and the rename converts every row.
                 return Err(TestCaseError::fail(format!("the transform failed on a well-formed stream: {e}")));
@@ -962,6 +972,9 @@ struct Case {
     boots: u64,
     /// Applied changes the old store's change log keeps before the core prunes them.
     change_log_applied_max: u64,
+    /// Old rows per range compared while traffic runs (`None`: at the drain only; the fixed
+    /// replays below predate the comparison by range, and replay their store operations).
+    range_rows: Option<usize>,
     steps: Vec<Step>,
 }
 
@@ -973,16 +986,18 @@ fn case() -> impl Strategy<Value = Case> {
         prop_oneof![Just(100u64), Just(90), Just(50)],
         0u64..3,
         prop_oneof![Just(2u64), Just(1_000_000)],
+        prop_oneof![Just(None), Just(Some(7usize)), Just(Some(100))],
         // Long enough for several freezes, a drain and a commit in most cases.
         proptest::collection::vec(step(), 1..300),
     )
-        .prop_map(|(seed, robust, rows, at_once_pct, boots, change_log_applied_max, steps)| Case {
+        .prop_map(|(seed, robust, rows, at_once_pct, boots, change_log_applied_max, range_rows, steps)| Case {
             seed,
             robust,
             rows,
             at_once_pct,
             boots,
             change_log_applied_max,
+            range_rows,
             steps,
         })
 }
@@ -1025,6 +1040,7 @@ fn data_node_core_follows_committed_decisions() {
     assert!(c.prunes > 0, "the change log was never pruned: {c:?}");
     assert!(c.store_failures > 0, "no store operation failed: {c:?}");
     assert!(c.copy_progress > 0, "no report showed a copy's progress: {c:?}");
+    assert!(c.ranges_matched > 0, "no range was compared while traffic ran: {c:?}");
 }
 
 /// The simulator's planted transform bug (a restarted stream skips the change right after its
@@ -1100,7 +1116,16 @@ fn a_fence_result_of_an_aborted_freeze_is_not_taken_for_the_next_freeze() {
         done.clone(),
         done,
     ];
-    let case = Case { seed: 0, robust: false, rows: 0, at_once_pct: 0, boots: 0, change_log_applied_max: 2, steps };
+    let case = Case {
+        seed: 0,
+        robust: false,
+        rows: 0,
+        at_once_pct: 0,
+        boots: 0,
+        change_log_applied_max: 2,
+        range_rows: None,
+        steps,
+    };
     let coverage = RefCell::new(Coverage::default());
     if let Err(e) = run(case, DataNodeCore::new, &coverage) {
         panic!("{e}");
@@ -1125,6 +1150,7 @@ fn regression_a_write_then_a_crash_before_the_first_read_is_persisted() {
         at_once_pct: 50,
         boots: 0,
         change_log_applied_max: 2,
+        range_rows: None,
         steps: vec![
             Step::Request { origin: 0, id: 0, kind: 1 },
             Step::StoreDone,

@@ -35,6 +35,8 @@ fn config(answers_max: usize) -> DataNodeConfig {
         copy_rows_per_s_max: None,
         copy_chunk_rows: node_core::duties::transform::COPY_CHUNK_ROWS,
         compare_chunk_rows: node_core::data_node::COMPARE_CHUNK_ROWS,
+        range_rows: None,
+        range_again_ms: 0,
         answers_max,
         change_log_applied_max: 100,
     }

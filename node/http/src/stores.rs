@@ -36,6 +36,10 @@ pub struct DataMetrics {
     fenced: Gauge,
     drained: Counter,
     mismatched_drains: Counter,
+    ranges_compared: Counter,
+    ranges_differed: Counter,
+    ranges: Gauge,
+    ranges_clean: Gauge,
 }
 
 impl DataMetrics {
@@ -99,6 +103,22 @@ impl DataMetrics {
             "Drains whose comparison found the universes different",
             m.mismatched_drains.clone(),
         );
+        registry.register(
+            "imago_ranges_compared",
+            "Ranges of old keys compared with the new store while traffic runs (spoiled ones included)",
+            m.ranges_compared.clone(),
+        );
+        registry.register(
+            "imago_ranges_differed",
+            "Range comparisons that found transform(old) and new different",
+            m.ranges_differed.clone(),
+        );
+        registry.register("imago_ranges", "Ranges of old keys the old tables are cut into", m.ranges.clone());
+        registry.register(
+            "imago_ranges_clean",
+            "Ranges compared equal and unchanged since (the drain compares only the others)",
+            m.ranges_clean.clone(),
+        );
         m
     }
 
@@ -122,6 +142,12 @@ impl DataMetrics {
             DataEvent::Acted(protocol::Decision::Abort(_)) => {
                 self.fenced.set(0);
             }
+            DataEvent::RangeCompared { matched, .. } => {
+                self.ranges_compared.inc();
+                if *matched == Some(false) {
+                    self.ranges_differed.inc();
+                }
+            }
             DataEvent::Acted(_)
             | DataEvent::Admitted { .. }
             | DataEvent::CopyStarted { .. }
@@ -134,6 +160,9 @@ impl DataMetrics {
 
     fn observe(&self, now_ms: u64, core: &DataNodeCore) {
         let pace = core.pace(now_ms);
+        let ranges = core.range_check();
+        self.ranges.set(ranges.ranges as i64);
+        self.ranges_clean.set(ranges.clean as i64);
         self.lag_ms.set(pace.lag_ms as i64);
         self.changes_per_s.set(pace.changes_per_s as i64);
         self.copy_rows_per_s.set(pace.copy_rows_per_s as i64);
@@ -215,6 +244,10 @@ impl<O: OldStore + Send + 'static, N: NewStore + Send + 'static> node::io::Store
             DataEvent::Compared { final_position, matched } => {
                 tracing::info!(final_position = final_position.0, matched, "universes compared")
             }
+            DataEvent::RangeCompared { rows, matched: Some(false) } => {
+                tracing::warn!(rows, "a range of old keys compared: transform(old) and new differ")
+            }
+            DataEvent::RangeCompared { .. } => {}
             DataEvent::TransformFailed(e) => tracing::warn!(error = %e, "transform"),
             DataEvent::StoreFailed { reason } => tracing::warn!(%reason, "store operation failed; tried again"),
             DataEvent::Acted(decision) => tracing::info!(?decision, "acted"),

@@ -119,6 +119,10 @@ impl OldStore for PgOldStore {
         self.0.run(async |old: &mut PgOld| old.rows_chunk(after, limit).await)
     }
 
+    fn rows_to_compare(&mut self, after: &RowCursor, limit: usize) -> Result<(Chunk, Position), StoreError> {
+        self.0.run(async |old: &mut PgOld| old.rows_to_compare(after, limit).await)
+    }
+
     fn changes_after(&self, after: Position, limit: usize) -> Result<ChangeRead, StoreError> {
         self.0.run(async |old: &mut PgOld| old.row_changes(after, limit).await)
     }
@@ -203,6 +207,10 @@ impl NewStore for PgNewStore {
 
     fn compare_staged(&mut self) -> Result<(u64, u64), StoreError> {
         self.0.run(async |new: &mut PgNew| new.compare_staged().await)
+    }
+
+    fn compare_staged_keys(&mut self) -> Result<(u64, u64), StoreError> {
+        self.0.run(async |new: &mut PgNew| new.compare_staged_keys().await)
     }
 
     fn checksum(&self) -> Result<u64, StoreError> {

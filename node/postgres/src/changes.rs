@@ -18,6 +18,10 @@ pub const INT8: u32 = 20;
 
 /// The prefix of the fence's logical message (`pg_logical_emit_message`).
 pub const FENCE_MESSAGE_PREFIX: &str = "imago_fence";
+/// Prefix of the logical message a comparison by range emits after it read its rows: a
+/// transaction of its own, with nothing to apply, whose commit the stream brings after every
+/// transaction the read saw.
+pub const COMPARE_MESSAGE_PREFIX: &str = "imago_compare";
 
 /// One change of the old database, at the position of the transaction that made it.
 #[derive(Clone, Debug, PartialEq, Eq)]

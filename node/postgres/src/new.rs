@@ -474,6 +474,18 @@ impl PgNew {
         Ok((staged, self.sum(Target::Main).await.map_err(down)?))
     }
 
+    /// The checksums of the scratch copy and of the new tables' rows whose keys it holds (the
+    /// comparison of a range of old rows while traffic runs).
+    pub async fn compare_staged_keys(&mut self) -> Result<(u64, u64), StoreError> {
+        self.reconnect().await?;
+        if !self.staging {
+            return Ok((0, 0));
+        }
+        let down = |e: PgError| StoreError::Unavailable(e.to_string());
+        let staged = self.sum(Target::Staging).await.map_err(down)?;
+        Ok((staged, self.sum_of(Target::Main, true).await.map_err(down)?))
+    }
+
     /// Order-independent checksum of every row of the new tables (`row_hash` summed), the same
     /// as the store in memory's for the same rows.
     pub async fn checksum(&mut self) -> Result<u64, StoreError> {
@@ -635,7 +647,7 @@ impl PgNew {
         let mut rows = Vec::new();
         let mut after = None;
         loop {
-            let chunk = self.read_chunk(table, target, after).await?;
+            let chunk = self.read_chunk(table, target, after, false).await?;
             let last = chunk.len() < READ_CHUNK_ROWS;
             after = chunk.last().map(|(k, _)| *k);
             rows.extend(chunk);
@@ -647,13 +659,23 @@ impl PgNew {
 
     /// Up to [`READ_CHUNK_ROWS`] rows of `table` in `target` after key `after`, in key order,
     /// read in the server's text format (as the old side reads its rows).
-    async fn read_chunk(&self, table: &str, target: Target, after: Option<i64>) -> Result<Vec<(i64, Row)>, PgError> {
+    async fn read_chunk(
+        &self,
+        table: &str,
+        target: Target,
+        after: Option<i64>,
+        staged_keys: bool,
+    ) -> Result<Vec<(i64, Row)>, PgError> {
         let Some(live) = self.live.tables.get(table) else {
             return Err(PgError::Table { table: table.into(), message: "not a table of the new schema".into() });
         };
         let columns = live.columns.iter().map(|(c, _, _)| ident(c)).collect::<Vec<_>>().join(", ");
         let key = ident(&live.key);
-        let filter = after.map(|k| format!("WHERE {key} > {k} ")).unwrap_or_default();
+        let mut conditions: Vec<String> = after.map(|k| format!("{key} > {k}")).into_iter().collect();
+        if staged_keys {
+            conditions.push(format!("{key} IN (SELECT {key} FROM {})", self.live.qualified(table, Target::Staging)));
+        }
+        let filter = if conditions.is_empty() { String::new() } else { format!("WHERE {} ", conditions.join(" AND ")) };
         let sql = format!(
             "SELECT {columns} FROM {} {filter}ORDER BY {key} LIMIT {READ_CHUNK_ROWS}",
             self.live.qualified(table, target)
@@ -685,6 +707,11 @@ impl PgNew {
     /// The row hashes of every table of `target` summed, read in one snapshot, a chunk at a
     /// time.
     async fn sum(&self, target: Target) -> Result<u64, PgError> {
+        self.sum_of(target, false).await
+    }
+
+    /// [`PgNew::sum`], of the rows whose keys the scratch copy holds only if `staged_keys`.
+    async fn sum_of(&self, target: Target, staged_keys: bool) -> Result<u64, PgError> {
         self.client
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
@@ -693,7 +720,7 @@ impl PgNew {
         for name in self.live.tables.keys() {
             let mut after = None;
             loop {
-                let chunk = match self.read_chunk(name, target, after).await {
+                let chunk = match self.read_chunk(name, target, after, staged_keys).await {
                     Ok(chunk) => chunk,
                     Err(e) => {
                         let _ = self.client.batch_execute("ROLLBACK").await;

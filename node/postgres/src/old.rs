@@ -353,6 +353,25 @@ impl PgOld {
         Ok(chunk)
     }
 
+    /// Current rows while writes go on, for the comparison by range: [`PgOld::rows_chunk`]'s
+    /// chunk, whose position is the end of the last transaction the stream delivered before the
+    /// read (the read's snapshot, taken after, shows it), and a second position, that of a
+    /// logical message emitted in a transaction of its own once the read is over: every
+    /// transaction the snapshot showed committed before it, and the stream will bring it
+    /// (with nothing to apply), so the transform's checkpoint passes it.
+    pub async fn rows_to_compare(&mut self, after: &RowCursor, limit: usize) -> Result<(Chunk, Position), StoreError> {
+        let chunk = self.rows_chunk(after, limit).await?;
+        let row = self
+            .sql()
+            .await?
+            .query_one("SELECT pg_logical_emit_message(true, $1, '')::text", &[&crate::changes::COMPARE_MESSAGE_PREFIX])
+            .await
+            .map_err(sql_error("emit the comparison's marker"))?;
+        let lsn: String = row.try_get(0).map_err(sql_error("emit the comparison's marker"))?;
+        let through = parse_lsn(&lsn)?;
+        Ok((chunk, through))
+    }
+
     /// Whole transactions after `after` until `limit` changes are reached (one larger than
     /// `limit` comes whole), and the last position known to be captured. Transactions at or
     /// before `after` are not returned (the slot sends again what it was not told was applied).

@@ -307,11 +307,23 @@ impl SqliteNew {
     }
 
     fn sum(&self, schema_name: &str) -> Result<u64, SqliteError> {
+        self.sum_of(schema_name, false)
+    }
+
+    /// The row hashes of `schema_name`'s tables summed; with `staged_keys`, of the rows whose
+    /// keys the scratch copy holds only.
+    fn sum_of(&self, schema_name: &str, staged_keys: bool) -> Result<u64, SqliteError> {
         let tx = self.conn.unchecked_transaction()?;
         let mut sum = 0u64;
         for (name, table) in &self.schema.tables {
             let columns = table.columns.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ");
-            let mut stmt = tx.prepare_cached(&format!("SELECT {columns} FROM {schema_name}.{}", ident(name)))?;
+            let (table_name, key) = (ident(name), ident(&table.key));
+            let filter = if staged_keys {
+                format!(" WHERE {key} IN (SELECT {key} FROM temp.{table_name})")
+            } else {
+                String::new()
+            };
+            let mut stmt = tx.prepare_cached(&format!("SELECT {columns} FROM {schema_name}.{table_name}{filter}"))?;
             let mut rows = stmt.query([])?;
             while let Some(r) = rows.next()? {
                 let (key, row) = sql::row_of(name, table, r)?;
@@ -394,6 +406,13 @@ impl NewStore for SqliteNew {
         // The scratch copy stays until the next batch or first stage: an answer lost on its way
         // is asked for again and must be the same.
         Ok((self.sum("temp")?, self.sum("main")?))
+    }
+
+    fn compare_staged_keys(&mut self) -> Result<(u64, u64), StoreError> {
+        if !self.staging {
+            return Ok((0, 0));
+        }
+        Ok((self.sum("temp")?, self.sum_of("main", true)?))
     }
 
     fn checksum(&self) -> Result<u64, StoreError> {

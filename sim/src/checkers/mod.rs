@@ -141,6 +141,10 @@ pub enum Violation {
     /// No lost writes: the universes differ after a drain although nothing wrote to the new
     /// database behind the transform.
     ChecksumsDiffer { node: String, final_position: Position },
+    /// Validation by range: a data node compared a range of old keys at matching positions
+    /// and found the universes different, although nothing wrote to the new database behind
+    /// the transform.
+    RangeDiffers { node: String, rows: u64 },
     /// Fence after frozen: a data node fenced its old store before every router sent `Frozen`.
     FencedEarly { node: String, decision: Decision, missing: Vec<String> },
     /// Opened after commit: a data node opened its new store to client writes without its
@@ -314,6 +318,10 @@ impl fmt::Display for Violation {
             ValidationMiscounted { router, samples, mismatches, seen } => write!(
                 f,
                 "validation: {router} reported {mismatches} mismatches in {samples} samples, but its validator saw {seen}"
+            ),
+            RangeDiffers { node, rows } => write!(
+                f,
+                "validation by range: {node} found transform(old) and new different in a range of {rows} old rows, with no rogue writer"
             ),
             ChecksumsDiffer { node, final_position } => write!(
                 f,

@@ -3,6 +3,7 @@
 pub mod capture;
 pub mod drain;
 pub mod progress;
+pub mod ranges;
 pub mod router;
 pub mod transform;
 pub mod validate;
