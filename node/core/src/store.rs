@@ -105,7 +105,7 @@ pub trait OldStore {
     /// Up to `limit` rows of the current contents after `after` (used while fenced).
     fn rows_chunk(&self, after: &RowCursor, limit: usize) -> Result<Chunk, StoreError>;
     /// Current rows while writes go on, for the comparison by range
-    /// ([`crate::duties::ranges`]): a chunk as [`OldStore::rows_chunk`] reads it, whose position
+    /// (the `ranges` duty): a chunk as [`OldStore::rows_chunk`] reads it, whose position
     /// is one every change at or before which the rows show, and a second position every change
     /// they show is at or before, one the change stream will reach. A store that reads its rows
     /// and its change log in one transaction gives the same position twice (the default).

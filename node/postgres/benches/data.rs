@@ -41,6 +41,8 @@ use std::time::{Duration, Instant};
 
 #[path = "../../bench_support.rs"]
 mod bench_support;
+#[path = "../../range_checks.rs"]
+mod range_checks;
 use bench_support::{items_schema, median, median_ci, one_to_one, peak_rss_mib, rate, split};
 use tokio::runtime::Runtime;
 
@@ -473,13 +475,80 @@ fn main() {
     // The new database equals transform(old), after the copy, the backlog and the steady writes.
     let start = Instant::now();
     let checked = check_equal(&old, &mut new);
-    let compare_rate = rate(checked as u64, start.elapsed());
+    let full_compare = start.elapsed();
+    let compare_rate = rate(checked as u64, full_compare);
     println!(
         "checked: the new database equals transform(old), compared as the drain does: {checked} rows read, \
          staged and summed in {:.1} s ({compare_rate:.0} rows/s; a freeze of {} ms compares at most about {:.0} rows)",
         start.elapsed().as_secs_f64(),
         freeze_timeout_ms(),
         compare_rate * freeze_timeout_ms() as f64 / 1_000.0,
+    );
+
+    // The comparison by key range while traffic runs, as a data node syncs: a first round over
+    // every range, then single-row updates spread over the table while the ranges they change
+    // are compared again; at the freeze, the drain stages only the ranges changed since, and
+    // reads the new database's whole checksum. Beside the whole comparison above (same run).
+    let range_rows = node_core::data_node::RANGE_ROWS_DEFAULT;
+    let (range_writes_per_s, range_secs): (u64, u64) = if quick() { (50, 3) } else { (100, 10) };
+    let mut drive = range_checks::Drive::new(&mut old, &mut new, core);
+    let start = Instant::now();
+    while let Some(outcome) = drive.compare_range(range_rows) {
+        assert_eq!(outcome, Some(true), "a range compared different: {:?}", drive.ranges.report());
+    }
+    let first_round = start.elapsed();
+    let ranges = drive.ranges.report().ranges;
+    let range_rate = rate(drive.ranges.report().rows, first_round);
+    let range_writes = range_writes_per_s * range_secs;
+    let writer_done = AtomicBool::new(false);
+    let (again, spoiled) = std::thread::scope(|scope| {
+        let cluster = &cluster;
+        let done = &writer_done;
+        scope.spawn(move || {
+            let rt = runtime();
+            let app = client(&rt, cluster, "old");
+            rt.block_on(async {
+                let update = app.prepare(UPDATE_PRICE).await.expect("prepare");
+                let start = tokio::time::Instant::now();
+                let every = Duration::from_secs(1) / range_writes_per_s as u32;
+                for i in 0..range_writes {
+                    tokio::time::sleep_until(start + every * i as u32).await;
+                    // Spread over the whole table, each row once.
+                    let id = (i * 7_919) % rows + 1;
+                    app.execute(&update, &[&(id as i64)]).await.expect("update");
+                }
+            });
+            done.store(true, Ordering::SeqCst);
+        });
+        let (mut again, mut spoiled) = (0u64, 0u64);
+        while !writer_done.load(Ordering::SeqCst) {
+            match drive.compare_range(range_rows) {
+                None => {
+                    drive.step();
+                }
+                Some(None) => spoiled += 1,
+                Some(Some(true)) => again += 1,
+                Some(Some(false)) => panic!("a range compared different: {:?}", drive.ranges.report()),
+            }
+        }
+        (again, spoiled)
+    });
+    let final_position = drive.old.fence().expect("fence");
+    drive.catch_up(final_position, 100_000);
+    let changed = ranges.max(drive.ranges.report().ranges) - drive.ranges.report().clean;
+    let start = Instant::now();
+    assert!(drive.drain_matches(COPY_CHUNK_ROWS_DEFAULT), "the drain found transform(old) and new different");
+    let drain_by_range = start.elapsed();
+    let staged_at_drain = drive.staged_rows;
+    println!(
+        "comparison by key range: a first round over {ranges} ranges of at most {range_rows} rows in {:.1} s \
+         ({range_rate:.0} rows/s); then {range_writes} updates at {range_writes_per_s}/s spread over the table \
+         while changed ranges were compared again ({again} comparisons, {spoiled} spoiled by a write); at the \
+         freeze {changed} ranges had changed since: the drain staged {staged_at_drain} rows and compared in \
+         {:.2} s, against {:.2} s for the whole comparison above",
+        first_round.as_secs_f64(),
+        drain_by_range.as_secs_f64(),
+        full_compare.as_secs_f64(),
     );
     drop(old);
     drop(new);
@@ -564,6 +633,17 @@ fn main() {
         "copy_ratio_meets_target": copy_ratio >= 0.5,
         "copy_split_generated_key_rows_per_s": split_rate,
         "drain_compare_rows_per_s": compare_rate,
+        "drain_compare_whole_ms": full_compare.as_millis() as u64,
+        "range_rows": range_rows,
+        "ranges": ranges,
+        "range_first_round_rows_per_s": range_rate,
+        "range_writes_per_s": range_writes_per_s,
+        "range_writes": range_writes,
+        "ranges_compared_again": again,
+        "ranges_spoiled": spoiled,
+        "ranges_changed_at_freeze": changed,
+        "drain_by_range_staged_rows": staged_at_drain,
+        "drain_by_range_ms": drain_by_range.as_millis() as u64,
         "copy_read_ms": read_ms,
         "copy_core_ms": core_ms,
         "copy_apply_ms": apply_ms,
