@@ -1053,7 +1053,12 @@ fn planted_resume_past_checkpoint_is_caught() {
     let make_core = |config| DataNodeCore::new(config).with_bug(Some(TransformBug::ResumePastCheckpoint));
     let result = runner().run(&case(), |case| run(case, make_core, &coverage));
     let Err(e) = result else { panic!("the planted bug ResumePastCheckpoint went unnoticed") };
-    assert!(e.to_string().contains("checksums differ"), "caught, but by another property: {e}");
+    // At the drain, or earlier: by the comparison of a range while traffic runs.
+    let e = e.to_string();
+    assert!(
+        e.contains("checksums differ") || e.contains("compared Some(false)"),
+        "caught, but by another property: {e}"
+    );
 }
 
 /// A replay of a failure the properties found (rarely: about once in 20 000 random cases), kept
@@ -1066,7 +1071,7 @@ fn planted_resume_past_checkpoint_is_caught() {
 /// is taken as epoch 2's final position; the queued `Unfence` reopens the old store, a client
 /// write lands at position 2, the second `Fenced{2}` is ignored (the drain is already
 /// comparing), and the drain compares, and acks `Drained`, at position 1 while the old store's
-/// final position is 2.
+/// final position is 2. (Since simulator seed 318 the queued first fence is dropped at the abort.)
 #[test]
 fn a_fence_result_of_an_aborted_freeze_is_not_taken_for_the_next_freeze() {
     let watch = Step::Coordinator { pick: 0, action: 0, lag: 0, stale: false };
@@ -1131,7 +1136,10 @@ fn a_fence_result_of_an_aborted_freeze_is_not_taken_for_the_next_freeze() {
         panic!("{e}");
     }
     let c = coverage.into_inner();
-    assert!(c.fences >= 2 && c.drained > 0, "the replay no longer reaches a drain after two fences: {c:?}");
+    // Since simulator seed 318, a fence still queued when its freeze ends is not performed: the
+    // replay fences once, for epoch 2 (the drain core's own test keeps a late fence result of
+    // an aborted freeze from counting for the next).
+    assert!(c.fences >= 1 && c.drained > 0, "the replay no longer reaches a drain: {c:?}");
 }
 
 /// A counterexample a randomly seeded run found (CI, 2026-11-26), kept as a fixed case: a node

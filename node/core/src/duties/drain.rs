@@ -214,8 +214,9 @@ mod tests {
         let drained = Ack::Drained { final_position: Position(5), checksum_match: true };
         assert_eq!(out, vec![DrainOutput::Ack { epoch: e2, ack: drained }]);
 
-        // Straight from e1's fence to e3 (all frozen): unfence, then fence for e3.
-        let mut d = DrainCore::new(Position(0), false);
+        // Straight from e1's fence to e3 (all frozen): unfence, then fence for e3. (Everything up
+        // to 9 applied: a late result taken for e3 would start its comparison at once.)
+        let mut d = DrainCore::new(Position(9), false);
         d.handle(DrainInput::Decision { decision: Decision::Freeze(e1), all_routers_frozen: true });
         let out = d.handle(DrainInput::Decision { decision: Decision::Freeze(Epoch(3)), all_routers_frozen: true });
         assert_eq!(out, vec![DrainOutput::Unfence, DrainOutput::Fence(Epoch(3))]);
