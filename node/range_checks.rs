@@ -4,12 +4,16 @@
 //! core's steps, [`Ranges`] for what is compared, each operation through
 //! `node_core::data_node::perform` — and the drain's comparison of what is left.
 
+// Real databases: the wall clock times the comparisons (for the benchmark's breakdown).
+#![allow(clippy::disallowed_methods)]
+
 use node_core::data_node::{perform, StoreOp, StoreResult};
 use node_core::duties::ranges::{in_span, Ranges};
 use node_core::duties::transform::{TransformCore, Work};
 use node_core::store::{NewStore, OldStore};
 use protocol::schema::RowOp;
 use protocol::Position;
+use std::time::{Duration, Instant};
 
 /// The stores, the transform's core and the ranges, as one data node holds them.
 pub struct Drive<'a, O: OldStore, N: NewStore> {
@@ -19,11 +23,24 @@ pub struct Drive<'a, O: OldStore, N: NewStore> {
     pub ranges: Ranges,
     /// Old rows the last drain staged.
     pub staged_rows: usize,
+    /// Where the comparisons' time went (summed): reading the rows, the transform catching up,
+    /// staging, comparing.
+    pub took: [Duration; 4],
+    /// Most rows per range (the limit of [`Drive::compare_range`]'s reads).
+    pub range_rows: usize,
 }
 
 impl<'a, O: OldStore, N: NewStore> Drive<'a, O, N> {
     pub fn new(old: &'a mut O, new: &'a mut N, core: TransformCore) -> Self {
-        Drive { old, new, core, ranges: Ranges::new(), staged_rows: 0 }
+        Drive {
+            old,
+            new,
+            core,
+            ranges: Ranges::new(),
+            staged_rows: 0,
+            took: [Duration::ZERO; 4],
+            range_rows: usize::MAX,
+        }
     }
 
     /// One transform step (the copy's or the stream's); `false` when the stream had nothing
@@ -77,24 +94,34 @@ impl<'a, O: OldStore, N: NewStore> Drive<'a, O, N> {
     /// `None` when every range is clean; else `Some(Some(matched))`, or `Some(None)` when a
     /// change read meanwhile spoiled it.
     pub fn compare_range(&mut self, limit: usize) -> Option<Option<bool>> {
+        self.range_rows = limit;
         let after = self.ranges.start()?;
+        let mut lap = Instant::now();
+        let mut phase = |took: &mut [Duration; 4], i: usize| {
+            took[i] += lap.elapsed();
+            lap = Instant::now();
+        };
         let (chunk, through) = match perform(self.old, self.new, StoreOp::ReadRowsToCompare { after, limit }) {
             StoreResult::RowsToCompare { chunk, through } => (chunk, through),
             other => panic!("read rows to compare: {other:?}"),
         };
         assert!(through >= chunk.position, "the rows show changes past {through:?}, all up to {:?}", chunk.position);
         self.ranges.read(chunk.rows, chunk.last, limit, chunk.position, through);
+        phase(&mut self.took, 0);
         let through = self.ranges.waits_for().expect("rows read");
         self.catch_up(through, 1_000);
+        phase(&mut self.took, 1);
         let rows = self.ranges.take_rows();
         match perform(self.old, self.new, StoreOp::Stage { rows, first: true }) {
             StoreResult::Staged { rejected } => self.ranges.staged(rejected),
             other => panic!("stage: {other:?}"),
         }
+        phase(&mut self.took, 2);
         let outcome = match perform(self.old, self.new, StoreOp::CompareStagedKeys) {
             StoreResult::Compared { expected, actual } => self.ranges.compared(expected, actual),
             other => panic!("compare staged keys: {other:?}"),
         };
+        phase(&mut self.took, 3);
         Some(outcome.map(|o| matches!(o, node_core::duties::ranges::Outcome::Matched { .. })))
     }
 
@@ -106,10 +133,12 @@ impl<'a, O: OldStore, N: NewStore> Drive<'a, O, N> {
         let mut rejected = 0;
         self.staged_rows = 0;
         let spans = self.ranges.spans();
-        for (after, through) in &spans {
-            let mut cursor = after.clone();
+        for span in &spans {
+            let (mut cursor, through) = (span.after.clone(), &span.through);
+            // About the span's rows (its ranges were read in reads of `range_rows` at most).
+            let limit = chunk.min(span.ranges.saturating_mul(self.range_rows));
             loop {
-                let read = self.old.rows_chunk(&cursor, chunk).expect("old rows");
+                let read = self.old.rows_chunk(&cursor, limit).expect("old rows");
                 let rows: Vec<_> =
                     read.rows.iter().filter(|(t, k, _)| in_span((t, *k), &None, through)).cloned().collect();
                 let done = read.last || rows.len() < read.rows.len();

@@ -19,7 +19,7 @@
 use crate::agent::{AgentConfig, AgentCore, AgentInput, AgentOutput};
 use crate::duties::drain::{DrainCore, DrainInput, DrainOutput};
 use crate::duties::progress::Progress;
-use crate::duties::ranges::{Outcome, Ranges};
+use crate::duties::ranges::{Outcome, Ranges, Span};
 use crate::duties::transform::{Batch, Checkpoint, CopyState, Positions, TransformCore, TransformError, Work};
 use crate::store::{ChangeRead, Chunk, NewStore, OldStore, RowCursor, SnapshotId, StaleBatch, StoreError, StoredRow};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
@@ -404,7 +404,7 @@ struct Comparing {
     epoch: Epoch,
     /// What is left to stage: runs of old rows `(after, through]` (through `None`: to the
     /// last row), the ranges not compared clean while traffic ran (all rows without them).
-    spans: VecDeque<(RowCursor, Option<crate::duties::ranges::RowAt>)>,
+    spans: VecDeque<Span>,
     /// The clean ranges' checksums: what their old rows give, not staged again.
     clean_digest: u64,
     /// Rows read and not yet staged (several spans' go in one stage).
@@ -1235,9 +1235,9 @@ impl DataNodeCore {
     fn comparison(&self, epoch: Epoch, final_position: Position) -> Comparing {
         let (spans, clean_digest) = match &self.ranges {
             Some(r) => (r.spans().into(), r.clean_digest()),
-            None => (VecDeque::from([(None, None)]), 0),
+            None => (VecDeque::from([Span { after: None, through: None, ranges: usize::MAX }]), 0),
         };
-        let cursor = spans.front().and_then(|(after, _): &(RowCursor, _)| after.clone());
+        let cursor = spans.front().and_then(|span| span.after.clone());
         Comparing {
             epoch,
             spans,
@@ -1258,8 +1258,11 @@ impl DataNodeCore {
         let c = self.comparing.as_mut().expect("comparing");
         let (op, pending) = if c.rows_done {
             (StoreOp::CompareStaged, Pending::CompareStaged)
-        } else if !c.spans.is_empty() && c.unstaged.len() < chunk_rows {
-            (StoreOp::ReadRows { after: c.cursor.clone(), limit: chunk_rows }, Pending::ReadRows)
+        } else if let Some(span) = c.spans.front().filter(|_| c.unstaged.len() < chunk_rows) {
+            // A span of a few ranges is read for about their rows, not a whole chunk's.
+            let span_rows = self.config.range_rows.map_or(usize::MAX, |rows| rows.saturating_mul(span.ranges));
+            let limit = chunk_rows.min(span_rows).max(1);
+            (StoreOp::ReadRows { after: c.cursor.clone(), limit }, Pending::ReadRows)
         } else {
             // The new store converts them into its scratch copy (only it can: it evaluates the
             // plan's expressions and knows the generated keys).
@@ -1273,7 +1276,7 @@ impl DataNodeCore {
     /// staged; the span is done at its end, or at the last row.
     fn compare_rows(&mut self, chunk: Chunk) {
         let c = self.comparing.as_mut().expect("comparing");
-        let (_, through) = c.spans.front().expect("a span is read");
+        let through = &c.spans.front().expect("a span is read").through;
         let read = chunk.rows.len();
         let mut rows = chunk.rows;
         rows.retain(|(t, k, _)| crate::duties::ranges::in_span((t, *k), &None, through));
@@ -1285,7 +1288,7 @@ impl DataNodeCore {
         c.unstaged.extend(rows);
         if span_done {
             c.spans.pop_front();
-            c.cursor = c.spans.front().and_then(|(after, _)| after.clone());
+            c.cursor = c.spans.front().and_then(|span| span.after.clone());
         }
     }
 

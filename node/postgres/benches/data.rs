@@ -486,70 +486,100 @@ fn main() {
     );
 
     // The comparison by key range while traffic runs, as a data node syncs: a first round over
-    // every range, then single-row updates spread over the table while the ranges they change
-    // are compared again; at the freeze, the drain stages only the ranges changed since, and
-    // reads the new database's whole checksum. Beside the whole comparison above (same run).
+    // every range, then single-row updates while the ranges they change are compared again; at
+    // the freeze, the drain stages only the ranges changed since, and reads the new database's
+    // whole checksum. Twice: updates of a hot set (the newest 1 % of the rows, as an
+    // application mostly changes its recent rows), then updates spread over the whole table
+    // (the worst case: every update can change a range of its own). Beside the whole
+    // comparison above (same run).
     let range_rows = node_core::data_node::RANGE_ROWS_DEFAULT;
     let (range_writes_per_s, range_secs): (u64, u64) = if quick() { (50, 3) } else { (100, 10) };
+    let range_writes = range_writes_per_s * range_secs;
     let mut drive = range_checks::Drive::new(&mut old, &mut new, core);
     let start = Instant::now();
     while let Some(outcome) = drive.compare_range(range_rows) {
         assert_eq!(outcome, Some(true), "a range compared different: {:?}", drive.ranges.report());
     }
     let first_round = start.elapsed();
+    let [read, catch_up, stage, compare] = drive.took.map(|d| d.as_millis());
     let ranges = drive.ranges.report().ranges;
     let range_rate = rate(drive.ranges.report().rows, first_round);
-    let range_writes = range_writes_per_s * range_secs;
-    let writer_done = AtomicBool::new(false);
-    let (again, spoiled) = std::thread::scope(|scope| {
-        let cluster = &cluster;
-        let done = &writer_done;
-        scope.spawn(move || {
-            let rt = runtime();
-            let app = client(&rt, cluster, "old");
-            rt.block_on(async {
-                let update = app.prepare(UPDATE_PRICE).await.expect("prepare");
-                let start = tokio::time::Instant::now();
-                let every = Duration::from_secs(1) / range_writes_per_s as u32;
-                for i in 0..range_writes {
-                    tokio::time::sleep_until(start + every * i as u32).await;
-                    // Spread over the whole table, each row once.
-                    let id = (i * 7_919) % rows + 1;
-                    app.execute(&update, &[&(id as i64)]).await.expect("update");
-                }
-            });
-            done.store(true, Ordering::SeqCst);
-        });
-        let (mut again, mut spoiled) = (0u64, 0u64);
-        while !writer_done.load(Ordering::SeqCst) {
-            match drive.compare_range(range_rows) {
-                None => {
-                    drive.step();
-                }
-                Some(None) => spoiled += 1,
-                Some(Some(true)) => again += 1,
-                Some(Some(false)) => panic!("a range compared different: {:?}", drive.ranges.report()),
-            }
-        }
-        (again, spoiled)
-    });
-    let final_position = drive.old.fence().expect("fence");
-    drive.catch_up(final_position, 100_000);
-    let changed = ranges.max(drive.ranges.report().ranges) - drive.ranges.report().clean;
-    let start = Instant::now();
-    assert!(drive.drain_matches(COPY_CHUNK_ROWS_DEFAULT), "the drain found transform(old) and new different");
-    let drain_by_range = start.elapsed();
-    let staged_at_drain = drive.staged_rows;
     println!(
         "comparison by key range: a first round over {ranges} ranges of at most {range_rows} rows in {:.1} s \
-         ({range_rate:.0} rows/s); then {range_writes} updates at {range_writes_per_s}/s spread over the table \
-         while changed ranges were compared again ({again} comparisons, {spoiled} spoiled by a write); at the \
-         freeze {changed} ranges had changed since: the drain staged {staged_at_drain} rows and compared in \
-         {:.2} s, against {:.2} s for the whole comparison above",
-        first_round.as_secs_f64(),
-        drain_by_range.as_secs_f64(),
-        full_compare.as_secs_f64(),
+         ({range_rate:.0} rows/s): reading rows {read} ms, the transform catching up {catch_up} ms, staging \
+         {stage} ms, comparing {compare} ms",
+        first_round.as_secs_f64()
     );
+    let mut by_range = Vec::new();
+    for (name, hot) in [("hot set", true), ("spread", false)] {
+        let writer_done = AtomicBool::new(false);
+        let (again, spoiled) = std::thread::scope(|scope| {
+            let cluster = &cluster;
+            let done = &writer_done;
+            scope.spawn(move || {
+                let rt = runtime();
+                let app = client(&rt, cluster, "old");
+                rt.block_on(async {
+                    let update = app.prepare(UPDATE_PRICE).await.expect("prepare");
+                    let start = tokio::time::Instant::now();
+                    let every = Duration::from_secs(1) / range_writes_per_s as u32;
+                    for i in 0..range_writes {
+                        tokio::time::sleep_until(start + every * i as u32).await;
+                        let id = if hot { rows - (i * 7_919) % (rows / 100) } else { (i * 7_919) % rows + 1 };
+                        app.execute(&update, &[&(id as i64)]).await.expect("update");
+                    }
+                });
+                done.store(true, Ordering::SeqCst);
+            });
+            let (mut again, mut spoiled) = (0u64, 0u64);
+            while !writer_done.load(Ordering::SeqCst) {
+                match drive.compare_range(range_rows) {
+                    None => {
+                        drive.step();
+                    }
+                    Some(None) => spoiled += 1,
+                    Some(Some(true)) => again += 1,
+                    Some(Some(false)) => panic!("a range compared different: {:?}", drive.ranges.report()),
+                }
+            }
+            (again, spoiled)
+        });
+        // The freeze: every write applied (the last phase fences; before it, the writer has
+        // stopped and the stream is read until it has nothing more).
+        if hot {
+            while drive.step() {}
+        } else {
+            let final_position = drive.old.fence().expect("fence");
+            drive.catch_up(final_position, 100_000);
+        }
+        let changed = drive.ranges.report().ranges - drive.ranges.report().clean;
+        let start = Instant::now();
+        assert!(drive.drain_matches(COPY_CHUNK_ROWS_DEFAULT), "the drain found transform(old) and new different");
+        let drain = start.elapsed();
+        println!(
+            "comparison by key range, {name}: {range_writes} updates at {range_writes_per_s}/s while changed \
+             ranges were compared again ({again} comparisons, {spoiled} spoiled by a write); at the freeze \
+             {changed} ranges had changed since: the drain staged {} rows and compared in {:.2} s, against \
+             {:.2} s for the whole comparison above",
+            drive.staged_rows,
+            drain.as_secs_f64(),
+            full_compare.as_secs_f64(),
+        );
+        by_range.push(serde_json::json!({
+            "writes": name,
+            "writes_per_s": range_writes_per_s,
+            "updates": range_writes,
+            "compared_again": again,
+            "spoiled": spoiled,
+            "ranges_changed_at_freeze": changed,
+            "drain_staged_rows": drive.staged_rows,
+            "drain_ms": drain.as_millis() as u64,
+        }));
+        // After the hot phase's drain, ranges compared again start the next phase clean.
+        while let Some(outcome) = drive.compare_range(range_rows) {
+            assert_ne!(outcome, Some(false), "a range compared different");
+        }
+    }
     drop(old);
     drop(new);
 
@@ -637,13 +667,7 @@ fn main() {
         "range_rows": range_rows,
         "ranges": ranges,
         "range_first_round_rows_per_s": range_rate,
-        "range_writes_per_s": range_writes_per_s,
-        "range_writes": range_writes,
-        "ranges_compared_again": again,
-        "ranges_spoiled": spoiled,
-        "ranges_changed_at_freeze": changed,
-        "drain_by_range_staged_rows": staged_at_drain,
-        "drain_by_range_ms": drain_by_range.as_millis() as u64,
+        "drain_by_range": by_range,
         "copy_read_ms": read_ms,
         "copy_core_ms": core_ms,
         "copy_apply_ms": apply_ms,

@@ -87,12 +87,15 @@ impl Stream {
     }
 
     /// Reads what has arrived into the buffer, while it wants more, for [`READ_TIME`] at most:
-    /// up to [`QUIET`] for a first whole transaction after `after`, then only what follows
-    /// within [`TAKE`] of the last event.
+    /// up to [`QUIET`] for a first whole transaction after `after` (one with nothing to apply
+    /// counts), then only what follows within [`TAKE`] of the last event.
     pub async fn fill(&mut self, after: Position) -> Result<(), PgError> {
         let read = async {
             while self.buffer.wants_more() {
-                let wait = if self.buffer.holds_after(after) { TAKE } else { QUIET };
+                // A transaction with nothing to apply (a comparison's marker) moves the position
+                // all the same: it is one whole transaction after `after`.
+                let arrived = self.buffer.holds_after(after) || self.buffer.captured() > after;
+                let wait = if arrived { TAKE } else { QUIET };
                 // `recv` is cancel-safe: an event not taken stays in the channel.
                 let Ok(event) = tokio::time::timeout(wait, self.client.recv()).await else { break };
                 self.handle(event)?;

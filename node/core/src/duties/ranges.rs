@@ -82,6 +82,15 @@ fn at(place: &RowAt) -> (&str, i64) {
     (place.0.as_str(), place.1)
 }
 
+/// A run of old rows `(after, through]` the drain stages, and how many ranges it joins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub after: RowCursor,
+    /// `None`: to the last row.
+    pub through: Option<RowAt>,
+    pub ranges: usize,
+}
+
 /// A comparison under way: the range, the rows read and their positions.
 #[derive(Clone, Debug)]
 struct InFlight {
@@ -285,9 +294,10 @@ impl Ranges {
     }
 
     /// What the drain must stage: each run of ranges that are not clean, as `(after, through)`
-    /// (`through`: `None` to the last row), in order.
-    pub fn spans(&self) -> Vec<(RowCursor, Option<RowAt>)> {
-        let mut spans: Vec<(RowCursor, Option<RowAt>)> = Vec::new();
+    /// (`through`: `None` to the last row), in order, with how many ranges it joins (a read of
+    /// the span need not take more than that many ranges' rows).
+    pub fn spans(&self) -> Vec<Span> {
+        let mut spans: Vec<Span> = Vec::new();
         let mut joins = false;
         for range in &self.ranges {
             if range.clean() {
@@ -295,8 +305,11 @@ impl Ranges {
                 continue;
             }
             match spans.last_mut() {
-                Some(span) if joins => span.1 = range.through.clone(),
-                _ => spans.push((range.after.clone(), range.through.clone())),
+                Some(span) if joins => {
+                    span.through = range.through.clone();
+                    span.ranges += 1;
+                }
+                _ => spans.push(Span { after: range.after.clone(), through: range.through.clone(), ranges: 1 }),
             }
             joins = true;
         }
@@ -381,13 +394,22 @@ mod tests {
         assert_eq!(r.report().clean, 2);
         assert_eq!(
             r.spans(),
-            vec![(Some(("a".into(), 2)), Some(("a".into(), 4))), (Some(("a".into(), 6)), None)],
-            "changed ranges, runs joined"
+            vec![
+                Span { after: Some(("a".into(), 2)), through: Some(("a".into(), 4)), ranges: 1 },
+                Span { after: Some(("a".into(), 6)), through: None, ranges: 1 }
+            ],
+            "changed ranges, runs apart"
         );
         assert_eq!(r.clean_digest(), 205 + 207);
         assert!(in_span(("a", 3), &Some(("a".into(), 2)), &Some(("a".into(), 4))));
         assert!(!in_span(("a", 2), &Some(("a".into(), 2)), &Some(("a".into(), 4))));
         assert!(in_span(("b", 0), &Some(("a".into(), 6)), &None));
+        r.changed("a", 5, Position(9));
+        assert_eq!(
+            r.spans(),
+            vec![Span { after: Some(("a".into(), 2)), through: None, ranges: 3 }],
+            "changed ranges, runs joined"
+        );
         // The next round compares a changed range again.
         assert_eq!(r.start(), Some(Some(("a".into(), 2))));
     }
@@ -406,7 +428,7 @@ mod tests {
         assert_eq!(r.compared(1, 1), None, "spoiled");
         let report = r.report();
         assert_eq!((report.attempted, report.clean, report.differed), (1, 0, 0));
-        assert_eq!(r.spans(), vec![(None, None)]);
+        assert_eq!(r.spans(), vec![Span { after: None, through: None, ranges: 1 }]);
         // Again, undisturbed, but the universes differ.
         r.start();
         r.read(rows("a", 1..=3), true, 10, Position(7), Position(7));
@@ -428,7 +450,7 @@ mod tests {
         assert_eq!((r.report().differed, r.report().clean), (0, 1));
         // The drain found a difference somewhere: all again.
         r.all_changed();
-        assert_eq!((r.report().clean, r.spans()), (0, vec![(None, None)]));
+        assert_eq!((r.report().clean, r.spans()), (0, vec![Span { after: None, through: None, ranges: 1 }]));
     }
 
     #[test]
