@@ -234,20 +234,20 @@ fn column(cluster: &ThrowawayCluster, db: &str, sql: &str) -> Vec<String> {
 /// (whole transactions of many rows: runs that go as sets, with keys made and forgotten): the
 /// new database ends equal to transform(old), with one price row per item, each pointing at
 /// its own item, and no key made twice.
-#[test]
-fn a_split_with_generated_keys_copies_and_streams_under_writes_and_ends_equal() {
-    let Some(cluster) = ThrowawayCluster::start_for_test_with(ThrowawayOptions { fsync: false, ..Default::default() })
-    else {
-        return;
-    };
-    for db in ["old_split", "new_split"] {
+/// Databases `dbs` (old, new) and their stores for a split of `items(id, title, price)`
+/// (`rows` rows): `items` keeps its title and a reference to its price, `prices` gets the price
+/// under a key the new database makes, with a reference back.
+fn split_items(cluster: &ThrowawayCluster, dbs: (&str, &str), rows: u32, upgrade: u64) -> (PgOldStore, PgNewStore) {
+    for db in [dbs.0, dbs.1] {
         cluster.create_database(db).expect("create database");
     }
     run(
-        &cluster,
-        "old_split",
-        "CREATE TABLE items (id bigint PRIMARY KEY, title text, price bigint); \
-         INSERT INTO items SELECT g, 'item ' || g, g * 10 FROM generate_series(1, 400) g;",
+        cluster,
+        dbs.0,
+        &format!(
+            "CREATE TABLE items (id bigint PRIMARY KEY, title text, price bigint); \
+             INSERT INTO items SELECT g, 'item ' || g, g * 10 FROM generate_series(1, {rows}) g;"
+        ),
     );
     let columns = ["id", "title", "price"].into_iter().map(String::from).collect();
     let schema = Schema { tables: [("items".to_string(), TableSchema { key: "id".into(), columns })].into() };
@@ -270,9 +270,20 @@ fn a_split_with_generated_keys_copies_and_streams_under_writes_and_ends_equal() 
         ],
     };
     let mapping = Mapping::compile(&schema, &[split]).expect("mapping");
-    let mut old = PgOldStore::open(&cluster.connection_string("old_split"), &schema, Names::for_upgrade(UpgradeId(11)))
+    assert!(mapping.rows_stand_alone(), "a split's rows stand alone: they can be compared by range");
+    let old = PgOldStore::open(&cluster.connection_string(dbs.0), &schema, Names::for_upgrade(UpgradeId(upgrade)))
         .expect("open the old database");
-    let mut new = PgNewStore::open(&cluster.connection_string("new_split"), &mapping).expect("open the new database");
+    let new = PgNewStore::open(&cluster.connection_string(dbs.1), &mapping).expect("open the new database");
+    (old, new)
+}
+
+#[test]
+fn a_split_with_generated_keys_copies_and_streams_under_writes_and_ends_equal() {
+    let Some(cluster) = ThrowawayCluster::start_for_test_with(ThrowawayOptions { fsync: false, ..Default::default() })
+    else {
+        return;
+    };
+    let (mut old, mut new) = split_items(&cluster, ("old_split", "new_split"), 400, 11);
     let mut core = TransformCore::new(new.checkpoint().expect("checkpoint"))
         .with_positions(Positions::Ordered)
         .with_copy_chunk_rows(37);
@@ -498,41 +509,7 @@ fn ranges_compared_while_writes_go_on_leave_the_drain_only_what_changed() {
     else {
         return;
     };
-    for db in ["old_ranges", "new_ranges"] {
-        cluster.create_database(db).expect("create database");
-    }
-    run(
-        &cluster,
-        "old_ranges",
-        "CREATE TABLE items (id bigint PRIMARY KEY, title text, price bigint); \
-         INSERT INTO items SELECT g, 'item ' || g, g * 10 FROM generate_series(1, 500) g;",
-    );
-    let columns = ["id", "title", "price"].into_iter().map(String::from).collect();
-    let schema = Schema { tables: [("items".to_string(), TableSchema { key: "id".into(), columns })].into() };
-    let split = Transform::SplitTable {
-        table: "items".into(),
-        into: vec![
-            SplitPart {
-                table: "items".into(),
-                columns: vec!["title".into()],
-                references: vec![("price_id".into(), "prices".into())],
-                ..Default::default()
-            },
-            SplitPart {
-                table: "prices".into(),
-                columns: vec!["price".into()],
-                key: Some("price_id".into()),
-                generated: true,
-                references: vec![("item".into(), "items".into())],
-            },
-        ],
-    };
-    let mapping = Mapping::compile(&schema, &[split]).expect("mapping");
-    assert!(mapping.rows_stand_alone());
-    let mut old =
-        PgOldStore::open(&cluster.connection_string("old_ranges"), &schema, Names::for_upgrade(UpgradeId(21)))
-            .expect("open the old database");
-    let mut new = PgNewStore::open(&cluster.connection_string("new_ranges"), &mapping).expect("open the new database");
+    let (mut old, mut new) = split_items(&cluster, ("old_ranges", "new_ranges"), 500, 21);
     let core = TransformCore::new(new.checkpoint().expect("checkpoint"))
         .with_positions(Positions::Ordered)
         .with_copy_chunk_rows(100);
