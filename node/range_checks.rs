@@ -135,8 +135,11 @@ impl<'a, O: OldStore, N: NewStore> Drive<'a, O, N> {
         let spans = self.ranges.spans();
         for span in &spans {
             let (mut cursor, through) = (span.after.clone(), &span.through);
-            // About the span's rows (its ranges were read in reads of `range_rows` at most).
-            let limit = chunk.min(span.ranges.saturating_mul(self.range_rows));
+            // About the span's rows (its ranges were read in reads of `range_rows` at most; the
+            // last, to the last row, may hold any number).
+            let span_rows =
+                if span.through.is_some() { span.ranges.saturating_mul(self.range_rows) } else { usize::MAX };
+            let limit = chunk.min(span_rows);
             loop {
                 let read = self.old.rows_chunk(&cursor, limit).expect("old rows");
                 let rows: Vec<_> =

@@ -1259,8 +1259,12 @@ impl DataNodeCore {
         let (op, pending) = if c.rows_done {
             (StoreOp::CompareStaged, Pending::CompareStaged)
         } else if let Some(span) = c.spans.front().filter(|_| c.unstaged.len() < chunk_rows) {
-            // A span of a few ranges is read for about their rows, not a whole chunk's.
-            let span_rows = self.config.range_rows.map_or(usize::MAX, |rows| rows.saturating_mul(span.ranges));
+            // A span of a few ranges is read for about their rows, not a whole chunk's (the
+            // last range, to the last row, may hold any number: it was maybe never read).
+            let span_rows = match (self.config.range_rows, &span.through) {
+                (Some(rows), Some(_)) => rows.saturating_mul(span.ranges),
+                _ => usize::MAX,
+            };
             let limit = chunk_rows.min(span_rows).max(1);
             (StoreOp::ReadRows { after: c.cursor.clone(), limit }, Pending::ReadRows)
         } else {
