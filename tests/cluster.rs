@@ -1401,7 +1401,19 @@ fn data_switches_under_writes_and_kills(test: &str, tier: DataTier, admissions: 
     let pace = report.and_then(|r| r["copy_rows_per_s"].as_u64()).unwrap_or(0);
     assert!((1_000..=3_300).contains(&pace), "copy pace {pace} rows/s: {status}");
     assert!(report.is_some_and(|r| r["lag_ms"].is_u64() && r["copy_eta_ms"].is_null()), "{status}");
+    // The plan's rows stand alone: the node compared them key range by key range while the
+    // clients wrote, each range once at least, none different, before the gate passed.
+    let ranges = report.map(|r| &r["ranges"]);
+    assert!(
+        ranges.is_some_and(|r| r["by_range"] == true
+            && r["ranges"].as_u64().is_some_and(|n| n >= 1)
+            && r["attempted"] == r["ranges"]
+            && r["differed"] == 0),
+        "compared by key range: {status}"
+    );
     let db = metrics_of(&c, "db-1");
+    assert!(metric(&db, "imago_ranges").is_some_and(|n| n >= 1.0), "{db}");
+    assert!(metric(&db, "imago_ranges_compared_total").is_some_and(|n| n >= 1.0), "{db}");
     assert!(metric(&db, "imago_copy_rows_per_second").is_some_and(|r| r > 0.0), "{db}");
     assert!(metric(&db, "imago_change_lag_ms").is_some() && metric(&db, "imago_copy_eta_ms") == Some(-1.0), "{db}");
     let refused = (tier.console)(1, "INSERT INTO items (id, body, size) VALUES (-1, 'console', 7)");
