@@ -8,7 +8,7 @@
 #![allow(clippy::disallowed_methods)]
 
 use node_core::data_node::{perform, StoreOp, StoreResult};
-use node_core::duties::ranges::{in_span, Ranges};
+use node_core::duties::ranges::Ranges;
 use node_core::duties::transform::{TransformCore, Work};
 use node_core::store::{NewStore, OldStore};
 use protocol::schema::RowOp;
@@ -134,17 +134,11 @@ impl<'a, O: OldStore, N: NewStore> Drive<'a, O, N> {
         self.staged_rows = 0;
         let spans = self.ranges.spans();
         for span in &spans {
-            let (mut cursor, through) = (span.after.clone(), &span.through);
-            // About the span's rows (its ranges were read in reads of `range_rows` at most; the
-            // last, to the last row, may hold any number).
-            let span_rows =
-                if span.through.is_some() { span.ranges.saturating_mul(self.range_rows) } else { usize::MAX };
-            let limit = chunk.min(span_rows);
+            let mut cursor = span.after.clone();
+            let limit = span.read_limit(self.range_rows, chunk);
             loop {
                 let read = self.old.rows_chunk(&cursor, limit).expect("old rows");
-                let rows: Vec<_> =
-                    read.rows.iter().filter(|(t, k, _)| in_span((t, *k), &None, through)).cloned().collect();
-                let done = read.last || rows.len() < read.rows.len();
+                let (rows, done) = span.take(read.rows, read.last);
                 cursor = rows.last().map(|(t, k, _)| (t.clone(), *k)).or(cursor);
                 self.staged_rows += rows.len();
                 rejected += self.new.stage(&rows, first).expect("stage");

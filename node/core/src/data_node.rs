@@ -357,9 +357,7 @@ enum Pending {
     CompareStaged,
     /// The comparison of a range while traffic runs: its read (of at most `limit` rows), its
     /// stage and its comparison.
-    RangeRead {
-        limit: usize,
-    },
+    RangeRead,
     RangeStage,
     RangeCompare,
     /// A prune, and what was pruned before it (restored if it fails).
@@ -391,7 +389,7 @@ impl Pending {
             StoreOp::ReadRows { .. } => Pending::ReadRows,
             StoreOp::Stage { .. } => unreachable!("a stage's pending state says whose it is"),
             StoreOp::CompareStaged => Pending::CompareStaged,
-            StoreOp::ReadRowsToCompare { limit, .. } => Pending::RangeRead { limit: *limit },
+            StoreOp::ReadRowsToCompare { .. } => Pending::RangeRead,
             StoreOp::CompareStagedKeys => Pending::RangeCompare,
             StoreOp::Prune { .. } => unreachable!("a prune's pending state names what was pruned before"),
             StoreOp::ReadCheckpoint => Pending::ReadCheckpoint,
@@ -1072,7 +1070,8 @@ impl DataNodeCore {
                 c.rows_done = c.spans.is_empty() && c.unstaged.is_empty();
                 None
             }
-            (Pending::RangeRead { limit }, StoreResult::RowsToCompare { chunk, through }) => {
+            (Pending::RangeRead, StoreResult::RowsToCompare { chunk, through }) => {
+                let limit = self.config.range_rows.expect("compared by range");
                 let r = self.ranges.as_mut().expect("compared by range");
                 r.read(chunk.rows, chunk.last, limit, chunk.position, through.max(chunk.position));
                 None
@@ -1201,7 +1200,7 @@ impl DataNodeCore {
                     self.comparing = Some(self.comparison(c.epoch, c.final_position));
                 }
             }
-            Pending::RangeRead { .. } | Pending::RangeStage | Pending::RangeCompare => {
+            Pending::RangeRead | Pending::RangeStage | Pending::RangeCompare => {
                 self.ranges.as_mut().expect("compared by range").abandon()
             }
             Pending::OpenSnapshot
@@ -1259,13 +1258,7 @@ impl DataNodeCore {
         let (op, pending) = if c.rows_done {
             (StoreOp::CompareStaged, Pending::CompareStaged)
         } else if let Some(span) = c.spans.front().filter(|_| c.unstaged.len() < chunk_rows) {
-            // A span of a few ranges is read for about their rows, not a whole chunk's (the
-            // last range, to the last row, may hold any number: it was maybe never read).
-            let span_rows = match (self.config.range_rows, &span.through) {
-                (Some(rows), Some(_)) => rows.saturating_mul(span.ranges),
-                _ => usize::MAX,
-            };
-            let limit = chunk_rows.min(span_rows).max(1);
+            let limit = span.read_limit(self.config.range_rows.unwrap_or(usize::MAX), chunk_rows);
             (StoreOp::ReadRows { after: c.cursor.clone(), limit }, Pending::ReadRows)
         } else {
             // The new store converts them into its scratch copy (only it can: it evaluates the
@@ -1280,12 +1273,7 @@ impl DataNodeCore {
     /// staged; the span is done at its end, or at the last row.
     fn compare_rows(&mut self, chunk: Chunk) {
         let c = self.comparing.as_mut().expect("comparing");
-        let through = &c.spans.front().expect("a span is read").through;
-        let read = chunk.rows.len();
-        let mut rows = chunk.rows;
-        rows.retain(|(t, k, _)| crate::duties::ranges::in_span((t, *k), &None, through));
-        let at_end = through.as_ref().is_some_and(|(t, k)| rows.last().is_some_and(|(rt, rk, _)| rt == t && rk == k));
-        let span_done = chunk.last || rows.len() < read || at_end;
+        let (rows, span_done) = c.spans.front().expect("a span is read").take(chunk.rows, chunk.last);
         if let Some((t, k, _)) = rows.last() {
             c.cursor = Some((t.clone(), *k));
         }

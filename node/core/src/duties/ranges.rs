@@ -91,6 +91,28 @@ pub struct Span {
     pub ranges: usize,
 }
 
+impl Span {
+    /// Most rows one read of the span takes: about its ranges' rows (each was read in reads
+    /// of `range_rows` at most), but a whole `chunk_rows` for a span to the last row (its last
+    /// range may never have been read, and hold any number).
+    pub fn read_limit(&self, range_rows: usize, chunk_rows: usize) -> usize {
+        let span_rows = if self.through.is_some() { range_rows.saturating_mul(self.ranges) } else { usize::MAX };
+        chunk_rows.min(span_rows).max(1)
+    }
+
+    /// What of a read after a cursor in the span belongs to it (`last`: no row follows the
+    /// read), and whether the span is done: the read passed its end, reached its last row, or
+    /// reached the last row of all.
+    pub fn take(&self, mut rows: Vec<StoredRow>, last: bool) -> (Vec<StoredRow>, bool) {
+        let read = rows.len();
+        rows.retain(|(t, k, _)| in_span((t, *k), &None, &self.through));
+        let at_end =
+            self.through.as_ref().is_some_and(|(t, k)| rows.last().is_some_and(|(rt, rk, _)| rt == t && rk == k));
+        let done = last || rows.len() < read || at_end;
+        (rows, done)
+    }
+}
+
 /// A comparison under way: the range, the rows read and their positions.
 #[derive(Clone, Debug)]
 struct InFlight {
@@ -412,6 +434,20 @@ mod tests {
         );
         // The next round compares a changed range again.
         assert_eq!(r.start(), Some(Some(("a".into(), 2))));
+    }
+
+    #[test]
+    fn a_span_is_read_for_about_its_rows_and_ends_at_its_end() {
+        let span = Span { after: Some(("a".into(), 2)), through: Some(("a".into(), 6)), ranges: 2 };
+        assert_eq!(span.read_limit(3, 100), 6, "two ranges of at most 3 rows");
+        assert_eq!(span.read_limit(3, 4), 4, "never more than a chunk");
+        assert_eq!(Span { through: None, ..span.clone() }.read_limit(3, 100), 100, "to the last row: a chunk");
+        let (taken, done) = span.take(rows("a", 3..=5), false);
+        assert_eq!((taken.len(), done), (3, false), "within the span, its end not reached");
+        let (taken, done) = span.take(rows("a", 6..=7), false);
+        assert_eq!((taken.len(), done), (1, true), "past its end");
+        assert_eq!(span.take(rows("a", 5..=6), false), (rows("a", 5..=6), true), "at its last row");
+        assert!(span.take(rows("a", 3..=4), true).1, "the last row of all");
     }
 
     #[test]
