@@ -9,7 +9,7 @@ use crate::cluster_cmd::ClusterArg;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use protocol::cluster::{ClusterFile, OPERATOR_NAME};
-use protocol::messages::{CliRequest, CliResponse, ClusterView, Request, Response, StatusView};
+use protocol::messages::{CliRequest, CliResponse, ClusterView, Phase, Request, Response, StatusView};
 use protocol::transport::{Transport, TransportError};
 use protocol::{NodeName, ReplicaId};
 use quic::endpoint::QuicTransport;
@@ -38,6 +38,10 @@ pub enum UpgradeCommand {
     /// Start the upgrade a plan describes (safe to repeat: the same plan file starts it once).
     Start {
         plan: std::path::PathBuf,
+        /// Start the plan again after upgrade N, which ran it and was rolled back (without
+        /// this, the same plan file answers with upgrade N and starts nothing).
+        #[arg(long, value_name = "N")]
+        retry: Option<u64>,
         #[command(flatten)]
         common: Common,
     },
@@ -526,7 +530,7 @@ fn cluster_text(v: &ClusterView) -> String {
 
 pub fn upgrade(command: UpgradeCommand) -> anyhow::Result<ExitCode> {
     match command {
-        UpgradeCommand::Start { plan, common } => {
+        UpgradeCommand::Start { plan, retry, common } => {
             let text = std::fs::read_to_string(&plan).with_context(|| format!("reading {}", plan.display()))?;
             let parsed = match protocol::plan::Plan::from_toml(&plan.display().to_string(), &text) {
                 Ok(p) => p,
@@ -545,8 +549,48 @@ pub fn upgrade(command: UpgradeCommand) -> anyhow::Result<ExitCode> {
             }
             // The same plan text makes the same token: repeating the command after an unknown
             // outcome answers with the upgrade it started, never starts a second one.
-            let token = format!("{}-{:016x}", parsed.name, fnv1a(text.as_bytes()));
-            one(&common, CliRequest::Start { plan: Box::new(parsed), token }, "upgrade start")
+            // A retry names the upgrade it follows, so repeating it is just as safe.
+            let mut token = format!("{}-{:016x}", parsed.name, fnv1a(text.as_bytes()));
+            if let Some(after) = retry {
+                token.push_str(&format!("-retry-{after}"));
+            }
+            let cluster = common.cluster.load()?;
+            runtime()?.block_on(async {
+                let coordinators = Coordinators::new(&cluster)?;
+                let outcome = coordinators.call(CliRequest::Start { plan: Box::new(parsed), token }).await;
+                let Outcome::Answered(CliResponse::Started { upgrade }) = &outcome else {
+                    return Ok(report(common.json, "upgrade start", outcome));
+                };
+                // The same plan (and retry) as an upgrade that has since ended: nothing started.
+                let ended = match coordinators.call(CliRequest::Status).await {
+                    Outcome::Answered(CliResponse::Status(s)) if s.upgrade == Some(*upgrade) => {
+                        s.phase.filter(|p| p.is_terminal())
+                    }
+                    _ => None,
+                };
+                let Some(phase) = ended else {
+                    return Ok(report(common.json, "upgrade start", outcome));
+                };
+                let retry = match phase {
+                    Phase::RolledBack => format!(
+                        "; to run it again: imago upgrade start {} --retry {}",
+                        plan.display(),
+                        upgrade.0
+                    ),
+                    _ => String::new(),
+                };
+                let text = format!(
+                    "upgrade start: this plan already ran as upgrade {}, which ended {phase:?}: nothing was started{retry}",
+                    upgrade.0
+                );
+                if common.json {
+                    let value = serde_json::json!({ "outcome": "ended", "upgrade": upgrade.0, "phase": format!("{phase:?}") });
+                    println!("{value}");
+                } else {
+                    eprintln!("{text}");
+                }
+                Ok(ExitCode::from(5))
+            })
         }
         UpgradeCommand::Status { watch, common } => {
             if !watch {

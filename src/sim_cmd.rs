@@ -184,6 +184,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
     writeln!(out, "requests in flight ended at a freeze (inflight_ms_max reached): {}", summary.ended)?;
     writeln!(out, "store operations failed and tried again: {}", summary.store_failures)?;
     writeln!(out, "ranges of old keys compared while traffic ran: {}", summary.ranges_compared)?;
+    writeln!(out, "rolled-back upgrades abandoned by data nodes (capture removed): {}", summary.abandoned)?;
     writeln!(
         out,
         "client writes: {} acked, {} failed (503/refused), {} unknown (timed out); failed requests of any kind: {}; {} messages",

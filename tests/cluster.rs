@@ -1457,6 +1457,38 @@ fn data_switches_under_writes_and_kills(test: &str, tier: DataTier, admissions: 
     let said = String::from_utf8_lossy(&early.stderr);
     assert_eq!(early.status.code(), Some(2), "{said}");
     assert!(said.contains("still running (Syncing)") && said.contains("nothing was touched"), "{said}");
+    // The operator rolls it back: the data node abandons the upgrade on its own, and no
+    // capture is left in the old database (no `imago data retire` needed for that). A retry
+    // with the same node still running copies afresh.
+    assert!(!(tier.capture_left)(1).is_empty(), "capture while the upgrade runs");
+    let abort = c.cli(&["upgrade", "abort"]);
+    assert!(abort.status.success(), "{}", String::from_utf8_lossy(&abort.stderr));
+    let mut left = (tier.capture_left)(1);
+    for _ in 0..400 {
+        if upgrade_phase(&c) == "RolledBack" && left.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+        left = (tier.capture_left)(1);
+    }
+    assert_eq!(upgrade_phase(&c), "RolledBack");
+    assert!(left.is_empty(), "capture left after the rollback: {left:?}; logs in {}", c.dir.display());
+    assert_eq!(logged("the upgrade was rolled back: capture removed"), 1, "logs in {}", c.dir.display());
+    let copies = logged("bulk copy under way");
+    // The same plan again starts nothing, and says how to retry it.
+    let again = c.cli(&["upgrade", "start", &path(&plans[1])]);
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(5), "{said}");
+    assert!(said.contains("already ran as upgrade 2, which ended RolledBack") && said.contains("--retry 2"), "{said}");
+    for _ in 0..2 {
+        // Repeated (an unknown outcome, say), the retry starts one upgrade.
+        let start = c.cli(&["upgrade", "start", &path(&plans[1]), "--retry", "2"]);
+        let said = String::from_utf8_lossy(&start.stdout);
+        assert!(start.status.success() && said.contains("upgrade 3 started"), "{said}");
+    }
+    wait_gate(&c);
+    assert_eq!(logged("bulk copy under way"), copies + 1, "the retry copies afresh; logs in {}", c.dir.display());
+    assert!(!(tier.capture_left)(1).is_empty(), "capture is back for the retry");
     let switch = c.cli(&["upgrade", "switch"]);
     assert!(switch.status.success(), "{}", String::from_utf8_lossy(&switch.stderr));
     wait_done(&c);

@@ -20,6 +20,7 @@ use node_core::data_node::{DataEvent, DataNodeConfig, DataNodeCore, StoreOp, Sto
 use node_core::store::{Batch, MemStore, NewStore, OldStore};
 use node_core::{RequestKey, StoreAnswer};
 use protocol::codec;
+use protocol::messages::Phase;
 use protocol::schema::{RowOp, Value};
 use protocol::{Duty, Generation, Universe};
 use rand::Rng;
@@ -399,11 +400,31 @@ impl World {
                     self.checker.violation(now, Violation::RangeDiffers { node: name, rows });
                 }
             }
+            DataEvent::Abandoned { upgrade } => {
+                self.stats.abandoned += 1;
+                self.data[i].abandoned = true;
+                self.record(format_args!("{name} abandoned rolled-back upgrade {}", upgrade.0));
+                // Judged by the replicated state, not by the node's view: the upgrade ended
+                // rolled back, and the cluster still serves the node's old generation.
+                let state = self.freshest_state();
+                let from = self.data[i].from;
+                let why = match state.current.as_ref() {
+                    _ if state.generation != from => {
+                        Some(format!("the cluster serves generation {}, not {}", state.generation.0, from.0))
+                    }
+                    Some(u) if u.id == upgrade && u.phase != Phase::RolledBack => Some(format!("it is {:?}", u.phase)),
+                    Some(u) if u.id.0 < upgrade.0 => Some(format!("the cluster's last upgrade is {}", u.id.0)),
+                    // (A group rebuilt after a disaster may not know the lost group's upgrade.)
+                    None if self.lost_groups.is_empty() => Some("no upgrade ever started".to_string()),
+                    _ => None,
+                };
+                if let Some(why) = why {
+                    self.checker.violation(now, Violation::AbandonedUnended { node: name, upgrade: upgrade.0, why });
+                }
+            }
             // Injected by `store_op` (and recorded there); the node tries again.
-            DataEvent::StoreFailed { .. }
-            | DataEvent::CopyStarted { .. }
-            | DataEvent::CopyDone { .. }
-            | DataEvent::CopyAgain { .. } => {}
+            DataEvent::CopyStarted { .. } => self.data[i].abandoned = false,
+            DataEvent::StoreFailed { .. } | DataEvent::CopyDone { .. } | DataEvent::CopyAgain { .. } => {}
         }
     }
 
@@ -487,6 +508,13 @@ impl World {
         self.record(format_args!("operator: deploys {} (from {generation})", plan.name));
         self.plan = plan;
         self.mapping = mapping.clone();
+        // After a rollback, in half the upgrades (by seed and upgrade, not drawn: schedules
+        // stay as they were), the operator retries with the data nodes left running on their
+        // stores: each abandoned the rolled-back upgrade, and copies afresh for the next.
+        if !switched && (self.seed + state.upgrades_started).is_multiple_of(2) {
+            self.record(format_args!("operator: the data nodes keep running for the retry"));
+            return;
+        }
         for i in 0..self.data.len() {
             let up = self.procs[&self.data[i].addr].up;
             if up {
@@ -505,6 +533,7 @@ impl World {
             d.delivered.clear();
             d.drifted = false;
             d.applying = None;
+            d.abandoned = false;
             d.fence_asked_with = None;
             if up {
                 self.restart_data(i);

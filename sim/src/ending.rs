@@ -2,7 +2,9 @@
 
 use crate::app::{self, AppOp};
 use crate::checkers::lost_writes::{self, UserSeen};
-use crate::checkers::{attempts, availability, change_log, durability, exactly_once, healthy_freeze, liveness};
+use crate::checkers::{
+    attempts, availability, change_log, durability, exactly_once, healthy_freeze, liveness, Violation,
+};
 use crate::oracle::ClientOutcome;
 use crate::world::*;
 use node_core::duties::router::Mode;
@@ -120,9 +122,19 @@ impl World {
         for v in exactly_once::check_bids(&self.oracle, bids) {
             self.checker.violation(now, v);
         }
-        // Rolled back or not, the transform keeps up: the new universe may be switched to by a
-        // later attempt, so it must hold every change exactly once.
+        // Rolled back or not, the transform keeps up while the upgrade runs: the new universe
+        // may be switched to by a later attempt, so it must hold every change exactly once.
+        // A rolled-back upgrade that a data node abandoned keeps no copy: nothing resumed it.
         for d in &self.data {
+            if d.abandoned {
+                let checkpoint = d.new.checkpoint().expect(crate::procs::MEM);
+                if checkpoint.copy != node_core::store::CopyState::NotStarted {
+                    let found =
+                        Violation::AbandonedResumed { node: d.name.clone(), checkpoint: format!("{checkpoint:?}") };
+                    self.checker.violation(now, found);
+                }
+                continue;
+            }
             let (captured, applied) = (d.old.captured(), d.new.checkpoint().expect(crate::procs::MEM).applied);
             let found = exactly_once::check(&d.name, captured, applied);
             self.checker.found(now, found);

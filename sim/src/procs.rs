@@ -154,6 +154,9 @@ pub struct DataProc {
     pub pruned_seen: u64,
     /// The checkpoint of a batch handed to the new store and not yet applied there.
     pub applying: Option<Checkpoint>,
+    /// The node abandoned the upgrade it is deployed for (rolled back): no transform runs
+    /// for it again.
+    pub abandoned: bool,
 }
 
 impl DataProc {
@@ -174,6 +177,7 @@ impl DataProc {
             snapshots_seen: 0,
             pruned_seen: 0,
             applying: None,
+            abandoned: false,
         }
     }
 }

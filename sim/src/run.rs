@@ -68,6 +68,7 @@ pub struct SeedReport {
     pub copying_seen: bool,
     /// Ranges of old keys data nodes compared while traffic ran.
     pub ranges_compared: u64,
+    pub abandoned: u64,
     /// Raft snapshots built and installed over all replicas.
     pub snapshots_built: u64,
     pub snapshots_installed: u64,
@@ -142,6 +143,7 @@ impl SeedReport {
             fault_log: Vec::new(),
             copying_seen: false,
             ranges_compared: 0,
+            abandoned: 0,
             snapshots_built: 0,
             snapshots_installed: 0,
             upgrades_asked: 0,
@@ -444,6 +446,7 @@ impl World {
             fault_log: self.stats.fault_log.clone(),
             copying_seen: !self.stats.copying_seen.is_empty(),
             ranges_compared: self.stats.ranges_compared,
+            abandoned: self.stats.abandoned,
             snapshots_built: self.replicas.iter().map(|r| read_disk(&r.disk, |d| d.snapshots_built)).sum(),
             snapshots_installed: self.replicas.iter().map(|r| read_disk(&r.disk, |d| d.snapshots_installed)).sum(),
             upgrades_asked: self.config.upgrades,

@@ -45,6 +45,8 @@ pub struct Summary {
     pub store_failures: u64,
     /// Ranges of old keys data nodes compared while traffic ran.
     pub ranges_compared: u64,
+    /// Rolled-back upgrades data nodes abandoned (capture removed, copy given up).
+    pub abandoned: u64,
     /// Requests held by a freeze (the switch's cost to clients).
     pub freeze_hold_ms_p50: u64,
     pub freeze_hold_ms_max: u64,
@@ -95,6 +97,7 @@ impl Summary {
         self.ended += r.ended;
         self.store_failures += r.store_failures;
         self.ranges_compared += r.ranges_compared;
+        self.abandoned += r.abandoned;
         self.boot_hold_max_ms = self.boot_hold_max_ms.max(r.boot_hold_ms.iter().copied().max().unwrap_or(0));
         self.switch_all.extend(r.switch_ms);
         self.messages += r.messages;

@@ -120,6 +120,8 @@ pub struct Stats {
     pub store_failures: u64,
     /// Ranges of old keys data nodes compared while traffic ran.
     pub ranges_compared: u64,
+    /// Rolled-back upgrades data nodes abandoned (capture removed, copy given up).
+    pub abandoned: u64,
 }
 
 /// The whole simulated cluster.

@@ -23,9 +23,9 @@ use crate::duties::ranges::{Outcome, Ranges, Span};
 use crate::duties::transform::{Batch, Checkpoint, CopyState, Positions, TransformCore, TransformError, Work};
 use crate::store::{ChangeRead, Chunk, NewStore, OldStore, RowCursor, SnapshotId, StaleBatch, StoreError, StoredRow};
 use crate::{Durable, NodeRecord, RequestKey, StoreAnswer};
-use protocol::messages::{Ack, NodeReport, NodeRequest, NodeResponse, Pace};
+use protocol::messages::{Ack, NodeReport, NodeRequest, NodeResponse, Pace, Phase};
 use protocol::schema::RowOp;
-use protocol::{Decision, Epoch, Generation, NodeName, Position, ReplicaId, Universe};
+use protocol::{Decision, Epoch, Generation, NodeName, Position, ReplicaId, Universe, UpgradeId};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// A planted transform bug shows only after a restart (simulator only).
@@ -125,7 +125,8 @@ pub enum StoreOp {
     /// New store: the switch committed, open it to client writes →
     /// [`StoreResult::OpenedToClients`].
     OpenNew,
-    /// Old store: the switch committed, remove capture → [`StoreResult::CaptureRemoved`].
+    /// Old store: the switch committed (or the upgrade was rolled back and abandoned), remove
+    /// capture → [`StoreResult::CaptureRemoved`].
     RemoveCapture,
     /// New store: drained, hold writers until the outcome → [`StoreResult::WritersHeld`].
     HoldWriters,
@@ -311,6 +312,10 @@ pub enum DataEvent {
     TransformFailed(TransformError),
     /// A store operation failed; it is tried again.
     StoreFailed { reason: String },
+    /// The upgrade this node transformed for was rolled back: the new store is emptied and its
+    /// checkpoint says no copy holds (no transform resumes from it), and the old store's
+    /// capture is gone. A later upgrade from the same generation copies afresh.
+    Abandoned { upgrade: UpgradeId },
 }
 
 /// Work the drain asked for, done by the store one operation at a time.
@@ -365,6 +370,10 @@ enum Pending {
         previous: Position,
     },
     ReadCheckpoint,
+    /// The checkpoint that says no copy holds, written after a rollback.
+    Abandon,
+    /// The capture removed after `upgrade` was rolled back.
+    RemoveAbandoned(UpgradeId),
 }
 
 impl Pending {
@@ -474,6 +483,9 @@ pub struct DataNodeCore {
     /// Requests for the new universe that came once the drain was done but before the store
     /// was open, in order: they run when it opens, and are kept out if the freeze aborts.
     awaiting_open: VecDeque<RequestKey>,
+    /// The rolled-back upgrade whose capture this incarnation removed (see
+    /// [`DataEvent::Abandoned`]).
+    abandoned: Option<UpgradeId>,
     #[cfg(feature = "planted-bugs")]
     bug: Option<crate::duties::transform::TransformBug>,
 }
@@ -517,6 +529,7 @@ impl DataNodeCore {
             new_open: false,
             writers_held: false,
             awaiting_open: VecDeque::new(),
+            abandoned: None,
             progress: Progress::default(),
             #[cfg(feature = "planted-bugs")]
             bug: None,
@@ -589,7 +602,8 @@ impl DataNodeCore {
             Some(self.retry_at_ms)
         } else {
             let step = self.transform_wanted().then_some(self.next_step_due_ms());
-            [step, self.range_due_ms()].into_iter().flatten().min()
+            let abandon = self.abandon_op().map(|_| self.last_now_ms);
+            [step, self.range_due_ms(), abandon].into_iter().flatten().min()
         };
         [self.agent.next_deadline_ms(), store].into_iter().flatten().min()
     }
@@ -644,6 +658,44 @@ impl DataNodeCore {
         self.durable.started()
             && !matches!(self.own(self.agent.persisted(), self.agent.persisted_base()), Some(Decision::Commit(_)))
             && self.agent.last_view().is_some_and(|v| v.known && v.upgrade_from == Some(self.from()))
+            && self.rolled_back().is_none()
+    }
+
+    /// The upgrade this node is deployed for, if the last view shows it rolled back (an end:
+    /// no freeze of it will come again). Views are taken newest first once the first, read
+    /// linearizably after the boot, is in: a rollback shown is a rollback decided.
+    fn rolled_back(&self) -> Option<UpgradeId> {
+        let v = self.agent.last_view()?;
+        let ours =
+            !v.recovering && v.known && v.upgrade_from == Some(self.from()) && v.phase == Some(Phase::RolledBack);
+        ours.then_some(v.upgrade).flatten()
+    }
+
+    /// The store operation that abandons a rolled-back upgrade, once the node has acted on its
+    /// abort (the old store open to clients, no drain work left): first the checkpoint that
+    /// says no copy holds, written with the new store emptied (so that no transform ever
+    /// resumes on the capture about to go), then the capture's removal. A node restarted
+    /// in between removes the capture again (idempotent).
+    fn abandon_op(&self) -> Option<(Pending, StoreOp)> {
+        let upgrade = self.rolled_back().filter(|u| self.abandoned != Some(*u))?;
+        let view = self.agent.last_view()?;
+        if view.decision.order_key() > self.agent.persisted().order_key() {
+            // The abort is not yet persisted, let alone acted on.
+            return None;
+        }
+        let opened = self.drain.as_ref().is_some_and(|d| d.accepting() == Some(Universe::Old));
+        if !opened || !self.drain_work.is_empty() || self.comparing.is_some() || self.recheck {
+            return None;
+        }
+        let checkpoint = self.transform.as_ref()?.checkpoint();
+        let abandoned = Checkpoint { applied: Position(0), copy: CopyState::NotStarted, copies: checkpoint.copies + 1 };
+        if checkpoint.copy == CopyState::NotStarted && checkpoint.applied == Position(0) {
+            Some((Pending::RemoveAbandoned(upgrade), StoreOp::RemoveCapture))
+        } else {
+            // Emptied too: nothing of the rolled-back copy stays to be taken for data.
+            let batch = Batch { base: checkpoint.clone(), reset: true, ops: Vec::new(), checkpoint: abandoned };
+            Some((Pending::Abandon, StoreOp::Apply(batch)))
+        }
     }
 
     /// The generation the upgrade this node is deployed for upgrades from: its old store
@@ -893,6 +945,15 @@ impl DataNodeCore {
             return;
         } else if self.recheck {
             Some(StoreOp::ReadCheckpoint)
+        } else if let Some((pending, op)) = self.abandon_op() {
+            if let StoreOp::Apply(batch) = &op {
+                // The core holds the checkpoint on its way, as for any batch (a failed apply
+                // reads the store's again).
+                self.restart_transform(now_ms, batch.checkpoint.clone(), out);
+            }
+            self.pending = Some(pending);
+            out.push(DataOutput::Store(op));
+            return;
         } else if ranges_allowed && self.range_ready() {
             let r = self.ranges.as_mut().expect("compared by range");
             if r.staged_waiting() {
@@ -1135,6 +1196,17 @@ impl DataNodeCore {
                 self.restart_transform(now_ms, found, out);
                 None
             }
+            (Pending::Abandon, StoreResult::Applied) => None,
+            (Pending::Abandon, StoreResult::ApplyRefused(stale)) => {
+                // The store holds another checkpoint than believed: abandon from that one.
+                self.restart_transform(now_ms, stale.found, out);
+                None
+            }
+            (Pending::RemoveAbandoned(upgrade), StoreResult::CaptureRemoved) => {
+                self.abandoned = Some(upgrade);
+                out.push(DataOutput::Event(DataEvent::Abandoned { upgrade }));
+                None
+            }
             (op, result) => panic!("store result {result:?} does not answer {op:?}"),
         };
         match batch {
@@ -1158,6 +1230,9 @@ impl DataNodeCore {
         }
         self.store_bulk_done = found.copy == CopyState::Done;
         self.progress.restarted(found.applied);
+        if found.copy == CopyState::NotStarted {
+            self.forget_positions(found.applied);
+        }
         let applied = (found.copy == CopyState::Done).then_some(found.applied);
         self.transform = Some(
             TransformCore::new(found)
@@ -1170,6 +1245,20 @@ impl DataNodeCore {
         }
     }
 
+    /// No copy holds in the new store (it was abandoned after a rollback): what this core knew
+    /// of the old store's positions goes with it. A store whose capture was removed numbers its
+    /// changes afresh once capture is back (SQLite's change table starts again at 1), so
+    /// positions seen before mean nothing to the next copy: the drain counts from what the
+    /// checkpoint says, and nothing is pruned before that copy applies it. Only while the old
+    /// store is open to clients (no freeze under way: an abandoned upgrade has none).
+    fn forget_positions(&mut self, applied: Position) {
+        if self.drain.as_ref().is_some_and(|d| d.accepting() == Some(Universe::Old)) && self.drain_work.is_empty() {
+            self.drain = Some(DrainCore::new(applied, false));
+            self.captured = applied;
+            self.pruned = applied;
+        }
+    }
+
     /// A store operation failed: the same work is asked for again after the pause. Reads are
     /// asked again by the state that asked for them (the transform's, the comparison's); the
     /// drain's fence or unfence goes back to the front of its queue; after an apply, the new
@@ -1178,7 +1267,9 @@ impl DataNodeCore {
         out.push(DataOutput::Event(DataEvent::StoreFailed { reason }));
         self.retry_at_ms = now_ms + self.config.store_retry_ms;
         match op {
-            Pending::Apply { .. } | Pending::ReadCheckpoint => self.recheck = true,
+            Pending::Apply { .. } | Pending::ReadCheckpoint | Pending::Abandon => self.recheck = true,
+            // Due again (the upgrade is not yet marked abandoned in this incarnation).
+            Pending::RemoveAbandoned(_) => {}
             Pending::Fence(epoch) => self.drain_work.push_front(DrainWork::Fence(epoch)),
             Pending::Unfence => self.drain_work.push_front(DrainWork::Unfence),
             Pending::OpenNew => self.drain_work.push_front(DrainWork::OpenNew),

@@ -127,8 +127,10 @@ pub trait OldStore {
     fn prune(&mut self, up_to: Position) -> Result<(), StoreError>;
     /// The process that held snapshots ended: every snapshot it opened is gone.
     fn disconnect(&mut self);
-    /// The switch committed: capture is no longer needed, and goes (the adapters' triggers and
-    /// change table; every change is forgotten). The fence stays. Idempotent.
+    /// The switch committed, or the upgrade was rolled back and abandoned: capture is no
+    /// longer needed, and goes (the adapters' triggers and change table, or slot and
+    /// publication; every change is forgotten). The fence stays. Idempotent. A later
+    /// [`OldStore::open_snapshot`] captures again (a store may then number changes afresh).
     fn remove_capture(&mut self) -> Result<(), StoreError>;
     /// The last value each captured table's key sequence gave (PostgreSQL's serial and
     /// identity keys, SQLite's `AUTOINCREMENT`), by old table; tables without one are left out.

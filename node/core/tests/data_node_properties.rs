@@ -340,6 +340,7 @@ struct Coverage {
     duplicates: u64,
     stale_views: u64,
     crashes: u64,
+    abandoned: u64,
 }
 
 struct Shell<'a> {
@@ -744,6 +745,14 @@ impl<'a> Shell<'a> {
                 // The old store's stream has no gaps and the rename converts every row.
                 return Err(TestCaseError::fail(format!("the transform failed on a well-formed stream: {e}")));
             }
+            DataEvent::Abandoned { upgrade } => {
+                // Only a rolled-back upgrade is abandoned, once its abort is acted on: the old
+                // store is open to clients again, and no copy holds in the new store.
+                prop_assert_eq!(self.coordinator.phase, Phase::RolledBack, "abandoned {:?}", upgrade);
+                prop_assert!(!self.old.is_fenced().unwrap(), "abandoned with the old store fenced");
+                prop_assert_eq!(self.new.checkpoint().unwrap().copy, CopyState::NotStarted);
+                self.coverage.borrow_mut().abandoned += 1;
+            }
             DataEvent::Admitted { .. }
             | DataEvent::CopyStarted { .. }
             | DataEvent::Copying
@@ -1041,6 +1050,7 @@ fn data_node_core_follows_committed_decisions() {
     assert!(c.store_failures > 0, "no store operation failed: {c:?}");
     assert!(c.copy_progress > 0, "no report showed a copy's progress: {c:?}");
     assert!(c.ranges_matched > 0, "no range was compared while traffic ran: {c:?}");
+    assert!(c.abandoned > 0, "no rolled-back upgrade was abandoned: {c:?}");
 }
 
 /// The simulator's planted transform bug (a restarted stream skips the change right after its

@@ -983,3 +983,151 @@ fn a_change_that_is_not_rows_makes_the_copy_start_again() {
     assert!(reads >= 2, "the stream goes on after the new copy");
     assert_eq!(core.checkpoint().map(|c| c.applied), Some(Position(150)));
 }
+
+/// Answers every persist and store operation in `out`, and those they lead to, at `now_ms`
+/// with `answer`; returns every output seen, in order.
+fn answer_all(
+    core: &mut DataNodeCore,
+    now_ms: u64,
+    out: Vec<DataOutput>,
+    answer: &mut impl FnMut(&StoreOp) -> StoreResult,
+) -> Vec<DataOutput> {
+    let mut seen = Vec::new();
+    let mut queue = std::collections::VecDeque::from(out);
+    while let Some(output) = queue.pop_front() {
+        let input = match &output {
+            DataOutput::Persist(record) => Some(DataInput::Persisted(record.clone())),
+            DataOutput::Store(op) => Some(DataInput::Store(answer(op))),
+            _ => None,
+        };
+        seen.push(output);
+        if let Some(input) = input {
+            queue.extend(core.handle(now_ms, input));
+        }
+    }
+    seen
+}
+
+/// The id of the last watch among `seen`.
+fn last_watch(seen: &[DataOutput]) -> u64 {
+    seen.iter()
+        .rev()
+        .find_map(|o| match o {
+            DataOutput::Send { id, request: NodeRequest::Watch { .. }, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("the agent keeps a watch")
+}
+
+/// A rolled-back upgrade ends the transform: the node writes a checkpoint that says no copy
+/// holds (so nothing resumes on the capture), then removes the capture — only once it has acted
+/// on the abort. A later upgrade from the same generation, on the same running node, copies
+/// afresh; the store numbers its changes anew once capture is back (SQLite's change table
+/// starts again), and the drain must count from the new copy, not from the 800 applied before.
+#[test]
+fn a_rolled_back_upgrade_is_abandoned_and_the_next_copies_afresh_counting_positions_anew() {
+    let (mut core, out) = booted(4, Checkpoint { applied: Position(800), copy: CopyState::Done, copies: 1 });
+    let watch = watch_id(&out);
+    let abandoned_ops = std::cell::RefCell::new(Vec::new());
+    let mut abandon = |op: &StoreOp| {
+        if let StoreOp::Prune { .. } = op {
+            // What the checkpoint says applied, before any view.
+            return StoreResult::Pruned;
+        }
+        abandoned_ops.borrow_mut().push(op.clone());
+        match op {
+            StoreOp::Unfence => StoreResult::Unfenced,
+            StoreOp::Apply(_) => StoreResult::Applied,
+            StoreOp::RemoveCapture => StoreResult::CaptureRemoved,
+            other => panic!("nothing but the abort and the abandonment runs for a rolled-back upgrade: {other:?}"),
+        }
+    };
+    let mut seen = answer_all(&mut core, 0, out, &mut abandon);
+    let rolled_back = view(5, Phase::RolledBack, Decision::Abort(protocol::Epoch(1)), false);
+    let out = core.handle(1, DataInput::Coordinator { id: watch, response: NodeResponse::View(rolled_back) });
+    seen.extend(answer_all(&mut core, 1, out, &mut abandon));
+    for now in 2..200 {
+        let out = core.handle(now, DataInput::Timer);
+        seen.extend(answer_all(&mut core, now, out, &mut abandon));
+    }
+    let abandoned = Checkpoint { applied: Position(0), copy: CopyState::NotStarted, copies: 2 };
+    let ops = abandoned_ops.take();
+    assert_eq!(ops.len(), 3, "{ops:?}");
+    assert_eq!(ops[0], StoreOp::Unfence, "the abort is acted on first");
+    let StoreOp::Apply(batch) = &ops[1] else { panic!("the checkpoint goes before the capture: {ops:?}") };
+    assert_eq!(batch.base, Checkpoint { applied: Position(800), copy: CopyState::Done, copies: 1 });
+    assert_eq!((&batch.checkpoint, batch.ops.is_empty(), batch.reset), (&abandoned, true, true));
+    assert_eq!(ops[2], StoreOp::RemoveCapture);
+    assert_eq!(core.checkpoint(), Some(&abandoned));
+    assert!(seen.contains(&DataOutput::Event(DataEvent::Abandoned { upgrade: UpgradeId(1) })));
+
+    // The next upgrade from generation 1: the store's change log starts again at 1.
+    let captured = std::cell::Cell::new(0u64);
+    let mut store = |op: &StoreOp| match op {
+        StoreOp::OpenSnapshot => {
+            StoreResult::SnapshotOpened { snapshot: node_core::store::SnapshotId(1), at: Position(0), rows: 0 }
+        }
+        StoreOp::ReadSnapshot { .. } => {
+            StoreResult::Chunk(node_core::store::Chunk { rows: Vec::new(), last: true, position: Position(0) })
+        }
+        StoreOp::Apply(_) => StoreResult::Applied,
+        StoreOp::ReadChanges { after, .. } => {
+            let last = Position(captured.get());
+            let changes = (after.0 + 1..=last.0).map(|p| (Position(p), row(p as i64))).collect();
+            StoreResult::Changes(read(changes, last))
+        }
+        StoreOp::Prune { .. } => StoreResult::Pruned,
+        StoreOp::Fence => {
+            captured.set(3);
+            StoreResult::Fenced { final_position: Position(3) }
+        }
+        StoreOp::ReadRows { .. } => {
+            StoreResult::Rows(node_core::store::Chunk { rows: Vec::new(), last: true, position: Position(3) })
+        }
+        StoreOp::Stage { .. } => StoreResult::Staged { rejected: 0 },
+        StoreOp::CompareStaged => StoreResult::Compared { expected: 0, actual: 0 },
+        StoreOp::HoldWriters => StoreResult::WritersHeld,
+        StoreOp::Unfence => StoreResult::Unfenced,
+        other => panic!("not asked for here: {other:?}"),
+    };
+    let next = DecisionView {
+        upgrade: Some(UpgradeId(2)),
+        ..view(6, Phase::Syncing, Decision::Abort(protocol::Epoch(1)), false)
+    };
+    let out = core.handle(200, DataInput::Coordinator { id: last_watch(&seen), response: NodeResponse::View(next) });
+    let mut seen = answer_all(&mut core, 200, out, &mut store);
+    let mut now = 200;
+    while !seen.contains(&DataOutput::Event(DataEvent::CopyDone { copied_rows: 0 })) {
+        assert!(now < 400, "the next upgrade's copy ends");
+        now += 1;
+        let out = core.handle(now, DataInput::Timer);
+        seen.extend(answer_all(&mut core, now, out, &mut store));
+    }
+    let freeze = DecisionView {
+        upgrade: Some(UpgradeId(2)),
+        all_routers_frozen: true,
+        ..view(7, Phase::Freezing, Decision::Freeze(protocol::Epoch(2)), false)
+    };
+    let out = core.handle(now, DataInput::Coordinator { id: last_watch(&seen), response: NodeResponse::View(freeze) });
+    seen.extend(answer_all(&mut core, now, out, &mut store));
+    let drained =
+        |seen: &[DataOutput]| seen.iter().position(|o| matches!(o, DataOutput::Event(DataEvent::Drained { .. })));
+    while drained(&seen).is_none() {
+        assert!(now < 600, "the node drains");
+        now += 1;
+        let out = core.handle(now, DataInput::Timer);
+        seen.extend(answer_all(&mut core, now, out, &mut store));
+    }
+    let applied_final = seen.iter().position(
+        |o| matches!(o, DataOutput::Store(StoreOp::Apply(b)) if b.checkpoint.applied == Position(3) && !b.ops.is_empty()),
+    );
+    assert!(
+        applied_final.is_some_and(|i| Some(i) < drained(&seen)),
+        "the drain waits for the changes up to the final position 3 to be applied: {seen:#?}"
+    );
+    assert!(seen.contains(&DataOutput::Event(DataEvent::Drained {
+        epoch: protocol::Epoch(2),
+        final_position: Position(3),
+        checksum_match: true
+    })));
+}

@@ -154,7 +154,8 @@ impl DataMetrics {
             | DataEvent::Copying
             | DataEvent::CopyDone { .. }
             | DataEvent::CopyAgain { .. }
-            | DataEvent::Compared { .. } => {}
+            | DataEvent::Compared { .. }
+            | DataEvent::Abandoned { .. } => {}
         }
     }
 
@@ -254,6 +255,11 @@ impl<O: OldStore + Send + 'static, N: NewStore + Send + 'static> node::io::Store
             DataEvent::CopyStarted { rows_in_snapshot } => tracing::info!(rows_in_snapshot, "bulk copy under way"),
             DataEvent::CopyDone { copied_rows } => tracing::info!(copied_rows, "bulk copy done"),
             DataEvent::CopyAgain { reason } => tracing::warn!(%reason, "the bulk copy starts again"),
+            DataEvent::Abandoned { upgrade } => tracing::info!(
+                upgrade = upgrade.0,
+                "the upgrade was rolled back: capture removed from the old database, the new database's copy \
+                 abandoned (a later upgrade copies afresh)"
+            ),
             DataEvent::Admitted { .. } | DataEvent::Copying => {}
         }
         if let Some(metrics) = &self.metrics {

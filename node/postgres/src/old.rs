@@ -247,6 +247,11 @@ impl PgOld {
         if slot_state(self.sql().await?, &slot).await?.is_some() {
             gated(&mut walsender, &format!("DROP_REPLICATION_SLOT {slot} WAIT"), "drop the slot").await?;
         }
+        // The publication goes with the capture when an upgrade from this database is rolled
+        // back; the next copy makes it again (idempotent).
+        let tables: Vec<_> = self.tables.values().cloned().collect();
+        let publication = self.names.publication.clone();
+        sql::ensure_publication(self.sql().await?, &publication, &tables.iter().collect::<Vec<_>>()).await?;
         let created = gated(
             &mut walsender,
             &format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'export')"),

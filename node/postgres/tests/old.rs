@@ -830,3 +830,34 @@ async fn clean_up_leaves_nothing_of_imago_but_the_request_log() {
     let log = client.query_one("SELECT to_regclass('imago_requests') IS NOT NULL", &[]).await.expect("log");
     assert!(log.get::<_, bool>(0), "the request log is data: it stays");
 }
+
+/// After a rollback the data node removes the capture from the (unfenced) old database: the
+/// slot and the publication go, so no WAL stays pinned while the application writes on. The
+/// next copy's snapshot makes both again, and streams what is written after it.
+#[tokio::test]
+async fn capture_removed_after_a_rollback_comes_back_with_the_next_snapshot() {
+    let Some((cluster, client)) = items_cluster().await else { return };
+    let mut old = open(&cluster, &items_schema()).await;
+    let (_, at) = old.open_snapshot().await.expect("snapshot");
+    run(&client, &["INSERT INTO items VALUES (1001, 'x', 1)"]).await;
+    read_until(&mut old, at, 10, |all| !all.is_empty()).await;
+    old.remove_capture().await.expect("remove the capture");
+    assert_eq!(imago_objects(&client).await, Vec::<String>::new(), "no slot or publication after the rollback");
+    run(&client, &["INSERT INTO items VALUES (1002, 'uncaptured', 2)"]).await;
+
+    let (_, again) = old.open_snapshot().await.expect("the next copy's snapshot");
+    assert!(again > at, "LSNs only grow");
+    let objects = imago_objects(&client).await;
+    assert_eq!(objects, ["publication imago_upgrade_1", "slot imago_upgrade_1"], "capture is back");
+    run(&client, &["UPDATE items SET v = 'after' WHERE id = 1002"]).await;
+    let changes = read_until(&mut old, again, 10, |all| !all.is_empty()).await;
+    let rows: Vec<_> = changes
+        .iter()
+        .filter_map(|c| match &c.op {
+            PgOp::Row(RowOp::Upsert { key, row, .. }) => Some((*key, row.get("v").cloned())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows, [(1002, Some(Value::Text("after".into())))], "{changes:?}");
+    old.remove_capture().await.expect("clean-up");
+}

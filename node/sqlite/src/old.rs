@@ -278,6 +278,9 @@ fn remove(conn: &mut Connection, fence: bool) -> Result<(), SqliteError> {
 
 impl OldStore for SqliteOld {
     fn open_snapshot(&mut self) -> Result<(SnapshotId, Position), StoreError> {
+        // Capture first (idempotent): it was removed if an earlier upgrade from this
+        // database was rolled back, and every change after the snapshot must be captured.
+        self.install_capture()?;
         let conn = sql::open_reader(&self.path)?;
         // The read transaction starts at its first read: the position and every later read
         // of this snapshot see the same committed state.

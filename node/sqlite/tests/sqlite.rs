@@ -1206,3 +1206,30 @@ fn ranges_compared_while_writes_go_on_leave_the_drain_only_what_changed() {
         "the range of users 10 differs: {outcomes:?}"
     );
 }
+
+/// After a rollback the data node removes capture from an unfenced old database (writes go on
+/// uncaptured); the next copy's snapshot captures again, numbering changes afresh, and a
+/// change after that snapshot is in the stream while none from before is.
+#[test]
+fn capture_removed_after_a_rollback_comes_back_with_the_next_snapshot() {
+    let dir = TempDir::new();
+    let path = dir.file("old.db");
+    let app = app_database(&path);
+    let mut old = SqliteOld::open(&path, &users_schema()).unwrap();
+    app.execute_batch("INSERT INTO items VALUES (1, 'a'); INSERT INTO items VALUES (2, 'b');").unwrap();
+    assert_eq!(old.changes_after(Position(0), 10).unwrap().changes.len(), 2);
+    old.remove_capture().unwrap();
+    assert_eq!(old.imago_objects().unwrap(), Vec::<String>::new(), "no capture left after the rollback");
+    app.execute_batch("INSERT INTO items VALUES (3, 'uncaptured')").unwrap();
+    assert_eq!(old.imago_objects().unwrap(), Vec::<String>::new(), "a write adds nothing of Imago's");
+
+    let (snapshot, at) = old.open_snapshot().unwrap();
+    assert_eq!(at, Position(0), "numbered afresh");
+    let rows = old.snapshot_chunk(snapshot, &None, 10).unwrap().rows;
+    assert_eq!(rows.iter().filter(|(t, _, _)| t == "items").count(), 3, "the snapshot holds every row");
+    app.execute_batch("UPDATE items SET title = 'after' WHERE id = 3").unwrap();
+    let ChangeRead { changes, captured, .. } = old.changes_after(at, 10).unwrap();
+    assert_eq!(captured, Position(1));
+    let [(Position(1), RowOp::Upsert { table, key: 3, row })] = changes.as_slice() else { panic!("{changes:?}") };
+    assert_eq!((table.as_str(), row.get("title")), ("items", Some(&text("after"))));
+}

@@ -145,6 +145,11 @@ pub enum Violation {
     /// and found the universes different, although nothing wrote to the new database behind
     /// the transform.
     RangeDiffers { node: String, rows: u64 },
+    /// Abandon after rollback: a data node gave up its copy and removed the old store's
+    /// capture for an upgrade not rolled back (`why`).
+    AbandonedUnended { node: String, upgrade: u64, why: String },
+    /// Abandon after rollback: a transform ran again for an upgrade its data node abandoned.
+    AbandonedResumed { node: String, checkpoint: String },
     /// Fence after frozen: a data node fenced its old store before every router sent `Frozen`.
     FencedEarly { node: String, decision: Decision, missing: Vec<String> },
     /// Opened after commit: a data node opened its new store to client writes without its
@@ -318,6 +323,14 @@ impl fmt::Display for Violation {
             ValidationMiscounted { router, samples, mismatches, seen } => write!(
                 f,
                 "validation: {router} reported {mismatches} mismatches in {samples} samples, but its validator saw {seen}"
+            ),
+            AbandonedResumed { node, checkpoint } => write!(
+                f,
+                "abandon after rollback: {node} abandoned its upgrade, but its new store's checkpoint is {checkpoint}"
+            ),
+            AbandonedUnended { node, upgrade, why } => write!(
+                f,
+                "abandon after rollback: {node} abandoned upgrade {upgrade}, which was not rolled back ({why})"
             ),
             RangeDiffers { node, rows } => write!(
                 f,
