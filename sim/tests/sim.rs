@@ -244,6 +244,9 @@ fn upgrade_after_upgrade_keeps_every_invariant() {
     assert!(all * 2 > reports.len(), "most seeds switch all three upgrades ({all} of {})", reports.len());
     let retried = reports.iter().filter(|r| r.upgrades_switched < 3 && r.upgrades_switched > 0).count();
     assert!(retried > 0, "some upgrade rolls back and a later one switches");
+    // A rolled-back upgrade is abandoned by its data nodes (capture removed, copy given up),
+    // and in half the retries the same running nodes copy afresh for the next.
+    assert!(reports.iter().any(|r| r.abandoned > 0), "no data node abandoned a rolled-back upgrade");
     assert!(reports.iter().any(|r| r.routers_joined > 0), "a router joins in some seed");
     assert!(reports.iter().any(|r| r.routers_retired > 0), "a router is retired in some seed");
 }
@@ -259,6 +262,19 @@ fn upgrade_after_upgrade_keeps_every_invariant() {
 fn hunt_seeds_of_upgrade_chains_keep_every_invariant() {
     let config = SimConfig { upgrades: 3, ..SimConfig::default() };
     let reports = run(&config, [93, 34_002_054, 34_011_019, 34_012_377]);
+    assert_clean(&reports);
+}
+
+/// Hunt seed 40001811 (`--upgrades 2`): the first upgrade's commit reached the routers, which
+/// acked `Switched`, so the upgrade was `Done`, before a data node had opened its new store to
+/// clients (it had crashed on the freeze); the operator deployed the next upgrade, whose data
+/// node took that store as its old one, still guarded: every write to the serving generation
+/// was refused until the second upgrade, rolled back, left it serving. `Done` now needs every
+/// data node's `Switched` too, sent once its new store is open.
+#[test]
+fn hunt_seed_done_waits_for_every_data_nodes_new_store_to_open() {
+    let config = SimConfig { upgrades: 2, ..SimConfig::default() };
+    let reports = run(&config, [40_001_811]);
     assert_clean(&reports);
 }
 

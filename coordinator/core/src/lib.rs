@@ -678,7 +678,10 @@ impl UpgradeState {
                 let detail = format!("{name} ack needs phase {phase_needed}, the upgrade is {:?}", u.phase);
                 return reject(RejectKind::WrongPhase, detail);
             }
-            if !u.duties_of(node).expect("checked by with_node").contains(&duty) {
+            let duties = u.duties_of(node).expect("checked by with_node");
+            // A data node acks `Switched` too, once its new store is open to clients.
+            let switching = *ack == Ack::Switched && duties.contains(&Duty::Transform);
+            if !duties.contains(&duty) && !switching {
                 return reject(RejectKind::WrongDuties, format!("`{node}` has no {duty:?} duty"));
             }
             match ack {
@@ -867,7 +870,13 @@ impl UpgradeState {
         {
             upgrade.phase = Phase::Syncing;
         }
-        if upgrade.phase == Phase::Switched && upgrade.all_routers(|n| n.switched == Some(upgrade.epoch)) {
+        // Done: every router serves the new universe, and every data node's new store takes
+        // clients (a data node deployed for the next upgrade finds its old store open).
+        let switched = |n: &NodeState| n.switched == Some(upgrade.epoch);
+        if upgrade.phase == Phase::Switched
+            && upgrade.all_routers(switched)
+            && upgrade.plan.nodes_with(Duty::Transform).all(|n| upgrade.nodes.get(n).is_some_and(switched))
+        {
             upgrade.phase = Phase::Done;
         }
     }

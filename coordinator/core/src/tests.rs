@@ -129,6 +129,7 @@ fn start_is_idempotent_by_token_even_after_the_upgrade_ended() {
     for r in ROUTERS {
         accepted(&mut state, Command::Ack { node: n(r), epoch: Epoch(1), ack: Ack::Switched });
     }
+    accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: Ack::Switched });
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Done);
     let retry = state.apply(&Command::Start { plan: Box::new(plan("auto", 3)), token: "t1".into() });
     assert_eq!(retry, Applied::Started(UpgradeId(1)));
@@ -248,8 +249,10 @@ fn abort_returns_to_syncing_then_rolls_back_when_out_of_attempts() {
     assert!(next_command(&state, 99_999, None).is_none());
 }
 
+/// Done once every router serves the new universe and every data node's new store is open
+/// (hunt seed 40001811: a data node deployed for the next upgrade found its old store guarded).
 #[test]
-fn switch_completes_when_every_router_acks() {
+fn switch_completes_when_every_router_and_every_data_node_acks() {
     let mut state = ready("auto", 3);
     freeze(&mut state, 1, 0);
     all_acks(&mut state, 1);
@@ -258,6 +261,10 @@ fn switch_completes_when_every_router_acks() {
     accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Switched });
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Switched);
     accepted(&mut state, Command::Ack { node: n("router-2"), epoch: Epoch(1), ack: Ack::Switched });
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::Switched, "db-1's new store is not yet open");
+    assert!(decision_view(&state, state.version, &n("router-1")).acked_switched);
+    accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: Ack::Switched });
+    assert!(decision_view(&state, state.version, &n("db-1")).acked_switched);
     assert_eq!(state.current.as_ref().unwrap().phase, Phase::Done);
 }
 
@@ -796,6 +803,7 @@ fn a_router_that_joins_while_syncing_is_needed_by_the_next_freeze_and_the_switch
     }
     assert_eq!(phase(&state), Phase::Switched, "router-3 has not switched");
     accepted(&mut state, Command::Ack { node: n("router-3"), epoch: Epoch(1), ack: Ack::Switched });
+    accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: Ack::Switched });
     assert_eq!(phase(&state), Phase::Done);
 }
 
@@ -816,6 +824,7 @@ fn a_retiring_router_is_needed_until_it_acks_and_is_refused_after() {
     accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: drained });
     assert_eq!(phase(&state), Phase::Switched);
     accepted(&mut state, Command::Ack { node: n("router-1"), epoch: Epoch(1), ack: Ack::Switched });
+    accepted(&mut state, Command::Ack { node: n("db-1"), epoch: Epoch(1), ack: Ack::Switched });
     assert_eq!(phase(&state), Phase::Done, "a retired router does not block Done");
     let reason = rejected(&mut state, Command::Join { node: n("router-2") });
     assert_eq!(reason.kind, RejectKind::Retired, "{reason}");
@@ -883,6 +892,7 @@ fn switch_and_finish(state: &mut UpgradeState, epoch: u64) {
     for r in ROUTERS {
         accepted(state, Command::Ack { node: n(r), epoch: Epoch(epoch), ack: Ack::Switched });
     }
+    accepted(state, Command::Ack { node: n("db-1"), epoch: Epoch(epoch), ack: Ack::Switched });
     assert_eq!(phase(state), Phase::Done);
 }
 

@@ -1118,6 +1118,13 @@ impl DataNodeCore {
                 for key in std::mem::take(&mut self.awaiting_open) {
                     out.push(DataOutput::Execute { key, universe: Universe::New, mirror: false });
                 }
+                // The upgrade is done only once every data node's new store takes clients: a
+                // node deployed for the next upgrade must find its old store open (hunt seed
+                // 40001811, 2 upgrades).
+                if let Some(Decision::Commit(epoch)) = self.own(self.agent.persisted(), self.agent.persisted_base()) {
+                    let outs = self.agent.handle(now_ms, AgentInput::OweAck { epoch, ack: Ack::Switched });
+                    self.agent_outputs(now_ms, outs, out);
+                }
                 None
             }
             (Pending::ReadRows, StoreResult::Rows(chunk)) => {

@@ -123,6 +123,8 @@ struct Coordinator {
     routers_frozen: bool,
     /// This node's last recorded `Drained` ack: epoch and checksum verdict.
     drained: Option<(Epoch, bool)>,
+    /// This node's last recorded `Switched` ack (its new store open after the commit).
+    switched: Option<Epoch>,
     /// This node reported its bulk copy done (the ready gate's part that concerns it).
     bulk_done: bool,
     /// Every committed state, oldest first (`states[i].version == i + 1`).
@@ -139,6 +141,7 @@ impl Coordinator {
             registered: false,
             routers_frozen: false,
             drained: None,
+            switched: None,
             bulk_done: false,
             states: Vec::new(),
             shown: 0,
@@ -165,7 +168,7 @@ impl Coordinator {
             all_routers_frozen: self.all_routers_frozen(),
             acked_frozen: false,
             acked_drained: self.drained.is_some_and(|(e, _)| e == epoch) && epoch != Epoch(0),
-            acked_switched: false,
+            acked_switched: self.switched == Some(epoch) && epoch != Epoch(0),
             roster: protocol::messages::RosterStatus::Active,
             routers: Vec::new(),
             universes: Vec::new(),
@@ -209,8 +212,8 @@ impl Coordinator {
                 }
                 _ => {}
             },
-            // Every router acked `Switched`.
-            (Phase::Switched, _) => self.phase = Phase::Done,
+            // Every router acked `Switched` (routers are not simulated), and so did this node.
+            (Phase::Switched, Decision::Commit(e)) if self.switched == Some(e) => self.phase = Phase::Done,
             _ => {}
         }
         self.publish();
@@ -236,6 +239,13 @@ impl Coordinator {
                 let ok = *epoch == self.decision.epoch() && self.all_routers_frozen();
                 if ok {
                     self.drained = Some((*epoch, *checksum_match));
+                }
+                ok
+            }
+            NodeRequest::Ack { epoch, ack: Ack::Switched, .. } => {
+                let ok = self.decision == Decision::Commit(*epoch);
+                if ok {
+                    self.switched = Some(*epoch);
                 }
                 ok
             }
@@ -341,6 +351,7 @@ struct Coverage {
     stale_views: u64,
     crashes: u64,
     abandoned: u64,
+    switched_acks: u64,
 }
 
 struct Shell<'a> {
@@ -587,6 +598,12 @@ impl<'a> Shell<'a> {
                     if report.copied_rows > 0 && !report.bulk_done {
                         self.coverage.borrow_mut().copy_progress += 1;
                     }
+                }
+                if let NodeRequest::Ack { epoch, ack: Ack::Switched, .. } = &request {
+                    // Switched: this node's new store takes clients, after the commit.
+                    prop_assert!(self.new.is_open_to_clients(), "Switched for {:?} with the new store guarded", epoch);
+                    prop_assert_eq!(self.confirmed, Some(Decision::Commit(*epoch)));
+                    self.coverage.borrow_mut().switched_acks += 1;
                 }
                 prop_assert!(deadline_ms > self.now, "request {} sent with a deadline already passed", id);
                 self.sends.push((id, request, deadline_ms));
@@ -1051,6 +1068,7 @@ fn data_node_core_follows_committed_decisions() {
     assert!(c.copy_progress > 0, "no report showed a copy's progress: {c:?}");
     assert!(c.ranges_matched > 0, "no range was compared while traffic ran: {c:?}");
     assert!(c.abandoned > 0, "no rolled-back upgrade was abandoned: {c:?}");
+    assert!(c.switched_acks > 0, "no data node acked Switched: {c:?}");
 }
 
 /// The simulator's planted transform bug (a restarted stream skips the change right after its

@@ -42,7 +42,8 @@ impl DecidedOnAcks {
             }
         }
         if u.phase == Phase::Done && !self.reported.contains(&(e, true)) {
-            for node in routers {
+            // Every router serves the new universe, and every data node's new store is open.
+            for node in routers.iter().chain(u.plan.nodes_with(Duty::Transform)) {
                 if !acks.sent_any(node, e, |a| *a == Ack::Switched) {
                     missing.push(format!("{node} Switched"));
                 }
