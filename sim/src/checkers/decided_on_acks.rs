@@ -92,6 +92,13 @@ mod tests {
         );
         acks.sent(&router, Epoch(1), &Ack::Switched);
         let mut d = DecidedOnAcks::default();
+        let missing = d.check(&acks, &s, &routers);
+        assert!(
+            matches!(&missing[..], [Violation::DecidedWithoutAcks { missing, .. }] if missing == &["db-0 Switched"]),
+            "the data node's new store must be open too: {missing:?}"
+        );
+        acks.sent(&db, Epoch(1), &Ack::Switched);
+        let mut d = DecidedOnAcks::default();
         assert!(d.check(&acks, &s, &routers).is_empty());
         // A router in service the plan does not name (it joined) is needed too.
         let joined = [router.clone(), NodeName::from("router-9")];
