@@ -205,7 +205,14 @@ pub fn run(
     };
     let new = match &new_db {
         Database::Sqlite(path) => New::Sqlite(SqliteNew::open(path, &mapping).map_err(|e| opened_new(&e))?),
-        Database::Postgres(url) => New::Postgres(PgNewStore::open(url, &mapping).map_err(|e| opened_new(&e))?),
+        Database::Postgres(url) => {
+            // A table Imago makes types a column copied as it is as the old database does.
+            let old_types = match &old {
+                Old::Postgres(old) => old.live_types().map_err(|e| opened_old(&e))?,
+                Old::Sqlite(_) => node_postgres::LiveTypes::new(),
+            };
+            New::Postgres(PgNewStore::open_typed(url, &mapping, &old_types).map_err(|e| opened_new(&e))?)
+        }
     };
     let boot = DataBoot {
         record,

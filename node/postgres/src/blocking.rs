@@ -88,6 +88,11 @@ impl PgOldStore {
         self.0.run(async |old: &mut PgOld| old.warnings().to_vec())
     }
 
+    /// [`PgOld::live_types`].
+    pub fn live_types(&self) -> Result<crate::LiveTypes, PgError> {
+        self.0.run(async |old: &mut PgOld| old.live_types().await)
+    }
+
     /// Imago's objects in the database but the request log (for checks and clean-up reports).
     pub fn imago_objects(&self) -> Result<Vec<String>, PgError> {
         self.0.run(async |old: &mut PgOld| old.imago_objects().await)
@@ -168,8 +173,13 @@ impl std::fmt::Debug for PgNewStore {
 impl PgNewStore {
     /// [`PgNew::open`] on a runtime of its own. Must not be called on an async thread.
     pub fn open(conn_str: &str, mapping: &Mapping) -> Result<PgNewStore, PgError> {
+        Self::open_typed(conn_str, mapping, &crate::LiveTypes::new())
+    }
+
+    /// [`PgNew::open_typed`] on a runtime of its own. Must not be called on an async thread.
+    pub fn open_typed(conn_str: &str, mapping: &Mapping, old_types: &crate::LiveTypes) -> Result<PgNewStore, PgError> {
         let runtime = runtime("imago-pg-new")?;
-        let new = runtime.block_on(PgNew::open(conn_str, mapping))?;
+        let new = runtime.block_on(PgNew::open_typed(conn_str, mapping, old_types))?;
         Ok(PgNewStore(OnRuntime::new(runtime, new)))
     }
 

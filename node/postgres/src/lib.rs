@@ -25,6 +25,7 @@ pub use blocking::{PgNewStore, PgOldStore};
 pub use changes::{ChangeError, PgChange, PgOp};
 pub use new::PgNew;
 pub use old::{Names, PgOld};
+pub use program::LiveTypes;
 
 use node_core::store::StoreError;
 use protocol::Position;

@@ -5,8 +5,9 @@
 //! the same operations and contracts, as `async fn`s):
 //!
 //! - *Tables.* The plan's new tables and the request log are made where missing (the key
-//!   `bigint PRIMARY KEY`; a column every source of which is an integer `bigint`, any other
-//!   `text`) and checked where present (exactly the declared columns, the key an integer and
+//!   `bigint PRIMARY KEY`; a column every source of which is an integer `bigint`; a column
+//!   copied as it is, the old column's type where [`PgNew::open_typed`] was given the old
+//!   database's types and the type is a built-in one; any other `text`) and checked where present (exactly the declared columns, the key an integer and
 //!   the primary key). Values are bound as text and cast to the live column's type.
 //! - *The guard.* Until [`PgNew::open_to_clients`], statement-level triggers (`ENABLE ALWAYS`)
 //!   refuse every write (SQLSTATE 25006) of a session that has not set [`TRANSFORM_SETTING`],
@@ -108,11 +109,21 @@ impl PgNew {
     /// rejects is [`PgError::Expression`], naming its transform), and guards the tables: until
     /// [`PgNew::open_to_clients`], only the transform's sessions may write. Idempotent.
     pub async fn open(conn_str: &str, mapping: &Mapping) -> Result<PgNew, PgError> {
+        Self::open_typed(conn_str, mapping, &program::LiveTypes::new()).await
+    }
+
+    /// [`PgNew::open`], a table Imago makes typing each column copied as it is (renamed or not)
+    /// as the old database types it (`old_types`: [`crate::PgOld::live_types`]).
+    pub async fn open_typed(
+        conn_str: &str,
+        mapping: &Mapping,
+        old_types: &program::LiveTypes,
+    ) -> Result<PgNew, PgError> {
         let config = config(conn_str)?;
         let client = sql::connect(&config).await?;
         let mut live = current_schema(&client).await?;
         client.batch_execute("BEGIN").await.map_err(sql_error("begin setting up"))?;
-        let set_up = Self::set_up(&client, &mut live, mapping).await;
+        let set_up = Self::set_up(&client, &mut live, mapping, old_types).await;
         let checked = match set_up {
             Ok(()) => program::check(&client, &live, mapping)
                 .await
@@ -139,7 +150,12 @@ impl PgNew {
     }
 
     /// Makes and checks the tables, Imago's own and the guard (in the caller's transaction).
-    async fn set_up(client: &Client, live: &mut Live, mapping: &Mapping) -> Result<(), PgError> {
+    async fn set_up(
+        client: &Client,
+        live: &mut Live,
+        mapping: &Mapping,
+        old_types: &program::LiveTypes,
+    ) -> Result<(), PgError> {
         let checkpoint = live.imago(CHECKPOINT_TABLE);
         // Set up before (the checkpoint table is there): the guard is as it was left, so a
         // database opened to clients stays open after a restart.
@@ -148,7 +164,7 @@ impl PgNew {
             .await
             .and_then(|r| r.try_get(0))
             .map_err(sql_error("look for the checkpoint table"))?;
-        let types = program::column_types(mapping);
+        let types = program::column_types(mapping, old_types);
         let schema = sql::with_request_log(&mapping.new_schema());
         for (name, table) in &schema.tables {
             let qualified = live.imago(name);
@@ -159,7 +175,7 @@ impl PgNew {
                     .columns
                     .iter()
                     .map(|c| {
-                        let kind = types.get(name).and_then(|t| t.get(c)).copied().unwrap_or("text");
+                        let kind = types.get(name).and_then(|t| t.get(c)).map_or("text", String::as_str);
                         if *c == table.key {
                             format!("{} bigint PRIMARY KEY", ident(c))
                         } else {

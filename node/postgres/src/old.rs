@@ -208,6 +208,36 @@ impl PgOld {
         &self.warnings
     }
 
+    /// The SQL types of the plan's old tables' columns (built-in types only), for the new
+    /// tables Imago makes ([`crate::PgNew::open_typed`]).
+    pub async fn live_types(&mut self) -> Result<crate::LiveTypes, PgError> {
+        let oids: Vec<(String, u32)> = self.tables.values().map(|t| (t.name.clone(), t.oid)).collect();
+        let mut types = crate::LiveTypes::new();
+        for (table, oid) in oids {
+            let what = format!("read the column types of {table}");
+            // Types below 16384 are the system's own (FirstNormalObjectId): the new database has them.
+            let rows = self
+                .sql()
+                .await?
+                .query(
+                    "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                     WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid < 16384",
+                    &[&oid],
+                )
+                .await
+                .map_err(sql_error(what.clone()))?;
+            let columns = types.entry(table).or_default();
+            for row in rows {
+                let (column, kind): (String, String) = (
+                    row.try_get(0).map_err(sql_error(what.clone()))?,
+                    row.try_get(1).map_err(sql_error(what.clone()))?,
+                );
+                columns.insert(column, kind);
+            }
+        }
+        Ok(types)
+    }
+
     pub fn names(&self) -> &Names {
         &self.names
     }

@@ -546,30 +546,47 @@ impl Program<'_> {
     }
 }
 
+/// The SQL types of the old tables' columns, by table and column, as the old database has them
+/// (`format_type`), built-in types only: a type the old database made (an enum, a domain) may
+/// not exist in the new one.
+pub type LiveTypes = BTreeMap<String, BTreeMap<String, String>>;
+
 /// The type a new table's column gets when Imago makes the table: `bigint` for its key and for
 /// a column every source of which is an integer (a key, a conversion to `int`, an integer
-/// constant), `text` for any other (PostgreSQL needs a type; the plan's schema has none).
-pub fn column_types(mapping: &Mapping) -> BTreeMap<String, BTreeMap<String, &'static str>> {
-    fn is_int(source: &Source) -> bool {
-        matches!(
-            source,
-            Source::KeyOf(_) | Source::Convert(_, protocol::schema::ColumnType::Int) | Source::Const(Value::Int(_))
-        )
-    }
-    let mut types: BTreeMap<String, BTreeMap<String, &'static str>> = BTreeMap::new();
-    for output in mapping.outputs.values().flatten() {
-        let table = types.entry(output.table.clone()).or_default();
-        for (column, source) in &output.columns {
-            let here = if *column == output.key || is_int(source) { "bigint" } else { "text" };
-            let entry = table.entry(column.clone()).or_insert(here);
-            if here == "text" {
-                *entry = "text";
+/// constant); the old column's own type (`old`) for a column copied as it is (renamed or not),
+/// where every source agrees; `text` for any other (PostgreSQL needs a type; the plan's schema
+/// has none).
+pub fn column_types(mapping: &Mapping, old: &LiveTypes) -> BTreeMap<String, BTreeMap<String, String>> {
+    let type_of = |table: &str, column: &str, key: &str, source: &Source| -> String {
+        match source {
+            _ if column == key => "bigint".to_string(),
+            Source::KeyOf(_) | Source::Convert(_, protocol::schema::ColumnType::Int) | Source::Const(Value::Int(_)) => {
+                "bigint".to_string()
+            }
+            Source::Column(c) => old.get(table).and_then(|t| t.get(c)).cloned().unwrap_or_else(|| "text".to_string()),
+            _ => "text".to_string(),
+        }
+    };
+    let mut types: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for (old_table, outputs) in &mapping.outputs {
+        for output in outputs {
+            let table = types.entry(output.table.clone()).or_default();
+            for (column, source) in &output.columns {
+                let here = type_of(old_table, column, &output.key, source);
+                // Sources that disagree (a merge) meet in `text`.
+                let entry = table.entry(column.clone()).or_insert_with(|| here.clone());
+                if *entry != here {
+                    *entry = "text".to_string();
+                }
             }
         }
     }
     for (name, table) in mapping.custom.values().flat_map(|c| c.writes.iter()) {
-        let columns =
-            table.columns.iter().map(|c| (c.clone(), if *c == table.key { "bigint" } else { "text" })).collect();
+        let columns = table
+            .columns
+            .iter()
+            .map(|c| (c.clone(), if *c == table.key { "bigint" } else { "text" }.to_string()))
+            .collect();
         types.insert(name.clone(), columns);
     }
     types
@@ -621,14 +638,32 @@ mod tests {
 
     #[test]
     fn columns_imago_makes_are_bigint_where_every_source_is_an_integer_else_text() {
-        let types = column_types(&mapping());
-        let users: Vec<(&str, &str)> = types["users"].iter().map(|(c, t)| (c.as_str(), *t)).collect();
+        let types = column_types(&mapping(), &LiveTypes::new());
+        let users: Vec<(&str, &str)> = types["users"].iter().map(|(c, t)| (c.as_str(), t.as_str())).collect();
         assert_eq!(
             users,
             vec![("age", "bigint"), ("body_id", "bigint"), ("handle", "text"), ("id", "bigint"), ("name", "text")]
         );
         assert_eq!(types["bodies"]["body_id"], "bigint");
         assert_eq!(types["bodies"]["body"], "text");
+    }
+
+    #[test]
+    fn a_column_copied_as_it_is_keeps_the_old_columns_type() {
+        let old: LiveTypes = [(
+            "users".to_string(),
+            [("name", "character varying(40)"), ("body", "jsonb"), ("age", "smallint")]
+                .into_iter()
+                .map(|(c, t)| (c.to_string(), t.to_string()))
+                .collect(),
+        )]
+        .into();
+        let types = column_types(&mapping(), &old);
+        assert_eq!(types["users"]["name"], "character varying(40)");
+        assert_eq!(types["bodies"]["body"], "jsonb", "split off into a table of its own");
+        assert_eq!(types["users"]["age"], "bigint", "converted: the conversion's type");
+        assert_eq!(types["users"]["handle"], "text", "an expression's: not known");
+        assert_eq!(types["users"]["id"], "bigint");
     }
 
     #[test]

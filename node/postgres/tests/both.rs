@@ -563,3 +563,100 @@ fn ranges_compared_while_writes_go_on_leave_the_drain_only_what_changed() {
     let outcomes: Vec<_> = (0..ranges).map_while(|_| drive.compare_range(40)).collect();
     assert_eq!(outcomes.iter().filter(|o| **o == Some(false)).count(), 1, "the range of item 10 differs: {outcomes:?}");
 }
+
+/// A table Imago makes types each column copied as it is (renamed or not) as the old database
+/// does: the new application finds the types it had (an integer compares as one, a timestamp
+/// sorts as one), and values keep their form. A type the old database made itself (an
+/// enum) is not in the new database: such a column is `text`. Copied and streamed, the new
+/// database ends equal to transform(old).
+#[test]
+fn imago_made_tables_type_copied_columns_as_the_old_database_does() {
+    let Some(cluster) = ThrowawayCluster::start_for_test_with(ThrowawayOptions { fsync: false, ..Default::default() })
+    else {
+        return;
+    };
+    for db in ["old_typed", "new_typed"] {
+        cluster.create_database(db).expect("create database");
+    }
+    run(
+        &cluster,
+        "old_typed",
+        "CREATE TYPE mood AS ENUM ('sad', 'happy'); \
+         CREATE TABLE events (id bigint PRIMARY KEY, n integer, at timestamptz, price numeric(10,2), \
+           label varchar(12), done boolean, doc jsonb, feel mood); \
+         INSERT INTO events SELECT g, g, timestamptz '2026-01-01 00:00+00' + g * interval '1 hour', g * 1.25, \
+           'e' || g, g % 2 = 0, jsonb_build_object('g', g), 'happy' FROM generate_series(1, 50) g;",
+    );
+    let columns = ["id", "n", "at", "price", "label", "done", "doc", "feel"];
+    let schema = Schema {
+        tables: [(
+            "events".to_string(),
+            TableSchema { key: "id".into(), columns: columns.iter().map(|c| c.to_string()).collect() },
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let transforms = vec![
+        Transform::RenameColumn { table: "events".into(), from: "n".into(), to: "count".into() },
+        Transform::AddColumn {
+            table: "events".into(),
+            column: "big".into(),
+            default: Value::Null,
+            expression: Some("CASE WHEN :count > 10 THEN 'yes' ELSE 'no' END".into()),
+        },
+    ];
+    let mapping = Mapping::compile(&schema, &transforms).expect("mapping");
+    let mut old = PgOldStore::open(&cluster.connection_string("old_typed"), &schema, Names::for_upgrade(UpgradeId(11)))
+        .expect("open the old database");
+    let types = old.live_types().expect("the old types");
+    assert_eq!(types["events"]["at"], "timestamp with time zone");
+    assert!(!types["events"].contains_key("feel"), "the old database's own type is left out: {types:?}");
+    let mut new = PgNewStore::open_typed(&cluster.connection_string("new_typed"), &mapping, &types)
+        .expect("open the new database");
+    let made = column(
+        &cluster,
+        "new_typed",
+        "SELECT column_name || ' ' || format_type(atttypid, atttypmod) FROM information_schema.columns c \
+         JOIN pg_attribute a ON a.attrelid = 'events'::regclass AND a.attname = c.column_name \
+         WHERE c.table_name = 'events' ORDER BY column_name",
+    );
+    assert_eq!(
+        made,
+        [
+            "at timestamp with time zone",
+            "big text",
+            "count integer",
+            "doc jsonb",
+            "done boolean",
+            "feel text",
+            "id bigint",
+            "label character varying(12)",
+            "price numeric(10,2)",
+        ]
+    );
+    let mut core = TransformCore::new(new.checkpoint().expect("checkpoint")).with_positions(Positions::Ordered);
+    let mut again = 0;
+    while !core.bulk_done() {
+        step(&mut core, &mut old, &mut new, Position(u64::MAX), &mut again);
+    }
+    run(&cluster, "old_typed", "UPDATE events SET n = 99, price = 0.5, doc = '{\"x\": [1, 2]}' WHERE id = 3;");
+    let final_position = old.fence().expect("fence");
+    let started = Instant::now();
+    while !step(&mut core, &mut old, &mut new, final_position, &mut again) {
+        assert!(started.elapsed() < Duration::from_secs(30), "not caught up: {:?}", core.checkpoint());
+    }
+    let row = column(
+        &cluster,
+        "new_typed",
+        "SELECT concat_ws(' ', count, big, price, at, doc::text, done, label) FROM events WHERE id IN (3, 11) ORDER BY id",
+    );
+    assert_eq!(
+        row,
+        [
+            "99 yes 0.50 2026-01-01 03:00:00+00 {\"x\": [1, 2]} f e3",
+            "11 yes 13.75 2026-01-01 11:00:00+00 {\"g\": 11} f e11",
+        ]
+    );
+    assert_new_equals_transform_of_old(&old, &mut new);
+    old.remove_capture().expect("clean-up");
+}
