@@ -118,7 +118,7 @@ impl<'a, O: OldStore, N: NewStore> Drive<'a, O, N> {
         }
         phase(&mut self.took, 2);
         let outcome = match perform(self.old, self.new, StoreOp::CompareStagedKeys) {
-            StoreResult::Compared { expected, actual } => self.ranges.compared(expected, actual),
+            StoreResult::KeysCompared(found) => self.ranges.compared(found),
             other => panic!("compare staged keys: {other:?}"),
         };
         phase(&mut self.took, 3);

@@ -366,7 +366,7 @@ impl NewStore for New {
     fn compare_staged(&mut self) -> Result<(u64, u64), StoreError> {
         each_new!(self, s => NewStore::compare_staged(s))
     }
-    fn compare_staged_keys(&mut self) -> Result<(u64, u64), StoreError> {
+    fn compare_staged_keys(&mut self) -> Result<node_core::store::KeysCompared, StoreError> {
         each_new!(self, s => NewStore::compare_staged_keys(s))
     }
     fn checksum(&self) -> Result<u64, StoreError> {

@@ -321,6 +321,9 @@ fn status_json(s: &StatusView) -> serde_json::Value {
                     "clean": n.report.ranges.clean,
                     "differed": n.report.ranges.differed,
                     "rows": n.report.ranges.rows,
+                    "tables": n.report.ranges.tables.iter().map(|t| serde_json::json!({
+                        "table": t.table, "expected": t.expected, "actual": t.actual,
+                    })).collect::<Vec<_>>(),
                 },
             },
         })).collect::<Vec<_>>(),
@@ -403,6 +406,18 @@ fn node_line(n: &protocol::messages::NodeStatus) -> String {
             "data compared in {} of {} key ranges ({} unchanged since, {} differ; {} rows read)",
             c.attempted, c.ranges, c.clean, c.differed, c.rows
         ));
+        // Rows by new table: transform(old)'s, then the new store's where they differ.
+        let tables: Vec<String> = c
+            .tables
+            .iter()
+            .map(|t| match t.expected == t.actual {
+                true => format!("{} {}", t.table, t.expected),
+                false => format!("{} {} (new store: {})", t.table, t.expected, t.actual),
+            })
+            .collect();
+        if !tables.is_empty() {
+            parts.push(format!("rows compared by table: {}", tables.join(", ")));
+        }
     }
     if r.samples > 0 || parts.is_empty() {
         parts.push(format!("validated {} mirrored requests, {} differed", r.samples, r.mismatches));
@@ -695,6 +710,8 @@ mod tests {
         let streaming = NodeReport { bulk_done: true, pace: Pace { lag_ms: 200_000, ..copying.pace }, ..copying };
         let line = node_line(&NodeStatus { name: "db-1".into(), registered: true, report: streaming.clone() });
         assert!(line.contains("(lag 5, 3 min 20 s), 40 changes/s, copy done"), "{line}");
+        let table =
+            |table: &str, expected, actual| protocol::messages::TableRows { table: table.into(), expected, actual };
         let ranges = protocol::messages::RangeCheck {
             by_range: true,
             ranges: 40,
@@ -702,11 +719,15 @@ mod tests {
             clean: 30,
             differed: 1,
             rows: 41_000,
+            tables: vec![table("page", 40_000, 40_000), table("text", 1_000, 999)],
         };
         let comparing = NodeReport { ranges, ..streaming };
         let line = node_line(&NodeStatus { name: "db-1".into(), registered: true, report: comparing });
         assert!(
-            line.ends_with("; data compared in 38 of 40 key ranges (30 unchanged since, 1 differ; 41000 rows read)"),
+            line.ends_with(
+                "; data compared in 38 of 40 key ranges (30 unchanged since, 1 differ; 41000 rows read); \
+                 rows compared by table: page 40000, text 1000 (new store: 999)"
+            ),
             "{line}"
         );
     }

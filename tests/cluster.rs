@@ -1408,8 +1408,11 @@ fn data_switches_under_writes_and_kills(test: &str, tier: DataTier, admissions: 
         ranges.is_some_and(|r| r["by_range"] == true
             && r["ranges"].as_u64().is_some_and(|n| n >= 1)
             && r["attempted"] == r["ranges"]
-            && r["differed"] == 0),
-        "compared by key range: {status}"
+            && r["differed"] == 0
+            && r["tables"].as_array().is_some_and(
+                |t| !t.is_empty() && t.iter().all(|t| t["table"] == "items" && t["expected"] == t["actual"])
+            )),
+        "compared by key range, rows counted by table: {status}"
     );
     let db = metrics_of(&c, "db-1");
     assert!(metric(&db, "imago_ranges").is_some_and(|n| n >= 1.0), "{db}");

@@ -58,7 +58,7 @@ pub struct NodeReport {
 /// while the old universe keeps serving: each range's old rows are read with the position they
 /// show, converted by the new store once it has applied up to there, and compared with the
 /// new rows they give.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeCheck {
     /// The plan's rows can be compared range by range (no merge, no escape hatch, no expression
     /// that reads a new table): otherwise everything is compared at the drain only.
@@ -75,6 +75,19 @@ pub struct RangeCheck {
     pub differed: u64,
     /// Old rows compared so far.
     pub rows: u64,
+    /// Row counts by new table, over the ranges compared, each as of its last comparison: what
+    /// transform(old) gives, and what the new store holds of the same keys.
+    pub tables: Vec<TableRows>,
+}
+
+/// One new table's rows in the ranges compared ([`RangeCheck::tables`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableRows {
+    pub table: String,
+    /// Rows transform(old) gives.
+    pub expected: u64,
+    /// Rows of the same keys the new store holds.
+    pub actual: u64,
 }
 
 /// A data node's transform pace, as an operator reads it.

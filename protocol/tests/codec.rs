@@ -38,6 +38,7 @@ fn node_request() -> impl Strategy<Value = NodeRequest> {
                         clean: samples.rotate_left(17),
                         differed: mismatches.rotate_left(19),
                         rows: c ^ samples,
+                        tables: vec![TableRows { table: format!("t{a}"), expected: c, actual: samples }],
                     },
                 },
                 upgrade: UpgradeId(c ^ a)

@@ -278,10 +278,7 @@ impl World {
                 let (chunk, through) = d.old.rows_to_compare(&after, limit).expect(MEM);
                 StoreResult::RowsToCompare { chunk, through }
             }
-            StoreOp::CompareStagedKeys => {
-                let (expected, actual) = d.new.compare_staged_keys().expect(MEM);
-                StoreResult::Compared { expected, actual }
-            }
+            StoreOp::CompareStagedKeys => StoreResult::KeysCompared(d.new.compare_staged_keys().expect(MEM)),
             StoreOp::ReadCheckpoint => StoreResult::Checkpoint(d.new.checkpoint().expect(MEM)),
             StoreOp::OpenNew => {
                 if !d.new.is_open_to_clients() {

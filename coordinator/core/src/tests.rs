@@ -411,15 +411,15 @@ fn the_gate_waits_for_every_key_range_compared_once_and_none_differing() {
     let with = |ranges| NodeReport { bulk_done: true, ranges, ..report(10, 10, 0, 0) };
     let validator = report(0, 0, 20, 0);
     let first_round = RangeCheck { by_range: true, ranges: 9, attempted: 7, clean: 7, ..Default::default() };
-    let blocked = gate_with("0.0", with(first_round), validator.clone()).unwrap_err();
+    let blocked = gate_with("0.0", with(first_round.clone()), validator.clone()).unwrap_err();
     assert!(matches!(&blocked[..], [GateBlocker::DataComparing { attempted: 7, ranges: 9, .. }]), "{blocked:?}");
     assert_eq!(blocked[0].to_string(), "db-1: data compared in 7 of 9 key ranges");
-    let differs = RangeCheck { attempted: 9, differed: 2, ..first_round };
+    let differs = RangeCheck { attempted: 9, differed: 2, ..first_round.clone() };
     let blocked = gate_with("0.0", with(differs), validator.clone()).unwrap_err();
     assert!(matches!(&blocked[..], [GateBlocker::DataDiffers { ranges: 2, .. }]), "{blocked:?}");
     assert_eq!(blocked[0].to_string(), "db-1: transform(old) and new differ in 2 key ranges");
     // Compared once each, some changed since (the drain compares those): ready.
-    let done = RangeCheck { attempted: 9, clean: 4, ..first_round };
+    let done = RangeCheck { attempted: 9, clean: 4, ..first_round.clone() };
     assert_eq!(gate_with("0.0", with(done), validator.clone()), Ok(()));
     let at_the_drain_only = RangeCheck { by_range: false, ..first_round };
     assert_eq!(gate_with("0.0", with(at_the_drain_only), validator), Ok(()));

@@ -116,8 +116,8 @@ pub enum StoreOp {
     /// New store: the checksums of the scratch copy and of the new tables →
     /// [`StoreResult::Compared`].
     CompareStaged,
-    /// New store: the checksums of the scratch copy and of the new rows with its keys →
-    /// [`StoreResult::Compared`].
+    /// New store: the checksums of the scratch copy and of the new rows with its keys, and
+    /// each table's row counts → [`StoreResult::KeysCompared`].
     CompareStagedKeys,
     /// New store: its checkpoint → [`StoreResult::Checkpoint`] (after an apply whose outcome
     /// is unknown).
@@ -173,6 +173,8 @@ pub enum StoreResult {
         expected: u64,
         actual: u64,
     },
+    /// transform(old) as staged, and the new tables' rows of the same keys, with row counts.
+    KeysCompared(crate::store::KeysCompared),
     Pruned,
     Checkpoint(Checkpoint),
     OpenedToClients,
@@ -220,9 +222,7 @@ pub fn perform(old: &mut impl OldStore, new: &mut impl NewStore, op: StoreOp) ->
         StoreOp::CompareStaged => {
             new.compare_staged().map(|(expected, actual)| StoreResult::Compared { expected, actual })
         }
-        StoreOp::CompareStagedKeys => {
-            new.compare_staged_keys().map(|(expected, actual)| StoreResult::Compared { expected, actual })
-        }
+        StoreOp::CompareStagedKeys => new.compare_staged_keys().map(StoreResult::KeysCompared),
         StoreOp::ReadCheckpoint => new.checkpoint().map(StoreResult::Checkpoint),
         // The old store is fenced for good by now: its sequences are final.
         StoreOp::OpenNew => {
@@ -1148,10 +1148,10 @@ impl DataNodeCore {
                 self.ranges.as_mut().expect("compared by range").staged(rejected);
                 None
             }
-            (Pending::RangeCompare, StoreResult::Compared { expected, actual }) => {
+            (Pending::RangeCompare, StoreResult::KeysCompared(found)) => {
                 let r = self.ranges.as_mut().expect("compared by range");
                 let rows = r.rows_in_flight();
-                let outcome = r.compared(expected, actual);
+                let outcome = r.compared(found);
                 let matched = outcome.map(|o| matches!(o, Outcome::Matched { .. }));
                 out.push(DataOutput::Event(DataEvent::RangeCompared { rows, matched }));
                 // The old store is read at most half the time, within the copy's rate; once every

@@ -176,8 +176,9 @@ pub trait NewStore {
     /// `first` or the next batch.
     fn compare_staged(&mut self) -> Result<(u64, u64), StoreError>;
     /// The checksums of the scratch copy and of the new tables' rows whose keys the scratch
-    /// copy holds (a comparison of the rows some old rows give). Asked again, the same answer.
-    fn compare_staged_keys(&mut self) -> Result<(u64, u64), StoreError>;
+    /// copy holds (a comparison of the rows some old rows give), and each table's row counts.
+    /// Asked again, the same answer.
+    fn compare_staged_keys(&mut self) -> Result<KeysCompared, StoreError>;
     /// Order-independent checksum of every row ([`row_hash`] summed).
     fn checksum(&self) -> Result<u64, StoreError>;
     /// The switch committed: clients may write now (until then, only the transform may).
@@ -195,6 +196,33 @@ pub trait NewStore {
     fn hold_writers(&mut self) -> Result<(), StoreError>;
     /// The freeze aborted: writers held are released (the guard refuses them). Idempotent.
     fn release_writers(&mut self) -> Result<(), StoreError>;
+}
+
+/// What [`NewStore::compare_staged_keys`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeysCompared {
+    /// The scratch copy's checksum: what transform(old) gives.
+    pub expected: u64,
+    /// The checksum of the store's rows of the same keys.
+    pub actual: u64,
+    /// By new table: rows in the scratch copy, rows of the same keys in the store.
+    pub rows: BTreeMap<String, (u64, u64)>,
+}
+
+impl KeysCompared {
+    /// From each side's tables, by name: (rows, checksum).
+    pub fn of(staged: &BTreeMap<String, (u64, u64)>, held: &BTreeMap<String, (u64, u64)>) -> KeysCompared {
+        let mut found = KeysCompared::default();
+        for (table, (rows, sum)) in staged {
+            found.expected = found.expected.wrapping_add(*sum);
+            found.rows.entry(table.clone()).or_default().0 = *rows;
+        }
+        for (table, (rows, sum)) in held {
+            found.actual = found.actual.wrapping_add(*sum);
+            found.rows.entry(table.clone()).or_default().1 = *rows;
+        }
+        found
+    }
 }
 
 /// Progress of the bulk copy.
@@ -733,16 +761,20 @@ impl NewStore for MemStore {
         Ok((staged, checksum(&self.tables)))
     }
 
-    fn compare_staged_keys(&mut self) -> Result<(u64, u64), StoreError> {
-        let Some(staged) = self.staged.as_ref() else { return Ok((0, 0)) };
-        let same_keys = staged
-            .iter()
-            .flat_map(|(table, rows)| {
-                let held = self.tables.get(table);
-                rows.keys().filter_map(move |key| held.and_then(|h| h.get(key)).map(|row| row_hash(table, *key, row)))
-            })
-            .fold(0u64, u64::wrapping_add);
-        Ok((checksum(staged), same_keys))
+    fn compare_staged_keys(&mut self) -> Result<KeysCompared, StoreError> {
+        let Some(staged) = self.staged.as_ref() else { return Ok(KeysCompared::default()) };
+        let (mut scratch, mut same_keys) = (BTreeMap::new(), BTreeMap::new());
+        for (table, rows) in staged {
+            let sum = rows.iter().map(|(key, row)| row_hash(table, *key, row)).fold(0u64, u64::wrapping_add);
+            scratch.insert(table.clone(), (rows.len() as u64, sum));
+            let held = self.tables.get(table);
+            let found: Vec<u64> = rows
+                .keys()
+                .filter_map(|key| held.and_then(|h| h.get(key)).map(|row| row_hash(table, *key, row)))
+                .collect();
+            same_keys.insert(table.clone(), (found.len() as u64, found.into_iter().fold(0u64, u64::wrapping_add)));
+        }
+        Ok(KeysCompared::of(&scratch, &same_keys))
     }
 
     fn checksum(&self) -> Result<u64, StoreError> {

@@ -219,7 +219,7 @@ impl NewStore for PgNewStore {
         self.0.run(async |new: &mut PgNew| new.compare_staged().await)
     }
 
-    fn compare_staged_keys(&mut self) -> Result<(u64, u64), StoreError> {
+    fn compare_staged_keys(&mut self) -> Result<node_core::store::KeysCompared, StoreError> {
         self.0.run(async |new: &mut PgNew| new.compare_staged_keys().await)
     }
 

@@ -27,7 +27,7 @@ use crate::set::{set_run, Insert, SET_ROWS_MIN};
 use crate::sql::{self, describe, ident, literal, sql_error};
 use crate::PgError;
 use node_core::duties::validate::row_hash;
-use node_core::store::{Batch, Checkpoint, CopyState, Sequences, StaleBatch, StoreError, StoredRow};
+use node_core::store::{Batch, Checkpoint, CopyState, KeysCompared, Sequences, StaleBatch, StoreError, StoredRow};
 use protocol::schema::{Mapping, Row, RowOp, Schema, REQUEST_LOG_TABLE};
 use protocol::Position;
 use std::collections::BTreeMap;
@@ -492,14 +492,14 @@ impl PgNew {
 
     /// The checksums of the scratch copy and of the new tables' rows whose keys it holds (the
     /// comparison of a range of old rows while traffic runs).
-    pub async fn compare_staged_keys(&mut self) -> Result<(u64, u64), StoreError> {
+    pub async fn compare_staged_keys(&mut self) -> Result<KeysCompared, StoreError> {
         self.reconnect().await?;
         if !self.staging {
-            return Ok((0, 0));
+            return Ok(KeysCompared::default());
         }
         let down = |e: PgError| StoreError::Unavailable(e.to_string());
-        let staged = self.sum(Target::Staging).await.map_err(down)?;
-        Ok((staged, self.sum_of(Target::Main, true).await.map_err(down)?))
+        let staged = self.tally_of(Target::Staging, false).await.map_err(down)?;
+        Ok(KeysCompared::of(&staged, &self.tally_of(Target::Main, true).await.map_err(down)?))
     }
 
     /// Order-independent checksum of every row of the new tables (`row_hash` summed), the same
@@ -728,12 +728,19 @@ impl PgNew {
 
     /// [`PgNew::sum`], of the rows whose keys the scratch copy holds only if `staged_keys`.
     async fn sum_of(&self, target: Target, staged_keys: bool) -> Result<u64, PgError> {
+        let tally = self.tally_of(target, staged_keys).await?;
+        Ok(tally.values().fold(0u64, |sum, (_, s)| sum.wrapping_add(*s)))
+    }
+
+    /// [`PgNew::sum_of`] by table: (rows, their hashes summed).
+    async fn tally_of(&self, target: Target, staged_keys: bool) -> Result<BTreeMap<String, (u64, u64)>, PgError> {
         self.client
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(sql_error("begin reading"))?;
-        let mut sum = 0u64;
+        let mut tally = BTreeMap::new();
         for name in self.live.tables.keys() {
+            let (mut rows, mut sum) = (0u64, 0u64);
             let mut after = None;
             loop {
                 let chunk = match self.read_chunk(name, target, after, staged_keys).await {
@@ -746,14 +753,16 @@ impl PgNew {
                 for (key, row) in &chunk {
                     sum = sum.wrapping_add(row_hash(name, *key, row));
                 }
+                rows += chunk.len() as u64;
                 if chunk.len() < READ_CHUNK_ROWS {
                     break;
                 }
                 after = chunk.last().map(|(k, _)| *k);
             }
+            tally.insert(name.clone(), (rows, sum));
         }
         self.client.batch_execute("COMMIT").await.map_err(sql_error("end reading"))?;
-        Ok(sum)
+        Ok(tally)
     }
 
     /// Drops the scratch copy, if any (so that nothing but a comparison ever sees it).

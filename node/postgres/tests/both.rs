@@ -541,6 +541,15 @@ fn ranges_compared_while_writes_go_on_leave_the_drain_only_what_changed() {
     let report = drive.ranges.report();
     assert!(report.ranges >= 12 && report.clean == report.ranges && report.differed == 0, "{report:?}");
     assert!(spoiled <= 12, "{spoiled} comparisons spoiled by 12 writes");
+    // Rows by new table, each range as of its last comparison (all after the last write): what
+    // the new tables hold (a price row per item, under a key the new database made).
+    let tables: Vec<&str> = report.tables.iter().map(|t| t.table.as_str()).collect();
+    assert_eq!(tables, ["items", "prices"], "{report:?}");
+    for t in &report.tables {
+        let held = column(&cluster, "new_ranges", &format!("SELECT count(*)::text FROM {}", t.table));
+        let held: u64 = held[0].parse().expect("a count");
+        assert_eq!((t.expected, t.actual), (held, held), "{t:?}");
+    }
     run(&cluster, "old_ranges", "UPDATE items SET title = 'late' WHERE id = 250; DELETE FROM items WHERE id = 60;");
     let final_position = drive.old.fence().expect("fence");
     drive.catch_up(final_position, 1_000);

@@ -5,9 +5,10 @@ use crate::program::{self, ProgramError, Target, KEYS_TABLE, KEY_NEXT_TABLE};
 use crate::sql::{self, ident, literal};
 use crate::SqliteError;
 use node_core::duties::validate::row_hash;
-use node_core::store::{Batch, Checkpoint, NewStore, Sequences, StaleBatch, StoreError, StoredRow};
+use node_core::store::{Batch, Checkpoint, KeysCompared, NewStore, Sequences, StaleBatch, StoreError, StoredRow};
 use protocol::schema::{Mapping, RowOp, Schema};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+use std::collections::BTreeMap;
 
 /// The checkpoint table: one row, the transform's progress as JSON.
 pub const CHECKPOINT_TABLE: &str = "imago_checkpoint";
@@ -313,9 +314,15 @@ impl SqliteNew {
     /// The row hashes of `schema_name`'s tables summed; with `staged_keys`, of the rows whose
     /// keys the scratch copy holds only.
     fn sum_of(&self, schema_name: &str, staged_keys: bool) -> Result<u64, SqliteError> {
+        Ok(self.tally_of(schema_name, staged_keys)?.values().fold(0u64, |sum, (_, s)| sum.wrapping_add(*s)))
+    }
+
+    /// [`SqliteNew::sum_of`] by table: (rows, their hashes summed).
+    fn tally_of(&self, schema_name: &str, staged_keys: bool) -> Result<BTreeMap<String, (u64, u64)>, SqliteError> {
         let tx = self.conn.unchecked_transaction()?;
-        let mut sum = 0u64;
+        let mut tally = BTreeMap::new();
         for (name, table) in &self.schema.tables {
+            let (mut rows_seen, mut sum) = (0u64, 0u64);
             let columns = table.columns.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ");
             let (table_name, key) = (ident(name), ident(&table.key));
             let filter = if staged_keys {
@@ -328,10 +335,12 @@ impl SqliteNew {
             while let Some(r) = rows.next()? {
                 let (key, row) = sql::row_of(name, table, r)?;
                 sum = sum.wrapping_add(row_hash(name, key, &row));
+                rows_seen += 1;
             }
+            tally.insert(name.clone(), (rows_seen, sum));
         }
         tx.commit()?;
-        Ok(sum)
+        Ok(tally)
     }
 }
 
@@ -408,11 +417,11 @@ impl NewStore for SqliteNew {
         Ok((self.sum("temp")?, self.sum("main")?))
     }
 
-    fn compare_staged_keys(&mut self) -> Result<(u64, u64), StoreError> {
+    fn compare_staged_keys(&mut self) -> Result<KeysCompared, StoreError> {
         if !self.staging {
-            return Ok((0, 0));
+            return Ok(KeysCompared::default());
         }
-        Ok((self.sum("temp")?, self.sum_of("main", true)?))
+        Ok(KeysCompared::of(&self.tally_of("temp", false)?, &self.tally_of("main", true)?))
     }
 
     fn checksum(&self) -> Result<u64, StoreError> {

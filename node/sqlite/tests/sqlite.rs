@@ -1176,6 +1176,14 @@ fn ranges_compared_while_writes_go_on_leave_the_drain_only_what_changed() {
     let report = drive.ranges.report();
     assert!(report.ranges >= 20 && report.clean == report.ranges && report.attempted == report.ranges, "{report:?}");
     assert_eq!(report.differed, 0);
+    // Rows by new table, each range as of its last comparison (all after the last write):
+    // what the new tables hold, and what transform(old) gives.
+    let reader = Connection::open(&new_path).unwrap();
+    assert_eq!(report.tables.len(), mapping.new_schema().tables.len(), "{report:?}");
+    for t in &report.tables {
+        let held: i64 = reader.query_row(&format!("SELECT count(*) FROM {}", t.table), [], |r| r.get(0)).unwrap();
+        assert_eq!((t.expected, t.actual), (held as u64, held as u64), "{t:?}");
+    }
     // Written after the last comparison: only those ranges are staged at the drain.
     app.execute_batch(
         "UPDATE users SET bio = 'late' WHERE id = 150; DELETE FROM items WHERE id = 50;

@@ -25,10 +25,11 @@
 //! Pure and deterministic: the data-node core feeds it the reads, the changes it reads from the
 //! stream, and the stores' answers.
 
-use crate::store::{RowCursor, StoredRow};
-use protocol::messages::RangeCheck;
+use crate::store::{KeysCompared, RowCursor, StoredRow};
+use protocol::messages::{RangeCheck, TableRows};
 use protocol::Position;
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
 
 /// A row's place in (table, key) order.
 pub type RowAt = (String, i64);
@@ -61,6 +62,8 @@ struct Range {
     changed: bool,
     /// Compared at least once (or spoiled while being compared).
     attempted: bool,
+    /// By new table, the last counted comparison's rows: transform(old)'s, the new store's.
+    rows: BTreeMap<String, (u64, u64)>,
 }
 
 impl Range {
@@ -69,7 +72,15 @@ impl Range {
     }
 
     fn fresh(after: RowCursor, through: Option<RowAt>) -> Range {
-        Range { after, through, outcome: None, seen_to: Position(0), changed: false, attempted: false }
+        Range {
+            after,
+            through,
+            outcome: None,
+            seen_to: Position(0),
+            changed: false,
+            attempted: false,
+            rows: BTreeMap::new(),
+        }
     }
 }
 
@@ -210,6 +221,7 @@ impl Ranges {
             let range = &mut self.ranges[index];
             range.through = Some(split);
             range.outcome = None;
+            range.rows.clear();
             self.ranges.insert(index + 1, rest);
         } else if !reached_end {
             // Too many ranges: this one is never clean (the drain compares it).
@@ -257,7 +269,8 @@ impl Ranges {
 
     /// The new store compared the scratch copy (`expected`) with its rows of the same keys
     /// (`actual`). Returns the range's outcome, if the comparison counted.
-    pub fn compared(&mut self, expected: u64, actual: u64) -> Option<Outcome> {
+    pub fn compared(&mut self, found: KeysCompared) -> Option<Outcome> {
+        let KeysCompared { expected, actual, rows } = found;
         let f = self.in_flight.take().expect("a comparison under way");
         assert!(f.staged, "compared before staged");
         self.next = f.index + 1;
@@ -274,6 +287,7 @@ impl Ranges {
         range.outcome = Some(outcome);
         range.seen_to = f.seen_to;
         range.changed = false;
+        range.rows = rows;
         Some(outcome)
     }
 
@@ -348,7 +362,24 @@ impl Ranges {
             clean: count(Range::clean),
             differed: count(|r| r.outcome == Some(Outcome::Differed)),
             rows: self.rows_compared,
+            tables: self.table_rows(),
         }
+    }
+
+    /// Row counts by new table (Imago's request log left out), summed over the ranges.
+    fn table_rows(&self) -> Vec<TableRows> {
+        let mut tables: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for (table, (expected, actual)) in self.ranges.iter().flat_map(|r| &r.rows) {
+            if table == protocol::schema::REQUEST_LOG_TABLE {
+                continue;
+            }
+            let sum = tables.entry(table).or_default();
+            *sum = (sum.0 + expected, sum.1 + actual);
+        }
+        tables
+            .into_iter()
+            .map(|(table, (expected, actual))| TableRows { table: table.to_string(), expected, actual })
+            .collect()
     }
 }
 
@@ -362,6 +393,10 @@ pub fn in_span(place: (&str, i64), after: &RowCursor, through: &Option<RowAt>) -
 mod tests {
     use super::*;
     use protocol::schema::{Row, Value};
+
+    fn sums(expected: u64, actual: u64) -> KeysCompared {
+        KeysCompared { expected, actual, rows: BTreeMap::new() }
+    }
 
     fn row(table: &str, key: i64) -> StoredRow {
         (table.to_string(), key, Row::from([("v".to_string(), Value::Int(key))]))
@@ -379,7 +414,7 @@ mod tests {
         let staged = r.take_rows();
         r.staged(0);
         let digest = staged.len() as u64 * 100 + at;
-        r.compared(digest, if matched { digest } else { digest + 1 });
+        r.compared(sums(digest, if matched { digest } else { digest + 1 }));
         after
     }
 
@@ -461,7 +496,7 @@ mod tests {
         let staged = r.take_rows();
         assert_eq!(staged.len(), 3);
         r.staged(0);
-        assert_eq!(r.compared(1, 1), None, "spoiled");
+        assert_eq!(r.compared(sums(1, 1)), None, "spoiled");
         let report = r.report();
         assert_eq!((report.attempted, report.clean, report.differed), (1, 0, 0));
         assert_eq!(r.spans(), vec![Span { after: None, through: None, ranges: 1 }]);
@@ -470,19 +505,19 @@ mod tests {
         r.read(rows("a", 1..=3), true, 10, Position(7), Position(7));
         r.take_rows();
         r.staged(0);
-        assert_eq!(r.compared(1, 2), Some(Outcome::Differed));
+        assert_eq!(r.compared(sums(1, 2)), Some(Outcome::Differed));
         assert_eq!(r.report().differed, 1);
         // A row the store could not convert is a difference too.
         r.start();
         r.read(rows("a", 1..=3), true, 10, Position(7), Position(7));
         r.take_rows();
         r.staged(1);
-        assert_eq!(r.compared(1, 1), Some(Outcome::Differed));
+        assert_eq!(r.compared(sums(1, 1)), Some(Outcome::Differed));
         r.start();
         r.read(rows("a", 1..=3), true, 10, Position(8), Position(8));
         r.take_rows();
         r.staged(0);
-        assert_eq!(r.compared(3, 3), Some(Outcome::Matched { digest: 3 }));
+        assert_eq!(r.compared(sums(3, 3)), Some(Outcome::Matched { digest: 3 }));
         assert_eq!((r.report().differed, r.report().clean), (0, 1));
         // The drain found a difference somewhere: all again.
         r.all_changed();
@@ -507,7 +542,7 @@ mod tests {
         );
         assert_eq!(r.take_rows().len(), 3, "a 5 and a 9 lie past the range's end (a 4 was deleted)");
         r.staged(0);
-        r.compared(7, 7);
+        r.compared(sums(7, 7));
         assert_eq!(r.report().ranges, 2);
         // More rows than a read takes: split.
         r.changed("a", 2, Position(4));
@@ -515,7 +550,7 @@ mod tests {
         r.read(rows("a", 1..=2), false, 2, Position(5), Position(5));
         r.take_rows();
         r.staged(0);
-        r.compared(8, 8);
+        r.compared(sums(8, 8));
         assert_eq!(r.report().ranges, 3);
         assert_eq!(r.report().attempted, 2, "the split-off rest is not compared yet");
         assert_eq!(r.start(), Some(Some(("a".into(), 2))));
@@ -523,5 +558,33 @@ mod tests {
         assert!(!r.busy());
         r.reset();
         assert_eq!(r.report(), RangeCheck { by_range: true, ranges: 1, ..Default::default() });
+    }
+
+    /// Row counts by new table add up over the ranges, each as of its last counted comparison;
+    /// Imago's request log is left out of the report.
+    #[test]
+    fn row_counts_by_table_add_up_over_the_ranges_as_last_compared() {
+        let mut r = Ranges::new();
+        let counts = |pairs: &[(&str, u64, u64)]| -> KeysCompared {
+            let rows = pairs.iter().map(|(t, e, a)| (t.to_string(), (*e, *a))).collect();
+            KeysCompared { expected: 1, actual: 1, rows }
+        };
+        let mut read = |r: &mut Ranges, rows_read: Vec<StoredRow>, last: bool, found: KeysCompared| {
+            r.start().expect("a range to compare");
+            r.read(rows_read, last, 3, Position(5), Position(5));
+            r.take_rows();
+            r.staged(0);
+            r.compared(found)
+        };
+        read(&mut r, rows("a", 1..=3), false, counts(&[("a", 3, 3), ("b", 3, 3)]));
+        read(&mut r, rows("a", 4..=5), true, counts(&[("a", 2, 1), (protocol::schema::REQUEST_LOG_TABLE, 9, 9)]));
+        let tables = r.report().tables;
+        let found: Vec<_> = tables.iter().map(|t| (t.table.as_str(), t.expected, t.actual)).collect();
+        assert_eq!(found, [("a", 5, 4), ("b", 3, 3)]);
+        // Compared again: the second range's counts replace its first ones.
+        r.changed("a", 4, Position(6));
+        read(&mut r, rows("a", 4..=5), true, counts(&[("a", 2, 2)]));
+        let found: Vec<_> = r.report().tables.iter().map(|t| (t.table.clone(), t.expected, t.actual)).collect();
+        assert_eq!(found, [("a".to_string(), 5, 5), ("b".to_string(), 3, 3)]);
     }
 }
