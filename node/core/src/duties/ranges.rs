@@ -569,7 +569,7 @@ mod tests {
             let rows = pairs.iter().map(|(t, e, a)| (t.to_string(), (*e, *a))).collect();
             KeysCompared { expected: 1, actual: 1, rows }
         };
-        let mut read = |r: &mut Ranges, rows_read: Vec<StoredRow>, last: bool, found: KeysCompared| {
+        let read = |r: &mut Ranges, rows_read: Vec<StoredRow>, last: bool, found: KeysCompared| {
             r.start().expect("a range to compare");
             r.read(rows_read, last, 3, Position(5), Position(5));
             r.take_rows();
