@@ -134,6 +134,31 @@ pub enum StoreOp {
     ReleaseWriters,
 }
 
+impl StoreOp {
+    /// The operation's name, without its data (for logs).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreOp::OpenSnapshot => "OpenSnapshot",
+            StoreOp::ReadSnapshot { .. } => "ReadSnapshot",
+            StoreOp::ReadChanges { .. } => "ReadChanges",
+            StoreOp::Apply(_) => "Apply",
+            StoreOp::Fence => "Fence",
+            StoreOp::Unfence => "Unfence",
+            StoreOp::ReadRows { .. } => "ReadRows",
+            StoreOp::ReadRowsToCompare { .. } => "ReadRowsToCompare",
+            StoreOp::Prune { .. } => "Prune",
+            StoreOp::Stage { .. } => "Stage",
+            StoreOp::CompareStaged => "CompareStaged",
+            StoreOp::CompareStagedKeys => "CompareStagedKeys",
+            StoreOp::ReadCheckpoint => "ReadCheckpoint",
+            StoreOp::OpenNew => "OpenNew",
+            StoreOp::RemoveCapture => "RemoveCapture",
+            StoreOp::HoldWriters => "HoldWriters",
+            StoreOp::ReleaseWriters => "ReleaseWriters",
+        }
+    }
+}
+
 /// The result of a [`StoreOp`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum StoreResult {
