@@ -155,6 +155,9 @@ pub struct AgentCore {
     /// queued behind one delays the whole switch).
     reporting: Option<InFlight>,
     stale_watches: u32,
+    /// Of those, answers older than a view already taken (only a lagging replica or a replay
+    /// gives one).
+    older_views: u32,
     last_view: Option<DecisionView>,
     /// A router whose last view says it is not on the roster: it acts on nothing until it is.
     off_roster: bool,
@@ -210,6 +213,7 @@ impl AgentCore {
             write: None,
             reporting: None,
             stale_watches: 0,
+            older_views: 0,
             last_view: None,
             off_roster: false,
             #[cfg(feature = "planted-bugs")]
@@ -456,12 +460,20 @@ impl AgentCore {
         }
         if view.version <= self.known_version && self.linearized {
             self.stale_watches += 1;
-            if self.stale_watches >= self.config.stale_watch_limit && matches!(self.persisted, Decision::Freeze(_)) {
+            self.older_views += u32::from(view.version < self.known_version);
+            // A frozen node moves on from a replica that brings no news; any node moves on
+            // from one that answered with an older view than it holds: a lagging replica would
+            // otherwise keep it from hearing of an abort or a commit (hunt seed 41002531, 3
+            // upgrades: a data node heard of a rollback 5 s late).
+            let frozen = matches!(self.persisted, Decision::Freeze(_));
+            if self.stale_watches >= self.config.stale_watch_limit && (frozen || self.older_views > 0) {
                 self.stale_watches = 0;
+                self.older_views = 0;
                 self.rotate_from(from);
             }
         } else {
             self.stale_watches = 0;
+            self.older_views = 0;
         }
         if self.linearized && view.version < self.known_version {
             // An older view (a lagging replica's, or a replayed answer): nothing in it is news,
@@ -934,6 +946,24 @@ mod tests {
             assert_eq!(to, 1, "view {version} had news: the watch stays");
             out = next;
         }
+    }
+
+    /// Hunt seed 41002531 (3 upgrades): a data node holding `Initial` kept watching a replica
+    /// that answered with older views than it held, and heard of the rollback 5 s late. Any
+    /// node leaves a replica that answered with an older view among its answers without news.
+    #[test]
+    fn any_node_leaves_a_replica_that_answers_with_older_views() {
+        let mut a = agent();
+        let initial = Decision::Initial;
+        let out = a.handle(0, AgentInput::Boot { persisted: initial, base: Generation::GENESIS, trusted: false });
+        let (out, (_, to)) = answer_watch(&mut a, 1, &out, view(7, initial));
+        assert_eq!(to, 1);
+        let (out, (_, to)) = answer_watch(&mut a, 2, &out, view(4, initial));
+        assert_eq!(to, 1, "one older answer may be a replay");
+        let (out, (_, to)) = answer_watch(&mut a, 3, &out, view(7, initial));
+        assert_eq!(to, 1);
+        let (_, (_, to)) = answer_watch(&mut a, 4, &out, view(7, initial));
+        assert_ne!(to, 1, "three answers without news, one of them older: the watch moves on");
     }
 
     #[test]
