@@ -89,6 +89,8 @@ fn failed_store_operations_are_tried_again_and_lose_nothing() {
 /// regression seeds all the same.
 /// 318 (once data nodes compared ranges while traffic ran, which moved its schedule): a fence
 /// queued behind a store operation's retry was performed after the freeze's abort was on disk.
+/// 42001539: the same fence, started while the abort was being written to disk (persisted, not
+/// yet acted on): a fence now waits while a later decision is being persisted.
 #[test]
 fn two_hundred_faulty_seeds_keep_every_invariant_and_both_outcomes_occur() {
     let config = SimConfig::default();
@@ -96,7 +98,7 @@ fn two_hundred_faulty_seeds_keep_every_invariant_and_both_outcomes_occur() {
         &config,
         (0..200).chain([
             202, 318, 818, 700_573, 1_016_306, 5_000_346, 5_004_104, 5_007_213, 5_009_700, 5_012_372, 9_009_048,
-            15_003_149,
+            15_003_149, 42_001_539,
         ]),
     );
     assert_clean(&reports);

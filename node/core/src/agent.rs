@@ -244,6 +244,11 @@ impl AgentCore {
         self.persisted_base
     }
 
+    /// The decision being written to disk, if one is ([`AgentOutput::Persist`]).
+    pub fn persisting(&self) -> Option<Decision> {
+        self.persisting
+    }
+
     /// The same for the decision being persisted (what [`AgentOutput::Persist`] writes).
     pub fn persisting_base(&self) -> Generation {
         self.persisting_base

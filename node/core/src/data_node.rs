@@ -949,6 +949,13 @@ impl DataNodeCore {
         } else if let Some(work) = self.drain_work.pop_front() {
             match work {
                 DrainWork::Fence(epoch) => {
+                    if self.agent.persisting().is_some_and(|d| d.order_key() > Decision::Freeze(epoch).order_key()) {
+                        // A later decision (this freeze's abort, or a later freeze) is being
+                        // written to disk: the fence waits, and goes when it is acted on
+                        // (hunt seed 42001539: the fence ran with the abort on disk).
+                        self.drain_work.push_front(work);
+                        return;
+                    }
                     self.pending = Some(Pending::Fence(epoch));
                     out.push(DataOutput::Store(StoreOp::Fence));
                     return;
