@@ -77,7 +77,12 @@ impl Stores for SimStores {
             let d = &mut w.data[index];
             match universe {
                 Universe::Old => execute_old(d.from, &mut d.old, key, &request.op, &mut w.fidelity.shards[index]),
-                Universe::New => execute_new(d.from.next(), &mut d.new, key, &request.op),
+                Universe::New => {
+                    if d.drifted {
+                        w.checker.mirrors.answered_by_drifted(key);
+                    }
+                    execute_new(d.from.next(), &mut d.new, key, &request.op)
+                }
             }
         });
         std::future::ready(answer.unwrap_or_else(|| StoreAnswer::Rejected { reason: "the process is down".into() }))

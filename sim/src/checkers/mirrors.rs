@@ -8,23 +8,33 @@
 use super::Violation;
 use node_core::{RequestKey, StoreAnswer};
 use protocol::Position;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Default)]
 struct Pair {
     old: Option<Option<StoreAnswer>>,
     new: Option<Option<StoreAnswer>>,
+    /// The new answer came from a database a rogue writer changed.
+    drifted: bool,
 }
 
 /// Mirrored reads whose answers are not both in yet, by router and request key.
 #[derive(Debug, Default)]
 pub struct Mirrors {
     pending: BTreeMap<(usize, RequestKey), Pair>,
+    /// Reads a new database changed by a rogue writer answered: their answer may arrive once
+    /// that database was replaced (a deploy after the rollback), and still shows the change.
+    drifted_answers: BTreeSet<RequestKey>,
     /// Conclusive comparisons seen (what a correct validator counts as samples).
     pub samples: u64,
 }
 
 impl Mirrors {
+    /// A new database a rogue writer changed answered read `key`.
+    pub fn answered_by_drifted(&mut self, key: RequestKey) {
+        self.drifted_answers.insert(key);
+    }
+
     /// Router `router` mirrors read `key` to the new universe.
     pub fn mirrored(&mut self, router: usize, key: RequestKey) {
         self.pending.insert((router, key), Pair::default());
@@ -55,7 +65,10 @@ impl Mirrors {
         answer: Option<StoreAnswer>,
         drifted: bool,
     ) -> Option<Violation> {
+        let drifted_answer = mirror && self.drifted_answers.remove(&key);
         let pair = self.pending.get_mut(&(router, key))?;
+        pair.drifted |= drifted_answer;
+        let drifted = drifted || pair.drifted;
         if mirror {
             pair.new = Some(answer);
         } else {
