@@ -253,37 +253,16 @@ impl PgNew {
     }
 
     async fn stored_checkpoint(&self, for_update: bool) -> Result<Checkpoint, PgError> {
-        let what = "read the checkpoint";
-        let sql = format!(
+        let row = self.client.query_opt(&self.checkpoint_select(for_update), &[]).await;
+        checkpoint_of(row.map_err(sql_error(READ_CHECKPOINT))?)
+    }
+
+    fn checkpoint_select(&self, for_update: bool) -> String {
+        format!(
             "SELECT applied, copy, snapshot_at, after_table, after_key, copies FROM {} WHERE id = 1{}",
             self.live.imago(CHECKPOINT_TABLE),
             if for_update { " FOR UPDATE" } else { "" }
-        );
-        let Some(row) = self.client.query_opt(&sql, &[]).await.map_err(sql_error(what))? else {
-            return Ok(Checkpoint::default());
-        };
-        let get = |e: tokio_postgres::Error| sql_error(what)(e);
-        let applied: i64 = row.try_get(0).map_err(get)?;
-        let copy: String = row.try_get(1).map_err(get)?;
-        let snapshot_at: Option<i64> = row.try_get(2).map_err(get)?;
-        let after_table: Option<String> = row.try_get(3).map_err(get)?;
-        let after_key: Option<i64> = row.try_get(4).map_err(get)?;
-        let copies: i64 = row.try_get(5).map_err(get)?;
-        let copy = match (copy.as_str(), snapshot_at) {
-            ("not_started", _) => CopyState::NotStarted,
-            ("done", _) => CopyState::Done,
-            ("copying", Some(at)) => {
-                CopyState::Copying { snapshot_at: Position(at as u64), after: after_table.zip(after_key) }
-            }
-            (other, _) => {
-                return Err(PgError::Table {
-                    table: CHECKPOINT_TABLE.into(),
-                    message: format!("an unreadable checkpoint: copy state {other:?}"),
-                })
-            }
-        };
-        // Positions are stored as bigint, bit for bit.
-        Ok(Checkpoint { applied: Position(applied as u64), copy, copies: copies as u64 })
+        )
     }
 
     /// Applies `batch` as `NewStore::apply_batch` says: its reset (the tables and the key map
@@ -297,7 +276,6 @@ impl PgNew {
         self.reconnect().await?;
         self.release_writers().await?;
         self.drop_staging().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        self.client.batch_execute("BEGIN").await.map_err(|e| unavailable(&e))?;
         let result = self.apply_in_transaction(batch).await;
         match result {
             Ok(Ok(())) => {
@@ -311,8 +289,39 @@ impl PgNew {
         }
     }
 
+    /// Begins the transaction, locks and reads the stored checkpoint and writes the batch's
+    /// (undone by the caller's rollback if the stored one is not the batch's base), then applies
+    /// the changes. The three statements go out together (tokio-postgres pipelines requests
+    /// polled at once), prepared once per session: on a loopback connection of a busy machine a
+    /// round trip costs about a millisecond, and the copy's chunks paid nine of them each.
     async fn apply_in_transaction(&mut self, batch: &Batch) -> Result<Result<(), StaleBatch>, StoreError> {
-        let found = self.stored_checkpoint(true).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let (select, update) = (self.checkpoint_select(true), self.checkpoint_update());
+        let mut program =
+            Program { client: &self.client, cache: &mut self.cache, live: &self.live, target: Target::Main };
+        let select = program.statement(&select, None).await.map_err(|e| unavailable(&e))?;
+        let update = program.statement(&update, None).await.map_err(|e| classify(&e))?;
+        let c = &batch.checkpoint;
+        let (copy, snapshot_at, after) = match &c.copy {
+            CopyState::NotStarted => ("not_started", None, None),
+            CopyState::Done => ("done", None, None),
+            CopyState::Copying { snapshot_at, after } => ("copying", Some(snapshot_at.0 as i64), after.clone()),
+        };
+        let (after_table, after_key) = match after {
+            Some((t, k)) => (Some(t), Some(k)),
+            None => (None, None),
+        };
+        let (applied, copies) = (c.applied.0 as i64, c.copies as i64);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+            [&applied, &copy, &snapshot_at, &after_table, &after_key, &copies];
+        let (begun, found, updated) = futures_util::join!(
+            self.client.batch_execute("BEGIN"),
+            self.client.query_opt(&select, &[]),
+            self.client.execute(&update, &params),
+        );
+        begun.map_err(|e| unavailable(&e))?;
+        let found = found.map_err(sql_error(READ_CHECKPOINT)).and_then(checkpoint_of);
+        let found = found.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        updated.map_err(|e| classify(&e))?;
         if found != batch.base {
             return Ok(Err(StaleBatch { base: batch.base.clone(), found }));
         }
@@ -351,26 +360,15 @@ impl PgNew {
             }
             at += run.max(1);
         }
-        let c = &batch.checkpoint;
-        let (copy, snapshot_at, after) = match &c.copy {
-            CopyState::NotStarted => ("not_started", None, None),
-            CopyState::Done => ("done", None, None),
-            CopyState::Copying { snapshot_at, after } => ("copying", Some(snapshot_at.0 as i64), after.clone()),
-        };
-        let (after_table, after_key) = match after {
-            Some((t, k)) => (Some(t), Some(k)),
-            None => (None, None),
-        };
-        let sql = format!(
+        Ok(Ok(()))
+    }
+
+    fn checkpoint_update(&self) -> String {
+        format!(
             "UPDATE {} SET applied = $1, copy = $2, snapshot_at = $3, after_table = $4, after_key = $5, copies = $6 \
              WHERE id = 1",
             self.live.imago(CHECKPOINT_TABLE)
-        );
-        self.client
-            .execute(&sql, &[&(c.applied.0 as i64), &copy, &snapshot_at, &after_table, &after_key, &(c.copies as i64)])
-            .await
-            .map_err(|e| classify(&e))?;
-        Ok(Ok(()))
+        )
     }
 
     /// How many changes this value applied or staged as sets (the rest went row by row), and
@@ -778,6 +776,37 @@ impl PgNew {
         }
         Ok(())
     }
+}
+
+const READ_CHECKPOINT: &str = "read the checkpoint";
+
+/// The checkpoint a row of Imago's checkpoint table holds (none: nothing was applied yet).
+fn checkpoint_of(row: Option<tokio_postgres::Row>) -> Result<Checkpoint, PgError> {
+    let Some(row) = row else {
+        return Ok(Checkpoint::default());
+    };
+    let get = |e: tokio_postgres::Error| sql_error(READ_CHECKPOINT)(e);
+    let applied: i64 = row.try_get(0).map_err(get)?;
+    let copy: String = row.try_get(1).map_err(get)?;
+    let snapshot_at: Option<i64> = row.try_get(2).map_err(get)?;
+    let after_table: Option<String> = row.try_get(3).map_err(get)?;
+    let after_key: Option<i64> = row.try_get(4).map_err(get)?;
+    let copies: i64 = row.try_get(5).map_err(get)?;
+    let copy = match (copy.as_str(), snapshot_at) {
+        ("not_started", _) => CopyState::NotStarted,
+        ("done", _) => CopyState::Done,
+        ("copying", Some(at)) => {
+            CopyState::Copying { snapshot_at: Position(at as u64), after: after_table.zip(after_key) }
+        }
+        (other, _) => {
+            return Err(PgError::Table {
+                table: CHECKPOINT_TABLE.into(),
+                message: format!("an unreadable checkpoint: copy state {other:?}"),
+            })
+        }
+    };
+    // Positions are stored as bigint, bit for bit.
+    Ok(Checkpoint { applied: Position(applied as u64), copy, copies: copies as u64 })
 }
 
 /// Puts `pg_catalog` before `pg_temp` in the session's search path (the rest as it was; an

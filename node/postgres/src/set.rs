@@ -31,7 +31,9 @@ use crate::sql::ident;
 use futures_util::SinkExt;
 use protocol::schema::REQUEST_LOG_TABLE;
 use protocol::schema::{evaluate, sql_params, ConvertError, Mapping, Output, Row, RowOp, Source, Value};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use tokio_postgres::types::ToSql;
 
 /// Fewest changes worth a set (below it, row by row costs no more round trips).
@@ -355,15 +357,21 @@ pub(crate) fn copy_set(
             if n > 0 {
                 data.push(b'\t');
             }
+            // A column copied as it is is written from the row (no copy of its text).
             let value = if *column == output.key {
-                Value::Int(keys(*key, &output.table)?)
+                Cow::Owned(Value::Int(keys(*key, &output.table)?))
+            } else if let Source::Column(c) = source {
+                row.get(c).map_or(Cow::Owned(Value::Null), Cow::Borrowed)
             } else {
-                evaluate(source, row, &mut |t| keys(*key, t))?
+                Cow::Owned(evaluate(source, row, &mut |t| keys(*key, t))?)
             };
-            match value {
+            match value.as_ref() {
                 Value::Null => data.extend_from_slice(b"\\N"),
-                Value::Int(i) => data.extend_from_slice(i.to_string().as_bytes()),
-                Value::Text(t) => copy_text(&t, &mut data),
+                Value::Int(i) => {
+                    // Writing to a vector cannot fail.
+                    let _ = write!(data, "{i}");
+                }
+                Value::Text(t) => copy_text(t, &mut data),
             }
         }
         data.push(b'\n');
@@ -376,15 +384,21 @@ pub(crate) fn copy_set(
 /// `text` as a value of COPY's text format: backslash, newline, carriage return and tab
 /// escaped (the rest as it is).
 fn copy_text(text: &str, out: &mut Vec<u8>) {
-    for byte in text.bytes() {
-        match byte {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            other => out.push(other),
-        }
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    for (at, byte) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match byte {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[from..at]);
+        out.extend_from_slice(escaped);
+        from = at + 1;
     }
+    out.extend_from_slice(&bytes[from..]);
 }
 
 /// Whether a set's rows may already be in its new table.
@@ -543,7 +557,9 @@ impl Program<'_> {
             self.client.execute(&statement, &set.params()).await?;
         }
         for (sql, data) in copies {
-            let sink = self.client.copy_in::<_, bytes::Bytes>(&sql).await?;
+            // Prepared once per session (a round trip less for each chunk of the copy).
+            let statement = self.statement(&sql, None).await?;
+            let sink = self.client.copy_in::<_, bytes::Bytes>(&statement).await?;
             futures_util::pin_mut!(sink);
             sink.send(bytes::Bytes::from(data)).await?;
             sink.finish().await?;
