@@ -10,7 +10,8 @@
 //!   request to the first answer from the new universe ("switch latency"), the client-visible
 //!   latency of requests during the switch (the hold) p50/p99/max against requests before it,
 //!   and failed requests;
-//! - a router's memory over 60 s at 1,000 requests/s, and a full hold queue answering 503 at once.
+//! - a router's memory over 60 s at 1,000 requests/s, and a full hold queue answering 503 at once
+//!   (`IMAGO_BENCH_ONLY=switch` measures only the switch, nothing written).
 //!
 //! Set `IMAGO_BENCH_QUICK=1` for shorter runs (a smoke test of the benchmark itself).
 
@@ -563,9 +564,39 @@ struct Report {
     targets: BTreeMap<&'static str, &'static str>,
 }
 
+fn print_switch(s: &Switch) {
+    println!(
+        "  {} router(s), {} switches: decision p50 {:.0} / max {:.0} ms (target p50 <= 5; first switch request \
+         to first v2 answer {:.1} ms); hold p50 {:.1} / p99 {:.1} / max {:.1} ms (target p99 <= 10, max <= 50) \
+         vs baseline {:.1} / {:.1} / {:.1} ms; {} requests, {} during, {} failed",
+        s.routers,
+        s.switches,
+        s.decision_p50_ms,
+        s.decision_max_ms,
+        s.switch_latency_ms,
+        s.hold_p50_ms,
+        s.hold_p99_ms,
+        s.hold_max_ms,
+        s.baseline_p50_ms,
+        s.baseline_p99_ms,
+        s.baseline_max_ms,
+        s.requests,
+        s.during_switch_requests,
+        s.failed
+    );
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
     let secs = if quick() { 1.0 } else { 3.0 };
+
+    if std::env::var("IMAGO_BENCH_ONLY").is_ok_and(|v| v == "switch") {
+        for routers in [1, 2, 4] {
+            print_switch(&switch_at_steady_rate(&rt, routers));
+        }
+        println!("(IMAGO_BENCH_ONLY=switch: nothing else measured, nothing written)");
+        return;
+    }
 
     // Forwarding cost.
     let direct_port = backend("v1");
@@ -656,25 +687,7 @@ fn main() {
 
     println!("switch at 1,000 requests/s, 3 coordinators, fsync on (hold: requests sent during the switch; baseline: before):");
     for s in &switch {
-        println!(
-            "  {} router(s), {} switches: decision p50 {:.0} / max {:.0} ms (target p50 <= 5; first switch request \
-             to first v2 answer {:.1} ms); hold p50 {:.1} / p99 {:.1} / max {:.1} ms (target p99 <= 10, max <= 50) \
-             vs baseline {:.1} / {:.1} / {:.1} ms; {} requests, {} during, {} failed",
-            s.routers,
-            s.switches,
-            s.decision_p50_ms,
-            s.decision_max_ms,
-            s.switch_latency_ms,
-            s.hold_p50_ms,
-            s.hold_p99_ms,
-            s.hold_max_ms,
-            s.baseline_p50_ms,
-            s.baseline_p99_ms,
-            s.baseline_max_ms,
-            s.requests,
-            s.during_switch_requests,
-            s.failed
-        );
+        print_switch(s);
     }
     println!(
         "router memory over {} s at 1,000 req/s: {} KiB -> {} KiB ({} requests, {} failed)",

@@ -1,5 +1,5 @@
-//! A replica on a real data directory: what it committed survives a restart, and a directory of
-//! another cluster is refused.
+//! A replica on a real data directory: what it committed survives a restart and a crash, and a
+//! directory of another cluster is refused.
 
 use imago_coordinator::raft::{open_data_dir, read_disk, DataDirError, RaftTiming, Transport, TransportError};
 use imago_coordinator::service::Replica;
@@ -62,6 +62,41 @@ async fn committed_state_and_the_log_survive_a_restart() {
     // It goes on committing after the restart.
     let join = CliRequest::Join { node: NodeName("router-3".into()) };
     assert_eq!(again.handle(Request::Cli(join)).await, Response::Cli(CliResponse::Accepted));
+    again.shutdown().await;
+}
+
+/// A crash keeps the log and loses what was not made durable: a copy of the file taken while the
+/// replica runs is what a crash at that moment leaves on the disk. Its state machine is behind
+/// its log (the applied state is not fsynced), and the replica restarted on it applies the
+/// committed log again.
+#[tokio::test]
+async fn a_crash_loses_only_the_applied_state_and_the_log_brings_it_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let replica = start(dir.path()).await;
+    for router in ["router-1", "router-2"] {
+        let join = CliRequest::Join { node: NodeName(router.into()) };
+        assert_eq!(replica.handle(Request::Cli(join)).await, Response::Cli(CliResponse::Accepted));
+    }
+    let crashed = tempfile::tempdir().expect("tempdir");
+    let file = imago_coordinator::raft::FILE_NAME;
+    std::fs::copy(dir.path().join(file), crashed.path().join(file)).expect("a crash image");
+    replica.shutdown().await;
+    drop(replica);
+
+    let disk = open_data_dir(crashed.path(), "test", UpgradeState::default()).expect("the crash image opens");
+    let (applied, last) = read_disk(&disk, |d| (d.applied.last_applied, d.log.values().next_back().map(|e| e.log_id)));
+    assert!(applied < last, "the image's state machine ({applied:?}) is behind its log ({last:?})");
+    drop(disk);
+
+    let again = start(crashed.path()).await;
+    let roster = || again.read(|s| s.roster.keys().map(|n| n.0.clone()).collect::<Vec<_>>());
+    for _ in 0..200 {
+        if roster().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(roster(), ["router-1", "router-2"], "the committed log was applied again");
     again.shutdown().await;
 }
 

@@ -1,5 +1,8 @@
 //! A replica's disk on a real machine: the [`RaftDisk`] written through to a redb file, each
-//! change in one transaction made durable (fsync) before the store call that made it returns.
+//! change in one transaction. The vote, the log and snapshots are made durable (fsync) before
+//! the store call that made them returns; the commit index and the applied state are not
+//! waited for (redb makes them durable with the next durable transaction; see `store.rs` on why
+//! Raft does not need them to be).
 //!
 //! The in-memory [`RaftDisk`] stays the one the store reads, so the simulator and a real
 //! replica run the same store code; here is only what reaches the file and what is read back
@@ -97,9 +100,13 @@ pub(super) enum Change<'a> {
 }
 
 impl Durable {
-    /// Writes one change in one transaction; returns once it is durable.
+    /// Writes one change in one transaction; returns once it is durable, unless it is the
+    /// commit index or the applied state.
     pub(super) fn write(&self, change: Change<'_>) -> Result<(), StorageError<u64>> {
-        let txn = self.db.begin_write().map_err(write_error)?;
+        let mut txn = self.db.begin_write().map_err(write_error)?;
+        if matches!(change, Change::Committed(_) | Change::Applied(_)) {
+            txn.set_durability(redb::Durability::None).map_err(write_error)?;
+        }
         {
             let mut meta = txn.open_table(META).map_err(write_error)?;
             let mut log = txn.open_table(LOG).map_err(write_error)?;

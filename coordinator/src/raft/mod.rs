@@ -5,7 +5,7 @@ mod network;
 mod runtime;
 mod store;
 
-pub use durable::{open_data_dir, DataDirError, FORMAT_VERSION};
+pub use durable::{open_data_dir, DataDirError, FILE_NAME, FORMAT_VERSION};
 pub use network::{raft_request, NetworkFactory, RaftReply, RaftRpc};
 pub use openraft::BasicNode;
 pub use protocol::transport::{Transport, TransportError};

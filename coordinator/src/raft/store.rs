@@ -5,6 +5,15 @@
 //! incarnation it was opened with; a write from an older incarnation (a crashed instance still
 //! winding down) is refused, so a crash loses nothing durable and adds nothing after it.
 //! A real replica's disk is written through to a file (`durable.rs`) by the same code.
+//!
+//! **What a crash keeps.** The vote, the log (appends, truncations, purges) and snapshots are
+//! durable before the call that writes them returns. The commit index and the applied state are
+//! written without waiting for the disk: Raft needs neither to be durable (the committed log is,
+//! on a majority, and a restarted replica applies it again), and each fsync sat on the path of
+//! every decision (a switch waits for one Raft write per acknowledgement). A later durable write
+//! makes them durable too. The simulator loses them as a crash of the real file would: an
+//! incarnation starts from the state machine and commit index as of the last durable write
+//! ([`RaftDisk::unsynced_since`]); a snapshot is durable, so no purged entry is ever needed again.
 
 // openraft fixes the error type (`StorageError`, large); our helpers return it as is.
 #![allow(clippy::result_large_err)]
@@ -58,9 +67,27 @@ pub struct RaftDisk {
     pub snapshots_installed: u64,
     /// The file every change is written through to (a real replica; none in the simulator).
     pub durable: Option<Durable>,
+    /// The applied state and commit index as of the last durable write, kept while either was
+    /// changed since (a crash goes back to them); `None`: both are durable as they are.
+    pub unsynced_since: Option<(AppliedState, Option<LogId<u64>>)>,
     /// A planted bug in the state machine (simulator only).
     #[cfg(feature = "planted-bugs")]
     pub bug: Option<coordinator_core::ApplyBug>,
+}
+
+impl RaftDisk {
+    /// Keeps what a crash would go back to, before the applied state or the commit index change
+    /// without a durable write.
+    fn unsynced(&mut self) {
+        if self.unsynced_since.is_none() {
+            self.unsynced_since = Some((self.applied.clone(), self.committed));
+        }
+    }
+
+    /// A durable write was made: everything written before it is durable too.
+    fn synced(&mut self) {
+        self.unsynced_since = None;
+    }
 }
 
 /// A disk shared by successive incarnations of one replica.
@@ -100,6 +127,12 @@ pub fn open(disk: &SharedDisk) -> (LogStore, StateMachineStore, watch::Receiver<
     let incarnation = {
         let mut d = lock(disk);
         d.incarnation += 1;
+        // What was not durable when the last incarnation ended is lost (a real replica starts
+        // from its file, where nothing is pending).
+        if let Some((applied, committed)) = d.unsynced_since.take() {
+            d.applied = applied;
+            d.committed = committed;
+        }
         d.incarnation
     };
     let version = lock(disk).applied.state.version;
@@ -153,6 +186,7 @@ impl RaftLogStorage<C> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
         let mut d = self.write()?;
         write_through(&d, Change::Vote(vote))?;
+        d.synced();
         d.vote = Some(*vote);
         Ok(())
     }
@@ -163,6 +197,7 @@ impl RaftLogStorage<C> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError<u64>> {
         let mut d = self.write()?;
+        d.unsynced();
         write_through(&d, Change::Committed(committed))?;
         d.committed = committed;
         Ok(())
@@ -181,6 +216,7 @@ impl RaftLogStorage<C> for LogStore {
             let mut d = self.write()?;
             let entries: Vec<Entry<C>> = entries.into_iter().collect();
             write_through(&d, Change::Append(&entries))?;
+            d.synced();
             for entry in entries {
                 d.log.insert(entry.log_id.index, entry);
             }
@@ -192,6 +228,7 @@ impl RaftLogStorage<C> for LogStore {
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
         let mut d = self.write()?;
         write_through(&d, Change::Truncate(log_id.index))?;
+        d.synced();
         d.log.split_off(&log_id.index);
         Ok(())
     }
@@ -199,6 +236,7 @@ impl RaftLogStorage<C> for LogStore {
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
         let mut d = self.write()?;
         write_through(&d, Change::Purge(log_id))?;
+        d.synced();
         d.last_purged = Some(log_id);
         let keep = d.log.split_off(&(log_id.index + 1));
         d.log = keep;
@@ -239,6 +277,7 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
         let meta = SnapshotMeta { last_log_id: last, last_membership: d.applied.membership.clone(), snapshot_id };
         let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
         write_through(&d, Change::Snapshot(&stored, None))?;
+        d.synced();
         d.snapshot = Some(stored);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
@@ -262,6 +301,7 @@ impl RaftStateMachine<C> for StateMachineStore {
         let mut results = Vec::new();
         let version = {
             let mut d = self.write()?;
+            d.unsynced();
             for entry in entries {
                 d.applied.last_applied = Some(entry.log_id);
                 let result = match entry.payload {
@@ -306,6 +346,7 @@ impl RaftStateMachine<C> for StateMachineStore {
             let mut d = self.write()?;
             let stored = StoredSnapshot { meta: meta.clone(), data };
             write_through(&d, Change::Snapshot(&stored, Some(&applied)))?;
+            d.synced();
             d.applied = applied;
             d.snapshots_installed += 1;
             d.snapshot = Some(stored);
