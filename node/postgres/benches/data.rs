@@ -1,6 +1,6 @@
 #![allow(clippy::disallowed_methods)] // a benchmark measures wall-clock time (Instant::now)
 //! The data tier's benchmark on PostgreSQL (`cargo bench -p imago-node-postgres --bench data`):
-//! each figure beside its baseline from the same run, written to `target/bench/data-postgres.json`
+//! each figure beside its baseline from the same run, written to `target/bench/data.json`
 //! (or `$IMAGO_BENCH_OUT`). A throwaway cluster with `fsync` on; the benchmark fails if
 //! PostgreSQL cannot start.
 //!
@@ -654,7 +654,7 @@ fn main() {
 
     let out = std::env::var("IMAGO_BENCH_OUT")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/data-postgres.json"));
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/data.json"));
     let json = serde_json::json!({
         "store": "postgres",
         "fsync": true,

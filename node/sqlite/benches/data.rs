@@ -1,6 +1,6 @@
 #![allow(clippy::disallowed_methods)] // a benchmark measures wall-clock time (Instant::now)
 //! The data tier's benchmark on SQLite (`cargo bench -p imago-node-sqlite --bench data`): each
-//! figure beside its baseline from the same run, written to `target/bench/data.json` (or
+//! figure beside its baseline from the same run, written to `target/bench/data-sqlite.json` (or
 //! `$IMAGO_BENCH_OUT`).
 //!
 //! - bulk copy + a one-to-one transform (a renamed column), rows/s, beside a plain copy of the
@@ -208,7 +208,7 @@ fn main() {
 
     let out = std::env::var("IMAGO_BENCH_OUT")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/data.json"));
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/data-sqlite.json"));
     let json = serde_json::json!({
         "store": "sqlite",
         "rows": rows,
