@@ -457,7 +457,7 @@ async fn steady(ports: Vec<u16>, rate: u64, stop: Arc<AtomicBool>, samples: Arc<
 /// Upgrades one after another (v1 → v2 → v1 → ...: each a new generation, at the other
 /// backend) at a steady 1,000 requests/s through every router.
 fn switch_at_steady_rate(rt: &tokio::runtime::Runtime, routers: usize) -> Switch {
-    let switches = if quick() { 2 } else { 5 };
+    let switches = if quick() { 2 } else { 10 };
     let (v1, v2) = (backend("v1"), backend("v2"));
     let mut c = Cluster::new(&format!("switch-{routers}"), 3, routers, v1);
     c.start(&["--hold-ms-max", "2000"]);
