@@ -52,7 +52,10 @@ pub(crate) async fn start_upgrade(shared: &Shared, k: u32) {
         let answer = operator_call(shared, coordinator_addr(target), Request::Cli(start)).await;
         match answer {
             Some(Response::Cli(CliResponse::Started { upgrade })) => {
-                with(shared, |w| w.record(format_args!("operator: upgrade {} started", upgrade.0)));
+                with(shared, |w| {
+                    w.record(format_args!("operator: upgrade {} started", upgrade.0));
+                    w.started.push(upgrade);
+                });
                 if plan.switch == protocol::plan::SwitchMode::Manual {
                     request_switch(shared, upgrade).await;
                 }

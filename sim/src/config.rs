@@ -257,6 +257,11 @@ pub enum Scenario {
     /// group started afresh recovers from the nodes' disks (`imago cluster recover`), and the
     /// chain goes on. Needs `--upgrades 2` or more.
     Disaster,
+    /// The disaster under the full fault mix of `--faults`: the seed's faults are drawn as
+    /// without a scenario (crashes, partitions, loss, stale views, triggers, …), and between the
+    /// first and the second upgrade every coordinator replica loses its data whether or not they
+    /// have healed. Needs `--upgrades 2` or more.
+    DisasterUnderFaults,
 }
 
 impl Scenario {
@@ -330,7 +335,7 @@ impl SimConfig {
         if !(1..=20).contains(&self.upgrades) {
             return Err("--upgrades must be 1..=20".into());
         }
-        if self.scenario == Some(Scenario::Disaster) && self.upgrades < 2 {
+        if matches!(self.scenario, Some(Scenario::Disaster | Scenario::DisasterUnderFaults)) && self.upgrades < 2 {
             return Err("--scenario disaster strikes between upgrades: it needs --upgrades 2 or more".into());
         }
         Ok(())

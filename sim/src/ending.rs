@@ -49,7 +49,8 @@ impl World {
     /// nothing held.
     pub(crate) fn finished(&self) -> bool {
         let state = self.freshest_state();
-        let Some(upgrade) = state.current.as_ref().filter(|u| u.id.0 == u64::from(self.config.upgrades)) else {
+        let last = self.started.last().copied().filter(|_| self.started.len() == self.config.upgrades as usize);
+        let Some(upgrade) = state.current.as_ref().filter(|u| Some(u.id) == last) else {
             return false;
         };
         let generation = match upgrade.phase {

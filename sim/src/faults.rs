@@ -138,8 +138,19 @@ impl FaultPlan {
 
     /// Draws a plan for one seed.
     pub fn draw(config: &SimConfig, rng: &mut ChaCha8Rng) -> FaultPlan {
-        if let Some(s) = config.scenario {
-            return FaultPlan::scenario(s, config, rng);
+        match config.scenario {
+            Some(Scenario::DisasterUnderFaults) => {
+                let mut plan = FaultPlan::draw(&SimConfig { scenario: None, ..config.clone() }, rng);
+                // The disaster takes the place of a join or retirement drawn between upgrades (a
+                // router held back for that join stays out).
+                if matches!(plan.between_upgrades, Some((_, FaultEvent::Join))) {
+                    plan.reserve_router = plan.timed.iter().any(|(_, e)| *e == FaultEvent::Join);
+                }
+                plan.between_upgrades = Some((1, FaultEvent::Disaster));
+                return plan;
+            }
+            Some(s) => return FaultPlan::scenario(s, config, rng),
+            None => {}
         }
         let f = config.faults;
         let safety_ms = rng.gen_range(3_000..=10_000);
@@ -332,7 +343,9 @@ impl FaultPlan {
             Scenario::CommitLostToRouter => {
                 (Condition::Freezing { after_ms: 0 }, FaultEvent::LoseCommit { router, count: rng.gen_range(1..=4) })
             }
-            Scenario::CoordinatorsDown | Scenario::Disaster => unreachable!("planned above"),
+            Scenario::CoordinatorsDown | Scenario::Disaster | Scenario::DisasterUnderFaults => {
+                unreachable!("planned above")
+            }
         };
         let event = match (when, event) {
             (Condition::Copying { data }, FaultEvent::Crash { down_ms, .. }) => {

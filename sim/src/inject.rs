@@ -202,6 +202,12 @@ async fn roster_command(shared: &Shared, request: CliRequest) -> CliResponse {
     let coordinators = with(shared, |w| w.config.coordinators);
     let mut target = 0;
     loop {
+        // A command asked again across a disaster waits for the rebuilt group to recover: sent to
+        // the group before `cluster recover`, a join would be taken as the first of a new cluster
+        // (at generation 1) and the recovery refused.
+        if !matches!(request, CliRequest::Recover { .. }) {
+            after_recovery(shared).await;
+        }
         match operator_call(shared, coordinator_addr(target), Request::Cli(request.clone())).await {
             Some(Response::Cli(CliResponse::Accepted)) => return CliResponse::Accepted,
             Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = replica_index(l),
@@ -229,7 +235,16 @@ fn operator_said(shared: &Shared, what: &str, answer: &CliResponse) {
 
 /// The reserve router is deployed (no disk state of its own) and joins; the load balancer puts
 /// it in rotation once it serves (its readiness check).
+/// Waits while a rebuilt group recovers: it refuses every other command until then (as
+/// `imago cluster recover` tells the operator), so an operator changes the roster after it.
+async fn after_recovery(shared: &Shared) {
+    while with(shared, |w| w.recovering) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn join_reserve(shared: &Shared) {
+    after_recovery(shared).await;
     let (index, name) = with(shared, |w| {
         let index = w.routers.len() - 1;
         assert!(!w.routers[index].deployed, "the join fault needs the reserve router slot");
@@ -276,6 +291,7 @@ async fn out_of_rotation(shared: &Shared, router: usize) {
 /// The operator retires `router`: out of rotation and drained of its clients first; with
 /// `force`, crashed and kept cut off, then retired with `--force`.
 async fn retire(shared: &Shared, router: usize, force: bool) {
+    after_recovery(shared).await;
     with(shared, |w| w.routers[router].retired = true);
     out_of_rotation(shared, router).await;
     let name = with(shared, |w| {
@@ -572,12 +588,18 @@ pub(crate) async fn disaster(shared: &Shared) {
             slot.disk = coordinator::raft::new_disk_with(UpgradeState::default());
             slot.disk.lock().unwrap_or_else(|p| p.into_inner()).bug = bug;
         }
-        // The views seen so far were the lost group's: the new group's versions start again.
+    });
+    // The lost group's messages still in the network die out before the new group starts
+    // (the latest a late message may arrive, and a second more).
+    let die_out_us = with(shared, |w| w.faults.late_us_max.max(2_000_000) + 1_000_000);
+    tokio::time::sleep(Duration::from_micros(die_out_us)).await;
+    // The views seen so far were the lost group's: the new group's versions start again. (Not
+    // before the wait: a crashed replica's long-poll watch still answers, into the void, with
+    // its group's view.)
+    with(shared, |w| {
         w.checker.views = Default::default();
         w.views_sent.clear();
     });
-    // The lost group's messages still in the network die out before the new group starts.
-    tokio::time::sleep(Duration::from_secs(3)).await;
     for i in 0..coordinators {
         start_replica(shared, i).await;
     }

@@ -16,8 +16,9 @@ pub(crate) async fn run_chain(shared: Shared) {
         if k > 0 {
             let generation = loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let state = with(&shared, |w| w.freshest_state());
-                if state.current.as_ref().is_some_and(|u| u.id.0 == u64::from(k) && u.phase.is_terminal()) {
+                // The upgrade the operator started last, as the group numbered it.
+                let (state, last) = with(&shared, |w| (w.freshest_state(), w.started.last().copied()));
+                if state.current.as_ref().is_some_and(|u| Some(u.id) == last && u.phase.is_terminal()) {
                     break state.generation;
                 }
             };

@@ -252,6 +252,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         lose_commit: BTreeMap::new(),
         lost_groups: Vec::new(),
         recovering: false,
+        started: Vec::new(),
         views_sent: BTreeMap::new(),
         me: std::sync::Weak::new(),
         plan,

@@ -161,6 +161,10 @@ pub struct World {
     /// A group rebuilt after a disaster has not recovered yet: the lost group's roster is still
     /// the one routers serve by.
     pub recovering: bool,
+    /// The upgrades the operator started, in order, as the group numbered them. A group rebuilt
+    /// after a disaster numbers its first above every upgrade a node remembers; when every node
+    /// was restarted since the last one (a redeploy), none does, and an id may come again.
+    pub started: Vec<protocol::UpgradeId>,
     /// Views recently sent to each node (for the stale-view fault).
     pub views_sent: BTreeMap<NodeName, std::collections::VecDeque<DecisionView>>,
     pub me: Weak<Mutex<World>>,
