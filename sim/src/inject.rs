@@ -480,6 +480,7 @@ impl World {
         *disk = fresh;
         let name = name.to_string();
         self.checker.durability.disk_lost(&name);
+        self.disks_lost.insert(name.clone());
         self.record(format_args!("{name} lost its disk"));
     }
 
@@ -568,6 +569,28 @@ impl World {
 /// `imago cluster recover`, naming every node that can still tell what its disk holds (the data
 /// nodes and the deployed routers) and, as lost, the routers retired by force (cut off for
 /// good). Returns once the group has recovered, so the chain's next upgrade goes to it.
+/// The views sent so far were a lost group's (or a wiped replica's): versions start again.
+fn forget_views(shared: &Shared) {
+    with(shared, |w| {
+        w.checker.views = Default::default();
+        w.views_sent.clear();
+    });
+}
+
+/// Every replica stopped and its disk replaced by an empty one.
+fn wipe_replicas(shared: &Shared, coordinators: usize) {
+    for i in 0..coordinators {
+        crash_replica(shared, i);
+    }
+    with(shared, |w| {
+        for slot in &mut w.replicas {
+            let bug = slot.disk.lock().unwrap_or_else(|p| p.into_inner()).bug;
+            slot.disk = coordinator::raft::new_disk_with(UpgradeState::default());
+            slot.disk.lock().unwrap_or_else(|p| p.into_inner()).bug = bug;
+        }
+    });
+}
+
 pub(crate) async fn disaster(shared: &Shared) {
     let coordinators = with(shared, |w| {
         w.scan_replicas();
@@ -579,27 +602,23 @@ pub(crate) async fn disaster(shared: &Shared) {
         w.stats.fault_log.push(line);
         w.config.coordinators
     });
-    for i in 0..coordinators {
-        crash_replica(shared, i);
-    }
-    with(shared, |w| {
-        for slot in &mut w.replicas {
-            let bug = slot.disk.lock().unwrap_or_else(|p| p.into_inner()).bug;
-            slot.disk = coordinator::raft::new_disk_with(UpgradeState::default());
-            slot.disk.lock().unwrap_or_else(|p| p.into_inner()).bug = bug;
-        }
-    });
+    wipe_replicas(shared, coordinators);
+    forget_views(shared);
     // The lost group's messages still in the network die out before the new group starts
     // (the latest a late message may arrive, and a second more).
     let die_out_us = with(shared, |w| w.faults.late_us_max.max(2_000_000) + 1_000_000);
     tokio::time::sleep(Duration::from_micros(die_out_us)).await;
+    // A replica whose earlier crash ended meanwhile was restarted by its fault's timer, on an
+    // empty disk: it is stopped and wiped again, so the group starts as the operator starts it
+    // (hunt seed 60000419: such a replica ran beside the one started here, and voted), and its
+    // long-poll watches end before the views are forgotten (seed 60000317).
+    wipe_replicas(shared, coordinators);
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
     // The views seen so far were the lost group's: the new group's versions start again. (Not
     // before the wait: a crashed replica's long-poll watch still answers, into the void, with
     // its group's view.)
-    with(shared, |w| {
-        w.checker.views = Default::default();
-        w.views_sent.clear();
-    });
+    forget_views(shared);
+    with(shared, |w| w.checker.agreement.forget_unacted_outcomes());
     for i in 0..coordinators {
         start_replica(shared, i).await;
     }
@@ -626,10 +645,39 @@ pub(crate) async fn disaster(shared: &Shared) {
         let lost: Vec<NodeName> = routers.filter(|r| r.cut_off).map(|r| NodeName::from(r.name.as_str())).collect();
         (expected.into_iter().chain(lost.iter().cloned()).collect::<Vec<_>>(), lost)
     });
-    let answer = roster_command(shared, CliRequest::Recover { expected, lost, abort_unknown_freeze: false }).await;
+    let answer =
+        roster_command(shared, CliRequest::Recover { expected: expected.clone(), lost, abort_unknown_freeze: false })
+            .await;
     operator_said(shared, "cluster recover", &answer);
+    let mut asserted = false;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        // The recovery waits for the operator's word on a freeze whose outcome the disks cannot
+        // tell, because a node reported no disk record. The operator knows which nodes lost a
+        // disk: one that did not has no record because it never persisted a decision, so it
+        // never served (a router persists before it serves), and no client saw the freeze's
+        // new universe (hunt seed 60000962: a router that joined during the freeze).
+        let vouched = with(shared, |w| {
+            let state = w.freshest_state();
+            let r = state.recovery.as_ref()?;
+            r.unknown_freeze()?;
+            let blind_by_loss =
+                !r.lost.is_empty() || r.disks.iter().any(|(n, (_, _, d))| d.is_none() && w.disks_lost.contains(&n.0));
+            // Else the operator finds out (routers' logs and metrics): did any client reach the
+            // freeze's new universe? (Hunt seed 60000748: a data node lost its disk early.)
+            let freeze = protocol::Decision::Freeze(r.unknown_freeze()?);
+            let base = r.disks.values().filter_map(|(_, _, d)| d.as_ref()).filter(|d| d.decision == freeze);
+            let base = base.map(|d| d.generation).max()?;
+            let seen_new = w.checker.single_universe.newest_admitted().is_some_and(|g| g > base);
+            (!blind_by_loss || !seen_new).then_some(())
+        });
+        if vouched.is_some() && !asserted {
+            asserted = true;
+            let request =
+                CliRequest::Recover { expected: expected.clone(), lost: Vec::new(), abort_unknown_freeze: true };
+            let answer = roster_command(shared, request).await;
+            operator_said(shared, "cluster recover --abort-unknown-freeze", &answer);
+        }
         let recovered = with(shared, |w| {
             let state = w.freshest_state();
             let done = state.recovery.is_none() && !state.roster.is_empty();

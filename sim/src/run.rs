@@ -253,6 +253,7 @@ fn build(config: SimConfig, seed: u64) -> Shared {
         lost_groups: Vec::new(),
         recovering: false,
         started: Vec::new(),
+        disks_lost: Default::default(),
         views_sent: BTreeMap::new(),
         me: std::sync::Weak::new(),
         plan,

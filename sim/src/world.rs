@@ -165,6 +165,8 @@ pub struct World {
     /// after a disaster numbers its first above every upgrade a node remembers; when every node
     /// was restarted since the last one (a redeploy), none does, and an id may come again.
     pub started: Vec<protocol::UpgradeId>,
+    /// Nodes that lost their disk (the disk-loss fault), by name.
+    pub disks_lost: std::collections::BTreeSet<String>,
     /// Views recently sent to each node (for the stale-view fault).
     pub views_sent: BTreeMap<NodeName, std::collections::VecDeque<DecisionView>>,
     pub me: Weak<Mutex<World>>,

@@ -37,6 +37,15 @@ impl Agreement {
         found
     }
 
+    /// Every replica lost its data: outcomes that no node acted on were the lost group's alone.
+    /// No disk holds them, so the rebuilt group may decide those epochs again (aborting a freeze
+    /// whose commit no node learnt, or numbering a new freeze with an epoch no node knew).
+    /// Outcomes some node acted on stay: the rebuilt group must agree with them.
+    pub fn forget_unacted_outcomes(&mut self) {
+        let acted = &self.acted;
+        self.seen_outcomes.retain(|e, _| acted.contains_key(e));
+    }
+
     /// Replica `replica` has applied `epoch`'s outcome.
     pub fn outcome_applied(&mut self, replica: u64, epoch: Epoch, committed: bool) -> Option<Violation> {
         match self.seen_outcomes.get(&epoch) {

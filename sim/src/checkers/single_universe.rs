@@ -14,6 +14,11 @@ pub struct SingleUniverse {
 }
 
 impl SingleUniverse {
+    /// The newest generation any client request was admitted to, anywhere.
+    pub fn newest_admitted(&self) -> Option<Generation> {
+        self.newest.iter().flatten().map(|(g, _, _)| *g).max()
+    }
+
     pub fn admitted(
         &mut self,
         now_us: u64,
