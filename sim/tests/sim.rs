@@ -403,19 +403,19 @@ fn scenario_coordinators_down_while_syncing_fails_no_client_request() {
 /// outcome, the roster, versions and upgrade ids above the nodes'), and the second upgrade
 /// switches through it. (Were versions or ids to start again, nodes would ignore the new group,
 /// or the chain would wait forever for its next upgrade.)
+/// The seed's disaster struck and the rebuilt group accepted the recovery.
+fn assert_recovered(r: &SeedReport) {
+    assert!(r.fault_log.iter().any(|f| f.contains("Disaster")), "seed {}: {:?}", r.seed, r.fault_log);
+    assert!(r.fault_log.iter().any(|f| f.contains("cluster recover: Accepted")), "seed {}: {:?}", r.seed, r.fault_log);
+}
+
 #[test]
 fn scenario_disaster_the_rebuilt_group_recovers_and_the_chain_goes_on() {
     let config = SimConfig { scenario: Some(Scenario::Disaster), upgrades: 2, ..SimConfig::default() };
     let reports = run(&config, 0..6);
     assert_clean(&reports);
     for r in &reports {
-        assert!(r.fault_log.iter().any(|f| f.contains("Disaster")), "seed {}: {:?}", r.seed, r.fault_log);
-        assert!(
-            r.fault_log.iter().any(|f| f.contains("cluster recover: Accepted")),
-            "seed {}: {:?}",
-            r.seed,
-            r.fault_log
-        );
+        assert_recovered(r);
         assert_eq!((r.upgrades_run, r.upgrades_switched), (2, 2), "seed {}: {:?}", r.seed, r.fault_log);
     }
     // Hunt seeds: a router whose last view was the recovering group's (naming no upgrade) kept
@@ -445,15 +445,7 @@ fn scenario_disaster_under_faults_recovers_and_the_chain_goes_on() {
     let hunt = [60000254, 60000317, 60000419, 60000748, 60000962];
     let reports = run(&config, (0..4).chain([8, 22, 97, 134, 183]).chain(hunt));
     assert_clean(&reports);
-    for r in &reports {
-        assert!(r.fault_log.iter().any(|f| f.contains("Disaster")), "seed {}: {:?}", r.seed, r.fault_log);
-        assert!(
-            r.fault_log.iter().any(|f| f.contains("cluster recover: Accepted")),
-            "seed {}: {:?}",
-            r.seed,
-            r.fault_log
-        );
-    }
+    reports.iter().for_each(assert_recovered);
     let wide = SimConfig { routers: 5, datacenters: 3, ..config };
     assert_clean(&run(&wide, [61000041]));
 }
