@@ -246,7 +246,8 @@ impl Cluster {
         let file = dir.join("cluster.toml");
         std::fs::write(&file, text).expect("write");
         let c = Cluster { dir, file, coordinators: names, coordinator_metrics, routers, running: BTreeMap::new() };
-        assert!(c.cli(&["certs", "init"]).status.success());
+        let certs = c.cli(&["certs", "init"]);
+        assert!(certs.status.success(), "certs init: {}", String::from_utf8_lossy(&certs.stderr));
         c
     }
 
@@ -457,7 +458,7 @@ async fn steady(ports: Vec<u16>, rate: u64, stop: Arc<AtomicBool>, samples: Arc<
 /// Upgrades one after another (v1 → v2 → v1 → ...: each a new generation, at the other
 /// backend) at a steady 1,000 requests/s through every router.
 fn switch_at_steady_rate(rt: &tokio::runtime::Runtime, routers: usize) -> Switch {
-    let switches = if quick() { 2 } else { 10 };
+    let switches = if quick() { 2 } else { 20 };
     let (v1, v2) = (backend("v1"), backend("v2"));
     let mut c = Cluster::new(&format!("switch-{routers}"), 3, routers, v1);
     c.start(&["--hold-ms-max", "2000"]);
@@ -566,7 +567,7 @@ struct Report {
 
 fn print_switch(s: &Switch) {
     println!(
-        "  {} router(s), {} switches: decision p50 {:.0} / max {:.0} ms (target p50 <= 5; first switch request \
+        "  {} router(s), {} switches: decision p50 {:.1} / max {:.1} ms (target p50 <= 5; first switch request \
          to first v2 answer {:.1} ms); hold p50 {:.1} / p99 {:.1} / max {:.1} ms (target p99 <= 10, max <= 50) \
          vs baseline {:.1} / {:.1} / {:.1} ms; {} requests, {} during, {} failed",
         s.routers,

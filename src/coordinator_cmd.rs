@@ -155,7 +155,7 @@ struct CoordinatorMetrics {
     upgrade: Gauge,
     phase: Family<PhaseLabel, Gauge>,
     roster: Family<StatusLabel, Gauge>,
-    decision_ms: Gauge,
+    decision_ms: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -206,7 +206,7 @@ impl CoordinatorMetrics {
         self.is_leader.set(i64::from(view.leader == Some(view.replica)));
         self.applied_index.set(view.applied_index.unwrap_or(0) as i64);
         self.generation.set(view.generation.0 as i64);
-        self.decision_ms.set(replica.last_decision_ms() as i64);
+        self.decision_ms.set(replica.last_decision_us() as f64 / 1000.0);
         let (epoch, upgrade, phase) = replica
             .read(|s| (s.last_epoch.0, s.current.as_ref().map_or(0, |u| u.id.0), s.current.as_ref().map(|u| u.phase)));
         self.epoch.set(epoch as i64);

@@ -8,8 +8,9 @@ use crate::upgrade::{decision_view, next_command, next_deadline_ms, status, Appl
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
 use protocol::codec;
+use protocol::messages::Ack;
 use protocol::messages::{CliRequest, CliResponse, ClusterView, NodeRequest, NodeResponse, Request, Response};
-use protocol::ReplicaId;
+use protocol::{Epoch, NodeName, ReplicaId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,12 @@ pub const WATCH_WAIT_MAX_MS: u32 = 5_000;
 /// How long the driver waits after a proposal that did not take effect (unless something
 /// changes first).
 pub const DRIVER_RETRY_MS: u64 = 20;
+
+/// Longest the leader holds a freeze's `Frozen` or `Drained` ack while it waits for the others
+/// that would complete the freeze, so that they go into one log entry ([`Command::Acks`]) instead
+/// of one round each (openraft 0.9 keeps one batch in flight per follower). The ack that
+/// completes the freeze is proposed at once, with those waiting.
+pub const ACK_GATHER_MS: u64 = 2;
 
 /// Longest a membership change may take (a learner catching up, then two joint commits).
 pub const MEMBERSHIP_TIMEOUT_MS: u64 = 30_000;
@@ -43,6 +50,21 @@ fn membership_error<E: std::fmt::Display>(e: RaftError<u64, E>) -> CliResponse {
         RaftError::APIError(e) => membership_refused(&e.to_string()),
         RaftError::Fatal(e) => CliResponse::Unknown { reason: e.to_string() },
     }
+}
+
+/// What a node is told of its proposal.
+fn node_response(proposed: Proposed) -> NodeResponse {
+    match proposed {
+        Proposed::Applied(Applied::Rejected(rejection)) => NodeResponse::Rejected(rejection),
+        Proposed::Applied(_) => NodeResponse::Accepted,
+        Proposed::NotLeader(leader) => NodeResponse::NotLeader { leader },
+        Proposed::Unknown(reason) => NodeResponse::Unknown { reason },
+    }
+}
+
+/// The answer of a held ack whose proposer went away before it knew the outcome.
+fn lost_answer() -> NodeResponse {
+    NodeResponse::Unknown { reason: "the proposal of a batch of acks was abandoned".to_string() }
 }
 
 /// Who may ask what, by the name in the caller's certificate: Raft RPCs only from a replica of
@@ -80,11 +102,20 @@ pub struct Replica {
     applied: watch::Receiver<u64>,
     clock: Clock,
     /// How long the last freeze this replica decided as leader took, from the freeze applied to
-    /// its outcome applied (ms; metrics and the cluster benchmark).
-    last_decision_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// its outcome applied (µs; metrics and the cluster benchmark).
+    last_decision_us: Arc<std::sync::atomic::AtomicU64>,
     /// Held through a membership change: one at a time (concurrent changes can leave openraft
     /// stuck in a joint configuration).
     membership: Arc<tokio::sync::Mutex<()>>,
+    /// Freeze acks held to be proposed together, by epoch (see [`ACK_GATHER_MS`]).
+    gathered: Arc<std::sync::Mutex<BTreeMap<Epoch, Vec<GatheredAck>>>>,
+}
+
+/// An ack held by the leader, and where its answer goes.
+struct GatheredAck {
+    node: NodeName,
+    ack: Ack,
+    answer: tokio::sync::oneshot::Sender<NodeResponse>,
 }
 
 /// Outcome of proposing a command.
@@ -118,7 +149,16 @@ impl Replica {
             // Already-initialized is fine: a restarted initializer keeps its log.
             let _ = raft.initialize(nodes).await;
         }
-        Ok(Replica { id, raft, disk, applied, clock, last_decision_ms: Arc::default(), membership: Arc::default() })
+        Ok(Replica {
+            id,
+            raft,
+            disk,
+            applied,
+            clock,
+            last_decision_us: Arc::default(),
+            membership: Arc::default(),
+            gathered: Arc::default(),
+        })
     }
 
     /// Stops this incarnation (its disk stays).
@@ -193,16 +233,66 @@ impl Replica {
                 Command::Register { node, duties, deployed, upgrade }
             }
             NodeRequest::Report { node, report, upgrade } => Command::Report { node, report, upgrade },
+            NodeRequest::Ack { node, epoch, ack: ack @ (Ack::Frozen | Ack::Drained { .. }) }
+                if self.is_leader() && self.read(|state| state.acks_awaited(epoch)) =>
+            {
+                return self.gather_ack(node, epoch, ack).await;
+            }
             NodeRequest::Ack { node, epoch, ack } => Command::Ack { node, epoch, ack },
             NodeRequest::Recover { node, duties, known_version, known_upgrade, disk } => {
                 Command::Recovered { node, duties, known_version, known_upgrade, disk }
             }
         };
-        match self.propose(command).await {
-            Proposed::Applied(Applied::Rejected(rejection)) => NodeResponse::Rejected(rejection),
-            Proposed::Applied(_) => NodeResponse::Accepted,
-            Proposed::NotLeader(leader) => NodeResponse::NotLeader { leader },
-            Proposed::Unknown(reason) => NodeResponse::Unknown { reason },
+        node_response(self.propose(command).await)
+    }
+
+    /// Holds a freeze ack until the acks held with it complete the freeze (then proposes them
+    /// all at once) or [`ACK_GATHER_MS`] pass (then proposes what is held). Every ack gets the
+    /// answer to its own part; a batch not known to be committed is unknown for each.
+    async fn gather_ack(&self, node: NodeName, epoch: Epoch, ack: Ack) -> NodeResponse {
+        let (answer, mut answered) = tokio::sync::oneshot::channel();
+        let complete = {
+            let mut gathered = self.gathered.lock().unwrap_or_else(|p| p.into_inner());
+            let held = gathered.entry(epoch).or_default();
+            held.push(GatheredAck { node, ack, answer });
+            let nodes: BTreeSet<&NodeName> = held.iter().map(|g| &g.node).collect();
+            self.read(|state| state.acks_complete(epoch, &nodes))
+        };
+        if !complete {
+            if let Ok(answer) = tokio::time::timeout(Duration::from_millis(ACK_GATHER_MS), &mut answered).await {
+                return answer.unwrap_or_else(|_| lost_answer());
+            }
+        }
+        self.propose_gathered(epoch).await;
+        answered.await.unwrap_or_else(|_| lost_answer())
+    }
+
+    /// Proposes the acks held for `epoch` (none if another caller took them) and answers each.
+    async fn propose_gathered(&self, epoch: Epoch) {
+        let held = self.gathered.lock().unwrap_or_else(|p| p.into_inner()).remove(&epoch).unwrap_or_default();
+        let answers = match held.as_slice() {
+            [] => return,
+            [one] => vec![node_response(
+                self.propose(Command::Ack { node: one.node.clone(), epoch, ack: one.ack.clone() }).await,
+            )],
+            many => {
+                let acks = many.iter().map(|g| (g.node.clone(), g.ack.clone())).collect();
+                match self.propose(Command::Acks { epoch, acks }).await {
+                    Proposed::Applied(Applied::Each(each)) if each.len() == many.len() => {
+                        each.into_iter().map(|a| node_response(Proposed::Applied(a))).collect()
+                    }
+                    Proposed::Applied(other) => {
+                        vec![
+                            NodeResponse::Unknown { reason: format!("a batch of acks answered {other:?}") };
+                            many.len()
+                        ]
+                    }
+                    proposed => vec![node_response(proposed); many.len()],
+                }
+            }
+        };
+        for (gathered, answer) in held.into_iter().zip(answers) {
+            let _ = gathered.answer.send(answer);
         }
     }
 
@@ -273,6 +363,9 @@ impl Replica {
             Proposed::Applied(Applied::Started(upgrade)) => CliResponse::Started { upgrade },
             Proposed::Applied(Applied::Accepted) => CliResponse::Accepted,
             Proposed::Applied(Applied::Rejected(rejection)) => CliResponse::Rejected(rejection),
+            Proposed::Applied(Applied::Each(_)) => {
+                CliResponse::Unknown { reason: "a batch answer to one command".into() }
+            }
             Proposed::NotLeader(leader) => CliResponse::NotLeader { leader },
             Proposed::Unknown(reason) => CliResponse::Unknown { reason },
         }
@@ -346,8 +439,8 @@ impl Replica {
     }
 
     /// How long the last freeze this replica decided as leader took (ms), 0 if none.
-    pub fn last_decision_ms(&self) -> u64 {
-        self.last_decision_ms.load(std::sync::atomic::Ordering::Relaxed)
+    pub fn last_decision_us(&self) -> u64 {
+        self.last_decision_us.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The coordinator group as this replica sees it.
@@ -375,8 +468,10 @@ impl Replica {
     pub async fn run_driver(&self) {
         let mut metrics = self.raft.metrics();
         // The freeze this replica saw applied while leading, and when (an observation for the
-        // core: a freeze is given up no sooner than its timeout after its leader first saw it).
+        // core: a freeze is given up no sooner than its timeout after its leader first saw it),
+        // with the instant (the decision's latency, finer than the cluster clock's ms).
         let mut freeze_seen: Option<(protocol::Epoch, u64)> = None;
+        let mut freeze_seen_at = tokio::time::Instant::now();
         let mut logged_phase = None;
         loop {
             let now_ms = (self.clock)();
@@ -399,16 +494,20 @@ impl Replica {
             }
             // A freeze this replica saw applied while leading, now decided: how long it took,
             // from the freeze applied to its outcome applied (the switch decision's latency).
-            if let (None, Some((e, at))) = (freezing, freeze_seen) {
+            if let (None, Some((e, _))) = (freezing, freeze_seen) {
                 if leading && self.read(|state| state.outcomes.contains_key(&e)) {
-                    let took = now_ms.saturating_sub(at);
-                    self.last_decision_ms.store(took, std::sync::atomic::Ordering::Relaxed);
-                    span.in_scope(|| tracing::info!(replica = self.id, epoch = e.0, ms = took, "freeze decided"));
+                    let took_us = u64::try_from(freeze_seen_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    self.last_decision_us.store(took_us, std::sync::atomic::Ordering::Relaxed);
+                    let ms = took_us as f64 / 1000.0;
+                    span.in_scope(|| tracing::info!(replica = self.id, epoch = e.0, ms, "freeze decided"));
                 }
             }
             freeze_seen = match (freezing, freeze_seen) {
                 (Some(e), Some((seen, at))) if leading && seen == e => Some((seen, at)),
-                (Some(e), _) if leading => Some((e, now_ms)),
+                (Some(e), _) if leading => {
+                    freeze_seen_at = tokio::time::Instant::now();
+                    Some((e, now_ms))
+                }
                 _ => None,
             };
             let seen_ms = freeze_seen.map(|(_, at)| at);

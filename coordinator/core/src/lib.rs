@@ -36,6 +36,10 @@ pub enum Command {
     Freeze { epoch: Epoch, now_ms: u64, deadline_ms: u64 },
     /// A node acknowledges its part of `epoch`.
     Ack { node: NodeName, epoch: Epoch, ack: Ack },
+    /// Several nodes' acks of freeze `epoch` (`Frozen`, `Drained`), gathered by the leader so
+    /// that one log entry carries them: applied in order, as many `Ack`s would be, and answered
+    /// with [`Applied::Each`].
+    Acks { epoch: Epoch, acks: Vec<(NodeName, Ack)> },
     /// Give up attempt `epoch`.
     Abort { epoch: Epoch, reason: String, now_ms: u64 },
     /// The operator ends the upgrade: the old universe keeps serving.
@@ -118,6 +122,19 @@ pub enum Applied {
     Started(UpgradeId),
     Accepted,
     Rejected(Rejection),
+    /// One result per ack of a [`Command::Acks`], in its order.
+    Each(Vec<Applied>),
+}
+
+impl Applied {
+    /// Whether the command changed the state (a batch did if any of its parts did).
+    pub fn changed(&self) -> bool {
+        match self {
+            Applied::Rejected(_) => false,
+            Applied::Each(each) => each.iter().any(Applied::changed),
+            Applied::Started(_) | Applied::Accepted => true,
+        }
+    }
 }
 
 /// The committed outcome of one epoch.
@@ -227,18 +244,23 @@ impl Upgrade {
 
     /// Nodes whose ack for the current freeze is still missing, with the ack they owe.
     pub fn missing_acks(&self) -> Vec<String> {
-        let mut missing = Vec::new();
-        for name in &self.routers {
-            if self.nodes.get(name).and_then(|s| s.frozen) != Some(self.epoch) {
-                missing.push(format!("{name} (frozen)"));
-            }
-        }
-        for name in self.plan.nodes_with(Duty::Transform) {
-            if self.nodes.get(name).and_then(|s| s.drained).map(|d| d.0) != Some(self.epoch) {
-                missing.push(format!("{name} (drained)"));
-            }
-        }
-        missing
+        self.acks_owed().map(|(name, ack)| format!("{name} ({ack})")).collect()
+    }
+
+    /// The nodes that owe an ack to the current epoch (`frozen` or `drained`), in name order
+    /// within each duty.
+    fn acks_owed(&self) -> impl Iterator<Item = (&NodeName, &'static str)> {
+        let routers = self
+            .routers
+            .iter()
+            .filter(|name| self.nodes.get(*name).and_then(|s| s.frozen) != Some(self.epoch))
+            .map(|name| (name, "frozen"));
+        let data = self
+            .plan
+            .nodes_with(Duty::Transform)
+            .filter(|name| self.nodes.get(*name).and_then(|s| s.drained).map(|d| d.0) != Some(self.epoch))
+            .map(|name| (name, "drained"));
+        routers.chain(data)
     }
 
     /// A data node that drained with a checksum mismatch for the current epoch, if any.
@@ -273,6 +295,18 @@ impl UpgradeState {
 
     /// Applies one committed command. Every precondition is checked here, and the state's
     /// invariants are asserted afterwards (a broken invariant is a bug, never an input error).
+    /// Whether the acks of `nodes` are all that freeze `epoch` still waits for: the state
+    /// Freezing at `epoch` and every node that owes an ack among `nodes`. The leader proposes a
+    /// freeze's acks together once they complete it ([`Command::Acks`]).
+    pub fn acks_complete(&self, epoch: Epoch, nodes: &BTreeSet<&NodeName>) -> bool {
+        self.acks_awaited(epoch) && self.current.as_ref().is_some_and(|u| u.acks_owed().all(|(n, _)| nodes.contains(n)))
+    }
+
+    /// Whether freeze `epoch` is under way and undecided (its acks are worth gathering).
+    pub fn acks_awaited(&self, epoch: Epoch) -> bool {
+        self.current.as_ref().is_some_and(|u| u.phase == Phase::Freezing && u.epoch == epoch)
+    }
+
     pub fn apply(&mut self, command: &Command) -> Applied {
         let before = (
             self.version,
@@ -283,7 +317,7 @@ impl UpgradeState {
         );
         let result = self.apply_inner(command);
         self.advance();
-        if !matches!(result, Applied::Rejected(_)) && !matches!(command, Command::Report { .. }) {
+        if result.changed() && !matches!(command, Command::Report { .. }) {
             self.version += 1;
         }
         self.assert_invariants(before);
@@ -414,6 +448,16 @@ impl UpgradeState {
                 _ => reject(RejectKind::BadCommand, format!("`{node}` was not asked to retire")),
             },
             Command::Ack { node, epoch, ack } => self.ack(node, *epoch, ack),
+            Command::Acks { epoch, acks } => Applied::Each(
+                acks.iter()
+                    .map(|(node, ack)| match ack {
+                        Ack::Frozen | Ack::Drained { .. } => self.ack(node, *epoch, ack),
+                        Ack::Switched | Ack::Retired => {
+                            reject(RejectKind::BadCommand, "only Frozen and Drained acks are gathered")
+                        }
+                    })
+                    .collect(),
+            ),
             Command::Abort { epoch, reason, now_ms } => self.abort(*epoch, reason, *now_ms, false),
             Command::OperatorAbort { reason, now_ms } => self.operator_abort(reason, *now_ms),
             Command::Join { node } => self.join(node),

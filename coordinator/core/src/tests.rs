@@ -1187,3 +1187,36 @@ fn a_second_report_keeps_the_newest_decision() {
     assert!(state.recovery.is_none(), "router-1's disk vouched: nothing is unknown");
     assert_eq!((state.generation, state.decision()), (Generation(2), Decision::Commit(Epoch(1))));
 }
+
+/// The leader gathers a freeze's acks into one command: what completes the freeze is known
+/// before proposing, the batch decides the commit in the step that applies it, and each ack
+/// gets its own answer (a wrong one is refused without spoiling the others).
+#[test]
+fn a_batch_of_acks_decides_the_freeze_in_one_step_and_answers_each() {
+    let mut state = ready("auto", 3);
+    freeze(&mut state, 1, 0);
+    let (r1, r2, db) = (n("router-1"), n("router-2"), n("db-1"));
+    assert!(state.acks_awaited(Epoch(1)) && !state.acks_awaited(Epoch(2)));
+    assert!(!state.acks_complete(Epoch(1), &[&r1, &r2].into_iter().collect()), "db-1 has not drained");
+    assert!(state.acks_complete(Epoch(1), &[&r1, &r2, &db].into_iter().collect()));
+    assert!(!state.acks_complete(Epoch(2), &[&r1, &r2, &db].into_iter().collect()), "not the epoch frozen");
+    let drained = Ack::Drained { final_position: Position(10), checksum_match: true };
+    let version = state.version;
+    let answer = state.apply(&Command::Acks {
+        epoch: Epoch(1),
+        acks: vec![(r1.clone(), Ack::Frozen), (db.clone(), Ack::Frozen), (r2.clone(), Ack::Switched)],
+    });
+    let Applied::Each(each) = answer else { panic!("{answer:?}") };
+    assert_eq!(each[0], Applied::Accepted);
+    assert!(matches!(&each[1], Applied::Rejected(r) if r.kind == RejectKind::WrongDuties), "{:?}", each[1]);
+    assert!(matches!(&each[2], Applied::Rejected(r) if r.kind == RejectKind::BadCommand), "{:?}", each[2]);
+    assert_eq!(state.version, version + 1, "one batch, one version");
+    assert!(state.acks_complete(Epoch(1), &[&r2, &db].into_iter().collect()), "router-1 is counted");
+    let answer = state.apply(&Command::Acks { epoch: Epoch(1), acks: vec![(r2, Ack::Frozen), (db, drained)] });
+    assert_eq!(answer, Applied::Each(vec![Applied::Accepted, Applied::Accepted]));
+    assert_eq!(state.current.as_ref().unwrap().phase, Phase::Switched, "the batch's last ack decides");
+    assert_eq!(state.outcomes.get(&Epoch(1)), Some(&Outcome::Committed));
+    assert!(!state.acks_awaited(Epoch(1)), "decided: nothing left to gather");
+    let stale = state.apply(&Command::Acks { epoch: Epoch(1), acks: vec![(n("router-1"), Ack::Frozen)] });
+    assert!(!stale.changed(), "a batch after the decision changes nothing: {stale:?}");
+}
