@@ -26,6 +26,12 @@ pub struct CoordinatorArgs {
     /// This replica's name in the cluster file.
     #[arg(long)]
     name: String,
+    /// This replica belongs to a group rebuilt after every replica's data was lost: until
+    /// `imago cluster recover`, the group refuses every other command (a rebuilt group cannot
+    /// otherwise tell itself from a new cluster). Give it to every replica of the rebuilt group;
+    /// it changes nothing once the group holds state of its own.
+    #[arg(long)]
+    rebuilt: bool,
 }
 
 /// Milliseconds of the wall clock: the coordinators' shared clock for deadlines (the driver
@@ -241,6 +247,9 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> {
         let replica = Replica::start(me.id, &members, disk, transport, RaftTiming::default(), Arc::new(wall_ms), false)
             .await
             .map_err(anyhow::Error::msg)?;
+        if args.rebuilt {
+            replica.set_rebuilt();
+        }
         if initialize {
             // Each member as the others will dial it: `name@address` (a replica added later is
             // learnt the same way, from the membership).

@@ -91,6 +91,10 @@ impl Cluster {
     }
 
     fn start(&mut self, name: &str) {
+        self.start_with(name, &[]);
+    }
+
+    fn start_with(&mut self, name: &str, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -101,6 +105,7 @@ impl Cluster {
         let child = imago()
             .args([kind, "--name", name])
             .args(self.data_args.get(name).into_iter().flatten())
+            .args(extra)
             .env("IMAGO_CLUSTER", &self.file)
             .stdout(Stdio::null())
             .stderr(log)
@@ -1093,12 +1098,30 @@ fn cluster_rebuilt_from_nothing_learns_from_the_nodes_disks_and_upgrades_again()
     let refused = w.c.cli(&["cluster", "recover"]);
     assert_eq!(refused.status.code(), Some(1), "{}", String::from_utf8_lossy(&refused.stderr));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("state of its own"));
+    // Started as the design notes say, with `--rebuilt`: the group refuses anything but the
+    // recovery, with a message that says what to do.
     w.c.stop_coordinators();
     for i in 1..=3 {
         let _ = std::fs::remove_dir_all(w.c.dir.join("data").join(format!("coord-{i}")));
     }
-    w.c.start_all();
+    for (name, _) in w.c.coordinators.clone() {
+        w.c.start_with(&name, &["--rebuilt"]);
+    }
     w.c.status_with_leader();
+    let mut refused = w.c.cli(&["router", "join", "router-1"]);
+    for _ in 0..50 {
+        // No leader yet (exit 3) or no answer known (4): asked again; the refusal is 1.
+        if refused.status.code() == Some(1) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        refused = w.c.cli(&["router", "join", "router-1"]);
+    }
+    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(said.contains("rebuilt from nothing") && said.contains("imago cluster recover"), "{said}");
+    let status = json(&w.c.cli(&["upgrade", "status", "--json"]));
+    assert!(status["recovery_blocked"].as_str().is_some_and(|s| s.contains("cluster recover")), "{status}");
     let recover = w.c.cli(&["cluster", "recover"]);
     assert!(recover.status.success(), "{}", String::from_utf8_lossy(&recover.stderr));
     let mut recovered = serde_json::Value::Null;

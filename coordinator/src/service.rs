@@ -4,7 +4,7 @@
 //! proposed through Raft, and views are read from the replica's applied state.
 
 use crate::raft::{self, raft_config, NetworkFactory, Raft, RaftReply, RaftRpc, RaftTiming, SharedDisk, Transport};
-use crate::upgrade::{decision_view, next_command, next_deadline_ms, status, Applied, Command};
+use crate::upgrade::{decision_view, next_command, next_deadline_ms, status, Applied, Command, UpgradeState};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
 use protocol::codec;
@@ -109,6 +109,8 @@ pub struct Replica {
     membership: Arc<tokio::sync::Mutex<()>>,
     /// Freeze acks held to be proposed together, by epoch (see [`ACK_GATHER_MS`]).
     gathered: Arc<std::sync::Mutex<BTreeMap<Epoch, Vec<GatheredAck>>>>,
+    /// Started as a replica of a group rebuilt from nothing ([`Replica::set_rebuilt`]).
+    rebuilt: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An ack held by the leader, and where its answer goes.
@@ -158,6 +160,27 @@ impl Replica {
             last_decision_us: Arc::default(),
             membership: Arc::default(),
             gathered: Arc::default(),
+            rebuilt: Arc::default(),
+        })
+    }
+
+    /// Marks this replica as one of a group rebuilt from nothing (`imago coordinator --rebuilt`):
+    /// while its state is pristine, it refuses every command but `Recover` and, leading,
+    /// proposes [`Command::AwaitRecovery`] first, after which the state itself refuses them (so
+    /// a replica started without the flag cannot take them either). Harmless on a state that
+    /// has anything of its own.
+    pub fn set_rebuilt(&self) {
+        self.rebuilt.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A rebuilt group's replica whose state is not marked yet refuses `command` (unless it
+    /// recovers): the answer.
+    fn refused_before_recovery(&self, command: &Command) -> Option<protocol::messages::Rejection> {
+        let unmarked = self.rebuilt.load(std::sync::atomic::Ordering::Relaxed)
+            && self.read(crate::upgrade::UpgradeState::awaits_recovery_mark);
+        (unmarked && !matches!(command, Command::Recover { .. })).then(|| protocol::messages::Rejection {
+            kind: protocol::messages::RejectKind::Recovering,
+            detail: crate::upgrade::REBUILT_FIRST.to_string(),
         })
     }
 
@@ -243,6 +266,9 @@ impl Replica {
                 Command::Recovered { node, duties, known_version, known_upgrade, disk }
             }
         };
+        if let Some(rejection) = self.refused_before_recovery(&command) {
+            return NodeResponse::Rejected(rejection);
+        }
         node_response(self.propose(command).await)
     }
 
@@ -359,6 +385,9 @@ impl Replica {
                 Command::Recover { expected, lost, abort_unknown_freeze }
             }
         };
+        if let Some(rejection) = self.refused_before_recovery(&command) {
+            return CliResponse::Rejected(rejection);
+        }
         match self.propose(command).await {
             Proposed::Applied(Applied::Started(upgrade)) => CliResponse::Started { upgrade },
             Proposed::Applied(Applied::Accepted) => CliResponse::Accepted,
@@ -511,7 +540,10 @@ impl Replica {
                 _ => None,
             };
             let seen_ms = freeze_seen.map(|(_, at)| at);
-            let (command, deadline_ms) = if leading {
+            let rebuilt = self.rebuilt.load(std::sync::atomic::Ordering::Relaxed);
+            let (command, deadline_ms) = if leading && rebuilt && self.read(UpgradeState::awaits_recovery_mark) {
+                (Some(Command::AwaitRecovery), None)
+            } else if leading {
                 self.read(|state| (next_command(state, now_ms, seen_ms), next_deadline_ms(state, now_ms, seen_ms)))
             } else {
                 (None, None)

@@ -7,7 +7,7 @@ use crate::net::ProcId;
 use crate::world::*;
 use coordinator::upgrade::{Applied, Command, Outcome, UpgradeState};
 use node_core::NodeRecord;
-use protocol::messages::{Ack, CliRequest, CliResponse, Phase, Request, Response};
+use protocol::messages::{Ack, CliRequest, CliResponse, Phase, RejectKind, Request, Response};
 use protocol::{Duty, Epoch, NodeName, Position};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -202,17 +202,16 @@ async fn roster_command(shared: &Shared, request: CliRequest) -> CliResponse {
     let coordinators = with(shared, |w| w.config.coordinators);
     let mut target = 0;
     loop {
-        // A command asked again across a disaster waits for the rebuilt group to recover: sent to
-        // the group before `cluster recover`, a join would be taken as the first of a new cluster
-        // (at generation 1) and the recovery refused.
-        if !matches!(request, CliRequest::Recover { .. }) {
-            after_recovery(shared).await;
-        }
+        // A command asked again across a disaster reaches the rebuilt group, which refuses it
+        // until it has recovered (`Recovering`: before `cluster recover`, a join was once taken
+        // as the first of a new cluster at generation 1, hunt seed 61000041); asked again then.
         match operator_call(shared, coordinator_addr(target), Request::Cli(request.clone())).await {
             Some(Response::Cli(CliResponse::Accepted)) => return CliResponse::Accepted,
             Some(Response::Cli(CliResponse::NotLeader { leader: Some(l) })) => target = replica_index(l),
-            // Refused for now (a join during a freeze): ask again later.
-            Some(Response::Cli(CliResponse::Rejected(r))) if r.kind == protocol::messages::RejectKind::WrongPhase => {
+            // Refused for now (a join during a freeze, anything while recovering): ask again later.
+            Some(Response::Cli(CliResponse::Rejected(r)))
+                if matches!(r.kind, RejectKind::WrongPhase | RejectKind::Recovering) =>
+            {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Some(Response::Cli(answer @ CliResponse::Rejected(_))) => return answer,

@@ -841,6 +841,11 @@ pub async fn start_replica(shared: &Shared, index: usize) {
             return;
         }
     };
+    // A group started after a disaster is a rebuilt one: its replicas are started as the
+    // operator is told to (`imago coordinator --rebuilt`).
+    if with(shared, |w| !w.lost_groups.is_empty()) {
+        replica.set_rebuilt();
+    }
     let driver = {
         let r = replica.clone();
         tokio::spawn(async move { r.run_driver().await })

@@ -55,6 +55,12 @@ pub enum Command {
     /// `abort_unknown_freeze`: the operator asserts that no client saw the new universe of a
     /// freeze whose outcome the disks cannot tell (see [`Recovery::unknown_freeze`]).
     Recover { expected: Vec<NodeName>, lost: Vec<NodeName>, abort_unknown_freeze: bool },
+    /// The first command of a group rebuilt from nothing (its replicas started with
+    /// `imago coordinator --rebuilt`; accepted only by a pristine state): until `Recover`, the
+    /// state refuses everything else. A rebuilt group looks like a new cluster, so without it a
+    /// join or a start sent before `imago cluster recover` was taken as the first of a new
+    /// cluster at generation 1 (simulator hunt seed 61000041).
+    AwaitRecovery,
     /// A node's disk, while recovering (see [`protocol::messages::NodeRequest::Recover`]).
     Recovered { node: NodeName, duties: Vec<Duty>, known_version: u64, known_upgrade: u64, disk: Option<DiskSummary> },
 }
@@ -207,7 +213,13 @@ pub struct UpgradeState {
     /// A group rebuilt from nothing, learning from the nodes' disks: it decides nothing until
     /// every expected node has reported.
     pub recovery: Option<Recovery>,
+    /// A group rebuilt from nothing, waiting for the operator's `Recover` ([`Command::AwaitRecovery`]).
+    pub awaiting_recovery: bool,
 }
+
+/// Why a rebuilt group refuses a command before `Recover`.
+pub const REBUILT_FIRST: &str = "this group was rebuilt from nothing: run `imago cluster recover` before any other \
+     command (until then it cannot tell the cluster's generation, roster and last epoch)";
 
 fn reject(kind: RejectKind, detail: impl Into<String>) -> Applied {
     Applied::Rejected(Rejection { kind, detail: detail.into() })
@@ -378,7 +390,26 @@ impl UpgradeState {
         assert_eq!(self.generation, serving, "the cluster's generation is not the one its last upgrade left");
     }
 
+    /// A state that has decided nothing and knows no roster: a new cluster's, or a rebuilt one's.
+    fn pristine(&self) -> bool {
+        self.current.is_none()
+            && self.outcomes.is_empty()
+            && self.roster.is_empty()
+            && self.upgrades_started == 0
+            && self.generation == Generation::GENESIS
+            && self.recovery.is_none()
+    }
+
+    /// Whether a rebuilt group's replica leading this state must first propose
+    /// [`Command::AwaitRecovery`] (and refuse everything but `Recover` until it is applied).
+    pub fn awaits_recovery_mark(&self) -> bool {
+        self.pristine() && !self.awaiting_recovery
+    }
+
     fn apply_inner(&mut self, command: &Command) -> Applied {
+        if self.awaiting_recovery && !matches!(command, Command::Recover { .. } | Command::AwaitRecovery) {
+            return reject(RejectKind::Recovering, REBUILT_FIRST);
+        }
         if let Some(r) = &self.recovery {
             if !matches!(command, Command::Recover { .. } | Command::Recovered { .. }) {
                 let detail = format!("recovering: {}", r.blocked().unwrap_or_default());
@@ -388,6 +419,14 @@ impl UpgradeState {
         match command {
             Command::Recover { expected, lost, abort_unknown_freeze } => {
                 self.recover(expected, lost, *abort_unknown_freeze)
+            }
+            Command::AwaitRecovery if self.awaiting_recovery => Applied::Accepted,
+            Command::AwaitRecovery if !self.pristine() => {
+                reject(RejectKind::BadCommand, "this group has state of its own: it was not rebuilt from nothing")
+            }
+            Command::AwaitRecovery => {
+                self.awaiting_recovery = true;
+                Applied::Accepted
             }
             Command::Recovered { node, duties, known_version, known_upgrade, disk } => {
                 let Some(r) = self.recovery.as_mut() else {
@@ -809,12 +848,7 @@ impl UpgradeState {
             self.maybe_recovered();
             return Applied::Accepted;
         }
-        let pristine = self.current.is_none()
-            && self.outcomes.is_empty()
-            && self.roster.is_empty()
-            && self.upgrades_started == 0
-            && self.generation == Generation::GENESIS;
-        if !pristine {
+        if !self.pristine() {
             return reject(
                 RejectKind::BadCommand,
                 "this group has state of its own: only a group rebuilt from nothing recovers",
@@ -823,6 +857,7 @@ impl UpgradeState {
         if expected.is_empty() {
             return reject(RejectKind::BadCommand, "a recovery names the nodes whose disks it waits for");
         }
+        self.awaiting_recovery = false;
         self.recovery = Some(Recovery {
             expected: expected.iter().cloned().collect(),
             lost: lost.iter().cloned().collect(),

@@ -1220,3 +1220,44 @@ fn a_batch_of_acks_decides_the_freeze_in_one_step_and_answers_each() {
     let stale = state.apply(&Command::Acks { epoch: Epoch(1), acks: vec![(n("router-1"), Ack::Frozen)] });
     assert!(!stale.changed(), "a batch after the decision changes nothing: {stale:?}");
 }
+
+/// A rebuilt group marks its pristine state first; until `Recover` it refuses everything else
+/// (hunt seed 61000041: a join sent before `cluster recover` was taken as the first join of a
+/// new cluster at generation 1), and says why in the operator's status. A state with anything
+/// of its own is not marked.
+#[test]
+fn a_rebuilt_group_refuses_everything_but_recover_until_it_recovers() {
+    let mut state = UpgradeState::default();
+    assert!(state.awaits_recovery_mark());
+    accepted(&mut state, Command::AwaitRecovery);
+    accepted(&mut state, Command::AwaitRecovery);
+    assert!(!state.awaits_recovery_mark(), "marked");
+    assert_eq!(status(&state).recovery_blocked.as_deref(), Some(REBUILT_FIRST));
+    for command in [
+        Command::Join { node: n("router-1") },
+        Command::Start { plan: Box::new(plan("auto", 3)), token: "t1".into() },
+        Command::Retire { node: n("router-1"), force: true },
+    ] {
+        let refused = rejected(&mut state, command);
+        assert_eq!(refused.kind, RejectKind::Recovering);
+        assert!(refused.detail.contains("imago cluster recover"), "{refused}");
+    }
+    assert!(state.roster.is_empty() && state.current.is_none(), "nothing taken");
+    let refused =
+        rejected(&mut state, Command::Recover { expected: Vec::new(), lost: Vec::new(), abort_unknown_freeze: false });
+    assert_eq!(refused.kind, RejectKind::BadCommand, "a recovery names the nodes: still awaiting");
+    assert!(state.awaiting_recovery);
+    accepted(
+        &mut state,
+        Command::Recover { expected: vec![n("router-1")], lost: Vec::new(), abort_unknown_freeze: false },
+    );
+    assert!(!state.awaiting_recovery && state.recovery.is_some());
+    assert!(!state.awaits_recovery_mark(), "recovering: never marked again");
+    assert_eq!(rejected(&mut state, Command::AwaitRecovery).kind, RejectKind::Recovering);
+
+    let mut new_cluster = UpgradeState::default();
+    accepted(&mut new_cluster, Command::Join { node: n("router-1") });
+    assert!(!new_cluster.awaits_recovery_mark());
+    assert_eq!(rejected(&mut new_cluster, Command::AwaitRecovery).kind, RejectKind::BadCommand);
+    accepted(&mut new_cluster, Command::Join { node: n("router-2") });
+}

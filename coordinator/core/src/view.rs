@@ -1,6 +1,6 @@
 //! Read-only views of the state: what one node needs, and what the operator sees.
 
-use super::{ready_gate, Outcome, UpgradeState};
+use super::{ready_gate, Outcome, UpgradeState, REBUILT_FIRST};
 use protocol::messages::{DecisionView, NodeStatus, Phase, StatusView};
 use protocol::{Decision, Epoch, Generation, NodeName};
 
@@ -99,7 +99,10 @@ pub fn status(state: &UpgradeState) -> StatusView {
             gate_blockers: Vec::new(),
             last_abort_reason: None,
             recovery_waiting: state.recovery.as_ref().map(|r| r.waiting()),
-            recovery_blocked: state.recovery.as_ref().and_then(|r| r.blocked()),
+            recovery_blocked: match &state.recovery {
+                Some(r) => r.blocked(),
+                None => state.awaiting_recovery.then(|| REBUILT_FIRST.to_string()),
+            },
             nodes: Vec::new(),
         };
     };
