@@ -262,6 +262,12 @@ pub enum Scenario {
     /// first and the second upgrade every coordinator replica loses its data whether or not they
     /// have healed. Needs `--upgrades 2` or more.
     DisasterUnderFaults,
+    /// Every coordinator replica loses its data while the first upgrade switches (as a router
+    /// freezes, as its ack leaves, or as it acts on the commit): nodes hold the freeze, some
+    /// may have acked, some may hold the commit. The group started afresh must learn the
+    /// freeze's outcome from their disks (or, when no disk can tell, take the operator's word
+    /// that no client saw the new universe), and the chain goes on. Needs `--upgrades 2` or more.
+    DisasterDuringFreeze,
 }
 
 impl Scenario {
@@ -335,7 +341,11 @@ impl SimConfig {
         if !(1..=20).contains(&self.upgrades) {
             return Err("--upgrades must be 1..=20".into());
         }
-        if matches!(self.scenario, Some(Scenario::Disaster | Scenario::DisasterUnderFaults)) && self.upgrades < 2 {
+        if matches!(
+            self.scenario,
+            Some(Scenario::Disaster | Scenario::DisasterUnderFaults | Scenario::DisasterDuringFreeze)
+        ) && self.upgrades < 2
+        {
             return Err("--scenario disaster strikes between upgrades: it needs --upgrades 2 or more".into());
         }
         Ok(())

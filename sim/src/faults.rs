@@ -75,6 +75,8 @@ pub enum Condition {
     RouterAcked { router: usize },
     /// A data node fenced its old store (fires at once, mid-drain).
     Fenced { data: usize },
+    /// A router acts on a commit (fires at once: it may be the only node that holds it).
+    RouterCommits { router: usize },
 }
 
 /// A fault that fires on a condition.
@@ -324,6 +326,21 @@ impl FaultPlan {
         if scenario == Scenario::Disaster {
             return FaultPlan { between_upgrades: Some((1, FaultEvent::Disaster)), ..FaultPlan::quiet(rng) };
         }
+        if scenario == Scenario::DisasterDuringFreeze {
+            // As a router freezes (before its ack), as its ack leaves, or as it acts on the
+            // commit: some routers hold the freeze, some may have acked, and the commit may be
+            // decided and held by some disks only.
+            let router = rng.gen_range(0..config.routers);
+            let when = match rng.gen_range(0..3) {
+                0 => Condition::RouterFreezes { router },
+                1 => Condition::RouterAcked { router },
+                _ => Condition::RouterCommits { router },
+            };
+            return FaultPlan {
+                triggered: vec![Triggered { when, event: FaultEvent::Disaster }],
+                ..FaultPlan::quiet(rng)
+            };
+        }
         let router = rng.gen_range(0..config.routers);
         let (when, event) = match scenario {
             Scenario::LeaderCrashDuringFreeze => (
@@ -343,7 +360,10 @@ impl FaultPlan {
             Scenario::CommitLostToRouter => {
                 (Condition::Freezing { after_ms: 0 }, FaultEvent::LoseCommit { router, count: rng.gen_range(1..=4) })
             }
-            Scenario::CoordinatorsDown | Scenario::Disaster | Scenario::DisasterUnderFaults => {
+            Scenario::CoordinatorsDown
+            | Scenario::Disaster
+            | Scenario::DisasterUnderFaults
+            | Scenario::DisasterDuringFreeze => {
                 unreachable!("planned above")
             }
         };

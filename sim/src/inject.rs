@@ -555,6 +555,7 @@ impl World {
                 | Condition::Copying { .. }
                 | Condition::RouterFreezes { .. }
                 | Condition::RouterAcked { .. }
+                | Condition::RouterCommits { .. }
                 | Condition::Fenced { .. } => keep.push(t),
             }
         }

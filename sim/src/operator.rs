@@ -17,8 +17,16 @@ pub(crate) async fn run_chain(shared: Shared) {
             let generation = loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 // The upgrade the operator started last, as the group numbered it.
-                let (state, last) = with(&shared, |w| (w.freshest_state(), w.started.last().copied()));
+                let (state, last, rebuilt) = with(&shared, |w| {
+                    (w.freshest_state(), w.started.last().copied(), !w.lost_groups.is_empty() && !w.recovering)
+                });
                 if state.current.as_ref().is_some_and(|u| Some(u.id) == last && u.phase.is_terminal()) {
+                    break state.generation;
+                }
+                // A disaster during its freeze: the rebuilt group knows the generation the freeze
+                // left (its outcome, learnt from the nodes' disks) but not the upgrade. It ended
+                // there, as far as the operator can tell; the next one starts from it.
+                if rebuilt && state.current.is_none() && state.recovery.is_none() {
                     break state.generation;
                 }
             };

@@ -422,8 +422,14 @@ impl World {
         if let Decision::Freeze(e) = decision {
             self.stats.first_freeze_act_us.entry(e).or_insert(now);
         }
-        if let (ProcId::Router(router), Decision::Freeze(_)) = (node, decision) {
-            self.fire_on(crate::faults::Condition::RouterFreezes { router });
+        match (node, decision) {
+            (ProcId::Router(router), Decision::Freeze(_)) => {
+                self.fire_on(crate::faults::Condition::RouterFreezes { router })
+            }
+            (ProcId::Router(router), Decision::Commit(_)) => {
+                self.fire_on(crate::faults::Condition::RouterCommits { router })
+            }
+            _ => {}
         }
     }
 
