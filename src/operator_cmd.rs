@@ -128,6 +128,16 @@ pub enum ClusterCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Raise the replicated state's format to `--to` (after every replica runs a build that
+    /// reads it; see "Versioned formats" in the design notes). Every replica of the group is
+    /// asked first: one that does not answer, or reads only older formats, is named and nothing
+    /// changes. A format is only ever raised: an older build cannot join the group afterwards.
+    RaiseFormat {
+        #[arg(long)]
+        to: u32,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 /// The coordinator group, called with the operator's certificate.
@@ -516,6 +526,8 @@ fn cluster_json(v: &ClusterView) -> serde_json::Value {
         "members": v.members,
         "applied_index": v.applied_index,
         "generation": v.generation.0,
+        "format": v.format,
+        "format_readable": v.format_readable,
         "roster": v.roster.iter().map(|(n, r)| serde_json::json!({"name": n.0, "status": format!("{r:?}")})).collect::<Vec<_>>(),
         "last_contact_ms_ago": v.last_contact_ms_ago.iter().map(|(n, ms)| serde_json::json!({"name": n.0, "ms": ms})).collect::<Vec<_>>(),
     })
@@ -531,6 +543,10 @@ fn cluster_text(v: &ClusterView) -> String {
         v.applied_index.map_or("-".to_string(), |i| i.to_string()),
         v.generation.0
     );
+    out.push_str(&format!(
+        "\n  replicated state: format {} (this replica reads up to {})",
+        v.format, v.format_readable
+    ));
     if v.roster.is_empty() {
         out.push_str("\n  roster: empty (routers join with `imago router join NAME`)");
     }
@@ -671,6 +687,7 @@ pub fn cluster(command: ClusterCommand) -> anyhow::Result<ExitCode> {
             }
             one(&common, CliRequest::Recover { expected, lost, abort_unknown_freeze }, "cluster recover")
         }
+        ClusterCommand::RaiseFormat { to, common } => raise_format(&common, to),
         ClusterCommand::RemoveReplica { name, common } => {
             let cluster = common.cluster.load()?;
             let Some(replica) = cluster.coordinator_named(&name) else {
@@ -679,6 +696,46 @@ pub fn cluster(command: ClusterCommand) -> anyhow::Result<ExitCode> {
             one(&common, CliRequest::RemoveReplica { id: replica.id }, &format!("cluster remove-replica {name}"))
         }
     }
+}
+
+/// `imago cluster raise-format --to N`: every member must say it reads `N`, then the leader
+/// proposes it. A replica that cannot be asked, or reads less, is named and nothing changes.
+fn raise_format(common: &Common, to: u32) -> anyhow::Result<ExitCode> {
+    let cluster = common.cluster.load()?;
+    let what = format!("cluster raise-format --to {to}");
+    runtime()?.block_on(async {
+        let coordinators = Coordinators::new(&cluster)?;
+        let members = match coordinators.call(CliRequest::Cluster).await {
+            Outcome::Answered(CliResponse::Cluster(view)) => view.members,
+            other => return Ok(report(common.json, &what, other)),
+        };
+        let mut unable = Vec::new();
+        for id in members {
+            let name = coordinators.names.get(&id).cloned().unwrap_or_else(|| format!("replica {id}"));
+            let timeout = Duration::from_millis(CALL_MS_MAX);
+            match coordinators.transport.call(id, Request::Cli(CliRequest::Cluster), timeout).await {
+                Ok(Response::Cli(CliResponse::Cluster(v))) if v.format_readable >= to => {}
+                Ok(Response::Cli(CliResponse::Cluster(v))) => {
+                    unable.push(format!("{name} reads up to format {}", v.format_readable))
+                }
+                Ok(other) => unable.push(format!("{name} answered {other:?}")),
+                Err(e) => unable.push(format!("{name} did not answer ({e})")),
+            }
+        }
+        if !unable.is_empty() {
+            let why = format!(
+                "{what}: refused, nothing changed: every replica must read format {to} first: {}",
+                unable.join("; ")
+            );
+            if common.json {
+                println!("{}", serde_json::json!({ "outcome": "refused", "reason": why }));
+            } else {
+                eprintln!("{why}");
+            }
+            return Ok(ExitCode::from(1));
+        }
+        Ok(report(common.json, &what, coordinators.call(CliRequest::RaiseFormat { to }).await))
+    })
 }
 
 /// FNV-1a (64 bits): a stable digest of the plan text for the start token.

@@ -248,6 +248,12 @@ fn cluster_of_three_keeps_its_state_through_a_leader_crash_and_a_full_restart() 
     assert_eq!(roster(&after), want);
     let retire = c.cli(&["router", "retire", "router-2", "--force"]);
     assert_eq!(retire.status.code(), Some(0), "{}", String::from_utf8_lossy(&retire.stderr));
+    // The replicated state's format is raised only once every replica says it reads it: the
+    // dead one cannot say so.
+    let raise = c.cli(&["cluster", "raise-format", "--to", "1"]);
+    let said = String::from_utf8_lossy(&raise.stderr).into_owned();
+    assert_eq!(raise.status.code(), Some(1), "{said}");
+    assert!(said.contains(&format!("{leader} did not answer")) && said.contains("nothing changed"), "{said}");
 
     // Every replica stopped and started again: the state is the one they committed.
     c.stop_all();
@@ -264,6 +270,18 @@ fn cluster_of_three_keeps_its_state_through_a_leader_crash_and_a_full_restart() 
     }
     assert_eq!(roster(&restarted), want);
     assert!(restarted["term"].as_u64() > first["term"].as_u64(), "{restarted}");
+    assert_eq!((restarted["format"].as_u64(), restarted["format_readable"].as_u64()), (Some(1), Some(1)));
+    // No replica of this build reads format 2; format 1 is the one written already.
+    let raise = c.cli(&["cluster", "raise-format", "--to", "2"]);
+    let said = String::from_utf8_lossy(&raise.stderr).into_owned();
+    assert_eq!(raise.status.code(), Some(1), "{said}");
+    for (name, _) in &c.coordinators {
+        assert!(said.contains(&format!("{name} reads up to format 1")), "{said}");
+    }
+    let raise = c.cli(&["cluster", "raise-format", "--to", "1"]);
+    let said = String::from_utf8_lossy(&raise.stderr).into_owned();
+    assert_eq!(raise.status.code(), Some(1), "{said}");
+    assert!(said.contains("already writes format 1"), "{said}");
 
     // With every coordinator down the CLI says so, quickly, with its own exit code.
     c.stop_all();

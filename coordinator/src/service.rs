@@ -4,7 +4,9 @@
 //! proposed through Raft, and views are read from the replica's applied state.
 
 use crate::raft::{self, raft_config, NetworkFactory, Raft, RaftReply, RaftRpc, RaftTiming, SharedDisk, Transport};
-use crate::upgrade::{decision_view, next_command, next_deadline_ms, status, Applied, Command, UpgradeState};
+use crate::upgrade::{
+    decision_view, next_command, next_deadline_ms, status, Applied, Command, UpgradeState, STATE_FORMAT_MAX,
+};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
 use protocol::codec;
@@ -374,6 +376,17 @@ impl Replica {
                 };
             }
             CliRequest::Cluster => return CliResponse::Cluster(self.cluster_view()),
+            // The leader checks its own build; the CLI has asked every replica first.
+            CliRequest::RaiseFormat { to } if to > STATE_FORMAT_MAX.0 => {
+                return CliResponse::Rejected(protocol::messages::Rejection {
+                    kind: protocol::messages::RejectKind::BadCommand,
+                    detail: format!(
+                        "replica {} reads up to format {}: upgrade it before raising the format to {to}",
+                        self.id, STATE_FORMAT_MAX.0
+                    ),
+                })
+            }
+            CliRequest::RaiseFormat { to } => Command::RaiseFormat { to },
             CliRequest::AddReplica { id, address } => return self.add_replica(id, address).await,
             CliRequest::RemoveReplica { id } => return self.remove_replica(id).await,
             CliRequest::Start { plan, token } => Command::Start { plan, token },
@@ -487,6 +500,8 @@ impl Replica {
             roster,
             // The process that serves the replica fills this in (it sees each caller).
             last_contact_ms_ago: Vec::new(),
+            format: self.read(|s| s.format.0),
+            format_readable: STATE_FORMAT_MAX.0,
         }
     }
 

@@ -113,3 +113,26 @@ fn a_data_directory_of_another_cluster_is_refused() {
     }
     assert!(open_data_dir(dir.path(), "east", UpgradeState::default()).is_ok(), "its own cluster opens it");
 }
+
+/// The replicated state's format is raised only to one every replica reads: the leader refuses
+/// the operator's request for a format its build does not read, and a replica whose log gets
+/// such a raise anyway (written by a newer leader) stops before applying it, saying why, with
+/// its state as it was.
+#[tokio::test]
+async fn a_replica_stops_at_a_state_format_it_cannot_read() {
+    use imago_coordinator::upgrade::{Command, StateFormat, STATE_FORMAT_MAX};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let replica = start(dir.path()).await;
+    let newer = STATE_FORMAT_MAX.0 + 1;
+    match replica.handle(Request::Cli(CliRequest::RaiseFormat { to: newer })).await {
+        Response::Cli(CliResponse::Rejected(r)) => assert!(r.detail.contains("reads up to format"), "{r}"),
+        other => panic!("{other:?}"),
+    }
+    let written =
+        tokio::time::timeout(Duration::from_secs(5), replica.raft.client_write(Command::RaiseFormat { to: newer }))
+            .await
+            .expect("openraft answers");
+    let error = written.expect_err("a format this build cannot read is not applied").to_string();
+    assert!(error.contains("upgrade imago on this replica"), "{error}");
+    assert_eq!(replica.read(|s| s.format), StateFormat(1), "nothing of it applied");
+}

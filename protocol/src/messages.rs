@@ -500,6 +500,11 @@ pub enum CliRequest {
     },
     /// The coordinator group as the answering replica sees it (any replica answers).
     Cluster,
+    /// The cluster writes replicated-state format `to` from now on (the CLI first asks every
+    /// replica whether it reads it).
+    RaiseFormat {
+        to: u32,
+    },
     /// A group rebuilt from nothing (every replica's data lost): learn the cluster's state from
     /// the disks of the `expected` nodes (the cluster file's) before deciding anything. Nodes in
     /// `lost` are not waited for: the operator asserts they are gone and cut off from clients.
@@ -539,6 +544,10 @@ pub struct ClusterView {
     /// When this replica last heard from each node, in ms before the answer (not replicated:
     /// another replica may have heard from it later).
     pub last_contact_ms_ago: Vec<(NodeName, u64)>,
+    /// The replicated state's format the cluster writes.
+    pub format: u32,
+    /// The newest replicated-state format this replica's build reads.
+    pub format_readable: u32,
 }
 
 /// Status of one node as the coordinator sees it.

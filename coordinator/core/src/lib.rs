@@ -61,6 +61,12 @@ pub enum Command {
     /// join or a start sent before `imago cluster recover` was taken as the first of a new
     /// cluster at generation 1 (simulator hunt seed 61000041).
     AwaitRecovery,
+    /// The cluster writes replicated-state format `to` from now on (`imago cluster
+    /// raise-format`, once every replica has said it reads it). Accepted only above the
+    /// current format; whether this build can read `to` is the replica's own check before it
+    /// applies the command (the store stops a replica that cannot, so no replica applies what
+    /// it cannot read).
+    RaiseFormat { to: u32 },
     /// A node's disk, while recovering (see [`protocol::messages::NodeRequest::Recover`]).
     Recovered { node: NodeName, duties: Vec<Duty>, known_version: u64, known_upgrade: u64, disk: Option<DiskSummary> },
 }
@@ -215,7 +221,23 @@ pub struct UpgradeState {
     pub recovery: Option<Recovery>,
     /// A group rebuilt from nothing, waiting for the operator's `Recover` ([`Command::AwaitRecovery`]).
     pub awaiting_recovery: bool,
+    /// The format of the replicated state's commands and shape that the cluster writes.
+    pub format: StateFormat,
 }
+
+/// A format of the replicated state (see the design notes, "Versioned formats").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StateFormat(pub u32);
+
+impl Default for StateFormat {
+    fn default() -> StateFormat {
+        StateFormat(1)
+    }
+}
+
+/// The newest replicated-state format this build reads, and so the highest a cluster of this
+/// build's replicas may be raised to.
+pub const STATE_FORMAT_MAX: StateFormat = StateFormat(1);
 
 /// Why a rebuilt group refuses a command before `Recover`.
 pub const REBUILT_FIRST: &str = "this group was rebuilt from nothing: run `imago cluster recover` before any other \
@@ -419,6 +441,14 @@ impl UpgradeState {
         match command {
             Command::Recover { expected, lost, abort_unknown_freeze } => {
                 self.recover(expected, lost, *abort_unknown_freeze)
+            }
+            Command::RaiseFormat { to } if *to <= self.format.0 => reject(
+                RejectKind::BadCommand,
+                format!("the cluster already writes format {}: a format is only ever raised", self.format.0),
+            ),
+            Command::RaiseFormat { to } => {
+                self.format = StateFormat(*to);
+                Applied::Accepted
             }
             Command::AwaitRecovery if self.awaiting_recovery => Applied::Accepted,
             Command::AwaitRecovery if !self.pristine() => {

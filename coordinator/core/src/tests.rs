@@ -1261,3 +1261,20 @@ fn a_rebuilt_group_refuses_everything_but_recover_until_it_recovers() {
     assert_eq!(rejected(&mut new_cluster, Command::AwaitRecovery).kind, RejectKind::BadCommand);
     accepted(&mut new_cluster, Command::Join { node: n("router-2") });
 }
+
+/// The replicated state's format is only ever raised, by a command (each replica checks before
+/// applying it that its build reads the new format: `raft/store.rs`).
+#[test]
+fn the_state_format_is_only_ever_raised() {
+    let mut state = UpgradeState::default();
+    assert_eq!(state.format, StateFormat(1), "a new cluster writes format 1");
+    assert!(STATE_FORMAT_MAX >= state.format, "this build reads what it writes");
+    for to in [0, 1] {
+        let refused = rejected(&mut state, Command::RaiseFormat { to });
+        assert!(refused.detail.contains("already writes format 1"), "{refused}");
+    }
+    let version = state.version;
+    accepted(&mut state, Command::RaiseFormat { to: 3 });
+    assert_eq!((state.format, state.version), (StateFormat(3), version + 1));
+    assert_eq!(rejected(&mut state, Command::RaiseFormat { to: 2 }).kind, RejectKind::BadCommand);
+}

@@ -20,7 +20,7 @@
 
 use super::durable::{Change, Durable};
 use super::TypeConfig;
-use crate::upgrade::{Applied, UpgradeState};
+use crate::upgrade::{Applied, Command, UpgradeState, STATE_FORMAT_MAX};
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
     Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
@@ -303,6 +303,19 @@ impl RaftStateMachine<C> for StateMachineStore {
             let mut d = self.write()?;
             d.unsynced();
             for entry in entries {
+                // A format this build cannot read stops the replica before it applies anything
+                // written in it (the policy: a newer format is refused, loudly).
+                if let EntryPayload::Normal(Command::RaiseFormat { to }) = &entry.payload {
+                    if *to > STATE_FORMAT_MAX.0 {
+                        let why = format!(
+                            "the cluster's replicated state was raised to format {to}, but this build reads up to \
+                             format {}: upgrade imago on this replica",
+                            STATE_FORMAT_MAX.0
+                        );
+                        tracing::error!("{why}");
+                        return Err(io_error(std::io::Error::other(why)));
+                    }
+                }
                 d.applied.last_applied = Some(entry.log_id);
                 let result = match entry.payload {
                     EntryPayload::Blank => Applied::Accepted,
