@@ -281,6 +281,9 @@ impl Replica {
         let (answer, mut answered) = tokio::sync::oneshot::channel();
         let complete = {
             let mut gathered = self.gathered.lock().unwrap_or_else(|p| p.into_inner());
+            // Acks of earlier freezes left by callers that went away are never proposed now
+            // (those freezes are decided); their waiters, if any, hear "unknown".
+            gathered.retain(|e, _| *e >= epoch);
             let held = gathered.entry(epoch).or_default();
             held.push(GatheredAck { node, ack, answer });
             let nodes: BTreeSet<&NodeName> = held.iter().map(|g| &g.node).collect();
