@@ -232,16 +232,18 @@ fn operator_said(shared: &Shared, what: &str, answer: &CliResponse) {
     });
 }
 
-/// The reserve router is deployed (no disk state of its own) and joins; the load balancer puts
-/// it in rotation once it serves (its readiness check).
-/// Waits while a rebuilt group recovers: it refuses every other command until then (as
-/// `imago cluster recover` tells the operator), so an operator changes the roster after it.
+/// Waits while a rebuilt group recovers. The group itself refuses roster commands until then
+/// (`Recovering`, which [`roster_command`] asks again after); this wait is for what the operator
+/// does to the routers around them (deploying one, taking one out of rotation or cutting it
+/// off), which an operator does once the group serves again.
 async fn after_recovery(shared: &Shared) {
     while with(shared, |w| w.recovering) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
+/// The reserve router is deployed (no disk state of its own) and joins; the load balancer puts
+/// it in rotation once it serves (its readiness check).
 async fn join_reserve(shared: &Shared) {
     after_recovery(shared).await;
     let (index, name) = with(shared, |w| {
@@ -564,11 +566,6 @@ impl World {
     }
 }
 
-/// The disaster: every coordinator replica loses its data. A group is started afresh on empty
-/// disks (and its membership initialized, as at the first start), and the operator runs
-/// `imago cluster recover`, naming every node that can still tell what its disk holds (the data
-/// nodes and the deployed routers) and, as lost, the routers retired by force (cut off for
-/// good). Returns once the group has recovered, so the chain's next upgrade goes to it.
 /// The views sent so far were a lost group's (or a wiped replica's): versions start again.
 fn forget_views(shared: &Shared) {
     with(shared, |w| {
@@ -591,6 +588,11 @@ fn wipe_replicas(shared: &Shared, coordinators: usize) {
     });
 }
 
+/// The disaster: every coordinator replica loses its data. A group is started afresh on empty
+/// disks (and its membership initialized, as at the first start), and the operator runs
+/// `imago cluster recover`, naming every node that can still tell what its disk holds (the data
+/// nodes and the deployed routers) and, as lost, the routers retired by force (cut off for
+/// good). Returns once the group has recovered, so the chain's next upgrade goes to it.
 pub(crate) async fn disaster(shared: &Shared) {
     let coordinators = with(shared, |w| {
         w.scan_replicas();

@@ -398,17 +398,17 @@ fn scenario_coordinators_down_while_syncing_fails_no_client_request() {
     }
 }
 
-/// Disaster recovery: between two upgrades every coordinator replica loses its data; a group
-/// started afresh recovers from the nodes' disks (the generation, the last epoch and its
-/// outcome, the roster, versions and upgrade ids above the nodes'), and the second upgrade
-/// switches through it. (Were versions or ids to start again, nodes would ignore the new group,
-/// or the chain would wait forever for its next upgrade.)
 /// The seed's disaster struck and the rebuilt group accepted the recovery.
 fn assert_recovered(r: &SeedReport) {
     assert!(r.fault_log.iter().any(|f| f.contains("Disaster")), "seed {}: {:?}", r.seed, r.fault_log);
     assert!(r.fault_log.iter().any(|f| f.contains("cluster recover: Accepted")), "seed {}: {:?}", r.seed, r.fault_log);
 }
 
+/// Disaster recovery: between two upgrades every coordinator replica loses its data; a group
+/// started afresh recovers from the nodes' disks (the generation, the last epoch and its
+/// outcome, the roster, versions and upgrade ids above the nodes'), and the second upgrade
+/// switches through it. (Were versions or ids to start again, nodes would ignore the new group,
+/// or the chain would wait forever for its next upgrade.)
 #[test]
 fn scenario_disaster_the_rebuilt_group_recovers_and_the_chain_goes_on() {
     let config = SimConfig { scenario: Some(Scenario::Disaster), upgrades: 2, ..SimConfig::default() };
