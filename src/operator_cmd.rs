@@ -723,16 +723,9 @@ fn raise_format(common: &Common, to: u32) -> anyhow::Result<ExitCode> {
             }
         }
         if !unable.is_empty() {
-            let why = format!(
-                "{what}: refused, nothing changed: every replica must read format {to} first: {}",
-                unable.join("; ")
-            );
-            if common.json {
-                println!("{}", serde_json::json!({ "outcome": "refused", "reason": why }));
-            } else {
-                eprintln!("{why}");
-            }
-            return Ok(ExitCode::from(1));
+            let detail = format!("nothing changed: every replica must read format {to} first: {}", unable.join("; "));
+            let refused = protocol::messages::Rejection { kind: protocol::messages::RejectKind::BadCommand, detail };
+            return Ok(report(common.json, &what, Outcome::Answered(CliResponse::Rejected(refused))));
         }
         Ok(report(common.json, &what, coordinators.call(CliRequest::RaiseFormat { to }).await))
     })

@@ -176,14 +176,12 @@ impl Replica {
     }
 
     /// A rebuilt group's replica whose state is not marked yet refuses `command` (unless it
-    /// recovers): the answer.
+    /// recovers): the answer ([`UpgradeState::refused_before_the_mark`]).
     fn refused_before_recovery(&self, command: &Command) -> Option<protocol::messages::Rejection> {
-        let unmarked = self.rebuilt.load(std::sync::atomic::Ordering::Relaxed)
-            && self.read(crate::upgrade::UpgradeState::awaits_recovery_mark);
-        (unmarked && !matches!(command, Command::Recover { .. })).then(|| protocol::messages::Rejection {
-            kind: protocol::messages::RejectKind::Recovering,
-            detail: crate::upgrade::REBUILT_FIRST.to_string(),
-        })
+        if !self.rebuilt.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        self.read(|state| state.refused_before_the_mark(command))
     }
 
     /// Stops this incarnation (its disk stays).

@@ -327,8 +327,6 @@ impl UpgradeState {
         }
     }
 
-    /// Applies one committed command. Every precondition is checked here, and the state's
-    /// invariants are asserted afterwards (a broken invariant is a bug, never an input error).
     /// Whether the acks of `nodes` are all that freeze `epoch` still waits for: the state
     /// Freezing at `epoch` and every node that owes an ack among `nodes`. The leader proposes a
     /// freeze's acks together once they complete it ([`Command::Acks`]).
@@ -341,6 +339,8 @@ impl UpgradeState {
         self.current.as_ref().is_some_and(|u| u.phase == Phase::Freezing && u.epoch == epoch)
     }
 
+    /// Applies one committed command. Every precondition is checked here, and the state's
+    /// invariants are asserted afterwards (a broken invariant is a bug, never an input error).
     pub fn apply(&mut self, command: &Command) -> Applied {
         let before = (
             self.version,
@@ -428,8 +428,21 @@ impl UpgradeState {
         self.pristine() && !self.awaiting_recovery
     }
 
+    /// What a replica of a rebuilt group (`imago coordinator --rebuilt`) answers `command`
+    /// before proposing it while this state is not marked yet: the same refusal the marked
+    /// state gives, for anything but the recovery.
+    pub fn refused_before_the_mark(&self, command: &Command) -> Option<Rejection> {
+        (self.awaits_recovery_mark() && !Self::allowed_before_recovery(command))
+            .then(|| Rejection { kind: RejectKind::Recovering, detail: REBUILT_FIRST.to_string() })
+    }
+
+    /// The commands a rebuilt group takes before `Recover`.
+    fn allowed_before_recovery(command: &Command) -> bool {
+        matches!(command, Command::Recover { .. } | Command::AwaitRecovery)
+    }
+
     fn apply_inner(&mut self, command: &Command) -> Applied {
-        if self.awaiting_recovery && !matches!(command, Command::Recover { .. } | Command::AwaitRecovery) {
+        if self.awaiting_recovery && !Self::allowed_before_recovery(command) {
             return reject(RejectKind::Recovering, REBUILT_FIRST);
         }
         if let Some(r) = &self.recovery {

@@ -1229,6 +1229,11 @@ fn a_batch_of_acks_decides_the_freeze_in_one_step_and_answers_each() {
 fn a_rebuilt_group_refuses_everything_but_recover_until_it_recovers() {
     let mut state = UpgradeState::default();
     assert!(state.awaits_recovery_mark());
+    // Before the mark, a rebuilt group's replica refuses the same way (all but the recovery).
+    let join = Command::Join { node: n("router-1") };
+    assert_eq!(state.refused_before_the_mark(&join).map(|r| r.kind), Some(RejectKind::Recovering));
+    let recover = Command::Recover { expected: vec![n("router-1")], lost: Vec::new(), abort_unknown_freeze: false };
+    assert_eq!(state.refused_before_the_mark(&recover), None);
     accepted(&mut state, Command::AwaitRecovery);
     accepted(&mut state, Command::AwaitRecovery);
     assert!(!state.awaits_recovery_mark(), "marked");
