@@ -169,6 +169,12 @@ struct Forwarding {
     p99_us: f64,
     /// Answers other than 200, and connections that failed.
     failed: usize,
+    /// CPU time (user and system) the proxy's process spent per answered request, where there
+    /// is a proxy process to read it from (nginx's worker, the router): the cost of forwarding
+    /// that does not depend on how the 2 cores are shared with the clients and the backend.
+    proxy_cpu_us_per_request: Option<f64>,
+    /// Of which in user space (the rest is the kernel's: sockets, wake-ups).
+    proxy_user_cpu_us_per_request: Option<f64>,
 }
 
 /// Closed loop: `connections` clients each sending GETs one after another for `secs`.
@@ -204,7 +210,57 @@ async fn load(port: u16, connections: usize, secs: f64, path: &str) -> Forwardin
     }
     let (p50, p99, _) = percentiles(all.clone());
     let requests_per_s = all.len() as f64 / secs;
-    Forwarding { path: path.to_string(), connections, requests_per_s, p50_us: p50, p99_us: p99, failed }
+    let (proxy_cpu_us_per_request, proxy_user_cpu_us_per_request) = (None, None);
+    Forwarding {
+        path: path.to_string(),
+        connections,
+        requests_per_s,
+        p50_us: p50,
+        p99_us: p99,
+        failed,
+        proxy_cpu_us_per_request,
+        proxy_user_cpu_us_per_request,
+    }
+}
+
+/// CPU time `pid` has spent, in µs: (user, system) (`/proc/PID/stat`, clock ticks of 10 ms).
+fn cpu_us(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command's name (which may hold spaces): state is the 3rd field, utime
+    // the 14th and stime the 15th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let (user, system) = (fields.get(11)?.parse::<u64>().ok()?, fields.get(12)?.parse::<u64>().ok()?);
+    Some((user * 10_000, system * 10_000))
+}
+
+/// The children of `pid` (nginx's worker under its master).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat")).ok().is_some_and(|stat| {
+                let rest = stat.rfind(')').map_or("", |at| &stat[at + 2..]);
+                rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid)
+            })
+        })
+        .collect()
+}
+
+/// [`load`], reading the CPU time the processes `pids` spent during it.
+async fn load_measured(port: u16, connections: usize, secs: f64, path: &str, pids: &[u32]) -> Forwarding {
+    let cpu = || pids.iter().filter_map(|p| cpu_us(*p)).fold((0, 0), |(u, s), (u2, s2)| (u + u2, s + s2));
+    let before = cpu();
+    let mut f = load(port, connections, secs, path).await;
+    let after = cpu();
+    let (user_us, system_us) = (after.0.saturating_sub(before.0), after.1.saturating_sub(before.1));
+    let answered = f.requests_per_s * secs;
+    if !pids.is_empty() && answered > 0.0 {
+        f.proxy_cpu_us_per_request = Some((user_us + system_us) as f64 / answered);
+        f.proxy_user_cpu_us_per_request = Some(user_us as f64 / answered);
+    }
+    f
 }
 
 // ---- processes --------------------------------------------------------------------------------
@@ -611,19 +667,19 @@ fn main() {
     // Rounds interleave the three paths, so that a drift of the machine's speed hits them alike;
     // each path's figure is its median round (by throughput).
     let rounds = if quick() { 1 } else { 3 };
-    let mut ports = vec![("direct", direct_port)];
-    if let Some((_, port)) = &proxy {
-        ports.push(("nginx", *port));
+    let mut ports = vec![("direct", direct_port, Vec::new())];
+    if let Some((child, port)) = &proxy {
+        ports.push(("nginx", *port, children(child.id())));
     }
-    ports.push(("router", router_port));
+    ports.push(("router", router_port, vec![c.pid("router-1")]));
     for connections in [32, 1] {
         let mut runs: BTreeMap<&str, Vec<Forwarding>> = BTreeMap::new();
         for _ in 0..rounds {
-            for (path, port) in &ports {
-                runs.entry(*path).or_default().push(rt.block_on(load(*port, connections, secs, path)));
+            for (path, port, pids) in &ports {
+                runs.entry(*path).or_default().push(rt.block_on(load_measured(*port, connections, secs, path, pids)));
             }
         }
-        for (path, _) in &ports {
+        for (path, _, _) in &ports {
             let mut of_path = runs.remove(path).unwrap_or_default();
             of_path.sort_by(|a, b| a.requests_per_s.total_cmp(&b.requests_per_s));
             forwarding.push(of_path.swap_remove(of_path.len() / 2));
@@ -737,8 +793,12 @@ fn print_forwarding(forwarding: &[Forwarding], nginx_note: &Option<String>) {
         "forwarding a 1 KiB answer over keep-alive connections (closed loop; each the median of interleaved rounds):"
     );
     for f in forwarding {
+        let cpu = match (f.proxy_cpu_us_per_request, f.proxy_user_cpu_us_per_request) {
+            (Some(all), Some(user)) => format!("   proxy CPU {all:.1} µs/request ({user:.1} in user space)"),
+            _ => String::new(),
+        };
         println!(
-            "  {:<7} {:>2} client(s) {:>9.0} req/s   p50 {:>7.0} µs   p99 {:>7.0} µs   {} failed",
+            "  {:<7} {:>2} client(s) {:>9.0} req/s   p50 {:>7.0} µs   p99 {:>7.0} µs   {} failed{cpu}",
             f.path, f.connections, f.requests_per_s, f.p50_us, f.p99_us, f.failed
         );
     }

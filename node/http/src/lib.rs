@@ -5,5 +5,6 @@
 
 pub mod disk;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod stores;

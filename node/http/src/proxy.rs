@@ -13,15 +13,14 @@
 //! rules the core learnt from the plan (`IngressCore::rules`), until a plan by its own
 //! configuration.
 
+use crate::pool::Pool;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::http::uri::PathAndQuery;
+use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use node::ingress::ClientRequest;
 use node::io::{Ingress, Purpose};
 use node_core::ingress::{ClientReply, IngressCore, IngressEvent, Unavailable};
@@ -76,13 +75,15 @@ impl Default for ProxyConfig {
     }
 }
 
-/// One client request inside the node: what it asked, and where its answer goes.
-pub struct HttpRequest {
-    /// Alive while the request is open: an answer that comes after its client was answered
-    /// (a request ended at a freeze) is dropped, not kept.
-    open: std::sync::Arc<()>,
-    /// The shell's number for it (its forwarded answer waits under it).
-    local: u64,
+/// One client request inside the node: what it asked, and where its answer goes. Boxed: the
+/// actor keeps open requests in a map, which moves its values.
+pub struct HttpRequest(Box<Asked>);
+
+struct Asked {
+    /// Where its forwarded answer waits for the core's reply. Only the request holds it
+    /// strongly: an answer that comes after its client was answered (a request ended at a
+    /// freeze) is dropped, not kept.
+    answer: std::sync::Arc<std::sync::Mutex<Option<Response<Bytes>>>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -92,12 +93,12 @@ pub struct HttpRequest {
 
 /// The proxy's side of the ingress actor.
 pub struct HttpIngress {
-    client: Client<HttpConnector, Full<Bytes>>,
+    pool: Rc<Pool>,
+    /// When idle connections were last pruned (the node's clock, ms).
+    pruned_ms: std::cell::Cell<u64>,
     config: Rc<ProxyConfig>,
-    /// Forwarded answers waiting for the core's reply, by the shell's request number.
-    answers: Rc<RefCell<BTreeMap<u64, Response<Bytes>>>>,
     /// Each endpoint as parsed.
-    targets: RefCell<BTreeMap<String, Target>>,
+    targets: RefCell<BTreeMap<String, Rc<Target>>>,
     /// The plan's rules, as the core last had them (shared with [`serve`]).
     rules: Rules,
     /// The core's `rules_changes` when `rules` was copied.
@@ -112,17 +113,10 @@ pub struct HttpIngress {
 
 impl HttpIngress {
     pub fn new(config: ProxyConfig) -> HttpIngress {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_millis(config.connect_ms_max)));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(config.idle_per_endpoint_max)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
         HttpIngress {
-            client,
+            pool: Rc::new(Pool::new(config.connect_ms_max, config.idle_per_endpoint_max)),
+            pruned_ms: std::cell::Cell::new(0),
             config: Rc::new(config),
-            answers: Rc::default(),
             targets: RefCell::default(),
             rules: Rc::default(),
             rules_seen: std::cell::Cell::new(0),
@@ -138,8 +132,9 @@ impl HttpIngress {
         self
     }
 
-    /// The URI of `path` at `endpoint` (parsed once per endpoint).
-    fn target(&self, endpoint: &str, path: Option<&PathAndQuery>) -> Result<Uri, String> {
+    /// Where `path` at `endpoint` goes: the endpoint's authority, and the path in origin form
+    /// (under the endpoint's base path). Each endpoint is parsed once.
+    fn target(&self, endpoint: &str, path: Option<&PathAndQuery>) -> Result<(Authority, PathAndQuery), String> {
         let known = self.targets.borrow().get(endpoint).cloned();
         let target = match known {
             Some(t) => t,
@@ -148,8 +143,11 @@ impl HttpIngress {
                 let (Some(scheme), Some(authority)) = (parts.scheme, parts.authority) else {
                     return Err(format!("endpoint `{endpoint}` names no scheme and host"));
                 };
+                if scheme != hyper::http::uri::Scheme::HTTP {
+                    return Err(format!("endpoint `{endpoint}`: the router forwards over http only"));
+                }
                 let base = parts.path_and_query.as_ref().map_or("", |p| p.path()).trim_end_matches('/').to_string();
-                let t = Target { scheme, authority, base };
+                let t = Rc::new(Target { authority, base });
                 self.targets.borrow_mut().insert(endpoint.to_string(), t.clone());
                 t
             }
@@ -162,12 +160,7 @@ impl HttpIngress {
                 format!("{}{p}", target.base).parse::<PathAndQuery>().map_err(|e| e.to_string())?
             }
         };
-        Uri::builder()
-            .scheme(target.scheme)
-            .authority(target.authority)
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|e| e.to_string())
+        Ok((target.authority.clone(), path_and_query))
     }
 
     /// The plan's rules as the core has them, for [`serve`] to classify requests by.
@@ -214,11 +207,9 @@ fn key_value(key: RequestKey) -> HeaderValue {
     HeaderValue::from_bytes(&text).expect("hex digits and a dash make a header value")
 }
 
-/// An endpoint as parsed once: scheme, authority and base path.
-#[derive(Clone)]
+/// An endpoint as parsed once: authority and base path (its scheme is http).
 struct Target {
-    scheme: hyper::http::uri::Scheme,
-    authority: hyper::http::uri::Authority,
+    authority: Authority,
     base: String,
 }
 
@@ -284,9 +275,10 @@ impl Ingress for HttpIngress {
         key: RequestKey,
         purpose: Purpose,
     ) -> impl Future<Output = Option<StoreAnswer>> + 'static {
+        let request = &request.0;
         let mirror = purpose.is_mirror();
         let compared = purpose.compared();
-        let sent = self.target(endpoint, request.uri.path_and_query()).map(|uri| {
+        let sent = self.target(endpoint, request.uri.path_and_query()).map(|(authority, path_and_query)| {
             let mut headers = HeaderMap::with_capacity(request.headers.len() + 3);
             for (name, value) in &request.headers {
                 if !HOP_BY_HOP.contains(name) {
@@ -300,22 +292,32 @@ impl Ingress for HttpIngress {
             }
             let mut outgoing = Request::new(Full::new(request.body.clone()));
             *outgoing.method_mut() = request.method.clone();
-            *outgoing.uri_mut() = uri;
+            *outgoing.uri_mut() = Uri::from(path_and_query);
             *outgoing.headers_mut() = headers;
-            self.client.request(outgoing)
+            self.pool.send(&authority, outgoing)
         });
-        let (config, answers, local) = (self.config.clone(), self.answers.clone(), request.local);
-        let open = std::sync::Arc::downgrade(&request.open);
+        let config = self.config.clone();
+        let waiting = std::sync::Arc::downgrade(&request.answer);
         async move {
-            let response = match sent {
+            let sent = match sent {
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot build the forwarded request");
                     return None;
                 }
-                Ok(sent) => tokio::time::timeout(Duration::from_millis(config.forward_ms_max), sent).await,
+                Ok(sent) => sent,
             };
-            let (parts, body) = match response {
-                Ok(Ok(response)) => response.into_parts(),
+            // The whole answer, head and body, within `forward_ms_max`; the connection goes
+            // back to the pool once the body is read.
+            let answer = async {
+                let (response, lease) = sent.await.map_err(|e| e.to_string())?;
+                let (parts, body) = response.into_parts();
+                let collected = Limited::new(body, config.body_bytes_max).collect().await.map_err(|e| e.to_string())?;
+                lease.release();
+                Ok::<_, String>((parts, collected.to_bytes()))
+            };
+            let (parts, bytes) = match tokio::time::timeout(Duration::from_millis(config.forward_ms_max), answer).await
+            {
+                Ok(Ok(answer)) => answer,
                 // No answer in time, or none at all: the outcome is unknown to the core.
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, generation = generation.0, mirror, "forward failed");
@@ -323,15 +325,12 @@ impl Ingress for HttpIngress {
                 }
                 Err(_) => return None,
             };
-            let body = Limited::new(body, config.body_bytes_max).collect();
-            let bytes = match tokio::time::timeout(Duration::from_millis(config.forward_ms_max), body).await {
-                Ok(Ok(collected)) => collected.to_bytes(),
-                _ => return None,
-            };
             // Only an answer the core compares is read as a row.
             let row = compared.then(|| answer_row(&parts, &bytes, config.compared_text_bytes_max));
-            if !mirror && open.strong_count() > 0 {
-                answers.borrow_mut().insert(local, Response::from_parts(parts, bytes));
+            if !mirror {
+                if let Some(waiting) = waiting.upgrade() {
+                    *waiting.lock().unwrap_or_else(|e| e.into_inner()) = Some(Response::from_parts(parts, bytes));
+                }
             }
             Some(StoreAnswer::Ok { body: row, position: Position(0) })
         }
@@ -345,13 +344,17 @@ impl Ingress for HttpIngress {
         if let Some(m) = &self.metrics {
             m.replied(&reply);
         }
-        let stashed = self.answers.borrow_mut().remove(&request.local);
+        let request = *request.0;
+        let stashed = request.answer.lock().unwrap_or_else(|e| e.into_inner()).take();
         let response = match reply {
             ClientReply::Answer(StoreAnswer::Ok { .. }) => match stashed {
                 Some(answer) => {
                     let (mut parts, body) = answer.into_parts();
-                    for name in &HOP_BY_HOP {
-                        parts.headers.remove(name);
+                    // Most answers carry none of these: one pass over their few headers says so.
+                    if parts.headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+                        for name in &HOP_BY_HOP {
+                            parts.headers.remove(name);
+                        }
                     }
                     Response::from_parts(parts, Full::new(body))
                 }
@@ -407,8 +410,12 @@ impl Ingress for HttpIngress {
         }
     }
 
-    fn observe(&self, _now_ms: u64, core: &IngressCore) {
+    fn observe(&self, now_ms: u64, core: &IngressCore) {
         self.in_progress.set(core.requests());
+        if now_ms >= self.pruned_ms.get() + 1_000 {
+            self.pruned_ms.set(now_ms);
+            self.pool.prune();
+        }
         let (upgrade, epoch) = self.upgrade.get();
         if upgrade != core.upgrade().map(|u| u.0) {
             self.upgrade.set((core.upgrade().map(|u| u.0), epoch));
@@ -436,7 +443,6 @@ pub async fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let config = Rc::new(config);
-    let next = Rc::new(std::cell::Cell::new(1u64));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -444,12 +450,10 @@ pub async fn serve(
         };
         let Ok((stream, _)) = accepted else { continue };
         let _ = stream.set_nodelay(true);
-        let (inbox, shared, next, rules) = (inbox.clone(), config.clone(), next.clone(), rules.clone());
+        let (inbox, shared, rules) = (inbox.clone(), config.clone(), rules.clone());
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let (inbox, config, rules) = (inbox.clone(), shared.clone(), rules.clone());
-            let local = next.get();
-            next.set(local + 1);
-            async move { Ok::<_, std::convert::Infallible>(handle(request, local, &inbox, &config, &rules).await) }
+            async move { Ok::<_, std::convert::Infallible>(handle(request, &inbox, &config, &rules).await) }
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .max_buf_size(config.head_bytes_max.max(8192))
@@ -463,7 +467,6 @@ pub async fn serve(
 
 async fn handle(
     request: Request<Incoming>,
-    local: u64,
     inbox: &Inbox,
     config: &ProxyConfig,
     rules: &Rules,
@@ -487,9 +490,14 @@ async fn handle(
         None => (config.read_only_methods.contains(&parts.method), false),
     };
     let (reply, answer) = oneshot::channel();
-    let open = std::sync::Arc::new(());
-    let request =
-        HttpRequest { open, local, method: parts.method, uri: parts.uri, headers: parts.headers, body, reply };
+    let request = HttpRequest(Box::new(Asked {
+        answer: std::sync::Arc::default(),
+        method: parts.method,
+        uri: parts.uri,
+        headers: parts.headers,
+        body,
+        reply,
+    }));
     match inbox.try_send(ClientRequest { read_only, long, request }) {
         Ok(()) => {}
         Err(actix::prelude::SendError::Full(_)) => {
