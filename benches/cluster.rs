@@ -11,7 +11,8 @@
 //!   latency of requests during the switch (the hold) p50/p99/max against requests before it,
 //!   and failed requests;
 //! - a router's memory over 60 s at 1,000 requests/s, and a full hold queue answering 503 at once
-//!   (`IMAGO_BENCH_ONLY=switch` measures only the switch, nothing written).
+//!   (`IMAGO_BENCH_ONLY=switch` measures only the switch, `=queue` only the full queue; nothing
+//!   written).
 //!
 //! Set `IMAGO_BENCH_QUICK=1` for shorter runs (a smoke test of the benchmark itself).
 
@@ -602,8 +603,13 @@ struct Memory {
 struct FullQueue {
     hold_queue_max: usize,
     sent_while_frozen: usize,
+    /// Answered 503 within 50 ms (the queue was full), and held (answered after the freeze).
     answered_503_within_50ms: usize,
+    held: usize,
     rss_kib_before: u64,
+    /// Half-way through the load (the queue long full) and at its end: flat, since a refused
+    /// request costs nothing once answered.
+    rss_kib_half_way: u64,
     rss_kib_after: u64,
 }
 
@@ -647,6 +653,12 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
     let secs = if quick() { 1.0 } else { 3.0 };
 
+    if std::env::var("IMAGO_BENCH_ONLY").is_ok_and(|v| v == "queue") {
+        let q = full_hold_queue(&rt);
+        println!("{q:?}");
+        println!("(IMAGO_BENCH_ONLY=queue: nothing else measured, nothing written)");
+        return;
+    }
     if std::env::var("IMAGO_BENCH_ONLY").is_ok_and(|v| v == "switch") {
         for routers in [1, 2, 4] {
             print_switch(&switch_at_steady_rate(&rt, routers));
@@ -751,11 +763,13 @@ fn main() {
         memory.seconds, memory.rss_kib_at_start, memory.rss_kib_at_end, memory.requests, memory.failed
     );
     println!(
-        "full hold queue ({}): {} sent while frozen, {} answered 503 within 50 ms; RSS {} -> {} KiB",
+        "full hold queue ({}): {} sent while frozen, {} held, {} answered 503 within 50 ms; RSS {} -> {} (half-way) -> {} KiB",
         full_queue.hold_queue_max,
         full_queue.sent_while_frozen,
+        full_queue.held,
         full_queue.answered_503_within_50ms,
         full_queue.rss_kib_before,
+        full_queue.rss_kib_half_way,
         full_queue.rss_kib_after
     );
     let targets = BTreeMap::from([
@@ -814,7 +828,12 @@ fn full_hold_queue(rt: &tokio::runtime::Runtime) -> FullQueue {
     let mut c = Cluster::new("queue", 1, 1, v1);
     c.start(&["--hold-ms-max", "5000", "--hold-queue-max", "100"]);
     let port = c.routers[0].1;
+    // The plan's limits are the ones the router applies during its upgrade.
     let plan = c.plan(v2, 5_000);
+    let text = std::fs::read_to_string(&plan).expect("plan");
+    let limited = text.replace("hold_ms_max = 5000\n", "hold_ms_max = 5000\nhold_queue_max = 100\n");
+    assert_ne!(limited, text, "the plan names its hold limit");
+    std::fs::write(&plan, limited).expect("plan");
     assert!(c.cli(&["upgrade", "start", plan.to_str().expect("path")]).status.success());
     // Mirrored reads for the gate.
     rt.block_on(async {
@@ -848,7 +867,9 @@ fn full_hold_queue(rt: &tokio::runtime::Runtime) -> FullQueue {
     let stop = Arc::new(AtomicBool::new(false));
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let load_task = rt.spawn(steady(vec![port], 1_000, stop.clone(), samples.clone()));
-    std::thread::sleep(Duration::from_millis(1_500));
+    std::thread::sleep(Duration::from_millis(750));
+    let rss_half_way = rss_kib(c.pid("router-1"));
+    std::thread::sleep(Duration::from_millis(750));
     stop.store(true, Ordering::SeqCst);
     let rss_after = rss_kib(c.pid("router-1"));
     rt.block_on(async {
@@ -861,7 +882,9 @@ fn full_hold_queue(rt: &tokio::runtime::Runtime) -> FullQueue {
         hold_queue_max: 100,
         sent_while_frozen: samples.len(),
         answered_503_within_50ms: samples.iter().filter(|s| s.2 == 503 && s.1 <= 50_000).count(),
+        held: samples.iter().filter(|s| s.1 > 50_000).count(),
         rss_kib_before: rss_before,
+        rss_kib_half_way: rss_half_way,
         rss_kib_after: rss_after,
     }
 }

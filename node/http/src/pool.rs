@@ -72,9 +72,11 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Gives the connection back for another request, if it is still open and there is room.
+    /// Gives the connection back for another request, if it is ready for one (its answer read
+    /// and its request written whole: a backend may answer before it has read a large request
+    /// body, and such a connection is closed rather than kept) and there is room.
     pub fn release(self) {
-        if self.sender.is_closed() {
+        if !self.sender.is_ready() {
             return;
         }
         let mut idle = self.endpoint.idle.borrow_mut();
@@ -146,11 +148,14 @@ impl Pool {
         if let Some(e) = self.endpoints.borrow().get(authority.as_str()) {
             return e.clone();
         }
-        let address = match authority.port_u16() {
-            Some(_) => authority.as_str().to_string(),
-            None => format!("{}:80", authority.host()),
+        // The `Host` header names the port only if it is not http's own, as clients do.
+        let port = authority.port_u16().unwrap_or(80);
+        let address = format!("{}:{port}", authority.host());
+        let host = match port {
+            80 => authority.host().to_string(),
+            _ => address.clone(),
         };
-        let host = HeaderValue::from_str(authority.as_str()).expect("an authority is a valid header value");
+        let host = HeaderValue::from_str(&host).expect("an authority's host and port are a valid header value");
         let endpoint = Rc::new(Endpoint { address, host, idle_max: self.idle_max, idle: RefCell::default() });
         self.endpoints.borrow_mut().insert(authority.as_str().to_string(), endpoint.clone());
         endpoint
@@ -158,19 +163,21 @@ impl Pool {
 }
 
 impl Endpoint {
-    /// The most recently used idle connection still open and not idle for too long.
+    /// The most recently used idle connection still ready and not idle for too long.
     fn checkout(&self) -> Option<SendRequest<Full<Bytes>>> {
         let mut idle = self.idle.borrow_mut();
         let now = Instant::now();
         while let Some(i) = idle.pop() {
             let fresh = now.saturating_duration_since(i.since) <= Duration::from_millis(IDLE_MS_MAX);
-            if fresh && !i.sender.is_closed() {
+            if fresh && i.sender.is_ready() {
                 return Some(i.sender);
             }
         }
         None
     }
 
+    /// A new connection within `connect_ms_max`. A host name is resolved, and its addresses
+    /// are tried in turn, within that one deadline: endpoints are best named by address.
     async fn connect(&self, connect_ms_max: u64) -> Result<SendRequest<Full<Bytes>>, PoolError> {
         let address = self.address.clone();
         let connecting = tokio::net::TcpStream::connect(address.clone());
@@ -305,6 +312,17 @@ mod tests {
             pool.prune();
             assert_eq!(pool.idle(), 2, "none idle for too long yet");
         });
+    }
+
+    #[test]
+    fn the_host_header_names_the_port_only_if_it_is_not_the_default() {
+        let pool = Pool::new(1_000, 2);
+        let plain = pool.endpoint(&"shop.example".parse().unwrap());
+        assert_eq!((plain.address.as_str(), plain.host.to_str().unwrap()), ("shop.example:80", "shop.example"));
+        let own = pool.endpoint(&"shop.example:80".parse().unwrap());
+        assert_eq!((own.address.as_str(), own.host.to_str().unwrap()), ("shop.example:80", "shop.example"));
+        let other = pool.endpoint(&"10.0.0.7:8080".parse().unwrap());
+        assert_eq!((other.address.as_str(), other.host.to_str().unwrap()), ("10.0.0.7:8080", "10.0.0.7:8080"));
     }
 
     #[test]

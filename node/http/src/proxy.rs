@@ -146,6 +146,9 @@ impl HttpIngress {
                 if scheme != hyper::http::uri::Scheme::HTTP {
                     return Err(format!("endpoint `{endpoint}`: the router forwards over http only"));
                 }
+                if authority.as_str().contains('@') {
+                    return Err(format!("endpoint `{endpoint}`: user info in an endpoint is not supported"));
+                }
                 let base = parts.path_and_query.as_ref().map_or("", |p| p.path()).trim_end_matches('/').to_string();
                 let t = Rc::new(Target { authority, base });
                 self.targets.borrow_mut().insert(endpoint.to_string(), t.clone());
