@@ -41,6 +41,11 @@ pub enum Ended {
     Switched,
     /// The plan's upgrade is the cluster's last, and it was rolled back.
     RolledBack,
+    /// The coordinator group was rebuilt after a disaster (it has decided epochs, learnt from
+    /// the nodes' disks, but holds no upgrade) and serves the plan's old generation: an upgrade
+    /// in flight then was lost with the group, its freeze aborted, its new universe never
+    /// served. Its data node waits for it for ever; it is retired, or the upgrade started again.
+    Lost,
 }
 
 /// Whether the upgrade of plan `name` from generation `from` has ended, by the coordinators'
@@ -59,6 +64,7 @@ pub fn ended(status: &StatusView, name: &str, from: Generation) -> Result<Ended,
         ));
     }
     match (status.upgrade, status.name == name, status.phase) {
+        (None, _, _) if status.epoch.0 > 0 => Ok(Ended::Lost),
         (Some(_), true, Some(Phase::RolledBack)) => Ok(Ended::RolledBack),
         (Some(_), true, Some(phase)) if !phase.is_terminal() => {
             Err(format!("upgrade `{name}` is still running ({phase:?}): retire its databases once it has ended"))
@@ -98,6 +104,7 @@ pub fn run(args: &RetireArgs) -> anyhow::Result<ExitCode> {
     let outcome = match how {
         Ended::Switched => "switched",
         Ended::RolledBack => "was rolled back",
+        Ended::Lost => "was lost with the coordinators rebuilt after a disaster (never switched to)",
     };
     println!(
         "upgrade `{}` {outcome}: Imago's capture and fence are gone from {} (left: {}), its checkpoint, key map and \
@@ -129,7 +136,8 @@ mod tests {
             upgrade: phase.map(|_| UpgradeId(4)),
             name: name.into(),
             phase,
-            epoch: Epoch(2),
+            // A cluster that never upgraded has decided no epoch.
+            epoch: Epoch(if phase.is_some() { 2 } else { 0 }),
             generation: Generation(generation),
             attempts: 1,
             gate_blockers: Vec::new(),
@@ -153,6 +161,11 @@ mod tests {
         assert!(other.contains("last upgrade is `other`"), "{other}");
         let none = ended(&status(2, "", None), "v3", from).unwrap_err();
         assert!(none.contains("has not ended"), "{none}");
+        // A group rebuilt after a disaster has epochs but no upgrade: one in flight was lost.
+        let rebuilt = StatusView { epoch: Epoch(7), ..status(2, "", None) };
+        assert_eq!(ended(&rebuilt, "v3", from), Ok(Ended::Lost));
+        let switched_then_lost = StatusView { epoch: Epoch(7), ..status(3, "", None) };
+        assert_eq!(ended(&switched_then_lost, "v3", from), Ok(Ended::Switched));
         let early = ended(&status(1, "", None), "v3", from).unwrap_err();
         assert!(early.contains("before the plan's 2"), "{early}");
         let recovering = StatusView { recovery_blocked: Some("waiting for db-1".into()), ..status(3, "v3", None) };

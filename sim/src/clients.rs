@@ -115,11 +115,16 @@ pub(crate) async fn abort_on_mismatches(shared: Shared) {
 /// Manual mode: a persistent operator asks for the switch whenever the upgrade is syncing
 /// (again after an abort, which clears the request) until the upgrade ends.
 pub(crate) async fn request_switch(shared: &Shared, id: protocol::UpgradeId) {
-    let coordinators = with(shared, |w| w.config.coordinators);
+    let (coordinators, groups_lost) = with(shared, |w| (w.config.coordinators, w.lost_groups.len()));
     let mut target = 0;
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let state = with(shared, |w| w.freshest_state());
+        let (state, lost) = with(shared, |w| (w.freshest_state(), w.upgrade_lost_since(groups_lost)));
+        // The group that knew this upgrade was lost in a disaster, and the rebuilt one holds
+        // none: there is nothing to switch (the chain's operator decides what comes next).
+        if lost {
+            return;
+        }
         let Some(upgrade) = state.current.filter(|u| u.id >= id) else { continue };
         if upgrade.phase.is_terminal() || upgrade.id > id {
             return;
@@ -145,6 +150,14 @@ pub(crate) async fn operator_call(shared: &Shared, to: u64, request: Request) ->
 }
 
 impl World {
+    /// A group was lost in a disaster since `groups_lost` were, and the rebuilt group, its
+    /// recovery done, holds no upgrade: the upgrade in flight then is gone with it (the
+    /// rebuilt group learnt its freeze's outcome from the nodes' disks, not the upgrade).
+    pub(crate) fn upgrade_lost_since(&self, groups_lost: usize) -> bool {
+        let state = self.freshest_state();
+        self.lost_groups.len() > groups_lost && !self.recovering && state.current.is_none() && state.recovery.is_none()
+    }
+
     /// A client updates only a user whose registration it saw succeed (a real client registers
     /// first); for one not known to exist, a user loaded before the run. The app would refuse
     /// the update ("no user"), an answer of the application's, not a failure of the cluster.

@@ -268,6 +268,12 @@ pub enum Scenario {
     /// freeze's outcome from their disks (or, when no disk can tell, take the operator's word
     /// that no client saw the new universe), and the chain goes on. Needs `--upgrades 2` or more.
     DisasterDuringFreeze,
+    /// The disaster during a switch under the full fault mix of `--faults`: the seed's faults
+    /// are drawn as without a scenario, and every coordinator replica loses its data as a
+    /// router freezes, as its ack leaves, or as it acts on the commit, of whichever upgrade
+    /// gets there first. An upgrade the rebuilt group no longer knows is started again by the
+    /// operator if it was the chain's last. Needs `--upgrades 2` or more.
+    DisasterDuringFreezeUnderFaults,
 }
 
 impl Scenario {
@@ -343,7 +349,12 @@ impl SimConfig {
         }
         if matches!(
             self.scenario,
-            Some(Scenario::Disaster | Scenario::DisasterUnderFaults | Scenario::DisasterDuringFreeze)
+            Some(
+                Scenario::Disaster
+                    | Scenario::DisasterUnderFaults
+                    | Scenario::DisasterDuringFreeze
+                    | Scenario::DisasterDuringFreezeUnderFaults
+            )
         ) && self.upgrades < 2
         {
             return Err("--scenario disaster strikes between upgrades: it needs --upgrades 2 or more".into());

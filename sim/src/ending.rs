@@ -49,7 +49,9 @@ impl World {
     /// nothing held.
     pub(crate) fn finished(&self) -> bool {
         let state = self.freshest_state();
-        let last = self.started.last().copied().filter(|_| self.started.len() == self.config.upgrades as usize);
+        // (One more than the chain's upgrades when the last was lost in a disaster and started
+        // again.)
+        let last = self.started.last().copied().filter(|_| self.started.len() >= self.config.upgrades as usize);
         let Some(upgrade) = state.current.as_ref().filter(|u| Some(u.id) == last) else {
             return false;
         };

@@ -151,6 +151,12 @@ impl FaultPlan {
                 plan.between_upgrades = Some((1, FaultEvent::Disaster));
                 return plan;
             }
+            Some(Scenario::DisasterDuringFreezeUnderFaults) => {
+                let mut plan = FaultPlan::draw(&SimConfig { scenario: None, ..config.clone() }, rng);
+                plan.triggered
+                    .push(Triggered { when: FaultPlan::during_a_switch(config, rng), event: FaultEvent::Disaster });
+                return plan;
+            }
             Some(s) => return FaultPlan::scenario(s, config, rng),
             None => {}
         }
@@ -327,15 +333,7 @@ impl FaultPlan {
             return FaultPlan { between_upgrades: Some((1, FaultEvent::Disaster)), ..FaultPlan::quiet(rng) };
         }
         if scenario == Scenario::DisasterDuringFreeze {
-            // As a router freezes (before its ack), as its ack leaves, or as it acts on the
-            // commit: some routers hold the freeze, some may have acked, and the commit may be
-            // decided and held by some disks only.
-            let router = rng.gen_range(0..config.routers);
-            let when = match rng.gen_range(0..3) {
-                0 => Condition::RouterFreezes { router },
-                1 => Condition::RouterAcked { router },
-                _ => Condition::RouterCommits { router },
-            };
+            let when = FaultPlan::during_a_switch(config, rng);
             return FaultPlan {
                 triggered: vec![Triggered { when, event: FaultEvent::Disaster }],
                 ..FaultPlan::quiet(rng)
@@ -363,7 +361,8 @@ impl FaultPlan {
             Scenario::CoordinatorsDown
             | Scenario::Disaster
             | Scenario::DisasterUnderFaults
-            | Scenario::DisasterDuringFreeze => {
+            | Scenario::DisasterDuringFreeze
+            | Scenario::DisasterDuringFreezeUnderFaults => {
                 unreachable!("planned above")
             }
         };
@@ -374,6 +373,18 @@ impl FaultPlan {
             (_, e) => e,
         };
         FaultPlan { triggered: vec![Triggered { when, event }], ..FaultPlan::quiet(rng) }
+    }
+
+    /// A moment of a switch, a third of seeds each: as a router freezes (before its ack), as its
+    /// ack leaves, or as it acts on the commit. Some routers then hold the freeze, some may have
+    /// acked, and the commit may be decided and held by some disks only.
+    fn during_a_switch(config: &SimConfig, rng: &mut ChaCha8Rng) -> Condition {
+        let router = rng.gen_range(0..config.routers);
+        match rng.gen_range(0..3) {
+            0 => Condition::RouterFreezes { router },
+            1 => Condition::RouterAcked { router },
+            _ => Condition::RouterCommits { router },
+        }
     }
 
     /// Light network noise and nothing else.

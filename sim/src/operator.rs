@@ -44,4 +44,28 @@ pub(crate) async fn run_chain(shared: Shared) {
         }
         start_upgrade(&shared, k).await;
     }
+    // The chain's last upgrade lost in a disaster during its switch: the rebuilt group learnt
+    // the freeze's outcome, not the upgrade, and the upgrade's data nodes wait for it (their
+    // capture runs on, nothing applies it). The operator starts it again from the generation
+    // the group serves: as after a rollback, the data nodes either keep running (they take the
+    // new start for theirs, from the same generation, and go on from their checkpoints) or
+    // are deployed afresh.
+    let generation = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (state, last, lost) = with(&shared, |w| {
+            let lost = !w.lost_groups.is_empty() && !w.recovering;
+            (w.freshest_state(), w.started.last().copied(), lost)
+        });
+        if state.current.as_ref().is_some_and(|u| Some(u.id) == last && u.phase.is_terminal()) {
+            return;
+        }
+        if lost && state.current.is_none() && state.recovery.is_none() {
+            break state.generation;
+        }
+    };
+    with(&shared, |w| {
+        w.record(format_args!("operator: the last upgrade was lost in a disaster; it starts again"));
+        w.deploy_next(generation);
+    });
+    start_upgrade(&shared, upgrades).await;
 }
