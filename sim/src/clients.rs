@@ -152,7 +152,8 @@ pub(crate) async fn operator_call(shared: &Shared, to: u64, request: Request) ->
 impl World {
     /// A group was lost in a disaster since `groups_lost` were, and the rebuilt group, its
     /// recovery done, holds no upgrade: the upgrade in flight then is gone with it (the
-    /// rebuilt group learnt its freeze's outcome from the nodes' disks, not the upgrade).
+    /// rebuilt group learnt its freeze's outcome from the nodes' disks, not the upgrade). With
+    /// 0: since the run began.
     pub(crate) fn upgrade_lost_since(&self, groups_lost: usize) -> bool {
         let state = self.freshest_state();
         self.lost_groups.len() > groups_lost && !self.recovering && state.current.is_none() && state.recovery.is_none()

@@ -17,16 +17,15 @@ pub(crate) async fn run_chain(shared: Shared) {
             let generation = loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 // The upgrade the operator started last, as the group numbered it.
-                let (state, last, rebuilt) = with(&shared, |w| {
-                    (w.freshest_state(), w.started.last().copied(), !w.lost_groups.is_empty() && !w.recovering)
-                });
+                let (state, last, lost) =
+                    with(&shared, |w| (w.freshest_state(), w.started.last().copied(), w.upgrade_lost_since(0)));
                 if state.current.as_ref().is_some_and(|u| Some(u.id) == last && u.phase.is_terminal()) {
                     break state.generation;
                 }
                 // A disaster during its freeze: the rebuilt group knows the generation the freeze
                 // left (its outcome, learnt from the nodes' disks) but not the upgrade. It ended
                 // there, as far as the operator can tell; the next one starts from it.
-                if rebuilt && state.current.is_none() && state.recovery.is_none() {
+                if lost {
                     break state.generation;
                 }
             };
@@ -52,14 +51,12 @@ pub(crate) async fn run_chain(shared: Shared) {
     // are deployed afresh.
     let generation = loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let (state, last, lost) = with(&shared, |w| {
-            let lost = !w.lost_groups.is_empty() && !w.recovering;
-            (w.freshest_state(), w.started.last().copied(), lost)
-        });
+        let (state, last, lost) =
+            with(&shared, |w| (w.freshest_state(), w.started.last().copied(), w.upgrade_lost_since(0)));
         if state.current.as_ref().is_some_and(|u| Some(u.id) == last && u.phase.is_terminal()) {
             return;
         }
-        if lost && state.current.is_none() && state.recovery.is_none() {
+        if lost {
             break state.generation;
         }
     };
