@@ -547,3 +547,103 @@ mod tests {
         assert_eq!(twice.get(&header_key("vary")), Some(&Value::Text("a, b".into())));
     }
 }
+
+#[cfg(test)]
+mod forward_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A backend that reads one request head and answers `head` and `body`, then keeps the
+    /// connection open without another byte.
+    async fn backend(answer: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+            stream.write_all(answer.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        endpoint
+    }
+
+    fn request() -> (HttpRequest, oneshot::Receiver<Response<Full<Bytes>>>) {
+        let (reply, answer) = oneshot::channel();
+        let asked = Asked {
+            answer: std::sync::Arc::default(),
+            method: Method::GET,
+            uri: Uri::from_static("/item/4"),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            reply,
+        };
+        (HttpRequest(Box::new(asked)), answer)
+    }
+
+    fn run(test: impl Future<Output = ()>) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        tokio::task::LocalSet::new().block_on(&runtime, test);
+    }
+
+    const KEY: RequestKey = RequestKey { origin: 7, id: 9 };
+
+    #[test]
+    fn an_answer_waits_in_its_request_until_the_core_replies() {
+        run(async {
+            let endpoint = backend("HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-v: 2\r\n\r\nhello").await;
+            let ingress = HttpIngress::new(ProxyConfig::default());
+            let (request, answer) = request();
+            let sent = ingress.forward(&request, Generation(2), &endpoint, KEY, Purpose::Serve { compared: true });
+            match sent.await {
+                Some(StoreAnswer::Ok { body: Some(row), .. }) => {
+                    assert_eq!(row.get(BODY_KEY), Some(&Value::Text("hello".into())));
+                }
+                other => panic!("an answer compared as a row, got {other:?}"),
+            }
+            ingress.reply(request, ClientReply::Answer(StoreAnswer::Ok { body: None, position: Position(0) }));
+            let response = answer.await.unwrap();
+            assert_eq!(response.headers().get("x-v").unwrap(), "2");
+            let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"hello");
+        });
+    }
+
+    #[test]
+    fn an_answer_whose_body_stalls_is_unknown_within_the_forward_deadline() {
+        run(async {
+            // The head comes at once, the body never whole: the deadline covers both.
+            let endpoint = backend("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b").await;
+            let config = ProxyConfig { forward_ms_max: 200, ..ProxyConfig::default() };
+            let ingress = HttpIngress::new(config);
+            let (request, _answer) = request();
+            let started = tokio::time::Instant::now();
+            let sent = ingress.forward(&request, Generation(2), &endpoint, KEY, Purpose::Serve { compared: false });
+            assert!(sent.await.is_none(), "no whole answer in time: the outcome is unknown");
+            let took = started.elapsed();
+            assert!(took >= Duration::from_millis(200) && took < Duration::from_millis(1_500), "took {took:?}");
+            assert!(request.0.answer.lock().unwrap().is_none(), "nothing kept for the client");
+        });
+    }
+
+    #[test]
+    fn a_client_answered_before_its_forward_came_back_gets_the_cores_reply() {
+        run(async {
+            let endpoint = backend("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+            let ingress = HttpIngress::new(ProxyConfig::default());
+            let (request, answer) = request();
+            let sent = ingress.forward(&request, Generation(2), &endpoint, KEY, Purpose::Serve { compared: false });
+            // The core answers the client first (a request ended at a freeze, say): the
+            // universe's answer, when it comes, has no request to wait in and is dropped.
+            ingress.reply(request, ClientReply::Unknown);
+            assert_eq!(answer.await.unwrap().status(), StatusCode::GATEWAY_TIMEOUT);
+            assert!(matches!(sent.await, Some(StoreAnswer::Ok { .. })), "the universe answered all the same");
+        });
+    }
+}
