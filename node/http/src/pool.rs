@@ -202,7 +202,7 @@ impl Endpoint {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -258,7 +258,8 @@ mod tests {
         String::from_utf8(body.to_vec()).unwrap()
     }
 
-    fn run(test: impl Future<Output = ()>) {
+    /// Runs `test` as the proxy runs: one thread, in a `LocalSet` (the proxy's tests use it too).
+    pub(crate) fn run(test: impl Future<Output = ()>) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         tokio::task::LocalSet::new().block_on(&runtime, test);
     }

@@ -93,7 +93,7 @@ struct Asked {
 
 /// The proxy's side of the ingress actor.
 pub struct HttpIngress {
-    pool: Rc<Pool>,
+    pool: Pool,
     /// When idle connections were last pruned (the node's clock, ms).
     pruned_ms: std::cell::Cell<u64>,
     config: Rc<ProxyConfig>,
@@ -114,7 +114,7 @@ pub struct HttpIngress {
 impl HttpIngress {
     pub fn new(config: ProxyConfig) -> HttpIngress {
         HttpIngress {
-            pool: Rc::new(Pool::new(config.connect_ms_max, config.idle_per_endpoint_max)),
+            pool: Pool::new(config.connect_ms_max, config.idle_per_endpoint_max),
             pruned_ms: std::cell::Cell::new(0),
             config: Rc::new(config),
             targets: RefCell::default(),
@@ -587,20 +587,29 @@ mod forward_tests {
         (HttpRequest(Box::new(asked)), answer)
     }
 
-    fn run(test: impl Future<Output = ()>) {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        tokio::task::LocalSet::new().block_on(&runtime, test);
+    use crate::pool::tests::run;
+
+    /// A request to `endpoint` forwarded by a fresh ingress with `config`: the ingress, the
+    /// request (for the core's reply), where the client's answer arrives, and the forward.
+    fn forwarded(
+        endpoint: &str,
+        config: ProxyConfig,
+        compared: bool,
+    ) -> (HttpIngress, HttpRequest, oneshot::Receiver<Response<Full<Bytes>>>, Forward) {
+        let ingress = HttpIngress::new(config);
+        let (request, answer) = request();
+        let key = RequestKey { origin: 7, id: 9 };
+        let sent = ingress.forward(&request, Generation(2), endpoint, key, Purpose::Serve { compared });
+        (ingress, request, answer, Box::pin(sent))
     }
 
-    const KEY: RequestKey = RequestKey { origin: 7, id: 9 };
+    type Forward = std::pin::Pin<Box<dyn Future<Output = Option<StoreAnswer>>>>;
 
     #[test]
     fn an_answer_waits_in_its_request_until_the_core_replies() {
         run(async {
             let endpoint = backend("HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-v: 2\r\n\r\nhello").await;
-            let ingress = HttpIngress::new(ProxyConfig::default());
-            let (request, answer) = request();
-            let sent = ingress.forward(&request, Generation(2), &endpoint, KEY, Purpose::Serve { compared: true });
+            let (ingress, request, answer, sent) = forwarded(&endpoint, ProxyConfig::default(), true);
             match sent.await {
                 Some(StoreAnswer::Ok { body: Some(row), .. }) => {
                     assert_eq!(row.get(BODY_KEY), Some(&Value::Text("hello".into())));
@@ -621,10 +630,8 @@ mod forward_tests {
             // The head comes at once, the body never whole: the deadline covers both.
             let endpoint = backend("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b").await;
             let config = ProxyConfig { forward_ms_max: 200, ..ProxyConfig::default() };
-            let ingress = HttpIngress::new(config);
-            let (request, _answer) = request();
             let started = tokio::time::Instant::now();
-            let sent = ingress.forward(&request, Generation(2), &endpoint, KEY, Purpose::Serve { compared: false });
+            let (_ingress, request, _answer, sent) = forwarded(&endpoint, config, false);
             assert!(sent.await.is_none(), "no whole answer in time: the outcome is unknown");
             let took = started.elapsed();
             assert!(took >= Duration::from_millis(200) && took < Duration::from_millis(1_500), "took {took:?}");
@@ -636,9 +643,7 @@ mod forward_tests {
     fn a_client_answered_before_its_forward_came_back_gets_the_cores_reply() {
         run(async {
             let endpoint = backend("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
-            let ingress = HttpIngress::new(ProxyConfig::default());
-            let (request, answer) = request();
-            let sent = ingress.forward(&request, Generation(2), &endpoint, KEY, Purpose::Serve { compared: false });
+            let (ingress, request, answer, sent) = forwarded(&endpoint, ProxyConfig::default(), false);
             // The core answers the client first (a request ended at a freeze, say): the
             // universe's answer, when it comes, has no request to wait in and is dropped.
             ingress.reply(request, ClientReply::Unknown);
